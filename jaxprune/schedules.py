@@ -1,0 +1,178 @@
+"""Schedules: step -> sparsity, and on which steps masks are refreshed.
+
+A schedule is a small frozen record: calling it with a step gives the target
+sparsity at that step (a float32 array, traceable), and
+:meth:`Schedule.is_update_step` says whether masks are recomputed at that step.
+Everything is plain ``jnp`` arithmetic, so the transform evaluates it inside
+the jitted train step without retracing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+__all__ = ["Schedule", "constant", "one_shot", "polynomial", "as_schedule"]
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.") from None
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(
+            f"{name} must be in [0, 1] (the fraction of weights pruned), got {v}. "
+            "Fix: pass e.g. 0.9 for 90% sparsity."
+        )
+    return v
+
+
+def _check_step(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
+    return value
+
+
+class Schedule(NamedTuple):
+    """A sparsity schedule: ``schedule(step) -> sparsity`` plus its refresh steps.
+
+    Attributes:
+      fn: ``step -> sparsity`` (traceable).
+      begin_step: first step on which masks are refreshed.
+      end_step: last refresh step (inclusive), or ``None`` for no end.
+      frequency: masks refresh every ``frequency`` steps from ``begin_step``;
+        ``end_step`` is always a refresh step, so the final sparsity is reached.
+    """
+
+    fn: Callable[[jax.Array], jax.Array]
+    begin_step: int
+    end_step: int | None
+    frequency: int
+
+    def __call__(self, step: ArrayLike) -> jax.Array:
+        return jnp.asarray(self.fn(jnp.asarray(step)), jnp.float32)
+
+    def is_update_step(self, step: ArrayLike) -> jax.Array:
+        """Returns whether masks are recomputed at ``step`` (a bool array)."""
+        step = jnp.asarray(step, jnp.int32)
+        on_grid = (step >= self.begin_step) & ((step - self.begin_step) % self.frequency == 0)
+        if self.end_step is None:
+            return on_grid
+        return (on_grid & (step <= self.end_step)) | (step == self.end_step)
+
+
+def constant(sparsity: float, begin_step: int = 0, frequency: int | None = None) -> Schedule:
+    """Returns a schedule holding ``sparsity`` from ``begin_step`` on.
+
+    Masks are computed at ``begin_step`` and then every ``frequency`` steps
+    (never again when ``frequency`` is ``None``).
+
+    Examples:
+      >>> import jaxprune as jp
+      >>> s = jp.schedules.constant(0.8, begin_step=10)
+      >>> float(s(0)), float(s(10)), bool(s.is_update_step(10)), bool(s.is_update_step(11))
+      (0.800000011920929, 0.800000011920929, True, False)
+    """
+    v = _check_fraction("sparsity", sparsity)
+    begin_step = _check_step("begin_step", begin_step)
+    if frequency is None:
+        return Schedule(lambda step: jnp.full((), v, jnp.float32), begin_step, begin_step, 1)
+    _check_frequency(frequency)
+    return Schedule(lambda step: jnp.full((), v, jnp.float32), begin_step, None, frequency)
+
+
+def one_shot(sparsity: float, step: int) -> Schedule:
+    """Returns a schedule that prunes to ``sparsity`` once, at ``step``.
+
+    Examples:
+      >>> import jaxprune as jp
+      >>> s = jp.schedules.one_shot(0.5, step=100)
+      >>> bool(s.is_update_step(99)), bool(s.is_update_step(100)), bool(s.is_update_step(200))
+      (False, True, False)
+    """
+    v = _check_fraction("sparsity", sparsity)
+    step = _check_step("step", step)
+    return Schedule(lambda t: jnp.full((), v, jnp.float32), step, step, 1)
+
+
+def _check_frequency(frequency: Any) -> None:
+    if not isinstance(frequency, int) or isinstance(frequency, bool) or frequency < 1:
+        raise ValueError(
+            f"frequency must be an int >= 1 (refresh masks every `frequency` steps), got "
+            f"{frequency!r}. Fix: e.g. frequency=100."
+        )
+
+
+def polynomial(
+    initial_sparsity: float,
+    final_sparsity: float,
+    begin_step: int,
+    end_step: int,
+    frequency: int = 1,
+    power: float = 3,
+) -> Schedule:
+    """Returns the gradual pruning schedule of Zhu & Gupta (2017).
+
+    ``s_t = s_f + (s_i - s_f) * (1 - p) ** power`` with
+    ``p = clip((t - begin_step) / (end_step - begin_step), 0, 1)``; masks refresh at
+    ``begin_step, begin_step + frequency, ...`` and at ``end_step``. With
+    ``power=3`` this is TF-MOT's ``PolynomialDecay``.
+
+    Args:
+      initial_sparsity: sparsity at ``begin_step``, in ``[0, 1]``.
+      final_sparsity: sparsity from ``end_step`` on, in ``[0, 1]``.
+      begin_step: first refresh step (``>= 0``).
+      end_step: last refresh step (``>= begin_step``).
+      frequency: steps between refreshes (``>= 1``).
+      power: exponent of the decay (3 in the paper).
+
+    Examples:
+      >>> import jaxprune as jp
+      >>> s = jp.schedules.polynomial(0.0, 0.9, begin_step=0, end_step=100)
+      >>> [round(float(s(t)), 4) for t in (0, 50, 100, 200)]
+      [0.0, 0.7875, 0.9, 0.9]
+
+    References:
+      Zhu & Gupta, "To prune, or not to prune: exploring the efficacy of pruning
+      for model compression", 2017. https://arxiv.org/abs/1710.01878
+    """
+    s_i = _check_fraction("initial_sparsity", initial_sparsity)
+    s_f = _check_fraction("final_sparsity", final_sparsity)
+    begin_step = _check_step("begin_step", begin_step)
+    end_step = _check_step("end_step", end_step)
+    if end_step < begin_step:
+        raise ValueError(
+            f"end_step must be >= begin_step, got end_step={end_step} < begin_step="
+            f"{begin_step}. Fix: pass end_step={begin_step} or later."
+        )
+    _check_frequency(frequency)
+    if not power > 0:
+        raise ValueError(f"power must be > 0, got {power!r}.")
+    span = max(end_step - begin_step, 1)
+
+    def fn(step):
+        p = jnp.clip((step.astype(jnp.float32) - begin_step) / span, 0.0, 1.0)
+        if end_step == begin_step:
+            p = jnp.where(step >= begin_step, 1.0, 0.0)
+        return s_f + (s_i - s_f) * (1.0 - p) ** power
+
+    return Schedule(fn, begin_step, end_step, frequency)
+
+
+def as_schedule(sparsity: Any) -> Schedule:
+    """Returns ``sparsity`` as a :class:`Schedule`.
+
+    A float becomes ``constant(sparsity)`` (pruned once, at step 0); a
+    ``Schedule`` is returned as is; any other callable ``step -> sparsity`` is
+    refreshed on every step.
+    """
+    if isinstance(sparsity, Schedule):
+        return sparsity
+    if callable(sparsity):
+        return Schedule(sparsity, 0, None, 1)
+    return constant(sparsity)

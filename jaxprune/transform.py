@@ -1,0 +1,220 @@
+"""``prune(tx, ...)``: the optax wrapper that is the clock of the pipeline.
+
+Inside the jitted train step it asks the schedule for today's sparsity, runs
+criterion and selection under ``lax.cond`` on refresh steps, and enforces the
+masks on every step: gradients of pruned entries are zeroed before the inner
+optimizer sees them, and the emitted updates are ``where(mask, u, -params)`` so
+that after ``optax.apply_updates`` pruned entries are exactly zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxprune import criteria as _criteria
+from jaxprune import masks as _masks
+from jaxprune._tree import Where, leaves_with_paths, prunable_flags, unwrap_variables
+from jaxprune.schedules import Schedule, as_schedule
+
+__all__ = ["PruneState", "prune", "get_masks", "find_prune_states"]
+
+Selection = Callable[..., Any]
+
+
+class PruneState(NamedTuple):
+    """State of :func:`prune`."""
+
+    count: jax.Array  # int32 [], number of update steps taken
+    masks: optax.Params  # bool, the params' structure; non-prunable leaves: scalar True
+    inner_state: optax.OptState  # the wrapped optimizer's state
+    criterion_state: Any  # a StatefulCriterion's statistics; () for plain criteria
+    key_data: Any  # uint32 raw PRNG key data (jax.random.key_data), or () if unused
+
+
+_SCOPES = {"layer": _masks.topk, "global": _masks.global_topk}
+
+
+def _resolve_selection(scope: str | Selection) -> Selection:
+    if callable(scope):
+        return scope
+    if scope not in _SCOPES:
+        raise ValueError(
+            f"scope must be 'layer' (per-leaf exact counts), 'global' (one threshold across "
+            f"all prunable leaves) or a selection function (scores, sparsity, *, where) -> "
+            f"masks, got {scope!r}. Fix: scope='layer' or scope='global'."
+        )
+    return _SCOPES[scope]
+
+
+def _initial_masks(params: Any, flags: list[bool]) -> Any:
+    flat, treedef = leaves_with_paths(params)
+    leaves = [
+        jnp.ones(jnp.shape(x), bool) if f else jnp.ones((), bool) for (_, x), f in zip(flat, flags)
+    ]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _enforce(tree: Any, masks: Any, flags: list[bool], fill: Callable[[Any, Any], Any]) -> Any:
+    """Returns ``tree`` with entries outside ``masks`` replaced by ``fill(index, leaf)``."""
+    flat, treedef = jax.tree.flatten(tree)
+    mflat = jax.tree.leaves(masks)
+    out = [
+        jnp.where(m, x, fill(i, x)) if f else x
+        for i, (x, m, f) in enumerate(zip(flat, mflat, flags))
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def prune(
+    tx: optax.GradientTransformation,
+    *,
+    sparsity: float | Schedule | Callable[[jax.Array], jax.Array],
+    criterion: Callable[..., Any] | _criteria.StatefulCriterion = _criteria.magnitude,
+    scope: str | Selection = "layer",
+    where: Where | None = None,
+    key: jax.Array | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Returns ``tx`` wrapped so that it prunes and keeps pruned entries at exactly zero.
+
+    Masks refresh inside ``update`` on the schedule's steps; on every step the
+    gradients of pruned entries are zeroed before ``tx`` sees them and the
+    emitted updates set pruned params to exactly 0 after ``optax.apply_updates``.
+    Nothing else changes in the training loop, which may be jitted as usual.
+
+    Args:
+      tx: the inner optimizer (any optax transformation).
+      sparsity: a float in ``[0, 1]`` (pruned once, at step 0), a
+        :class:`~jaxprune.schedules.Schedule` (e.g. ``jp.schedules.polynomial``)
+        or a callable ``step -> sparsity`` (refreshed every step).
+      criterion: ``(params, [grads], *, [key], [**extra]) -> scores``, or a
+        :class:`~jaxprune.criteria.StatefulCriterion`. ``grads`` are the
+        step's gradients; ``key`` comes from ``tx.update(..., key=k)`` or, if not
+        given there, from the ``key`` passed here folded with the step; any
+        other keyword passed to ``tx.update`` reaches it by name.
+      scope: ``"layer"`` (exact count per leaf), ``"global"`` (exact count
+        across all prunable leaves), or a selection function
+        ``(scores, sparsity, *, where) -> masks`` (e.g. a structured one).
+      where: predicate ``(path, leaf) -> bool`` choosing the prunable leaves;
+        default: floating leaves with ``ndim >= 2``.
+      key: PRNG key for criteria that draw randomness (e.g. ``random``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`PruneState`; read the masks with :func:`get_masks`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
+      >>> params = {"w": jnp.arange(1.0, 9.0).reshape(2, 4), "b": jnp.zeros(4)}
+      >>> tx = jp.prune(optax.sgd(0.1), sparsity=0.5)
+      >>> state = tx.init(params)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = jax.jit(tx.update)(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> float(jp.sparsity(params)), params["w"][0].tolist()
+      (0.5, [0.0, 0.0, 0.0, 0.0])
+
+    References:
+      Zhu & Gupta, "To prune, or not to prune", 2017. https://arxiv.org/abs/1710.01878
+    """
+    schedule = as_schedule(sparsity)
+    select = _resolve_selection(scope)
+    crit = _criteria.as_stateful(criterion)
+    if isinstance(criterion, _criteria.StatefulCriterion):
+        wants_key = _criteria.needs_key(criterion.update) or _criteria.needs_key(criterion.score)
+    else:
+        wants_key = _criteria.needs_key(criterion)
+    inner = optax.with_extra_args_support(tx)
+    key_data = jax.random.key_data(key) if key is not None else ()
+
+    def init_fn(params):
+        flags = prunable_flags(params, where)
+        pure = unwrap_variables(params)
+        return PruneState(
+            count=jnp.zeros((), jnp.int32),
+            masks=_initial_masks(pure, flags),
+            inner_state=inner.init(params),
+            criterion_state=crit.init(pure),
+            key_data=key_data,
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError(
+                "jp.prune needs the current params to enforce masks: call "
+                "tx.update(grads, state, params). (nnx.Optimizer does this for you.)"
+            )
+        params = unwrap_variables(params)
+        flags = prunable_flags(params, where)
+        step = state.count
+        extra = dict(extra_args)
+        if wants_key:
+            if "key" in extra:
+                pass
+            elif isinstance(state.key_data, jax.Array):
+                extra["key"] = jax.random.fold_in(jax.random.wrap_key_data(state.key_data), step)
+            else:
+                raise ValueError(
+                    "this criterion draws randomness and needs a PRNG key: pass "
+                    "jp.prune(..., key=jax.random.key(0)) or tx.update(..., key=k)."
+                )
+        cstate = _criteria.call_with(crit.update, state.criterion_state, params, updates, **extra)
+
+        def refresh():
+            scores = _criteria.call_with(crit.score, cstate, params, grads=updates, **extra)
+            return select(scores, schedule(step), where=where)
+
+        masks = jax.lax.cond(schedule.is_update_step(step), refresh, lambda: state.masks)
+        zero = lambda i, x: jnp.zeros((), x.dtype)  # noqa: E731
+        updates = _enforce(updates, masks, flags, zero)
+        inner_extra = {k: v for k, v in extra_args.items()}
+        updates, inner_state = inner.update(updates, state.inner_state, params, **inner_extra)
+        p_flat = jax.tree.leaves(params)
+        updates = _enforce(updates, masks, flags, lambda i, u: -p_flat[i].astype(u.dtype))
+        new_state = PruneState(
+            count=optax.safe_increment(step),
+            masks=masks,
+            inner_state=inner_state,
+            criterion_state=cstate,
+            key_data=state.key_data,
+        )
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def find_prune_states(opt_state: Any) -> list[PruneState]:
+    """Returns every :class:`PruneState` inside ``opt_state`` (outermost first)."""
+    found = []
+
+    def visit(x):
+        if isinstance(x, PruneState):
+            found.append(x)
+            visit(x.inner_state)
+        return x
+
+    jax.tree.map(visit, opt_state, is_leaf=lambda x: isinstance(x, PruneState))
+    return found
+
+
+def get_masks(opt_state: Any) -> optax.Params:
+    """Returns the masks currently enforced by the ``jp.prune`` inside ``opt_state``.
+
+    Finds the pruning state inside ``optax.chain``, ``optax.MultiSteps``,
+    ``inject_hyperparams`` states and ``nnx.Optimizer.opt_state``.
+
+    Raises:
+      ValueError: ``opt_state`` holds no pruning state.
+    """
+    states = find_prune_states(opt_state)
+    if not states:
+        raise ValueError(
+            "opt_state holds no jp.prune state. Fix: build the optimizer with "
+            "tx = jp.prune(optax.adam(1e-3), sparsity=...) and pass tx.init(params) "
+            "(or nnx.Optimizer(model, tx, wrt=nnx.Param).opt_state) here."
+        )
+    return unwrap_variables(states[0].masks)
