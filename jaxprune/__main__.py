@@ -1,5 +1,8 @@
+"""``python -m jaxprune``: the command line."""
+
 import sys
 
 from jaxprune.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,11 +1,24 @@
-"""The ``jaxprune`` command line (also ``python -m jaxprune``)."""
+"""The ``jaxprune`` command line (also ``python -m jaxprune``).
+
+Subcommands: ``demo`` (train and prune LeNet-300-100), ``inspect CKPT`` (the
+report of a checkpoint, without the model's code), ``export CKPT OUT --format
+compressed`` and ``bench [NAME]`` (runs ``scripts/bench_<name>.py`` of a source
+checkout). Checkpoint problems print one ``jaxprune: error: ...`` line and exit
+with status 1, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import pathlib
+import subprocess
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "scripts_dir"]
+
+
+class _CommandError(Exception):
+    """An expected failure: reported as one line, exit status 1."""
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -21,6 +34,89 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _restore(path: str, step: int | None):
+    from jaxprune import checkpoint
+
+    try:
+        return checkpoint.restore(path, step)
+    except (checkpoint.CheckpointError, ValueError, OSError) as e:
+        raise _CommandError(str(e)) from e
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from jaxprune.report import report
+
+    ckpt = _restore(args.checkpoint, args.step)
+    rep = report(ckpt.params, ckpt.masks)
+    if args.json:
+        import json
+
+        data = rep.to_dict()
+        data["checkpoint"] = {"path": str(ckpt.path), "step": ckpt.step, "format": ckpt.format}
+        print(json.dumps(data, indent=2))
+    else:
+        from rich.console import Console
+
+        # Wide enough for the table when piped; a terminal keeps its own width.
+        console = Console(width=None if sys.stdout.isatty() else 140)
+        console.print(f"{ckpt.path} (step {ckpt.step}, {ckpt.format} format)")
+        console.print(rep.table())
+    if args.plot:
+        rep.plot_sparsity(args.plot)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from jaxprune import checkpoint
+
+    ckpt = _restore(args.checkpoint, args.step)
+    try:
+        out = checkpoint.save(
+            args.out, ckpt.step, ckpt.params, masks=ckpt.masks, format=args.format
+        )
+    except (ValueError, OSError) as e:
+        raise _CommandError(f"cannot write {args.out}: {e}") from e
+    before = checkpoint.disk_bytes(ckpt.path)
+    after = checkpoint.disk_bytes(out)
+    print(
+        f"wrote {out} ({args.format}): {after:,} bytes on disk, {after / before:.3f}x of "
+        f"{ckpt.path} ({before:,} bytes, including its optimizer state if any)"
+    )
+    return 0
+
+
+def scripts_dir() -> pathlib.Path | None:
+    """Returns the ``scripts/`` folder of the source checkout jaxprune runs from, or None."""
+    here = pathlib.Path(__file__).resolve().parent.parent / "scripts"
+    return here if here.is_dir() else None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    folder = scripts_dir()
+    if folder is None:
+        raise _CommandError(
+            "benchmarks live in the scripts/ folder of a source checkout, and this jaxprune "
+            "is installed without one. Fix: git clone the repository, pip install -e . there, "
+            "and run `jaxprune bench` again."
+        )
+    available = sorted(p.stem.removeprefix("bench_") for p in folder.glob("bench_*.py"))
+    if args.list or not available:
+        print("benchmarks:", ", ".join(available) or f"none in {folder}")
+        return 0
+    names = [args.name] if args.name else available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise _CommandError(
+            f"no benchmark {unknown[0]!r} in {folder}; available: {', '.join(available)}."
+        )
+    status = 0
+    for name in names:
+        script = folder / f"bench_{name}.py"
+        print(f"== {script.name}", flush=True)
+        status = status or subprocess.call([sys.executable, str(script), *args.args])
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxprune", description="Pruning for JAX: demo, checkpoint tools and benchmarks."
@@ -33,13 +129,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a few hundred steps, for smoke tests")
     d.set_defaults(func=_demo)
+
+    i = sub.add_parser("inspect", help="per-leaf sparsity and bytes of a checkpoint")
+    i.add_argument("checkpoint", help="a checkpoint directory (or one step's directory)")
+    i.add_argument("--step", type=int, default=None, help="which step (default: the newest)")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--plot", default=None, help="also save a per-layer sparsity plot here")
+    i.set_defaults(func=_inspect)
+
+    e = sub.add_parser("export", help="re-save a checkpoint's params and masks, e.g. compressed")
+    e.add_argument("checkpoint", help="the checkpoint to read")
+    e.add_argument("out", help="the checkpoint directory to write")
+    e.add_argument("--format", choices=("compressed", "dense"), default="compressed")
+    e.add_argument("--step", type=int, default=None, help="which step (default: the newest)")
+    e.set_defaults(func=_export)
+
+    b = sub.add_parser("bench", help="run scripts/bench_<name>.py (all of them without NAME)")
+    b.add_argument("name", nargs="?", default=None, help="e.g. checkpoint, overhead, scale")
+    b.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the script")
+    b.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    if args.command == "demo":
+        return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except _CommandError as e:
+        print("jaxprune: error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,166 @@
+"""Per-step overhead of jp.prune vs dense training, and selection time vs argsort.
+
+Side by side in one run, on CPU:
+
+1. A 784-1024-256-10 MLP, batch 128, adam. Blocks of training steps are timed
+   alternately for the dense optimizer and for ``jp.prune`` (layer and global
+   scope, cubic schedule towards 90%, masks refreshed every 10 and every 100
+   steps); the ratio of median block times is the amortized overhead (a block
+   holds a whole number of refresh periods). A sort-based refresh (argsort per
+   leaf, as libraries that sort to refresh masks do) runs in the same harness
+   for contrast.
+2. Selection time of ``jp.masks.topk`` / ``jp.masks.global_topk`` vs
+   ``jnp.argsort`` at 1M and 10M scores (medians of jitted calls).
+
+Usage: python scripts/bench_overhead.py [--quick]
+The last line is ``RESULT {json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jaxprune as jp
+
+
+def mlp_init(key):
+    sizes = [784, 1024, 256, 10]
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [
+        {
+            "kernel": jax.random.normal(k, (a, b)) * (2.0 / a) ** 0.5,
+            "bias": jnp.zeros(b),
+        }
+        for k, a, b in zip(keys, sizes[:-1], sizes[1:])
+    ]
+
+
+def mlp_loss(params, x, y):
+    for layer in params[:-1]:
+        x = jax.nn.relu(x @ layer["kernel"] + layer["bias"])
+    logits = x @ params[-1]["kernel"] + params[-1]["bias"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def sort_topk(scores, sparsity, *, where=None):
+    """A refresh that sorts every leaf (the approach jaxprune avoids), for contrast."""
+    flags = jp._tree.prunable_flags(scores, where)
+    leaves, treedef = jax.tree.flatten(scores)
+    out = []
+    for x, f in zip(leaves, flags):
+        if not f:
+            out.append(jnp.ones((), bool))
+            continue
+        k = jnp.round(sparsity * x.size).astype(jnp.int32)
+        ranks = jnp.argsort(jnp.argsort(x.reshape(-1)))
+        out.append((ranks >= k).reshape(x.shape))
+    return jax.tree.unflatten(treedef, out)
+
+
+def make_step(tx):
+    @jax.jit
+    def step(params, state, x, y):
+        grads = jax.grad(mlp_loss)(params, x, y)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def time_block(step, carry, x, y, n):
+    params, state = carry
+    t0 = time.perf_counter()
+    for _ in range(n):
+        params, state = step(params, state, x, y)
+    jax.block_until_ready(params)
+    return time.perf_counter() - t0, (params, state)
+
+
+def bench_overhead(block: int, repeats: int) -> dict[str, float]:
+    key = jax.random.key(0)
+    params = mlp_init(key)
+    x = jax.random.normal(jax.random.key(1), (128, 784))
+    y = jax.random.randint(jax.random.key(2), (128,), 0, 10)
+    configs = {"dense": optax.adam(1e-3)}
+    for scope_name, scope in (("layer", "layer"), ("global", "global"), ("sort", sort_topk)):
+        for freq in (10, 100):
+            # A cubic ramp over a long horizon keeps refreshing (and changing the
+            # masks) during every timed block.
+            sched = jp.schedules.polynomial(0.0, 0.9, begin_step=0, end_step=10**7, frequency=freq)
+            configs[f"{scope_name}/every-{freq}"] = jp.prune(
+                optax.adam(1e-3), sparsity=sched, scope=scope
+            )
+    steps = {name: make_step(tx) for name, tx in configs.items()}
+    carries = {name: (params, tx.init(params)) for name, tx in configs.items()}
+    for name in configs:  # compile and warm up
+        _, carries[name] = time_block(steps[name], carries[name], x, y, 3)
+    times = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name in configs:  # interleaved, so drifts in machine load hit all alike
+            t, carries[name] = time_block(steps[name], carries[name], x, y, block)
+            times[name].append(t)
+    dense = statistics.median(times["dense"])
+    out = {"dense_step_ms": 1e3 * dense / block}
+    for name in configs:
+        if name != "dense":
+            out[name] = statistics.median(times[name]) / dense
+    return out
+
+
+def bench_selection(sizes: list[int], repeats: int) -> dict[str, dict[str, float]]:
+    out = {}
+    for n in sizes:
+        x = jnp.abs(jax.random.normal(jax.random.key(n), (n,)))
+        # Global selection over several leaves of an MLP-like split.
+        parts = [x[: n // 2].reshape(-1, 8), x[n // 2 : 7 * n // 8].reshape(-1, 8), x[7 * n // 8 :].reshape(-1, 8)]
+        fns = {
+            "topk": (jax.jit(lambda s: jp.masks.topk({"w": s}, 0.9)), x.reshape(-1, 8)),
+            "global_topk": (jax.jit(lambda p: jp.masks.global_topk(p, 0.9)), parts),
+            "argsort": (jax.jit(jnp.argsort), x),
+        }
+        res = {}
+        for name, (f, arg) in fns.items():
+            jax.block_until_ready(f(arg))
+            ts = []
+            for _ in range(repeats if name != "argsort" else max(2, repeats // 3)):
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(arg))
+                ts.append(time.perf_counter() - t0)
+            res[name + "_ms"] = 1e3 * statistics.median(ts)
+        res["argsort_over_topk"] = res["argsort_ms"] / res["topk_ms"]
+        res["argsort_over_global_topk"] = res["argsort_ms"] / res["global_topk_ms"]
+        out[f"{n // 1_000_000}M"] = res
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = parser.parse_args()
+    block, repeats = (100, 3) if args.quick else (200, 9)
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; block={block} steps x {repeats}")
+    overhead = bench_overhead(block, repeats)
+    print(f"\nMLP 784-1024-256-10, batch 128, adam: dense step {overhead['dense_step_ms']:.2f} ms")
+    print(f"{'configuration':<22}{'amortized step time / dense':>30}")
+    for name, ratio in overhead.items():
+        if name != "dense_step_ms":
+            print(f"{name:<22}{ratio:>29.3f}x")
+    selection = bench_selection([1_000_000, 10_000_000], 5 if args.quick else 9)
+    print(f"\n{'scores':<8}{'topk ms':>10}{'global_topk ms':>16}{'argsort ms':>12}{'argsort/global':>16}")
+    for n, r in selection.items():
+        print(
+            f"{n:<8}{r['topk_ms']:>10.2f}{r['global_topk_ms']:>16.2f}{r['argsort_ms']:>12.1f}"
+            f"{r['argsort_over_global_topk']:>15.1f}x"
+        )
+    print("RESULT " + json.dumps({"overhead": overhead, "selection": selection}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Selections: exact counts, ties, global scope, `where`, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxprune as jp
+
+
+def _pruned(m):
+    return int(np.sum(~np.broadcast_to(np.asarray(m), np.shape(m))))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("s", [0.0, 0.1, 0.5, 0.77, 1.0])
+def test_topk_exact_count_per_leaf(jit, s, key):
+    scores = {"a": jax.random.normal(key, (37, 11)), "b": jax.random.normal(key, (5, 5, 3))}
+    f = jax.jit(jp.masks.topk) if jit else jp.masks.topk
+    m = f(scores, s)
+    for name in scores:
+        assert _pruned(m[name]) == round(s * scores[name].size)
+
+
+def test_topk_keeps_the_highest_scores(key):
+    x = jax.random.normal(key, (64, 64))
+    m = np.asarray(jp.masks.topk({"x": x}, 0.6)["x"])
+    xs = np.asarray(x)
+    assert xs[m].min() >= xs[~m].max()
+
+
+@pytest.mark.parametrize("s", [0.25, 0.5, 0.9])
+def test_all_equal_scores_still_exact_and_deterministic(s):
+    scores = {"w": jnp.ones((10, 10)), "v": jnp.ones((4, 25))}
+    m1 = jp.masks.topk(scores, s)
+    m2 = jp.masks.topk(scores, s)
+    assert _pruned(m1["w"]) == round(s * 100)
+    np.testing.assert_array_equal(m1["w"], m2["w"])
+    # Ties go in flatten order: the first entries are pruned.
+    flat = np.asarray(m1["w"]).reshape(-1)
+    assert not flat[: round(s * 100)].any() and flat[round(s * 100) :].all()
+    g = jp.masks.global_topk(scores, s)
+    assert _pruned(g["w"]) + _pruned(g["v"]) == round(s * 200)
+
+
+def test_partial_ties_at_threshold():
+    x = jnp.array([[0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 3.0]])
+    m = np.asarray(jp.masks.topk({"x": x}, 0.5)["x"])
+    assert _pruned(m) == 4
+    # Both zeros, then the first two ones in flatten order.
+    np.testing.assert_array_equal(m, [[False, False, False, False], [True, True, True, True]])
+
+
+def test_negative_scores_and_infinities():
+    x = jnp.array([[-jnp.inf, -3.0, -0.0, 0.0], [2.0, jnp.inf, -1.0, 5.0]])
+    m = np.asarray(jp.masks.topk({"x": x}, 0.375)["x"])
+    np.testing.assert_array_equal(m, [[False, False, True, True], [True, True, False, True]])
+
+
+def test_global_topk_crosses_leaves(key):
+    k1, k2 = jax.random.split(key)
+    scores = {"small": jax.random.uniform(k1, (100, 10)), "big": 10 + jax.random.uniform(k2, (50, 10))}
+    m = jp.masks.global_topk(scores, 0.5)
+    assert _pruned(m["small"]) + _pruned(m["big"]) == 750
+    assert _pruned(m["big"]) == 0
+
+
+@pytest.mark.parametrize("n", [1000, 200_001])
+def test_global_topk_large_matches_sort(n, key):
+    x = jax.random.normal(key, (n,)).reshape(1, -1) ** 3
+    for s in (0.01, 0.5, 0.93):
+        m = np.asarray(jp.masks.global_topk({"x": x}, s)["x"]).reshape(-1)
+        k = round(s * n)
+        assert (~m).sum() == k
+        order = np.argsort(np.asarray(x).reshape(-1), kind="stable")
+        assert set(np.flatnonzero(~m)) == set(order[:k])
+
+
+def test_global_topk_many_zeros(key):
+    # After pruning, many scores are exactly 0 (a big atom): counts stay exact.
+    x = jax.random.uniform(key, (300, 300))
+    x = jnp.where(x < 0.7, 0.0, x)
+    for s in (0.5, 0.69, 0.75, 0.99):
+        m = jp.masks.global_topk({"x": x}, s)
+        assert _pruned(m["x"]) == round(s * x.size)
+
+
+_SHAPES = [(7, 3), (40, 3), (1, 3)]
+_global = jax.jit(jp.masks.global_topk)
+_layer = jax.jit(jp.masks.topk)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(0.0, 1.0), st.integers(0, 5), st.integers(0, 2**31 - 1))
+def test_exact_counts_property(s, n_distinct, seed):
+    rng = np.random.default_rng(seed)
+    # Few distinct values force many ties; fixed shapes keep it to one compile.
+    scores = [
+        jnp.asarray(rng.integers(0, n_distinct + 1, size=z).astype(np.float32)) for z in _SHAPES
+    ]
+    total = sum(x.size for x in scores)
+    g = _global(scores, s)
+    assert sum(_pruned(m) for m in g) == round(np.float32(s) * total)
+    kept = np.concatenate([np.asarray(x)[np.asarray(m)] for x, m in zip(scores, g)])
+    dropped = np.concatenate([np.asarray(x)[~np.asarray(m)] for x, m in zip(scores, g)])
+    if kept.size and dropped.size:
+        assert kept.min() >= dropped.max()
+    layer = _layer(scores, s)
+    for x, m in zip(scores, layer):
+        assert _pruned(m) == round(np.float32(s) * x.size)
+    # Idempotent: re-selecting from the masked scores gives the same mask.
+    again = _layer([jnp.where(m, x + 1.0, 0.0) for x, m in zip(scores, layer)], s)
+    for a, b in zip(layer, again):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_masks_mirror_params_structure(key):
+    params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}, "step": jnp.int32(0)}
+    m = jp.masks.topk(jp.criteria.magnitude(params), 0.5)
+    assert jax.tree.structure(m) == jax.tree.structure(params)
+    assert m["dense"]["bias"].shape == () and bool(m["dense"]["bias"])
+    assert m["dense"]["kernel"].dtype == jnp.bool_
+
+
+def test_where_selects_leaves(key):
+    params = {"a": jnp.ones((4, 4)), "b": jnp.ones((4, 4)), "bias": jnp.ones(4)}
+    m = jp.masks.topk(params, 0.5, where=lambda path, x: path[-1] in ("b", "bias"))
+    assert m["a"].shape == () and _pruned(m["b"]) == 8 and _pruned(m["bias"]) == 2
+
+
+def test_per_leaf_sparsity_tree():
+    scores = {"a": jnp.arange(10.0).reshape(2, 5), "b": jnp.arange(10.0).reshape(5, 2)}
+    m = jp.masks.topk(scores, {"a": 0.2, "b": 0.8})
+    assert _pruned(m["a"]) == 2 and _pruned(m["b"]) == 8
+
+
+def test_traced_sparsity_under_jit():
+    scores = {"w": jnp.arange(100.0).reshape(10, 10)}
+    f = jax.jit(lambda s: jp.masks.global_topk(scores, s)["w"])
+    assert _pruned(f(0.3)) == 30 and _pruned(f(0.55)) == 55
+
+
+def test_strict_dtype_promotion(strict_promotion):
+    scores = {"w": jnp.arange(12.0, dtype=jnp.bfloat16).reshape(3, 4)}
+    assert _pruned(jp.masks.topk(scores, 0.5)["w"]) == 6
+    assert _pruned(jp.masks.global_topk(scores, 0.5)["w"]) == 6
+    p = jp.apply_masks(scores, jp.masks.topk(scores, 0.5))
+    assert p["w"].dtype == jnp.bfloat16
+    assert float(jp.sparsity(p)) == 0.5
+
+
+def test_apply_masks_exact_zero_keeps_dtype():
+    p = {"w": jnp.array([[1.5, -2.0]], jnp.bfloat16), "b": jnp.ones(2)}
+    out = jp.apply_masks(p, {"w": jnp.array([[True, False]]), "b": jnp.bool_(True)})
+    assert out["w"].dtype == jnp.bfloat16 and out["w"].tolist() == [[1.5, 0.0]]
+    np.testing.assert_array_equal(out["b"], p["b"])
+
+
+def test_sparsity_of_params_and_masks():
+    p = {"w": jnp.array([[0.0, 1.0], [0.0, 2.0]]), "b": jnp.zeros(2)}
+    assert float(jp.sparsity(p)) == 0.5
+    assert float(jp.sparsity({"w": jnp.array([[True, False], [False, False]])})) == 0.75
+    assert float(jp.sparsity(p, where=lambda path, x: True)) == pytest.approx(4 / 6)
+
+
+# Errors name the argument, the value and the fix.
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, 90])
+def test_sparsity_out_of_range(bad):
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\].*got"):
+        jp.masks.topk({"w": jnp.ones((2, 2))}, bad)
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\]"):
+        jp.masks.global_topk({"w": jnp.ones((2, 2))}, bad)
+
+
+def test_per_leaf_sparsity_out_of_range_names_leaf():
+    with pytest.raises(ValueError, match=r"sparsity\['b'\] must be in \[0, 1\]"):
+        jp.masks.topk({"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}, {"a": 0.5, "b": 2.0})
+
+
+def test_masks_tree_mismatch_lists_paths():
+    with pytest.raises(ValueError, match=r"only in params: dense/bias.*only in masks: dense/b"):
+        jp.apply_masks(
+            {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}},
+            {"dense": {"kernel": jnp.ones((2, 2), bool), "b": jnp.bool_(True)}},
+        )
+
+
+def test_mask_shape_mismatch():
+    with pytest.raises(ValueError, match=r"mask for 'w' has shape \(3,\)"):
+        jp.apply_masks({"w": jnp.ones((2, 2))}, {"w": jnp.ones(3, bool)})
+
+
+def test_where_selecting_non_float_leaf():
+    with pytest.raises(ValueError, match=r"where selected leaf 'step' of dtype int32"):
+        jp.masks.topk({"w": jnp.ones((2, 2)), "step": jnp.zeros((2, 2), jnp.int32)}, 0.5,
+                      where=lambda path, x: True)

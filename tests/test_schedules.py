@@ -1,0 +1,78 @@
+"""Schedules against their formulas (Zhu & Gupta 2017) and their errors."""
+
+import jax
+import numpy as np
+import pytest
+
+import jaxprune as jp
+
+
+def zhu_gupta(t, s_i, s_f, t0, n, dt, power=3):
+    p = min(max((t - t0) / (n * dt), 0.0), 1.0)
+    return s_f + (s_i - s_f) * (1 - p) ** power
+
+
+@pytest.mark.parametrize("s_i,s_f,t0,n,dt", [(0.0, 0.9, 0, 10, 100), (0.1, 0.95, 200, 7, 13)])
+def test_polynomial_matches_zhu_gupta(s_i, s_f, t0, n, dt):
+    sched = jp.schedules.polynomial(s_i, s_f, begin_step=t0, end_step=t0 + n * dt, frequency=dt)
+    for t in range(0, t0 + (n + 3) * dt, max(1, dt // 3)):
+        assert float(sched(t)) == pytest.approx(zhu_gupta(t, s_i, s_f, t0, n, dt), abs=1e-6)
+    steps = np.arange(0, t0 + (n + 2) * dt)
+    refresh = np.asarray(jax.vmap(sched.is_update_step)(steps))
+    assert list(np.flatnonzero(refresh)) == [t0 + i * dt for i in range(n + 1)]
+
+
+def test_polynomial_power_and_tfmot_form():
+    sched = jp.schedules.polynomial(0.2, 0.8, begin_step=10, end_step=30, power=2)
+    p = 0.25
+    assert float(sched(15)) == pytest.approx(0.8 + (0.2 - 0.8) * (1 - p) ** 2)
+
+
+def test_polynomial_end_step_always_refreshes():
+    sched = jp.schedules.polynomial(0.0, 0.5, begin_step=0, end_step=25, frequency=10)
+    refresh = [t for t in range(40) if bool(sched.is_update_step(t))]
+    assert refresh == [0, 10, 20, 25]
+
+
+def test_polynomial_under_jit_no_retrace():
+    sched = jp.schedules.polynomial(0.0, 0.9, 0, 100, frequency=10)
+    f = jax.jit(lambda t: (sched(t), sched.is_update_step(t)))
+    assert float(f(100)[0]) == pytest.approx(0.9) and bool(f(50)[1])
+
+
+def test_constant_and_one_shot():
+    c = jp.schedules.constant(0.7, begin_step=5, frequency=10)
+    assert [t for t in range(40) if bool(c.is_update_step(t))] == [5, 15, 25, 35]
+    assert float(c(0)) == pytest.approx(0.7)
+    once = jp.schedules.constant(0.7)
+    assert [t for t in range(20) if bool(once.is_update_step(t))] == [0]
+    o = jp.schedules.one_shot(0.3, step=7)
+    assert [t for t in range(20) if bool(o.is_update_step(t))] == [7]
+
+
+@pytest.mark.parametrize("bad", [-0.5, 1.01])
+def test_out_of_range(bad):
+    with pytest.raises(ValueError, match=r"final_sparsity must be in \[0, 1\].*got"):
+        jp.schedules.polynomial(0.0, bad, 0, 10)
+    with pytest.raises(ValueError, match=r"initial_sparsity must be in \[0, 1\]"):
+        jp.schedules.polynomial(bad, 0.5, 0, 10)
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\]"):
+        jp.schedules.constant(bad)
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\]"):
+        jp.schedules.one_shot(bad, 3)
+
+
+def test_end_before_begin():
+    with pytest.raises(ValueError, match=r"end_step must be >= begin_step, got end_step=5 < begin_step=10"):
+        jp.schedules.polynomial(0.0, 0.5, begin_step=10, end_step=5)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_frequency(bad):
+    with pytest.raises(ValueError, match=r"frequency must be an int >= 1.*got"):
+        jp.schedules.polynomial(0.0, 0.5, 0, 10, frequency=bad)
+
+
+def test_negative_step():
+    with pytest.raises(ValueError, match=r"begin_step must be a non-negative int, got -1"):
+        jp.schedules.polynomial(0.0, 0.5, begin_step=-1, end_step=10)

@@ -1,0 +1,244 @@
+"""jp.prune: enforcement, refresh steps, pytrees, extra args, errors."""
+
+from typing import NamedTuple
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+
+import jaxprune as jp
+
+
+def _record_inner():
+    """An inner optimizer (sgd 0.1) that remembers the gradients it was given."""
+
+    def init(params):
+        return jax.tree.map(jnp.zeros_like, params)
+
+    def update(updates, state, params=None):
+        del state, params
+        return jax.tree.map(lambda g: -0.1 * g, updates), updates
+
+    return optax.GradientTransformation(init, update)
+
+
+def _params(key):
+    k1, k2 = jax.random.split(key)
+    return {"w1": jax.random.normal(k1, (20, 10)), "b": jnp.zeros(10), "w2": jax.random.normal(k2, (10, 5))}
+
+
+def test_pruned_grads_zeroed_before_inner_and_params_exactly_zero(key):
+    params = _params(key)
+    tx = jp.prune(_record_inner(), sparsity=0.6)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    masks = jp.get_masks(state)
+    seen = state.inner_state
+    for name in ("w1", "w2"):
+        m = np.asarray(masks[name])
+        assert (~m).sum() == round(0.6 * m.size)
+        assert np.all(np.asarray(seen[name])[~m] == 0) and np.all(np.asarray(seen[name])[m] == 1)
+        assert np.all(np.asarray(new[name])[~m] == 0)
+        np.testing.assert_allclose(np.asarray(new[name])[m], np.asarray(params[name])[m] - 0.1)
+    np.testing.assert_allclose(new["b"], params["b"] - 0.1)
+
+
+def test_refresh_only_on_schedule_steps(key):
+    params = _params(key)
+    sched = jp.schedules.polynomial(0.0, 0.8, begin_step=2, end_step=12, frequency=5)
+    tx = jp.prune(optax.sgd(0.01), sparsity=sched)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: tx.update(jax.tree.map(jnp.ones_like, p), s, p))
+    history = []
+    for _ in range(16):
+        updates, state = step(params, state)
+        params = optax.apply_updates(params, updates)
+        history.append(float(jp.sparsity(jp.get_masks(state))))
+    changes = [t for t in range(1, 16) if history[t] != history[t - 1]]
+    assert history[0] == 0.0 and changes == [7, 12]
+    assert history[-1] == pytest.approx(0.8, abs=1 / 250)
+    assert float(jp.sparsity(params)) == pytest.approx(history[-1])
+
+
+def test_global_scope_exact_total(key):
+    params = _params(key)
+    tx = jp.prune(optax.adam(1e-3), sparsity=0.75, scope="global")
+    state = tx.init(params)
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    m = jp.get_masks(state)
+    assert int((~m["w1"]).sum() + (~m["w2"]).sum()) == round(0.75 * 250)
+
+
+def test_extra_args_reach_criterion(key):
+    params = _params(key)
+
+    def by_batch_stat(params, *, stat):
+        return jax.tree.map(lambda p: jnp.abs(p) * stat, params)
+
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5, criterion=by_batch_stat)
+    state = tx.init(params)
+    stat = jnp.float32(-1.0)  # flips the ranking: the largest |w| get pruned
+    _, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params, stat=stat)
+    m = np.asarray(jp.get_masks(state)["w1"])
+    w = np.abs(np.asarray(params["w1"]))
+    assert w[m].max() <= w[~m].min()
+
+
+def test_random_criterion_key_from_update_is_used(key):
+    params = _params(key)
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5, criterion=jp.criteria.random)
+    s0 = tx.init(params)
+    g = jax.tree.map(jnp.ones_like, params)
+    m1 = jp.get_masks(tx.update(g, s0, params, key=jax.random.key(1))[1])
+    m2 = jp.get_masks(tx.update(g, s0, params, key=jax.random.key(1))[1])
+    m3 = jp.get_masks(tx.update(g, s0, params, key=jax.random.key(2))[1])
+    np.testing.assert_array_equal(m1["w1"], m2["w1"])
+    assert not np.array_equal(m1["w1"], m3["w1"])
+
+
+class Pair(NamedTuple):
+    kernel: jax.Array
+    bias: jax.Array
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda k: [jax.random.normal(k, (8, 8)), jnp.ones(8)],
+        lambda k: (jax.random.normal(k, (8, 8)), jnp.ones(8)),
+        lambda k: Pair(jax.random.normal(k, (8, 8)), jnp.ones(8)),
+        lambda k: {"a": [Pair(jax.random.normal(k, (8, 8)), jnp.ones(8))]},
+    ],
+    ids=["list", "tuple", "namedtuple", "nested"],
+)
+def test_any_pytree(make, key):
+    params = make(key)
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5)
+    state = tx.init(params)
+    updates, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
+    new = optax.apply_updates(params, updates)
+    assert jax.tree.structure(jp.get_masks(state)) == jax.tree.structure(params)
+    assert float(jp.sparsity(new)) == 0.5
+
+
+def test_equinox_module(key):
+    model = eqx.nn.MLP(8, 4, width_size=16, depth=2, key=key)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    tx = jp.prune(optax.adam(1e-2), sparsity=0.5)
+    state = tx.init(params)
+    x = jnp.ones((3, 8))
+
+    @jax.jit
+    def step(params, state):
+        loss = lambda p: jnp.mean(jax.vmap(eqx.combine(p, static))(x) ** 2)
+        grads = jax.grad(loss)(params)
+        updates, state = tx.update(grads, state, params)
+        return eqx.apply_updates(params, updates), state
+
+    params, state = step(params, state)
+    for layer in params.layers:
+        assert float(jp.sparsity(layer.weight, where=lambda p, x: True)) == 0.5
+        assert float(jp.sparsity(layer.bias, where=lambda p, x: True)) == 0.0
+
+
+def test_linen_train_state(key):
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(nn.relu(nn.Dense(16)(x)))
+
+    net = Net()
+    params = net.init(key, jnp.ones((1, 8)))["params"]
+    sched = jp.schedules.polynomial(0.0, 0.9, begin_step=0, end_step=10, frequency=2)
+    state = train_state.TrainState.create(
+        apply_fn=net.apply, params=params, tx=jp.prune(optax.adam(1e-2), sparsity=sched)
+    )
+    x = jax.random.normal(key, (32, 8))
+
+    @jax.jit
+    def step(state):
+        grads = jax.grad(lambda p: jnp.mean(state.apply_fn({"params": p}, x) ** 2))(state.params)
+        return state.apply_gradients(grads=grads)
+
+    for _ in range(12):
+        state = step(state)
+    assert float(jp.sparsity(state.params)) == pytest.approx(0.9, abs=0.01)
+    assert jax.tree.structure(jp.get_masks(state.opt_state)) == jax.tree.structure(params)
+
+
+def test_nnx_optimizer_wrapped_and_pure_paths():
+    model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+    seen = []
+    where = lambda path, x: seen.append(path) or path[-1] == "kernel"
+    opt = nnx.Optimizer(model, jp.prune(optax.sgd(0.1), sparsity=0.5, where=where), wrt=nnx.Param)
+    init_paths = set(seen)
+    x = jnp.ones((2, 8))
+
+    @nnx.jit
+    def step(model, opt):
+        opt.update(model, nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model))
+
+    step(model, opt)
+    assert init_paths == set(seen)  # same paths whether Variable-wrapped or pure
+    assert ("layers", 0, "kernel") in init_paths
+    assert float(jp.sparsity(nnx.state(model, nnx.Param))) == 0.5
+    masks = jp.get_masks(opt.opt_state)
+    assert masks["layers"][0]["kernel"].dtype == jnp.bool_
+
+
+def test_get_masks_through_wrappers(key):
+    params = _params(key)
+    tx = optax.MultiSteps(optax.chain(optax.clip(1.0), jp.prune(optax.sgd(0.1), sparsity=0.3)), 2)
+    state = tx.init(params)
+    assert jp.get_masks(state)["w1"].shape == (20, 10)
+
+
+# Errors.
+
+
+def test_unknown_scope():
+    with pytest.raises(ValueError, match=r"scope must be 'layer'.*got 'per_layer'"):
+        jp.prune(optax.sgd(0.1), sparsity=0.5, scope="per_layer")
+
+
+def test_bad_sparsity():
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\].*got 1.5"):
+        jp.prune(optax.sgd(0.1), sparsity=1.5)
+
+
+def test_bad_criterion():
+    with pytest.raises(ValueError, match=r"criterion must be a function"):
+        jp.prune(optax.sgd(0.1), sparsity=0.5, criterion="magnitude")
+
+
+def test_where_non_float_at_init():
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5, where=lambda path, x: True)
+    with pytest.raises(ValueError, match=r"where selected leaf 'count' of dtype int32"):
+        tx.init({"w": jnp.ones((2, 2)), "count": jnp.zeros((), jnp.int32)})
+
+
+def test_update_without_params(key):
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5)
+    params = _params(key)
+    with pytest.raises(ValueError, match=r"needs the current params.*tx.update\(grads, state, params\)"):
+        tx.update(params, tx.init(params))
+
+
+def test_random_without_key(key):
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5, criterion=jp.criteria.random)
+    params = _params(key)
+    with pytest.raises(ValueError, match=r"needs a PRNG key: pass jp.prune\(\.\.\., key="):
+        tx.update(params, tx.init(params), params)
+
+
+def test_get_masks_without_prune_state(key):
+    with pytest.raises(ValueError, match=r"opt_state holds no jp.prune state"):
+        jp.get_masks(optax.adam(1e-3).init(_params(key)))
