@@ -2,26 +2,50 @@
 
 Criteria score parameters, selections turn scores into boolean masks, and
 :func:`prune` wraps any optax optimizer so masks are refreshed on a schedule and
-enforced inside the jitted train step.
+enforced inside the jitted train step. Structurally pruned networks shrink for
+real (:func:`shrink`), checkpoints are stored compressed (:func:`save`), and
+:func:`report` gives honest sizes and FLOPs.
 """
 
-from jaxprune import criteria, masks, schedules
+from jaxprune import (
+    checkpoint,
+    criteria,
+    data,
+    masks,
+    models,
+    packing,
+    schedules,
+    structure,
+)
 from jaxprune._tree import is_prunable, path_str
+from jaxprune.checkpoint import CheckpointError, restore, save
 from jaxprune.masks import apply_masks, sparsity
+from jaxprune.report import report
+from jaxprune.structure import shrink
 from jaxprune.transform import PruneState, get_masks, prune
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "PruneState",
     "__version__",
     "apply_masks",
+    "checkpoint",
     "criteria",
+    "data",
     "get_masks",
     "is_prunable",
     "masks",
+    "models",
+    "packing",
     "path_str",
     "prune",
+    "report",
+    "restore",
+    "save",
     "schedules",
+    "shrink",
     "sparsity",
+    "structure",
 ]

@@ -1,0 +1,409 @@
+"""Orbax checkpoints of a whole pruning run, dense or in the compressed sparse format.
+
+A checkpoint directory is an ``orbax.checkpoint.CheckpointManager`` root; each
+step holds up to four orbax items:
+
+* ``meta`` (JSON): format version, step, and one entry per leaf with its path,
+  shape, dtype, encoding and CRC-32;
+* ``params`` / ``opt_state``: the leaves, flattened to ``{"a00000": {...}}``,
+  each leaf a dict of packed arrays (see :mod:`jaxprune.packing`; the dense
+  format stores every leaf as itself);
+* ``masks``: the enforced masks (read with :func:`jaxprune.get_masks`), as
+  packed bits, or nothing when they equal the params' nonzero pattern.
+
+Trees are stored by leaf path, not by container type, so the optimizer and
+pruning state travel as an opaque pytree: restoring into a template gives back
+exactly its containers (``PruneState``, optax states, ``nnx.State``), and
+without a template (``jaxprune inspect``) nested dicts keyed by path. Every leaf
+is checked against its CRC-32 on restore: a damaged file raises
+:class:`CheckpointError`, never a silently different array.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import checkpoint_trees as _trees
+from jaxprune import packing
+from jaxprune._tree import leaves_with_paths, path_str
+from jaxprune.transform import find_prune_states, get_masks
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "save",
+    "restore",
+    "export",
+    "latest_step",
+    "disk_bytes",
+]
+
+FORMAT_VERSION = 1
+_FORMATS = ("dense", "compressed")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, truncated or corrupt."""
+
+
+class Checkpoint(NamedTuple):
+    """What :func:`restore` returns."""
+
+    step: int
+    params: Any  # the template's structure, or nested dicts keyed by path
+    opt_state: Any  # likewise; None when the checkpoint holds none
+    masks: Any  # the enforced masks; None when the checkpoint holds none
+    format: str  # "dense" or "compressed"
+    path: pathlib.Path  # the step directory read
+
+
+def _find_masks(opt_state: Any) -> Any:
+    for candidate in (opt_state, getattr(opt_state, "opt_state", None)):
+        if candidate is not None and find_prune_states(candidate):
+            return get_masks(candidate)
+    return None
+
+
+def _manager(directory: pathlib.Path, *, read_only: bool, max_to_keep: int | None = None):
+    import orbax.checkpoint as ocp
+
+    # Readers are not marked read_only: orbax would log a warning on every restore.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=not read_only,
+        enable_async_checkpointing=not read_only,
+        cleanup_tmp_directories=not read_only,  # leftovers of a killed save
+    )
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def _absolute(directory: str | os.PathLike) -> pathlib.Path:
+    return pathlib.Path(os.path.abspath(os.fspath(directory)))
+
+
+def save(
+    directory: str | os.PathLike,
+    step: int,
+    params: Any,
+    opt_state: Any = None,
+    *,
+    masks: Any = None,
+    format: str = "dense",
+    max_to_keep: int | None = None,
+) -> pathlib.Path:
+    """Returns the step directory written: ``params``, ``opt_state`` and masks at ``step``.
+
+    The save goes through ``orbax.checkpoint.CheckpointManager`` (async, then
+    waited for), so a process killed mid-save leaves earlier steps intact.
+
+    Args:
+      directory: the checkpoint root; a relative path is made absolute.
+      step: the training step (a non-negative int).
+      params: any pytree (linen dict, ``nnx.State``), or an nnx ``Module``
+        (its ``nnx.state`` is saved).
+      opt_state: the optimizer state (any pytree, e.g. ``tx.init(params)``), or
+        an ``nnx.Optimizer``; stored as an opaque tree of leaves.
+      masks: the masks to record; default: ``jp.get_masks(opt_state)`` when
+        ``opt_state`` holds a ``jp.prune`` state.
+      format: ``"dense"`` (params as they are) or ``"compressed"`` (params in
+        the compressed sparse format of :mod:`jaxprune.packing`; restored bitwise).
+      max_to_keep: keep only the newest checkpoints (default: all).
+
+    Examples:
+      >>> import tempfile, jax.numpy as jnp
+      >>> from jaxprune import checkpoint
+      >>> d = tempfile.mkdtemp()
+      >>> params = {"w": jnp.array([[0.0, 2.0], [0.0, 0.0]])}
+      >>> _ = checkpoint.save(d, 3, params, format="compressed")
+      >>> ckpt = checkpoint.restore(d, params=params)
+      >>> ckpt.step, ckpt.params["w"].tolist()
+      (3, [[0.0, 2.0], [0.0, 0.0]])
+    """
+    if format not in _FORMATS:
+        raise ValueError(
+            f"format must be one of {_FORMATS}, got {format!r}. Fix: format='dense' for "
+            "training checkpoints or format='compressed' for the smallest exact copy."
+        )
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(
+            f"step must be a non-negative int, got {step!r}. Fix: pass the training step count."
+        )
+    directory = _absolute(directory)
+    if masks is None and opt_state is not None:
+        masks = _find_masks(opt_state)
+    params, opt_state = _trees.as_state(params), _trees.as_state(opt_state)
+    mask_by_path = None
+    if masks is not None:
+        mflat, _ = leaves_with_paths(masks)
+        mask_by_path = {path_str(p): np.asarray(jax.device_get(m)) for p, m in mflat}
+    p_arrays, p_specs, hosts = _trees.encode_tree(params, mask_by_path, format == "compressed")
+    meta: dict[str, Any] = {
+        "jaxprune_checkpoint": FORMAT_VERSION,
+        "format": format,
+        "step": int(step),
+        "params": p_specs,
+    }
+    items = {"params": p_arrays}
+    if opt_state is not None:
+        items["opt_state"], meta["opt_state"], _ = _trees.encode_tree(opt_state, None, False)
+    if masks is not None:
+        items["masks"], meta["masks"] = _trees.encode_masks(masks, hosts)
+    return _write(directory, int(step), items, meta, max_to_keep)
+
+
+def _write(directory, step, items, meta, max_to_keep) -> pathlib.Path:
+    import orbax.checkpoint as ocp
+
+    args = {k: ocp.args.StandardSave(v) for k, v in items.items() if v}
+    args["meta"] = ocp.args.JsonSave(meta)
+    mngr = _manager(directory, read_only=False, max_to_keep=max_to_keep)
+    try:
+        mngr.save(step, args=ocp.args.Composite(**args), force=True)
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+    return directory / str(step)
+
+
+def _locate(directory: str | os.PathLike, step: int | None) -> tuple[pathlib.Path, int]:
+    """Returns ``(root, step)``; ``directory`` may be a root or one step's directory."""
+    path = _absolute(directory)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: the path does not exist.")
+    if (path / "meta").is_dir() and path.name.isdigit():
+        if step is not None and step != int(path.name):
+            raise CheckpointError(f"{path} is the directory of step {path.name}, not {step}.")
+        return path.parent, int(path.name)
+    steps = _steps(path)
+    if not steps:
+        raise CheckpointError(
+            f"no complete checkpoint in {path}: no finished step directory (an interrupted "
+            "save leaves only a temporary one)."
+        )
+    if step is None:
+        return path, steps[-1]
+    if step not in steps:
+        raise CheckpointError(f"no step {step} in {path}; steps saved: {steps}.")
+    return path, step
+
+
+def _steps(root: pathlib.Path) -> list[int]:
+    try:
+        mngr = _manager(root, read_only=True)
+    except Exception as e:  # orbax raises various errors on foreign directories
+        raise CheckpointError(f"{root} is not an orbax checkpoint directory ({e}).") from e
+    try:
+        return sorted(s for s in mngr.all_steps() if (root / str(s) / "meta").is_dir())
+    finally:
+        mngr.close()
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """Returns the newest complete step saved under ``directory``, or None."""
+    path = _absolute(directory)
+    steps = _steps(path) if path.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def _read(root: pathlib.Path, step: int) -> tuple[dict, dict]:
+    """Returns ``(meta, items)`` of one step, every array as numpy."""
+    import orbax.checkpoint as ocp
+
+    where = root / str(step)
+    mngr = _manager(root, read_only=True)
+    try:
+        try:
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot read the metadata of {where}, which is missing, truncated or corrupt: "
+                f"{_brief(e)}"
+            ) from e
+        if not isinstance(meta, dict) or meta.get("jaxprune_checkpoint") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{where} is not a jaxprune checkpoint of format version {FORMAT_VERSION} "
+                "(its metadata is missing, corrupt or from another writer)."
+            )
+        args = {}
+        for name, prefix in (("params", "a"), ("opt_state", "a"), ("masks", "m")):
+            abstract = _abstract(meta.get(name), prefix)
+            if abstract:
+                args[name] = ocp.args.StandardRestore(abstract)
+        try:
+            items = mngr.restore(step, args=ocp.args.Composite(**args)) if args else {}
+        except Exception as e:
+            _drain_failed_reads()
+            raise CheckpointError(
+                f"cannot read the arrays of {where}: {_brief(e)}. The checkpoint is truncated "
+                "or corrupt; restore an earlier step."
+            ) from e
+    finally:
+        mngr.close()
+    return meta, {k: items[k] for k in args}
+
+
+def _drain_failed_reads(seconds: float = 0.3) -> None:
+    """Waits for the reads orbax left pending when one failed, hiding their one known error.
+
+    When a read fails, orbax returns while tensorstore still completes the other
+    reads; their callbacks then target orbax's closed event loop and Python
+    reports ``RuntimeError: Event loop is closed`` as an unraisable exception (a
+    traceback on stderr, or a test failure under ``-W error``). Nothing is lost:
+    the restore has already failed with a clear error.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        time.sleep(seconds)
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+
+
+def _brief(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def _abstract(specs: list | None, prefix: str) -> dict:
+    if not specs:
+        return {}
+    out = {}
+    for i, spec in enumerate(specs):
+        if prefix == "m":
+            if spec["kind"] == "bits":
+                nbytes = math.ceil(math.prod(spec["shape"]) / 8)
+                out[f"m{i:05d}"] = {"bits": np.empty((nbytes,), np.uint8)}
+            continue
+        arrays = {
+            k: np.empty(tuple(shape), jnp.dtype(dtype))
+            for k, (shape, dtype) in spec["arrays"].items()
+            if math.prod(shape)
+        }
+        if arrays:
+            out[f"{prefix}{i:05d}"] = arrays
+    return out
+
+
+def _decode(specs: list, arrays: dict, where: pathlib.Path, name: str) -> list[np.ndarray]:
+    out = []
+    for i, spec in enumerate(specs):
+        got = dict(arrays.get(f"a{i:05d}", {}))
+        for k, (shape, dtype) in spec["arrays"].items():
+            if not math.prod(shape):
+                got[k] = np.empty(tuple(shape), jnp.dtype(dtype))
+        try:
+            out.append(packing.unpack_leaf({k: np.asarray(v) for k, v in got.items()}, spec))
+        except packing.PackError as e:
+            raise CheckpointError(
+                f"{name} leaf {path_str(tuple(spec['path']))!r} in {where} is corrupt: {e}"
+            ) from e
+    return out
+
+
+def _masks(meta, items, params_by_path, where) -> tuple[list, list]:
+    leaves = []
+    for i, spec in enumerate(meta["masks"]):
+        key = path_str(tuple(spec["path"]))
+        if spec["kind"] == "scalar":
+            leaves.append(np.asarray(spec["value"], bool))
+        elif spec["kind"] == "support":
+            leaves.append(packing.support(params_by_path[key]))
+        else:
+            bits = np.asarray(items.get("masks", {}).get(f"m{i:05d}", {}).get("bits"))
+            size = math.prod(spec["shape"])
+            if bits.shape != (math.ceil(size / 8),):
+                raise CheckpointError(f"the mask of {key!r} in {where} is truncated or corrupt.")
+            leaves.append(np.unpackbits(bits, count=size).astype(bool).reshape(spec["shape"]))
+    return [tuple(s["path"]) for s in meta["masks"]], leaves
+
+
+def restore(
+    directory: str | os.PathLike,
+    step: int | None = None,
+    *,
+    params: Any = None,
+    opt_state: Any = None,
+) -> Checkpoint:
+    """Returns the :class:`Checkpoint` saved at ``step`` (default: the newest complete one).
+
+    Args:
+      directory: a checkpoint root written by :func:`save` (or one step's directory).
+      step: which step; default the newest complete one.
+      params: a template with the saved params' structure (arrays or
+        ``jax.ShapeDtypeStruct`` leaves, e.g. from ``jax.eval_shape``); its
+        containers, leaf types and shardings are reproduced. An nnx ``Module``
+        is updated in place. Without a template: nested dicts of numpy arrays.
+      opt_state: likewise for the optimizer state (e.g. ``tx.init(params)``, or
+        an ``nnx.Optimizer``, updated in place).
+
+    Returns:
+      ``Checkpoint(step, params, opt_state, masks, format, path)``; ``masks`` are
+      those of the restored ``opt_state`` when it holds a ``jp.prune`` state, else
+      the recorded ones (in the params' structure when it matches).
+
+    Raises:
+      CheckpointError: nothing complete is saved there, or a file is truncated or
+        corrupt (every leaf is checked against its CRC-32).
+      ValueError: a template's structure differs; the message lists the paths.
+    """
+    root, step = _locate(directory, step)
+    meta, items = _read(root, step)
+    where = root / str(step)
+    p_leaves = _decode(meta["params"], items.get("params", {}), where, "params")
+    params_out = _trees.rebuild(meta["params"], p_leaves, params, "params", where)
+    opt_out = None
+    if meta.get("opt_state") is not None:
+        o_leaves = _decode(meta["opt_state"], items.get("opt_state", {}), where, "opt_state")
+        opt_out = _trees.rebuild(meta["opt_state"], o_leaves, opt_state, "opt_state", where)
+    masks_out = None
+    if opt_state is not None and opt_out is not None:
+        masks_out = _find_masks(opt_state if _trees.is_nnx_object(opt_state) else opt_out)
+    if masks_out is None and meta.get("masks") is not None:
+        paths = [path_str(tuple(s["path"])) for s in meta["params"]]
+        by_path = dict(zip(paths, p_leaves, strict=True))
+        m_paths, m_leaves = _masks(meta, items, by_path, where)
+        masks_out = _trees.nest(m_paths, m_leaves)
+        if params is not None:
+            flat, treedef = leaves_with_paths(_trees.as_state(params))
+            if [p for p, _ in flat] == m_paths:
+                masks_out = jax.tree.unflatten(treedef, [jnp.asarray(m) for m in m_leaves])
+    return Checkpoint(int(step), params_out, opt_out, masks_out, meta["format"], where)
+
+
+def export(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    step: int | None = None,
+    format: str = "compressed",
+) -> pathlib.Path:
+    """Returns the step directory written: ``src``'s params and masks re-saved in ``format``.
+
+    The optimizer state is left out (an export is for deployment). Needs no
+    model code: the trees are read by path.
+    """
+    ckpt = restore(src, step)
+    return save(dst, ckpt.step, ckpt.params, masks=ckpt.masks, format=format)
+
+
+def disk_bytes(path: str | os.PathLike) -> int:
+    """Returns the bytes of all files under ``path`` (a checkpoint root or step)."""
+    root = _absolute(path)
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())

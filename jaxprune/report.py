@@ -1,0 +1,413 @@
+"""Reports of a pruned model: per-leaf sparsity, dense and compressed bytes, FLOPs.
+
+Honest numbers (DESIGN.md, decision 10): *sparsity* is the fraction of zero
+entries after the masks are applied; *compressed bytes* are those of the
+smallest exact encoding of :mod:`jaxprune.packing` (what
+``jaxprune export --format compressed`` writes); *dense FLOPs* come from XLA's
+cost analysis of the compiled apply function; *nonzero MACs* follow ShrinkBench:
+the multiply-adds of convolutions and matrix products (read from the jaxpr's
+``conv_general_dilated`` and ``dot_general``), each scaled by the density of the
+parameter it multiplies. Unstructured sparsity on dense hardware gives no
+speedup: nonzero MACs are what a sparse kernel could skip, not a measured time.
+
+References:
+  Blalock et al., "What is the State of Neural Network Pruning?" (ShrinkBench),
+  2020. https://arxiv.org/abs/2003.03033
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.extend
+import numpy as np
+from flax import nnx
+
+from jaxprune import packing
+from jaxprune._tree import leaves_with_paths, path_str, unwrap_variables
+
+__all__ = ["LeafRow", "Report", "report", "plot_sparsity", "plot_accuracy_vs_compression"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafRow:
+    """One leaf of a :class:`Report`."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    size: int
+    nonzeros: int
+    sparsity: float  # zero entries / size, after the mask
+    dense_bytes: int
+    compressed_bytes: int
+    encoding: str  # the packing kind: dense, slices, nm or bitmask
+    masked: bool  # whether a mask array was given for this leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Returned by :func:`report`: rows, totals, FLOPs; render with ``str``, ``to_json``."""
+
+    rows: tuple[LeafRow, ...]
+    totals: dict[str, float]
+    flops: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the report as plain JSON-able data."""
+        rows = [dict(dataclasses.asdict(r), shape=list(r.shape)) for r in self.rows]
+        return {"rows": rows, "totals": dict(self.totals), "flops": self.flops}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """Returns :meth:`to_dict` as a JSON string."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self):
+        """Returns a ``rich.table.Table`` with one row per leaf and a totals row."""
+        from rich.table import Table
+
+        t = Table(title="jaxprune report", show_footer=True)
+        tot = self.totals
+        cols = [
+            ("leaf", "total", "left"),
+            ("shape", "", "left"),
+            ("dtype", "", "left"),
+            ("sparsity", f"{tot['sparsity']:.2%}", "right"),
+            ("nonzeros", f"{int(tot['nonzeros']):,}", "right"),
+            ("dense bytes", f"{int(tot['dense_bytes']):,}", "right"),
+            ("compressed bytes", f"{int(tot['compressed_bytes']):,}", "right"),
+            ("encoding", f"{tot['bytes_ratio']:.3f}x", "left"),
+        ]
+        for name, footer, justify in cols:
+            t.add_column(name, footer=footer, justify=justify)
+        for r in self.rows:
+            t.add_row(
+                r.path,
+                "x".join(map(str, r.shape)) or "()",
+                r.dtype,
+                f"{r.sparsity:.2%}",
+                f"{r.nonzeros:,}",
+                f"{r.dense_bytes:,}",
+                f"{r.compressed_bytes:,}",
+                r.encoding,
+            )
+        lines = [
+            f"params {int(tot['size']):,}, nonzero {int(tot['nonzeros']):,} "
+            f"(compression {tot['compression']:.2f}x); masked leaves' sparsity "
+            f"{tot['masked_sparsity']:.2%}; compressed / dense bytes {tot['bytes_ratio']:.3f}"
+        ]
+        if self.flops:
+            f = self.flops
+            lines.append(
+                f"XLA FLOPs (dense) {f['xla_flops']:,.0f}; conv+dense MACs {f['dense_macs']:,.0f}"
+                f" dense, {f['nonzero_macs']:,.0f} nonzero ({f['mac_reduction']:.2f}x fewer)"
+            )
+        t.caption = "\n".join(lines)
+        return t
+
+    def __rich__(self):
+        return self.table()
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        Console(file=buf, width=140, no_color=True, highlight=False).print(self.table())
+        return buf.getvalue()
+
+    def plot_sparsity(self, path: str | os.PathLike | None = None):
+        """Returns a matplotlib ``Figure`` of per-leaf sparsity; see :func:`plot_sparsity`."""
+        return plot_sparsity(self, path)
+
+
+def _mask_lookup(params: Any, masks: Any) -> dict[str, np.ndarray]:
+    if masks is None:
+        return {}
+    flat, _ = leaves_with_paths(masks)
+    found = {path_str(p): np.asarray(jax.device_get(m), bool) for p, m in flat}
+    known = {path_str(p) for p, _ in leaves_with_paths(params)[0]}
+    extra = sorted(set(found) - known)
+    if extra:
+        raise ValueError(
+            f"masks has leaves that params lacks: {', '.join(extra[:10])}. Fix: pass the masks "
+            "of these params (jp.get_masks(opt_state)), which mirror the params' tree."
+        )
+    return found
+
+
+def _as_numpy(x: Any) -> np.ndarray | None:
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return None
+    return np.asarray(jax.device_get(x))
+
+
+def report(
+    params: Any,
+    masks: Any = None,
+    apply_fn: Callable[..., Any] | None = None,
+    example_inputs: Any = None,
+) -> Report:
+    """Returns a :class:`Report`: one row per leaf of ``params``, totals and FLOPs.
+
+    Args:
+      params: any pytree of arrays, or an nnx ``Module`` (its ``nnx.Param`` leaves).
+      masks: optional masks (e.g. ``jp.get_masks(opt_state)``), matched to
+        ``params`` by leaf path; scalar masks leave a leaf dense. Without masks a
+        leaf's sparsity is its fraction of exact zeros.
+      apply_fn: optional ``apply_fn(params, *example_inputs)``; with it the
+        report adds XLA's dense FLOPs and the conv/dense MACs, dense and
+        density-scaled. For an nnx ``Module`` it defaults to calling the module.
+      example_inputs: the inputs (one array or a tuple) to trace ``apply_fn`` with.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxprune.report import report
+      >>> w = jnp.zeros((4, 8)).at[0].set(1.0)
+      >>> r = report({"w": w}, apply_fn=lambda p, x: x @ p["w"],
+      ...               example_inputs=jnp.ones((2, 4)))
+      >>> r.rows[0].sparsity, r.rows[0].encoding, r.flops["dense_macs"], r.flops["nonzero_macs"]
+      (0.75, 'slices', 64.0, 16.0)
+    """
+    if isinstance(params, nnx.Module):
+        graphdef, state, rest = nnx.split(params, nnx.Param, ...)
+        # Pure arrays, so merge builds fresh Variables inside the trace (BatchNorm
+        # may update its statistics there).
+        rest = unwrap_variables(rest)
+        if apply_fn is None and example_inputs is not None:
+            apply_fn = lambda s, *xs: nnx.merge(graphdef, s, rest)(*xs)  # noqa: E731
+        params = state
+    mask_of = _mask_lookup(params, masks)
+    rows = []
+    for path, leaf in leaves_with_paths(params)[0]:
+        x = _as_numpy(leaf)
+        if x is None:
+            continue
+        key = path_str(path)
+        mask = mask_of.get(key)
+        masked = mask is not None and mask.ndim > 0
+        if masked:
+            x = np.where(mask, x, np.zeros((), x.dtype))
+        arrays, spec = packing.pack_leaf(x, mask if masked else None)
+        nonzeros = int(np.count_nonzero(x))
+        rows.append(
+            LeafRow(
+                path=key,
+                shape=tuple(x.shape),
+                dtype=x.dtype.name,
+                size=int(x.size),
+                nonzeros=nonzeros,
+                sparsity=1.0 - nonzeros / x.size if x.size else 0.0,
+                dense_bytes=int(x.nbytes),
+                compressed_bytes=int(sum(a.nbytes for a in arrays.values())),
+                encoding=spec["kind"],
+                masked=masked,
+            )
+        )
+    totals = _totals(rows)
+    flops = None
+    if apply_fn is not None:
+        if example_inputs is None:
+            raise ValueError(
+                "apply_fn was given without example_inputs, so FLOPs cannot be traced. "
+                "Fix: report(params, masks, apply_fn, example_inputs=jnp.ones((1, 28, 28, 1)))."
+            )
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        density = {r.path: (r.nonzeros / r.size if r.size else 1.0) for r in rows}
+        flops = _flops(apply_fn, params, inputs, density)
+    return Report(tuple(rows), totals, flops)
+
+
+def _totals(rows: Sequence[LeafRow]) -> dict[str, float]:
+    size = sum(r.size for r in rows)
+    nnz = sum(r.nonzeros for r in rows)
+    m_size = sum(r.size for r in rows if r.masked)
+    m_nnz = sum(r.nonzeros for r in rows if r.masked)
+    dense = sum(r.dense_bytes for r in rows)
+    comp = sum(r.compressed_bytes for r in rows)
+    return {
+        "size": size,
+        "nonzeros": nnz,
+        "sparsity": 1.0 - nnz / size if size else 0.0,
+        "masked_sparsity": 1.0 - m_nnz / m_size if m_size else 0.0,
+        "compression": size / nnz if nnz else math.inf,
+        "dense_bytes": dense,
+        "compressed_bytes": comp,
+        "bytes_ratio": comp / dense if dense else 1.0,
+    }
+
+
+# Ops through which a parameter keeps its identity on the way to a matmul.
+_PASS_THROUGH = {
+    "convert_element_type",
+    "reshape",
+    "transpose",
+    "broadcast_in_dim",
+    "squeeze",
+    "expand_dims",
+    "copy",
+    "copy_p",
+    "rev",
+    "reduce_precision",
+    "device_put",
+}
+
+
+def _macs(eqn) -> float:
+    out = math.prod(eqn.outvars[0].aval.shape)
+    if eqn.primitive.name == "dot_general":
+        (lc, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        return float(out * math.prod(lhs[i] for i in lc))
+    rhs = eqn.invars[1].aval.shape
+    out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+    return float(out * math.prod(rhs) / rhs[out_dim])
+
+
+def _sub_jaxprs(eqn):
+    for v in eqn.params.values():
+        items = v if isinstance(v, tuple | list) else (v,)
+        for j in items:
+            if isinstance(j, jax.extend.core.ClosedJaxpr):
+                yield j.jaxpr
+            elif isinstance(j, jax.extend.core.Jaxpr):
+                yield j
+
+
+def _walk(jaxpr, src: dict, density: dict[str, float]) -> tuple[float, float]:
+    """Returns ``(dense_macs, nonzero_macs)`` of ``jaxpr``; ``src`` maps vars to leaf paths."""
+    dense = nonzero = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        ins = [None if isinstance(v, jax.extend.core.Literal) else src.get(v) for v in eqn.invars]
+        if name in ("dot_general", "conv_general_dilated"):
+            d = _macs(eqn)
+            scale = math.prod(density[p] for p in ins if p is not None)
+            dense, nonzero = dense + d, nonzero + d * scale
+        elif name in _PASS_THROUGH and ins and ins[0] is not None:
+            src[eqn.outvars[0]] = ins[0]
+        else:
+            subs = list(_sub_jaxprs(eqn))
+            results = []
+            for sub in subs:
+                offset = len(eqn.invars) - len(sub.invars)
+                inner = {}
+                if offset >= 0:
+                    for v, p in zip(sub.invars, ins[offset:], strict=True):
+                        if p is not None:
+                            inner[v] = p
+                results.append(_walk(sub, inner, density))
+            if results:
+                # cond: the costliest branch; scan: every iteration.
+                times = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
+                d, n = (max(results) if name == "cond" else map(sum, zip(*results, strict=True)))
+                dense, nonzero = dense + times * d, nonzero + times * n
+    return dense, nonzero
+
+
+def _flops(apply_fn, params, inputs, density: dict[str, float]) -> dict[str, float]:
+    lowered = jax.jit(apply_fn).lower(params, *inputs)
+    cost = lowered.compile().cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    xla = float((cost or {}).get("flops", math.nan))
+    closed = jax.make_jaxpr(apply_fn)(params, *inputs)
+    flat, _ = leaves_with_paths(params)
+    # The jaxpr's inputs are the params' leaves, then the example inputs.
+    invars = closed.jaxpr.invars[: len(flat)]
+    src = {v: path_str(p) for v, (p, _) in zip(invars, flat, strict=True) if path_str(p) in density}
+    dense, nonzero = _walk(closed.jaxpr, src, density)
+    return {
+        "xla_flops": xla,
+        "dense_macs": dense,
+        "nonzero_macs": nonzero,
+        "mac_reduction": dense / nonzero if nonzero else math.inf,
+    }
+
+
+def plot_sparsity(rep: Report, path: str | os.PathLike | None = None):
+    """Returns a matplotlib ``Figure``: one bar per leaf with its sparsity (saved to ``path``).
+
+    Leaves with a mask array are drawn; without any, every leaf with ``ndim >= 2``.
+    """
+    from matplotlib.figure import Figure
+
+    rows = [r for r in rep.rows if r.masked] or [r for r in rep.rows if len(r.shape) >= 2]
+    fig = Figure(figsize=(7, 0.9 + 0.32 * max(len(rows), 1)), layout="constrained")
+    ax = fig.subplots()
+    ax.barh(range(len(rows)), [100 * r.sparsity for r in rows], color="tab:blue")
+    ax.set_yticks(range(len(rows)), [f"{r.path} {'x'.join(map(str, r.shape))}" for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("sparsity (%)")
+    ax.set_title(f"per-layer sparsity (total {rep.totals['sparsity']:.1%})")
+    if path is not None:
+        fig.savefig(os.fspath(path))
+    return fig
+
+
+def _load_results(results: Any) -> list[dict[str, Any]]:
+    if not isinstance(results, str | os.PathLike):
+        return [dict(r) for r in results]
+    path = os.fspath(results)
+    if not os.path.exists(path):
+        raise ValueError(f"results file {path!r} does not exist. Fix: pass an existing file.")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".csv"):
+        return [dict(r) for r in csv.DictReader(io.StringIO(text))]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return data["results"] if isinstance(data, dict) else data
+
+
+def plot_accuracy_vs_compression(results: Any, path: str | os.PathLike | None = None):
+    """Returns a matplotlib ``Figure`` of accuracy against compression, one line per method.
+
+    Args:
+      results: a list of records, or a ``.json`` (a list, or ``{"results": [...]}``),
+        JSON-lines or ``.csv`` file of them. A record has ``accuracy`` and either
+        ``compression`` (params / nonzeros) or ``sparsity`` (turned into
+        ``1 / (1 - sparsity)``), and optionally ``method`` (the line's label).
+      path: where to save the figure (any format matplotlib writes), or None.
+
+    Raises:
+      ValueError: the file is missing, or a record lacks ``accuracy`` or both of
+        ``compression`` and ``sparsity``.
+    """
+    from matplotlib.figure import Figure
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for i, r in enumerate(_load_results(results)):
+        if "accuracy" not in r or not ({"compression", "sparsity"} & set(r)):
+            raise ValueError(
+                f"results record {i} is {r!r}; each needs 'accuracy' and 'compression' (or "
+                "'sparsity'). Fix: write records like "
+                '{"method": "magnitude", "sparsity": 0.9, "accuracy": 0.97}.'
+            )
+        c = float(r["compression"]) if "compression" in r else 1 / (1 - float(r["sparsity"]))
+        series.setdefault(str(r.get("method", "")), []).append((c, float(r["accuracy"])))
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for label, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label or None)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("compression ratio (params / nonzero params)")
+    ax.set_ylabel("accuracy")
+    ax.grid(True, alpha=0.3)
+    if any(series):
+        ax.legend()
+    if path is not None:
+        fig.savefig(os.fspath(path))
+    return fig

@@ -1,0 +1,136 @@
+"""Evaluates a flat :class:`Program` with, per value, whether it varies with the inputs.
+
+Shrinking needs two facts about every channel that reaches a contraction
+(``dot_general``, ``conv``): is it exactly zero, or at least input-independent
+(so its contribution can be folded into a bias)? This module runs the program
+on the example inputs and, alongside each value, propagates a boolean
+*varies* map: inputs vary, params and constants do not; a contraction's result
+varies where some varying operand entry meets a nonzero (or varying) entry of
+the other operand; ``mul`` likewise; structural primitives move the map like
+the data; any other element-wise primitive varies where an operand does; an
+unknown primitive varies everywhere if any operand varies. The analysis is
+conservative: it may call a constant "varying" (so a channel is kept), never
+the reverse, and it does not depend on which example inputs were used (a ReLU
+unit that is merely dead on the examples is still "varying").
+
+Removed channels are simulated exactly: a ``keep`` vector per contraction
+operand axis multiplies the left operand, so the evaluated program computes
+what the shrunk network will compute.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.structure.graph import ELEMENTWISE
+from jaxprune.structure.program import Program
+
+__all__ = ["CONTRACTIONS", "make_evaluator", "run_once"]
+
+# These programs run once or a few times on a small batch: compile time, not run
+# time, is what users wait for, and XLA's cheapest CPU pipeline halves it.
+_QUICK = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def run_once(fn, *args, static_argnums=()):
+    """Returns ``jax.jit(fn)(*args)`` compiled with XLA's fastest-to-compile CPU options."""
+    jitted = jax.jit(fn, static_argnums=static_argnums)
+    lowered = jitted.lower(*args)
+    if jax.default_backend() != "cpu":
+        return lowered.compile()(*[a for i, a in enumerate(args) if i not in static_argnums])
+    compiled = lowered.compile(_QUICK)
+    return compiled(*[a for i, a in enumerate(args) if i not in static_argnums])
+
+CONTRACTIONS = frozenset({"dot_general", "conv_general_dilated"})
+# Structural primitives: applied to the 0/1 varies map they give 0 exactly where
+# no varying entry contributes (all contributions are non-negative).
+_MOVE = frozenset(
+    """reshape transpose broadcast_in_dim squeeze expand_dims reduce_sum reduce_max
+    reduce_window_max reduce_window_sum slice concatenate pad split cumsum cummax copy
+    copy_p convert_element_type reduce_precision""".split()
+)
+
+
+def _bind(prim, args, params):
+    out = prim.bind(*args, **params)
+    return list(out) if prim.multiple_results else [out]
+
+
+def _as_f32(params: dict) -> dict:
+    p = dict(params)
+    if "preferred_element_type" in p:
+        p["preferred_element_type"] = jnp.float32
+    if "new_dtype" in p:
+        p["new_dtype"] = jnp.float32
+    return p
+
+
+def _scale_axis(x, axis, vec):
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return x * vec.reshape(shape).astype(x.dtype)
+
+
+def _run(prog: Program, want: tuple[int, ...], leaves, inputs, keeps) -> dict[int, Any]:
+    val: dict[int, Any] = {}
+    var: dict[int, Any] = {}
+    for i, v in enumerate(prog.param_ids):
+        val[v], var[v] = leaves[i], jnp.zeros(prog.shapes[v], bool)
+    for i, v in enumerate(prog.input_ids):
+        val[v], var[v] = inputs[i], jnp.ones(prog.shapes[v], bool)
+    for v, c in prog.consts.items():
+        val[v], var[v] = jnp.asarray(c), jnp.zeros(prog.shapes[v], bool)
+    for idx, e in enumerate(prog.eqns):
+        name = e.prim.name
+        args = [val[v] for v in e.ins]
+        vs = [var[v] for v in e.ins]
+        if name in CONTRACTIONS:
+            for key, vec in keeps.get(str(idx), {}).items():
+                args[0] = _scale_axis(args[0], int(key), vec)
+                vs[0] = vs[0] & (_scale_axis(jnp.ones(vs[0].shape), int(key), vec) > 0)
+            outs = _bind(e.prim, args, e.params)
+            nz = [v | (a != 0) for v, a in zip(vs, args, strict=True)]
+            f32 = _as_f32(e.params)
+            ones = [[a.astype(jnp.float32), b.astype(jnp.float32)] for a, b in
+                    ((vs[0], nz[1]), (nz[0], vs[1]))]
+            ovs = [(_bind(e.prim, ones[0], f32)[0] + _bind(e.prim, ones[1], f32)[0]) > 0]
+        else:
+            outs = _bind(e.prim, args, e.params)
+            if name == "mul":
+                nz = [v | (a != 0) for v, a in zip(vs, args, strict=True)]
+                ovs = [(vs[0] & nz[1]) | (vs[1] & nz[0])]
+            elif name in _MOVE:
+                moved = _bind(e.prim, [v.astype(jnp.float32) for v in vs], _as_f32(e.params))
+                ovs = [m > 0 for m in moved]
+            elif name in ELEMENTWISE:
+                shape = jnp.shape(outs[0])
+                ovs = [functools.reduce(jnp.logical_or, [jnp.broadcast_to(v, shape) for v in vs])]
+            else:
+                anyv = functools.reduce(jnp.logical_or, [jnp.any(v) for v in vs], jnp.bool_(False))
+                ovs = [jnp.broadcast_to(anyv, jnp.shape(o)) for o in outs]
+        for o, x, xv in zip(e.outs, outs, ovs, strict=True):
+            val[o], var[o] = x, jnp.broadcast_to(xv, jnp.shape(x))
+    return {v: (val[v], var[v]) for v in want}
+
+
+def make_evaluator(prog: Program, want: tuple[int, ...]):
+    """Returns a jitted ``(leaves, inputs, keeps) -> {var: (value, varies)}`` for ``want``.
+
+    ``keeps`` maps ``str(equation index)`` to ``{str(axis): float vector}``: the
+    left operand of that contraction is scaled by the vector along the axis.
+    """
+    jitted = jax.jit(functools.partial(_run, prog, tuple(want)))
+    cache = {}
+
+    def run(leaves, inputs, keeps):
+        if "c" not in cache:
+            lowered = jitted.lower(leaves, inputs, keeps)
+            cpu = jax.default_backend() == "cpu"
+            cache["c"] = lowered.compile(_QUICK) if cpu else lowered.compile()
+        return cache["c"](leaves, inputs, keeps)
+
+    return run

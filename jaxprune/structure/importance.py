@@ -1,0 +1,240 @@
+"""Group discovery for users, group importance, and group-wise selections (masks).
+
+:func:`groups` lists the coupled slices of a model; :func:`group_scores` sums
+per-channel scores over a group's members (Torch-Pruning style group
+importance); :func:`select` turns them into masks that drop whole channels
+from every member at once, which :func:`~jaxprune.structure.shrink` then cuts
+exactly; :func:`selection` packages that as a ``scope=`` for ``jp.prune``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import masks as _masks
+from jaxprune._tree import Where, leaves_with_paths, prunable_flags
+from jaxprune.structure.evaluate import run_once
+from jaxprune.structure.graph import Group, channel_indices, find_groups
+from jaxprune.structure.program import trace
+from jaxprune.structured import _reducer
+
+__all__ = ["groups", "group_scores", "select", "selection"]
+
+
+def groups(
+    apply_fn: Callable[..., Any], params: Any, *example_inputs: Any, prunable_only: bool = False
+) -> tuple[Group, ...]:
+    """Returns the dependency groups of ``apply_fn(params, *example_inputs)``.
+
+    A group lists the (leaf, axis) slices that must shrink together — a Dense
+    layer's output columns and bias with the next layer's input rows; a conv's
+    filters with its BatchNorm scale, shift and statistics and the next conv's
+    input channels (or the rows of the Dense layer after a flatten); all the
+    channels tied by residual additions — read from the jaxpr, so no layer is
+    ever listed by hand. Groups pinned by a model input or output, a spatial
+    axis, a reduction over channels or an opaque primitive are reported with
+    ``prunable=False`` and the reasons (an opaque primitive also warns).
+
+    Args:
+      apply_fn: ``(params, *inputs) -> outputs``.
+      params: the params pytree (for nnx: ``nnx.split(model)[1]``).
+      *example_inputs: example inputs (a batch of 1-2 is enough).
+      prunable_only: return only the prunable groups.
+
+    Returns:
+      A tuple of :class:`~jaxprune.structure.Group`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
+      >>> from jaxprune import structure
+      >>> def mlp(p, x):
+      ...     return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"]
+      >>> p = {"w1": jnp.ones((3, 4)), "b1": jnp.ones(4), "w2": jnp.ones((4, 2))}
+      >>> [g for g in structure.groups(mlp, p, jnp.ones((1, 3))) if g.prunable]
+      [Group(4 channels: b1[0], w1[1], w2[0])]
+
+    References:
+      Fang et al., "DepGraph: Towards Any Structural Pruning", 2023.
+      https://arxiv.org/abs/2301.12900
+    """
+    found = tuple(find_groups(trace(apply_fn, params, *example_inputs)).groups)
+    return tuple(g for g in found if g.prunable) if prunable_only else found
+
+
+def _member_channel_scores(x: jax.Array, axis: int, layout, reduce) -> jax.Array:
+    size = x.shape[axis]
+    idx = np.array([channel_indices(layout, size, c) for c in range(layout[3])])  # [C, k]
+    moved = jnp.moveaxis(jnp.asarray(x, jnp.float32), axis, 0)[idx]  # [C, k, ...]
+    return reduce(moved.reshape(layout[3], -1), 1)
+
+
+def group_scores(
+    groups: Sequence[Group],
+    scores: Any,
+    *,
+    reduce: str | Callable[..., jax.Array] = "l2",
+    where: Where | None = None,
+) -> list[jax.Array]:
+    """Returns one ``[channels]`` importance vector per group: member scores summed.
+
+    Each member's slice for channel ``c`` is reduced (``"l2"``, ``"l1"``,
+    ``"mean"``, ``"max"``) and the members selected by ``where`` are summed
+    (default: kernels, i.e. floating leaves with ``ndim >= 2``, so BatchNorm
+    statistics do not vote).
+
+    Args:
+      groups: from :func:`groups`.
+      scores: a tree of scores with the params' structure.
+      reduce: per-member reduction over a channel's slice.
+      where: which members vote; default floating ``ndim >= 2``.
+
+    Returns:
+      A list of float32 vectors, one per group (zeros when no member votes).
+
+    References:
+      Fang et al., "DepGraph", 2023. https://arxiv.org/abs/2301.12900
+      Molchanov et al., "Importance Estimation for Neural Network Pruning",
+      2019 (group importance as a sum). https://arxiv.org/abs/1906.10771
+    """
+    red = _reducer(reduce)
+    flat, _ = leaves_with_paths(scores)
+    flags = prunable_flags(scores, where)
+    out = []
+    for g in groups:
+        total = jnp.zeros((g.channels,), jnp.float32)
+        for m in g.members:
+            if flags[m.leaf]:
+                total = total + _member_channel_scores(flat[m.leaf][1], m.axis, m.layout, red)
+        out.append(total)
+    return out
+
+
+def _channel_of(layout, size: int) -> np.ndarray:
+    """Returns, per index along an axis, the channel it carries (-1 for none)."""
+    inv = np.full((size,), -1, np.int32)
+    for c in range(layout[3]):
+        inv[channel_indices(layout, size, c)] = c
+    return inv
+
+
+def _masks_from_keep(groups: Sequence[Group], scores: Any, keeps: dict[int, jax.Array]) -> Any:
+    flat, treedef = leaves_with_paths(scores)
+    leaf_masks: dict[int, jax.Array] = {}
+    for gi, keep in keeps.items():
+        for m in groups[gi].members:
+            shape = jnp.shape(flat[m.leaf][1])
+            inv = _channel_of(m.layout, shape[m.axis])
+            # A gather, not a scatter: cheap to compile for every member of every group.
+            along = jnp.where(inv >= 0, jnp.asarray(keep)[np.maximum(inv, 0)], True)
+            bshape = [1] * len(shape)
+            bshape[m.axis] = -1
+            full = jnp.broadcast_to(along.reshape(bshape), shape)
+            leaf_masks[m.leaf] = leaf_masks[m.leaf] & full if m.leaf in leaf_masks else full
+    leaves = [leaf_masks.get(i, jnp.ones((), bool)) for i in range(len(flat))]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def select(
+    groups: Sequence[Group],
+    scores: Any,
+    sparsity: Any,
+    *,
+    reduce: str | Callable[..., jax.Array] = "l2",
+    where: Where | None = None,
+    scope: str = "layer",
+) -> Any:
+    """Returns masks dropping the lowest-importance channels of every prunable group.
+
+    Exactly ``round(sparsity * channels)`` channels of each prunable group
+    (``scope="layer"``) or in total (``"global"``) are dropped, from every
+    member at once (kernel columns, biases, BatchNorm parameters and
+    statistics, next-layer rows), so the masked network is exactly what
+    :func:`~jaxprune.structure.shrink` will cut to.
+
+    Args:
+      groups: from :func:`groups`.
+      scores: a tree of scores with the params' structure.
+      sparsity: fraction of channels to drop (may be traced).
+      reduce: per-member reduction (see :func:`group_scores`).
+      where: which members vote on importance; default kernels.
+      scope: ``"layer"`` (per group) or ``"global"``.
+
+    Returns:
+      Bool masks with the structure of ``scores``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
+      >>> from jaxprune import structure
+      >>> def mlp(p, x):
+      ...     return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"]
+      >>> p = {"w1": jnp.arange(12.).reshape(3, 4), "b1": jnp.ones(4), "w2": jnp.ones((4, 2))}
+      >>> gs = structure.groups(mlp, p, jnp.ones((1, 3)))
+      >>> m = structure.select(gs, jp.criteria.magnitude(p), 0.5)
+      >>> m["b1"].tolist(), m["w2"][:, 0].tolist()
+      ([False, False, True, True], [False, False, True, True])
+
+    References:
+      Fang et al., "DepGraph", 2023. https://arxiv.org/abs/2301.12900
+    """
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
+    _masks._check_sparsity(sparsity)
+    if isinstance(sparsity, jax.core.Tracer) or any(
+        isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(scores)
+    ):
+        return _select_impl(tuple(groups), scores, sparsity, reduce, where, scope)
+    return run_once(
+        _select_impl, tuple(groups), scores, sparsity, reduce, where, scope,
+        static_argnums=(0, 3, 4, 5),
+    )
+
+
+def _select_impl(groups, scores, sparsity, reduce, where, scope):
+    # One compiled program instead of thousands of eager ops (topk, scatters per member).
+    live = [i for i, g in enumerate(groups) if g.prunable]
+    imps = group_scores([groups[i] for i in live], scores, reduce=reduce, where=where)
+    tree = {str(i): v for i, v in zip(live, imps, strict=True)}
+    everything = lambda path, x: True  # noqa: E731
+    pick = _masks.global_topk if scope == "global" else _masks.topk
+    kept = pick(tree, sparsity, where=everything) if tree else {}
+    return _masks_from_keep(groups, scores, {int(k): v for k, v in kept.items()})
+
+
+def selection(
+    groups: Sequence[Group],
+    *,
+    reduce: str | Callable[..., jax.Array] = "l2",
+    scope: str = "layer",
+) -> Callable[..., Any]:
+    """Returns a ``(scores, sparsity, *, where) -> masks`` selection for ``jp.prune(scope=...)``.
+
+    Group-wise channel pruning ramped by any schedule inside the train step;
+    the result shrinks exactly with :func:`~jaxprune.structure.shrink`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
+      >>> from jaxprune import structure
+      >>> def mlp(p, x):
+      ...     return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"]
+      >>> p = {"w1": jnp.arange(12.).reshape(3, 4), "b1": jnp.ones(4), "w2": jnp.ones((4, 2))}
+      >>> sel = structure.selection(structure.groups(mlp, p, jnp.ones((1, 3))))
+      >>> tx = jp.prune(optax.sgd(0.0), sparsity=0.5, scope=sel)
+      >>> u, s = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
+      >>> jp.get_masks(s)["w2"][:, 0].tolist()
+      [False, False, True, True]
+    """
+
+    def select_fn(scores: Any, sparsity: Any, *, where: Where | None = None) -> Any:
+        full = select(groups, scores, sparsity, reduce=reduce, where=where, scope=scope)
+        # jp.prune keeps a scalar True for leaves it does not prune (stable state shapes).
+        flags = prunable_flags(scores, where)
+        flat, treedef = leaves_with_paths(full)
+        leaves = [m if f else jnp.ones((), bool) for (_, m), f in zip(flat, flags, strict=True)]
+        return jax.tree.unflatten(treedef, leaves)
+
+    return select_fn

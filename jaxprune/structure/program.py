@@ -1,0 +1,145 @@
+"""A model's apply function as one flat list of primitive equations.
+
+``trace(apply_fn, params, *example_inputs)`` runs ``jax.make_jaxpr`` and
+inlines every call-like sub-jaxpr (``jit``, ``custom_jvp_call``,
+``custom_vjp_call``, ``closed_call``, ``remat``), so that the dependency
+analysis and the evaluator in this package see primitives only. Variables are
+integers; literals and closed-over constants become constant variables.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.extend import core as jcore
+
+from jaxprune._tree import Path, leaves_with_paths
+
+__all__ = ["Eqn", "Program", "trace"]
+
+# Call-like primitives whose body is inlined: they compute exactly their body.
+_CALLS = {
+    "pjit": "jaxpr",
+    "jit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "remat": "jaxpr",
+    "checkpoint": "jaxpr",
+}
+
+
+class Eqn(NamedTuple):
+    """One primitive application: ``outs = prim.bind(*ins, **params)``."""
+
+    prim: Any  # the jax Primitive
+    params: dict  # its static parameters
+    ins: tuple[int, ...]  # variable ids of the operands
+    outs: tuple[int, ...]  # variable ids of the results
+
+
+class Program(NamedTuple):
+    """A flat program: equations over integer variable ids."""
+
+    eqns: list[Eqn]
+    shapes: list[tuple[int, ...]]  # per variable id
+    dtypes: list[Any]  # per variable id
+    consts: dict[int, Any]  # constant variable id -> value
+    param_ids: list[int]  # variable id of each params leaf, flatten order
+    param_paths: list[Path]  # normalized path of each params leaf
+    input_ids: list[int]  # variable ids of the flattened example inputs
+    output_ids: list[int]  # variable ids of the flattened outputs
+    treedef: Any  # the params' treedef (pure, Variables unwrapped)
+
+    def consumers(self) -> dict[int, list[int]]:
+        """Returns variable id -> indices of the equations that read it."""
+        out: dict[int, list[int]] = {}
+        for i, e in enumerate(self.eqns):
+            for v in e.ins:
+                out.setdefault(v, []).append(i)
+        return out
+
+
+def _sub_jaxpr(eqn: Any) -> Any:
+    key = _CALLS.get(eqn.primitive.name)
+    if key is None or key not in eqn.params:
+        return None
+    sub = eqn.params[key]
+    if isinstance(sub, jcore.ClosedJaxpr):
+        return sub
+    if isinstance(sub, jcore.Jaxpr):
+        return jcore.ClosedJaxpr(sub, ())
+    return None
+
+
+class _Builder:
+    def __init__(self):
+        self.eqns, self.shapes, self.dtypes, self.consts = [], [], [], {}
+
+    def new(self, shape, dtype) -> int:
+        self.shapes.append(tuple(int(d) for d in shape))
+        self.dtypes.append(dtype)
+        return len(self.shapes) - 1
+
+    def const(self, value) -> int:
+        value = np.asarray(value) if not isinstance(value, jax.Array) else value
+        i = self.new(np.shape(value), value.dtype)
+        self.consts[i] = value
+        return i
+
+    def inline(self, closed: Any, in_ids: list[int]) -> list[int]:
+        jaxpr = closed.jaxpr
+        env: dict[Any, int] = {}
+        for v, c in zip(jaxpr.constvars, closed.consts, strict=True):
+            env[v] = self.const(c)
+        for v, i in zip(jaxpr.invars, in_ids, strict=True):
+            env[v] = i
+
+        def read(v):
+            if isinstance(v, jcore.Literal):
+                return self.const(v.val)
+            return env[v]
+
+        for e in jaxpr.eqns:
+            ins = [read(v) for v in e.invars]
+            sub = _sub_jaxpr(e)
+            if sub is not None:
+                outs = self.inline(sub, ins)
+            else:
+                outs = [self.new(v.aval.shape, v.aval.dtype) for v in e.outvars]
+                self.eqns.append(Eqn(e.primitive, dict(e.params), tuple(ins), tuple(outs)))
+            for v, o in zip(e.outvars, outs, strict=True):
+                if not isinstance(v, jcore.DropVar):
+                    env[v] = o
+        return [read(v) for v in jaxpr.outvars]
+
+
+def trace(apply_fn: Any, params: Any, *example_inputs: Any) -> Program:
+    """Returns the flat :class:`Program` of ``apply_fn(params, *example_inputs)``."""
+    flat, treedef = leaves_with_paths(params)
+    leaves = [x for _, x in flat]
+    in_leaves, in_def = jax.tree.flatten(example_inputs)
+
+    def fn(leaves, inputs):
+        return apply_fn(jax.tree.unflatten(treedef, leaves), *jax.tree.unflatten(in_def, inputs))
+
+    closed = jax.make_jaxpr(fn)(leaves, in_leaves)
+    b = _Builder()
+    avals = [v.aval for v in closed.jaxpr.invars]
+    ids = [b.new(a.shape, a.dtype) for a in avals]
+    outs = b.inline(closed, ids)
+    return Program(
+        eqns=b.eqns,
+        shapes=b.shapes,
+        dtypes=b.dtypes,
+        consts=b.consts,
+        param_ids=ids[: len(leaves)],
+        param_paths=[p for p, _ in flat],
+        input_ids=ids[len(leaves):],
+        output_ids=outs,
+        treedef=treedef,
+    )

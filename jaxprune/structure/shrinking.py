@@ -1,0 +1,303 @@
+"""``shrink``: physically remove pruned channels, so the network is smaller and faster.
+
+For every prunable dependency group (see :mod:`jaxprune.structure.graph`) and
+every channel of it, the channel can go when each contraction that sums over
+it (the next Dense layer's input rows, the next conv's input channels) gets
+from it either exactly zero (its activation is constant zero, or the weights
+reading it are masked out) or a constant that can be folded into the bias (or
+BatchNorm mean) added right after that contraction: e.g. a ReLU unit whose
+incoming weights are all masked outputs ``relu(b)`` for every input, and
+``relu(b) * W_next[i]`` is added to the next layer's bias. Folding is checked
+numerically to be the same at every position, so it happens for Dense layers
+and VALID convolutions, not at the zero-padded borders of a SAME convolution.
+Channels are decided group by group in program order on an exact simulation
+of the shrunk network, so folds never see stale values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune._tree import check_same_structure, leaves_with_paths, path_str
+from jaxprune.masks import apply_masks
+from jaxprune.structure.evaluate import make_evaluator, run_once
+from jaxprune.structure.graph import Analysis, channel_indices, find_groups
+from jaxprune.structure.program import Program, trace
+
+__all__ = ["shrink", "plan"]
+
+_PASS = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "copy", "copy_p"})
+
+
+def _fold_target(prog: Program, consumers, producers, e: int):
+    """Returns ``(leaf, sign, operand shape)`` of the bias added right after contraction ``e``."""
+    y = prog.eqns[e].outs[0]
+    users = consumers.get(y, [])
+    if len(users) != 1:
+        return None
+    add = prog.eqns[users[0]]
+    if add.prim.name not in ("add", "sub") or len(add.ins) != 2:
+        return None
+    if add.prim.name == "sub" and add.ins[0] != y:
+        return None
+    other = add.ins[1] if add.ins[0] == y else add.ins[0]
+    sign = -1.0 if add.prim.name == "sub" else 1.0
+    shape = prog.shapes[other]
+    v = other
+    while v not in prog.param_ids:
+        if len(consumers.get(v, [])) != 1 or v not in producers:
+            return None
+        src = prog.eqns[producers[v]]
+        if src.prim.name not in _PASS or len(src.ins) != 1:
+            return None
+        v = src.ins[0]
+    if len(consumers.get(v, [])) != 1 or int(np.prod(prog.shapes[v])) != int(np.prod(shape)):
+        return None
+    if len(shape) != len(prog.shapes[y]):
+        return None
+    return prog.param_ids.index(v), sign, shape
+
+
+def _reduce_delta(delta: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Returns ``delta`` reduced to the bias operand's ``shape``, or None if it is not constant."""
+    red = delta
+    for ax, n in enumerate(shape):
+        if n == 1 and red.shape[ax] != 1:
+            first = np.take(red, [0], axis=ax)
+            scale = max(float(np.max(np.abs(red))), 1e-30)
+            if not np.allclose(red, first, rtol=1e-5, atol=1e-6 * scale):
+                return None
+            red = first
+    return red if red.shape == tuple(shape) else None
+
+
+def _take(x: np.ndarray, axis: int, idx: list[int]) -> np.ndarray:
+    return np.take(x, idx, axis=axis)
+
+
+def _only(x: np.ndarray, axis: int, idx: list[int]) -> np.ndarray:
+    keep = np.zeros(x.shape[axis], x.dtype)
+    keep[idx] = 1
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return x * keep.reshape(shape)
+
+
+def plan(
+    apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, analysis: Analysis | None = None
+) -> tuple[list[np.ndarray], dict[tuple[int, int], set[int]], Program]:
+    """Returns ``(working leaves, removed indices per (leaf, axis), program)`` for :func:`shrink`.
+
+    The working leaves are the masked params with every fold applied; cutting
+    the removed indices out of them gives the shrunk params.
+    """
+    check_same_structure(params, masks, ref_name="params", other_name="masks")
+    masked = run_once(apply_masks, params, masks)
+    prog = trace(apply_fn, masked, *example_inputs)
+    an = analysis if analysis is not None else find_groups(prog, warn=True)
+    consumers = prog.consumers()
+    producers = {o: i for i, e in enumerate(prog.eqns) for o in e.outs}
+    leaves = [np.array(x) for _, x in leaves_with_paths(masked)[0]]
+    inputs = [jnp.asarray(x) for x in jax.tree.leaves(example_inputs)]
+    sh = prog.shapes
+
+    terms_by_root: dict[Any, list] = {}
+    for e, le, re in an.contractions:
+        terms_by_root.setdefault(an.uf.find(le), []).append((e, le, re))
+    want = sorted({t[1][0] for ts in terms_by_root.values() for t in ts} | {
+        t[2][0] for ts in terms_by_root.values() for t in ts
+    })
+    run = make_evaluator(prog, tuple(want))
+    keeps: dict[str, dict[str, np.ndarray]] = {}
+    for e, le, _ in an.contractions:
+        keeps.setdefault(str(e), {})[str(le[1])] = np.ones(sh[le[0]][le[1]], np.float32)
+
+    order = [
+        (min(t[0] for t in terms_by_root[r]), g, r)
+        for g, r in zip(an.groups, an.roots, strict=True)
+        if g.prunable and r in terms_by_root
+    ]
+    order.sort(key=lambda t: t[0])
+    removed: dict[tuple[int, int], set[int]] = {}
+    done: dict[Any, set[int]] = {}
+    member_of: dict[int, list] = {}
+    for g, r in zip(an.groups, an.roots, strict=True):
+        for m in g.members:
+            member_of.setdefault(m.leaf, []).append((r, m))
+    targets: dict[int, Any] = {}
+    res = None
+    for _, group, root in order:
+        if res is None:
+            res = jax.device_get(run([jnp.asarray(x) for x in leaves], inputs, keeps))
+        cut, changed = [], False
+        for c in range(group.channels):
+            folds, ok = [], True
+            for e, (lv, la, llay), (rv, ra, rlay) in terms_by_root[root]:
+                li = channel_indices(llay, sh[lv][la], c)
+                ri = channel_indices(rlay, sh[rv][ra], c)
+                lval, lvar = (_take(np.asarray(a), la, li) for a in res[lv])
+                rval, rvar = (_take(np.asarray(a), ra, ri) for a in res[rv])
+                l_const, r_const = not lvar.any(), not rvar.any()
+                if (l_const and not lval.any()) or (r_const and not rval.any()):
+                    continue
+                if not (l_const and r_const):
+                    ok = False
+                    break
+                if e not in targets:
+                    targets[e] = _fold_target(prog, consumers, producers, e)
+                tgt = targets[e]
+                if tgt is None:
+                    ok = False
+                    break
+                eq = prog.eqns[e]
+                lhs = _only(np.asarray(res[eq.ins[0]][0]), la if lv == eq.ins[0] else ra, li)
+                rhs = np.asarray(res[eq.ins[1]][0])
+                delta = np.asarray(eq.prim.bind(jnp.asarray(lhs), jnp.asarray(rhs), **eq.params))
+                d = _reduce_delta(delta, tgt[2])
+                if d is None or not _fold_allowed(tgt[0], d, leaves, member_of, done, root):
+                    ok = False
+                    break
+                folds.append((tgt[0], tgt[1] * d))
+            if not ok:
+                continue
+            for leaf, d in folds:
+                x = leaves[leaf]
+                leaves[leaf] = x + d.reshape(x.shape).astype(x.dtype)
+                changed = True
+            for e, (lv, la, llay), _ in terms_by_root[root]:
+                keeps[str(e)][str(la)][channel_indices(llay, sh[lv][la], c)] = 0.0
+            cut.append(c)
+        done[root] = set(cut)
+        for m in group.members:
+            idx = removed.setdefault((m.leaf, m.axis), set())
+            for c in cut:
+                idx.update(channel_indices(m.layout, leaves[m.leaf].shape[m.axis], c))
+        if changed:
+            res = None
+    return leaves, removed, prog
+
+
+def _fold_allowed(leaf, d, leaves, member_of, done, root) -> bool:
+    """A fold may not land on a channel already removed, nor on the group being decided."""
+    flat = np.asarray(d).reshape(leaves[leaf].shape)
+    for r, m in member_of.get(leaf, []):
+        if r == root:
+            return False
+        if r not in done or not done[r]:
+            continue
+        others = tuple(a for a in range(flat.ndim) if a != m.axis)
+        touched = np.nonzero(np.any(flat != 0, axis=others))[0]
+        size = flat.shape[m.axis]
+        gone = {i for c in done[r] for i in channel_indices(m.layout, size, c)}
+        if gone.intersection(touched.tolist()):
+            return False
+    return True
+
+
+def _cut(leaves: list[np.ndarray], removed: dict[tuple[int, int], set[int]]) -> list[np.ndarray]:
+    out = list(leaves)
+    for (leaf, axis), idx in removed.items():
+        if idx:
+            out[leaf] = np.delete(out[leaf], sorted(idx), axis=axis)
+    return out
+
+
+def _check_outputs(apply_fn, small, masked, example_inputs, rtol=1e-4) -> None:
+    try:
+        got = run_once(apply_fn, small, *example_inputs)
+    except Exception as err:  # noqa: BLE001 - re-raised with the likely cause
+        raise ValueError(
+            f"apply_fn fails on the shrunk params ({type(err).__name__}: {err}). Likely cause: "
+            "a layer width is fixed by an attribute rather than read from the params' shapes "
+            "(linen Dense(features=...), a grouped conv's feature_group_count). Fix: for nnx "
+            "models use structure.shrink_module; for linen rebuild the module with "
+            "structure.widths(small) and pass check=False."
+        ) from err
+    want = run_once(apply_fn, masked, *example_inputs)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        scale = max(float(np.max(np.abs(b))), 1.0) if b.size else 1.0
+        if a.shape != b.shape or not np.allclose(a, b, rtol=rtol, atol=rtol * scale):
+            raise ValueError(
+                "the shrunk network's outputs differ from the masked network's (max abs "
+                f"difference {float(np.max(np.abs(a - b))) if a.shape == b.shape else 'shape'}); "
+                "this is a jaxprune bug: please report it with the model."
+            )
+
+
+def shrink(
+    apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: bool = True
+) -> Any:
+    """Returns smaller params computing what ``apply_masks(params, masks)`` computes.
+
+    Every channel (neuron, feature map) of a prunable dependency group that the
+    masks make dead is cut from all the leaves tied to it — its kernel column,
+    bias, BatchNorm scale/shift/statistics and the next layer's input rows —
+    with constant outputs of removed units folded into the next bias where the
+    math allows. Groups come from the jaxpr of ``apply_fn(params, *example_inputs)``.
+
+    Args:
+      apply_fn: ``(params, *inputs) -> outputs``; layer widths must follow
+        from the params' shapes (true of functional code and of
+        ``nnx.merge(graphdef, state)(x)`` for Linear/Conv/BatchNorm; for nnx
+        models prefer :func:`~jaxprune.structure.shrink_module`).
+      params: the params (any pytree; for nnx the full state incl. BatchStats).
+      masks: bool masks with the params' structure (e.g. from
+        :func:`jaxprune.structure.select` or ``jp.masks.structured``).
+      *example_inputs: a small batch; it fixes shapes for tracing and is used
+        to check the result.
+      check: run ``apply_fn`` on the result and compare with the masked model.
+
+    Returns:
+      Params with the same tree structure and smaller leaves.
+
+    Raises:
+      ValueError: the masks do not mirror the params, or ``apply_fn`` cannot
+        run on the shrunk params (see the message for the fix).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
+      >>> from jaxprune import structure
+      >>> def mlp(p, x):
+      ...     return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+      >>> p = {"w1": jnp.ones((3, 4)), "b1": jnp.ones(4), "w2": jnp.ones((4, 2)),
+      ...      "b2": jnp.zeros(2)}
+      >>> m = jax.tree.map(lambda x: jnp.ones(x.shape, bool), p)
+      >>> m["w1"] = m["w1"].at[:, 1].set(False)
+      >>> small = structure.shrink(mlp, p, m, jnp.ones((1, 3)))
+      >>> small["w1"].shape, small["b2"].tolist()
+      ((3, 3), [1.0, 1.0])
+
+    References:
+      Fang et al., "DepGraph: Towards Any Structural Pruning", 2023.
+      https://arxiv.org/abs/2301.12900
+    """
+    leaves, removed, prog = plan(apply_fn, params, masks, *example_inputs)
+    dtypes = [jnp.result_type(x) for _, x in leaves_with_paths(params)[0]]
+    cut = _cut(leaves, removed)
+    small = jax.tree.unflatten(
+        prog.treedef, [jnp.asarray(x, d) for x, d in zip(cut, dtypes, strict=True)]
+    )
+    if check:
+        _check_outputs(apply_fn, small, run_once(apply_masks, params, masks), example_inputs)
+    return small
+
+
+def widths(params: Any, small: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Returns ``{path: (old shape, new shape)}`` for every leaf :func:`shrink` changed.
+
+    For linen, whose layer widths are module attributes (``nn.Dense(features)``),
+    rebuild the module with the new widths read from here, then ``apply`` it
+    with the shrunk params.
+    """
+    old, _ = leaves_with_paths(params)
+    new, _ = leaves_with_paths(small)
+    return {
+        path_str(p): (tuple(np.shape(a)), tuple(np.shape(b)))
+        for (p, a), (_, b) in zip(old, new, strict=True)
+        if np.shape(a) != np.shape(b)
+    }

@@ -1,0 +1,496 @@
+"""Structured selections: scores + sparsity -> masks that drop whole slices, patterns, N:M groups.
+
+Each selection here reduces a leaf's scores to one score per structure (a
+neuron, a filter, an input channel, a k x k kernel, a block, an N:M group
+position), ranks those with the exact, sort-free :func:`jaxprune.masks.topk`
+(or :func:`~jaxprune.masks.global_topk`), and broadcasts the decision back to
+the leaf's shape. So every one of them has the shape of ``topk`` — a scores
+tree in, bool masks with the params' structure out, exact counts, traced
+sparsity allowed — and works as ``scope=`` of :func:`jaxprune.prune`, where a
+schedule ramps it::
+
+    jp.prune(tx, sparsity=schedule,
+             scope=functools.partial(jp.masks.structured, axes=-1))
+
+Axes are given per leaf with negative indices so one spec fits Dense kernels
+``[in, out]`` and NHWC conv kernels ``[kh, kw, in, out]``: ``axes=-1`` drops
+neurons / filters (output channels), ``axes=-2`` input channels, and
+``axes=(-2, -1)`` whole k x k kernels of a conv.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import masks as _masks
+from jaxprune._tree import Where, leaves_with_paths, path_str, prunable_flags
+
+__all__ = ["structured", "patterns", "pattern_library", "nm", "blocks", "REDUCTIONS"]
+
+Axes = int | Sequence[int] | Callable[[Any, Any], int | Sequence[int]]
+
+REDUCTIONS: dict[str, Callable[..., jax.Array]] = {
+    "l2": lambda x, axis: jnp.sqrt(jnp.sum(jnp.square(x), axis=axis)),
+    "l1": lambda x, axis: jnp.sum(jnp.abs(x), axis=axis),
+    "mean": lambda x, axis: jnp.mean(x, axis=axis),
+    "max": lambda x, axis: jnp.max(x, axis=axis),
+}
+
+
+def _reducer(reduce: str | Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    if callable(reduce):
+        return reduce
+    if reduce not in REDUCTIONS:
+        raise ValueError(
+            f"reduce must be one of {sorted(REDUCTIONS)} or a function (x, axis) -> array, "
+            f"got {reduce!r}. Fix: reduce='l2' (the usual neuron/filter norm)."
+        )
+    return REDUCTIONS[reduce]
+
+
+def _norm_axes(axes: Axes, path: Any, x: Any) -> tuple[int, ...]:
+    a = axes(path, x) if callable(axes) else axes
+    a = (a,) if isinstance(a, (int, np.integer)) else tuple(a)
+    nd = jnp.ndim(x)
+    out = []
+    for ax in a:
+        if not -nd <= int(ax) < nd:
+            raise ValueError(
+                f"axes={a!r} is out of range for leaf {path_str(path)!r} of shape "
+                f"{jnp.shape(x)}: valid axes are -{nd}..{nd - 1}. Fix: use negative axes "
+                "(-1 output channels, -2 input channels) or restrict `where` to leaves "
+                "with enough dimensions."
+            )
+        out.append(int(ax) % nd)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axes={a!r} names the same axis twice for leaf {path_str(path)!r}.")
+    return tuple(sorted(out))
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in ("layer", "global"):
+        raise ValueError(
+            f"scope must be 'layer' (exact count per leaf) or 'global' (one ranking across "
+            f"leaves), got {scope!r}."
+        )
+
+
+def _rank_reduced(
+    scores: Any,
+    sparsity: Any,
+    reduced: dict[int, jax.Array],
+    expand: dict[int, Callable[[jax.Array], jax.Array]],
+    scope: str,
+) -> Any:
+    """Ranks per-structure scores with topk/global_topk, then broadcasts back to the leaves."""
+    flat, treedef = leaves_with_paths(scores)
+    zero = jnp.zeros((), jnp.float32)
+    red_leaves = [reduced[i] if i in reduced else zero for i in range(len(flat))]
+    red_tree = jax.tree.unflatten(treedef, red_leaves)
+    chosen = {flat[i][0] for i in reduced}
+
+    def where(path, leaf):
+        del leaf
+        return path in chosen
+
+    if scope == "global":
+        kept = _masks.global_topk(red_tree, sparsity, where=where)
+    else:
+        is_scalar = isinstance(sparsity, (int, float)) or (
+            hasattr(sparsity, "dtype") and jnp.ndim(sparsity) == 0
+        )
+        if not is_scalar:
+            # A tree of per-leaf sparsities: align it with the reduced tree (same structure).
+            s_flat, _ = leaves_with_paths(sparsity)
+            sparsity = jax.tree.unflatten(treedef, [s for _, s in s_flat])
+        kept = _masks.topk(red_tree, sparsity, where=where)
+    k_flat = jax.tree.leaves(kept)
+    out = []
+    for i in range(len(flat)):
+        out.append(expand[i](k_flat[i]) if i in reduced else jnp.ones((), bool))
+    return jax.tree.unflatten(treedef, out)
+
+
+def structured(
+    scores: Any,
+    sparsity: Any,
+    *,
+    axes: Axes = -1,
+    reduce: str | Callable[..., jax.Array] = "l2",
+    where: Where | None = None,
+    scope: str = "layer",
+) -> Any:
+    """Returns bool masks that keep or drop whole slices of each leaf along ``axes``.
+
+    Each slice (one index along ``axes``, everything along the other axes) is
+    scored by ``reduce`` of its scores over the other axes, and exactly
+    ``round(sparsity * n_slices)`` slices of each prunable leaf (or in total,
+    with ``scope="global"``) are dropped, the lowest first.
+
+    Args:
+      scores: a pytree of scores (e.g. ``jp.criteria.magnitude(params)``).
+      sparsity: fraction of slices to drop, in ``[0, 1]``; scalar (may be
+        traced) or, with ``scope="layer"``, a tree of per-leaf values.
+      axes: the axes a slice is indexed by; ``-1`` neurons / conv filters,
+        ``-2`` input channels, ``(-2, -1)`` whole k x k kernels of a conv. An
+        int, a tuple, or a function ``(path, leaf) -> axes``.
+      reduce: ``"l2"``, ``"l1"``, ``"mean"``, ``"max"`` or ``(x, axis) -> array``.
+      where: predicate ``(path, leaf) -> bool``; default floating ``ndim >= 2``.
+      scope: ``"layer"`` (exact count per leaf) or ``"global"`` (one ranking).
+
+    Returns:
+      A tree of bool masks with exactly the structure of ``scores``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> w = jnp.array([[1., 5., 0.], [1., 5., 3.]])
+      >>> jp.masks.structured({"w": w}, 1 / 3, axes=-1)["w"].tolist()
+      [[False, True, True], [False, True, True]]
+
+    References:
+      Li et al., "Pruning Filters for Efficient ConvNets", 2017 (L1 filter
+      norms). https://arxiv.org/abs/1608.08710
+      He et al., "Channel Pruning for Accelerating Very Deep Neural Networks",
+      2017. https://arxiv.org/abs/1707.06168
+    """
+    _check_scope(scope)
+    red = _reducer(reduce)
+    flags = prunable_flags(scores, where)
+    flat, _ = leaves_with_paths(scores)
+    reduced, expand = {}, {}
+    for i, ((path, x), f) in enumerate(zip(flat, flags, strict=True)):
+        if not f:
+            continue
+        ax = _norm_axes(axes, path, x)
+        other = tuple(d for d in range(jnp.ndim(x)) if d not in ax)
+        x = jnp.asarray(x, jnp.float32)
+        reduced[i] = red(x, other) if other else x
+        expand[i] = lambda k, x=x, other=other: jnp.broadcast_to(
+            jnp.expand_dims(k, other), x.shape
+        )
+    return _rank_reduced(scores, sparsity, reduced, expand, scope)
+
+
+def pattern_library(kernel_size: tuple[int, int] = (3, 3), n: int = 4) -> np.ndarray:
+    """Returns the default pattern library: bool ``[P, kh, kw]``, ``n`` entries each.
+
+    For 3 x 3 kernels and ``n = 4``, the 8 PatDNN-style patterns: the centre
+    plus three of its four edge neighbours (4 patterns) and the centre plus two
+    adjacent edge neighbours and the corner between them (4 patterns). For
+    other sizes: every pattern of ``n`` entries that contains the centre.
+
+    Examples:
+      >>> import jaxprune as jp
+      >>> lib = jp.masks.pattern_library()
+      >>> lib.shape, lib.sum(axis=(1, 2)).tolist()
+      ((8, 3, 3), [4, 4, 4, 4, 4, 4, 4, 4])
+
+    References:
+      Niu et al., "PatDNN: Achieving Real-Time DNN Execution on Mobile Devices
+      with Pattern-based Weight Pruning", 2020. https://arxiv.org/abs/2001.00138
+    """
+    kh, kw = kernel_size
+    if not 1 <= n <= kh * kw:
+        raise ValueError(
+            f"n must be in [1, {kh * kw}] for kernel_size {kernel_size}, got {n}."
+        )
+    centre = (kh // 2, kw // 2)
+    pats = []
+    if (kh, kw) == (3, 3) and n == 4:
+        edges = [(0, 1), (1, 2), (2, 1), (1, 0)]
+        for drop in range(4):
+            pats.append([centre] + [e for j, e in enumerate(edges) if j != drop])
+        for j in range(4):
+            a, b = edges[j], edges[(j + 1) % 4]
+            corner = (a[0] if a[0] != 1 else b[0], a[1] if a[1] != 1 else b[1])
+            pats.append([centre, a, b, corner])
+    else:
+        others = [(r, c) for r in range(kh) for c in range(kw) if (r, c) != centre]
+        for combo in itertools.combinations(others, n - 1):
+            pats.append([centre, *combo])
+    lib = np.zeros((len(pats), kh, kw), bool)
+    for p, entries in enumerate(pats):
+        for r, c in entries:
+            lib[p, r, c] = True
+    return lib
+
+
+def _check_library(library: Any) -> np.ndarray:
+    lib = np.asarray(library)
+    if lib.ndim != 3 or lib.shape[0] < 1 or lib.dtype != bool:
+        raise ValueError(
+            f"library must be a bool array [P, kh, kw] with P >= 1 patterns, got shape "
+            f"{lib.shape} and dtype {lib.dtype}. Fix: jp.masks.pattern_library((3, 3), 4)."
+        )
+    return lib
+
+
+def patterns(
+    scores: Any,
+    sparsity: Any = 0.0,
+    *,
+    library: Any = None,
+    kernel_axes: tuple[int, int] = (0, 1),
+    where: Where | None = None,
+) -> Any:
+    """Returns bool masks where every k x k kernel keeps its best pattern from ``library``.
+
+    Each kernel (one (in, out) pair of a conv kernel) keeps the library pattern
+    with the largest summed score. ``sparsity`` additionally drops that
+    fraction of whole kernels per leaf, ranked by their kept pattern's score
+    (PatDNN's connectivity pruning); with ``sparsity = 0`` only patterns apply,
+    so a schedule passed to ``jp.prune`` ramps connectivity pruning on top.
+
+    Args:
+      scores: a pytree of scores.
+      sparsity: fraction of kernels to drop entirely, in ``[0, 1]``.
+      library: bool ``[P, kh, kw]``; default :func:`pattern_library` for the
+        leaf's kernel size (3 x 3: 8 patterns of 4 entries).
+      kernel_axes: the two spatial axes of the conv kernels (NHWC: ``(0, 1)``).
+      where: predicate; default: floating 4-d leaves whose kernel size equals
+        the library's (so 1 x 1 convs and Dense kernels are left alone).
+
+    Returns:
+      A tree of bool masks with exactly the structure of ``scores``.
+
+    Raises:
+      ValueError: ``where`` selected a leaf whose kernel size differs from the
+        library's, or the library is malformed.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> m = jp.masks.patterns({"k": jnp.ones((3, 3, 2, 2))})
+      >>> m["k"].sum(axis=(0, 1)).tolist()
+      [[4, 4], [4, 4]]
+
+    References:
+      Niu et al., "PatDNN", 2020. https://arxiv.org/abs/2001.00138
+      Ma et al., "PCONV: The Missing but Desirable Sparsity in DNN Weight
+      Pruning", 2020. https://arxiv.org/abs/1909.05073
+    """
+    lib = None if library is None else _check_library(library)
+    flat, _ = leaves_with_paths(scores)
+
+    def default_where(path, x):
+        del path
+        if jnp.ndim(x) != 4 or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return False
+        ks = tuple(jnp.shape(x)[a] for a in kernel_axes)
+        return ks == (lib.shape[1:] if lib is not None else (3, 3))
+
+    flags = prunable_flags(scores, where if where is not None else default_where)
+    reduced, expand = {}, {}
+    for i, ((path, x), f) in enumerate(zip(flat, flags, strict=True)):
+        if not f:
+            continue
+        ks = tuple(jnp.shape(x)[a] for a in kernel_axes) if jnp.ndim(x) >= 2 else ()
+        leaf_lib = lib if lib is not None else (pattern_library(ks) if ks == (3, 3) else None)
+        if leaf_lib is None or ks != leaf_lib.shape[1:]:
+            want = leaf_lib.shape[1:] if leaf_lib is not None else "(3, 3)"
+            raise ValueError(
+                f"patterns: leaf {path_str(path)!r} has shape {jnp.shape(x)}, kernel size "
+                f"{ks} on kernel_axes={kernel_axes}, but the library's patterns are {want}. "
+                "Fix: pass a library of matching size, or make `where` skip this leaf."
+            )
+        x = jnp.moveaxis(jnp.asarray(x, jnp.float32), kernel_axes, (0, 1))
+        rest = x.shape[2:]
+        flat_x = x.reshape(ks[0] * ks[1], -1)
+        lib_f = jnp.asarray(leaf_lib.reshape(leaf_lib.shape[0], -1), jnp.float32)
+        pat_scores = lib_f @ flat_x  # [P, kernels]
+        best = jnp.argmax(pat_scores, axis=0)
+        reduced[i] = jnp.max(pat_scores, axis=0).reshape(rest)
+        chosen = jnp.asarray(leaf_lib.reshape(leaf_lib.shape[0], -1))[best].T  # [kh*kw, kernels]
+
+        def exp(keep, chosen=chosen, rest=rest, ks=ks):
+            m = (chosen & keep.reshape(1, -1)).reshape(ks + rest)
+            return jnp.moveaxis(m, (0, 1), kernel_axes)
+
+        expand[i] = exp
+    return _rank_reduced(scores, sparsity, reduced, expand, "layer")
+
+
+def nm(
+    scores: Any,
+    sparsity: Any = None,
+    *,
+    n: int | None = 2,
+    m: int = 4,
+    axis: int = -2,
+    where: Where | None = None,
+    skip_indivisible: bool = False,
+) -> Any:
+    """Returns bool masks keeping exactly ``n`` of every ``m`` consecutive entries along ``axis``.
+
+    Groups are ``m`` consecutive entries along ``axis`` (default ``-2``, the
+    reduction axis of Dense ``[in, out]`` and NHWC conv ``[kh, kw, in, out]``
+    kernels); each keeps its ``n`` highest scores (ties by position). With a
+    ``sparsity`` (e.g. from a schedule in ``jp.prune``) each group drops
+    ``round(sparsity * m)`` entries, capped at ``m - n`` when ``n`` is given,
+    so a schedule from 0 to ``1 - n/m`` ramps up to exactly ``n:m``.
+
+    Args:
+      scores: a pytree of scores.
+      sparsity: ``None`` for exactly ``n:m``; else the fraction of every group
+        to drop (may be traced).
+      n: entries kept per group (the floor when ``sparsity`` is given; ``None``
+        for no floor).
+      m: group size along ``axis``.
+      axis: the axis groups run along.
+      where: predicate; default floating ``ndim >= 2``.
+      skip_indivisible: leave leaves whose ``axis`` is not divisible by ``m``
+        dense instead of raising.
+
+    Returns:
+      A tree of bool masks with exactly the structure of ``scores``.
+
+    Raises:
+      ValueError: bad ``n``/``m``, or a leaf's ``axis`` is not divisible by
+        ``m`` (naming the leaf and its shape) and ``skip_indivisible`` is False.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> k = jnp.array([[4.], [1.], [3.], [2.]])
+      >>> jp.masks.nm({"k": k}, n=2, m=4)["k"][:, 0].tolist()
+      [True, False, True, False]
+
+    References:
+      Mishra et al., "Accelerating Sparse Deep Neural Networks", 2021 (2:4).
+      https://arxiv.org/abs/2104.08378
+      Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks
+      From Scratch", 2021. https://arxiv.org/abs/2102.04010
+    """
+    if not isinstance(m, (int, np.integer)) or m < 1:
+        raise ValueError(f"m must be a positive int (the group size, e.g. 4 for 2:4), got {m!r}.")
+    if n is not None and (not isinstance(n, (int, np.integer)) or not 0 <= n <= m):
+        raise ValueError(f"n must be an int in [0, m={m}] (entries kept per group), got {n!r}.")
+    if n is None and sparsity is None:
+        raise ValueError("nm needs n (entries kept per group) or a sparsity. Fix: n=2, m=4.")
+    if sparsity is not None:
+        _masks._check_sparsity(sparsity)
+    flags = prunable_flags(scores, where)
+    flat, treedef = leaves_with_paths(scores)
+    out = []
+    for (path, x), f in zip(flat, flags, strict=True):
+        if not f:
+            out.append(jnp.ones((), bool))
+            continue
+        nd = jnp.ndim(x)
+        if not -nd <= axis < nd:
+            raise ValueError(
+                f"axis={axis} is out of range for leaf {path_str(path)!r} of shape {jnp.shape(x)}."
+            )
+        ax = axis % nd
+        size = jnp.shape(x)[ax]
+        if size % m:
+            if skip_indivisible:
+                out.append(jnp.ones((), bool))
+                continue
+            raise ValueError(
+                f"nm: leaf {path_str(path)!r} has shape {jnp.shape(x)}; its axis {axis} has "
+                f"{size} entries, not divisible by m={m}. Fix: pass skip_indivisible=True to "
+                "leave such leaves dense, or exclude it with `where`."
+            )
+        if sparsity is None:
+            drop = jnp.int32(m - n)
+        else:
+            drop = _masks._count(sparsity, m)
+            if n is not None:
+                drop = jnp.minimum(drop, m - n)
+        g = jnp.moveaxis(jnp.asarray(x, jnp.float32), ax, -1)
+        g = g.reshape(g.shape[:-1] + (size // m, m))
+        # Rank within each group of m (small, so a stable argsort is cheap); ties by position.
+        order = jnp.argsort(g, axis=-1, stable=True)
+        rank = jnp.argsort(order, axis=-1, stable=True)
+        keep = rank >= drop
+        keep = jnp.moveaxis(keep.reshape(keep.shape[:-2] + (size,)), -1, ax)
+        out.append(keep)
+    return jax.tree.unflatten(treedef, out)
+
+
+def blocks(
+    scores: Any,
+    sparsity: Any,
+    *,
+    block: Sequence[int] = (1, 4),
+    pool: str = "avg",
+    where: Where | None = None,
+    scope: str = "layer",
+) -> Any:
+    """Returns bool masks that keep or drop whole blocks tiling the last ``len(block)`` axes.
+
+    Each block (e.g. ``1 x 4``, ``4 x 1``, ``8 x 8``) is scored by the average
+    (``pool="avg"``) or maximum (``"max"``) of its scores; edge blocks that
+    overhang the leaf are pooled over their valid entries. Exactly
+    ``round(sparsity * n_blocks)`` blocks of each leaf (or in total, with
+    ``scope="global"``) are dropped.
+
+    Args:
+      scores: a pytree of scores.
+      sparsity: fraction of blocks to drop, in ``[0, 1]`` (may be traced).
+      block: block shape over the trailing axes of each leaf.
+      pool: ``"avg"`` or ``"max"``.
+      where: predicate; default floating ``ndim >= 2``.
+      scope: ``"layer"`` or ``"global"``.
+
+    Returns:
+      A tree of bool masks with exactly the structure of ``scores``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> w = jnp.array([[1., 1., 9., 9.], [1., 1., 9., 9.]])
+      >>> jp.masks.blocks({"w": w}, 0.5, block=(2, 2))["w"].tolist()
+      [[False, False, True, True], [False, False, True, True]]
+
+    References:
+      Narang et al., "Block-Sparse Recurrent Neural Networks", 2017.
+      https://arxiv.org/abs/1711.02782
+    """
+    _check_scope(scope)
+    block = tuple(int(b) for b in block)
+    if not block or any(b < 1 for b in block):
+        raise ValueError(f"block must be a non-empty tuple of positive ints, got {block!r}.")
+    if pool not in ("avg", "max"):
+        raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}.")
+    flags = prunable_flags(scores, where)
+    flat, _ = leaves_with_paths(scores)
+    reduced, expand = {}, {}
+    for i, ((path, x), f) in enumerate(zip(flat, flags, strict=True)):
+        if not f:
+            continue
+        shape = jnp.shape(x)
+        if len(shape) < len(block):
+            raise ValueError(
+                f"blocks: leaf {path_str(path)!r} of shape {shape} has fewer axes than "
+                f"block={block}. Fix: a shorter block, or make `where` skip it."
+            )
+        lead, tail = shape[: len(shape) - len(block)], shape[len(shape) - len(block):]
+        nb = tuple(-(-t // b) for t, b in zip(tail, block, strict=True))
+        overhang = [(0, n * b - t) for n, b, t in zip(nb, block, tail, strict=True)]
+        pad = [(0, 0)] * len(lead) + overhang
+        x = jnp.asarray(x, jnp.float32)
+        fill = -jnp.inf if pool == "max" else 0.0
+        xp = jnp.pad(x, pad, constant_values=fill)
+        split = lead + tuple(v for n, b in zip(nb, block, strict=True) for v in (n, b))
+        inner = tuple(len(lead) + 2 * j + 1 for j in range(len(block)))
+        xp = xp.reshape(split)
+        if pool == "max":
+            red = jnp.max(xp, axis=inner)
+        else:
+            cnt = jnp.pad(jnp.ones(shape, jnp.float32), pad).reshape(split).sum(axis=inner)
+            red = xp.sum(axis=inner) / cnt
+        reduced[i] = red
+
+        def exp(keep, lead=lead, block=block, tail=tail):
+            k = keep
+            for j, b in enumerate(block):
+                k = jnp.repeat(k, b, axis=len(lead) + j)
+            return k[(...,) + tuple(slice(0, t) for t in tail)]
+
+        expand[i] = exp
+    return _rank_reduced(scores, sparsity, reduced, expand, scope)

@@ -1,0 +1,94 @@
+"""The command line: inspect, export, bench; one-line errors, never a traceback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jaxprune as jp
+from jaxprune import checkpoint, cli
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (64, 32)),
+                        "bias": np.zeros(32, np.float32)}}
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.9)
+    state = tx.init(params)
+    grads = jax.tree.map(np.zeros_like, params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    checkpoint.save(tmp_path / "run", 10, params, state)
+    return tmp_path / "run"
+
+
+def test_inspect_prints_the_report_without_model_code(run_dir, capsys):
+    assert cli.main(["inspect", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "step 10, dense format" in out and "dense/kernel" in out and "89.99%" in out
+
+
+def test_inspect_json_and_plot(run_dir, capsys, tmp_path):
+    assert cli.main(["inspect", str(run_dir), "--json", "--plot", str(tmp_path / "s.png")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = {r["path"]: r for r in data["rows"]}
+    assert rows["dense/kernel"]["nonzeros"] == 64 * 32 - round(0.9 * 64 * 32)
+    assert data["checkpoint"]["step"] == 10 and (tmp_path / "s.png").exists()
+
+
+def test_export_compressed_then_inspect(run_dir, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert cli.main(["export", str(run_dir), str(out), "--format", "compressed"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    ckpt = checkpoint.restore(out)
+    orig = checkpoint.restore(run_dir)
+    assert ckpt.format == "compressed" and ckpt.step == 10 and ckpt.opt_state is None
+    assert ckpt.params["dense"]["kernel"].tobytes() == orig.params["dense"]["kernel"].tobytes()
+    np.testing.assert_array_equal(ckpt.masks["dense"]["kernel"], orig.masks["dense"]["kernel"])
+    assert cli.main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"]["format"] == "compressed"
+
+
+def test_missing_and_corrupt_checkpoints_exit_1_with_one_line(tmp_path, run_dir, capsys):
+    assert cli.main(["inspect", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("jaxprune: error: no checkpoint at") and err.count("\n") == 1
+    meta = run_dir / "10" / "meta" / "metadata"
+    meta.write_text(meta.read_text()[:50])
+    assert cli.main(["export", str(run_dir), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "missing, truncated or corrupt" in err and err.count("\n") == 1
+
+
+def test_command_line_process_prints_no_traceback(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxprune", "inspect", str(tmp_path / "missing")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "jaxprune: error: no checkpoint" in proc.stderr
+
+
+def test_bench_lists_runs_and_explains_a_missing_scripts_folder(tmp_path, monkeypatch, capsys):
+    (tmp_path / "bench_fast.py").write_text("import sys; print('ran', sys.argv[1:])")
+    monkeypatch.setattr(cli, "scripts_dir", lambda: tmp_path)
+    assert cli.main(["bench", "--list"]) == 0
+    assert "fast" in capsys.readouterr().out
+    # The script runs in a child process; its output goes to the inherited stdout.
+    assert cli.main(["bench", "fast", "--repeats", "1"]) == 0
+    assert cli.main(["bench", "slow"]) == 1
+    assert "no benchmark 'slow'" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "scripts_dir", lambda: None)
+    assert cli.main(["bench"]) == 1
+    assert "scripts/ folder of a source checkout" in capsys.readouterr().err
+
+
+def test_scripts_folder_of_this_checkout_is_found():
+    folder = cli.scripts_dir()
+    assert folder is not None and (folder / "bench_checkpoint.py").exists()

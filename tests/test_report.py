@@ -1,0 +1,142 @@
+"""Reports: per-leaf rows and totals, XLA and ShrinkBench FLOPs, text/JSON, plots."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxprune.report import plot_accuracy_vs_compression, plot_sparsity, report
+
+
+def _mlp():
+    k1, k2 = jax.random.split(jax.random.key(0))
+    return {
+        "l1": {"kernel": jax.random.normal(k1, (20, 30)), "bias": jnp.ones(30)},
+        "l2": {"kernel": jax.random.normal(k2, (30, 5)), "bias": jnp.zeros(5)},
+    }
+
+
+def _topk(params, sparsity):
+    """Masks keeping the largest ``1 - sparsity`` of each kernel (numpy: no compiles)."""
+
+    def leaf(path, w):
+        w = np.asarray(w)
+        if w.ndim < 2:
+            return np.ones((), bool)
+        s = sparsity[jax.tree_util.keystr(path)] if isinstance(sparsity, dict) else sparsity
+        order = np.argsort(-np.abs(w).reshape(-1), kind="stable")
+        keep = np.zeros(w.size, bool)
+        keep[order[: w.size - round(s * w.size)]] = True
+        return keep.reshape(w.shape)
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def _apply(p, x):
+    h = jax.nn.relu(x @ p["l1"]["kernel"] + p["l1"]["bias"])
+    return h @ p["l2"]["kernel"] + p["l2"]["bias"]
+
+
+def test_rows_totals_and_shrinkbench_macs():
+    params = _mlp()
+    masks = _topk(params, {"['l1']['kernel']": 0.9, "['l2']['kernel']": 0.6})
+    r = report(params, masks, _apply, jnp.ones((4, 20)))
+    rows = {row.path: row for row in r.rows}
+    assert set(rows) == {"l1/kernel", "l1/bias", "l2/kernel", "l2/bias"}
+    k1 = rows["l1/kernel"]
+    assert (k1.shape, k1.size, k1.nonzeros, k1.dense_bytes) == ((20, 30), 600, 60, 2400)
+    assert k1.sparsity == pytest.approx(0.9) and k1.masked and k1.encoding == "bitmask"
+    assert k1.compressed_bytes == 600 // 8 + 60 * 4
+    assert rows["l2/bias"].nonzeros == 0 and not rows["l2/bias"].masked
+    t = r.totals
+    assert t["size"] == 600 + 30 + 150 + 5
+    assert t["nonzeros"] == 60 + 30 + 60 + 0
+    assert t["dense_bytes"] == 4 * t["size"]
+    assert t["compressed_bytes"] == sum(row.compressed_bytes for row in r.rows)
+    assert t["masked_sparsity"] == pytest.approx(1 - 120 / 750)
+    # ShrinkBench: batch x in x out multiply-adds per dense layer, scaled by density.
+    dense = 4 * 20 * 30 + 4 * 30 * 5
+    assert r.flops["dense_macs"] == dense
+    assert r.flops["nonzero_macs"] == pytest.approx(4 * 20 * 30 * 0.1 + 4 * 30 * 5 * 0.4)
+    # XLA counts a multiply-add as 2 FLOPs, plus the biases and the relu.
+    assert 2 * dense <= r.flops["xla_flops"] <= 2 * dense + 4 * 200
+
+
+class _ConvNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 8, (3, 3), padding="VALID", rngs=rngs)
+        self.grouped = nnx.Conv(8, 8, (3, 3), strides=2, feature_group_count=4, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.fc = nnx.Linear(4 * 4 * 8, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.bn(self.grouped(jax.nn.relu(self.conv(x))))
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+def test_nnx_convnet_macs_match_hand_count():
+    model = _ConvNet(nnx.Rngs(0))
+    masks = _topk(nnx.state(model, nnx.Param).to_pure_dict(), 0.75)
+    r = report(model, masks, example_inputs=jnp.ones((2, 10, 10, 3)))
+    conv = 8 * 8 * 8 * (3 * 3 * 3)  # 8x8 outputs x 8 channels x (3x3x3) taps
+    grouped = 4 * 4 * 8 * (3 * 3 * 2)  # stride 2, SAME; 8/4 = 2 inputs per group
+    dense = 2 * (conv + grouped + 128 * 10)
+    assert r.flops["dense_macs"] == dense
+    assert r.flops["nonzero_macs"] == pytest.approx(dense * 0.25, rel=1e-3)
+    assert r.flops["mac_reduction"] == pytest.approx(4.0, rel=1e-3)
+    assert r.flops["xla_flops"] > 2 * dense * 0.99
+
+
+def test_without_masks_counts_exact_zeros_and_finds_structure():
+    w = jnp.zeros((16, 8)).at[:4].set(2.0)
+    r = report({"w": w})
+    (row,) = r.rows
+    assert row.sparsity == 0.75 and row.encoding == "slices" and r.flops is None
+    assert row.compressed_bytes == 4 * 8 * 4 + 2 + 1
+
+
+def test_text_and_json_renderings():
+    params = _mlp()
+    r = report(params, _topk(params, 0.5), _apply, jnp.ones((1, 20)))
+    text = str(r)
+    assert "l1/kernel" in text and "bitmask" in text and "XLA FLOPs" in text and "total" in text
+    data = json.loads(r.to_json())
+    assert [row["path"] for row in data["rows"]] == [row.path for row in r.rows]
+    assert data["totals"]["nonzeros"] == r.totals["nonzeros"]
+    assert data["flops"]["dense_macs"] == r.flops["dense_macs"]
+
+
+def test_plots_are_written(tmp_path):
+    params = _mlp()
+    r = report(params, _topk(params, 0.8))
+    fig = plot_sparsity(r, tmp_path / "sparsity.png")
+    assert (tmp_path / "sparsity.png").stat().st_size > 1000
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["l1/kernel 20x30", "l2/kernel 30x5"]
+    results = [
+        {"method": "magnitude", "sparsity": s, "accuracy": 0.98 - s / 10} for s in (0.5, 0.9, 0.95)
+    ] + [{"method": "random", "compression": c, "accuracy": 0.9 - c / 100} for c in (2, 10, 20)]
+    (tmp_path / "r.json").write_text(json.dumps({"results": results}))
+    (tmp_path / "r.csv").write_text("method,sparsity,accuracy\na,0.5,0.9\na,0.9,0.8\n")
+    fig = plot_accuracy_vs_compression(tmp_path / "r.json", tmp_path / "acc.png")
+    assert (tmp_path / "acc.png").stat().st_size > 1000
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["magnitude", "random"]
+    np.testing.assert_allclose(lines[0].get_xdata(), [2, 10, 20])
+    fig = plot_accuracy_vs_compression(tmp_path / "r.csv")
+    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_xdata(), [2, 10])
+
+
+def test_errors_name_the_problem(tmp_path):
+    params = _mlp()
+    with pytest.raises(ValueError, match="masks has leaves that params lacks: l3/kernel"):
+        report(params, {"l3": {"kernel": jnp.ones((2, 2), bool)}})
+    with pytest.raises(ValueError, match="apply_fn was given without example_inputs"):
+        report(params, apply_fn=_apply)
+    with pytest.raises(ValueError, match="results record 0 .* needs 'accuracy'"):
+        plot_accuracy_vs_compression([{"sparsity": 0.5}])
+    with pytest.raises(ValueError, match="results file .* does not exist"):
+        plot_accuracy_vs_compression(tmp_path / "missing.json")

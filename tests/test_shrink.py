@@ -1,0 +1,216 @@
+"""Shrinking: the smaller network computes what the masked one does, on each reference model."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxprune as jp
+from jaxprune import models, structure
+from jaxprune._tree import leaves_with_paths
+
+X_IMG = jax.random.normal(jax.random.key(7), (2, 28, 28, 1))
+
+
+def _model(make, seed=0):
+    """Builds ``make()`` abstractly and fills it with numpy randoms (no per-shape compiles).
+
+    Biases and BatchNorm statistics are random too, so folding and BN really matter.
+    """
+    model = nnx.eval_shape(make)
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(seed)
+    flat, treedef = leaves_with_paths(state)
+    out = []
+    for path, x in flat:
+        if len(x.shape) >= 2:
+            v = rng.normal(size=x.shape) * np.sqrt(2.0 / np.prod(x.shape[:-1]))
+        elif path[-1] == "var":
+            v = np.abs(rng.normal(size=x.shape)) * 0.3 + 0.5
+        else:
+            v = rng.normal(size=x.shape) * 0.3 + (1.0 if path[-1] == "scale" else 0.0)
+        out.append(jnp.asarray(v, x.dtype))
+    state = jax.tree.unflatten(treedef, out)
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    apply_fn, state = structure.module_apply(model)
+    return model, apply_fn, state
+
+
+def _assert_same(apply_fn, small, params, masks, x):
+    got = jax.jit(apply_fn)(small, x)
+    want = jax.jit(apply_fn)(jp.apply_masks(params, masks), x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
+
+
+def _size(tree):
+    return sum(np.size(x) for x in jax.tree.leaves(tree))
+
+
+def test_mlp_kernel_only_masks_fold_relu_constants_into_the_next_bias():
+    model, apply_fn, state = _model(lambda: models.lenet_300_100(rngs=nnx.Rngs(0)))
+    hidden = lambda path, x: x.ndim >= 2 and path[1] != 2  # noqa: E731
+    masks = jp.masks.structured(jp.criteria.magnitude(state), 0.5, axes=-1, where=hidden)
+    small = structure.shrink(apply_fn, state, masks, jnp.ones((2, 784)), check=False)
+    assert small["layers"][0]["kernel"].shape == (784, 150)
+    assert small["layers"][1]["kernel"].shape == (150, 50)
+    assert small["layers"][2]["kernel"].shape == (50, 10)
+    # Biases of the removed ReLU units were nonzero: relu(b) @ W_next went into the next bias.
+    assert not np.allclose(small["layers"][2]["bias"], state["layers"][2]["bias"])
+    x = jax.random.normal(jax.random.key(1), (4, 784))
+    _assert_same(apply_fn, small, state, masks, x)
+
+
+def test_mlp_input_row_masks_remove_the_producing_units():
+    model, apply_fn, state = _model(lambda: models.MLP((12, 8, 6, 3), rngs=nnx.Rngs(0)))
+    only_middle = lambda path, x: path == ("layers", 1, "kernel")  # noqa: E731
+    masks = jp.masks.structured(jp.criteria.magnitude(state), 0.25, axes=-2, where=only_middle)
+    small = structure.shrink(apply_fn, state, masks, jnp.ones((2, 12)), check=False)
+    assert small["layers"][0]["kernel"].shape == (12, 6)
+    assert small["layers"][0]["bias"].shape == (6,)
+    _assert_same(apply_fn, small, state, masks, jax.random.normal(jax.random.key(2), (3, 12)))
+
+
+def test_lenet5_filter_masks_fold_through_pooling_into_a_valid_conv():
+    model, apply_fn, state = _model(lambda: models.LeNet5Caffe(rngs=nnx.Rngs(0)))
+    convs = lambda path, x: path[0] in ("conv1", "conv2") and x.ndim == 4  # noqa: E731
+    masks = jp.masks.structured(jp.criteria.magnitude(state), 0.5, axes=-1, where=convs)
+    small = structure.shrink(apply_fn, state, masks, X_IMG, check=False)
+    assert small["conv2"]["kernel"].shape == (5, 5, 10, 25)
+    assert small["fc1"]["kernel"].shape == (400, 500)
+    _assert_same(apply_fn, small, state, masks, X_IMG)
+
+
+def test_vgg_batchnorm_shrinks_as_a_model_in_place():
+    model, apply_fn, state = _model(lambda: models.VGGSmall(rngs=nnx.Rngs(0)))
+    gs = structure.groups(apply_fn, state, X_IMG[:1], prunable_only=True)
+    masks = structure.select(gs, jp.criteria.magnitude(state), 0.5)
+    want = jax.jit(apply_fn)(jp.apply_masks(state, masks), X_IMG)
+    before = _size(state)
+    same = structure.shrink_module(model, masks, X_IMG)
+    assert same is model
+    assert model.convs[0].kernel.shape == (3, 3, 1, 16) and model.convs[0].out_features == 16
+    assert model.bns[0].mean.shape == (16,) and model.bns[0].num_features == 16
+    assert model.fc1.kernel.shape == (9 * 64, 128) and model.fc1.in_features == 9 * 64
+    after = _size(nnx.state(model))
+    assert after < 0.3 * before
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(model, X_IMG)),
+                               np.asarray(want), rtol=2e-4, atol=2e-4)
+
+
+def test_vgg_kernel_only_masks_keep_channels_that_cannot_fold_through_same_padding():
+    _, apply_fn, state = _model(lambda: models.VGGSmall(rngs=nnx.Rngs(0)))
+    first = lambda path, x: path == ("convs", 0, "kernel")  # noqa: E731
+    masks = jp.masks.structured(jp.criteria.magnitude(state), 0.5, axes=-1, where=first)
+    small = structure.shrink(apply_fn, state, masks, X_IMG, check=False)
+    # conv bias + BN make the dead filters' outputs constants: where relu makes them 0 the
+    # filter goes; where they stay positive, a SAME conv sees them differently at the
+    # zero-padded border, so they cannot be folded and are kept.
+    kept = small["convs"][0]["kernel"].shape[-1]
+    assert 16 < kept < 32
+    _assert_same(apply_fn, small, state, masks, X_IMG)
+
+
+def test_resnet20_residual_groups_shrink_exactly():
+    _, apply_fn, state = _model(lambda: models.ResNet20(rngs=nnx.Rngs(0)))
+    gs = structure.groups(apply_fn, state, X_IMG[:1], prunable_only=True)
+    masks = structure.select(gs, jp.criteria.magnitude(state), 0.25)
+    small = structure.shrink(apply_fn, state, masks, X_IMG, check=False)
+    assert small["stem"]["kernel"].shape == (3, 3, 1, 12)
+    assert small["blocks"][8]["conv2"]["kernel"].shape == (3, 3, 48, 48)
+    assert small["head"]["kernel"].shape == (48, 10)
+    _assert_same(apply_fn, small, state, masks, X_IMG)
+
+
+class _LinenMLP(nn.Module):
+    features: Sequence[int]
+
+    @nn.compact
+    def __call__(self, x):
+        for f in self.features[:-1]:
+            x = jax.nn.relu(nn.Dense(f)(x))
+        return nn.Dense(self.features[-1])(x)
+
+
+def test_linen_params_shrink_and_the_module_is_rebuilt_from_widths():
+    module = _LinenMLP((16, 8, 3))
+    x = jax.random.normal(jax.random.key(0), (2, 5))
+    params = module.init(jax.random.key(1), x)["params"]
+    apply_fn = lambda p, x: module.apply({"params": p}, x)  # noqa: E731
+    gs = structure.groups(apply_fn, params, x, prunable_only=True)
+    masks = structure.select(gs, jp.criteria.magnitude(params), 0.5)
+    with pytest.raises(ValueError, match="apply_fn fails on the shrunk params"):
+        structure.shrink(apply_fn, params, masks, x)
+    small = structure.shrink(apply_fn, params, masks, x, check=False)
+    changed = structure.widths(params, small)
+    assert changed["Dense_0/kernel"] == ((5, 16), (5, 8))
+    rebuilt = _LinenMLP(tuple(small[f"Dense_{i}"]["kernel"].shape[1] for i in range(3)))
+    got = rebuilt.apply({"params": small}, x)
+    want = apply_fn(jp.apply_masks(params, masks), x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def _mlp3(p, x):
+    h = jax.nn.relu(x @ p["w1"] + p["b1"])
+    h = jax.nn.relu(h @ p["w2"] + p["b2"])
+    return h @ p["w3"]
+
+
+def test_layerwise_driver_prunes_one_group_at_a_time_with_finetuning():
+    ks = jax.random.split(jax.random.key(0), 3)
+    p = {"w1": jax.random.normal(ks[0], (6, 8)), "b1": jnp.zeros(8),
+         "w2": jax.random.normal(ks[1], (8, 8)), "b2": jnp.zeros(8),
+         "w3": jax.random.normal(ks[2], (8, 2))}
+    x = jax.random.normal(jax.random.key(3), (4, 6))
+    calls = []
+
+    def finetune(params, masks, where):
+        flat, _ = leaves_with_paths(params)
+        calls.append(sorted("/".join(map(str, path)) for path, leaf in flat if where(path, leaf)))
+        return jax.tree.map(lambda a: a * 1.01, params)  # a stand-in for a few SGD steps
+
+    p2, masks = structure.prune_layerwise(_mlp3, p, (x,), sparsity=[0.5, 0.25],
+                                          finetune=finetune, progress=False)
+    assert calls[0] == ["b1", "b2", "w1", "w2", "w3"]  # group 1 plus the layer reading it
+    assert len(calls) == 2
+    small = structure.shrink(_mlp3, p2, masks, x)
+    assert small["w1"].shape == (6, 4) and small["w2"].shape == (4, 6)
+    with pytest.raises(ValueError, match="sparsity has 3 entries but the model has 2"):
+        structure.prune_layerwise(_mlp3, p, (x,), sparsity=[0.1] * 3, progress=False)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        structure.prune_layerwise(_mlp3, p, (x,), sparsity=0.5, window=0, progress=False)
+
+
+def test_shrink_errors():
+    p = {"w1": jnp.ones((3, 4)), "b1": jnp.ones(4), "w2": jnp.ones((4, 2)), "b2": jnp.ones(2),
+         "w3": jnp.ones((2, 2))}
+    with pytest.raises(ValueError, match="masks must have exactly the tree structure of params"):
+        structure.shrink(_mlp3, p, {"w1": jnp.ones((3, 4), bool)}, jnp.ones((1, 3)))
+    model = models.MLP((4, 3, 2), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="masks has leaves the model's state does not: nope"):
+        structure.shrink_module(model, {"nope": jnp.ones((), bool)}, jnp.ones((1, 4)))
+
+
+class _WithDropout(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(6, 8, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.l2 = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(self.drop(jax.nn.relu(self.l1(x))))
+
+
+def test_shrink_module_leaves_rng_streams_alone_and_takes_param_only_masks():
+    model = _WithDropout(nnx.Rngs(0))
+    model.eval()
+    params = nnx.state(model, nnx.Param)  # what nnx.Optimizer's masks cover
+    masks = jp.masks.structured(jp.criteria.magnitude(params), 0.5, axes=-1,
+                                where=lambda path, x: path == ("l1", "kernel"))
+    x = jax.random.normal(jax.random.key(0), (3, 6))
+    structure.shrink_module(model, masks, x)  # check=True compares with the masked model
+    assert model.l1.kernel.shape == (6, 4) and model.l2.in_features == 4
