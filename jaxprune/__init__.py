@@ -11,6 +11,7 @@ from jaxprune import (
     checkpoint,
     criteria,
     data,
+    llm,
     masks,
     models,
     packing,
@@ -22,7 +23,7 @@ from jaxprune.checkpoint import CheckpointError, restore, save
 from jaxprune.masks import apply_masks, sparsity
 from jaxprune.report import report
 from jaxprune.structure import shrink
-from jaxprune.transform import PruneState, get_masks, prune
+from jaxprune.transform import PruneState, get_masks, prune, state_bytes
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "data",
     "get_masks",
     "is_prunable",
+    "llm",
     "masks",
     "models",
     "packing",
@@ -47,5 +49,6 @@ __all__ = [
     "schedules",
     "shrink",
     "sparsity",
+    "state_bytes",
     "structure",
 ]

@@ -9,6 +9,7 @@ that after ``optax.apply_updates`` pruned entries are exactly zero.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -21,19 +22,37 @@ from jaxprune import masks as _masks
 from jaxprune._tree import Where, leaves_with_paths, prunable_flags, unwrap_variables
 from jaxprune.schedules import Schedule, as_schedule
 
-__all__ = ["PruneState", "prune", "get_masks", "find_prune_states"]
+__all__ = ["PruneState", "prune", "get_masks", "find_prune_states", "state_bytes"]
 
 Selection = Callable[..., Any]
 
 
 class PruneState(NamedTuple):
-    """State of :func:`prune`."""
+    """State of :func:`prune`.
+
+    The masks are stored packed, one bit per prunable entry
+    (:class:`~jaxprune.masks.PackedMask`, uint8 along the last axis), so the
+    pruning state adds 1/32 of an f32 model to the inner optimizer's state
+    (Adam's is 2x the model). ``state.masks`` unpacks them to bools.
+
+    Storing no masks at all, with pruned entries implied by ``params == 0``,
+    would cost zero bytes but is not safe in general: a kept weight that is
+    exactly zero (a zero-initialised kernel, a bf16 update landing on 0) would
+    be frozen as pruned, counts would drift from ``round(s * n)``, and
+    :func:`get_masks` could not answer without the params. One bit keeps the
+    masks exact for the price of one byte per eight parameters.
+    """
 
     count: jax.Array  # int32 [], number of update steps taken
-    masks: optax.Params  # bool, the params' structure; non-prunable leaves: scalar True
+    packed_masks: optax.Params  # PackedMask per prunable leaf (uint8 bits); else scalar True
     inner_state: optax.OptState  # the wrapped optimizer's state
     criterion_state: Any  # a StatefulCriterion's statistics; () for plain criteria
     key_data: Any  # uint32 raw PRNG key data (jax.random.key_data), or () if unused
+
+    @property
+    def masks(self) -> optax.Params:
+        """The bool masks (params' structure; non-prunable leaves a scalar ``True``)."""
+        return _masks.unpack(unwrap_variables(self.packed_masks))
 
 
 _SCOPES = {"layer": _masks.topk, "global": _masks.global_topk}
@@ -52,10 +71,18 @@ def _resolve_selection(scope: str | Selection) -> Selection:
 
 
 def _initial_masks(params: Any, flags: list[bool]) -> Any:
+    """Returns all-True packed masks; on concrete sharded params, sharded like them."""
     flat, treedef = leaves_with_paths(params)
-    leaves = [
-        jnp.ones(jnp.shape(x), bool) if f else jnp.ones((), bool) for (_, x), f in zip(flat, flags)
-    ]
+    leaves = []
+    for (_, x), f in zip(flat, flags, strict=True):
+        if not f:
+            leaves.append(jnp.ones((), bool))
+        elif isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            # ones_like on a concrete array keeps its sharding; packing is then
+            # an eager op whose output follows the input's layout.
+            leaves.append(_masks.pack(jnp.ones_like(x, dtype=bool)))
+        else:
+            leaves.append(_masks.pack(jnp.ones(jnp.shape(x), bool)))
     return jax.tree.unflatten(treedef, leaves)
 
 
@@ -65,7 +92,7 @@ def _enforce(tree: Any, masks: Any, flags: list[bool], fill: Callable[[Any, Any]
     mflat = jax.tree.leaves(masks)
     out = [
         jnp.where(m, x, fill(i, x)) if f else x
-        for i, (x, m, f) in enumerate(zip(flat, mflat, flags))
+        for i, (x, m, f) in enumerate(zip(flat, mflat, flags, strict=True))
     ]
     return jax.tree.unflatten(treedef, out)
 
@@ -136,7 +163,7 @@ def prune(
         pure = unwrap_variables(params)
         return PruneState(
             count=jnp.zeros((), jnp.int32),
-            masks=_initial_masks(pure, flags),
+            packed_masks=_initial_masks(pure, flags),
             inner_state=inner.init(params),
             criterion_state=crit.init(pure),
             key_data=key_data,
@@ -166,9 +193,11 @@ def prune(
 
         def refresh():
             scores = _criteria.call_with(crit.score, cstate, params, grads=updates, **extra)
-            return select(scores, schedule(step), where=where)
+            return _masks.pack(select(scores, schedule(step), where=where))
 
-        masks = jax.lax.cond(schedule.is_update_step(step), refresh, lambda: state.masks)
+        packed = jax.lax.cond(schedule.is_update_step(step), refresh, lambda: state.packed_masks)
+        # Unpacking is elementwise and fuses into the two enforcements below.
+        masks = _masks.unpack(packed)
         zero = lambda i, x: jnp.zeros((), x.dtype)  # noqa: E731
         updates = _enforce(updates, masks, flags, zero)
         inner_extra = {k: v for k, v in extra_args.items()}
@@ -177,7 +206,7 @@ def prune(
         updates = _enforce(updates, masks, flags, lambda i, u: -p_flat[i].astype(u.dtype))
         new_state = PruneState(
             count=optax.safe_increment(step),
-            masks=masks,
+            packed_masks=packed,
             inner_state=inner_state,
             criterion_state=cstate,
             key_data=state.key_data,
@@ -217,4 +246,41 @@ def get_masks(opt_state: Any) -> optax.Params:
             "tx = jp.prune(optax.adam(1e-3), sparsity=...) and pass tx.init(params) "
             "(or nnx.Optimizer(model, tx, wrt=nnx.Param).opt_state) here."
         )
-    return unwrap_variables(states[0].masks)
+    return states[0].masks
+
+
+def _nbytes(tree: Any) -> int:
+    """Returns the bytes of ``tree``'s leaves (arrays or ``jax.ShapeDtypeStruct``s)."""
+    total = 0
+    for x in jax.tree.leaves(unwrap_variables(tree)):
+        x = x if hasattr(x, "dtype") else jnp.asarray(x)
+        total += math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def state_bytes(opt_state: Any) -> dict[str, int]:
+    """Returns the bytes of the pruning state and of the inner optimizer's state.
+
+    ``{"pruning": b, "inner": i, "total": b + i}``: ``pruning`` counts the packed
+    masks, step counter, criterion statistics and key of every :func:`prune`
+    in ``opt_state``; ``inner`` all the rest (Adam's moments, ...). With a
+    stateless criterion the pruning state is ``ceil(n / 8)`` bytes per prunable
+    leaf of ``n`` entries, plus a few bytes per leaf.
+
+    Raises:
+      ValueError: ``opt_state`` holds no pruning state.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, jaxprune as jp
+      >>> state = jp.prune(optax.adam(1e-3), sparsity=0.5).init({"w": jnp.ones((64, 64))})
+      >>> b = jp.transform.state_bytes(state)
+      >>> b["pruning"] <= 64 * 64 // 8 + 16, b["inner"] >= 2 * 64 * 64 * 4
+      (True, True)
+    """
+    states = find_prune_states(opt_state)
+    if not states:
+        get_masks(opt_state)  # raises the explanatory error
+    total = _nbytes(opt_state)
+    # Each PruneState nests its inner state; count only its own fields.
+    pruning = sum(_nbytes(s._replace(inner_state=())) for s in states)
+    return {"pruning": pruning, "inner": total - pruning, "total": total}

@@ -1,0 +1,116 @@
+"""A small GPT-style decoder (flax nnx) for one-shot LLM pruning tests and benchmarks.
+
+Pre-LayerNorm blocks with causal multi-head self-attention and a GELU MLP,
+learned position embeddings, an untied output head. Each :class:`Block` can
+return the input of one of its linear layers (``tap=``), which is what
+:func:`jaxprune.llm.prune_decoder` needs to build that layer's Hessian.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+__all__ = ["Block", "GPT", "train_lm", "lm_loss"]
+
+
+class Block(nnx.Module):
+    """A pre-LN transformer block whose linear layers are ``qkv``, ``out``, ``fc``, ``proj``."""
+
+    LINEARS: ClassVar[tuple[str, ...]] = ("qkv", "out", "fc", "proj")
+
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, mlp_ratio: int = 4):
+        if dim % heads:
+            raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}.")
+        self.heads = heads
+        self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
+        self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
+        self.out = nnx.Linear(dim, dim, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
+        self.fc = nnx.Linear(dim, mlp_ratio * dim, rngs=rngs)
+        self.proj = nnx.Linear(mlp_ratio * dim, dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, tap: str | None = None) -> jax.Array:
+        """Returns the block's output, or the input of linear layer ``tap`` if given."""
+        b, t, d = x.shape
+        h = self.ln1(x)
+        if tap == "qkv":
+            return h
+        q, k, v = jnp.split(self.qkv(h), 3, axis=-1)
+        split = lambda z: z.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
+        att = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / jnp.sqrt(d / self.heads)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        att = jax.nn.softmax(jnp.where(causal, att, -1e9), axis=-1)
+        h = jnp.einsum("bhqk,bkhd->bqhd", att, split(v)).reshape(b, t, d)
+        if tap == "out":
+            return h
+        x = x + self.out(h)
+        h = self.ln2(x)
+        if tap == "fc":
+            return h
+        h = jax.nn.gelu(self.fc(h))
+        if tap == "proj":
+            return h
+        return x + self.proj(h)
+
+
+class GPT(nnx.Module):
+    """A GPT-style decoder: token + position embeddings, ``depth`` blocks, LN, head.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxprune.models_llm import GPT
+      >>> model = GPT(vocab=16, dim=32, depth=1, heads=2, max_len=8, rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((2, 8), jnp.int32)).shape
+      (2, 8, 16)
+    """
+
+    def __init__(
+        self, *, vocab: int, dim: int, depth: int, heads: int, max_len: int, rngs: nnx.Rngs
+    ):
+        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, dim)))
+        self.blocks = nnx.List([Block(dim, heads, rngs=rngs) for _ in range(depth)])
+        self.ln_f = nnx.LayerNorm(dim, rngs=rngs)
+        self.head = nnx.Linear(dim, vocab, rngs=rngs)
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Returns the input of the first block for ``tokens`` ``[batch, time]``."""
+        return self.embed(tokens) + self.pos[: tokens.shape[1]]
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Returns next-token logits ``[batch, time, vocab]``."""
+        h = self.embed_tokens(tokens)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln_f(h))
+
+
+def lm_loss(model: GPT, tokens: jax.Array) -> jax.Array:
+    """Returns the mean next-token cross-entropy of ``model`` on ``tokens`` (nats)."""
+    logits = model(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def train_lm(
+    model: GPT, tokens: jax.Array, *, steps: int, batch_size: int, lr: float, key: jax.Array
+) -> list[float]:
+    """Trains ``model`` in place with AdamW on random batches of ``tokens``; returns the losses."""
+    opt = nnx.Optimizer(model, optax.adamw(lr, weight_decay=0.0), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, batch):
+        loss, grads = nnx.value_and_grad(lm_loss)(model, batch)
+        opt.update(model, grads)
+        return loss
+
+    losses = []
+    for i in range(steps):
+        idx = jax.random.randint(jax.random.fold_in(key, i), (batch_size,), 0, tokens.shape[0])
+        losses.append(float(step(model, opt, tokens[idx])))
+    return losses
