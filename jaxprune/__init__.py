@@ -8,11 +8,17 @@ real (:func:`shrink`), checkpoints are stored compressed (:func:`save`), and
 """
 
 from jaxprune import (
+    activations,
+    at_init,
     checkpoint,
     criteria,
     data,
+    distributions,
+    drivers,
+    dynamic,
     llm,
     masks,
+    merge,
     models,
     packing,
     schedules,
@@ -28,6 +34,12 @@ from jaxprune.transform import PruneState, get_masks, prune, state_bytes
 __version__ = "0.1.0"
 
 __all__ = [
+    "activations",
+    "at_init",
+    "distributions",
+    "drivers",
+    "dynamic",
+    "merge",
     "CheckpointError",
     "PruneState",
     "__version__",

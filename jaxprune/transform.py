@@ -22,7 +22,14 @@ from jaxprune import masks as _masks
 from jaxprune._tree import Where, leaves_with_paths, prunable_flags, unwrap_variables
 from jaxprune.schedules import Schedule, as_schedule
 
-__all__ = ["PruneState", "prune", "get_masks", "find_prune_states", "state_bytes"]
+__all__ = [
+    "PruneState",
+    "prune",
+    "get_masks",
+    "find_prune_states",
+    "register_mask_state",
+    "state_bytes",
+]
 
 Selection = Callable[..., Any]
 
@@ -216,17 +223,37 @@ def prune(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def find_prune_states(opt_state: Any) -> list[PruneState]:
-    """Returns every :class:`PruneState` inside ``opt_state`` (outermost first)."""
+# State classes whose ``masks`` (field or property) are the masks being
+# enforced; other mask-enforcing transforms (e.g. jp.dynamic) register theirs.
+_MASK_STATES: list[type] = [PruneState]
+
+
+def register_mask_state(cls: type) -> type:
+    """Registers a state class (with ``masks`` and ``inner_state``) for :func:`get_masks`."""
+    if cls not in _MASK_STATES:
+        _MASK_STATES.append(cls)
+    return cls
+
+
+def _is_mask_state(x: Any) -> bool:
+    return isinstance(x, tuple(_MASK_STATES))
+
+
+def find_prune_states(opt_state: Any) -> list[Any]:
+    """Returns every pruning state inside ``opt_state`` (outermost first).
+
+    That is every :class:`PruneState`, and the states of other registered
+    mask-enforcing transforms (``jp.dynamic.rigl`` / ``set``).
+    """
     found = []
 
     def visit(x):
-        if isinstance(x, PruneState):
+        if _is_mask_state(x):
             found.append(x)
-            visit(x.inner_state)
+            jax.tree.map(visit, x.inner_state, is_leaf=_is_mask_state)
         return x
 
-    jax.tree.map(visit, opt_state, is_leaf=lambda x: isinstance(x, PruneState))
+    jax.tree.map(visit, opt_state, is_leaf=_is_mask_state)
     return found
 
 
@@ -234,7 +261,8 @@ def get_masks(opt_state: Any) -> optax.Params:
     """Returns the masks currently enforced by the ``jp.prune`` inside ``opt_state``.
 
     Finds the pruning state inside ``optax.chain``, ``optax.MultiSteps``,
-    ``inject_hyperparams`` states and ``nnx.Optimizer.opt_state``.
+    ``inject_hyperparams`` states and ``nnx.Optimizer.opt_state``; also the
+    masks of ``jp.dynamic.rigl`` / ``set``.
 
     Raises:
       ValueError: ``opt_state`` holds no pruning state.
@@ -246,7 +274,7 @@ def get_masks(opt_state: Any) -> optax.Params:
             "tx = jp.prune(optax.adam(1e-3), sparsity=...) and pass tx.init(params) "
             "(or nnx.Optimizer(model, tx, wrt=nnx.Param).opt_state) here."
         )
-    return states[0].masks
+    return unwrap_variables(states[0].masks)
 
 
 def _nbytes(tree: Any) -> int:

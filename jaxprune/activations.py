@@ -1,0 +1,245 @@
+"""Activations captured in the forward pass, and the criteria computed from them.
+
+* :func:`capture_nnx` / :func:`capture_linen` run a flax model once and return,
+  for every ``Linear``/``Conv`` (nnx) or ``Dense``/``Conv`` (linen) module, its
+  input and output (:class:`Captured`), keyed by the module's path
+  (``"layers/0"``), with no change to the model's code.
+* :func:`input_norms` turns captures from calibration batches into the
+  per-input-feature norms ``jp.criteria.wanda`` needs.
+* :func:`mean_abs` and :func:`apoz` score units by their activations; broadcast
+  per-unit scores onto the kernels with :func:`unit_scores`, then select with a
+  structured selection (whole units) or any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax import nnx
+
+from jaxprune._tree import leaves_with_paths, path_str
+
+__all__ = [
+    "Captured",
+    "capture_nnx",
+    "capture_linen",
+    "input_norms",
+    "mean_abs",
+    "apoz",
+    "unit_scores",
+]
+
+
+class Captured(NamedTuple):
+    """One module call's input and output."""
+
+    inputs: jax.Array  # [..., in] (dense) or [N, H, W, C_in] (conv)
+    outputs: jax.Array  # [..., out] (pre-activation)
+
+
+def capture_nnx(
+    model: nnx.Module, *args: Any, types: tuple[type, ...] = (nnx.Linear, nnx.Conv), **kwargs: Any
+) -> tuple[Any, dict[str, Captured]]:
+    """Returns ``(model(*args, **kwargs), {module path: Captured})`` for an nnx model.
+
+    The ``__call__`` of each module class in ``types`` is wrapped for the
+    duration of the call (and restored after, also on errors); only instances
+    inside ``model`` are recorded. Works under ``jax.jit``/``nnx.jit`` when the
+    captures are returned from the jitted function.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> from flax import nnx
+      >>> from jaxprune.models import MLP
+      >>> model = MLP((4, 3, 2), rngs=nnx.Rngs(0))
+      >>> y, caps = jp.activations.capture_nnx(model, jnp.ones((5, 4)))
+      >>> sorted(caps), caps["layers/1"].inputs.shape
+      (['layers/0', 'layers/1'], (5, 3))
+    """
+    targets = {
+        id(m): path_str(tuple(p)) for p, m in nnx.iter_modules(model) if isinstance(m, types)
+    }
+    records: dict[str, Captured] = {}
+    classes = []
+    for _, m in nnx.iter_modules(model):
+        if id(m) in targets and type(m) not in classes:
+            classes.append(type(m))
+    saved = [(cls, cls.__dict__.get("__call__")) for cls in classes]
+
+    def wrap(original):
+        def call(self, x, *a, **kw):
+            out = original(self, x, *a, **kw)
+            if id(self) in targets:
+                records[targets[id(self)]] = Captured(x, out)
+            return out
+
+        return call
+
+    try:
+        for cls, _ in saved:
+            cls.__call__ = wrap(cls.__call__)
+        out = model(*args, **kwargs)
+    finally:
+        for cls, own in saved:
+            if own is None:
+                del cls.__call__
+            else:
+                cls.__call__ = own
+    return out, records
+
+
+def capture_linen(
+    module: nn.Module,
+    variables: Any,
+    *args: Any,
+    types: tuple[type, ...] = (nn.Dense, nn.Conv),
+    **kwargs: Any,
+) -> tuple[Any, dict[str, Captured]]:
+    """Returns ``(module.apply(variables, *args), {module path: Captured})`` for a linen model.
+
+    Uses ``flax.linen.intercept_methods``, so the module's code is unchanged;
+    paths are the modules' scope paths (``"Dense_0"``, ``"block/Conv_1"``), the
+    same names as in ``variables["params"]``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
+      >>> import flax.linen as nn
+      >>> m = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+      >>> v = m.init(jax.random.key(0), jnp.ones((1, 4)))
+      >>> y, caps = jp.activations.capture_linen(m, v, jnp.ones((5, 4)))
+      >>> sorted(caps), caps["layers_2"].outputs.shape
+      (['layers_0', 'layers_2'], (5, 2))
+    """
+    records: dict[str, Captured] = {}
+
+    def interceptor(next_fun, a, kw, context):
+        out = next_fun(*a, **kw)
+        if context.method_name == "__call__" and isinstance(context.module, types) and a:
+            records[path_str(tuple(context.module.path))] = Captured(a[0], out)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        out = module.apply(variables, *args, **kwargs)
+    return out, records
+
+
+def _kernel_owner(path: tuple, leaf: Any) -> str | None:
+    """Returns the module path owning a kernel leaf (``layers/0/kernel`` -> ``layers/0``)."""
+    if path and path[-1] == "kernel" and jnp.ndim(leaf) >= 2:
+        return path_str(path[:-1]) if len(path) > 1 else "<root>"
+    return None
+
+
+def input_norms(
+    params: optax.Params, captures: dict[str, Captured] | Sequence[dict[str, Captured]]
+) -> optax.Params:
+    """Returns, for each captured kernel, the L2 norm of its input per input feature.
+
+    The norm runs over every calibration token (all axes but the last; for a
+    conv, batch and positions per input channel) and over every batch in
+    ``captures``, combined as ``sqrt(sum of squares)``. Leaves with no capture
+    get ``1.0``. The result feeds ``jp.criteria.wanda(params, norms)``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> from flax import nnx
+      >>> from jaxprune.models import MLP
+      >>> model = MLP((2, 2), rngs=nnx.Rngs(0))
+      >>> _, caps = jp.activations.capture_nnx(model, jnp.array([[3., 0.], [4., 1.]]))
+      >>> params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      >>> jp.activations.input_norms(params, caps)["layers"][0]["kernel"].tolist()
+      [5.0, 1.0]
+
+    References:
+      Sun et al., "A Simple and Effective Pruning Approach for Large Language
+      Models", 2023. https://arxiv.org/abs/2306.11695
+    """
+    batches = [captures] if isinstance(captures, dict) else list(captures)
+    flat, treedef = leaves_with_paths(params)
+    out = []
+    for path, leaf in flat:
+        owner = _kernel_owner(path, leaf)
+        if owner is None or owner not in batches[0]:
+            out.append(jnp.float32(1.0))
+            continue
+        sq = sum(
+            jnp.sum(
+                jnp.square(b[owner].inputs.astype(jnp.float32)),
+                axis=tuple(range(b[owner].inputs.ndim - 1)),
+            )
+            for b in batches
+        )
+        out.append(jnp.sqrt(sq))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _per_unit(captures, fn):
+    return {
+        name: fn(c.outputs.astype(jnp.float32).reshape(-1, c.outputs.shape[-1]))
+        for name, c in captures.items()
+    }
+
+
+def mean_abs(
+    captures: dict[str, Captured], activation: Callable[[jax.Array], jax.Array] = jax.nn.relu
+) -> dict[str, jax.Array]:
+    """Returns per-unit mean ``|activation(output)|`` of each captured module (higher kept).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> caps = {"fc": jp.activations.Captured(None, jnp.array([[1., -2.], [3., -1.]]))}
+      >>> jp.activations.mean_abs(caps)["fc"].tolist()
+      [2.0, 0.0]
+
+    References:
+      Hu et al., "Network Trimming: A Data-Driven Neuron Pruning Approach",
+      2016 (activation statistics). https://arxiv.org/abs/1607.03250
+    """
+    return _per_unit(captures, lambda z: jnp.mean(jnp.abs(activation(z)), axis=0))
+
+
+def apoz(
+    captures: dict[str, Captured], activation: Callable[[jax.Array], jax.Array] = jax.nn.relu
+) -> dict[str, jax.Array]:
+    """Returns per-unit ``1 - APoZ`` (fraction of nonzero activations; higher kept).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> caps = {"fc": jp.activations.Captured(None, jnp.array([[1., -2.], [3., 4.]]))}
+      >>> jp.activations.apoz(caps)["fc"].tolist()
+      [1.0, 0.5]
+
+    References:
+      Hu et al., "Network Trimming", 2016. https://arxiv.org/abs/1607.03250
+    """
+    return _per_unit(captures, lambda z: jnp.mean(activation(z) != 0, axis=0).astype(jnp.float32))
+
+
+def unit_scores(params: optax.Params, per_unit: dict[str, jax.Array]) -> optax.Params:
+    """Returns ``per_unit`` scores broadcast onto each kernel's output axis (params' structure).
+
+    A kernel ``[..., in, out]`` whose module has a per-unit score vector
+    ``[out]`` gets it on every entry of each unit's column; kernels without
+    scores and non-kernel leaves get ``+inf`` (never chosen for pruning), so
+    ``topk``/``global_topk`` or a structured selection can consume the tree.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> p = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+      >>> jp.activations.unit_scores(p, {"fc": jnp.array([1., 3.])})["fc"]["kernel"].tolist()
+      [[1.0, 3.0], [1.0, 3.0]]
+    """
+    flat, treedef = leaves_with_paths(params)
+    out = []
+    for path, leaf in flat:
+        owner = _kernel_owner(path, leaf)
+        if owner is not None and owner in per_unit:
+            out.append(jnp.broadcast_to(per_unit[owner].astype(jnp.float32), jnp.shape(leaf)))
+        else:
+            out.append(jnp.full(jnp.shape(leaf), jnp.inf, jnp.float32))
+    return jax.tree.unflatten(treedef, out)

@@ -1,0 +1,236 @@
+"""Sparsity distributions: how a total sparsity is spread over the prunable leaves.
+
+A distribution is a function ``(params, sparsity, *, where) -> tree of per-leaf
+sparsities`` (the params' structure; ``0.0`` for leaves that are not pruned),
+whose total pruned fraction over the prunable leaves equals ``sparsity``. Any
+distribution becomes a selection for ``jp.prune(..., scope=...)`` with
+:func:`selection`; the total may be traced (a schedule's value), so ERK's
+re-solve runs with a fixed number of ``jnp`` iterations, never in Python.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxprune import masks as _masks
+from jaxprune._tree import Where, leaves_with_paths, path_str, prunable_flags
+
+__all__ = ["uniform", "erk", "explicit", "selection", "per_output"]
+
+Distribution = Callable[..., Any]
+
+
+def _tree_like(params: Any, values: list[Any]) -> Any:
+    _, treedef = leaves_with_paths(params)
+    return jax.tree.unflatten(treedef, values)
+
+
+def uniform(params: optax.Params, sparsity: Any, *, where: Where | None = None) -> optax.Params:
+    """Returns ``sparsity`` for every prunable leaf (and ``0.0`` for the others).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> jp.distributions.uniform({"w": jnp.ones((2, 2)), "b": jnp.ones(2)}, 0.5)
+      {'b': 0.0, 'w': 0.5}
+
+    References:
+      Zhu & Gupta, "To prune, or not to prune", 2017. https://arxiv.org/abs/1710.01878
+    """
+    flags = prunable_flags(params, where)
+    return _tree_like(params, [sparsity if f else 0.0 for f in flags])
+
+
+def erk(
+    params: optax.Params, sparsity: Any, *, where: Where | None = None, power_scale: float = 1.0
+) -> optax.Params:
+    """Returns Erdos-Renyi-Kernel per-leaf sparsities whose total equals ``sparsity``.
+
+    Leaf ``l`` (shape ``d_1 x ... x d_k``) gets density ``eps * (sum d_i /
+    prod d_i) ** power_scale``; ``eps`` is solved so the kept count matches
+    the total. A leaf that would exceed density 1 is made dense and ``eps``
+    re-solved over the rest, until no leaf overflows (at most one pass per
+    leaf, unrolled, so a traced ``sparsity`` works under jit).
+
+    Args:
+      params: the params (only shapes are read).
+      sparsity: the total fraction to prune over the prunable leaves (may be traced).
+      where: predicate choosing the prunable leaves.
+      power_scale: ``1.0`` is ERK; ``0.0`` gives the uniform distribution.
+
+    Returns:
+      A tree with the params' structure of per-leaf sparsities (``0.0`` for
+      leaves that are not pruned).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> p = {"a": jnp.ones((100, 100)), "b": jnp.ones((100, 2))}
+      >>> s = jp.distributions.erk(p, 0.5)
+      >>> float(s["b"]), round(float(s["a"]), 4)  # the thin layer is kept dense
+      (0.0, 0.51)
+
+    References:
+      Evci et al., "Rigging the Lottery: Making All Tickets Winners", 2020.
+      https://arxiv.org/abs/1911.11134; Mocanu et al. 2018 (Erdos-Renyi).
+      https://arxiv.org/abs/1707.04780
+    """
+    flags = prunable_flags(params, where)
+    flat, _ = leaves_with_paths(params)
+    idx = [i for i, f in enumerate(flags) if f]
+    if not idx:
+        return _tree_like(params, [0.0] * len(flat))
+    shapes = [jnp.shape(flat[i][1]) for i in idx]
+    n = jnp.array([math.prod(s) for s in shapes], jnp.float32)
+    raw = jnp.array([(sum(s) / math.prod(s)) ** power_scale for s in shapes], jnp.float32)
+    keep_total = (1.0 - jnp.asarray(sparsity, jnp.float32)) * jnp.sum(n)
+    dense = jnp.zeros(len(idx), bool)
+    eps = jnp.float32(0.0)
+    for _ in range(len(idx)):
+        free = jnp.sum(jnp.where(dense, 0.0, raw * n))
+        eps = (keep_total - jnp.sum(jnp.where(dense, n, 0.0))) / jnp.maximum(free, 1e-30)
+        dense = dense | (eps * raw > 1.0)
+    density = jnp.clip(jnp.where(dense, 1.0, eps * raw), 0.0, 1.0)
+    values: list[Any] = [0.0] * len(flat)
+    for j, i in enumerate(idx):
+        values[i] = 1.0 - density[j]
+    return _tree_like(params, values)
+
+
+def explicit(mapping: Mapping[str, float], default: float | None = None) -> Distribution:
+    """Returns a distribution giving each leaf the sparsity named for its path.
+
+    Args:
+      mapping: ``{path: sparsity}`` with paths as ``jp.path_str`` writes them
+        (``"layers/0/kernel"``).
+      default: sparsity for prunable leaves not in ``mapping``; ``None`` makes
+        a missing leaf an error.
+
+    Returns:
+      ``(params, sparsity, *, where) -> per-leaf sparsities``; the total
+      ``sparsity`` argument is ignored (the mapping is the distribution).
+
+    Raises:
+      ValueError: a value is outside ``[0, 1]``, or (when called) a key names
+        no leaf or a prunable leaf has no entry and no ``default``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> d = jp.distributions.explicit({"a": 0.9}, default=0.5)
+      >>> d({"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}, None)
+      {'a': 0.9, 'b': 0.5}
+    """
+    for k, v in list(mapping.items()) + ([("default", default)] if default is not None else []):
+        if not 0.0 <= float(v) <= 1.0:
+            raise ValueError(
+                f"explicit sparsity for {k!r} must be in [0, 1], got {v!r}. Fix: e.g. 0.9 "
+                "to prune 90% of that leaf."
+            )
+    table = dict(mapping)
+
+    def distribution(params, sparsity=None, *, where=None):
+        del sparsity
+        flags = prunable_flags(params, where)
+        flat, _ = leaves_with_paths(params)
+        names = [path_str(p) for p, _ in flat]
+        unknown = sorted(k for k in table if k not in names)
+        if unknown:
+            raise ValueError(
+                f"explicit sparsities name no leaf: {unknown}; the leaves are {names}. Fix: use "
+                "the paths jp.path_str prints."
+            )
+        values = []
+        for name, f in zip(names, flags, strict=False):
+            if name in table:
+                values.append(table[name])
+            elif not f:
+                values.append(0.0)
+            elif default is None:
+                raise ValueError(
+                    f"prunable leaf {name!r} has no explicit sparsity. Fix: add it to the "
+                    "mapping or pass default=..."
+                )
+            else:
+                values.append(default)
+        return _tree_like(params, values)
+
+    return distribution
+
+
+def selection(
+    distribution: Distribution, select: Callable[..., Any] = _masks.topk
+) -> Callable[..., Any]:
+    """Returns a selection ``(scores, sparsity, *, where) -> masks`` spreading ``sparsity``.
+
+    Use it as ``jp.prune(..., scope=jp.distributions.selection(jp.distributions.erk))``:
+    on each refresh the schedule's total sparsity is spread with
+    ``distribution`` and each leaf pruned with ``select`` (default
+    ``jp.masks.topk``, exact count per leaf).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> scores = {"a": jnp.ones((100, 100)), "b": jnp.ones((100, 2))}
+      >>> m = jp.distributions.selection(jp.distributions.erk)(scores, 0.5)
+      >>> int(m["b"].sum()), int(m["a"].sum())
+      (200, 4900)
+    """
+
+    def select_fn(scores, sparsity, *, where=None):
+        per_leaf = distribution(scores, sparsity, where=where)
+        if select is _masks.topk:
+            return _topk_per_leaf(scores, per_leaf, where)
+        return select(scores, per_leaf, where=where)
+
+    return select_fn
+
+
+def _topk_per_leaf(scores: Any, per_leaf: Any, where: Where | None) -> Any:
+    """``jp.masks.topk`` with one (possibly traced) sparsity per leaf, read leaf by leaf."""
+    flags = prunable_flags(scores, where)
+    flat, treedef = leaves_with_paths(scores)
+    s_flat = jax.tree.leaves(per_leaf)
+    out = []
+    for (_, x), f, s in zip(flat, flags, s_flat, strict=False):
+        if f:
+            keep = _masks._select([_masks.ordered_keys(x)], _masks._count(s, jnp.size(x)))[0]
+            out.append(keep.reshape(jnp.shape(x)))
+        else:
+            out.append(jnp.ones((), bool))
+    return jax.tree.unflatten(treedef, out)
+
+
+def per_output(scores: Any, sparsity: Any, *, where: Where | None = None, axis: int = -1) -> Any:
+    """Returns masks pruning the same exact fraction within every output unit of each leaf.
+
+    Each slice along ``axis`` (an output unit: a column of a flax kernel
+    ``[..., in, out]``) prunes ``round(s * slice size)`` of its lowest scores,
+    as Wanda compares weights per output row.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> m = jp.distributions.per_output({"w": jnp.array([[1., 5.], [2., 4.]])}, 0.5)
+      >>> m["w"].tolist()
+      [[False, True], [True, False]]
+
+    References:
+      Sun et al., "A Simple and Effective Pruning Approach for Large Language
+      Models" (Wanda), 2023. https://arxiv.org/abs/2306.11695
+    """
+    flags = prunable_flags(scores, where)
+    per_leaf = _masks._per_leaf_sparsity(scores, sparsity, flags)
+    flat, treedef = leaves_with_paths(scores)
+    out = []
+    for (_, x), f, s in zip(flat, flags, per_leaf, strict=False):
+        if not f:
+            out.append(jnp.ones((), bool))
+            continue
+        moved = jnp.moveaxis(jnp.asarray(x), axis, 0)
+        rows = moved.reshape(moved.shape[0], -1)
+        k = _masks._count(s, rows.shape[1])
+        keep = jax.vmap(lambda r, k=k: _masks._select([_masks.ordered_keys(r)], k)[0])(rows)
+        out.append(jnp.moveaxis(keep.reshape(moved.shape), 0, axis))
+    return jax.tree.unflatten(treedef, out)

@@ -1,0 +1,276 @@
+"""Drivers: loops around a user's train function (iterative pruning, lottery tickets, random masks).
+
+The train function is the user's: ``train(params, masks) -> params`` trains
+with the masks enforced (e.g. ``jp.prune(tx, sparsity=..., criterion=lambda
+params: masks_as_scores)`` or plain ``jp.apply_masks`` after every step) and
+returns the trained params. Drivers only decide which masks and which starting
+params each round gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxprune import criteria as _criteria
+from jaxprune import masks as _masks
+from jaxprune._tree import Where, prunable_flags
+
+__all__ = ["Round", "iterative_pruning", "lottery_ticket", "random_masks", "average_over_masks"]
+
+
+class Round(NamedTuple):
+    """One round of :func:`iterative_pruning`."""
+
+    index: int  # 0 for the dense round
+    sparsity: float  # the masks' fraction of pruned prunable entries
+    masks: optax.Params  # the masks this round trained with
+    params: optax.Params  # the params after this round's training
+
+
+def _scope_fn(scope: str | Callable[..., Any]) -> Callable[..., Any]:
+    if callable(scope):
+        return scope
+    if scope == "layer":
+        return _masks.topk
+    if scope == "global":
+        return _masks.global_topk
+    raise ValueError(
+        f"scope must be 'layer', 'global' or a selection function, got {scope!r}. "
+        "Fix: scope='global' (as the lottery-ticket paper's conv nets) or 'layer'."
+    )
+
+
+def _ones(params: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), params)
+
+
+def iterative_pruning(
+    train: Callable[[Any, Any], Any],
+    params: optax.Params,
+    *,
+    rounds: int,
+    rate: float | Sequence[float],
+    rewind_to: optax.Params | None = None,
+    criterion: Callable[..., Any] = _criteria.magnitude,
+    scope: str | Callable[..., Any] = "global",
+    where: Where | None = None,
+    trained: optax.Params | None = None,
+    progress: bool = False,
+) -> list[Round]:
+    """Returns the rounds of prune -> (rewind) -> train, repeated ``rounds`` times.
+
+    Round 0 trains ``params`` dense (or takes ``trained``, if given). Round
+    ``r >= 1`` prunes ``rate`` of the weights still alive after round ``r-1``
+    (so sparsity ``1 - (1 - rate)**r``) by ``criterion`` on the trained params,
+    then trains again starting from ``rewind_to`` masked (lottery-ticket
+    rewinding: ``theta_0`` or ``theta_k``), or, when ``rewind_to`` is ``None``,
+    from the trained params masked (Han et al.'s prune-retrain).
+
+    Args:
+      train: ``train(params, masks) -> trained params`` with the masks enforced.
+      params: the initial params (``theta_0``).
+      rounds: number of pruning rounds after the dense one.
+      rate: fraction of the surviving prunable weights removed each round, in
+        (0, 1); or a sequence of ``rounds`` increasing target sparsities.
+      rewind_to: params to restart every pruned round from; ``None`` continues
+        from the trained weights.
+      criterion: ``params -> scores`` (higher kept) on the trained params.
+      scope: ``"global"``, ``"layer"`` or a selection function.
+      where: predicate choosing the prunable leaves.
+      trained: round 0's trained params, to skip its training.
+      progress: show a tqdm bar over rounds.
+
+    Returns:
+      ``rounds + 1`` :class:`Round` records, dense first.
+
+    Raises:
+      ValueError: ``rounds`` or ``rate`` out of range.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> train = lambda p, m: jp.apply_masks(p, m)  # a stand-in for real training
+      >>> rs = jp.drivers.iterative_pruning(train, {"w": jnp.arange(1., 17.).reshape(4, 4)},
+      ...                                   rounds=2, rate=0.5)
+      >>> [r.sparsity for r in rs], [int((r.params["w"] != 0).sum()) for r in rs]
+      ([0.0, 0.5, 0.75], [16, 8, 4])
+
+    References:
+      Han et al. 2015, https://arxiv.org/abs/1506.02626; Frankle & Carbin,
+      "The Lottery Ticket Hypothesis", 2019, https://arxiv.org/abs/1803.03635;
+      Frankle et al., "Stabilizing the Lottery Ticket Hypothesis" (rewinding to
+      theta_k), 2019, https://arxiv.org/abs/1903.01611
+    """
+    if not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"rounds must be a non-negative int, got {rounds!r}. Fix: e.g. rounds=5.")
+    if isinstance(rate, (list, tuple)):
+        targets = [float(x) for x in rate]
+        if (
+            len(targets) != rounds
+            or any(not 0.0 < t < 1.0 for t in targets)
+            or any(b < a for a, b in zip(targets, targets[1:], strict=False))
+        ):
+            raise ValueError(
+                f"rate as a sequence must hold {rounds} increasing per-round target sparsities "
+                f"in (0, 1), got {rate!r}. Fix: e.g. rate=[0.5, 0.75, 0.875] for rounds=3."
+            )
+    elif not 0.0 < float(rate) < 1.0:
+        raise ValueError(
+            f"rate must be in (0, 1) (the fraction of surviving weights pruned per round), got "
+            f"{rate!r}. Fix: e.g. rate=0.2 as in the lottery-ticket paper."
+        )
+    else:
+        targets = [1.0 - (1.0 - float(rate)) ** r for r in range(1, rounds + 1)]
+    select = _scope_fn(scope)
+    flags = prunable_flags(params, where)
+    masks = _ones(params)
+    current = trained if trained is not None else train(params, masks)
+    out = [Round(0, 0.0, masks, current)]
+    for r in tqdm(range(1, rounds + 1), desc="pruning rounds", disable=not progress):
+        target = targets[r - 1]
+        scores = criterion(current)
+        # Already-pruned entries go first whatever their score, so masks are nested.
+        scores = jax.tree.map(
+            lambda s, m, f: jnp.where(m, s.astype(jnp.float32), -jnp.inf) if f else s,
+            scores,
+            masks,
+            _tree_of(params, flags),
+        )
+        masks = select(scores, target, where=where)
+        start = rewind_to if rewind_to is not None else current
+        current = train(_masks.apply_masks(start, masks), masks)
+        out.append(Round(r, float(_masks.sparsity(masks, where=where)), masks, current))
+    return out
+
+
+def _tree_of(params: Any, values: Sequence[Any]) -> Any:
+    return jax.tree.unflatten(jax.tree.structure(params), list(values))
+
+
+def lottery_ticket(
+    train: Callable[[Any, Any], Any],
+    init_params: optax.Params,
+    *,
+    rounds: int,
+    rate: float | Sequence[float] = 0.2,
+    rewind_to: optax.Params | None = None,
+    scope: str | Callable[..., Any] = "global",
+    where: Where | None = None,
+    trained: optax.Params | None = None,
+    progress: bool = False,
+) -> list[Round]:
+    """Returns iterative magnitude pruning rounds, each restarted from ``theta_0`` or ``theta_k``.
+
+    :func:`iterative_pruning` with magnitude scores and rewinding to
+    ``init_params`` (``theta_0``), or to ``rewind_to`` (``theta_k``, the params
+    after ``k`` early training steps, which the paper shows is needed for
+    deeper networks).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> theta0 = {"w": jnp.ones((2, 4))}
+      >>> train = lambda p, m: jp.apply_masks(
+      ...     {"w": p["w"] * jnp.arange(1., 9.).reshape(2, 4)}, m)  # trains w to 1..8
+      >>> r = jp.drivers.lottery_ticket(train, theta0, rounds=1, rate=0.5)[1]
+      >>> r.masks["w"].tolist()
+      [[False, False, False, False], [True, True, True, True]]
+      >>> r.params["w"].tolist()  # survivors restarted from theta_0, then trained
+      [[0.0, 0.0, 0.0, 0.0], [5.0, 6.0, 7.0, 8.0]]
+
+    References:
+      Frankle & Carbin 2019, https://arxiv.org/abs/1803.03635; Frankle et al.
+      2019 (rewinding), https://arxiv.org/abs/1912.05671
+    """
+    return iterative_pruning(
+        train,
+        init_params,
+        rounds=rounds,
+        rate=rate,
+        rewind_to=init_params if rewind_to is None else rewind_to,
+        criterion=_criteria.magnitude,
+        scope=scope,
+        where=where,
+        trained=trained,
+        progress=progress,
+    )
+
+
+def random_masks(
+    params: optax.Params,
+    sparsity: Any,
+    *,
+    key: jax.Array,
+    num_masks: int = 1,
+    scope: str | Callable[..., Any] = "layer",
+    where: Where | None = None,
+) -> list[optax.Params]:
+    """Returns ``num_masks`` independent random masks, each with exact counts.
+
+    Mask ``i`` draws its scores from ``jax.random.fold_in(key, i)``, so the
+    same key always gives the same masks.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
+      >>> ms = jp.drivers.random_masks({"w": jnp.ones((4, 4))}, 0.5, key=jax.random.key(0),
+      ...                              num_masks=3)
+      >>> [int(m["w"].sum()) for m in ms]
+      [8, 8, 8]
+
+    References:
+      Blalock et al., "What is the State of Neural Network Pruning?", 2020.
+      https://arxiv.org/abs/2003.03033
+    """
+    if not isinstance(num_masks, int) or num_masks < 1:
+        raise ValueError(f"num_masks must be a positive int, got {num_masks!r}.")
+    select = _scope_fn(scope)
+    return [
+        select(_criteria.random(params, key=jax.random.fold_in(key, i)), sparsity, where=where)
+        for i in range(num_masks)
+    ]
+
+
+def average_over_masks(
+    evaluate: Callable[[Any], float],
+    params: optax.Params,
+    sparsity: Any,
+    *,
+    key: jax.Array,
+    num_masks: int = 5,
+    scope: str | Callable[..., Any] = "layer",
+    where: Where | None = None,
+) -> tuple[float, float, list[float]]:
+    """Returns ``(mean, std, values)`` of ``evaluate(masks)`` over random masks.
+
+    Randomized pruning is a distribution, not one number: evaluate several
+    random masks (e.g. each fine-tuned and tested) and report mean and spread.
+
+    Args:
+      evaluate: ``masks -> metric`` (e.g. train with the masks, return test accuracy).
+      params: params (shapes only).
+      sparsity: fraction to prune.
+      key: PRNG key; mask ``i`` uses ``fold_in(key, i)``.
+      num_masks: number of masks.
+      scope: ``"layer"``, ``"global"`` or a selection function.
+      where: predicate choosing the prunable leaves.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
+      >>> w = {"w": jnp.arange(16.).reshape(4, 4)}
+      >>> kept = lambda m: float(jp.apply_masks(w, m)["w"].sum())
+      >>> mean, std, vals = jp.drivers.average_over_masks(kept, w, 0.5, key=jax.random.key(0))
+      >>> len(vals), 0 < mean < 120
+      (5, True)
+    """
+    values = [
+        float(evaluate(m))
+        for m in random_masks(
+            params, sparsity, key=key, num_masks=num_masks, scope=scope, where=where
+        )
+    ]
+    return float(np.mean(values)), float(np.std(values)), values

@@ -1,0 +1,347 @@
+"""Dynamic sparse training: SET and RigL as optax wrappers around any optimizer.
+
+The network is sparse from the first step (random masks at the distribution's
+per-leaf sparsities) and stays at exactly that sparsity: every ``update_every``
+steps each prunable leaf drops the ``k`` active weights of smallest magnitude
+and regrows ``k`` inactive ones (largest dense-gradient magnitude for RigL, at
+random for SET). Regrown weights start at exactly 0 and the inner optimizer's
+per-parameter moments of every dropped or regrown entry are reset to 0, so a
+regrown weight does not inherit the momentum it had before it was pruned.
+
+Moments are found by structure, not by optimizer type: any subtree of the
+inner state with the params' tree structure, whose leaf has the param's shape,
+is reset there (adam's ``mu``/``nu``, sgd's momentum ``trace``, lion's ``mu``,
+``inject_hyperparams``-wrapped ones alike). Adafactor's factored second moments
+(one row and one column vector per matrix) cannot be reset per entry and are
+left as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxprune import criteria as _criteria
+from jaxprune import distributions as _dist
+from jaxprune import masks as _masks
+from jaxprune._tree import Where, prunable_flags, unwrap_variables
+from jaxprune.transform import get_masks as _get_masks
+from jaxprune.transform import register_mask_state
+
+__all__ = ["DynamicSparseState", "rigl", "set", "cosine_drop_fraction", "get_masks"]
+
+
+class DynamicSparseState(NamedTuple):
+    """State of :func:`rigl` and :func:`set`."""
+
+    count: jax.Array  # int32 [], number of update steps taken
+    masks: optax.Params  # bool, the params' structure; non-prunable leaves: scalar True
+    inner_state: optax.OptState  # the wrapped optimizer's state
+    key_data: jax.Array  # uint32 raw PRNG key data (jax.random.key_data)
+
+
+# jp.get_masks (and the checkpoint and report tools) find this state too.
+register_mask_state(DynamicSparseState)
+get_masks = _get_masks
+
+
+def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array:
+    """Returns RigL's drop fraction ``alpha / 2 * (1 + cos(pi * step / end_step))``.
+
+    Examples:
+      >>> import jaxprune as jp
+      >>> [round(float(jp.dynamic.cosine_drop_fraction(t, alpha=0.3, end_step=10)), 4)
+      ...  for t in (0, 5, 10)]
+      [0.3, 0.15, 0.0]
+    """
+    t = jnp.minimum(jnp.asarray(step, jnp.float32), end_step)
+    return jnp.float32(alpha / 2) * (1.0 + jnp.cos(jnp.pi * t / end_step))
+
+
+def _validate(sparsity, update_every, end_step, drop_fraction, regrow, key):
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(
+            f"sparsity must be a float in [0, 1) (the constant fraction of pruned weights), got "
+            f"{sparsity!r}. Fix: e.g. sparsity=0.9."
+        )
+    if not isinstance(update_every, int) or update_every < 1:
+        raise ValueError(
+            f"update_every must be a positive int (steps between drop/grow), got "
+            f"{update_every!r}. Fix: e.g. update_every=100 as in RigL."
+        )
+    if end_step is not None and (not isinstance(end_step, int) or end_step < 1):
+        raise ValueError(
+            f"end_step must be a positive int (last drop/grow step) or None, got {end_step!r}. "
+            "Fix: RigL uses 75% of the training steps."
+        )
+    if not 0.0 <= float(drop_fraction) <= 1.0:
+        raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction!r}. Fix: e.g. 0.3.")
+    if regrow not in ("gradient", "random"):
+        raise ValueError(f"regrow must be 'gradient' (RigL) or 'random' (SET), got {regrow!r}.")
+    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
+        raise ValueError(
+            f"key must be a typed PRNG key (jax.random.key(seed)) for the initial random masks, "
+            f"got {key!r}. Fix: key=jax.random.key(0)."
+        )
+
+
+def _drop_grow(w, g, m, frac, key, regrow):
+    """Returns ``(new_mask, changed)`` for one leaf: drop k smallest |w|, regrow k."""
+    n = m.size
+    k = jnp.floor(frac * jnp.sum(m, dtype=jnp.int32)).astype(jnp.int32)
+    inf = jnp.float32(jnp.inf)
+    drop_score = jnp.where(m, jnp.abs(w).astype(jnp.float32), inf)
+    after = _masks._select([_masks.ordered_keys(drop_score)], k)[0].reshape(m.shape) & m
+    if regrow == "gradient":
+        grow = jnp.abs(g).astype(jnp.float32)
+    else:
+        grow = jax.random.uniform(key, m.shape, jnp.float32)
+    grow_score = jnp.where(after, -inf, grow)
+    top = _masks._select([_masks.ordered_keys(grow_score)], n - k)[0].reshape(m.shape)
+    new = after | (top & ~after)
+    return new, new != m
+
+
+def _is_params_like(x: Any, treedef: Any) -> bool:
+    try:
+        return jax.tree.structure(x) == treedef and not isinstance(x, jax.Array)
+    except Exception:  # noqa: BLE001 (exotic nodes are simply not params-like)
+        return False
+
+
+def _reset_moments(inner_state: Any, treedef: Any, reset: list[jax.Array]) -> Any:
+    """Zeroes, in every params-shaped subtree of ``inner_state``, the entries in ``reset``."""
+
+    def fix(sub):
+        if not _is_params_like(sub, treedef):
+            return sub
+        leaves = jax.tree.leaves(sub)
+        out = [
+            jnp.where(r, jnp.zeros((), x.dtype), x) if jnp.shape(x) == jnp.shape(r) else x
+            for x, r in zip(leaves, reset, strict=False)
+        ]
+        return jax.tree.unflatten(treedef, out)
+
+    if treedef.num_leaves == 1 and treedef == jax.tree.structure(0):
+        # A bare-array params tree: every state leaf of the right shape is a moment.
+        return jax.tree.map(
+            lambda x: (
+                jnp.where(reset[0], jnp.zeros((), x.dtype), x)
+                if jnp.shape(x) == jnp.shape(reset[0]) and jnp.ndim(x)
+                else x
+            ),
+            inner_state,
+        )
+    return jax.tree.map(fix, inner_state, is_leaf=lambda x: _is_params_like(x, treedef))
+
+
+def _dynamic(
+    tx,
+    *,
+    sparsity,
+    key,
+    regrow,
+    update_every,
+    end_step,
+    drop_fraction,
+    cosine,
+    distribution,
+    where,
+) -> optax.GradientTransformationExtraArgs:
+    _validate(sparsity, update_every, end_step, drop_fraction, regrow, key)
+    inner = optax.with_extra_args_support(tx)
+    key_data = jax.random.key_data(key)
+
+    def init_fn(params):
+        pure = unwrap_variables(params)
+        per_leaf = distribution(pure, float(sparsity), where=where)
+        scores = _criteria.random(pure, key=jax.random.fold_in(key, 0x5EED))
+        masks = _dist._topk_per_leaf(scores, per_leaf, where)
+        return DynamicSparseState(
+            count=jnp.zeros((), jnp.int32),
+            masks=masks,
+            inner_state=inner.init(params),
+            key_data=key_data,
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError(
+                "dynamic sparse training needs the current params (magnitudes to drop): call "
+                "tx.update(grads, state, params)."
+            )
+        params = unwrap_variables(params)
+        flags = prunable_flags(params, where)
+        step = state.count
+        p_flat, treedef = jax.tree.flatten(params)
+        g_flat = jax.tree.leaves(updates)
+        m_flat = jax.tree.leaves(state.masks)
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key_data), step)
+        if cosine:
+            frac = cosine_drop_fraction(step, alpha=float(drop_fraction), end_step=end_step)
+        else:
+            frac = jnp.float32(drop_fraction)
+        in_window = step > 0 if end_step is None else (step > 0) & (step < end_step)
+        is_update = in_window & (step % update_every == 0)
+
+        def rewire():
+            masks, changed = [], []
+            for i, (w, g, m, f) in enumerate(zip(p_flat, g_flat, m_flat, flags, strict=False)):
+                if f:
+                    new, ch = _drop_grow(w, g, m, frac, jax.random.fold_in(step_key, i), regrow)
+                else:
+                    new, ch = m, jnp.zeros(jnp.shape(m), bool)
+                masks.append(new)
+                changed.append(ch)
+            return masks, changed
+
+        def keep():
+            return list(m_flat), [jnp.zeros(jnp.shape(m), bool) for m in m_flat]
+
+        masks, changed = jax.lax.cond(is_update, rewire, keep)
+        zeroed = [
+            jnp.where(m, g, jnp.zeros((), g.dtype)) if f else g
+            for g, m, f in zip(g_flat, masks, flags, strict=False)
+        ]
+        new_updates, inner_state = inner.update(
+            jax.tree.unflatten(treedef, zeroed), state.inner_state, params, **extra_args
+        )
+        # After the step, so a rewired entry leaves this step with exactly zero moments.
+        inner_state = _reset_moments(inner_state, treedef, changed)
+        u_flat = jax.tree.leaves(new_updates)
+        # Active and not just regrown: the optimizer's step; otherwise land on exactly 0.
+        out = [
+            jnp.where(m & ~(c & m), u, -p.astype(u.dtype)) if f else u
+            for u, p, m, c, f in zip(u_flat, p_flat, masks, changed, flags, strict=False)
+        ]
+        new_state = DynamicSparseState(
+            count=optax.safe_increment(step),
+            masks=jax.tree.unflatten(treedef, masks),
+            inner_state=inner_state,
+            key_data=state.key_data,
+        )
+        return jax.tree.unflatten(treedef, out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def rigl(
+    tx: optax.GradientTransformation,
+    *,
+    sparsity: float,
+    key: jax.Array,
+    end_step: int,
+    update_every: int = 100,
+    drop_fraction: float = 0.3,
+    regrow: str = "gradient",
+    distribution: Any = _dist.erk,
+    where: Where | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Returns ``tx`` trained sparse with RigL: drop by |w|, regrow by |dense gradient|.
+
+    Every ``update_every`` steps before ``end_step``, each prunable leaf drops
+    ``floor(f(t) * active)`` active weights of smallest magnitude, with the
+    cosine fraction ``f(t) = drop_fraction / 2 * (1 + cos(pi t / end_step))``,
+    and regrows as many inactive ones with the largest dense gradient
+    (``regrow="random"`` draws them at random instead). Regrown weights start
+    at 0 and their optimizer moments are reset; per-leaf and total sparsity
+    are exactly constant.
+
+    Args:
+      tx: the inner optimizer (adam, sgd with momentum, lion, adafactor,
+        ``inject_hyperparams``-built ones, chains...).
+      sparsity: the constant total fraction of pruned prunable weights.
+      key: PRNG key for the initial random masks (and random regrowth).
+      end_step: last step on which connectivity changes (RigL: 75% of training).
+      update_every: steps between drop/grow updates (RigL: 100).
+      drop_fraction: the initial drop fraction ``alpha`` (RigL: 0.3).
+      regrow: ``"gradient"`` (RigL) or ``"random"``.
+      distribution: how ``sparsity`` is spread over leaves
+        (``jp.distributions.erk``, ``uniform`` or an ``explicit`` mapping).
+      where: predicate choosing the prunable leaves.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state
+      :class:`DynamicSparseState`; :func:`get_masks` reads its masks.
+
+    Raises:
+      ValueError: an argument is out of range (named in the message).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
+      >>> params = {"w": jnp.ones((8, 8))}
+      >>> tx = jp.dynamic.rigl(optax.adam(1e-2), sparsity=0.75, key=jax.random.key(0),
+      ...                      end_step=10, update_every=2, distribution=jp.distributions.uniform)
+      >>> state = tx.init(params)
+      >>> for _ in range(5):
+      ...     updates, state = tx.update(params, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> float(jp.sparsity(params)), float(jp.sparsity(jp.dynamic.get_masks(state)))
+      (0.75, 0.75)
+
+    References:
+      Evci et al., "Rigging the Lottery: Making All Tickets Winners", 2020.
+      https://arxiv.org/abs/1911.11134
+    """
+    return _dynamic(
+        tx,
+        sparsity=sparsity,
+        key=key,
+        regrow=regrow,
+        update_every=update_every,
+        end_step=end_step,
+        drop_fraction=drop_fraction,
+        cosine=True,
+        distribution=distribution,
+        where=where,
+    )
+
+
+def set(  # noqa: A001 (the algorithm's name; the builtin is not used in this module)
+    tx: optax.GradientTransformation,
+    *,
+    sparsity: float,
+    key: jax.Array,
+    update_every: int,
+    drop_fraction: float = 0.3,
+    end_step: int | None = None,
+    distribution: Any = _dist.erk,
+    where: Where | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Returns ``tx`` trained sparse with SET: drop a constant fraction by |w|, regrow at random.
+
+    Every ``update_every`` steps (the paper: each epoch) each prunable leaf
+    drops ``floor(drop_fraction * active)`` weights closest to zero and regrows
+    as many at random; regrown weights start at 0 with reset moments. See
+    :func:`rigl` for the arguments.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
+      >>> tx = jp.dynamic.set(optax.sgd(0.1, momentum=0.9), sparsity=0.5,
+      ...                     key=jax.random.key(0), update_every=1)
+      >>> params = {"w": jnp.ones((4, 4))}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> float(jp.sparsity(optax.apply_updates(params, updates)))
+      0.5
+
+    References:
+      Mocanu et al., "Scalable training of artificial neural networks with
+      adaptive sparse connectivity inspired by network science", 2018.
+      https://arxiv.org/abs/1707.04780
+    """
+    return _dynamic(
+        tx,
+        sparsity=sparsity,
+        key=key,
+        regrow="random",
+        update_every=update_every,
+        end_step=end_step,
+        drop_fraction=drop_fraction,
+        cosine=False,
+        distribution=distribution,
+        where=where,
+    )

@@ -1,0 +1,127 @@
+"""Redundancy merging (NoiseOut): remove a unit whose activation another unit predicts.
+
+For hidden activations ``h`` (post-nonlinearity) feeding ``y = h @ W + b``: if
+``h_j ~ a * h_i + c`` then removing unit ``j`` and setting
+``W_i <- W_i + a * W_j``, ``b <- b + c * W_j`` leaves ``y`` unchanged up to the
+fit's residual (exactly, when ``h_j`` is an affine function of ``h_i``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+__all__ = ["MergeResult", "most_correlated_pair", "merge_pair", "noiseout"]
+
+
+class MergeResult(NamedTuple):
+    """Outgoing weights after merging, and which units survive."""
+
+    w_out: jax.Array  # [units, out], removed rows zeroed
+    b_out: jax.Array  # [out]
+    alive: jax.Array  # bool [units]; zero the incoming kernel's columns where False
+    pairs: jax.Array  # int32 [num_merges, 2]: (kept i, removed j) in merge order
+
+
+def most_correlated_pair(
+    h: ArrayLike, alive: ArrayLike | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Returns ``(i, j)``, the two alive units whose activations have the largest |correlation|.
+
+    Constant (e.g. dead ReLU) units have no defined correlation and are never chosen.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> h = jnp.array([[1., 0., 2.], [2., 1., 4.], [3., 0., 6.]])
+      >>> [int(v) for v in jp.merge.most_correlated_pair(h)]
+      [0, 2]
+    """
+    h = jnp.asarray(h, jnp.float32)
+    units = h.shape[1]
+    alive = jnp.ones(units, bool) if alive is None else jnp.asarray(alive, bool)
+    hc = h - h.mean(axis=0)
+    std = jnp.sqrt(jnp.sum(hc**2, axis=0))
+    ok = alive & (std > 1e-12)
+    corr = (hc.T @ hc) / jnp.maximum(std[:, None] * std[None, :], 1e-30)
+    valid = ok[:, None] & ok[None, :] & ~jnp.eye(units, dtype=bool)
+    flat = jnp.argmax(jnp.where(valid, jnp.abs(corr), -1.0))
+    i, j = flat // units, flat % units
+    return jnp.minimum(i, j).astype(jnp.int32), jnp.maximum(i, j).astype(jnp.int32)
+
+
+def merge_pair(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, i, j):
+    """Returns ``(w_out, b_out)`` with unit ``j`` folded into unit ``i`` by least squares.
+
+    ``(a, c) = argmin ||h_j - (a h_i + c)||^2``; then ``W_i += a W_j``,
+    ``b += c W_j`` and row ``j`` of ``w_out`` is zeroed.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> h = jnp.array([[1., 3.], [2., 5.]])       # h_1 = 2 h_0 + 1
+      >>> w, b = jnp.array([[1.], [1.]]), jnp.zeros(1)
+      >>> w2, b2 = jp.merge.merge_pair(h, w, b, 0, 1)
+      >>> w2.tolist(), b2.tolist()
+      ([[3.0], [0.0]], [1.0])
+    """
+    h = jnp.asarray(h, jnp.float32)
+    w_out, b_out = jnp.asarray(w_out), jnp.asarray(b_out)
+    hi, hj = h[:, i], h[:, j]
+    hi_c = hi - hi.mean()
+    a = jnp.sum(hi_c * (hj - hj.mean())) / jnp.maximum(jnp.sum(hi_c**2), 1e-30)
+    c = hj.mean() - a * hi.mean()
+    wj = w_out[j]
+    w_out = w_out.at[i].add((a * wj).astype(w_out.dtype)).at[j].set(0)
+    b_out = b_out + (c * wj).astype(b_out.dtype)
+    return w_out, b_out
+
+
+def noiseout(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, num_merges: int) -> MergeResult:
+    """Returns the outgoing layer after ``num_merges`` greedy merges of the most correlated units.
+
+    Args:
+      h: activations of the hidden layer on a calibration batch, ``[N, units]``
+        (after the nonlinearity: the values the next layer multiplies).
+      w_out: the next layer's kernel ``[units, out]``.
+      b_out: the next layer's bias ``[out]``.
+      num_merges: how many units to remove (one per merge).
+
+    Returns:
+      A :class:`MergeResult`; apply ``alive`` to the previous layer's kernel
+      columns and bias to remove the units there too.
+
+    Raises:
+      ValueError: ``num_merges`` is not in ``[0, units - 1]``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
+      >>> h0 = jax.random.normal(jax.random.key(0), (16, 3))
+      >>> h = jnp.concatenate([h0, 2 * h0[:, :1] - 1], axis=1)   # unit 3 duplicates unit 0
+      >>> w, b = jax.random.normal(jax.random.key(1), (4, 2)), jnp.zeros(2)
+      >>> r = jp.merge.noiseout(h, w, b, 1)
+      >>> r.alive.tolist(), bool(jnp.allclose(h @ r.w_out + r.b_out, h @ w + b, atol=1e-5))
+      ([True, True, True, False], True)
+
+    References:
+      Babaeizadeh, Smaragdis & Campbell, "NoiseOut: A Simple Way to Prune
+      Neural Networks", 2016. https://arxiv.org/abs/1611.06211
+    """
+    units = jnp.shape(h)[1]
+    if not isinstance(num_merges, int) or not 0 <= num_merges < units:
+        raise ValueError(
+            f"num_merges must be an int in [0, {units - 1}] (one unit removed per merge, at "
+            f"least one kept), got {num_merges!r}. Fix: e.g. num_merges={units // 2}."
+        )
+    h = jnp.asarray(h, jnp.float32)
+    w, b = jnp.asarray(w_out), jnp.asarray(b_out)
+    alive = jnp.ones(units, bool)
+    pairs = []
+    for _ in range(num_merges):
+        i, j = most_correlated_pair(h, alive)
+        w, b = merge_pair(h, w, b, i, j)
+        alive = alive.at[j].set(False)
+        pairs.append(jnp.stack([i, j]))
+    pairs_arr = jnp.stack(pairs) if pairs else jnp.zeros((0, 2), jnp.int32)
+    return MergeResult(w, b, alive, pairs_arr)

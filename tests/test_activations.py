@@ -1,0 +1,104 @@
+"""Activation capture (nnx and linen), Wanda norms, mean |a| and APoZ scores."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxprune as jp
+import jaxprune.activations  # noqa: F401  (until jaxprune/__init__ exports it)
+from jaxprune.models import MLP
+
+
+def test_capture_nnx_records_inputs_and_outputs_and_restores_the_class():
+    model = MLP((4, 3, 2), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (6, 4))
+    y, caps = jp.activations.capture_nnx(model, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(model(x)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(caps["layers/0"].inputs), np.asarray(x))
+    h = jax.nn.relu(caps["layers/0"].outputs)
+    np.testing.assert_allclose(np.asarray(caps["layers/1"].inputs), np.asarray(h), rtol=1e-6)
+    assert "__call__" not in nnx.Linear.__dict__ or nnx.Linear.__call__.__name__ == "__call__"
+    _, caps2 = nnx.jit(lambda m, x: jp.activations.capture_nnx(m, x))(model, x)
+    np.testing.assert_allclose(np.asarray(caps2["layers/1"].outputs), np.asarray(y), rtol=1e-5)
+
+
+def test_capture_linen_and_wanda_end_to_end():
+    m = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+    x = jax.random.normal(jax.random.key(1), (7, 4))
+    v = m.init(jax.random.key(0), x)
+    _, caps = jp.activations.capture_linen(m, v, x)
+    norms = jp.activations.input_norms(v["params"], [caps, caps])  # two batches
+    want = np.sqrt(2) * np.linalg.norm(np.asarray(x), axis=0)
+    np.testing.assert_allclose(np.asarray(norms["layers_0"]["kernel"]), want, rtol=1e-5)
+    s = jp.criteria.wanda(v["params"], norms)
+    k = np.asarray(v["params"]["layers_0"]["kernel"])
+    np.testing.assert_allclose(
+        np.asarray(s["layers_0"]["kernel"]), np.abs(k) * want[:, None], rtol=1e-5
+    )
+
+
+def test_mean_abs_apoz_and_unit_scores():
+    z = jnp.array([[1.0, -1.0, 2.0], [3.0, -2.0, -2.0]])
+    caps = {"fc": jp.activations.Captured(None, z)}
+    assert np.asarray(jp.activations.mean_abs(caps)["fc"]).tolist() == [2.0, 0.0, 1.0]
+    assert np.asarray(jp.activations.apoz(caps)["fc"]).tolist() == [1.0, 0.0, 0.5]
+    params = {
+        "fc": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+        "other": {"kernel": jnp.ones((3, 3))},
+    }
+    s = jp.activations.unit_scores(params, jp.activations.mean_abs(caps))
+    assert np.asarray(s["fc"]["kernel"]).tolist() == [[2.0, 0.0, 1.0]] * 2
+    assert np.all(np.isinf(np.asarray(s["other"]["kernel"])))
+    masks = jp.masks.topk(s, 1 / 3)  # the dead unit's column goes first
+    assert np.asarray(masks["fc"]["kernel"]).tolist() == [[True, False, True]] * 2
+
+
+def test_capture_restores_the_class_after_an_error():
+    model = MLP((4, 3), rngs=nnx.Rngs(0))
+    before = nnx.Linear.__dict__.get("__call__")
+    with pytest.raises(TypeError):
+        jp.activations.capture_nnx(model, jnp.ones((2, 5)), bad_kwarg=1)
+    assert nnx.Linear.__dict__.get("__call__") is before
+
+
+def test_activation_and_taylor_scores_drive_the_structured_selection():
+    model = MLP((4, 6, 2), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (32, 4))
+    _, caps = jp.activations.capture_nnx(model, x)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    per_unit = jp.activations.mean_abs(caps)
+    s = jp.activations.unit_scores(params, per_unit)
+    m = jp.masks.structured(
+        s, 0.5, axes=-1, reduce="mean", where=lambda p, x: p[:2] == ("layers", 0) and x.ndim == 2
+    )
+    kept = np.asarray(m["layers"][0]["kernel"]).all(axis=0)
+    order = np.argsort(np.asarray(per_unit["layers/0"]))
+    assert kept.sum() == 3 and not kept[order[:3]].any()
+    g = jax.grad(lambda p: jnp.mean(nnx.merge(*nnx.split(model))(x) ** 2))(model)
+    grads = nnx.to_pure_dict(nnx.state(g, nnx.Param))
+    t = jp.criteria.taylor(params, grads)
+    mt = jp.masks.structured(t, 0.5, axes=-1, reduce="mean")
+    cols = np.asarray(mt["layers"][0]["kernel"])
+    assert np.all(cols.all(axis=0) | (~cols).all(axis=0))  # whole units kept or dropped
+    assert cols.all(axis=0).sum() == 3
+
+
+def test_activation_criterion_inside_prune_gets_the_captures_by_name():
+    model = MLP((4, 6, 2), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (16, 4))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    def criterion(params, captures):
+        return jp.activations.unit_scores(params, jp.activations.apoz(captures))
+
+    tx = jp.prune(optax.sgd(0.0), sparsity=0.5, criterion=criterion)
+    _, caps = jp.activations.capture_nnx(model, x)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    _, state = jax.jit(tx.update)(grads, tx.init(params), params, captures=caps)
+    m = np.asarray(jp.get_masks(state)["layers"][0]["kernel"])
+    alive = np.asarray(jp.activations.apoz(caps)["layers/0"])
+    assert (~m).sum() == 12 and alive[~m.all(axis=0)].max() <= alive[m.all(axis=0)].min()
