@@ -9,6 +9,7 @@ real (:func:`shrink`), checkpoints are stored compressed (:func:`save`), and
 
 from jaxprune import (
     activations,
+    adversarial,
     at_init,
     checkpoint,
     criteria,
@@ -16,6 +17,7 @@ from jaxprune import (
     distributions,
     drivers,
     dynamic,
+    gates,
     llm,
     masks,
     merge,
@@ -35,6 +37,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "activations",
+    "adversarial",
+    "gates",
     "at_init",
     "distributions",
     "drivers",

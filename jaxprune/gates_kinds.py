@@ -1,0 +1,411 @@
+"""Gate kinds: the per-layer formulas of learned gates (sample, test gate, penalty, keep).
+
+A gate kind is a frozen (hashable) dataclass holding only static
+hyperparameters; its methods are pure functions of one layer's gate
+parameters (a dict of arrays whose names start with ``gate_``) and, where the
+formula needs it, the layer's kernel:
+
+* ``init(kernel, key) -> dict`` — the gate parameters of one layer;
+* ``apply(gp, kernel, key) -> (kernel, unit_scale)`` — the gated kernel and the
+  per-output-unit factor to apply to the bias (``None`` when the bias is not
+  gated); a sample when ``key`` is given, the deterministic test-time gate when
+  ``key`` is ``None``;
+* ``unit_gate(gp, key)`` (per-unit kinds) — the ``[units]`` gate itself;
+* ``penalty(gps, kernels) -> scalar`` — the regularizer over all gated layers;
+* ``keep(gp, kernel) -> bool`` and ``score(gp, kernel)`` — the hard mask and the
+  score a global selection ranks.
+
+Per-unit kinds gate the last axis of a kernel (output features of a flax Dense,
+output channels of a flax Conv): multiplying output column ``j`` and bias ``j``
+by ``z_j`` is the same as multiplying unit ``j``'s output by ``z_j``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import digamma, gammaln
+
+__all__ = [
+    "BetaBernoulli",
+    "HardConcrete",
+    "ScalarGate",
+    "VariationalDropout",
+    "beta_bernoulli_kl",
+    "expected_keep_probability",
+    "sparse_vd_neg_kl",
+]
+
+_EULER = 0.5772156649015329
+_TINY = 1e-6
+
+
+def _check(name: str, value: float, ok: bool, valid: str, fix: str) -> None:
+    if not ok or (isinstance(value, float) and math.isnan(value)):
+        raise ValueError(f"{name} must be {valid}, got {value!r}. Fix: {fix}")
+
+
+def _uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.uniform(key, shape, jnp.float32, _TINY, 1.0 - _TINY)
+
+
+def _logit(p: jax.Array) -> jax.Array:
+    return jnp.log(p) - jnp.log1p(-p)
+
+
+def _softplus_inv(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+@dataclasses.dataclass(frozen=True)
+class HardConcrete:
+    """Returns nothing; the hard-concrete L0 gate (one ``log_alpha`` per output unit).
+
+    Sample ``u ~ U(0, 1)``, ``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)``,
+    ``z = clip(s * (zeta - gamma) + gamma, 0, 1)``; test gate
+    ``clip(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``; penalty the
+    expected number of open gates ``sum sigmoid(log_alpha - beta * log(-gamma / zeta))``.
+    A unit is pruned when its test gate is exactly 0.
+
+    Args:
+      beta: temperature, > 0 (2/3 in the paper).
+      gamma: stretch lower bound, < 0.
+      zeta: stretch upper bound, > 1.
+      init_log_alpha: initial ``log_alpha`` (3.0 opens every test gate fully).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> g = HardConcrete()
+      >>> gp = {"gate_log_alpha": jnp.array([-10.0, 0.0, 10.0])}
+      >>> [round(v, 3) for v in g.unit_gate(gp, None).tolist()]
+      [0.0, 0.5, 1.0]
+
+    References:
+      Louizos, Welling & Kingma, "Learning Sparse Neural Networks through L0
+      Regularization", ICLR 2018. https://arxiv.org/abs/1712.01312
+    """
+
+    beta: float = 2.0 / 3.0
+    gamma: float = -0.1
+    zeta: float = 1.1
+    init_log_alpha: float = 3.0
+
+    per_unit = True
+
+    def __post_init__(self):
+        _check("beta", self.beta, self.beta > 0, "> 0 (the concrete temperature)",
+               "use the paper's 2/3.")
+        _check("gamma", self.gamma, self.gamma < 0, "< 0 (the stretch must pass below 0)",
+               "use the paper's -0.1.")
+        _check("zeta", self.zeta, self.zeta > 1, "> 1 (the stretch must pass above 1)",
+               "use the paper's 1.1.")
+
+    def init(self, kernel: jax.Array, key: jax.Array | None = None) -> dict[str, jax.Array]:
+        del key
+        return {"gate_log_alpha": jnp.full((kernel.shape[-1],), self.init_log_alpha, jnp.float32)}
+
+    def unit_gate(self, gp: dict[str, jax.Array], key: jax.Array | None) -> jax.Array:
+        la = gp["gate_log_alpha"]
+        if key is None:
+            s = jax.nn.sigmoid(la)
+        else:
+            u = _uniform(key, la.shape)
+            s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + la) / self.beta)
+        return jnp.clip(s * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
+
+    def apply(self, gp, kernel, key):
+        z = self.unit_gate(gp, key)
+        return kernel * z.astype(kernel.dtype), z
+
+    def penalty(self, gps: Sequence[dict], kernels: Sequence[jax.Array] = ()) -> jax.Array:
+        del kernels
+        shift = self.beta * math.log(-self.gamma / self.zeta)
+        return sum(
+            (jnp.sum(jax.nn.sigmoid(gp["gate_log_alpha"] - shift)) for gp in gps), jnp.float32(0)
+        )
+
+    def score(self, gp, kernel=None):
+        del kernel
+        return self.unit_gate(gp, None)
+
+    def keep(self, gp, kernel=None):
+        return self.score(gp, kernel) > 0
+
+
+def expected_keep_probability(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Returns ``E[pi] = b * Beta(1 + 1/a, b)`` for ``pi ~ Kumaraswamy(a, b)``.
+
+    Examples:
+      >>> round(float(expected_keep_probability(2.0, 1.0)), 4)  # a / (a + 1) when b = 1
+      0.6667
+    """
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return jnp.exp(jnp.log(b) + gammaln(1 + 1 / a) + gammaln(b) - gammaln(1 + 1 / a + b))
+
+
+def beta_bernoulli_kl(a: jax.Array, b: jax.Array, alpha: float) -> jax.Array:
+    """Returns ``KL(Kumaraswamy(a, b) || Beta(alpha, 1))`` elementwise (exact for prior beta 1).
+
+    ``(1 - alpha/a)(-euler_gamma - digamma(b) - 1/b) + log(a b / alpha) - (b - 1)/b``.
+
+    Examples:
+      >>> round(float(beta_bernoulli_kl(1.0, 1.0, 1.0)), 6)  # both are U(0, 1)
+      0.0
+
+    References:
+      Lee et al., "Adaptive Network Sparsification with Dependent Variational
+      Beta-Bernoulli Dropout", 2018. https://arxiv.org/abs/1805.10896
+    """
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return (
+        (1 - alpha / a) * (-_EULER - digamma(b) - 1 / b)
+        + jnp.log(a * b / alpha)
+        - (b - 1) / b
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BetaBernoulli:
+    """Returns nothing; beta-Bernoulli dropout (one Kumaraswamy posterior per output unit).
+
+    Prior ``pi_k ~ Beta(alpha, 1)``, ``z_k ~ Bernoulli(pi_k)``; the posterior of
+    ``pi_k`` is ``Kumaraswamy(a_k, b_k)`` (``a, b = softplus`` of the gate
+    parameters), sampled as ``(1 - u**(1/b))**(1/a)``, and ``z`` is a relaxed
+    Bernoulli sample at ``temperature``. The test gate is ``E[pi]``, set to 0
+    below ``threshold``; a unit is pruned when its test gate is 0.
+
+    Args:
+      alpha: prior concentration, > 0 (small values favour sparsity).
+      temperature: relaxed-Bernoulli temperature, > 0 (about 0.1).
+      threshold: test gates below this are zero, in ``[0, 1)``.
+      init_a: initial ``a`` (> 0); with ``init_b = 1``, ``E[pi] = a / (a + 1)``.
+      init_b: initial ``b`` (> 0).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> g = BetaBernoulli()
+      >>> gp = g.init(jnp.zeros((3, 4)))
+      >>> [round(v, 4) for v in g.unit_gate(gp, None).tolist()]  # E[pi] = 10 / 11
+      [0.9091, 0.9091, 0.9091, 0.9091]
+
+    References:
+      Lee et al., "Adaptive Network Sparsification with Dependent Variational
+      Beta-Bernoulli Dropout", 2018. https://arxiv.org/abs/1805.10896
+    """
+
+    alpha: float = 1e-4
+    temperature: float = 0.1
+    threshold: float = 1e-3
+    init_a: float = 10.0
+    init_b: float = 1.0
+
+    per_unit = True
+
+    def __post_init__(self):
+        _check("alpha", self.alpha, self.alpha > 0, "> 0 (the Beta prior's concentration)",
+               "use e.g. 1e-4.")
+        _check("temperature", self.temperature, self.temperature > 0,
+               "> 0 (the relaxed-Bernoulli temperature)", "use e.g. 0.1.")
+        _check("threshold", self.threshold, 0 <= self.threshold < 1, "in [0, 1)",
+               "use the paper's 1e-3.")
+        for name in ("init_a", "init_b"):
+            v = getattr(self, name)
+            _check(name, v, v > 0, "> 0 (a Kumaraswamy parameter)", "use e.g. 10.0 and 1.0.")
+
+    def init(self, kernel: jax.Array, key: jax.Array | None = None) -> dict[str, jax.Array]:
+        del key
+        n = (kernel.shape[-1],)
+        return {
+            "gate_a": jnp.full(n, _softplus_inv(self.init_a), jnp.float32),
+            "gate_b": jnp.full(n, _softplus_inv(self.init_b), jnp.float32),
+        }
+
+    def ab(self, gp: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """Returns the Kumaraswamy parameters ``(a, b)`` (softplus of the gate parameters)."""
+        return jax.nn.softplus(gp["gate_a"]) + _TINY, jax.nn.softplus(gp["gate_b"]) + _TINY
+
+    def unit_gate(self, gp: dict[str, jax.Array], key: jax.Array | None) -> jax.Array:
+        a, b = self.ab(gp)
+        if key is None:
+            pi = expected_keep_probability(a, b)
+            return jnp.where(pi < self.threshold, 0.0, pi)
+        k_pi, k_z = jax.random.split(key)
+        u = _uniform(k_pi, a.shape)
+        # (1 - u**(1/b))**(1/a) computed in log space for stability.
+        pi = jnp.exp(jnp.log(-jnp.expm1(jnp.log(u) / b)) / a)
+        pi = jnp.clip(pi, _TINY, 1 - _TINY)
+        v = _uniform(k_z, a.shape)
+        return jax.nn.sigmoid((_logit(pi) + _logit(v)) / self.temperature)
+
+    def apply(self, gp, kernel, key):
+        z = self.unit_gate(gp, key)
+        return kernel * z.astype(kernel.dtype), z
+
+    def penalty(self, gps: Sequence[dict], kernels: Sequence[jax.Array] = ()) -> jax.Array:
+        del kernels
+        total = jnp.float32(0)
+        for gp in gps:
+            a, b = self.ab(gp)
+            total = total + jnp.sum(beta_bernoulli_kl(a, b, self.alpha))
+        return total
+
+    def score(self, gp, kernel=None):
+        del kernel
+        return self.unit_gate(gp, None)
+
+    def keep(self, gp, kernel=None):
+        return self.score(gp, kernel) > 0
+
+
+_K1, _K2, _K3 = 0.63576, 1.87320, 1.48695
+
+
+def sparse_vd_neg_kl(log_alpha: jax.Array) -> jax.Array:
+    """Returns Molchanov's approximation of ``-KL(q(w) || log-uniform)`` per weight.
+
+    ``k1 * sigmoid(k2 + k3 * log_alpha) - 0.5 * log1p(exp(-log_alpha)) - k1``.
+
+    Examples:
+      >>> abs(float(sparse_vd_neg_kl(20.0))) < 1e-3  # -> 0 as alpha -> infinity
+      True
+
+    References:
+      Molchanov, Ashukha & Vetrov, "Variational Dropout Sparsifies Deep Neural
+      Networks", ICML 2017. https://arxiv.org/abs/1701.05369
+    """
+    la = jnp.asarray(log_alpha, jnp.float32)
+    return _K1 * jax.nn.sigmoid(_K2 + _K3 * la) - 0.5 * jax.nn.softplus(-la) - _K1
+
+
+@dataclasses.dataclass(frozen=True)
+class VariationalDropout:
+    """Returns nothing; sparse variational dropout (one ``log sigma^2`` per weight).
+
+    ``log_alpha = clip(log sigma^2 - log w^2, -8, 8)``; the penalty is the KL
+    approximation summed over weights; a weight is pruned where
+    ``log_alpha > threshold``. The functional form samples the weights
+    themselves, ``w + sigma * eps`` (one sample per step, shared by the batch);
+    the nnx wrapper (:func:`jaxprune.gates.attach`) uses the local
+    reparameterization trick on the layer's outputs instead (per example).
+
+    Args:
+      threshold: prune where ``log_alpha`` exceeds it (3.0 in the paper).
+      init_log_sigma2: initial ``log sigma^2`` (-10: almost no noise).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> g = VariationalDropout()
+      >>> gp = {"gate_log_sigma2": jnp.array([-10.0, 0.0])}
+      >>> g.keep(gp, jnp.array([1.0, 0.01])).tolist()
+      [True, False]
+
+    References:
+      Molchanov, Ashukha & Vetrov, "Variational Dropout Sparsifies Deep Neural
+      Networks", ICML 2017. https://arxiv.org/abs/1701.05369
+    """
+
+    threshold: float = 3.0
+    init_log_sigma2: float = -10.0
+
+    per_unit = False
+
+    def __post_init__(self):
+        _check("threshold", self.threshold, -8 < self.threshold < 8,
+               "in (-8, 8) (log_alpha is clipped to [-8, 8])", "use the paper's 3.0.")
+
+    def init(self, kernel: jax.Array, key: jax.Array | None = None) -> dict[str, jax.Array]:
+        del key
+        return {"gate_log_sigma2": jnp.full(kernel.shape, self.init_log_sigma2, jnp.float32)}
+
+    def log_alpha(self, gp: dict[str, jax.Array], kernel: jax.Array) -> jax.Array:
+        """Returns ``clip(log sigma^2 - log w^2, -8, 8)``."""
+        w2 = jnp.square(kernel.astype(jnp.float32))
+        return jnp.clip(gp["gate_log_sigma2"] - jnp.log(w2 + 1e-8), -8.0, 8.0)
+
+    def apply(self, gp, kernel, key):
+        if key is None:
+            return jnp.where(self.keep(gp, kernel), kernel, jnp.zeros((), kernel.dtype)), None
+        eps = jax.random.normal(key, kernel.shape, jnp.float32)
+        noisy = kernel.astype(jnp.float32) + jnp.exp(0.5 * gp["gate_log_sigma2"]) * eps
+        return noisy.astype(kernel.dtype), None
+
+    def penalty(self, gps: Sequence[dict], kernels: Sequence[jax.Array]) -> jax.Array:
+        pairs = zip(gps, kernels, strict=True)
+        kls = (-jnp.sum(sparse_vd_neg_kl(self.log_alpha(g, k))) for g, k in pairs)
+        return sum(kls, jnp.float32(0))
+
+    def score(self, gp, kernel):
+        return -self.log_alpha(gp, kernel)
+
+    def keep(self, gp, kernel):
+        return self.log_alpha(gp, kernel) <= self.threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalarGate:
+    """Returns nothing; deterministic scalar channel gates, "pruning from scratch".
+
+    One real gate ``g`` per output unit (init ``init_value``), trained with the
+    weights frozen at their random initialization; penalty
+    ``weight * (mean |g| - target)**2`` over all gates; a unit is pruned when
+    ``|g| <= threshold`` (or, with ``to_masks(..., sparsity=s)``, by a global
+    ranking of ``|g|``). No noise: ``key`` is ignored.
+
+    Args:
+      target: the mean ``|g|`` the penalty pulls toward, in ``(0, 1]`` (0.2).
+      weight: the penalty's coefficient, >= 0 (0.5).
+      init_value: initial gate value (1.0).
+      threshold: prune where ``|g|`` is at most this, >= 0.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> g = ScalarGate()
+      >>> round(float(g.penalty([{"gate_scale": jnp.array([1.0, 0.0])}])), 6)  # 0.5 * 0.3**2
+      0.045
+
+    References:
+      Wang et al., "Pruning from Scratch", AAAI 2020. https://arxiv.org/abs/1909.12579
+    """
+
+    target: float = 0.2
+    weight: float = 0.5
+    init_value: float = 1.0
+    threshold: float = 1e-2
+
+    per_unit = True
+
+    def __post_init__(self):
+        _check("target", self.target, 0 < self.target <= 1, "in (0, 1]",
+               "use the paper's 0.2 (the kept fraction of gate mass).")
+        _check("weight", self.weight, self.weight >= 0, ">= 0", "use the paper's 0.5.")
+        _check("threshold", self.threshold, self.threshold >= 0, ">= 0", "use e.g. 1e-2.")
+
+    def init(self, kernel: jax.Array, key: jax.Array | None = None) -> dict[str, jax.Array]:
+        del key
+        return {"gate_scale": jnp.full((kernel.shape[-1],), self.init_value, jnp.float32)}
+
+    def unit_gate(self, gp, key):
+        del key
+        return gp["gate_scale"]
+
+    def apply(self, gp, kernel, key):
+        z = self.unit_gate(gp, key)
+        return kernel * z.astype(kernel.dtype), z
+
+    def penalty(self, gps: Sequence[dict], kernels: Sequence[jax.Array] = ()) -> jax.Array:
+        del kernels
+        if not gps:
+            return jnp.float32(0)
+        g = jnp.concatenate([jnp.abs(gp["gate_scale"]) for gp in gps])
+        return self.weight * jnp.square(jnp.mean(g) - self.target)
+
+    def score(self, gp, kernel=None):
+        del kernel
+        return jnp.abs(gp["gate_scale"])
+
+    def keep(self, gp, kernel=None):
+        return self.score(gp) > self.threshold

@@ -1,0 +1,301 @@
+"""Learned gates attached to flax nnx models by wrapping their layers.
+
+:func:`attach` replaces selected ``nnx.Linear`` / ``nnx.Conv`` layers in place
+by :class:`Gated` wrappers that multiply each output unit by its gate; the
+model's own ``__call__`` is untouched. Gate parameters are :class:`GateParam`
+variables (an ``nnx.Param`` subclass, attribute names starting with ``gate_``),
+so they train with the same optimizer as the weights or with their own via
+:func:`jaxprune.gates.multi_transform`. Samples come from a per-layer key
+(:class:`GateKey`) that :func:`reseed` sets from one explicit key inside the
+jitted step; ``model.eval()`` switches every wrapper to its deterministic
+test-time gate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxprune._tree import path_str
+from jaxprune.gates_tree import Gate, to_masks
+
+__all__ = [
+    "GateKey",
+    "GateParam",
+    "Gated",
+    "attach",
+    "detach",
+    "gated_layers",
+    "hard_masks",
+    "model_penalty",
+    "reseed",
+    "with_features",
+]
+
+
+class GateParam(nnx.Param):
+    """A trainable gate parameter (select with ``nnx.All(GateParam)`` or ``jp.gates.is_gate``)."""
+
+
+class GateKey(nnx.Variable):
+    """The PRNG key a :class:`Gated` layer draws its gate samples from."""
+
+
+class Gated(nnx.Module):
+    """Wraps a linear layer (``kernel`` with outputs on the last axis) and gates its outputs.
+
+    Training mode (``deterministic=False``) draws the gate sample of the
+    layer's :class:`GateKey` (set it per step with :func:`reseed`); eval mode
+    uses the deterministic test-time gate. Per-unit gates multiply the
+    output's last axis; variational dropout uses the local reparameterization
+    trick (output mean ``f(x; w)``, variance ``f(x^2; sigma^2)``).
+    """
+
+    def __init__(self, module: nnx.Module, gate: Gate, *, key: jax.Array):
+        if not hasattr(module, "kernel"):
+            raise ValueError(
+                f"can only gate layers with a `kernel` (nnx.Linear, nnx.Conv), got "
+                f"{type(module).__name__}. Fix: narrow `where` to linear and conv layers."
+            )
+        self.module = module
+        self.gate = gate
+        gp = gate.init(module.kernel.get_value(), key)
+        self.gate_names = tuple(sorted(gp))
+        for name, value in gp.items():
+            setattr(self, name, GateParam(value))
+        self.gate_key = GateKey(jax.random.fold_in(key, 1))
+        self.deterministic = False
+
+    def gate_params(self) -> dict[str, jax.Array]:
+        """Returns this layer's gate parameters as a plain dict of arrays."""
+        return {n: getattr(self, n).get_value() for n in self.gate_names}
+
+    def _sample_key(self) -> jax.Array | None:
+        # The key is read, never advanced: a forward pass is a pure function of
+        # the key that reseed() set, so attacks and losses can re-run it.
+        return None if self.deterministic else self.gate_key.get_value()
+
+    def _call_with(self, kernel: jax.Array, zero_bias: bool, x: jax.Array, *args, **kwargs):
+        graphdef, state = nnx.split(self.module)
+        copy = nnx.merge(graphdef, state, copy=True)
+        copy.kernel.set_value(kernel)
+        if zero_bias and getattr(copy, "bias", None) is not None:
+            copy.bias.set_value(jnp.zeros_like(copy.bias.get_value()))
+        return copy(x, *args, **kwargs)
+
+    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+        key = self._sample_key()
+        gp = self.gate_params()
+        if self.gate.per_unit:
+            y = self.module(x, *args, **kwargs)
+            y = y * self.gate.unit_gate(gp, key).astype(y.dtype)
+        elif key is None:
+            kernel, _ = self.gate.apply(gp, self.module.kernel.get_value(), None)
+            y = self._call_with(kernel, False, x, *args, **kwargs)
+        else:
+            mean = self.module(x, *args, **kwargs)
+            sigma2 = jnp.exp(gp["gate_log_sigma2"]).astype(mean.dtype)
+            var = self._call_with(sigma2, True, x * x, *args, **kwargs)
+            eps = jax.random.normal(key, mean.shape, mean.dtype)
+            y = mean + jnp.sqrt(var + 1e-8) * eps
+        return y
+
+
+def _is_linear_or_conv(path: tuple, module: Any) -> bool:
+    del path
+    return isinstance(module, (nnx.Linear, nnx.Conv))
+
+
+def _parent_and_name(model: nnx.Module, path: tuple) -> tuple[Any, Any]:
+    parent = model
+    for p in path[:-1]:
+        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+    return parent, path[-1]
+
+
+def _set_child(parent: Any, name: Any, value: Any) -> None:
+    if isinstance(name, int):
+        parent[name] = value
+    else:
+        setattr(parent, name, value)
+
+
+def gated_layers(model: nnx.Module) -> list[tuple[tuple, Gated]]:
+    """Returns ``[(path, Gated), ...]`` for every gated layer of ``model``, in a fixed order."""
+    return sorted(
+        ((tuple(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, Gated)),
+        key=lambda pm: path_str(pm[0]),
+    )
+
+
+def attach(
+    model: nnx.Module,
+    gate: Gate,
+    *,
+    key: jax.Array,
+    where: Callable[[tuple, Any], bool] | None = None,
+    skip: Sequence[str] = (),
+) -> nnx.Module:
+    """Returns ``model`` with gates attached to its layers, in place (no hand rewriting).
+
+    Args:
+      model: any nnx module.
+      gate: a gate kind, e.g. ``jp.gates.BetaBernoulli()``.
+      key: PRNG key for gate initialization and the per-layer sample keys.
+      where: predicate ``(path, module) -> bool``; default every ``nnx.Linear``
+        and ``nnx.Conv``.
+      skip: layer paths (``"fc2"``, ``"layers/2"``) to leave ungated: the
+        classifier, whose outputs are logits, belongs here.
+
+    Returns:
+      The same ``model`` object, its selected layers wrapped by :class:`Gated`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
+      >>> from jaxprune import gates, models
+      >>> from flax import nnx
+      >>> model = models.lenet_300_100(rngs=nnx.Rngs(0))
+      >>> _ = gates.attach(model, gates.HardConcrete(), key=jax.random.key(0),
+      ...                     skip=("layers/2",))
+      >>> [path for path, _ in gates.gated_layers(model)]
+      [('layers', 0), ('layers', 1)]
+      >>> model.eval(); model(jnp.ones((1, 784))).shape
+      (1, 10)
+
+    References:
+      Louizos et al. 2018, https://arxiv.org/abs/1712.01312; Lee et al. 2018,
+      https://arxiv.org/abs/1805.10896
+    """
+    where = where or _is_linear_or_conv
+    skip = set(skip)
+    modules = [(tuple(p), m) for p, m in nnx.iter_modules(model)]
+    wrapped = [p for p, m in modules if isinstance(m, Gated)]
+    chosen = [
+        (p, m)
+        for p, m in modules
+        if p
+        and not any(p[: len(w)] == w for w in wrapped)
+        and path_str(p) not in skip
+        and where(p, m)
+    ]
+    if not chosen:
+        raise ValueError(
+            "attach found no layer to gate. Fix: check `where` and `skip` (default where: "
+            "nnx.Linear and nnx.Conv layers)."
+        )
+    for i, (path, m) in enumerate(sorted(chosen, key=lambda pm: path_str(pm[0]))):
+        parent, name = _parent_and_name(model, path)
+        _set_child(parent, name, Gated(m, gate, key=jax.random.fold_in(key, i)))
+    return model
+
+
+def reseed(model: nnx.Module, key: jax.Array) -> None:
+    """Sets every gated layer's sample key from ``key`` (``fold_in(key, index)``), in place.
+
+    Call it at the top of the jitted train step with a fresh key per step so
+    the samples are a pure function of that key.
+    """
+    for i, (_, m) in enumerate(gated_layers(model)):
+        m.gate_key.set_value(jax.random.fold_in(key, i))
+
+
+def model_penalty(model: nnx.Module) -> jax.Array:
+    """Returns the summed regularizer (expected L0, KL, ...) of every gated layer of ``model``."""
+    total = jnp.float32(0)
+    for _, m in gated_layers(model):
+        total = total + m.gate.penalty([m.gate_params()], [m.module.kernel.get_value()])
+    return total
+
+
+def with_features(
+    model: nnx.Module, *args, paths: Sequence[str] | None = None, **kwargs
+) -> tuple[Any, list[jax.Array]]:
+    """Returns ``(model(*args), [outputs of the chosen layers])``: latent features for attacks.
+
+    Args:
+      model: any nnx module.
+      *args, **kwargs: the model's call arguments.
+      paths: layer paths (``"conv1"``, ``"layers/0"``) whose outputs to return;
+        default the gated layers (their gated outputs), in :func:`gated_layers` order.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxprune import gates, models
+      >>> m = models.lenet_300_100(rngs=nnx.Rngs(0))
+      >>> y, feats = gates.with_features(m, jnp.ones((2, 784)), paths=["layers/0"])
+      >>> y.shape, feats[0].shape
+      ((2, 10), (2, 300))
+    """
+    if paths is None:
+        paths = [path_str(p) for p, _ in gated_layers(model)]
+        if not paths:
+            raise ValueError(
+                "with_features found no gated layer. Fix: attach gates first, or pass "
+                "paths=['conv1', ...] naming the layers whose outputs you want."
+            )
+    out, inter = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+        *args, **kwargs
+    )
+    by_path = {
+        path_str(tuple(p[:-1])): v.get_value()
+        for p, v in nnx.to_flat_state(inter)
+        if p and p[-1] == "__call__"
+    }
+    missing = [p for p in paths if p not in by_path]
+    if missing:
+        raise ValueError(
+            f"with_features: no layer at {missing}; layers called: {sorted(by_path)[:10]}. "
+            "Fix: name layers by their '/'-joined attribute path, e.g. 'layers/0'."
+        )
+    # A layer called several times sows one output per call; the last call wins.
+    return out, [by_path[p][-1] for p in paths]
+
+
+def _fold(m: Gated) -> nnx.Module:
+    gp = m.gate_params()
+    kernel, scale = m.gate.apply(gp, m.module.kernel.get_value(), None)
+    inner = nnx.clone(m.module)
+    inner.kernel.set_value(kernel)
+    bias = getattr(inner, "bias", None)
+    if scale is not None and bias is not None:
+        inner.bias.set_value(bias.get_value() * scale.astype(bias.get_value().dtype))
+    return inner
+
+
+def detach(model: nnx.Module) -> nnx.Module:
+    """Returns a copy of ``model`` without gates, the test-time gates folded into the weights.
+
+    Its outputs equal the gated model's in eval mode; its params tree is the
+    original model's, so :func:`hard_masks` mirror it and the structured
+    shrink applies.
+    """
+    out = nnx.clone(model)
+    for path, m in gated_layers(out):
+        parent, name = _parent_and_name(out, path)
+        _set_child(parent, name, _fold(m))
+    return out
+
+
+def hard_masks(model: nnx.Module, *, sparsity: float | None = None) -> Any:
+    """Returns bool masks mirroring ``nnx.state(detach(model), nnx.Param)`` from the gates.
+
+    Pruned units have ``False`` kernel columns and biases. With ``sparsity``,
+    the top ``1 - sparsity`` of the gates' scores are kept across layers.
+    All gated layers must share one gate kind.
+    """
+    layers = gated_layers(model)
+    kinds = {m.gate for _, m in layers}
+    if len(kinds) != 1:
+        raise ValueError(
+            f"hard_masks needs one gate kind across layers, got {len(kinds)}: {kinds}. Fix: "
+            "build masks per kind with jp.gates.to_masks on each layer's gate_params()."
+        )
+    plain = detach(model)
+    params = nnx.state(plain, nnx.Param)
+    gp = {path_str(path + ("kernel",)): m.gate_params() for path, m in layers}
+    return to_masks(kinds.pop(), gp, params, sparsity=sparsity)

@@ -1,0 +1,382 @@
+"""Learned gates on any pytree of parameters: the plain functional form.
+
+Gate parameters live in their own tree, ``{path_str(kernel_path): {"gate_...": array}}``,
+next to the model's params. :func:`apply_gates` returns gated params (a sample
+when given a key, the deterministic test-time gates without one) that the
+model's own apply function consumes unchanged, so this works for linen
+(``model.apply({"params": gated}, x)``), nnx (``nnx.merge(graphdef, gated)``),
+equinox or hand-written models alike. A per-unit gate scales a kernel's last
+axis and the sibling ``bias`` leaf, which equals scaling that unit's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxprune._tree import (
+    Path,
+    Where,
+    _normalize,
+    is_variable,
+    leaves_with_paths,
+    path_str,
+    prunable_flags,
+)
+from jaxprune.masks import global_topk
+
+__all__ = [
+    "Gate",
+    "apply_gates",
+    "gate_keys",
+    "init_gates",
+    "is_gate",
+    "linen_apply",
+    "multi_transform",
+    "penalty",
+    "slimming_masks",
+    "slimming_penalty",
+    "to_masks",
+    "unit_masks",
+]
+
+
+class Gate(Protocol):
+    """The protocol every gate kind follows (see :mod:`jaxprune.gates_kinds`)."""
+
+    per_unit: bool
+
+    def init(self, kernel: jax.Array, key: jax.Array | None = None) -> dict: ...
+    def apply(self, gp: dict, kernel: jax.Array, key: jax.Array | None) -> tuple: ...
+    def penalty(self, gps: Sequence[dict], kernels: Sequence[jax.Array]) -> jax.Array: ...
+    def score(self, gp: dict, kernel: jax.Array) -> jax.Array: ...
+    def keep(self, gp: dict, kernel: jax.Array) -> jax.Array: ...
+
+
+def is_gate(path: Path, leaf: Any = None) -> bool:
+    """Returns whether ``path`` names a gate parameter (a component starting with ``gate_``).
+
+    Works on the functional gate trees, on nnx states of attached models and on
+    any tree that nests them, so one predicate partitions every layout.
+
+    Examples:
+      >>> is_gate(("gates", "fc1/kernel", "gate_log_alpha")), is_gate(("fc1", "kernel"))
+      (True, False)
+    """
+    del leaf
+    return any(isinstance(p, str) and p.startswith("gate_") for p in path)
+
+
+def _bias_path(path: Path) -> Path:
+    return tuple(path[:-1]) + ("bias",)
+
+
+def init_gates(
+    gate: Gate, params: Any, *, where: Where | None = None, key: jax.Array | None = None
+) -> dict[str, dict[str, jax.Array]]:
+    """Returns gate parameters for every leaf of ``params`` selected by ``where``.
+
+    Args:
+      gate: a gate kind, e.g. ``jp.gates.HardConcrete()``.
+      params: any pytree of parameters.
+      where: predicate ``(path, leaf) -> bool`` choosing the gated kernels;
+        default floating leaves with ``ndim >= 2``. Leave the classifier's
+        kernel out (its outputs are logits).
+      key: optional PRNG key (for kinds with random initialization).
+
+    Returns:
+      ``{path_str(path): {"gate_...": array}}`` in flatten order.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> from jaxprune import gates
+      >>> params = {"fc": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}}
+      >>> gp = gates.init_gates(gates.HardConcrete(), params)
+      >>> {k: v["gate_log_alpha"].shape for k, v in gp.items()}
+      {'fc/kernel': (4,)}
+    """
+    flags = prunable_flags(params, where)
+    flat, _ = leaves_with_paths(params)
+    out = {}
+    for i, ((p, x), f) in enumerate(zip(flat, flags, strict=True)):
+        if f:
+            k = None if key is None else jax.random.fold_in(key, i)
+            out[path_str(p)] = gate.init(jnp.asarray(x), k)
+    return out
+
+
+def gate_keys(gate_params: dict, key: jax.Array) -> dict[str, jax.Array]:
+    """Returns one independent key per gated layer: ``fold_in(key, index)`` in key order."""
+    return {name: jax.random.fold_in(key, i) for i, name in enumerate(sorted(gate_params))}
+
+
+def _check_gate_params(gate_params: dict, index: dict[str, int]) -> None:
+    missing = sorted(set(gate_params) - set(index))
+    if missing:
+        raise ValueError(
+            f"gate_params name layers that params does not have: {missing[:5]}; params has "
+            f"{sorted(index)[:8]}. Fix: build gate_params with jp.gates.init_gates(gate, params)."
+        )
+
+
+def apply_gates(gate: Gate, params: Any, gate_params: dict, *, key: jax.Array | None = None) -> Any:
+    """Returns ``params`` with the gates applied: sampled with ``key``, test-time without.
+
+    Per-unit gates multiply each gated kernel's last axis and its sibling
+    ``bias``; per-weight kinds (variational dropout) perturb the kernel. With
+    ``key=None`` the result is the deterministic model used at test time (the
+    test gates "folded" into the weights).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
+      >>> from jaxprune import gates
+      >>> params = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+      >>> gp = {"fc/kernel": {"gate_log_alpha": jnp.array([-9.0, 9.0])}}
+      >>> g = gates.apply_gates(gates.HardConcrete(), params, gp)
+      >>> g["fc"]["kernel"].tolist(), g["fc"]["bias"].tolist()
+      ([[0.0, 1.0], [0.0, 1.0]], [0.0, 1.0])
+    """
+    flat, treedef = leaves_with_paths(params)
+    index = {path_str(p): i for i, (p, _) in enumerate(flat)}
+    _check_gate_params(gate_params, index)
+    keys = gate_keys(gate_params, key) if key is not None else {}
+    leaves = [x for _, x in flat]
+    for name, gp in gate_params.items():
+        i = index[name]
+        kernel, scale = gate.apply(gp, jnp.asarray(leaves[i]), keys.get(name))
+        leaves[i] = kernel
+        b = index.get(path_str(_bias_path(flat[i][0])))
+        if scale is not None and b is not None and jnp.shape(leaves[b]) == scale.shape:
+            leaves[b] = leaves[b] * scale.astype(jnp.result_type(leaves[b]))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def penalty(gate: Gate, gate_params: dict, params: Any = None) -> jax.Array:
+    """Returns the gates' regularizer (expected L0, KL, ...) summed over layers.
+
+    ``params`` is needed only by kinds whose penalty reads the weights
+    (variational dropout).
+    """
+    names = sorted(gate_params)
+    kernels: list[jax.Array] = []
+    if params is not None:
+        flat, _ = leaves_with_paths(params)
+        index = {path_str(p): x for p, x in flat}
+        _check_gate_params(gate_params, index)
+        kernels = [jnp.asarray(index[n]) for n in names]
+    elif not gate.per_unit:
+        raise ValueError(
+            f"{type(gate).__name__}'s penalty reads the weights, but params is None. "
+            "Fix: call jp.gates.penalty(gate, gate_params, params)."
+        )
+    return gate.penalty([gate_params[n] for n in names], kernels)
+
+
+def unit_masks(
+    gate: Gate, gate_params: dict, params: Any = None, *, sparsity: float | None = None
+) -> dict[str, jax.Array]:
+    """Returns ``{layer: bool[units or kernel shape]}``: which units (weights) the gates keep.
+
+    With ``sparsity`` the kept set is instead the top ``1 - sparsity`` of the
+    gates' scores across all layers (exact count, :func:`jaxprune.masks.global_topk`).
+    """
+    names = sorted(gate_params)
+    kernels = {}
+    if params is not None:
+        flat, _ = leaves_with_paths(params)
+        kernels = {path_str(p): jnp.asarray(x) for p, x in flat}
+    if not gate.per_unit and params is None:
+        raise ValueError(
+            "variational dropout masks read the weights, but params is None. Fix: pass params."
+        )
+    if sparsity is None:
+        return {n: gate.keep(gate_params[n], kernels.get(n)) for n in names}
+    scores = {n: gate.score(gate_params[n], kernels.get(n)) for n in names}
+    return global_topk(scores, sparsity, where=lambda p, x: True)
+
+
+def to_masks(gate: Gate, gate_params: dict, params: Any, *, sparsity: float | None = None) -> Any:
+    """Returns bool hard masks mirroring ``params``: pruned units' columns and biases ``False``.
+
+    Feed them to :func:`jaxprune.apply_masks` (on the folded params,
+    ``apply_gates(gate, params, gate_params)``, whose pruned units are already
+    zero) and to the structured shrink. Leaves without a gate get a scalar
+    ``True``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> from jaxprune import gates
+      >>> params = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+      >>> gp = {"fc/kernel": {"gate_log_alpha": jnp.array([-9.0, 9.0])}}
+      >>> m = gates.to_masks(gates.HardConcrete(), gp, params)
+      >>> m["fc"]["kernel"].tolist(), m["fc"]["bias"].tolist()
+      ([[False, True], [False, True]], [False, True])
+    """
+    units = unit_masks(gate, gate_params, params, sparsity=sparsity)
+    flat, treedef = leaves_with_paths(params)
+    index = {path_str(p): i for i, (p, _) in enumerate(flat)}
+    _check_gate_params(gate_params, index)
+    leaves: list[Any] = [jnp.ones((), bool) for _ in flat]
+    for name, keep in units.items():
+        i = index[name]
+        shape = jnp.shape(flat[i][1])
+        leaves[i] = jnp.broadcast_to(keep, shape)
+        b = index.get(path_str(_bias_path(flat[i][0])))
+        if gate.per_unit and b is not None and jnp.shape(flat[b][1]) == keep.shape:
+            leaves[b] = keep
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _is_bn_scale(path: Path, leaf: Any) -> bool:
+    return bool(path) and path[-1] == "scale" and jnp.ndim(leaf) == 1
+
+
+def slimming_penalty(params: Any, *, where: Where | None = None) -> jax.Array:
+    """Returns ``sum |gamma|`` over BatchNorm scales: network slimming's L1 term.
+
+    Multiply by lambda (1e-4 for VGG, 1e-5 for ResNet in the paper) and add to
+    the loss. ``where`` picks the scales; default 1-D leaves named ``scale``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> from jaxprune import gates
+      >>> float(gates.slimming_penalty({"bn": {"scale": jnp.array([1.0, -2.0])}}))
+      3.0
+
+    References:
+      Liu et al., "Learning Efficient Convolutional Networks through Network
+      Slimming", ICCV 2017. https://arxiv.org/abs/1708.06519
+    """
+    where = where or _is_bn_scale
+    flat, _ = leaves_with_paths(params)
+    return sum(
+        (jnp.sum(jnp.abs(x.astype(jnp.float32))) for p, x in flat if where(p, x)), jnp.float32(0)
+    )
+
+
+def slimming_masks(params: Any, sparsity: float, *, where: Where | None = None) -> Any:
+    """Returns masks mirroring ``params`` that prune the smallest ``|gamma|`` channels globally.
+
+    Exactly ``round(sparsity * C)`` of the ``C`` BatchNorm channels are pruned;
+    each pruned channel's ``scale`` and sibling ``bias`` are ``False``, so its
+    output is exactly zero and the structured shrink can remove it with the
+    producing conv's filter.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> from jaxprune import gates
+      >>> p = {"bn": {"scale": jnp.array([0.1, 2.0]), "bias": jnp.ones(2)}}
+      >>> m = gates.slimming_masks(p, 0.5)
+      >>> m["bn"]["scale"].tolist(), m["bn"]["bias"].tolist()
+      ([False, True], [False, True])
+
+    References:
+      Liu et al., "Learning Efficient Convolutional Networks through Network
+      Slimming", ICCV 2017. https://arxiv.org/abs/1708.06519
+    """
+    where = where or _is_bn_scale
+    flat, treedef = leaves_with_paths(params)
+    scales = {path_str(p): jnp.abs(x) for p, x in flat if where(p, x)}
+    if not scales:
+        raise ValueError(
+            "slimming_masks found no BatchNorm scales (1-D leaves named 'scale'). Fix: pass "
+            "where=lambda path, x: ... selecting the per-channel scale leaves."
+        )
+    keep = global_topk(scales, sparsity, where=lambda p, x: True)
+    index = {path_str(p): i for i, (p, _) in enumerate(flat)}
+    leaves: list[Any] = [jnp.ones((), bool) for _ in flat]
+    for name, k in keep.items():
+        i = index[name]
+        leaves[i] = k
+        b = index.get(path_str(_bias_path(flat[i][0])))
+        if b is not None and jnp.shape(flat[b][1]) == k.shape:
+            leaves[b] = k
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def multi_transform(
+    params_tx: optax.GradientTransformation, gates_tx: optax.GradientTransformation
+) -> optax.GradientTransformationExtraArgs:
+    """Returns an optax transform updating weights with ``params_tx`` and gates with ``gates_tx``.
+
+    Leaves are told apart by :func:`is_gate` on their paths, so it works on a
+    ``{"params": ..., "gates": ...}`` pair, on an nnx state of an attached
+    model (including inside ``nnx.Optimizer``) and on anything that nests
+    them. Freeze the weights ("pruning from scratch") with
+    ``params_tx=optax.set_to_zero()``.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, jaxprune as jp
+      >>> from jaxprune import gates
+      >>> tree = {"w": jnp.ones(2), "gates": {"fc": {"gate_scale": jnp.ones(2)}}}
+      >>> tx = gates.multi_transform(optax.set_to_zero(), optax.sgd(1.0))
+      >>> u, _ = tx.update(tree, tx.init(tree), tree)
+      >>> u["w"].tolist(), u["gates"]["fc"]["gate_scale"].tolist()
+      ([0.0, 0.0], [-1.0, -1.0])
+    """
+
+    def labels(tree):
+        # Same structure as the input (nnx Variables stay leaves): optax matches
+        # the label tree against the tree it is given, wrapped or pure.
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: "gates" if is_gate(_normalize(p)) else "params", tree, is_leaf=is_variable
+        )
+
+    inner = optax.multi_transform({"params": params_tx, "gates": gates_tx}, labels)
+    return optax.with_extra_args_support(inner)
+
+
+def linen_apply(
+    gate: Gate,
+    model: Any,
+    variables: Any,
+    gate_params: dict,
+    *args: Any,
+    key: jax.Array | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Returns ``model.apply(variables, *args)`` with per-unit gates on its layers' outputs.
+
+    A flax linen module is left as written: every submodule call whose
+    ``path/kernel`` names an entry of ``gate_params`` (built with
+    ``init_gates(gate, variables["params"])``) has its output's last axis
+    multiplied by the gate (sampled with ``key``, test-time without), by
+    intercepting the call (``nn.intercept_methods``). Equal to running the
+    model on :func:`apply_gates`'s gated params; this form also gates layers
+    whose parameters are not named ``kernel``/``bias``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import flax.linen as nn
+      >>> from jaxprune import gates
+      >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+      >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> gp = gates.init_gates(gates.HardConcrete(), variables["params"],
+      ...                       where=lambda path, x: path == ("layers_0", "kernel"))
+      >>> gates.linen_apply(gates.HardConcrete(), model, variables, gp, jnp.ones((1, 3))).shape
+      (1, 2)
+    """
+    import flax.linen as nn
+
+    if not gate.per_unit:
+        raise ValueError(
+            f"linen_apply gates layer outputs, which needs a per-unit gate; got "
+            f"{type(gate).__name__}. Fix: use apply_gates(gate, params, gate_params, key=k) "
+            "and model.apply({'params': gated}, x) for per-weight gates."
+        )
+    keys = gate_keys(gate_params, key) if key is not None else {}
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+        out = next_fun(*call_args, **call_kwargs)
+        name = path_str(tuple(context.module.path) + ("kernel",))
+        if context.method_name != "__call__" or name not in gate_params:
+            return out
+        z = gate.unit_gate(gate_params[name], keys.get(name))
+        return out * z.astype(out.dtype)
+
+    with nn.intercept_methods(interceptor):
+        return model.apply(variables, *args, **kwargs)
