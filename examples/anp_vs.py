@@ -94,11 +94,13 @@ def train(method, args, data, n_train, pbar, base=None):
     def kl(p):
         return gates.model_penalty(nnx.merge(graphdef, p, rest, copy=True))
 
-    attack_kw = dict(eps=args.eps, step_size=2.5 * args.eps / args.train_steps,
-                     steps=args.train_steps)
+    attack_kw = dict(
+        eps=args.eps, step_size=2.5 * args.eps / args.train_steps, steps=args.train_steps
+    )
     if method == "ANP-VS":
-        step = adversarial.anp_vs_step(apply_fn, kl, tx, num_train=n_train, beta=args.beta,
-                                       lam=args.lam, **attack_kw)
+        step = adversarial.anp_vs_step(
+            apply_fn, kl, tx, num_train=n_train, beta=args.beta, lam=args.lam, **attack_kw
+        )
     elif method == "AT":
         step = adversarial.adversarial_step(apply_fn, tx, **attack_kw)
     else:
@@ -117,10 +119,12 @@ def train(method, args, data, n_train, pbar, base=None):
 
     key = jax.random.key(args.seed + 7)
     x_tr, y_tr = data.x_train[:n_train], data.y_train[:n_train]
-    for i, (xb, yb) in enumerate(batches(x_tr, y_tr, args.batch_size, seed=args.seed,
-                                         epochs=args.epochs)):
-        params, opt_state, metrics = step(params, opt_state, jnp.asarray(xb), jnp.asarray(yb),
-                                          jax.random.fold_in(key, i))
+    for i, (xb, yb) in enumerate(
+        batches(x_tr, y_tr, args.batch_size, seed=args.seed, epochs=args.epochs)
+    ):
+        params, opt_state, metrics = step(
+            params, opt_state, jnp.asarray(xb), jnp.asarray(yb), jax.random.fold_in(key, i)
+        )
         pbar.update(1)
         if i % 20 == 0:
             pbar.set_postfix({k: f"{float(v):.3f}" for k, v in metrics.items()}, refresh=False)
@@ -130,9 +134,16 @@ def train(method, args, data, n_train, pbar, base=None):
 def evaluate(method, apply_fn, params, graphdef, rest, args, data):
     n = args.eval_size
     r = adversarial.robustness(
-        apply_fn, params, data.x_test[:n], data.y_test[:n], eps=args.eps,
-        step_size=args.eval_step_size, steps=args.eval_steps, key=jax.random.key(123),
-        batch_size=250, progress=True,
+        apply_fn,
+        params,
+        data.x_test[:n],
+        data.y_test[:n],
+        eps=args.eps,
+        step_size=args.eval_step_size,
+        steps=args.eval_steps,
+        key=jax.random.key(123),
+        batch_size=250,
+        progress=True,
     )
     units = kept_units(graphdef, params, rest)
     macs, n_params = cost(units)
@@ -172,8 +183,12 @@ def table(rows, args, seconds) -> str:
         f"{args.eval_step_size}, random start) on the first {args.eval_size} test images; "
         f"beta-Bernoulli prior alpha {args.alpha}, KL weight beta {args.beta} / N, "
         f"vulnerability weight lambda {args.lam}; seed {args.seed}; "
-        + ("BP and ANP-VS start from the trained standard and AT weights and train as many "
-           "steps again; " if args.finetune else "every method trains from scratch; ")
+        + (
+            "BP and ANP-VS start from the trained standard and AT weights and train as many "
+            "steps again; "
+            if args.finetune
+            else "every method trains from scratch; "
+        )
         + f"{seconds / 60:.1f} min on this machine's shared CPU."
     )
     return "\n".join(lines) + "\n\n" + setup + "\n"
@@ -218,9 +233,12 @@ def verdict(rows: list[dict]) -> str:
 def render(result: dict) -> str:
     """Returns the markdown report for a results dict (as saved in the json)."""
     args = argparse.Namespace(**result["args"])
-    return ("# ANP-VS on Fashion-MNIST (LeNet-5-Caffe)\n\n"
-            + table(result["rows"], args, result["seconds"]) + verdict(result["rows"])
-            + PAPER_NOTE)
+    return (
+        "# ANP-VS on Fashion-MNIST (LeNet-5-Caffe)\n\n"
+        + table(result["rows"], args, result["seconds"])
+        + verdict(result["rows"])
+        + PAPER_NOTE
+    )
 
 
 def main():
@@ -238,8 +256,12 @@ def main():
     p.add_argument("--eval-size", type=int, default=500)
     p.add_argument("--alpha", type=float, default=1e-4)
     p.add_argument("--init-a", type=float, default=4.0)
-    p.add_argument("--no-finetune", dest="finetune", action="store_false",
-                   help="train BP and ANP-VS from scratch instead of from standard / AT")
+    p.add_argument(
+        "--no-finetune",
+        dest="finetune",
+        action="store_false",
+        help="train BP and ANP-VS from scratch instead of from standard / AT",
+    )
     p.add_argument("--beta", type=float, default=40.0)
     p.add_argument("--lam", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -270,8 +292,7 @@ def main():
         for method in methods:
             pbar.set_description(method)
             base = trained.get(base_of.get(method)) if args.finetune else None
-            apply_fn, params, graphdef, rest, model = train(method, args, data, n_train, pbar,
-                                                            base)
+            apply_fn, params, graphdef, rest, model = train(method, args, data, n_train, pbar, base)
             trained[method] = model
             rows.append(evaluate(method, apply_fn, params, graphdef, rest, args, data))
             tqdm.write(json.dumps(rows[-1]))
@@ -284,9 +305,13 @@ def main():
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(result, f, indent=1)
     print(md)
-    summary = {r["method"]: {k: r[k] for k in ("clean_acc", "pgd_acc", "vulnerability",
-                                                 "unit_sparsity", "flops_reduction")}
-               for r in rows}
+    summary = {
+        r["method"]: {
+            k: r[k]
+            for k in ("clean_acc", "pgd_acc", "vulnerability", "unit_sparsity", "flops_reduction")
+        }
+        for r in rows
+    }
     print("RESULT " + json.dumps({"seconds": round(seconds, 1), **summary}))
 
 

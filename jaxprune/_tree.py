@@ -41,9 +41,7 @@ def is_variable(x: Any) -> bool:
 
 def unwrap_variables(tree: Any) -> Any:
     """Returns ``tree`` with every nnx ``Variable`` replaced by its array."""
-    return jax.tree.map(
-        lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable
-    )
+    return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable)
 
 
 def _key_name(key: Any) -> str | int:
@@ -93,7 +91,9 @@ def _is_floating(leaf: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
 
 
-def prunable_flags(tree: Any, where: Where | None = None, *, allow_bool: bool = False) -> list[bool]:
+def prunable_flags(
+    tree: Any, where: Where | None = None, *, allow_bool: bool = False
+) -> list[bool]:
     """Returns one bool per leaf of ``tree`` (flatten order): is it selected by ``where``?
 
     Raises:

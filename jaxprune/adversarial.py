@@ -117,6 +117,7 @@ def pgd(
     _check_attack(eps, step_size, steps, bounds)
     x = jnp.asarray(x)
     lo, hi = bounds
+
     def summed(z):
         losses = loss_fn(z).astype(jnp.float32)
         return jnp.sum(losses), losses
@@ -205,8 +206,15 @@ def attack(
         def loss(z):
             return cross_entropy(_logits(apply_fn(params, z, None)), y)
 
-        return pgd(loss, x, eps=eps, step_size=step_size, steps=steps,
-                   key=key if random_start else None, bounds=bounds)
+        return pgd(
+            loss,
+            x,
+            eps=eps,
+            step_size=step_size,
+            steps=steps,
+            key=key if random_start else None,
+            bounds=bounds,
+        )
 
     return run
 
@@ -233,8 +241,10 @@ def vulnerability(features: Sequence[jax.Array], features_adv: Sequence[jax.Arra
             f"adversarial inputs, got {len(features)} and {len(features_adv)}. Fix: return the "
             "same latent features from both forward passes."
         )
-    per = [jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-           for a, b in zip(features, features_adv, strict=True)]
+    per = [
+        jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+        for a, b in zip(features, features_adv, strict=True)
+    ]
     return sum(per) / len(per)
 
 
@@ -315,8 +325,9 @@ def anp_vs_step(
         def adv_loss(z):
             return cross_entropy(apply_fn(params, z, k_gate)[0], y)
 
-        x_adv = pgd(adv_loss, x, eps=eps, step_size=step_size, steps=steps, key=k_start,
-                    bounds=bounds)
+        x_adv = pgd(
+            adv_loss, x, eps=eps, step_size=step_size, steps=steps, key=k_start, bounds=bounds
+        )
 
         def terms(p):
             logits, feats = apply_fn(p, x, k_gate)
@@ -334,7 +345,10 @@ def anp_vs_step(
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {
-            "ce": values[0], "ce_adv": values[1], "kl": values[2], "vulnerability": values[3],
+            "ce": values[0],
+            "ce_adv": values[1],
+            "kl": values[2],
+            "vulnerability": values[3],
             "acc": jnp.mean(jnp.argmax(logits, -1) == y),
             "acc_adv": jnp.mean(jnp.argmax(logits_adv, -1) == y),
         }
@@ -377,8 +391,9 @@ def adversarial_step(
         def adv_loss(z):
             return cross_entropy(apply_fn(params, z, k_gate)[0], y)
 
-        x_adv = pgd(adv_loss, x, eps=eps, step_size=step_size, steps=steps, key=k_start,
-                    bounds=bounds)
+        x_adv = pgd(
+            adv_loss, x, eps=eps, step_size=step_size, steps=steps, key=k_start, bounds=bounds
+        )
 
         def loss(p):
             logits_adv = apply_fn(p, x_adv, k_gate)[0]

@@ -99,9 +99,7 @@ def _accepts(fn: Callable[..., Any]) -> tuple[set[str], bool]:
     except (TypeError, ValueError):
         return set(), True
     names = {
-        n
-        for n, p in sig.parameters.items()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
     var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     return names, var_kw
@@ -256,9 +254,7 @@ def movement() -> StatefulCriterion:
     """
 
     def update(state, params, grads):
-        return jax.tree.map(
-            lambda s, w, g: s - (w * g).astype(jnp.float32), state, params, grads
-        )
+        return jax.tree.map(lambda s, w, g: s - (w * g).astype(jnp.float32), state, params, grads)
 
     return StatefulCriterion(init=_zeros_f32, update=update, score=lambda state, params: state)
 

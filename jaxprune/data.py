@@ -30,7 +30,9 @@ __all__ = [
     "load_mnist_5k",
 ]
 
-FASHION_MNIST_DIR = os.environ.get("JAXPRUNE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = os.environ.get(
+    "JAXPRUNE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"
+)
 _FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -136,7 +138,11 @@ def load(name: str = "auto", *, verbose: bool = True) -> Dataset:
         if verbose:
             print(f"note: {_INSTALL_HINT} Using scikit-learn's bundled digits instead.")
         return load_digits()
-    loaders = {"fashion-mnist": load_fashion_mnist, "mnist-5k": load_mnist_5k, "digits": load_digits}
+    loaders = {
+        "fashion-mnist": load_fashion_mnist,
+        "mnist-5k": load_mnist_5k,
+        "digits": load_digits,
+    }
     if name not in loaders:
         raise ValueError(f"dataset must be one of {sorted(loaders) + ['auto']}, got {name!r}.")
     return loaders[name]()

@@ -31,7 +31,7 @@ def compressed_bytes(params: Any, where=None) -> int:
     their nonzero values, other leaves dense."""
     flags = jp._tree.prunable_flags(params, where)
     total = 0
-    for leaf, f in zip(jax.tree.leaves(params), flags):
+    for leaf, f in zip(jax.tree.leaves(params), flags, strict=True):
         x = np.asarray(leaf)
         if f:
             total += (x.size + 7) // 8 + int(np.count_nonzero(x)) * x.itemsize
@@ -77,7 +77,11 @@ def run(
     t_start = time.perf_counter()
     ds = _data.load(dataset)
     if epochs is None:
-        epochs = max(1, 2_000 // max(1, len(ds.x_train) // batch_size)) if len(ds.x_train) < 10_000 else 5
+        epochs = (
+            max(1, 2_000 // max(1, len(ds.x_train) // batch_size))
+            if len(ds.x_train) < 10_000
+            else 5
+        )
     if quick:
         epochs = 1
     steps_per_epoch = len(ds.x_train) // batch_size
@@ -109,7 +113,9 @@ def run(
     def train(params, tx, n_epochs, desc, seed_offset):
         opt_state = tx.init(params)
         step = make_step(tx)
-        it = _data.batches(ds.x_train, ds.y_train, batch_size, seed=seed + seed_offset, epochs=n_epochs)
+        it = _data.batches(
+            ds.x_train, ds.y_train, batch_size, seed=seed + seed_offset, epochs=n_epochs
+        )
         bar = tqdm(total=n_epochs * steps_per_epoch, desc=desc, unit="step", leave=False)
         done = 0
         for x, y in it:
@@ -131,8 +137,12 @@ def run(
     # at the final sparsity: the schedule ends after two thirds of the phase.
     total = epochs * steps_per_epoch
     end = max(1, (2 * total) // 3)
-    schedule = jp.schedules.polynomial(0.0, sparsity, begin_step=0, end_step=end, frequency=max(1, end // 20))
-    pruned, opt_state = train(dense, jp.prune(optax.adam(1e-3), sparsity=schedule), epochs, "pruning", 1)
+    schedule = jp.schedules.polynomial(
+        0.0, sparsity, begin_step=0, end_step=end, frequency=max(1, end // 20)
+    )
+    pruned, opt_state = train(
+        dense, jp.prune(optax.adam(1e-3), sparsity=schedule), epochs, "pruning", 1
+    )
     pruned_acc = _accuracy(apply, pruned, ds.x_test, ds.y_test)
 
     n_total = sum(int(np.size(x)) for x in jax.tree.leaves(dense))
@@ -164,7 +174,10 @@ def run(
 
 
 def _print(console: Console, r: dict[str, Any]) -> None:
-    t = Table(title=f"LeNet-300-100 on {r['dataset']}: gradual magnitude pruning to {r['target_sparsity']:.0%}")
+    t = Table(
+        title=f"LeNet-300-100 on {r['dataset']}: "
+        f"gradual magnitude pruning to {r['target_sparsity']:.0%}"
+    )
     t.add_column("model")
     t.add_column("test accuracy", justify="right")
     t.add_column("nonzero params", justify="right")
@@ -172,8 +185,12 @@ def _print(console: Console, r: dict[str, Any]) -> None:
     t.add_column("params ratio", justify="right")
     t.add_column("bytes ratio", justify="right")
     t.add_row(
-        "dense", f"{r['dense_accuracy']:.2%}", f"{r['params_total']:,}", f"{r['dense_bytes']:,}",
-        "1.0x", "1.0x",
+        "dense",
+        f"{r['dense_accuracy']:.2%}",
+        f"{r['params_total']:,}",
+        f"{r['dense_bytes']:,}",
+        "1.0x",
+        "1.0x",
     )
     t.add_row(
         "pruned",

@@ -97,12 +97,27 @@ class HardConcrete:
     per_unit = True
 
     def __post_init__(self):
-        _check("beta", self.beta, self.beta > 0, "> 0 (the concrete temperature)",
-               "use the paper's 2/3.")
-        _check("gamma", self.gamma, self.gamma < 0, "< 0 (the stretch must pass below 0)",
-               "use the paper's -0.1.")
-        _check("zeta", self.zeta, self.zeta > 1, "> 1 (the stretch must pass above 1)",
-               "use the paper's 1.1.")
+        _check(
+            "beta",
+            self.beta,
+            self.beta > 0,
+            "> 0 (the concrete temperature)",
+            "use the paper's 2/3.",
+        )
+        _check(
+            "gamma",
+            self.gamma,
+            self.gamma < 0,
+            "< 0 (the stretch must pass below 0)",
+            "use the paper's -0.1.",
+        )
+        _check(
+            "zeta",
+            self.zeta,
+            self.zeta > 1,
+            "> 1 (the stretch must pass above 1)",
+            "use the paper's 1.1.",
+        )
 
     def init(self, kernel: jax.Array, key: jax.Array | None = None) -> dict[str, jax.Array]:
         del key
@@ -161,11 +176,7 @@ def beta_bernoulli_kl(a: jax.Array, b: jax.Array, alpha: float) -> jax.Array:
       Beta-Bernoulli Dropout", 2018. https://arxiv.org/abs/1805.10896
     """
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return (
-        (1 - alpha / a) * (-_EULER - digamma(b) - 1 / b)
-        + jnp.log(a * b / alpha)
-        - (b - 1) / b
-    )
+    return (1 - alpha / a) * (-_EULER - digamma(b) - 1 / b) + jnp.log(a * b / alpha) - (b - 1) / b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,12 +217,27 @@ class BetaBernoulli:
     per_unit = True
 
     def __post_init__(self):
-        _check("alpha", self.alpha, self.alpha > 0, "> 0 (the Beta prior's concentration)",
-               "use e.g. 1e-4.")
-        _check("temperature", self.temperature, self.temperature > 0,
-               "> 0 (the relaxed-Bernoulli temperature)", "use e.g. 0.1.")
-        _check("threshold", self.threshold, 0 <= self.threshold < 1, "in [0, 1)",
-               "use the paper's 1e-3.")
+        _check(
+            "alpha",
+            self.alpha,
+            self.alpha > 0,
+            "> 0 (the Beta prior's concentration)",
+            "use e.g. 1e-4.",
+        )
+        _check(
+            "temperature",
+            self.temperature,
+            self.temperature > 0,
+            "> 0 (the relaxed-Bernoulli temperature)",
+            "use e.g. 0.1.",
+        )
+        _check(
+            "threshold",
+            self.threshold,
+            0 <= self.threshold < 1,
+            "in [0, 1)",
+            "use the paper's 1e-3.",
+        )
         for name in ("init_a", "init_b"):
             v = getattr(self, name)
             _check(name, v, v > 0, "> 0 (a Kumaraswamy parameter)", "use e.g. 10.0 and 1.0.")
@@ -314,8 +340,13 @@ class VariationalDropout:
     per_unit = False
 
     def __post_init__(self):
-        _check("threshold", self.threshold, -8 < self.threshold < 8,
-               "in (-8, 8) (log_alpha is clipped to [-8, 8])", "use the paper's 3.0.")
+        _check(
+            "threshold",
+            self.threshold,
+            -8 < self.threshold < 8,
+            "in (-8, 8) (log_alpha is clipped to [-8, 8])",
+            "use the paper's 3.0.",
+        )
 
     def init(self, kernel: jax.Array, key: jax.Array | None = None) -> dict[str, jax.Array]:
         del key
@@ -379,8 +410,13 @@ class ScalarGate:
     per_unit = True
 
     def __post_init__(self):
-        _check("target", self.target, 0 < self.target <= 1, "in (0, 1]",
-               "use the paper's 0.2 (the kept fraction of gate mass).")
+        _check(
+            "target",
+            self.target,
+            0 < self.target <= 1,
+            "in (0, 1]",
+            "use the paper's 0.2 (the kept fraction of gate mass).",
+        )
         _check("weight", self.weight, self.weight >= 0, ">= 0", "use the paper's 0.5.")
         _check("threshold", self.threshold, self.threshold >= 0, ">= 0", "use e.g. 1e-2.")
 

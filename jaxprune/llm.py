@@ -50,9 +50,7 @@ def _check(sparsity: float, nm: tuple[int, int] | None, kernel_in: int) -> None:
                 f"got nm={nm!r}. Fix: e.g. nm=(2, 4) for 2:4 sparsity."
             )
     elif not 0.0 <= sparsity <= 1.0:
-        raise ValueError(
-            f"sparsity must be in [0, 1], got {sparsity}. Fix: e.g. sparsity=0.5."
-        )
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}. Fix: e.g. sparsity=0.5.")
 
 
 def _per_output_keep(scores: jax.Array, sparsity: float) -> jax.Array:
@@ -318,7 +316,11 @@ def prune_decoder(
                 new = wanda_prune(kernel, jnp.sqrt(jnp.diag(hess)), sparsity=sparsity, nm=nm)
             else:
                 new = sparsegpt(
-                    kernel, hess, sparsity=sparsity, nm=nm, blocksize=blocksize,
+                    kernel,
+                    hess,
+                    sparsity=sparsity,
+                    nm=nm,
+                    blocksize=blocksize,
                     dampening=dampening,
                 )
             errors[f"blocks/{b}/{name}/kernel"] = float(reconstruction_error(kernel, new, hess))

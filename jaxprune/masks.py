@@ -395,9 +395,7 @@ class PackedMask:
     axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
-jax.tree_util.register_dataclass(
-    PackedMask, data_fields=["bits"], meta_fields=["shape", "axis"]
-)
+jax.tree_util.register_dataclass(PackedMask, data_fields=["bits"], meta_fields=["shape", "axis"])
 
 _BIT = tuple(1 << j for j in range(8))
 
@@ -514,5 +512,6 @@ def sparsity(tree: Any, *, where: Where | None = None) -> jax.Array:
     if total == 0:
         return jnp.float32(0.0)
     return zeros.astype(jnp.float32) / total
+
 
 from jaxprune.structured import blocks, nm, pattern_library, patterns, structured  # noqa: E402, F401

@@ -29,7 +29,7 @@ class MLP(nnx.Module):
         self.layers = nnx.List(
             [
                 nnx.Linear(a, b, rngs=rngs, param_dtype=dtype, dtype=dtype)
-                for a, b in zip(features[:-1], features[1:])
+                for a, b in zip(features[:-1], features[1:], strict=True)
             ]
         )
 
@@ -110,7 +110,9 @@ class BasicBlock(nnx.Module):
     """conv-BN-ReLU-conv-BN plus a shortcut (a 1x1 conv + BN when the shape changes)."""
 
     def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, padding="SAME", use_bias=False, rngs=rngs)
+        self.conv1 = nnx.Conv(
+            cin, cout, (3, 3), strides=stride, padding="SAME", use_bias=False, rngs=rngs
+        )
         self.bn1 = nnx.BatchNorm(cout, rngs=rngs)
         self.conv2 = nnx.Conv(cout, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
         self.bn2 = nnx.BatchNorm(cout, rngs=rngs)
@@ -131,7 +133,9 @@ class BasicBlock(nnx.Module):
 class ResNet20(nnx.Module):
     """ResNet-20 (He et al. 2016, https://arxiv.org/abs/1512.03385), 16/32/64 channels."""
 
-    def __init__(self, *, rngs: nnx.Rngs, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+    def __init__(
+        self, *, rngs: nnx.Rngs, in_channels: int = 1, num_classes: int = 10, width: int = 16
+    ):
         self.stem = nnx.Conv(in_channels, width, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
         self.stem_bn = nnx.BatchNorm(width, rngs=rngs)
         blocks, c = [], width

@@ -308,7 +308,7 @@ def _walk(jaxpr, src: dict, density: dict[str, float]) -> tuple[float, float]:
             if results:
                 # cond: the costliest branch; scan: every iteration.
                 times = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
-                d, n = (max(results) if name == "cond" else map(sum, zip(*results, strict=True)))
+                d, n = max(results) if name == "cond" else map(sum, zip(*results, strict=True))
                 dense, nonzero = dense + times * d, nonzero + times * n
     return dense, nonzero
 

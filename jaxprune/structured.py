@@ -171,9 +171,7 @@ def structured(
         other = tuple(d for d in range(jnp.ndim(x)) if d not in ax)
         x = jnp.asarray(x, jnp.float32)
         reduced[i] = red(x, other) if other else x
-        expand[i] = lambda k, x=x, other=other: jnp.broadcast_to(
-            jnp.expand_dims(k, other), x.shape
-        )
+        expand[i] = lambda k, x=x, other=other: jnp.broadcast_to(jnp.expand_dims(k, other), x.shape)
     return _rank_reduced(scores, sparsity, reduced, expand, scope)
 
 
@@ -197,9 +195,7 @@ def pattern_library(kernel_size: tuple[int, int] = (3, 3), n: int = 4) -> np.nda
     """
     kh, kw = kernel_size
     if not 1 <= n <= kh * kw:
-        raise ValueError(
-            f"n must be in [1, {kh * kw}] for kernel_size {kernel_size}, got {n}."
-        )
+        raise ValueError(f"n must be in [1, {kh * kw}] for kernel_size {kernel_size}, got {n}.")
     centre = (kh // 2, kw // 2)
     pats = []
     if (kh, kw) == (3, 3) and n == 4:
@@ -469,7 +465,7 @@ def blocks(
                 f"blocks: leaf {path_str(path)!r} of shape {shape} has fewer axes than "
                 f"block={block}. Fix: a shorter block, or make `where` skip it."
             )
-        lead, tail = shape[: len(shape) - len(block)], shape[len(shape) - len(block):]
+        lead, tail = shape[: len(shape) - len(block)], shape[len(shape) - len(block) :]
         nb = tuple(-(-t // b) for t, b in zip(tail, block, strict=True))
         overhang = [(0, n * b - t) for n, b, t in zip(nb, block, tail, strict=True)]
         pad = [(0, 0)] * len(lead) + overhang

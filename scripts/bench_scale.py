@@ -105,6 +105,7 @@ def step_overhead(steps: int = 300, batch: int = 128) -> dict:
             t0 = time.perf_counter()
             states[name] = jax.block_until_ready(step(*states[name]))
             times[name].append(time.perf_counter() - t0)
+
     # Trimmed mean: drop the 2% slowest steps of every variant (other jobs'
     # bursts), which never removes more refresh steps than dense outliers.
     def trimmed(t):

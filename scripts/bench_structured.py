@@ -75,20 +75,36 @@ def bench(name, make, x, fractions, runs):
         small = structure.shrink(apply_fn, state, masks, probe)
         theo = dense_flops / _flops(apply_fn, small, x)
         td, ts = _time_pair(apply_fn, state, small, x, runs)
-        rows.append({
-            "model": name, "kind": "structured", "fraction": frac,
-            "params": _n(small), "dense_params": _n(state),
-            "dense_ms": 1e3 * td, "ms": 1e3 * ts, "speedup": td / ts, "theoretical": theo,
-        })
+        rows.append(
+            {
+                "model": name,
+                "kind": "structured",
+                "fraction": frac,
+                "params": _n(small),
+                "dense_params": _n(state),
+                "dense_ms": 1e3 * td,
+                "ms": 1e3 * ts,
+                "speedup": td / ts,
+                "theoretical": theo,
+            }
+        )
     masks = jp.masks.topk(scores, 0.9)
     sparse = jp.apply_masks(state, masks)
     theo = dense_flops / _flops(apply_fn, sparse, x)
     td, ts = _time_pair(apply_fn, state, sparse, x, runs)
-    rows.append({
-        "model": name, "kind": "unstructured", "fraction": 0.9,
-        "params": _n(state), "dense_params": _n(state),
-        "dense_ms": 1e3 * td, "ms": 1e3 * ts, "speedup": td / ts, "theoretical": theo,
-    })
+    rows.append(
+        {
+            "model": name,
+            "kind": "unstructured",
+            "fraction": 0.9,
+            "params": _n(state),
+            "dense_params": _n(state),
+            "dense_ms": 1e3 * td,
+            "ms": 1e3 * ts,
+            "speedup": td / ts,
+            "theoretical": theo,
+        }
+    )
     return rows
 
 
@@ -101,28 +117,40 @@ def main():
     fractions = (0.25, 0.5, 0.75)
     x_flat = jax.random.normal(key, (args.batch, 784))
     x_img = jax.random.normal(key, (args.batch, 28, 28, 1))
-    rows = bench("mlp", lambda: models.lenet_300_100(rngs=nnx.Rngs(0)), x_flat, fractions,
-                 args.runs)
+    rows = bench(
+        "mlp", lambda: models.lenet_300_100(rngs=nnx.Rngs(0)), x_flat, fractions, args.runs
+    )
     rows += bench("vgg", lambda: models.VGGSmall(rngs=nnx.Rngs(0)), x_img, fractions, args.runs)
 
-    print(f"\njax {jax.__version__}, {jax.devices()[0].platform}, batch {args.batch}, "
-          f"median of {args.runs} interleaved runs")
-    print(f"{'model':5} {'kind':12} {'removed':>7} {'params':>9} {'dense ms':>9} {'ms':>8} "
-          f"{'speedup':>8} {'theory':>7} {'ratio':>6}")
+    print(
+        f"\njax {jax.__version__}, {jax.devices()[0].platform}, batch {args.batch}, "
+        f"median of {args.runs} interleaved runs"
+    )
+    print(
+        f"{'model':5} {'kind':12} {'removed':>7} {'params':>9} {'dense ms':>9} {'ms':>8} "
+        f"{'speedup':>8} {'theory':>7} {'ratio':>6}"
+    )
     for r in rows:
-        print(f"{r['model']:5} {r['kind']:12} {r['fraction']:7.0%} {r['params']:9d} "
-              f"{r['dense_ms']:9.3f} {r['ms']:8.3f} {r['speedup']:7.2f}x {r['theoretical']:6.2f}x "
-              f"{r['speedup'] / r['theoretical']:6.2f}")
-    print("unstructured rows: masked-but-dense weights; XLA still runs the dense matmuls/convs, "
-          "so there is no speedup on dense hardware.")
+        print(
+            f"{r['model']:5} {r['kind']:12} {r['fraction']:7.0%} {r['params']:9d} "
+            f"{r['dense_ms']:9.3f} {r['ms']:8.3f} {r['speedup']:7.2f}x {r['theoretical']:6.2f}x "
+            f"{r['speedup'] / r['theoretical']:6.2f}"
+        )
+    print(
+        "unstructured rows: masked-but-dense weights; XLA still runs the dense matmuls/convs, "
+        "so there is no speedup on dense hardware."
+    )
     result = {}
     for r in rows:
         key = f"{r['fraction']:.2f}"
         if r["kind"] == "unstructured":
             key = f"unstructured_{key}"
         result.setdefault(r["model"], {})[key] = {
-            "speedup": round(r["speedup"], 3), "theoretical": round(r["theoretical"], 3),
-            "dense_ms": round(r["dense_ms"], 3), "ms": round(r["ms"], 3), "params": r["params"],
+            "speedup": round(r["speedup"], 3),
+            "theoretical": round(r["theoretical"], 3),
+            "dense_ms": round(r["dense_ms"], 3),
+            "ms": round(r["ms"], 3),
+            "params": r["params"],
         }
     mlp50, vgg50 = result["mlp"]["0.50"], result["vgg"]["0.50"]
     result["targets"] = {

@@ -88,8 +88,17 @@ def test_attack_and_robustness(key):
     run = adversarial.attack(_apply, eps=0.2, step_size=0.05, steps=5)
     adv = run(tree, x, y, jax.random.key(0))
     assert float(jnp.max(jnp.abs(adv - x))) <= 0.2 + 1e-6
-    r = adversarial.robustness(_apply, tree, np.asarray(x), np.asarray(y), eps=0.2,
-                               step_size=0.05, steps=5, key=key, batch_size=16)
+    r = adversarial.robustness(
+        _apply,
+        tree,
+        np.asarray(x),
+        np.asarray(y),
+        eps=0.2,
+        step_size=0.05,
+        steps=5,
+        key=key,
+        batch_size=16,
+    )
     assert 0 <= r["adv_acc"] <= r["clean_acc"] <= 1
     assert r["vulnerability"] > 0
 
@@ -107,8 +116,9 @@ def test_anp_vs_step_gradients_are_split_between_masks_and_weights(key):
     x, y = _data(jax.random.key(1))
     beta, lam, n = 4.0, 0.5, 1000
     kw = dict(eps=0.1, step_size=0.03, steps=3)
-    step = adversarial.anp_vs_step(_apply, _kl, optax.sgd(1.0), num_train=n, beta=beta,
-                                   lam=lam, **kw)
+    step = adversarial.anp_vs_step(
+        _apply, _kl, optax.sgd(1.0), num_train=n, beta=beta, lam=lam, **kw
+    )
     k = jax.random.key(9)
     new, _, metrics = step(tree, optax.sgd(1.0).init(tree), x, y, k)
 
@@ -117,7 +127,9 @@ def test_anp_vs_step_gradients_are_split_between_masks_and_weights(key):
     def by_hand(tree):
         k_gate, k_start = jax.random.split(k)
         x_adv = adversarial.pgd(
-            lambda z: adversarial.cross_entropy(_apply(tree, z, k_gate)[0], y), x, key=k_start,
+            lambda z: adversarial.cross_entropy(_apply(tree, z, k_gate)[0], y),
+            x,
+            key=k_start,
             **kw,
         )
 
@@ -136,9 +148,12 @@ def test_anp_vs_step_gradients_are_split_between_masks_and_weights(key):
     w0, w1 = tree["params"]["hidden"]["kernel"], new["params"]["hidden"]["kernel"]
     np.testing.assert_allclose(w1, w0 - g_w["params"]["hidden"]["kernel"], rtol=1e-4, atol=1e-5)
     gname = "hidden/kernel"
-    np.testing.assert_allclose(new["gates"][gname]["gate_a"],
-                               tree["gates"][gname]["gate_a"] - g_m["gates"][gname]["gate_a"],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        new["gates"][gname]["gate_a"],
+        tree["gates"][gname]["gate_a"] - g_m["gates"][gname]["gate_a"],
+        rtol=1e-4,
+        atol=1e-5,
+    )
     assert float(metrics["vulnerability"]) > 0 and float(metrics["kl"]) > 0
 
 
@@ -146,8 +161,16 @@ def test_adversarial_step_reduces_the_adversarial_loss(key):
     tree = _tree(key)
     x, y = _data(jax.random.key(1), 64)
     tx = gates.multi_transform(optax.adam(3e-2), optax.adam(1e-2))
-    step = adversarial.adversarial_step(_apply, tx, eps=0.05, step_size=0.02, steps=2,
-                                        clean_weight=0.5, penalty_fn=_kl, penalty_weight=1e-4)
+    step = adversarial.adversarial_step(
+        _apply,
+        tx,
+        eps=0.05,
+        step_size=0.02,
+        steps=2,
+        clean_weight=0.5,
+        penalty_fn=_kl,
+        penalty_weight=1e-4,
+    )
     state = tx.init(tree)
     losses = []
     for i in range(30):

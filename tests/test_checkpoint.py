@@ -19,8 +19,9 @@ def _bits(tree):
 
 def _make_tx():
     schedule = jp.schedules.polynomial(0.0, 0.8, begin_step=0, end_step=8, frequency=2)
-    return jp.prune(optax.adam(1e-2), sparsity=schedule, criterion=jp.criteria.random,
-                    key=jax.random.key(7))
+    return jp.prune(
+        optax.adam(1e-2), sparsity=schedule, criterion=jp.criteria.random, key=jax.random.key(7)
+    )
 
 
 def _batch(i):

@@ -16,8 +16,12 @@ from jaxprune import checkpoint, cli
 
 @pytest.fixture
 def run_dir(tmp_path):
-    params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (64, 32)),
-                        "bias": np.zeros(32, np.float32)}}
+    params = {
+        "dense": {
+            "kernel": jax.random.normal(jax.random.key(0), (64, 32)),
+            "bias": np.zeros(32, np.float32),
+        }
+    }
     tx = jp.prune(optax.sgd(0.1), sparsity=0.9)
     state = tx.init(params)
     grads = jax.tree.map(np.zeros_like, params)
@@ -69,7 +73,10 @@ def test_command_line_process_prints_no_traceback(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "jaxprune", "inspect", str(tmp_path / "missing")],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "jaxprune: error: no checkpoint" in proc.stderr

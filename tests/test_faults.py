@@ -41,7 +41,10 @@ def test_sigkill_during_save_leaves_previous_step_restorable(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-c", _KILLED_SAVE, str(tmp_path)],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr[-2000:]
     assert any("tmp" in p.name for p in tmp_path.iterdir())  # the half-written step

@@ -171,13 +171,17 @@ def test_per_unit_gate_equals_scaling_the_layer_output_linen(key):
     gated = gates.apply_gates(gate, params, gp, key=k)
     z = gate.unit_gate(gp["kernel"], gates.gate_keys(gp, k)["kernel"])
     np.testing.assert_allclose(
-        model.apply({"params": gated}, x), model.apply({"params": params}, x) * z, rtol=1e-5,
+        model.apply({"params": gated}, x),
+        model.apply({"params": params}, x) * z,
+        rtol=1e-5,
         atol=1e-6,
     )
     # Intercepting the layer's output instead of gating its params gives the same.
     np.testing.assert_allclose(
         gates.linen_apply(gate, model, {"params": params}, gp, x, key=k),
-        model.apply({"params": gated}, x), rtol=1e-5, atol=1e-6,
+        model.apply({"params": gated}, x),
+        rtol=1e-5,
+        atol=1e-6,
     )
     with pytest.raises(ValueError, match="linen_apply gates layer outputs"):
         gates.linen_apply(gates.VariationalDropout(), model, {"params": params}, {}, x)
@@ -190,8 +194,13 @@ def test_hard_masks_reproduce_test_mode_outputs_functional(key):
     gp["hidden/kernel"]["gate_log_alpha"] = jnp.array([-8.0, 3.0, -6.0, 0.5, 2.0])
     folded = gates.apply_gates(gate, params, gp)
     masks = gates.to_masks(gate, gp, params)
-    jax.tree.map(lambda p, m: None if jnp.ndim(m) == 0 else np.testing.assert_equal(
-        jnp.shape(p), jnp.shape(m)), params, masks)
+    jax.tree.map(
+        lambda p, m: (
+            None if jnp.ndim(m) == 0 else np.testing.assert_equal(jnp.shape(p), jnp.shape(m))
+        ),
+        params,
+        masks,
+    )
     assert masks["hidden"]["bias"].tolist() == [False, True, False, True, True]
     x = jax.random.normal(jax.random.key(3), (4, 6))
     np.testing.assert_array_equal(_mlp(jp.apply_masks(folded, masks), x), _mlp(folded, x))
@@ -289,8 +298,7 @@ def test_attach_nnx_eval_detach_and_masks(key):
 
 def test_nnx_variational_dropout_and_jit(key):
     model = lenet_300_100(rngs=nnx.Rngs(0))
-    gates.attach(model, gates.VariationalDropout(init_log_sigma2=-2.0), key=key,
-                 skip=("layers/2",))
+    gates.attach(model, gates.VariationalDropout(init_log_sigma2=-2.0), key=key, skip=("layers/2",))
     graphdef, state = nnx.split(model)
 
     @jax.jit

@@ -36,8 +36,9 @@ def test_mlp_groups_tie_columns_bias_and_next_rows():
         frozenset({"layers/1/kernel[1]", "layers/1/bias[0]", "layers/2/kernel[0]"}): 100,
     }
     blocked = {frozenset(_names(g)): g.reasons for g in gs if not g.prunable}
-    assert any("model output" in r for r in blocked[frozenset({"layers/2/kernel[1]",
-                                                               "layers/2/bias[0]"})])
+    assert any(
+        "model output" in r for r in blocked[frozenset({"layers/2/kernel[1]", "layers/2/bias[0]"})]
+    )
     assert any("model input" in r for r in blocked[frozenset({"layers/0/kernel[0]"})])
 
 
@@ -56,8 +57,13 @@ def test_vgg_groups_include_batchnorm_parameters_and_statistics():
     assert sorted(g.channels for g in gs) == [32, 32, 64, 64, 128, 256]
     g0 = next(g for g in gs if "convs/0/kernel[3]" in _names(g))
     assert _names(g0) == {
-        "convs/0/kernel[3]", "convs/0/bias[0]", "convs/1/kernel[2]",
-        "bns/0/scale[0]", "bns/0/bias[0]", "bns/0/mean[0]", "bns/0/var[0]",
+        "convs/0/kernel[3]",
+        "convs/0/bias[0]",
+        "convs/1/kernel[2]",
+        "bns/0/scale[0]",
+        "bns/0/bias[0]",
+        "bns/0/mean[0]",
+        "bns/0/var[0]",
     }
     last = next(g for g in gs if "convs/4/kernel[3]" in _names(g))
     assert "fc1/kernel[0]" in _names(last)
@@ -70,8 +76,13 @@ def test_resnet20_residual_additions_tie_a_whole_stage():
     stage1 = next(g for g in live if "stem/kernel[3]" in _names(g))
     names = _names(stage1)
     assert stage1.channels == 16
-    for want in ("blocks/0/conv2/kernel[3]", "blocks/2/bn2/scale[0]", "blocks/3/conv1/kernel[2]",
-                 "blocks/3/proj/kernel[2]", "blocks/1/conv1/kernel[2]"):
+    for want in (
+        "blocks/0/conv2/kernel[3]",
+        "blocks/2/bn2/scale[0]",
+        "blocks/3/conv1/kernel[2]",
+        "blocks/3/proj/kernel[2]",
+        "blocks/1/conv1/kernel[2]",
+    ):
         assert want in names
     stage3 = next(g for g in live if "head/kernel[0]" in _names(g))
     assert stage3.channels == 64 and "blocks/6/proj/kernel[3]" in _names(stage3)
@@ -88,8 +99,10 @@ def _concat_fn(p, x):
 def _concat_params():
     ks = jax.random.split(jax.random.key(0), 4)
     return {
-        "wa": jax.random.normal(ks[0], (5, 3)), "ba": jax.random.normal(ks[1], (3,)),
-        "wb": jax.random.normal(ks[2], (5, 4)), "wo": jax.random.normal(ks[3], (7, 2)),
+        "wa": jax.random.normal(ks[0], (5, 3)),
+        "ba": jax.random.normal(ks[1], (3,)),
+        "wb": jax.random.normal(ks[2], (5, 4)),
+        "wo": jax.random.normal(ks[3], (7, 2)),
     }
 
 
@@ -111,22 +124,21 @@ def test_concatenate_gives_each_input_an_offset_slice_of_the_consumer():
 
 def _depthwise_fn(p, x):
     dn = ("NHWC", "HWIO", "NHWC")
-    h = jax.nn.relu(jax.lax.conv_general_dilated(x, p["pw1"], (1, 1), "SAME",
-                                                 dimension_numbers=dn))
+    h = jax.nn.relu(jax.lax.conv_general_dilated(x, p["pw1"], (1, 1), "SAME", dimension_numbers=dn))
     c = h.shape[-1]
-    h = jax.lax.conv_general_dilated(h, p["dw"], (1, 1), "SAME", dimension_numbers=dn,
-                                     feature_group_count=c)
+    h = jax.lax.conv_general_dilated(
+        h, p["dw"], (1, 1), "SAME", dimension_numbers=dn, feature_group_count=c
+    )
     h = jax.nn.relu(h)
-    return jnp.mean(jax.lax.conv_general_dilated(h, p["pw2"], (1, 1), "SAME",
-                                                 dimension_numbers=dn), axis=(1, 2))
+    return jnp.mean(
+        jax.lax.conv_general_dilated(h, p["pw2"], (1, 1), "SAME", dimension_numbers=dn), axis=(1, 2)
+    )
 
 
 def test_depthwise_conv_ties_input_channel_to_its_filter_and_the_next_conv():
     p = {"pw1": jnp.ones((1, 1, 3, 4)), "dw": jnp.ones((3, 3, 1, 4)), "pw2": jnp.ones((1, 1, 4, 2))}
     gs = _prunable(structure.groups(_depthwise_fn, p, jnp.ones((1, 6, 6, 3))))
-    assert [(_names(g), g.channels) for g in gs] == [
-        ({"pw1[3]", "dw[3]", "pw2[2]"}, 4)
-    ]
+    assert [(_names(g), g.channels) for g in gs] == [({"pw1[3]", "dw[3]", "pw2[2]"}, 4)]
 
 
 def _opaque_fn(p, x):

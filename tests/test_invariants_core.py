@@ -18,9 +18,7 @@ def test_prune_magnitude(scope, sparsity):
 
 
 def test_prune_saliency_uses_grads():
-    check_transform(
-        lambda inner: jp.prune(inner, sparsity=0.5, criterion=jp.criteria.saliency)
-    )
+    check_transform(lambda inner: jp.prune(inner, sparsity=0.5, criterion=jp.criteria.saliency))
 
 
 def test_prune_random_with_state_key():

@@ -61,7 +61,10 @@ def test_negative_scores_and_infinities():
 
 def test_global_topk_crosses_leaves(key):
     k1, k2 = jax.random.split(key)
-    scores = {"small": jax.random.uniform(k1, (100, 10)), "big": 10 + jax.random.uniform(k2, (50, 10))}
+    scores = {
+        "small": jax.random.uniform(k1, (100, 10)),
+        "big": 10 + jax.random.uniform(k2, (50, 10)),
+    }
     m = jp.masks.global_topk(scores, 0.5)
     assert _pruned(m["small"]) + _pruned(m["big"]) == 750
     assert _pruned(m["big"]) == 0
@@ -103,16 +106,18 @@ def test_exact_counts_property(s, n_distinct, seed):
     total = sum(x.size for x in scores)
     g = _global(scores, s)
     assert sum(_pruned(m) for m in g) == round(np.float32(s) * total)
-    kept = np.concatenate([np.asarray(x)[np.asarray(m)] for x, m in zip(scores, g)])
-    dropped = np.concatenate([np.asarray(x)[~np.asarray(m)] for x, m in zip(scores, g)])
+    kept = np.concatenate([np.asarray(x)[np.asarray(m)] for x, m in zip(scores, g, strict=True)])
+    dropped = np.concatenate(
+        [np.asarray(x)[~np.asarray(m)] for x, m in zip(scores, g, strict=True)]
+    )
     if kept.size and dropped.size:
         assert kept.min() >= dropped.max()
     layer = _layer(scores, s)
-    for x, m in zip(scores, layer):
+    for x, m in zip(scores, layer, strict=True):
         assert _pruned(m) == round(np.float32(s) * x.size)
     # Idempotent: re-selecting from the masked scores gives the same mask.
-    again = _layer([jnp.where(m, x + 1.0, 0.0) for x, m in zip(scores, layer)], s)
-    for a, b in zip(layer, again):
+    again = _layer([jnp.where(m, x + 1.0, 0.0) for x, m in zip(scores, layer, strict=True)], s)
+    for a, b in zip(layer, again, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -196,5 +201,8 @@ def test_mask_shape_mismatch():
 
 def test_where_selecting_non_float_leaf():
     with pytest.raises(ValueError, match=r"where selected leaf 'step' of dtype int32"):
-        jp.masks.topk({"w": jnp.ones((2, 2)), "step": jnp.zeros((2, 2), jnp.int32)}, 0.5,
-                      where=lambda path, x: True)
+        jp.masks.topk(
+            {"w": jnp.ones((2, 2)), "step": jnp.zeros((2, 2), jnp.int32)},
+            0.5,
+            where=lambda path, x: True,
+        )

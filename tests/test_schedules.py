@@ -63,7 +63,9 @@ def test_out_of_range(bad):
 
 
 def test_end_before_begin():
-    with pytest.raises(ValueError, match=r"end_step must be >= begin_step, got end_step=5 < begin_step=10"):
+    with pytest.raises(
+        ValueError, match=r"end_step must be >= begin_step, got end_step=5 < begin_step=10"
+    ):
         jp.schedules.polynomial(0.0, 0.5, begin_step=10, end_step=5)
 
 

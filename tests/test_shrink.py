@@ -98,8 +98,9 @@ def test_vgg_batchnorm_shrinks_as_a_model_in_place():
     assert model.fc1.kernel.shape == (9 * 64, 128) and model.fc1.in_features == 9 * 64
     after = _size(nnx.state(model))
     assert after < 0.3 * before
-    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(model, X_IMG)),
-                               np.asarray(want), rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(
+        np.asarray(nnx.jit(lambda m, x: m(x))(model, X_IMG)), np.asarray(want), rtol=2e-4, atol=2e-4
+    )
 
 
 def test_vgg_kernel_only_masks_keep_channels_that_cannot_fold_through_same_padding():
@@ -162,9 +163,13 @@ def _mlp3(p, x):
 
 def test_layerwise_driver_prunes_one_group_at_a_time_with_finetuning():
     ks = jax.random.split(jax.random.key(0), 3)
-    p = {"w1": jax.random.normal(ks[0], (6, 8)), "b1": jnp.zeros(8),
-         "w2": jax.random.normal(ks[1], (8, 8)), "b2": jnp.zeros(8),
-         "w3": jax.random.normal(ks[2], (8, 2))}
+    p = {
+        "w1": jax.random.normal(ks[0], (6, 8)),
+        "b1": jnp.zeros(8),
+        "w2": jax.random.normal(ks[1], (8, 8)),
+        "b2": jnp.zeros(8),
+        "w3": jax.random.normal(ks[2], (8, 2)),
+    }
     x = jax.random.normal(jax.random.key(3), (4, 6))
     calls = []
 
@@ -173,8 +178,9 @@ def test_layerwise_driver_prunes_one_group_at_a_time_with_finetuning():
         calls.append(sorted("/".join(map(str, path)) for path, leaf in flat if where(path, leaf)))
         return jax.tree.map(lambda a: a * 1.01, params)  # a stand-in for a few SGD steps
 
-    p2, masks = structure.prune_layerwise(_mlp3, p, (x,), sparsity=[0.5, 0.25],
-                                          finetune=finetune, progress=False)
+    p2, masks = structure.prune_layerwise(
+        _mlp3, p, (x,), sparsity=[0.5, 0.25], finetune=finetune, progress=False
+    )
     assert calls[0] == ["b1", "b2", "w1", "w2", "w3"]  # group 1 plus the layer reading it
     assert len(calls) == 2
     small = structure.shrink(_mlp3, p2, masks, x)
@@ -186,8 +192,13 @@ def test_layerwise_driver_prunes_one_group_at_a_time_with_finetuning():
 
 
 def test_shrink_errors():
-    p = {"w1": jnp.ones((3, 4)), "b1": jnp.ones(4), "w2": jnp.ones((4, 2)), "b2": jnp.ones(2),
-         "w3": jnp.ones((2, 2))}
+    p = {
+        "w1": jnp.ones((3, 4)),
+        "b1": jnp.ones(4),
+        "w2": jnp.ones((4, 2)),
+        "b2": jnp.ones(2),
+        "w3": jnp.ones((2, 2)),
+    }
     with pytest.raises(ValueError, match="masks must have exactly the tree structure of params"):
         structure.shrink(_mlp3, p, {"w1": jnp.ones((3, 4), bool)}, jnp.ones((1, 3)))
     model = models.MLP((4, 3, 2), rngs=nnx.Rngs(0))
@@ -209,8 +220,9 @@ def test_shrink_module_leaves_rng_streams_alone_and_takes_param_only_masks():
     model = _WithDropout(nnx.Rngs(0))
     model.eval()
     params = nnx.state(model, nnx.Param)  # what nnx.Optimizer's masks cover
-    masks = jp.masks.structured(jp.criteria.magnitude(params), 0.5, axes=-1,
-                                where=lambda path, x: path == ("l1", "kernel"))
+    masks = jp.masks.structured(
+        jp.criteria.magnitude(params), 0.5, axes=-1, where=lambda path, x: path == ("l1", "kernel")
+    )
     x = jax.random.normal(jax.random.key(0), (3, 6))
     structure.shrink_module(model, masks, x)  # check=True compares with the masked model
     assert model.l1.kernel.shape == (6, 4) and model.l2.in_features == 4

@@ -37,17 +37,22 @@ def test_structured_drops_whole_output_slices_with_exact_counts(reduce):
 def test_structured_ranks_by_the_chosen_reduction():
     w = jnp.array([[3.0, 1.0, 1.0], [0.0, 1.0, 1.5]])  # l1: 3, 2, 2.5; max: 3, 1, 1.5
     assert jp.masks.structured({"w": w}, 1 / 3, axes=-1, reduce="l1")["w"][0].tolist() == [
-        True, False, True
+        True,
+        False,
+        True,
     ]
     assert jp.masks.structured({"w": w}, 2 / 3, axes=-1, reduce="max")["w"][0].tolist() == [
-        True, False, False
+        True,
+        False,
+        False,
     ]
 
 
 def test_structured_input_channels_and_whole_kernels():
     scores = jp.criteria.magnitude(_params())["conv"]
-    sel = jax.jit(lambda sc, axes: jp.masks.structured(sc, 0.25, axes=axes)["kernel"],
-                  static_argnums=1)
+    sel = jax.jit(
+        lambda sc, axes: jp.masks.structured(sc, 0.25, axes=axes)["kernel"], static_argnums=1
+    )
     m = sel(scores, -2)
     dropped_in = (~np.asarray(m).any(axis=(0, 1, 3))).sum()
     assert dropped_in == 1
@@ -196,7 +201,9 @@ def test_patterns_custom_library_default_where_and_errors():
     lib[0, 0, :] = True
     lib[1, :, 0] = True
     params = {
-        "conv": jnp.ones((3, 3, 2, 2)), "dense": jnp.ones((4, 4)), "pw": jnp.ones((1, 1, 2, 2))
+        "conv": jnp.ones((3, 3, 2, 2)),
+        "dense": jnp.ones((4, 4)),
+        "pw": jnp.ones((1, 1, 2, 2)),
     }
     m = jp.masks.patterns(params, library=lib)
     assert np.asarray(m["conv"]).sum(axis=(0, 1)).tolist() == [[3, 3], [3, 3]]
@@ -233,7 +240,7 @@ def test_blocks_drop_whole_blocks_with_exact_counts(block, pool, s, seed):
     dropped = 0
     for i in range(nb[0]):
         for j in range(nb[1]):
-            tile = m[i * block[0]: (i + 1) * block[0], j * block[1]: (j + 1) * block[1]]
+            tile = m[i * block[0] : (i + 1) * block[0], j * block[1] : (j + 1) * block[1]]
             assert tile.all() or not tile.any()
             dropped += not tile.any()
     assert dropped == round(s * nb[0] * nb[1])

@@ -30,7 +30,11 @@ def _record_inner():
 
 def _params(key):
     k1, k2 = jax.random.split(key)
-    return {"w1": jax.random.normal(k1, (20, 10)), "b": jnp.zeros(10), "w2": jax.random.normal(k2, (10, 5))}
+    return {
+        "w1": jax.random.normal(k1, (20, 10)),
+        "b": jnp.zeros(10),
+        "w2": jax.random.normal(k2, (10, 5)),
+    }
 
 
 def test_pruned_grads_zeroed_before_inner_and_params_exactly_zero(key):
@@ -228,7 +232,9 @@ def test_where_non_float_at_init():
 def test_update_without_params(key):
     tx = jp.prune(optax.sgd(0.1), sparsity=0.5)
     params = _params(key)
-    with pytest.raises(ValueError, match=r"needs the current params.*tx.update\(grads, state, params\)"):
+    with pytest.raises(
+        ValueError, match=r"needs the current params.*tx.update\(grads, state, params\)"
+    ):
         tx.update(params, tx.init(params))
 
 

@@ -45,6 +45,7 @@ def run_once(fn, *args, static_argnums=()):
     compiled = lowered.compile(_QUICK)
     return compiled(*[a for i, a in enumerate(args) if i not in static_argnums])
 
+
 CONTRACTIONS = frozenset({"dot_general", "conv_general_dilated"})
 # Structural primitives: applied to the 0/1 varies map they give 0 exactly where
 # no varying entry contributes (all contributions are non-negative).
@@ -95,8 +96,10 @@ def _run(prog: Program, want: tuple[int, ...], leaves, inputs, keeps) -> dict[in
             outs = _bind(e.prim, args, e.params)
             nz = [v | (a != 0) for v, a in zip(vs, args, strict=True)]
             f32 = _as_f32(e.params)
-            ones = [[a.astype(jnp.float32), b.astype(jnp.float32)] for a, b in
-                    ((vs[0], nz[1]), (nz[0], vs[1]))]
+            ones = [
+                [a.astype(jnp.float32), b.astype(jnp.float32)]
+                for a, b in ((vs[0], nz[1]), (nz[0], vs[1]))
+            ]
             ovs = [(_bind(e.prim, ones[0], f32)[0] + _bind(e.prim, ones[1], f32)[0]) > 0]
         else:
             outs = _bind(e.prim, args, e.params)

@@ -147,7 +147,7 @@ def _reshape_links(i_id: int, o_id: int, a: tuple, b: tuple) -> list[Link]:
                 (single, _), multi, s_id, m_id = seg_b[0], seg_a, o_id, i_id
             for j, (k, _) in enumerate(multi):
                 outer = math.prod(n for _, n in multi[:j])
-                inner = math.prod(n for _, n in multi[j + 1:])
+                inner = math.prod(n for _, n in multi[j + 1 :])
                 out.append(Link((m_id, k), (s_id, single), outer, inner))
         p, q = p2, q2
     return out

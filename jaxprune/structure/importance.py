@@ -189,7 +189,13 @@ def select(
     ):
         return _select_impl(tuple(groups), scores, sparsity, reduce, where, scope)
     return run_once(
-        _select_impl, tuple(groups), scores, sparsity, reduce, where, scope,
+        _select_impl,
+        tuple(groups),
+        scores,
+        sparsity,
+        reduce,
+        where,
+        scope,
         static_argnums=(0, 3, 4, 5),
     )
 

@@ -97,7 +97,8 @@ def prune_layerwise(
         r = an.uf.find(le)
         first[r] = min(first.get(r, e), e)
     order = sorted(
-        (first[r], i) for i, (g, r) in enumerate(zip(an.groups, an.roots, strict=True))
+        (first[r], i)
+        for i, (g, r) in enumerate(zip(an.groups, an.roots, strict=True))
         if g.prunable and r in first
     )
     groups = [an.groups[i] for _, i in order]
@@ -118,7 +119,7 @@ def prune_layerwise(
         masks = _and(masks, _masks_from_keep([g], params, {0: keep}))
         params = _masks.apply_masks(params, masks)
         if finetune is not None:
-            active = groups[max(0, i - window + 1): i + 2]
+            active = groups[max(0, i - window + 1) : i + 2]
             paths = {m.path for a in active for m in a.members}
             params = finetune(params, masks, lambda path, x, paths=paths: path in paths)
             params = _masks.apply_masks(params, masks)

@@ -129,4 +129,3 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
             example_inputs,
         )
     return model
-

@@ -139,7 +139,7 @@ def trace(apply_fn: Any, params: Any, *example_inputs: Any) -> Program:
         consts=b.consts,
         param_ids=ids[: len(leaves)],
         param_paths=[p for p, _ in flat],
-        input_ids=ids[len(leaves):],
+        input_ids=ids[len(leaves) :],
         output_ids=outs,
         treedef=treedef,
     )

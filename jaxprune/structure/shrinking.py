@@ -108,9 +108,10 @@ def plan(
     terms_by_root: dict[Any, list] = {}
     for e, le, re in an.contractions:
         terms_by_root.setdefault(an.uf.find(le), []).append((e, le, re))
-    want = sorted({t[1][0] for ts in terms_by_root.values() for t in ts} | {
-        t[2][0] for ts in terms_by_root.values() for t in ts
-    })
+    want = sorted(
+        {t[1][0] for ts in terms_by_root.values() for t in ts}
+        | {t[2][0] for ts in terms_by_root.values() for t in ts}
+    )
     run = make_evaluator(prog, tuple(want))
     keeps: dict[str, dict[str, np.ndarray]] = {}
     for e, le, _ in an.contractions:
@@ -229,9 +230,7 @@ def _check_outputs(apply_fn, small, masked, example_inputs, rtol=1e-4) -> None:
             )
 
 
-def shrink(
-    apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: bool = True
-) -> Any:
+def shrink(apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: bool = True) -> Any:
     """Returns smaller params computing what ``apply_masks(params, masks)`` computes.
 
     Every channel (neuron, feature map) of a prunable dependency group that the
