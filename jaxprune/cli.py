@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jaxprune", description="Pruning for JAX: demo, checkpoint tools and benchmarks."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train LeNet-300-100 with gradual magnitude pruning to 90%")
+    d = sub.add_parser("demo", help="train LeNet-300-100 with gradual magnitude pruning to 90%%")
     d.add_argument("--dataset", default="auto", help="auto | fashion-mnist | mnist-5k | digits")
     d.add_argument("--sparsity", type=float, default=0.9, help="final sparsity (default 0.9)")
     d.add_argument("--epochs", type=int, default=None, help="training epochs (default: by dataset)")

@@ -21,3 +21,19 @@ def test_demo_quick_runs_and_prunes():
 def test_cli_parser_has_demo():
     args = cli.build_parser().parse_args(["demo", "--quick", "--dataset", "digits"])
     assert args.quick and args.dataset == "digits"
+
+
+def test_help_of_every_subcommand_renders(capsys):
+    import pytest
+
+    for argv in (
+        ["--help"],
+        ["demo", "--help"],
+        ["inspect", "--help"],
+        ["export", "--help"],
+        ["bench", "--help"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 0
+        assert "usage: jaxprune" in capsys.readouterr().out
