@@ -271,6 +271,17 @@ def _combine(grads_w: Any, grads_m: Any, is_mask: Callable[[Path, Any], bool]) -
     )
 
 
+def _attack_batch(apply_fn, params, x, y, key, *, eps, step_size, steps, bounds):
+    """Returns ``(gate_key, x_adv)``: PGD examples against ``apply_fn`` with one gate sample."""
+    k_gate, k_start = jax.random.split(key)
+
+    def adv_loss(z):
+        return cross_entropy(apply_fn(params, z, k_gate)[0], y)
+
+    x_adv = pgd(adv_loss, x, eps=eps, step_size=step_size, steps=steps, key=k_start, bounds=bounds)
+    return k_gate, x_adv
+
+
 def anp_vs_step(
     apply_fn: ApplyFn,
     penalty_fn: Callable[[Any], jax.Array],
@@ -320,13 +331,8 @@ def anp_vs_step(
 
     @jax.jit
     def step(params, opt_state, x, y, key):
-        k_gate, k_start = jax.random.split(key)
-
-        def adv_loss(z):
-            return cross_entropy(apply_fn(params, z, k_gate)[0], y)
-
-        x_adv = pgd(
-            adv_loss, x, eps=eps, step_size=step_size, steps=steps, key=k_start, bounds=bounds
+        k_gate, x_adv = _attack_batch(
+            apply_fn, params, x, y, key, eps=eps, step_size=step_size, steps=steps, bounds=bounds
         )
 
         def terms(p):
@@ -386,13 +392,8 @@ def adversarial_step(
 
     @jax.jit
     def step(params, opt_state, x, y, key):
-        k_gate, k_start = jax.random.split(key)
-
-        def adv_loss(z):
-            return cross_entropy(apply_fn(params, z, k_gate)[0], y)
-
-        x_adv = pgd(
-            adv_loss, x, eps=eps, step_size=step_size, steps=steps, key=k_start, bounds=bounds
+        k_gate, x_adv = _attack_batch(
+            apply_fn, params, x, y, key, eps=eps, step_size=step_size, steps=steps, bounds=bounds
         )
 
         def loss(p):

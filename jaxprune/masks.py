@@ -89,7 +89,7 @@ def _full_bracket(keys, k):
     # nothing lies below it: encode as an empty bracket with c(lo) = 0.
     at_min = c_lo >= k
     c_hi = jnp.where(at_min, c_lo, jnp.int32(sum(x.size for x in keys)))
-    return jnp.where(at_min, lo, lo), jnp.where(at_min, lo, hi), jnp.where(at_min, 0, c_lo), c_hi
+    return lo, jnp.where(at_min, lo, hi), jnp.where(at_min, 0, c_lo), c_hi
 
 
 _SAMPLE = 16384

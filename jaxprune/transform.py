@@ -93,13 +93,14 @@ def _initial_masks(params: Any, flags: list[bool]) -> Any:
     return jax.tree.unflatten(treedef, leaves)
 
 
-def _enforce(tree: Any, masks: Any, flags: list[bool], fill: Callable[[Any, Any], Any]) -> Any:
-    """Returns ``tree`` with entries outside ``masks`` replaced by ``fill(index, leaf)``."""
+def _enforce(tree: Any, masks: Any, flags: list[bool], fills: list[Any] | None = None) -> Any:
+    """Returns ``tree`` with entries outside ``masks`` replaced by ``fills`` (default 0)."""
     flat, treedef = jax.tree.flatten(tree)
     mflat = jax.tree.leaves(masks)
+    fills = fills if fills is not None else [None] * len(flat)
     out = [
-        jnp.where(m, x, fill(i, x)) if f else x
-        for i, (x, m, f) in enumerate(zip(flat, mflat, flags, strict=True))
+        jnp.where(m, x, jnp.zeros((), x.dtype) if v is None else v.astype(x.dtype)) if f else x
+        for x, m, f, v in zip(flat, mflat, flags, fills, strict=True)
     ]
     return jax.tree.unflatten(treedef, out)
 
@@ -186,10 +187,8 @@ def prune(
         flags = prunable_flags(params, where)
         step = state.count
         extra = dict(extra_args)
-        if wants_key:
-            if "key" in extra:
-                pass
-            elif isinstance(state.key_data, jax.Array):
+        if wants_key and "key" not in extra:
+            if isinstance(state.key_data, jax.Array):
                 extra["key"] = jax.random.fold_in(jax.random.wrap_key_data(state.key_data), step)
             else:
                 raise ValueError(
@@ -205,12 +204,10 @@ def prune(
         packed = jax.lax.cond(schedule.is_update_step(step), refresh, lambda: state.packed_masks)
         # Unpacking is elementwise and fuses into the two enforcements below.
         masks = _masks.unpack(packed)
-        zero = lambda i, x: jnp.zeros((), x.dtype)  # noqa: E731
-        updates = _enforce(updates, masks, flags, zero)
-        inner_extra = {k: v for k, v in extra_args.items()}
-        updates, inner_state = inner.update(updates, state.inner_state, params, **inner_extra)
-        p_flat = jax.tree.leaves(params)
-        updates = _enforce(updates, masks, flags, lambda i, u: -p_flat[i].astype(u.dtype))
+        updates = _enforce(updates, masks, flags)
+        updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        neg_params = [-p for p in jax.tree.leaves(params)]
+        updates = _enforce(updates, masks, flags, neg_params)
         new_state = PruneState(
             count=optax.safe_increment(step),
             packed_masks=packed,
