@@ -141,6 +141,39 @@ def test_depthwise_conv_ties_input_channel_to_its_filter_and_the_next_conv():
     assert [(_names(g), g.channels) for g in gs] == [({"pw1[3]", "dw[3]", "pw2[2]"}, 4)]
 
 
+def _grouped_fn(p, x):
+    dn = ("NHWC", "HWIO", "NHWC")
+    conv = lambda h, w, g=1: jax.lax.conv_general_dilated(  # noqa: E731
+        h, w, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=g
+    )
+    h = jax.nn.relu(conv(x, p["c1"]) + p["b1"])
+    h = jax.nn.relu(conv(h, p["g"], 2) + p["bg"])
+    return jnp.mean(conv(h, p["c3"]), axis=(1, 2))
+
+
+def test_grouped_conv_channels_are_in_group_positions_across_all_groups():
+    p = {
+        "c1": jnp.ones((3, 3, 3, 8)),
+        "b1": jnp.ones(8),
+        "g": jnp.ones((3, 3, 4, 6)),  # 2 groups: 8 -> 6 channels
+        "bg": jnp.ones(6),
+        "c3": jnp.ones((1, 1, 6, 2)),
+    }
+    gs = _prunable(structure.groups(_grouped_fn, p, jnp.ones((1, 6, 6, 3))))
+    got = sorted((sorted(_names(g)), g.channels) for g in gs)
+    assert got == [
+        (["b1[0]", "c1[3]", "g[2]"], 4),  # in-group input position r of both groups
+        (["bg[0]", "c3[2]", "g[3]"], 3),  # in-group output position j of both groups
+    ]
+    by_leaf = {path_str(m.path): m.layout for g in gs for m in g.members}
+    assert by_leaf["c1"] == (2, 1, 0, 4) and by_leaf["g"] == (2, 1, 0, 3)
+    # Any per-channel (ungrouped) pruning of those axes would unbalance the groups.
+    blocked = [
+        g for g in structure.groups(_grouped_fn, p, jnp.ones((1, 6, 6, 3))) if not g.prunable
+    ]
+    assert any("c1[3]" in _names(g) for g in blocked)
+
+
 def _opaque_fn(p, x):
     h = jax.nn.relu(x @ p["w1"])
     h = jax.lax.sort(h, dimension=1)  # mixes the hidden units: cannot be seen through

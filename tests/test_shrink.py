@@ -226,3 +226,34 @@ def test_shrink_module_leaves_rng_streams_alone_and_takes_param_only_masks():
     x = jax.random.normal(jax.random.key(0), (3, 6))
     structure.shrink_module(model, masks, x)  # check=True compares with the masked model
     assert model.l1.kernel.shape == (6, 4) and model.l2.in_features == 4
+
+
+class _Grouped(nnx.Module):
+    def __init__(self, rngs):
+        self.c1 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+        self.g = nnx.Conv(8, 12, (3, 3), feature_group_count=4, rngs=rngs)
+        self.c3 = nnx.Conv(12, 6, (3, 3), rngs=rngs)
+        self.fc = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.nn.relu(self.c1(x))
+        h = jax.nn.relu(self.g(h))
+        h = jax.nn.relu(self.c3(h))
+        return self.fc(jnp.mean(h, axis=(1, 2)))
+
+
+def test_grouped_conv_shrinks_every_group_alike_as_a_model_in_place():
+    model, apply_fn, state = _model(lambda: _Grouped(nnx.Rngs(0)))
+    gs = structure.groups(apply_fn, state, X_IMG[:1], prunable_only=True)
+    masks = structure.select(gs, jp.criteria.magnitude(state), 0.5)
+    want = jax.jit(apply_fn)(jp.apply_masks(state, masks), X_IMG)
+    structure.shrink_module(model, masks, X_IMG)
+    # 8 inputs = 4 groups x 2 positions -> 4 x 1; 12 outputs = 4 groups x 3 -> 4 x 1;
+    # c3's 6 filters -> 3. Every group keeps the same width.
+    assert model.g.feature_group_count == 4 and model.g.in_features == 4
+    assert model.c1.kernel.shape == (3, 3, 1, 4)
+    assert model.g.kernel.shape == (3, 3, 1, 4) and model.g.out_features == 4
+    assert model.c3.kernel.shape == (3, 3, 4, 3)
+    np.testing.assert_allclose(
+        np.asarray(nnx.jit(lambda m, x: m(x))(model, X_IMG)), np.asarray(want), rtol=2e-4, atol=2e-4
+    )

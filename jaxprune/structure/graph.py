@@ -6,12 +6,14 @@ count)`` says channel ``c`` of ``count`` sits at indices ``k * period + offset
 + c * inner + r`` for ``k < outer``, ``r < inner`` (``period = size //
 outer``): the trivial layout ``(1, 1, 0, size)`` is a plain axis, a flattened
 NHWC feature map gives ``outer = H * W``, a concatenation gives an offset, a
-depthwise conv with multiplier ``m`` gives ``inner = m``.
+depthwise conv with multiplier ``m`` gives ``inner = m``, and a grouped conv
+with ``G`` groups gives ``outer = G`` on its input and output channel axes: a
+channel is one position inside every group, so all groups keep equal widths.
 
 Each primitive links the channel elements of its operands and results
 (element-wise ops, reshape, transpose, broadcast, reductions over other axes,
 pooling, padding, slicing, concatenation, dot_general and convolutions,
-depthwise included); a union-find over elements, run to a fixed point, gives
+depthwise and grouped included); a union-find over elements, run to a fixed point, gives
 the groups. An element that a primitive cannot map (a spatial axis of a conv,
 a reduced axis, a model input or output, an unknown primitive) blocks its
 group: the group is reported but not prunable. Unknown primitives warn, naming
@@ -64,6 +66,12 @@ class Link(NamedTuple):
     inner: int = 1
     offset: int = 0
     contraction: int = -1  # equation index when this links a contraction's operands
+    # Grouped convs: the contraction's lhs operand is ``b`` (the kernel's input
+    # axis ``a`` repeats once per group inside it), and layouts cross the link
+    # only when their ``outer`` is a multiple of ``period`` (one channel = one
+    # position in every group).
+    lhs_is_b: bool = False
+    period: int = 1
 
 
 def channel_indices(layout: Layout, size: int, c: int) -> list[int]:
@@ -81,6 +89,8 @@ def _valid(layout: Layout, size: int) -> bool:
 def _forward(link: Link, lay: Layout, n: int, s: int) -> Layout | None:
     """Maps a layout on the link's ``a`` side (size ``n``) to the ``b`` side (size ``s``)."""
     o, i, off, cnt = lay
+    if o % link.period:
+        return None
     if link.outer == 1 and link.inner == 1 and o == 1:
         out = (1, i, off + link.offset, cnt)
     elif link.offset == 0 and s == link.outer * n * link.inner:
@@ -93,6 +103,8 @@ def _forward(link: Link, lay: Layout, n: int, s: int) -> Layout | None:
 def _backward(link: Link, lay: Layout, n: int, s: int) -> Layout | None:
     """Maps a layout on the ``b`` side back to the ``a`` side, when it lies inside ``a``."""
     o, i, off, cnt = lay
+    if o % link.period:
+        return None
     cands = []
     if link.outer == 1 and link.inner == 1 and o == 1:
         cands.append((1, i, off - link.offset, cnt))
@@ -260,7 +272,13 @@ def links(prog: Program, idx: int) -> tuple[list[Link], bool]:
             mult = sh[o][os_[1]] // cin
             out.append(Link((lhs, ls[1]), (o, os_[1]), 1, mult))
             out.append(Link((rhs, rs[0]), (o, os_[1])))
-        # Grouped convs (1 < groups < cin) pin their channels: no links.
+        else:
+            # Grouped: kernel input row r reads input channel g * (cin / G) + r of
+            # every group g, and output channel g * (cout / G) + j belongs to group
+            # g. A channel is one in-group position across all G groups, so every
+            # group keeps the same width and feature_group_count stays valid.
+            out.append(Link((rhs, rs[1]), (lhs, ls[1]), groups, contraction=idx, lhs_is_b=True))
+            out.append(Link((rhs, rs[0]), (o, os_[1]), period=groups))
     elif name == "iota":
         pass
     else:
@@ -313,6 +331,13 @@ def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
         lk, kn = links(prog, i)
         eqn_links.append(lk)
         known.append(kn)
+        for link in lk:
+            # A grouped conv's kernel output axis also carries the grouped layout.
+            n = sh[link.a[0]][link.a[1]]
+            if link.period > 1 and link.a[0] in prog.param_ids and n % link.period == 0:
+                lay = (link.period, 1, 0, n // link.period)
+                layouts.setdefault(link.a, set()).add(lay)
+                uf.find(link.a + (lay,))
 
     def add(key, lay):
         s = layouts.setdefault(key, set())
@@ -402,5 +427,8 @@ def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
             for lay in layouts.get(link.a, ()):
                 m = _forward(link, lay, n, s)
                 if m is not None:
-                    contractions.append((link.contraction, link.a + (lay,), link.b + (m,)))
+                    lhs, rhs = link.a + (lay,), link.b + (m,)
+                    contractions.append(
+                        (link.contraction,) + ((rhs, lhs) if link.lhs_is_b else (lhs, rhs))
+                    )
     return Analysis(groups, roots, uf, layouts, eqn_links, contractions)
