@@ -50,8 +50,28 @@ def ordered_keys(scores: ArrayLike) -> jax.Array:
     return jnp.where(bits >= sign, ~bits, bits | sign)
 
 
+def _chunk(n: int, cap: int = 32) -> int:
+    """Returns the largest divisor of ``n`` that is at most ``cap`` (``n`` itself when small)."""
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def _row_counts(b: jax.Array) -> jax.Array:
+    """Returns the number of ``True`` along the last axis of ``b`` (int32, shape ``b.shape[:-1]``).
+
+    Two stages: runs of up to 32 entries are summed into uint8 first, which
+    XLA fuses with the comparison producing ``b``, so no full-size integer
+    copy of ``b`` is ever written; only the 32x smaller partial sums are.
+    Splitting the last axis into ``(n / c, c)`` keeps a sharded axis sharded.
+    """
+    b = b.reshape(1) if b.ndim == 0 else b
+    n = b.shape[-1]
+    c = _chunk(n)
+    part = jnp.sum(b.reshape(b.shape[:-1] + (n // c, c)), axis=-1, dtype=jnp.uint8)
+    return jnp.sum(part, axis=-1, dtype=jnp.int32)
+
+
 def _count_le(keys: list[jax.Array], t: jax.Array) -> jax.Array:
-    return sum(jnp.sum(k <= t, dtype=jnp.int32) for k in keys)
+    return sum(jnp.sum(_row_counts(k <= t), dtype=jnp.int32) for k in keys)
 
 
 def _bracket_search(keys, k, lo, hi, c_lo, c_hi):
@@ -138,22 +158,21 @@ def _flat_index(shape: tuple[int, ...], offset: int) -> jax.Array:
     return idx
 
 
-def _last_tied(keys: list[jax.Array], t: jax.Array, need: jax.Array) -> tuple[Any, list]:
-    """Returns ``(p, idx)``: the flat position of the ``need``-th key equal to ``t``.
+def _last_tied(keys: list[jax.Array], t: jax.Array, need: jax.Array) -> jax.Array:
+    """Returns the flat position (over all ``keys``) of the ``need``-th key equal to ``t``.
 
-    ``idx`` holds every entry's flat position. Two levels, both sharding-safe:
-    the ties of each row (all axes but the last) are counted with one
-    reduction, the boundary row is found by bisection over those small
-    counts, and only that one row is scanned with a cumulative sum. A
-    cumulative sum over a flattened copy would gather a whole sharded leaf.
+    Two levels, both sharding-safe: the ties of each row (all axes but the
+    last) are counted with one reduction, the boundary row is found by
+    bisection over those small counts, and only that one row is scanned with a
+    cumulative sum. A cumulative sum over a flattened copy would gather a
+    whole sharded leaf.
     """
     keys = [x.reshape(1) if x.ndim == 0 else x for x in keys]
-    rows = [jnp.sum(x == t, axis=-1, dtype=jnp.int32) for x in keys]
-    row_idx, row_off, idx, off = [], [], [], []
+    rows = [_row_counts(x == t) for x in keys]
+    row_idx, row_off, off = [], [], []
     n_rows = n = 0
     for x, r in zip(keys, rows, strict=True):
         row_idx.append(_flat_index(r.shape, n_rows))
-        idx.append(_flat_index(x.shape, n))
         row_off.append(n_rows)
         off.append(n)
         n_rows += r.size
@@ -174,17 +193,19 @@ def _last_tied(keys: list[jax.Array], t: jax.Array, need: jax.Array) -> tuple[An
         lambda s: s[1] - s[0] > 1, body, (jnp.int32(-1), jnp.int32(n_rows - 1))
     )
     left = need - ties_up_to(row - 1)  # ties to prune inside the boundary row
+
     last = jnp.int32(0)
     for x, r, ri, r0, x0 in zip(keys, rows, row_idx, row_off, off, strict=True):
         local = jnp.clip(row - r0, 0, r.size - 1)
-        # The boundary row by a masked reduction: a dynamic slice along a
-        # sharded axis would gather the whole leaf first.
+        # The boundary row by a masked reduction (a dynamic slice along a
+        # sharded axis would gather the whole leaf first). Only one row is
+        # selected, so an any() over the other axes is that row's ties.
         on_row = (x == t) & (ri == row)[..., None]
-        line = jnp.sum(on_row, axis=tuple(range(r.ndim)), dtype=jnp.int32)
+        line = jnp.any(on_row, axis=tuple(range(r.ndim))).astype(jnp.int32)
         col = jnp.argmax(jnp.cumsum(line) >= left).astype(jnp.int32)
         holds = (row >= r0) & (row < r0 + r.size)
         last = jnp.where(holds, x0 + local * x.shape[-1] + col, last)
-    return last, idx
+    return last
 
 
 def _kth(keys, k):
@@ -222,29 +243,30 @@ def kth_smallest_keys(
 # Jitted so that eager one-shot calls compile once per shape, not per op.
 @jax.jit
 def _select(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
-    """Returns flat keep-masks pruning exactly ``k`` smallest keys (ties by flat order)."""
+    """Returns flat keep-masks pruning exactly ``k`` smallest keys (ties by flat order).
+
+    The masks are one element-wise expression of the keys and three scalars
+    (threshold, tie boundary, ``k <= 0``), so XLA fuses them into whatever
+    consumes them (e.g. :func:`pack`) instead of writing full-size bools; the
+    searches before them only ever write small partial counts.
+    """
     n = sum(x.size for x in keys)
-
-    def search(_):
-        t, below, at_or_below = kth_smallest_keys(keys, jnp.maximum(k, 1))
-
-        def no_tie(_):
-            return [x > t for x in keys]
-
-        def tie(_):
-            # Prune the first (k - below) entries equal to t, in flatten order.
-            last, idx = _last_tied(keys, t, k - below)
-            pairs = zip(keys, idx, strict=True)
-            return [(x > t) | ((x == t) & (i.reshape(x.shape) > last)) for x, i in pairs]
-
-        return jax.lax.cond(at_or_below == k, no_tie, tie, None)
-
-    def keep_all(_):
-        return [jnp.ones(x.shape, bool) for x in keys]
-
     if n == 0:
-        return keep_all(None)
-    return jax.lax.cond(k <= 0, keep_all, search, None)
+        return [jnp.ones(x.shape, bool) for x in keys]
+    t, below, at_or_below = kth_smallest_keys(keys, jnp.maximum(k, 1))
+    # Without ties at t, every key <= t goes (the boundary is past the end);
+    # otherwise the first (k - below) keys equal to t in flatten order go.
+    last = jax.lax.cond(
+        at_or_below == k,
+        lambda: jnp.int32(n),
+        lambda: _last_tied(keys, t, k - below),
+    )
+    out, offset = [], 0
+    for x in keys:
+        idx = _flat_index(x.shape, offset)
+        out.append((k <= 0) | (x > t) | ((x == t) & (idx > last)))
+        offset += x.size
+    return out
 
 
 def _check_sparsity(s: Any, name: str = "sparsity") -> None:

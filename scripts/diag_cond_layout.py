@@ -1,0 +1,150 @@
+"""Where the fixed per-step cost of ``jp.prune`` comes from on XLA:CPU.
+
+``scripts/bench_overhead.py`` measures a few percent of overhead on steps that
+never refresh the masks. This diagnostic takes that cost apart on the same MLP
+and harness (params and state donated, interleaved blocks, median of paired
+ratios against the dense step), with hand-built variants of the pruning
+transform that differ in one thing each:
+
+* ``no-cond``: packed masks unpacked and enforced, no refresh code at all;
+* ``cond-trivial``: plus a never-taken ``lax.cond`` whose branch flips the bits;
+* ``cond-topk``: the branch is the real per-layer top-k refresh;
+* ``cond-scratch-K``: the branch is trivial except for an inert scratch buffer
+  of ``K`` x 64K floats (a cumulative sum), so only the size of XLA's
+  preallocated temporary buffer changes.
+
+Each row also prints that temp size (``compiled.memory_analysis()``). On the
+development machine the never-taken cond itself cost nothing measurable; the
+overhead followed the temp size, and not monotonically, which points at the
+memory layout of the step's own buffers rather than at work done.
+
+Usage: python scripts/diag_cond_layout.py [--rounds 200] [--block 20]
+The last line is ``RESULT {json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_overhead import mlp_init, mlp_loss  # noqa: E402
+
+import jaxprune as jp  # noqa: E402
+from jaxprune import masks as M  # noqa: E402
+
+
+def variant(kind: str) -> optax.GradientTransformation:
+    """A minimal pruning transform (packed masks, enforced every step) with one refresh kind."""
+    inner = optax.adam(1e-3)
+    sched = jp.schedules.polynomial(0.0, 0.9, 0, 10**7, frequency=10**9)
+
+    def init(params):
+        flags = jp._tree.prunable_flags(params, None)
+        leaves, treedef = jax.tree.flatten(params)
+        packed = [
+            M.pack(jnp.ones(p.shape, bool)) if f else jnp.ones((), bool)
+            for p, f in zip(leaves, flags, strict=True)
+        ]
+        return jnp.zeros((), jnp.int32), jax.tree.unflatten(treedef, packed), inner.init(params)
+
+    def refresh(params, step, packed):
+        if kind == "cond-trivial":
+            return jax.tree.map(lambda a: a ^ jnp.ones_like(a), packed)
+        if kind == "cond-topk":
+            return M.pack(M.topk(jp.criteria.magnitude(params), sched(step)))
+        k = int(kind.rsplit("-", 1)[1])  # cond-scratch-K
+        first = params[0]["kernel"].ravel()[:65536]
+        t = jnp.cumsum(jnp.tile(first, k))[-1]
+        return [
+            {"kernel": M.pack(jnp.abs(layer["kernel"]) > t), "bias": jnp.ones((), bool)}
+            for layer in params
+        ]
+
+    def update(grads, state, params):
+        step, packed, inner_state = state
+        flags = jp._tree.prunable_flags(params, None)
+        if kind != "no-cond":
+            packed = jax.lax.cond(
+                sched.is_update_step(step), lambda: refresh(params, step, packed), lambda: packed
+            )
+        masks = jax.tree.leaves(M.unpack(packed))
+        g, treedef = jax.tree.flatten(grads)
+        g = [jnp.where(m, x, 0) if f else x for x, m, f in zip(g, masks, flags, strict=True)]
+        u, inner_state = inner.update(jax.tree.unflatten(treedef, g), inner_state, params)
+        ps = jax.tree.leaves(params)
+        u = [
+            jnp.where(m, x, -p) if f else x
+            for x, m, p, f in zip(jax.tree.leaves(u), masks, ps, flags, strict=True)
+        ]
+        return jax.tree.unflatten(treedef, u), (step + 1, packed, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_step(tx):
+    def step(params, state, x, y):
+        grads = jax.grad(mlp_loss)(params, x, y)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--block", type=int, default=20, help="steps per timed block")
+    args = parser.parse_args()
+    params = mlp_init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (128, 784))
+    y = jax.random.randint(jax.random.key(2), (128,), 0, 10)
+    kinds = ["no-cond", "cond-trivial", "cond-topk"] + [
+        f"cond-scratch-{k}" for k in (4, 8, 12, 16, 24)
+    ]
+    configs = {"dense": optax.adam(1e-3), **{k: variant(k) for k in kinds}}
+    steps, carries, temp_mb = {}, {}, {}
+    for name, tx in configs.items():
+        steps[name] = make_step(tx)
+        state = tx.init(params)
+        compiled = steps[name].lower(params, state, x, y).compile()
+        temp_mb[name] = compiled.memory_analysis().temp_size_in_bytes / 1e6
+        carries[name] = (jax.tree.map(jnp.copy, params), state)
+
+    def block(name, n):
+        p, s = carries[name]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            p, s = steps[name](p, s, x, y)
+        jax.block_until_ready(p)
+        carries[name] = (p, s)
+        return time.perf_counter() - t0
+
+    for name in configs:
+        block(name, 3)
+    names = list(configs)
+    ratios = {name: [] for name in names if name != "dense"}
+    for r in range(args.rounds):
+        times = {n: block(n, args.block) for n in names[r % len(names) :] + names[: r % len(names)]}
+        for name in ratios:
+            ratios[name].append(times[name] / times["dense"])
+    print(f"jax {jax.__version__}; {args.rounds} rounds x {args.block} steps, median ratios")
+    print(f"{'variant':<18}{'temp MB':>9}{'step / dense':>14}")
+    print(f"{'dense':<18}{temp_mb['dense']:>9.2f}{1.0:>13.3f}x")
+    out = {}
+    for name, rs in ratios.items():
+        out[name] = {"temp_mb": round(temp_mb[name], 3), "ratio": statistics.median(rs)}
+        print(f"{name:<18}{temp_mb[name]:>9.2f}{out[name]['ratio']:>13.3f}x")
+    print("RESULT " + json.dumps({"dense_temp_mb": temp_mb["dense"], **out}))
+
+
+if __name__ == "__main__":
+    main()
