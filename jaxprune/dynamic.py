@@ -35,12 +35,21 @@ __all__ = ["DynamicSparseState", "rigl", "set", "cosine_drop_fraction", "get_mas
 
 
 class DynamicSparseState(NamedTuple):
-    """State of :func:`rigl` and :func:`set`."""
+    """State of :func:`rigl` and :func:`set`.
+
+    The masks are stored packed, one bit per prunable entry (as in
+    :class:`~jaxprune.transform.PruneState`); ``state.masks`` unpacks them.
+    """
 
     count: jax.Array  # int32 [], number of update steps taken
-    masks: optax.Params  # bool, the params' structure; non-prunable leaves: scalar True
+    packed_masks: optax.Params  # PackedMask per prunable leaf; non-prunable leaves: scalar True
     inner_state: optax.OptState  # the wrapped optimizer's state
     key_data: jax.Array  # uint32 raw PRNG key data (jax.random.key_data)
+
+    @property
+    def masks(self) -> optax.Params:
+        """The bool masks (params' structure; non-prunable leaves a scalar ``True``)."""
+        return _masks.unpack(unwrap_variables(self.packed_masks))
 
 
 # jp.get_masks (and the checkpoint and report tools) find this state too.
@@ -162,7 +171,7 @@ def _dynamic(
         masks = _dist._topk_per_leaf(scores, per_leaf, where)
         return DynamicSparseState(
             count=jnp.zeros((), jnp.int32),
-            masks=masks,
+            packed_masks=_masks.pack(masks),
             inner_state=inner.init(params),
             key_data=key_data,
         )
@@ -219,7 +228,7 @@ def _dynamic(
         ]
         new_state = DynamicSparseState(
             count=optax.safe_increment(step),
-            masks=jax.tree.unflatten(treedef, masks),
+            packed_masks=_masks.pack(jax.tree.unflatten(treedef, masks)),
             inner_state=inner_state,
             key_data=state.key_data,
         )

@@ -161,3 +161,14 @@ def test_update_without_params_is_an_error():
     params = _params()
     with pytest.raises(ValueError, match="needs the current params"):
         tx.update(params, tx.init(params))
+
+
+def test_masks_are_stored_packed_at_one_bit_per_prunable_entry():
+    params = {"w": jnp.ones((64, 48)), "b": jnp.zeros(48)}
+    tx = jp.dynamic.rigl(optax.sgd(0.1), sparsity=0.5, key=jax.random.key(0), end_step=10)
+    state = tx.init(params)
+    assert state.packed_masks["w"].bits.dtype == jnp.uint8
+    b = jp.transform.state_bytes(state)
+    # 64 x 48 bits = 384 bytes, plus the step counter, a scalar mask and the key.
+    assert 384 <= b["pruning"] <= 384 + 32, b
+    assert state.masks["w"].shape == (64, 48) and state.masks["w"].dtype == jnp.bool_
