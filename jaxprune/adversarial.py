@@ -271,12 +271,32 @@ def _combine(grads_w: Any, grads_m: Any, is_mask: Callable[[Path, Any], bool]) -
     )
 
 
-def _attack_batch(apply_fn, params, x, y, key, *, eps, step_size, steps, bounds):
-    """Returns ``(gate_key, x_adv)``: PGD examples against ``apply_fn`` with one gate sample."""
+_ATTACK_GATES = ("sampled", "test")
+
+
+def _check_attack_gates(attack_gates: Any) -> None:
+    if attack_gates not in _ATTACK_GATES:
+        raise ValueError(
+            f"attack_gates must be one of {_ATTACK_GATES}, got {attack_gates!r}. Fix: 'sampled' "
+            "attacks the network with the step's gate sample, 'test' the deterministic "
+            "test-time network (as the ANP-VS reference code does)."
+        )
+
+
+def _attack_batch(
+    apply_fn, params, x, y, key, *, eps, step_size, steps, bounds, attack_gates="sampled"
+):
+    """Returns ``(gate_key, x_adv)``: PGD examples and the gate key of the training pass.
+
+    The attack runs against the network with that gate sample
+    (``attack_gates="sampled"``) or against the test-time network
+    (``attack_gates="test"``, ``apply_fn(params, z, None)``).
+    """
     k_gate, k_start = jax.random.split(key)
+    k_attack = k_gate if attack_gates == "sampled" else None
 
     def adv_loss(z):
-        return cross_entropy(apply_fn(params, z, k_gate)[0], y)
+        return cross_entropy(apply_fn(params, z, k_attack)[0], y)
 
     x_adv = pgd(adv_loss, x, eps=eps, step_size=step_size, steps=steps, key=k_start, bounds=bounds)
     return k_gate, x_adv
@@ -293,16 +313,19 @@ def anp_vs_step(
     num_train: int,
     beta: float = 4.0,
     lam: float = 1e-3,
+    adv_weight: float = 2.0,
     bounds: tuple[float, float] = (0.0, 1.0),
     is_mask: Callable[[Path, Any], bool] = is_gate,
+    attack_gates: str = "sampled",
 ) -> Callable:
     """Returns a jitted ANP-VS step ``(params, opt_state, x, y, key) -> (params, state, metrics)``.
 
     One step: draw a gate sample and a PGD example (random start) against the
-    sampled network; then from one forward pass through the clean and
-    adversarial batch, two backward passes give the mask parameters'
-    gradient of ``CE(x_adv) + beta * KL / N`` and the weights' gradient of
-    ``(CE(x) + 2 CE(x_adv)) / 3 + beta * KL / N + lam * vulnerability``; ``tx``
+    sampled network (or the test-time one, ``attack_gates="test"``); then from
+    one forward pass through the clean and adversarial batch, two backward
+    passes give the mask parameters' gradient of ``CE(x_adv) + beta * KL / N``
+    and the weights' gradient of ``(CE(x) + w CE(x_adv)) / (1 + w) + beta * KL
+    / N + lam * vulnerability``, ``w = adv_weight`` (2 in the paper); ``tx``
     updates both (use :func:`jaxprune.gates.multi_transform` for separate
     optimizers).
 
@@ -314,25 +337,48 @@ def anp_vs_step(
       num_train: ``N``, the training-set size the KL is divided by.
       beta: KL weight, >= 0 (4 in the paper).
       lam: vulnerability-suppression weight, >= 0 (1e-3 in the paper).
+      adv_weight: ``w``, the weight of the adversarial cross-entropy against
+        the clean one in the weights' loss, >= 0 (the reference code's
+        ``adv_weight``, 2).
       bounds: the data range.
       is_mask: ``(path, leaf) -> bool`` telling mask parameters from weights.
+      attack_gates: ``"sampled"`` attacks the network with the step's gate
+        sample; ``"test"`` attacks the deterministic test-time network, as the
+        reference code's ``PGDAttack`` (``train=False``) does.
 
     References:
       Madaan, Shin & Hwang, "Adversarial Neural Pruning with Latent
-      Vulnerability Suppression", ICML 2020. https://arxiv.org/abs/1908.04355
+      Vulnerability Suppression", ICML 2020. https://arxiv.org/abs/1908.04355;
+      reference code https://github.com/divyam3897/ANP_VS
+      (``src/experiments/run.py``).
     """
     _check_attack(eps, step_size, steps, bounds)
     _check_nonneg("beta", beta, "use the paper's 4.0.")
     _check_nonneg("lam", lam, "use the paper's 1e-3.")
+    _check_nonneg("adv_weight", adv_weight, "use the reference code's 2.0.")
+    _check_attack_gates(attack_gates)
     if num_train < 1:
-        raise ValueError(f"num_train must be >= 1 (the training-set size), got {num_train!r}.")
-    c_weights = jnp.array([1 / 3, 2 / 3, beta / num_train, lam], jnp.float32)
+        raise ValueError(
+            f"num_train must be >= 1 (the training-set size), got {num_train!r}. Fix: pass "
+            "len(x_train), the N the KL is divided by."
+        )
+    w = float(adv_weight)
+    c_weights = jnp.array([1 / (1 + w), w / (1 + w), beta / num_train, lam], jnp.float32)
     c_masks = jnp.array([0.0, 1.0, beta / num_train, 0.0], jnp.float32)
 
     @jax.jit
     def step(params, opt_state, x, y, key):
         k_gate, x_adv = _attack_batch(
-            apply_fn, params, x, y, key, eps=eps, step_size=step_size, steps=steps, bounds=bounds
+            apply_fn,
+            params,
+            x,
+            y,
+            key,
+            eps=eps,
+            step_size=step_size,
+            steps=steps,
+            bounds=bounds,
+            attack_gates=attack_gates,
         )
 
         def terms(p):
@@ -374,26 +420,46 @@ def adversarial_step(
     penalty_fn: Callable[[Any], jax.Array] | None = None,
     penalty_weight: float = 0.0,
     bounds: tuple[float, float] = (0.0, 1.0),
+    attack_gates: str = "sampled",
 ) -> Callable:
     """Returns a jitted adversarial-training step ``(params, opt_state, x, y, key) -> ...``.
 
     Loss ``(1 - clean_weight) CE(x_adv) + clean_weight CE(x) + penalty_weight *
     penalty_fn(params)``, ``x_adv`` a PGD example (random start) against the
-    network with the step's gate sample. ``clean_weight=0`` is Madry et al.'s
-    adversarial training; ``steps`` can be tiny for cheap variants.
+    network with the step's gate sample (``attack_gates="sampled"``) or the
+    test-time network (``"test"``; the same for an ungated model).
+    ``clean_weight=0`` is Madry et al.'s adversarial training;
+    ``clean_weight=1/3`` is the ``(CE(x) + 2 CE(x_adv)) / 3`` mix that the
+    ANP-VS reference code trains its adversarial baseline with. ``steps`` can
+    be tiny for cheap variants.
 
     References:
-      Madry et al., ICLR 2018. https://arxiv.org/abs/1706.06083
+      Madry et al., ICLR 2018. https://arxiv.org/abs/1706.06083;
+      Madaan, Shin & Hwang, ICML 2020, https://arxiv.org/abs/1908.04355
+      (reference code https://github.com/divyam3897/ANP_VS, ``base`` mode).
     """
     _check_attack(eps, step_size, steps, bounds)
     if not 0.0 <= clean_weight <= 1.0:
-        raise ValueError(f"clean_weight must be in [0, 1], got {clean_weight!r}.")
+        raise ValueError(
+            f"clean_weight must be in [0, 1], got {clean_weight!r}. Fix: 0.0 for Madry's "
+            "adversarial loss, 1/3 for the ANP-VS code's (clean + 2 adv) / 3."
+        )
     _check_nonneg("penalty_weight", penalty_weight, "e.g. beta / num_train for a KL.")
+    _check_attack_gates(attack_gates)
 
     @jax.jit
     def step(params, opt_state, x, y, key):
         k_gate, x_adv = _attack_batch(
-            apply_fn, params, x, y, key, eps=eps, step_size=step_size, steps=steps, bounds=bounds
+            apply_fn,
+            params,
+            x,
+            y,
+            key,
+            eps=eps,
+            step_size=step_size,
+            steps=steps,
+            bounds=bounds,
+            attack_gates=attack_gates,
         )
 
         def loss(p):

@@ -157,6 +157,79 @@ def test_anp_vs_step_gradients_are_split_between_masks_and_weights(key):
     assert float(metrics["vulnerability"]) > 0 and float(metrics["kl"]) > 0
 
 
+def test_anp_vs_step_adv_weight_and_test_time_attack_match_a_hand_step(key):
+    tree = _tree(key)
+    x, y = _data(jax.random.key(1))
+    beta, lam, n, w = 4.0, 0.5, 1000, 5.0
+    kw = dict(eps=0.1, step_size=0.03, steps=3)
+    step = adversarial.anp_vs_step(
+        _apply,
+        _kl,
+        optax.sgd(1.0),
+        num_train=n,
+        beta=beta,
+        lam=lam,
+        adv_weight=w,
+        attack_gates="test",
+        **kw,
+    )
+    k = jax.random.key(9)
+    new, _, _ = step(tree, optax.sgd(1.0).init(tree), x, y, k)
+    k_gate, k_start = jax.random.split(k)
+    # The attack sees the deterministic test-time network (key None) ...
+    x_adv = adversarial.pgd(
+        lambda z: adversarial.cross_entropy(_apply(tree, z, None)[0], y), x, key=k_start, **kw
+    )
+
+    def weights_loss(t):
+        logits, f = _apply(t, x, k_gate)
+        logits_adv, f_adv = _apply(t, x_adv, k_gate)
+        ce = adversarial.cross_entropy(logits, y).mean()
+        ce_adv = adversarial.cross_entropy(logits_adv, y).mean()
+        # ... and the weights see (CE + w CE_adv) / (1 + w) with w = adv_weight.
+        vuln = lam * adversarial.vulnerability(f, f_adv)
+        return (ce + w * ce_adv) / (1 + w) + beta * _kl(t) / n + vuln
+
+    g_w = jax.grad(weights_loss)(tree)
+    w0, w1 = tree["params"]["hidden"]["kernel"], new["params"]["hidden"]["kernel"]
+    np.testing.assert_allclose(w1, w0 - g_w["params"]["hidden"]["kernel"], rtol=1e-4, atol=1e-5)
+    # The default (sampled-gate attack, w = 2) is a different step.
+    other = adversarial.anp_vs_step(
+        _apply, _kl, optax.sgd(1.0), num_train=n, beta=beta, lam=lam, **kw
+    )
+    new2, _, _ = other(tree, optax.sgd(1.0).init(tree), x, y, k)
+    assert not np.allclose(new2["params"]["hidden"]["kernel"], w1, atol=1e-6)
+
+
+def test_adversarial_step_clean_weight_is_the_reference_mix(key):
+    tree = _tree(key)
+    x, y = _data(jax.random.key(1))
+    kw = dict(eps=0.1, step_size=0.03, steps=2)
+    k = jax.random.key(4)
+    step = adversarial.adversarial_step(
+        _apply, optax.sgd(1.0), clean_weight=1 / 3, attack_gates="test", **kw
+    )
+    new, _, metrics = step(tree, optax.sgd(1.0).init(tree), x, y, k)
+    k_gate, k_start = jax.random.split(k)
+    x_adv = adversarial.pgd(
+        lambda z: adversarial.cross_entropy(_apply(tree, z, None)[0], y), x, key=k_start, **kw
+    )
+
+    def loss(t):
+        ce = adversarial.cross_entropy(_apply(t, x, k_gate)[0], y).mean()
+        ce_adv = adversarial.cross_entropy(_apply(t, x_adv, k_gate)[0], y).mean()
+        return (ce + 2 * ce_adv) / 3
+
+    np.testing.assert_allclose(metrics["loss"], loss(tree), rtol=1e-5)
+    g = jax.grad(loss)(tree)
+    np.testing.assert_allclose(
+        new["params"]["out"]["kernel"],
+        tree["params"]["out"]["kernel"] - g["params"]["out"]["kernel"],
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
 def test_adversarial_step_reduces_the_adversarial_loss(key):
     tree = _tree(key)
     x, y = _data(jax.random.key(1), 64)
@@ -207,8 +280,14 @@ def test_bad_training_hyperparameters():
         adversarial.anp_vs_step(_apply, _kl, tx, num_train=10, lam=-1.0, **kw)
     with pytest.raises(ValueError, match=r"num_train must be >= 1"):
         adversarial.anp_vs_step(_apply, _kl, tx, num_train=0, **kw)
-    with pytest.raises(ValueError, match=r"clean_weight must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"clean_weight must be in \[0, 1\], got 2.0. Fix"):
         adversarial.adversarial_step(_apply, tx, clean_weight=2.0, **kw)
+    with pytest.raises(ValueError, match=r"adv_weight must be >= 0, got -2.0"):
+        adversarial.anp_vs_step(_apply, _kl, tx, num_train=10, adv_weight=-2.0, **kw)
+    with pytest.raises(ValueError, match=r"attack_gates must be one of .*got 'eval'"):
+        adversarial.anp_vs_step(_apply, _kl, tx, num_train=10, attack_gates="eval", **kw)
+    with pytest.raises(ValueError, match=r"attack_gates must be one of .*Fix"):
+        adversarial.adversarial_step(_apply, tx, attack_gates=None, **kw)
     with pytest.raises(ValueError, match=r"eps must be a finite number >= 0"):
         adversarial.fgsm(lambda z: z.sum(1), jnp.zeros((1, 2)), eps=-1.0)
     with pytest.raises(ValueError, match="vulnerability needs the same non-empty list"):
