@@ -1,15 +1,23 @@
 """Adversarial neural pruning with vulnerability suppression (ANP-VS) on Fashion-MNIST.
 
-Trains LeNet-5-Caffe (20-50-800-500) four ways and compares them under a
+Trains LeNet-5-Caffe (20-50-800-500) five ways and compares them under a
 white-box PGD-40 attack:
 
 * standard — cross-entropy on clean inputs;
-* AT — adversarial training (Madry et al.): cross-entropy on PGD examples;
+* AT — Madry et al.'s adversarial training: cross-entropy on PGD examples;
+* AT-mix — the adversarial baseline of the ANP-VS reference code (the paper's
+  AT row): ``(CE(x) + 2 CE(x_adv)) / 3`` (``--adv-weight`` is the 2);
 * BP — Bayesian pruning: beta-Bernoulli dropout gates on every conv channel
   and hidden unit, cross-entropy + beta * KL / N, no attacks;
-* ANP-VS — beta-Bernoulli gates trained on adversarial examples, the weights
-  with ``(clean + 2 adv) / 3 + beta KL / N + lambda * vulnerability``
-  (``jp.adversarial.anp_vs_step``).
+* ANP-VS — beta-Bernoulli gates trained on ``CE(x_adv) + beta KL / N``, the
+  weights on ``(CE(x) + 2 CE(x_adv)) / 3 + beta KL / N + lambda *
+  vulnerability`` (``jp.adversarial.anp_vs_step``).
+
+As in the reference code, BP and ANP-VS start from the trained standard model
+(``--anp-base``); so do AT and AT-mix by default (``--at-base standard``), so
+that every non-standard method has the same budget: the standard model's steps
+plus as many steps of its own. Every method uses the reference code's
+staircase learning rate (``--schedule``).
 
 Each row reports clean accuracy, PGD-40 accuracy, latent vulnerability (mean
 ``|z - z_adv|`` of the conv1/conv2/fc1 outputs), units pruned, weights pruned,
@@ -17,13 +25,18 @@ the FLOPs reduction and the parameter memory of the shrunk network. The gates
 are attached to ``jp.models.LeNet5Caffe`` with ``jp.gates.attach`` (the model
 is not rewritten).
 
-Run: ``python examples/anp_vs.py`` (full: 16-26 min measured on the shared 2-core CPU; writes
-docs/anp_vs.md and docs/anp_vs.json) or ``--quick`` (< 5 min, ends with
-``RESULT {json}``).
+Run: ``python examples/anp_vs.py`` (full, 15 min measured on the shared 2-core CPU;
+writes docs/anp_vs.md and docs/anp_vs.json) or ``--quick`` (< 5 min, ends
+with ``RESULT {json}``). ``--methods AT,ANP-VS --at-base none --anp-base
+none`` and the like run a subset; ``--render docs/anp_vs.json`` rewrites the
+markdown from a saved json. ``--help`` lists every flag.
 
 References:
   Madaan, Shin & Hwang, "Adversarial Neural Pruning with Latent Vulnerability
-  Suppression", ICML 2020. https://arxiv.org/abs/1908.04355
+  Suppression", ICML 2020. https://arxiv.org/abs/1908.04355; reference code
+  https://github.com/divyam3897/ANP_VS (``src/experiments/run.py``).
+  Madry et al., "Towards Deep Learning Models Resistant to Adversarial
+  Attacks", ICLR 2018. https://arxiv.org/abs/1706.06083
 """
 
 from __future__ import annotations
@@ -80,29 +93,59 @@ def cost(units: dict[str, int]) -> tuple[int, int]:
     return macs, n_params
 
 
+def staircase(lr: float, total_steps: int, schedule: str):
+    """Returns the learning rate (schedule) of ``--schedule``.
+
+    ``staircase`` is the reference code's: ``lr`` until 50% of the steps,
+    ``0.1 lr`` until 70%, ``0.01 lr`` after; ``constant`` is ``lr`` throughout.
+    """
+    if schedule == "constant":
+        return lr
+    bounds = {int(0.5 * total_steps): 0.1, int(0.7 * total_steps): 0.1}
+    return optax.piecewise_constant_schedule(lr, bounds)
+
+
 def train(method, args, data, n_train, pbar, base=None):
-    """Trains one method; BP and ANP-VS start from ``base`` (a trained plain model)."""
+    """Trains one method; it starts from ``base`` (a trained plain model) when given."""
     gated = method in ("BP", "ANP-VS")
     model = LeNet5Caffe(rngs=nnx.Rngs(args.seed)) if base is None else nnx.clone(base)
     if gated:
         gate = gates.BetaBernoulli(alpha=args.alpha, init_a=args.init_a)
         gates.attach(model, gate, key=jax.random.key(args.seed + 1), skip=("fc2",))
     apply_fn, params, graphdef, rest = split_model(model)
-    tx = gates.multi_transform(optax.adam(args.lr), optax.adam(args.gate_lr))
+    total = (n_train // args.batch_size) * args.epochs
+    weights_tx = optax.adam(staircase(args.lr, total, args.schedule))
+    if args.weight_decay > 0:
+        # L2 on the weights (the reference code's 1e-4 * l2_loss, as a gradient term).
+        weights_tx = optax.chain(optax.add_decayed_weights(args.weight_decay), weights_tx)
+    tx = gates.multi_transform(
+        weights_tx, optax.adam(staircase(args.gate_lr, total, args.schedule))
+    )
     opt_state = tx.init(params)
 
     def kl(p):
         return gates.model_penalty(nnx.merge(graphdef, p, rest, copy=True))
 
     attack_kw = dict(
-        eps=args.eps, step_size=2.5 * args.eps / args.train_steps, steps=args.train_steps
+        eps=args.eps,
+        step_size=2.5 * args.eps / args.train_steps,
+        steps=args.train_steps,
+        attack_gates=args.attack_gates,
     )
     if method == "ANP-VS":
         step = adversarial.anp_vs_step(
-            apply_fn, kl, tx, num_train=n_train, beta=args.beta, lam=args.lam, **attack_kw
+            apply_fn,
+            kl,
+            tx,
+            num_train=n_train,
+            beta=args.beta,
+            lam=args.lam,
+            adv_weight=args.adv_weight,
+            **attack_kw,
         )
-    elif method == "AT":
-        step = adversarial.adversarial_step(apply_fn, tx, **attack_kw)
+    elif method in ("AT", "AT-mix"):
+        clean_weight = 0.0 if method == "AT" else 1 / (1 + args.adv_weight)
+        step = adversarial.adversarial_step(apply_fn, tx, clean_weight=clean_weight, **attack_kw)
     else:
         weight = args.beta / n_train if gated else 0.0
 
@@ -161,35 +204,47 @@ def evaluate(method, apply_fn, params, graphdef, rest, args, data):
     }
 
 
+LABELS = {
+    "AT": "AT (Madry: CE(x_adv))",
+    "AT-mix": "AT-mix (paper's code: (CE(x) + 2 CE(x_adv)) / 3)",
+}
+
+
 def table(rows, args, seconds) -> str:
     lines = [
-        "| method | clean acc (%) | PGD-40 acc (%) | vulnerability | units pruned (%) | "
-        "weights pruned (%) | FLOPs reduction | memory (KB) | kept conv1/conv2/fc1 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | starts from | training steps (own + inherited) | clean acc (%) | "
+        "PGD-40 acc (%) | vulnerability | units pruned (%) | weights pruned (%) | "
+        "FLOPs reduction | memory (KB) | kept conv1/conv2/fc1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         u = r["units_kept"]
+        steps = f"{r.get('steps', '?')} + {r.get('inherited_steps', 0)}"
         lines.append(
-            f"| {r['method']} | {r['clean_acc']:.2f} | {r['pgd_acc']:.2f} | "
+            f"| {LABELS.get(r['method'], r['method'])} | {r.get('starts_from', '?')} | {steps} | "
+            f"{r['clean_acc']:.2f} | {r['pgd_acc']:.2f} | "
             f"{r['vulnerability']:.4f} | {r['unit_sparsity']:.1f} | {r['weight_sparsity']:.1f} | "
             f"{r['flops_reduction']:.2f}x | {r['memory_kb']:.0f} | "
             f"{u['conv1']}/{u['conv2']}/{u['fc1']} |"
         )
+    steps = (args.train_size // args.batch_size) * args.epochs
     setup = (
-        f"Fashion-MNIST, {args.train_size} training images x {args.epochs} epochs, batch "
-        f"{args.batch_size}, Adam (weights lr {args.lr}, gates lr {args.gate_lr}); "
-        f"training PGD: eps {args.eps}, {args.train_steps} steps of 2.5*eps/steps with random "
-        f"start; evaluation: white-box PGD-{args.eval_steps} (eps {args.eps}, step "
-        f"{args.eval_step_size}, random start) on the first {args.eval_size} test images; "
-        f"beta-Bernoulli prior alpha {args.alpha}, KL weight beta {args.beta} / N, "
-        f"vulnerability weight lambda {args.lam}; seed {args.seed}; "
+        f"Fashion-MNIST, {args.train_size} training images x {args.epochs} epochs "
+        f"({steps} steps of batch {args.batch_size} per method), Adam (weights lr {args.lr}, "
+        f"gates lr {args.gate_lr}, {args.schedule} schedule"
         + (
-            "BP and ANP-VS start from the trained standard and AT weights and train as many "
-            "steps again; "
-            if args.finetune
-            else "every method trains from scratch; "
+            ": x1 to 50% of the steps, x0.1 to 70%, x0.01 after"
+            if args.schedule == "staircase"
+            else ""
         )
-        + f"{seconds / 60:.1f} min on this machine's shared CPU."
+        + f"), weight decay {args.weight_decay}; "
+        f"training PGD: eps {args.eps}, {args.train_steps} steps of 2.5*eps/steps with random "
+        f"start, against the {args.attack_gates} gated network; evaluation: white-box "
+        f"PGD-{args.eval_steps} (eps {args.eps}, step {args.eval_step_size}, random start) on "
+        f"the first {args.eval_size} test images; beta-Bernoulli prior alpha {args.alpha}, KL "
+        f"weight beta {args.beta} / N, adversarial weight w {args.adv_weight} in "
+        f"(CE(x) + w CE(x_adv)) / (1 + w), vulnerability weight lambda {args.lam}; seed "
+        f"{args.seed}; {seconds / 60:.1f} min on this machine's shared 2-core CPU."
     )
     return "\n".join(lines) + "\n\n" + setup + "\n"
 
@@ -199,34 +254,87 @@ Paper (Madaan et al. 2020, MNIST, LeNet-5-Caffe, white-box PGD-40 at eps 0.3): A
 99.14% clean / 88.03% adversarial / vulnerability 0.045; ANP-VS 99.05% / 91.31% / 0.017
 at 84.16% sparsity and 10.57x fewer FLOPs.
 
-Shortened here to fit ~35 minutes on a shared 2-core CPU: Fashion-MNIST instead of MNIST,
-with eps 0.1 (0.3 is the MNIST radius); one pass over a training subset (the setup line
-gives the step count) instead of full-length training; 3-step PGD (step 2.5 eps / 3) in
-training instead of 20 steps; PGD-40 evaluation on a test subset. The KL weight beta is
-raised from the paper's 4 because the KL is divided by N and the schedule is short; it was
-tuned by hand so that ANP-VS prunes >= 80% of units (an earlier full run with beta 80
-pruned 90.4% of units with ANP-VS, at 64.8% clean / 43.0% PGD-40 accuracy, and 83.5% with
-BP). Units pruned counts conv channels and hidden neurons (20 + 50 + 500);
-weights pruned, FLOPs (multiply-adds) and memory (float32 parameters) are those of the
-network with the pruned units removed. Numbers are from one seed.
+**Which AT.** The paper's AT row is the reference code's `base` adversarial model, whose
+weights train on the same `(CE(x) + 2 CE(x_adv)) / 3` as ANP-VS's weights (plus 1e-4 L2
+and, with the code's default flags, 1e-4 x vulnerability): AT-mix here. Madry's AT (the
+adversarial loss alone) is the usual baseline and is the stronger of the two under PGD
+here, so the target is checked against the stronger AT row; the line above gives the
+comparison with each.
+
+**Budget.** As in the reference code, BP and ANP-VS start from the trained standard
+model; AT and AT-mix do too (`--at-base standard`), so AT, AT-mix and ANP-VS each have
+the standard model's steps plus as many steps of their own, with the same staircase
+learning rate (the table's "training steps" column). From scratch (`--at-base none`, the
+reference's protocol for its AT) the AT rows are weaker, not stronger: AT 76.6% clean /
+55.2% PGD-40, AT-mix 78.8% / 52.8% (separate run, same settings).
+
+**Shortened** to fit ~35 minutes on a shared 2-core CPU: Fashion-MNIST instead of MNIST,
+with eps 0.1 (0.3 is the MNIST radius); one pass over 51200 training images per method
+instead of the reference code's 200 epochs (its default n_epochs); 3-step PGD (step
+2.5 eps / 3) in training instead of its PGD-40 (default pgd_steps, used for training
+too); PGD-40 evaluation on a test subset. The KL weight beta (160 / N) and the gates' initial
+`a` (30, keep probability E[pi] = 0.97) were set by hand so that ANP-VS prunes >= 80% of
+units in this budget. Units pruned counts conv channels and hidden neurons
+(20 + 50 + 500); weights pruned, FLOPs (multiply-adds) and memory (float32 parameters) are
+those of the network with the pruned units removed. Vulnerability is the mean over all
+feature entries, pruned (always zero) units included, so pruning alone lowers it.
+
+**What was tried** (seed 0, one run each, PGD-40 on the first 500 test images: one
+accuracy has a standard error of about 2.2 points, so gaps under ~3 points are noise).
+At 400 steps (these settings unless named):
+ANP-VS with initial a 4 / beta 80: 75.6% clean / 49.6% PGD-40 at 82.6% of units pruned;
+the same without the vulnerability term (lambda 0): 75.6% / 49.4% at 83.3%; the same with
+beta 0 (gates trained adversarially, no pruning pressure): 79.6% / 54.0% at 2.6%;
+a 10 / beta 80: 76.4% / 51.2% at 80.9%; a 30 / beta 80: 78.2% / 53.2% at 74.9%;
+a 30 / beta 120: 77.2% / 50.4% at 79.8%; a 30 / beta 160 (the table).
+At 200 steps (25600 images, a 4, beta 40): with constant learning rates (this example's
+previous version) AT 72.2% / 56.6%, ANP-VS from standard 72.2% / 47.6% at 83.3%, from AT
+71.0% / 47.2% at 81.9%; with the staircase AT 75.6% / 51.0%, AT-mix 78.2% / 48.6%, ANP-VS
+from standard 70.2% / 49.0% at 77.5%, from AT (inheriting AT's adversarial steps) 71.6% /
+49.4% at 74.7%, and with the training attack on the test-time network (the reference
+code's, `--attack-gates test`) 72.0% / 45.2% at 77.4%.
+
+**Why the target is not met in this budget.** Measured at 400 steps: Madry's loss beats
+the mixed loss by about 2 points (AT vs AT-mix); training the gates adversarially
+without pruning pressure costs nothing measurable (54.0%, level with AT-mix); pruning
+>= 80% of units then costs another 2-5 points (49.6-51.8% over the four settings that
+reach ~80%, against 53.2% for the one that stops at 74.9%); and the vulnerability term
+is too small to matter (lambda 1e-3 times a vulnerability of ~0.07: 49.4% without it vs
+49.6% with it). Doubling the steps (200 -> 400) did not narrow the gap: at 200 steps
+ANP-VS trailed AT by 2.0 (staircase, only 77.5% pruned) to 9.0 points (constant lr). The
+reference trains 200 epochs, where the pruned network plausibly has time to recover;
+that is ~230x this budget and was not tested. The reference code's 1e-4
+L2 is available (`--weight-decay 1e-4`) but off and untested. Numbers are from one seed.
 """
 
 
 def verdict(rows: list[dict]) -> str:
-    """Returns a sentence comparing ANP-VS with AT against the paper's shape."""
+    """Returns the paragraph comparing ANP-VS with AT against the paper's shape.
+
+    The target is checked against the stronger (higher PGD-40 accuracy) of the
+    AT rows present, so that the better baseline is never hidden.
+    """
     by = {r["method"]: r for r in rows}
-    if "AT" not in by or "ANP-VS" not in by:
+    ats = [by[m] for m in ("AT", "AT-mix") if m in by]
+    if not ats or "ANP-VS" not in by:
         return ""
-    at, anp = by["AT"], by["ANP-VS"]
-    robust = anp["pgd_acc"] >= at["pgd_acc"]
+    anp = by["ANP-VS"]
+    best = max(ats, key=lambda r: r["pgd_acc"])
+    robust = anp["pgd_acc"] >= best["pgd_acc"]
     sparse = anp["unit_sparsity"] >= 80
+    parts = [
+        f"{LABELS.get(at['method'], at['method'])}: PGD-40 accuracy {anp['pgd_acc']:.1f}% vs "
+        f"{at['pgd_acc']:.1f}% ({anp['pgd_acc'] - at['pgd_acc']:+.1f} points), vulnerability "
+        f"{anp['vulnerability']:.3f} vs {at['vulnerability']:.3f}"
+        for at in ats
+    ]
     return (
-        f"\nPaper's shape (ANP-VS at least as robust as AT with >= 80% of units pruned): "
-        f"{'met' if robust and sparse else 'NOT met'}. ANP-VS vs AT: PGD-40 accuracy "
-        f"{anp['pgd_acc']:.1f}% vs {at['pgd_acc']:.1f}% ({anp['pgd_acc'] - at['pgd_acc']:+.1f} "
-        f"points), vulnerability {anp['vulnerability']:.3f} vs {at['vulnerability']:.3f}, "
-        f"{anp['unit_sparsity']:.1f}% of units pruned, {anp['flops_reduction']:.2f}x fewer "
-        "FLOPs.\n"
+        "\nPaper's shape (ANP-VS at least as robust under PGD-40 as the stronger AT row, "
+        f"here {best['method']}, with >= 80% of units pruned): "
+        f"**{'met' if robust and sparse else 'NOT met'}** (robust enough: "
+        f"{'yes' if robust else 'no'}; >= 80% of units pruned: {'yes' if sparse else 'no'}, "
+        f"{anp['unit_sparsity']:.1f}%, {anp['flops_reduction']:.2f}x fewer FLOPs). "
+        "ANP-VS vs " + "; vs ".join(parts) + ".\n"
     )
 
 
@@ -242,30 +350,77 @@ def render(result: dict) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a < 5 min smoke run")
-    p.add_argument("--train-size", type=int, default=25600)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--gate-lr", type=float, default=0.2)
-    p.add_argument("--eps", type=float, default=0.1)
-    p.add_argument("--train-steps", type=int, default=3)
-    p.add_argument("--eval-steps", type=int, default=40)
-    p.add_argument("--eval-step-size", type=float, default=0.01)
-    p.add_argument("--eval-size", type=int, default=500)
-    p.add_argument("--alpha", type=float, default=1e-4)
-    p.add_argument("--init-a", type=float, default=4.0)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Full run ~15 min on a 2-core CPU; see the module docstring and docs/anp_vs.md.",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a < 5 min smoke run (1920 images, 100 test images)"
+    )
+    p.add_argument(
+        "--train-size", type=int, default=51200, help="training images used (N of the KL)"
+    )
+    p.add_argument("--epochs", type=int, default=1, help="passes over them, per method")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the weights")
+    p.add_argument("--gate-lr", type=float, default=0.2, help="Adam learning rate of the gates")
+    p.add_argument("--eps", type=float, default=0.1, help="L-inf radius, training and test")
+    p.add_argument(
+        "--train-steps", type=int, default=3, help="PGD steps in training (step 2.5 eps / steps)"
+    )
+    p.add_argument("--eval-steps", type=int, default=40, help="PGD steps of the evaluation")
+    p.add_argument("--eval-step-size", type=float, default=0.01, help="its step size")
+    p.add_argument("--eval-size", type=int, default=500, help="test images attacked")
+    p.add_argument("--alpha", type=float, default=1e-4, help="beta-Bernoulli prior alpha")
+    p.add_argument("--init-a", type=float, default=30.0, help="initial Kumaraswamy a of every gate")
+    p.add_argument(
+        "--schedule",
+        choices=("staircase", "constant"),
+        default="staircase",
+        help="learning rates of every method: the reference code's staircase (x1 to 50%% of "
+        "the steps, x0.1 to 70%%, x0.01 after) or constant",
+    )
+    p.add_argument(
+        "--weight-decay", type=float, default=0.0, help="L2 on the weights (the code's 1e-4)"
+    )
+    p.add_argument(
+        "--adv-weight",
+        type=float,
+        default=2.0,
+        help="w in (CE(x) + w CE(x_adv)) / (1 + w), the weights' loss of AT-mix and ANP-VS",
+    )
+    p.add_argument(
+        "--attack-gates",
+        choices=("sampled", "test"),
+        default="sampled",
+        help="training PGD attacks the sampled gated network or the test-time one",
+    )
+    p.add_argument(
+        "--anp-base",
+        choices=("standard", "AT", "AT-mix", "none"),
+        default="standard",
+        help="the model ANP-VS starts from ('none': from scratch)",
+    )
+    p.add_argument(
+        "--at-base",
+        choices=("standard", "none"),
+        default="standard",
+        help="the model AT and AT-mix start from ('none': from scratch)",
+    )
     p.add_argument(
         "--no-finetune",
         dest="finetune",
         action="store_false",
-        help="train BP and ANP-VS from scratch instead of from standard / AT",
+        help="train every method from scratch (overrides --anp-base / --at-base)",
     )
-    p.add_argument("--beta", type=float, default=40.0)
-    p.add_argument("--lam", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default="standard,AT,BP,ANP-VS")
+    p.add_argument("--beta", type=float, default=160.0, help="KL weight (KL / N)")
+    p.add_argument("--lam", type=float, default=1e-3, help="vulnerability weight")
+    p.add_argument("--seed", type=int, default=0, help="initialization, batches and gates")
+    p.add_argument(
+        "--methods",
+        default="standard,AT,AT-mix,BP,ANP-VS",
+        help="comma-separated, trained in this order (a start model must come first)",
+    )
     p.add_argument("--out", default=None, help="markdown path (json next to it)")
     p.add_argument("--render", default=None, help="only re-render the markdown of a json")
     args = p.parse_args()
@@ -286,15 +441,29 @@ def main():
     methods = args.methods.split(",")
     steps_per = (n_train // args.batch_size) * args.epochs
     t0 = time.time()
-    rows, trained = [], {}
-    base_of = {"BP": "standard", "ANP-VS": "AT"}
+    rows, trained, steps_of, inherited_of = [], {}, {}, {}
+    base_of = {"BP": "standard", "ANP-VS": args.anp_base, "AT": args.at_base}
+    base_of["AT-mix"] = args.at_base
     with tqdm(total=steps_per * len(methods), desc="train") as pbar:
         for method in methods:
             pbar.set_description(method)
-            base = trained.get(base_of.get(method)) if args.finetune else None
+            base = None
+            if args.finetune and base_of.get(method, "none") != "none":
+                if base_of[method] not in trained:
+                    raise SystemExit(
+                        f"{method} starts from {base_of[method]}, which --methods "
+                        f"{args.methods!r} does not train before it. Fix: put "
+                        f"{base_of[method]} earlier in --methods, or train it from scratch "
+                        "(--anp-base none / --at-base none / --no-finetune)."
+                    )
+                base = trained[base_of[method]]
             apply_fn, params, graphdef, rest, model = train(method, args, data, n_train, pbar, base)
             trained[method] = model
             rows.append(evaluate(method, apply_fn, params, graphdef, rest, args, data))
+            origin = base_of[method] if base is not None else "scratch"
+            inherited = 0 if base is None else steps_of[origin] + inherited_of[origin]
+            steps_of[method], inherited_of[method] = steps_per, inherited
+            rows[-1].update(starts_from=origin, steps=steps_per, inherited_steps=inherited)
             tqdm.write(json.dumps(rows[-1]))
     seconds = time.time() - t0
     result = {"args": vars(args), "rows": rows, "seconds": seconds}
