@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_overhead import mlp_init, mlp_loss  # noqa: E402
+from bench_overhead import make_step, mlp_init  # noqa: E402
 
 import jaxprune as jp  # noqa: E402
 from jaxprune import masks as M  # noqa: E402
@@ -88,15 +88,6 @@ def variant(kind: str) -> optax.GradientTransformation:
         return jax.tree.unflatten(treedef, u), (step + 1, packed, inner_state)
 
     return optax.GradientTransformation(init, update)
-
-
-def make_step(tx):
-    def step(params, state, x, y):
-        grads = jax.grad(mlp_loss)(params, x, y)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    return jax.jit(step, donate_argnums=(0, 1))
 
 
 def main() -> None:
