@@ -25,6 +25,7 @@ from jaxprune import masks as _masks
 
 __all__ = [
     "METHODS",
+    "GROUPS",
     "magnitude_prune",
     "wanda_prune",
     "sparsegpt",
@@ -34,6 +35,10 @@ __all__ = [
 ]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+GROUPS = ("layer", "output")
+# Each paper's comparison group: magnitude pruning ranks a whole layer, Wanda
+# ranks the weights feeding each output unit.
+_DEFAULT_GROUP = {"magnitude": "layer", "wanda": "output"}
 
 
 def _everything(path: Any, x: Any) -> bool:
@@ -53,6 +58,22 @@ def _check(sparsity: float, nm: tuple[int, int] | None, kernel_in: int) -> None:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}. Fix: e.g. sparsity=0.5.")
 
 
+def _check_group(group: str) -> None:
+    if group not in GROUPS:
+        raise ValueError(
+            f"group must be one of {GROUPS}, got {group!r}. Fix: group='layer' ranks the whole "
+            "layer, group='output' the weights of each output unit."
+        )
+
+
+def _keep(scores: jax.Array, sparsity: float, nm: tuple[int, int] | None, group: str):
+    if nm is not None:
+        return _nm_keep(scores, nm)
+    if group == "output":
+        return _per_output_keep(scores, sparsity)
+    return _masks.topk({"k": scores}, sparsity, where=_everything)["k"]
+
+
 def _per_output_keep(scores: jax.Array, sparsity: float) -> jax.Array:
     """Returns a keep-mask pruning exactly ``round(s * in)`` entries of each output column."""
     one = lambda col: _masks.topk({"c": col}, sparsity, where=_everything)["c"]  # noqa: E731
@@ -65,20 +86,27 @@ def _nm_keep(scores: jax.Array, nm: tuple[int, int]) -> jax.Array:
 
 
 def magnitude_prune(
-    kernel: jax.Array, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None
+    kernel: jax.Array,
+    *,
+    sparsity: float = 0.5,
+    nm: tuple[int, int] | None = None,
+    group: str = "layer",
 ) -> jax.Array:
     """Returns ``kernel`` ``[in, out]`` with its smallest ``|w|`` zeroed (per layer, or N:M).
+
+    ``group="layer"`` (the default, as in the paper) prunes exactly
+    ``round(sparsity * size)`` of the whole kernel; ``group="output"`` prunes
+    ``round(sparsity * in)`` of the weights of each output unit, Wanda's
+    comparison group (so the two criteria can be compared on equal terms).
+    ``nm`` overrides both.
 
     References:
       Han et al., "Learning both Weights and Connections", 2015.
       https://arxiv.org/abs/1506.02626
     """
     _check(sparsity, nm, kernel.shape[0])
-    scores = jnp.abs(kernel).astype(jnp.float32)
-    if nm is None:
-        keep = _masks.topk({"k": scores}, sparsity, where=_everything)["k"]
-    else:
-        keep = _nm_keep(scores, nm)
+    _check_group(group)
+    keep = _keep(jnp.abs(kernel).astype(jnp.float32), sparsity, nm, group)
     return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype))
 
 
@@ -88,11 +116,16 @@ def wanda_prune(
     *,
     sparsity: float = 0.5,
     nm: tuple[int, int] | None = None,
+    group: str = "output",
 ) -> jax.Array:
     """Returns ``kernel`` pruned by Wanda: lowest ``|W_ij| * ||X_i||`` within each output unit.
 
     No weight update. ``input_norms`` ``[in]`` are the L2 norms of the layer's
     input features over the calibration tokens (``sqrt(diag(X^T X))``).
+    ``group="output"`` (the default, the paper's choice for LLMs) prunes
+    exactly ``round(sparsity * in)`` weights of each output unit;
+    ``group="layer"`` ranks the whole kernel, as magnitude pruning does by
+    default. ``nm`` overrides both.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -106,8 +139,9 @@ def wanda_prune(
       Models", 2023. https://arxiv.org/abs/2306.11695
     """
     _check(sparsity, nm, kernel.shape[0])
+    _check_group(group)
     scores = _criteria.wanda({"k": kernel}, {"k": input_norms})["k"]
-    keep = _per_output_keep(scores, sparsity) if nm is None else _nm_keep(scores, nm)
+    keep = _keep(scores, sparsity, nm, group)
     return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype))
 
 
@@ -261,6 +295,7 @@ def prune_decoder(
     batch_size: int = 8,
     blocksize: int = 128,
     dampening: float = 0.01,
+    group: str | None = None,
 ) -> tuple[Any, dict[str, float]]:
     """Returns ``(pruned copy of model, {layer path: relative reconstruction error})``.
 
@@ -281,9 +316,12 @@ def prune_decoder(
       nm: ``(n, m)``: keep ``n`` of every ``m`` consecutive inputs instead.
       batch_size: calibration samples per forward pass.
       blocksize, dampening: SparseGPT's (see :func:`sparsegpt`).
+      group: comparison group of magnitude and Wanda, ``"layer"`` or
+        ``"output"`` (see :func:`magnitude_prune`); ``None`` takes each paper's
+        (magnitude: layer, Wanda: output). SparseGPT ranks within each block.
 
     Raises:
-      ValueError: unknown ``method`` or invalid ``sparsity``/``nm``.
+      ValueError: unknown ``method`` or ``group``, or invalid ``sparsity``/``nm``.
 
     References:
       Frantar & Alistarh 2023, https://arxiv.org/abs/2301.00774; Sun et al. 2023,
@@ -294,6 +332,9 @@ def prune_decoder(
             f"method must be one of {METHODS}, got {method!r}. Fix: method='sparsegpt'."
         )
     _check(sparsity, None if nm is None else nm, nm[1] if nm else 1)
+    if group is not None:
+        _check_group(group)
+    grp = group or _DEFAULT_GROUP.get(method, "layer")
     model = nnx.clone(model)
     hs = [
         model.embed_tokens(calibration[i : i + batch_size])
@@ -311,9 +352,10 @@ def prune_decoder(
             layer = getattr(block, name)
             kernel = layer.kernel.get_value()
             if method == "magnitude":
-                new = magnitude_prune(kernel, sparsity=sparsity, nm=nm)
+                new = magnitude_prune(kernel, sparsity=sparsity, nm=nm, group=grp)
             elif method == "wanda":
-                new = wanda_prune(kernel, jnp.sqrt(jnp.diag(hess)), sparsity=sparsity, nm=nm)
+                norms = jnp.sqrt(jnp.diag(hess))
+                new = wanda_prune(kernel, norms, sparsity=sparsity, nm=nm, group=grp)
             else:
                 new = sparsegpt(
                     kernel,

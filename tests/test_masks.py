@@ -206,3 +206,20 @@ def test_where_selecting_non_float_leaf():
             0.5,
             where=lambda path, x: True,
         )
+
+
+@pytest.mark.parametrize("shape", [(5, 37), (41, 11), (3, 4, 61), (97,)], ids=str)
+def test_prime_length_axes_exact_ties_in_flatten_order(shape):
+    # Last axes with no divisor in [8, 32] take the padded / other-axis count paths.
+    rng = np.random.default_rng(sum(shape))
+    x = rng.integers(0, 3, size=shape).astype(np.float32)
+    for s in (0.3, 0.5, 0.9):
+        for select in (jp.masks.topk, jp.masks.global_topk):
+            m = np.asarray(select({"x": jnp.asarray(x)}, s, where=lambda p, v: True)["x"])
+            k = round(s * x.size)
+            assert (~m).sum() == k
+            # The k pruned are the k first of a stable sort (ties in flatten order).
+            order = np.argsort(x.reshape(-1), kind="stable")
+            expected = np.ones(x.size, bool)
+            expected[order[:k]] = False
+            np.testing.assert_array_equal(m.reshape(-1), expected)
