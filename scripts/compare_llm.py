@@ -74,7 +74,8 @@ def main() -> None:
     with tqdm(total=per_run * len(args.seeds), desc="prune", unit="run") as bar:
         results = {s: run_seed(s, args.steps, bar) for s in args.seeds}
 
-    print("\n| setting | method | " + " | ".join(f"seed {s} ppl (error)" for s in args.seeds) + " |")
+    heads = " | ".join(f"seed {s} ppl (error)" for s in args.seeds)
+    print(f"\n| setting | method | {heads} |")
     print("|---|---|" + "---|" * len(args.seeds))
     print("| dense | | " + " | ".join(f"{results[s]['dense']:.3f}" for s in args.seeds) + " |")
     for label, _, _ in SETTINGS:

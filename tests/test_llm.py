@@ -73,7 +73,8 @@ def test_sparsegpt_beats_wanda_beats_magnitude(trained, nm):
 
 
 def test_comparison_groups():
-    w = jax.random.normal(jax.random.key(0), (8, 6)) * jnp.arange(1.0, 7.0)  # columns differ in scale
+    # Output columns differ in scale.
+    w = jax.random.normal(jax.random.key(0), (8, 6)) * jnp.arange(1.0, 7.0)
     per_layer = llm.magnitude_prune(w, sparsity=0.5)
     per_output = llm.magnitude_prune(w, sparsity=0.5, group="output")
     assert int((per_layer == 0).sum()) == 24
