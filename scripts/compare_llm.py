@@ -43,12 +43,11 @@ def run_seed(seed: int, steps: int, bar) -> dict:
     model = GPT(vocab=VOCAB, dim=64, depth=2, heads=4, max_len=TIME, rngs=nnx.Rngs(seed))
     train_lm(model, train, steps=steps, batch_size=32, lr=1e-2, key=jax.random.key(seed))
     out = {"dense": llm.perplexity(model, test)}
-    sgpt = {}
+    sgpt = {}  # by nm: SparseGPT ignores the group
     for label, nm, group in SETTINGS:
         for method in llm.METHODS:
-            key = (None if nm is None else nm, method)
-            if method == "sparsegpt" and key in sgpt:  # group does not apply
-                out[f"{label}/{method}"] = sgpt[key]
+            if method == "sparsegpt" and nm in sgpt:
+                out[f"{label}/{method}"] = sgpt[nm]
                 continue
             pruned, errors = llm.prune_decoder(
                 model, calib, method=method, sparsity=0.5, nm=nm, group=group
@@ -59,7 +58,7 @@ def run_seed(seed: int, steps: int, bar) -> dict:
             }
             out[f"{label}/{method}"] = res
             if method == "sparsegpt":
-                sgpt[key] = res
+                sgpt[nm] = res
             bar.update(1)
     return out
 
@@ -70,7 +69,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=250, help="training steps of each model")
     args = parser.parse_args()
     t0 = time.time()
-    per_run = sum(2 if nm is None and i else 3 for i, (_, nm, _) in enumerate(SETTINGS))
+    # One pruning run per (setting, method), SparseGPT once per distinct nm.
+    n_sgpt = len({nm for _, nm, _ in SETTINGS})
+    per_run = len(SETTINGS) * (len(llm.METHODS) - 1) + n_sgpt
     with tqdm(total=per_run * len(args.seeds), desc="prune", unit="run") as bar:
         results = {s: run_seed(s, args.steps, bar) for s in args.seeds}
 
