@@ -79,6 +79,11 @@ def saliency(params: optax.Params, grads: optax.Updates) -> optax.Params:
     return jax.tree.map(lambda w, g: jnp.abs(w * g), params, grads)
 
 
+# Criteria whose scores are an element-wise function of (params, grads): jp.prune
+# recomputes them inside the selection's search (fused) instead of storing them.
+ELEMENTWISE = (magnitude, saliency)
+
+
 class StatefulCriterion(NamedTuple):
     """A criterion that accumulates statistics across train steps.
 

@@ -92,55 +92,151 @@ def _total_count(b: jax.Array) -> jax.Array:
     return jnp.sum(jnp.sum(split, axis=axis + 1, dtype=jnp.uint8), dtype=jnp.int32)
 
 
+def _any_leading(b: jax.Array) -> jax.Array:
+    """Returns ``jnp.any`` of ``b`` over all axes but the last, without a full-size copy.
+
+    A plain ``jnp.any`` over a long axis becomes a windowed reduction on
+    XLA:CPU that does not fuse with the comparison producing ``b``, so ``b``
+    would be written out in full. Reducing runs of at most 32 entries of the
+    first axis first (fused, like :func:`_row_counts`) leaves only a small
+    partial result for the rest.
+    """
+    if b.ndim < 2:
+        return b
+    n = b.shape[0]
+    c = _chunk(n)
+    if c < 8 < n:  # no divisor in [8, 32]: pad the first axis with False (fused)
+        b = jnp.pad(b, [(0, -n % 32)] + [(0, 0)] * (b.ndim - 1))
+        n, c = b.shape[0], 32
+    # uint8 partial sums (not a second any): XLA would merge two ``any`` into one.
+    part = jnp.sum(b.reshape((n // c, c) + b.shape[1:]), axis=1, dtype=jnp.uint8)
+    return jnp.max(part, axis=tuple(range(part.ndim - 1))) > 0
+
+
 def _count_le(keys: list[jax.Array], t: jax.Array) -> jax.Array:
     return sum(_total_count(k <= t) for k in keys)
 
 
-def _bracket_search(keys, k, lo, hi, c_lo, c_hi):
+# Keys are never passed around as arrays: every search below takes a key
+# function ``fn`` and its sources ``src`` (``fn(src)`` is the list of uint32
+# keys) and recomputes the keys wherever it needs them. Key functions are
+# element-wise (bitcasts, ``abs``, products), so XLA fuses them into each count;
+# a keys array handed to a loop or a branch would be written out in full (4
+# bytes per score) and kept in the step's scratch memory.
+
+
+def _identity(src: list[jax.Array]) -> list[jax.Array]:
+    return list(src)
+
+
+def _ordered(src: list[jax.Array]) -> list[jax.Array]:
+    return [ordered_keys(x) for x in src]
+
+
+def _salted(src: Any, salt: jax.Array) -> Any:
+    """Returns ``src`` with every leaf combined with ``salt``, which is 0 at run time.
+
+    Floating leaves are multiplied by ``1 - salt`` (exactly 1: IEEE ``x * 1``
+    is ``x``, signed zeros and infinities included), integer leaves xor-ed
+    with ``salt``, bool leaves with ``salt != 0``. Inside a loop body,
+    ``fn(_salted(src, salt))`` with a loop-carried ``salt`` is then not
+    loop-invariant from its very first operation, so XLA does not hoist any
+    part of it out of the loop into a full-size array: it stays fused into the
+    count that consumes it. Other leaves (PRNG keys, ...) are left as they are.
+    """
+
+    def one(x):
+        if not isinstance(x, jax.Array):
+            return x
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return x * (1 - salt).astype(x.dtype)
+        if x.dtype == jnp.bool_:
+            return x ^ (salt != 0)
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            return x ^ salt.astype(x.dtype)
+        return x
+
+    return jax.tree.map(one, src)
+
+
+def _zero_from(c: jax.Array) -> jax.Array:
+    """Returns ``c >> 31`` as uint32: 0 for a count ``0 <= c < 2**31``, unknown to XLA."""
+    return jax.lax.shift_right_logical(c.astype(jnp.uint32), jnp.uint32(31))
+
+
+class _Keys:
+    """The keys ``fn(src)``, recomputed at every place that reads them.
+
+    Each read (:meth:`fresh`) salts ``src`` with its own run-time zero (derived
+    from ``base``, a non-negative int32 such as the count to prune), so XLA can
+    neither merge two reads into one array (which a consumer that cannot fuse
+    it would then force into memory) nor hoist a read out of a loop.
+    """
+
+    def __init__(self, fn, src, base):
+        self.fn, self.src = fn, src
+        self.base = jnp.asarray(base, jnp.int32)
+        self.shapes = [tuple(x.shape) for x in jax.eval_shape(fn, src)]
+        self.n = sum(math.prod(s) for s in self.shapes)
+        self._reads = 0
+
+    def at(self, zero: jax.Array) -> list[jax.Array]:
+        return self.fn(_salted(self.src, zero))
+
+    def fresh(self) -> list[jax.Array]:
+        self._reads += 1
+        return self.at(_zero_from(self.base + self._reads))
+
+
+def _bracket_search(K, k, lo, hi, c_lo, c_hi):
     """Narrows ``c(lo) < k <= c(hi)`` until ``c(hi) == k`` or ``hi == lo + 1``."""
 
     def cond(state):
-        lo, hi, c_lo, c_hi, _ = state
+        lo, hi, c_lo, c_hi, _, _ = state
         return (c_hi != k) & (hi - lo > 1)
 
     def body(state):
-        lo, hi, c_lo, c_hi, interpolate = state
+        lo, hi, c_lo, c_hi, interpolate, salt = state
         width = hi - lo
         frac = (k - c_lo).astype(jnp.float32) / (c_hi - c_lo).astype(jnp.float32)
         step_i = jnp.floor(frac * width.astype(jnp.float32))
         step_i = jnp.clip(step_i, 1.0, 4.0e9).astype(jnp.uint32)
         step_i = jnp.clip(step_i, jnp.uint32(1), width - 1)
         t = lo + jnp.where(interpolate, step_i, width // 2)
-        c = _count_le(keys, t)
+        c = _count_le(K.at(salt), t)
         go_left = c >= k
         new_lo, new_c_lo = jnp.where(go_left, lo, t), jnp.where(go_left, c_lo, c)
         new_hi, new_c_hi = jnp.where(go_left, t, hi), jnp.where(go_left, c, c_hi)
         # Interpolate next only if this step at least halved the bracket.
         halved = (new_hi - new_lo) <= width // 2
-        return new_lo, new_hi, new_c_lo, new_c_hi, halved
+        return new_lo, new_hi, new_c_lo, new_c_hi, halved, _zero_from(c)
 
-    lo, hi, c_lo, c_hi, _ = jax.lax.while_loop(cond, body, (lo, hi, c_lo, c_hi, jnp.bool_(True)))
+    init = (lo, hi, c_lo, c_hi, jnp.bool_(True), _zero_from(c_lo))
+    lo, hi, c_lo, c_hi, _, _ = jax.lax.while_loop(cond, body, init)
     return lo, hi, c_lo, c_hi
 
 
-def _full_bracket(keys, k):
-    lo = jnp.min(jnp.stack([jnp.min(x) for x in keys]))
-    hi = jnp.max(jnp.stack([jnp.max(x) for x in keys]))
-    c_lo = _count_le(keys, lo)
+def _full_bracket(K, k):
+    if K.n <= 4 * _SAMPLE:  # small: the exact key range (XLA may store these keys; they are small)
+        lo = jnp.min(jnp.stack([jnp.min(x) for x in K.fresh()]))
+        hi = jnp.max(jnp.stack([jnp.max(x) for x in K.fresh()]))
+    else:  # large: the whole uint32 range, so that only (fused) counts read the keys
+        lo, hi = jnp.uint32(0), jnp.uint32(0xFFFFFFFF)
+    c_lo = _count_le(K.fresh(), lo)
     # If the minimum already covers k entries, the answer is the minimum and
     # nothing lies below it: encode as an empty bracket with c(lo) = 0.
     at_min = c_lo >= k
-    c_hi = jnp.where(at_min, c_lo, jnp.int32(sum(x.size for x in keys)))
+    c_hi = jnp.where(at_min, c_lo, jnp.int32(K.n))
     return lo, jnp.where(at_min, lo, hi), jnp.where(at_min, 0, c_lo), c_hi
 
 
 _SAMPLE = 16384
 
 
-def _sample_bracket(keys, k, n):
+def _sample_bracket(K, k, n):
     """Brackets the k-th key by searching a strided sample first (cheap, usually valid)."""
     stride = max(1, n // _SAMPLE)
-    sample = [_strided_sample(x, stride) for x in keys]
+    sample = [_strided_sample(x, stride) for x in K.fresh()]
     n_s = sum(x.size for x in sample)
     q = k.astype(jnp.float32) / n
     k_s = q * n_s
@@ -148,10 +244,10 @@ def _sample_bracket(keys, k, n):
     delta = 4.0 * jnp.sqrt(jnp.maximum(k_s * (1.0 - q), 1.0)) + 2.0
     k_lo = jnp.clip(jnp.floor(k_s - delta), 1, n_s).astype(jnp.int32)
     k_hi = jnp.clip(jnp.ceil(k_s + delta), 1, n_s).astype(jnp.int32)
-    t_lo = _kth(sample, k_lo)[0]
-    t_hi = _kth(sample, k_hi)[0]
+    t_lo = _kth(_Keys(_identity, sample, k_lo), k_lo)[0]
+    t_hi = _kth(_Keys(_identity, sample, k_hi), k_hi)[0]
     lo = jnp.where(t_lo > 0, t_lo - 1, t_lo)
-    return lo, t_hi, _count_le(keys, lo), _count_le(keys, t_hi)
+    return lo, t_hi, _count_le(K.fresh(), lo), _count_le(K.fresh(), t_hi)
 
 
 def _strided_sample(x: jax.Array, stride: int) -> jax.Array:
@@ -180,7 +276,7 @@ def _flat_index(shape: tuple[int, ...], offset: int) -> jax.Array:
     return idx
 
 
-def _last_tied(keys: list[jax.Array], t: jax.Array, need: jax.Array) -> jax.Array:
+def _last_tied(K, t: jax.Array, need: jax.Array) -> jax.Array:
     """Returns the flat position (over all ``keys``) of the ``need``-th key equal to ``t``.
 
     Two levels, both sharding-safe: the ties of each row (all axes but the
@@ -189,16 +285,16 @@ def _last_tied(keys: list[jax.Array], t: jax.Array, need: jax.Array) -> jax.Arra
     cumulative sum. A cumulative sum over a flattened copy would gather a
     whole sharded leaf.
     """
-    keys = [x.reshape(1) if x.ndim == 0 else x for x in keys]
-    rows = [_row_counts(x == t) for x in keys]
+    shapes = [s if s else (1,) for s in K.shapes]
+    rows = [_row_counts(x.reshape(s) == t) for x, s in zip(K.fresh(), shapes, strict=True)]
     row_idx, row_off, off = [], [], []
     n_rows = n = 0
-    for x, r in zip(keys, rows, strict=True):
+    for s, r in zip(shapes, rows, strict=True):
         row_idx.append(_flat_index(r.shape, n_rows))
         row_off.append(n_rows)
         off.append(n)
         n_rows += r.size
-        n += x.size
+        n += math.prod(s)
 
     def ties_up_to(p):
         pairs = zip(rows, row_idx, strict=True)
@@ -217,22 +313,23 @@ def _last_tied(keys: list[jax.Array], t: jax.Array, need: jax.Array) -> jax.Arra
     left = need - ties_up_to(row - 1)  # ties to prune inside the boundary row
 
     last = jnp.int32(0)
+    keys = [x.reshape(s) for x, s in zip(K.fresh(), shapes, strict=True)]
     for x, r, ri, r0, x0 in zip(keys, rows, row_idx, row_off, off, strict=True):
         local = jnp.clip(row - r0, 0, r.size - 1)
         # The boundary row by a masked reduction (a dynamic slice along a
         # sharded axis would gather the whole leaf first). Only one row is
         # selected, so an any() over the other axes is that row's ties.
         on_row = (x == t) & (ri == row)[..., None]
-        line = jnp.any(on_row, axis=tuple(range(r.ndim))).astype(jnp.int32)
+        line = _any_leading(on_row).astype(jnp.int32)
         col = jnp.argmax(jnp.cumsum(line) >= left).astype(jnp.int32)
         holds = (row >= r0) & (row < r0 + r.size)
         last = jnp.where(holds, x0 + local * x.shape[-1] + col, last)
     return last
 
 
-def _kth(keys, k):
-    lo, hi, c_lo, c_hi = _full_bracket(keys, k)
-    lo, hi, c_lo, c_hi = _bracket_search(keys, k, lo, hi, c_lo, c_hi)
+def _kth(K, k):
+    lo, hi, c_lo, c_hi = _full_bracket(K, k)
+    lo, hi, c_lo, c_hi = _bracket_search(K, k, lo, hi, c_lo, c_hi)
     return hi, jnp.where(c_hi == k, k, c_lo), c_hi
 
 
@@ -250,45 +347,62 @@ def kth_smallest_keys(
     exact, no sort.
     """
     k = jnp.asarray(k, jnp.int32)
-    n = sum(x.size for x in keys)
-    if n <= 4 * _SAMPLE:
-        return _kth(keys, k)
-    lo, hi, c_lo, c_hi = _sample_bracket(keys, k, n)
+    return _kth_smallest(_Keys(_identity, list(keys), jnp.maximum(k, 0)), k)
+
+
+def _kth_smallest(K, k):
+    """:func:`kth_smallest_keys` of the lazily computed keys ``K``."""
+    k = jnp.asarray(k, jnp.int32)
+    if K.n <= 4 * _SAMPLE:
+        return _kth(K, k)
+    lo, hi, c_lo, c_hi = _sample_bracket(K, k, K.n)
     valid = (c_lo < k) & (k <= c_hi)
     lo, hi, c_lo, c_hi = jax.lax.cond(
-        valid, lambda: (lo, hi, c_lo, c_hi), lambda: _full_bracket(keys, k)
+        valid, lambda: (lo, hi, c_lo, c_hi), lambda: _full_bracket(K, k)
     )
-    lo, hi, c_lo, c_hi = _bracket_search(keys, k, lo, hi, c_lo, c_hi)
+    lo, hi, c_lo, c_hi = _bracket_search(K, k, lo, hi, c_lo, c_hi)
     return hi, jnp.where(c_hi == k, k, c_lo), c_hi
 
 
-# Jitted so that eager one-shot calls compile once per shape, not per op.
-@jax.jit
-def _select(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
-    """Returns flat keep-masks pruning exactly ``k`` smallest keys (ties by flat order).
+def select_keys(fn, src: Any, k: jax.Array) -> list[jax.Array]:
+    """Returns keep-masks pruning exactly ``k`` smallest keys ``fn(src)``, ties by flat order.
 
-    The masks are one element-wise expression of the keys and three scalars
-    (threshold, tie boundary, ``k <= 0``), so XLA fuses them into whatever
-    consumes them (e.g. :func:`pack`) instead of writing full-size bools; the
-    searches before them only ever write small partial counts.
+    ``fn`` maps ``src`` (any pytree) to a list of uint32 key arrays (see
+    :func:`ordered_keys`) and should be element-wise and cheap: it is traced
+    once per place that reads the keys, and the keys are never stored. The
+    masks have the shapes of the keys and are one element-wise expression of
+    them and three scalars (threshold, tie boundary, ``k <= 0``), so XLA fuses
+    them into whatever consumes them (e.g. :func:`pack`); the searches only
+    ever write small partial counts. Not jitted: call it under ``jax.jit``.
     """
-    n = sum(x.size for x in keys)
+    k = jnp.asarray(k, jnp.int32)
+    K = _Keys(fn, src, jnp.maximum(k, 0))
+    n = K.n
     if n == 0:
-        return [jnp.ones(x.shape, bool) for x in keys]
-    t, below, at_or_below = kth_smallest_keys(keys, jnp.maximum(k, 1))
+        return [jnp.ones(s, bool) for s in K.shapes]
+    t, below, at_or_below = _kth_smallest(K, jnp.maximum(k, 1))
     # Without ties at t, every key <= t goes (the boundary is past the end);
     # otherwise the first (k - below) keys equal to t in flatten order go.
     last = jax.lax.cond(
         at_or_below == k,
         lambda: jnp.int32(n),
-        lambda: _last_tied(keys, t, k - below),
+        lambda: _last_tied(K, t, k - below),
     )
     out, offset = [], 0
-    for x in keys:
+    for x in K.fresh():
         idx = _flat_index(x.shape, offset)
         out.append((k <= 0) | (x > t) | ((x == t) & (idx > last)))
         offset += x.size
     return out
+
+
+# Jitted so that eager one-shot calls compile once per shape, not per op.
+_select_jit = jax.jit(select_keys, static_argnums=0)
+
+
+def _select(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
+    """Returns flat keep-masks pruning exactly ``k`` smallest ``keys`` (ties by flat order)."""
+    return _select_jit(_identity, list(keys), k)
 
 
 def _check_sparsity(s: Any, name: str = "sparsity") -> None:
@@ -375,7 +489,7 @@ def topk(scores: Any, sparsity: Any, *, where: Where | None = None) -> Any:
     keeps = {}
     for i, ((_, x), f, s) in enumerate(zip(flat, flags, per_leaf, strict=True)):
         if f:
-            keeps[i] = _select([ordered_keys(x)], _count(s, x.size))[0]
+            keeps[i] = _select_jit(_ordered, [x], _count(s, x.size))[0]
     return _assemble(scores, flags, keeps)
 
 
@@ -410,10 +524,50 @@ def global_topk(scores: Any, sparsity: ArrayLike, *, where: Where | None = None)
     flags = prunable_flags(scores, where)
     flat, _ = leaves_with_paths(scores)
     idx = [i for i, f in enumerate(flags) if f]
-    keys = [ordered_keys(flat[i][1]) for i in idx]
-    n = sum(x.size for x in keys)
-    kept = _select(keys, _count(sparsity, n)) if keys else []
+    leaves = [jnp.asarray(flat[i][1]) for i in idx]
+    n = sum(x.size for x in leaves)
+    kept = _select_jit(_ordered, leaves, _count(sparsity, n)) if leaves else []
     return _assemble(scores, flags, dict(zip(idx, kept, strict=True)))
+
+
+def fused_select(scope: str, score_fn: Any, src: Any, sparsity: Any, flags: list[bool]) -> Any:
+    """Returns ``topk`` (``scope="layer"``) or ``global_topk`` masks of ``score_fn(src)``.
+
+    The same masks, exactly, but the scores are never stored: ``score_fn`` is
+    traced at each place that reads them and XLA fuses it into the counts, so
+    a refresh adds no full-size scratch buffer to the train step that holds it
+    (:func:`jaxprune.prune` uses this for element-wise criteria such as
+    magnitude and saliency). ``score_fn`` must be element-wise and cheap, and
+    is evaluated once per search probe. ``flags`` marks the prunable leaves of
+    the scores (flatten order). Call it under ``jax.jit``.
+    """
+    shapes = jax.eval_shape(score_fn, src)
+    flat, treedef = leaves_with_paths(shapes)
+    idx = [i for i, f in enumerate(flags) if f]
+
+    def keys_of(chosen):
+        def fn(s):
+            leaves = [x for _, x in leaves_with_paths(score_fn(s))[0]]
+            return [ordered_keys(leaves[i]) for i in chosen]
+
+        return fn
+
+    size = {i: math.prod(flat[i][1].shape) for i in idx}
+    if scope == "layer":
+        per_leaf = _per_leaf_sparsity(shapes, sparsity, flags)
+        keeps = {i: select_keys(keys_of([i]), src, _count(per_leaf[i], size[i]))[0] for i in idx}
+    elif scope == "global":
+        _check_sparsity(sparsity)
+        n = sum(size.values())
+        kept = select_keys(keys_of(idx), src, _count(sparsity, n)) if idx else []
+        keeps = dict(zip(idx, kept, strict=True))
+    else:
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
+    leaves = [
+        keeps[i].reshape(x.shape) if i in keeps else jnp.ones((), bool)
+        for i, (_, x) in enumerate(flat)
+    ]
+    return jax.tree.unflatten(treedef, leaves)
 
 
 @dataclasses.dataclass(frozen=True)

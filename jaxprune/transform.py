@@ -164,6 +164,9 @@ def prune(
     else:
         wants_key = _criteria.needs_key(criterion)
     inner = optax.with_extra_args_support(tx)
+    fused = None
+    if any(criterion is c for c in _criteria.ELEMENTWISE):
+        fused = {_masks.topk: "layer", _masks.global_topk: "global"}.get(select)
     key_data = jax.random.key_data(key) if key is not None else ()
 
     def init_fn(params):
@@ -198,6 +201,16 @@ def prune(
         cstate = _criteria.call_with(crit.update, state.criterion_state, params, updates, **extra)
 
         def refresh():
+            if fused is not None:
+                # Element-wise scores are recomputed where the search reads
+                # them, never stored: no full-size scratch in the train step.
+                def score_fn(src):
+                    return _criteria.call_with(criterion, src[0], grads=src[1], **extra)
+
+                masks = _masks.fused_select(
+                    fused, score_fn, (params, updates), schedule(step), flags
+                )
+                return _masks.pack(masks)
             scores = _criteria.call_with(crit.score, cstate, params, grads=updates, **extra)
             return _masks.pack(select(scores, schedule(step), where=where))
 

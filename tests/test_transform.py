@@ -248,3 +248,107 @@ def test_random_without_key(key):
 def test_get_masks_without_prune_state(key):
     with pytest.raises(ValueError, match=r"opt_state holds no jp.prune state"):
         jp.get_masks(optax.adam(1e-3).init(_params(key)))
+
+
+# --- Fused element-wise criteria ----------------------------------------------------------
+
+
+def _tied_params(key):
+    """Params with many exact ties, signed zeros, a large leaf (sampled search) and bf16."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    big = jnp.round(jax.random.normal(k1, (300, 280)) * 4) / 4  # ~30 distinct values
+    small = jax.random.normal(k2, (17, 13)).at[0, :5].set(-0.0).at[1, :5].set(0.0)
+    return {
+        "big": big,
+        "small": small,
+        "half": jax.random.normal(k3, (64, 24)).astype(jnp.bfloat16),
+        "b": jnp.ones(13),
+    }
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("name", ["magnitude", "saliency"])
+def test_fused_elementwise_criterion_gives_the_generic_masks(key, scope, name):
+    """magnitude/saliency are recomputed inside the search (fused): same masks, bit for bit.
+
+    The same function wrapped in a lambda is not recognized as element-wise and
+    takes the generic path (scores stored, then topk/global_topk).
+    """
+    params = _tied_params(key)
+    crit = getattr(jp.criteria, name)
+    generic = (lambda p: crit(p)) if name == "magnitude" else (lambda p, grads: crit(p, grads))
+    sched = jp.schedules.polynomial(0.0, 0.8, 0, 6, frequency=2)
+    txs = [
+        jp.prune(optax.sgd(0.05), sparsity=sched, criterion=c, scope=scope) for c in (crit, generic)
+    ]
+    states = [tx.init(params) for tx in txs]
+    ps = [params, params]
+    updates = [jax.jit(tx.update) for tx in txs]
+    for step in range(7):
+        grads = jax.tree.map(
+            lambda x, s=step: (jnp.round(jnp.cos(x.astype(jnp.float32) * (s + 1)) * 2) / 2).astype(
+                x.dtype
+            ),
+            params,
+        )
+        for i in range(2):
+            u, states[i] = updates[i](grads, states[i], ps[i])
+            ps[i] = optax.apply_updates(ps[i], u)
+        fused_masks, generic_masks = (jp.get_masks(s) for s in states)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+            fused_masks,
+            generic_masks,
+        )
+    n_pruned = sum(
+        int((~m).sum())
+        for m, f in zip(jax.tree.leaves(fused_masks), [1, 1, 0, 1], strict=True)
+        if f
+    )
+    assert n_pruned > 0
+
+
+def test_fused_refresh_adds_no_scratch_to_the_train_step(key):
+    """With magnitude scores fused into the search, the jitted train step needs no
+    more of XLA's scratch memory than the dense step (up to small partial counts)."""
+
+    def init(k):
+        ks = jax.random.split(k, 3)
+        sizes = [(256, 512), (512, 256), (256, 10)]
+        return [
+            {"w": jax.random.normal(kk, s) * 0.05, "b": jnp.zeros(s[1])}
+            for kk, s in zip(ks, sizes, strict=True)
+        ]
+
+    def loss(p, x, y):
+        for layer in p[:-1]:
+            x = jax.nn.relu(x @ layer["w"] + layer["b"])
+        logits = x @ p[-1]["w"] + p[-1]["b"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def temp_bytes(tx):
+        def step(p, s, x, y):
+            g = jax.grad(loss)(p, x, y)
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        params = init(key)
+        x, y = jnp.ones((64, 256)), jnp.zeros(64, jnp.int32)
+        lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), x, y)
+        analysis = lowered.compile().memory_analysis()
+        if analysis is None:
+            pytest.skip("this backend gives no memory analysis")
+        return analysis.temp_size_in_bytes
+
+    sched = jp.schedules.polynomial(0.0, 0.9, 0, 1000, frequency=100)
+    dense = temp_bytes(optax.adam(1e-3))
+    leaf = 512 * 256 * 4
+    for scope in ("layer", "global"):
+        pruned = temp_bytes(jp.prune(optax.adam(1e-3), sparsity=sched, scope=scope))
+        # What remains is strided samples of the scores and partial counts.
+        assert pruned - dense < leaf // 2, (scope, pruned, dense)
+    # The generic path stores the scores (full-size arrays), for comparison.
+    generic = temp_bytes(
+        jp.prune(optax.adam(1e-3), sparsity=sched, criterion=lambda p: jp.criteria.magnitude(p))
+    )
+    assert generic - dense >= leaf // 2, (generic, dense)
