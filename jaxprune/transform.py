@@ -130,7 +130,12 @@ def prune(
         :class:`~jaxprune.criteria.StatefulCriterion`. ``grads`` are the
         step's gradients; ``key`` comes from ``tx.update(..., key=k)`` or, if not
         given there, from the ``key`` passed here folded with the step; any
-        other keyword passed to ``tx.update`` reaches it by name.
+        other keyword passed to ``tx.update`` reaches it by name. With
+        ``jp.criteria.magnitude`` or ``jp.criteria.saliency`` and a
+        ``"layer"``/``"global"`` scope, the scores are recomputed inside the
+        selection's search instead of being stored (same masks, see
+        :func:`~jaxprune.masks.fused_select`), so the refresh adds no
+        full-size buffer to the train step's scratch memory.
       scope: ``"layer"`` (exact count per leaf), ``"global"`` (exact count
         across all prunable leaves), or a selection function
         ``(scores, sparsity, *, where) -> masks`` (e.g. a structured one).

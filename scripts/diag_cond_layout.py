@@ -8,7 +8,10 @@ transform that differ in one thing each:
 
 * ``no-cond``: packed masks unpacked and enforced, no refresh code at all;
 * ``cond-trivial``: plus a never-taken ``lax.cond`` whose branch flips the bits;
-* ``cond-topk``: the branch is the real per-layer top-k refresh;
+* ``cond-topk``: the branch is a per-layer top-k refresh of stored scores
+  (``topk(magnitude(params))``, what ``jp.prune`` does for a criterion it cannot fuse);
+* ``cond-fused``: the branch is ``jp.prune``'s refresh for magnitude, with the
+  scores recomputed inside the search and never stored;
 * ``cond-scratch-K``: the branch is trivial except for an inert scratch buffer
   of ``K`` x 64K floats (a cumulative sum), so only the size of XLA's
   preallocated temporary buffer changes.
@@ -61,6 +64,11 @@ def variant(kind: str) -> optax.GradientTransformation:
             return jax.tree.map(lambda a: a ^ jnp.ones_like(a), packed)
         if kind == "cond-topk":
             return M.pack(M.topk(jp.criteria.magnitude(params), sched(step)))
+        if kind == "cond-fused":  # what jp.prune does for magnitude: scores never stored
+            flags = jp._tree.prunable_flags(params, None)
+            return M.pack(
+                M.fused_select("layer", jp.criteria.magnitude, params, sched(step), flags)
+            )
         k = int(kind.rsplit("-", 1)[1])  # cond-scratch-K
         first = params[0]["kernel"].ravel()[:65536]
         t = jnp.cumsum(jnp.tile(first, k))[-1]
@@ -94,13 +102,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--block", type=int, default=20, help="steps per timed block")
+    parser.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
     args = parser.parse_args()
     params = mlp_init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (128, 784))
     y = jax.random.randint(jax.random.key(2), (128,), 0, 10)
-    kinds = ["no-cond", "cond-trivial", "cond-topk"] + [
+    kinds = ["no-cond", "cond-trivial", "cond-topk", "cond-fused"] + [
         f"cond-scratch-{k}" for k in (4, 8, 12, 16, 24)
     ]
+    if args.variants:
+        chosen = args.variants.split(",")
+        unknown = sorted(set(chosen) - set(kinds))
+        if unknown:
+            parser.error(f"--variants: unknown {unknown}; choose from {kinds}")
+        kinds = [k for k in kinds if k in chosen]
     configs = {"dense": optax.adam(1e-3), **{k: variant(k) for k in kinds}}
     steps, carries, temp_mb = {}, {}, {}
     for name, tx in configs.items():
