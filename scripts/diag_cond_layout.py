@@ -12,6 +12,9 @@ transform that differ in one thing each:
   (``topk(magnitude(params))``, what ``jp.prune`` does for a criterion it cannot fuse);
 * ``cond-fused``: the branch is ``jp.prune``'s refresh for magnitude, with the
   scores recomputed inside the search and never stored;
+* ``cond-fused-first``: the same for the first (largest) kernel only;
+* ``cond-reads-params``: a trivial branch that reads one entry of every kernel;
+* ``cond-loop``: a trivial branch with a small ``while_loop``;
 * ``cond-scratch-K``: the branch is trivial except for an inert scratch buffer
   of ``K`` x 64K floats (a cumulative sum), so only the size of XLA's
   preallocated temporary buffer changes.
@@ -69,6 +72,20 @@ def variant(kind: str) -> optax.GradientTransformation:
             return M.pack(
                 M.fused_select("layer", jp.criteria.magnitude, params, sched(step), flags)
             )
+        if kind == "cond-fused-first":  # the same, first (largest) kernel only
+            first = M.fused_select(
+                "layer", jp.criteria.magnitude, params[:1], sched(step), [False, True]
+            )
+            return M.pack(first) + list(packed[1:])
+        if kind == "cond-loop":  # a small while loop over the packed masks
+
+            def body(c):
+                return c[0] + 1, jax.tree.map(lambda a: a ^ jnp.ones_like(a), c[1])
+
+            return jax.lax.while_loop(lambda c: c[0] < step % 7, body, (jnp.int32(0), packed))[1]
+        if kind == "cond-reads-params":  # trivial, but reads every kernel
+            t = sum(layer["kernel"][1, 1] for layer in params)
+            return jax.tree.map(lambda a: a ^ (t > 0), packed)
         k = int(kind.rsplit("-", 1)[1])  # cond-scratch-K
         first = params[0]["kernel"].ravel()[:65536]
         t = jnp.cumsum(jnp.tile(first, k))[-1]
@@ -107,9 +124,15 @@ def main() -> None:
     params = mlp_init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (128, 784))
     y = jax.random.randint(jax.random.key(2), (128,), 0, 10)
-    kinds = ["no-cond", "cond-trivial", "cond-topk", "cond-fused"] + [
-        f"cond-scratch-{k}" for k in (4, 8, 12, 16, 24)
-    ]
+    kinds = [
+        "no-cond",
+        "cond-trivial",
+        "cond-reads-params",
+        "cond-loop",
+        "cond-topk",
+        "cond-fused",
+        "cond-fused-first",
+    ] + [f"cond-scratch-{k}" for k in (4, 8, 12, 16, 24)]
     if args.variants:
         chosen = args.variants.split(",")
         unknown = sorted(set(chosen) - set(kinds))
