@@ -13,6 +13,9 @@ transform that differ in one thing each:
 * ``cond-fused``: the branch is ``jp.prune``'s refresh for magnitude, with the
   scores recomputed inside the search and never stored;
 * ``cond-fused-first``: the same for the first (largest) kernel only;
+* ``cond-fused-after-grads``: ``cond-fused`` with the predicate also computed
+  from one entry of every gradient (a run-time zero), which makes XLA place
+  the cond after the backward pass instead of amid the forward pass;
 * ``cond-reads-params``: a trivial branch that reads one entry of every kernel;
 * ``cond-loop``: a trivial branch with a small ``while_loop``;
 * ``cond-scratch-K``: the branch is trivial except for an inert scratch buffer
@@ -48,6 +51,15 @@ import jaxprune as jp  # noqa: E402
 from jaxprune import masks as M  # noqa: E402
 
 
+def _zero_after(tree) -> jax.Array:
+    """An int32 0 that XLA cannot fold, computed from the first entry of every leaf."""
+    zero = jnp.zeros((), jnp.uint32)
+    for x in jax.tree.leaves(tree):
+        bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
+        zero = zero | ((bits & jnp.uint32(0x7FFFFFFF)) >> 31)
+    return zero.astype(jnp.int32)
+
+
 def variant(kind: str) -> optax.GradientTransformation:
     """A minimal pruning transform (packed masks, enforced every step) with one refresh kind."""
     inner = optax.adam(1e-3)
@@ -67,7 +79,7 @@ def variant(kind: str) -> optax.GradientTransformation:
             return jax.tree.map(lambda a: a ^ jnp.ones_like(a), packed)
         if kind == "cond-topk":
             return M.pack(M.topk(jp.criteria.magnitude(params), sched(step)))
-        if kind == "cond-fused":  # what jp.prune does for magnitude: scores never stored
+        if kind in ("cond-fused", "cond-fused-after-grads"):  # jp.prune's refresh for magnitude
             flags = jp._tree.prunable_flags(params, None)
             return M.pack(
                 M.fused_select("layer", jp.criteria.magnitude, params, sched(step), flags)
@@ -97,6 +109,8 @@ def variant(kind: str) -> optax.GradientTransformation:
     def update(grads, state, params):
         step, packed, inner_state = state
         flags = jp._tree.prunable_flags(params, None)
+        if kind == "cond-fused-after-grads":
+            step = step + _zero_after(grads)
         if kind != "no-cond":
             packed = jax.lax.cond(
                 sched.is_update_step(step), lambda: refresh(params, step, packed), lambda: packed
@@ -132,6 +146,7 @@ def main() -> None:
         "cond-topk",
         "cond-fused",
         "cond-fused-first",
+        "cond-fused-after-grads",
     ] + [f"cond-scratch-{k}" for k in (4, 8, 12, 16, 24)]
     if args.variants:
         chosen = args.variants.split(",")
