@@ -80,16 +80,15 @@ def _total_count(b: jax.Array) -> jax.Array:
     The runs summed into uint8 lie along the last axis when its length has a
     divisor of at least 8 (up to 32); otherwise along the axis with the
     largest such divisor (a prime-length last axis would leave runs of one,
-    about 4x slower to count).
+    about 4x slower to count), split by :func:`_split_runs`.
     """
     b = b.reshape(1) if b.ndim == 0 else b
     chunks = [_chunk(n) for n in b.shape]
     axis = b.ndim - 1
     if chunks[axis] < 8:
         axis = max(range(b.ndim), key=lambda a: (chunks[a], a))
-    n, c = b.shape[axis], chunks[axis]
-    split = b.reshape(b.shape[:axis] + (n // c, c) + b.shape[axis + 1 :])
-    return jnp.sum(jnp.sum(split, axis=axis + 1, dtype=jnp.uint8), dtype=jnp.int32)
+    part = jnp.sum(_split_runs(b, axis), axis=axis + 1, dtype=jnp.uint8)
+    return jnp.sum(part, dtype=jnp.int32)
 
 
 def _any_leading(b: jax.Array) -> jax.Array:

@@ -174,7 +174,7 @@ def fused_select(scope: str, score_fn: Any, src: Any, sparsity: Any, flags: list
     the scores (flatten order). Call it under ``jax.jit``.
     """
     shapes = jax.eval_shape(score_fn, src)
-    flat, treedef = leaves_with_paths(shapes)
+    flat, _ = leaves_with_paths(shapes)
     idx = [i for i, f in enumerate(flags) if f]
 
     def keys_of(chosen):
@@ -195,11 +195,7 @@ def fused_select(scope: str, score_fn: Any, src: Any, sparsity: Any, flags: list
         keeps = dict(zip(idx, kept, strict=True))
     else:
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
-    leaves = [
-        keeps[i].reshape(x.shape) if i in keeps else jnp.ones((), bool)
-        for i, (_, x) in enumerate(flat)
-    ]
-    return jax.tree.unflatten(treedef, leaves)
+    return _assemble(shapes, flags, keeps)
 
 
 @dataclasses.dataclass(frozen=True)
