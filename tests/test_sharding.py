@@ -1,4 +1,4 @@
-"""Sharded params: selections and jp.prune keep the sharding and match one device exactly.
+"""Sharded params: selections, jp.prune and checkpoints keep the sharding and match one device.
 
 The checks run in a subprocess with 8 simulated CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before jax
@@ -101,6 +101,28 @@ _SCRIPT = textwrap.dedent(
     out["control_gather"] = max(gather_sizes(ctrl.as_text()), default=0)
     out["smallest_prunable"] = min(int(np.prod(s)) for n, s in shapes.items() if n != "bias")
     out["all_to_all"] = hlo.count("all-to-all(")
+    # Checkpoints: a compressed save of sharded params and state, restored onto
+    # sharded templates (live arrays, and ShapeDtypeStructs carrying shardings).
+    import tempfile
+    from jaxprune import checkpoint as ckpt
+    d = tempfile.mkdtemp()
+    ckpt.save(d, 3, p_sh, s_sh, format="compressed")
+    live = ckpt.restore(d, params=p_sh, opt_state=s_sh)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), p_sh)
+    shapes_only = ckpt.restore(d, params=abstract)
+    out["ckpt_params_equal"] = same(live.params, p_sh) and same(shapes_only.params, p_sh)
+    out["ckpt_state_equal"] = same(live.opt_state, s_sh)
+    out["ckpt_masks_equal"] = same(live.masks, jp.get_masks(s_sh))
+    out["ckpt_sharding_kept"] = all(
+        r[n].sharding.is_equivalent_to(p_sh[n].sharding, p_sh[n].ndim)
+        for r in (live.params, shapes_only.params) for n in shapes)
+    out["ckpt_state_sharding_kept"] = all(
+        a.sharding.is_equivalent_to(b.sharding, a.ndim)
+        for a, b in zip(jax.tree.leaves(live.opt_state), jax.tree.leaves(s_sh), strict=True)
+        if isinstance(b, jax.Array))
+    out["ckpt_spec"] = {n: list(map(str, spec_of(shapes_only.params[n]))) for n in shapes
+                        if n != "bias"}
     print("RESULT " + json.dumps(out))
     """
 )
@@ -140,3 +162,12 @@ def test_refresh_gathers_no_full_parameter(sharded):
     assert max(sizes, default=0) < sharded["smallest_prunable"] // 4, sizes
     assert sharded["control_gather"] >= sharded["smallest_prunable"]  # the check can fail
     assert sharded["all_to_all"] == 0
+
+
+def test_compressed_checkpoint_restores_onto_sharded_templates(sharded):
+    assert sharded["ckpt_params_equal"]
+    assert sharded["ckpt_state_equal"]
+    assert sharded["ckpt_masks_equal"]
+    assert sharded["ckpt_sharding_kept"]
+    assert sharded["ckpt_state_sharding_kept"]
+    assert sharded["ckpt_spec"] == sharded["param_spec"]
