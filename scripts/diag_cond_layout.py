@@ -26,6 +26,9 @@ Each row also prints that temp size (``compiled.memory_analysis()``). On the
 development machine the never-taken cond itself cost nothing measurable; the
 overhead followed the temp size, and not monotonically, which points at the
 memory layout of the step's own buffers rather than at work done.
+Pinned to one core (``taskset -c 0``) the refresh branch costs nothing; on two
+cores it does, and ``scripts/diag_thunk_graph.py`` lists the orderings between
+thunks that XLA:CPU's buffer reuse adds.
 
 Usage: python scripts/diag_cond_layout.py [--rounds 200] [--block 20]
 The last line is ``RESULT {json}``.
