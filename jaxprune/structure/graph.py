@@ -72,6 +72,10 @@ class Link(NamedTuple):
     # position in every group).
     lhs_is_b: bool = False
     period: int = 1
+    # Depthwise convs with a channel multiplier ``m``: only layouts whose
+    # ``inner`` is a multiple of ``m`` (whole input channels) cross, so that
+    # every input channel keeps ``m`` outputs and the conv stays depthwise.
+    inner_multiple: int = 1
 
 
 def channel_indices(layout: Layout, size: int, c: int) -> list[int]:
@@ -89,7 +93,7 @@ def _valid(layout: Layout, size: int) -> bool:
 def _forward(link: Link, lay: Layout, n: int, s: int) -> Layout | None:
     """Maps a layout on the link's ``a`` side (size ``n``) to the ``b`` side (size ``s``)."""
     o, i, off, cnt = lay
-    if o % link.period:
+    if o % link.period or i % link.inner_multiple:
         return None
     if link.outer == 1 and link.inner == 1 and o == 1:
         out = (1, i, off + link.offset, cnt)
@@ -103,7 +107,7 @@ def _forward(link: Link, lay: Layout, n: int, s: int) -> Layout | None:
 def _backward(link: Link, lay: Layout, n: int, s: int) -> Layout | None:
     """Maps a layout on the ``b`` side back to the ``a`` side, when it lies inside ``a``."""
     o, i, off, cnt = lay
-    if o % link.period:
+    if o % link.period or i % link.inner_multiple:
         return None
     cands = []
     if link.outer == 1 and link.inner == 1 and o == 1:
@@ -269,9 +273,11 @@ def links(prog: Program, idx: int) -> tuple[list[Link], bool]:
             out.append(Link((rhs, rs[0]), (o, os_[1])))
         elif groups == cin:
             # Depthwise: input channel c feeds output channels [c*m, (c+1)*m).
+            # With a multiplier m > 1 a single output channel cannot go alone:
+            # every input channel must keep m outputs.
             mult = sh[o][os_[1]] // cin
             out.append(Link((lhs, ls[1]), (o, os_[1]), 1, mult))
-            out.append(Link((rhs, rs[0]), (o, os_[1])))
+            out.append(Link((rhs, rs[0]), (o, os_[1]), inner_multiple=mult))
         else:
             # Grouped: kernel input row r reads input channel g * (cin / G) + r of
             # every group g, and output channel g * (cout / G) + j belongs to group

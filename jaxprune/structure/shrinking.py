@@ -207,16 +207,23 @@ def _cut(leaves: list[np.ndarray], removed: dict[tuple[int, int], set[int]]) -> 
     return out
 
 
+class AdaptError(ValueError):
+    """A model wrapper could not run on the shrunk params; its message names the fix."""
+
+
 def _check_outputs(apply_fn, small, masked, example_inputs, rtol=1e-4) -> None:
     try:
         got = run_once(apply_fn, small, *example_inputs)
+    except AdaptError:
+        raise
     except Exception as err:  # noqa: BLE001 - re-raised with the likely cause
         raise ValueError(
             f"apply_fn fails on the shrunk params ({type(err).__name__}: {err}). Likely cause: "
             "a layer width is fixed by an attribute rather than read from the params' shapes "
             "(linen Dense(features=...), a grouped conv's feature_group_count). Fix: for nnx "
-            "models use structure.shrink_module; for linen rebuild the module with "
-            "structure.widths(small) and pass check=False."
+            "models use structure.shrink_module, for linen structure.shrink_linen (or pass "
+            "structure.linen_apply(module) as apply_fn); otherwise rebuild the model with "
+            "the widths from structure.widths(params, small) and pass check=False."
         ) from err
     want = run_once(apply_fn, masked, *example_inputs)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
