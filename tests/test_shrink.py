@@ -257,3 +257,71 @@ def test_grouped_conv_shrinks_every_group_alike_as_a_model_in_place():
     np.testing.assert_allclose(
         np.asarray(nnx.jit(lambda m, x: m(x))(model, X_IMG)), np.asarray(want), rtol=2e-4, atol=2e-4
     )
+
+
+class _Splits(nnx.Module):
+    """An equal split feeding a conv and a concatenation, and a GLU."""
+
+    def __init__(self, rngs):
+        self.c = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+        self.a = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+        self.up = nnx.Linear(8, 12, rngs=rngs)
+        self.head = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h1, h2 = jnp.split(jax.nn.relu(self.c(x)), 2, axis=-1)
+        h = jnp.concatenate([self.a(h1), 2.0 * h2], axis=-1).mean((1, 2))
+        g, gate = jnp.split(self.up(h), 2, axis=-1)
+        return self.head(g * jax.nn.sigmoid(gate))
+
+
+def test_an_equal_split_keeps_its_parts_equal_and_an_unequal_one_is_pinned():
+    model, apply_fn, state = _model(lambda: _Splits(nnx.Rngs(0)))
+    gs = structure.groups(apply_fn, state, X_IMG[:1], prunable_only=True)
+    # Channel c of c's output is position c of both halves: pruned together.
+    c_group = next(g for g in gs if any(m.path == ("c", "bias") for m in g.members))
+    layouts = {m.path: m.layout for m in c_group.members}
+    assert layouts[("c", "bias")] == (2, 1, 0, 4) and layouts[("a", "kernel")] == (1, 1, 0, 4)
+    masks = structure.select(gs, jp.criteria.magnitude(state), 0.5)
+    want = jax.jit(apply_fn)(jp.apply_masks(state, masks), X_IMG)
+    structure.shrink_module(model, masks, X_IMG)  # re-traced: jnp.split halves again
+    assert model.c.kernel.shape == (3, 3, 1, 4) and model.a.kernel.shape == (3, 3, 2, 2)
+    assert model.up.kernel.shape == (4, 6) and model.head.kernel.shape == (3, 3)
+    np.testing.assert_allclose(np.asarray(model(X_IMG)), np.asarray(want), rtol=2e-4, atol=2e-4)
+
+    def uneven(p, x):  # fixed split indices: shrinking could not move them
+        h1, h2 = jnp.split(jax.nn.relu(x @ p["w"]), [3], axis=-1)
+        return h1 @ p["a"] + h2 @ p["b"]
+
+    p = {"w": jnp.ones((2, 8)), "a": jnp.ones((3, 2)), "b": jnp.ones((5, 2))}
+    (w_out,) = [g for g in structure.groups(uneven, p, jnp.ones((1, 2))) if g.channels == 8]
+    assert not w_out.prunable and "split" in w_out.reasons[0]
+
+
+class _Attention(nnx.Module):
+    def __init__(self, rngs):
+        self.emb = nnx.Linear(4, 16, rngs=rngs)
+        self.att = nnx.MultiHeadAttention(4, 16, decode=False, rngs=rngs)
+        self.head = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        t = self.emb(x.reshape(x.shape[0], -1, 4))
+        return self.head(self.att(t).mean(1))
+
+
+def test_attention_heads_shrink_and_head_dim_is_pinned():
+    model, apply_fn, state = _model(lambda: _Attention(nnx.Rngs(0)))
+    x = X_IMG[:, :8, :8, :]  # 16 tokens of 4 features
+    groups = structure.groups(apply_fn, state, x[:1])
+    head_dims = [g for g in groups if any(m.path == ("att", "query", "kernel") for m in g.members)]
+    by_axis = {
+        m.axis: g for g in head_dims for m in g.members if m.path[-2:] == ("query", "kernel")
+    }
+    assert by_axis[1].prunable and by_axis[1].channels == 4  # heads
+    assert not by_axis[2].prunable and "1/sqrt(head_dim)" in by_axis[2].reasons[0]
+    masks = structure.select([g for g in groups if g.prunable], jp.criteria.magnitude(state), 0.5)
+    want = jax.jit(apply_fn)(jp.apply_masks(state, masks), x)
+    structure.shrink_module(model, masks, x)
+    assert model.att.num_heads == 2 and model.att.query.kernel.shape == (8, 2, 4)
+    assert model.att.in_features == 8 and model.att.out.kernel.shape == (2, 4, 8)
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(want), rtol=2e-4, atol=2e-4)

@@ -238,11 +238,16 @@ def links(prog: Program, idx: int) -> tuple[list[Link], bool]:
             out.append(Link((v, dim), (o, dim), offset=start))
             start += sh[v][dim]
     elif name == "split":
-        v, axis, start = e.ins[0], prm["axis"], 0
+        v, axis = e.ins[0], prm["axis"]
+        sizes = [sh[o][axis] for o in e.outs]
         for o in e.outs:
             out += [Link((o, d), (v, d)) for d in range(len(sh[v])) if d != axis]
-            out.append(Link((o, axis), (v, axis), offset=start))
-            start += sh[o][axis]
+            # Re-traced on the shrunk network, ``jnp.split(x, n)`` cuts n equal
+            # parts again: channel c is then position c in every part, so all
+            # parts keep equal widths. Unequal parts come from fixed indices
+            # that shrinking cannot update: their channels stay (unlinked).
+            if len(set(sizes)) == 1:
+                out.append(Link((o, axis), (v, axis), outer=len(sizes)))
     elif name == "dot_general":
         lhs, rhs, o = e.ins[0], e.ins[1], e.outs[0]
         (lc, rc), (lb, rb) = prm["dimension_numbers"]
@@ -398,6 +403,29 @@ def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
                 for lay in layouts.get((v, d), ()):
                     if (v, d, lay) not in mapped:
                         why = f"{e.prim.name} (equation {i}) does not map axis {d} channel-wise"
+                        blocked.setdefault(uf.find((v, d, lay)), []).append(why)
+    # Activations: the values computed from the inputs, in program order.
+    live = set(prog.input_ids)
+    for e in prog.eqns:
+        if any(v in live for v in e.ins):
+            live.update(e.outs)
+    for i, e in enumerate(prog.eqns):
+        # A product of two activations (attention's q.k and probs.v) keeps only
+        # its batch axes (heads) prunable. q.k is scaled by 1 / sqrt(head_dim),
+        # a constant read from the width at trace time, so a narrower head_dim
+        # would be scaled differently; and attention functions require v's
+        # head_dim to equal k's. No jaxpr rule can see either.
+        if e.prim.name != "dot_general" or not all(v in live for v in e.ins[:2]):
+            continue
+        why = (
+            f"dot_general (equation {i}) multiplies two activations over it (like "
+            "attention's head_dim, whose 1/sqrt(head_dim) scale is read from the width)"
+        )
+        (lc, rc), (lb, rb) = e.params["dimension_numbers"]
+        for v, batch in ((e.ins[0], lb), (e.ins[1], rb)):
+            for d in range(len(sh[v])):
+                if d not in batch:
+                    for lay in layouts.get((v, d), ()):
                         blocked.setdefault(uf.find((v, d, lay)), []).append(why)
     for v in prog.input_ids:
         block(v, "reaches a model input")

@@ -2,8 +2,9 @@
 
 nnx layers read their widths from their arrays when called, except for a few
 attributes (``in_features``, ``out_features``, ``kernel_shape``,
-``num_features``, ``feature_group_count``) that :func:`shrink_module` updates
-after replacing the arrays, so the same model object keeps working.
+``num_features``, ``feature_group_count``, and attention's ``num_heads``,
+``head_dim``, ``qkv_features``) that :func:`shrink_module` updates after
+replacing the arrays, so the same model object keeps working.
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ def _update_attributes(model: nnx.Module) -> None:
                 mod.in_features = mod.feature_group_count = shape[-1] // mult
             else:
                 mod.in_features = shape[-2] * mod.feature_group_count
+        elif isinstance(mod, nnx.LinearGeneral):
+            shape = tuple(int(d) for d in mod.kernel.shape)
+            n_in, n_out = len(mod.in_features), len(mod.out_features)
+            mod.in_features = shape[len(shape) - n_out - n_in : len(shape) - n_out]
+            mod.out_features = shape[len(shape) - n_out :]
+        elif isinstance(mod, nnx.MultiHeadAttention):
+            q, k, o = (tuple(int(d) for d in m.kernel.shape) for m in (mod.query, mod.key, mod.out))
+            mod.in_features, mod.in_kv_features = q[0], k[0]
+            mod.num_heads, mod.head_dim = q[1], q[2]
+            mod.qkv_features, mod.out_features = q[1] * q[2], o[-1]
         elif isinstance(mod, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm)):
             for name in ("scale", "bias", "mean", "var"):
                 v = getattr(mod, name, None)
