@@ -160,3 +160,24 @@ def test_depthwise_multiplier_outputs_never_go_alone():
     structure.shrink_module(model, masks, X)
     assert model.dw.kernel.shape == (3, 3, 1, 8) and model.dw.feature_group_count == 4
     np.testing.assert_allclose(np.asarray(model(X)), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+class _Attention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        t = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16)(nn.Dense(16)(x))
+        return nn.Dense(3)(t.mean(1))
+
+
+def test_linen_attention_loses_whole_heads():
+    module = _Attention()
+    x = jax.random.normal(jax.random.key(7), (2, 5, 4))
+    params = _randomized(module.init(jax.random.key(8), x)["params"])
+    apply_fn = structure.linen_apply(module)
+    gs = structure.groups(apply_fn, params, x, prunable_only=True)
+    masks = structure.select(gs, jp.criteria.magnitude(params), 0.5)
+    small, apply_fn = structure.shrink_linen(module, params, masks, x)  # outputs checked
+    att = small["MultiHeadDotProductAttention_0"]
+    assert att["query"]["kernel"].shape == (8, 2, 4)  # 2 of 4 heads, head_dim kept
+    assert att["out"]["kernel"].shape == (2, 4, 8)
+    assert apply_fn(small, x).shape == (2, 3)
