@@ -325,3 +325,25 @@ def test_attention_heads_shrink_and_head_dim_is_pinned():
     assert model.att.num_heads == 2 and model.att.query.kernel.shape == (8, 2, 4)
     assert model.att.in_features == 8 and model.att.out.kernel.shape == (2, 4, 8)
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(want), rtol=2e-4, atol=2e-4)
+
+
+def test_a_number_computed_from_a_width_is_named_when_the_check_fails():
+    def scaled(p, x):  # divides by sqrt(fan_in): the shrunk network divides by less
+        h = jax.nn.relu(jax.nn.relu(x @ p["a"]) @ p["b"])
+        return h @ p["d"] / jnp.sqrt(p["d"].shape[0])
+
+    ks = jax.random.split(jax.random.key(0), 4)
+    p = {
+        "a": jax.random.normal(ks[0], (4, 8)),
+        "b": jax.random.normal(ks[1], (8, 6)),
+        "d": jax.random.normal(ks[2], (6, 3)),
+    }
+    x = jax.random.normal(ks[3], (5, 4))
+    gs = structure.groups(scaled, p, x, prunable_only=True)
+    masks = structure.select(gs, jp.criteria.magnitude(p), 0.5)
+    with pytest.raises(ValueError, match=r"alone already changes them: b\[1\], d\[0\]\. .*sqrt"):
+        structure.shrink(scaled, p, masks, x)
+    # Without that group the rest shrinks exactly.
+    ok = [g for g in gs if all(m.path != ("d",) for m in g.members)]
+    small = structure.shrink(scaled, p, structure.select(ok, jp.criteria.magnitude(p), 0.5), x)
+    assert small["a"].shape == (4, 4) and small["d"].shape == (6, 3)

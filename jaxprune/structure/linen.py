@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import errors as flax_errors
 
-from jaxprune.masks import apply_masks
-from jaxprune.structure.shrinking import AdaptError, _check_outputs, shrink
+from jaxprune.structure.shrinking import AdaptError, _check_explained, shrink
 
 __all__ = ["linen_apply", "shrink_linen"]
 
@@ -172,5 +171,5 @@ def shrink_linen(
         }
     small = shrink(apply_fn, variables, masks, *example_inputs, check=False)
     if check:
-        _check_outputs(apply_fn, small, apply_masks(variables, masks), example_inputs)
+        _check_explained(apply_fn, variables, masks, small, example_inputs)
     return small, apply_fn

@@ -25,7 +25,7 @@ import numpy as np
 from jaxprune._tree import check_same_structure, leaves_with_paths, path_str
 from jaxprune.masks import apply_masks
 from jaxprune.structure.evaluate import make_evaluator, run_once
-from jaxprune.structure.graph import Analysis, channel_indices, find_groups
+from jaxprune.structure.graph import Analysis, Group, channel_indices, find_groups
 from jaxprune.structure.program import Program, trace
 
 __all__ = ["shrink", "plan"]
@@ -230,11 +230,71 @@ def _check_outputs(apply_fn, small, masked, example_inputs, rtol=1e-4) -> None:
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         scale = max(float(np.max(np.abs(b))), 1.0) if b.size else 1.0
         if a.shape != b.shape or not np.allclose(a, b, rtol=rtol, atol=rtol * scale):
-            raise ValueError(
-                "the shrunk network's outputs differ from the masked network's (max abs "
-                f"difference {float(np.max(np.abs(a - b))) if a.shape == b.shape else 'shape'}); "
-                "this is a jaxprune bug: please report it with the model."
+            diff = float(np.max(np.abs(a - b))) if a.shape == b.shape else "shapes differ"
+            raise OutputMismatch(
+                f"the shrunk network's outputs differ from the masked network's (max abs "
+                f"difference {diff}). {_CONSTANT_HINT}"
             )
+
+
+_CONSTANT_HINT = (
+    "Likely cause: the model computes a number from a layer width (x / sqrt(fan_in), "
+    "x.shape[-1] used as a value), which the shrunk network recomputes from the new width. "
+    "Fix: leave that group out of the selection. If the model has no such number, this is "
+    "a jaxprune bug: please report it with the model."
+)
+
+
+class OutputMismatch(ValueError):
+    """The shrunk network computes something other than the masked one."""
+
+
+def _culprits(apply_fn: Any, params: Any, masks: Any, example_inputs: tuple) -> list[Group]:
+    """Returns the groups whose cut alone changes the outputs (one re-plan per cut group).
+
+    Run only after a failed check, to name the groups in the error.
+    """
+    _, removed, prog = plan(apply_fn, params, masks, *example_inputs)
+    an = find_groups(prog, warn=False)
+    flat, treedef = leaves_with_paths(params)
+    out = []
+    for g in an.groups:
+        if not g.prunable or not any(removed.get((m.leaf, m.axis)) for m in g.members):
+            continue
+        one = [np.ones(np.shape(x), bool) for _, x in flat]
+        for m in g.members:
+            idx = sorted(removed.get((m.leaf, m.axis), ()))
+            if idx:
+                sl = [slice(None)] * one[m.leaf].ndim
+                sl[m.axis] = idx
+                one[m.leaf][tuple(sl)] = False
+        masks_g = jax.tree.unflatten(treedef, one)
+        try:
+            small = shrink(apply_fn, params, masks_g, *example_inputs, check=False)
+            _check_outputs(apply_fn, small, run_once(apply_masks, params, masks_g), example_inputs)
+        except ValueError:
+            out.append(g)
+    return out
+
+
+def _check_explained(apply_fn, params, masks, small, example_inputs) -> None:
+    """:func:`_check_outputs`; on a mismatch, the error names the groups causing it."""
+    try:
+        _check_outputs(apply_fn, small, run_once(apply_masks, params, masks), example_inputs)
+    except OutputMismatch as err:
+        groups = _culprits(apply_fn, params, masks, example_inputs)
+        if not groups:
+            raise
+        names = "; ".join(
+            ", ".join(f"{path_str(m.path)}[{m.axis}]" for m in g.members[:4]) for g in groups
+        )
+        raise OutputMismatch(
+            f"{str(err).split(' Likely cause')[0]} Cutting one group alone already changes "
+            f"them: {names}. Likely cause: the model computes a number from that width "
+            "(x / sqrt(fan_in), x.shape[-1] used as a value), which the shrunk network "
+            "recomputes from the new width. Fix: select without that group, e.g. "
+            "structure.select([g for g in groups if g not in bad], scores, sparsity)."
+        ) from err
 
 
 def shrink(apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: bool = True) -> Any:
@@ -289,7 +349,7 @@ def shrink(apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: 
         prog.treedef, [jnp.asarray(x, d) for x, d in zip(cut, dtypes, strict=True)]
     )
     if check:
-        _check_outputs(apply_fn, small, run_once(apply_masks, params, masks), example_inputs)
+        _check_explained(apply_fn, params, masks, small, example_inputs)
     return small
 
 
