@@ -181,3 +181,24 @@ def test_linen_attention_loses_whole_heads():
     assert att["query"]["kernel"].shape == (8, 2, 4)  # 2 of 4 heads, head_dim kept
     assert att["out"]["kernel"].shape == (2, 4, 8)
     assert apply_fn(small, x).shape == (2, 3)
+
+
+class _LocalTranspose(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jax.nn.relu(nn.ConvLocal(6, (3, 3), padding="VALID")(x))
+        # transpose_kernel flips the kernel (lax.rev): its channel axes still shrink.
+        h = jax.nn.relu(nn.ConvTranspose(5, (2, 2), transpose_kernel=True)(h))
+        return nn.Dense(3)(h.mean((1, 2)))
+
+
+def test_conv_local_and_a_flipped_transposed_kernel_shrink():
+    module = _LocalTranspose()
+    variables = _randomized(module.init(jax.random.key(9), X))
+    apply_fn = structure.linen_apply(module)
+    gs = structure.groups(apply_fn, variables, X[:1], prunable_only=True)
+    assert sorted(g.channels for g in gs) == [5, 6]
+    masks = structure.select(gs, jp.criteria.magnitude(variables), 0.5)
+    small, _ = structure.shrink_linen(module, variables, masks, X)  # outputs checked
+    assert small["params"]["ConvLocal_0"]["kernel"].shape == (4, 4, 18, 3)
+    assert small["params"]["ConvTranspose_0"]["kernel"].shape == (2, 2, 3, 3)

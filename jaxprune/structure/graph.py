@@ -12,7 +12,7 @@ channel is one position inside every group, so all groups keep equal widths.
 
 Each primitive links the channel elements of its operands and results
 (element-wise ops, reshape, transpose, broadcast, reductions over other axes,
-pooling, padding, slicing, concatenation, dot_general and convolutions,
+pooling, padding, slicing, reversal, concatenation, dot_general and convolutions,
 depthwise and grouped included); a union-find over elements, run to a fixed point, gives
 the groups. An element that a primitive cannot map (a spatial axis of a conv,
 a reduced axis, a model input or output, an unknown primitive) blocks its
@@ -137,7 +137,7 @@ _KNOWN = (
     | frozenset(
         """reshape transpose broadcast_in_dim squeeze expand_dims reduce_window_max
         reduce_window_sum reduce_window_min slice pad concatenate split dot_general
-        conv_general_dilated iota cumsum cumprod cummax cummin""".split()
+        conv_general_dilated iota cumsum cumprod cummax cummin rev""".split()
     )
 )
 
@@ -224,6 +224,10 @@ def links(prog: Program, idx: int) -> tuple[list[Link], bool]:
                 )
                 if plain:
                     out.append(Link((v, d), (o, d)))
+    elif name == "rev":  # reversed axes (a transposed conv's flipped kernel) are not channels
+        v, o = e.ins[0], e.outs[0]
+        flipped = set(prm["dimensions"])
+        out = [Link((v, d), (o, d)) for d in range(len(sh[v])) if d not in flipped]
     elif name == "slice":
         v, o = e.ins[0], e.outs[0]
         out = [Link((v, d), (o, d)) for d in range(len(sh[v])) if same((v, d), (o, d))]
