@@ -425,7 +425,7 @@ def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
             f"dot_general (equation {i}) multiplies two activations over it (like "
             "attention's head_dim, whose 1/sqrt(head_dim) scale is read from the width)"
         )
-        (lc, rc), (lb, rb) = e.params["dimension_numbers"]
+        _, (lb, rb) = e.params["dimension_numbers"]
         for v, batch in ((e.ins[0], lb), (e.ins[1], rb)):
             for d in range(len(sh[v])):
                 if d not in batch:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import errors as flax_errors
 
-from jaxprune.structure.shrinking import AdaptError, _check_explained, shrink
+from jaxprune.structure.shrinking import AdaptError, shrink
 
 __all__ = ["linen_apply", "shrink_linen"]
 
@@ -112,8 +112,7 @@ def linen_apply(module: nn.Module, *, method: Any = None, rngs: Any = None, **kw
         )
 
     def apply_fn(variables, *inputs):
-        full = _is_variables(variables)
-        v = variables if full else {"params": variables}
+        v = variables if _is_variables(variables) else {"params": variables}
         try:
             with nn.intercept_methods(_interceptor):
                 return module.apply(v, *inputs, method=method, rngs=rngs, **kwargs)
@@ -169,7 +168,4 @@ def shrink_linen(
             c: masks if c == "params" else jax.tree.map(lambda _: jnp.ones((), bool), t)
             for c, t in variables.items()
         }
-    small = shrink(apply_fn, variables, masks, *example_inputs, check=False)
-    if check:
-        _check_explained(apply_fn, variables, masks, small, example_inputs)
-    return small, apply_fn
+    return shrink(apply_fn, variables, masks, *example_inputs, check=check), apply_fn

@@ -230,35 +230,48 @@ def _check_outputs(apply_fn, small, masked, example_inputs, rtol=1e-4) -> None:
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         scale = max(float(np.max(np.abs(b))), 1.0) if b.size else 1.0
         if a.shape != b.shape or not np.allclose(a, b, rtol=rtol, atol=rtol * scale):
-            diff = float(np.max(np.abs(a - b))) if a.shape == b.shape else "shapes differ"
-            raise OutputMismatch(
-                f"the shrunk network's outputs differ from the masked network's (max abs "
-                f"difference {diff}). {_CONSTANT_HINT}"
-            )
+            raise OutputMismatch(float(np.max(np.abs(a - b))) if a.shape == b.shape else None)
 
 
-_CONSTANT_HINT = (
-    "Likely cause: the model computes a number from a layer width (x / sqrt(fan_in), "
-    "x.shape[-1] used as a value), which the shrunk network recomputes from the new width. "
-    "Fix: leave that group out of the selection. If the model has no such number, this is "
-    "a jaxprune bug: please report it with the model."
+_WIDTH_NUMBER = (
+    "the model computes a number from a layer width (x / sqrt(fan_in), x.shape[-1] used "
+    "as a value), which the shrunk network recomputes from the new width"
 )
 
 
 class OutputMismatch(ValueError):
     """The shrunk network computes something other than the masked one."""
 
+    def __init__(self, diff: float | None, groups: str | None = None):
+        head = (
+            "the shrunk network's outputs differ from the masked network's (max abs "
+            f"difference {'shapes differ' if diff is None else diff})."
+        )
+        if groups is None:
+            msg = (
+                f"{head} Likely cause: {_WIDTH_NUMBER}. Fix: leave that group out of the "
+                "selection. If the model has no such number, this is a jaxprune bug: please "
+                "report it with the model."
+            )
+        else:
+            msg = (
+                f"{head} Cutting one group alone already changes them: {groups}. Likely "
+                f"cause: {_WIDTH_NUMBER}. Fix: select without that group, e.g. "
+                "structure.select([g for g in groups if g not in bad], scores, sparsity)."
+            )
+        super().__init__(msg)
+        self.diff = diff
 
-def _culprits(apply_fn: Any, params: Any, masks: Any, example_inputs: tuple) -> list[Group]:
+
+def _culprits(apply_fn, params, removed, prog, example_inputs) -> list[Group]:
     """Returns the groups whose cut alone changes the outputs (one re-plan per cut group).
 
-    Run only after a failed check, to name the groups in the error.
+    ``removed`` and ``prog`` are :func:`plan`'s. Run only after a failed check,
+    to name the groups in the error.
     """
-    _, removed, prog = plan(apply_fn, params, masks, *example_inputs)
-    an = find_groups(prog, warn=False)
     flat, treedef = leaves_with_paths(params)
     out = []
-    for g in an.groups:
+    for g in find_groups(prog, warn=False).groups:
         if not g.prunable or not any(removed.get((m.leaf, m.axis)) for m in g.members):
             continue
         one = [np.ones(np.shape(x), bool) for _, x in flat]
@@ -275,26 +288,6 @@ def _culprits(apply_fn: Any, params: Any, masks: Any, example_inputs: tuple) -> 
         except ValueError:
             out.append(g)
     return out
-
-
-def _check_explained(apply_fn, params, masks, small, example_inputs) -> None:
-    """:func:`_check_outputs`; on a mismatch, the error names the groups causing it."""
-    try:
-        _check_outputs(apply_fn, small, run_once(apply_masks, params, masks), example_inputs)
-    except OutputMismatch as err:
-        groups = _culprits(apply_fn, params, masks, example_inputs)
-        if not groups:
-            raise
-        names = "; ".join(
-            ", ".join(f"{path_str(m.path)}[{m.axis}]" for m in g.members[:4]) for g in groups
-        )
-        raise OutputMismatch(
-            f"{str(err).split(' Likely cause')[0]} Cutting one group alone already changes "
-            f"them: {names}. Likely cause: the model computes a number from that width "
-            "(x / sqrt(fan_in), x.shape[-1] used as a value), which the shrunk network "
-            "recomputes from the new width. Fix: select without that group, e.g. "
-            "structure.select([g for g in groups if g not in bad], scores, sparsity)."
-        ) from err
 
 
 def shrink(apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: bool = True) -> Any:
@@ -349,7 +342,16 @@ def shrink(apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: 
         prog.treedef, [jnp.asarray(x, d) for x, d in zip(cut, dtypes, strict=True)]
     )
     if check:
-        _check_explained(apply_fn, params, masks, small, example_inputs)
+        try:
+            _check_outputs(apply_fn, small, run_once(apply_masks, params, masks), example_inputs)
+        except OutputMismatch as err:
+            groups = _culprits(apply_fn, params, removed, prog, example_inputs)
+            if not groups:
+                raise
+            names = "; ".join(
+                ", ".join(f"{path_str(m.path)}[{m.axis}]" for m in g.members[:4]) for g in groups
+            )
+            raise OutputMismatch(err.diff, names) from err
     return small
 
 
