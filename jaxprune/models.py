@@ -53,13 +53,29 @@ class LeNet5Caffe(nnx.Module):
     """Caffe's LeNet-5: conv5x5(20) pool conv5x5(50) pool dense(800->500) dense(10).
 
     431,080 parameters on 28x28x1 inputs (431K, as reported by Han et al. 2015).
+    ``features`` sets the three widths (conv1, conv2, fc1), e.g. those of a
+    pruned network, to train a dense network of the same size.
     """
 
-    def __init__(self, *, rngs: nnx.Rngs, in_channels: int = 1, num_classes: int = 10):
-        self.conv1 = nnx.Conv(in_channels, 20, (5, 5), padding="VALID", rngs=rngs)
-        self.conv2 = nnx.Conv(20, 50, (5, 5), padding="VALID", rngs=rngs)
-        self.fc1 = nnx.Linear(800, 500, rngs=rngs)
-        self.fc2 = nnx.Linear(500, num_classes, rngs=rngs)
+    def __init__(
+        self,
+        *,
+        rngs: nnx.Rngs,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        features: Sequence[int] = (20, 50, 500),
+    ):
+        widths = tuple(features)
+        if len(widths) != 3 or any(int(w) != w or w < 1 for w in widths):
+            raise ValueError(
+                f"features must be three positive ints (conv1, conv2, fc1), got {features!r}. "
+                "Fix: e.g. features=(20, 50, 500), the default."
+            )
+        c1, c2, f1 = (int(w) for w in widths)
+        self.conv1 = nnx.Conv(in_channels, c1, (5, 5), padding="VALID", rngs=rngs)
+        self.conv2 = nnx.Conv(c1, c2, (5, 5), padding="VALID", rngs=rngs)
+        self.fc1 = nnx.Linear(16 * c2, f1, rngs=rngs)
+        self.fc2 = nnx.Linear(f1, num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nnx.max_pool(jax.nn.relu(self.conv1(x)), (2, 2), (2, 2))

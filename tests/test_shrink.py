@@ -85,6 +85,23 @@ def test_lenet5_filter_masks_fold_through_pooling_into_a_valid_conv():
     _assert_same(apply_fn, small, state, masks, X_IMG)
 
 
+def test_lenet5_shrunk_by_units_is_a_lenet5_of_the_kept_widths():
+    model, apply_fn, state = _model(lambda: models.LeNet5Caffe(rngs=nnx.Rngs(0)))
+    gs = structure.groups(apply_fn, state, X_IMG[:1], prunable_only=True)
+    masks = structure.select(gs, jp.criteria.magnitude(state), 0.6)
+    want = jax.jit(apply_fn)(jp.apply_masks(state, masks), X_IMG)
+    small = structure.shrink_module(model, masks, X_IMG)
+    kept = tuple(getattr(small, n).bias.shape[0] for n in ("conv1", "conv2", "fc1"))
+    assert kept == (8, 20, 200)
+    # The same network, built dense at the kept widths, takes the shrunk params as they are.
+    dense = models.LeNet5Caffe(rngs=nnx.Rngs(1), features=kept)
+    nnx.update(dense, nnx.state(small, nnx.Param))
+    np.testing.assert_allclose(np.asarray(dense(X_IMG)), np.asarray(want), rtol=2e-4, atol=2e-4)
+    for bad in ((20, 50), (20, 0, 500), (20, 50, 2.5)):
+        with pytest.raises(ValueError, match=r"features must be three positive ints"):
+            models.LeNet5Caffe(rngs=nnx.Rngs(0), features=bad)
+
+
 def test_vgg_batchnorm_shrinks_as_a_model_in_place():
     model, apply_fn, state = _model(lambda: models.VGGSmall(rngs=nnx.Rngs(0)))
     gs = structure.groups(apply_fn, state, X_IMG[:1], prunable_only=True)
@@ -347,3 +364,40 @@ def test_a_number_computed_from_a_width_is_named_when_the_check_fails():
     ok = [g for g in gs if all(m.path != ("d",) for m in g.members)]
     small = structure.shrink(scaled, p, structure.select(ok, jp.criteria.magnitude(p), 0.5), x)
     assert small["a"].shape == (4, 4) and small["d"].shape == (6, 3)
+
+
+class _ScaledByWidth(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(4, 8, rngs=rngs)
+        self.fc2 = nnx.Linear(8, 6, rngs=rngs)
+        self.fc3 = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.nn.relu(self.fc2(jax.nn.relu(self.fc1(x))))
+        return self.fc3(h) / jnp.sqrt(h.shape[-1])  # recomputed from the shrunk width
+
+
+def test_shrink_module_names_the_group_and_leaves_the_model_as_it_was_on_a_mismatch():
+    model = _ScaledByWidth(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (5, 4))
+    before = np.asarray(model(x))
+    apply_fn, state = structure.module_apply(model)
+    gs = structure.groups(apply_fn, state, x, prunable_only=True)
+    masks = structure.select(gs, jp.criteria.magnitude(state), 0.5)
+    with pytest.raises(
+        ValueError,
+        match=r"alone already changes them: fc2/bias\[0\], fc2/kernel\[1\], "
+        r"fc3/kernel\[0\]\. .*sqrt",
+    ):
+        structure.shrink_module(model, masks, x)
+    # Nothing was lost: same arrays, same widths, same outputs.
+    assert model.fc2.kernel.shape == (8, 6) and model.fc2.out_features == 6
+    assert model.fc3.in_features == 6 and model.fc1.out_features == 8
+    np.testing.assert_array_equal(np.asarray(model(x)), before)
+    # Without that group the rest shrinks in place and exactly.
+    ok = [g for g in gs if all(m.path[0] != "fc3" for m in g.members)]
+    masks = structure.select(ok, jp.criteria.magnitude(state), 0.5)
+    want = np.asarray(apply_fn(jp.apply_masks(state, masks), x))
+    structure.shrink_module(model, masks, x)
+    assert model.fc1.out_features == 4 and model.fc2.in_features == 4
+    np.testing.assert_allclose(np.asarray(model(x)), want, rtol=1e-5, atol=1e-5)

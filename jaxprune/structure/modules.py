@@ -17,7 +17,8 @@ from flax import nnx
 
 from jaxprune._tree import leaves_with_paths, path_str
 from jaxprune.masks import apply_masks
-from jaxprune.structure.shrinking import _check_outputs, shrink
+from jaxprune.structure.evaluate import run_once
+from jaxprune.structure.shrinking import OutputMismatch, _check_outputs, _culprits, _named, _shrink
 
 __all__ = ["module_apply", "full_masks", "shrink_module"]
 
@@ -109,6 +110,11 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
     Returns:
       ``model`` itself, shrunk.
 
+    Raises:
+      ValueError: the masks do not mirror the state, or (with ``check``) the
+        shrunk model computes something else; the message names the groups
+        whose cut alone changes the outputs. ``model`` is then left as it was.
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
       >>> from jaxprune import structure
@@ -126,17 +132,44 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
       Fang et al., "DepGraph", 2023. https://arxiv.org/abs/2301.12900
     """
     apply_fn, state = module_apply(model)
+    # The state's Variables are the model's: keep the original arrays apart from them.
+    state = jax.tree.map(lambda x: x, state)
     masks = full_masks(state, masks)
-    masked = apply_masks(state, masks)
-    small = shrink(apply_fn, state, masks, *example_inputs, check=False)
-    nnx.update(model, small)
-    _update_attributes(model)
-    if check:
+    small, removed, prog = _shrink(apply_fn, state, masks, example_inputs)
+
+    def install(arrays):
+        nnx.update(model, arrays)
+        _update_attributes(model)
+
+    def check_as(masks_, small_):
+        # Installs small_ and compares the model with the original masked by masks_.
+        install(small_)
         new_apply, new_state = module_apply(model)
         _check_outputs(
             lambda s, *x: new_apply(new_state, *x) if s is None else apply_fn(s, *x),
             None,
-            masked,
+            run_once(apply_masks, state, masks_),
             example_inputs,
         )
+
+    if not check:
+        install(small)
+        return model
+    try:
+        check_as(masks, small)
+    except OutputMismatch as err:
+
+        def fails(masks_g):
+            try:
+                check_as(masks_g, _shrink(apply_fn, state, masks_g, example_inputs)[0])
+            except ValueError:
+                return True
+            return False
+
+        groups = _culprits(fails, state, removed, prog)
+        install(state)  # the model is left as it was
+        raise _named(err, groups) from err
+    except BaseException:
+        install(state)
+        raise
     return model

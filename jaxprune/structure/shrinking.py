@@ -263,11 +263,12 @@ class OutputMismatch(ValueError):
         self.diff = diff
 
 
-def _culprits(apply_fn, params, removed, prog, example_inputs) -> list[Group]:
+def _culprits(fails, params, removed, prog) -> list[Group]:
     """Returns the groups whose cut alone changes the outputs (one re-plan per cut group).
 
-    ``removed`` and ``prog`` are :func:`plan`'s. Run only after a failed check,
-    to name the groups in the error.
+    ``removed`` and ``prog`` are :func:`plan`'s; ``fails(masks)`` says whether
+    shrinking by ``masks`` alone fails its check. Run only after a failed
+    check, to name the groups in the error.
     """
     flat, treedef = leaves_with_paths(params)
     out = []
@@ -281,13 +282,30 @@ def _culprits(apply_fn, params, removed, prog, example_inputs) -> list[Group]:
                 sl = [slice(None)] * one[m.leaf].ndim
                 sl[m.axis] = idx
                 one[m.leaf][tuple(sl)] = False
-        masks_g = jax.tree.unflatten(treedef, one)
-        try:
-            small = shrink(apply_fn, params, masks_g, *example_inputs, check=False)
-            _check_outputs(apply_fn, small, run_once(apply_masks, params, masks_g), example_inputs)
-        except ValueError:
+        if fails(jax.tree.unflatten(treedef, one)):
             out.append(g)
     return out
+
+
+def _named(err: OutputMismatch, groups: list[Group]) -> OutputMismatch:
+    """Returns ``err`` naming ``groups`` (``err`` itself when there are none)."""
+    if not groups:
+        return err
+    names = "; ".join(
+        ", ".join(f"{path_str(m.path)}[{m.axis}]" for m in g.members[:4]) for g in groups
+    )
+    return OutputMismatch(err.diff, names)
+
+
+def _shrink(apply_fn, params, masks, example_inputs):
+    """Returns ``(small, removed, prog)``: :func:`shrink`'s result, unchecked, and its plan."""
+    leaves, removed, prog = plan(apply_fn, params, masks, *example_inputs)
+    dtypes = [jnp.result_type(x) for _, x in leaves_with_paths(params)[0]]
+    cut = _cut(leaves, removed)
+    small = jax.tree.unflatten(
+        prog.treedef, [jnp.asarray(x, d) for x, d in zip(cut, dtypes, strict=True)]
+    )
+    return small, removed, prog
 
 
 def shrink(apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: bool = True) -> Any:
@@ -335,23 +353,22 @@ def shrink(apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: 
       Fang et al., "DepGraph: Towards Any Structural Pruning", 2023.
       https://arxiv.org/abs/2301.12900
     """
-    leaves, removed, prog = plan(apply_fn, params, masks, *example_inputs)
-    dtypes = [jnp.result_type(x) for _, x in leaves_with_paths(params)[0]]
-    cut = _cut(leaves, removed)
-    small = jax.tree.unflatten(
-        prog.treedef, [jnp.asarray(x, d) for x, d in zip(cut, dtypes, strict=True)]
-    )
+    small, removed, prog = _shrink(apply_fn, params, masks, example_inputs)
     if check:
         try:
             _check_outputs(apply_fn, small, run_once(apply_masks, params, masks), example_inputs)
         except OutputMismatch as err:
-            groups = _culprits(apply_fn, params, removed, prog, example_inputs)
-            if not groups:
-                raise
-            names = "; ".join(
-                ", ".join(f"{path_str(m.path)}[{m.axis}]" for m in g.members[:4]) for g in groups
-            )
-            raise OutputMismatch(err.diff, names) from err
+
+            def fails(masks_g):
+                try:
+                    small_g = _shrink(apply_fn, params, masks_g, example_inputs)[0]
+                    want = run_once(apply_masks, params, masks_g)
+                    _check_outputs(apply_fn, small_g, want, example_inputs)
+                except ValueError:
+                    return True
+                return False
+
+            raise _named(err, _culprits(fails, params, removed, prog)) from err
     return small
 
 
