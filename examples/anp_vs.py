@@ -355,7 +355,11 @@ about 2 points go with the widths and about 3 with how ANP-VS trains at those wi
 (the mixed loss, which costs full-width AT 2 points as AT-mix, and the gate noise). Each
 part is about one comparison's noise (~3 points). Dense networks of these sizes trained
 from scratch like the AT row (`--widths W --methods standard,AT`) do worse than AT-kept:
-20/50/44 77.6% / 53.0%, 18/38/46 77.8% / 52.0%, 10/25/79 77.4% / 48.0%. AT-kept's
+20/50/44 77.6% / 53.0%, 18/38/46 77.8% / 52.0%, 10/25/79 77.4% / 48.0%. With Madry's
+loss for ANP-VS's weights too (`--methods standard,ANP-VS,AT-kept --adv-weight 1000`,
+outside the paper's recipe), ANP-VS reaches 73.6% / 53.6% at 83.3% of units pruned
+(18/33/44) and AT-kept at those widths 77.4% / 54.4%: level at the same size, 3.4 points
+under full-width AT. AT-kept's
 vulnerability (0.313) is a mean over its kept units only, with no always-zero pruned
 units in it, so it does not compare with ANP-VS's.
 
