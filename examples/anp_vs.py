@@ -134,7 +134,7 @@ def train(method, args, data, n_train, pbar, base=None, keep=None):
     if base is None:
         model = LeNet5Caffe(rngs=nnx.Rngs(args.seed), features=args.widths)
     elif keep is not None:
-        model = shrink_module(base, keep, jnp.asarray(data.x_train[:2]))
+        model = shrink_module(nnx.clone(base), keep, jnp.asarray(data.x_train[:2]))
     else:
         model = nnx.clone(base)
     if gated:

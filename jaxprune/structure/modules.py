@@ -27,11 +27,15 @@ def module_apply(model: nnx.Module) -> tuple[Any, Any]:
     """Returns ``(apply_fn, state)`` with ``apply_fn(state, *x) == model(*x)``.
 
     ``state`` is the model's state (Params, BatchStats; RNG streams excluded), the tree that
-    :func:`~jaxprune.structure.groups` and :func:`~jaxprune.shrink` work on.
+    :func:`~jaxprune.structure.groups` and :func:`~jaxprune.shrink` work on. It is a
+    snapshot: changing the model in place afterwards (e.g. :func:`shrink_module`) leaves
+    it as it was.
     """
     # RNG streams (dropout keys and counters) are not shrinkable and not maskable: they stay
     # outside the state handed to the analysis.
     graphdef, state, rng = nnx.split(model, nnx.Not(nnx.RngState), ...)
+    # The split's Variables are the model's own: copy them so the snapshot stays put.
+    state = jax.tree.map(lambda x: x, state)
 
     def apply_fn(state, *inputs):
         return nnx.merge(graphdef, state, rng)(*inputs)
@@ -132,8 +136,6 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
       Fang et al., "DepGraph", 2023. https://arxiv.org/abs/2301.12900
     """
     apply_fn, state = module_apply(model)
-    # The state's Variables are the model's: keep the original arrays apart from them.
-    state = jax.tree.map(lambda x: x, state)
     masks = full_masks(state, masks)
     small, removed, prog = _shrink(apply_fn, state, masks, example_inputs)
 
@@ -155,21 +157,19 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
     if not check:
         install(small)
         return model
+    ok = False
     try:
         check_as(masks, small)
+        ok = True
     except OutputMismatch as err:
-
-        def fails(masks_g):
-            try:
-                check_as(masks_g, _shrink(apply_fn, state, masks_g, example_inputs)[0])
-            except ValueError:
-                return True
-            return False
-
-        groups = _culprits(fails, state, removed, prog)
-        install(state)  # the model is left as it was
+        groups = _culprits(
+            lambda m: check_as(m, _shrink(apply_fn, state, m, example_inputs)[0]),
+            state,
+            removed,
+            prog,
+        )
         raise _named(err, groups) from err
-    except BaseException:
-        install(state)
-        raise
+    finally:
+        if not ok:
+            install(state)  # the model is left as it was
     return model

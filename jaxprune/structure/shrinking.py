@@ -263,12 +263,12 @@ class OutputMismatch(ValueError):
         self.diff = diff
 
 
-def _culprits(fails, params, removed, prog) -> list[Group]:
+def _culprits(check, params, removed, prog) -> list[Group]:
     """Returns the groups whose cut alone changes the outputs (one re-plan per cut group).
 
-    ``removed`` and ``prog`` are :func:`plan`'s; ``fails(masks)`` says whether
-    shrinking by ``masks`` alone fails its check. Run only after a failed
-    check, to name the groups in the error.
+    ``removed`` and ``prog`` are :func:`plan`'s; ``check(masks)`` shrinks by
+    ``masks`` and raises ``ValueError`` when the result fails its check. Run
+    only after a failed check, to name the groups in the error.
     """
     flat, treedef = leaves_with_paths(params)
     out = []
@@ -282,7 +282,9 @@ def _culprits(fails, params, removed, prog) -> list[Group]:
                 sl = [slice(None)] * one[m.leaf].ndim
                 sl[m.axis] = idx
                 one[m.leaf][tuple(sl)] = False
-        if fails(jax.tree.unflatten(treedef, one)):
+        try:
+            check(jax.tree.unflatten(treedef, one))
+        except ValueError:
             out.append(g)
     return out
 
@@ -354,21 +356,22 @@ def shrink(apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: 
       https://arxiv.org/abs/2301.12900
     """
     small, removed, prog = _shrink(apply_fn, params, masks, example_inputs)
+
+    def check_as(masks_, small_):
+        want = run_once(apply_masks, params, masks_)
+        _check_outputs(apply_fn, small_, want, example_inputs)
+
     if check:
         try:
-            _check_outputs(apply_fn, small, run_once(apply_masks, params, masks), example_inputs)
+            check_as(masks, small)
         except OutputMismatch as err:
-
-            def fails(masks_g):
-                try:
-                    small_g = _shrink(apply_fn, params, masks_g, example_inputs)[0]
-                    want = run_once(apply_masks, params, masks_g)
-                    _check_outputs(apply_fn, small_g, want, example_inputs)
-                except ValueError:
-                    return True
-                return False
-
-            raise _named(err, _culprits(fails, params, removed, prog)) from err
+            groups = _culprits(
+                lambda m: check_as(m, _shrink(apply_fn, params, m, example_inputs)[0]),
+                params,
+                removed,
+                prog,
+            )
+            raise _named(err, groups) from err
     return small
 
 
