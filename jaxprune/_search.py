@@ -29,7 +29,9 @@ def ordered_keys(scores: ArrayLike) -> jax.Array:
 
     Same shape as ``scores`` (never flattened, so a sharded leaf stays sharded
     and every count below is a plain reduction). ``-0.0`` sorts just below
-    ``+0.0``; NaNs sort beyond the infinities.
+    ``+0.0``; NaNs sort beyond the infinities. Scores are compared as float32:
+    float64 scores (with ``jax_enable_x64``) that round to the same float32
+    tie, and their ties go by flatten order.
     """
     bits = jax.lax.bitcast_convert_type(jnp.asarray(scores, jnp.float32), jnp.uint32)
     # Positive floats: set the sign bit; negative floats: flip every bit.

@@ -122,8 +122,13 @@ def prunable_flags(
     return flags
 
 
-def check_same_structure(reference: Any, other: Any, *, ref_name: str, other_name: str) -> None:
-    """Raises ``ValueError`` listing the differing paths when the tree structures differ."""
+def check_same_structure(
+    reference: Any, other: Any, *, ref_name: str, other_name: str, fix: str | None = None
+) -> None:
+    """Raises ``ValueError`` listing the differing paths when the tree structures differ.
+
+    ``fix`` replaces the default advice (build masks from the params' scores).
+    """
     ref_flat, ref_def = leaves_with_paths(reference)
     oth_flat, oth_def = leaves_with_paths(other)
     if ref_def == oth_def:
@@ -139,9 +144,13 @@ def check_same_structure(reference: Any, other: Any, *, ref_name: str, other_nam
         detail.append(f"only in {other_name}: {', '.join(only_oth[:10])}")
     if not detail:
         detail.append(f"same paths but different containers:\n  {ref_def}\nvs\n  {oth_def}")
+    if fix is None:
+        fix = (
+            f"build {other_name} from {ref_name} (e.g. with jp.masks.topk(scores) where "
+            f"scores = criterion({ref_name}))"
+        )
     raise ValueError(
         f"{other_name} must have exactly the tree structure of {ref_name}; "
         + "; ".join(detail)
-        + f". Fix: build {other_name} from {ref_name} (e.g. with jp.masks.topk(scores) where "
-        f"scores = criterion({ref_name}))."
+        + f". Fix: {fix}."
     )

@@ -14,12 +14,15 @@ state into scores when masks refresh.
 from __future__ import annotations
 
 import inspect
+import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxprune._tree import leaves_with_paths, path_str
 
 __all__ = ["magnitude", "random", "saliency", "StatefulCriterion", "as_stateful"]
 
@@ -42,8 +45,8 @@ def magnitude(params: optax.Params) -> optax.Params:
 def random(params: optax.Params, *, key: jax.Array) -> optax.Params:
     """Returns i.i.d. uniform scores in ``[0, 1)`` shaped like each leaf of ``params``.
 
-    Each leaf draws from ``key`` folded with its flatten index, so adding or
-    removing a leaf does not reshuffle the others.
+    Each leaf draws from ``key`` folded with a hash (CRC-32) of its path, so
+    adding or removing a leaf does not reshuffle the others.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -55,12 +58,17 @@ def random(params: optax.Params, *, key: jax.Array) -> optax.Params:
       Blalock et al., "What is the State of Neural Network Pruning?", 2020 (random
       pruning as the baseline). https://arxiv.org/abs/2003.03033
     """
-    leaves, treedef = jax.tree.flatten(params)
+    flat, treedef = leaves_with_paths(params)
     scores = [
-        jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x), jnp.float32)
-        for i, x in enumerate(leaves)
+        jax.random.uniform(jax.random.fold_in(key, _path_hash(p)), jnp.shape(x), jnp.float32)
+        for p, x in flat
     ]
     return jax.tree.unflatten(treedef, scores)
+
+
+def _path_hash(path: Any) -> int:
+    """A stable 31-bit hash of a normalized leaf path (the same in every process)."""
+    return zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF
 
 
 def saliency(params: optax.Params, grads: optax.Updates) -> optax.Params:

@@ -42,6 +42,7 @@ def uniform(params: optax.Params, sparsity: Any, *, where: Where | None = None) 
     References:
       Zhu & Gupta, "To prune, or not to prune", 2017. https://arxiv.org/abs/1710.01878
     """
+    _masks._check_sparsity(sparsity)
     flags = prunable_flags(params, where)
     return _tree_like(params, [sparsity if f else 0.0 for f in flags])
 
@@ -79,6 +80,7 @@ def erk(
       https://arxiv.org/abs/1911.11134; Mocanu et al. 2018 (Erdos-Renyi).
       https://arxiv.org/abs/1707.04780
     """
+    _masks._check_sparsity(sparsity)
     flags = prunable_flags(params, where)
     flat, _ = leaves_with_paths(params)
     idx = [i for i, f in enumerate(flags) if f]

@@ -51,11 +51,52 @@ def _check_sparsity(s: Any, name: str = "sparsity") -> None:
 
 
 def _count(s: Any, n: int) -> jax.Array:
-    """Returns round(s * n) as int32; exact (double precision) for concrete s."""
+    """Returns round(s * n) as int32: Python's, for concrete s; exact, for traced float32 s."""
     if not isinstance(s, jax.core.Tracer):
         return jnp.int32(round(float(s) * n))
-    s = jnp.clip(jnp.asarray(s, jnp.float32), 0.0, 1.0)
-    return jnp.round(s * n).astype(jnp.int32)
+    return _round_product(jnp.clip(jnp.asarray(s, jnp.float32), 0.0, 1.0), n)
+
+
+def _round_product(s: jax.Array, n: int) -> jax.Array:
+    """Returns ``round(s * n)`` (ties to even) for float32 ``s`` in [0, 1] and ``n < 2**31``.
+
+    Exact: ``s * n`` in float32 has only 24 significant bits, so from about a
+    million entries it would miss the count by one. ``s = m / 2**shift`` with
+    an integer mantissa ``m < 2**24``, so ``m * n`` is formed exactly in 16-bit
+    limbs of uint32 and shifted right with round-half-even.
+    """
+    if not 0 <= n < 2**31:
+        raise ValueError(f"n must be in [0, 2**31) (entries of int32-indexed leaves), got {n}.")
+    u32 = jnp.uint32
+    bits = jax.lax.bitcast_convert_type(s, u32)
+    e = (bits >> 23) & u32(0xFF)
+    m = (bits & u32(0x7FFFFF)) | jnp.where(e > 0, u32(1 << 23), u32(0))
+    shift = (u32(150) - jnp.maximum(e, u32(1))).astype(jnp.int32)  # s = m / 2**shift, >= 23
+    m0, m1 = m & u32(0xFFFF), m >> 16
+    n0, n1 = u32(n & 0xFFFF), u32(n >> 16)
+    low = m0 * n0
+    mid = m1 * n0 + m0 * n1 + (low >> 16)  # < 2**32
+    hi = m1 * n1 + (mid >> 16)  # m * n = hi * 2**32 + lo
+    lo = ((mid & u32(0xFFFF)) << 16) | (low & u32(0xFFFF))
+
+    def shr(x, k):  # x >> k for any k >= 0 (0 from 32 on)
+        return jnp.where(k >= 32, u32(0), x >> jnp.clip(k, 0, 31).astype(u32))
+
+    def low_bits(x, k):  # x mod 2**k for any k >= 0
+        keep = jnp.where(k >= 32, u32(0xFFFFFFFF), (u32(1) << jnp.clip(k, 0, 31).astype(u32)) - 1)
+        return x & keep
+
+    # floor(m * n / 2**shift): shift >= 23 and the result is <= n < 2**31.
+    q = jnp.where(
+        shift >= 32,
+        shr(hi, shift - 32),
+        shr(lo, shift) | (hi << (u32(32) - jnp.clip(shift, 1, 32).astype(u32))),
+    )
+    h = shift - 1  # the bit worth one half
+    half = jnp.where(h >= 32, shr(hi, h - 32), shr(lo, h)) & u32(1)
+    below = jnp.where(h >= 32, (lo != 0) | (low_bits(hi, h - 32) != 0), low_bits(lo, h) != 0)
+    up = (half == 1) & (below | ((q & u32(1)) == 1))
+    return (q + up.astype(u32)).astype(jnp.int32)
 
 
 def _per_leaf_sparsity(scores: Any, sparsity: Any, flags: list[bool]) -> list[Any]:
@@ -66,11 +107,21 @@ def _per_leaf_sparsity(scores: Any, sparsity: Any, flags: list[bool]) -> list[An
     ):
         _check_sparsity(sparsity)
         return [sparsity] * len(flat)
-    s_flat, _ = leaves_with_paths(sparsity)
-    if len(s_flat) != len(flat):
-        check_same_structure(scores, sparsity, ref_name="scores", other_name="sparsity")
+    # Matched by path, not by position: a tree with other names (a typo) or
+    # another order is an error, and containers may differ (dict vs nnx.State).
+    by_path = dict(leaves_with_paths(sparsity)[0])
+    if set(by_path) != {p for p, _ in flat} or len(by_path) != len(flat):
+        check_same_structure(
+            scores,
+            sparsity,
+            ref_name="scores",
+            other_name="sparsity",
+            fix="pass one float, or a tree with one float per leaf of the scores under the "
+            "same names, e.g. jax.tree.map(lambda _: 0.5, scores)",
+        )
     out = []
-    for (p, _), (_, s), f in zip(flat, s_flat, flags, strict=True):
+    for (p, _), f in zip(flat, flags, strict=True):
+        s = by_path[p]
         if f:
             _check_sparsity(s, f"sparsity[{path_str(p)!r}]")
         out.append(s)
@@ -152,14 +203,23 @@ def global_topk(scores: Any, sparsity: ArrayLike, *, where: Where | None = None)
     _check_sparsity(sparsity)
     flags = prunable_flags(scores, where)
     flat, _ = leaves_with_paths(scores)
-    idx = [i for i, f in enumerate(flags) if f]
+    idx = [i for i, f in enumerate(flags) if f and jnp.size(flat[i][1])]
     leaves = [jnp.asarray(flat[i][1]) for i in idx]
     n = sum(x.size for x in leaves)
     # The scores are stored already, so their keys are stored once too: reading
     # stored keys at each probe beats recomputing them (~25% at 100M scores).
     keys = [ordered_keys(x) for x in leaves]
     kept = _select(keys, _count(sparsity, n)) if leaves else []
-    return _assemble(scores, flags, dict(zip(idx, kept, strict=True)))
+    return _assemble(scores, flags, {**_empty(flat, flags), **dict(zip(idx, kept, strict=True))})
+
+
+def _empty(flat: list, flags: list[bool]) -> dict[int, jax.Array]:
+    """All-True masks for the prunable leaves with no entries (left out of a global search)."""
+    return {
+        i: jnp.ones(jnp.shape(x), bool)
+        for i, ((_, x), f) in enumerate(zip(flat, flags, strict=True))
+        if f and math.prod(jnp.shape(x)) == 0
+    }
 
 
 def fused_select(scope: str, score_fn: Any, src: Any, sparsity: Any, flags: list[bool]) -> Any:
@@ -191,8 +251,9 @@ def fused_select(scope: str, score_fn: Any, src: Any, sparsity: Any, flags: list
     elif scope == "global":
         _check_sparsity(sparsity)
         n = sum(size.values())
+        idx = [i for i in idx if size[i]]
         kept = select_keys(keys_of(idx), src, _count(sparsity, n)) if idx else []
-        keeps = dict(zip(idx, kept, strict=True))
+        keeps = {**_empty(flat, flags), **dict(zip(idx, kept, strict=True))}
     else:
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
     return _assemble(shapes, flags, keeps)
@@ -301,6 +362,7 @@ def apply_masks(params: Any, masks: Any) -> Any:
       >>> jp.apply_masks({"w": jnp.array([1., 2.])}, {"w": jnp.array([True, False])})["w"].tolist()
       [1.0, 0.0]
     """
+    masks = _broadcast_prefix(params, masks)
     check_same_structure(params, masks, ref_name="params", other_name="masks")
     flat_p, treedef = leaves_with_paths(params)
     flat_m, _ = leaves_with_paths(masks)
@@ -315,6 +377,27 @@ def apply_masks(params: Any, masks: Any) -> Any:
             )
         out.append(jnp.where(m, p, jnp.zeros((), jnp.result_type(p))))
     return jax.tree.unflatten(treedef, out)
+
+
+def _broadcast_prefix(params: Any, masks: Any) -> Any:
+    """Spreads scalar masks that stand for whole subtrees of ``params`` over their leaves.
+
+    ``jp.get_masks`` of a ``jp.prune`` under ``optax.masked`` has one scalar
+    ``True`` where ``optax.masked`` left a whole subtree out. Masks that are not
+    such a prefix of ``params`` are returned as they are (and then rejected).
+    """
+    if jax.tree.structure(masks) == jax.tree.structure(params):
+        return masks
+
+    def spread(m, sub):
+        if jnp.ndim(m) and not hasattr(sub, "shape"):
+            raise ValueError("only a scalar mask may stand for a subtree")
+        return jax.tree.map(lambda _: m, sub)
+
+    try:
+        return jax.tree.map(spread, masks, params)
+    except (ValueError, TypeError):
+        return masks
 
 
 def sparsity(tree: Any, *, where: Where | None = None) -> jax.Array:

@@ -52,8 +52,9 @@ def crc32(x: np.ndarray) -> int:
 def _nonzero_bits(x: np.ndarray) -> np.ndarray:
     if x.dtype == np.bool_:
         return x.copy()
-    if x.dtype.itemsize not in (1, 2, 4, 8):
-        return x != 0
+    if x.dtype.itemsize not in (1, 2, 4, 8):  # complex128, longdouble: any nonzero byte
+        raw = np.ascontiguousarray(x).view(np.uint8)
+        return raw.reshape(x.shape + (x.dtype.itemsize,)).any(-1)
     return np.ascontiguousarray(x).view(f"u{x.dtype.itemsize}") != 0
 
 

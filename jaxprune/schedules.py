@@ -9,11 +9,13 @@ the jitted train step without retracing.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 __all__ = ["Schedule", "constant", "one_shot", "polynomial", "as_schedule"]
@@ -32,10 +34,23 @@ def _check_fraction(name: str, value: Any) -> float:
     return v
 
 
+def _as_int(value: Any) -> int | None:
+    """Returns ``value`` as a Python int (ints, NumPy and concrete JAX integers), else None."""
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _check_step(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
-    return value
+    v = _as_int(value)
+    if v is None or not 0 <= v < 2**31:
+        raise ValueError(
+            f"{name} must be an int in [0, 2**31) (the step counter is int32), got {value!r}."
+        )
+    return v
 
 
 class Schedule(NamedTuple):
@@ -82,7 +97,7 @@ def constant(sparsity: float, begin_step: int = 0, frequency: int | None = None)
     begin_step = _check_step("begin_step", begin_step)
     if frequency is None:
         return Schedule(lambda step: jnp.full((), v, jnp.float32), begin_step, begin_step, 1)
-    _check_frequency(frequency)
+    frequency = _check_frequency(frequency)
     return Schedule(lambda step: jnp.full((), v, jnp.float32), begin_step, None, frequency)
 
 
@@ -100,12 +115,14 @@ def one_shot(sparsity: float, step: int) -> Schedule:
     return Schedule(lambda t: jnp.full((), v, jnp.float32), step, step, 1)
 
 
-def _check_frequency(frequency: Any) -> None:
-    if not isinstance(frequency, int) or isinstance(frequency, bool) or frequency < 1:
+def _check_frequency(frequency: Any) -> int:
+    v = _as_int(frequency)
+    if v is None or v < 1:
         raise ValueError(
             f"frequency must be an int >= 1 (refresh masks every `frequency` steps), got "
             f"{frequency!r}. Fix: e.g. frequency=100."
         )
+    return v
 
 
 def polynomial(
@@ -150,7 +167,7 @@ def polynomial(
             f"end_step must be >= begin_step, got end_step={end_step} < begin_step="
             f"{begin_step}. Fix: pass end_step={begin_step} or later."
         )
-    _check_frequency(frequency)
+    frequency = _check_frequency(frequency)
     if not power > 0:
         raise ValueError(f"power must be > 0, got {power!r}.")
     span = max(end_step - begin_step, 1)
@@ -173,6 +190,32 @@ def as_schedule(sparsity: Any) -> Schedule:
     """
     if isinstance(sparsity, Schedule):
         return sparsity
+    if isinstance(sparsity, jax.core.Tracer):
+        raise ValueError(
+            f"sparsity must be known when the transform is built, got a traced value "
+            f"{sparsity!r} (e.g. from optax.inject_hyperparams around jp.prune). Fix: pass "
+            "a float or a schedule (jp.schedules.polynomial, or a callable step -> "
+            "sparsity), and wrap the inner optimizer instead: "
+            "jp.prune(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), sparsity=...)."
+        )
     if callable(sparsity):
+        _check_callable(sparsity)
         return Schedule(sparsity, 0, None, 1)
     return constant(sparsity)
+
+
+def _check_callable(fn: Callable[[jax.Array], Any]) -> None:
+    """Raises ``ValueError`` when ``fn(0)`` is concrete and not a fraction in [0, 1].
+
+    Only step 0 is checked, eagerly; a callable that cannot run outside a
+    trace is left to fail, if it does, where the transform calls it.
+    """
+    try:
+        v = np.asarray(fn(jnp.asarray(0, jnp.int32)), np.float64)
+    except Exception:  # noqa: BLE001 - the transform reports its own errors later
+        return
+    if v.shape == () and not 0.0 <= float(v) <= 1.0:
+        raise ValueError(
+            f"sparsity(step) must return a fraction in [0, 1], got {float(v)} at step 0. "
+            "Fix: return e.g. 0.9 for 90% sparsity, not 90."
+        )

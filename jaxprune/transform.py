@@ -98,11 +98,17 @@ def _enforce(tree: Any, masks: Any, flags: list[bool], fills: list[Any] | None =
     flat, treedef = jax.tree.flatten(tree)
     mflat = jax.tree.leaves(masks)
     fills = fills if fills is not None else [None] * len(flat)
-    out = [
-        jnp.where(m, x, jnp.zeros((), x.dtype) if v is None else v.astype(x.dtype)) if f else x
-        for x, m, f, v in zip(flat, mflat, flags, fills, strict=True)
-    ]
+    out = [_fill(x, m, v) if f else x for x, m, f, v in zip(flat, mflat, flags, fills, strict=True)]
     return jax.tree.unflatten(treedef, out)
+
+
+def _fill(x: Any, m: Any, v: Any) -> Any:
+    if v is None:
+        return jnp.where(m, x, jnp.zeros((), x.dtype))
+    # In the wider of the two dtypes: bf16 updates of f32 params would round
+    # -params, and pruned params would not come out exactly 0.
+    dt = jnp.promote_types(x.dtype, v.dtype)
+    return jnp.where(m, x.astype(dt), v.astype(dt))
 
 
 def prune(
@@ -120,6 +126,8 @@ def prune(
     gradients of pruned entries are zeroed before ``tx`` sees them and the
     emitted updates set pruned params to exactly 0 after ``optax.apply_updates``.
     Nothing else changes in the training loop, which may be jitted as usual.
+    (Pruning by ``-params`` updates makes a pruned ``inf`` parameter ``nan``:
+    params must be finite.)
 
     Args:
       tx: the inner optimizer (any optax transformation).
@@ -193,6 +201,11 @@ def prune(
             )
         params = unwrap_variables(params)
         flags = prunable_flags(params, where)
+        paths = {p for (p, _), f in zip(leaves_with_paths(params)[0], flags, strict=True) if f}
+
+        def chosen(path, _):
+            return path in paths
+
         step = state.count
         extra = dict(extra_args)
         if wants_key and "key" not in extra:
@@ -217,7 +230,9 @@ def prune(
                 )
                 return _masks.pack(masks)
             scores = _criteria.call_with(crit.score, cstate, params, grads=updates, **extra)
-            return _masks.pack(select(scores, schedule(step), where=where))
+            # The prunable leaves were chosen on the params; `where` is not asked
+            # again about the scores, whose dtypes (float32) may differ.
+            return _masks.pack(select(scores, schedule(step), where=chosen))
 
         packed = jax.lax.cond(schedule.is_update_step(step), refresh, lambda: state.packed_masks)
         # Unpacking is elementwise and fuses into the two enforcements below.
@@ -289,7 +304,14 @@ def get_masks(opt_state: Any) -> optax.Params:
             "tx = jp.prune(optax.adam(1e-3), sparsity=...) and pass tx.init(params) "
             "(or nnx.Optimizer(model, tx, wrt=nnx.Param).opt_state) here."
         )
-    return unwrap_variables(states[0].masks)
+    # Under optax.masked, leaves the pruning never sees are MaskedNode(): they
+    # are not pruned, so their mask is a scalar True, as for any unpruned leaf.
+    masked = optax.MaskedNode
+    return jax.tree.map(
+        lambda x: jnp.ones((), bool) if isinstance(x, masked) else x,
+        unwrap_variables(states[0].masks),
+        is_leaf=lambda x: isinstance(x, masked),
+    )
 
 
 def _nbytes(tree: Any) -> int:

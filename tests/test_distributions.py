@@ -85,3 +85,10 @@ def test_per_output_prunes_the_same_count_in_every_unit():
     s = jax.random.uniform(jax.random.key(0), (10, 4))
     m = np.asarray(jp.distributions.per_output({"k": s}, 0.3)["k"])
     assert m.sum(axis=0).tolist() == [7, 7, 7, 7]
+
+
+@pytest.mark.parametrize("fn", [jp.distributions.erk, jp.distributions.uniform])
+@pytest.mark.parametrize("bad", [1.5, -0.5, float("nan")])
+def test_distributions_reject_sparsity_outside_0_1(fn, bad):
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\]"):
+        fn(PARAMS, bad)

@@ -223,3 +223,52 @@ def test_prime_length_axes_exact_ties_in_flatten_order(shape):
             expected = np.ones(x.size, bool)
             expected[order[:k]] = False
             np.testing.assert_array_equal(m.reshape(-1), expected)
+
+
+def test_a_sparsity_tree_is_matched_by_name_not_position():
+    scores = {"a": jnp.arange(10.0).reshape(2, 5), "b": jnp.arange(10.0).reshape(2, 5)}
+    with pytest.raises(ValueError, match=r"only in scores: a, b; only in sparsity: 0, 1"):
+        jp.masks.topk(scores, [0.9, 0.1])
+    with pytest.raises(ValueError, match=r"only in scores: a; only in sparsity: c"):
+        jp.masks.topk(scores, {"b": 0.9, "c": 0.1})
+    # Same names in another order, or another container, match by name.
+    m = jp.masks.topk(scores, {"b": 0.9, "a": 0.1})
+    assert (_pruned(m["a"]), _pruned(m["b"])) == (1, 9)
+
+
+@pytest.mark.parametrize("select", [jp.masks.topk, jp.masks.global_topk])
+def test_prunable_leaves_with_no_entries(select):
+    scores = {"a": jnp.zeros((0, 4)), "b": jnp.arange(8.0).reshape(2, 4)}
+    m = select(scores, 0.5)
+    assert m["a"].shape == (0, 4) and _pruned(m["b"]) == 4
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_prune_with_an_empty_leaf(scope):
+    import optax
+
+    params = {"a": jnp.zeros((0, 4)), "b": jnp.arange(1.0, 9.0).reshape(2, 4)}
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5, scope=scope)
+    state = tx.init(params)
+    updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+    assert _pruned(jp.get_masks(state)["b"]) == 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.floats(0.0, 1.0, width=32),
+    st.one_of(st.integers(0, 2**20), st.integers(2**20, 2**31 - 1)),
+)
+def test_traced_counts_are_exact(s, n):
+    # float32 s * n has 24 significant bits: from ~1M entries it misses by one.
+    import fractions
+
+    got = int(jax.jit(jp.masks._count, static_argnums=1)(jnp.float32(s), n))
+    assert got == round(fractions.Fraction(float(np.float32(s))) * n)
+
+
+def test_traced_sparsity_prunes_the_exact_count_of_a_large_leaf():
+    # round(0.9f * 1572894) = round(1415604.5625) = 1415605; float32 gives 1415604.
+    scores = {"w": jnp.asarray(np.random.default_rng(0).random((1572894, 1), np.float32))}
+    m = jax.jit(jp.masks.topk)(scores, jnp.float32(0.9))
+    assert _pruned(m["w"]) == 1415605

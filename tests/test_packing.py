@@ -130,3 +130,12 @@ def test_unknown_encoding_is_an_error():
     arrays, spec = packing.pack_leaf(np.ones(3, np.float32))
     with pytest.raises(packing.PackError, match="unknown leaf encoding"):
         packing.unpack_leaf(arrays, dict(spec, kind="zip"))
+
+
+def test_complex128_negative_zero_roundtrips_bitwise():
+    # 16-byte entries: a zero with a sign bit set is not a zero entry.
+    x = np.zeros((8, 16), np.complex128)
+    x[0, :4] = [1 + 1j, 2, 3, 4]
+    x[1, 0] = complex(-0.0, 0.0)
+    arrays, spec = packing.pack_leaf(x)
+    assert _same_bits(packing.unpack_leaf(arrays, spec), x)

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import jaxprune as jp
@@ -76,5 +77,24 @@ def test_frequency(bad):
 
 
 def test_negative_step():
-    with pytest.raises(ValueError, match=r"begin_step must be a non-negative int, got -1"):
+    with pytest.raises(ValueError, match=r"begin_step must be an int in \[0, 2\*\*31\) .*got -1"):
         jp.schedules.polynomial(0.0, 0.5, begin_step=-1, end_step=10)
+
+
+def test_numpy_and_jax_integer_steps_are_accepted():
+    s = jp.schedules.polynomial(0.0, 0.5, begin_step=np.int64(5), end_step=jax.numpy.int32(10))
+    assert (s.begin_step, s.end_step) == (5, 10) and type(s.begin_step) is int
+    assert jp.schedules.constant(0.5, frequency=np.int32(3)).frequency == 3
+
+
+def test_steps_past_the_int32_counter_are_rejected():
+    with pytest.raises(ValueError, match=r"begin_step must be an int in \[0, 2\*\*31\)"):
+        jp.schedules.constant(0.5, begin_step=2**31)
+    with pytest.raises(ValueError, match=r"frequency must be an int >= 1 .*got True"):
+        jp.schedules.constant(0.5, frequency=True)
+
+
+@pytest.mark.parametrize("value", [90.0, -0.5, float("nan")])
+def test_callable_sparsity_outside_0_1_is_rejected_when_built(value):
+    with pytest.raises(ValueError, match=r"sparsity\(step\) must return a fraction in \[0, 1\]"):
+        jp.prune(optax.sgd(0.1), sparsity=lambda step: value + 0.0 * step)

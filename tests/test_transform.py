@@ -352,3 +352,75 @@ def test_fused_refresh_adds_no_scratch_to_the_train_step(key):
         jp.prune(optax.adam(1e-3), sparsity=sched, criterion=lambda p: jp.criteria.magnitude(p))
     )
     assert generic - dense >= leaf // 2, (generic, dense)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [None, lambda path, x: jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2],
+    ids=["default", "dtype-based"],
+)
+def test_unfused_criteria_select_the_leaves_chosen_on_the_params(where):
+    # Scores are float32 whatever the param dtype: `where` must not be asked
+    # again about them (an int leaf would become prunable and break the state).
+    params = {"kernel": jnp.arange(1.0, 25.0).reshape(4, 6), "table": jnp.ones((3, 3), jnp.int32)}
+    tx = jp.prune(
+        optax.sgd(0.1),
+        sparsity=0.5,
+        criterion=jp.criteria.random,
+        where=where,
+        key=jax.random.key(0),
+    )
+    state = tx.init(params)
+    updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+    masks = jp.get_masks(state)
+    assert int((~masks["kernel"]).sum()) == 12 and masks["table"].shape == ()
+
+
+def test_low_precision_updates_still_zero_pruned_params_exactly():
+    # Mixed precision: f32 params, bf16 gradients. -params rounded to bf16 would
+    # leave pruned entries at about 1e-3 instead of 0.
+    params = {"w": jax.random.normal(jax.random.key(0), (16, 16)) * 3.0}
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.ones_like(p, jnp.bfloat16), params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    assert new["w"].dtype == jnp.float32
+    pruned = ~jp.get_masks(state)["w"]
+    assert int(pruned.sum()) == 128 and float(jnp.abs(new["w"][pruned]).max()) == 0.0
+    assert float(jp.sparsity(new)) == 0.5
+
+
+def test_get_masks_under_optax_masked_applies_to_the_params():
+    params = {
+        "a": {"kernel": jnp.arange(1.0, 65.0).reshape(8, 8)},
+        "b": {"kernel": jnp.ones((4, 4))},
+    }
+    tx = optax.masked(jp.prune(optax.sgd(0.1), sparsity=0.5), {"a": True, "b": False})
+    state = tx.init(params)
+    _, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+    masks = jp.get_masks(state)
+    assert masks["b"].shape == () and bool(masks["b"])  # untouched by the pruning
+    out = jp.apply_masks(params, masks)
+    assert int((out["a"]["kernel"] == 0).sum()) == 32 and bool((out["b"]["kernel"] == 1).all())
+
+
+def test_sparsity_injected_as_a_hyperparameter_says_how_to_wrap_instead():
+    tx = optax.inject_hyperparams(lambda sparsity: jp.prune(optax.sgd(0.1), sparsity=sparsity))(
+        sparsity=0.5
+    )
+    params = {"w": jnp.ones((4, 4))}
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"traced value .*jp.prune\(optax.inject_hyperparams"):
+        jax.jit(tx.update)(params, state, params)
+
+
+def test_random_scores_of_a_leaf_do_not_depend_on_the_other_leaves():
+    key = jax.random.key(0)
+    before = jp.criteria.random({"b": jnp.zeros((3, 3)), "c": jnp.zeros(4)}, key=key)
+    after = jp.criteria.random(
+        {"a": jnp.zeros(2), "b": jnp.zeros((3, 3)), "c": jnp.zeros(4)}, key=key
+    )
+    for name in ("b", "c"):
+        np.testing.assert_array_equal(before[name], after[name])
+    assert not np.array_equal(before["b"].reshape(-1)[:4], before["c"])
