@@ -88,7 +88,7 @@ def _manager(directory: pathlib.Path, *, read_only: bool, max_to_keep: int | Non
 
 
 def _absolute(directory: str | os.PathLike) -> pathlib.Path:
-    return pathlib.Path(os.path.abspath(os.fspath(directory)))
+    return pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(directory))))
 
 
 def save(

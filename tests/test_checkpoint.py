@@ -173,3 +173,11 @@ def test_bad_arguments_are_named():
         checkpoint.save("/tmp/unused", 0, {}, format="zip")
     with pytest.raises(ValueError, match="step must be a non-negative int, got -1"):
         checkpoint.save("/tmp/unused", -1, {})
+
+
+def test_home_relative_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    out = checkpoint.save("~/ckpts", 1, {"w": jnp.ones((2, 2))})
+    assert out.is_relative_to(tmp_path / "ckpts") and not (tmp_path / "~").exists()
+    assert checkpoint.restore("~/ckpts").step == 1
