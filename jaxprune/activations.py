@@ -36,10 +36,42 @@ __all__ = [
 
 
 class Captured(NamedTuple):
-    """One module call's input and output."""
+    """A module's inputs and outputs, all of its calls in the forward pass together.
+
+    A module called once records that call. A module called several times
+    (shared weights: one layer applied at two places) records every call,
+    concatenated along the leading (batch) axis as if the calls were one
+    larger batch; when the calls' shapes beyond the leading axis differ, each
+    is first flattened to ``[tokens, features]``. Every consumer here
+    (:func:`input_norms`, :func:`mean_abs`, :func:`apoz`) reduces over all
+    axes but the last, so they see every input and output distribution the
+    module saw.
+    """
 
     inputs: jax.Array  # [..., in] (dense) or [N, H, W, C_in] (conv)
     outputs: jax.Array  # [..., out] (pre-activation)
+
+
+def _join(a: Any, b: Any) -> Any:
+    """Returns ``a`` and ``b`` concatenated along the leading axis (flattened if they differ)."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.ndim >= 1 and a.shape[1:] == b.shape[1:]:
+        return jnp.concatenate([a, b], axis=0)
+    if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != b.shape[-1]:
+        raise ValueError(
+            f"a module called twice got arrays of shapes {a.shape} and {b.shape}, whose "
+            "features (last axis) differ, so the calls cannot be pooled. Fix: capture one "
+            "call at a time, e.g. by capturing a sub-model."
+        )
+    return jnp.concatenate([a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])], axis=0)
+
+
+def _record(records: dict[str, Captured], name: str, x: Any, out: Any) -> None:
+    prev = records.get(name)
+    if prev is None:
+        records[name] = Captured(x, out)
+    else:
+        records[name] = Captured(_join(prev.inputs, x), _join(prev.outputs, out))
 
 
 def capture_nnx(
@@ -49,8 +81,10 @@ def capture_nnx(
 
     The ``__call__`` of each module class in ``types`` is wrapped for the
     duration of the call (and restored after, also on errors); only instances
-    inside ``model`` are recorded. Works under ``jax.jit``/``nnx.jit`` when the
-    captures are returned from the jitted function.
+    inside ``model`` are recorded. A module called several times records all
+    its calls, pooled along the batch axis (see :class:`Captured`). Works
+    under ``jax.jit``/``nnx.jit`` when the captures are returned from the
+    jitted function.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -75,7 +109,7 @@ def capture_nnx(
         def call(self, x, *a, **kw):
             out = original(self, x, *a, **kw)
             if id(self) in targets:
-                records[targets[id(self)]] = Captured(x, out)
+                _record(records, targets[id(self)], x, out)
             return out
 
         return call
@@ -104,7 +138,8 @@ def capture_linen(
 
     Uses ``flax.linen.intercept_methods``, so the module's code is unchanged;
     paths are the modules' scope paths (``"Dense_0"``, ``"block/Conv_1"``), the
-    same names as in ``variables["params"]``.
+    same names as in ``variables["params"]``. A module called several times
+    records all its calls, pooled along the batch axis (see :class:`Captured`).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -120,7 +155,7 @@ def capture_linen(
     def interceptor(next_fun, a, kw, context):
         out = next_fun(*a, **kw)
         if context.method_name == "__call__" and isinstance(context.module, types) and a:
-            records[path_str(tuple(context.module.path))] = Captured(a[0], out)
+            _record(records, path_str(tuple(context.module.path)), a[0], out)
         return out
 
     with nn.intercept_methods(interceptor):

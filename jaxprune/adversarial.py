@@ -72,6 +72,31 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def _project(z: jax.Array, x: jax.Array, eps: Any, bounds: tuple[float, float]) -> jax.Array:
+    """Returns ``clip(clip(z, x - eps, x + eps), bounds)``, inside the eps-ball in ``x.dtype``.
+
+    In float32 and wider this is the plain clip. In a narrower float dtype
+    (bfloat16, float16) ``x +- eps`` rounds to the nearest representable value,
+    which can lie outside the ball, so the clip is done in float32 and the
+    result cast back; where rounding carried a value out of the ball (further
+    from ``x`` than eps and than its float32 value) it is stepped one ulp
+    toward ``x`` (``jnp.nextafter`` in ``x.dtype``), which lands between ``x`` and
+    the float32 value, inside the ball. Finally the data range is enforced in
+    ``x.dtype``.
+    """
+    lo, hi = bounds
+    dt = x.dtype
+    if not jnp.issubdtype(dt, jnp.floating) or jnp.finfo(dt).bits >= 32:
+        return jnp.clip(jnp.clip(z, x - eps, x + eps), lo, hi)
+    xf = x.astype(jnp.float32)
+    q = jnp.clip(jnp.clip(z.astype(jnp.float32), xf - eps, xf + eps), lo, hi)
+    p = q.astype(dt)
+    dev = jnp.abs(p.astype(jnp.float32) - xf)
+    outward = dev > jnp.maximum(jnp.abs(q - xf), eps)
+    p = jnp.where(outward, jnp.nextafter(p, x), p)
+    return jnp.clip(p, jnp.asarray(lo, dt), jnp.asarray(hi, dt))
+
+
 def pgd(
     loss_fn: Callable[[jax.Array], jax.Array],
     x: ArrayLike,
@@ -89,8 +114,9 @@ def pgd(
     started at ``x + U(-eps, eps)`` when ``key`` is given (random start) and at
     ``x`` otherwise. With ``keep_best`` each example keeps its highest-loss
     iterate, the clean ``x`` included, so the attack never lowers the loss.
-    Pure and jit-compatible (a ``lax.fori_loop``); call it inside the jitted
-    step, or use :func:`attack`.
+    Inputs narrower than float32 (bfloat16) are projected in float32 so that
+    rounding never leaves the eps-ball. Pure and jit-compatible (a
+    ``lax.fori_loop``); call it inside the jitted step, or use :func:`attack`.
 
     Args:
       loss_fn: ``x -> per-example losses [N]`` (e.g. cross-entropy of the
@@ -128,7 +154,7 @@ def pgd(
         return loss_fn(z).astype(jnp.float32)
 
     def clip(z):
-        return jnp.clip(jnp.clip(z, x - eps, x + eps), lo, hi)
+        return _project(z, x, eps, (lo, hi))
 
     start = x
     if key is not None:
@@ -177,7 +203,8 @@ def fgsm(
     _check_attack(eps, 1.0, 1, bounds)
     x = jnp.asarray(x)
     g = jax.grad(lambda z: jnp.sum(loss_fn(z)))(x)
-    return jax.lax.stop_gradient(jnp.clip(x + eps * jnp.sign(g).astype(x.dtype), *bounds))
+    adv = _project(x + eps * jnp.sign(g).astype(x.dtype), x, eps, bounds)
+    return jax.lax.stop_gradient(adv)
 
 
 def _logits(out: Any) -> jax.Array:

@@ -18,6 +18,7 @@ left as they are.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -70,20 +71,34 @@ def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array
     return jnp.float32(alpha / 2) * (1.0 + jnp.cos(jnp.pi * t / end_step))
 
 
-def _validate(sparsity, update_every, end_step, drop_fraction, regrow, key):
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _validate(sparsity, update_every, end_step, drop_fraction, regrow, key, *, cosine):
+    # numbers.Real covers Python and NumPy scalars alike (np.float32 is not a float).
+    real = isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool)
+    if not real or not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(
-            f"sparsity must be a float in [0, 1) (the constant fraction of pruned weights), got "
-            f"{sparsity!r}. Fix: e.g. sparsity=0.9."
+            f"sparsity must be a float in [0, 1) (any real number, Python or NumPy: the constant "
+            f"fraction of pruned weights), got {sparsity!r}. Fix: e.g. sparsity=0.9."
         )
-    if not isinstance(update_every, int) or update_every < 1:
+    if not _is_int(update_every) or update_every < 1:
         raise ValueError(
             f"update_every must be a positive int (steps between drop/grow), got "
             f"{update_every!r}. Fix: e.g. update_every=100 as in RigL."
         )
-    if end_step is not None and (not isinstance(end_step, int) or end_step < 1):
+    if cosine and end_step is None:
+        # The cosine drop fraction f(t) = alpha/2 (1 + cos(pi t / T_end)) needs T_end.
         raise ValueError(
-            f"end_step must be a positive int (last drop/grow step) or None, got {end_step!r}. "
+            "end_step must be a positive int for RigL (its cosine drop schedule decays to 0 at "
+            "end_step), got None. Fix: RigL uses 75% of the training steps, e.g. "
+            "end_step=int(0.75 * total_steps)."
+        )
+    if end_step is not None and (not _is_int(end_step) or end_step < 1):
+        raise ValueError(
+            f"end_step must be a positive int (last drop/grow step)"
+            f"{'' if cosine else ' or None (update until training ends)'}, got {end_step!r}. "
             "Fix: RigL uses 75% of the training steps."
         )
     if not 0.0 <= float(drop_fraction) <= 1.0:
@@ -160,7 +175,9 @@ def _dynamic(
     distribution,
     where,
 ) -> optax.GradientTransformationExtraArgs:
-    _validate(sparsity, update_every, end_step, drop_fraction, regrow, key)
+    _validate(sparsity, update_every, end_step, drop_fraction, regrow, key, cosine=cosine)
+    update_every = int(update_every)
+    end_step = None if end_step is None else int(end_step)
     inner = optax.with_extra_args_support(tx)
     key_data = jax.random.key_data(key)
 
@@ -264,7 +281,8 @@ def rigl(
         ``inject_hyperparams``-built ones, chains...).
       sparsity: the constant total fraction of pruned prunable weights.
       key: PRNG key for the initial random masks (and random regrowth).
-      end_step: last step on which connectivity changes (RigL: 75% of training).
+      end_step: the step at which the cosine drop fraction reaches 0 and
+        connectivity stops changing (RigL: 75% of training); required.
       update_every: steps between drop/grow updates (RigL: 100).
       drop_fraction: the initial drop fraction ``alpha`` (RigL: 0.3).
       regrow: ``"gradient"`` (RigL) or ``"random"``.
@@ -325,7 +343,8 @@ def set(  # noqa: A001 (the algorithm's name; the builtin is not used in this mo
     Every ``update_every`` steps (the paper: each epoch) each prunable leaf
     drops ``floor(drop_fraction * active)`` weights closest to zero and regrows
     as many at random; regrown weights start at 0 with reset moments. See
-    :func:`rigl` for the arguments.
+    :func:`rigl` for the arguments; here ``end_step`` is optional (``None``:
+    update until training ends, SET's constant fraction needs no horizon).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxprune as jp

@@ -144,11 +144,35 @@ class HardConcrete:
         )
 
     def score(self, gp, kernel=None):
+        """Returns ``log_alpha``: the global-selection score of each unit (higher keeps).
+
+        The clipped test gate saturates at exactly 1 once ``log_alpha`` exceeds
+        ``logit((1 - gamma) / (zeta - gamma))`` (about 2.4), so ranking by it
+        would break ties among confidently open units by flatten order;
+        ``log_alpha`` is monotone in the unclipped keep probability
+        ``sigmoid(log_alpha)`` and never saturates.
+        """
         del kernel
-        return self.unit_gate(gp, None)
+        return gp["gate_log_alpha"].astype(jnp.float32)
 
     def keep(self, gp, kernel=None):
-        return self.score(gp, kernel) > 0
+        del kernel
+        return self.unit_gate(gp, None) > 0
+
+
+def _log_expected_keep_probability(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Returns ``log E[pi] = log b + log Beta(1 + 1/a, b)`` for ``pi ~ Kumaraswamy(a, b)``.
+
+    Computed in log space so that it neither underflows for tiny ``E[pi]`` nor
+    depends on the test gate's threshold: the ranking score of
+    :class:`BetaBernoulli`.
+
+    Examples:
+      >>> round(float(_log_expected_keep_probability(1.0, 1.0)), 4)  # log(1/2)
+      -0.6931
+    """
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return jnp.log(b) + gammaln(1 + 1 / a) + gammaln(b) - gammaln(1 + 1 / a + b)
 
 
 def expected_keep_probability(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -158,8 +182,7 @@ def expected_keep_probability(a: jax.Array, b: jax.Array) -> jax.Array:
       >>> round(float(expected_keep_probability(2.0, 1.0)), 4)  # a / (a + 1) when b = 1
       0.6667
     """
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return jnp.exp(jnp.log(b) + gammaln(1 + 1 / a) + gammaln(b) - gammaln(1 + 1 / a + b))
+    return jnp.exp(_log_expected_keep_probability(a, b))
 
 
 def beta_bernoulli_kl(a: jax.Array, b: jax.Array, alpha: float) -> jax.Array:
@@ -280,11 +303,18 @@ class BetaBernoulli:
         return total
 
     def score(self, gp, kernel=None):
+        """Returns ``log E[pi]`` without the threshold: the global-selection score (higher keeps).
+
+        The test gate is 0 for every unit below ``threshold``, so ranking by it
+        would break ties among those units by flatten order; the log of the
+        unthresholded ``E[pi]`` is monotone in it and does not underflow.
+        """
         del kernel
-        return self.unit_gate(gp, None)
+        return _log_expected_keep_probability(*self.ab(gp))
 
     def keep(self, gp, kernel=None):
-        return self.score(gp, kernel) > 0
+        del kernel
+        return self.unit_gate(gp, None) > 0
 
 
 _K1, _K2, _K3 = 0.63576, 1.87320, 1.48695
@@ -352,10 +382,23 @@ class VariationalDropout:
         del key
         return {"gate_log_sigma2": jnp.full(kernel.shape, self.init_log_sigma2, jnp.float32)}
 
-    def log_alpha(self, gp: dict[str, jax.Array], kernel: jax.Array) -> jax.Array:
-        """Returns ``clip(log sigma^2 - log w^2, -8, 8)``."""
+    def log_alpha(
+        self, gp: dict[str, jax.Array], kernel: jax.Array, *, clip: bool = True
+    ) -> jax.Array:
+        """Returns ``clip(log sigma^2 - log w^2, -8, 8)`` (unclipped with ``clip=False``).
+
+        The clip keeps the KL approximation in its fitted range (Molchanov et
+        al. 2017); the ranking score needs the unclipped value, whose order the
+        clip would flatten into ties.
+        """
+        if kernel is None:
+            raise ValueError(
+                "VariationalDropout reads each gated layer's kernel, but kernel is None. Fix: pass "
+                "the params that gate_params was built from (jp.gates.init_gates(gate, params))."
+            )
         w2 = jnp.square(kernel.astype(jnp.float32))
-        return jnp.clip(gp["gate_log_sigma2"] - jnp.log(w2 + 1e-8), -8.0, 8.0)
+        la = gp["gate_log_sigma2"] - jnp.log(w2 + 1e-8)
+        return jnp.clip(la, -8.0, 8.0) if clip else la
 
     def apply(self, gp, kernel, key):
         if key is None:
@@ -370,7 +413,14 @@ class VariationalDropout:
         return sum(kls, jnp.float32(0))
 
     def score(self, gp, kernel):
-        return -self.log_alpha(gp, kernel)
+        """Returns ``-log_alpha``, unclipped: the global-selection score (higher keeps).
+
+        ``keep`` thresholds the clipped ``log_alpha`` at a value inside
+        ``(-8, 8)``, which equals thresholding the unclipped one; ranking by the
+        clipped value would tie every weight beyond ``+-8`` and break the ties by
+        flatten order.
+        """
+        return -self.log_alpha(gp, kernel, clip=False)
 
     def keep(self, gp, kernel):
         return self.log_alpha(gp, kernel) <= self.threshold

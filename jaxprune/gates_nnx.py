@@ -204,10 +204,34 @@ def reseed(model: nnx.Module, key: jax.Array) -> None:
 
 
 def model_penalty(model: nnx.Module) -> jax.Array:
-    """Returns the summed regularizer (expected L0, KL, ...) of every gated layer of ``model``."""
-    total = jnp.float32(0)
+    """Returns the regularizer (expected L0, KL, ...) of every gated layer of ``model``.
+
+    The layers are grouped by gate kind and each kind's ``penalty`` is called
+    once on all of its layers, exactly as the functional
+    :func:`jaxprune.gates.penalty` does: a penalty need not be a sum over
+    layers. :class:`~jaxprune.gates.ScalarGate`'s ``weight * (mean |g| - target)**2``
+    takes the mean over all gates of the network (Wang et al. 2020,
+    https://arxiv.org/abs/1909.12579), which a per-layer sum would not. The
+    totals of the different kinds are added.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxprune import gates, models
+      >>> m = models.lenet_300_100(rngs=nnx.Rngs(0))
+      >>> _ = gates.attach(m, gates.ScalarGate(), key=jax.random.key(0), skip=("layers/2",))
+      >>> gates.gated_layers(m)[1][1].gate_scale.set_value(jnp.zeros(100))
+      >>> round(float(gates.model_penalty(m)), 3)  # 0.5 * (300 / 400 - 0.2)**2
+      0.151
+    """
+    by_kind: dict[Any, tuple[list, list]] = {}
     for _, m in gated_layers(model):
-        total = total + m.gate.penalty([m.gate_params()], [m.module.kernel.get_value()])
+        gps, kernels = by_kind.setdefault(m.gate, ([], []))
+        gps.append(m.gate_params())
+        kernels.append(m.module.kernel.get_value())
+    total = jnp.float32(0)
+    for gate, (gps, kernels) in by_kind.items():
+        total = total + gate.penalty(gps, kernels)
     return total
 
 

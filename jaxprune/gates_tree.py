@@ -189,6 +189,9 @@ def unit_masks(
     if params is not None:
         flat, _ = leaves_with_paths(params)
         kernels = {path_str(p): jnp.asarray(x) for p, x in flat}
+        # Before scoring: a per-weight kind reads kernels[name], and a name that
+        # params lacks must get the clear message, not an error on ``None``.
+        _check_gate_params(gate_params, kernels)
     if not gate.per_unit and params is None:
         raise ValueError(
             "variational dropout masks read the weights, but params is None. Fix: pass params."

@@ -14,6 +14,7 @@ unit) is a column here, and N:M groups run along the input axis.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any
 
 import jax
@@ -146,16 +147,33 @@ def wanda_prune(
 
 
 def _block_size(cols: int, blocksize: int, nm: tuple[int, int] | None) -> int:
-    m = nm[1] if nm else 1
-    size = min(blocksize, cols)
-    while cols % size or size % m:
-        size -= 1
+    """Returns the columns per full block; the last block holds the ragged remainder.
+
+    As in the reference implementation (``i2 = min(i1 + blocksize, cols)``),
+    the block is not shrunk to a divisor of ``cols``: shrinking it (to 1 for a
+    prime input size) would choose the adaptive mask column by column. With
+    N:M the block is the largest multiple of ``m`` not above ``blocksize``
+    (at least ``m``) so that no N:M group straddles two blocks; ``m`` divides
+    ``cols``, so the ragged last block is a whole number of groups too.
+    """
+    if not isinstance(blocksize, numbers.Integral) or isinstance(blocksize, bool) or blocksize < 1:
+        raise ValueError(
+            f"blocksize must be a positive int, got {blocksize!r}. Fix: use the paper's 128."
+        )
+    size = min(int(blocksize), cols)
+    if nm is not None:
+        m = nm[1]
+        size = max(m, size - size % m)
     return size
 
 
 @functools.partial(jax.jit, static_argnames=("sparsity", "nm", "blocksize", "dampening"))
 def _sparsegpt_rows(w, h, *, sparsity, nm, blocksize, dampening):
-    """SparseGPT on ``w`` ``[rows=out, cols=in]`` with input Hessian ``h`` ``[in, in]``."""
+    """SparseGPT on ``w`` ``[rows=out, cols=in]`` with input Hessian ``h`` ``[in, in]``.
+
+    ``cols // blocksize`` full blocks in a ``fori_loop``, then (shapes are
+    static) one ragged block of ``cols % blocksize`` columns.
+    """
     rows, cols = w.shape
     eye = jnp.eye(cols, dtype=jnp.float32)
     dead = jnp.diag(h) == 0
@@ -165,10 +183,9 @@ def _sparsegpt_rows(w, h, *, sparsity, nm, blocksize, dampening):
     hinv = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(h), True), eye)
     u = jnp.linalg.cholesky(hinv).T  # upper: hinv = u^T u
     col_idx = jnp.arange(cols)
-    size = blocksize
 
-    def block(b, w):
-        i1 = b * size
+    def block(i1, size, w):
+        # i1 may be traced; size is a Python int.
         w1 = jax.lax.dynamic_slice(w, (0, i1), (rows, size))
         u1 = jax.lax.dynamic_slice(u, (i1, i1), (size, size))
         d1 = jnp.diag(u1)
@@ -205,8 +222,12 @@ def _sparsegpt_rows(w, h, *, sparsity, nm, blocksize, dampening):
         later = jax.lax.dynamic_slice(u, (i1, 0), (size, cols))
         return w - jnp.where(col_idx[None, :] >= i1 + size, err @ later, 0.0)
 
+    full, tail = divmod(cols, blocksize)
     with jax.default_matmul_precision("highest"):
-        return jax.lax.fori_loop(0, cols // size, block, w)
+        w = jax.lax.fori_loop(0, full, lambda b, w: block(b * blocksize, blocksize, w), w)
+        if tail:
+            w = block(full * blocksize, tail, w)
+        return w
 
 
 def sparsegpt(
@@ -232,7 +253,9 @@ def sparsegpt(
       hessian: ``[in, in]``, ``X^T X`` of the layer's inputs (any positive scale).
       sparsity: fraction to prune (unstructured).
       nm: ``(n, m)`` for N:M sparsity instead.
-      blocksize: columns per lazy-update block (128 in the paper).
+      blocksize: columns per lazy-update block (128 in the paper); the last block
+        holds the remainder when it does not divide the input size. With
+        ``nm`` it is rounded down to a multiple of ``m``.
       dampening: ``lambda`` as a fraction of the mean diagonal of ``H``.
 
     Examples:

@@ -26,30 +26,47 @@ class MergeResult(NamedTuple):
     pairs: jax.Array  # int32 [num_merges, 2]: (kept i, removed j) in merge order
 
 
+def _varies(std: jax.Array) -> jax.Array:
+    """Returns which units are not constant, from ``sqrt(sum (h - mean h)**2)`` per unit."""
+    return std > 1e-12
+
+
 def most_correlated_pair(
     h: ArrayLike, alive: ArrayLike | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """Returns ``(i, j)``, the two alive units whose activations have the largest |correlation|.
+    """Returns ``(i, j)``, ``i < j``: the two alive units of largest activation |correlation|.
 
-    Constant (e.g. dead ReLU) units have no defined correlation and are never chosen.
+    Constant (e.g. dead ReLU) units have no defined correlation and are never
+    chosen. When fewer than two alive, non-constant units remain there is no
+    pair and ``(-1, -1)`` is returned (a sentinel rather than an error, so the
+    function stays usable under ``jax.jit``); a unit is never paired with itself.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> h = jnp.array([[1., 0., 2.], [2., 1., 4.], [3., 0., 6.]])
       >>> [int(v) for v in jp.merge.most_correlated_pair(h)]
       [0, 2]
+      >>> [int(v) for v in jp.merge.most_correlated_pair(h, jnp.array([True, True, False]))]
+      [0, 1]
+      >>> [int(v) for v in jp.merge.most_correlated_pair(h[:, :2], jnp.array([True, False]))]
+      [-1, -1]
     """
     h = jnp.asarray(h, jnp.float32)
     units = h.shape[1]
     alive = jnp.ones(units, bool) if alive is None else jnp.asarray(alive, bool)
     hc = h - h.mean(axis=0)
     std = jnp.sqrt(jnp.sum(hc**2, axis=0))
-    ok = alive & (std > 1e-12)
+    ok = alive & _varies(std)
     corr = (hc.T @ hc) / jnp.maximum(std[:, None] * std[None, :], 1e-30)
     valid = ok[:, None] & ok[None, :] & ~jnp.eye(units, dtype=bool)
     flat = jnp.argmax(jnp.where(valid, jnp.abs(corr), -1.0))
     i, j = flat // units, flat % units
-    return jnp.minimum(i, j).astype(jnp.int32), jnp.maximum(i, j).astype(jnp.int32)
+    # argmax over all -1 would return (0, 0): merging a unit into itself kills it.
+    found = jnp.any(valid)
+    none = jnp.int32(-1)
+    i_out = jnp.where(found, jnp.minimum(i, j).astype(jnp.int32), none)
+    j_out = jnp.where(found, jnp.maximum(i, j).astype(jnp.int32), none)
+    return i_out, j_out
 
 
 def merge_pair(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, i, j):
@@ -93,7 +110,11 @@ def noiseout(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, num_merges: int) 
       columns and bias to remove the units there too.
 
     Raises:
-      ValueError: ``num_merges`` is not in ``[0, units - 1]``.
+      ValueError: ``num_merges`` is not in ``[0, units - 1]``, or fewer than
+        ``num_merges`` merges are possible because no two alive units with
+        non-constant activations remain (the message says how many were made).
+        Under ``jax.jit`` the values cannot be inspected: the impossible merges
+        are skipped instead (no unit removed, pair ``(-1, -1)``).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -118,10 +139,22 @@ def noiseout(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, num_merges: int) 
     w, b = jnp.asarray(w_out), jnp.asarray(b_out)
     alive = jnp.ones(units, bool)
     pairs = []
-    for _ in range(num_merges):
+    for done in range(num_merges):
         i, j = most_correlated_pair(h, alive)
-        w, b = merge_pair(h, w, b, i, j)
-        alive = alive.at[j].set(False)
+        found = i >= 0
+        if not isinstance(found, jax.core.Tracer) and not bool(found):
+            std = jnp.sqrt(jnp.sum((h - h.mean(axis=0)) ** 2, axis=0))
+            constant = int(jnp.sum(alive & ~_varies(std)))
+            raise ValueError(
+                f"noiseout could make only {done} of num_merges={num_merges} merges: fewer than "
+                f"two alive units with non-constant activations remain ({int(alive.sum())} "
+                f"alive, {constant} of them constant). Fix: num_merges={done}; a constant "
+                "(dead) unit j needs no partner: add its value times w_out[j] to b_out and "
+                "drop it."
+            )
+        w2, b2 = merge_pair(h, w, b, jnp.maximum(i, 0), jnp.maximum(j, 0))
+        w, b = jnp.where(found, w2, w), jnp.where(found, b2, b)
+        alive = jnp.where(found, alive.at[jnp.maximum(j, 0)].set(False), alive)
         pairs.append(jnp.stack([i, j]))
     pairs_arr = jnp.stack(pairs) if pairs else jnp.zeros((0, 2), jnp.int32)
     return MergeResult(w, b, alive, pairs_arr)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, leaves_with_paths, prunable_flags
+from jaxprune._tree import Where, leaves_with_paths, path_str, prunable_flags
 from jaxprune.structure.evaluate import run_once
 from jaxprune.structure.graph import Group, channel_indices, find_groups
 from jaxprune.structure.program import trace
@@ -66,6 +66,40 @@ def groups(
     return tuple(g for g in found if g.prunable) if prunable_only else found
 
 
+def _check_aligned(groups: Sequence[Group], scores: Any) -> list:
+    """Returns ``scores``' flat ``(path, leaf)`` list, checked to be the tree the groups index.
+
+    Groups name params leaves by their flatten index; a scores tree over other
+    leaves (e.g. ``nnx.state(model, nnx.Param)`` when the groups came from
+    :func:`~jaxprune.structure.module_apply`'s state, which also holds the
+    BatchNorm statistics) would silently score the wrong leaves, or index past
+    the end.
+    """
+    flat, _ = leaves_with_paths(scores)
+    fix = (
+        "Fix: compute the scores over the same tree the groups were found on (for nnx, "
+        "the state returned by structure.module_apply, e.g. jp.criteria.magnitude(state))."
+    )
+    for g in groups:
+        for m in g.members:
+            if m.leaf >= len(flat) or path_str(flat[m.leaf][0]) != path_str(m.path):
+                got = path_str(flat[m.leaf][0]) if m.leaf < len(flat) else "no such leaf"
+                raise ValueError(
+                    f"scores does not match the groups' tree: group member {path_str(m.path)!r} "
+                    f"is leaf {m.leaf} of the params the groups came from, but leaf {m.leaf} "
+                    f"of scores ({len(flat)} leaves) is {got!r}. {fix}"
+                )
+            shape = jnp.shape(flat[m.leaf][1])
+            size = shape[m.axis] if m.axis < len(shape) else 0
+            outer, inner, offset, count = m.layout
+            if not size or size % outer or offset + count * inner > size // outer:
+                raise ValueError(
+                    f"scores leaf {path_str(m.path)!r} has shape {tuple(shape)}, which does not "
+                    f"hold the {g.channels} channels its group expects along axis {m.axis}. {fix}"
+                )
+    return flat
+
+
 def _member_channel_scores(x: jax.Array, axis: int, layout, reduce) -> jax.Array:
     size = x.shape[axis]
     idx = np.array([channel_indices(layout, size, c) for c in range(layout[3])])  # [C, k]
@@ -96,13 +130,16 @@ def group_scores(
     Returns:
       A list of float32 vectors, one per group (zeros when no member votes).
 
+    Raises:
+      ValueError: ``scores`` is not the tree the groups were found on.
+
     References:
       Fang et al., "DepGraph", 2023. https://arxiv.org/abs/2301.12900
       Molchanov et al., "Importance Estimation for Neural Network Pruning",
       2019 (group importance as a sum). https://arxiv.org/abs/1906.10771
     """
     red = _reducer(reduce)
-    flat, _ = leaves_with_paths(scores)
+    flat = _check_aligned(groups, scores)
     flags = prunable_flags(scores, where)
     out = []
     for g in groups:
@@ -167,6 +204,10 @@ def select(
     Returns:
       Bool masks with the structure of ``scores``.
 
+    Raises:
+      ValueError: ``scores`` is not the tree the groups were found on (e.g.
+        ``nnx.state(model, nnx.Param)`` for groups from ``module_apply``'s state).
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
       >>> from jaxprune import structure
@@ -184,6 +225,7 @@ def select(
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
     _masks._check_sparsity(sparsity)
+    _check_aligned(groups, scores)
     if isinstance(sparsity, jax.core.Tracer) or any(
         isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(scores)
     ):

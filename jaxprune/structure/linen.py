@@ -10,7 +10,9 @@ stored attributes are unchanged; full-size params run exactly as before.
 Layers it knows: ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv`` (grouped and
 depthwise included), ``ConvLocal`` and ``ConvTranspose``. Norm layers
 (``BatchNorm``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` with ``group_size``)
-read their widths from the input and need nothing. Any other layer whose params
+read their widths from the input and need nothing; a ``GroupNorm`` with one
+channel per group given as ``num_groups`` gets ``num_groups`` set to its
+shrunk input's channels. Any other layer whose params
 changed shape raises a ``ValueError`` that names it.
 """
 
@@ -45,6 +47,15 @@ def _set(mod: nn.Module, **attrs: Any) -> None:
 
 def _adapt(mod: nn.Module, args: tuple) -> None:
     """Sets ``mod``'s width attributes to what its (possibly shrunk) params imply."""
+    if isinstance(mod, nn.GroupNorm):
+        # Only a GroupNorm with one channel per group has prunable channels (a cut
+        # inside a larger group would change its statistics). Given num_groups=C,
+        # its shrunk input has fewer channels than groups, which flax rejects:
+        # there the groups follow the channels, as group_size=1 would.
+        channels = jnp.shape(args[0])[-1] if args else 0
+        if mod.num_groups is not None and 0 < channels < mod.num_groups:
+            _set(mod, num_groups=channels)
+        return
     shape = _kernel(mod)
     if shape is None:
         return

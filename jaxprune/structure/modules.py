@@ -2,7 +2,8 @@
 
 nnx layers read their widths from their arrays when called, except for a few
 attributes (``in_features``, ``out_features``, ``kernel_shape``,
-``num_features``, ``feature_group_count``, and attention's ``num_heads``,
+``num_features``, ``feature_group_count``, GroupNorm's ``num_groups``, Einsum's
+``kernel_shape`` and ``bias_shape``, and attention's ``num_heads``,
 ``head_dim``, ``qkv_features``) that :func:`shrink_module` updates after
 replacing the arrays, so the same model object keeps working.
 """
@@ -13,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import errors as flax_errors
 from flax import nnx
 
 from jaxprune._tree import leaves_with_paths, path_str
@@ -29,7 +31,9 @@ def module_apply(model: nnx.Module) -> tuple[Any, Any]:
     ``state`` is the model's state (Params, BatchStats; RNG streams excluded), the tree that
     :func:`~jaxprune.structure.groups` and :func:`~jaxprune.shrink` work on. It is a
     snapshot: changing the model in place afterwards (e.g. :func:`shrink_module`) leaves
-    it as it was.
+    it as it was. Call ``model.eval()`` first: a model drawing random numbers
+    (Dropout in train mode) cannot be traced, and ``apply_fn`` then raises a
+    ``ValueError`` saying so.
     """
     # RNG streams (dropout keys and counters) are not shrinkable and not maskable: they stay
     # outside the state handed to the analysis.
@@ -38,7 +42,19 @@ def module_apply(model: nnx.Module) -> tuple[Any, Any]:
     state = jax.tree.map(lambda x: x, state)
 
     def apply_fn(state, *inputs):
-        return nnx.merge(graphdef, state, rng)(*inputs)
+        try:
+            return nnx.merge(graphdef, state, rng)(*inputs)
+        except flax_errors.TraceContextError as err:
+            # The RNG streams are the model's own Variables: drawing from them (Dropout
+            # in train mode) under jax tracing, as groups and shrink do, is refused.
+            if not jax.tree.leaves(rng) or "Rng" not in str(err):
+                raise
+            raise ValueError(
+                f"{type(model).__name__} draws random numbers when called (e.g. Dropout in "
+                "train mode), which structure.groups / shrink cannot trace, and the analysis "
+                "needs the deterministic model anyway. Fix: call model.eval() before "
+                "structure.module_apply (and model.train() afterwards to keep training)."
+            ) from err
 
     return apply_fn, state
 
@@ -88,12 +104,30 @@ def _update_attributes(model: nnx.Module) -> None:
             mod.in_features, mod.in_kv_features = q[0], k[0]
             mod.num_heads, mod.head_dim = q[1], q[2]
             mod.qkv_features, mod.out_features = q[1] * q[2], o[-1]
-        elif isinstance(mod, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm)):
-            for name in ("scale", "bias", "mean", "var"):
-                v = getattr(mod, name, None)
-                if isinstance(v, nnx.Variable):
-                    mod.num_features = int(v.get_value().shape[-1])
-                    break
+        elif isinstance(mod, nnx.ConvTranspose):
+            shape = tuple(int(d) for d in mod.kernel.shape)
+            mod.kernel_shape = shape
+            if mod.transpose_kernel:  # kernel (..., out, in)
+                mod.out_features, mod.in_features = shape[-2], shape[-1]
+            else:
+                mod.in_features, mod.out_features = shape[-2], shape[-1]
+        elif isinstance(mod, nnx.Einsum):
+            mod.kernel_shape = tuple(int(d) for d in mod.kernel.shape)
+            if isinstance(mod.bias, nnx.Variable):
+                mod.bias_shape = tuple(int(d) for d in mod.bias.get_value().shape)
+        elif isinstance(mod, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)):
+            arrays = (getattr(mod, name, None) for name in ("scale", "bias", "mean", "var"))
+            widths = [int(v.get_value().shape[-1]) for v in arrays if isinstance(v, nnx.Variable)]
+            if not widths:
+                continue  # no arrays: nothing was cut here
+            if hasattr(mod, "num_features"):
+                mod.num_features = widths[0]
+            if isinstance(mod, nnx.GroupNorm) and widths[0] % mod.group_size == 0:
+                # GroupNorm reshapes to (num_groups, group_size) when called. Only
+                # group_size 1 (one channel per group) is ever prunable, since a
+                # cut inside a group would change its statistics: the group size
+                # stays and the number of groups follows the channels.
+                mod.num_groups = widths[0] // mod.group_size
 
 
 def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bool = True):
@@ -145,13 +179,18 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
 
     def check_as(masks_, small_):
         # Installs small_ and compares the model with the original masked by masks_.
+        # The new state goes in as an argument of the jitted function, not as a
+        # closure: nnx transforms inside the model (nnx.remat, nnx.vmap) refuse
+        # Variables captured from outside the trace.
         install(small_)
         new_apply, new_state = module_apply(model)
         _check_outputs(
-            lambda s, *x: new_apply(new_state, *x) if s is None else apply_fn(s, *x),
-            None,
+            new_apply,
+            new_state,
             run_once(apply_masks, state, masks_),
             example_inputs,
+            reference_fn=apply_fn,
+            dtypes=prog.dtypes,
         )
 
     if not check:

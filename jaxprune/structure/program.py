@@ -2,7 +2,7 @@
 
 ``trace(apply_fn, params, *example_inputs)`` runs ``jax.make_jaxpr`` and
 inlines every call-like sub-jaxpr (``jit``, ``custom_jvp_call``,
-``custom_vjp_call``, ``closed_call``, ``remat``), so that the dependency
+``custom_vjp_call``, ``closed_call``, ``remat``/``checkpoint``), so that the dependency
 analysis and the evaluator in this package see primitives only. Variables are
 integers; literals and closed-over constants become constant variables.
 """
@@ -28,6 +28,9 @@ _CALLS = {
     "custom_jvp_call": "call_jaxpr",
     "custom_vjp_call": "call_jaxpr",
     "custom_vjp_call_jaxpr": "fun_jaxpr",
+    # jax.checkpoint / nnx.remat / nn.remat: "remat2" (an open Jaxpr) in current jax,
+    # "checkpoint" or "remat" in others. Rematerialization changes memory, not values.
+    "remat2": "jaxpr",
     "remat": "jaxpr",
     "checkpoint": "jaxpr",
 }

@@ -7,9 +7,13 @@ from it either exactly zero (its activation is constant zero, or the weights
 reading it are masked out) or a constant that can be folded into the bias (or
 BatchNorm mean) added right after that contraction: e.g. a ReLU unit whose
 incoming weights are all masked outputs ``relu(b)`` for every input, and
-``relu(b) * W_next[i]`` is added to the next layer's bias. Folding is checked
-numerically to be the same at every position, so it happens for Dense layers
-and VALID convolutions, not at the zero-padded borders of a SAME convolution.
+``relu(b) * W_next[i]`` is added to the next layer's bias. Whether a fold is
+position-independent is read from the program, never from the example's sizes
+(a 1x1 example feature map has no border): it happens for Dense layers and
+unpadded, undilated convolutions, never through a padded (SAME) or
+input-dilated (transposed) convolution, whose border positions see fewer taps.
+A constant that has passed through such a padded op on its way (so it differs
+at the borders, and its spatial mean with the input size) counts as varying.
 Channels are decided group by group in program order on an exact simulation
 of the shrunk network, so folds never see stale values.
 """
@@ -26,7 +30,7 @@ from jaxprune._tree import check_same_structure, leaves_with_paths, path_str
 from jaxprune.masks import apply_masks
 from jaxprune.structure.evaluate import make_evaluator, run_once
 from jaxprune.structure.graph import Analysis, Group, channel_indices, find_groups
-from jaxprune.structure.program import Program, trace
+from jaxprune.structure.program import Eqn, Program, trace
 
 __all__ = ["shrink", "plan"]
 
@@ -60,6 +64,79 @@ def _fold_target(prog: Program, consumers, producers, e: int):
     if len(shape) != len(prog.shapes[y]):
         return None
     return prog.param_ids.index(v), sign, shape
+
+
+def _pads(e: Eqn) -> bool:
+    """Whether ``e``'s result at a position depends on its distance from the border.
+
+    A padded or input-dilated (transposed) convolution and a padded sum-pool
+    read fewer real entries near the border (or between dilated entries), and
+    ``pad`` adds a border; so a channel that is constant going in is not
+    constant coming out, whatever the sizes in the example happen to show.
+    Max/min pools pad with their identity and keep constants constant.
+    """
+    name, prm = e.prim.name, e.params
+    if name == "conv_general_dilated":
+        return any(lo > 0 or hi > 0 for lo, hi in prm["padding"]) or any(
+            d != 1 for d in prm["lhs_dilation"]
+        )
+    if name == "reduce_window_sum":
+        return any(lo > 0 or hi > 0 for lo, hi in prm["padding"]) or any(
+            d != 1 for d in prm.get("base_dilation", ())
+        )
+    if name == "pad":
+        return any(lo > 0 or hi > 0 or mid > 0 for lo, hi, mid in prm["padding_config"])
+    return False
+
+
+def _border_aware(prog: Program) -> tuple[Program, dict[int, list[int]], list[np.ndarray]]:
+    """Returns ``(program, index map, extra inputs)``: ``prog`` for the evaluator.
+
+    The evaluator calls an entry constant when no model input reaches it. A
+    padded op (:func:`_pads`) applied to a nonzero constant gives a constant
+    that differs at the borders, so folding it later (e.g. after a global mean)
+    would only be right at the example's input size. Each such ``y = op(x, ...)``
+    becomes ``y = op(x, ...) + op(x * z, ...)`` with ``z`` an extra all-zero
+    input: the value is unchanged, and wherever a nonzero constant entry of
+    ``x`` reaches ``y`` it now counts as varying (input-dependent), so it is
+    never folded. The index map sends an equation of ``prog`` to the equations
+    of the new program that get its ``keeps`` (both copies of a contraction).
+    """
+    eqns: list[Eqn] = []
+    shapes, dtypes = list(prog.shapes), list(prog.dtypes)
+    input_ids, extra = list(prog.input_ids), []
+    index: dict[int, list[int]] = {}
+
+    def new(like: int) -> int:
+        shapes.append(shapes[like])
+        dtypes.append(dtypes[like])
+        return len(shapes) - 1
+
+    def zero_input(like: int) -> int:
+        z = new(like)
+        input_ids.append(z)
+        extra.append(np.zeros(shapes[like], dtypes[like]))
+        return z
+
+    for i, e in enumerate(prog.eqns):
+        if not _pads(e):
+            index[i] = [len(eqns)]
+            eqns.append(e)
+            continue
+        x, y = e.ins[0], e.outs[0]
+        xz, y0, t = new(x), new(y), new(y)
+        eqns.append(Eqn(jax.lax.mul_p, {}, (x, zero_input(x)), (xz,)))
+        rest = e.ins[1:]
+        if e.prim.name == "pad":  # the border itself counts when the padding value is nonzero
+            pv, pz = e.ins[1], new(e.ins[1])
+            eqns.append(Eqn(jax.lax.mul_p, {}, (pv, zero_input(pv)), (pz,)))
+            rest = (pz,)
+        index[i] = [len(eqns), len(eqns) + 1]
+        eqns.append(Eqn(e.prim, e.params, e.ins, (y0,)))
+        eqns.append(Eqn(e.prim, e.params, (xz,) + rest, (t,)))
+        eqns.append(Eqn(jax.lax.add_p, {}, (y0, t), (y,)))
+    out = prog._replace(eqns=eqns, shapes=shapes, dtypes=dtypes, input_ids=input_ids)
+    return out, index, extra
 
 
 def _reduce_delta(delta: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -104,6 +181,8 @@ def plan(
     leaves = [np.array(x) for _, x in leaves_with_paths(masked)[0]]
     inputs = [jnp.asarray(x) for x in jax.tree.leaves(example_inputs)]
     sh = prog.shapes
+    eval_prog, index, extra = _border_aware(prog)
+    inputs += [jnp.asarray(x) for x in extra]
 
     terms_by_root: dict[Any, list] = {}
     for e, le, re in an.contractions:
@@ -112,7 +191,7 @@ def plan(
         {t[1][0] for ts in terms_by_root.values() for t in ts}
         | {t[2][0] for ts in terms_by_root.values() for t in ts}
     )
-    run = make_evaluator(prog, tuple(want))
+    run = make_evaluator(eval_prog, tuple(want))
     keeps: dict[str, dict[str, np.ndarray]] = {}
     for e, le, _ in an.contractions:
         keeps.setdefault(str(e), {})[str(le[1])] = np.ones(sh[le[0]][le[1]], np.float32)
@@ -133,7 +212,8 @@ def plan(
     res = None
     for _, group, root in order:
         if res is None:
-            res = jax.device_get(run([jnp.asarray(x) for x in leaves], inputs, keeps))
+            moved = {str(j): v for k, v in keeps.items() for j in index[int(k)]}
+            res = jax.device_get(run([jnp.asarray(x) for x in leaves], inputs, moved))
         cut, changed = [], False
         for c in range(group.channels):
             folds, ok = [], True
@@ -149,7 +229,10 @@ def plan(
                     ok = False
                     break
                 if e not in targets:
-                    targets[e] = _fold_target(prog, consumers, producers, e)
+                    # A padded or transposed conv adds a constant channel with fewer
+                    # taps at the borders: no bias can hold that, at any input size.
+                    foldable = not _pads(prog.eqns[e])
+                    targets[e] = _fold_target(prog, consumers, producers, e) if foldable else None
                 tgt = targets[e]
                 if tgt is None:
                     ok = False
@@ -211,7 +294,27 @@ class AdaptError(ValueError):
     """A model wrapper could not run on the shrunk params; its message names the fix."""
 
 
-def _check_outputs(apply_fn, small, masked, example_inputs, rtol=1e-4) -> None:
+def _tolerance(rtol: float, dtypes) -> float:
+    """Returns ``rtol`` widened to the round-off of the least precise float dtype in ``dtypes``.
+
+    The shrunk network adds the same numbers in another order (folded biases,
+    fewer terms in a sum), so it differs from the masked one by a few units of
+    the last place: far below ``1e-4`` in float32, but bfloat16's unit is
+    ``2**-7``, so a bf16 (or bf16-compute) model would fail a fixed ``1e-4``.
+    """
+    eps = [float(jnp.finfo(d).eps) for d in dtypes if jnp.issubdtype(d, jnp.floating)]
+    return max([rtol] + [8 * e for e in eps])
+
+
+def _check_outputs(
+    apply_fn, small, masked, example_inputs, rtol=1e-4, *, reference_fn=None, dtypes=()
+) -> None:
+    """Raises unless ``apply_fn(small, *x)`` matches ``reference_fn(masked, *x)``.
+
+    ``reference_fn`` defaults to ``apply_fn``; ``dtypes`` (the program's value
+    dtypes) widen ``rtol`` for low-precision models, see :func:`_tolerance`.
+    """
+    reference_fn = apply_fn if reference_fn is None else reference_fn
     try:
         got = run_once(apply_fn, small, *example_inputs)
     except AdaptError:
@@ -225,7 +328,9 @@ def _check_outputs(apply_fn, small, masked, example_inputs, rtol=1e-4) -> None:
             "structure.linen_apply(module) as apply_fn); otherwise rebuild the model with "
             "the widths from structure.widths(params, small) and pass check=False."
         ) from err
-    want = run_once(apply_fn, masked, *example_inputs)
+    want = run_once(reference_fn, masked, *example_inputs)
+    leaves = jax.tree.leaves((got, want, small))
+    rtol = _tolerance(rtol, list(dtypes) + [jnp.result_type(x) for x in leaves])
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         scale = max(float(np.max(np.abs(b))), 1.0) if b.size else 1.0
@@ -359,7 +464,7 @@ def shrink(apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: 
 
     def check_as(masks_, small_):
         want = run_once(apply_masks, params, masks_)
-        _check_outputs(apply_fn, small_, want, example_inputs)
+        _check_outputs(apply_fn, small_, want, example_inputs, dtypes=prog.dtypes)
 
     if check:
         try:
