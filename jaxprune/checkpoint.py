@@ -184,12 +184,20 @@ def _locate(directory: str | os.PathLike, step: int | None) -> tuple[pathlib.Pat
         if step is not None and step != int(path.name):
             raise CheckpointError(f"{path} is the directory of step {path.name}, not {step}.")
         return path.parent, int(path.name)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path} is a file, not a checkpoint: pass the directory given to jp.save."
+        )
     steps = _steps(path)
     if not steps:
-        raise CheckpointError(
-            f"no complete checkpoint in {path}: no finished step directory (an interrupted "
-            "save leaves only a temporary one)."
+        # Orbax writes a step into a temporary directory and renames it when done.
+        partial = any(".orbax-checkpoint-tmp" in c.name for c in path.iterdir())
+        why = (
+            "only an unfinished (interrupted) save is there"
+            if partial
+            else "it holds no step directory; pass the directory given to jp.save"
         )
+        raise CheckpointError(f"no complete checkpoint in {path}: {why}.")
     if step is None:
         return path, steps[-1]
     if step not in steps:

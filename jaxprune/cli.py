@@ -24,13 +24,22 @@ class _CommandError(Exception):
 def _demo(args: argparse.Namespace) -> int:
     from jaxprune import demo
 
-    demo.run(
-        dataset=args.dataset,
-        sparsity=args.sparsity,
-        epochs=args.epochs,
-        seed=args.seed,
-        quick=args.quick,
-    )
+    # Checked before any training, so a typo does not cost a dense phase first.
+    if not 0.0 <= args.sparsity <= 1.0:
+        raise _CommandError(
+            f"--sparsity must be in [0, 1] (the fraction of weights pruned), got "
+            f"{args.sparsity}. Fix: e.g. --sparsity 0.9."
+        )
+    try:
+        demo.run(
+            dataset=args.dataset,
+            sparsity=args.sparsity,
+            epochs=args.epochs,
+            seed=args.seed,
+            quick=args.quick,
+        )
+    except FileNotFoundError as e:  # a dataset's files are missing; the message names the fix
+        raise _CommandError(str(e)) from e
     return 0
 
 
@@ -62,7 +71,10 @@ def _inspect(args: argparse.Namespace) -> int:
         console.print(f"{ckpt.path} (step {ckpt.step}, {ckpt.format} format)")
         console.print(rep.table())
     if args.plot:
-        rep.plot_sparsity(args.plot)
+        try:
+            rep.plot_sparsity(args.plot)
+        except (OSError, ValueError) as e:
+            raise _CommandError(f"cannot write the plot {args.plot}: {e}") from e
     return 0
 
 
@@ -113,7 +125,9 @@ def _bench(args: argparse.Namespace) -> int:
     for name in names:
         script = folder / f"bench_{name}.py"
         print(f"== {script.name}", flush=True)
-        status = status or subprocess.call([sys.executable, str(script), *args.args])
+        # Every benchmark runs; the first failure's status is returned.
+        rc = subprocess.call([sys.executable, str(script), *args.args])
+        status = status or rc
     return status
 
 
@@ -123,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="train LeNet-300-100 with gradual magnitude pruning to 90%%")
-    d.add_argument("--dataset", default="auto", help="auto | fashion-mnist | mnist-5k | digits")
+    d.add_argument(
+        "--dataset",
+        default="auto",
+        choices=("auto", "fashion-mnist", "mnist-5k", "digits"),
+        help="auto | fashion-mnist | mnist-5k | digits",
+    )
     d.add_argument("--sparsity", type=float, default=0.9, help="final sparsity (default 0.9)")
     d.add_argument("--epochs", type=int, default=None, help="training epochs (default: by dataset)")
     d.add_argument("--seed", type=int, default=0)
@@ -155,8 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
     except _CommandError as e:

@@ -4,7 +4,9 @@ Honest numbers (DESIGN.md, decision 10): *sparsity* is the fraction of zero
 entries after the masks are applied; *compressed bytes* are those of the
 smallest exact encoding of :mod:`jaxprune.packing` (what
 ``jaxprune export --format compressed`` writes); *dense FLOPs* come from XLA's
-cost analysis of the compiled apply function; *nonzero MACs* follow ShrinkBench:
+cost analysis of the compiled apply function (which counts the body of a
+``lax.scan`` / ``while_loop`` once, whatever its trip count: the MAC counts
+below multiply by it); *nonzero MACs* follow ShrinkBench:
 the multiply-adds of convolutions and matrix products (read from the jaxpr's
 ``conv_general_dilated`` and ``dot_general``), each scaled by the density of the
 parameter it multiplies. Unstructured sparsity on dense hardware gives no
@@ -64,11 +66,13 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """Returns the report as plain JSON-able data."""
         rows = [dict(dataclasses.asdict(r), shape=list(r.shape)) for r in self.rows]
-        return {"rows": rows, "totals": dict(self.totals), "flops": self.flops}
+        data = {"rows": rows, "totals": dict(self.totals), "flops": self.flops}
+        # Strict JSON has no inf or nan (e.g. the compression of an all-zero tree): null.
+        return _finite_or_none(data)
 
     def to_json(self, indent: int | None = 2) -> str:
-        """Returns :meth:`to_dict` as a JSON string."""
-        return json.dumps(self.to_dict(), indent=indent)
+        """Returns :meth:`to_dict` as a JSON string (non-finite numbers as ``null``)."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def table(self):
         """Returns a ``rich.table.Table`` with one row per leaf and a totals row."""
@@ -226,6 +230,26 @@ def report(
     return Report(tuple(rows), totals, flops)
 
 
+def _finite_or_none(x: Any) -> Any:
+    """Returns ``x`` with every non-finite float (inf, nan) replaced by None, recursively."""
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite_or_none(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _save(fig: Any, path: str | os.PathLike) -> None:
+    """Saves ``fig`` to ``path``, creating its folder first."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fig.savefig(path)
+
+
 def _totals(rows: Sequence[LeafRow]) -> dict[str, float]:
     size = sum(r.size for r in rows)
     nnz = sum(r.nonzeros for r in rows)
@@ -350,7 +374,7 @@ def plot_sparsity(rep: Report, path: str | os.PathLike | None = None):
     ax.set_xlabel("sparsity (%)")
     ax.set_title(f"per-layer sparsity (total {rep.totals['sparsity']:.1%})")
     if path is not None:
-        fig.savefig(os.fspath(path))
+        _save(fig, path)
     return fig
 
 
@@ -368,7 +392,9 @@ def _load_results(results: Any) -> list[dict[str, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError:
         data = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return data["results"] if isinstance(data, dict) else data
+    if isinstance(data, dict):  # {"results": [...]}, or a file holding one record
+        return data["results"] if "results" in data else [data]
+    return data
 
 
 def plot_accuracy_vs_compression(results: Any, path: str | os.PathLike | None = None):
@@ -389,13 +415,24 @@ def plot_accuracy_vs_compression(results: Any, path: str | os.PathLike | None = 
 
     series: dict[str, list[tuple[float, float]]] = {}
     for i, r in enumerate(_load_results(results)):
-        if "accuracy" not in r or not ({"compression", "sparsity"} & set(r)):
+        # Empty CSV cells and JSON nulls count as missing.
+        given = {k for k, v in r.items() if v not in ("", None)}
+        if "accuracy" not in given or not ({"compression", "sparsity"} & given):
             raise ValueError(
                 f"results record {i} is {r!r}; each needs 'accuracy' and 'compression' (or "
                 "'sparsity'). Fix: write records like "
                 '{"method": "magnitude", "sparsity": 0.9, "accuracy": 0.97}.'
             )
-        c = float(r["compression"]) if "compression" in r else 1 / (1 - float(r["sparsity"]))
+        if "compression" in given:
+            c = float(r["compression"])
+        elif float(r["sparsity"]) >= 1.0:
+            raise ValueError(
+                f"results record {i} has sparsity {r['sparsity']}: a model with every "
+                "weight pruned has no finite compression ratio to plot. Fix: drop the "
+                "record, or give its 'compression'."
+            )
+        else:
+            c = 1 / (1 - float(r["sparsity"]))
         series.setdefault(str(r.get("method", "")), []).append((c, float(r["accuracy"])))
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
@@ -409,5 +446,5 @@ def plot_accuracy_vs_compression(results: Any, path: str | os.PathLike | None = 
     if any(series):
         ax.legend()
     if path is not None:
-        fig.savefig(os.fspath(path))
+        _save(fig, path)
     return fig

@@ -181,3 +181,15 @@ def test_home_relative_path_is_expanded(tmp_path, monkeypatch):
     out = checkpoint.save("~/ckpts", 1, {"w": jnp.ones((2, 2))})
     assert out.is_relative_to(tmp_path / "ckpts") and not (tmp_path / "~").exists()
     assert checkpoint.restore("~/ckpts").step == 1
+
+
+def test_paths_that_are_not_checkpoints_say_so(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(checkpoint.CheckpointError, match="is a file, not a checkpoint"):
+        checkpoint.restore(tmp_path / "notes.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="holds no step directory"):
+        checkpoint.restore(tmp_path / "empty")
+    (tmp_path / "killed" / "3.orbax-checkpoint-tmp-12").mkdir(parents=True)
+    with pytest.raises(checkpoint.CheckpointError, match="only an unfinished .*save"):
+        checkpoint.restore(tmp_path / "killed")

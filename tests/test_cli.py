@@ -99,3 +99,25 @@ def test_bench_lists_runs_and_explains_a_missing_scripts_folder(tmp_path, monkey
 def test_scripts_folder_of_this_checkout_is_found():
     folder = cli.scripts_dir()
     assert folder is not None and (folder / "bench_checkpoint.py").exists()
+
+
+def test_bench_runs_every_script_after_a_failure(tmp_path, monkeypatch):
+    (tmp_path / "bench_a.py").write_text("import sys; sys.exit(3)")
+    (tmp_path / "bench_b.py").write_text(f"open({str(tmp_path / 'b_ran')!r}, 'w').close()")
+    monkeypatch.setattr(cli, "scripts_dir", lambda: tmp_path)
+    assert cli.main(["bench"]) == 3  # the first failure's status
+    assert (tmp_path / "b_ran").exists()
+
+
+def test_demo_rejects_a_bad_sparsity_before_training(capsys):
+    assert cli.main(["demo", "--sparsity", "1.5", "--dataset", "digits", "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert "--sparsity must be in [0, 1]" in err and "Traceback" not in err
+
+
+def test_inspect_plot_into_a_new_folder(run_dir, tmp_path, capsys):
+    plot = tmp_path / "new" / "dir" / "s.png"
+    assert cli.main(["inspect", str(run_dir), "--plot", str(plot)]) == 0
+    assert plot.exists()
+    assert cli.main(["inspect", str(run_dir), "--plot", str(tmp_path / "s.notaformat")]) == 1
+    assert "cannot write the plot" in capsys.readouterr().err

@@ -140,3 +140,21 @@ def test_errors_name_the_problem(tmp_path):
         plot_accuracy_vs_compression([{"sparsity": 0.5}])
     with pytest.raises(ValueError, match="results file .* does not exist"):
         plot_accuracy_vs_compression(tmp_path / "missing.json")
+
+
+def test_json_of_an_all_zero_tree_is_strict_json():
+    r = report({"w": jnp.zeros((4, 4))}, None, lambda p, x: x @ p["w"], jnp.ones((1, 4)))
+    data = json.loads(r.to_json(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert data["totals"]["compression"] is None and data["flops"]["mac_reduction"] is None
+
+
+def test_results_files_with_one_record_empty_cells_and_full_sparsity(tmp_path):
+    (tmp_path / "one.jsonl").write_text('{"method": "m", "sparsity": 0.75, "accuracy": 0.9}\n')
+    fig = plot_accuracy_vs_compression(tmp_path / "one.jsonl", tmp_path / "new" / "p.png")
+    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_xdata(), [4.0])
+    assert (tmp_path / "new" / "p.png").exists()  # the folder is created
+    (tmp_path / "r.csv").write_text("method,sparsity,compression,accuracy\nm,0.5,,0.9\nm,,8,0.8\n")
+    fig = plot_accuracy_vs_compression(tmp_path / "r.csv")
+    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_xdata(), [2.0, 8.0])
+    with pytest.raises(ValueError, match="record 0 has sparsity 1.0: .* no finite compression"):
+        plot_accuracy_vs_compression([{"sparsity": 1.0, "accuracy": 0.1}])
