@@ -367,8 +367,9 @@ def restore(
       the recorded ones (in the params' structure when it matches).
 
     Raises:
-      CheckpointError: nothing complete is saved there, or a file is truncated or
-        corrupt (every leaf is checked against its CRC-32).
+      CheckpointError: nothing complete is saved there, a file is truncated or
+        corrupt (every leaf is checked against its CRC-32), or ``opt_state`` is
+        given for a checkpoint saved without one.
       ValueError: a template's structure differs; the message lists the paths.
     """
     root, step = _locate(directory, step)
@@ -376,6 +377,15 @@ def restore(
     where = root / str(step)
     p_leaves = _decode(meta["params"], items.get("params", {}), where, "params")
     params_out = _trees.rebuild(meta["params"], p_leaves, params, "params", where)
+    if opt_state is not None and meta.get("opt_state") is None:
+        # Silently returning None would resume without the optimizer's moments
+        # and the pruning state (masks, step counter).
+        raise CheckpointError(
+            f"{where} holds no optimizer state (it was saved without opt_state, e.g. by "
+            "`jaxprune export`, which keeps params and masks only). Fix: restore it without "
+            "opt_state=... and start the optimizer afresh with tx.init(params), or resume "
+            "from the original checkpoint."
+        )
     opt_out = None
     if meta.get("opt_state") is not None:
         o_leaves = _decode(meta["opt_state"], items.get("opt_state", {}), where, "opt_state")

@@ -195,7 +195,14 @@ def wanda(params: optax.Params, input_norms: Any) -> optax.Params:
     """
     from jaxprune._tree import check_same_structure
 
-    check_same_structure(params, input_norms, ref_name="params", other_name="input_norms")
+    check_same_structure(
+        params,
+        input_norms,
+        ref_name="params",
+        other_name="input_norms",
+        fix="give one entry per params leaf: the norms from jp.activations.input_norms, and "
+        "a scalar such as 1.0 for leaves that are not pruned (biases)",
+    )
     return jax.tree.map(
         lambda w, n: jnp.abs(w).astype(jnp.float32) * _input_axis_norms(w, n), params, input_norms
     )

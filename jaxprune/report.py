@@ -103,10 +103,16 @@ class Report:
                 f"{r.compressed_bytes:,}",
                 r.encoding,
             )
+        # Without masks no leaf is "masked": leave the phrase out rather than print 0%.
+        masked = (
+            f"; masked leaves' sparsity {tot['masked_sparsity']:.2%}"
+            if any(r.masked for r in self.rows)
+            else ""
+        )
         lines = [
             f"params {int(tot['size']):,}, nonzero {int(tot['nonzeros']):,} "
-            f"(compression {tot['compression']:.2f}x); masked leaves' sparsity "
-            f"{tot['masked_sparsity']:.2%}; compressed / dense bytes {tot['bytes_ratio']:.3f}"
+            f"(compression {tot['compression']:.2f}x){masked}; compressed / dense bytes "
+            f"{tot['bytes_ratio']:.3f}"
         ]
         if self.flops:
             f = self.flops

@@ -193,3 +193,12 @@ def test_paths_that_are_not_checkpoints_say_so(tmp_path):
     (tmp_path / "killed" / "3.orbax-checkpoint-tmp-12").mkdir(parents=True)
     with pytest.raises(checkpoint.CheckpointError, match="only an unfinished .*save"):
         checkpoint.restore(tmp_path / "killed")
+
+
+def test_restoring_an_optimizer_from_a_params_only_checkpoint_raises(tmp_path):
+    params = {"w": jnp.ones((2, 2))}
+    checkpoint.save(tmp_path / "ck", 1, params)  # what `jaxprune export` writes: no opt_state
+    state = optax.adam(1e-3).init(params)
+    with pytest.raises(checkpoint.CheckpointError, match="holds no optimizer state"):
+        checkpoint.restore(tmp_path / "ck", params=params, opt_state=state)
+    assert checkpoint.restore(tmp_path / "ck", params=params).opt_state is None

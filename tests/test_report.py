@@ -158,3 +158,9 @@ def test_results_files_with_one_record_empty_cells_and_full_sparsity(tmp_path):
     np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_xdata(), [2.0, 8.0])
     with pytest.raises(ValueError, match="record 0 has sparsity 1.0: .* no finite compression"):
         plot_accuracy_vs_compression([{"sparsity": 1.0, "accuracy": 0.1}])
+
+
+def test_summary_names_masked_sparsity_only_when_masks_are_given():
+    params = _mlp()
+    assert "masked leaves' sparsity" not in str(report(params))
+    assert "masked leaves' sparsity 50.00%" in str(report(params, _topk(params, 0.5)))

@@ -437,7 +437,9 @@ def shrink(apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: 
       check: run ``apply_fn`` on the result and compare with the masked model.
 
     Returns:
-      Params with the same tree structure and smaller leaves.
+      Params with the same paths and smaller leaves (the same tree structure
+      for dicts and other plain pytrees; nnx ``Variable`` leaves come back as
+      plain arrays, which ``apply_fn`` and ``nnx.merge`` take as they are).
 
     Raises:
       ValueError: the masks do not mirror the params, or ``apply_fn`` cannot
