@@ -10,6 +10,7 @@ path whether a state arrives Variable-wrapped (``tx.init``) or pure
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,8 @@ __all__ = [
     "prunable_flags",
     "unwrap_variables",
     "check_same_structure",
+    "flagged",
+    "as_int",
 ]
 
 
@@ -120,6 +123,26 @@ def prunable_flags(
             )
         flags.append(selected)
     return flags
+
+
+def flagged(tree: Any, flags: list[bool]) -> Where:
+    """Returns a ``where`` selecting, by path, the leaves of ``tree`` that ``flags`` marks.
+
+    For trees that mirror ``tree`` (scores, masks): asking the user's ``where``
+    again about them would judge other dtypes (float32 scores, bool masks).
+    """
+    chosen = {p for (p, _), f in zip(leaves_with_paths(tree)[0], flags, strict=True) if f}
+    return lambda path, _: path in chosen
+
+
+def as_int(value: Any) -> int | None:
+    """Returns ``value`` as a Python int (ints, NumPy and concrete JAX integers), else None."""
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def check_same_structure(

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, prunable_flags
+from jaxprune._tree import Where, flagged, prunable_flags
 
 __all__ = ["Round", "iterative_pruning", "lottery_ticket", "random_masks", "average_over_masks"]
 
@@ -129,6 +129,7 @@ def iterative_pruning(
         targets = [1.0 - (1.0 - float(rate)) ** r for r in range(1, rounds + 1)]
     select = _scope_fn(scope)
     flags = prunable_flags(params, where)
+    counted = flagged(params, flags)  # the user's `where` would judge the bool masks' dtype
     masks = _ones(params)
     current = trained if trained is not None else train(params, masks)
     out = [Round(0, 0.0, masks, current)]
@@ -145,28 +146,12 @@ def iterative_pruning(
         masks = select(scores, target, where=where)
         start = rewind_to if rewind_to is not None else current
         current = train(_masks.apply_masks(start, masks), masks)
-        out.append(Round(r, _pruned_fraction(masks, params, flags), masks, current))
+        out.append(Round(r, float(_masks.sparsity(masks, where=counted)), masks, current))
     return out
 
 
 def _tree_of(params: Any, values: Sequence[Any]) -> Any:
     return jax.tree.unflatten(jax.tree.structure(params), list(values))
-
-
-def _pruned_fraction(masks: Any, params: Any, flags: Sequence[bool]) -> float:
-    """Returns the fraction of ``False`` mask entries over the leaves ``flags`` selects.
-
-    ``flags`` come from ``where`` evaluated on the params: evaluating ``where``
-    on the bool masks instead would make a dtype-based predicate (floating
-    leaves only) select nothing and report 0.
-    """
-    zeros, total = 0, 0
-    for m, x, f in zip(jax.tree.leaves(masks), jax.tree.leaves(params), flags, strict=True):
-        if f:
-            shape = jnp.shape(x)
-            zeros += int(jnp.sum(~jnp.broadcast_to(jnp.asarray(m, bool), shape)))
-            total += int(np.prod(shape, dtype=np.int64))
-    return zeros / total if total else 0.0
 
 
 def lottery_ticket(

@@ -28,7 +28,7 @@ import optax
 from jaxprune import criteria as _criteria
 from jaxprune import distributions as _dist
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, prunable_flags, unwrap_variables
+from jaxprune._tree import Where, as_int, prunable_flags, unwrap_variables
 from jaxprune.transform import get_masks as _get_masks
 from jaxprune.transform import register_mask_state
 
@@ -71,10 +71,6 @@ def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array
     return jnp.float32(alpha / 2) * (1.0 + jnp.cos(jnp.pi * t / end_step))
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _validate(sparsity, update_every, end_step, drop_fraction, regrow, key, *, cosine):
     # numbers.Real covers Python and NumPy scalars alike (np.float32 is not a float).
     real = isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool)
@@ -83,7 +79,7 @@ def _validate(sparsity, update_every, end_step, drop_fraction, regrow, key, *, c
             f"sparsity must be a float in [0, 1) (any real number, Python or NumPy: the constant "
             f"fraction of pruned weights), got {sparsity!r}. Fix: e.g. sparsity=0.9."
         )
-    if not _is_int(update_every) or update_every < 1:
+    if as_int(update_every) is None or update_every < 1:
         raise ValueError(
             f"update_every must be a positive int (steps between drop/grow), got "
             f"{update_every!r}. Fix: e.g. update_every=100 as in RigL."
@@ -95,7 +91,7 @@ def _validate(sparsity, update_every, end_step, drop_fraction, regrow, key, *, c
             "end_step), got None. Fix: RigL uses 75% of the training steps, e.g. "
             "end_step=int(0.75 * total_steps)."
         )
-    if end_step is not None and (not _is_int(end_step) or end_step < 1):
+    if end_step is not None and (as_int(end_step) is None or end_step < 1):
         raise ValueError(
             f"end_step must be a positive int (last drop/grow step)"
             f"{'' if cosine else ' or None (update until training ends)'}, got {end_step!r}. "

@@ -14,7 +14,6 @@ unit) is a column here, and N:M groups run along the input axis.
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any
 
 import jax
@@ -23,6 +22,7 @@ from flax import nnx
 
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
+from jaxprune._tree import as_int
 
 __all__ = [
     "METHODS",
@@ -156,7 +156,7 @@ def _block_size(cols: int, blocksize: int, nm: tuple[int, int] | None) -> int:
     (at least ``m``) so that no N:M group straddles two blocks; ``m`` divides
     ``cols``, so the ragged last block is a whole number of groups too.
     """
-    if not isinstance(blocksize, numbers.Integral) or isinstance(blocksize, bool) or blocksize < 1:
+    if as_int(blocksize) is None or blocksize < 1:
         raise ValueError(
             f"blocksize must be a positive int, got {blocksize!r}. Fix: use the paper's 128."
         )

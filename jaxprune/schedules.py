@@ -9,7 +9,6 @@ the jitted train step without retracing.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -17,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+
+from jaxprune._tree import as_int
 
 __all__ = ["Schedule", "constant", "one_shot", "polynomial", "as_schedule"]
 
@@ -34,18 +35,8 @@ def _check_fraction(name: str, value: Any) -> float:
     return v
 
 
-def _as_int(value: Any) -> int | None:
-    """Returns ``value`` as a Python int (ints, NumPy and concrete JAX integers), else None."""
-    if isinstance(value, (bool, np.bool_)) or isinstance(value, jax.core.Tracer):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _check_step(name: str, value: Any) -> int:
-    v = _as_int(value)
+    v = as_int(value)
     if v is None or not 0 <= v < 2**31:
         raise ValueError(
             f"{name} must be an int in [0, 2**31) (the step counter is int32), got {value!r}."
@@ -116,7 +107,7 @@ def one_shot(sparsity: float, step: int) -> Schedule:
 
 
 def _check_frequency(frequency: Any) -> int:
-    v = _as_int(frequency)
+    v = as_int(frequency)
     if v is None or v < 1:
         raise ValueError(
             f"frequency must be an int >= 1 (refresh masks every `frequency` steps), got "

@@ -19,7 +19,7 @@ import optax
 
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, leaves_with_paths, prunable_flags, unwrap_variables
+from jaxprune._tree import Where, flagged, leaves_with_paths, prunable_flags, unwrap_variables
 from jaxprune.schedules import Schedule, as_schedule
 
 __all__ = [
@@ -201,11 +201,6 @@ def prune(
             )
         params = unwrap_variables(params)
         flags = prunable_flags(params, where)
-        paths = {p for (p, _), f in zip(leaves_with_paths(params)[0], flags, strict=True) if f}
-
-        def chosen(path, _):
-            return path in paths
-
         step = state.count
         extra = dict(extra_args)
         if wants_key and "key" not in extra:
@@ -232,7 +227,7 @@ def prune(
             scores = _criteria.call_with(crit.score, cstate, params, grads=updates, **extra)
             # The prunable leaves were chosen on the params; `where` is not asked
             # again about the scores, whose dtypes (float32) may differ.
-            return _masks.pack(select(scores, schedule(step), where=chosen))
+            return _masks.pack(select(scores, schedule(step), where=flagged(params, flags)))
 
         packed = jax.lax.cond(schedule.is_update_step(step), refresh, lambda: state.packed_masks)
         # Unpacking is elementwise and fuses into the two enforcements below.

@@ -20,7 +20,7 @@ from flax import nnx
 from jaxprune._tree import leaves_with_paths, path_str
 from jaxprune.masks import apply_masks
 from jaxprune.structure.evaluate import run_once
-from jaxprune.structure.shrinking import OutputMismatch, _check_outputs, _culprits, _named, _shrink
+from jaxprune.structure.shrinking import _check_naming, _check_outputs, _shrink
 
 __all__ = ["module_apply", "full_masks", "shrink_module"]
 
@@ -198,16 +198,8 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
         return model
     ok = False
     try:
-        check_as(masks, small)
+        _check_naming(check_as, apply_fn, state, masks, small, removed, prog, example_inputs)
         ok = True
-    except OutputMismatch as err:
-        groups = _culprits(
-            lambda m: check_as(m, _shrink(apply_fn, state, m, example_inputs)[0]),
-            state,
-            removed,
-            prog,
-        )
-        raise _named(err, groups) from err
     finally:
         if not ok:
             install(state)  # the model is left as it was

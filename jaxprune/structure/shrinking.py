@@ -469,17 +469,27 @@ def shrink(apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: 
         _check_outputs(apply_fn, small_, want, example_inputs, dtypes=prog.dtypes)
 
     if check:
-        try:
-            check_as(masks, small)
-        except OutputMismatch as err:
-            groups = _culprits(
-                lambda m: check_as(m, _shrink(apply_fn, params, m, example_inputs)[0]),
-                params,
-                removed,
-                prog,
-            )
-            raise _named(err, groups) from err
+        _check_naming(check_as, apply_fn, params, masks, small, removed, prog, example_inputs)
     return small
+
+
+def _check_naming(check_as, apply_fn, params, masks, small, removed, prog, example_inputs):
+    """Runs ``check_as(masks, small)``; on a mismatch, re-raises it naming the culprit groups.
+
+    ``check_as(masks_, small_)`` raises :class:`OutputMismatch` when ``small_``
+    (the shrink of ``params`` under ``masks_``) computes something else; each
+    group of ``removed`` is then checked alone (see :func:`_culprits`).
+    """
+    try:
+        check_as(masks, small)
+    except OutputMismatch as err:
+        groups = _culprits(
+            lambda m: check_as(m, _shrink(apply_fn, params, m, example_inputs)[0]),
+            params,
+            removed,
+            prog,
+        )
+        raise _named(err, groups) from err
 
 
 def widths(params: Any, small: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
