@@ -16,7 +16,9 @@ and the structured shrink. Three layers of API:
   optimizer (:mod:`jaxprune.gates_tree`);
 * flax nnx attachment (:func:`attach`, :func:`reseed`, :func:`detach`,
   :func:`hard_masks`, :func:`with_features`) that wraps layers in place
-  (:mod:`jaxprune.gates_nnx`). Linen models keep their code too: either
+  (:mod:`jaxprune.gates_nnx`), gating their output units and, with
+  ``attach(..., inputs=("fc1",))``, their input features too. Linen models
+  keep their code too: either
   ``model.apply({"params": apply_gates(gate, params, gp, key=k)}, x)`` or
   :func:`linen_apply`, which intercepts the layers' outputs.
 

@@ -45,34 +45,77 @@ class GateKey(nnx.Variable):
     """The PRNG key a :class:`Gated` layer draws its gate samples from."""
 
 
+_INPUT_PREFIX = "gate_in_"
+
+
+def _input_name(name: str) -> str:
+    # gate_a -> gate_in_a: an input gate's parameter, next to the output gate's.
+    return _INPUT_PREFIX + name.removeprefix("gate_")
+
+
 class Gated(nnx.Module):
-    """Wraps a linear layer (``kernel`` with outputs on the last axis) and gates its outputs.
+    """Wraps a linear layer (``kernel`` with outputs on the last axis) and gates its units.
 
     Training mode (``deterministic=False``) draws the gate sample of the
     layer's :class:`GateKey` (set it per step with :func:`reseed`); eval mode
     uses the deterministic test-time gate. Per-unit gates multiply the
     output's last axis; variational dropout uses the local reparameterization
     trick (output mean ``f(x; w)``, variance ``f(x^2; sigma^2)``).
+
+    With ``inputs=True`` a per-unit gate also multiplies each input feature
+    (the input's last axis: a dense layer's input features, a conv's input
+    channels), as beta-Bernoulli dropout gates the 800 flattened features
+    that enter LeNet-5-Caffe's first dense layer (Lee et al. 2018; the ANP-VS
+    reference code). Its parameters are named ``gate_in_*``; with
+    ``outputs=False`` the layer has input gates only.
     """
 
-    def __init__(self, module: nnx.Module, gate: Gate, *, key: jax.Array):
+    def __init__(
+        self,
+        module: nnx.Module,
+        gate: Gate,
+        *,
+        key: jax.Array,
+        outputs: bool = True,
+        inputs: bool = False,
+    ):
         if not hasattr(module, "kernel"):
             raise ValueError(
                 f"can only gate layers with a `kernel` (nnx.Linear, nnx.Conv), got "
                 f"{type(module).__name__}. Fix: narrow `where` to linear and conv layers."
             )
+        if not (outputs or inputs):
+            raise ValueError(
+                "Gated needs outputs=True or inputs=True, got both False. Fix: leave the "
+                "layer unwrapped instead."
+            )
+        if inputs and not gate.per_unit:
+            raise ValueError(
+                f"inputs=True needs a per-unit gate kind, got {type(gate).__name__}, which "
+                "gates single weights. Fix: gate inputs with BetaBernoulli, HardConcrete or "
+                "ScalarGate."
+            )
         self.module = module
         self.gate = gate
-        gp = gate.init(module.kernel.get_value(), key)
+        kernel = module.kernel.get_value()
+        gp = gate.init(kernel, key) if outputs else {}
         self.gate_names = tuple(sorted(gp))
         for name, value in gp.items():
             setattr(self, name, GateParam(value))
+        gpi = gate.init(jnp.swapaxes(kernel, -1, -2), jax.random.fold_in(key, 2)) if inputs else {}
+        self.input_gate_names = tuple(sorted(gpi))
+        for name, value in gpi.items():
+            setattr(self, _input_name(name), GateParam(value))
         self.gate_key = GateKey(jax.random.fold_in(key, 1))
         self.deterministic = False
 
     def gate_params(self) -> dict[str, jax.Array]:
-        """Returns this layer's gate parameters as a plain dict of arrays."""
+        """Returns this layer's output-gate parameters as a plain dict (empty without them)."""
         return {n: getattr(self, n).get_value() for n in self.gate_names}
+
+    def input_gate_params(self) -> dict[str, jax.Array]:
+        """Returns the input gates' parameters under the gate kind's names (empty without)."""
+        return {n: getattr(self, _input_name(n)).get_value() for n in self.input_gate_names}
 
     def _sample_key(self) -> jax.Array | None:
         # The key is read, never advanced: a forward pass is a pure function of
@@ -89,6 +132,19 @@ class Gated(nnx.Module):
 
     def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
         key = self._sample_key()
+        if self.input_gate_names:
+            g = self.gate.unit_gate(
+                self.input_gate_params(), None if key is None else jax.random.fold_in(key, 1)
+            )
+            if x.shape[-1:] != g.shape:
+                raise ValueError(
+                    f"input gates of {type(self.module).__name__} have {g.shape[0]} features, "
+                    f"but its input has shape {x.shape}. Fix: gate inputs only on layers whose "
+                    "input features are the input's last axis (nnx.Linear, channels-last nnx.Conv)."
+                )
+            x = x * g.astype(x.dtype)
+        if not self.gate_names:
+            return self.module(x, *args, **kwargs)
         gp = self.gate_params()
         if self.gate.per_unit:
             y = self.module(x, *args, **kwargs)
@@ -139,6 +195,7 @@ def attach(
     key: jax.Array,
     where: Callable[[tuple, Any], bool] | None = None,
     skip: Sequence[str] = (),
+    inputs: Sequence[str] = (),
 ) -> nnx.Module:
     """Returns ``model`` with gates attached to its layers, in place (no hand rewriting).
 
@@ -148,8 +205,12 @@ def attach(
       key: PRNG key for gate initialization and the per-layer sample keys.
       where: predicate ``(path, module) -> bool``; default every ``nnx.Linear``
         and ``nnx.Conv``.
-      skip: layer paths (``"fc2"``, ``"layers/2"``) to leave ungated: the
-        classifier, whose outputs are logits, belongs here.
+      skip: layer paths (``"fc2"``, ``"layers/2"``) whose outputs stay ungated:
+        the classifier, whose outputs are logits, belongs here.
+      inputs: layer paths whose input features (a dense layer's inputs, a
+        conv's input channels) are gated too, one gate per feature; e.g.
+        ``("fc1",)`` gates the flattened conv features entering LeNet-5-Caffe's
+        ``fc1``, as in beta-Bernoulli dropout and ANP-VS. Needs a per-unit kind.
 
     Returns:
       The same ``model`` object, its selected layers wrapped by :class:`Gated`.
@@ -182,14 +243,40 @@ def attach(
         and path_str(p) not in skip
         and where(p, m)
     ]
-    if not chosen:
+    if not chosen and not inputs:
         raise ValueError(
             "attach found no layer to gate. Fix: check `where` and `skip` (default where: "
             "nnx.Linear and nnx.Conv layers)."
         )
-    for i, (path, m) in enumerate(sorted(chosen, key=lambda pm: path_str(pm[0]))):
+    by_name = {path_str(p): (p, m) for p, m in modules if p}
+    gate_inputs = set(inputs)
+    bad = sorted(
+        n
+        for n in gate_inputs
+        if n not in by_name
+        or not _is_linear_or_conv(*by_name[n])
+        or any(by_name[n][0][: len(w)] == w for w in wrapped)
+    )
+    if bad:
+        layers = sorted(n for n, pm in by_name.items() if _is_linear_or_conv(*pm))
+        raise ValueError(
+            f"inputs names {bad}, which are not ungated nnx.Linear / nnx.Conv layers of the "
+            f"model; its layers: {layers[:10]}. "
+            "Fix: name layers by their '/'-joined attribute path, e.g. inputs=('fc1',)."
+        )
+    outputs = {path_str(p) for p, _ in chosen}
+    layers = sorted([by_name[n] for n in outputs | gate_inputs], key=lambda pm: path_str(pm[0]))
+    for i, (path, m) in enumerate(layers):
+        name_ = path_str(path)
         parent, name = _parent_and_name(model, path)
-        _set_child(parent, name, Gated(m, gate, key=jax.random.fold_in(key, i)))
+        wrapper = Gated(
+            m,
+            gate,
+            key=jax.random.fold_in(key, i),
+            outputs=name_ in outputs,
+            inputs=name_ in gate_inputs,
+        )
+        _set_child(parent, name, wrapper)
     return model
 
 
@@ -227,8 +314,13 @@ def model_penalty(model: nnx.Module) -> jax.Array:
     by_kind: dict[Any, tuple[list, list]] = {}
     for _, m in gated_layers(model):
         gps, kernels = by_kind.setdefault(m.gate, ([], []))
-        gps.append(m.gate_params())
-        kernels.append(m.module.kernel.get_value())
+        kernel = m.module.kernel.get_value()
+        if m.gate_names:
+            gps.append(m.gate_params())
+            kernels.append(kernel)
+        if m.input_gate_names:
+            gps.append(m.input_gate_params())
+            kernels.append(jnp.swapaxes(kernel, -1, -2))
     total = jnp.float32(0)
     for gate, (gps, kernels) in by_kind.items():
         total = total + gate.penalty(gps, kernels)
@@ -281,8 +373,12 @@ def with_features(
 
 
 def _fold(m: Gated) -> nnx.Module:
-    gp = m.gate_params()
-    kernel, scale = m.gate.apply(gp, m.module.kernel.get_value(), None)
+    kernel, scale = m.module.kernel.get_value(), None
+    if m.gate_names:
+        kernel, scale = m.gate.apply(m.gate_params(), kernel, None)
+    if m.input_gate_names:
+        g = m.gate.unit_gate(m.input_gate_params(), None)
+        kernel = kernel * g[:, None].astype(kernel.dtype)
     inner = nnx.clone(m.module)
     inner.kernel.set_value(kernel)
     bias = getattr(inner, "bias", None)
@@ -308,9 +404,11 @@ def detach(model: nnx.Module) -> nnx.Module:
 def hard_masks(model: nnx.Module, *, sparsity: float | None = None) -> Any:
     """Returns bool masks mirroring ``nnx.state(detach(model), nnx.Param)`` from the gates.
 
-    Pruned units have ``False`` kernel columns and biases. With ``sparsity``,
-    the top ``1 - sparsity`` of the gates' scores are kept across layers.
-    All gated layers must share one gate kind.
+    Pruned units have ``False`` kernel columns and biases; pruned input
+    features (``attach(..., inputs=...)``) have ``False`` kernel rows. With
+    ``sparsity``, the top ``1 - sparsity`` of the gates' scores are kept
+    across layers, input gates included. All gated layers must share one gate
+    kind.
     """
     layers = gated_layers(model)
     kinds = {m.gate for _, m in layers}
@@ -321,5 +419,10 @@ def hard_masks(model: nnx.Module, *, sparsity: float | None = None) -> Any:
         )
     plain = detach(model)
     params = nnx.state(plain, nnx.Param)
-    gp = {path_str(path + ("kernel",)): m.gate_params() for path, m in layers}
-    return to_masks(kinds.pop(), gp, params, sparsity=sparsity)
+    gp = {path_str(path + ("kernel",)): m.gate_params() for path, m in layers if m.gate_names}
+    gpi = {
+        path_str(path + ("kernel",)): m.input_gate_params()
+        for path, m in layers
+        if m.input_gate_names
+    }
+    return to_masks(kinds.pop(), gp, params, sparsity=sparsity, input_gate_params=gpi or None)

@@ -44,6 +44,9 @@ __all__ = [
     "unit_masks",
 ]
 
+# unit_masks' key suffix for the gates on a layer's input features.
+INPUTS_SUFFIX = ":inputs"
+
 
 class Gate(Protocol):
     """The protocol every gate kind follows (see :mod:`jaxprune.gates_kinds`)."""
@@ -177,13 +180,27 @@ def penalty(gate: Gate, gate_params: dict, params: Any = None) -> jax.Array:
 
 
 def unit_masks(
-    gate: Gate, gate_params: dict, params: Any = None, *, sparsity: float | None = None
+    gate: Gate,
+    gate_params: dict,
+    params: Any = None,
+    *,
+    sparsity: float | None = None,
+    input_gate_params: dict | None = None,
 ) -> dict[str, jax.Array]:
     """Returns ``{layer: bool[units or kernel shape]}``: which units (weights) the gates keep.
 
     With ``sparsity`` the kept set is instead the top ``1 - sparsity`` of the
     gates' scores across all layers (exact count, :func:`jaxprune.masks.global_topk`).
+    ``input_gate_params`` (per-unit kinds) maps kernel paths to gates on the
+    layers' input features; their keeps come back under ``"<kernel path>:inputs"``
+    and take part in the ``sparsity`` ranking.
     """
+    inputs = dict(input_gate_params or {})
+    if inputs and not gate.per_unit:
+        raise ValueError(
+            f"input_gate_params needs a per-unit gate kind, got {type(gate).__name__}. Fix: "
+            "gate inputs with BetaBernoulli, HardConcrete or ScalarGate."
+        )
     names = sorted(gate_params)
     kernels = {}
     if params is not None:
@@ -192,23 +209,34 @@ def unit_masks(
         # Before scoring: a per-weight kind reads kernels[name], and a name that
         # params lacks must get the clear message, not an error on ``None``.
         _check_gate_params(gate_params, kernels)
+        _check_gate_params(inputs, kernels)
     if not gate.per_unit and params is None:
         raise ValueError(
             "variational dropout masks read the weights, but params is None. Fix: pass params."
         )
+    every = {n: (gate_params[n], kernels.get(n)) for n in names}
+    every.update({f"{n}{INPUTS_SUFFIX}": (inputs[n], None) for n in sorted(inputs)})
     if sparsity is None:
-        return {n: gate.keep(gate_params[n], kernels.get(n)) for n in names}
-    scores = {n: gate.score(gate_params[n], kernels.get(n)) for n in names}
+        return {n: gate.keep(gp, k) for n, (gp, k) in every.items()}
+    scores = {n: gate.score(gp, k) for n, (gp, k) in every.items()}
     return global_topk(scores, sparsity, where=lambda p, x: True)
 
 
-def to_masks(gate: Gate, gate_params: dict, params: Any, *, sparsity: float | None = None) -> Any:
+def to_masks(
+    gate: Gate,
+    gate_params: dict,
+    params: Any,
+    *,
+    sparsity: float | None = None,
+    input_gate_params: dict | None = None,
+) -> Any:
     """Returns bool hard masks mirroring ``params``: pruned units' columns and biases ``False``.
 
     Feed them to :func:`jaxprune.apply_masks` (on the folded params,
     ``apply_gates(gate, params, gate_params)``, whose pruned units are already
     zero) and to the structured shrink. Leaves without a gate get a scalar
-    ``True``.
+    ``True``. ``input_gate_params`` (kernel path -> gates on the layer's
+    input features) makes pruned inputs' kernel rows ``False``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -219,18 +247,32 @@ def to_masks(gate: Gate, gate_params: dict, params: Any, *, sparsity: float | No
       >>> m["fc"]["kernel"].tolist(), m["fc"]["bias"].tolist()
       ([[False, True], [False, True]], [False, True])
     """
-    units = unit_masks(gate, gate_params, params, sparsity=sparsity)
+    units = unit_masks(
+        gate, gate_params, params, sparsity=sparsity, input_gate_params=input_gate_params
+    )
     flat, treedef = leaves_with_paths(params)
     index = {path_str(p): i for i, (p, _) in enumerate(flat)}
     _check_gate_params(gate_params, index)
     leaves: list[Any] = [jnp.ones((), bool) for _ in flat]
+    rows = {n.removesuffix(INPUTS_SUFFIX): k for n, k in units.items() if n.endswith(INPUTS_SUFFIX)}
     for name, keep in units.items():
+        if name.endswith(INPUTS_SUFFIX):
+            continue
         i = index[name]
         shape = jnp.shape(flat[i][1])
         leaves[i] = jnp.broadcast_to(keep, shape)
         b = index.get(path_str(_bias_path(flat[i][0])))
         if gate.per_unit and b is not None and jnp.shape(flat[b][1]) == keep.shape:
             leaves[b] = keep
+    for name, keep in rows.items():
+        i = index[name]
+        shape = jnp.shape(flat[i][1])
+        if len(shape) < 2 or shape[-2] != keep.shape[0]:
+            raise ValueError(
+                f"input gates of {name!r} have {keep.shape[0]} features, but its kernel has "
+                f"shape {shape} (inputs on axis -2). Fix: build them with the layer's input size."
+            )
+        leaves[i] = leaves[i] & jnp.broadcast_to(keep[:, None], shape)
     return jax.tree.unflatten(treedef, leaves)
 
 
