@@ -31,7 +31,7 @@ parameter memory of the shrunk network. The gates are attached to
 ``jp.models.LeNet5Caffe`` with ``jp.gates.attach(..., inputs=("fc1",))`` (the
 model is not rewritten).
 
-Run: ``python examples/anp_vs.py`` (full, 18-21 min measured on the shared 2-core CPU;
+Run: ``python examples/anp_vs.py`` (full, 21-28 min measured on the shared 2-core CPU;
 writes docs/anp_vs.md and docs/anp_vs.json) or ``--quick`` (< 5 min, ends
 with ``RESULT {json}``). ``--methods AT,ANP-VS --at-base none --anp-base
 none`` and the like run a subset; ``--render docs/anp_vs.json`` rewrites the
@@ -409,7 +409,9 @@ On the paper's own dataset and radius the direction was the same
 steps per method): AT 95.6% / 30.2%, AT-mix 97.4% / 26.8%, ANP-VS 88.4% / 20.6% at 88.9%
 of the 570.
 
-**Why the target is not met in this budget.** Measured at 400 steps: Madry's loss beats
+**Why the target is not met in this budget.** In the table, AT-kept (Madry's AT at
+exactly ANP-VS's units) reaches 55.4% PGD-40: the units cost AT 1.6 points, and how
+ANP-VS trains costs 4.0 more. Measured at 400 steps: Madry's loss beats
 the mixed loss that ANP-VS's weights train on by about 2 points (AT vs AT-mix); training
 the gates adversarially without pruning pressure costs about 1 more (54.0%, beta 0);
 pruning then costs 2-3 points more, about the same from 71% to 82% of the paper's units;
