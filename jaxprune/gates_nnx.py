@@ -235,13 +235,14 @@ def attach(
     skip = set(skip)
     modules = [(tuple(p), m) for p, m in nnx.iter_modules(model)]
     wrapped = [p for p, m in modules if isinstance(m, Gated)]
+
+    def inside_wrapped(p: tuple) -> bool:
+        return any(p[: len(w)] == w for w in wrapped)
+
     chosen = [
         (p, m)
         for p, m in modules
-        if p
-        and not any(p[: len(w)] == w for w in wrapped)
-        and path_str(p) not in skip
-        and where(p, m)
+        if p and not inside_wrapped(p) and path_str(p) not in skip and where(p, m)
     ]
     if not chosen and not inputs:
         raise ValueError(
@@ -253,9 +254,7 @@ def attach(
     bad = sorted(
         n
         for n in gate_inputs
-        if n not in by_name
-        or not _is_linear_or_conv(*by_name[n])
-        or any(by_name[n][0][: len(w)] == w for w in wrapped)
+        if n not in by_name or not _is_linear_or_conv(*by_name[n]) or inside_wrapped(by_name[n][0])
     )
     if bad:
         layers = sorted(n for n, pm in by_name.items() if _is_linear_or_conv(*pm))
@@ -267,14 +266,13 @@ def attach(
     outputs = {path_str(p) for p, _ in chosen}
     layers = sorted([by_name[n] for n in outputs | gate_inputs], key=lambda pm: path_str(pm[0]))
     for i, (path, m) in enumerate(layers):
-        name_ = path_str(path)
         parent, name = _parent_and_name(model, path)
         wrapper = Gated(
             m,
             gate,
             key=jax.random.fold_in(key, i),
-            outputs=name_ in outputs,
-            inputs=name_ in gate_inputs,
+            outputs=path_str(path) in outputs,
+            inputs=path_str(path) in gate_inputs,
         )
         _set_child(parent, name, wrapper)
     return model
