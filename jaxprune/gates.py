@@ -20,7 +20,8 @@ and the structured shrink. Three layers of API:
   ``attach(..., inputs=("fc1",))``, their input features too. Linen models
   keep their code too: either
   ``model.apply({"params": apply_gates(gate, params, gp, key=k)}, x)`` or
-  :func:`linen_apply`, which intercepts the layers' outputs.
+  :func:`linen_apply`, which intercepts the layers' outputs. Both take input
+  gates too (``input_gate_params=init_gates(gate, params, where=..., inputs=True)``).
 
 Examples:
   >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -67,6 +68,7 @@ from jaxprune.gates_tree import (
     apply_gates,
     gate_keys,
     init_gates,
+    input_gate_keys,
     is_gate,
     linen_apply,
     multi_transform,
@@ -95,6 +97,7 @@ __all__ = [
     "gated_layers",
     "hard_masks",
     "init_gates",
+    "input_gate_keys",
     "is_gate",
     "linen_apply",
     "model_penalty",

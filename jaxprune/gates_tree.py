@@ -34,6 +34,7 @@ __all__ = [
     "apply_gates",
     "gate_keys",
     "init_gates",
+    "input_gate_keys",
     "is_gate",
     "linen_apply",
     "multi_transform",
@@ -79,7 +80,12 @@ def _bias_path(path: Path) -> Path:
 
 
 def init_gates(
-    gate: Gate, params: Any, *, where: Where | None = None, key: jax.Array | None = None
+    gate: Gate,
+    params: Any,
+    *,
+    where: Where | None = None,
+    key: jax.Array | None = None,
+    inputs: bool = False,
 ) -> dict[str, dict[str, jax.Array]]:
     """Returns gate parameters for every leaf of ``params`` selected by ``where``.
 
@@ -90,6 +96,12 @@ def init_gates(
         default floating leaves with ``ndim >= 2``. Leave the classifier's
         kernel out (its outputs are logits).
       key: optional PRNG key (for kinds with random initialization).
+      inputs: gate the kernels' input features (axis -2: a dense layer's
+        inputs, a conv's input channels) instead of their output units, one
+        gate per feature, as beta-Bernoulli dropout gates the flattened
+        features entering LeNet-5-Caffe's first dense layer. Pass the result
+        as ``input_gate_params=`` to :func:`apply_gates`, :func:`penalty`,
+        :func:`to_masks` and :func:`linen_apply`. Needs a per-unit kind.
 
     Returns:
       ``{path_str(path): {"gate_...": array}}`` in flatten order.
@@ -101,20 +113,52 @@ def init_gates(
       >>> gp = gates.init_gates(gates.HardConcrete(), params)
       >>> {k: v["gate_log_alpha"].shape for k, v in gp.items()}
       {'fc/kernel': (4,)}
+      >>> gpi = gates.init_gates(gates.HardConcrete(), params, inputs=True)
+      >>> {k: v["gate_log_alpha"].shape for k, v in gpi.items()}
+      {'fc/kernel': (3,)}
     """
+    if inputs and not gate.per_unit:
+        raise ValueError(
+            f"inputs=True needs a per-unit gate kind, got {type(gate).__name__}, which gates "
+            "single weights. Fix: gate inputs with BetaBernoulli, HardConcrete or ScalarGate."
+        )
     flags = prunable_flags(params, where)
     flat, _ = leaves_with_paths(params)
     out = {}
     for i, ((p, x), f) in enumerate(zip(flat, flags, strict=True)):
         if f:
             k = None if key is None else jax.random.fold_in(key, i)
-            out[path_str(p)] = gate.init(jnp.asarray(x), k)
+            x = jnp.asarray(x)
+            if inputs:
+                # Input features are the kernel's axis -2; a separate key from the outputs'.
+                x, k = jnp.swapaxes(x, -1, -2), None if k is None else jax.random.fold_in(k, 2)
+            out[path_str(p)] = gate.init(x, k)
     return out
 
 
 def gate_keys(gate_params: dict, key: jax.Array) -> dict[str, jax.Array]:
     """Returns one independent key per gated layer: ``fold_in(key, index)`` in key order."""
     return {name: jax.random.fold_in(key, i) for i, name in enumerate(sorted(gate_params))}
+
+
+def input_gate_keys(input_gate_params: dict, key: jax.Array) -> dict[str, jax.Array]:
+    """Returns the keys the input gates are sampled with: ``gate_keys(.., fold_in(key, 1))``.
+
+    A stream apart from the output gates' keys, so a layer's input and output
+    samples are independent.
+    """
+    return gate_keys(input_gate_params, jax.random.fold_in(key, 1))
+
+
+def _input_rows(name: str, g: jax.Array, kernel_shape: tuple) -> jax.Array:
+    """Returns the input gates ``g`` shaped to scale the rows (axis -2) of a kernel."""
+    if len(kernel_shape) < 2 or kernel_shape[-2] != g.shape[0]:
+        raise ValueError(
+            f"input gates of {name!r} have {g.shape[0]} features, but its kernel has shape "
+            f"{kernel_shape} (inputs on axis -2). Fix: build them with "
+            "jp.gates.init_gates(gate, params, inputs=True)."
+        )
+    return g[:, None]
 
 
 def _check_gate_params(gate_params: dict, index: dict[str, int]) -> None:
@@ -126,13 +170,23 @@ def _check_gate_params(gate_params: dict, index: dict[str, int]) -> None:
         )
 
 
-def apply_gates(gate: Gate, params: Any, gate_params: dict, *, key: jax.Array | None = None) -> Any:
+def apply_gates(
+    gate: Gate,
+    params: Any,
+    gate_params: dict,
+    *,
+    key: jax.Array | None = None,
+    input_gate_params: dict | None = None,
+) -> Any:
     """Returns ``params`` with the gates applied: sampled with ``key``, test-time without.
 
     Per-unit gates multiply each gated kernel's last axis and its sibling
     ``bias``; per-weight kinds (variational dropout) perturb the kernel. With
     ``key=None`` the result is the deterministic model used at test time (the
-    test gates "folded" into the weights).
+    test gates "folded" into the weights). ``input_gate_params``
+    (``init_gates(..., inputs=True)``) multiply the kernels' rows (axis -2),
+    which equals gating the layers' input features; they are sampled with
+    :func:`input_gate_keys`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -143,10 +197,13 @@ def apply_gates(gate: Gate, params: Any, gate_params: dict, *, key: jax.Array | 
       >>> g["fc"]["kernel"].tolist(), g["fc"]["bias"].tolist()
       ([[0.0, 1.0], [0.0, 1.0]], [0.0, 1.0])
     """
+    inputs = _check_inputs(gate, input_gate_params)
     flat, treedef = leaves_with_paths(params)
     index = {path_str(p): i for i, (p, _) in enumerate(flat)}
     _check_gate_params(gate_params, index)
+    _check_gate_params(inputs, index)
     keys = gate_keys(gate_params, key) if key is not None else {}
+    in_keys = input_gate_keys(inputs, key) if key is not None else {}
     leaves = [x for _, x in flat]
     for name, gp in gate_params.items():
         i = index[name]
@@ -155,28 +212,52 @@ def apply_gates(gate: Gate, params: Any, gate_params: dict, *, key: jax.Array | 
         b = index.get(path_str(_bias_path(flat[i][0])))
         if scale is not None and b is not None and jnp.shape(leaves[b]) == scale.shape:
             leaves[b] = leaves[b] * scale.astype(jnp.result_type(leaves[b]))
+    for name, gp in inputs.items():
+        i = index[name]
+        kernel = jnp.asarray(leaves[i])
+        g = _input_rows(name, gate.unit_gate(gp, in_keys.get(name)), kernel.shape)
+        leaves[i] = kernel * g.astype(kernel.dtype)
     return jax.tree.unflatten(treedef, leaves)
 
 
-def penalty(gate: Gate, gate_params: dict, params: Any = None) -> jax.Array:
-    """Returns the gates' regularizer (expected L0, KL, ...) summed over layers.
+def _check_inputs(gate: Gate, input_gate_params: dict | None) -> dict:
+    inputs = dict(input_gate_params or {})
+    if inputs and not gate.per_unit:
+        raise ValueError(
+            f"input_gate_params needs a per-unit gate kind, got {type(gate).__name__}. Fix: "
+            "gate inputs with BetaBernoulli, HardConcrete or ScalarGate."
+        )
+    return inputs
+
+
+def penalty(
+    gate: Gate, gate_params: dict, params: Any = None, *, input_gate_params: dict | None = None
+) -> jax.Array:
+    """Returns the gates' regularizer (expected L0, KL, ...) over all layers' gates.
 
     ``params`` is needed only by kinds whose penalty reads the weights
-    (variational dropout).
+    (variational dropout). ``input_gate_params`` (``init_gates(...,
+    inputs=True)``) are regularized together with the output gates, as one
+    set: a kind whose penalty is not a plain sum (``ScalarGate``'s mean)
+    sees all of them at once, as :func:`jaxprune.gates.model_penalty` does.
     """
-    names = sorted(gate_params)
+    inputs = _check_inputs(gate, input_gate_params)
+    names, in_names = sorted(gate_params), sorted(inputs)
     kernels: list[jax.Array] = []
     if params is not None:
         flat, _ = leaves_with_paths(params)
         index = {path_str(p): x for p, x in flat}
         _check_gate_params(gate_params, index)
+        _check_gate_params(inputs, index)
         kernels = [jnp.asarray(index[n]) for n in names]
+        kernels += [jnp.swapaxes(jnp.asarray(index[n]), -1, -2) for n in in_names]
     elif not gate.per_unit:
         raise ValueError(
             f"{type(gate).__name__}'s penalty reads the weights, but params is None. "
             "Fix: call jp.gates.penalty(gate, gate_params, params)."
         )
-    return gate.penalty([gate_params[n] for n in names], kernels)
+    gps = [gate_params[n] for n in names] + [inputs[n] for n in in_names]
+    return gate.penalty(gps, kernels)
 
 
 def unit_masks(
@@ -195,12 +276,7 @@ def unit_masks(
     layers' input features; their keeps come back under ``"<kernel path>:inputs"``
     and take part in the ``sparsity`` ranking.
     """
-    inputs = dict(input_gate_params or {})
-    if inputs and not gate.per_unit:
-        raise ValueError(
-            f"input_gate_params needs a per-unit gate kind, got {type(gate).__name__}. Fix: "
-            "gate inputs with BetaBernoulli, HardConcrete or ScalarGate."
-        )
+    inputs = _check_inputs(gate, input_gate_params)
     names = sorted(gate_params)
     kernels = {}
     if params is not None:
@@ -267,12 +343,7 @@ def to_masks(
     for name, keep in rows.items():
         i = index[name]
         shape = jnp.shape(flat[i][1])
-        if len(shape) < 2 or shape[-2] != keep.shape[0]:
-            raise ValueError(
-                f"input gates of {name!r} have {keep.shape[0]} features, but its kernel has "
-                f"shape {shape} (inputs on axis -2). Fix: build them with the layer's input size."
-            )
-        leaves[i] = leaves[i] & jnp.broadcast_to(keep[:, None], shape)
+        leaves[i] = leaves[i] & jnp.broadcast_to(_input_rows(name, keep, shape), shape)
     return jax.tree.unflatten(treedef, leaves)
 
 
@@ -382,6 +453,7 @@ def linen_apply(
     gate_params: dict,
     *args: Any,
     key: jax.Array | None = None,
+    input_gate_params: dict | None = None,
     **kwargs: Any,
 ) -> Any:
     """Returns ``model.apply(variables, *args)`` with per-unit gates on its layers' outputs.
@@ -392,7 +464,10 @@ def linen_apply(
     multiplied by the gate (sampled with ``key``, test-time without), by
     intercepting the call (``nn.intercept_methods``). Equal to running the
     model on :func:`apply_gates`'s gated params; this form also gates layers
-    whose parameters are not named ``kernel``/``bias``.
+    whose parameters are not named ``kernel``/``bias``. A layer named in
+    ``input_gate_params`` (``init_gates(..., inputs=True)``) has its input's
+    last axis (its input features) multiplied by those gates, sampled with
+    :func:`input_gate_keys`.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -413,15 +488,45 @@ def linen_apply(
             f"{type(gate).__name__}. Fix: use apply_gates(gate, params, gate_params, key=k) "
             "and model.apply({'params': gated}, x) for per-weight gates."
         )
+    inputs = dict(input_gate_params or {})
     keys = gate_keys(gate_params, key) if key is not None else {}
+    in_keys = input_gate_keys(inputs, key) if key is not None else {}
+    gated: set[str] = set()
+    gated_inputs: set[str] = set()
 
     def interceptor(next_fun, call_args, call_kwargs, context):
-        out = next_fun(*call_args, **call_kwargs)
         name = path_str(tuple(context.module.path) + ("kernel",))
-        if context.method_name != "__call__" or name not in gate_params:
+        if context.method_name != "__call__":
+            return next_fun(*call_args, **call_kwargs)
+        if name in inputs and call_args:
+            x, *rest = call_args
+            g = gate.unit_gate(inputs[name], in_keys.get(name))
+            if jnp.shape(x)[-1:] != g.shape:
+                raise ValueError(
+                    f"input gates of {name!r} have {g.shape[0]} features, but the layer's "
+                    f"input has shape {jnp.shape(x)}. Fix: gate inputs only on layers whose "
+                    "input features are the input's last axis (nn.Dense, channels-last nn.Conv)."
+                )
+            call_args = (x * g.astype(x.dtype), *rest)
+            gated_inputs.add(name)
+        out = next_fun(*call_args, **call_kwargs)
+        if name not in gate_params:
             return out
+        gated.add(name)
         z = gate.unit_gate(gate_params[name], keys.get(name))
         return out * z.astype(out.dtype)
 
     with nn.intercept_methods(interceptor):
-        return model.apply(variables, *args, **kwargs)
+        out = model.apply(variables, *args, **kwargs)
+    missing = sorted(set(gate_params) - gated) + [
+        f"{n}{INPUTS_SUFFIX}" for n in sorted(set(inputs) - gated_inputs)
+    ]
+    if missing:
+        # A gate on no called layer would silently not gate anything.
+        raise ValueError(
+            f"linen_apply: no submodule call matched the gates {missing[:5]} (a gate named "
+            "'path/kernel' applies to the __call__ of the submodule at 'path'; input gates "
+            "need the input passed positionally). Fix: build the gates with "
+            "jp.gates.init_gates(gate, variables['params'], ...)."
+        )
+    return out
