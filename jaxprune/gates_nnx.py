@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxprune._tree import path_str
-from jaxprune.gates_tree import Gate, to_masks
+from jaxprune.gates_tree import Gate, _gate_features, _require_per_unit, to_masks
 
 __all__ = [
     "GateKey",
@@ -89,12 +89,8 @@ class Gated(nnx.Module):
                 "Gated needs outputs=True or inputs=True, got both False. Fix: leave the "
                 "layer unwrapped instead."
             )
-        if inputs and not gate.per_unit:
-            raise ValueError(
-                f"inputs=True needs a per-unit gate kind, got {type(gate).__name__}, which "
-                "gates single weights. Fix: gate inputs with BetaBernoulli, HardConcrete or "
-                "ScalarGate."
-            )
+        if inputs:
+            _require_per_unit(gate, "inputs=True")
         self.module = module
         self.gate = gate
         kernel = module.kernel.get_value()
@@ -136,13 +132,9 @@ class Gated(nnx.Module):
             g = self.gate.unit_gate(
                 self.input_gate_params(), None if key is None else jax.random.fold_in(key, 1)
             )
-            if x.shape[-1:] != g.shape:
-                raise ValueError(
-                    f"input gates of {type(self.module).__name__} have {g.shape[0]} features, "
-                    f"but its input has shape {x.shape}. Fix: gate inputs only on layers whose "
-                    "input features are the input's last axis (nnx.Linear, channels-last nnx.Conv)."
-                )
-            x = x * g.astype(x.dtype)
+            x = _gate_features(
+                x, g, type(self.module).__name__, "nnx.Linear, channels-last nnx.Conv"
+            )
         if not self.gate_names:
             return self.module(x, *args, **kwargs)
         gp = self.gate_params()

@@ -117,11 +117,8 @@ def init_gates(
       >>> {k: v["gate_log_alpha"].shape for k, v in gpi.items()}
       {'fc/kernel': (3,)}
     """
-    if inputs and not gate.per_unit:
-        raise ValueError(
-            f"inputs=True needs a per-unit gate kind, got {type(gate).__name__}, which gates "
-            "single weights. Fix: gate inputs with BetaBernoulli, HardConcrete or ScalarGate."
-        )
+    if inputs:
+        _require_per_unit(gate, "inputs=True")
     flags = prunable_flags(params, where)
     flat, _ = leaves_with_paths(params)
     out = {}
@@ -148,6 +145,30 @@ def input_gate_keys(input_gate_params: dict, key: jax.Array) -> dict[str, jax.Ar
     samples are independent.
     """
     return gate_keys(input_gate_params, jax.random.fold_in(key, 1))
+
+
+def _require_per_unit(gate: Gate, what: str) -> None:
+    """Raises unless ``gate`` gates whole units, which gating input features needs."""
+    if not gate.per_unit:
+        raise ValueError(
+            f"{what} needs a per-unit gate kind, got {type(gate).__name__}, which gates single "
+            "weights. Fix: gate inputs with BetaBernoulli, HardConcrete or ScalarGate."
+        )
+
+
+def _gate_features(x: jax.Array, g: jax.Array, layer: str, layers: str) -> jax.Array:
+    """Returns ``x`` with its last axis (a layer's input features) multiplied by the gates ``g``.
+
+    ``layer`` names the layer and ``layers`` the kinds that take their input
+    features on the last axis, for the error on a size mismatch.
+    """
+    if jnp.shape(x)[-1:] != g.shape:
+        raise ValueError(
+            f"input gates of {layer} have {g.shape[0]} features, but the layer's input has "
+            f"shape {jnp.shape(x)}. Fix: gate inputs only on layers whose input features are "
+            f"the input's last axis ({layers})."
+        )
+    return x * g.astype(x.dtype)
 
 
 def _input_rows(name: str, g: jax.Array, kernel_shape: tuple) -> jax.Array:
@@ -222,11 +243,8 @@ def apply_gates(
 
 def _check_inputs(gate: Gate, input_gate_params: dict | None) -> dict:
     inputs = dict(input_gate_params or {})
-    if inputs and not gate.per_unit:
-        raise ValueError(
-            f"input_gate_params needs a per-unit gate kind, got {type(gate).__name__}. Fix: "
-            "gate inputs with BetaBernoulli, HardConcrete or ScalarGate."
-        )
+    if inputs:
+        _require_per_unit(gate, "input_gate_params")
     return inputs
 
 
@@ -488,7 +506,7 @@ def linen_apply(
             f"{type(gate).__name__}. Fix: use apply_gates(gate, params, gate_params, key=k) "
             "and model.apply({'params': gated}, x) for per-weight gates."
         )
-    inputs = dict(input_gate_params or {})
+    inputs = _check_inputs(gate, input_gate_params)
     keys = gate_keys(gate_params, key) if key is not None else {}
     in_keys = input_gate_keys(inputs, key) if key is not None else {}
     gated: set[str] = set()
@@ -501,13 +519,8 @@ def linen_apply(
         if name in inputs and call_args:
             x, *rest = call_args
             g = gate.unit_gate(inputs[name], in_keys.get(name))
-            if jnp.shape(x)[-1:] != g.shape:
-                raise ValueError(
-                    f"input gates of {name!r} have {g.shape[0]} features, but the layer's "
-                    f"input has shape {jnp.shape(x)}. Fix: gate inputs only on layers whose "
-                    "input features are the input's last axis (nn.Dense, channels-last nn.Conv)."
-                )
-            call_args = (x * g.astype(x.dtype), *rest)
+            x = _gate_features(x, g, repr(name), "nn.Dense, channels-last nn.Conv")
+            call_args = (x, *rest)
             gated_inputs.add(name)
         out = next_fun(*call_args, **call_kwargs)
         if name not in gate_params:
