@@ -36,7 +36,9 @@ writes docs/anp_vs.md and docs/anp_vs.json) or ``--quick`` (< 5 min, ends
 with ``RESULT {json}``). ``--methods AT,ANP-VS --at-base none --anp-base
 none`` and the like run a subset; ``--render docs/anp_vs.json`` rewrites the
 markdown from a saved json. ``--widths 20/50/44 --methods standard,AT`` trains
-the dense baselines at other widths. ``--help`` lists every flag.
+the dense baselines at other widths. ``--plot A.json B.json ...`` plots saved runs that
+differ in ``--beta`` only (accuracy against units pruned, ``docs/anp_vs_sweep.png``).
+``--help`` lists every flag.
 
 References:
   Madaan, Shin & Hwang, "Adversarial Neural Pruning with Latent Vulnerability
@@ -367,15 +369,31 @@ too); PGD-40 evaluation on a test subset. The KL weight beta (80 / N) and the ga
 initial `a` (30, keep probability E[pi] = 0.97) were set by hand so that ANP-VS prunes
 >= 80% of the 1370 units in this budget.
 
-**What was tried with the input gates** (seed 0, one run each, `--methods standard,ANP-VS
---beta B`; PGD-40 on the first 500 test images: one accuracy has a standard error of about
-2.2 points, so gaps under ~3 points are noise). Kept units are conv1/conv2/fc1
-inputs/fc1. beta 40: 76.2% clean / 52.0% PGD-40 at 70.7% of units pruned (20/47/184/150);
-beta 80: the table; beta 110: 64.8% / 48.0% at 88.2% (20/25/56/60); beta 160 (the
-previous default): 51.6% / 34.4% at 93.4% (16/16/30/28), where AT-kept at those units
-reached 68.2% / 47.6%. PGD-40 accuracy stays at 51-52% from 71% to 82% of units pruned,
-about where ANP-VS was without input gates at 48% of the 1370 units (51.8%, below), and
-drops beyond.
+**What was tried with the input gates** (seed 0, one run each; PGD-40 on the first 500 test
+images: one accuracy has a standard error of about 2.2 points, so gaps under ~3 points are
+noise). The KL weight sets how much is pruned; at each beta below, AT-kept trained Madry's
+AT at exactly the units ANP-VS kept (`--methods standard,ANP-VS,AT-kept --beta B`, jsons
+`docs/anp_vs_beta40.json`, `docs/anp_vs_beta110.json`, `docs/anp_vs_beta160.json`; beta 80
+is the table). Kept units are conv1/conv2/fc1 inputs/fc1; accuracies in %; the gap is
+ANP-VS's PGD-40 accuracy minus AT-kept's, in points.
+
+| beta | units pruned (%) | kept | ANP-VS clean / PGD-40 | AT-kept clean / PGD-40 | gap |
+|---|---|---|---|---|---|
+| 40 | 71.1 | 20/42/184/150 | 76.2 / 52.0 | 77.6 / 56.2 | -4.2 |
+| 80 | 82.4 | 20/35/102/84 | 73.4 / 51.4 | 76.6 / 55.4 | -4.0 |
+| 110 | 88.2 | 20/25/56/60 | 64.8 / 48.0 | 75.8 / 54.2 | -6.2 |
+| 160 | 93.4 | 16/16/30/28 | 51.6 / 34.4 | 68.2 / 47.6 | -13.2 |
+
+![PGD-40 and clean accuracy against units pruned](anp_vs_sweep.png)
+
+(`python examples/anp_vs.py --plot docs/anp_vs.json docs/anp_vs_beta40.json
+docs/anp_vs_beta110.json docs/anp_vs_beta160.json`.) At every sparsity, AT on ANP-VS's
+units is more robust than ANP-VS, and up to 88% of units pruned it stays within 3 points of
+dense AT: ANP-VS's units leave room for nearly AT's robustness, and what costs it is how
+ANP-VS trains. A stronger training attack did not change this: with 10-step training PGD instead
+of 3 (`--train-steps 10 --methods standard,AT,ANP-VS`, 24 min, `docs/anp_vs_pgd10.json`),
+AT reached 78.4% / 57.8% and ANP-VS 72.8% / 50.4% at 83.6% of units (20/29/91/85), -7.4
+points, against -5.6 with 3 steps.
 
 **Before the input gates** (this example's previous version: gates on conv channels and
 fc1 neurons only, beta 160 / N, "units pruned" meaning those 570; in the paper's count its
@@ -416,7 +434,8 @@ every unit (chance accuracy) within 400 steps.
 
 **Why the target is not met in this budget.** In the table, AT-kept (Madry's AT at
 exactly ANP-VS's units) reaches 55.4% PGD-40: the units cost AT 1.6 points, and how
-ANP-VS trains costs 4.0 more. Measured at 400 steps: Madry's loss beats
+ANP-VS trains costs 4.0 more (4-13 points more from 71% to 93% of units pruned, figure
+above). Measured at 400 steps: Madry's loss beats
 the mixed loss that ANP-VS's weights train on by about 2 points (AT vs AT-mix); training
 the gates adversarially without pruning pressure costs about 1 more (54.0%, beta 0);
 pruning then costs 2-3 points more, about the same from 71% to 82% of the paper's units;
@@ -509,6 +528,105 @@ def render(result: dict) -> str:
         + PAPER_FIGURES
         + (PAPER_NOTE if args.dataset == "fashion-mnist" else MNIST_NOTE)
     )
+
+
+# Flags that may differ between the runs of one sweep plot: the swept KL weight,
+# which methods ran, and where the output went.
+_SWEEP_FREE = {"beta", "methods", "out", "render", "quick", "plot", "plot_out"}
+_DENSE = ("standard", "AT", "AT-mix")
+
+
+def sweep_rows(results: list[dict]) -> dict[str, list[dict]]:
+    """Returns every method's rows across runs that differ in ``--beta`` only.
+
+    Each row gains its run's ``beta``. The dense methods (standard, AT,
+    AT-mix) do not depend on beta: each keeps the row of the first run that
+    trained it.
+
+    Raises:
+      ValueError: two runs differ in a flag other than ``--beta`` and
+        ``--methods``, or no run is given.
+    """
+    if not results:
+        raise ValueError("the sweep plot needs at least one run's json. Fix: --plot A.json B.json")
+    first = {"dataset": "fashion-mnist", "input_gates": False, **results[0]["args"]}
+    for i, result in enumerate(results[1:], 1):
+        other = {"dataset": "fashion-mnist", "input_gates": False, **result["args"]}
+        for k in sorted((set(first) | set(other)) - _SWEEP_FREE):
+            if first.get(k) != other.get(k):
+                raise ValueError(
+                    f"run {i} has {k}={other.get(k)!r} but run 0 has {k}={first.get(k)!r}: a "
+                    "sweep plot compares runs that differ in --beta (and --methods) only. "
+                    "Fix: plot runs made with the same flags apart from those."
+                )
+    by: dict[str, list[dict]] = {}
+    for result in results:
+        for row in map(_with_inputs, result["rows"]):
+            if row["method"] in _DENSE and row["method"] in by:
+                continue
+            by.setdefault(row["method"], []).append({**row, "beta": result["args"]["beta"]})
+    return by
+
+
+def plot_sweep(results: list[dict], path: str | None = None):
+    """Returns a matplotlib ``Figure``: PGD-40 and clean accuracy against units pruned.
+
+    One point per run for the gated methods (ANP-VS labelled with its beta,
+    BP) and for AT-kept (AT at ANP-VS's units), lines for the dense methods,
+    and the paper's 80% of units as a dotted line. Saved to ``path`` if given.
+    """
+    from matplotlib.figure import Figure
+
+    by = sweep_rows(results)
+    args = {"dataset": "fashion-mnist", **results[0]["args"]}
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True)
+    styles = {
+        "ANP-VS": dict(marker="o", color="C3"),
+        "AT-kept": dict(marker="s", color="C0"),
+        "BP": dict(marker="^", color="C2"),
+    }
+    dense = {"standard": "0.6", "AT": "C0", "AT-mix": "C9"}
+    for ax, key, name in zip(axes, ("pgd_acc", "clean_acc"), ("PGD-40", "clean"), strict=True):
+        for method, color in dense.items():
+            for row in by.get(method, []):
+                ax.axhline(
+                    row[key],
+                    color=color,
+                    ls="--",
+                    lw=1,
+                    label=f"{LABELS.get(method, method)}: {row[key]:.1f}%",
+                )
+        for method, style in styles.items():
+            rows = sorted(by.get(method, []), key=lambda r: r["unit_sparsity"])
+            if not rows:
+                continue
+            xs = [r["unit_sparsity"] for r in rows]
+            ax.plot(xs, [r[key] for r in rows], label=LABELS.get(method, method), **style)
+            if method == "ANP-VS":
+                for r in rows:
+                    ax.annotate(
+                        f"beta {r['beta']:g}",
+                        (r["unit_sparsity"], r[key]),
+                        textcoords="offset points",
+                        xytext=(4, -12),
+                        fontsize=8,
+                    )
+        ax.axvline(80, color="k", ls=":", lw=1)
+        ax.set_xlabel("units pruned, of the paper's 1370 (%)")
+        ax.set_ylabel(f"{name} accuracy (%)")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower left")
+    steps = (args["train_size"] // args["batch_size"]) * args["epochs"]
+    fig.suptitle(
+        f"ANP-VS against AT on {DATASETS[args['dataset']]}, LeNet-5-Caffe, {steps} steps per "
+        f"method, eps {args['eps']} (dotted: 80% of units pruned)",
+        fontsize=10,
+    )
+    if path is not None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fig.savefig(path, dpi=110)
+    return fig
 
 
 def main():
@@ -605,7 +723,29 @@ def main():
     )
     p.add_argument("--out", default=None, help="markdown path (json next to it)")
     p.add_argument("--render", default=None, help="only re-render the markdown of a json")
+    p.add_argument(
+        "--plot",
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="only plot accuracy against units pruned from saved runs that differ in --beta "
+        "(and --methods) only, to --plot-out",
+    )
+    p.add_argument(
+        "--plot-out", default="docs/anp_vs_sweep.png", help="where --plot saves the figure"
+    )
     args = p.parse_args()
+    if args.plot:
+        results = []
+        for path in args.plot:
+            with open(path) as f:
+                results.append(json.load(f))
+        try:
+            plot_sweep(results, args.plot_out)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        print(f"wrote {args.plot_out}")
+        return
     if args.render:
         with open(args.render) as f:
             result = json.load(f)

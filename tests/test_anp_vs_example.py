@@ -53,3 +53,59 @@ def test_rows_saved_without_input_gates_render_with_the_papers_units(anp_vs):
     assert row["channel_neuron_sparsity"] == 82.1
     assert row["unit_sparsity"] == pytest.approx(100 * (1 - (18 + 38 + 608 + 46) / 1370))
     assert anp_vs._with_inputs(row) is row
+
+
+def _run(beta, rows, **flags):
+    args = {"beta": beta, "methods": "x", "out": "o.md", "train_size": 1280, "batch_size": 128}
+    args.update(epochs=1, eps=0.1, seed=0, **flags)
+    return {"args": args, "rows": rows, "seconds": 1.0}
+
+
+def _row(method, units, pgd, clean=80.0):
+    kept = {"conv1": 20, "conv2": 50, "fc1_in": 800, "fc1": 500}
+    sparsity = 100 * (1 - units / 1370)
+    return {
+        "method": method,
+        "units_kept": kept,
+        "unit_sparsity": sparsity,
+        "pgd_acc": pgd,
+        "clean_acc": clean,
+    }
+
+
+def test_sweep_keeps_each_runs_gated_rows_and_the_first_dense_ones(anp_vs, tmp_path):
+    runs = [
+        _run(
+            40.0,
+            [
+                _row("standard", 1370, 11.0),
+                _row("AT", 1370, 57.0),
+                _row("ANP-VS", 400, 52.0),
+                _row("AT-kept", 400, 55.0),
+            ],
+        ),
+        _run(110.0, [_row("standard", 1370, 11.0), _row("ANP-VS", 160, 48.0)]),
+    ]
+    by = anp_vs.sweep_rows(runs)
+    assert [r["beta"] for r in by["ANP-VS"]] == [40.0, 110.0]
+    assert [r["pgd_acc"] for r in by["ANP-VS"]] == [52.0, 48.0]
+    assert len(by["standard"]) == 1 and len(by["AT"]) == 1 and len(by["AT-kept"]) == 1
+    path = tmp_path / "sweep.png"
+    fig = anp_vs.plot_sweep(runs, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    left = fig.axes[0]
+    anp_line = next(ln for ln in left.lines if ln.get_label() == "ANP-VS")
+    assert list(anp_line.get_ydata()) == [52.0, 48.0]  # sorted by units pruned
+
+
+def test_sweep_refuses_runs_that_differ_in_more_than_beta(anp_vs):
+    runs = [
+        _run(40.0, [_row("ANP-VS", 400, 52.0)]),
+        _run(80.0, [_row("ANP-VS", 300, 51.0)], train_steps=10),
+    ]
+    with pytest.raises(
+        ValueError, match=r"run 1 has train_steps=10 but run 0 has train_steps=None"
+    ):
+        anp_vs.sweep_rows(runs)
+    with pytest.raises(ValueError, match="at least one run"):
+        anp_vs.sweep_rows([])
