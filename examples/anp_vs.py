@@ -394,6 +394,12 @@ ANP-VS trains. A stronger training attack did not change this: with 10-step trai
 of 3 (`--train-steps 10 --methods standard,AT,ANP-VS`, 24 min, `docs/anp_vs_pgd10.json`),
 AT reached 78.4% / 57.8% and ANP-VS 72.8% / 50.4% at 83.6% of units (20/29/91/85), -7.4
 points, against -5.6 with 3 steps.
+Nor did Madry's loss for ANP-VS's weights (`--adv-weight 1000 --methods
+standard,AT,ANP-VS,AT-kept`, 14 min, `docs/anp_vs_aw1000.json`; outside the paper's
+recipe): ANP-VS 68.6% / 51.2% at 83.9% of units (19/30/89/83), AT-kept at those units
+76.4% / 54.4%, a gap of -3.2 points against -4.0 with the mixed loss, within noise. So the
+gap does not come from the weights' loss; what else differs from AT-kept is training under
+sampled gates with the KL term.
 
 **Before the input gates** (this example's previous version: gates on conv channels and
 fc1 neurons only, beta 160 / N, "units pruned" meaning those 570; in the paper's count its
@@ -436,7 +442,8 @@ every unit (chance accuracy) within 400 steps.
 exactly ANP-VS's units) reaches 55.4% PGD-40: the units cost AT 1.6 points, and how
 ANP-VS trains costs 4.0 more (4-13 points more from 71% to 93% of units pruned, figure
 above). Measured at 400 steps: Madry's loss beats
-the mixed loss that ANP-VS's weights train on by about 2 points (AT vs AT-mix); training
+the mixed loss that ANP-VS's weights train on by about 2 points (AT vs AT-mix), though
+giving ANP-VS's weights Madry's loss did not narrow its gap to AT-kept; training
 the gates adversarially without pruning pressure costs about 1 more (54.0%, beta 0);
 pruning then costs 2-3 points more, about the same from 71% to 82% of the paper's units;
 and the vulnerability term is too small to matter (49.4% without it vs 49.6% with it),
