@@ -521,12 +521,16 @@ def _with_inputs(row: dict) -> dict:
     }
 
 
+def saved_args(result: dict) -> dict:
+    """Returns a saved run's flags, with those older runs lack at the values they ran with."""
+    # Runs saved before --dataset existed are Fashion-MNIST runs, and runs saved
+    # before --no-input-gates existed had no input gates.
+    return {"dataset": "fashion-mnist", "input_gates": False, **result["args"]}
+
+
 def render(result: dict) -> str:
     """Returns the markdown report for a results dict (as saved in the json)."""
-    # Runs saved before --dataset existed are Fashion-MNIST runs.
-    args = argparse.Namespace(
-        **{"dataset": "fashion-mnist", "input_gates": False, **result["args"]}
-    )
+    args = argparse.Namespace(**saved_args(result))
     rows = [_with_inputs(r) for r in result["rows"]]
     return (
         f"# ANP-VS on {DATASETS[args.dataset]} (LeNet-5-Caffe)\n\n"
@@ -556,9 +560,9 @@ def sweep_rows(results: list[dict]) -> dict[str, list[dict]]:
     """
     if not results:
         raise ValueError("the sweep plot needs at least one run's json. Fix: --plot A.json B.json")
-    first = {"dataset": "fashion-mnist", "input_gates": False, **results[0]["args"]}
+    first = saved_args(results[0])
     for i, result in enumerate(results[1:], 1):
-        other = {"dataset": "fashion-mnist", "input_gates": False, **result["args"]}
+        other = saved_args(result)
         for k in sorted((set(first) | set(other)) - _SWEEP_FREE):
             if first.get(k) != other.get(k):
                 raise ValueError(
@@ -585,7 +589,7 @@ def plot_sweep(results: list[dict], path: str | None = None):
     from matplotlib.figure import Figure
 
     by = sweep_rows(results)
-    args = {"dataset": "fashion-mnist", **results[0]["args"]}
+    args = saved_args(results[0])
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True)
     styles = {

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxprune._tree import path_str
-from jaxprune.gates_tree import Gate, _gate_features, _require_per_unit, to_masks
+from jaxprune.gates_tree import Gate, _gate_features, _require_per_unit, _scale_rows, to_masks
 
 __all__ = [
     "GateKey",
@@ -367,8 +367,9 @@ def _fold(m: Gated) -> nnx.Module:
     if m.gate_names:
         kernel, scale = m.gate.apply(m.gate_params(), kernel, None)
     if m.input_gate_names:
-        g = m.gate.unit_gate(m.input_gate_params(), None)
-        kernel = kernel * g[:, None].astype(kernel.dtype)
+        kernel = _scale_rows(
+            type(m.module).__name__, kernel, m.gate.unit_gate(m.input_gate_params(), None)
+        )
     inner = nnx.clone(m.module)
     inner.kernel.set_value(kernel)
     bias = getattr(inner, "bias", None)

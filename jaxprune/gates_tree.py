@@ -171,6 +171,11 @@ def _gate_features(x: jax.Array, g: jax.Array, layer: str, layers: str) -> jax.A
     return x * g.astype(x.dtype)
 
 
+def _scale_rows(name: str, kernel: jax.Array, g: jax.Array) -> jax.Array:
+    """Returns ``kernel`` with its rows (axis -2, the input features) scaled by the gates ``g``."""
+    return kernel * _input_rows(name, g, jnp.shape(kernel)).astype(kernel.dtype)
+
+
 def _input_rows(name: str, g: jax.Array, kernel_shape: tuple) -> jax.Array:
     """Returns the input gates ``g`` shaped to scale the rows (axis -2) of a kernel."""
     if len(kernel_shape) < 2 or kernel_shape[-2] != g.shape[0]:
@@ -235,9 +240,7 @@ def apply_gates(
             leaves[b] = leaves[b] * scale.astype(jnp.result_type(leaves[b]))
     for name, gp in inputs.items():
         i = index[name]
-        kernel = jnp.asarray(leaves[i])
-        g = _input_rows(name, gate.unit_gate(gp, in_keys.get(name)), kernel.shape)
-        leaves[i] = kernel * g.astype(kernel.dtype)
+        leaves[i] = _scale_rows(name, jnp.asarray(leaves[i]), gate.unit_gate(gp, in_keys.get(name)))
     return jax.tree.unflatten(treedef, leaves)
 
 
