@@ -234,6 +234,35 @@ def test_select_exact_channel_counts_on_every_member_and_as_prune_scope():
     assert got["layers"][1]["bias"].shape == ()
 
 
+def test_channel_pruning_of_a_batchnorm_cnn_trained_with_nnx_optimizer_then_shrunk():
+    # Groups from the whole state (BatchNorm statistics included); jp.prune under
+    # nnx.Optimizer(wrt=nnx.Param) scores the Param part only, matched by path.
+    model = models.VGGSmall(rngs=nnx.Rngs(0), cfg=(8, "M", 16, "M"), image_size=8, hidden=12)
+    x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1))
+    model.eval()
+    apply_fn, state = structure.module_apply(model)
+    gs = structure.groups(apply_fn, state, x[:2], prunable_only=True)
+    model.train()
+    sched = jp.schedules.polynomial(0.0, 0.5, begin_step=0, end_step=2, frequency=1)
+    tx = jp.prune(optax.adam(1e-2), sparsity=sched, scope=structure.selection(gs))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(m, o, x):
+        o.update(m, nnx.grad(lambda m: jnp.mean(m(x) ** 2))(m))
+
+    for _ in range(4):
+        step(model, opt, x)
+    masks = jp.get_masks(opt.opt_state)
+    assert int((~np.asarray(masks["convs"][1]["kernel"]).any((0, 1, 2))).sum()) == 8
+    model.eval()
+    want = model(x)
+    structure.shrink_module(model, masks, x)
+    assert [c.kernel.shape[-1] for c in model.convs] == [4, 8]
+    assert [bn.mean.shape for bn in model.bns] == [(4,), (8,)]
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_select_errors():
     with pytest.raises(ValueError, match="scope must be 'layer' or 'global'"):
         structure.select([], {}, 0.5, scope="model")

@@ -9,6 +9,7 @@ from flax import nnx
 
 import jaxprune as jp
 from jaxprune import structure
+from jaxprune._tree import leaves_with_paths
 
 
 def _max_diff(a, b) -> float:
@@ -217,17 +218,32 @@ def test_low_precision_models_pass_the_check(dtype=jnp.bfloat16):
     assert _max_diff(model(x), want) <= 8 * float(jnp.finfo(dtype).eps) * 4
 
 
-def test_select_rejects_scores_over_another_tree():
+def test_select_matches_members_by_path_and_rejects_other_trees():
     model = jp.models.VGGSmall(rngs=nnx.Rngs(0), cfg=(8, "M"), image_size=4, hidden=8)
     model.eval()
     x = jnp.ones((2, 4, 4, 1))
     apply_fn, state = structure.module_apply(model)
     gs = structure.groups(apply_fn, state, x, prunable_only=True)
+    # The nnx.Param part (what nnx.Optimizer hands jp.prune): BatchNorm
+    # statistics get no mask and do not vote; the rest is as over the whole state.
     params_only = jp.criteria.magnitude(nnx.state(model, nnx.Param))
-    with pytest.raises(ValueError, match="structure.module_apply"):
-        structure.select(gs, params_only, 0.5)
+    part = structure.select(gs, params_only, 0.5)
+    whole = structure.select(gs, jp.criteria.magnitude(state), 0.5)
+    assert "mean" not in part["bns"][0]
+    got = dict(leaves_with_paths(part)[0])
+    ref = dict(leaves_with_paths(whole)[0])
+    for path, m in got.items():
+        np.testing.assert_array_equal(np.asarray(m), np.asarray(ref[path]))
+    np.testing.assert_array_equal(
+        np.asarray(structure.group_scores(gs, params_only)[0]),
+        np.asarray(structure.group_scores(gs, jp.criteria.magnitude(state))[0]),
+    )
+    other = {"w": jnp.ones((3, 3)), "b": jnp.ones(3)}
+    no_member = r"no member of the group over bns/0/bias.*\(2 leaves: b, w\)"
+    with pytest.raises(ValueError, match=no_member):
+        structure.select(gs, other, 0.5)
     with pytest.raises(ValueError, match="does not match the groups' tree"):
-        structure.group_scores(gs, params_only)
+        structure.group_scores(gs, other)
     wrong_width = jax.tree.map(lambda s: s[..., :1] if s.ndim == 1 else s, dict(state))
     with pytest.raises(ValueError, match="channels its group expects"):
         structure.select(gs, wrong_width, 0.5)

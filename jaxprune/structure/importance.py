@@ -66,30 +66,36 @@ def groups(
     return tuple(g for g in found if g.prunable) if prunable_only else found
 
 
-def _check_aligned(groups: Sequence[Group], scores: Any) -> list:
-    """Returns ``scores``' flat ``(path, leaf)`` list, checked to be the tree the groups index.
+def _align(groups: Sequence[Group], scores: Any) -> tuple[list, tuple[Group, ...]]:
+    """Returns ``scores``' flat ``(path, leaf)`` list and ``groups`` re-indexed onto it by path.
 
-    Groups name params leaves by their flatten index; a scores tree over other
-    leaves (e.g. ``nnx.state(model, nnx.Param)`` when the groups came from
-    :func:`~jaxprune.structure.module_apply`'s state, which also holds the
-    BatchNorm statistics) would silently score the wrong leaves, or index past
-    the end.
+    Groups name their members by path, and ``scores`` may be the tree the
+    groups were found on or a part of it: ``nnx.state(model, nnx.Param)``
+    (what ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` hands ``jp.prune``)
+    when the groups came from :func:`~jaxprune.structure.module_apply`'s state,
+    which also holds the BatchNorm statistics. Members absent from ``scores``
+    are left out of the returned groups (they get no mask; a channel whose
+    kernel column and next-layer rows are masked computes the same function
+    whatever its statistics, and :func:`~jaxprune.structure.shrink` still cuts
+    it). A prunable group with no member in ``scores``, or a member whose leaf
+    cannot hold the group's channels, is an error: it would silently score the
+    wrong leaves or prune nothing.
     """
     flat, _ = leaves_with_paths(scores)
+    index = {path_str(p): i for i, (p, _) in enumerate(flat)}
     fix = (
-        "Fix: compute the scores over the same tree the groups were found on (for nnx, "
-        "the state returned by structure.module_apply, e.g. jp.criteria.magnitude(state))."
+        "Fix: compute the scores over the tree the groups were found on, or a part of it "
+        "(for nnx, the state returned by structure.module_apply or its nnx.Param part, e.g. "
+        "jp.criteria.magnitude(state))."
     )
+    out = []
     for g in groups:
+        members = []
         for m in g.members:
-            if m.leaf >= len(flat) or path_str(flat[m.leaf][0]) != path_str(m.path):
-                got = path_str(flat[m.leaf][0]) if m.leaf < len(flat) else "no such leaf"
-                raise ValueError(
-                    f"scores does not match the groups' tree: group member {path_str(m.path)!r} "
-                    f"is leaf {m.leaf} of the params the groups came from, but leaf {m.leaf} "
-                    f"of scores ({len(flat)} leaves) is {got!r}. {fix}"
-                )
-            shape = jnp.shape(flat[m.leaf][1])
+            i = index.get(path_str(m.path))
+            if i is None:
+                continue
+            shape = jnp.shape(flat[i][1])
             size = shape[m.axis] if m.axis < len(shape) else 0
             outer, inner, offset, count = m.layout
             if not size or size % outer or offset + count * inner > size // outer:
@@ -97,7 +103,16 @@ def _check_aligned(groups: Sequence[Group], scores: Any) -> list:
                     f"scores leaf {path_str(m.path)!r} has shape {tuple(shape)}, which does not "
                     f"hold the {g.channels} channels its group expects along axis {m.axis}. {fix}"
                 )
-    return flat
+            members.append(m._replace(leaf=i))
+        if g.prunable and not members:
+            names = ", ".join(path_str(m.path) for m in g.members[:4])
+            have = ", ".join(path_str(p) for p, _ in flat[:4]) + (", ..." if len(flat) > 4 else "")
+            raise ValueError(
+                f"scores does not match the groups' tree: no member of the group over {names} "
+                f"is a leaf of scores ({len(flat)} leaves: {have or 'none'}). {fix}"
+            )
+        out.append(g._replace(members=tuple(members)))
+    return flat, tuple(out)
 
 
 def _member_channel_scores(x: jax.Array, axis: int, layout, reduce) -> jax.Array:
@@ -123,7 +138,10 @@ def group_scores(
 
     Args:
       groups: from :func:`groups`.
-      scores: a tree of scores with the params' structure.
+      scores: a tree of scores with the structure of the params the groups
+        were found on, or of a part of them (members are matched by path;
+        those not in ``scores``, e.g. BatchNorm statistics when ``scores``
+        covers ``nnx.state(model, nnx.Param)``, do not vote).
       reduce: per-member reduction over a channel's slice.
       where: which members vote; default floating ``ndim >= 2``.
 
@@ -131,7 +149,8 @@ def group_scores(
       A list of float32 vectors, one per group (zeros when no member votes).
 
     Raises:
-      ValueError: ``scores`` is not the tree the groups were found on.
+      ValueError: a group has no member in ``scores``, or a member's leaf
+        there cannot hold the group's channels.
 
     References:
       Fang et al., "DepGraph", 2023. https://arxiv.org/abs/2301.12900
@@ -139,7 +158,7 @@ def group_scores(
       2019 (group importance as a sum). https://arxiv.org/abs/1906.10771
     """
     red = _reducer(reduce)
-    flat = _check_aligned(groups, scores)
+    flat, groups = _align(groups, scores)
     flags = prunable_flags(scores, where)
     out = []
     for g in groups:
@@ -195,7 +214,11 @@ def select(
 
     Args:
       groups: from :func:`groups`.
-      scores: a tree of scores with the params' structure.
+      scores: a tree of scores with the structure of the params the groups
+        were found on, or of a part of them, such as the ``nnx.Param`` part
+        of :func:`~jaxprune.structure.module_apply`'s state (what
+        ``jp.prune`` sees under ``nnx.Optimizer(model, tx, wrt=nnx.Param)``).
+        Members are matched by path; those not in ``scores`` get no mask.
       sparsity: fraction of channels to drop (may be traced).
       reduce: per-member reduction (see :func:`group_scores`).
       where: which members vote on importance; default kernels.
@@ -205,8 +228,8 @@ def select(
       Bool masks with the structure of ``scores``.
 
     Raises:
-      ValueError: ``scores`` is not the tree the groups were found on (e.g.
-        ``nnx.state(model, nnx.Param)`` for groups from ``module_apply``'s state).
+      ValueError: a prunable group has no member in ``scores`` (scores over
+        another model), or a member's leaf there cannot hold the group's channels.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -225,7 +248,7 @@ def select(
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
     _masks._check_sparsity(sparsity)
-    _check_aligned(groups, scores)
+    _, groups = _align(groups, scores)
     if isinstance(sparsity, jax.core.Tracer) or any(
         isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(scores)
     ):

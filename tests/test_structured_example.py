@@ -1,0 +1,53 @@
+"""examples/structured_training.py: a BatchNorm CNN channel-pruned under nnx.Optimizer, shrunk."""
+
+import importlib.util
+import json
+import pathlib
+import re
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "structured_training.py"
+
+
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("structured_training_example", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_prunes_exact_channel_counts_and_writes_its_report(example, tmp_path, capsys):
+    out = tmp_path / "docs" / "run.md"
+    result = example.main(["--quick", "--dataset", "digits", "--out", str(out)])
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["dense", *example.METHODS]
+    dense = rows[0]
+    assert dense["widths"] == [[32, 64, 128], 128]
+    for r in rows[1:]:
+        # Half the channels of every prunable group, from every method: the masks
+        # chosen inside the jitted train step shrink to exactly those widths.
+        assert r["sparsity"] == 0.5 and r["widths"] == [[16, 32, 64], 64]
+        assert r["params"] < dense["params"] / 3 and r["mac_reduction"] > 3
+        assert 0.0 <= r["accuracy"] <= 100.0 and r["ms"] > 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "| gradual | 50% |" in out.read_text()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT ") and "gradual 0.5" in json.loads(last[len("RESULT ") :])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sparsities", "0.5,1.5"], r"--sparsities must lie in \(0, 1\), got \[1.5\]"),
+        (["--sparsities", "half"], "--sparsities must be comma-separated floats, got 'half'"),
+        (["--finetune-epochs", "0"], "--finetune-epochs must be >= 1, got 0"),
+    ],
+)
+def test_bad_flags_name_the_flag_and_value(example, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        example.parse_args(argv)
+    assert re.search(message, capsys.readouterr().err)
