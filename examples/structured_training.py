@@ -131,11 +131,15 @@ def train(model, tx, data, *, epochs, batch_size, seed, pbar):
     return opt
 
 
+@nnx.jit
+def _predict(model, x):
+    return jnp.argmax(model(x), -1)
+
+
 def accuracy(model, x, y, batch: int = 1000) -> float:
     model.eval()
-    predict = nnx.jit(lambda m, x: jnp.argmax(m(x), -1))
     hits = sum(
-        int((predict(model, x[i : i + batch]) == y[i : i + batch]).sum())
+        int((_predict(model, x[i : i + batch]) == y[i : i + batch]).sum())
         for i in range(0, len(x), batch)
     )
     return 100.0 * hits / len(x)

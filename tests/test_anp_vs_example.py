@@ -1,8 +1,5 @@
 """The ANP-VS example's unit accounting: the paper's 1370 units, counted on the shrunk net."""
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -10,16 +7,12 @@ from flax import nnx
 
 from jaxprune import gates
 from jaxprune.models import LeNet5Caffe
-
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "anp_vs.py"
+from tests._examples import load_example
 
 
 @pytest.fixture(scope="module")
 def anp_vs():
-    spec = importlib.util.spec_from_file_location("anp_vs_example", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("anp_vs")
 
 
 def test_units_are_the_papers_and_count_what_the_shrunk_network_uses(anp_vs):

@@ -1,21 +1,16 @@
 """examples/structured_training.py: a BatchNorm CNN channel-pruned under nnx.Optimizer, shrunk."""
 
-import importlib.util
 import json
-import pathlib
 import re
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "structured_training.py"
+from tests._examples import load_example
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("structured_training_example", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("structured_training")
 
 
 def test_quick_run_prunes_exact_channel_counts_and_writes_its_report(example, tmp_path, capsys):

@@ -157,9 +157,12 @@ def group_scores(
       Molchanov et al., "Importance Estimation for Neural Network Pruning",
       2019 (group importance as a sum). https://arxiv.org/abs/1906.10771
     """
-    red = _reducer(reduce)
     flat, groups = _align(groups, scores)
-    flags = prunable_flags(scores, where)
+    return _summed(groups, flat, prunable_flags(scores, where), _reducer(reduce))
+
+
+def _summed(groups: Sequence[Group], flat: list, flags: list[bool], red) -> list[jax.Array]:
+    """:func:`group_scores` of groups already aligned on ``flat`` (see :func:`_align`)."""
     out = []
     for g in groups:
         total = jnp.zeros((g.channels,), jnp.float32)
@@ -267,8 +270,11 @@ def select(
 
 def _select_impl(groups, scores, sparsity, reduce, where, scope):
     # One compiled program instead of thousands of eager ops (topk, scatters per member).
+    # ``groups`` are aligned on ``scores`` already (select did it).
     live = [i for i, g in enumerate(groups) if g.prunable]
-    imps = group_scores([groups[i] for i in live], scores, reduce=reduce, where=where)
+    flat, _ = leaves_with_paths(scores)
+    flags = prunable_flags(scores, where)
+    imps = _summed([groups[i] for i in live], flat, flags, _reducer(reduce))
     tree = {str(i): v for i, v in zip(live, imps, strict=True)}
     everything = lambda path, x: True  # noqa: E731
     pick = _masks.global_topk if scope == "global" else _masks.topk
