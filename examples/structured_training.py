@@ -28,7 +28,11 @@ batch 256 against the dense network (interleaved runs, median).
 Run: ``python examples/structured_training.py`` (writes
 docs/structured_training.md, .json and .png) or ``--quick`` (a smoke run on a
 subset; ends with ``RESULT {json}`` like the full run). ``--help`` lists every
-flag.
+flag; among them ``--scope global`` ranks all groups' channels together,
+``--max-sparsity`` caps what any one group loses, ``--round-to`` keeps
+channel counts at multiples, ``--normalize`` puts groups on one scale for the
+global ranking (``jp.structure.select``'s options of the same names), and
+``--methods`` runs a subset of the four.
 
 References:
   Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017.
@@ -75,6 +79,32 @@ def parse_args(argv=None):
         "--sparsities", default="0.5,0.75", help="fractions of channels removed, comma-separated"
     )
     p.add_argument("--frequency", type=int, default=25, help="gradual: steps between refreshes")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated subset of: " + ", ".join(METHODS),
+    )
+    p.add_argument(
+        "--scope",
+        default="layer",
+        choices=("layer", "global"),
+        help="remove the fraction from every group (layer) or in total, lowest first (global)",
+    )
+    p.add_argument(
+        "--max-sparsity",
+        type=float,
+        default=None,
+        help="largest fraction of one group's channels removed (so global never empties a layer)",
+    )
+    p.add_argument(
+        "--round-to", type=int, default=None, help="keep a multiple of this many channels per group"
+    )
+    p.add_argument(
+        "--normalize",
+        default=None,
+        choices=("mean", "max", "sum", "gaussian"),
+        help="global scope: scale each group's importances before ranking them together",
+    )
     p.add_argument("--runs", type=int, default=30, help="timed inference runs per network")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="markdown path (json and png next to it)")
@@ -86,6 +116,18 @@ def parse_args(argv=None):
     bad = [s for s in args.sparsity_list if not 0.0 < s < 1.0]
     if bad:
         p.error(f"--sparsities must lie in (0, 1), got {bad}; e.g. --sparsities 0.5,0.75")
+    args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.method_list if m not in METHODS]
+    if unknown or not args.method_list:
+        p.error(
+            f"--methods must be a comma-separated subset of {', '.join(METHODS)}, got "
+            f"{args.methods!r}; e.g. --methods 'one-shot,one-shot + fine-tune'"
+        )
+    args.method_list = [m for m in METHODS if m in args.method_list]  # the table's order
+    if args.max_sparsity is not None and not 0.0 <= args.max_sparsity <= 1.0:
+        p.error(f"--max-sparsity must lie in [0, 1], got {args.max_sparsity}; e.g. 0.9")
+    if args.round_to is not None and args.round_to < 1:
+        p.error(f"--round-to must be >= 1, got {args.round_to}; e.g. --round-to 8")
     for name in ("epochs", "finetune_epochs", "batch_size", "frequency", "runs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -192,7 +234,12 @@ def run(args) -> dict:
     per_epoch = n // args.batch_size
     dense_steps, ft_steps = per_epoch * args.epochs, per_epoch * args.finetune_epochs
     sps = args.sparsity_list
-    total = dense_steps + len(sps) * (2 * ft_steps + dense_steps + ft_steps)
+    todo = args.method_list
+    per_s = ft_steps * (("one-shot + fine-tune" in todo) + ("gradual" in todo))
+    per_s += (dense_steps + ft_steps) * ("scratch" in todo)
+    total = dense_steps + len(sps) * per_s
+    limits = {"scope": args.scope, "max_sparsity": args.max_sparsity, "round_to": args.round_to}
+    limits["normalize"] = args.normalize
     x_check = x_test[:8]
 
     with tqdm(total=total, desc="train", unit="step") as pbar:
@@ -220,7 +267,7 @@ def run(args) -> dict:
         nets = {"dense": dense}
         for s in sps:
             oneshot = nnx.clone(dense)
-            masks = structure.select(groups, jp.criteria.magnitude(state), s)
+            masks = structure.select(groups, jp.criteria.magnitude(state), s, **limits)
             structure.shrink_module(oneshot, masks, x_check)
             nets[f"one-shot {s}"] = oneshot
 
@@ -229,7 +276,7 @@ def run(args) -> dict:
                 tx = jp.prune(
                     optax.adam(cosine(args.lr, ft_steps)),
                     sparsity=sparsity,
-                    scope=structure.selection(groups),
+                    scope=structure.selection(groups, **limits),
                 )
                 opt = train(
                     m,
@@ -242,27 +289,33 @@ def run(args) -> dict:
                 )
                 return structure.shrink_module(m, jp.get_masks(opt.opt_state), x_check)
 
-            nets[f"one-shot + fine-tune {s}"] = prune_run(s)
-            ramp = max(ft_steps // 2, 1)
-            nets[f"gradual {s}"] = prune_run(
-                jp.schedules.polynomial(
-                    0.0, s, begin_step=0, end_step=ramp, frequency=min(args.frequency, ramp)
+            if "one-shot + fine-tune" in todo:
+                nets[f"one-shot + fine-tune {s}"] = prune_run(s)
+            if "gradual" in todo:
+                ramp = max(ft_steps // 2, 1)
+                nets[f"gradual {s}"] = prune_run(
+                    jp.schedules.polynomial(
+                        0.0, s, begin_step=0, end_step=ramp, frequency=min(args.frequency, ramp)
+                    )
                 )
-            )
-            convs, hidden = widths(nets[f"gradual {s}"])
-            scratch = make_model(args.seed + 2, convs, hidden)
-            steps = dense_steps + ft_steps
-            train(
-                scratch,
-                optax.adam(cosine(args.lr, steps)),
-                train_xy,
-                epochs=args.epochs + args.finetune_epochs,
-                batch_size=args.batch_size,
-                seed=args.seed + 2,
-                pbar=pbar,
-            )
-            nets[f"scratch {s}"] = scratch
-            for method in METHODS:
+            if "scratch" in todo:
+                # At the gradual run's widths (or the latest pruned run's, without one).
+                convs, hidden = widths(list(nets.values())[-1])
+                scratch = make_model(args.seed + 2, convs, hidden)
+                steps = dense_steps + ft_steps
+                train(
+                    scratch,
+                    optax.adam(cosine(args.lr, steps)),
+                    train_xy,
+                    epochs=args.epochs + args.finetune_epochs,
+                    batch_size=args.batch_size,
+                    seed=args.seed + 2,
+                    pbar=pbar,
+                )
+                nets[f"scratch {s}"] = scratch
+            if "one-shot" not in todo:
+                del nets[f"one-shot {s}"]
+            for method in todo:
                 m = nets[f"{method} {s}"]
                 rows.append(
                     {
@@ -306,12 +359,46 @@ def _n(k: int, word: str) -> str:
     return f"{k} {word}" + ("" if k == 1 else "s")
 
 
-def render(result: dict) -> str:
+def _flags(a: dict) -> str:
+    """The command-line flags that differ from the defaults, as typed."""
+    out = " --quick" if a["quick"] else ""
+    if a.get("dataset", "auto") != "auto":
+        out += f" --dataset {a['dataset']}"
+    if a.get("sparsities", "0.5,0.75") != "0.5,0.75":
+        out += f" --sparsities {a['sparsities']}"
+    if a.get("methods", ",".join(METHODS)) != ",".join(METHODS):
+        out += f" --methods '{a['methods']}'"
+    if a.get("scope", "layer") != "layer":
+        out += f" --scope {a['scope']}"
+    for flag in ("max_sparsity", "round_to", "normalize"):
+        if a.get(flag) is not None:
+            out += f" --{flag.replace('_', '-')} {a[flag]}"
+    return out
+
+
+def _limits_text(a: dict) -> str:
+    scope = a.get("scope", "layer")
+    text = (
+        "Each fraction of channels is removed from every prunable group."
+        if scope == "layer"
+        else "Each fraction is of all the groups' channels together, the lowest-ranked "
+        "removed first wherever they are (global scope)."
+    )
+    if a.get("max_sparsity") is not None:
+        text += f" No group loses more than {100 * a['max_sparsity']:g}% of its channels."
+    if a.get("round_to") is not None:
+        text += f" Every group keeps a multiple of {a['round_to']} channels (rounded up)."
+    if a.get("normalize") is not None and scope == "global":
+        text += f" Each group's importances are scaled by the {a['normalize']!r} normalizer."
+    return text
+
+
+def render(result: dict, png: str = "structured_training.png") -> str:
     a = result["args"]
     lines = [
         "# Channel pruning during training: accuracy, size and measured speed",
         "",
-        "`python examples/structured_training.py" + (" --quick" if a["quick"] else "") + "`",
+        f"`python examples/structured_training.py{_flags(a)}`",
         "",
         "| method | channels removed | test acc (%) | conv widths / hidden | params | bytes "
         "| MACs (batch 1) | MAC reduction | ms (batch 256) | measured speedup |",
@@ -332,17 +419,19 @@ def render(result: dict) -> str:
         f"{HIDDEN}-unit hidden layer ({result['channels']} prunable channels in its groups). "
         f"Dense: {_n(a['epochs'], 'epoch')}; pruned runs: {_n(a['finetune_epochs'], 'epoch')} "
         f"from the dense model; scratch: {_n(a['epochs'] + a['finetune_epochs'], 'epoch')} from "
-        "random "
-        f"initialization at the gradual run's widths. Adam, learning rate {a['lr']} with "
+        "random initialization at the "
+        + ("gradual run's" if "gradual" in a.get("method_list", METHODS) else "pruned runs'")
+        + f" widths. {_limits_text(a)} "
+        f"Adam, learning rate {a['lr']} with "
         f"cosine decay in each run, batch {a['batch_size']}, seed {a['seed']}; the gradual "
         f"schedule refreshes the masks every {a['frequency']} steps over the first half of "
-        "fine-tuning. Channels are removed from every prunable group (group-wise L2 of the "
-        "kernels); MACs count the conv and dense multiply-adds of the shrunk network. "
+        "fine-tuning. Channels are ranked by the group-wise L2 of the kernels; MACs count "
+        "the conv and dense multiply-adds of the shrunk network. "
         f"Inference: one jitted forward pass at batch 256, median of {a['runs']} interleaved "
         "runs of each architecture (rows with the same widths share it), on this machine's "
         f"CPU (jax {result['jax']}). Run time {result['seconds']:.0f} s.",
         "",
-        "![test accuracy against measured speedup](structured_training.png)",
+        f"![test accuracy against measured speedup]({png})",
         "",
     ]
     return "\n".join(lines)
@@ -367,7 +456,8 @@ def plot(result: dict, path: str) -> None:
     )
     for method, marker in zip(METHODS, "osD^", strict=True):
         pts = sorted((r["speedup"], r["accuracy"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*pts, strict=True), marker=marker, label=method)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=marker, label=method)
     ax.set_xlabel("measured inference speedup vs dense (batch 256, CPU)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(
@@ -388,7 +478,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         stem = os.path.splitext(args.out)[0]
         with open(args.out, "w") as f:
-            f.write(render(result))
+            f.write(render(result, png=os.path.basename(stem) + ".png"))
         with open(stem + ".json", "w") as f:
             json.dump(result, f, indent=1)
         plot(result, stem + ".png")

@@ -299,7 +299,10 @@ def _macs(eqn) -> float:
         return float(out * math.prod(lhs[i] for i in lc))
     rhs = eqn.invars[1].aval.shape
     out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
-    return float(out * math.prod(rhs) / rhs[out_dim])
+    # Per output entry: the kernel's size without its output-feature axis (a conv
+    # shrunk to no filters has out == 0 and must count 0, not divide by 0).
+    per_output = math.prod(d for i, d in enumerate(rhs) if i != out_dim)
+    return float(out * per_output)
 
 
 def _sub_jaxprs(eqn):

@@ -164,3 +164,15 @@ def test_summary_names_masked_sparsity_only_when_masks_are_given():
     params = _mlp()
     assert "masked leaves' sparsity" not in str(report(params))
     assert "masked leaves' sparsity 50.00%" in str(report(params, _topk(params, 0.5)))
+
+
+def test_macs_of_a_conv_shrunk_to_no_filters_are_zero():
+    # Global channel pruning can empty a layer; its report must still be written.
+    def net(p, x):
+        dn = ("NHWC", "HWIO", "NHWC")
+        h = jax.lax.conv_general_dilated(x, p["c"], (1, 1), "SAME", dimension_numbers=dn)
+        return h.sum((1, 2)) @ p["w"]
+
+    params = {"c": jnp.ones((3, 3, 2, 0)), "w": jnp.ones((0, 4))}
+    r = report(params, apply_fn=net, example_inputs=jnp.ones((1, 5, 5, 2)))
+    assert r.flops["dense_macs"] == 0.0 and r.totals["size"] == 0

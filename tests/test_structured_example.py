@@ -34,9 +34,28 @@ def test_quick_run_prunes_exact_channel_counts_and_writes_its_report(example, tm
     assert last.startswith("RESULT ") and "gradual 0.5" in json.loads(last[len("RESULT ") :])
 
 
+def test_global_scope_with_limits_keeps_capped_multiples_of_eight(example, capsys):
+    argv = ["--quick", "--dataset", "digits", "--sparsities", "0.75", "--scope", "global"]
+    argv += ["--max-sparsity", "0.6", "--round-to", "8", "--normalize", "mean"]
+    argv += ["--methods", "one-shot + fine-tune"]
+    result = example.main(argv)
+    assert [r["method"] for r in result["rows"]] == ["dense", "one-shot + fine-tune"]
+    convs, hidden = result["rows"][1]["widths"]
+    for kept, channels in zip([*convs, hidden], [32, 64, 128, 128], strict=True):
+        assert kept % 8 == 0 and channels - int(0.6 * channels) <= kept <= channels
+    assert result["args"]["scope"] == "global"
+    text = example.render(result)
+    assert "--scope global --max-sparsity 0.6 --round-to 8 --normalize mean" in text
+    assert "No group loses more than 60% of its channels." in text
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["--methods", "gradual,lottery"], "--methods must be a comma-separated subset of"),
+        (["--max-sparsity", "1.2"], r"--max-sparsity must lie in \[0, 1\], got 1.2"),
+        (["--round-to", "0"], "--round-to must be >= 1, got 0"),
         (["--sparsities", "0.5,1.5"], r"--sparsities must lie in \(0, 1\), got \[1.5\]"),
         (["--sparsities", "half"], "--sparsities must be comma-separated floats, got 'half'"),
         (["--finetune-epochs", "0"], "--finetune-epochs must be >= 1, got 0"),

@@ -9,6 +9,8 @@ exactly; :func:`selection` packages that as a ``scope=`` for ``jp.prune``.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import masks as _masks
+from jaxprune._search import _select, ordered_keys
 from jaxprune._tree import Where, leaves_with_paths, path_str, prunable_flags
 from jaxprune.structure.evaluate import run_once
 from jaxprune.structure.graph import Group, channel_indices, find_groups
@@ -206,6 +209,9 @@ def select(
     reduce: str | Callable[..., jax.Array] = "l2",
     where: Where | None = None,
     scope: str = "layer",
+    max_sparsity: float | None = None,
+    round_to: int | None = None,
+    normalize: str | None = None,
 ) -> Any:
     """Returns masks dropping the lowest-importance channels of every prunable group.
 
@@ -214,6 +220,31 @@ def select(
     member at once (kernel columns, biases, BatchNorm parameters and
     statistics, next-layer rows), so the masked network is exactly what
     :func:`~jaxprune.structure.shrink` will cut to.
+
+    Two limits, both off by default, make fewer channels go:
+
+    * ``max_sparsity`` caps every group at ``floor(max_sparsity * channels)``
+      dropped channels. Under ``scope="global"`` the lowest channels overall
+      go, skipping those of groups already at their cap, so no layer can
+      collapse (lose all or nearly all of its channels); the total is then
+      ``min(round(sparsity * N), sum of the caps)``.
+    * ``round_to`` rounds each group's kept channels up to a multiple of
+      ``round_to`` (or to all of them, when fewer), after the selection and
+      the cap: widths such as 8, 16, 32 suit vector units and tensor cores.
+      A group with fewer channels than ``round_to`` is kept whole unless all
+      of its channels were dropped.
+
+    Both keep the lowest-scoring channels of a group as the ones dropped, and
+    both work with a traced ``sparsity`` (a schedule in ``jp.prune``).
+
+    Under ``scope="global"``, groups whose members are larger (a conv with
+    many input channels, a Dense layer after a flatten) have larger summed
+    norms, so raw importances favour pruning the others. ``normalize`` puts
+    each group on one scale before the global ranking (Torch-Pruning's
+    normalizers): ``"mean"`` divides by the group's mean importance, ``"max"``
+    by its largest, ``"sum"`` by its total, and ``"gaussian"`` subtracts the
+    mean and divides by the standard deviation. It does not change which
+    channels a ``"layer"`` scope drops.
 
     Args:
       groups: from :func:`groups`.
@@ -226,13 +257,21 @@ def select(
       reduce: per-member reduction (see :func:`group_scores`).
       where: which members vote on importance; default kernels.
       scope: ``"layer"`` (per group) or ``"global"``.
+      max_sparsity: the largest fraction of any one group's channels to drop,
+        in ``[0, 1]`` (a Python number); ``None`` for no cap.
+      round_to: keep a multiple of this many channels in each group (an
+        ``int >= 1``); ``None`` to keep exactly what the selection keeps.
+      normalize: ``None``, ``"mean"``, ``"max"``, ``"sum"`` or ``"gaussian"``:
+        how each group's importances are scaled before a global ranking.
 
     Returns:
       Bool masks with the structure of ``scores``.
 
     Raises:
       ValueError: a prunable group has no member in ``scores`` (scores over
-        another model), or a member's leaf there cannot hold the group's channels.
+        another model), a member's leaf there cannot hold the group's
+        channels, or ``scope``, ``max_sparsity``, ``round_to`` or
+        ``normalize`` is invalid.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -244,19 +283,25 @@ def select(
       >>> m = structure.select(gs, jp.criteria.magnitude(p), 0.5)
       >>> m["b1"].tolist(), m["w2"][:, 0].tolist()
       ([False, False, True, True], [False, False, True, True])
+      >>> m = structure.select(gs, jp.criteria.magnitude(p), 0.75, round_to=2)
+      >>> m["b1"].tolist()  # 1 channel kept, rounded up to 2
+      [False, False, True, True]
 
     References:
       Fang et al., "DepGraph", 2023. https://arxiv.org/abs/2301.12900
+      Torch-Pruning's ``max_pruning_ratio`` and ``round_to``.
+      https://github.com/VainF/Torch-Pruning
     """
-    if scope not in ("layer", "global"):
-        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
+    _check_select_args(scope, max_sparsity, round_to, normalize)
     _masks._check_sparsity(sparsity)
     _, groups = _align(groups, scores)
     if isinstance(sparsity, jax.core.Tracer) or any(
         isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(scores)
     ):
-        return _select_impl(tuple(groups), scores, sparsity, reduce, where, scope)
-    return run_once(
+        return _select_impl(
+            tuple(groups), scores, sparsity, reduce, where, scope, max_sparsity, round_to, normalize
+        )
+    masks, keeps = run_once(
         _select_impl,
         tuple(groups),
         scores,
@@ -264,22 +309,130 @@ def select(
         reduce,
         where,
         scope,
-        static_argnums=(0, 3, 4, 5),
+        max_sparsity,
+        round_to,
+        normalize,
+        True,
+        static_argnums=(0, 3, 4, 5, 6, 7, 8, 9),
     )
+    emptied = [g for g, keep in keeps.items() if not bool(np.any(keep))]
+    if scope == "global" and emptied and float(sparsity) < 1.0:
+        names = "; ".join(repr(groups[i]) for i in emptied[:3])
+        warnings.warn(
+            f"global selection at sparsity {float(sparsity):g} removed every channel of "
+            f"{len(emptied)} group(s) ({names}): the network's output no longer depends on "
+            "its input through them (layer collapse). Fix: pass max_sparsity=0.9 (or another "
+            "cap) so that every group keeps some channels, or use scope='layer'.",
+            stacklevel=2,
+        )
+    return masks
 
 
-def _select_impl(groups, scores, sparsity, reduce, where, scope):
+_NORMALIZERS = ("mean", "max", "sum", "gaussian")
+
+
+def _normalized(v: jax.Array, how: str | None) -> jax.Array:
+    """Returns one group's importances ``v`` on a common scale (see :func:`select`)."""
+    if how is None:
+        return v
+    tiny = jnp.finfo(jnp.float32).tiny
+    if how == "gaussian":
+        return (v - jnp.mean(v)) / jnp.maximum(jnp.std(v), tiny)
+    scale = {"mean": jnp.mean, "max": jnp.max, "sum": jnp.sum}[how](v)
+    return v / jnp.maximum(scale, tiny)
+
+
+def _check_select_args(scope: Any, max_sparsity: Any, round_to: Any, normalize: Any) -> None:
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
+    if normalize is not None and normalize not in _NORMALIZERS:
+        raise ValueError(
+            f"normalize must be None or one of {', '.join(map(repr, _NORMALIZERS))} (how each "
+            f"group's importances are scaled before a global ranking), got {normalize!r}. "
+            "Fix: e.g. normalize='mean'."
+        )
+    if max_sparsity is not None:
+        ok = isinstance(max_sparsity, (int, float)) and not isinstance(max_sparsity, bool)
+        if not ok or not 0.0 <= max_sparsity <= 1.0:
+            raise ValueError(
+                f"max_sparsity must be a Python number in [0, 1] (the largest fraction of one "
+                f"group's channels to drop) or None, got {max_sparsity!r}. Fix: e.g. "
+                "max_sparsity=0.9 so that every layer keeps at least 10% of its channels."
+            )
+    if round_to is not None and (
+        not isinstance(round_to, (int, np.integer)) or isinstance(round_to, bool) or round_to < 1
+    ):
+        raise ValueError(
+            f"round_to must be an int >= 1 (keep a multiple of this many channels per group) "
+            f"or None, got {round_to!r}. Fix: e.g. round_to=8."
+        )
+
+
+def _cap(max_sparsity: float, channels: int) -> int:
+    """Returns ``floor(max_sparsity * channels)``, robust to ``0.29 * 100 = 28.999...``."""
+    return min(channels, math.floor(round(max_sparsity * channels, 9)))
+
+
+def _select_impl(
+    groups,
+    scores,
+    sparsity,
+    reduce,
+    where,
+    scope,
+    max_sparsity=None,
+    round_to=None,
+    normalize=None,
+    keeps=False,
+):
+    """Masks of :func:`select`; with ``keeps``, also ``{group index: keep-vector}``."""
     # One compiled program instead of thousands of eager ops (topk, scatters per member).
     # ``groups`` are aligned on ``scores`` already (select did it).
     live = [i for i, g in enumerate(groups) if g.prunable]
     flat, _ = leaves_with_paths(scores)
     flags = prunable_flags(scores, where)
     imps = _summed([groups[i] for i in live], flat, flags, _reducer(reduce))
-    tree = {str(i): v for i, v in zip(live, imps, strict=True)}
-    everything = lambda path, x: True  # noqa: E731
-    pick = _masks.global_topk if scope == "global" else _masks.topk
-    kept = pick(tree, sparsity, where=everything) if tree else {}
-    return _masks_from_keep(groups, scores, {int(k): v for k, v in kept.items()})
+    if scope == "global":
+        imps = [_normalized(v, normalize) for v in imps]
+    if max_sparsity is None and round_to is None:
+        tree = {str(i): v for i, v in zip(live, imps, strict=True)}
+        everything = lambda path, x: True  # noqa: E731
+        pick = _masks.global_topk if scope == "global" else _masks.topk
+        kept = pick(tree, sparsity, where=everything) if tree else {}
+        by_group = {int(k): v for k, v in kept.items()}
+    else:
+        limited = _limited_keeps(imps, sparsity, scope, max_sparsity, round_to)
+        by_group = dict(zip(live, limited, strict=True))
+    masks = _masks_from_keep(groups, scores, by_group)
+    return (masks, by_group) if keeps else masks
+
+
+def _limited_keeps(imps, sparsity, scope, max_sparsity, round_to) -> list[jax.Array]:
+    """Keep-vectors of :func:`select` under ``max_sparsity`` and ``round_to`` (see there)."""
+    sizes = [int(v.shape[0]) for v in imps]
+    keys = [ordered_keys(v) for v in imps]
+    caps = [c if max_sparsity is None else _cap(max_sparsity, c) for c in sizes]
+    if scope == "layer":
+        drops = [
+            jnp.minimum(_masks._count(sparsity, c), cap) for c, cap in zip(sizes, caps, strict=True)
+        ]
+    else:
+        # Only each group's ``cap`` lowest channels may go; the rest get the largest
+        # key, so the global count (clipped to what the caps allow) never reaches them.
+        allowed = [~_select([k], jnp.int32(cap))[0] for k, cap in zip(keys, caps, strict=True)]
+        top = jnp.uint32(0xFFFFFFFF)
+        capped = [jnp.where(a, k, top) for a, k in zip(allowed, keys, strict=True)]
+        total = jnp.minimum(_masks._count(sparsity, sum(sizes)), sum(caps))
+        kept = _select(capped, total) if keys else []
+        drops = [c - jnp.sum(m, dtype=jnp.int32) for c, m in zip(sizes, kept, strict=True)]
+    if round_to is not None:
+        r = int(round_to)
+        drops = [
+            c - jnp.minimum(c, -(-(c - d) // r) * r) for c, d in zip(sizes, drops, strict=True)
+        ]
+    # Within a group the dropped channels are always its lowest (ties by index), so
+    # one count per group gives the keep-vector.
+    return [_select([k], d.astype(jnp.int32))[0] for k, d in zip(keys, drops, strict=True)]
 
 
 def selection(
@@ -287,11 +440,16 @@ def selection(
     *,
     reduce: str | Callable[..., jax.Array] = "l2",
     scope: str = "layer",
+    max_sparsity: float | None = None,
+    round_to: int | None = None,
+    normalize: str | None = None,
 ) -> Callable[..., Any]:
     """Returns a ``(scores, sparsity, *, where) -> masks`` selection for ``jp.prune(scope=...)``.
 
     Group-wise channel pruning ramped by any schedule inside the train step;
     the result shrinks exactly with :func:`~jaxprune.structure.shrink`.
+    ``reduce``, ``scope``, ``max_sparsity``, ``round_to`` and ``normalize`` are
+    those of :func:`select` (checked here, before any training starts).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
@@ -306,8 +464,20 @@ def selection(
       [False, False, True, True]
     """
 
+    _check_select_args(scope, max_sparsity, round_to, normalize)
+
     def select_fn(scores: Any, sparsity: Any, *, where: Where | None = None) -> Any:
-        full = select(groups, scores, sparsity, reduce=reduce, where=where, scope=scope)
+        full = select(
+            groups,
+            scores,
+            sparsity,
+            reduce=reduce,
+            where=where,
+            scope=scope,
+            max_sparsity=max_sparsity,
+            round_to=round_to,
+            normalize=normalize,
+        )
         # jp.prune keeps a scalar True for leaves it does not prune (stable state shapes).
         flags = prunable_flags(scores, where)
         flat, treedef = leaves_with_paths(full)
