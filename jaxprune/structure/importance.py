@@ -465,19 +465,11 @@ def selection(
     """
 
     _check_select_args(scope, max_sparsity, round_to, normalize)
+    options = {"reduce": reduce, "scope": scope, "max_sparsity": max_sparsity}
+    options.update(round_to=round_to, normalize=normalize)
 
     def select_fn(scores: Any, sparsity: Any, *, where: Where | None = None) -> Any:
-        full = select(
-            groups,
-            scores,
-            sparsity,
-            reduce=reduce,
-            where=where,
-            scope=scope,
-            max_sparsity=max_sparsity,
-            round_to=round_to,
-            normalize=normalize,
-        )
+        full = select(groups, scores, sparsity, where=where, **options)
         # jp.prune keeps a scalar True for leaves it does not prune (stable state shapes).
         flags = prunable_flags(scores, where)
         flat, treedef = leaves_with_paths(full)
