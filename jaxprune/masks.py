@@ -173,7 +173,13 @@ def topk(scores: Any, sparsity: Any, *, where: Where | None = None) -> Any:
     return _assemble(scores, flags, keeps)
 
 
-def global_topk(scores: Any, sparsity: ArrayLike, *, where: Where | None = None) -> Any:
+def global_topk(
+    scores: Any,
+    sparsity: ArrayLike,
+    *,
+    where: Where | None = None,
+    max_sparsity: float | None = None,
+) -> Any:
     """Returns bool masks keeping the top ``1 - sparsity`` scores across all prunable leaves.
 
     Exactly ``round(sparsity * N)`` entries are pruned in total, ``N`` the
@@ -182,10 +188,19 @@ def global_topk(scores: Any, sparsity: ArrayLike, *, where: Where | None = None)
     sorting (see the module docstring), so it scales to tens of millions of
     entries and to sharded arrays.
 
+    With ``max_sparsity``, no leaf loses more than ``floor(max_sparsity *
+    leaf.size)`` entries: the lowest scores still go first, skipping leaves
+    already at their cap, so a layer of small weights is never emptied; the
+    total is then ``min(round(sparsity * N), sum of the caps)``. As a
+    ``jp.prune`` scope: ``functools.partial(jp.masks.global_topk,
+    max_sparsity=0.99)``.
+
     Args:
       scores: a pytree of scores.
       sparsity: fraction in ``[0, 1]`` to prune (may be traced).
       where: predicate ``(path, leaf) -> bool``; default floating ``ndim >= 2``.
+      max_sparsity: the largest fraction of any one leaf to prune, a Python
+        number in ``[0, 1]``; ``None`` (default) for no cap.
 
     Returns:
       A tree of bool arrays with exactly the structure of ``scores``.
@@ -201,6 +216,7 @@ def global_topk(scores: Any, sparsity: ArrayLike, *, where: Where | None = None)
       https://arxiv.org/abs/1803.03635
     """
     _check_sparsity(sparsity)
+    _check_max_sparsity(max_sparsity, "max_sparsity", "leaf", "entries")
     flags = prunable_flags(scores, where)
     flat, _ = leaves_with_paths(scores)
     idx = [i for i, f in enumerate(flags) if f and jnp.size(flat[i][1])]
@@ -209,8 +225,47 @@ def global_topk(scores: Any, sparsity: ArrayLike, *, where: Where | None = None)
     # The scores are stored already, so their keys are stored once too: reading
     # stored keys at each probe beats recomputing them (~25% at 100M scores).
     keys = [ordered_keys(x) for x in leaves]
-    kept = _select(keys, _count(sparsity, n)) if leaves else []
+    count = _count(sparsity, n)
+    if max_sparsity is not None and leaves:
+        caps = [_cap(max_sparsity, x.size) for x in leaves]
+        keys = _capped_keys(keys, caps)
+        count = jnp.minimum(count, sum(caps))
+    kept = _select(keys, count) if leaves else []
     return _assemble(scores, flags, {**_empty(flat, flags), **dict(zip(idx, kept, strict=True))})
+
+
+def _check_max_sparsity(value: Any, name: str, unit: str, things: str) -> None:
+    """Raises unless ``value`` is ``None`` or a Python number in [0, 1]."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"{name} must be a Python number in [0, 1] (the largest fraction of one {unit}'s "
+            f"{things} to prune) or None, got {value!r}. Fix: e.g. {name}=0.9 so that every "
+            f"{unit} keeps at least 10% of its {things}."
+        )
+
+
+def _cap(max_sparsity: float, n: int) -> int:
+    """Returns ``floor(max_sparsity * n)``, robust to ``0.29 * 100 = 28.999...``."""
+    return min(n, math.floor(round(max_sparsity * n, 9)))
+
+
+def _capped_keys(keys: list[jax.Array], caps: list[int]) -> list[jax.Array]:
+    """Returns ``keys`` with all but the ``cap`` smallest of each raised to the largest key.
+
+    A global search for at most ``sum(caps)`` entries then takes, in order, the
+    lowest keys of leaves below their cap: the greedy order that skips full
+    leaves (ties by flatten order, as everywhere). Only a NaN whose bits are all
+    ones shares the largest key.
+    """
+    top = jnp.uint32(0xFFFFFFFF)
+    out = []
+    for k, cap in zip(keys, caps, strict=True):
+        allowed = ~_select([k], jnp.int32(cap))[0].reshape(k.shape)
+        out.append(jnp.where(allowed, k, top))
+    return out
 
 
 def _empty(flat: list, flags: list[bool]) -> dict[int, jax.Array]:

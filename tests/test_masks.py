@@ -1,8 +1,11 @@
 """Selections: exact counts, ties, global scope, `where`, errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -272,3 +275,70 @@ def test_traced_sparsity_prunes_the_exact_count_of_a_large_leaf():
     scores = {"w": jnp.asarray(np.random.default_rng(0).random((1572894, 1), np.float32))}
     m = jax.jit(jp.masks.topk)(scores, jnp.float32(0.9))
     assert _pruned(m["w"]) == 1415605
+
+
+def _greedy_capped(scores: dict, s: float, cap: float) -> dict:
+    """Plain numpy: flatten order, stable sort, skip leaves at their cap."""
+    names = list(scores)
+    flat = np.concatenate([np.asarray(scores[k], np.float32).ravel() for k in names])
+    owner = np.repeat(np.arange(len(names)), [scores[k].size for k in names])
+    caps = [int(np.floor(round(cap * scores[k].size, 9))) for k in names]
+    drop, used = np.zeros(flat.size, bool), [0] * len(names)
+    total = min(round(s * flat.size), sum(caps))
+    bits = flat.view(np.uint32)  # the library's float order: -0.0 below +0.0
+    keys = np.where(bits >= 2**31, ~bits, bits | np.uint32(2**31))
+    for i in np.argsort(keys, kind="stable"):
+        if drop.sum() == total:
+            break
+        if used[owner[i]] < caps[owner[i]]:
+            used[owner[i]] += 1
+            drop[i] = True
+    out, start = {}, 0
+    for k in names:
+        n = scores[k].size
+        out[k] = ~drop[start : start + n].reshape(scores[k].shape)
+        start += n
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(s=st.floats(0.0, 1.0), cap=st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0]), ties=st.booleans())
+def test_global_topk_with_a_cap_matches_a_greedy_reference(s, cap, ties):
+    rng = np.random.default_rng(round(s * 1000))
+    scores = {"big": rng.normal(size=(9, 7)), "small": 0.01 * rng.normal(size=(4, 5))}
+    if ties:
+        scores = {k: np.round(v, 1) for k, v in scores.items()}
+    scores = {k: jnp.asarray(v, jnp.float32) for k, v in scores.items()}
+    got = _capped_global(scores, s, cap)  # traced sparsity
+    want = _greedy_capped(scores, s, cap)
+    for k in scores:
+        np.testing.assert_array_equal(np.asarray(got[k]), want[k])
+
+
+_capped_global = jax.jit(
+    lambda sc, s, cap: jp.masks.global_topk(sc, s, max_sparsity=cap), static_argnums=2
+)
+
+
+def test_global_topk_cap_keeps_a_layer_of_small_weights_alive(key):
+    params = {"w1": jax.random.normal(key, (20, 30)), "w2": 1e-3 * jnp.ones((30, 10))}
+    scores = jp.criteria.magnitude(params)
+    assert _pruned(jp.masks.global_topk(scores, 0.5)["w2"]) == 300  # emptied
+    m = jp.masks.global_topk(scores, 0.5, max_sparsity=0.9)
+    assert _pruned(m["w2"]) == 270 and _pruned(m["w1"]) + 270 == 450  # 50% in total
+    # As a jp.prune scope, ramped by a schedule inside the jitted step.
+    tx = jp.prune(
+        optax.sgd(0.0),
+        sparsity=jp.schedules.polynomial(0.0, 0.5, 0, 2),
+        scope=functools.partial(jp.masks.global_topk, max_sparsity=0.9),
+    )
+    state, step = tx.init(params), jax.jit(tx.update)
+    for _ in range(3):
+        _, state = step(jax.tree.map(jnp.zeros_like, params), state, params)
+    assert _pruned(jp.get_masks(state)["w2"]) == 270
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, True, "0.9"])
+def test_global_topk_rejects_a_bad_cap(bad):
+    with pytest.raises(ValueError, match=r"max_sparsity must be a Python number in \[0, 1\]"):
+        jp.masks.global_topk({"w": jnp.ones((4, 4))}, 0.5, max_sparsity=bad)

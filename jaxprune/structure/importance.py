@@ -9,7 +9,6 @@ exactly; :func:`selection` packages that as a ``scope=`` for ``jp.prune``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -351,14 +350,7 @@ def _check_select_args(scope: Any, max_sparsity: Any, round_to: Any, normalize: 
             f"group's importances are scaled before a global ranking), got {normalize!r}. "
             "Fix: e.g. normalize='mean'."
         )
-    if max_sparsity is not None:
-        ok = isinstance(max_sparsity, (int, float)) and not isinstance(max_sparsity, bool)
-        if not ok or not 0.0 <= max_sparsity <= 1.0:
-            raise ValueError(
-                f"max_sparsity must be a Python number in [0, 1] (the largest fraction of one "
-                f"group's channels to drop) or None, got {max_sparsity!r}. Fix: e.g. "
-                "max_sparsity=0.9 so that every layer keeps at least 10% of its channels."
-            )
+    _masks._check_max_sparsity(max_sparsity, "max_sparsity", "group", "channels")
     if round_to is not None and (
         not isinstance(round_to, (int, np.integer)) or isinstance(round_to, bool) or round_to < 1
     ):
@@ -366,11 +358,6 @@ def _check_select_args(scope: Any, max_sparsity: Any, round_to: Any, normalize: 
             f"round_to must be an int >= 1 (keep a multiple of this many channels per group) "
             f"or None, got {round_to!r}. Fix: e.g. round_to=8."
         )
-
-
-def _cap(max_sparsity: float, channels: int) -> int:
-    """Returns ``floor(max_sparsity * channels)``, robust to ``0.29 * 100 = 28.999...``."""
-    return min(channels, math.floor(round(max_sparsity * channels, 9)))
 
 
 def _select_impl(
@@ -411,19 +398,16 @@ def _limited_keeps(imps, sparsity, scope, max_sparsity, round_to) -> list[jax.Ar
     """Keep-vectors of :func:`select` under ``max_sparsity`` and ``round_to`` (see there)."""
     sizes = [int(v.shape[0]) for v in imps]
     keys = [ordered_keys(v) for v in imps]
-    caps = [c if max_sparsity is None else _cap(max_sparsity, c) for c in sizes]
+    caps = [c if max_sparsity is None else _masks._cap(max_sparsity, c) for c in sizes]
     if scope == "layer":
         drops = [
             jnp.minimum(_masks._count(sparsity, c), cap) for c, cap in zip(sizes, caps, strict=True)
         ]
     else:
-        # Only each group's ``cap`` lowest channels may go; the rest get the largest
-        # key, so the global count (clipped to what the caps allow) never reaches them.
-        allowed = [~_select([k], jnp.int32(cap))[0] for k, cap in zip(keys, caps, strict=True)]
-        top = jnp.uint32(0xFFFFFFFF)
-        capped = [jnp.where(a, k, top) for a, k in zip(allowed, keys, strict=True)]
+        # Only each group's ``cap`` lowest channels may go (the global count is
+        # clipped to what the caps allow).
         total = jnp.minimum(_masks._count(sparsity, sum(sizes)), sum(caps))
-        kept = _select(capped, total) if keys else []
+        kept = _select(_masks._capped_keys(keys, caps), total) if keys else []
         drops = [c - jnp.sum(m, dtype=jnp.int32) for c, m in zip(sizes, kept, strict=True)]
     if round_to is not None:
         r = int(round_to)
