@@ -300,7 +300,8 @@ def run(args) -> dict:
                 )
             if "scratch" in todo:
                 # At the gradual run's widths (or the latest pruned run's, without one).
-                convs, hidden = widths(list(nets.values())[-1])
+                pruned = [nets[k] for k in (f"{m} {s}" for m in METHODS[:3]) if k in nets]
+                convs, hidden = widths(pruned[-1])
                 scratch = make_model(args.seed + 2, convs, hidden)
                 steps = dense_steps + ft_steps
                 train(

@@ -314,8 +314,8 @@ def select(
         True,
         static_argnums=(0, 3, 4, 5, 6, 7, 8, 9),
     )
-    emptied = [g for g, keep in keeps.items() if not bool(np.any(keep))]
-    if scope == "global" and emptied and float(sparsity) < 1.0:
+    emptied = [g for g, keep in keeps.items() if scope == "global" and not np.any(keep)]
+    if emptied and float(sparsity) < 1.0:
         names = "; ".join(repr(groups[i]) for i in emptied[:3])
         warnings.warn(
             f"global selection at sparsity {float(sparsity):g} removed every channel of "
@@ -381,33 +381,39 @@ def _select_impl(
     imps = _summed([groups[i] for i in live], flat, flags, _reducer(reduce))
     if scope == "global":
         imps = [_normalized(v, normalize) for v in imps]
-    if max_sparsity is None and round_to is None:
-        tree = {str(i): v for i, v in zip(live, imps, strict=True)}
-        everything = lambda path, x: True  # noqa: E731
-        pick = _masks.global_topk if scope == "global" else _masks.topk
-        kept = pick(tree, sparsity, where=everything) if tree else {}
-        by_group = {int(k): v for k, v in kept.items()}
-    else:
-        limited = _limited_keeps(imps, sparsity, scope, max_sparsity, round_to)
-        by_group = dict(zip(live, limited, strict=True))
+    by_group = dict(zip(live, _keeps(imps, sparsity, scope, max_sparsity, round_to), strict=True))
     masks = _masks_from_keep(groups, scores, by_group)
     return (masks, by_group) if keeps else masks
 
 
-def _limited_keeps(imps, sparsity, scope, max_sparsity, round_to) -> list[jax.Array]:
-    """Keep-vectors of :func:`select` under ``max_sparsity`` and ``round_to`` (see there)."""
+def _keeps(imps, sparsity, scope, max_sparsity, round_to) -> list[jax.Array]:
+    """Keep-vectors of :func:`select`, one per group's importances in ``imps``.
+
+    Without limits these are :func:`~jaxprune.masks.topk`'s (``"layer"``) or
+    :func:`~jaxprune.masks.global_topk`'s (``"global"``) selections over the
+    groups' importances, bit for bit; ``max_sparsity`` and ``round_to`` only
+    lower the per-group counts (see :func:`select`).
+    """
     sizes = [int(v.shape[0]) for v in imps]
     keys = [ordered_keys(v) for v in imps]
-    caps = [c if max_sparsity is None else _masks._cap(max_sparsity, c) for c in sizes]
     if scope == "layer":
-        drops = [
-            jnp.minimum(_masks._count(sparsity, c), cap) for c, cap in zip(sizes, caps, strict=True)
-        ]
+        drops = [_masks._count(sparsity, c) for c in sizes]
+        if max_sparsity is not None:
+            drops = [
+                jnp.minimum(d, _masks._cap(max_sparsity, c))
+                for d, c in zip(drops, sizes, strict=True)
+            ]
     else:
-        # Only each group's ``cap`` lowest channels may go (the global count is
-        # clipped to what the caps allow).
-        total = jnp.minimum(_masks._count(sparsity, sum(sizes)), sum(caps))
-        kept = _select(_masks._capped_keys(keys, caps), total) if keys else []
+        total = _masks._count(sparsity, sum(sizes))
+        ranked = keys
+        if max_sparsity is not None:
+            # Only each group's ``cap`` lowest channels may go (the total is clipped
+            # to what the caps allow).
+            caps = [_masks._cap(max_sparsity, c) for c in sizes]
+            ranked, total = _masks._capped_keys(keys, caps), jnp.minimum(total, sum(caps))
+        kept = _select(ranked, total) if keys else []
+        if round_to is None:
+            return kept
         drops = [c - jnp.sum(m, dtype=jnp.int32) for c, m in zip(sizes, kept, strict=True)]
     if round_to is not None:
         r = int(round_to)
