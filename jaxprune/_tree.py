@@ -177,3 +177,53 @@ def check_same_structure(
         + "; ".join(detail)
         + f". Fix: {fix}."
     )
+
+
+def check_same_leaves(tree: Any, reference: Any, name: str, ref_name: str) -> None:
+    """Raises ``ValueError`` unless ``tree`` has ``reference``'s leaf paths and shapes.
+
+    Containers may differ (a ``FrozenDict`` of grads against a dict of
+    params); the error names the first differing paths or shapes. Runs at
+    trace time only.
+    """
+    flat, _ = leaves_with_paths(tree)
+    ref_flat, _ = leaves_with_paths(reference)
+    got = [(path_str(p), tuple(jnp.shape(x))) for p, x in flat]
+    want = [(path_str(p), tuple(jnp.shape(x))) for p, x in ref_flat]
+    if got == want:
+        return
+    paths, ref_paths = [p for p, _ in got], [p for p, _ in want]
+    if paths != ref_paths:
+        only = sorted(set(paths) - set(ref_paths))
+        missing = sorted(set(ref_paths) - set(paths))
+        detail = []
+        if missing:
+            detail.append(f"missing in {name}: {', '.join(missing[:8])}")
+        if only:
+            detail.append(f"not in {ref_name}: {', '.join(only[:8])}")
+        if not detail:
+            detail.append("the same paths in a different order")
+        detail = "; ".join(detail)
+    else:
+        bad = [(p, s, r) for (p, s), (_, r) in zip(got, want, strict=True) if s != r]
+        detail = "; ".join(f"{p}: {s} vs {r}" for p, s, r in bad[:8])
+    raise ValueError(
+        f"{name} must have the leaves (paths and shapes) of {ref_name}; {detail}. Fix: pass "
+        f"{name} computed from these {ref_name} (a wrapper such as optax.lookahead, whose "
+        "params are a pair of trees, cannot go inside jp.prune)."
+    )
+
+
+def key_parts(key: Any, name: str) -> tuple[jax.Array, Any]:
+    """Returns ``(key_data, impl)`` of a typed or raw PRNG key, to rebuild it inside a step.
+
+    Raises ``ValueError`` naming ``name`` for anything that is not a key.
+    """
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key), jax.random.key_impl(key)
+    if isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,):
+        return key, None  # a raw key of the default implementation
+    raise ValueError(
+        f"{name} must be a PRNG key, got {key!r}. Fix: {name}=jax.random.key(0) (any "
+        "implementation)."
+    )

@@ -67,6 +67,22 @@ def _check_attack(eps: Any, step_size: Any = 1.0, steps: Any = 1, bounds=(0.0, 1
         )
 
 
+def _check_inside(x: jax.Array, bounds: tuple[float, float]) -> None:
+    """Raises when a concrete ``x`` lies outside ``bounds``: every iterate is clipped to them."""
+    if isinstance(x, jax.core.Tracer) or not jnp.size(x):
+        return
+    # numpy, not jnp: inside a jit trace jnp ops on a constant are staged.
+    v = np.asarray(x)
+    lo, hi = float(np.min(v)), float(np.max(v))
+    if lo < float(bounds[0]) or hi > float(bounds[1]):
+        raise ValueError(
+            f"x lies in [{lo:.4g}, {hi:.4g}], outside bounds={tuple(bounds)!r}: the attack "
+            "clips every iterate to bounds, which would move x far outside the eps-ball. Fix: "
+            "pass the data range of x as bounds (e.g. the range of standardized inputs), or "
+            "attack the unnormalized images."
+        )
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Returns the per-example softmax cross-entropy, shape ``[N]``, in float32."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
@@ -126,7 +142,9 @@ def pgd(
       step_size: step of each signed-gradient update, > 0.
       steps: number of updates, >= 1.
       key: PRNG key for the random start; ``None`` starts at ``x``.
-      bounds: the data range ``(low, high)`` every iterate is clipped to.
+      bounds: the data range ``(low, high)`` every iterate is clipped to;
+        ``x`` must lie inside it (checked when ``x`` is concrete; standardized
+        inputs need their own range).
       keep_best: return each example's best iterate instead of the last.
 
     Examples:
@@ -142,6 +160,7 @@ def pgd(
     """
     _check_attack(eps, step_size, steps, bounds)
     x = jnp.asarray(x)
+    _check_inside(x, bounds)
     lo, hi = bounds
 
     def summed(z):
@@ -202,6 +221,7 @@ def fgsm(
     """
     _check_attack(eps, 1.0, 1, bounds)
     x = jnp.asarray(x)
+    _check_inside(x, bounds)
     g = jax.grad(lambda z: jnp.sum(loss_fn(z)))(x)
     adv = _project(x + eps * jnp.sign(g).astype(x.dtype), x, eps, bounds)
     return jax.lax.stop_gradient(adv)

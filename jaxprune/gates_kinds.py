@@ -10,7 +10,9 @@ formula needs it, the layer's kernel:
   per-output-unit factor to apply to the bias (``None`` when the bias is not
   gated); a sample when ``key`` is given, the deterministic test-time gate when
   ``key`` is ``None``;
-* ``unit_gate(gp, key)`` (per-unit kinds) — the ``[units]`` gate itself;
+* ``unit_gate(gp, key, batch=None)`` (per-unit kinds) — the ``[units]`` gate
+  itself, or with ``batch`` one ``[batch, units]`` sample per example (kinds
+  with ``per_example=True``; see :func:`jaxprune.gates.sample_unit_gate`);
 * ``penalty(gps, kernels) -> scalar`` — the regularizer over all gated layers;
 * ``keep(gp, kernel) -> bool`` and ``score(gp, kernel)`` — the hard mask and the
   score a global selection ranks.
@@ -53,6 +55,26 @@ def _uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.uniform(key, shape, jnp.float32, _TINY, 1.0 - _TINY)
 
 
+def _check_folded(gate, key) -> None:
+    """Raises if a per-example gate is asked for a sample folded into a kernel."""
+    if key is not None and getattr(gate, "per_example", False):
+        raise ValueError(
+            f"{type(gate).__name__}(per_example=True) draws one gate per example, which a "
+            "gate folded into the kernel (jp.gates.apply_gates, gate.apply) cannot hold: "
+            "every example would share one sample. Fix: apply the gates to layer outputs "
+            "(jp.gates.attach for nnx, jp.gates.linen_apply for linen), or per_example=False."
+        )
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}. Fix: {name}=True.")
+
+
+def _sample_shape(batch: int | None, units: tuple[int, ...]) -> tuple[int, ...]:
+    return units if batch is None else (batch, *units)
+
+
 def _logit(p: jax.Array) -> jax.Array:
     return jnp.log(p) - jnp.log1p(-p)
 
@@ -76,6 +98,11 @@ class HardConcrete:
       gamma: stretch lower bound, < 0.
       zeta: stretch upper bound, > 1.
       init_log_alpha: initial ``log_alpha`` (3.0 opens every test gate fully).
+      per_example: draw one gate sample per example of the batch (the
+        reference implementation's ``sample_z(batch_size)``) instead of one
+        per step shared by the batch. It needs the gates applied to layer
+        outputs or inputs (``jp.gates.attach``, ``jp.gates.linen_apply``), not
+        folded into the kernel; the test gate is the same either way.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -93,10 +120,12 @@ class HardConcrete:
     gamma: float = -0.1
     zeta: float = 1.1
     init_log_alpha: float = 3.0
+    per_example: bool = False
 
     per_unit = True
 
     def __post_init__(self):
+        _check_flag("per_example", self.per_example)
         _check(
             "beta",
             self.beta,
@@ -123,16 +152,19 @@ class HardConcrete:
         del key
         return {"gate_log_alpha": jnp.full((kernel.shape[-1],), self.init_log_alpha, jnp.float32)}
 
-    def unit_gate(self, gp: dict[str, jax.Array], key: jax.Array | None) -> jax.Array:
+    def unit_gate(
+        self, gp: dict[str, jax.Array], key: jax.Array | None, batch: int | None = None
+    ) -> jax.Array:
         la = gp["gate_log_alpha"]
         if key is None:
             s = jax.nn.sigmoid(la)
         else:
-            u = _uniform(key, la.shape)
+            u = _uniform(key, _sample_shape(batch, la.shape))
             s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + la) / self.beta)
         return jnp.clip(s * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
 
     def apply(self, gp, kernel, key):
+        _check_folded(self, key)
         z = self.unit_gate(gp, key)
         return kernel * z.astype(kernel.dtype), z
 
@@ -218,6 +250,12 @@ class BetaBernoulli:
       threshold: test gates below this are zero, in ``[0, 1)``.
       init_a: initial ``a`` (> 0); with ``init_b = 1``, ``E[pi] = a / (a + 1)``.
       init_b: initial ``b`` (> 0).
+      per_example: draw one relaxed Bernoulli ``z`` per example of the batch
+        from the step's one ``pi`` sample, as the reference code does
+        (``n_samples`` = the batch size), instead of one ``z`` per step shared
+        by the batch. It needs the gates applied to layer outputs or inputs
+        (``jp.gates.attach``, ``jp.gates.linen_apply``), not folded into the
+        kernel; the test gate is the same either way.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -236,10 +274,12 @@ class BetaBernoulli:
     threshold: float = 1e-3
     init_a: float = 10.0
     init_b: float = 1.0
+    per_example: bool = False
 
     per_unit = True
 
     def __post_init__(self):
+        _check_flag("per_example", self.per_example)
         _check(
             "alpha",
             self.alpha,
@@ -277,7 +317,9 @@ class BetaBernoulli:
         """Returns the Kumaraswamy parameters ``(a, b)`` (softplus of the gate parameters)."""
         return jax.nn.softplus(gp["gate_a"]) + _TINY, jax.nn.softplus(gp["gate_b"]) + _TINY
 
-    def unit_gate(self, gp: dict[str, jax.Array], key: jax.Array | None) -> jax.Array:
+    def unit_gate(
+        self, gp: dict[str, jax.Array], key: jax.Array | None, batch: int | None = None
+    ) -> jax.Array:
         a, b = self.ab(gp)
         if key is None:
             pi = expected_keep_probability(a, b)
@@ -287,10 +329,12 @@ class BetaBernoulli:
         # (1 - u**(1/b))**(1/a) computed in log space for stability.
         pi = jnp.exp(jnp.log(-jnp.expm1(jnp.log(u) / b)) / a)
         pi = jnp.clip(pi, _TINY, 1 - _TINY)
-        v = _uniform(k_z, a.shape)
+        # One pi per unit and step; z per unit, or per example and unit.
+        v = _uniform(k_z, _sample_shape(batch, a.shape))
         return jax.nn.sigmoid((_logit(pi) + _logit(v)) / self.temperature)
 
     def apply(self, gp, kernel, key):
+        _check_folded(self, key)
         z = self.unit_gate(gp, key)
         return kernel * z.astype(kernel.dtype), z
 
@@ -434,7 +478,10 @@ class ScalarGate:
     weights frozen at their random initialization; penalty
     ``weight * (mean |g| - target)**2`` over all gates; a unit is pruned when
     ``|g| <= threshold`` (or, with ``to_masks(..., sparsity=s)``, by a global
-    ranking of ``|g|``). No noise: ``key`` is ignored.
+    ranking of ``|g|``). No noise is drawn: with a ``key`` (training) the gate
+    is ``g`` itself; without one (the test-time model) a pruned unit's gate
+    is 0, so the folded, detached and shrunk models agree. Train with a key
+    (any key) so that a gate under the threshold still gets gradients.
 
     Args:
       target: the mean ``|g|`` the penalty pulls toward, in ``(0, 1]`` (0.2).
@@ -475,8 +522,12 @@ class ScalarGate:
         return {"gate_scale": jnp.full((kernel.shape[-1],), self.init_value, jnp.float32)}
 
     def unit_gate(self, gp, key):
-        del key
-        return gp["gate_scale"]
+        g = gp["gate_scale"]
+        if key is not None:
+            return g
+        # Pruned units (|g| <= threshold) are exactly 0 in the test-time model
+        # too, so folding, detaching and shrinking agree.
+        return jnp.where(jnp.abs(g) <= self.threshold, jnp.zeros((), g.dtype), g)
 
     def apply(self, gp, kernel, key):
         z = self.unit_gate(gp, key)

@@ -21,7 +21,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxprune._tree import path_str
-from jaxprune.gates_tree import Gate, _gate_features, _require_per_unit, _scale_rows, to_masks
+from jaxprune.gates_tree import (
+    Gate,
+    _gate_features,
+    _require_per_unit,
+    _scale_rows,
+    sample_unit_gate,
+    to_masks,
+)
 
 __all__ = [
     "GateKey",
@@ -129,8 +136,11 @@ class Gated(nnx.Module):
     def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
         key = self._sample_key()
         if self.input_gate_names:
-            g = self.gate.unit_gate(
-                self.input_gate_params(), None if key is None else jax.random.fold_in(key, 1)
+            g = sample_unit_gate(
+                self.gate,
+                self.input_gate_params(),
+                None if key is None else jax.random.fold_in(key, 1),
+                x,
             )
             x = _gate_features(
                 x, g, type(self.module).__name__, "nnx.Linear, channels-last nnx.Conv"
@@ -140,7 +150,7 @@ class Gated(nnx.Module):
         gp = self.gate_params()
         if self.gate.per_unit:
             y = self.module(x, *args, **kwargs)
-            y = y * self.gate.unit_gate(gp, key).astype(y.dtype)
+            y = y * sample_unit_gate(self.gate, gp, key, y).astype(y.dtype)
         elif key is None:
             kernel, _ = self.gate.apply(gp, self.module.kernel.get_value(), None)
             y = self._call_with(kernel, False, x, *args, **kwargs)
@@ -242,6 +252,15 @@ def attach(
             "nnx.Linear and nnx.Conv layers)."
         )
     by_name = {path_str(p): (p, m) for p, m in modules if p}
+    unknown = sorted(n for n in skip if n not in by_name)
+    if unknown:
+        # A misspelt skip would silently gate the layer meant to stay ungated.
+        layers = sorted(n for n, pm in by_name.items() if _is_linear_or_conv(*pm))
+        raise ValueError(
+            f"skip names {unknown}, which are not layers of the model; its layers: "
+            f"{layers[:10]}. Fix: name layers by their '/'-joined attribute path, e.g. "
+            "skip=('fc2',) (not 'fc2/kernel')."
+        )
     gate_inputs = set(inputs)
     bad = sorted(
         n

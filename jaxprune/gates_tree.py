@@ -11,6 +11,7 @@ axis and the sibling ``bias`` leaf, which equals scaling that unit's output.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -27,6 +28,7 @@ from jaxprune._tree import (
     path_str,
     prunable_flags,
 )
+from jaxprune.gates_kinds import _check_folded
 from jaxprune.masks import global_topk
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "linen_apply",
     "multi_transform",
     "penalty",
+    "sample_unit_gate",
     "slimming_masks",
     "slimming_penalty",
     "to_masks",
@@ -156,15 +159,45 @@ def _require_per_unit(gate: Gate, what: str) -> None:
         )
 
 
+def sample_unit_gate(gate: Gate, gp: dict, key: jax.Array | None, x: jax.Array) -> jax.Array:
+    """Returns a per-unit gate to multiply ``x`` by (units on its last axis).
+
+    The test-time gate without ``key``. With ``key``, a sample: one per unit
+    shared by the batch, or, for kinds built with ``per_example=True``, one per
+    example and unit, shaped ``[batch, 1, ..., 1, units]`` (``x``'s axis 0 is
+    the batch), as the reference implementations of hard-concrete and
+    beta-Bernoulli gates sample them. Gate layer outputs or inputs with it.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
+      >>> g = jp.gates.BetaBernoulli(per_example=True)
+      >>> gp = g.init(jnp.zeros((3, 4)))
+      >>> y = jnp.ones((2, 5, 5, 4))  # NHWC conv output, 4 channels
+      >>> jp.gates.sample_unit_gate(g, gp, jax.random.key(0), y).shape
+      (2, 1, 1, 4)
+    """
+    if key is None or not getattr(gate, "per_example", False):
+        return gate.unit_gate(gp, key)
+    if jnp.ndim(x) < 2:
+        raise ValueError(
+            f"{type(gate).__name__}(per_example=True) needs a batch axis first, got an input "
+            f"of shape {jnp.shape(x)}. Fix: call the model on a batch (x[None] for one "
+            "example), or per_example=False."
+        )
+    z = gate.unit_gate(gp, key, batch=jnp.shape(x)[0])
+    return z.reshape((z.shape[0],) + (1,) * (jnp.ndim(x) - 2) + z.shape[1:])
+
+
 def _gate_features(x: jax.Array, g: jax.Array, layer: str, layers: str) -> jax.Array:
     """Returns ``x`` with its last axis (a layer's input features) multiplied by the gates ``g``.
 
+    ``g`` is ``[features]`` or, per example, ``[batch, 1, ..., features]``.
     ``layer`` names the layer and ``layers`` the kinds that take their input
     features on the last axis, for the error on a size mismatch.
     """
-    if jnp.shape(x)[-1:] != g.shape:
+    if jnp.shape(x)[-1:] != g.shape[-1:]:
         raise ValueError(
-            f"input gates of {layer} have {g.shape[0]} features, but the layer's input has "
+            f"input gates of {layer} have {g.shape[-1]} features, but the layer's input has "
             f"shape {jnp.shape(x)}. Fix: gate inputs only on layers whose input features are "
             f"the input's last axis ({layers})."
         )
@@ -224,6 +257,7 @@ def apply_gates(
       ([[0.0, 1.0], [0.0, 1.0]], [0.0, 1.0])
     """
     inputs = _check_inputs(gate, input_gate_params)
+    _check_folded(gate, key)
     flat, treedef = leaves_with_paths(params)
     index = {path_str(p): i for i, (p, _) in enumerate(flat)}
     _check_gate_params(gate_params, index)
@@ -395,13 +429,22 @@ def slimming_penalty(params: Any, *, where: Where | None = None) -> jax.Array:
     )
 
 
-def slimming_masks(params: Any, sparsity: float, *, where: Where | None = None) -> Any:
+def slimming_masks(
+    params: Any,
+    sparsity: float,
+    *,
+    where: Where | None = None,
+    max_sparsity: float | None = None,
+) -> Any:
     """Returns masks mirroring ``params`` that prune the smallest ``|gamma|`` channels globally.
 
     Exactly ``round(sparsity * C)`` of the ``C`` BatchNorm channels are pruned;
     each pruned channel's ``scale`` and sibling ``bias`` are ``False``, so its
     output is exactly zero and the structured shrink can remove it with the
-    producing conv's filter.
+    producing conv's filter. A global ranking can take every channel of one
+    layer, leaving a network whose output is constant: ``max_sparsity`` caps
+    what one layer loses (``floor(max_sparsity * channels)``; see
+    :func:`jaxprune.masks.global_topk`), and an emptied layer warns.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -423,7 +466,14 @@ def slimming_masks(params: Any, sparsity: float, *, where: Where | None = None) 
             "slimming_masks found no BatchNorm scales (1-D leaves named 'scale'). Fix: pass "
             "where=lambda path, x: ... selecting the per-channel scale leaves."
         )
-    keep = global_topk(scales, sparsity, where=lambda p, x: True)
+    keep = global_topk(scales, sparsity, where=lambda p, x: True, max_sparsity=max_sparsity)
+    emptied = [n for n, k in keep.items() if k.size and not bool(jnp.any(k))]
+    if emptied:
+        warnings.warn(
+            f"slimming_masks pruned every channel of {emptied[:5]}: the network's output no "
+            "longer depends on its input. Fix: max_sparsity=0.9 (or lower sparsity).",
+            stacklevel=2,
+        )
     index = {path_str(p): i for i, (p, _) in enumerate(flat)}
     leaves: list[Any] = [jnp.ones((), bool) for _ in flat]
     for name, k in keep.items():
@@ -521,7 +571,7 @@ def linen_apply(
             return next_fun(*call_args, **call_kwargs)
         if name in inputs and call_args:
             x, *rest = call_args
-            g = gate.unit_gate(inputs[name], in_keys.get(name))
+            g = sample_unit_gate(gate, inputs[name], in_keys.get(name), x)
             x = _gate_features(x, g, repr(name), "nn.Dense, channels-last nn.Conv")
             call_args = (x, *rest)
             gated_inputs.add(name)
@@ -529,7 +579,7 @@ def linen_apply(
         if name not in gate_params:
             return out
         gated.add(name)
-        z = gate.unit_gate(gate_params[name], keys.get(name))
+        z = sample_unit_gate(gate, gate_params[name], keys.get(name), out)
         return out * z.astype(out.dtype)
 
     with nn.intercept_methods(interceptor):

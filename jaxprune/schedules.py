@@ -23,6 +23,12 @@ __all__ = ["Schedule", "constant", "one_shot", "polynomial", "as_schedule"]
 
 
 def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, (bool, str, bytes)):
+        # float(True) == 1.0 and float("0.5") == 0.5 would pass silently.
+        raise ValueError(
+            f"{name} must be a number in [0, 1], got {value!r}. Fix: pass e.g. 0.9 for 90% "
+            "sparsity."
+        )
     try:
         v = float(value)
     except (TypeError, ValueError):

@@ -19,7 +19,16 @@ import optax
 
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, flagged, leaves_with_paths, prunable_flags, unwrap_variables
+from jaxprune._tree import (
+    Where,
+    check_same_leaves,
+    check_same_structure,
+    flagged,
+    key_parts,
+    leaves_with_paths,
+    prunable_flags,
+    unwrap_variables,
+)
 from jaxprune.schedules import Schedule, as_schedule
 
 __all__ = [
@@ -93,6 +102,35 @@ def _initial_masks(params: Any, flags: list[bool]) -> Any:
     return jax.tree.unflatten(treedef, leaves)
 
 
+def _conform(masks: Any, params: Any, flags: list[bool]) -> Any:
+    """Returns a selection's ``masks`` in the state's form: full on prunable leaves, ``True`` else.
+
+    A selection may leave a prunable leaf out with a scalar (a kernel in no
+    prunable channel group, a layer ``nm(skip_indivisible=True)`` skips): it is
+    broadcast. A mask on a leaf ``where`` did not choose (a structured
+    selection's bias mask) is dropped: ``where`` decides what is enforced.
+    """
+    m_flat, treedef = jax.tree.flatten(masks)
+    p_flat = jax.tree.leaves(params)
+    if len(m_flat) != len(p_flat):
+        check_same_structure(params, masks, ref_name="params", other_name="the selection's masks")
+    out = []
+    for m, p, f in zip(m_flat, p_flat, flags, strict=True):
+        if not f:
+            out.append(jnp.ones((), bool))
+        elif jnp.shape(m) != jnp.shape(p):
+            if jnp.ndim(m) != 0:
+                raise ValueError(
+                    f"the selection returned a mask of shape {jnp.shape(m)} for a leaf of shape "
+                    f"{jnp.shape(p)}. Fix: a selection returns one bool mask per prunable leaf, "
+                    "of the leaf's shape, or a scalar to keep (True) or prune (False) it whole."
+                )
+            out.append(jnp.broadcast_to(jnp.asarray(m, bool), jnp.shape(p)))
+        else:
+            out.append(jnp.asarray(m, bool))
+    return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
 def _enforce(tree: Any, masks: Any, flags: list[bool], fills: list[Any] | None = None) -> Any:
     """Returns ``tree`` with entries outside ``masks`` replaced by ``fills`` (default 0)."""
     flat, treedef = jax.tree.flatten(tree)
@@ -129,6 +167,15 @@ def prune(
     (Pruning by ``-params`` updates makes a pruned ``inf`` parameter ``nan``:
     params must be finite.)
 
+    Wrap the whole optimizer: ``jp.prune`` must be the last transform the
+    updates pass through. A transform chained after it
+    (``optax.chain(jp.prune(optax.scale_by_adam(), ...), optax.scale(-lr))``)
+    rescales or clips the ``-params`` updates, and pruned entries no longer
+    land on 0; write ``jp.prune(optax.chain(optax.scale_by_adam(),
+    optax.scale(-lr)), ...)``. Optimizers that keep a second copy of the
+    params in their state (``optax.lookahead``'s slow weights, schedule-free's
+    evaluation params) are not masked there.
+
     Args:
       tx: the inner optimizer (any optax transformation).
       sparsity: a float in ``[0, 1]`` (pruned once, at step 0), a
@@ -143,13 +190,19 @@ def prune(
         ``"layer"``/``"global"`` scope, the scores are recomputed inside the
         selection's search instead of being stored (same masks, see
         :func:`~jaxprune.masks.fused_select`), so the refresh adds no
-        full-size buffer to the train step's scratch memory.
+        full-size buffer to the train step's scratch memory. A ``grads=``
+        keyword to ``tx.update`` (e.g. full-batch or accumulated gradients)
+        replaces the step's gradients as the criterion's ``grads``.
       scope: ``"layer"`` (exact count per leaf), ``"global"`` (exact count
         across all prunable leaves), or a selection function
         ``(scores, sparsity, *, where) -> masks`` (e.g. a structured one).
       where: predicate ``(path, leaf) -> bool`` choosing the prunable leaves;
         default: floating leaves with ``ndim >= 2``.
-      key: PRNG key for criteria that draw randomness (e.g. ``random``).
+      key: PRNG key for criteria that draw randomness (e.g. ``random``),
+        any implementation. Folded with the step, it draws new scores at
+        every refresh, so random masks of a gradual schedule are not nested;
+        for nested random masks pass fixed scores through ``tx.update(...,
+        key=k)`` with the same ``k`` at every step.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -169,6 +222,16 @@ def prune(
     References:
       Zhu & Gupta, "To prune, or not to prune", 2017. https://arxiv.org/abs/1710.01878
     """
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise ValueError(
+            f"tx must be an optax transformation (with init and update), got {tx!r}. Fix: "
+            "build it, e.g. jp.prune(optax.adam(1e-3), ...), not jp.prune(optax.adam, ...)."
+        )
+    if where is not None and not callable(where):
+        raise ValueError(
+            f"where must be a predicate (path, leaf) -> bool, or None, got {where!r}. Fix: "
+            "e.g. where=lambda path, leaf: leaf.ndim >= 2."
+        )
     schedule = as_schedule(sparsity)
     select = _resolve_selection(scope)
     crit = _criteria.as_stateful(criterion)
@@ -180,7 +243,7 @@ def prune(
     fused = None
     if any(criterion is c for c in _criteria.ELEMENTWISE):
         fused = {_masks.topk: "layer", _masks.global_topk: "global"}.get(select)
-    key_data = jax.random.key_data(key) if key is not None else ()
+    key_data, key_impl = key_parts(key, "key") if key is not None else ((), None)
 
     def init_fn(params):
         flags = prunable_flags(params, where)
@@ -200,18 +263,21 @@ def prune(
                 "tx.update(grads, state, params). (nnx.Optimizer does this for you.)"
             )
         params = unwrap_variables(params)
+        check_same_leaves(updates, params, "updates", "params")
         flags = prunable_flags(params, where)
         step = state.count
         extra = dict(extra_args)
+        grads = extra.pop("grads", updates)
         if wants_key and "key" not in extra:
             if isinstance(state.key_data, jax.Array):
-                extra["key"] = jax.random.fold_in(jax.random.wrap_key_data(state.key_data), step)
+                wrapped = jax.random.wrap_key_data(state.key_data, impl=key_impl)
+                extra["key"] = jax.random.fold_in(wrapped, step)
             else:
                 raise ValueError(
                     "this criterion draws randomness and needs a PRNG key: pass "
                     "jp.prune(..., key=jax.random.key(0)) or tx.update(..., key=k)."
                 )
-        cstate = _criteria.call_with(crit.update, state.criterion_state, params, updates, **extra)
+        cstate = _criteria.call_with(crit.update, state.criterion_state, params, grads, **extra)
 
         def refresh():
             if fused is not None:
@@ -220,14 +286,14 @@ def prune(
                 def score_fn(src):
                     return _criteria.call_with(criterion, src[0], grads=src[1], **extra)
 
-                masks = _masks.fused_select(
-                    fused, score_fn, (params, updates), schedule(step), flags
-                )
+                masks = _masks.fused_select(fused, score_fn, (params, grads), schedule(step), flags)
                 return _masks.pack(masks)
-            scores = _criteria.call_with(crit.score, cstate, params, grads=updates, **extra)
+            scores = _criteria.call_with(crit.score, cstate, params, grads=grads, **extra)
+            check_same_leaves(scores, params, "the criterion's scores", "params")
             # The prunable leaves were chosen on the params; `where` is not asked
             # again about the scores, whose dtypes (float32) may differ.
-            return _masks.pack(select(scores, schedule(step), where=flagged(params, flags)))
+            masks = select(scores, schedule(step), where=flagged(params, flags))
+            return _masks.pack(_conform(masks, params, flags))
 
         packed = jax.lax.cond(schedule.is_update_step(step), refresh, lambda: state.packed_masks)
         # Unpacking is elementwise and fuses into the two enforcements below.

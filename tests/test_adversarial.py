@@ -292,3 +292,17 @@ def test_bad_training_hyperparameters():
         adversarial.fgsm(lambda z: z.sum(1), jnp.zeros((1, 2)), eps=-1.0)
     with pytest.raises(ValueError, match="vulnerability needs the same non-empty list"):
         adversarial.vulnerability([jnp.ones(2)], [])
+
+
+def test_inputs_outside_bounds_are_refused_not_clipped(key):
+    xn = jax.random.normal(key, (4, 3))  # standardized inputs, outside [0, 1]
+    with pytest.raises(ValueError, match=r"x lies in \[.*\], outside bounds=\(0.0, 1.0\)"):
+        adversarial.pgd(lambda z: jnp.sum(z, axis=1), xn, eps=0.03, step_size=0.01, steps=2)
+    with pytest.raises(ValueError, match="pass the data range of x as bounds"):
+        adversarial.fgsm(lambda z: jnp.sum(z, axis=1), xn, eps=0.03)
+    # With their own range, the ball holds.
+    lo, hi = float(jnp.min(xn)), float(jnp.max(xn))
+    adv = adversarial.pgd(
+        lambda z: jnp.sum(z, axis=1), xn, eps=0.03, step_size=0.01, steps=2, bounds=(lo, hi)
+    )
+    assert float(jnp.max(jnp.abs(adv - xn))) <= 0.03 + 1e-6

@@ -131,6 +131,28 @@ def test_scalar_gate_and_slimming_hand_computed():
     assert m["bn2"]["scale"].tolist() == [True, False]
     assert m["bn2"]["bias"].tolist() == [True, False]
     assert m["conv"]["kernel"].shape == ()
+    # The test-time gate is 0 exactly where keep is False (training sees g).
+    gp = {"gate_scale": jnp.array([0.01, -0.04, 0.3])}
+    assert g.unit_gate(gp, None).tolist() == [0.0, 0.0, pytest.approx(0.3)]
+    assert g.unit_gate(gp, jax.random.key(0)).tolist() == pytest.approx([0.01, -0.04, 0.3])
+    assert g.keep(gp).tolist() == [False, False, True]
+    folded = gates.apply_gates(g, {"k": jnp.ones((2, 3))}, {"k": gp})["k"]
+    assert folded[:, :2].tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_slimming_masks_cap_and_warning_for_an_emptied_layer():
+    params = {
+        "bn1": {"scale": jnp.array([0.01, 0.02, 0.03, 0.04]), "bias": jnp.ones(4)},
+        "bn2": {"scale": jnp.array([1.0, 2.0, 3.0, 4.0]), "bias": jnp.ones(4)},
+    }
+    with pytest.warns(UserWarning, match=r"pruned every channel of \['bn1/scale'\].*max_sparsity"):
+        m = gates.slimming_masks(params, 0.5)
+    assert not any(m["bn1"]["scale"].tolist())
+    m = gates.slimming_masks(params, 0.5, max_sparsity=0.75)  # bn1 keeps 1, bn2 loses 1
+    assert m["bn1"]["scale"].tolist() == [False, False, False, True]
+    assert m["bn2"]["scale"].tolist() == [False, True, True, True]
+    with pytest.raises(ValueError, match="max_sparsity must be a Python number in"):
+        gates.slimming_masks(params, 0.5, max_sparsity=2.0)
 
 
 # --- determinism, jit, functional form -------------------------------------------------
@@ -385,6 +407,10 @@ def test_usage_errors(key):
     with pytest.raises(ValueError, match="slimming_masks found no BatchNorm scales"):
         gates.slimming_masks(params, 0.5)
     model = lenet_300_100(rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"skip names \['ouput'\], which are not layers"):
+        gates.attach(lenet_300_100(rngs=nnx.Rngs(0)), gate, key=key, skip=("ouput",))
+    with pytest.raises(ValueError, match=r"skip names \['layers/2/kernel'\].*not 'fc2/kernel'"):
+        gates.attach(lenet_300_100(rngs=nnx.Rngs(0)), gate, key=key, skip=("layers/2/kernel",))
     with pytest.raises(ValueError, match="attach found no layer to gate"):
         gates.attach(model, gate, key=key, where=lambda p, m: False)
     with pytest.raises(ValueError, match="with_features found no gated layer"):
