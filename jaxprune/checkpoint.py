@@ -168,6 +168,12 @@ def _write(directory, step, items, meta, max_to_keep) -> pathlib.Path:
     args["meta"] = ocp.args.JsonSave(meta)
     mngr = _manager(directory, read_only=False, max_to_keep=max_to_keep)
     try:
+        if step in mngr.all_steps():
+            raise CheckpointError(
+                f"step {step} is already saved in {directory}; checkpoints are never "
+                f"overwritten. Fix: save under a new step (e.g. {max(mngr.all_steps()) + 1}), "
+                "or delete that step's directory first."
+            )
         mngr.save(step, args=ocp.args.Composite(**args), force=True)
         mngr.wait_until_finished()
     finally:

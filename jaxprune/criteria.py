@@ -135,6 +135,15 @@ def as_stateful(criterion: Callable[..., Any] | StatefulCriterion) -> StatefulCr
     """Returns ``criterion`` as a :class:`StatefulCriterion` (stateless ones get an empty state)."""
     if isinstance(criterion, StatefulCriterion):
         return criterion
+    if isinstance(criterion, jax.Array):
+        # optax.inject_hyperparams(jp.prune) calls every callable argument as a
+        # schedule of the step, the default criterion included.
+        raise ValueError(
+            f"criterion must be a function, got an array {criterion!r}: this happens when "
+            "optax.inject_hyperparams wraps jp.prune, which calls the criterion as a "
+            "schedule. Fix: inject hyperparameters into the inner optimizer instead: "
+            "jp.prune(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), sparsity=...)."
+        )
     if not callable(criterion):
         raise ValueError(
             f"criterion must be a function (params, [grads], *, [key]) -> scores or a "

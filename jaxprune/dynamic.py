@@ -28,7 +28,7 @@ import optax
 from jaxprune import criteria as _criteria
 from jaxprune import distributions as _dist
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, as_int, prunable_flags, unwrap_variables
+from jaxprune._tree import Where, as_int, key_parts, prunable_flags, unwrap_variables
 from jaxprune.transform import get_masks as _get_masks
 from jaxprune.transform import register_mask_state
 
@@ -74,9 +74,17 @@ def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array
 def _validate(sparsity, update_every, end_step, drop_fraction, regrow, key, *, cosine):
     # numbers.Real covers Python and NumPy scalars alike (np.float32 is not a float).
     real = isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool)
+    # A concrete 0-d float array (jnp.float32(0.9)) is a real number too.
+    real = real or (
+        isinstance(sparsity, jax.Array)
+        and not isinstance(sparsity, jax.core.Tracer)
+        and sparsity.ndim == 0
+        and jnp.issubdtype(sparsity.dtype, jnp.floating)
+    )
     if not real or not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(
-            f"sparsity must be a float in [0, 1) (any real number, Python or NumPy: the constant "
+            f"sparsity must be a float in [0, 1) (a Python, NumPy or 0-d JAX real number: the "
+            f"constant "
             f"fraction of pruned weights), got {sparsity!r}. Fix: e.g. sparsity=0.9."
         )
     if as_int(update_every) is None or update_every < 1:
@@ -175,7 +183,7 @@ def _dynamic(
     update_every = int(update_every)
     end_step = None if end_step is None else int(end_step)
     inner = optax.with_extra_args_support(tx)
-    key_data = jax.random.key_data(key)
+    key_data, key_impl = key_parts(key, "key")
 
     def init_fn(params):
         pure = unwrap_variables(params)
@@ -201,7 +209,7 @@ def _dynamic(
         p_flat, treedef = jax.tree.flatten(params)
         g_flat = jax.tree.leaves(updates)
         m_flat = jax.tree.leaves(state.masks)
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key_data), step)
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key_data, impl=key_impl), step)
         if cosine:
             frac = cosine_drop_fraction(step, alpha=float(drop_fraction), end_step=end_step)
         else:

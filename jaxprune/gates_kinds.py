@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -64,6 +65,19 @@ def _check_folded(gate, key) -> None:
             "every example would share one sample. Fix: apply the gates to layer outputs "
             "(jp.gates.attach for nnx, jp.gates.linen_apply for linen), or per_example=False."
         )
+
+
+def _check_numbers(gate) -> None:
+    """Raises unless every float field of ``gate`` holds a finite real number."""
+    for f in dataclasses.fields(gate):
+        v = getattr(gate, f.name)
+        if f.type in ("float", float) and (
+            isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+        ):
+            raise ValueError(
+                f"{f.name} must be a finite real number, got {v!r}. Fix: e.g. the default, "
+                f"{f.name}={f.default!r}."
+            )
 
 
 def _check_flag(name: str, value: object) -> None:
@@ -125,6 +139,7 @@ class HardConcrete:
     per_unit = True
 
     def __post_init__(self):
+        _check_numbers(self)
         _check_flag("per_example", self.per_example)
         _check(
             "beta",
@@ -279,6 +294,7 @@ class BetaBernoulli:
     per_unit = True
 
     def __post_init__(self):
+        _check_numbers(self)
         _check_flag("per_example", self.per_example)
         _check(
             "alpha",
@@ -414,6 +430,7 @@ class VariationalDropout:
     per_unit = False
 
     def __post_init__(self):
+        _check_numbers(self)
         _check(
             "threshold",
             self.threshold,
@@ -507,6 +524,7 @@ class ScalarGate:
     per_unit = True
 
     def __post_init__(self):
+        _check_numbers(self)
         _check(
             "target",
             self.target,

@@ -24,6 +24,7 @@ from jaxprune._tree import (
     Where,
     _normalize,
     is_variable,
+    key_parts,
     leaves_with_paths,
     path_str,
     prunable_flags,
@@ -258,6 +259,8 @@ def apply_gates(
     """
     inputs = _check_inputs(gate, input_gate_params)
     _check_folded(gate, key)
+    if key is not None:
+        key_parts(key, "key")  # raises, naming `key`, for anything but a PRNG key
     flat, treedef = leaves_with_paths(params)
     index = {path_str(p): i for i, (p, _) in enumerate(flat)}
     _check_gate_params(gate_params, index)
@@ -560,6 +563,8 @@ def linen_apply(
             "and model.apply({'params': gated}, x) for per-weight gates."
         )
     inputs = _check_inputs(gate, input_gate_params)
+    if key is not None:
+        key_parts(key, "key")
     keys = gate_keys(gate_params, key) if key is not None else {}
     in_keys = input_gate_keys(inputs, key) if key is not None else {}
     gated: set[str] = set()

@@ -3,6 +3,9 @@
 Every selection prunes an exact number of entries: ``round(s * n)`` per leaf
 (:func:`topk`) or in total (:func:`global_topk`), the lowest scores first, ties
 broken by flatten order so counts stay exact even when all scores are equal.
+A Python ``s`` rounds as Python's ``round(s * n)``; a traced ``s`` is float32,
+and the exact product of that float32 with ``n`` is rounded (ties to even), so
+where ``s * n`` is a half-integer (``0.98 * 25``) the two can differ by one.
 Nothing here sorts: the k-th smallest score comes from the exact search in
 :mod:`jaxprune._search` (O(N) per probe, a handful of probes, and on sharded
 arrays each probe is a reduction, not a gather).

@@ -143,12 +143,22 @@ def _mask_lookup(params: Any, masks: Any) -> dict[str, np.ndarray]:
         return {}
     flat, _ = leaves_with_paths(masks)
     found = {path_str(p): np.asarray(jax.device_get(m), bool) for p, m in flat}
-    known = {path_str(p) for p, _ in leaves_with_paths(params)[0]}
-    extra = sorted(set(found) - known)
+    shapes = {path_str(p): np.shape(x) for p, x in leaves_with_paths(params)[0]}
+    extra = sorted(set(found) - set(shapes))
     if extra:
         raise ValueError(
             f"masks has leaves that params lacks: {', '.join(extra[:10])}. Fix: pass the masks "
             "of these params (jp.get_masks(opt_state)), which mirror the params' tree."
+        )
+    bad = [
+        f"{k}: {m.shape} vs {shapes[k]}"
+        for k, m in found.items()
+        if m.ndim and m.shape != shapes[k]
+    ]
+    if bad:
+        raise ValueError(
+            "masks must be scalars or have their leaf's shape; mask vs param: "
+            f"{'; '.join(bad[:8])}. Fix: pass the masks of these params (jp.get_masks(opt_state))."
         )
     return found
 

@@ -21,6 +21,7 @@ neurons / filters (output channels), ``axes=-2`` input channels, and
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -246,11 +247,12 @@ def patterns(
     Args:
       scores: a pytree of scores.
       sparsity: fraction of kernels to drop entirely, in ``[0, 1]``.
-      library: bool ``[P, kh, kw]``; default :func:`pattern_library` for the
-        leaf's kernel size (3 x 3: 8 patterns of 4 entries).
+      library: bool ``[P, kh, kw]``; default ``pattern_library((3, 3))`` (8
+        patterns of 4 entries), for 3 x 3 kernels.
       kernel_axes: the two spatial axes of the conv kernels (NHWC: ``(0, 1)``).
       where: predicate; default: floating 4-d leaves whose kernel size equals
-        the library's (so 1 x 1 convs and Dense kernels are left alone).
+        the library's (so 1 x 1 convs and Dense kernels are left alone; other
+        kernel sizes left dense warn).
 
     Returns:
       A tree of bool masks with exactly the structure of ``scores``.
@@ -281,6 +283,23 @@ def patterns(
         return ks == (lib.shape[1:] if lib is not None else (3, 3))
 
     flags = prunable_flags(scores, where if where is not None else default_where)
+    if where is None:
+        skipped = [
+            f"{path_str(p)} {tuple(jnp.shape(x)[a] for a in kernel_axes)}"
+            for (p, x), f in zip(flat, flags, strict=True)
+            if not f
+            and jnp.ndim(x) == 4
+            and jnp.issubdtype(jnp.result_type(x), jnp.floating)
+            and tuple(jnp.shape(x)[a] for a in kernel_axes) != (1, 1)
+        ]
+        if skipped:
+            want = lib.shape[1:] if lib is not None else (3, 3)
+            warnings.warn(
+                f"patterns left these conv kernels dense, their kernel size is not the "
+                f"library's {want}: {skipped[:5]}. Fix: pass library=jp.masks.pattern_library("
+                "kernel_size) for their size, and where= to choose them.",
+                stacklevel=2,
+            )
     reduced, expand = {}, {}
     for i, ((path, x), f) in enumerate(zip(flat, flags, strict=True)):
         if not f:

@@ -155,6 +155,9 @@ def test_relative_path_is_made_absolute_and_steps_kept(tmp_path, monkeypatch):
         checkpoint.restore(tmp_path / "ckpts" / "3", 2)
     with pytest.raises(checkpoint.CheckpointError, match=r"no step 0 .* steps saved: \[2, 3\]"):
         checkpoint.restore("ckpts", 0)
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 3 is already saved .* \(e.g. 4\)"):
+        checkpoint.save("ckpts", 3, {"w": jnp.zeros((2, 2))})
+    assert checkpoint.restore("ckpts", 3).params["w"][0, 0] == 3.0  # untouched
 
 
 def test_structure_mismatch_lists_the_differing_paths(tmp_path):

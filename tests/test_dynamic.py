@@ -172,3 +172,16 @@ def test_masks_are_stored_packed_at_one_bit_per_prunable_entry():
     # 64 x 48 bits = 384 bytes, plus the step counter, a scalar mask and the key.
     assert 384 <= b["pruning"] <= 384 + 32, b
     assert state.masks["w"].shape == (64, 48) and state.masks["w"].dtype == jnp.bool_
+
+
+def test_rbg_key_and_a_jax_scalar_sparsity():
+    p = {"w": jax.random.normal(jax.random.key(0), (16, 16))}
+    key = jax.random.key(1, impl="rbg")
+    tx = jp.dynamic.rigl(
+        optax.adam(1e-3), sparsity=jnp.float32(0.5), key=key, end_step=100, update_every=1
+    )
+    st = tx.init(p)
+    step = jax.jit(tx.update)
+    for _ in range(3):
+        _, st = step(p, st, p)
+    assert float(jp.sparsity(jp.get_masks(st))) == 0.5

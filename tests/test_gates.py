@@ -388,6 +388,9 @@ def test_multi_transform_invariants():
         (lambda: gates.VariationalDropout(threshold=9.0), r"threshold must be in \(-8, 8\)"),
         (lambda: gates.ScalarGate(target=0.0), r"target must be in \(0, 1\]"),
         (lambda: gates.ScalarGate(weight=-1.0), r"weight must be >= 0"),
+        (lambda: gates.BetaBernoulli(alpha="x"), r"alpha must be a finite real number, got 'x'"),
+        (lambda: gates.HardConcrete(init_log_alpha=math.nan), r"init_log_alpha must be a finite"),
+        (lambda: gates.VariationalDropout(threshold=True), r"threshold must be a finite real"),
     ],
 )
 def test_bad_hyperparameters(make, match):
@@ -400,6 +403,9 @@ def test_usage_errors(key):
     gate = gates.HardConcrete()
     with pytest.raises(ValueError, match="gate_params name layers that params does not have"):
         gates.apply_gates(gate, params, {"nope/kernel": {"gate_log_alpha": jnp.zeros(5)}})
+    gp = gates.init_gates(gate, params)
+    with pytest.raises(ValueError, match=r"key must be a PRNG key, got 0\. Fix"):
+        gates.apply_gates(gate, params, gp, key=0)
     with pytest.raises(ValueError, match="penalty reads the weights, but params is None"):
         gates.penalty(gates.VariationalDropout(), {})
     with pytest.raises(ValueError, match="masks read the weights, but params is None"):

@@ -131,3 +131,5 @@ def test_usage_errors_name_argument_value_and_fix():
     tx = jp.prune(optax.sgd(0.1), sparsity=0.5, criterion=lambda params: params["w"])
     with pytest.raises(ValueError, match="the criterion's scores must have the leaves"):
         tx.update(p, tx.init(p), p)
+    with pytest.raises(ValueError, match="optax.inject_hyperparams wraps jp.prune"):
+        optax.inject_hyperparams(jp.prune)(tx=optax.sgd(0.1), sparsity=0.5).init(p)

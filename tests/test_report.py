@@ -134,6 +134,8 @@ def test_errors_name_the_problem(tmp_path):
     params = _mlp()
     with pytest.raises(ValueError, match="masks has leaves that params lacks: l3/kernel"):
         report(params, {"l3": {"kernel": jnp.ones((2, 2), bool)}})
+    with pytest.raises(ValueError, match=r"mask vs param: l1/kernel: \(30, 20\) vs \(20, 30\)"):
+        report(params, {"l1": {"kernel": jnp.ones((30, 20), bool)}})
     with pytest.raises(ValueError, match="apply_fn was given without example_inputs"):
         report(params, apply_fn=_apply)
     with pytest.raises(ValueError, match="results record 0 .* needs 'accuracy'"):

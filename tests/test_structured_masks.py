@@ -215,6 +215,14 @@ def test_patterns_custom_library_default_where_and_errors():
         jp.masks.patterns(params, library=np.ones((3, 3)))
     with pytest.raises(ValueError, match="n must be in"):
         jp.masks.pattern_library((3, 3), 10)
+    # A 5 x 5 conv is left dense by the 3 x 3 default, loudly; 1 x 1 convs quietly.
+    with pytest.warns(UserWarning, match=r"left these conv kernels dense.*\['k5 \(5, 5\)'\]"):
+        m = jp.masks.patterns({**params, "k5": jnp.ones((5, 5, 2, 2))})
+    assert m["k5"].shape == () and m["conv"].shape == (3, 3, 2, 2)
+    m = jp.masks.patterns(
+        {"k5": jnp.ones((5, 5, 2, 2))}, library=jp.masks.pattern_library((5, 5), 4)
+    )
+    assert np.asarray(m["k5"]).sum(axis=(0, 1)).tolist() == [[4, 4], [4, 4]]
 
 
 # ---- blocks ------------------------------------------------------------------------------
