@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, prunable_flags
+from jaxprune._tree import Where, as_int, prunable_flags
 
 __all__ = ["snip", "grasp", "synflow_scores", "synflow"]
 
@@ -72,6 +72,42 @@ def grasp(loss_fn: Callable[..., jax.Array], params: optax.Params, *batch: Any) 
     return jax.tree.map(lambda w, h: (w * h).astype(jnp.float32), params, hg)
 
 
+def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
+    """Returns ``input_shape`` as a tuple of positive ints, else raises ``ValueError``."""
+    try:
+        dims = [as_int(d) for d in input_shape]
+    except TypeError:
+        dims = [None]
+    if not dims or any(d is None or d < 1 for d in dims):
+        raise ValueError(
+            f"input_shape must be the shape of one all-ones input batch, a tuple of positive "
+            f"ints with the batch of 1 included, got {input_shape!r}. Fix: e.g. "
+            "input_shape=(1, 784) for an MLP on flat MNIST, (1, 28, 28, 1) for an NHWC CNN."
+        )
+    return tuple(dims)
+
+
+def _apply_ones(apply_fn: Callable[..., Any], params: Any, x: jax.Array) -> jax.Array:
+    """Returns ``apply_fn(params, x)``, a failure re-raised as a ``ValueError`` about ``x``'s shape.
+
+    A wrong ``input_shape`` otherwise surfaces as a raw ``dot_general`` or
+    ``conv`` shape error from deep inside the model.
+    """
+    try:
+        return apply_fn(params, x)
+    except (TypeError, ValueError) as e:
+        cause = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else "no message"
+        if len(cause) > 300:
+            cause = cause[:300] + "..."
+        raise ValueError(
+            f"apply_fn(params, x) failed on the all-ones x of input_shape={tuple(x.shape)}: "
+            f"{type(e).__name__}: {cause}. Fix: input_shape must be the shape of one input "
+            "batch the model accepts, batch of 1 included, with the feature (channel) size "
+            "the first layer expects last, e.g. (1, 784) for an MLP on flat MNIST or "
+            "(1, 28, 28, 1) for an NHWC CNN."
+        ) from e
+
+
 def synflow_scores(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     params: optax.Params,
@@ -84,6 +120,11 @@ def synflow_scores(
       params: params (already masked, for the iterative use).
       input_shape: the shape of one all-ones input batch, e.g. ``(1, 28, 28, 1)``.
 
+    Raises:
+      ValueError: ``input_shape`` is not a tuple of positive ints, or
+        ``apply_fn`` fails on an input of that shape (the message quotes the
+        model's error, e.g. a ``dot_general`` size mismatch).
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> f = lambda p, x: x @ p["a"] @ p["b"]
@@ -95,9 +136,9 @@ def synflow_scores(
       Tanaka et al., "Pruning neural networks without any data by iteratively
       conserving synaptic flow", 2020. https://arxiv.org/abs/2006.05467
     """
-    x = jnp.ones(input_shape, jnp.result_type(jax.tree.leaves(params)[0]))
+    x = jnp.ones(_check_input_shape(input_shape), jnp.result_type(jax.tree.leaves(params)[0]))
     abs_params = jax.tree.map(jnp.abs, params)
-    grads = jax.grad(lambda p: jnp.sum(apply_fn(p, x).astype(jnp.float32)))(abs_params)
+    grads = jax.grad(lambda p: jnp.sum(_apply_ones(apply_fn, p, x).astype(jnp.float32)))(abs_params)
     return jax.tree.map(lambda w, g: (w * g).astype(jnp.float32), abs_params, grads)
 
 
@@ -134,7 +175,9 @@ def synflow(
       where: predicate choosing the prunable leaves.
 
     Raises:
-      ValueError: ``iterations`` is not a positive int, or ``sparsity`` is out of range.
+      ValueError: ``iterations`` is not a positive int, ``sparsity`` is out of
+        range, or ``input_shape`` is malformed or not an input ``apply_fn``
+        accepts (checked once, before the rounds).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -154,12 +197,15 @@ def synflow(
         )
     _masks._check_sparsity(sparsity)
     prunable_flags(params, where)
+    input_shape = _check_input_shape(input_shape)
+    x = jax.ShapeDtypeStruct(input_shape, jnp.result_type(jax.tree.leaves(params)[0]))
+    jax.eval_shape(partial(_apply_ones, apply_fn), params, x)  # fail fast, before any round
 
     masks = _masks.global_topk(jax.tree.map(jnp.ones_like, params), 0.0, where=where)
     density = 1.0 - float(sparsity)
     for k in range(1, iterations + 1):
         s = jnp.float32(1.0 - density ** (k / iterations))
-        masks = _synflow_round(apply_fn, tuple(input_shape), where, params, masks, s)
+        masks = _synflow_round(apply_fn, input_shape, where, params, masks, s)
     # The traced count rounds in float32; fix the exact count on the last scores.
     scores = synflow_scores(apply_fn, _masks.apply_masks(params, masks), input_shape)
     scores = jax.tree.map(lambda x, m: jnp.where(m, x, -1.0), scores, masks)

@@ -212,6 +212,19 @@ def wanda(params: optax.Params, input_norms: Any) -> optax.Params:
         fix="give one entry per params leaf: the norms from jp.activations.input_norms, and "
         "a scalar such as 1.0 for leaves that are not pruned (biases)",
     )
+    flat, _ = leaves_with_paths(params)
+    for (path, w), n in zip(flat, jax.tree.leaves(input_norms), strict=True):
+        b = _input_axis_norms(w, n)
+        try:
+            jnp.broadcast_shapes(jnp.shape(w), b.shape)
+        except ValueError:
+            raise ValueError(
+                f"input_norms of {path_str(path)!r} has shape {jnp.shape(n)}, which does not "
+                f"match the kernel's input axis: kernel shape {jnp.shape(w)} (inputs on axis "
+                f"-2, {jnp.shape(w)[-2] if jnp.ndim(w) >= 2 else '?'} of them). Fix: pass one "
+                "norm per input feature (jp.activations.input_norms), or a scalar for leaves "
+                "not pruned."
+            ) from None
     return jax.tree.map(
         lambda w, n: jnp.abs(w).astype(jnp.float32) * _input_axis_norms(w, n), params, input_norms
     )

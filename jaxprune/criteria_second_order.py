@@ -12,6 +12,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxprune._tree import (
+    as_int,
+    check_same_structure,
+    leaves_with_paths,
+    path_str,
+    unwrap_variables,
+)
 from jaxprune.criteria import StatefulCriterion, _check_decay, _ema, _zeros_f32
 
 __all__ = ["obd", "obd_fisher", "hutchinson_diag", "fisher_diag"]
@@ -24,7 +31,16 @@ def obd(params: optax.Params, hessian_diag: optax.Params) -> optax.Params:
       params: weights.
       hessian_diag: the diagonal of the loss Hessian, with the structure of
         ``params`` (from :func:`hutchinson_diag` or :func:`fisher_diag`). Inside
-        ``jp.prune`` pass it to ``tx.update(..., hessian_diag=h)``.
+        ``jp.prune`` pass it to ``tx.update(..., hessian_diag=h)``. Each leaf has
+        the shape of its weight (or broadcasts to it, e.g. a scalar).
+
+    Returns:
+      A float32 tree with the structure of ``params``.
+
+    Raises:
+      ValueError: the trees differ (the message lists the differing paths), or
+        a leaf of ``hessian_diag`` does not broadcast to its weight's shape (the
+        message names the path and both shapes).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -35,8 +51,33 @@ def obd(params: optax.Params, hessian_diag: optax.Params) -> optax.Params:
       LeCun, Denker & Solla, "Optimal Brain Damage", NeurIPS 1990.
       https://proceedings.neurips.cc/paper/1989/hash/6c9882bbac1c7093bd25041881277658-Abstract.html
     """
+    check_same_structure(
+        params,
+        hessian_diag,
+        ref_name="params",
+        other_name="hessian_diag",
+        fix="compute hessian_diag from these params, e.g. jp.criteria.fisher_diag(loss_fn, "
+        "params, x, y) or jp.criteria.hutchinson_diag(loss_fn, params, x, y, key=key)",
+    )
+    for (path, w), (_, h) in zip(
+        leaves_with_paths(params)[0], leaves_with_paths(hessian_diag)[0], strict=True
+    ):
+        w_shape, h_shape = tuple(jnp.shape(w)), tuple(jnp.shape(h))
+        try:
+            ok = jnp.broadcast_shapes(h_shape, w_shape) == w_shape
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"hessian_diag at {path_str(path)!r} has shape {h_shape}, which does not "
+                f"broadcast to the weight's shape {w_shape}. Fix: pass the Hessian diagonal "
+                "of these params (one entry per weight), e.g. from jp.criteria.fisher_diag."
+            )
+    if jax.tree.structure(params) != jax.tree.structure(hessian_diag):
+        # One is an nnx.State of Variables, the other pure: compare the arrays.
+        params, hessian_diag = unwrap_variables(params), unwrap_variables(hessian_diag)
     return jax.tree.map(
-        lambda w, h: 0.5 * h.astype(jnp.float32) * jnp.square(w.astype(jnp.float32)),
+        lambda w, h: 0.5 * jnp.asarray(h).astype(jnp.float32) * jnp.square(w.astype(jnp.float32)),
         params,
         hessian_diag,
     )
@@ -117,11 +158,16 @@ def fisher_diag(
       loss_fn: ``loss_fn(params, *batch) -> scalar`` mean loss over a batch.
       params: where to evaluate the gradients.
       *batch: arrays sharing the leading (example) axis, e.g. ``x, y``.
-      chunk_size: examples per vmapped chunk (the batch size must be a multiple,
-        or smaller).
+      chunk_size: examples per vmapped chunk, a positive int (the batch size
+        must be a multiple, or smaller).
 
     Returns:
       A float32 tree with the structure of ``params``.
+
+    Raises:
+      ValueError: ``chunk_size`` is not a positive int, no batch is given, the
+        batch arrays disagree on the number of examples, or the batch size is
+        not a multiple of ``chunk_size``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -135,8 +181,25 @@ def fisher_diag(
       "Faster gaze prediction with dense networks and Fisher pruning", 2018.
       https://arxiv.org/abs/1801.05787
     """
-    n = jnp.shape(batch[0])[0]
-    chunk = min(chunk_size, n)
+    if as_int(chunk_size) is None or as_int(chunk_size) < 1:
+        raise ValueError(
+            f"chunk_size must be a positive int (examples per vmapped chunk), got "
+            f"{chunk_size!r}. Fix: e.g. chunk_size=64 (smaller uses less memory)."
+        )
+    if not batch:
+        raise ValueError(
+            "fisher_diag needs the batch: pass loss_fn's data after params, e.g. "
+            "fisher_diag(loss_fn, params, x, y). Fix: add the batch arrays."
+        )
+    sizes = [jnp.shape(b)[0] if jnp.ndim(b) else None for b in batch]
+    n = sizes[0]
+    if n is None or n < 1 or any(m != n for m in sizes):
+        raise ValueError(
+            f"every batch array must share a non-empty leading (example) axis, got leading "
+            f"sizes {sizes} (None: a scalar). Fix: pass per-example arrays such as x [N, ...] "
+            "and y [N]; close over constants in loss_fn instead."
+        )
+    chunk = min(as_int(chunk_size), n)
     if n % chunk:
         raise ValueError(
             f"the batch size ({n}) must be a multiple of chunk_size ({chunk_size}). Fix: pass "

@@ -20,7 +20,16 @@ from tqdm.auto import tqdm
 
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, flagged, prunable_flags
+from jaxprune._tree import (
+    Where,
+    check_same_structure,
+    flagged,
+    is_variable,
+    leaves_with_paths,
+    path_str,
+    prunable_flags,
+    unwrap_variables,
+)
 
 __all__ = ["Round", "iterative_pruning", "lottery_ticket", "random_masks", "average_over_masks"]
 
@@ -73,12 +82,23 @@ def iterative_pruning(
     rewinding: ``theta_0`` or ``theta_k``), or, when ``rewind_to`` is ``None``,
     from the trained params masked (Han et al.'s prune-retrain).
 
+    Params may be any pytree: dicts (linen), or an ``nnx.State`` (Variable-wrapped
+    as ``nnx.state(model, nnx.Param)`` gives it, or pure). ``train`` always gets
+    params in the form ``params`` came in, with fresh Variables, and may return
+    either form; each round records what ``train`` returned, detached from the
+    model (``nnx.state`` shares its Variables with the model, so a model trained
+    in place would otherwise change ``theta_0`` and earlier rounds). Masks are
+    Variable-free trees of bools (``jp.apply_masks`` takes them with either form).
+
     Args:
-      train: ``train(params, masks) -> trained params`` with the masks enforced.
+      train: ``train(params, masks) -> trained params`` with the masks enforced
+        (for nnx: ``nnx.update(model, params)``, train, ``return nnx.state(model,
+        nnx.Param)``).
       params: the initial params (``theta_0``).
       rounds: number of pruning rounds after the dense one.
       rate: fraction of the surviving prunable weights removed each round, in
-        (0, 1); or a sequence of ``rounds`` increasing target sparsities.
+        (0, 1); or a sequence (list, tuple, 1-D array) of ``rounds`` increasing
+        target sparsities.
       rewind_to: params to restart every pruned round from; ``None`` continues
         from the trained weights.
       criterion: ``params -> scores`` (higher kept) on the trained params.
@@ -91,7 +111,9 @@ def iterative_pruning(
       ``rounds + 1`` :class:`Round` records, dense first.
 
     Raises:
-      ValueError: ``rounds`` or ``rate`` out of range.
+      ValueError: ``rounds`` or ``rate`` out of range or of the wrong kind;
+        ``train`` returns ``None`` or params of another structure or shape than
+        ``params`` (as may ``rewind_to``, ``trained`` and the criterion's scores).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -107,10 +129,67 @@ def iterative_pruning(
       Frankle et al., "Stabilizing the Lottery Ticket Hypothesis" (rewinding to
       theta_k), 2019, https://arxiv.org/abs/1903.01611
     """
-    if not isinstance(rounds, int) or rounds < 0:
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
         raise ValueError(f"rounds must be a non-negative int, got {rounds!r}. Fix: e.g. rounds=5.")
+    targets = _targets(rate, rounds)
+    select = _scope_fn(scope)
+    # Work on Variable-free snapshots: an nnx.State from nnx.state(model) shares its
+    # Variables with the model, so training the model in place would otherwise
+    # change theta_0 (and every earlier round's params) behind the driver's back.
+    pure_params = unwrap_variables(params)
+    flags = prunable_flags(pure_params, where)
+    counted = flagged(pure_params, flags)  # `where` would judge the scores' and masks' dtypes
+    pure_rewind = None
+    if rewind_to is not None:
+        pure_rewind = unwrap_variables(rewind_to)
+        _check_like_params(pure_params, pure_rewind, "rewind_to")
+    masks = _ones(pure_params)
+    if trained is not None:
+        current = _detached(trained, "trained", pure_params)
+    else:
+        current = _detached(
+            train(_like(params, pure_params), masks), "train(params, masks)", pure_params
+        )
+    out = [Round(0, 0.0, masks, current)]
+    for r in tqdm(range(1, rounds + 1), desc="pruning rounds", disable=not progress):
+        target = targets[r - 1]
+        scores = unwrap_variables(criterion(current))
+        check_same_structure(
+            pure_params,
+            scores,
+            ref_name="params",
+            other_name="criterion(params)",
+            fix="make criterion return one score array per parameter leaf, in the params' "
+            "tree structure (as jp.criteria.magnitude does)",
+        )
+        # Already-pruned entries go first whatever their score, so masks are nested.
+        scores = jax.tree.map(
+            lambda s, m, f: jnp.where(m, s.astype(jnp.float32), -jnp.inf) if f else s,
+            scores,
+            masks,
+            _tree_of(pure_params, flags),
+        )
+        masks = select(scores, target, where=counted)
+        start = pure_rewind if pure_rewind is not None else unwrap_variables(current)
+        # Masks come back Variable-free; `train` gets params in the form it was first given.
+        current = _detached(
+            train(_like(params, _masks.apply_masks(start, masks)), masks),
+            "train(params, masks)",
+            pure_params,
+        )
+        out.append(Round(r, float(_masks.sparsity(masks, where=counted)), masks, current))
+    return out
+
+
+def _targets(rate: Any, rounds: int) -> list[float]:
+    """Returns the per-round target sparsities of ``rate`` (a float or a sequence)."""
+    if isinstance(rate, (jax.Array, np.ndarray)) and np.ndim(rate) == 1:
+        rate = [float(x) for x in np.asarray(rate)]  # a 1-D array is a sequence of targets
     if isinstance(rate, (list, tuple)):
-        targets = [float(x) for x in rate]
+        try:
+            targets = [float(x) for x in rate]
+        except (TypeError, ValueError):
+            targets = []
         if (
             len(targets) != rounds
             or any(not 0.0 < t < 1.0 for t in targets)
@@ -120,38 +199,76 @@ def iterative_pruning(
                 f"rate as a sequence must hold {rounds} increasing per-round target sparsities "
                 f"in (0, 1), got {rate!r}. Fix: e.g. rate=[0.5, 0.75, 0.875] for rounds=3."
             )
-    elif not 0.0 < float(rate) < 1.0:
+        return targets
+    try:
+        value = float(rate) if np.ndim(rate) == 0 and not isinstance(rate, str) else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
+        raise ValueError(
+            f"rate must be a float in (0, 1) or a sequence (list, tuple or 1-D array) of "
+            f"{rounds} increasing target sparsities, got {rate!r} (shape {np.shape(rate)}). "
+            "Fix: e.g. rate=0.2, or rate=[0.5, 0.75] for rounds=2."
+        )
+    if not 0.0 < value < 1.0:
         raise ValueError(
             f"rate must be in (0, 1) (the fraction of surviving weights pruned per round), got "
             f"{rate!r}. Fix: e.g. rate=0.2 as in the lottery-ticket paper."
         )
-    else:
-        targets = [1.0 - (1.0 - float(rate)) ** r for r in range(1, rounds + 1)]
-    select = _scope_fn(scope)
-    flags = prunable_flags(params, where)
-    counted = flagged(params, flags)  # the user's `where` would judge the bool masks' dtype
-    masks = _ones(params)
-    current = trained if trained is not None else train(params, masks)
-    out = [Round(0, 0.0, masks, current)]
-    for r in tqdm(range(1, rounds + 1), desc="pruning rounds", disable=not progress):
-        target = targets[r - 1]
-        scores = criterion(current)
-        # Already-pruned entries go first whatever their score, so masks are nested.
-        scores = jax.tree.map(
-            lambda s, m, f: jnp.where(m, s.astype(jnp.float32), -jnp.inf) if f else s,
-            scores,
-            masks,
-            _tree_of(params, flags),
-        )
-        masks = select(scores, target, where=where)
-        start = rewind_to if rewind_to is not None else current
-        current = train(_masks.apply_masks(start, masks), masks)
-        out.append(Round(r, float(_masks.sparsity(masks, where=counted)), masks, current))
-    return out
+    return [1.0 - (1.0 - value) ** r for r in range(1, rounds + 1)]
 
 
 def _tree_of(params: Any, values: Sequence[Any]) -> Any:
     return jax.tree.unflatten(jax.tree.structure(params), list(values))
+
+
+def _like(template: Any, pure: Any) -> Any:
+    """Returns the Variable-free ``pure`` in ``template``'s form (fresh nnx Variables rewrapped).
+
+    ``pure`` must have the structure of ``unwrap_variables(template)``; templates
+    without nnx Variables (dicts, linen params, pure ``nnx.State``) give ``pure``.
+    """
+    t_leaves, t_def = jax.tree.flatten(template, is_leaf=is_variable)
+    if not any(is_variable(v) for v in t_leaves):
+        return pure
+    values = jax.tree.leaves(pure)
+    return jax.tree.unflatten(
+        t_def,
+        [v.replace(x) if is_variable(v) else x for v, x in zip(t_leaves, values, strict=True)],
+    )
+
+
+def _check_like_params(pure_params: Any, pure_other: Any, name: str) -> None:
+    """Raises ``ValueError`` unless ``pure_other`` has the params' structure and leaf shapes."""
+    fix = (
+        f"{name} must be params of the same model (a dict/linen tree, or an nnx.State such as "
+        "nnx.state(model, nnx.Param), Variable-wrapped or pure)"
+    )
+    check_same_structure(pure_params, pure_other, ref_name="params", other_name=name, fix=fix)
+    for (path, p), (_, o) in zip(
+        leaves_with_paths(pure_params)[0], leaves_with_paths(pure_other)[0], strict=True
+    ):
+        if jnp.shape(p) != jnp.shape(o):
+            raise ValueError(
+                f"{name} has shape {jnp.shape(o)} at {path_str(path)!r} but params has "
+                f"{jnp.shape(p)} there. Fix: {fix}."
+            )
+
+
+def _detached(tree: Any, name: str, pure_params: Any) -> Any:
+    """Returns ``tree`` (params from ``train`` or ``trained``) checked, in its own form.
+
+    nnx Variables are replaced by fresh ones holding the same (immutable) arrays,
+    so later in-place training of the model cannot change a recorded round.
+    """
+    if tree is None:  # only train's result can be None here (trained=None means "train it")
+        raise ValueError(
+            f"{name} returned None, but the driver needs the trained params. Fix: end train "
+            "with `return params` (for nnx: `return nnx.state(model, nnx.Param)`)."
+        )
+    pure = unwrap_variables(tree)
+    _check_like_params(pure_params, pure, name)
+    return _like(tree, pure)
 
 
 def lottery_ticket(

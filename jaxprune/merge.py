@@ -26,6 +26,34 @@ class MergeResult(NamedTuple):
     pairs: jax.Array  # int32 [num_merges, 2]: (kept i, removed j) in merge order
 
 
+def _check_shapes(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike) -> None:
+    """Raises ``ValueError`` unless ``h [N, units]``, ``w_out [units, out]``, ``b_out [out]`` agree.
+
+    Without it a mismatch is silent: ``w_out[j]`` indexing clamps out-of-range
+    rows and extra rows of ``w_out`` are never merged.
+    """
+    h_shape, w_shape, b_shape = jnp.shape(h), jnp.shape(w_out), jnp.shape(b_out)
+    if len(h_shape) != 2:
+        raise ValueError(
+            f"h must be [N, units] activations (one row per calibration example), got shape "
+            f"{h_shape}. Fix: reshape to (-1, units), e.g. h.reshape(-1, h.shape[-1]) for "
+            "per-token or per-pixel activations."
+        )
+    if len(w_shape) != 2 or w_shape[0] != h_shape[1]:
+        got = f"w_out.shape[0]={w_shape[0]}" if len(w_shape) == 2 else f"w_out.shape={w_shape}"
+        raise ValueError(
+            f"h.shape[1]={h_shape[1]} (units) must equal w_out.shape[0] (the next layer's "
+            f"inputs), but {got} (h {h_shape}, w_out {w_shape}). Fix: pass the activations "
+            "of the layer that feeds w_out, and w_out as the next layer's [units, out] kernel "
+            "(transpose a PyTorch-style [out, units] weight)."
+        )
+    if b_shape != (w_shape[1],):
+        raise ValueError(
+            f"b_out must have shape (w_out.shape[1],) = ({w_shape[1]},), got {b_shape}. Fix: "
+            f"pass the next layer's bias (jnp.zeros({w_shape[1]}) when it has none)."
+        )
+
+
 def _varies(std: jax.Array) -> jax.Array:
     """Returns which units are not constant, from ``sqrt(sum (h - mean h)**2)`` per unit."""
     return std > 1e-12
@@ -75,6 +103,10 @@ def merge_pair(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, i, j):
     ``(a, c) = argmin ||h_j - (a h_i + c)||^2``; then ``W_i += a W_j``,
     ``b += c W_j`` and row ``j`` of ``w_out`` is zeroed.
 
+    Raises:
+      ValueError: ``h [N, units]``, ``w_out [units, out]`` and ``b_out [out]``
+        disagree in shape.
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> h = jnp.array([[1., 3.], [2., 5.]])       # h_1 = 2 h_0 + 1
@@ -83,6 +115,7 @@ def merge_pair(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, i, j):
       >>> w2.tolist(), b2.tolist()
       ([[3.0], [0.0]], [1.0])
     """
+    _check_shapes(h, w_out, b_out)
     h = jnp.asarray(h, jnp.float32)
     w_out, b_out = jnp.asarray(w_out), jnp.asarray(b_out)
     hi, hj = h[:, i], h[:, j]
@@ -110,9 +143,11 @@ def noiseout(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, num_merges: int) 
       columns and bias to remove the units there too.
 
     Raises:
-      ValueError: ``num_merges`` is not in ``[0, units - 1]``, or fewer than
-        ``num_merges`` merges are possible because no two alive units with
-        non-constant activations remain (the message says how many were made).
+      ValueError: the shapes disagree (``h.shape[1]`` vs ``w_out.shape[0]``, or
+        ``b_out`` vs ``w_out.shape[1]``); ``num_merges`` is not in
+        ``[0, units - 1]``; or fewer than ``num_merges`` merges are possible
+        because no two alive units with non-constant activations remain (the
+        message says how many were made).
         Under ``jax.jit`` the values cannot be inspected: the impossible merges
         are skipped instead (no unit removed, pair ``(-1, -1)``).
 
@@ -129,6 +164,7 @@ def noiseout(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, num_merges: int) 
       Babaeizadeh, Smaragdis & Campbell, "NoiseOut: A Simple Way to Prune
       Neural Networks", 2016. https://arxiv.org/abs/1611.06211
     """
+    _check_shapes(h, w_out, b_out)
     units = jnp.shape(h)[1]
     if not isinstance(num_merges, int) or not 0 <= num_merges < units:
         raise ValueError(

@@ -196,6 +196,10 @@ def prune(
       scope: ``"layer"`` (exact count per leaf), ``"global"`` (exact count
         across all prunable leaves), or a selection function
         ``(scores, sparsity, *, where) -> masks`` (e.g. a structured one).
+        Its masks on leaves ``where`` did not choose are not enforced (a
+        structured selection's bias masks: widen ``where`` to enforce them);
+        a scalar on a chosen leaf keeps (``True``) or prunes (``False``) it
+        whole.
       where: predicate ``(path, leaf) -> bool`` choosing the prunable leaves;
         default: floating leaves with ``ndim >= 2``.
       key: PRNG key for criteria that draw randomness (e.g. ``random``),

@@ -45,3 +45,29 @@ def test_synflow_scores_count_paths_and_masks_are_exact():
         jp.at_init.synflow(g, q, (1, 6), 0.5, iterations=0)
     with pytest.raises(ValueError, match="sparsity must be in"):
         jp.at_init.synflow(g, q, (1, 6), 75.0)
+
+
+def test_synflow_wrong_input_shape_names_input_shape_and_the_model_error():
+    g = lambda p, x: jax.nn.relu(x @ p["a"]) @ p["b"]
+    q = {"a": jnp.ones((6, 10)), "b": jnp.ones((10, 3))}
+    with pytest.raises(
+        ValueError, match=r"input_shape=\(1, 5\): TypeError: dot_general.*\(5,\) and \(6,\).*Fix"
+    ):
+        jp.at_init.synflow(g, q, (1, 5), 0.5, iterations=2)
+    with pytest.raises(ValueError, match=r"input_shape=\(1, 5\).*Fix"):
+        jp.at_init.synflow_scores(g, q, (1, 5))
+    for bad in (6, (1, 0), "ab", ()):
+        with pytest.raises(ValueError, match=r"input_shape must be the shape.*Fix"):
+            jp.at_init.synflow(g, q, bad, 0.5, iterations=2)
+
+
+def test_synflow_wrong_input_shape_on_an_nnx_conv():
+    from flax import nnx
+
+    conv = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(conv, nnx.Param)
+    apply_fn = lambda s, x: nnx.merge(graphdef, s)(x)
+    m = jp.at_init.synflow(apply_fn, state, (1, 5, 5, 3), 0.5, iterations=2)
+    assert float(jp.sparsity(m)) == 0.5
+    with pytest.raises(ValueError, match=r"input_shape=\(1, 5, 5, 1\).*Fix: input_shape must"):
+        jp.at_init.synflow(apply_fn, state, (1, 5, 5, 1), 0.5, iterations=2)

@@ -29,6 +29,8 @@ def test_wanda_matches_the_direct_formula():
 def test_wanda_rejects_mismatched_trees():
     with pytest.raises(ValueError, match="input_norms must have exactly the tree structure"):
         jp.criteria.wanda({"k": jnp.ones((2, 2))}, {"other": jnp.ones(2)})
+    with pytest.raises(ValueError, match=r"input_norms of 'k' has shape \(5,\).*\(3, 4\)"):
+        jp.criteria.wanda({"k": jnp.ones((3, 4))}, {"k": jnp.ones(5)})
 
 
 def test_taylor_equals_the_feature_map_criterion():
@@ -125,3 +127,35 @@ def test_obd_with_hessian_passed_to_prune_and_obd_fisher():
     c = jp.criteria.obd_fisher(0.0)
     s = c.score(c.update(c.init(params), params, {"w": jnp.ones((2, 2))}), params)["w"]
     assert np.asarray(s).tolist() == [[0.5, 2.0], [4.5, 0.125]]
+
+
+def test_fisher_diag_and_obd_reject_bad_arguments():
+    loss = lambda p, x: jnp.mean(p["w"] * x)
+    p, x = {"w": jnp.ones(())}, jnp.array([1.0, 3.0])
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=rf"chunk_size must be a positive int.*got {bad!r}"):
+            jp.criteria.fisher_diag(loss, p, x, chunk_size=bad)
+    assert float(jp.criteria.fisher_diag(loss, p, x, chunk_size=np.int64(1))["w"]) == 5.0
+    with pytest.raises(ValueError, match="fisher_diag needs the batch"):
+        jp.criteria.fisher_diag(loss, p)
+    with pytest.raises(ValueError, match=r"leading sizes \[2, 3\]"):
+        jp.criteria.fisher_diag(lambda p, x, y: loss(p, x), p, x, jnp.ones(3))
+    with pytest.raises(
+        ValueError,
+        match=r"hessian_diag must have exactly the tree structure.*"
+        r"only in hessian_diag: v.*Fix",
+    ):
+        jp.criteria.obd({"w": jnp.ones(2)}, {"v": jnp.ones(2)})
+    with pytest.raises(ValueError, match=r"hessian_diag at 'w' has shape \(3,\).*\(2,\).*Fix"):
+        jp.criteria.obd({"w": jnp.ones(2)}, {"w": jnp.ones(3)})
+    assert jp.criteria.obd({"w": jnp.array([2.0, 1.0])}, {"w": 2.0})["w"].tolist() == [4.0, 1.0]
+
+
+def test_obd_on_nnx_state_wrapped_against_pure_hessian():
+    from flax import nnx
+
+    state = nnx.state(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), nnx.Param)
+    pure_h = jax.tree.map(lambda v: jnp.full(v.shape, 2.0), jp._tree.unwrap_variables(state))
+    s = jp._tree.unwrap_variables(jp.criteria.obd(state, pure_h))
+    w = np.asarray(state["kernel"].get_value())
+    np.testing.assert_allclose(np.asarray(s["kernel"]), w**2, rtol=1e-6)

@@ -35,3 +35,18 @@ def test_affine_redundancy_folds_into_the_bias():
     np.testing.assert_allclose(np.asarray(w2[0]), [1.5, 1.5], rtol=1e-5)
     with pytest.raises(ValueError, match="num_merges must be an int in"):
         jp.merge.noiseout(h, w, b, 3)
+
+
+def test_mismatched_shapes_are_rejected_naming_both_sizes():
+    h = jax.random.normal(jax.random.key(0), (16, 3))
+    b = jnp.zeros(2)
+    with pytest.raises(ValueError, match=r"h.shape\[1\]=3 .*w_out.shape\[0\]=5.*Fix"):
+        jp.merge.noiseout(h, jnp.ones((5, 2)), b, 1)
+    with pytest.raises(ValueError, match=r"h.shape\[1\]=8 .*w_out.shape\[0\]=3.*Fix"):
+        jp.merge.noiseout(jax.random.normal(jax.random.key(0), (16, 8)), jnp.ones((3, 2)), b, 2)
+    with pytest.raises(ValueError, match=r"b_out must have shape \(w_out.shape\[1\],\) = \(2,\)"):
+        jp.merge.noiseout(h, jnp.ones((3, 2)), jnp.zeros(3), 1)
+    with pytest.raises(ValueError, match=r"h must be \[N, units\].*got shape \(16,\)"):
+        jp.merge.noiseout(h[:, 0], jnp.ones((3, 2)), b, 1)
+    with pytest.raises(ValueError, match=r"w_out.shape=\(3,\)"):
+        jp.merge.merge_pair(h, jnp.ones(3), b, 0, 1)
