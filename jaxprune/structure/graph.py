@@ -17,7 +17,10 @@ depthwise and grouped included); a union-find over elements, run to a fixed poin
 the groups. An element that a primitive cannot map (a spatial axis of a conv,
 a reduced axis, a model input or output, an unknown primitive) blocks its
 group: the group is reported but not prunable. Unknown primitives warn, naming
-the primitive.
+the primitive (and saying so when the program draws random numbers, i.e. a
+train-mode call with Dropout). Params that no equation reads (a layer used only
+in a branch the traced call does not take) are pinned too, with a warning
+naming them: nothing in the program ties them to the layers that feed them.
 """
 
 from __future__ import annotations
@@ -301,6 +304,32 @@ def links(prog: Program, idx: int) -> tuple[list[Link], bool]:
     return out, True
 
 
+# Primitives that draw random numbers: a program holding them is a train-mode call.
+RANDOM = frozenset(
+    """random_bits random_seed random_wrap random_unwrap random_fold_in random_split
+    threefry2x32 rng_bit_generator rng_uniform""".split()
+)
+NEVER_USED = "never used by the traced call"
+
+
+def _warn_unused(prog: Program, leaves: list[int]) -> None:
+    """Warns that the params ``leaves`` are never read by ``prog`` (their groups are pinned)."""
+    if not leaves:
+        return
+    names = ", ".join(path_str(prog.param_paths[i]) for i in leaves[:8])
+    more = f" and {len(leaves) - 8} more" if len(leaves) > 8 else ""
+    warnings.warn(
+        f"jaxprune.structure: params {names}{more} are never used by the traced call (e.g. "
+        "a layer used only in a branch these inputs and arguments do not take), so nothing "
+        "ties their channels to the layers feeding them: their groups are left unprunable "
+        "and shrinking leaves them whole, but a pruned layer feeding them in the untraced "
+        "branch would no longer fit them. Fix: trace the branch that uses them (e.g. set "
+        "the flag that enables them, such as use_aux=True, or pass the arguments that "
+        "reach them), or remove the unused layers from the model.",
+        stacklevel=4,
+    )
+
+
 class _UnionFind:
     def __init__(self):
         self.parent: dict[Any, Any] = {}
@@ -437,6 +466,14 @@ def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
         block(v, "reaches the model output")
     for v in prog.consts:
         block(v, "touches a constant baked into the program")
+    # Params no equation reads (a layer used only in a branch not taken, e.g. an
+    # auxiliary head behind a flag, or an unused norm): nothing links them to the
+    # layers that feed them in the untraced code, so each of their axes would be a
+    # lone "prunable" group whose cut no longer fits that code. They stay whole.
+    read = {v for e in prog.eqns for v in e.ins} | set(prog.output_ids)
+    unused = [leaf for leaf, v in enumerate(prog.param_ids) if v not in read]
+    for leaf in unused:
+        block(prog.param_ids[leaf], NEVER_USED)
 
     members: dict[Any, list[Member]] = {}
     for leaf, v in enumerate(prog.param_ids):
@@ -444,16 +481,32 @@ def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
             for lay in sorted(layouts.get((v, d), ())):
                 r = uf.find((v, d, lay))
                 members.setdefault(r, []).append(Member(leaf, prog.param_paths[leaf], d, lay))
+    if warn:
+        _warn_unused(
+            prog, [leaf for leaf in unused if any(n > 1 for n in sh[prog.param_ids[leaf]])]
+        )
+    rand = sorted({e.prim.name for e in prog.eqns if e.prim.name in RANDOM})
     groups, roots = [], []
     for r, ms in members.items():
         reasons = tuple(dict.fromkeys(blocked.get(r, [])))
         if warn and r in opaque:
-            warnings.warn(
-                f"jaxprune.structure: primitive(s) {sorted(opaque[r])} cannot be seen through; "
-                f"the group of {', '.join(path_str(m.path) for m in ms[:4])} is left unprunable. "
-                "Fix: express the op with standard lax primitives, or prune other groups.",
-                stacklevel=3,
-            )
+            names = ", ".join(path_str(m.path) for m in ms[:4])
+            if rand:
+                msg = (
+                    f"jaxprune.structure: the traced call draws random numbers ({rand}, e.g. "
+                    f"Dropout in train mode), and primitive(s) {sorted(opaque[r])} on them "
+                    f"cannot be seen through; the group of {names} is left unprunable. Fix: "
+                    "trace the deterministic (eval-mode) call: for linen, pass "
+                    "deterministic=True / train=False (e.g. structure.linen_apply(module, "
+                    "train=False)); for nnx, call model.eval() before structure.module_apply."
+                )
+            else:
+                msg = (
+                    f"jaxprune.structure: primitive(s) {sorted(opaque[r])} cannot be seen "
+                    f"through; the group of {names} is left unprunable. Fix: express the op "
+                    "with standard lax primitives, or prune other groups."
+                )
+            warnings.warn(msg, stacklevel=3)
         groups.append(Group(tuple(ms), ms[0].layout[3], not reasons, reasons))
         roots.append(r)
     contractions = []

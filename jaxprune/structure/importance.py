@@ -40,7 +40,10 @@ def groups(
     channels tied by residual additions — read from the jaxpr, so no layer is
     ever listed by hand. Groups pinned by a model input or output, a spatial
     axis, a reduction over channels or an opaque primitive are reported with
-    ``prunable=False`` and the reasons (an opaque primitive also warns).
+    ``prunable=False`` and the reasons (an opaque primitive also warns). So
+    are the groups of params the traced call never reads (a layer used only in
+    a branch not taken), with a warning naming them: trace the call that uses
+    them, or they stay whole.
 
     Args:
       apply_fn: ``(params, *inputs) -> outputs``.
@@ -75,7 +78,10 @@ def _align(groups: Sequence[Group], scores: Any) -> tuple[list, tuple[Group, ...
     groups were found on or a part of it: ``nnx.state(model, nnx.Param)``
     (what ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` hands ``jp.prune``)
     when the groups came from :func:`~jaxprune.structure.module_apply`'s state,
-    which also holds the BatchNorm statistics. Members absent from ``scores``
+    which also holds the BatchNorm statistics; or a linen module's ``"params"``
+    collection (what ``jp.prune`` sees inside a ``TrainState``) when the groups
+    came from its full variables: a member ``params/Conv_0/kernel`` is then
+    matched with the leaf ``Conv_0/kernel``. Members absent from ``scores``
     are left out of the returned groups (they get no mask; a channel whose
     kernel column and next-layer rows are masked computes the same function
     whatever its statistics, and :func:`~jaxprune.structure.shrink` still cuts
@@ -85,16 +91,23 @@ def _align(groups: Sequence[Group], scores: Any) -> tuple[list, tuple[Group, ...
     """
     flat, _ = leaves_with_paths(scores)
     index = {path_str(p): i for i, (p, _) in enumerate(flat)}
+    # Linen: groups found on the variables ({"params": ..., "batch_stats": ...}, as
+    # BatchNorm needs) name "params/Conv_0/kernel", while jp.prune inside a TrainState
+    # scores the params collection alone ("Conv_0/kernel").
+    bare = not any(p[:1] == ("params",) for p, _ in flat)
     fix = (
         "Fix: compute the scores over the tree the groups were found on, or a part of it "
         "(for nnx, the state returned by structure.module_apply or its nnx.Param part, e.g. "
-        "jp.criteria.magnitude(state))."
+        "jp.criteria.magnitude(state); for linen, the variables the groups were found on "
+        "or their 'params' collection, which is what jp.prune sees inside a TrainState)."
     )
     out = []
     for g in groups:
         members = []
         for m in g.members:
             i = index.get(path_str(m.path))
+            if i is None and bare and len(m.path) > 1 and m.path[0] == "params":
+                i = index.get(path_str(m.path[1:]))
             if i is None:
                 continue
             shape = jnp.shape(flat[i][1])
@@ -141,9 +154,10 @@ def group_scores(
     Args:
       groups: from :func:`groups`.
       scores: a tree of scores with the structure of the params the groups
-        were found on, or of a part of them (members are matched by path;
-        those not in ``scores``, e.g. BatchNorm statistics when ``scores``
-        covers ``nnx.state(model, nnx.Param)``, do not vote).
+        were found on, or of a part of them (members are matched by path, a
+        linen ``"params"`` collection against groups found on the full
+        variables included; those not in ``scores``, e.g. BatchNorm statistics
+        when ``scores`` covers ``nnx.state(model, nnx.Param)``, do not vote).
       reduce: per-member reduction over a channel's slice.
       where: which members vote; default floating ``ndim >= 2``.
 
@@ -250,8 +264,11 @@ def select(
       scores: a tree of scores with the structure of the params the groups
         were found on, or of a part of them, such as the ``nnx.Param`` part
         of :func:`~jaxprune.structure.module_apply`'s state (what
-        ``jp.prune`` sees under ``nnx.Optimizer(model, tx, wrt=nnx.Param)``).
-        Members are matched by path; those not in ``scores`` get no mask.
+        ``jp.prune`` sees under ``nnx.Optimizer(model, tx, wrt=nnx.Param)``),
+        or a linen module's ``"params"`` collection when the groups were found
+        on its full variables (what ``jp.prune`` sees inside a ``TrainState``;
+        ``params/Dense_0/kernel`` matches ``Dense_0/kernel``). Members are
+        matched by path; those not in ``scores`` get no mask.
       sparsity: fraction of channels to drop (may be traced).
       reduce: per-member reduction (see :func:`group_scores`).
       where: which members vote on importance; default kernels.
@@ -439,7 +456,11 @@ def selection(
     Group-wise channel pruning ramped by any schedule inside the train step;
     the result shrinks exactly with :func:`~jaxprune.structure.shrink`.
     ``reduce``, ``scope``, ``max_sparsity``, ``round_to`` and ``normalize`` are
-    those of :func:`select` (checked here, before any training starts).
+    those of :func:`select` (checked here, before any training starts). The
+    groups may come from the full tree (an nnx model's state, a linen module's
+    variables with ``batch_stats``) while ``jp.prune`` sees only the params
+    (``nnx.Optimizer(..., wrt=nnx.Param)``, a linen ``TrainState``'s
+    ``params``): members are matched by path (see :func:`select`).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxprune as jp

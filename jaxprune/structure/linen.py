@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import errors as flax_errors
 
-from jaxprune.structure.shrinking import AdaptError, shrink
+from jaxprune.structure.shrinking import AdaptError, _shrink_checked
 
 __all__ = ["linen_apply", "shrink_linen"]
 
@@ -97,7 +97,10 @@ def linen_apply(module: nn.Module, *, method: Any = None, rngs: Any = None, **kw
 
     Raises:
       ValueError: a layer's params changed shape and the layer's widths are not
-        known to jaxprune (the message names the layer and the fix).
+        known to jaxprune (the message names the layer and the fix), or the
+        call draws random numbers without ``rngs`` (Dropout in train mode) or
+        updates an immutable collection (BatchNorm in train mode): pass the
+        eval-mode ``kwargs``, e.g. ``train=False``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxprune as jp
@@ -127,6 +130,25 @@ def linen_apply(module: nn.Module, *, method: Any = None, rngs: Any = None, **kw
         try:
             with nn.intercept_methods(_interceptor):
                 return module.apply(v, *inputs, method=method, rngs=rngs, **kwargs)
+        except flax_errors.InvalidRngError as err:
+            # Dropout (or another layer drawing random numbers) in train mode.
+            raise ValueError(
+                f"{type(module).__name__} draws random numbers when called with "
+                f"{_call_args(kwargs)} ({err}; e.g. Dropout in train mode), which "
+                "structure.groups / shrink cannot trace without rngs, and the analysis "
+                "needs the deterministic model anyway. Fix: pass the eval-mode arguments, e.g. "
+                "structure.linen_apply(module, train=False) or deterministic=True "
+                "(and use_running_average=True for BatchNorm)."
+            ) from err
+        except flax_errors.ModifyScopeVariableError as err:
+            # BatchNorm in train mode updates batch_stats, immutable in an apply.
+            raise ValueError(
+                f"{type(module).__name__} updates its variables when called with "
+                f"{_call_args(kwargs)} ({err}; e.g. BatchNorm in train mode). The analysis "
+                "and the output check need the eval-mode call, which uses the running "
+                "statistics. Fix: pass the eval-mode arguments, e.g. "
+                "structure.linen_apply(module, train=False) or use_running_average=True."
+            ) from err
         except flax_errors.ScopeParamShapeError as err:
             raise AdaptError(
                 f"a layer of {type(module).__name__} has params of a new shape that "
@@ -137,6 +159,10 @@ def linen_apply(module: nn.Module, *, method: Any = None, rngs: Any = None, **kw
             ) from err
 
     return apply_fn
+
+
+def _call_args(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no keyword arguments"
 
 
 def _is_variables(tree: Any) -> bool:
@@ -179,4 +205,5 @@ def shrink_linen(
             c: masks if c == "params" else jax.tree.map(lambda _: jnp.ones((), bool), t)
             for c, t in variables.items()
         }
-    return shrink(apply_fn, variables, masks, *example_inputs, check=check), apply_fn
+    small = _shrink_checked(apply_fn, variables, masks, example_inputs, check, how="linen")
+    return small, apply_fn

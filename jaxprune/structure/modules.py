@@ -191,6 +191,7 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
             example_inputs,
             reference_fn=apply_fn,
             dtypes=prog.dtypes,
+            how="nnx",
         )
 
     if not check:

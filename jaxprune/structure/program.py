@@ -130,7 +130,21 @@ def trace(apply_fn: Any, params: Any, *example_inputs: Any) -> Program:
     def fn(leaves, inputs):
         return apply_fn(jax.tree.unflatten(treedef, leaves), *jax.tree.unflatten(in_def, inputs))
 
-    closed = jax.make_jaxpr(fn)(leaves, in_leaves)
+    try:
+        closed = jax.make_jaxpr(fn)(leaves, in_leaves)
+    except TypeError as err:
+        if example_inputs:
+            raise
+        # jp.shrink(apply_fn, params, masks) without inputs: the model's own call
+        # then fails deep inside (``__call__() missing 'x'``).
+        raise ValueError(
+            f"example_inputs is empty, and apply_fn(params) fails without inputs "
+            f"({type(err).__name__}: {err}). The dependency analysis and the output check "
+            "trace apply_fn(params, *example_inputs). Fix: pass a small batch after the "
+            "params (and masks), e.g. jp.shrink(apply_fn, params, masks, x[:2]), "
+            "structure.shrink_module(model, masks, x[:2]) or "
+            "structure.groups(apply_fn, params, x[:2])."
+        ) from err
     b = _Builder()
     avals = [v.aval for v in closed.jaxpr.invars]
     ids = [b.new(a.shape, a.dtype) for a in avals]

@@ -306,13 +306,62 @@ def _tolerance(rtol: float, dtypes) -> float:
     return max([rtol] + [8 * e for e in eps])
 
 
+# What to do when the shrunk network no longer runs, by entry point (see ApplyFailure).
+_APPLY_FIX = {
+    "shrink": (
+        "Likely cause: a layer width is fixed by an attribute rather than read from the "
+        "params' shapes (linen Dense(features=...), a grouped conv's feature_group_count). "
+        "Fix: for nnx models use structure.shrink_module, for linen structure.shrink_linen "
+        "(or pass structure.linen_apply(module) as apply_fn); otherwise rebuild the model "
+        "with the widths from structure.widths(params, small) and pass check=False."
+    ),
+    "nnx": (
+        "Likely cause: a custom layer's width is fixed by an attribute (e.g. a reshape to "
+        "self.n set in __init__); structure.shrink_module updates the width attributes of "
+        "flax's own layers (Linear, Conv, BatchNorm, ...), not those of custom layers. "
+        "Fix: read that width from the layer's params or input when called (e.g. "
+        "self.g.shape[-1] or x.shape[-1] instead of self.n), or select without the groups "
+        "of that layer's params. The model was left as it was."
+    ),
+    "linen": (
+        "Likely cause: a custom module's width is fixed by an attribute (e.g. a reshape to "
+        "self.features); structure.linen_apply adapts flax's own layers (Dense, Conv, ...), "
+        "not custom ones. Fix: read that width from the params or input when called (e.g. "
+        "x.shape[-1]), select without the groups of that module's params, or rebuild the "
+        "module with the widths from structure.widths(variables, small) and pass check=False."
+    ),
+}
+
+
+class ApplyFailure(ValueError):
+    """The model (``apply_fn``) fails to run on the shrunk params."""
+
+    def __init__(self, err: Exception, how: str = "shrink", groups: str | None = None):
+        named = "" if groups is None else f" Cutting one group alone already breaks it: {groups}."
+        super().__init__(
+            f"apply_fn fails on the shrunk params ({type(err).__name__}: {err}).{named} "
+            f"{_APPLY_FIX[how]}"
+        )
+        self.err, self.how = err, how
+
+
 def _check_outputs(
-    apply_fn, small, masked, example_inputs, rtol=1e-4, *, reference_fn=None, dtypes=()
+    apply_fn,
+    small,
+    masked,
+    example_inputs,
+    rtol=1e-4,
+    *,
+    reference_fn=None,
+    dtypes=(),
+    how: str = "shrink",
 ) -> None:
     """Raises unless ``apply_fn(small, *x)`` matches ``reference_fn(masked, *x)``.
 
     ``reference_fn`` defaults to ``apply_fn``; ``dtypes`` (the program's value
-    dtypes) widen ``rtol`` for low-precision models, see :func:`_tolerance`.
+    dtypes) widen ``rtol`` for low-precision models, see :func:`_tolerance`;
+    ``how`` (``"shrink"``, ``"nnx"``, ``"linen"``) picks the fix named when
+    ``apply_fn`` fails to run (:class:`ApplyFailure`).
     """
     reference_fn = apply_fn if reference_fn is None else reference_fn
     try:
@@ -320,14 +369,7 @@ def _check_outputs(
     except AdaptError:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with the likely cause
-        raise ValueError(
-            f"apply_fn fails on the shrunk params ({type(err).__name__}: {err}). Likely cause: "
-            "a layer width is fixed by an attribute rather than read from the params' shapes "
-            "(linen Dense(features=...), a grouped conv's feature_group_count). Fix: for nnx "
-            "models use structure.shrink_module, for linen structure.shrink_linen (or pass "
-            "structure.linen_apply(module) as apply_fn); otherwise rebuild the model with "
-            "the widths from structure.widths(params, small) and pass check=False."
-        ) from err
+        raise ApplyFailure(err, how) from err
     want = run_once(reference_fn, masked, *example_inputs)
     leaves = jax.tree.leaves((got, want, small))
     rtol = _tolerance(rtol, list(dtypes) + [jnp.result_type(x) for x in leaves])
@@ -394,13 +436,15 @@ def _culprits(check, params, removed, prog) -> list[Group]:
     return out
 
 
-def _named(err: OutputMismatch, groups: list[Group]) -> OutputMismatch:
-    """Returns ``err`` naming ``groups`` (``err`` itself when there are none)."""
+def _named(err, groups: list[Group]):
+    """Returns ``err`` (an OutputMismatch or ApplyFailure) naming ``groups`` (or ``err``)."""
     if not groups:
         return err
     names = "; ".join(
         ", ".join(f"{path_str(m.path)}[{m.axis}]" for m in g.members[:4]) for g in groups
     )
+    if isinstance(err, ApplyFailure):
+        return ApplyFailure(err.err, err.how, names)
     return OutputMismatch(err.diff, names)
 
 
@@ -462,11 +506,16 @@ def shrink(apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: 
       Fang et al., "DepGraph: Towards Any Structural Pruning", 2023.
       https://arxiv.org/abs/2301.12900
     """
+    return _shrink_checked(apply_fn, params, masks, example_inputs, check)
+
+
+def _shrink_checked(apply_fn, params, masks, example_inputs, check, how="shrink"):
+    """:func:`shrink`; ``how`` names the entry point for the fix in an :class:`ApplyFailure`."""
     small, removed, prog = _shrink(apply_fn, params, masks, example_inputs)
 
     def check_as(masks_, small_):
         want = run_once(apply_masks, params, masks_)
-        _check_outputs(apply_fn, small_, want, example_inputs, dtypes=prog.dtypes)
+        _check_outputs(apply_fn, small_, want, example_inputs, dtypes=prog.dtypes, how=how)
 
     if check:
         _check_naming(check_as, apply_fn, params, masks, small, removed, prog, example_inputs)
@@ -477,12 +526,13 @@ def _check_naming(check_as, apply_fn, params, masks, small, removed, prog, examp
     """Runs ``check_as(masks, small)``; on a mismatch, re-raises it naming the culprit groups.
 
     ``check_as(masks_, small_)`` raises :class:`OutputMismatch` when ``small_``
-    (the shrink of ``params`` under ``masks_``) computes something else; each
-    group of ``removed`` is then checked alone (see :func:`_culprits`).
+    (the shrink of ``params`` under ``masks_``) computes something else, or
+    :class:`ApplyFailure` when the model cannot run on it; each group of
+    ``removed`` is then checked alone (see :func:`_culprits`).
     """
     try:
         check_as(masks, small)
-    except OutputMismatch as err:
+    except (OutputMismatch, ApplyFailure) as err:
         groups = _culprits(
             lambda m: check_as(m, _shrink(apply_fn, params, m, example_inputs)[0]),
             params,
