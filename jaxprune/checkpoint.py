@@ -139,6 +139,12 @@ def save(
             f"step must be a non-negative int, got {step!r}. Fix: pass the training step count."
         )
     directory = _absolute(directory)
+    blocked = next((q for q in (directory, *directory.parents) if q.exists()), None)
+    if blocked is not None and not blocked.is_dir():
+        raise CheckpointError(
+            f"cannot save under {directory}: {blocked} is a file, not a directory. Fix: pass "
+            "a directory path (it is created if missing)."
+        )
     if masks is None and opt_state is not None:
         masks = _find_masks(opt_state)
     params, opt_state = _trees.as_state(params), _trees.as_state(opt_state)
@@ -183,6 +189,13 @@ def _write(directory, step, items, meta, max_to_keep) -> pathlib.Path:
 
 def _locate(directory: str | os.PathLike, step: int | None) -> tuple[pathlib.Path, int]:
     """Returns ``(root, step)``; ``directory`` may be a root or one step's directory."""
+    if step is not None and (
+        isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0
+    ):
+        raise ValueError(
+            f"step must be a non-negative int or None (the newest), got {step!r}. Fix: e.g. "
+            "step=int(s)."
+        )
     path = _absolute(directory)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: the path does not exist.")

@@ -30,6 +30,11 @@ def _demo(args: argparse.Namespace) -> int:
             f"--sparsity must be in [0, 1] (the fraction of weights pruned), got "
             f"{args.sparsity}. Fix: e.g. --sparsity 0.9."
         )
+    if args.epochs is not None and args.epochs < 1:
+        raise _CommandError(
+            f"--epochs must be >= 1 (training epochs per phase), got {args.epochs}. Fix: e.g. "
+            "--epochs 5, or leave it out for the dataset's default."
+        )
     try:
         demo.run(
             dataset=args.dataset,
@@ -86,7 +91,7 @@ def _export(args: argparse.Namespace) -> int:
         out = checkpoint.save(
             args.out, ckpt.step, ckpt.params, masks=ckpt.masks, format=args.format
         )
-    except (ValueError, OSError) as e:
+    except (checkpoint.CheckpointError, ValueError, OSError) as e:
         raise _CommandError(f"cannot write {args.out}: {e}") from e
     before = checkpoint.disk_bytes(ckpt.path)
     after = checkpoint.disk_bytes(out)

@@ -76,6 +76,8 @@ def run(
     console = console or Console()
     t_start = time.perf_counter()
     ds = _data.load(dataset)
+    if epochs is not None and (isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1):
+        raise ValueError(f"epochs must be an int >= 1 or None, got {epochs!r}. Fix: e.g. epochs=5.")
     if epochs is None:
         epochs = (
             max(1, 2_000 // max(1, len(ds.x_train) // batch_size))

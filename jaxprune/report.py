@@ -301,6 +301,11 @@ _PASS_THROUGH = {
 }
 
 
+# Element-wise ops whose result is zero wherever their one parameter operand is
+# (a scale, a mask): `select_n` counts only when its other cases are not params.
+_MASKING = {"mul", "select_n"}
+
+
 def _macs(eqn) -> float:
     out = math.prod(eqn.outvars[0].aval.shape)
     if eqn.primitive.name == "dot_general":
@@ -337,6 +342,11 @@ def _walk(jaxpr, src: dict, density: dict[str, float]) -> tuple[float, float]:
             dense, nonzero = dense + d, nonzero + d * scale
         elif name in _PASS_THROUGH and ins and ins[0] is not None:
             src[eqn.outvars[0]] = ins[0]
+        elif name in _MASKING and len({p for p in ins if p is not None}) == 1:
+            # w * c, or where(m, w, 0) (jp.apply_masks inside apply_fn): the result
+            # is nonzero at most where the one parameter it reads is, so it keeps
+            # that parameter's density (an upper bound if it zeroes more).
+            src[eqn.outvars[0]] = next(p for p in ins if p is not None)
         else:
             subs = list(_sub_jaxprs(eqn))
             results = []
@@ -348,6 +358,12 @@ def _walk(jaxpr, src: dict, density: dict[str, float]) -> tuple[float, float]:
                         if p is not None:
                             inner[v] = p
                 results.append(_walk(sub, inner, density))
+                if len(subs) == 1 and name not in ("cond", "scan", "while"):
+                    # A call (a nested jit, a custom_jvp): its outputs that are a
+                    # parameter passed through keep that parameter's identity.
+                    for ov, out in zip(sub.outvars, eqn.outvars, strict=False):
+                        if not isinstance(ov, jax.extend.core.Literal) and ov in inner:
+                            src[out] = inner[ov]
             if results:
                 # cond: the costliest branch; scan: every iteration.
                 times = float(eqn.params.get("length", 1)) if name == "scan" else 1.0

@@ -158,6 +158,8 @@ def test_relative_path_is_made_absolute_and_steps_kept(tmp_path, monkeypatch):
     with pytest.raises(checkpoint.CheckpointError, match=r"step 3 is already saved .* \(e.g. 4\)"):
         checkpoint.save("ckpts", 3, {"w": jnp.zeros((2, 2))})
     assert checkpoint.restore("ckpts", 3).params["w"][0, 0] == 3.0  # untouched
+    with pytest.raises(ValueError, match=r"step must be a non-negative int or None .*got '3'"):
+        checkpoint.restore("ckpts", "3")
 
 
 def test_structure_mismatch_lists_the_differing_paths(tmp_path):

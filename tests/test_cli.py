@@ -113,6 +113,22 @@ def test_demo_rejects_a_bad_sparsity_before_training(capsys):
     assert cli.main(["demo", "--sparsity", "1.5", "--dataset", "digits", "--quick"]) == 1
     err = capsys.readouterr().err
     assert "--sparsity must be in [0, 1]" in err and "Traceback" not in err
+    assert cli.main(["demo", "--epochs", "0", "--dataset", "digits"]) == 1
+    assert "--epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_export_errors_are_one_line(run_dir, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert cli.main(["export", str(run_dir), str(out)]) == 0
+    capsys.readouterr()
+    # The step exists already: refused, in one line.
+    assert cli.main(["export", str(run_dir), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "step 10 is already saved" in err and err.count("\n") == 1
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["export", str(run_dir), str(tmp_path / "file")]) == 1
+    err = capsys.readouterr().err
+    assert "is a file, not a directory" in err and err.count("\n") == 1
 
 
 def test_inspect_plot_into_a_new_folder(run_dir, tmp_path, capsys):

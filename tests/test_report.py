@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxprune as jp
 from jaxprune.report import plot_accuracy_vs_compression, plot_sparsity, report
 
 
@@ -178,3 +179,21 @@ def test_macs_of_a_conv_shrunk_to_no_filters_are_zero():
     params = {"c": jnp.ones((3, 3, 2, 0)), "w": jnp.ones((0, 4))}
     r = report(params, apply_fn=net, example_inputs=jnp.ones((1, 5, 5, 2)))
     assert r.flops["dense_macs"] == 0.0 and r.totals["size"] == 0
+
+
+def test_nonzero_macs_follow_masked_and_scaled_params_through_jit():
+    p = {"w": jnp.ones((4, 4)).at[:2].set(0.0)}
+    m = {"w": p["w"] != 0}
+    x = jnp.ones((3, 4))
+    # jp.apply_masks inside the model (a nested jit of select_n), and a scaled kernel.
+    for fn in (
+        lambda p, x: x @ jp.apply_masks(p, m)["w"],
+        lambda p, x: x @ (p["w"] * 2.0),
+        lambda p, x: x @ jax.jit(lambda w: w.T.T)(p["w"]),
+    ):
+        flops = report(p, m, fn, x).flops
+        assert flops["dense_macs"] == 48.0 and flops["nonzero_macs"] == 24.0, flops
+    # Two different params multiplied: no single parameter's density applies.
+    q = {"a": p["w"], "b": jnp.ones((4, 4))}
+    flops = report(q, None, lambda q, x: x @ (q["a"] * q["b"]), x).flops
+    assert flops["nonzero_macs"] == 48.0
