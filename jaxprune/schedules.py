@@ -202,17 +202,20 @@ def as_schedule(sparsity: Any) -> Schedule:
 
 
 def _check_callable(fn: Callable[[jax.Array], Any]) -> None:
-    """Raises ``ValueError`` when ``fn(0)`` is concrete and not a fraction in [0, 1].
+    """Raises ``ValueError`` when ``fn(step)`` is concrete and not a fraction in [0, 1].
 
-    Only step 0 is checked, eagerly; a callable that cannot run outside a
-    trace is left to fail, if it does, where the transform calls it.
+    Checked eagerly at steps 0, 1, 10, ..., 10**7 (a schedule in percent, or
+    one that overshoots, shows within them); inside the step the value is
+    clipped to [0, 1]. A callable that cannot run outside a trace is left to
+    fail, if it does, where the transform calls it.
     """
-    try:
-        v = np.asarray(fn(jnp.asarray(0, jnp.int32)), np.float64)
-    except Exception:  # noqa: BLE001 - the transform reports its own errors later
-        return
-    if v.shape == () and not 0.0 <= float(v) <= 1.0:
-        raise ValueError(
-            f"sparsity(step) must return a fraction in [0, 1], got {float(v)} at step 0. "
-            "Fix: return e.g. 0.9 for 90% sparsity, not 90."
-        )
+    for step in (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000):
+        try:
+            v = np.asarray(fn(jnp.asarray(step, jnp.int32)), np.float64)
+        except Exception:  # noqa: BLE001 - the transform reports its own errors later
+            return
+        if v.shape == () and not 0.0 <= float(v) <= 1.0:
+            raise ValueError(
+                f"sparsity(step) must return a fraction in [0, 1], got {float(v)} at step "
+                f"{step}. Fix: return e.g. 0.9 for 90% sparsity, not 90."
+            )

@@ -1,6 +1,7 @@
 """Schedules against their formulas (Zhu & Gupta 2017) and their errors."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -98,3 +99,12 @@ def test_steps_past_the_int32_counter_are_rejected():
 def test_callable_sparsity_outside_0_1_is_rejected_when_built(value):
     with pytest.raises(ValueError, match=r"sparsity\(step\) must return a fraction in \[0, 1\]"):
         jp.prune(optax.sgd(0.1), sparsity=lambda step: value + 0.0 * step)
+
+
+def test_callable_sparsity_checked_beyond_step_0():
+    # A schedule in percent starts in range at step 0 and leaves it later.
+    with pytest.raises(ValueError, match=r"got 9.0 at step 1\. Fix"):
+        jp.prune(optax.sgd(0.1), sparsity=optax.linear_schedule(0.0, 90.0, 10))
+    with pytest.raises(ValueError, match=r"got 1.5 at step 100000\."):
+        jp.prune(optax.sgd(0.1), sparsity=lambda step: jnp.where(step > 50_000, 1.5, 0.5))
+    jp.prune(optax.sgd(0.1), sparsity=optax.linear_schedule(0.0, 0.9, 10))  # in range
