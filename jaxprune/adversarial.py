@@ -102,8 +102,12 @@ def _project(z: jax.Array, x: jax.Array, eps: Any, bounds: tuple[float, float]) 
     """
     lo, hi = bounds
     dt = x.dtype
-    if not jnp.issubdtype(dt, jnp.floating) or jnp.finfo(dt).bits >= 32:
+    if not jnp.issubdtype(dt, jnp.floating) or jnp.finfo(dt).bits > 32:
         return jnp.clip(jnp.clip(z, x - eps, x + eps), lo, hi)
+    if jnp.finfo(dt).bits == 32:
+        e_hi, e_lo = _split_eps(eps)
+        p = jnp.clip(jnp.clip(z, x - e_hi, x + e_hi), lo, hi)
+        return jnp.where(_beyond(p, x, e_hi, e_lo), jnp.nextafter(p, x), p)
     xf = x.astype(jnp.float32)
     q = jnp.clip(jnp.clip(z.astype(jnp.float32), xf - eps, xf + eps), lo, hi)
     p = q.astype(dt)
@@ -111,6 +115,35 @@ def _project(z: jax.Array, x: jax.Array, eps: Any, bounds: tuple[float, float]) 
     outward = dev > jnp.maximum(jnp.abs(q - xf), eps)
     p = jnp.where(outward, jnp.nextafter(p, x), p)
     return jnp.clip(p, jnp.asarray(lo, dt), jnp.asarray(hi, dt))
+
+
+def _split_eps(eps: Any) -> tuple[Any, Any]:
+    """Returns ``(e_hi, e_lo)``: the largest float32 ``<= eps`` and the rest, ``eps - e_hi``.
+
+    A traced ``eps`` is a float32 already (its rest is 0). Rounding a Python
+    ``eps`` to the nearest float32 can round it up (0.3 -> 0.30000001), which
+    would widen the ball; rounding down never does.
+    """
+    if isinstance(eps, jax.core.Tracer) or isinstance(eps, jax.Array):
+        return jnp.asarray(eps, jnp.float32), jnp.float32(0)
+    e_hi = np.float32(eps)
+    if float(e_hi) > float(eps):
+        e_hi = np.nextafter(e_hi, np.float32(0))
+    return e_hi, np.float32(float(eps) - float(e_hi))
+
+
+def _beyond(p: jax.Array, x: jax.Array, e_hi: Any, e_lo: Any) -> jax.Array:
+    """Returns where ``|p - x| > e_hi + e_lo`` in exact arithmetic, for float32 ``p``, ``x``.
+
+    ``x +- e_hi`` rounds to the nearest float32, at most half an ulp of the
+    result past the ball, which one ``nextafter`` toward ``x`` undoes. The
+    difference is formed exactly (Knuth's two-sum: ``p - x = d + e``); where it
+    matters ``|d|`` is within an ulp of ``e_hi``, so ``|d| - e_hi`` is exact.
+    """
+    d = p - x
+    b = d - p
+    e = (p - (d - b)) + (-x - b)
+    return (jnp.abs(d) - e_hi) + (jnp.sign(d) * e - e_lo) > 0
 
 
 def pgd(

@@ -306,3 +306,21 @@ def test_inputs_outside_bounds_are_refused_not_clipped(key):
         lambda z: jnp.sum(z, axis=1), xn, eps=0.03, step_size=0.01, steps=2, bounds=(lo, hi)
     )
     assert float(jnp.max(jnp.abs(adv - xn))) <= 0.03 + 1e-6
+
+
+@pytest.mark.parametrize("eps", [0.03, 0.1, 0.3, 8 / 255])
+def test_float32_attacks_stay_in_the_exact_eps_ball(eps):
+    # x +- eps rounds in float32, and float32(0.3) > 0.3: checked in float64.
+    x = jax.random.uniform(jax.random.key(0), (4000,))
+    adv = adversarial.fgsm(lambda z: jnp.sum(jnp.sin(50 * z)), x, eps=eps)
+    pgd = jax.jit(
+        lambda x: adversarial.pgd(
+            lambda z: jnp.sin(50 * z), x, eps=eps, step_size=eps / 3, steps=4, key=jax.random.key(1)
+        )
+    )(x)
+    for a in (adv, pgd):
+        d = np.abs(np.asarray(a, np.float64) - np.asarray(x, np.float64))
+        assert float(d.max()) <= eps
+    # FGSM steps to the sphere wherever the data range allows: the ball is not shrunk.
+    d = np.abs(np.asarray(adv, np.float64) - np.asarray(x, np.float64))
+    assert float(np.mean(d > 0.999 * eps)) > 0.5
