@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -74,6 +76,33 @@ def _record(records: dict[str, Captured], name: str, x: Any, out: Any) -> None:
         records[name] = Captured(_join(prev.inputs, x), _join(prev.outputs, out))
 
 
+def _first_input_name(fn: Callable[..., Any]) -> str | None:
+    """Returns the name of ``fn``'s first parameter after ``self`` (``"inputs"`` for flax)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    if params and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        return params[0].name
+    return None
+
+
+def _call_input(name: str, first: str | None, args: tuple, kwargs: dict) -> Any:
+    """Returns the input of a module call: its first positional argument, or the keyword."""
+    if args:
+        return args[0]
+    if first is not None and first in kwargs:
+        return kwargs[first]
+    if len(kwargs) == 1:
+        return next(iter(kwargs.values()))
+    raise ValueError(
+        f"capture_nnx: module {name!r} was called with no positional argument and keywords "
+        f"{sorted(kwargs)}, none of which is its input {first!r}, so its input cannot be "
+        "recorded. Fix: pass the module's input positionally (layer(x)) or by its parameter "
+        "name (layer(inputs=x) for flax's Linear and Conv)."
+    )
+
+
 def capture_nnx(
     model: nnx.Module, *args: Any, types: tuple[type, ...] = (nnx.Linear, nnx.Conv), **kwargs: Any
 ) -> tuple[Any, dict[str, Captured]]:
@@ -81,8 +110,13 @@ def capture_nnx(
 
     The ``__call__`` of each module class in ``types`` is wrapped for the
     duration of the call (and restored after, also on errors); only instances
-    inside ``model`` are recorded. A module called several times records all
-    its calls, pooled along the batch axis (see :class:`Captured`). Works
+    inside ``model`` are recorded. The input recorded is the call's first
+    positional argument, or its keyword (``layer(inputs=x)``). Each call of a
+    module is recorded once, even when a subclass's ``__call__`` reaches the
+    wrapped parent's through ``super().__call__``: the outermost call of that
+    instance, its output after the subclass's own work. A module called
+    several times records all its calls, pooled along the batch axis (see
+    :class:`Captured`). Works
     under ``jax.jit``/``nnx.jit`` when the captures are returned from the
     jitted function.
 
@@ -104,12 +138,26 @@ def capture_nnx(
         if id(m) in targets and type(m) not in classes:
             classes.append(type(m))
     saved = [(cls, cls.__dict__.get("__call__")) for cls in classes]
+    # Ids of the modules whose call is running: a subclass's ``__call__`` that
+    # calls ``super().__call__`` (both wrapped) records only the outer call.
+    active: set[int] = set()
 
     def wrap(original):
-        def call(self, x, *a, **kw):
-            out = original(self, x, *a, **kw)
+        first = _first_input_name(original)
+
+        @functools.wraps(original)  # a subclass wrapped over this wrapper sees the signature
+        def call(self, *a, **kw):
+            if id(self) in active:
+                return original(self, *a, **kw)
+            active.add(id(self))
+            try:
+                out = original(self, *a, **kw)
+            finally:
+                active.discard(id(self))
             if id(self) in targets:
-                _record(records, targets[id(self)], x, out)
+                _record(
+                    records, targets[id(self)], _call_input(targets[id(self)], first, a, kw), out
+                )
             return out
 
         return call
@@ -180,6 +228,13 @@ def input_norms(
     ``captures``, combined as ``sqrt(sum of squares)``. Leaves with no capture
     get ``1.0``. The result feeds ``jp.criteria.wanda(params, norms)``.
 
+    Raises:
+      ValueError: ``captures`` is empty; no captured module owns a kernel of
+        ``params`` (e.g. linen's full variables passed instead of
+        ``variables["params"]``: every leaf would get ``1.0`` and Wanda would
+        silently be magnitude pruning); or a module is missing from some of
+        the batches.
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> from flax import nnx
@@ -195,11 +250,48 @@ def input_norms(
       Models", 2023. https://arxiv.org/abs/2306.11695
     """
     batches = [captures] if isinstance(captures, dict) else list(captures)
+    if not batches:
+        raise ValueError(
+            "input_norms got captures=[] (no calibration batch). Fix: pass the captures of "
+            "at least one batch, e.g. capture_nnx(model, x)[1]."
+        )
+    for i, b in enumerate(batches):
+        if not isinstance(b, dict):
+            raise ValueError(
+                f"captures[{i}] must be a dict {{module path: Captured}}, got "
+                f"{type(b).__name__}. Fix: pass what capture_nnx/capture_linen return "
+                "(their second result), one dict per batch."
+            )
     flat, treedef = leaves_with_paths(params)
+    owners = {_kernel_owner(path, leaf) for path, leaf in flat} - {None}
+    captured = set().union(*batches)
+    if owners and not owners & captured:
+        hint = ""
+        if any(path and path[0] == "params" for path, _ in flat):
+            hint = (
+                ' These params start with "params/": for linen pass variables["params"], '
+                "not the whole variables."
+            )
+        raise ValueError(
+            f"input_norms: no captured module owns a kernel of params (every norm would be "
+            f"1.0): the captures are {sorted(captured)}, the kernels' modules "
+            f"{sorted(owners)}.{hint} Fix: pass the "
+            "params tree of the captured model (its module paths are the captures' keys), "
+            'e.g. variables["params"] for linen or nnx.state(model, nnx.Param) for nnx.'
+        )
+    for owner in sorted(owners & captured):
+        missing = [i for i, b in enumerate(batches) if owner not in b]
+        if missing:
+            raise ValueError(
+                f"input_norms: module {owner!r} is captured in some batches but not in "
+                f"batches {missing} (of {len(batches)}), so its norms would cover only part of "
+                "the calibration data. Fix: capture every batch with the same model and types "
+                "(a module skipped on some inputs cannot be calibrated this way)."
+            )
     out = []
     for path, leaf in flat:
         owner = _kernel_owner(path, leaf)
-        if owner is None or owner not in batches[0]:
+        if owner is None or owner not in captured:
             out.append(jnp.float32(1.0))
             continue
         sq = sum(

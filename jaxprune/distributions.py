@@ -103,6 +103,16 @@ def erk(
     return _tree_like(params, values)
 
 
+def _as_float(v: Any) -> float:
+    """Returns ``v`` as a float; ``nan`` (so range checks fail) for non-numbers."""
+    if isinstance(v, (str, bytes, bool)) or v is None:
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def explicit(mapping: Mapping[str, float], default: float | None = None) -> Distribution:
     """Returns a distribution giving each leaf the sparsity named for its path.
 
@@ -117,8 +127,11 @@ def explicit(mapping: Mapping[str, float], default: float | None = None) -> Dist
       ``sparsity`` argument is ignored (the mapping is the distribution).
 
     Raises:
-      ValueError: a value is outside ``[0, 1]``, or (when called) a key names
-        no leaf or a prunable leaf has no entry and no ``default``.
+      ValueError: a value is not a number in ``[0, 1]``, or (when called) a key
+        names no leaf, names a leaf that ``where`` does not make prunable with
+        a non-zero sparsity (no selection would prune it: the distribution
+        gives such leaves ``0.0``), or a prunable leaf has no entry and no
+        ``default``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -126,11 +139,17 @@ def explicit(mapping: Mapping[str, float], default: float | None = None) -> Dist
       >>> d({"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}, None)
       {'a': 0.9, 'b': 0.5}
     """
+    if not isinstance(mapping, Mapping):
+        raise ValueError(
+            f"explicit takes a mapping {{path: sparsity}}, got {type(mapping).__name__}. Fix: "
+            'e.g. explicit({"layers/0/kernel": 0.9}).'
+        )
     for k, v in list(mapping.items()) + ([("default", default)] if default is not None else []):
-        if not 0.0 <= float(v) <= 1.0:
+        if not 0.0 <= _as_float(v) <= 1.0:
             raise ValueError(
                 f"explicit sparsity for {k!r} must be in [0, 1], got {v!r}. Fix: e.g. 0.9 "
                 "to prune 90% of that leaf."
+                + (" (leave the path out of the mapping to use the default)" if v is None else "")
             )
     table = dict(mapping)
 
@@ -145,8 +164,18 @@ def explicit(mapping: Mapping[str, float], default: float | None = None) -> Dist
                 f"explicit sparsities name no leaf: {unknown}; the leaves are {names}. Fix: use "
                 "the paths jp.path_str prints."
             )
+        not_prunable = sorted(
+            name for name, f in zip(names, flags, strict=True) if not f and table.get(name, 0.0)
+        )
+        if not_prunable:
+            raise ValueError(
+                f"explicit sparsities name leaves that are not prunable: {not_prunable} (the "
+                "`where` predicate, by default floating leaves with ndim >= 2, leaves them out, "
+                "so no selection would prune them). Fix: drop them from the mapping, or pass a "
+                "`where` that selects them."
+            )
         values = []
-        for name, f in zip(names, flags, strict=False):
+        for name, f in zip(names, flags, strict=True):
             if name in table:
                 values.append(table[name])
             elif not f:

@@ -14,10 +14,13 @@ unit) is a column here, and N:M groups run along the input axis.
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxprune import criteria as _criteria
@@ -47,16 +50,85 @@ def _everything(path: Any, x: Any) -> bool:
     return True
 
 
-def _check(sparsity: float, nm: tuple[int, int] | None, kernel_in: int) -> None:
-    if nm is not None:
-        n, m = nm
-        if not (0 < n <= m) or kernel_in % m:
-            raise ValueError(
-                f"nm must be (n, m) with 0 < n <= m and m dividing the input size {kernel_in}, "
-                f"got nm={nm!r}. Fix: e.g. nm=(2, 4) for 2:4 sparsity."
-            )
-    elif not 0.0 <= sparsity <= 1.0:
+def _check_sparsity(sparsity: Any) -> None:
+    if isinstance(sparsity, (str, bytes, bool, np.bool_)) or isinstance(sparsity, jax.core.Tracer):
+        v = None
+    else:
+        try:
+            v = float(sparsity)
+        except (TypeError, ValueError):
+            v = None
+    if v is None:
+        raise ValueError(
+            f"sparsity must be in [0, 1] (a concrete number, the fraction to prune), got "
+            f"{sparsity!r}. Fix: e.g. sparsity=0.5."
+        )
+    if not 0.0 <= v <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}. Fix: e.g. sparsity=0.5.")
+
+
+_NOTHING_PRUNED = "nothing is pruned"
+
+
+def _check_nm(nm: Any, stacklevel: int = 3) -> None:
+    """Checks that ``nm`` is ``(n, m)`` with ints ``0 < n <= m``; warns when ``n == m``."""
+    try:
+        n, m = nm
+    except (TypeError, ValueError):
+        n = m = None
+    if as_int(n) is None or as_int(m) is None or not 0 < n <= m:
+        raise ValueError(
+            f"nm must be a pair of ints (n, m) with 0 < n <= m (keep n of every m consecutive "
+            f"inputs), got nm={nm!r}. Fix: e.g. nm=(2, 4) for 2:4 sparsity."
+        )
+    if n == m:
+        # As jp.masks.nm, n == m is allowed (it keeps every group whole), but here
+        # nm is the whole pruning request, so say that it prunes nothing.
+        warnings.warn(
+            f"nm={tuple(nm)!r} keeps n={n} of every m={m} inputs: {_NOTHING_PRUNED}. "
+            "Fix: use n < m, e.g. nm=(2, 4).",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def _check_nm_divides(nm: tuple[int, int], kernel_shape: tuple[int, ...], what: str) -> None:
+    m = nm[1]
+    if kernel_shape[0] % m:
+        raise ValueError(
+            f"nm must be (n, m) with the group size m dividing the input size "
+            f"{kernel_shape[0]} of {what} (shape {tuple(kernel_shape)}), got nm={tuple(nm)!r} "
+            f"(m={m}). Fix: choose an m dividing {kernel_shape[0]}, e.g. nm=(2, 4) when it is "
+            "a multiple of 4."
+        )
+
+
+def _check_kernel(kernel: Any, name: str = "kernel") -> None:
+    if jnp.ndim(kernel) != 2:
+        raise ValueError(
+            f"{name} must be a 2-D [in, out] kernel, got shape {jnp.shape(kernel)}. Fix: pass "
+            "a Linear/Dense layer's kernel (reshape others to [in, out] first)."
+        )
+
+
+def _check(sparsity: float, nm: tuple[int, int] | None, kernel_shape: tuple[int, ...]) -> None:
+    """Validates ``sparsity`` (always, even when ``nm`` overrides it) and ``nm``."""
+    _check_sparsity(sparsity)
+    if nm is not None:
+        _check_nm(nm, stacklevel=4)  # the caller of magnitude_prune/wanda_prune/sparsegpt
+        _check_nm_divides(nm, kernel_shape, "the kernel")
+
+
+def _check_dampening(dampening: Any) -> None:
+    try:
+        v = None if isinstance(dampening, (str, bytes, bool)) else float(dampening)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or not math.isfinite(v) or v <= 0.0:
+        raise ValueError(
+            f"dampening must be a finite number > 0 (lambda as a fraction of the mean diagonal "
+            f"of H), got {dampening!r}. Fix: use the paper's 0.01."
+        )
 
 
 def _check_group(group: str) -> None:
@@ -105,7 +177,8 @@ def magnitude_prune(
       Han et al., "Learning both Weights and Connections", 2015.
       https://arxiv.org/abs/1506.02626
     """
-    _check(sparsity, nm, kernel.shape[0])
+    _check_kernel(kernel)
+    _check(sparsity, nm, jnp.shape(kernel))
     _check_group(group)
     keep = _keep(jnp.abs(kernel).astype(jnp.float32), sparsity, nm, group)
     return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype))
@@ -139,7 +212,8 @@ def wanda_prune(
       Sun et al., "A Simple and Effective Pruning Approach for Large Language
       Models", 2023. https://arxiv.org/abs/2306.11695
     """
-    _check(sparsity, nm, kernel.shape[0])
+    _check_kernel(kernel)
+    _check(sparsity, nm, jnp.shape(kernel))
     _check_group(group)
     scores = _criteria.wanda({"k": kernel}, {"k": input_norms})["k"]
     keep = _keep(scores, sparsity, nm, group)
@@ -256,7 +330,12 @@ def sparsegpt(
       blocksize: columns per lazy-update block (128 in the paper); the last block
         holds the remainder when it does not divide the input size. With
         ``nm`` it is rounded down to a multiple of ``m``.
-      dampening: ``lambda`` as a fraction of the mean diagonal of ``H``.
+      dampening: ``lambda`` as a fraction of the mean diagonal of ``H``: a
+        finite number ``> 0`` (0.01 in the paper).
+
+    Raises:
+      ValueError: ``kernel`` not 2-D, ``hessian`` not ``[in, in]``, or invalid
+        ``sparsity``, ``nm``, ``blocksize`` or ``dampening``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -271,8 +350,10 @@ def sparsegpt(
       Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately
       Pruned in One-Shot", 2023. https://arxiv.org/abs/2301.00774
     """
-    _check(sparsity, nm, kernel.shape[0])
-    if hessian.shape != (kernel.shape[0],) * 2:
+    _check_kernel(kernel)
+    _check(sparsity, nm, jnp.shape(kernel))
+    _check_dampening(dampening)
+    if jnp.shape(hessian) != (kernel.shape[0],) * 2:
         raise ValueError(
             f"hessian must be [in, in] = {(kernel.shape[0],) * 2} for a kernel of shape "
             f"{kernel.shape}, got {hessian.shape}. Fix: accumulate X^T X of the layer's inputs."
@@ -282,7 +363,7 @@ def sparsegpt(
         kernel.T.astype(jnp.float32),
         hessian.astype(jnp.float32),
         sparsity=float(sparsity),
-        nm=tuple(nm) if nm else None,
+        nm=None if nm is None else (int(nm[0]), int(nm[1])),
         blocksize=size,
         dampening=float(dampening),
     )
@@ -290,10 +371,59 @@ def sparsegpt(
 
 
 def reconstruction_error(kernel: jax.Array, pruned: jax.Array, hessian: jax.Array) -> jax.Array:
-    """Returns ``||X (W - W')||^2 / ||X W||^2`` computed from ``H = X^T X``."""
+    """Returns ``||X (W - W')||^2 / ||X W||^2`` computed from ``H = X^T X``.
+
+    ``0`` when both are zero (e.g. a layer whose inputs are all zero after an
+    earlier layer was pruned away), ``inf`` when only the reference is.
+    """
     delta = (kernel - pruned).astype(jnp.float32)
     w = kernel.astype(jnp.float32)
-    return jnp.sum(delta * (hessian @ delta)) / jnp.sum(w * (hessian @ w))
+    num = jnp.sum(delta * (hessian @ delta))
+    den = jnp.sum(w * (hessian @ w))
+    safe = jnp.where(den > 0, den, 1.0)
+    return jnp.where(den > 0, num / safe, jnp.where(num > 0, jnp.inf, 0.0))
+
+
+def _vocab_and_max_len(model: Any) -> tuple[int | None, int | None]:
+    """Returns the model's vocabulary size and longest sequence, where it says them."""
+    vocab = as_int(getattr(model, "vocab", None))
+    if vocab is None:
+        vocab = as_int(getattr(getattr(model, "embed", None), "num_embeddings", None))
+    max_len = as_int(getattr(model, "max_len", None))
+    return vocab, max_len
+
+
+def _check_tokens(model: Any, tokens: Any, name: str) -> jax.Array:
+    """Returns ``tokens`` as an array, checked to be int ``[samples, time]`` the model reads."""
+    if not isinstance(tokens, jax.Array):
+        tokens = jnp.asarray(tokens)
+    shape = jnp.shape(tokens)
+    if len(shape) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(
+            f"{name} must be int tokens [samples, time], got shape {shape} and dtype "
+            f"{tokens.dtype}. Fix: batch the sequences, e.g. {name}[None] for one sequence, "
+            "and pass integer token ids."
+        )
+    if shape[0] < 1 or shape[1] < 1:
+        raise ValueError(
+            f"{name} must hold at least one sample of at least one token, got shape {shape}. "
+            "Fix: pass a non-empty [samples, time] token array."
+        )
+    vocab, max_len = _vocab_and_max_len(model)
+    if max_len is not None and shape[1] > max_len:
+        raise ValueError(
+            f"{name} has {shape[1]} tokens per sample, more than the model's max_len={max_len} "
+            f"(its position embeddings). Fix: cut the sequences, e.g. {name}[:, :{max_len}]."
+        )
+    if vocab is not None and not isinstance(tokens, jax.core.Tracer):
+        lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(
+                f"{name} holds token ids in [{lo}, {hi}], outside the model's vocabulary "
+                f"[0, {vocab - 1}] (the embedding would return NaN for them). Fix: tokenize "
+                "with the model's own vocabulary."
+            )
+    return tokens
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -335,16 +465,27 @@ def prune_decoder(
         :class:`jaxprune.models_llm.GPT`). Not modified.
       calibration: int tokens ``[samples, time]``.
       method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
-      sparsity: fraction of each layer to prune (unstructured).
-      nm: ``(n, m)``: keep ``n`` of every ``m`` consecutive inputs instead.
-      batch_size: calibration samples per forward pass.
-      blocksize, dampening: SparseGPT's (see :func:`sparsegpt`).
+      sparsity: fraction of each layer to prune (unstructured), in ``[0, 1]``;
+        validated but not used when ``nm`` is given.
+      nm: ``(n, m)``, ints ``0 < n <= m``: keep ``n`` of every ``m`` consecutive
+        inputs instead.
+      batch_size: calibration samples per forward pass (a positive int).
+      blocksize, dampening: SparseGPT's (see :func:`sparsegpt`); validated for
+        every method.
       group: comparison group of magnitude and Wanda, ``"layer"`` or
         ``"output"`` (see :func:`magnitude_prune`); ``None`` takes each paper's
         (magnitude: layer, Wanda: output). SparseGPT ranks within each block.
 
     Raises:
-      ValueError: unknown ``method`` or ``group``, or invalid ``sparsity``/``nm``.
+      ValueError: unknown ``method`` or ``group``; invalid ``sparsity``, ``nm``
+        (``m`` must divide every layer's input size), ``batch_size``,
+        ``blocksize`` or ``dampening``; ``calibration`` not non-empty int
+        ``[samples, time]``, longer than the model's ``max_len`` or (when
+        concrete) holding ids outside its vocabulary; a layer's inputs or
+        pruned kernel not finite.
+
+    Warns:
+      UserWarning: ``nm=(m, m)``, which prunes nothing.
 
     References:
       Frantar & Alistarh 2023, https://arxiv.org/abs/2301.00774; Sun et al. 2023,
@@ -354,9 +495,23 @@ def prune_decoder(
         raise ValueError(
             f"method must be one of {METHODS}, got {method!r}. Fix: method='sparsegpt'."
         )
-    _check(sparsity, None if nm is None else nm, nm[1] if nm else 1)
+    _check_sparsity(sparsity)
+    if nm is not None:
+        _check_nm(nm)
+        for b, block in enumerate(model.blocks):
+            for name in block.LINEARS:
+                shape = jnp.shape(getattr(block, name).kernel.get_value())
+                _check_nm_divides(nm, shape, f"layer 'blocks/{b}/{name}'")
     if group is not None:
         _check_group(group)
+    if as_int(batch_size) is None or batch_size < 1:
+        raise ValueError(
+            f"batch_size must be a positive int (calibration samples per forward pass), got "
+            f"{batch_size!r}. Fix: e.g. batch_size=8."
+        )
+    _block_size(1, blocksize, None)  # validates blocksize
+    _check_dampening(dampening)
+    calibration = _check_tokens(model, calibration, "calibration")
     grp = group or _DEFAULT_GROUP.get(method, "layer")
     model = nnx.clone(model)
     hs = [
@@ -372,21 +527,35 @@ def prune_decoder(
                 part, n = _tap_hessian(graphdef, state, h, name)
                 hess, tokens = hess + part, tokens + n
             hess = hess / tokens
+            if not bool(jnp.all(jnp.isfinite(hess))):
+                raise ValueError(
+                    f"the inputs of layer 'blocks/{b}/{name}' are not finite (NaN or inf in "
+                    "its calibration Hessian). Fix: check the model's weights and the "
+                    "calibration tokens (in range for the embedding)."
+                )
             layer = getattr(block, name)
             kernel = layer.kernel.get_value()
-            if method == "magnitude":
-                new = magnitude_prune(kernel, sparsity=sparsity, nm=nm, group=grp)
-            elif method == "wanda":
-                norms = jnp.sqrt(jnp.diag(hess))
-                new = wanda_prune(kernel, norms, sparsity=sparsity, nm=nm, group=grp)
-            else:
-                new = sparsegpt(
-                    kernel,
-                    hess,
-                    sparsity=sparsity,
-                    nm=nm,
-                    blocksize=blocksize,
-                    dampening=dampening,
+            with warnings.catch_warnings():  # nm=(m, m) was warned about once, above
+                warnings.filterwarnings("ignore", f"nm=.*{_NOTHING_PRUNED}", UserWarning)
+                if method == "magnitude":
+                    new = magnitude_prune(kernel, sparsity=sparsity, nm=nm, group=grp)
+                elif method == "wanda":
+                    norms = jnp.sqrt(jnp.diag(hess))
+                    new = wanda_prune(kernel, norms, sparsity=sparsity, nm=nm, group=grp)
+                else:
+                    new = sparsegpt(
+                        kernel,
+                        hess,
+                        sparsity=sparsity,
+                        nm=nm,
+                        blocksize=blocksize,
+                        dampening=dampening,
+                    )
+            if not bool(jnp.all(jnp.isfinite(new))):
+                raise ValueError(
+                    f"{method} made the kernel of layer 'blocks/{b}/{name}' non-finite (the "
+                    "damped Hessian is too ill-conditioned for its Cholesky factor). Fix: raise "
+                    f"dampening (now {dampening}), e.g. to 0.1, or use more calibration tokens."
                 )
             errors[f"blocks/{b}/{name}/kernel"] = float(reconstruction_error(kernel, new, hess))
             layer.kernel.set_value(new)
@@ -404,7 +573,23 @@ def _nll(graphdef, state, tokens):
 
 
 def perplexity(model: Any, tokens: jax.Array, *, batch_size: int = 32) -> float:
-    """Returns ``exp(mean next-token cross-entropy)`` of ``model`` on ``tokens`` ``[n, time]``."""
+    """Returns ``exp(mean next-token cross-entropy)`` of ``model`` on ``tokens`` ``[n, time]``.
+
+    Raises:
+      ValueError: ``batch_size`` not a positive int; ``tokens`` not int
+        ``[n, time]`` with ``n >= 1`` and ``time >= 2``, longer than the
+        model's ``max_len`` or holding ids outside its vocabulary.
+    """
+    if as_int(batch_size) is None or batch_size < 1:
+        raise ValueError(
+            f"batch_size must be a positive int, got {batch_size!r}. Fix: e.g. batch_size=32."
+        )
+    tokens = _check_tokens(model, tokens, "tokens")
+    if tokens.shape[1] < 2:
+        raise ValueError(
+            f"tokens must have at least 2 tokens per sample (one to read, one to predict), "
+            f"got shape {tokens.shape}. Fix: pass longer sequences."
+        )
     graphdef, state = nnx.split(model)
     total, count = 0.0, 0
     for i in range(0, tokens.shape[0], batch_size):

@@ -74,6 +74,7 @@ class GPT(nnx.Module):
     def __init__(
         self, *, vocab: int, dim: int, depth: int, heads: int, max_len: int, rngs: nnx.Rngs
     ):
+        self.vocab, self.max_len = vocab, max_len
         self.embed = nnx.Embed(vocab, dim, rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, dim)))
         self.blocks = nnx.List([Block(dim, heads, rngs=rngs) for _ in range(depth)])
@@ -81,7 +82,32 @@ class GPT(nnx.Module):
         self.head = nnx.Linear(dim, vocab, rngs=rngs)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        """Returns the input of the first block for ``tokens`` ``[batch, time]``."""
+        """Returns the input of the first block for ``tokens`` ``[batch, time]``.
+
+        Raises:
+          ValueError: ``tokens`` not ``[batch, time]``, ``time`` above
+            ``max_len``, or (when concrete) ids outside ``[0, vocab)``, for
+            which the embedding would return NaN.
+        """
+        if jnp.ndim(tokens) != 2:
+            raise ValueError(
+                f"tokens must be [batch, time], got shape {jnp.shape(tokens)}. Fix: add the "
+                "batch axis, e.g. tokens[None] for one sequence."
+            )
+        if tokens.shape[1] > self.max_len:
+            raise ValueError(
+                f"tokens has {tokens.shape[1]} positions, more than max_len={self.max_len}. "
+                f"Fix: cut the sequences to tokens[:, :{self.max_len}] or build the model with "
+                "a larger max_len."
+            )
+        if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+            lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+            if lo < 0 or hi >= self.vocab:
+                raise ValueError(
+                    f"tokens holds ids in [{lo}, {hi}], outside the vocabulary [0, "
+                    f"{self.vocab - 1}] (the embedding would return NaN). Fix: tokenize with "
+                    f"this model's vocabulary of {self.vocab}."
+                )
         return self.embed(tokens) + self.pos[: tokens.shape[1]]
 
     def __call__(self, tokens: jax.Array) -> jax.Array:

@@ -102,3 +102,87 @@ def test_activation_criterion_inside_prune_gets_the_captures_by_name():
     m = np.asarray(jp.get_masks(state)["layers"][0]["kernel"])
     alive = np.asarray(jp.activations.apoz(caps)["layers/0"])
     assert (~m).sum() == 12 and alive[~m.all(axis=0)].max() <= alive[m.all(axis=0)].min()
+
+
+class _DoubledLinear(nnx.Linear):
+    def __call__(self, x):
+        return super().__call__(x) * 2.0
+
+
+class _SubclassNet(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Linear(4, 4, rngs=rngs)
+        self.b = _DoubledLinear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(self.a(inputs=x))  # a keyword input, as flax names it
+
+
+def test_capture_nnx_records_a_subclass_call_once_and_keyword_inputs():
+    model = _SubclassNet(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (5, 4))
+    y, caps = jp.activations.capture_nnx(model, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(model(x)), rtol=1e-6)
+    # One record per call: batch 5, not 10 (the subclass's and the parent's call).
+    assert caps["a"].inputs.shape == (5, 4) and caps["a"].outputs.shape == (5, 4)
+    assert caps["b"].inputs.shape == (5, 4) and caps["b"].outputs.shape == (5, 3)
+    np.testing.assert_allclose(np.asarray(caps["a"].inputs), np.asarray(x))
+    # The outermost call's output: after the subclass's own doubling.
+    np.testing.assert_allclose(np.asarray(caps["b"].outputs), np.asarray(y), rtol=1e-6)
+    assert "__call__" not in nnx.Linear.__dict__ or nnx.Linear.__call__.__name__ == "__call__"
+    assert _DoubledLinear.__call__.__qualname__ == "_DoubledLinear.__call__"
+    _, jcaps = nnx.jit(lambda m, x: jp.activations.capture_nnx(m, x))(model, x)
+    assert jcaps["b"].inputs.shape == (5, 4)
+
+
+def test_input_norms_refuses_captures_that_match_no_kernel():
+    m = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+    x = jax.random.normal(jax.random.key(1), (7, 4))
+    v = m.init(jax.random.key(0), x)
+    _, caps = jp.activations.capture_linen(m, v, x)
+    with pytest.raises(
+        ValueError, match=r'no captured module owns a kernel.*variables\["params"\]'
+    ):
+        jp.activations.input_norms(v, caps)  # the full variables, not v["params"]
+    with pytest.raises(ValueError, match="no captured module owns a kernel"):
+        jp.activations.input_norms(v["params"], {})
+    with pytest.raises(ValueError, match=r"captures=\[\].*Fix"):
+        jp.activations.input_norms(v["params"], [])
+
+
+def test_input_norms_refuses_a_module_missing_from_some_batches():
+    model = MLP((4, 3, 2), rngs=nnx.Rngs(0))
+    _, caps = jp.activations.capture_nnx(model, jnp.ones((2, 4)))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    part = {k: c for k, c in caps.items() if k != "layers/1"}
+    with pytest.raises(
+        ValueError, match=r"'layers/1' is captured in some batches but not in batches \[0\]"
+    ):
+        jp.activations.input_norms(params, [part, caps])  # was silently 1.0
+    with pytest.raises(
+        ValueError, match=r"'layers/1' is captured in some batches but not in batches \[1\]"
+    ):
+        jp.activations.input_norms(params, [caps, part])  # was a raw KeyError
+    # A module captured in no batch keeps the documented 1.0.
+    n = jp.activations.input_norms(params, [part, part])
+    assert np.asarray(n["layers"][1]["kernel"]).tolist() == 1.0
+
+
+def test_capture_nnx_keyword_input_of_a_subclass_without_its_own_call():
+    class Plain(nnx.Linear):
+        pass
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(4, 4, rngs=rngs)
+            self.p = Plain(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.p(inputs=self.a(x), out_sharding=None)
+
+    model = Net(nnx.Rngs(0))
+    x = jnp.ones((5, 4))
+    y, caps = jp.activations.capture_nnx(model, x)
+    assert caps["p"].inputs.shape == (5, 4)
+    np.testing.assert_allclose(np.asarray(caps["p"].outputs), np.asarray(y), rtol=1e-6)
+    assert "__call__" not in Plain.__dict__

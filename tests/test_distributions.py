@@ -92,3 +92,26 @@ def test_per_output_prunes_the_same_count_in_every_unit():
 def test_distributions_reject_sparsity_outside_0_1(fn, bad):
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\]"):
         fn(PARAMS, bad)
+
+
+def test_explicit_refuses_sparsity_for_a_leaf_that_is_not_prunable():
+    e = jp.distributions.explicit({"fc/kernel": 0.9, "conv/bias": 0.5}, default=0.1)
+    with pytest.raises(ValueError, match=r"not prunable: \['conv/bias'\].*Fix"):
+        e(PARAMS)  # was 0.5 in the distribution, yet the selection pruned none of it
+    with pytest.raises(ValueError, match=r"not prunable: \['conv/bias'\]"):
+        jp.distributions.selection(e)(jax.tree.map(jnp.abs, PARAMS), None)
+    # 0.0 for such a leaf says the same as leaving it out.
+    d = jp.distributions.explicit({"conv/bias": 0.0}, default=0.1)(PARAMS)
+    assert d["conv"]["bias"] == 0.0 and d["fc"]["kernel"] == 0.1
+    # A `where` that selects the leaf makes it prunable, and it is pruned.
+    where = lambda p, x: True  # noqa: E731
+    m = jp.distributions.selection(e)(jax.tree.map(jnp.abs, PARAMS), None, where=where)
+    assert int((~m["conv"]["bias"]).sum()) == 4
+
+
+@pytest.mark.parametrize("bad", [None, "0.5", "x", True, [0.5]])
+def test_explicit_refuses_values_that_are_not_numbers(bad):
+    with pytest.raises(ValueError, match=r"explicit sparsity for 'k' must be in \[0, 1\].*Fix"):
+        jp.distributions.explicit({"k": bad})
+    with pytest.raises(ValueError, match=r"explicit sparsity for 'default' must be in"):
+        jp.distributions.explicit({"k": 0.5}, default=bad if bad is not None else "none")

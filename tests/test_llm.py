@@ -117,3 +117,100 @@ def test_errors_name_the_argument(trained):
         llm.magnitude_prune(jnp.ones((4, 2)), group="rows")
     with pytest.raises(ValueError, match="hessian must be"):
         llm.sparsegpt(jnp.ones((4, 2)), jnp.ones((2, 2)))
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = GPT(vocab=32, dim=32, depth=1, heads=2, max_len=16, rngs=nnx.Rngs(0))
+    calib = jax.random.randint(jax.random.key(0), (8, 16), 0, 32)
+    return model, calib
+
+
+def test_prune_decoder_refuses_bad_calibration(small):
+    model, calib = small
+    with pytest.raises(ValueError, match=r"calibration holds token ids in \[100, 131\].*\[0, 31\]"):
+        llm.prune_decoder(model, calib + 100)  # was: every pruned kernel NaN
+    with pytest.raises(ValueError, match=r"calibration holds token ids in \[-1"):
+        llm.prune_decoder(model, calib.at[0, 0].set(-1), method="wanda")
+    with pytest.raises(ValueError, match=r"calibration must hold at least one sample"):
+        llm.prune_decoder(model, calib[:0])
+    with pytest.raises(ValueError, match=r"calibration has 20 tokens.*max_len=16"):
+        llm.prune_decoder(model, jnp.zeros((4, 20), jnp.int32))
+    with pytest.raises(
+        ValueError, match=r"calibration must be int tokens \[samples, time\].*\(16,\)"
+    ):
+        llm.prune_decoder(model, calib[0])
+    with pytest.raises(ValueError, match=r"calibration must be int tokens.*float32"):
+        llm.prune_decoder(model, calib.astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"tokens holds ids in \[100, 131\]"):
+        model.embed_tokens(calib + 100)
+    with pytest.raises(ValueError, match=r"tokens has 20 positions, more than max_len=16"):
+        model.embed_tokens(jnp.zeros((1, 20), jnp.int32))
+    with pytest.raises(ValueError, match=r"tokens holds token ids in \[100"):
+        llm.perplexity(model, calib + 100)
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan"), float("inf")])
+def test_dampening_must_be_positive_and_finite(small, bad):
+    model, calib = small
+    with pytest.raises(ValueError, match=r"dampening must be a finite number > 0.*Fix"):
+        llm.prune_decoder(model, calib, dampening=bad)
+    with pytest.raises(ValueError, match=r"dampening must be a finite number > 0"):
+        llm.sparsegpt(jnp.ones((4, 2)), jnp.eye(4), dampening=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5])
+def test_batch_size_must_be_a_positive_int(small, bad):
+    model, calib = small
+    with pytest.raises(ValueError, match=rf"batch_size must be a positive int.*got {bad}"):
+        llm.prune_decoder(model, calib, batch_size=bad)
+    with pytest.raises(ValueError, match=rf"batch_size must be a positive int.*got {bad}"):
+        llm.perplexity(model, calib, batch_size=bad)
+
+
+def test_nm_and_sparsity_checks(small):
+    model, calib = small
+    with pytest.raises(ValueError, match=r"0 < n <= m.*got nm=\(3, 2\)") as e:
+        llm.prune_decoder(model, calib, nm=(3, 2))
+    assert "input size" not in str(e.value)  # was "m dividing the input size 2"
+    with pytest.raises(ValueError, match=r"m dividing the input size 32 of layer 'blocks/0/qkv'"):
+        llm.prune_decoder(model, calib, nm=(2, 3))
+    with pytest.raises(ValueError, match=r"nm must be a pair of ints"):
+        llm.prune_decoder(model, calib, nm=4)
+    with pytest.raises(ValueError, match=r"nm must be a pair of ints.*\(2\.5, 4\)"):
+        llm.magnitude_prune(jnp.ones((8, 2)), nm=(2.5, 4))
+    # sparsity is validated even though nm overrides it.
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\], got 1.5"):
+        llm.prune_decoder(model, calib, nm=(2, 4), sparsity=1.5)
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\].*'0.5'"):
+        llm.magnitude_prune(jnp.ones((8, 2)), sparsity="0.5")
+    # n == m is allowed, as jp.masks.nm allows it, but warned about once: it prunes nothing.
+    with pytest.warns(UserWarning, match=r"nm=\(4, 4\).*nothing is pruned") as rec:
+        pruned, errors = llm.prune_decoder(model, calib, nm=(4, 4), method="magnitude")
+    assert len([w for w in rec if "nothing is pruned" in str(w.message)]) == 1
+    assert all(v == 0.0 for v in errors.values())
+    with pytest.warns(UserWarning, match="nothing is pruned"):
+        llm.sparsegpt(jnp.ones((4, 2)), jnp.eye(4), nm=(4, 4))
+
+
+def test_kernels_must_be_2d_and_errors_are_finite():
+    with pytest.raises(ValueError, match=r"kernel must be a 2-D \[in, out\] kernel.*\(16,\)"):
+        llm.sparsegpt(jnp.ones(16), jnp.eye(16))
+    with pytest.raises(ValueError, match=r"kernel must be a 2-D.*\(2, 16, 8\)"):
+        llm.magnitude_prune(jnp.ones((2, 16, 8)))
+    with pytest.raises(ValueError, match=r"kernel must be a 2-D"):
+        llm.wanda_prune(jnp.ones(16), jnp.ones(16))
+    # A layer whose inputs are all zero (an earlier layer pruned away) has error 0, not NaN.
+    assert (
+        float(llm.reconstruction_error(jnp.ones((4, 2)), jnp.zeros((4, 2)), jnp.zeros((4, 4))))
+        == 0.0
+    )
+    assert (
+        float(llm.reconstruction_error(jnp.zeros((4, 2)), jnp.ones((4, 2)), jnp.eye(4))) == np.inf
+    )
+
+
+def test_sparsity_one_gives_finite_errors(small):
+    model, calib = small
+    _, errors = llm.prune_decoder(model, calib, sparsity=1.0)
+    assert all(np.isfinite(v) for v in errors.values()), errors
