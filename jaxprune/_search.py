@@ -12,11 +12,13 @@ converges in a handful of probes on real score distributions (never more than
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 __all__ = ["ordered_keys", "kth_smallest_keys", "select_keys"]
@@ -37,6 +39,59 @@ def ordered_keys(scores: ArrayLike) -> jax.Array:
     # Positive floats: set the sign bit; negative floats: flip every bit.
     sign = jnp.uint32(_SIGN)
     return jnp.where(bits >= sign, ~bits, bits | sign)
+
+
+# Explicit sharding ("sharding in types", the default axis type of
+# ``jax.make_mesh``) types every array with its sharding, and then rejects the
+# reshapes that split a sharded axis into runs (:func:`_split_runs`) and the
+# cumulative sum over the boundary row in :func:`_last_tied` unless their
+# output shardings are spelled out. The searches are written to be
+# sharding-safe already (reductions, never a gather of a whole leaf), so on
+# such arrays they run as they do on an Auto mesh: under
+# ``jax.sharding.auto_axes``, with only the results typed again.
+# https://docs.jax.dev/en/latest/notebooks/explicit-sharding.html
+
+
+def _explicit_axes(tree: Any) -> tuple[Any, tuple[str, ...]] | None:
+    """Returns ``(mesh, names)`` of the Explicit mesh axes typing an array of ``tree``, or None.
+
+    ``None`` (the common case: one device, or a ``Mesh`` with Auto axes)
+    leaves every caller on its unchanged code path.
+    """
+    for x in jax.tree.leaves(tree):
+        if not isinstance(x, jax.Array):  # tracers are jax.Array instances too
+            continue
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+        if mesh is None or not getattr(mesh, "axis_types", None):
+            continue
+        pairs = zip(mesh.axis_names, mesh.axis_types, strict=True)
+        names = tuple(n for n, t in pairs if t == AxisType.Explicit)
+        if names:
+            return mesh, names
+    return None
+
+
+def _replicated(mesh: Any) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _sharding_or_replicated(x: Any, mesh: Any) -> Any:
+    """Returns the sharding in the abstract type ``x``, replicated on ``mesh`` if it has none."""
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and not sharding.mesh.empty:
+        return sharding
+    return _replicated(mesh)
+
+
+def _on_auto_axes(f, axes: tuple[str, ...], out_sharding: Any, *args: Any) -> Any:
+    """Returns ``f(*args)`` run with the mesh ``axes`` Auto, the results typed ``out_sharding``.
+
+    ``jax.sharding.auto_axes`` drops ``axes`` from the inputs' types, so
+    ``f`` is traced as on a ``Mesh`` with Auto axes (XLA's partitioner places
+    its intermediates), and reshards the results to ``out_sharding``. Used
+    only when the inputs carry Explicit axes (:func:`_explicit_axes`).
+    """
+    return jax.sharding.auto_axes(f, axes=axes, out_sharding=out_sharding)(*args)
 
 
 def _chunk(n: int, cap: int = 32) -> int:
@@ -340,6 +395,11 @@ def kth_smallest_keys(
     started from a bracket found on a strided sample when the input is large:
     exact, no sort.
     """
+    found = _explicit_axes(keys)
+    if found is not None:
+        mesh, axes = found
+        out = (_replicated(mesh),) * 3
+        return _on_auto_axes(kth_smallest_keys, axes, out, list(keys), k)
     k = jnp.asarray(k, jnp.int32)
     return _kth_smallest(_Keys(_identity, list(keys), jnp.maximum(k, 0)), k)
 
@@ -368,7 +428,24 @@ def select_keys(fn, src: Any, k: jax.Array) -> list[jax.Array]:
     them and three scalars (threshold, tie boundary, ``k <= 0``), so XLA fuses
     them into whatever consumes them (e.g. :func:`jaxprune.masks.pack`); the searches only
     ever write small partial counts. Not jitted: call it under ``jax.jit``.
+
+    On arrays whose type carries Explicit mesh axes (sharding in types, the
+    default of ``jax.make_mesh``), the search runs with those axes made Auto
+    and the masks come back typed with the keys' shardings; see
+    :func:`_on_auto_axes`.
     """
+    found = _explicit_axes(src)
+    if found is None:
+        return _select_keys(fn, src, k)
+    mesh, axes = found
+    # The keys' types (not jax.eval_shape's, which drops the sharding when the
+    # mesh mixes Explicit and Auto axes); tracing fn here computes nothing.
+    out = [_sharding_or_replicated(a, mesh) for a in jax.make_jaxpr(fn)(src).out_avals]
+    return _on_auto_axes(functools.partial(_select_keys, fn), axes, out, src, k)
+
+
+def _select_keys(fn, src: Any, k: jax.Array) -> list[jax.Array]:
+    """:func:`select_keys` on arrays without Explicit mesh axes."""
     k = jnp.asarray(k, jnp.int32)
     K = _Keys(fn, src, jnp.maximum(k, 0))
     n = K.n

@@ -19,9 +19,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jaxprune._search import _select, kth_smallest_keys, ordered_keys, select_keys
+from jaxprune._search import (
+    _explicit_axes,
+    _on_auto_axes,
+    _select,
+    kth_smallest_keys,
+    ordered_keys,
+    select_keys,
+)
 from jaxprune._tree import Where, check_same_structure, leaves_with_paths, path_str, prunable_flags
 
 __all__ = [
@@ -359,28 +367,73 @@ def _pack_leaf(m: Any) -> Any:
     if m.ndim == 0:
         return m
     shape, axis = tuple(m.shape), _pack_axis(m.shape)
+    found = _explicit_axes(m)
+    if found is not None:
+        # Sharding in types: splitting a sharded axis into bytes is a reshape
+        # that needs its output sharding spelled out (see _packed_sharding).
+        out = _packed_sharding(jax.typeof(m).sharding, shape, axis, found[0])
+        bits = _on_auto_axes(lambda x: _pack_bits(x, axis), found[1], out, m)
+        return PackedMask(bits, shape, axis)
+    return PackedMask(_pack_bits(m, axis), shape, axis)
+
+
+def _pack_bits(m: jax.Array, axis: int | None) -> jax.Array:
+    """Returns the :class:`PackedMask` bits of the bool ``m`` packed along ``axis``."""
+    shape = tuple(m.shape)
     if axis is None:
         flat = m.reshape(-1)
         m = jnp.pad(flat, (0, -flat.size % 8), constant_values=True)
-        axis = None
         split = m.reshape(-1, 8)
         weights = jnp.asarray(_BIT, jnp.uint8)
-        return PackedMask(jnp.sum(split * weights, axis=1, dtype=jnp.uint8), shape, None)
+        return jnp.sum(split * weights, axis=1, dtype=jnp.uint8)
     split = m.reshape(shape[:axis] + (shape[axis] // 8, 8) + shape[axis + 1 :])
     weights = jnp.asarray(_BIT, jnp.uint8).reshape((8,) + (1,) * (m.ndim - axis - 1))
-    return PackedMask(jnp.sum(split * weights, axis=axis + 1, dtype=jnp.uint8), shape, axis)
+    return jnp.sum(split * weights, axis=axis + 1, dtype=jnp.uint8)
+
+
+def _packed_sharding(sharding: Any, shape: tuple[int, ...], axis: int | None, mesh: Any) -> Any:
+    """Returns the sharding of the bits packing a mask of ``shape`` typed with ``sharding``.
+
+    For explicitly sharded masks (arrays typed with Explicit mesh axes, see
+    https://docs.jax.dev/en/latest/notebooks/explicit-sharding.html). The
+    bits keep the mask's partition spec: every other axis as it is, and the
+    packed axis too when its ``shape[axis] / 8`` bytes still divide evenly
+    over its devices (else that axis is replicated). Flattened bits
+    (``axis is None``) are replicated.
+    """
+    if axis is None:
+        return NamedSharding(mesh, PartitionSpec())
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    entry = spec[axis]
+    names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+    if (shape[axis] // 8) % math.prod(mesh.shape[n] for n in names):
+        spec[axis] = None
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def _unpack_leaf(p: Any) -> Any:
     if not isinstance(p, PackedMask):
         return p
-    if p.axis is None:
-        bits = (p.bits[:, None] & jnp.asarray(_BIT, jnp.uint8)) != 0
-        return bits.reshape(-1)[: math.prod(p.shape)].reshape(p.shape)
-    trailing = len(p.shape) - p.axis - 1
+    found = _explicit_axes(p.bits)
+    if found is not None:
+        # The mask keeps the bits' spec (a packed axis sharded over k devices
+        # unpacks to 8x as many entries, still even); flattened bits unpack
+        # replicated.
+        mesh, axes = found
+        spec = jax.typeof(p.bits).sharding.spec if p.axis is not None else PartitionSpec()
+        out = NamedSharding(mesh, spec)
+        return _on_auto_axes(lambda b: _unpack_bits(b, p.shape, p.axis), axes, out, p.bits)
+    return _unpack_bits(p.bits, p.shape, p.axis)
+
+
+def _unpack_bits(bits: jax.Array, shape: tuple[int, ...], axis: int | None) -> jax.Array:
+    """Returns the bool mask of ``shape`` stored in ``bits`` packed along ``axis``."""
+    if axis is None:
+        flat = (bits[:, None] & jnp.asarray(_BIT, jnp.uint8)) != 0
+        return flat.reshape(-1)[: math.prod(shape)].reshape(shape)
+    trailing = len(shape) - axis - 1
     weights = jnp.asarray(_BIT, jnp.uint8).reshape((8,) + (1,) * trailing)
-    bits = (jnp.expand_dims(p.bits, p.axis + 1) & weights) != 0
-    return bits.reshape(p.shape)
+    return ((jnp.expand_dims(bits, axis + 1) & weights) != 0).reshape(shape)
 
 
 def _is_packed(x: Any) -> bool:

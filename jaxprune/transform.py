@@ -19,6 +19,7 @@ import optax
 
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
+from jaxprune._search import _explicit_axes
 from jaxprune._tree import (
     Where,
     check_same_leaves,
@@ -93,9 +94,13 @@ def _initial_masks(params: Any, flags: list[bool]) -> Any:
     for (_, x), f in zip(flat, flags, strict=True):
         if not f:
             leaves.append(jnp.ones((), bool))
-        elif isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        elif isinstance(x, jax.Array) and (
+            not isinstance(x, jax.core.Tracer) or _explicit_axes(x) is not None
+        ):
             # ones_like on a concrete array keeps its sharding; packing is then
-            # an eager op whose output follows the input's layout.
+            # an eager op whose output follows the input's layout. A traced
+            # array with Explicit mesh axes carries its sharding in its type,
+            # which ones_like keeps too (tx.init under jax.jit).
             leaves.append(_masks.pack(jnp.ones_like(x, dtype=bool)))
         else:
             leaves.append(_masks.pack(jnp.ones(jnp.shape(x), bool)))
@@ -129,6 +134,34 @@ def _conform(masks: Any, params: Any, flags: list[bool]) -> Any:
         else:
             out.append(jnp.asarray(m, bool))
     return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
+def _reshard_like(tree: Any, ref: Any) -> Any:
+    """Returns ``tree`` with each leaf retyped to the sharding of ``ref``'s leaf of its shape.
+
+    Only for arrays with Explicit mesh axes (sharding in types, the default of
+    ``jax.make_mesh``), where ``jnp.where(mask, param, 0)`` and the branches
+    of ``lax.cond`` must agree on shardings exactly: masks are typed like the
+    params, and a refresh's packed masks like the state's. Leaves of another
+    shape (a scalar ``True``) and trees of other sizes are left as they are.
+    See https://docs.jax.dev/en/latest/notebooks/explicit-sharding.html.
+    """
+    flat, treedef = jax.tree.flatten(tree)
+    refs = jax.tree.leaves(ref)
+    if len(refs) != len(flat):
+        return tree
+    out = []
+    for x, r in zip(flat, refs, strict=True):
+        if (
+            isinstance(r, jax.Array)
+            and jnp.ndim(r)
+            and jnp.shape(x) == jnp.shape(r)
+            and _explicit_axes(r) is not None
+            and jax.typeof(x).sharding != jax.typeof(r).sharding
+        ):
+            x = jax.sharding.reshard(x, jax.typeof(r).sharding)
+        out.append(x)
+    return jax.tree.unflatten(treedef, out)
 
 
 def _enforce(tree: Any, masks: Any, flags: list[bool], fills: list[Any] | None = None) -> Any:
@@ -283,6 +316,9 @@ def prune(
                 )
         cstate = _criteria.call_with(crit.update, state.criterion_state, params, grads, **extra)
 
+        # Params typed with Explicit mesh axes: masks are retyped like them.
+        explicit = _explicit_axes(params) is not None
+
         def refresh():
             if fused is not None:
                 # Element-wise scores are recomputed where the search reads
@@ -291,17 +327,23 @@ def prune(
                     return _criteria.call_with(criterion, src[0], grads=src[1], **extra)
 
                 masks = _masks.fused_select(fused, score_fn, (params, grads), schedule(step), flags)
+            else:
+                scores = _criteria.call_with(crit.score, cstate, params, grads=grads, **extra)
+                check_same_leaves(scores, params, "the criterion's scores", "params")
+                # The prunable leaves were chosen on the params; `where` is not
+                # asked again about the scores, whose dtypes (float32) may differ.
+                masks = select(scores, schedule(step), where=flagged(params, flags))
+                masks = _conform(masks, params, flags)
+            if not explicit:
                 return _masks.pack(masks)
-            scores = _criteria.call_with(crit.score, cstate, params, grads=grads, **extra)
-            check_same_leaves(scores, params, "the criterion's scores", "params")
-            # The prunable leaves were chosen on the params; `where` is not asked
-            # again about the scores, whose dtypes (float32) may differ.
-            masks = select(scores, schedule(step), where=flagged(params, flags))
-            return _masks.pack(_conform(masks, params, flags))
+            packed = _masks.pack(_reshard_like(masks, params))
+            return _reshard_like(packed, state.packed_masks)
 
         packed = jax.lax.cond(schedule.is_update_step(step), refresh, lambda: state.packed_masks)
         # Unpacking is elementwise and fuses into the two enforcements below.
         masks = _masks.unpack(packed)
+        if explicit:
+            masks = _reshard_like(masks, params)
         updates = _enforce(updates, masks, flags)
         updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         neg_params = [-p for p in jax.tree.leaves(params)]
