@@ -379,7 +379,9 @@ initial `a` (30, keep probability E[pi] = 0.97) were set by hand so that ANP-VS 
 
 **What was tried with the input gates** (seed 0, one run each; PGD-40 on the first 500 test
 images: one accuracy has a standard error of about 2.2 points, so gaps under ~3 points are
-noise). The KL weight sets how much is pruned; at each beta below, AT-kept trained Madry's
+noise; each run below that names a json was written with `--out` set to that json's
+`.md`, e.g. `--out docs/anp_vs_beta40.md`: without it a run rewrites `docs/anp_vs.md`).
+The KL weight sets how much is pruned; at each beta below, AT-kept trained Madry's
 AT at exactly the units ANP-VS kept (`--methods standard,ANP-VS,AT-kept --beta B`, jsons
 `docs/anp_vs_beta40.json`, `docs/anp_vs_beta110.json`, `docs/anp_vs_beta160.json`; beta 80
 is the table). Kept units are conv1/conv2/fc1 inputs/fc1; accuracies in %; the gap is
@@ -657,7 +659,7 @@ def plot_sweep(results: list[dict], path: str | None = None):
 def main():
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="Full run ~20 min on a 2-core CPU; see the module docstring and docs/anp_vs.md.",
+        epilog="Full run ~28 min on a 2-core CPU; see the module docstring and docs/anp_vs.md.",
     )
     p.add_argument(
         "--quick", action="store_true", help="a < 5 min smoke run (1920 images, 100 test images)"

@@ -377,6 +377,12 @@ def _flags(a: dict) -> str:
     return out
 
 
+def _out_flag(png: str) -> str:
+    """``--out`` as typed, when the run was written elsewhere than the default docs page."""
+    stem = os.path.splitext(png)[0]
+    return "" if stem == "structured_training" else f" --out docs/{stem}.md"
+
+
 def _limits_text(a: dict) -> str:
     scope = a.get("scope", "layer")
     text = (
@@ -399,7 +405,7 @@ def render(result: dict, png: str = "structured_training.png") -> str:
     lines = [
         "# Channel pruning during training: accuracy, size and measured speed",
         "",
-        f"`python examples/structured_training.py{_flags(a)}`",
+        f"`python examples/structured_training.py{_flags(a)}{_out_flag(png)}`",
         "",
         "| method | channels removed | test acc (%) | conv widths / hidden | params | bytes "
         "| MACs (batch 1) | MAC reduction | ms (batch 256) | measured speedup |",
