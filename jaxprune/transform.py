@@ -27,6 +27,7 @@ from jaxprune._tree import (
     flagged,
     key_parts,
     leaves_with_paths,
+    path_str,
     prunable_flags,
     unwrap_variables,
 )
@@ -326,7 +327,15 @@ def prune(
                 def score_fn(src):
                     return _criteria.call_with(criterion, src[0], grads=src[1], **extra)
 
-                masks = _masks.fused_select(fused, score_fn, (params, grads), schedule(step), flags)
+                leaf_srcs = None
+                if fused == "layer":
+                    # One (param, grad) pair per leaf: each leaf's search traces
+                    # its own scores only (linear, not quadratic, tracing time).
+                    by_path = {path_str(q): g for q, g in leaves_with_paths(grads)[0]}
+                    leaf_srcs = [(x, by_path[path_str(q)]) for q, x in leaves_with_paths(params)[0]]
+                masks = _masks.fused_select(
+                    fused, score_fn, (params, grads), schedule(step), flags, leaf_srcs=leaf_srcs
+                )
             else:
                 scores = _criteria.call_with(crit.score, cstate, params, grads=grads, **extra)
                 check_same_leaves(scores, params, "the criterion's scores", "params")
