@@ -145,6 +145,15 @@ def as_int(value: Any) -> int | None:
         return None
 
 
+def _path_detail(a: list[str], only_a: str, b: list[str], only_b: str, limit: int) -> list[str]:
+    """Returns ``"<only_a>: ..."`` (paths only in ``a``) and ``"<only_b>: ..."``, when non-empty."""
+    out = []
+    for label, paths in ((only_a, sorted(set(a) - set(b))), (only_b, sorted(set(b) - set(a)))):
+        if paths:
+            out.append(f"{label}: {', '.join(paths[:limit])}")
+    return out
+
+
 def check_same_structure(
     reference: Any, other: Any, *, ref_name: str, other_name: str, fix: str | None = None
 ) -> None:
@@ -156,15 +165,13 @@ def check_same_structure(
     oth_flat, oth_def = leaves_with_paths(other)
     if ref_def == oth_def:
         return
-    ref_paths = {path_str(p) for p, _ in ref_flat}
-    oth_paths = {path_str(p) for p, _ in oth_flat}
-    only_ref = sorted(ref_paths - oth_paths)
-    only_oth = sorted(oth_paths - ref_paths)
-    detail = []
-    if only_ref:
-        detail.append(f"only in {ref_name}: {', '.join(only_ref[:10])}")
-    if only_oth:
-        detail.append(f"only in {other_name}: {', '.join(only_oth[:10])}")
+    detail = _path_detail(
+        [path_str(p) for p, _ in ref_flat],
+        f"only in {ref_name}",
+        [path_str(p) for p, _ in oth_flat],
+        f"only in {other_name}",
+        10,
+    )
     if not detail:
         detail.append(f"same paths but different containers:\n  {ref_def}\nvs\n  {oth_def}")
     if fix is None:
@@ -194,16 +201,8 @@ def check_same_leaves(tree: Any, reference: Any, name: str, ref_name: str) -> No
         return
     paths, ref_paths = [p for p, _ in got], [p for p, _ in want]
     if paths != ref_paths:
-        only = sorted(set(paths) - set(ref_paths))
-        missing = sorted(set(ref_paths) - set(paths))
-        detail = []
-        if missing:
-            detail.append(f"missing in {name}: {', '.join(missing[:8])}")
-        if only:
-            detail.append(f"not in {ref_name}: {', '.join(only[:8])}")
-        if not detail:
-            detail.append("the same paths in a different order")
-        detail = "; ".join(detail)
+        parts = _path_detail(ref_paths, f"missing in {name}", paths, f"not in {ref_name}", 8)
+        detail = "; ".join(parts or ["the same paths in a different order"])
     else:
         bad = [(p, s, r) for (p, s), (_, r) in zip(got, want, strict=True) if s != r]
         detail = "; ".join(f"{p}: {s} vs {r}" for p, s, r in bad[:8])

@@ -252,13 +252,13 @@ def attach(
             "nnx.Linear and nnx.Conv layers)."
         )
     by_name = {path_str(p): (p, m) for p, m in modules if p}
+    layer_names = sorted(n for n, pm in by_name.items() if _is_linear_or_conv(*pm))
     unknown = sorted(n for n in skip if n not in by_name)
     if unknown:
         # A misspelt skip would silently gate the layer meant to stay ungated.
-        layers = sorted(n for n, pm in by_name.items() if _is_linear_or_conv(*pm))
         raise ValueError(
             f"skip names {unknown}, which are not layers of the model; its layers: "
-            f"{layers[:10]}. Fix: name layers by their '/'-joined attribute path, e.g. "
+            f"{layer_names[:10]}. Fix: name layers by their '/'-joined attribute path, e.g. "
             "skip=('fc2',) (not 'fc2/kernel')."
         )
     gate_inputs = set(inputs)
@@ -268,10 +268,9 @@ def attach(
         if n not in by_name or not _is_linear_or_conv(*by_name[n]) or inside_wrapped(by_name[n][0])
     )
     if bad:
-        layers = sorted(n for n, pm in by_name.items() if _is_linear_or_conv(*pm))
         raise ValueError(
             f"inputs names {bad}, which are not ungated nnx.Linear / nnx.Conv layers of the "
-            f"model; its layers: {layers[:10]}. "
+            f"model; its layers: {layer_names[:10]}. "
             "Fix: name layers by their '/'-joined attribute path, e.g. inputs=('fc1',)."
         )
     outputs = {path_str(p) for p, _ in chosen}

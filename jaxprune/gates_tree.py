@@ -470,7 +470,12 @@ def slimming_masks(
             "where=lambda path, x: ... selecting the per-channel scale leaves."
         )
     keep = global_topk(scales, sparsity, where=lambda p, x: True, max_sparsity=max_sparsity)
-    emptied = [n for n, k in keep.items() if k.size and not bool(jnp.any(k))]
+    # Warned only when the masks are concrete (slimming_masks also runs under jit).
+    emptied = [
+        n
+        for n, k in keep.items()
+        if not isinstance(k, jax.core.Tracer) and k.size and not bool(jnp.any(k))
+    ]
     if emptied:
         warnings.warn(
             f"slimming_masks pruned every channel of {emptied[:5]}: the network's output no "

@@ -27,7 +27,6 @@ from jaxprune._tree import (
     flagged,
     key_parts,
     leaves_with_paths,
-    path_str,
     prunable_flags,
     unwrap_variables,
 )
@@ -305,7 +304,10 @@ def prune(
         flags = prunable_flags(params, where)
         step = state.count
         extra = dict(extra_args)
-        grads = extra.pop("grads", updates)
+        grads = updates
+        if "grads" in extra:
+            grads = extra.pop("grads")
+            check_same_leaves(grads, params, "grads", "params")
         if wants_key and "key" not in extra:
             if isinstance(state.key_data, jax.Array):
                 wrapped = jax.random.wrap_key_data(state.key_data, impl=key_impl)
@@ -331,8 +333,10 @@ def prune(
                 if fused == "layer":
                     # One (param, grad) pair per leaf: each leaf's search traces
                     # its own scores only (linear, not quadratic, tracing time).
-                    by_path = {path_str(q): g for q, g in leaves_with_paths(grads)[0]}
-                    leaf_srcs = [(x, by_path[path_str(q)]) for q, x in leaves_with_paths(params)[0]]
+                    # check_same_leaves put the two in the same leaf order.
+                    p_flat, g_flat = leaves_with_paths(params)[0], leaves_with_paths(grads)[0]
+                    pairs = zip(p_flat, g_flat, strict=True)
+                    leaf_srcs = [(x, g) for (_, x), (_, g) in pairs]
                 masks = _masks.fused_select(
                     fused, score_fn, (params, grads), schedule(step), flags, leaf_srcs=leaf_srcs
                 )

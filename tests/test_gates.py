@@ -429,3 +429,9 @@ def test_usage_errors(key):
     gates.attach(model, gates.BetaBernoulli(), key=key, where=lambda p, m: p == ("layers", 1))
     with pytest.raises(ValueError, match="hard_masks needs one gate kind"):
         gates.hard_masks(model)
+
+
+def test_slimming_masks_under_jit():
+    params = {"bn": {"scale": jnp.array([0.1, 2.0, 3.0]), "bias": jnp.ones(3)}}
+    m = jax.jit(lambda p: gates.slimming_masks(p, 1 / 3))(params)
+    assert m["bn"]["scale"].tolist() == [False, True, True]

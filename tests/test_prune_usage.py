@@ -166,3 +166,10 @@ def test_layer_scope_refresh_traces_each_leaf_alone():
     want = jp.masks.topk(jp.criteria.magnitude(p), 0.6)
     for k in p:
         np.testing.assert_array_equal(jp.get_masks(st)[k], want[k])
+
+
+def test_grads_keyword_of_another_tree_is_named():
+    p = _params()
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5, criterion=jp.criteria.saliency)
+    with pytest.raises(ValueError, match=r"grads must have the leaves .* missing in grads: v"):
+        tx.update(p, tx.init(p), p, grads={"w": p["w"]})
