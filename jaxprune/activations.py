@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -226,7 +227,8 @@ def input_norms(
     The norm runs over every calibration token (all axes but the last; for a
     conv, batch and positions per input channel) and over every batch in
     ``captures``, combined as ``sqrt(sum of squares)``. Leaves with no capture
-    get ``1.0``. The result feeds ``jp.criteria.wanda(params, norms)``.
+    get ``1.0``, with a warning when the leaf is a kernel (``.../kernel``, ndim
+    >= 2) whose module was not captured. The result feeds ``jp.criteria.wanda(params, norms)``.
 
     Raises:
       ValueError: ``captures`` is empty; no captured module owns a kernel of
@@ -278,6 +280,15 @@ def input_norms(
             f"{sorted(owners)}.{hint} Fix: pass the "
             "params tree of the captured model (its module paths are the captures' keys), "
             'e.g. variables["params"] for linen or nnx.state(model, nnx.Param) for nnx.'
+        )
+    uncaptured = sorted(owners - captured)
+    if uncaptured:
+        warnings.warn(
+            f"input_norms: the kernels of modules {uncaptured} have no capture, so their "
+            "norms are 1.0 and Wanda scores them by |w| alone, on a different scale from the "
+            "captured kernels (a global selection would compare the two). Fix: capture "
+            "those modules too, or leave them out of the selection with where=.",
+            stacklevel=2,
         )
     for owner in sorted(owners & captured):
         missing = [i for i, b in enumerate(batches) if owner not in b]

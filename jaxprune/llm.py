@@ -111,12 +111,34 @@ def _check_kernel(kernel: Any, name: str = "kernel") -> None:
         )
 
 
-def _check(sparsity: float, nm: tuple[int, int] | None, kernel_shape: tuple[int, ...]) -> None:
-    """Validates ``sparsity`` (always, even when ``nm`` overrides it) and ``nm``."""
-    _check_sparsity(sparsity)
+def _resolve(sparsity: Any, nm: Any, stacklevel: int) -> float:
+    """Returns the sparsity to use: ``sparsity`` (default 0.5), or ``nm``'s ``1 - n/m``.
+
+    A ``sparsity`` given together with ``nm`` must agree with it, so a request
+    such as ``sparsity=0.7, nm=(2, 4)`` is refused instead of silently pruning 50%.
+    """
+    if sparsity is not None:
+        _check_sparsity(sparsity)
+    if nm is None:
+        return 0.5 if sparsity is None else sparsity
+    _check_nm(nm, stacklevel=stacklevel)
+    implied = 1.0 - nm[0] / nm[1]
+    if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
+        raise ValueError(
+            f"sparsity={sparsity} conflicts with nm={tuple(nm)!r}, which prunes "
+            f"{nm[1] - nm[0]} of every {nm[1]} inputs (sparsity {implied:g}). Fix: pass nm "
+            "alone for N:M sparsity, or sparsity alone for unstructured sparsity."
+        )
+    return implied
+
+
+def _check(sparsity: Any, nm: tuple[int, int] | None, kernel_shape: tuple[int, ...]) -> float:
+    """Validates ``sparsity`` and ``nm`` (see :func:`_resolve`); returns the sparsity."""
+    # stacklevel: the caller of magnitude_prune/wanda_prune/sparsegpt
+    s = _resolve(sparsity, nm, stacklevel=5)
     if nm is not None:
-        _check_nm(nm, stacklevel=4)  # the caller of magnitude_prune/wanda_prune/sparsegpt
         _check_nm_divides(nm, kernel_shape, "the kernel")
+    return s
 
 
 def _check_dampening(dampening: Any) -> None:
@@ -161,7 +183,7 @@ def _nm_keep(scores: jax.Array, nm: tuple[int, int]) -> jax.Array:
 def magnitude_prune(
     kernel: jax.Array,
     *,
-    sparsity: float = 0.5,
+    sparsity: float | None = None,
     nm: tuple[int, int] | None = None,
     group: str = "layer",
 ) -> jax.Array:
@@ -171,14 +193,15 @@ def magnitude_prune(
     ``round(sparsity * size)`` of the whole kernel; ``group="output"`` prunes
     ``round(sparsity * in)`` of the weights of each output unit, Wanda's
     comparison group (so the two criteria can be compared on equal terms).
-    ``nm`` overrides both.
+    ``nm=(n, m)`` keeps ``n`` of every ``m`` inputs instead. ``sparsity``
+    defaults to 0.5; given with ``nm``, it must equal ``1 - n/m``.
 
     References:
       Han et al., "Learning both Weights and Connections", 2015.
       https://arxiv.org/abs/1506.02626
     """
     _check_kernel(kernel)
-    _check(sparsity, nm, jnp.shape(kernel))
+    sparsity = _check(sparsity, nm, jnp.shape(kernel))
     _check_group(group)
     keep = _keep(jnp.abs(kernel).astype(jnp.float32), sparsity, nm, group)
     return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype))
@@ -188,7 +211,7 @@ def wanda_prune(
     kernel: jax.Array,
     input_norms: jax.Array,
     *,
-    sparsity: float = 0.5,
+    sparsity: float | None = None,
     nm: tuple[int, int] | None = None,
     group: str = "output",
 ) -> jax.Array:
@@ -199,7 +222,8 @@ def wanda_prune(
     ``group="output"`` (the default, the paper's choice for LLMs) prunes
     exactly ``round(sparsity * in)`` weights of each output unit;
     ``group="layer"`` ranks the whole kernel, as magnitude pruning does by
-    default. ``nm`` overrides both.
+    default. ``nm=(n, m)`` keeps ``n`` of every ``m`` inputs instead.
+    ``sparsity`` defaults to 0.5; given with ``nm``, it must equal ``1 - n/m``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -213,7 +237,7 @@ def wanda_prune(
       Models", 2023. https://arxiv.org/abs/2306.11695
     """
     _check_kernel(kernel)
-    _check(sparsity, nm, jnp.shape(kernel))
+    sparsity = _check(sparsity, nm, jnp.shape(kernel))
     _check_group(group)
     scores = _criteria.wanda({"k": kernel}, {"k": input_norms})["k"]
     keep = _keep(scores, sparsity, nm, group)
@@ -308,7 +332,7 @@ def sparsegpt(
     kernel: jax.Array,
     hessian: jax.Array,
     *,
-    sparsity: float = 0.5,
+    sparsity: float | None = None,
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     dampening: float = 0.01,
@@ -325,8 +349,9 @@ def sparsegpt(
     Args:
       kernel: ``[in, out]`` weights.
       hessian: ``[in, in]``, ``X^T X`` of the layer's inputs (any positive scale).
-      sparsity: fraction to prune (unstructured).
-      nm: ``(n, m)`` for N:M sparsity instead.
+      sparsity: fraction to prune (unstructured), default 0.5.
+      nm: ``(n, m)`` for N:M sparsity instead (``sparsity``, if given, must
+        then equal ``1 - n/m``).
       blocksize: columns per lazy-update block (128 in the paper); the last block
         holds the remainder when it does not divide the input size. With
         ``nm`` it is rounded down to a multiple of ``m``.
@@ -351,7 +376,7 @@ def sparsegpt(
       Pruned in One-Shot", 2023. https://arxiv.org/abs/2301.00774
     """
     _check_kernel(kernel)
-    _check(sparsity, nm, jnp.shape(kernel))
+    sparsity = _check(sparsity, nm, jnp.shape(kernel))
     _check_dampening(dampening)
     if jnp.shape(hessian) != (kernel.shape[0],) * 2:
         raise ValueError(
@@ -443,7 +468,7 @@ def prune_decoder(
     calibration: jax.Array,
     *,
     method: str = "sparsegpt",
-    sparsity: float = 0.5,
+    sparsity: float | None = None,
     nm: tuple[int, int] | None = None,
     batch_size: int = 8,
     blocksize: int = 128,
@@ -466,7 +491,7 @@ def prune_decoder(
       calibration: int tokens ``[samples, time]``.
       method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
       sparsity: fraction of each layer to prune (unstructured), in ``[0, 1]``;
-        validated but not used when ``nm`` is given.
+        default 0.5. With ``nm``, leave it out (or give ``1 - n/m``).
       nm: ``(n, m)``, ints ``0 < n <= m``: keep ``n`` of every ``m`` consecutive
         inputs instead.
       batch_size: calibration samples per forward pass (a positive int).
@@ -495,9 +520,8 @@ def prune_decoder(
         raise ValueError(
             f"method must be one of {METHODS}, got {method!r}. Fix: method='sparsegpt'."
         )
-    _check_sparsity(sparsity)
+    sparsity = _resolve(sparsity, nm, stacklevel=4)
     if nm is not None:
-        _check_nm(nm)
         for b, block in enumerate(model.blocks):
             for name in block.LINEARS:
                 shape = jnp.shape(getattr(block, name).kernel.get_value())

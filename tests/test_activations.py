@@ -163,8 +163,9 @@ def test_input_norms_refuses_a_module_missing_from_some_batches():
         ValueError, match=r"'layers/1' is captured in some batches but not in batches \[1\]"
     ):
         jp.activations.input_norms(params, [caps, part])  # was a raw KeyError
-    # A module captured in no batch keeps the documented 1.0.
-    n = jp.activations.input_norms(params, [part, part])
+    # A module captured in no batch keeps the documented 1.0, with a warning naming it.
+    with pytest.warns(UserWarning, match=r"modules \['layers/1'\] have no capture"):
+        n = jp.activations.input_norms(params, [part, part])
     assert np.asarray(n["layers"][1]["kernel"]).tolist() == 1.0
 
 

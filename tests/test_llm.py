@@ -179,9 +179,18 @@ def test_nm_and_sparsity_checks(small):
         llm.prune_decoder(model, calib, nm=4)
     with pytest.raises(ValueError, match=r"nm must be a pair of ints.*\(2\.5, 4\)"):
         llm.magnitude_prune(jnp.ones((8, 2)), nm=(2.5, 4))
-    # sparsity is validated even though nm overrides it.
+    # sparsity is validated even when nm is given, and must agree with it.
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\], got 1.5"):
         llm.prune_decoder(model, calib, nm=(2, 4), sparsity=1.5)
+    with pytest.raises(ValueError, match=r"sparsity=0.7 conflicts with nm=\(2, 4\).*0.5"):
+        llm.prune_decoder(model, calib, nm=(2, 4), sparsity=0.7)  # was: 50% pruned silently
+    for fn in (llm.magnitude_prune, lambda k, **kw: llm.wanda_prune(k, jnp.ones(8), **kw)):
+        with pytest.raises(ValueError, match=r"sparsity=0.25 conflicts with nm=\(1, 4\)"):
+            fn(jnp.ones((8, 2)), sparsity=0.25, nm=(1, 4))
+        kept = fn(jnp.arange(1.0, 17.0).reshape(8, 2), sparsity=0.75, nm=(1, 4))  # agrees
+        assert int(jnp.sum(kept != 0)) == 4
+    with pytest.raises(ValueError, match=r"sparsity=0.9 conflicts with nm=\(2, 4\)"):
+        llm.sparsegpt(jnp.ones((4, 2)), jnp.eye(4), sparsity=0.9, nm=(2, 4))
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\].*'0.5'"):
         llm.magnitude_prune(jnp.ones((8, 2)), sparsity="0.5")
     # n == m is allowed, as jp.masks.nm allows it, but warned about once: it prunes nothing.
