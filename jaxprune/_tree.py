@@ -186,12 +186,15 @@ def check_same_structure(
     )
 
 
-def check_same_leaves(tree: Any, reference: Any, name: str, ref_name: str) -> None:
+def check_same_leaves(
+    tree: Any, reference: Any, name: str, ref_name: str, fix: str | None = None
+) -> None:
     """Raises ``ValueError`` unless ``tree`` has ``reference``'s leaf paths and shapes.
 
     Containers may differ (a ``FrozenDict`` of grads against a dict of
-    params); the error names the first differing paths or shapes. Runs at
-    trace time only.
+    params, an ``nnx.State`` of Variables against a pure one); the error names
+    the first differing paths or shapes, then ``fix`` (default: advice for
+    ``jp.prune``'s updates and grads). Runs at trace time only.
     """
     flat, _ = leaves_with_paths(tree)
     ref_flat, _ = leaves_with_paths(reference)
@@ -206,11 +209,29 @@ def check_same_leaves(tree: Any, reference: Any, name: str, ref_name: str) -> No
     else:
         bad = [(p, s, r) for (p, s), (_, r) in zip(got, want, strict=True) if s != r]
         detail = "; ".join(f"{p}: {s} vs {r}" for p, s, r in bad[:8])
+    if fix is None:
+        fix = (
+            f"pass {name} computed from these {ref_name} (a wrapper such as optax.lookahead, "
+            "whose params are a pair of trees, cannot go inside jp.prune)"
+        )
     raise ValueError(
-        f"{name} must have the leaves (paths and shapes) of {ref_name}; {detail}. Fix: pass "
-        f"{name} computed from these {ref_name} (a wrapper such as optax.lookahead, whose "
-        "params are a pair of trees, cannot go inside jp.prune)."
+        f"{name} must have the leaves (paths and shapes) of {ref_name}; {detail}. Fix: {fix}."
     )
+
+
+def map_pair(fn: Any, tree: Any, other: Any, other_name: str, fix: str) -> Any:
+    """Returns ``fn(path, x, y)`` over the paired leaves of two trees, in ``tree``'s structure.
+
+    The two must have the same leaf paths and shapes (checked, naming
+    ``other_name`` and ``fix``); their containers may differ, e.g. an
+    ``nnx.State`` of Variables against the pure one ``jax.grad`` returns, or a
+    ``FrozenDict`` against a dict.
+    """
+    check_same_leaves(other, tree, other_name, "params", fix=fix)
+    flat, treedef = leaves_with_paths(tree)
+    others = [y for _, y in leaves_with_paths(other)[0]]
+    out = [fn(p, x, y) for (p, x), y in zip(flat, others, strict=True)]
+    return jax.tree.unflatten(treedef, out)
 
 
 def key_parts(key: Any, name: str) -> tuple[jax.Array, Any]:

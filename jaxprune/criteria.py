@@ -22,7 +22,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxprune._tree import leaves_with_paths, path_str
+from jaxprune._tree import (
+    as_int,
+    key_parts,
+    leaves_with_paths,
+    map_pair,
+    path_str,
+    unwrap_variables,
+)
 
 __all__ = ["magnitude", "random", "saliency", "StatefulCriterion", "as_stateful"]
 
@@ -58,6 +65,7 @@ def random(params: optax.Params, *, key: jax.Array) -> optax.Params:
       Blalock et al., "What is the State of Neural Network Pruning?", 2020 (random
       pruning as the baseline). https://arxiv.org/abs/2003.03033
     """
+    key_parts(key, "key")  # a clear error for key=None or a non-key
     flat, treedef = leaves_with_paths(params)
     scores = [
         jax.random.uniform(jax.random.fold_in(key, _path_hash(p)), jnp.shape(x), jnp.float32)
@@ -84,7 +92,15 @@ def saliency(params: optax.Params, grads: optax.Updates) -> optax.Params:
       Mozer & Smolensky, "Skeletonization", 1989; Lee et al., "SNIP", 2019.
       https://arxiv.org/abs/1810.02340
     """
-    return jax.tree.map(lambda w, g: jnp.abs(w * g), params, grads)
+    return map_pair(lambda _, w, g: jnp.abs(w * g), params, grads, "grads", _GRADS_FIX)
+
+
+_GRADS_FIX = "pass the gradients of these params (jax.grad of the loss with respect to them)"
+
+
+def _f32_product(_: Any, w: Any, g: Any) -> jax.Array:
+    """``w * g`` in float32 (cast first: a float16 product of small values underflows)."""
+    return jnp.asarray(w).astype(jnp.float32) * jnp.asarray(g).astype(jnp.float32)
 
 
 # Criteria whose scores are an element-wise function of (params, grads): jp.prune
@@ -112,7 +128,12 @@ def _accepts(fn: Callable[..., Any]) -> tuple[set[str], bool]:
     except (TypeError, ValueError):
         return set(), True
     names = {
-        n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        n
+        for n, p in sig.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        # A key already bound (functools.partial(random, key=k)) is the user's
+        # choice: it is neither required nor replaced.
+        and not (n == "key" and p.default is not p.empty and p.default is not None)
     }
     var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     return names, var_kw
@@ -126,7 +147,7 @@ def call_with(fn: Callable[..., Any], *args: Any, **available: Any) -> Any:
 
 
 def needs_key(fn: Callable[..., Any]) -> bool:
-    """Returns whether ``fn`` declares a ``key`` argument."""
+    """Returns whether ``fn`` declares a ``key`` argument not already bound to a key."""
     names, _ = _accepts(fn)
     return "key" in names
 
@@ -213,7 +234,7 @@ def wanda(params: optax.Params, input_norms: Any) -> optax.Params:
         "a scalar such as 1.0 for leaves that are not pruned (biases)",
     )
     flat, _ = leaves_with_paths(params)
-    for (path, w), n in zip(flat, jax.tree.leaves(input_norms), strict=True):
+    for (path, w), (_, n) in zip(flat, leaves_with_paths(input_norms)[0], strict=True):
         b = _input_axis_norms(w, n)
         try:
             jnp.broadcast_shapes(jnp.shape(w), b.shape)
@@ -225,8 +246,12 @@ def wanda(params: optax.Params, input_norms: Any) -> optax.Params:
                 "norm per input feature (jp.activations.input_norms), or a scalar for leaves "
                 "not pruned."
             ) from None
-    return jax.tree.map(
-        lambda w, n: jnp.abs(w).astype(jnp.float32) * _input_axis_norms(w, n), params, input_norms
+    return jax.tree.unflatten(
+        jax.tree.structure(unwrap_variables(params)),
+        [
+            jnp.abs(w).astype(jnp.float32) * _input_axis_norms(w, n)
+            for (_, w), (_, n) in zip(flat, leaves_with_paths(input_norms)[0], strict=True)
+        ],
     )
 
 
@@ -240,11 +265,17 @@ def _check_decay(decay: Any) -> float:
 
 
 def _zeros_f32(params: optax.Params) -> optax.Params:
-    return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
+    """Float32 zeros in the params' pure structure (nnx Variables unwrapped)."""
+    return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), unwrap_variables(params))
 
 
 def _ema(decay: float, state: Any, new: Any) -> Any:
     return jax.tree.map(lambda s, x: decay * s + (1.0 - decay) * x.astype(jnp.float32), state, new)
+
+
+def _products(params: optax.Params, grads: optax.Updates) -> optax.Params:
+    """``w * g`` per leaf in float32, in the params' pure structure (shapes checked)."""
+    return map_pair(_f32_product, params, grads, "grads", _GRADS_FIX)
 
 
 def ema_saliency(decay: float = 0.9) -> StatefulCriterion:
@@ -271,7 +302,9 @@ def ema_saliency(decay: float = 0.9) -> StatefulCriterion:
     decay = _check_decay(decay)
     return StatefulCriterion(
         init=_zeros_f32,
-        update=lambda state, params, grads: _ema(decay, state, saliency(params, grads)),
+        update=lambda state, params, grads: _ema(
+            decay, state, jax.tree.map(jnp.abs, _products(params, grads))
+        ),
         score=lambda state, params: state,
     )
 
@@ -296,36 +329,80 @@ def movement() -> StatefulCriterion:
     """
 
     def update(state, params, grads):
-        return jax.tree.map(lambda s, w, g: s - (w * g).astype(jnp.float32), state, params, grads)
+        return jax.tree.map(lambda s, d: s - d, state, _products(params, grads))
 
     return StatefulCriterion(init=_zeros_f32, update=update, score=lambda state, params: state)
 
 
-def _unit_sum(x: jax.Array, unit_axis: int) -> jax.Array:
-    """Sums over every axis but ``unit_axis``, keeping dims (broadcastable back)."""
-    if jnp.ndim(x) < 2:
-        return x
-    axis = unit_axis % jnp.ndim(x)
-    return jnp.sum(x, axis=tuple(a for a in range(jnp.ndim(x)) if a != axis), keepdims=True)
+def _check_unit_axis(unit_axis: Any) -> int:
+    axis = as_int(unit_axis)
+    if axis is None:
+        raise ValueError(
+            f"unit_axis must be an int (the axis indexing units), got {unit_axis!r}. Fix: "
+            "unit_axis=-1 for flax kernels (output features/channels last)."
+        )
+    return axis
+
+
+def _unit_sums(
+    params: optax.Params, grads: optax.Updates, unit_axis: int
+) -> tuple[Any, list[tuple[jax.Array, jax.Array | None]]]:
+    """Returns ``(treedef, [(w * g, its per-unit sum or None), ...])`` per leaf, in float32.
+
+    A kernel's per-unit sum (every axis but ``unit_axis`` summed, dims kept)
+    includes ``b * dC/db`` of its sibling bias (``.../bias`` next to
+    ``.../kernel``, one entry per unit): ``sum_i W_ij g_ij + b_j g_bj`` is
+    ``sum dC/dz_j * z_j`` over the batch and positions, the paper's quantity.
+    Leaves with ``ndim < 2`` have no unit sum.
+    """
+    axis = _check_unit_axis(unit_axis)
+    prods = _products(params, grads)
+    flat, treedef = leaves_with_paths(prods)
+    by_path = dict(flat)
+    out = []
+    for path, prod in flat:
+        nd = prod.ndim
+        if nd < 2:
+            out.append((prod, None))
+            continue
+        if not -nd <= axis < nd:
+            raise ValueError(
+                f"unit_axis={axis} is out of range for {path_str(path)!r} of shape "
+                f"{prod.shape} ({nd} axes). Fix: unit_axis=-1 (flax kernels: units last), "
+                "or an axis every kernel has."
+            )
+        ax = axis % nd
+        total = jnp.sum(prod, axis=tuple(a for a in range(nd) if a != ax), keepdims=True)
+        bias = by_path.get(path[:-1] + ("bias",)) if path and path[-1] == "kernel" else None
+        if bias is not None and bias.shape == (prod.shape[ax],):
+            total = total + bias.reshape(total.shape)
+        out.append((prod, total))
+    return treedef, out
 
 
 def taylor(params: optax.Params, grads: optax.Updates, *, unit_axis: int = -1) -> optax.Params:
     """Returns Molchanov 2017's per-unit Taylor scores, broadcast to each kernel's shape.
 
-    For a unit ``j`` with pre-activation ``z_j = sum_i x_i W_ij (+ b_j)`` the
-    paper's feature-map criterion ``|sum_{batch, positions} dC/dz_j * (z_j - b_j)|``
-    equals ``|sum_i W_ij * dC/dW_ij|`` (the chain rule summed over the batch),
-    so it is computed from the weights and their gradients alone, for dense
-    and conv kernels. Scores are l2-normalized per layer as in the paper.
-    Every entry of a unit carries the unit's score: select with a structured
-    selection (``jp.masks.structured``) to remove whole units, or with
-    ``topk`` (equal scores are pruned together, in flatten order). Leaves with
-    ``ndim < 2`` get ``|w * g|``.
+    For a unit ``j`` with pre-activation ``z_j = sum_i x_i W_ij + b_j`` the
+    paper's feature-map criterion ``|sum_{batch, positions} dC/dz_j * z_j|``
+    equals ``|sum_i W_ij * dC/dW_ij + b_j * dC/db_j|`` (the chain rule summed
+    over the batch), so it is computed from the weights, the biases and their
+    gradients alone, for dense and conv kernels. A kernel's bias is the
+    ``.../bias`` leaf next to its ``.../kernel`` with one entry per unit;
+    without one the bias term is 0. Scores are l2-normalized per layer as in
+    the paper. Every entry of a unit carries the unit's score: select with a
+    structured selection (``jp.masks.structured``) to remove whole units, or
+    with ``topk`` (equal scores are pruned together, in flatten order).
+    Leaves with ``ndim < 2`` get ``|w * g|``. Scores are float32.
 
     Args:
       params: weights; kernels ``[..., in, out]``.
-      grads: gradients of the loss with the structure of ``params``.
+      grads: gradients of the loss with the leaves (paths and shapes) of ``params``.
       unit_axis: the axis indexing units (flax: ``-1``, output features/channels).
+
+    Raises:
+      ValueError: ``grads`` do not match ``params``; ``unit_axis`` not an int or
+        out of range for a kernel.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -338,16 +415,16 @@ def taylor(params: optax.Params, grads: optax.Updates, *, unit_axis: int = -1) -
       Molchanov et al., "Pruning Convolutional Neural Networks for Resource
       Efficient Inference", 2017. https://arxiv.org/abs/1611.06440
     """
-
-    def one(w, g):
-        prod = (w * g).astype(jnp.float32)
-        if jnp.ndim(w) < 2:
-            return jnp.abs(prod)
-        s = jnp.abs(_unit_sum(prod, unit_axis))
+    treedef, pairs = _unit_sums(params, grads, unit_axis)
+    out = []
+    for prod, total in pairs:
+        if total is None:
+            out.append(jnp.abs(prod))
+            continue
+        s = jnp.abs(total)
         s = s / jnp.maximum(jnp.linalg.norm(s), 1e-12)
-        return jnp.broadcast_to(s, jnp.shape(w))
-
-    return jax.tree.map(one, params, grads)
+        out.append(jnp.broadcast_to(s, prod.shape))
+    return jax.tree.unflatten(treedef, out)
 
 
 def taylor_ema(
@@ -357,8 +434,9 @@ def taylor_ema(
 
     Args:
       decay: momentum of the running average (the paper uses 0.9).
-      group: ``"unit"`` (all weights feeding one output unit/channel; scores
-        broadcast to the kernel's shape, for structured selections) or
+      group: ``"unit"`` (all weights feeding one output unit/channel and its
+        bias, as in :func:`taylor`; scores broadcast to the kernel's shape, for
+        structured selections) or
         ``"entry"`` (each weight its own group: ``(g * w)**2``, for unstructured
         selections).
       unit_axis: the axis indexing units for ``group="unit"``.
@@ -381,14 +459,17 @@ def taylor_ema(
             f"got {group!r}. Fix: group='unit' for structured pruning, 'entry' otherwise."
         )
 
-    def importance(w, g):
-        prod = (w * g).astype(jnp.float32)
-        if group == "entry" or jnp.ndim(w) < 2:
-            return prod**2
-        return jnp.broadcast_to(_unit_sum(prod, unit_axis) ** 2, jnp.shape(w))
+    _check_unit_axis(unit_axis)
 
     def update(state, params, grads):
-        return _ema(decay, state, jax.tree.map(importance, params, grads))
+        if group == "entry":
+            return _ema(decay, state, jax.tree.map(jnp.square, _products(params, grads)))
+        treedef, pairs = _unit_sums(params, grads, unit_axis)
+        new = [
+            prod**2 if total is None else jnp.broadcast_to(total**2, prod.shape)
+            for prod, total in pairs
+        ]
+        return _ema(decay, state, jax.tree.unflatten(treedef, new))
 
     return StatefulCriterion(init=_zeros_f32, update=update, score=lambda state, params: state)
 

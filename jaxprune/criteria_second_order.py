@@ -15,7 +15,9 @@ import optax
 from jaxprune._tree import (
     as_int,
     check_same_structure,
+    key_parts,
     leaves_with_paths,
+    map_pair,
     path_str,
     unwrap_variables,
 )
@@ -83,13 +85,21 @@ def obd(params: optax.Params, hessian_diag: optax.Params) -> optax.Params:
     )
 
 
+def _squared_f32(g: Any) -> jax.Array:
+    return jnp.square(jnp.asarray(g).astype(jnp.float32))
+
+
+_FIX = "pass the gradients of these params (jax.grad of the loss with respect to them)"
+
+
 def _check_samples(num_samples: Any) -> int:
-    if not isinstance(num_samples, int) or num_samples < 1:
+    n = as_int(num_samples)
+    if n is None or n < 1:
         raise ValueError(
             f"num_samples must be a positive int (Rademacher probes to average), got "
             f"{num_samples!r}. Fix: e.g. num_samples=16."
         )
-    return num_samples
+    return n
 
 
 def hutchinson_diag(
@@ -127,6 +137,7 @@ def hutchinson_diag(
       1990; Yao et al., "AdaHessian", 2020. https://arxiv.org/abs/2006.00719
     """
     num_samples = _check_samples(num_samples)
+    key_parts(key, "key")  # a clear error for key=None or a non-key
     grad_fn = jax.grad(lambda p: loss_fn(p, *args))
     leaves, treedef = jax.tree.flatten(params)
 
@@ -141,8 +152,16 @@ def hutchinson_diag(
         _, hv = jax.jvp(grad_fn, (params,), (v,))
         return jax.tree.map(lambda a, b: (a * b).astype(jnp.float32), v, hv)
 
-    total = jax.lax.map(probe, jax.random.split(key, num_samples))
-    return jax.tree.map(lambda x: jnp.mean(x, axis=0), total)
+    # A running sum: scratch memory is one params-sized tree, whatever num_samples.
+    keys = jax.random.split(key, num_samples)
+    zero = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
+    total = jax.lax.fori_loop(
+        0,
+        num_samples,
+        lambda i, acc: jax.tree.map(jnp.add, acc, probe(keys[i])),
+        zero,
+    )
+    return jax.tree.map(lambda x: x / num_samples, total)
 
 
 def fisher_diag(
@@ -191,6 +210,7 @@ def fisher_diag(
             "fisher_diag needs the batch: pass loss_fn's data after params, e.g. "
             "fisher_diag(loss_fn, params, x, y). Fix: add the batch arrays."
         )
+    batch = tuple(jnp.asarray(b) for b in batch)
     sizes = [jnp.shape(b)[0] if jnp.ndim(b) else None for b in batch]
     n = sizes[0]
     if n is None or n < 1 or any(m != n for m in sizes):
@@ -212,8 +232,15 @@ def fisher_diag(
         return jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(jnp.float32)), axis=0), g)
 
     chunks = [b.reshape((n // chunk, chunk) + jnp.shape(b)[1:]) for b in batch]
-    sums = jax.lax.map(lambda ex: chunk_sq(ex), tuple(chunks))
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0) / n, sums)
+    # A running sum: scratch memory is one params-sized tree, whatever n / chunk.
+    zero = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
+    total = jax.lax.fori_loop(
+        0,
+        n // chunk,
+        lambda i, acc: jax.tree.map(jnp.add, acc, chunk_sq(tuple(c[i] for c in chunks))),
+        zero,
+    )
+    return jax.tree.map(lambda x: x / n, total)
 
 
 def obd_fisher(decay: float = 0.99) -> StatefulCriterion:
@@ -240,6 +267,9 @@ def obd_fisher(decay: float = 0.99) -> StatefulCriterion:
     decay = _check_decay(decay)
     return StatefulCriterion(
         init=_zeros_f32,
-        update=lambda state, params, grads: _ema(decay, state, jax.tree.map(jnp.square, grads)),
+        # g**2 in float32: a float16 square of a typical gradient (1e-4) underflows.
+        update=lambda state, params, grads: _ema(
+            decay, state, map_pair(lambda _, w, g: _squared_f32(g), params, grads, "grads", _FIX)
+        ),
         score=lambda state, params: obd(params, state),
     )

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, leaves_with_paths, path_str, prunable_flags
+from jaxprune._tree import Where, as_int, leaves_with_paths, path_str, prunable_flags
 
 __all__ = ["structured", "patterns", "pattern_library", "nm", "blocks", "REDUCTIONS"]
 
@@ -103,13 +103,7 @@ def _rank_reduced(
     if scope == "global":
         kept = _masks.global_topk(red_tree, sparsity, where=where)
     else:
-        is_scalar = isinstance(sparsity, (int, float)) or (
-            hasattr(sparsity, "dtype") and jnp.ndim(sparsity) == 0
-        )
-        if not is_scalar:
-            # A tree of per-leaf sparsities: align it with the reduced tree (same structure).
-            s_flat, _ = leaves_with_paths(sparsity)
-            sparsity = jax.tree.unflatten(treedef, [s for _, s in s_flat])
+        # A tree of per-leaf sparsities is matched to the leaves by path (by topk).
         kept = _masks.topk(red_tree, sparsity, where=where)
     k_flat = jax.tree.leaves(kept)
     out = []
@@ -250,16 +244,17 @@ def patterns(
       library: bool ``[P, kh, kw]``; default ``pattern_library((3, 3))`` (8
         patterns of 4 entries), for 3 x 3 kernels.
       kernel_axes: the two spatial axes of the conv kernels (NHWC: ``(0, 1)``).
-      where: predicate; default: floating 4-d leaves whose kernel size equals
-        the library's (so 1 x 1 convs and Dense kernels are left alone; other
-        kernel sizes left dense warn).
+      where: predicate narrowing the leaves (default: all). Patterns apply
+        only to floating 4-d leaves whose kernel size equals the library's:
+        1 x 1 convs and Dense kernels are left alone (so ``jp.prune``'s
+        default ``where`` works), other kernel sizes are left dense with a
+        warning.
 
     Returns:
       A tree of bool masks with exactly the structure of ``scores``.
 
     Raises:
-      ValueError: ``where`` selected a leaf whose kernel size differs from the
-        library's, or the library is malformed.
+      ValueError: the library is malformed.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -282,37 +277,34 @@ def patterns(
         ks = tuple(jnp.shape(x)[a] for a in kernel_axes)
         return ks == (lib.shape[1:] if lib is not None else (3, 3))
 
-    flags = prunable_flags(scores, where if where is not None else default_where)
-    if where is None:
-        skipped = [
-            f"{path_str(p)} {tuple(jnp.shape(x)[a] for a in kernel_axes)}"
-            for (p, x), f in zip(flat, flags, strict=True)
-            if not f
-            and jnp.ndim(x) == 4
-            and jnp.issubdtype(jnp.result_type(x), jnp.floating)
-            and tuple(jnp.shape(x)[a] for a in kernel_axes) != (1, 1)
-        ]
-        if skipped:
-            want = lib.shape[1:] if lib is not None else (3, 3)
-            warnings.warn(
-                f"patterns left these conv kernels dense, their kernel size is not the "
-                f"library's {want}: {skipped[:5]}. Fix: pass library=jp.masks.pattern_library("
-                "kernel_size) for their size, and where= to choose them.",
-                stacklevel=2,
-            )
+    # `where` narrows the leaves; patterns apply only where they fit (jp.prune
+    # passes its own `where`, which selects Dense kernels too).
+    applies = prunable_flags(scores, default_where)
+    chosen = prunable_flags(scores, where) if where is not None else [True] * len(flat)
+    flags = [a and c for a, c in zip(applies, chosen, strict=True)]
+    skipped = [
+        f"{path_str(p)} {tuple(jnp.shape(x)[a] for a in kernel_axes)}"
+        for (p, x), a, c in zip(flat, applies, chosen, strict=True)
+        if c
+        and not a
+        and jnp.ndim(x) == 4
+        and jnp.issubdtype(jnp.result_type(x), jnp.floating)
+        and tuple(jnp.shape(x)[a] for a in kernel_axes) != (1, 1)
+    ]
+    if skipped:
+        want = lib.shape[1:] if lib is not None else (3, 3)
+        warnings.warn(
+            f"patterns left these conv kernels dense, their kernel size is not the "
+            f"library's {want}: {skipped[:5]}. Fix: pass library=jp.masks.pattern_library("
+            "kernel_size) for their size, and where= to choose them.",
+            stacklevel=2,
+        )
     reduced, expand = {}, {}
-    for i, ((path, x), f) in enumerate(zip(flat, flags, strict=True)):
+    for i, ((_, x), f) in enumerate(zip(flat, flags, strict=True)):
         if not f:
             continue
-        ks = tuple(jnp.shape(x)[a] for a in kernel_axes) if jnp.ndim(x) >= 2 else ()
-        leaf_lib = lib if lib is not None else (pattern_library(ks) if ks == (3, 3) else None)
-        if leaf_lib is None or ks != leaf_lib.shape[1:]:
-            want = leaf_lib.shape[1:] if leaf_lib is not None else "(3, 3)"
-            raise ValueError(
-                f"patterns: leaf {path_str(path)!r} has shape {jnp.shape(x)}, kernel size "
-                f"{ks} on kernel_axes={kernel_axes}, but the library's patterns are {want}. "
-                "Fix: pass a library of matching size, or make `where` skip this leaf."
-            )
+        ks = tuple(jnp.shape(x)[a] for a in kernel_axes)
+        leaf_lib = lib if lib is not None else pattern_library(ks)
         x = jnp.moveaxis(jnp.asarray(x, jnp.float32), kernel_axes, (0, 1))
         rest = x.shape[2:]
         flat_x = x.reshape(ks[0] * ks[1], -1)
@@ -336,7 +328,7 @@ def nm(
     *,
     n: int | None = 2,
     m: int = 4,
-    axis: int = -2,
+    axis: int | Callable[[Any, Any], int] | None = None,
     where: Where | None = None,
     skip_indivisible: bool = False,
 ) -> Any:
@@ -344,10 +336,12 @@ def nm(
 
     Groups are ``m`` consecutive entries along ``axis`` (default ``-2``, the
     reduction axis of Dense ``[in, out]`` and NHWC conv ``[kh, kw, in, out]``
-    kernels); each keeps its ``n`` highest scores (ties by position). With a
-    ``sparsity`` (e.g. from a schedule in ``jp.prune``) each group drops
-    ``round(sparsity * m)`` entries, capped at ``m - n`` when ``n`` is given,
-    so a schedule from 0 to ``1 - n/m`` ramps up to exactly ``n:m``.
+    kernels, for 2-D and 4-D leaves only: other kernels, such as attention's
+    ``[in, heads, head_dim]``, need an explicit ``axis``); each keeps its
+    ``n`` highest scores (ties by position). With a ``sparsity`` (e.g. from a
+    schedule in ``jp.prune``) each group drops ``round(sparsity * m)``
+    entries, capped at ``m - n`` when ``n`` is given, so a schedule from 0 to
+    ``1 - n/m`` ramps up to exactly ``n:m``.
 
     Args:
       scores: a pytree of scores.
@@ -356,7 +350,11 @@ def nm(
       n: entries kept per group (the floor when ``sparsity`` is given; ``None``
         for no floor).
       m: group size along ``axis``.
-      axis: the axis groups run along.
+      axis: the axis groups run along: an int for every leaf, or a function
+        ``(path, leaf) -> int`` (e.g. ``lambda p, x: 0 if x.ndim == 3 else -2``
+        for attention kernels ``[in, heads, head_dim]`` next to Dense ones).
+        ``None``: ``-2``, and a selected leaf that is not 2-D or 4-D is an
+        error (its reduction axis is not known).
       where: predicate; default floating ``ndim >= 2``.
       skip_indivisible: leave leaves whose ``axis`` is not divisible by ``m``
         dense instead of raising.
@@ -365,8 +363,10 @@ def nm(
       A tree of bool masks with exactly the structure of ``scores``.
 
     Raises:
-      ValueError: bad ``n``/``m``, or a leaf's ``axis`` is not divisible by
-        ``m`` (naming the leaf and its shape) and ``skip_indivisible`` is False.
+      ValueError: bad ``n``/``m``; ``sparsity`` not one number; with the default
+        ``axis``, a selected leaf neither 2-D nor 4-D; or a leaf's ``axis`` is
+        not divisible by ``m`` (naming the leaf and its shape) and
+        ``skip_indivisible`` is False.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -387,7 +387,18 @@ def nm(
     if n is None and sparsity is None:
         raise ValueError("nm needs n (entries kept per group) or a sparsity. Fix: n=2, m=4.")
     if sparsity is not None:
+        if not (isinstance(sparsity, (int, float)) or getattr(sparsity, "ndim", None) == 0):
+            raise ValueError(
+                f"nm takes one sparsity for every leaf (a number in [0, 1], may be traced), "
+                f"got {sparsity!r}. Fix: pass a number, or call nm once per group of leaves "
+                "(with where=)."
+            )
         _masks._check_sparsity(sparsity)
+    if axis is not None and not callable(axis) and as_int(axis) is None:
+        raise ValueError(
+            f"axis must be an int or a function (path, leaf) -> int, got {axis!r}. Fix: e.g. "
+            "axis=-2 (the inputs of a Dense [in, out] kernel)."
+        )
     flags = prunable_flags(scores, where)
     flat, treedef = leaves_with_paths(scores)
     out = []
@@ -396,18 +407,29 @@ def nm(
             out.append(jnp.ones((), bool))
             continue
         nd = jnp.ndim(x)
-        if not -nd <= axis < nd:
+        if axis is None and nd not in (2, 4):
             raise ValueError(
-                f"axis={axis} is out of range for leaf {path_str(path)!r} of shape {jnp.shape(x)}."
+                f"nm: leaf {path_str(path)!r} has shape {jnp.shape(x)} ({nd} axes), so the "
+                "default axis=-2 (the inputs of Dense [in, out] and conv [kh, kw, in, out] "
+                "kernels) may not be its reduction axis: for an attention kernel "
+                "[in, heads, head_dim] it is the heads. Fix: pass axis= (an int, or a function "
+                "(path, leaf) -> int such as lambda p, x: 0 if x.ndim == 3 else -2), or leave "
+                "the leaf out with where=."
             )
-        ax = axis % nd
+        ax_i = -2 if axis is None else (axis(path, x) if callable(axis) else axis)
+        if as_int(ax_i) is None or not -nd <= ax_i < nd:
+            raise ValueError(
+                f"axis={ax_i!r} is out of range for leaf {path_str(path)!r} of shape "
+                f"{jnp.shape(x)}. Fix: an int in [-{nd}, {nd}) for this leaf."
+            )
+        ax = ax_i % nd
         size = jnp.shape(x)[ax]
         if size % m:
             if skip_indivisible:
                 out.append(jnp.ones((), bool))
                 continue
             raise ValueError(
-                f"nm: leaf {path_str(path)!r} has shape {jnp.shape(x)}; its axis {axis} has "
+                f"nm: leaf {path_str(path)!r} has shape {jnp.shape(x)}; its axis {ax_i} has "
                 f"{size} entries, not divisible by m={m}. Fix: pass skip_indivisible=True to "
                 "leave such leaves dense, or exclude it with `where`."
             )

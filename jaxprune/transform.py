@@ -308,6 +308,10 @@ def prune(
         if "grads" in extra:
             grads = extra.pop("grads")
             check_same_leaves(grads, params, "grads", "params")
+            # Same leaves, maybe other containers (a FrozenDict): the params' tree.
+            grads = jax.tree.unflatten(
+                jax.tree.structure(params), [g for _, g in leaves_with_paths(grads)[0]]
+            )
         if wants_key and "key" not in extra:
             if isinstance(state.key_data, jax.Array):
                 wrapped = jax.random.wrap_key_data(state.key_data, impl=key_impl)

@@ -255,3 +255,40 @@ def test_shrinking_without_example_inputs_says_to_pass_them():
     with pytest.raises(ValueError, match="example_inputs is empty"):
         structure.shrink_module(model, masks)
     assert model.layers[0].kernel.shape == (4, 8)
+
+
+def test_shrinking_refuses_batchnorm_in_train_mode():
+    # model.eval() forgotten: a cut filter's constant output was folded with the
+    # train-mode (batch-statistics) BatchNorm, off by 0.23 from the eval-mode model.
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.c0 = nnx.Conv(3, 8, (3, 3), padding="VALID", rngs=rngs)
+            self.bn0 = nnx.BatchNorm(8, rngs=rngs)
+            self.d = nnx.Linear(8, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.d(nnx.relu(self.bn0(self.c0(x))).mean((1, 2)))
+
+    def make():
+        m = Net(nnx.Rngs(0))
+        m.c0.bias.set_value(jnp.linspace(0.5, 1.5, 8))
+        m.bn0.mean.set_value(jnp.linspace(-1.0, 1.0, 8))
+        return m
+
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
+    model = make()
+    params = nnx.state(model, nnx.Param)
+    masks = jp.masks.structured(jp.criteria.magnitude(params), 0.5, axes=-1)
+    apply_fn, state = structure.module_apply(model)
+    assert structure.groups(apply_fn, state, x)  # the analysis works in either mode
+    with pytest.raises(ValueError, match=r"BatchNorm layers \['bn0'\] are in train mode"):
+        structure.shrink_module(model, masks, x)
+    with pytest.raises(ValueError, match="call model.eval()"):
+        jp.shrink(apply_fn, state, structure.full_masks(state, masks), x)
+    assert model.c0.kernel.shape == (3, 3, 3, 8)  # left as it was
+    model.eval()
+    ref_fn, ref_state = structure.module_apply(model)
+    want = ref_fn(jp.apply_masks(ref_state, structure.full_masks(ref_state, masks)), x)
+    structure.shrink_module(model, masks, x)
+    assert model.c0.kernel.shape == (3, 3, 3, 4)
+    np.testing.assert_allclose(model(x), want, atol=1e-5)

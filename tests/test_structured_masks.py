@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import optax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -169,6 +170,27 @@ def test_nm_errors_and_skip():
         jp.masks.nm(scores, n=None)
     with pytest.raises(ValueError, match="axis=3 is out of range"):
         jp.masks.nm(scores, n=1, m=2, axis=3)
+    with pytest.raises(ValueError, match="nm takes one sparsity for every leaf"):
+        jp.masks.nm(scores, {"layer": {"w": 0.5}}, n=None)  # said "or a tree of them"
+
+
+def test_nm_refuses_a_default_axis_on_attention_kernels_and_takes_one_per_leaf():
+    # An attention kernel [in, heads, head_dim]: axis -2 is the heads, not the inputs.
+    # It was silently grouped across heads (a unit kept 0 to 3 of every 4 inputs).
+    rng = np.random.default_rng(0)
+    s = {"q": jnp.asarray(rng.random((8, 4, 4)), jnp.float32), "d": jnp.ones((8, 6))}
+    with pytest.raises(ValueError, match=r"leaf 'q' has shape \(8, 4, 4\) \(3 axes\).*axis="):
+        jp.masks.nm(s, n=2, m=4)
+    m = jp.masks.nm(s, n=2, m=4, axis=lambda p, x: 0 if x.ndim == 3 else -2)
+    q = np.asarray(m["q"]).reshape(2, 4, 16)  # groups of 4 consecutive inputs, per unit
+    assert (q.sum(1) == 2).all()
+    assert (np.asarray(m["d"]).reshape(2, 4, 6).sum(1) == 2).all()
+    np.testing.assert_array_equal(  # the same as the Dense view of the same weights
+        np.asarray(m["q"]).reshape(8, 16),
+        np.asarray(jp.masks.nm({"k": s["q"].reshape(8, 16)}, n=2, m=4)["k"]),
+    )
+    with pytest.raises(ValueError, match="axis must be an int or a function"):
+        jp.masks.nm(s, n=2, m=4, axis="in")
 
 
 # ---- patterns ----------------------------------------------------------------------------
@@ -209,8 +231,16 @@ def test_patterns_custom_library_default_where_and_errors():
     assert np.asarray(m["conv"]).sum(axis=(0, 1)).tolist() == [[3, 3], [3, 3]]
     assert m["dense"].shape == () and m["pw"].shape == ()
     assert jp.masks.pattern_library((5, 5), 2).shape == (24, 5, 5)
-    with pytest.raises(ValueError, match=r"leaf 'pw' has shape \(1, 1, 2, 2\), kernel size"):
-        jp.masks.patterns(params, where=lambda p, x: p == ("pw",))
+    # `where` narrows; a 1 x 1 conv or a Dense kernel it selects is left alone, as
+    # jp.prune's own default `where` selects them (this was an error inside jp.prune).
+    m = jp.masks.patterns(params, where=lambda p, x: p in (("pw",), ("dense",)))
+    assert m["pw"].shape == () and m["dense"].shape == () and m["conv"].shape == ()
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5, scope=jp.masks.patterns)
+    state = tx.init(params)
+    jax.jit(tx.update)(params, state, params)  # the first update refreshes the masks
+    got = jp.get_masks(jax.jit(tx.update)(params, state, params)[1])
+    assert np.asarray(got["conv"]).sum() == 4 * 2  # half the 4 kernels dropped, 4 entries each
+    assert bool(np.all(got["dense"])) and bool(np.all(got["pw"]))
     with pytest.raises(ValueError, match="library must be a bool array"):
         jp.masks.patterns(params, library=np.ones((3, 3)))
     with pytest.raises(ValueError, match="n must be in"):

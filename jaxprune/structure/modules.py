@@ -31,10 +31,20 @@ def module_apply(model: nnx.Module) -> tuple[Any, Any]:
     ``state`` is the model's state (Params, BatchStats; RNG streams excluded), the tree that
     :func:`~jaxprune.structure.groups` and :func:`~jaxprune.shrink` work on. It is a
     snapshot: changing the model in place afterwards (e.g. :func:`shrink_module`) leaves
-    it as it was. Call ``model.eval()`` first: a model drawing random numbers
-    (Dropout in train mode) cannot be traced, and ``apply_fn`` then raises a
-    ``ValueError`` saying so.
+    it as it was. Call ``model.eval()`` before shrinking: :func:`~jaxprune.shrink` and
+    :func:`shrink_module` refuse an ``apply_fn`` whose BatchNorm layers are in train mode
+    (``ValueError`` naming them; ``groups`` works in either mode), and a model drawing
+    random numbers (Dropout in train mode) cannot be traced, so ``apply_fn`` then raises
+    a ``ValueError`` saying so.
     """
+    # A BatchNorm in train mode normalizes with batch statistics: shrinking would fold a
+    # constant channel with its train-mode value, wrong for the eval-mode model. The
+    # analysis (groups) is fine; shrink refuses such an apply_fn (see _shrink).
+    training = tuple(
+        path_str(p) or "<model>"
+        for p, m in nnx.iter_graph(model)
+        if isinstance(m, nnx.Module) and getattr(m, "use_running_average", None) is False
+    )
     # RNG streams (dropout keys and counters) are not shrinkable and not maskable: they stay
     # outside the state handed to the analysis.
     graphdef, state, rng = nnx.split(model, nnx.Not(nnx.RngState), ...)
@@ -56,6 +66,7 @@ def module_apply(model: nnx.Module) -> tuple[Any, Any]:
                 "structure.module_apply (and model.train() afterwards to keep training)."
             ) from err
 
+    apply_fn.train_mode_batchnorm = training
     return apply_fn, state
 
 

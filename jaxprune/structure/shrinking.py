@@ -450,6 +450,15 @@ def _named(err, groups: list[Group]):
 
 def _shrink(apply_fn, params, masks, example_inputs):
     """Returns ``(small, removed, prog)``: :func:`shrink`'s result, unchecked, and its plan."""
+    training = getattr(apply_fn, "train_mode_batchnorm", ())
+    if training:  # set by structure.module_apply
+        raise ValueError(
+            f"shrink: the model's BatchNorm layers {list(training[:5])} are in train mode "
+            "(use_running_average=False), so they normalize with batch statistics and a pruned "
+            "channel's constant output would be folded with its train-mode value: the shrunk "
+            "model would not match the masked model in eval mode. Fix: call model.eval() "
+            "before structure.module_apply / shrink_module."
+        )
     leaves, removed, prog = plan(apply_fn, params, masks, *example_inputs)
     dtypes = [jnp.result_type(x) for _, x in leaves_with_paths(params)[0]]
     cut = _cut(leaves, removed)
@@ -486,8 +495,10 @@ def shrink(apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: 
       plain arrays, which ``apply_fn`` and ``nnx.merge`` take as they are).
 
     Raises:
-      ValueError: the masks do not mirror the params, or ``apply_fn`` cannot
-        run on the shrunk params (see the message for the fix).
+      ValueError: the masks do not mirror the params, ``apply_fn`` (from
+        ``structure.module_apply``) runs BatchNorm in train mode, or
+        ``apply_fn`` cannot run on the shrunk params (see the message for the
+        fix).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp

@@ -1,0 +1,157 @@
+"""Criteria found wrong or crashing by a user-side QA pass, each pinned by a test."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.core import FrozenDict
+
+import jaxprune as jp
+from jaxprune.models import MLP
+
+
+def test_taylor_includes_the_bias_term_of_the_feature_map_criterion():
+    # Molchanov 2017 scores |sum_n dC/dz_nj * z_nj| with z = x @ W + b: the bias adds
+    # b_j * dC/db_j, which the kernel alone leaves out (and re-ranked the units).
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+    p = {"d": {"kernel": jax.random.normal(k1, (5, 4)), "bias": jax.random.normal(k2, (4,))}}
+    x, t = jax.random.normal(k3, (16, 5)), jax.random.normal(k4, (16, 4))
+    z = x @ p["d"]["kernel"] + p["d"]["bias"]
+    dz = jax.grad(lambda z: jnp.sum(jax.nn.relu(z) - t) ** 2)(z)
+    g = jax.grad(lambda p: jnp.sum(jax.nn.relu(x @ p["d"]["kernel"] + p["d"]["bias"]) - t) ** 2)(p)
+    direct = jnp.abs(jnp.sum(dz * z, axis=0))
+    direct = direct / jnp.linalg.norm(direct)
+    s = jp.criteria.taylor(p, g)["d"]["kernel"]
+    np.testing.assert_allclose(np.asarray(s[0]), np.asarray(direct), rtol=1e-4)
+    # taylor_ema's unit group sums the bias too: (sum_i W_ij g_ij + b_j g_bj)**2.
+    c = jp.criteria.taylor_ema(0.0)
+    e = c.score(c.update(c.init(p), p, g), p)["d"]["kernel"][0]
+    unit = jnp.sum(p["d"]["kernel"] * g["d"]["kernel"], 0) + p["d"]["bias"] * g["d"]["bias"]
+    np.testing.assert_allclose(np.asarray(e), np.asarray(unit**2), rtol=1e-4)
+
+
+def test_float16_products_are_formed_in_float32():
+    # Cast first: a float16 product of 1e-4-sized values underflowed to 0 (ties, wrong order).
+    w = {"w": jnp.array([[1e-4, 2e-4, 4e-4, 8e-4]], jnp.float16)}
+    g = {"w": jnp.array([[1e-4, 1e-4, 1e-4, 1e-4]], jnp.float16)}
+    exact = np.asarray(w["w"], np.float32) * np.asarray(g["w"], np.float32)
+    c = jp.criteria.ema_saliency(0.0)
+    np.testing.assert_allclose(c.score(c.update(c.init(w), w, g), w)["w"], exact, rtol=1e-6)
+    c = jp.criteria.movement()
+    np.testing.assert_allclose(c.score(c.update(c.init(w), w, g), w)["w"], -exact, rtol=1e-6)
+    c = jp.criteria.taylor_ema(0.0, group="entry")
+    np.testing.assert_allclose(c.score(c.update(c.init(w), w, g), w)["w"], exact**2, rtol=1e-5)
+    c = jp.criteria.obd_fisher(0.0)
+    h = np.asarray(g["w"], np.float32) ** 2
+    want = 0.5 * h * np.asarray(w["w"], np.float32) ** 2
+    np.testing.assert_allclose(c.score(c.update(c.init(w), w, g), w)["w"], want, rtol=1e-5)
+
+
+def test_criteria_take_nnx_state_params_with_pure_grads():
+    # nnx.state(model) is Variable-wrapped; jax.grad over a pure state and
+    # input_norms return pure trees. Every two-tree criterion crashed on the mix.
+    model = MLP((4, 3, 2), rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(state)
+    grads = jax.tree.map(jnp.ones_like, pure)
+    want = jax.tree.map(lambda w: np.abs(np.asarray(w)), pure)
+    got = nnx.to_pure_dict(nnx.State(jp.criteria.saliency(state, grads)))
+    jax.tree.map(np.testing.assert_allclose, got, want)
+    _, caps = jp.activations.capture_nnx(model, jnp.ones((2, 4)))
+    jp.criteria.wanda(state, jp.activations.input_norms(state, caps))
+    jp.criteria.taylor(state, grads)
+    for c in (jp.criteria.ema_saliency(), jp.criteria.movement(), jp.criteria.taylor_ema()):
+        c.score(c.update(c.init(state), state, grads), state)
+
+
+def test_two_tree_criteria_refuse_grads_of_other_shapes():
+    p = {"w": jnp.ones((2, 3))}
+    for fn in (jp.criteria.saliency, jp.criteria.taylor):
+        with pytest.raises(ValueError, match=r"grads must have the leaves.*w: \(4, 2, 3\) vs"):
+            fn(p, {"w": jnp.ones((4, 2, 3))})  # unreduced per-example grads broadcast before
+    c = jp.criteria.movement()
+    with pytest.raises(ValueError, match="grads must have the leaves"):
+        c.update(c.init(p), p, {"w": jnp.ones((3,))})
+
+
+def test_taylor_checks_unit_axis():
+    p, g = {"k": jnp.ones((2, 3))}, {"k": jnp.ones((2, 3))}
+    with pytest.raises(ValueError, match=r"unit_axis=5 is out of range for 'k' of shape \(2, 3\)"):
+        jp.criteria.taylor(p, g, unit_axis=5)  # was wrapped modulo ndim
+    with pytest.raises(ValueError, match="unit_axis must be an int"):
+        jp.criteria.taylor(p, g, unit_axis="out")
+    with pytest.raises(ValueError, match="unit_axis must be an int"):
+        jp.criteria.taylor_ema(unit_axis=1.5)
+
+
+def test_prune_grads_keyword_in_another_container():
+    # check_same_leaves lets containers differ; the criteria then crashed on the mix.
+    params = {"w": jax.random.normal(jax.random.key(0), (4, 4))}
+    g = FrozenDict({"w": jnp.broadcast_to(jnp.arange(1.0, 5.0), (4, 4))})
+    for crit in (jp.criteria.saliency, jp.criteria.taylor, jp.criteria.ema_saliency()):
+        tx = jp.prune(optax.sgd(0.1), sparsity=0.5, criterion=crit)
+        _, state = jax.jit(tx.update)(
+            jax.tree.map(jnp.zeros_like, params), tx.init(params), params, grads=g
+        )
+        assert float(jp.sparsity(jp.get_masks(state))) == 0.5
+
+
+def test_a_criterion_with_its_key_bound_keeps_it():
+    params = {"w": jnp.ones((4, 8))}
+    k = jax.random.key(7)
+    crit = functools.partial(jp.criteria.random, key=k)
+    want = jp.masks.topk(crit(params), 0.5)
+    for key in (None, jax.random.key(1)):  # refused before; then the bound key was replaced
+        tx = jp.prune(optax.sgd(0.1), sparsity=0.5, criterion=crit, key=key)
+        _, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+        np.testing.assert_array_equal(jp.get_masks(state)["w"], want["w"])
+    # A key parameter defaulting to None still gets jp.prune's key.
+    seen = []
+
+    def crit_opt(params, *, key=None):
+        seen.append(key is not None)
+        return jp.criteria.magnitude(params)
+
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5, criterion=crit_opt, key=jax.random.key(0))
+    tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    assert seen and all(seen)
+
+
+def test_second_order_estimates_keep_one_running_sum():
+    # Scratch memory was one params-sized array per probe / chunk.
+    p = {"w": jnp.ones((256, 256))}
+    loss = lambda p, x: jnp.mean((x @ p["w"]) ** 2)  # noqa: E731
+    x = jnp.ones((64, 256))
+
+    def temp(fn):
+        return jax.jit(fn).lower(p).compile().memory_analysis().temp_size_in_bytes
+
+    h4 = temp(
+        lambda p: jp.criteria.hutchinson_diag(loss, p, x, key=jax.random.key(0), num_samples=4)
+    )
+    h64 = temp(
+        lambda p: jp.criteria.hutchinson_diag(loss, p, x, key=jax.random.key(0), num_samples=64)
+    )
+    assert h64 < 1.5 * h4, (h4, h64)
+    f4 = temp(lambda p: jp.criteria.fisher_diag(loss, p, x[:16], chunk_size=4))
+    f64 = temp(lambda p: jp.criteria.fisher_diag(loss, p, x, chunk_size=4))
+    assert f64 < 1.5 * f4, (f4, f64)
+    # Still the right numbers: exact on a diagonal quadratic; fisher against a loop.
+    q = lambda p: 1.5 * p["w"][0] ** 2 + p["w"][1] ** 2  # noqa: E731
+    h = jp.criteria.hutchinson_diag(
+        q, {"w": jnp.ones(2)}, key=jax.random.key(0), num_samples=np.int64(3)
+    )
+    assert h["w"].tolist() == [3.0, 2.0]
+    lin = lambda p, x: jnp.mean(p["w"] * x)  # noqa: E731
+    assert jp.criteria.fisher_diag(lin, {"w": jnp.ones(())}, [1.0, 3.0], chunk_size=1)["w"] == 5.0
+
+
+def test_key_none_is_named():
+    with pytest.raises(ValueError, match="key must be a PRNG key, got None"):
+        jp.criteria.random({"w": jnp.ones(2)}, key=None)
+    with pytest.raises(ValueError, match="key must be a PRNG key, got None"):
+        jp.criteria.hutchinson_diag(lambda p: jnp.sum(p["w"]), {"w": jnp.ones(2)}, key=None)
