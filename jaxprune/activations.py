@@ -88,7 +88,9 @@ def _first_input_name(fn: Callable[..., Any]) -> str | None:
     return None
 
 
-def _call_input(name: str, first: str | None, args: tuple, kwargs: dict) -> Any:
+def _call_input(
+    name: str, first: str | None, args: tuple, kwargs: dict, fn: str = "capture_nnx"
+) -> Any:
     """Returns the input of a module call: its first positional argument, or the keyword."""
     if args:
         return args[0]
@@ -97,7 +99,7 @@ def _call_input(name: str, first: str | None, args: tuple, kwargs: dict) -> Any:
     if len(kwargs) == 1:
         return next(iter(kwargs.values()))
     raise ValueError(
-        f"capture_nnx: module {name!r} was called with no positional argument and keywords "
+        f"{fn}: module {name!r} was called with no positional argument and keywords "
         f"{sorted(kwargs)}, none of which is its input {first!r}, so its input cannot be "
         "recorded. Fix: pass the module's input positionally (layer(x)) or by its parameter "
         "name (layer(inputs=x) for flax's Linear and Conv)."
@@ -203,8 +205,10 @@ def capture_linen(
 
     def interceptor(next_fun, a, kw, context):
         out = next_fun(*a, **kw)
-        if context.method_name == "__call__" and isinstance(context.module, types) and a:
-            _record(records, path_str(tuple(context.module.path)), a[0], out)
+        if context.method_name == "__call__" and isinstance(context.module, types):
+            name = path_str(tuple(context.module.path))
+            first = _first_input_name(type(context.module).__call__)
+            _record(records, name, _call_input(name, first, a, kw, "capture_linen"), out)
         return out
 
     with nn.intercept_methods(interceptor):
@@ -317,6 +321,12 @@ def input_norms(
 
 
 def _per_unit(captures, fn):
+    if not isinstance(captures, dict):
+        raise ValueError(
+            f"captures must be a dict {{module path: Captured}} (one batch), got "
+            f"{type(captures).__name__}. Fix: pass what capture_nnx/capture_linen return (their "
+            "second result); for several batches, score each and average the results."
+        )
     return {
         name: fn(c.outputs.astype(jnp.float32).reshape(-1, c.outputs.shape[-1]))
         for name, c in captures.items()
@@ -363,8 +373,15 @@ def unit_scores(params: optax.Params, per_unit: dict[str, jax.Array]) -> optax.P
 
     A kernel ``[..., in, out]`` whose module has a per-unit score vector
     ``[out]`` gets it on every entry of each unit's column; kernels without
-    scores and non-kernel leaves get ``+inf`` (never chosen for pruning), so
-    ``topk``/``global_topk`` or a structured selection can consume the tree.
+    scores and non-kernel leaves get ``+inf`` (ranked after every finite
+    score), so ``topk``/``global_topk`` or a structured selection can consume
+    the tree.
+
+    Raises:
+      ValueError: a key of ``per_unit`` owns no kernel of ``params`` (e.g.
+        linen's full variables passed instead of ``variables["params"]``: every
+        kernel would get ``+inf``), or a vector's length is not its kernel's
+        number of units.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -373,11 +390,31 @@ def unit_scores(params: optax.Params, per_unit: dict[str, jax.Array]) -> optax.P
       [[1.0, 3.0], [1.0, 3.0]]
     """
     flat, treedef = leaves_with_paths(params)
+    owners = {_kernel_owner(path, leaf) for path, leaf in flat} - {None}
+    unused = sorted(set(per_unit) - owners)
+    if unused:
+        hint = ""
+        if any(path and path[0] == "params" for path, _ in flat):
+            hint = ' These params start with "params/": for linen pass variables["params"].'
+        raise ValueError(
+            f"unit_scores: per_unit has scores for {unused}, which own no kernel of params "
+            f"(the kernels' modules are {sorted(owners)[:10]}), so they would be dropped "
+            f"silently.{hint} Fix: pass the params of the captured model (keys are module "
+            "paths such as 'layers/0'), or drop those keys."
+        )
     out = []
     for path, leaf in flat:
         owner = _kernel_owner(path, leaf)
         if owner is not None and owner in per_unit:
-            out.append(jnp.broadcast_to(per_unit[owner].astype(jnp.float32), jnp.shape(leaf)))
+            vec = jnp.asarray(per_unit[owner], jnp.float32)
+            if vec.shape != (jnp.shape(leaf)[-1],):
+                raise ValueError(
+                    f"unit_scores: per_unit[{owner!r}] has shape {vec.shape}, but the kernel "
+                    f"{path_str(path)!r} of shape {jnp.shape(leaf)} has {jnp.shape(leaf)[-1]} "
+                    "units (its last axis). Fix: one score per output unit, e.g. "
+                    "jp.activations.mean_abs(captures) of this model."
+                )
+            out.append(jnp.broadcast_to(vec, jnp.shape(leaf)))
         else:
             out.append(jnp.full(jnp.shape(leaf), jnp.inf, jnp.float32))
     return jax.tree.unflatten(treedef, out)

@@ -54,9 +54,14 @@ def _check_shapes(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike) -> None:
         )
 
 
-def _varies(std: jax.Array) -> jax.Array:
-    """Returns which units are not constant, from ``sqrt(sum (h - mean h)**2)`` per unit."""
-    return std > 1e-12
+def _varies(h: jax.Array) -> jax.Array:
+    """Returns which units (columns of ``h``) are not exactly constant.
+
+    Exact, not a threshold on the centered norm: a constant that float32 cannot
+    represent (0.1) leaves a centered norm of rounding errors, ~1e-7, and two
+    such units would look perfectly correlated.
+    """
+    return jnp.max(h, axis=0) > jnp.min(h, axis=0)
 
 
 def most_correlated_pair(
@@ -82,9 +87,14 @@ def most_correlated_pair(
     h = jnp.asarray(h, jnp.float32)
     units = h.shape[1]
     alive = jnp.ones(units, bool) if alive is None else jnp.asarray(alive, bool)
+    if alive.shape != (units,):
+        raise ValueError(
+            f"alive must have one entry per unit, shape ({units},) for h of shape {h.shape}, "
+            f"got {alive.shape}. Fix: pass a bool vector over h's columns."
+        )
     hc = h - h.mean(axis=0)
     std = jnp.sqrt(jnp.sum(hc**2, axis=0))
-    ok = alive & _varies(std)
+    ok = alive & _varies(h)
     corr = (hc.T @ hc) / jnp.maximum(std[:, None] * std[None, :], 1e-30)
     valid = ok[:, None] & ok[None, :] & ~jnp.eye(units, dtype=bool)
     flat = jnp.argmax(jnp.where(valid, jnp.abs(corr), -1.0))
@@ -179,8 +189,7 @@ def noiseout(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, num_merges: int) 
         i, j = most_correlated_pair(h, alive)
         found = i >= 0
         if not isinstance(found, jax.core.Tracer) and not bool(found):
-            std = jnp.sqrt(jnp.sum((h - h.mean(axis=0)) ** 2, axis=0))
-            constant = int(jnp.sum(alive & ~_varies(std)))
+            constant = int(jnp.sum(alive & ~_varies(h)))
             raise ValueError(
                 f"noiseout could make only {done} of num_merges={num_merges} merges: fewer than "
                 f"two alive units with non-constant activations remain ({int(alive.sum())} "

@@ -155,3 +155,49 @@ def test_key_none_is_named():
         jp.criteria.random({"w": jnp.ones(2)}, key=None)
     with pytest.raises(ValueError, match="key must be a PRNG key, got None"):
         jp.criteria.hutchinson_diag(lambda p: jnp.sum(p["w"]), {"w": jnp.ones(2)}, key=None)
+
+
+def test_capture_linen_records_a_keyword_input():
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Dense(4, name="fc1")(x))
+            return nn.Dense(2, name="fc2")(inputs=h)  # was skipped without a word
+
+    net = Net()
+    v = net.init(jax.random.key(0), jnp.ones((1, 3)))
+    x = jax.random.normal(jax.random.key(1), (5, 3))
+    _, caps = jp.activations.capture_linen(net, v, x)
+    assert sorted(caps) == ["fc1", "fc2"]
+    h = jax.nn.relu(x @ v["params"]["fc1"]["kernel"] + v["params"]["fc1"]["bias"])
+    np.testing.assert_allclose(caps["fc2"].inputs, h, rtol=1e-6)
+
+
+def test_unit_scores_refuses_keys_that_own_no_kernel_and_wrong_lengths():
+    import flax.linen as nn
+
+    m = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+    v = m.init(jax.random.key(0), jnp.ones((1, 4)))
+    _, caps = jp.activations.capture_linen(m, v, jnp.ones((5, 4)))
+    per_unit = jp.activations.mean_abs(caps)
+    s = jp.activations.unit_scores(v["params"], per_unit)
+    assert np.isfinite(np.asarray(s["layers_0"]["kernel"])).all()
+    # The full variables: every kernel got +inf, and topk pruned in flatten order.
+    with pytest.raises(ValueError, match=r"own no kernel of params.*variables\[\"params\"\]"):
+        jp.activations.unit_scores(v, per_unit)
+    with pytest.raises(ValueError, match=r"per_unit\['layers_0'\] has shape \(2,\).*3 units"):
+        jp.activations.unit_scores(v["params"], {"layers_0": jnp.ones(2)})
+    with pytest.raises(ValueError, match="captures must be a dict"):
+        jp.activations.mean_abs([caps])
+
+
+def test_noiseout_never_pairs_constant_units_float32_cannot_represent():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=64).astype(np.float32)
+    h = np.stack([a, a + 1e-2 * rng.normal(size=64), np.full(64, 0.1), np.full(64, 0.3)], 1)
+    i, j = jp.merge.most_correlated_pair(jnp.asarray(h, jnp.float32))
+    assert (int(i), int(j)) == (0, 1)  # was (2, 3): rounding errors looked correlated
+    with pytest.raises(ValueError, match=r"alive must have one entry per unit, shape \(4,\)"):
+        jp.merge.most_correlated_pair(h, jnp.ones(3, bool))

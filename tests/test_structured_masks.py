@@ -3,9 +3,9 @@
 import functools
 
 import jax
-import optax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
