@@ -2,8 +2,10 @@
 
 Honest numbers (DESIGN.md, decision 10): *sparsity* is the fraction of zero
 entries after the masks are applied; *compressed bytes* are those of the
-smallest exact encoding of :mod:`jaxprune.packing` (what
-``jaxprune export --format compressed`` writes); *dense FLOPs* come from XLA's
+smallest exact encoding of :mod:`jaxprune.packing` of the masked leaf, packed
+with its mask (what ``jp.save`` and ``jaxprune export --format compressed``
+write for params that are zero where their masks are False, as ``jp.prune``
+keeps them; a scalar mask keeps its leaf dense); *dense FLOPs* come from XLA's
 cost analysis of the compiled apply function (which counts the body of a
 ``lax.scan`` / ``while_loop`` once, whatever its trip count: the MAC counts
 below multiply by it); *nonzero MACs* follow ShrinkBench:
@@ -35,6 +37,7 @@ from flax import nnx
 
 from jaxprune import packing
 from jaxprune._tree import leaves_with_paths, path_str, unwrap_variables
+from jaxprune.masks import _broadcast_prefix
 
 __all__ = ["LeafRow", "Report", "report", "plot_sparsity", "plot_accuracy_vs_compression"]
 
@@ -141,6 +144,8 @@ class Report:
 def _mask_lookup(params: Any, masks: Any) -> dict[str, np.ndarray]:
     if masks is None:
         return {}
+    # A scalar mask standing for a subtree (jp.get_masks under optax.masked).
+    masks = _broadcast_prefix(params, masks)
     flat, _ = leaves_with_paths(masks)
     found = {path_str(p): np.asarray(jax.device_get(m), bool) for p, m in flat}
     shapes = {path_str(p): np.shape(x) for p, x in leaves_with_paths(params)[0]}
@@ -216,7 +221,9 @@ def report(
         masked = mask is not None and mask.ndim > 0
         if masked:
             x = np.where(mask, x, np.zeros((), x.dtype))
-        arrays, spec = packing.pack_leaf(x, mask if masked else None)
+        # Bytes and encoding as a compressed checkpoint stores the masked leaf with
+        # its mask (a scalar mask included, as jp.save does).
+        arrays, spec = packing.pack_leaf(x, mask)
         nonzeros = int(np.count_nonzero(x))
         rows.append(
             LeafRow(
@@ -301,6 +308,12 @@ _PASS_THROUGH = {
 }
 
 
+# Ops taking part of a parameter (a fused QKV kernel split in three, a stacked
+# layer indexed by step): every output keeps the parameter's identity, with its
+# average density (an approximation when the parts' densities differ).
+_SLICING = {"slice", "dynamic_slice", "gather", "split"}
+
+
 # Element-wise ops whose result is zero wherever their one parameter operand is
 # (a scale, a mask): `select_n` counts only when its other cases are not params.
 _MASKING = {"mul", "select_n"}
@@ -313,11 +326,35 @@ def _macs(eqn) -> float:
         lhs = eqn.invars[0].aval.shape
         return float(out * math.prod(lhs[i] for i in lc))
     rhs = eqn.invars[1].aval.shape
-    out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+    dn = eqn.params["dimension_numbers"]
+    out_dim = dn.rhs_spec[0]
+    if any(d != 1 for d in eqn.params.get("lhs_dilation") or ()):
+        return _transposed_conv_macs(eqn)
     # Per output entry: the kernel's size without its output-feature axis (a conv
     # shrunk to no filters has out == 0 and must count 0, not divide by 0).
     per_output = math.prod(d for i, d in enumerate(rhs) if i != out_dim)
     return float(out * per_output)
+
+
+def _transposed_conv_macs(eqn) -> float:
+    """MACs of a conv with input dilation (a transposed conv): taps on real input pixels only.
+
+    Counting every (output, tap) pair would charge the zeros inserted between
+    input pixels, about ``prod(lhs_dilation)`` times the work done.
+    """
+    lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+    out = eqn.outvars[0].aval.shape
+    dn, p = eqn.params["dimension_numbers"], eqn.params
+    taps = 1
+    for d in range(len(dn.lhs_spec) - 2):
+        size, k = lhs[dn.lhs_spec[2 + d]], rhs[dn.rhs_spec[2 + d]]
+        o = np.arange(out[dn.out_spec[2 + d]])[:, None]
+        q = o * p["window_strides"][d] + np.arange(k)[None, :] * p["rhs_dilation"][d]
+        q = q - p["padding"][d][0]
+        s = p["lhs_dilation"][d]
+        taps *= int(np.sum((q >= 0) & (q <= (size - 1) * s) & (q % s == 0)))
+    batch_out = out[dn.out_spec[0]] * out[dn.out_spec[1]]
+    return float(batch_out * rhs[dn.rhs_spec[1]] * taps)
 
 
 def _sub_jaxprs(eqn):
@@ -342,6 +379,9 @@ def _walk(jaxpr, src: dict, density: dict[str, float]) -> tuple[float, float]:
             dense, nonzero = dense + d, nonzero + d * scale
         elif name in _PASS_THROUGH and ins and ins[0] is not None:
             src[eqn.outvars[0]] = ins[0]
+        elif name in _SLICING and ins and ins[0] is not None:
+            for out in eqn.outvars:
+                src[out] = ins[0]
         elif name in _MASKING and len({p for p in ins if p is not None}) == 1:
             # w * c, or where(m, w, 0) (jp.apply_masks inside apply_fn): the result
             # is nonzero at most where the one parameter it reads is, so it keeps
@@ -443,8 +483,9 @@ def plot_accuracy_vs_compression(results: Any, path: str | os.PathLike | None = 
       path: where to save the figure (any format matplotlib writes), or None.
 
     Raises:
-      ValueError: the file is missing, or a record lacks ``accuracy`` or both of
-        ``compression`` and ``sparsity``.
+      ValueError: the file is missing, a record lacks ``accuracy`` or both of
+        ``compression`` and ``sparsity``, or has ``compression < 1`` or a
+        ``sparsity`` outside ``[0, 1)``.
     """
     from matplotlib.figure import Figure
 
@@ -460,14 +501,26 @@ def plot_accuracy_vs_compression(results: Any, path: str | os.PathLike | None = 
             )
         if "compression" in given:
             c = float(r["compression"])
-        elif float(r["sparsity"]) >= 1.0:
-            raise ValueError(
-                f"results record {i} has sparsity {r['sparsity']}: a model with every "
-                "weight pruned has no finite compression ratio to plot. Fix: drop the "
-                "record, or give its 'compression'."
-            )
+            if not c >= 1.0:
+                raise ValueError(
+                    f"results record {i} has compression {r['compression']}; it must be >= 1 "
+                    "(params / nonzero params). Fix: give params / nonzeros, or the record's "
+                    "'sparsity' (a fraction in [0, 1))."
+                )
         else:
-            c = 1 / (1 - float(r["sparsity"]))
+            s = float(r["sparsity"])
+            if s == 1.0:
+                raise ValueError(
+                    f"results record {i} has sparsity {r['sparsity']}: a model with every "
+                    "weight pruned has no finite compression ratio to plot. Fix: drop the "
+                    "record, or give its 'compression'."
+                )
+            if not 0.0 <= s < 1.0:
+                raise ValueError(
+                    f"results record {i} has sparsity {r['sparsity']}; it must be a fraction "
+                    "in [0, 1). Fix: write 0.9 for 90% (not 90)."
+                )
+            c = 1 / (1 - s)
         series.setdefault(str(r.get("method", "")), []).append((c, float(r["accuracy"])))
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()

@@ -197,3 +197,74 @@ def test_nonzero_macs_follow_masked_and_scaled_params_through_jit():
     q = {"a": p["w"], "b": jnp.ones((4, 4))}
     flops = report(q, None, lambda q, x: x @ (q["a"] * q["b"]), x).flops
     assert flops["nonzero_macs"] == 48.0
+
+
+def test_nonzero_macs_follow_slices_splits_and_indexing_of_a_parameter():
+    # A fused QKV kernel split in three, a column slice, a stacked layer indexed in a
+    # loop: each lost the parameter's identity, and its MACs counted as dense.
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(8, 48)) * (rng.random((8, 48)) < 0.25), jnp.float32)
+    d = float(np.mean(np.asarray(w) != 0))
+    x = jnp.ones((2, 8))
+
+    def qkv(p, x):
+        q, k, v = jnp.split(p["w"], 3, axis=1)
+        return x @ q + x @ k + x @ v
+
+    for fn, dense in ((qkv, 2 * 8 * 48), (lambda p, x: x @ p["w"][:, :16], 2 * 8 * 16)):
+        f = report({"w": w}, apply_fn=fn, example_inputs=x).flops
+        assert f["dense_macs"] == dense
+        assert f["nonzero_macs"] == pytest.approx(dense * d)
+    ws = jnp.stack([w[:, :8]] * 3)
+
+    def stacked(p, x):
+        for i in range(3):
+            x = x @ p["ws"][i]
+        return x
+
+    f = report({"ws": ws}, apply_fn=stacked, example_inputs=x).flops
+    density = float(np.mean(np.asarray(ws) != 0))
+    assert f["nonzero_macs"] == pytest.approx(f["dense_macs"] * density)
+
+
+def test_transposed_conv_macs_count_real_input_pixels_only():
+    # Input dilation inserts zeros; counting every (output, tap) pair gave ~stride^2 x.
+    conv = nnx.ConvTranspose(8, 16, (3, 3), strides=(2, 2), rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 10, 10, 8))
+    f = report(conv, example_inputs=x).flops
+    assert f["dense_macs"] == pytest.approx(f["xla_flops"] / 2, rel=0.1)
+    assert f["dense_macs"] <= 2 * 10 * 10 * 8 * 3 * 3 * 16  # at most every input pixel x kernel
+
+
+def test_report_takes_prefix_masks_and_matches_the_checkpoint_bytes():
+    import optax
+
+    params = {"enc": _mlp()["l1"], "head": {"kernel": jnp.ones((30, 5))}}
+    tx = optax.masked(jp.prune(optax.sgd(0.1), sparsity=0.5), {"enc": True, "head": False})
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    masks = jp.get_masks(state)
+    r = report(params, masks)  # was: "masks has leaves that params lacks: head"
+    rows = {row.path: row for row in r.rows}
+    assert rows["enc/kernel"].masked and rows["enc/kernel"].sparsity == pytest.approx(0.5)
+    assert rows["enc/bias"].encoding == "dense"  # a scalar mask keeps a leaf dense, as stored
+    from jaxprune import packing  # what jp.save(..., format="compressed") stores per leaf
+
+    stored = sum(
+        packing.packed_nbytes(np.asarray(x), np.asarray(m))
+        for x, m in zip(
+            jax.tree.leaves(params),
+            jax.tree.leaves(jp.masks._broadcast_prefix(params, masks)),
+            strict=True,
+        )
+    )
+    assert r.totals["compressed_bytes"] == stored
+
+
+def test_plot_accuracy_vs_compression_checks_ranges():
+    with pytest.raises(ValueError, match=r"sparsity 90; it must be a fraction in \[0, 1\)"):
+        plot_accuracy_vs_compression([{"sparsity": 90, "accuracy": 0.9}])
+    with pytest.raises(ValueError, match="compression 0; it must be >= 1"):
+        plot_accuracy_vs_compression([{"compression": 0, "accuracy": 0.9}])
