@@ -7,6 +7,7 @@ result feeds any selection (``jp.masks.topk``, ``jp.masks.global_topk``) or a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, as_int, prunable_flags
+from jaxprune._tree import Where, as_int, flagged, leaves_with_paths, path_str, prunable_flags
 
 __all__ = ["snip", "grasp", "synflow_scores", "synflow"]
 
@@ -108,6 +109,71 @@ def _apply_ones(apply_fn: Callable[..., Any], params: Any, x: jax.Array) -> jax.
         ) from e
 
 
+def _working_dtype(dtype: Any) -> Any:
+    """Returns ``dtype`` widened to float32 at least (bfloat16 sums in float32, float64 stays)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _scores_and_r(
+    apply_fn: Callable[..., Any], params: Any, input_shape: Any
+) -> tuple[Any, jax.Array]:
+    """Returns ``(scores, R)``, both in the params' dtype (float32 at least), never cast down.
+
+    A float32 cast of ``R`` or of the scores would turn float64 values past
+    ``3.4e38`` (deep networks) into ``inf`` and undo ``jax_enable_x64``.
+    """
+    x = jnp.ones(_check_input_shape(input_shape), jnp.result_type(jax.tree.leaves(params)[0]))
+    abs_params = jax.tree.map(jnp.abs, params)
+
+    def r_fn(p):
+        out = jnp.asarray(_apply_ones(apply_fn, p, x))
+        return jnp.sum(out.astype(_working_dtype(out.dtype)))
+
+    r, grads = jax.value_and_grad(r_fn)(abs_params)
+    scores = jax.tree.map(
+        lambda w, g: (w * g).astype(_working_dtype(jnp.result_type(w, g))), abs_params, grads
+    )
+    return scores, r
+
+
+def _num_not_finite(scores: Any, masks: Any | None = None) -> jax.Array:
+    """Returns the number of inf/nan scores (only where ``masks`` is True, when given)."""
+    leaves = jax.tree.leaves(scores)
+    m_leaves = jax.tree.leaves(masks) if masks is not None else [True] * len(leaves)
+    total = jnp.int32(0)
+    for x, m in zip(leaves, m_leaves, strict=True):
+        total = total + jnp.sum(~jnp.isfinite(x) & m, dtype=jnp.int32)
+    return total
+
+
+def _check_finite(r: Any, num_bad: Any, like: Any, context: str) -> None:
+    """Raises ``ValueError`` when ``R`` or a score is inf/nan (concrete values only)."""
+    if isinstance(r, jax.core.Tracer) or isinstance(num_bad, jax.core.Tracer):
+        return  # inside a trace the caller checks the values it gets back
+    if bool(jnp.isfinite(r)) and int(num_bad) == 0:
+        return
+    dtype = jnp.result_type(r)
+    n = sum(int(jnp.size(x)) for x in jax.tree.leaves(like))
+    fix = (
+        "run SynFlow in float64, as the paper does: jax.config.update('jax_enable_x64', True) "
+        "at startup and pass params=jax.tree.map(lambda x: x.astype(jnp.float64), params) "
+        "(the masks are the same bool tree), or use fewer layers, or rescale each layer's "
+        "weights by a positive constant first (for bias-free ReLU/linear nets that keeps "
+        "the ranking)"
+        if jnp.finfo(dtype).bits < 64
+        else "use fewer layers, or rescale each layer's weights by a positive constant first "
+        "(for bias-free ReLU/linear nets that keeps the ranking)"
+    )
+    raise ValueError(
+        f"SynFlow's scores are not finite{context}: R = sum(apply_fn(|params|, ones)) = "
+        f"{float(r)} and {int(num_bad)} of {n} scores are inf or nan, in {dtype} (largest "
+        f"finite value {float(jnp.finfo(dtype).max):.1e}). SynFlow multiplies |W| along every "
+        "input-output path, so R grows like the product of the layers' weight norms and "
+        f"overflows {dtype} on deep networks (or params / apply_fn hold inf or nan). The masks "
+        f"would then depend only on the leaves' order. Fix: {fix}."
+    )
+
+
 def synflow_scores(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     params: optax.Params,
@@ -115,15 +181,36 @@ def synflow_scores(
 ) -> optax.Params:
     """Returns SynFlow scores ``|dR/dw * w|`` with ``R = 1^T f(|W|; 1)``, data-free.
 
+    The scores keep the params' dtype (float32 at least), so float64 params
+    under ``jax_enable_x64`` give float64 scores: ``R`` is a product of
+    ``|W|`` over the network's depth and overflows float32 (``3.4e38``) on deep
+    networks (a 60-layer ReLU MLP at lecun-normal init has ``R ~ 1e50``).
+
+    ``apply_fn`` must run the network in inference mode: ``model.eval()``
+    before ``nnx.split`` (linen: ``use_running_average=True``,
+    ``deterministic=True``), so BatchNorm uses its running averages and dropout
+    is off. SynFlow scores the synaptic flow of the network on one all-ones
+    input; in training mode BatchNorm normalises that batch by its own
+    statistics, which removes almost all of the signal, the layers before it
+    score near 0 and a global selection empties them (layer collapse), and
+    dropout makes the scores random. For an nnx model::
+
+        model.eval()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        apply_fn = lambda p, x: nnx.merge(graphdef, p, rest, copy=True)(x)
+
     Args:
-      apply_fn: ``apply_fn(params, x) -> outputs`` of the network.
+      apply_fn: ``apply_fn(params, x) -> outputs`` of the network, in
+        inference mode (see above).
       params: params (already masked, for the iterative use).
       input_shape: the shape of one all-ones input batch, e.g. ``(1, 28, 28, 1)``.
 
     Raises:
       ValueError: ``input_shape`` is not a tuple of positive ints, or
         ``apply_fn`` fails on an input of that shape (the message quotes the
-        model's error, e.g. a ``dot_general`` size mismatch).
+        model's error, e.g. a ``dot_general`` size mismatch); or, outside a
+        trace, ``R`` or a score is inf/nan (the params' dtype overflowed: run
+        in float64 with ``jax_enable_x64``, or use fewer layers / rescale).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -136,19 +223,35 @@ def synflow_scores(
       Tanaka et al., "Pruning neural networks without any data by iteratively
       conserving synaptic flow", 2020. https://arxiv.org/abs/2006.05467
     """
-    x = jnp.ones(_check_input_shape(input_shape), jnp.result_type(jax.tree.leaves(params)[0]))
-    abs_params = jax.tree.map(jnp.abs, params)
-    grads = jax.grad(lambda p: jnp.sum(_apply_ones(apply_fn, p, x).astype(jnp.float32)))(abs_params)
-    return jax.tree.map(lambda w, g: (w * g).astype(jnp.float32), abs_params, grads)
+    scores, r = _scores_and_r(apply_fn, params, input_shape)
+    _check_finite(r, _num_not_finite(scores), scores, "")
+    return scores
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _synflow_round(apply_fn, input_shape, where, params, masks, s):
-    """One SynFlow round; jitted once per (apply_fn, shapes), not once per call."""
-    scores = synflow_scores(apply_fn, _masks.apply_masks(params, masks), input_shape)
-    # Pruned entries must stay pruned: their SynFlow score is 0 but so may be others'.
-    scores = jax.tree.map(lambda x, m: jnp.where(m, x, -1.0), scores, masks)
-    return _masks.global_topk(scores, s, where=where)
+def _masked_scores(
+    apply_fn: Callable[..., Any], params: Any, masks: Any, input_shape: Any, flags: list[bool]
+) -> tuple[Any, jax.Array, jax.Array, Any]:
+    """Returns ``(selection scores, R, number of non-finite live scores, raw scores)``.
+
+    Pruned entries get ``-1`` so they stay pruned (their score is 0, but so
+    may be others'). Selections compare scores as float32: wider scores are
+    first divided by the largest live prunable score, in their own dtype, so
+    float64 scores past float32's range keep their order.
+    """
+    scores, r = _scores_and_r(apply_fn, _masks.apply_masks(params, masks), input_shape)
+    bad = _num_not_finite(scores, masks)
+    sel = scores
+    leaves = jax.tree.leaves(scores)
+    if any(jnp.finfo(x.dtype).bits > 32 for x in leaves):
+        m_leaves = jax.tree.leaves(masks)
+        top = jnp.zeros((), jnp.result_type(*leaves))
+        for x, m, f in zip(leaves, m_leaves, flags, strict=True):
+            if f and jnp.size(x):
+                top = jnp.maximum(top, jnp.max(jnp.where(m, x, 0)))
+        scale = jnp.where(top > 0, top, 1)
+        sel = jax.tree.map(lambda x: x / scale.astype(x.dtype), scores)
+    sel = jax.tree.map(lambda x, m: jnp.where(m, x, -1.0), sel, masks)
+    return sel, r, bad, scores
 
 
 def synflow(
@@ -166,8 +269,21 @@ def synflow(
     scores of the masked network (the exponential schedule), so the final
     masks prune exactly ``round(sparsity * N)`` prunable entries.
 
+    ``apply_fn`` must run the network in inference mode (``model.eval()``;
+    BatchNorm on its running averages, no dropout): in training mode
+    BatchNorm normalises the all-ones input by its own statistics, the layers
+    before it score near 0 and are emptied (layer collapse, the failure
+    SynFlow is meant to prevent); see :func:`synflow_scores` for an nnx
+    example. A prunable leaf that ends with no entry kept is warned about.
+
+    The rounds are compiled once per call (``apply_fn`` is traced afresh at
+    every call, so a model switched to eval mode, or other state it reads, is
+    seen). Scores are computed in the params' dtype: on deep networks ``R``
+    overflows float32, which raises a ``ValueError``; pass float64 params with
+    ``jax_enable_x64`` on, as the paper does (the masks are the same bools).
+
     Args:
-      apply_fn: ``apply_fn(params, x) -> outputs``.
+      apply_fn: ``apply_fn(params, x) -> outputs``, in inference mode.
       params: the initialized params.
       input_shape: shape of the all-ones input, batch of 1 included.
       sparsity: final fraction to prune in ``[0, 1]``.
@@ -177,7 +293,13 @@ def synflow(
     Raises:
       ValueError: ``iterations`` is not a positive int, ``sparsity`` is out of
         range, or ``input_shape`` is malformed or not an input ``apply_fn``
-        accepts (checked once, before the rounds).
+        accepts (checked once, before the rounds); or ``R`` or a score of a
+        round is inf/nan (overflow on a deep network: run in float64 with
+        ``jax_enable_x64``, or use fewer layers / rescale the weights).
+
+    Warns:
+      UserWarning: a prunable leaf is pruned entirely (``sparsity < 1``),
+        naming the leaves: usually a model in training mode.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -190,23 +312,61 @@ def synflow(
     References:
       Tanaka et al. 2020. https://arxiv.org/abs/2006.05467
     """
-    if not isinstance(iterations, int) or iterations < 1:
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
         raise ValueError(
             f"iterations must be a positive int (score/prune rounds), got {iterations!r}. "
             "Fix: iterations=100 as in the paper."
         )
     _masks._check_sparsity(sparsity)
-    prunable_flags(params, where)
+    flags = prunable_flags(params, where)
+    chosen = flagged(params, flags)  # `where` would judge the scores' and masks' dtypes
     input_shape = _check_input_shape(input_shape)
     x = jax.ShapeDtypeStruct(input_shape, jnp.result_type(jax.tree.leaves(params)[0]))
     jax.eval_shape(partial(_apply_ones, apply_fn), params, x)  # fail fast, before any round
 
-    masks = _masks.global_topk(jax.tree.map(jnp.ones_like, params), 0.0, where=where)
+    # Built here, not at module level: a jit keyed on apply_fn would replay the
+    # first call's trace, with whatever apply_fn closed over then (train/eval
+    # mode, BatchNorm statistics, a rebuilt model). One compile per call.
+    @jax.jit
+    def round_fn(params, masks, s):
+        sel, r, bad, _ = _masked_scores(apply_fn, params, masks, input_shape, flags)
+        return _masks.global_topk(sel, s, where=chosen), r, bad
+
+    masks = _masks.global_topk(jax.tree.map(jnp.ones_like, params), 0.0, where=chosen)
     density = 1.0 - float(sparsity)
     for k in range(1, iterations + 1):
         s = jnp.float32(1.0 - density ** (k / iterations))
-        masks = _synflow_round(apply_fn, input_shape, where, params, masks, s)
+        new_masks, r, bad = round_fn(params, masks, s)
+        # The scores that chose new_masks were those of `masks`' network.
+        _check_finite(r, bad, params, f" in round {k} of {iterations}")
+        masks = new_masks
     # The traced count rounds in float32; fix the exact count on the last scores.
-    scores = synflow_scores(apply_fn, _masks.apply_masks(params, masks), input_shape)
-    scores = jax.tree.map(lambda x, m: jnp.where(m, x, -1.0), scores, masks)
-    return _masks.global_topk(scores, float(sparsity), where=where)
+    sel, r, bad, _ = _masked_scores(apply_fn, params, masks, input_shape, flags)
+    _check_finite(r, bad, params, " in the final round")
+    masks = _masks.global_topk(sel, float(sparsity), where=chosen)
+    _warn_collapsed(masks, flags, float(sparsity))
+    return masks
+
+
+def _warn_collapsed(masks: Any, flags: list[bool], sparsity: float) -> None:
+    """Warns naming the prunable leaves with no entry kept (concrete masks, ``sparsity < 1``)."""
+    if sparsity >= 1.0:
+        return
+    collapsed = []
+    for (path, m), f in zip(leaves_with_paths(masks)[0], flags, strict=True):
+        if not f or not jnp.size(m) or isinstance(m, jax.core.Tracer):
+            continue
+        if not bool(jnp.any(m)):
+            collapsed.append(path_str(path))
+    if collapsed:
+        warnings.warn(
+            f"synflow pruned every entry of {collapsed} at sparsity={sparsity}: layer collapse, "
+            "the network is cut at these layers, the failure SynFlow is meant to prevent. Usual "
+            "cause: apply_fn runs the model in training mode, where BatchNorm normalises the "
+            "all-ones input by its own statistics and the layers before it score near 0. Fix: "
+            "score the model in inference mode (nnx: model.eval() before nnx.split; linen: "
+            "use_running_average=True, deterministic=True); or lower sparsity, or pass a `where` "
+            "that leaves these leaves out.",
+            UserWarning,
+            stacklevel=3,
+        )

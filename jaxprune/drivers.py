@@ -1,10 +1,23 @@
 """Drivers: loops around a user's train function (iterative pruning, lottery tickets, random masks).
 
 The train function is the user's: ``train(params, masks) -> params`` trains
-with the masks enforced (e.g. ``jp.prune(tx, sparsity=..., criterion=lambda
-params: masks_as_scores)`` or plain ``jp.apply_masks`` after every step) and
-returns the trained params. Drivers only decide which masks and which starting
-params each round gets.
+with exactly the given masks enforced and returns the trained params. Drivers
+only decide which masks and which starting params each round gets, and check
+that the trained params are zero wherever the round's masks are ``False``
+(a ``ValueError`` naming the round and the leaf otherwise). Two ways to
+enforce them:
+
+- ``jp.apply_masks(params, masks)`` after every optimizer step;
+- ``jp.prune`` with a scope that returns the driver's masks as they are::
+
+      def train(params, masks):
+          tx = jp.prune(optax.adam(1e-3), sparsity=0.0,
+                        scope=lambda scores, sparsity, where=None: masks)
+          ...  # the usual loop with tx (pass the driver's `where=` too, if any)
+
+  (a ``criterion=`` that re-selects, such as masks-as-scores with the default
+  ``scope="layer"``, re-chooses the survivors per layer and brings back
+  weights the driver pruned).
 """
 
 from __future__ import annotations
@@ -22,9 +35,11 @@ from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
 from jaxprune._tree import (
     Where,
+    as_int,
     check_same_structure,
     flagged,
     is_variable,
+    key_parts,
     leaves_with_paths,
     path_str,
     prunable_flags,
@@ -93,12 +108,15 @@ def iterative_pruning(
     Args:
       train: ``train(params, masks) -> trained params`` with the masks enforced
         (for nnx: ``nnx.update(model, params)``, train, ``return nnx.state(model,
-        nnx.Param)``).
+        nnx.Param)``); see the module docstring for two ways to enforce them.
+        The trained params must be exactly zero where ``masks`` is ``False`` on
+        the prunable leaves (checked after every pruned round).
       params: the initial params (``theta_0``).
       rounds: number of pruning rounds after the dense one.
       rate: fraction of the surviving prunable weights removed each round, in
-        (0, 1); or a sequence (list, tuple, 1-D array) of ``rounds`` increasing
-        target sparsities.
+        (0, 1); or a sequence (list, tuple, 1-D array) of ``rounds``
+        non-decreasing target sparsities in (0, 1) (a repeated target keeps
+        the masks and trains again).
       rewind_to: params to restart every pruned round from; ``None`` continues
         from the trained weights.
       criterion: ``params -> scores`` (higher kept) on the trained params.
@@ -113,7 +131,9 @@ def iterative_pruning(
     Raises:
       ValueError: ``rounds`` or ``rate`` out of range or of the wrong kind;
         ``train`` returns ``None`` or params of another structure or shape than
-        ``params`` (as may ``rewind_to``, ``trained`` and the criterion's scores).
+        ``params`` (as may ``rewind_to``, ``trained`` and the criterion's scores);
+        ``train`` returns params that are not zero where the round's masks are
+        ``False`` on a prunable leaf (it did not enforce the masks).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -177,8 +197,33 @@ def iterative_pruning(
             "train(params, masks)",
             pure_params,
         )
+        _check_enforced(current, masks, flags, r)
         out.append(Round(r, float(_masks.sparsity(masks, where=counted)), masks, current))
     return out
+
+
+def _check_enforced(trained: Any, masks: Any, flags: list[bool], round_index: int) -> None:
+    """Raises ``ValueError`` when ``trained`` is nonzero where ``masks`` is False (prunable leaves).
+
+    Otherwise ``Round.params`` would disagree with ``Round.masks``: the next
+    round's scores, and any sparsity measured on the params, would be wrong.
+    """
+    flat_p = leaves_with_paths(trained)[0]
+    flat_m = leaves_with_paths(_masks._broadcast_prefix(unwrap_variables(trained), masks))[0]
+    for ((path, x), (_, m)), f in zip(zip(flat_p, flat_m, strict=True), flags, strict=True):
+        if not f or isinstance(x, jax.core.Tracer) or isinstance(m, jax.core.Tracer):
+            continue
+        bad = int(jnp.sum((jnp.asarray(x) != 0) & ~jnp.asarray(m, bool)))
+        if bad:
+            raise ValueError(
+                f"train did not enforce the masks of round {round_index}: the params it returned "
+                f"have {bad} nonzero entries at {path_str(path)!r} where the masks are False "
+                f"(of {int(jnp.size(x)) - int(jnp.sum(jnp.broadcast_to(m, jnp.shape(x))))} "
+                "pruned there). Fix: enforce the masks in train, e.g. params = "
+                "jp.apply_masks(params, masks) after every optimizer step, or train with "
+                "jp.prune(tx, sparsity=0.0, scope=lambda scores, sparsity, where=None: masks) "
+                "(see the jp.drivers module docstring)."
+            )
 
 
 def _targets(rate: Any, rounds: int) -> list[float]:
@@ -196,8 +241,9 @@ def _targets(rate: Any, rounds: int) -> list[float]:
             or any(b < a for a, b in zip(targets, targets[1:], strict=False))
         ):
             raise ValueError(
-                f"rate as a sequence must hold {rounds} increasing per-round target sparsities "
-                f"in (0, 1), got {rate!r}. Fix: e.g. rate=[0.5, 0.75, 0.875] for rounds=3."
+                f"rate as a sequence must hold {rounds} non-decreasing per-round target "
+                f"sparsities in (0, 1) (each round prunes up to its target), got {rate!r}. Fix: "
+                "e.g. rate=[0.5, 0.75, 0.875] for rounds=3."
             )
         return targets
     try:
@@ -207,7 +253,7 @@ def _targets(rate: Any, rounds: int) -> list[float]:
     if value is None:
         raise ValueError(
             f"rate must be a float in (0, 1) or a sequence (list, tuple or 1-D array) of "
-            f"{rounds} increasing target sparsities, got {rate!r} (shape {np.shape(rate)}). "
+            f"{rounds} non-decreasing target sparsities, got {rate!r} (shape {np.shape(rate)}). "
             "Fix: e.g. rate=0.2, or rate=[0.5, 0.75] for rounds=2."
         )
     if not 0.0 < value < 1.0:
@@ -333,6 +379,11 @@ def random_masks(
     Mask ``i`` draws its scores from ``jax.random.fold_in(key, i)``, so the
     same key always gives the same masks.
 
+    Raises:
+      ValueError: ``key`` is not a PRNG key (``jax.random.key(seed)``, or a raw
+        ``uint32[2]`` key), or ``num_masks`` is not a positive int (a bool is
+        not one).
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
       >>> ms = jp.drivers.random_masks({"w": jnp.ones((4, 4))}, 0.5, key=jax.random.key(0),
@@ -344,13 +395,22 @@ def random_masks(
       Blalock et al., "What is the State of Neural Network Pruning?", 2020.
       https://arxiv.org/abs/2003.03033
     """
-    if not isinstance(num_masks, int) or num_masks < 1:
-        raise ValueError(f"num_masks must be a positive int, got {num_masks!r}.")
+    _check_num_masks(num_masks)
+    key_parts(key, "key")  # a ValueError naming `key` for anything that is not a PRNG key
     select = _scope_fn(scope)
     return [
         select(_criteria.random(params, key=jax.random.fold_in(key, i)), sparsity, where=where)
-        for i in range(num_masks)
+        for i in range(int(num_masks))
     ]
+
+
+def _check_num_masks(num_masks: Any) -> None:
+    n = as_int(num_masks)  # None for bools (True is an int) and non-integers
+    if n is None or n < 1:
+        raise ValueError(
+            f"num_masks must be a positive int (how many random masks to draw), got "
+            f"{num_masks!r}. Fix: e.g. num_masks=5."
+        )
 
 
 def average_over_masks(
@@ -373,7 +433,7 @@ def average_over_masks(
       params: params (shapes only).
       sparsity: fraction to prune.
       key: PRNG key; mask ``i`` uses ``fold_in(key, i)``.
-      num_masks: number of masks.
+      num_masks: number of masks, a positive int.
       scope: ``"layer"``, ``"global"`` or a selection function.
       where: predicate choosing the prunable leaves.
 
@@ -385,6 +445,8 @@ def average_over_masks(
       >>> len(vals), 0 < mean < 120
       (5, True)
     """
+    _check_num_masks(num_masks)
+    key_parts(key, "key")
     values = [
         float(evaluate(m))
         for m in random_masks(

@@ -14,21 +14,43 @@ is reset there (adam's ``mu``/``nu``, sgd's momentum ``trace``, lion's ``mu``,
 ``inject_hyperparams``-wrapped ones alike). Adafactor's factored second moments
 (one row and one column vector per matrix) cannot be reset per entry and are
 left as they are.
+
+Wrap the whole optimizer: as for ``jp.prune``, ``rigl``/``set`` must be the
+last transform the updates pass through. They land pruned weights on exactly
+0 by emitting ``-params`` updates; a transform chained after them
+(``optax.chain(rigl(optax.scale_by_adam(), ...), optax.scale(-lr))``)
+rescales or clips those updates, pruned entries no longer land on 0 and the
+sparsity silently drops. Write ``rigl(optax.chain(optax.scale_by_adam(),
+optax.scale(-lr)), ...)`` (or ``rigl(optax.adam(lr), ...)``); transforms
+*before* them (``optax.chain(optax.clip(1.0), rigl(...))``) are fine.
+Optimizers that keep a second copy of the params in their state
+(``optax.lookahead``'s slow weights, schedule-free's evaluation params) are not
+masked there.
 """
 
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxprune import criteria as _criteria
 from jaxprune import distributions as _dist
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, as_int, key_parts, prunable_flags, unwrap_variables
+from jaxprune._tree import (
+    Where,
+    as_int,
+    key_parts,
+    leaves_with_paths,
+    path_str,
+    prunable_flags,
+    unwrap_variables,
+)
 from jaxprune.transform import get_masks as _get_masks
 from jaxprune.transform import register_mask_state
 
@@ -58,8 +80,34 @@ register_mask_state(DynamicSparseState)
 get_masks = _get_masks
 
 
+def _is_real(value: Any) -> bool:
+    """Is ``value`` a real number: a Python or NumPy scalar, or a concrete 0-d float array?
+
+    ``bool`` is not one (``True`` would pass as 1.0), nor is a string
+    (``float("0.3")`` would parse it).
+    """
+    # numbers.Real covers Python and NumPy scalars alike (np.float32 is not a float).
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        return True
+    # A concrete 0-d float array (jnp.float32(0.9), np.array(0.9)) is a real number too.
+    return (
+        isinstance(value, (jax.Array, np.ndarray))
+        and not isinstance(value, jax.core.Tracer)
+        and np.ndim(value) == 0
+        and jnp.issubdtype(value.dtype, jnp.floating)
+    )
+
+
 def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array:
     """Returns RigL's drop fraction ``alpha / 2 * (1 + cos(pi * step / end_step))``.
+
+    ``step`` may be traced; ``alpha`` must be in ``[0, 1]`` and ``end_step`` a
+    positive int (checked when they are concrete). Steps past ``end_step``
+    give 0.
+
+    Raises:
+      ValueError: ``alpha`` is not a number in ``[0, 1]`` or ``end_step`` is
+        not a positive int.
 
     Examples:
       >>> import jaxprune as jp
@@ -67,21 +115,27 @@ def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array
       ...  for t in (0, 5, 10)]
       [0.3, 0.15, 0.0]
     """
+    if not isinstance(alpha, jax.core.Tracer) and (
+        not _is_real(alpha) or not 0.0 <= float(alpha) <= 1.0
+    ):
+        raise ValueError(
+            f"alpha must be a number in [0, 1] (the initial fraction of active weights dropped "
+            f"and regrown), got {alpha!r}. Fix: e.g. alpha=0.3 as in RigL."
+        )
+    if not isinstance(end_step, jax.core.Tracer) and (as_int(end_step) is None or end_step < 1):
+        raise ValueError(
+            f"end_step must be a positive int (the step where the drop fraction reaches 0), got "
+            f"{end_step!r}. Fix: RigL uses 75% of the training steps, e.g. "
+            "end_step=int(0.75 * total_steps)."
+        )
     t = jnp.minimum(jnp.asarray(step, jnp.float32), end_step)
     return jnp.float32(alpha / 2) * (1.0 + jnp.cos(jnp.pi * t / end_step))
 
 
-def _validate(sparsity, update_every, end_step, drop_fraction, regrow, key, *, cosine):
-    # numbers.Real covers Python and NumPy scalars alike (np.float32 is not a float).
-    real = isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool)
-    # A concrete 0-d float array (jnp.float32(0.9)) is a real number too.
-    real = real or (
-        isinstance(sparsity, jax.Array)
-        and not isinstance(sparsity, jax.core.Tracer)
-        and sparsity.ndim == 0
-        and jnp.issubdtype(sparsity.dtype, jnp.floating)
-    )
-    if not real or not 0.0 <= float(sparsity) < 1.0:
+def _validate(
+    sparsity, update_every, end_step, drop_fraction, regrow, key, distribution, *, cosine
+):
+    if not _is_real(sparsity) or not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(
             f"sparsity must be a float in [0, 1) (a Python, NumPy or 0-d JAX real number: the "
             f"constant "
@@ -105,8 +159,25 @@ def _validate(sparsity, update_every, end_step, drop_fraction, regrow, key, *, c
             f"{'' if cosine else ' or None (update until training ends)'}, got {end_step!r}. "
             "Fix: RigL uses 75% of the training steps."
         )
+    if not _is_real(drop_fraction):
+        raise ValueError(
+            f"drop_fraction must be a real number in [0, 1] (a Python, NumPy or 0-d JAX float: "
+            f"the fraction of active weights dropped and regrown per update), got "
+            f"{drop_fraction!r} of type {type(drop_fraction).__name__}. Fix: e.g. "
+            "drop_fraction=0.3 as in RigL (a number, not a string or a bool)."
+        )
     if not 0.0 <= float(drop_fraction) <= 1.0:
-        raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction!r}. Fix: e.g. 0.3.")
+        raise ValueError(
+            f"drop_fraction must be in [0, 1] (the fraction of active weights dropped and "
+            f"regrown per update), got {drop_fraction!r}. Fix: e.g. drop_fraction=0.3."
+        )
+    if not callable(distribution):
+        raise ValueError(
+            f"distribution must be a callable (params, sparsity, *, where) -> per-leaf "
+            f"sparsities, got {distribution!r}. Fix: e.g. distribution=jp.distributions.erk "
+            "(the function, not the string 'erk'), jp.distributions.uniform or "
+            "jp.distributions.explicit({path: sparsity})."
+        )
     if regrow not in ("gradient", "random"):
         raise ValueError(f"regrow must be 'gradient' (RigL) or 'random' (SET), got {regrow!r}.")
     if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
@@ -166,6 +237,51 @@ def _reset_moments(inner_state: Any, treedef: Any, reset: list[jax.Array]) -> An
     return jax.tree.map(fix, inner_state, is_leaf=lambda x: _is_params_like(x, treedef))
 
 
+def _warn_nothing_prunable(pure: Any, name: str) -> None:
+    paths = [f"{path_str(p)} {tuple(jnp.shape(x))}" for p, x in leaves_with_paths(pure)[0]]
+    shown = ", ".join(paths[:8]) + (f", ... ({len(paths)} leaves)" if len(paths) > 8 else "")
+    warnings.warn(
+        f"jp.dynamic.{name} found no prunable leaf in params ({shown or 'no leaves'}): nothing "
+        "is masked and training is dense. By default only floating leaves with ndim >= 2 "
+        "(kernels) are prunable. Fix: pass the model's params with its kernels, or a `where` "
+        "predicate (path, leaf) -> bool that selects the leaves to train sparse.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _check_total(
+    pure: Any, flags: list[bool], per_leaf: Any, sparsity: float, distribution: Any, name: str
+) -> None:
+    """Raises ``ValueError`` when the distribution's total disagrees with ``sparsity``.
+
+    An ``explicit`` mapping ignores the total it is given, so ``sparsity``
+    would otherwise be silently overridden. Skipped for traced per-leaf values
+    (``jax.jit(tx.init)`` with ERK).
+    """
+    values = jax.tree.leaves(per_leaf)
+    sizes = [int(jnp.size(x)) for x in jax.tree.leaves(pure)]
+    if len(values) != len(sizes) or not any(flags):
+        return
+    if any(isinstance(v, jax.core.Tracer) for v, f in zip(values, flags, strict=True) if f):
+        return
+    n = sum(size for size, f in zip(sizes, flags, strict=True) if f)
+    if n == 0:
+        return
+    total = sum(float(v) * size for v, size, f in zip(values, sizes, flags, strict=True) if f) / n
+    if abs(total - sparsity) > 1e-3:
+        label = getattr(distribution, "__qualname__", None) or repr(distribution)
+        if "<locals>" in label:  # explicit({...}) returns a closure
+            label = label.split(".<locals>")[0] + "(...)"
+        raise ValueError(
+            f"jp.dynamic.{name}: sparsity={sparsity} disagrees with distribution={label}, whose "
+            f"per-leaf sparsities prune {total:.4f} of the prunable weights. The masks follow "
+            "the distribution (an explicit mapping ignores the total), so sparsity would be "
+            f"silently overridden. Fix: pass sparsity={total:.4g} to match the mapping, or "
+            "change the mapping."
+        )
+
+
 def _dynamic(
     tx,
     *,
@@ -178,8 +294,11 @@ def _dynamic(
     cosine,
     distribution,
     where,
+    name,
 ) -> optax.GradientTransformationExtraArgs:
-    _validate(sparsity, update_every, end_step, drop_fraction, regrow, key, cosine=cosine)
+    _validate(
+        sparsity, update_every, end_step, drop_fraction, regrow, key, distribution, cosine=cosine
+    )
     update_every = int(update_every)
     end_step = None if end_step is None else int(end_step)
     inner = optax.with_extra_args_support(tx)
@@ -187,7 +306,11 @@ def _dynamic(
 
     def init_fn(params):
         pure = unwrap_variables(params)
+        flags = prunable_flags(pure, where)
+        if not any(flags):
+            _warn_nothing_prunable(pure, name)
         per_leaf = distribution(pure, float(sparsity), where=where)
+        _check_total(pure, flags, per_leaf, float(sparsity), distribution, name)
         scores = _criteria.random(pure, key=jax.random.fold_in(key, 0x5EED))
         masks = _dist._topk_per_leaf(scores, per_leaf, where)
         return DynamicSparseState(
@@ -280,26 +403,52 @@ def rigl(
     at 0 and their optimizer moments are reset; per-leaf and total sparsity
     are exactly constant.
 
+    Wrap the whole optimizer: ``rigl`` must be the last transform the updates
+    pass through (as ``jp.prune``). A transform chained after it
+    (``optax.chain(rigl(optax.scale_by_adam(), ...), optax.scale(-lr))``)
+    rescales or clips the ``-params`` updates that land pruned entries on 0,
+    and the sparsity silently drops; write
+    ``rigl(optax.chain(optax.scale_by_adam(), optax.scale(-lr)), ...)``.
+    Optimizers that keep a second copy of the params in their state
+    (``optax.lookahead``'s slow weights, schedule-free's evaluation params)
+    are not masked there.
+
     Args:
       tx: the inner optimizer (adam, sgd with momentum, lion, adafactor,
         ``inject_hyperparams``-built ones, chains...).
-      sparsity: the constant total fraction of pruned prunable weights.
+      sparsity: the constant total fraction of pruned prunable weights, in
+        ``[0, 1)``. The masks follow ``distribution``'s per-leaf sparsities;
+        an ``explicit`` mapping ignores the total, so ``sparsity`` must then
+        equal the mapping's size-weighted total (a ``ValueError`` at ``init``
+        otherwise, rather than a silently overridden ``sparsity``).
       key: PRNG key for the initial random masks (and random regrowth).
       end_step: the step at which the cosine drop fraction reaches 0 and
         connectivity stops changing (RigL: 75% of training); required.
       update_every: steps between drop/grow updates (RigL: 100).
-      drop_fraction: the initial drop fraction ``alpha`` (RigL: 0.3).
+      drop_fraction: the initial drop fraction ``alpha``, a number in
+        ``[0, 1]`` (RigL: 0.3).
       regrow: ``"gradient"`` (RigL) or ``"random"``.
-      distribution: how ``sparsity`` is spread over leaves
-        (``jp.distributions.erk``, ``uniform`` or an ``explicit`` mapping).
-      where: predicate choosing the prunable leaves.
+      distribution: a callable ``(params, sparsity, *, where) -> per-leaf
+        sparsities`` spreading ``sparsity`` over the leaves
+        (``jp.distributions.erk``, ``uniform``, or ``explicit({path: s})``,
+        whose per-leaf values are used as given and must total
+        ``sparsity``).
+      where: predicate choosing the prunable leaves (default: floating leaves
+        with ``ndim >= 2``); ``init`` warns when it chooses none.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state
       :class:`DynamicSparseState`; :func:`get_masks` reads its masks.
 
     Raises:
-      ValueError: an argument is out of range (named in the message).
+      ValueError: an argument is out of range or of the wrong kind (named in
+        the message: e.g. a string or bool ``drop_fraction``, a
+        ``distribution`` that is not callable); at ``init``, ``sparsity``
+        disagrees with the distribution's total.
+
+    Warns:
+      UserWarning: at ``init``, no leaf of the params is prunable (training
+        would be dense).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
@@ -328,6 +477,7 @@ def rigl(
         cosine=True,
         distribution=distribution,
         where=where,
+        name="rigl",
     )
 
 
@@ -347,8 +497,16 @@ def set(  # noqa: A001 (the algorithm's name; the builtin is not used in this mo
     Every ``update_every`` steps (the paper: each epoch) each prunable leaf
     drops ``floor(drop_fraction * active)`` weights closest to zero and regrows
     as many at random; regrown weights start at 0 with reset moments. See
-    :func:`rigl` for the arguments; here ``end_step`` is optional (``None``:
-    update until training ends, SET's constant fraction needs no horizon).
+    :func:`rigl` for the arguments, errors and warnings; here ``end_step`` is
+    optional (``None``: update until training ends, SET's constant fraction
+    needs no horizon).
+
+    Wrap the whole optimizer: ``set`` must be the last transform the updates
+    pass through (as ``jp.prune``). A transform chained after it
+    (``optax.chain(set(optax.scale_by_adam(), ...), optax.scale(-lr))``)
+    rescales or clips the ``-params`` updates that land pruned entries on 0,
+    and the sparsity silently drops; write
+    ``set(optax.chain(optax.scale_by_adam(), optax.scale(-lr)), ...)``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
@@ -376,4 +534,5 @@ def set(  # noqa: A001 (the algorithm's name; the builtin is not used in this mo
         cosine=False,
         distribution=distribution,
         where=where,
+        name="set",
     )

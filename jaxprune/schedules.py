@@ -9,6 +9,7 @@ the jitted train step without retracing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -139,11 +140,17 @@ def polynomial(
 
     Args:
       initial_sparsity: sparsity at ``begin_step``, in ``[0, 1]``.
-      final_sparsity: sparsity from ``end_step`` on, in ``[0, 1]``.
+      final_sparsity: sparsity from ``end_step`` on, in ``[0, 1]`` and
+        ``>= initial_sparsity`` (the schedule prunes more over time).
       begin_step: first refresh step (``>= 0``).
       end_step: last refresh step (``>= begin_step``).
       frequency: steps between refreshes (``>= 1``).
-      power: exponent of the decay (3 in the paper).
+      power: exponent of the decay, a positive number (3 in the paper).
+
+    Raises:
+      ValueError: a sparsity is not a number in ``[0, 1]``, ``initial_sparsity >
+        final_sparsity``, a step or ``frequency`` is out of range, or ``power``
+        is not a positive number.
 
     Examples:
       >>> import jaxprune as jp
@@ -157,6 +164,15 @@ def polynomial(
     """
     s_i = _check_fraction("initial_sparsity", initial_sparsity)
     s_f = _check_fraction("final_sparsity", final_sparsity)
+    if s_i > s_f:
+        # Zhu & Gupta's schedule ramps up (s_i <= s_f); a decreasing one would
+        # regrow pruned weights at every refresh.
+        raise ValueError(
+            f"initial_sparsity must be <= final_sparsity (the gradual schedule prunes more over "
+            f"time), got initial_sparsity={s_i} > final_sparsity={s_f}. Fix: swap them, e.g. "
+            f"polynomial({s_f}, {s_i}, ...), or use jp.schedules.constant({s_f}) for a fixed "
+            "sparsity."
+        )
     begin_step = _check_step("begin_step", begin_step)
     end_step = _check_step("end_step", end_step)
     if end_step < begin_step:
@@ -165,8 +181,15 @@ def polynomial(
             f"{begin_step}. Fix: pass end_step={begin_step} or later."
         )
     frequency = _check_frequency(frequency)
-    if not power > 0:
-        raise ValueError(f"power must be > 0, got {power!r}.")
+    try:
+        p = None if isinstance(power, (bool, str, bytes)) else float(power)
+    except (TypeError, ValueError):
+        p = None
+    if p is None or not math.isfinite(p) or not p > 0:
+        raise ValueError(
+            f"power must be a positive number (the exponent of the decay), got {power!r}. "
+            "Fix: e.g. power=3 as in Zhu & Gupta (TF-MOT's PolynomialDecay)."
+        )
     span = max(end_step - begin_step, 1)
 
     def fn(step):

@@ -54,7 +54,7 @@ def test_driver_errors():
     t = lambda p, m: p
     with pytest.raises(ValueError, match="rate must be in"):
         jp.drivers.iterative_pruning(t, {"w": jnp.ones((2, 2))}, rounds=1, rate=1.5)
-    with pytest.raises(ValueError, match="increasing per-round target sparsities"):
+    with pytest.raises(ValueError, match="non-decreasing per-round target sparsities"):
         jp.drivers.iterative_pruning(t, {"w": jnp.ones((2, 2))}, rounds=2, rate=[0.5, 0.2])
     with pytest.raises(ValueError, match="rounds must be a non-negative int"):
         jp.drivers.iterative_pruning(t, {"w": jnp.ones((2, 2))}, rounds=-1, rate=0.5)
@@ -177,7 +177,7 @@ def test_driver_errors_on_bad_rate_and_train_results():
         jp.drivers.lottery_ticket(t, p, rounds=2, rate=jnp.full((2, 2), 0.5))
     with pytest.raises(ValueError, match=r"rate must be a float.*got 'x'"):
         jp.drivers.lottery_ticket(t, p, rounds=2, rate="x")
-    with pytest.raises(ValueError, match=r"hold 2 increasing per-round"):
+    with pytest.raises(ValueError, match=r"hold 2 non-decreasing per-round"):
         jp.drivers.lottery_ticket(t, p, rounds=2, rate=jnp.array([0.5, 0.75, 0.9]))
     with pytest.raises(ValueError, match=r"train\(params, masks\) returned None.*Fix: end train"):
         jp.drivers.lottery_ticket(lambda q, m: None, p, rounds=1, rate=0.5)
