@@ -3,8 +3,9 @@
 A checkpoint directory is an ``orbax.checkpoint.CheckpointManager`` root; each
 step holds up to four orbax items:
 
-* ``meta`` (JSON): format version, step, and one entry per leaf with its path,
-  shape, dtype, encoding and CRC-32;
+* ``meta`` (JSON): format version, step, one entry per leaf with its path,
+  shape, dtype, encoding and CRC-32, and the CRC-32 of the metadata itself
+  (``meta_crc32``, over its canonical JSON without that field);
 * ``params`` / ``opt_state``: the leaves, flattened to ``{"a00000": {...}}``,
   each leaf a dict of packed arrays (see :mod:`jaxprune.packing`; the dense
   format stores every leaf as itself);
@@ -14,19 +15,28 @@ step holds up to four orbax items:
 Trees are stored by leaf path, not by container type, so the optimizer and
 pruning state travel as an opaque pytree: restoring into a template gives back
 exactly its containers (``PruneState``, optax states, ``nnx.State``), and
-without a template (``jaxprune inspect``) nested dicts keyed by path. Every leaf
-is checked against its CRC-32 on restore: a damaged file raises
-:class:`CheckpointError`, never a silently different array.
+without a template (``jaxprune inspect``) nested dicts keyed by path; leaves are
+matched to a template's by path, whatever their order. Every leaf and the
+metadata are checked against their CRC-32 on restore: a damaged file raises
+:class:`CheckpointError`, never a silently different array or a renamed leaf.
+Checkpoints written before the metadata carried its CRC-32 are restored without
+that check (their metadata is still checked field by field).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
+import json
 import math
 import os
 import pathlib
+import shutil
 import sys
+import threading
 import time
+import zlib
 from typing import Any, NamedTuple
 
 import jax
@@ -115,9 +125,25 @@ def save(
         an ``nnx.Optimizer``; stored as an opaque tree of leaves.
       masks: the masks to record; default: ``jp.get_masks(opt_state)`` when
         ``opt_state`` holds a ``jp.prune`` state.
+        Checked against ``params`` before anything is written: every mask leaf
+        sits at a params leaf's path and is a scalar or of that leaf's shape, or
+        is a scalar standing for a whole subtree (as ``jp.get_masks`` returns
+        under ``optax.masked``). Float or int masks are stored cast to bool.
       format: ``"dense"`` (params as they are) or ``"compressed"`` (params in
         the compressed sparse format of :mod:`jaxprune.packing`; restored bitwise).
-      max_to_keep: keep only the newest checkpoints (default: all).
+      max_to_keep: None (default: keep every step) or an int >= 1: after this
+        save, only the ``max_to_keep`` most recently *saved* steps are kept
+        (orbax's rule: retention follows save order, not step numbers, so
+        saving step 3 into a directory holding step 10 with ``max_to_keep=1``
+        keeps step 3 and deletes step 10).
+
+    Raises:
+      ValueError: an argument is invalid (``format``, ``step``, ``max_to_keep``),
+        ``masks`` do not match ``params``, or a leaf's dtype cannot be stored;
+        the message names the argument, the value and the fix. Nothing is
+        written then.
+      CheckpointError: ``step`` is already saved there, or ``directory`` is
+        below a file.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp
@@ -138,6 +164,16 @@ def save(
         raise ValueError(
             f"step must be a non-negative int, got {step!r}. Fix: pass the training step count."
         )
+    if max_to_keep is not None and (
+        isinstance(max_to_keep, (bool, np.bool_))
+        or not isinstance(max_to_keep, (int, np.integer))
+        or max_to_keep < 1
+    ):
+        raise ValueError(
+            f"max_to_keep must be None (keep every step) or an int >= 1, got {max_to_keep!r}. "
+            "Fix: e.g. max_to_keep=3 to keep the 3 most recently saved steps, or leave it out "
+            "to keep all (0 would delete every step, the one just saved included)."
+        )
     directory = _absolute(directory)
     blocked = next((q for q in (directory, *directory.parents) if q.exists()), None)
     if blocked is not None and not blocked.is_dir():
@@ -145,14 +181,25 @@ def save(
             f"cannot save under {directory}: {blocked} is a file, not a directory. Fix: pass "
             "a directory path (it is created if missing)."
         )
-    if masks is None and opt_state is not None:
+    from_opt_state = masks is None and opt_state is not None
+    if from_opt_state:
         masks = _find_masks(opt_state)
     params, opt_state = _trees.as_state(params), _trees.as_state(opt_state)
     mask_by_path = None
     if masks is not None:
-        mflat, _ = leaves_with_paths(masks)
-        mask_by_path = {path_str(p): np.asarray(jax.device_get(m)) for p, m in mflat}
-    p_arrays, p_specs, hosts = _trees.encode_tree(params, mask_by_path, format == "compressed")
+        fix = None
+        if from_opt_state:
+            fix = (
+                "Fix: the masks come from opt_state's jp.prune state (jp.get_masks(opt_state)): "
+                "pass the params that opt_state was built for (tx.init(params)), or pass "
+                "masks=... explicitly."
+            )
+        mask_by_path = _trees.mask_lookup(masks, params, fix)
+    # Everything orbax could refuse is checked here, before its asynchronous save
+    # starts: a refusal in the middle of it leaves writes running.
+    p_arrays, p_specs, hosts = _trees.encode_tree(
+        params, mask_by_path, format == "compressed", "params"
+    )
     meta: dict[str, Any] = {
         "jaxprune_checkpoint": FORMAT_VERSION,
         "format": format,
@@ -161,10 +208,25 @@ def save(
     }
     items = {"params": p_arrays}
     if opt_state is not None:
-        items["opt_state"], meta["opt_state"], _ = _trees.encode_tree(opt_state, None, False)
+        items["opt_state"], meta["opt_state"], _ = _trees.encode_tree(
+            opt_state, None, False, "opt_state"
+        )
     if masks is not None:
         items["masks"], meta["masks"] = _trees.encode_masks(masks, hosts)
+    meta["meta_crc32"] = _meta_crc(meta)
     return _write(directory, int(step), items, meta, max_to_keep)
+
+
+_META_KEYS = frozenset(
+    {"jaxprune_checkpoint", "format", "step", "params", "opt_state", "masks", "meta_crc32"}
+)
+
+
+def _meta_crc(meta: dict) -> int:
+    """Returns the CRC-32 of ``meta``'s canonical JSON, without its ``meta_crc32`` field."""
+    body = {k: v for k, v in meta.items() if k != "meta_crc32"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return zlib.crc32(text.encode()) & 0xFFFFFFFF
 
 
 def _write(directory, step, items, meta, max_to_keep) -> pathlib.Path:
@@ -173,6 +235,7 @@ def _write(directory, step, items, meta, max_to_keep) -> pathlib.Path:
     args = {k: ocp.args.StandardSave(v) for k, v in items.items() if v}
     args["meta"] = ocp.args.JsonSave(meta)
     mngr = _manager(directory, read_only=False, max_to_keep=max_to_keep)
+    closed = False
     try:
         if step in mngr.all_steps():
             raise CheckpointError(
@@ -180,11 +243,72 @@ def _write(directory, step, items, meta, max_to_keep) -> pathlib.Path:
                 f"overwritten. Fix: save under a new step (e.g. {max(mngr.all_steps()) + 1}), "
                 "or delete that step's directory first."
             )
-        mngr.save(step, args=ocp.args.Composite(**args), force=True)
-        mngr.wait_until_finished()
+        before = set(threading.enumerate())
+        try:
+            mngr.save(step, args=ocp.args.Composite(**args), force=True)
+            mngr.wait_until_finished()
+        except BaseException:
+            closed = True
+            _abandon_save(mngr, before, directory, step)
+            raise
     finally:
-        mngr.close()
+        if not closed:
+            mngr.close()
     return directory / str(step)
+
+
+def _abandon_save(mngr, before: set, directory: pathlib.Path, step: int) -> None:
+    """Cleans up after a failed ``mngr.save``: no writer left running, no partial step.
+
+    When an item fails inside orbax's asynchronous save, the writes it already
+    started for the other items run on in orbax's background threads, which
+    nothing waits for: they can recreate the step's temporary directory under a
+    later save, or wait for a signal that never comes and keep the interpreter
+    from exiting. They are waited for (and released from such a wait, see
+    :func:`_stop_orbax_threads`), then the step's temporary directory is
+    removed. Secondary errors are swallowed: the original one is re-raised.
+    """
+    with contextlib.suppress(Exception):
+        mngr.wait_until_finished()
+    _stop_orbax_threads(before)
+    with contextlib.suppress(Exception):
+        mngr.close()
+    for tmp in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stop_orbax_threads(before: set, grace: float = 2.0, timeout: float = 60.0) -> None:
+    """Waits for the orbax commit threads started since ``before`` was taken.
+
+    They normally finish within moments. One still waiting after ``grace``
+    seconds may wait for a signal of the failed save that never comes (orbax
+    would wait 300 s, keeping the interpreter alive): its signals are set so it
+    runs, or fails, and ends. Nothing waits longer than ``timeout`` seconds.
+    """
+    try:
+        from orbax.checkpoint._src.futures import future as ocp_future
+        from orbax.checkpoint._src.futures import synchronization
+
+        cls = ocp_future._SignalingThread
+        failed = synchronization.OperationIdGenerator.get_current_operation_id()
+    except (ImportError, AttributeError):  # another orbax version: nothing to wait for
+        return
+    # Only the failed save's threads: a save running in another thread keeps its own.
+    threads = [
+        t
+        for t in threading.enumerate()
+        if t not in before and isinstance(t, cls) and getattr(t, "_operation_id", failed) == failed
+    ]
+    start = time.monotonic()
+    while any(t.is_alive() for t in threads) and time.monotonic() - start < grace:
+        time.sleep(0.02)
+    for t in threads:
+        if t.is_alive():
+            with contextlib.suppress(Exception):
+                ocp_future.set_signals(t._receive_signals, operation_id=t._operation_id)
+    for t in threads:
+        # Thread.join itself: orbax's join re-raises the thread's error.
+        threading.Thread.join(t, max(0.0, start + timeout - time.monotonic()))
 
 
 def _locate(directory: str | os.PathLike, step: int | None) -> tuple[pathlib.Path, int]:
@@ -199,7 +323,7 @@ def _locate(directory: str | os.PathLike, step: int | None) -> tuple[pathlib.Pat
     path = _absolute(directory)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: the path does not exist.")
-    if (path / "meta").is_dir() and path.name.isdigit():
+    if _is_step_dir(path):
         if step is not None and step != int(path.name):
             raise CheckpointError(f"{path} is the directory of step {path.name}, not {step}.")
         return path.parent, int(path.name)
@@ -235,9 +359,19 @@ def _steps(root: pathlib.Path) -> list[int]:
         mngr.close()
 
 
+def _is_step_dir(path: pathlib.Path) -> bool:
+    return path.name.isdigit() and (path / "meta").is_dir()
+
+
 def latest_step(directory: str | os.PathLike) -> int | None:
-    """Returns the newest complete step saved under ``directory``, or None."""
+    """Returns the newest complete step saved under ``directory``, or None.
+
+    ``directory`` is a checkpoint root, or (as for :func:`restore`) one step's
+    directory, whose step is returned.
+    """
     path = _absolute(directory)
+    if _is_step_dir(path):
+        return int(path.name)
     steps = _steps(path) if path.is_dir() else []
     return steps[-1] if steps else None
 
@@ -261,11 +395,13 @@ def _read(root: pathlib.Path, step: int) -> tuple[dict, dict]:
                 f"{where} is not a jaxprune checkpoint of format version {FORMAT_VERSION} "
                 "(its metadata is missing, corrupt or from another writer)."
             )
+        _check_meta(meta, where)
         args = {}
-        for name, prefix in (("params", "a"), ("opt_state", "a"), ("masks", "m")):
-            abstract = _abstract(meta.get(name), prefix)
-            if abstract:
-                args[name] = ocp.args.StandardRestore(abstract)
+        with _damaged_meta(where):
+            for name, prefix in (("params", "a"), ("opt_state", "a"), ("masks", "m")):
+                abstract = _abstract(meta.get(name), prefix)
+                if abstract:
+                    args[name] = ocp.args.StandardRestore(abstract)
         try:
             items = mngr.restore(step, args=ocp.args.Composite(**args)) if args else {}
         except Exception as e:
@@ -303,6 +439,133 @@ def _drain_failed_reads(seconds: float = 0.3) -> None:
         sys.unraisablehook = previous
 
 
+@contextlib.contextmanager
+def _damaged_meta(where: pathlib.Path):
+    """Turns the errors of decoding damaged metadata into :class:`CheckpointError`."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise CheckpointError(_damaged(where, _brief(e))) from e
+
+
+def _damaged(where: pathlib.Path, what: str) -> str:
+    return (
+        f"the metadata of {where} is damaged ({what}). Fix: restore another step, or re-save "
+        "this one from its source; the file was modified after it was written."
+    )
+
+
+def _check_meta(meta: dict, where: pathlib.Path) -> None:
+    """Raises :class:`CheckpointError` naming ``where`` unless ``meta`` is intact.
+
+    Its CRC-32 is checked when it has one (checkpoints written before it had
+    one are checked field by field only), then every field a restore uses.
+    """
+    if "meta_crc32" in meta:
+        with _damaged_meta(where):
+            crc = _meta_crc(meta)
+        if crc != meta["meta_crc32"]:
+            raise CheckpointError(_damaged(where, "CRC-32 mismatch of the metadata"))
+    elif set(meta) - _META_KEYS:  # e.g. the name of meta_crc32 itself damaged
+        raise CheckpointError(_damaged(where, f"unknown fields {sorted(set(meta) - _META_KEYS)}"))
+    with _damaged_meta(where):
+        _check_meta_fields(meta)
+
+
+_LEAF_KINDS = ("dense", "slices", "nm", "bitmask")
+_MASK_KINDS = ("scalar", "support", "bits")
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def _is_int(x: Any, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _check_shape(shape: Any, what: str) -> None:
+    _need(isinstance(shape, list) and all(_is_int(d) for d in shape), f"{what} shape {shape!r}")
+
+
+def _check_dtype(dtype: Any, what: str) -> None:
+    _need(isinstance(dtype, str), f"{what} dtype {dtype!r}")
+    jnp.dtype(dtype)  # TypeError for an unknown name
+
+
+def _check_path(path: Any, what: str) -> None:
+    _need(
+        isinstance(path, list) and all(isinstance(k, (str, int)) for k in path),
+        f"{what} path {path!r}",
+    )
+
+
+def _check_meta_fields(meta: dict) -> None:
+    """Raises ``ValueError`` (or ``KeyError``/``TypeError``) at the first malformed field."""
+    _need(meta.get("format") in _FORMATS, f"format {meta.get('format')!r}")
+    _need(_is_int(meta.get("step")), f"step {meta.get('step')!r}")
+    _need(isinstance(meta.get("params"), list), "no params list")
+    param_shapes = {}
+    for name in ("params", "opt_state"):
+        specs = meta.get(name)
+        if specs is None and name == "opt_state":
+            continue
+        _need(isinstance(specs, list), f"{name} is not a list")
+        seen = set()
+        for spec in specs:
+            _need(isinstance(spec, dict), f"a {name} entry is {type(spec).__name__}")
+            _check_path(spec["path"], name)
+            key = path_str(tuple(spec["path"]))
+            what = f"{name} leaf {key!r}"
+            _need(key not in seen, f"{what} listed twice")
+            seen.add(key)
+            _need(spec["kind"] in _LEAF_KINDS, f"{what} encoding {spec['kind']!r}")
+            _check_shape(spec["shape"], what)
+            _check_dtype(spec["dtype"], what)
+            _need(_is_int(spec["crc32"]), f"{what} crc32 {spec['crc32']!r}")
+            _need(isinstance(spec["arrays"], dict), f"{what} arrays {spec['arrays']!r}")
+            for k, entry in spec["arrays"].items():
+                _need(isinstance(entry, list) and len(entry) == 2, f"{what} array {k!r}")
+                _check_shape(entry[0], f"{what} array {k!r}")
+                _check_dtype(entry[1], f"{what} array {k!r}")
+            if spec["kind"] == "nm":
+                for k in ("axis", "n", "m", "bits"):
+                    _need(_is_int(spec[k], 0 if k == "axis" else 1), f"{what} {k} {spec[k]!r}")
+                _need(spec["axis"] < len(spec["shape"]), f"{what} axis {spec['axis']}")
+                _need(spec["shape"][spec["axis"]] % spec["m"] == 0, f"{what} m {spec['m']}")
+            if "key_impl" in spec:
+                impl = spec["key_impl"]
+                _need(isinstance(impl, str) and _is_key_impl(impl), f"{what} key_impl {impl!r}")
+                _need(len(spec["shape"]) >= 1, f"{what} key shape {spec['shape']!r}")
+            if name == "params":
+                param_shapes[key] = spec["shape"]
+    masks = meta.get("masks")
+    if masks is None:
+        return
+    _need(isinstance(masks, list), "masks is not a list")
+    for spec in masks:
+        _need(isinstance(spec, dict), f"a masks entry is {type(spec).__name__}")
+        _check_path(spec["path"], "masks")
+        key = path_str(tuple(spec["path"]))
+        what = f"masks leaf {key!r}"
+        _check_shape(spec["shape"], what)
+        _need(spec["kind"] in _MASK_KINDS, f"{what} kind {spec['kind']!r}")
+        if spec["kind"] == "scalar":
+            _need(isinstance(spec["value"], bool) and not spec["shape"], f"{what} value")
+        elif spec["kind"] == "support":
+            _need(param_shapes.get(key) == spec["shape"], f"{what} has no params leaf")
+
+
+@functools.lru_cache(maxsize=8)
+def _is_key_impl(impl: str) -> bool:
+    try:
+        jax.random.key(0, impl=impl)
+    except (ValueError, TypeError, KeyError):
+        return False
+    return True
+
+
 def _brief(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
@@ -314,8 +577,8 @@ def _abstract(specs: list | None, prefix: str) -> dict:
     out = {}
     for i, spec in enumerate(specs):
         if prefix == "m":
-            if spec["kind"] == "bits":
-                nbytes = math.ceil(math.prod(spec["shape"]) / 8)
+            nbytes = math.ceil(math.prod(spec["shape"]) / 8)
+            if spec["kind"] == "bits" and nbytes:  # empty masks store no bits
                 out[f"m{i:05d}"] = {"bits": np.empty((nbytes,), np.uint8)}
             continue
         arrays = {
@@ -353,8 +616,11 @@ def _masks(meta, items, params_by_path, where) -> tuple[list, list]:
         elif spec["kind"] == "support":
             leaves.append(packing.support(params_by_path[key]))
         else:
-            bits = np.asarray(items.get("masks", {}).get(f"m{i:05d}", {}).get("bits"))
             size = math.prod(spec["shape"])
+            if not size:
+                leaves.append(np.zeros(spec["shape"], bool))
+                continue
+            bits = np.asarray(items.get("masks", {}).get(f"m{i:05d}", {}).get("bits"))
             if bits.shape != (math.ceil(size / 8),):
                 raise CheckpointError(f"the mask of {key!r} in {where} is truncated or corrupt.")
             leaves.append(np.unpackbits(bits, count=size).astype(bool).reshape(spec["shape"]))
@@ -387,14 +653,16 @@ def restore(
 
     Raises:
       CheckpointError: nothing complete is saved there, a file is truncated or
-        corrupt (every leaf is checked against its CRC-32), or ``opt_state`` is
-        given for a checkpoint saved without one.
+        corrupt (every leaf and the metadata are checked against their CRC-32),
+        the metadata is damaged, or ``opt_state`` is given for a checkpoint
+        saved without one; the message names the step directory.
       ValueError: a template's structure differs; the message lists the paths.
     """
     root, step = _locate(directory, step)
     meta, items = _read(root, step)
     where = root / str(step)
-    p_leaves = _decode(meta["params"], items.get("params", {}), where, "params")
+    with _damaged_meta(where):
+        p_leaves = _decode(meta["params"], items.get("params", {}), where, "params")
     params_out = _trees.rebuild(meta["params"], p_leaves, params, "params", where)
     if opt_state is not None and meta.get("opt_state") is None:
         # Silently returning None would resume without the optimizer's moments
@@ -407,7 +675,8 @@ def restore(
         )
     opt_out = None
     if meta.get("opt_state") is not None:
-        o_leaves = _decode(meta["opt_state"], items.get("opt_state", {}), where, "opt_state")
+        with _damaged_meta(where):
+            o_leaves = _decode(meta["opt_state"], items.get("opt_state", {}), where, "opt_state")
         opt_out = _trees.rebuild(meta["opt_state"], o_leaves, opt_state, "opt_state", where)
     masks_out = None
     if opt_state is not None and opt_out is not None:
@@ -415,12 +684,16 @@ def restore(
     if masks_out is None and meta.get("masks") is not None:
         paths = [path_str(tuple(s["path"])) for s in meta["params"]]
         by_path = dict(zip(paths, p_leaves, strict=True))
-        m_paths, m_leaves = _masks(meta, items, by_path, where)
-        masks_out = _trees.nest(m_paths, m_leaves)
+        with _damaged_meta(where):
+            m_paths, m_leaves = _masks(meta, items, by_path, where)
+            masks_out = _trees.nest(m_paths, m_leaves)
         if params is not None:
+            # In the params' structure when the masks cover exactly its leaves.
             flat, treedef = leaves_with_paths(_trees.as_state(params))
-            if [p for p, _ in flat] == m_paths:
-                masks_out = jax.tree.unflatten(treedef, [jnp.asarray(m) for m in m_leaves])
+            m_by_path = {path_str(p): m for p, m in zip(m_paths, m_leaves, strict=True)}
+            wanted = [path_str(p) for p, _ in flat]
+            if len(m_by_path) == len(m_paths) and sorted(m_by_path) == sorted(wanted):
+                masks_out = jax.tree.unflatten(treedef, [jnp.asarray(m_by_path[k]) for k in wanted])
     return Checkpoint(int(step), params_out, opt_out, masks_out, meta["format"], where)
 
 

@@ -7,6 +7,7 @@ states travel as opaque trees and come back in the template's containers.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Any
 
@@ -22,6 +23,8 @@ __all__ = [
     "is_nnx_object",
     "as_state",
     "host",
+    "check_storable",
+    "mask_lookup",
     "encode_tree",
     "encode_masks",
     "nest",
@@ -43,20 +46,56 @@ def host(x: Any) -> tuple[np.ndarray, str | None]:
     return np.asarray(jax.device_get(x)), None
 
 
-def encode_tree(tree: Any, masks: dict[str, Any] | None, compress: bool) -> tuple[dict, list, dict]:
+@functools.lru_cache(maxsize=64)
+def _storable(dtype: np.dtype) -> bool:
+    try:
+        import tensorstore
+    except ImportError:  # pragma: no cover - orbax depends on it
+        return True
+    if dtype.fields is not None:  # structured
+        return False
+    try:
+        tensorstore.dtype(dtype.name)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def check_storable(x: np.ndarray, path: tuple, name: str) -> None:
+    """Raises ``ValueError`` unless orbax (tensorstore) can write ``x``'s dtype.
+
+    Checked before a save starts: orbax refuses such an array only once its
+    asynchronous writes of the other leaves are under way.
+    """
+    if not _storable(x.dtype):
+        raise ValueError(
+            f"{name} leaf {path_str(path)!r} has dtype {x.dtype}, which orbax (tensorstore) "
+            "cannot store. Fix: cast that leaf to a numeric dtype (e.g. int8, float32) or "
+            f"leave it out of {name}."
+        )
+
+
+def encode_tree(
+    tree: Any, masks: dict[str, Any] | None, compress: bool, name: str = "params"
+) -> tuple[dict, list, dict]:
     """Returns ``(arrays, specs, hosts)`` of ``tree``: orbax-ready packed arrays.
 
     ``specs`` has one JSON-able entry per leaf (path, shape, dtype, encoding,
     CRC-32); ``hosts`` the host copy of each non-key leaf by path string.
+
+    Raises:
+      ValueError: a leaf's dtype cannot be stored (named with its path).
     """
     flat, _ = leaves_with_paths(tree)
     arrays, specs, hosts = {}, [], {}
     for i, (path, leaf) in enumerate(flat):
         x, impl = host(leaf)
+        check_storable(x, path, name)
         if impl is None:
             hosts[path_str(path)] = x
         if compress:
-            mask = None if masks is None else masks.get(path_str(path))
+            # A PRNG key is stored as its raw data, with a trailing axis its mask lacks.
+            mask = None if masks is None or impl is not None else masks.get(path_str(path))
             packed, spec = packing.pack_leaf(x, mask)
         else:
             packed = {"values": x}
@@ -74,11 +113,67 @@ def encode_tree(tree: Any, masks: dict[str, Any] | None, compress: bool) -> tupl
     return arrays, specs, hosts
 
 
+def mask_lookup(masks: Any, params: Any, fix: str | None = None) -> dict[str, np.ndarray]:
+    """Returns the bool mask of each params leaf it covers, by path string, after checking.
+
+    A mask leaf must sit at a params leaf's path and be a scalar or of that
+    leaf's shape, or be a scalar standing for a whole params subtree (what
+    ``jp.get_masks`` gives for a subtree ``optax.masked`` leaves out); such a
+    prefix mask is spread over the leaves below it. Params leaves without a
+    mask are fine. Float or int masks are cast to bool.
+
+    Raises:
+      ValueError: naming ``masks``, the leaf path, both shapes and ``fix`` (by
+        default: pass ``jp.get_masks(opt_state)``).
+    """
+    p_flat, _ = leaves_with_paths(params)
+    shapes = {path_str(p): tuple(np.shape(x)) for p, x in p_flat}
+    parts = {path_str(p): tuple(str(k) for k in p) for p, _ in p_flat}
+    fix = fix or (
+        "Fix: pass the masks of these params, e.g. masks=jp.get_masks(opt_state) of the "
+        "jp.prune state that pruned them (a mask is a bool scalar or has its leaf's shape)."
+    )
+    out: dict[str, np.ndarray] = {}
+    for path, m in leaves_with_paths(masks)[0]:
+        key = path_str(path)
+        try:
+            m = np.asarray(jax.device_get(m), bool)
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"masks leaf {key!r} is not a bool array ({type(m).__name__}: {e}). {fix}"
+            ) from None
+        if key in shapes:
+            if m.ndim and m.shape != shapes[key]:
+                raise ValueError(
+                    f"masks leaf {key!r} has shape {m.shape} but the params leaf {key!r} has "
+                    f"shape {shapes[key]}. {fix}"
+                )
+            out[key] = m
+            continue
+        prefix = tuple(str(k) for k in path)
+        below = [k for k, ks in parts.items() if ks[: len(prefix)] == prefix]
+        if not below:
+            raise ValueError(
+                f"masks leaf {key!r} (shape {m.shape}) matches no params leaf (params' "
+                f"leaves: {', '.join(sorted(shapes)[:10]) or 'none'}). {fix}"
+            )
+        if m.ndim:
+            raise ValueError(
+                f"masks leaf {key!r} has shape {m.shape} but stands for the params subtree "
+                f"{key!r} (leaves {', '.join(below[:5])}); only a scalar mask may stand for "
+                f"a subtree. {fix}"
+            )
+        for k in below:
+            out.setdefault(k, m)
+    return out
+
+
 def encode_masks(masks: Any, params: dict[str, np.ndarray]) -> tuple[dict, list]:
     """Returns ``(arrays, specs)`` of ``masks``: packed bits only where they are needed.
 
     A scalar mask is stored in its spec; a mask equal to the support of the
-    params leaf at its path costs nothing (it is rebuilt from the restored leaf).
+    params leaf at its path costs nothing (it is rebuilt from the restored leaf);
+    an empty mask needs no bits (orbax refuses zero-size arrays).
     """
     flat, _ = leaves_with_paths(masks)
     arrays, specs = {}, []
@@ -92,7 +187,8 @@ def encode_masks(masks: Any, params: dict[str, np.ndarray]) -> tuple[dict, list]
             spec["kind"] = "support"  # rebuilt from the restored param
         else:
             spec["kind"] = "bits"
-            arrays[f"m{i:05d}"] = {"bits": np.packbits(m.reshape(-1))}
+            if m.size:
+                arrays[f"m{i:05d}"] = {"bits": np.packbits(m.reshape(-1))}
         specs.append(spec)
     return arrays, specs
 
@@ -132,20 +228,31 @@ def leaf_desc(x: Any) -> str:
 
 
 def check_template(specs: list, template: Any, name: str, where: pathlib.Path):
-    """Returns ``leaves_with_paths(template)`` after checking it matches the saved ``specs``.
+    """Returns ``(flat, treedef, order)`` of ``template`` after checking it matches ``specs``.
+
+    ``flat, treedef = leaves_with_paths(template)``; ``order[j]`` is the index in
+    ``specs`` of the saved leaf for ``flat[j]``. Saved leaves are matched to the
+    template's by path, so the order of the leaves does not matter (an export,
+    read without the model's code, stores a NamedTuple's or a dataclass's fields
+    in sorted order).
 
     Raises:
       ValueError: listing the paths only in the checkpoint, only in the template,
         and those whose dtype or shape differ.
     """
     flat, treedef = leaves_with_paths(template)
-    saved = {path_str(tuple(s["path"])): describe(s) for s in specs}
-    wanted = {path_str(p): leaf_desc(x) for p, x in flat}
+    saved_paths = [path_str(tuple(s["path"])) for s in specs]
+    wanted_paths = [path_str(p) for p, _ in flat]
+    saved = {k: describe(s) for k, s in zip(saved_paths, specs, strict=True)}
+    wanted = {k: leaf_desc(x) for k, (_, x) in zip(wanted_paths, flat, strict=True)}
     only_saved = sorted(set(saved) - set(wanted))
     only_wanted = sorted(set(wanted) - set(saved))
     differ = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
-    order = [path_str(tuple(s["path"])) for s in specs] == [path_str(p) for p, _ in flat]
-    if only_saved or only_wanted or differ or not order:
+    unique = len(saved) == len(saved_paths) and len(wanted) == len(wanted_paths)
+    # Paths are unique in any real tree; if two leaves share a path string, only
+    # their positions can tell them apart.
+    order_ok = unique or saved_paths == wanted_paths
+    if only_saved or only_wanted or differ or not order_ok:
         detail = []
         if only_saved:
             detail.append(f"only in the checkpoint: {', '.join(only_saved[:20])}")
@@ -154,14 +261,19 @@ def check_template(specs: list, template: Any, name: str, where: pathlib.Path):
         for k in differ[:20]:
             detail.append(f"{k}: checkpoint {saved[k]} vs template {wanted[k]}")
         if not detail:
-            detail.append("same leaves in a different order")
+            detail.append("leaves share a path and come in a different order")
         raise ValueError(
             f"the {name} template does not match the {name} saved in {where}; "
             + "; ".join(detail)
             + f". Fix: build the {name} template exactly as the saved run did (same model, "
             "optimizer and jp.prune settings), or pass no template to get nested dicts."
         )
-    return flat, treedef
+    if unique:
+        index = {k: i for i, k in enumerate(saved_paths)}
+        order = [index[k] for k in wanted_paths]
+    else:
+        order = list(range(len(specs)))
+    return flat, treedef, order
 
 
 def like(template: Any, x: np.ndarray, spec: dict) -> Any:
@@ -181,7 +293,8 @@ def like(template: Any, x: np.ndarray, spec: dict) -> Any:
 def rebuild(specs, leaves, template, name, where):
     """Returns ``leaves`` in ``template``'s structure (nnx objects updated in place).
 
-    Without a template: nested dicts keyed by the saved paths.
+    Saved leaves are matched to the template's by path, in whatever order each
+    lists them. Without a template: nested dicts keyed by the saved paths.
     """
     if template is None:
         keys = [
@@ -190,8 +303,8 @@ def rebuild(specs, leaves, template, name, where):
         ]
         return nest([tuple(s["path"]) for s in specs], keys)
     target = as_state(template)
-    flat, treedef = check_template(specs, target, name, where)
-    new = [like(t, x, s) for (_, t), x, s in zip(flat, leaves, specs, strict=True)]
+    flat, treedef, order = check_template(specs, target, name, where)
+    new = [like(t, leaves[i], specs[i]) for (_, t), i in zip(flat, order, strict=True)]
     out = jax.tree.unflatten(treedef, new)
     if is_nnx_object(template):
         nnx.update(template, out)

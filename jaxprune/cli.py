@@ -1,10 +1,11 @@
 """The ``jaxprune`` command line (also ``python -m jaxprune``).
 
 Subcommands: ``demo`` (train and prune LeNet-300-100), ``inspect CKPT`` (the
-report of a checkpoint, without the model's code), ``export CKPT OUT --format
-compressed`` and ``bench [NAME]`` (runs ``scripts/bench_<name>.py`` of a source
-checkout). Checkpoint problems print one ``jaxprune: error: ...`` line and exit
-with status 1, never a traceback.
+report of a checkpoint, without the model's code), ``export CKPT OUT [--format
+compressed|dense]`` (compressed by default) and ``bench [NAME]`` (runs
+``scripts/bench_<name>.py`` of a source checkout). Checkpoint problems, and a
+report that cannot be made of a checkpoint, print one ``jaxprune: error: ...``
+line and exit with status 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -61,7 +62,16 @@ def _inspect(args: argparse.Namespace) -> int:
     from jaxprune.report import report
 
     ckpt = _restore(args.checkpoint, args.step)
-    rep = report(ckpt.params, ckpt.masks)
+    try:
+        rep = report(ckpt.params, ckpt.masks)
+    except Exception as e:  # any failure is one line here, never a traceback
+        # A ValueError names its own fix; anything else is a bug in the report.
+        detail = (
+            str(e)
+            if isinstance(e, ValueError)
+            else f"{type(e).__name__}: {e}. Fix: please report this jaxprune bug with this line"
+        )
+        raise _CommandError(f"cannot report on {ckpt.path} (step {ckpt.step}): {detail}") from e
     if args.json:
         import json
 
@@ -164,7 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="re-save a checkpoint's params and masks, e.g. compressed")
     e.add_argument("checkpoint", help="the checkpoint to read")
     e.add_argument("out", help="the checkpoint directory to write")
-    e.add_argument("--format", choices=("compressed", "dense"), default="compressed")
+    e.add_argument(
+        "--format",
+        choices=("compressed", "dense"),
+        default="compressed",
+        help="compressed: each params leaf in its smallest exact sparse encoding (the "
+        "default); dense: every leaf as it is",
+    )
     e.add_argument("--step", type=int, default=None, help="which step (default: the newest)")
     e.set_defaults(func=_export)
 

@@ -215,12 +215,19 @@ def unpack_leaf(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> np.ndarr
     """Returns the dense array that :func:`pack_leaf` packed, after checking its CRC-32.
 
     Raises:
-      PackError: the arrays do not match ``spec`` or the CRC-32 differs.
+      PackError: the arrays do not match ``spec``, ``spec`` itself is malformed
+        (a missing field, an unknown dtype), or the CRC-32 differs.
     """
-    shape = tuple(spec["shape"])
-    dtype = jnp.dtype(spec["dtype"])
-    kind = spec["kind"]
-    size = math.prod(shape)
+    try:
+        shape = tuple(int(d) for d in spec["shape"])
+        dtype = jnp.dtype(spec["dtype"])
+        kind = spec["kind"]
+        size = math.prod(shape)
+        expected_crc = int(spec["crc32"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PackError(
+            f"malformed leaf spec ({type(e).__name__}: {e}): the file is corrupt."
+        ) from e
     try:
         if kind == "dense":
             out = _expect(arrays, "values", shape, spec).astype(dtype, copy=False)
@@ -251,12 +258,12 @@ def unpack_leaf(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> np.ndarr
             out = out.reshape(shape)
         else:
             raise PackError(f"unknown leaf encoding {kind!r}: the file is corrupt or newer.")
-    except (IndexError, ValueError, TypeError) as e:
+    except (IndexError, ValueError, TypeError, KeyError) as e:
         if isinstance(e, PackError):
             raise
         raise PackError(f"cannot decode a {kind} leaf ({e}): the file is corrupt.") from e
     out = np.require(out, requirements="C")  # ascontiguousarray would make 0-d arrays 1-d
-    if crc32(out) != spec["crc32"]:
+    if crc32(out) != expected_crc:
         raise PackError(
             f"CRC-32 mismatch in a {kind} leaf of shape {shape}: the file is corrupt or was "
             "modified after it was written."
