@@ -165,6 +165,12 @@ def as_stateful(criterion: Callable[..., Any] | StatefulCriterion) -> StatefulCr
             "schedule. Fix: inject hyperparameters into the inner optimizer instead: "
             "jp.prune(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), sparsity=...)."
         )
+    if criterion in _FACTORIES:
+        raise ValueError(
+            f"criterion={criterion.__name__} is a factory of a stateful criterion: call it, "
+            f"e.g. criterion=jp.criteria.{criterion.__name__}(), so that it keeps statistics "
+            "across steps."
+        )
     if not callable(criterion):
         raise ValueError(
             f"criterion must be a function (params, [grads], *, [key]) -> scores or a "
@@ -480,6 +486,10 @@ from jaxprune.criteria_second_order import (  # noqa: E402  (re-export; it impor
     obd,
     obd_fisher,
 )
+
+# Functions returning a StatefulCriterion: passed uncalled, they would be taken
+# for a stateless criterion and fail inside the jitted step.
+_FACTORIES = (ema_saliency, movement, taylor_ema, obd_fisher)
 
 __all__ += [
     "wanda",

@@ -10,6 +10,7 @@ that after ``optax.apply_updates`` pruned entries are exactly zero.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,6 +28,7 @@ from jaxprune._tree import (
     flagged,
     key_parts,
     leaves_with_paths,
+    path_str,
     prunable_flags,
     unwrap_variables,
 )
@@ -182,6 +184,25 @@ def _fill(x: Any, m: Any, v: Any) -> Any:
     return jnp.where(m, x.astype(dt), v.astype(dt))
 
 
+def _check_state_fits(state: PruneState, params: Any) -> None:
+    """Raises ``ValueError`` when the state's masks were built for other params (trace time)."""
+    shapes = jax.eval_shape(_masks.unpack, state.packed_masks)
+    got = [(path_str(p), tuple(m.shape)) for p, m in leaves_with_paths(shapes)[0]]
+    want = [(path_str(p), tuple(jnp.shape(x))) for p, x in leaves_with_paths(params)[0]]
+    if len(got) == len(want) and all(
+        gp == wp and gs in ((), ws) for (gp, gs), (wp, ws) in zip(got, want, strict=True)
+    ):
+        return
+    bad = [f"{wp} {ws}" for (wp, ws) in want if (wp, ws) not in got and (wp, ()) not in got]
+    extra = sorted({gp for gp, _ in got} - {wp for wp, _ in want})
+    raise ValueError(
+        "the opt_state's masks were built for other params: params leaves without a fitting "
+        f"mask: {bad[:8]}; masks for leaves params lacks: {extra[:8]}. Fix: build the opt_state "
+        "with tx.init(params) for these params (a state restored from another model's "
+        "checkpoint does not fit)."
+    )
+
+
 def prune(
     tx: optax.GradientTransformation,
     *,
@@ -206,8 +227,11 @@ def prune(
     rescales or clips the ``-params`` updates, and pruned entries no longer
     land on 0; write ``jp.prune(optax.chain(optax.scale_by_adam(),
     optax.scale(-lr)), ...)``. Optimizers that keep a second copy of the
-    params in their state (``optax.lookahead``'s slow weights, schedule-free's
-    evaluation params) are not masked there.
+    params in their state are not supported as such: schedule-free's
+    evaluation params are not masked (mask them with ``jp.apply_masks``), and
+    ``optax.lookahead`` cannot go inside ``jp.prune`` (its params are a pair)
+    nor around it (each sync step moves the fast weights towards the unmasked
+    slow ones, bringing pruned weights back).
 
     Args:
       tx: the inner optimizer (any optax transformation).
@@ -284,6 +308,16 @@ def prune(
 
     def init_fn(params):
         flags = prunable_flags(params, where)
+        if not any(flags):
+            paths = [path_str(p) for p, _ in leaves_with_paths(params)[0]]
+            warnings.warn(
+                f"jp.prune: `where` selects none of the params' leaves, so nothing will be "
+                f"pruned; the leaves are {paths[:10]}{' ...' if len(paths) > 10 else ''}. Fix: "
+                "check the predicate (paths are tuples such as ('layers', 0, 'kernel'); a "
+                "misspelt name matches nothing), or leave where=None for every float leaf "
+                "with ndim >= 2.",
+                stacklevel=2,
+            )
         pure = unwrap_variables(params)
         return PruneState(
             count=jnp.zeros((), jnp.int32),
@@ -301,6 +335,7 @@ def prune(
             )
         params = unwrap_variables(params)
         check_same_leaves(updates, params, "updates", "params")
+        _check_state_fits(state, params)
         flags = prunable_flags(params, where)
         step = state.count
         extra = dict(extra_args)
@@ -363,7 +398,9 @@ def prune(
             masks = _reshard_like(masks, params)
         updates = _enforce(updates, masks, flags)
         updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        neg_params = [-p for p in jax.tree.leaves(params)]
+        # Negated only where masks can apply (a bool leaf has no negation).
+        p_leaves = jax.tree.leaves(params)
+        neg_params = [-p if f else None for p, f in zip(p_leaves, flags, strict=True)]
         updates = _enforce(updates, masks, flags, neg_params)
         new_state = PruneState(
             count=optax.safe_increment(step),
@@ -426,7 +463,8 @@ def get_masks(opt_state: Any) -> optax.Params:
         raise ValueError(
             "opt_state holds no jp.prune state. Fix: build the optimizer with "
             "tx = jp.prune(optax.adam(1e-3), sparsity=...) and pass tx.init(params) "
-            "(or nnx.Optimizer(model, tx, wrt=nnx.Param).opt_state) here."
+            "(or nnx.Optimizer(model, tx, wrt=nnx.Param).opt_state) here; nnx.state(optimizer) "
+            "is not enough, as it leaves the masks' shapes in the graphdef."
         )
     # Under optax.masked, leaves the pruning never sees are MaskedNode(): they
     # are not pruned, so their mask is a scalar True, as for any unpruned leaf.

@@ -201,3 +201,19 @@ def test_noiseout_never_pairs_constant_units_float32_cannot_represent():
     assert (int(i), int(j)) == (0, 1)  # was (2, 3): rounding errors looked correlated
     with pytest.raises(ValueError, match=r"alive must have one entry per unit, shape \(4,\)"):
         jp.merge.most_correlated_pair(h, jnp.ones(3, bool))
+
+
+def test_prune_takes_bool_leaves_and_refuses_uncalled_factories_and_foreign_states():
+    params = {"w": jnp.ones((4, 4)), "flag": jnp.array(True)}
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5)
+    upd = {"w": jnp.ones((4, 4)), "flag": jnp.array(False)}
+    out, _ = jax.jit(tx.update)(upd, tx.init(params), params)  # was: neg of a bool
+    assert float(jp.sparsity(jax.tree.map(lambda p, u: p + u, params["w"], out["w"]))) == 0.5
+    for factory in (jp.criteria.movement, jp.criteria.ema_saliency, jp.criteria.taylor_ema):
+        with pytest.raises(ValueError, match=rf"criterion={factory.__name__} is a factory.*call"):
+            jp.prune(optax.sgd(0.1), sparsity=0.5, criterion=factory)
+    with pytest.warns(UserWarning, match=r"`where` selects none of the params' leaves"):
+        jp.prune(optax.sgd(0.1), sparsity=0.5, where=lambda p, x: p[-1] == "kernal").init(params)
+    other = {"v": jnp.ones((4, 4))}
+    with pytest.raises(ValueError, match=r"opt_state's masks were built for other params.*'v'"):
+        tx.update({"w": jnp.ones((4, 4)), "flag": jnp.array(True)}, tx.init(other), params)
