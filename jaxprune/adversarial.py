@@ -84,7 +84,21 @@ def _check_inside(x: jax.Array, bounds: tuple[float, float]) -> None:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Returns the per-example softmax cross-entropy, shape ``[N]``, in float32."""
+    """Returns the per-example softmax cross-entropy, shape ``[N]``, in float32.
+
+    ``labels`` are integer class indices in ``[0, classes)``, one per example
+    (one-hot labels are refused). An index outside that range gives a NaN loss
+    (an attack then leaves the example as it is) or, if negative, wraps to a
+    class from the end; :func:`robustness` checks its labels' range.
+    """
+    if jnp.ndim(labels) == jnp.ndim(logits) or not jnp.issubdtype(
+        jnp.result_type(labels), jnp.integer
+    ):
+        raise ValueError(
+            f"labels must be integer class indices, shape {tuple(jnp.shape(logits))[:-1]}, got "
+            f"{jnp.result_type(labels)} of shape {tuple(jnp.shape(labels))} (one-hot or float "
+            "labels?). Fix: pass y.argmax(-1) for one-hot labels, or y.astype(jnp.int32)."
+        )
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
@@ -580,6 +594,10 @@ def robustness(
 
     Vulnerability is averaged over the features ``apply_fn`` returns (``nan``
     when it returns none).
+
+    Raises:
+      ValueError: ``y`` holds labels outside ``[0, classes)``, or is not integer
+        class indices.
     """
     run = attack(apply_fn, eps=eps, step_size=step_size, steps=steps, bounds=bounds)
 
@@ -590,6 +608,16 @@ def robustness(
         v = vulnerability(f, f_adv) if f else jnp.float32(jnp.nan)
         return (jnp.sum(jnp.argmax(logits, -1) == yb), jnp.sum(jnp.argmax(logits_adv, -1) == yb), v)
 
+    y_np = np.asarray(y)
+    if len(y_np):
+        logits_shape = jax.eval_shape(lambda p, xb: apply_fn(p, xb, None)[0], params, x[:1])
+        classes = logits_shape.shape[-1]
+        if np.issubdtype(y_np.dtype, np.integer) and (y_np.min() < 0 or y_np.max() >= classes):
+            raise ValueError(
+                f"y holds labels in [{y_np.min()}, {y_np.max()}], outside [0, {classes}) for a "
+                f"model with {classes} classes (an out-of-range label gives a NaN loss, and the "
+                "attack leaves that example alone). Fix: pass class indices 0..classes-1."
+            )
     starts = range(0, len(x), batch_size)
     if progress:
         from tqdm.auto import tqdm

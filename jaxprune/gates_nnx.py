@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxprune._tree import path_str
+from jaxprune._tree import key_parts, path_str
 from jaxprune.gates_tree import (
     Gate,
     _gate_features,
@@ -233,6 +233,7 @@ def attach(
       Louizos et al. 2018, https://arxiv.org/abs/1712.01312; Lee et al. 2018,
       https://arxiv.org/abs/1805.10896
     """
+    key_parts(key, "key")  # a clear error for key=0 or None
     where = where or _is_linear_or_conv
     skip = set(skip)
     modules = [(tuple(p), m) for p, m in nnx.iter_modules(model)]
@@ -294,6 +295,7 @@ def reseed(model: nnx.Module, key: jax.Array) -> None:
     Call it at the top of the jitted train step with a fresh key per step so
     the samples are a pure function of that key.
     """
+    key_parts(key, "key")
     for i, (_, m) in enumerate(gated_layers(model)):
         m.gate_key.set_value(jax.random.fold_in(key, i))
 

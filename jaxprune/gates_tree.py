@@ -66,7 +66,7 @@ class Gate(Protocol):
 
 
 def is_gate(path: Path, leaf: Any = None) -> bool:
-    """Returns whether ``path`` names a gate parameter (a component starting with ``gate_``).
+    """Returns whether ``path`` names a gate parameter (its last name starts with ``gate_``).
 
     Works on the functional gate trees, on nnx states of attached models and on
     any tree that nests them, so one predicate partitions every layout.
@@ -74,9 +74,14 @@ def is_gate(path: Path, leaf: Any = None) -> bool:
     Examples:
       >>> is_gate(("gates", "fc1/kernel", "gate_log_alpha")), is_gate(("fc1", "kernel"))
       (True, False)
+      >>> is_gate(("mlp", "gate_proj", "kernel"))  # a layer named gate_*, not a gate
+      False
     """
     del leaf
-    return any(isinstance(p, str) and p.startswith("gate_") for p in path)
+    # The parameter's own name only: a layer named gate_* (Llama's gate_proj) is
+    # not a gate, nor are the weights under it.
+    comps = [p for p in path if p not in ("value", "raw_value")]
+    return bool(comps) and isinstance(comps[-1], str) and comps[-1].startswith("gate_")
 
 
 def _bias_path(path: Path) -> Path:
@@ -127,6 +132,13 @@ def init_gates(
     flat, _ = leaves_with_paths(params)
     out = {}
     for i, ((p, x), f) in enumerate(zip(flat, flags, strict=True)):
+        if f and jnp.ndim(x) < 2:
+            raise ValueError(
+                f"init_gates: where selected {path_str(p)!r} of shape {jnp.shape(x)}, but gates "
+                "sit on kernels (ndim >= 2, units on the last axis); a gated kernel's sibling "
+                "bias is gated with it, so gating a bias would gate it twice. Fix: select "
+                "kernels only, e.g. where=lambda p, x: p[-1] == 'kernel' and x.ndim >= 2."
+            )
         if f:
             k = None if key is None else jax.random.fold_in(key, i)
             x = jnp.asarray(x)

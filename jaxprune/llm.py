@@ -359,8 +359,10 @@ def sparsegpt(
         finite number ``> 0`` (0.01 in the paper).
 
     Raises:
-      ValueError: ``kernel`` not 2-D, ``hessian`` not ``[in, in]``, or invalid
-        ``sparsity``, ``nm``, ``blocksize`` or ``dampening``.
+      ValueError: ``kernel`` not 2-D, ``hessian`` not ``[in, in]``, invalid
+        ``sparsity``, ``nm``, ``blocksize`` or ``dampening``, or (when
+        concrete) a non-finite result: the damped Hessian was not positive
+        definite.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -392,6 +394,13 @@ def sparsegpt(
         blocksize=size,
         dampening=float(dampening),
     )
+    if not isinstance(rows, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(rows))):
+        raise ValueError(
+            "sparsegpt made the kernel non-finite: the damped Hessian is not positive definite "
+            f"enough for its Cholesky factor (indefinite, non-finite, or dampening={dampening} "
+            "too small for a rank-deficient X^T X). Fix: pass X^T X of finite inputs, and raise "
+            "dampening (e.g. to 0.1) or use more calibration tokens."
+        )
     return rows.T.astype(kernel.dtype)
 
 

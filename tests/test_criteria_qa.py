@@ -217,3 +217,46 @@ def test_prune_takes_bool_leaves_and_refuses_uncalled_factories_and_foreign_stat
     other = {"v": jnp.ones((4, 4))}
     with pytest.raises(ValueError, match=r"opt_state's masks were built for other params.*'v'"):
         tx.update({"w": jnp.ones((4, 4)), "flag": jnp.array(True)}, tx.init(other), params)
+
+
+def test_attack_labels_and_sparsegpt_failures_are_named():
+    from jaxprune import adversarial, llm
+
+    logits = jnp.zeros((4, 3))
+    with pytest.raises(ValueError, match="labels must be integer class indices.*argmax"):
+        adversarial.cross_entropy(logits, jax.nn.one_hot(jnp.arange(4) % 3, 3))
+
+    def apply_fn(p, x, key):
+        return x @ p["w"], []
+
+    p = {"w": jnp.ones((2, 3))}
+    x = np.full((4, 2), 0.5, np.float32)
+    kw = dict(eps=0.1, step_size=0.05, steps=2, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"labels in \[0, 7\], outside \[0, 3\)"):
+        adversarial.robustness(apply_fn, p, x, np.array([0, 1, 2, 7]), **kw)  # was a NaN loss
+    out = adversarial.robustness(apply_fn, p, x, np.array([0, 1, 2, 0]), **kw)
+    assert 0.0 <= out["adv_acc"] <= out["clean_acc"] <= 1.0
+    h = -jnp.eye(4)  # indefinite: the Cholesky factor is NaN
+    with pytest.raises(ValueError, match="sparsegpt made the kernel non-finite"):
+        llm.sparsegpt(jnp.ones((4, 2)), h, sparsity=0.5)
+
+
+def test_gate_predicate_reads_the_parameter_name_only_and_gates_need_kernels():
+    from jaxprune import gates
+
+    # Llama's gate_proj: its weights are not gate parameters (multi_transform gave
+    # them the gate optimizer, and frozen weights moved).
+    assert not gates.is_gate(("mlp", "gate_proj", "kernel"))
+    assert gates.is_gate(("layers", 0, "gate_log_alpha"))
+    assert gates.is_gate(("gates", "fc/kernel", "gate_a", "value"))
+    tree = {"mlp": {"gate_proj": {"kernel": jnp.ones((2, 2))}}, "g": {"gate_scale": jnp.ones(2)}}
+    tx = gates.multi_transform(optax.set_to_zero(), optax.sgd(1.0))
+    u, _ = tx.update(tree, tx.init(tree), tree)
+    assert float(jnp.abs(u["mlp"]["gate_proj"]["kernel"]).sum()) == 0.0
+    assert u["g"]["gate_scale"].tolist() == [-1.0, -1.0]
+    params = {"fc": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+    with pytest.raises(ValueError, match=r"selected 'fc/bias' of shape \(2,\).*twice"):
+        gates.init_gates(gates.HardConcrete(), params, where=lambda p, x: True)
+    model = MLP((4, 3, 2), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="key must be a PRNG key, got 0"):
+        gates.attach(model, gates.HardConcrete(), key=0)
