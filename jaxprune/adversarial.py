@@ -208,6 +208,13 @@ def pgd(
     _check_attack(eps, step_size, steps, bounds)
     x = jnp.asarray(x)
     _check_inside(x, bounds)
+    out = jax.eval_shape(loss_fn, x)
+    if jnp.shape(out) != x.shape[:1]:
+        raise ValueError(
+            f"loss_fn must return per-example losses, shape {x.shape[:1]} for x of shape "
+            f"{x.shape}, got shape {jnp.shape(out)}: the best iterate is kept per example. Fix: "
+            "return the unreduced losses (e.g. jp.adversarial.cross_entropy(logits, y), no mean)."
+        )
     lo, hi = bounds
 
     def summed(z):

@@ -239,6 +239,11 @@ def wanda_prune(
     _check_kernel(kernel)
     sparsity = _check(sparsity, nm, jnp.shape(kernel))
     _check_group(group)
+    if not isinstance(input_norms, jax.core.Tracer) and bool(jnp.any(jnp.asarray(input_norms) < 0)):
+        raise ValueError(
+            "input_norms must be L2 norms (>= 0), got a negative entry. Fix: pass "
+            "sqrt(sum of squares) of the layer's inputs per input feature."
+        )
     scores = _criteria.wanda({"k": kernel}, {"k": input_norms})["k"]
     keep = _keep(scores, sparsity, nm, group)
     return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype))

@@ -260,3 +260,13 @@ def test_gate_predicate_reads_the_parameter_name_only_and_gates_need_kernels():
     model = MLP((4, 3, 2), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="key must be a PRNG key, got 0"):
         gates.attach(model, gates.HardConcrete(), key=0)
+
+
+def test_pgd_needs_per_example_losses_and_wanda_prune_nonnegative_norms():
+    from jaxprune import adversarial, llm
+
+    x = jnp.full((3, 2), 0.5)
+    with pytest.raises(ValueError, match=r"per-example losses, shape \(3,\).*got shape \(\)"):
+        adversarial.pgd(lambda z: jnp.sum(z), x, eps=0.1, step_size=0.05, steps=2)
+    with pytest.raises(ValueError, match="input_norms must be L2 norms"):
+        llm.wanda_prune(jnp.ones((4, 2)), jnp.array([1.0, -1.0, 1.0, 1.0]))
