@@ -13,6 +13,7 @@ test-time gate.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxprune._tree import key_parts, path_str
+from jaxprune._tree import key_parts, leaves_with_paths, path_str
 from jaxprune.gates_tree import (
     Gate,
     _gate_features,
@@ -436,4 +437,21 @@ def hard_masks(model: nnx.Module, *, sparsity: float | None = None) -> Any:
         for path, m in layers
         if m.input_gate_names
     }
-    return to_masks(kinds.pop(), gp, params, sparsity=sparsity, input_gate_params=gpi or None)
+    masks = to_masks(kinds.pop(), gp, params, sparsity=sparsity, input_gate_params=gpi or None)
+    emptied = [
+        path_str(p)
+        for p, m in leaves_with_paths(masks)[0]
+        if p
+        and p[-1] == "kernel"
+        and jnp.ndim(m) >= 2
+        and not isinstance(m, jax.core.Tracer)
+        and not bool(jnp.any(m))
+    ]
+    if emptied:
+        warnings.warn(
+            f"hard_masks pruned every unit of {emptied[:5]}: the network's output no longer "
+            "depends on its input through them. Fix: a weaker regularizer (smaller KL or L0 "
+            "weight), fewer training steps, or hard_masks(model, sparsity=...) for a set budget.",
+            stacklevel=2,
+        )
+    return masks

@@ -242,6 +242,20 @@ def _check_gate_params(gate_params: dict, index: dict[str, int]) -> None:
         )
 
 
+def _check_gate_shapes(gate: Gate, gate_params: dict, kernels: dict) -> None:
+    """Raises ``ValueError`` naming the layer when a layer's gate params do not fit ``gate``."""
+    for name, gp in gate_params.items():
+        want = jax.eval_shape(lambda k: gate.init(k, jax.random.key(0)), kernels[name])
+        want = {k: tuple(v.shape) for k, v in want.items()}
+        got = {k: tuple(jnp.shape(v)) for k, v in gp.items()} if isinstance(gp, dict) else gp
+        if got != want:
+            raise ValueError(
+                f"gate_params[{name!r}] is {got}, but {type(gate).__name__} on that layer's kernel "
+                f"{tuple(jnp.shape(kernels[name]))} has {want}. Fix: build them with "
+                "jp.gates.init_gates(gate, params) with the same gate kind and params."
+            )
+
+
 def apply_gates(
     gate: Gate,
     params: Any,
@@ -277,6 +291,8 @@ def apply_gates(
     index = {path_str(p): i for i, (p, _) in enumerate(flat)}
     _check_gate_params(gate_params, index)
     _check_gate_params(inputs, index)
+    kernels = {name: jnp.asarray(flat[index[name]][1]) for name in gate_params}
+    _check_gate_shapes(gate, gate_params, kernels)  # input gates are checked where applied
     keys = gate_keys(gate_params, key) if key is not None else {}
     in_keys = input_gate_keys(inputs, key) if key is not None else {}
     leaves = [x for _, x in flat]

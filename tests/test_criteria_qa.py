@@ -270,3 +270,27 @@ def test_pgd_needs_per_example_losses_and_wanda_prune_nonnegative_norms():
         adversarial.pgd(lambda z: jnp.sum(z), x, eps=0.1, step_size=0.05, steps=2)
     with pytest.raises(ValueError, match="input_norms must be L2 norms"):
         llm.wanda_prune(jnp.ones((4, 2)), jnp.array([1.0, -1.0, 1.0, 1.0]))
+
+
+def test_apply_gates_names_gate_params_of_another_kind_or_shape():
+    from jaxprune import gates
+
+    params = {"fc": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+    hc = gates.init_gates(gates.HardConcrete(), params)
+    with pytest.raises(ValueError, match=r"gate_params\['fc/kernel'\] is .*gate_log_alpha.*BetaB"):
+        gates.apply_gates(gates.BetaBernoulli(), params, hc)  # was KeyError: 'gate_a'
+    wrong = {"fc/kernel": {"gate_log_alpha": jnp.zeros(5)}}
+    with pytest.raises(ValueError, match=r"is \{'gate_log_alpha': \(5,\)\}.*\(3, 2\)"):
+        gates.apply_gates(gates.HardConcrete(), params, wrong)
+
+
+def test_hard_masks_warn_when_a_layer_empties():
+    from jaxprune import gates
+
+    model = MLP((4, 3, 2), rngs=nnx.Rngs(0))
+    gates.attach(model, gates.HardConcrete(), key=jax.random.key(0), skip=())
+    layer = gates.gated_layers(model)[0][1]
+    layer.gate_log_alpha.set_value(jnp.full((3,), -20.0))  # every unit of layers/0 off
+    with pytest.warns(UserWarning, match=r"hard_masks pruned every unit of \['layers/0/kernel'\]"):
+        masks = gates.hard_masks(model)
+    assert not bool(jnp.any(masks["layers"][0]["kernel"]))
