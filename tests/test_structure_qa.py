@@ -292,3 +292,26 @@ def test_shrinking_refuses_batchnorm_in_train_mode():
     structure.shrink_module(model, masks, x)
     assert model.c0.kernel.shape == (3, 3, 3, 4)
     np.testing.assert_allclose(model(x), want, atol=1e-5)
+
+
+def test_select_rounds_a_python_sparsity_as_python_and_layerwise_takes_array_scalars():
+    k = jax.random.split(jax.random.key(0), 2)
+
+    def mlp(p, x):
+        return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"]
+
+    p = {
+        "w1": jax.random.normal(k[0], (3, 5)),
+        "b1": jnp.zeros(5),
+        "w2": jax.random.normal(k[1], (5, 2)),
+    }
+    x = jnp.ones((1, 3))
+    gs = structure.groups(mlp, p, x, prunable_only=True)
+    sc = jp.criteria.magnitude(p)
+    for sp, want in ((0.7, 4), (0.1, 0)):  # round(sp * 5); a float32 sp gave 3 and 1
+        for kw in ({}, {"scope": "global"}):
+            assert int((~structure.select(gs, sc, sp, **kw)["b1"]).sum()) == want
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        structure.selection(gs, reduce="l3")  # at build time, not at the first refresh
+    small, masks = structure.prune_layerwise(mlp, p, (x,), sparsity=np.float32(0.4), progress=False)
+    assert int((~masks["b1"]).sum()) == 2

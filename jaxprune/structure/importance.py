@@ -329,7 +329,10 @@ def select(
         round_to,
         normalize,
         True,
-        static_argnums=(0, 3, 4, 5, 6, 7, 8, 9),
+        # A Python sparsity stays a Python number, so counts round as Python rounds
+        # (as jp.masks.topk does); a traced one is a float32.
+        static_argnums=(0, 3, 4, 5, 6, 7, 8, 9)
+        + ((2,) if isinstance(sparsity, int | float) else ()),
     )
     emptied = [g for g, keep in keeps.items() if scope == "global" and not np.any(keep)]
     if emptied and float(sparsity) < 1.0:
@@ -476,6 +479,7 @@ def selection(
     """
 
     _check_select_args(scope, max_sparsity, round_to, normalize)
+    _reducer(reduce)  # an unknown reduce fails here, not at the first refresh under jit
     options = {"reduce": reduce, "scope": scope, "max_sparsity": max_sparsity}
     options.update(round_to=round_to, normalize=normalize)
 

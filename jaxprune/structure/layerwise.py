@@ -3,8 +3,9 @@
 A small driver over the pieces of this package: the prunable groups are
 visited in program order (input side first); at each one the lowest-importance
 channels are masked out of every member, then a user fine-tuning callback
-trains a sliding window of layers (the last ``window`` pruned groups and the
-layer that reads them) with the masks held fixed.
+trains a sliding window of layers (the leaves of the last ``window`` pruned
+groups and of the next group: the layer reading the pruned channels, whole,
+and the kernel that reads it in turn) with the masks held fixed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from jaxprune import criteria as _criteria
@@ -49,10 +51,13 @@ def prune_layerwise(
     Group ``i`` (in program order) loses ``round(sparsity[i] * channels)`` of
     its channels, ranked by :func:`~jaxprune.structure.group_scores` of
     ``criterion(params)``; then ``finetune(params, masks, where)`` is called,
-    where ``where`` selects the leaves of the sliding window (the last
-    ``window`` pruned groups and the layer reading them); its result is
-    re-masked. ``jp.shrink(apply_fn, params, masks, *example_inputs)`` then
-    makes the network physically smaller.
+    where ``where`` selects the leaves of the sliding window: those of the last
+    ``window`` pruned groups and of the next group (the layer reading the
+    pruned channels, bias included, and the kernel reading that layer); its
+    result is re-masked. The groups go in program order (input side first),
+    which may differ from the order of :func:`~jaxprune.structure.groups`: a
+    list of sparsities follows program order. ``jp.shrink(apply_fn, params,
+    masks, *example_inputs)`` then makes the network physically smaller.
 
     Args:
       apply_fn: ``(params, *inputs) -> outputs``.
@@ -102,7 +107,8 @@ def prune_layerwise(
         if g.prunable and r in first
     )
     groups = [an.groups[i] for _, i in order]
-    per = [sparsity] * len(groups) if isinstance(sparsity, (int, float)) else list(sparsity)
+    scalar = isinstance(sparsity, (int, float)) or np.ndim(sparsity) == 0
+    per = [float(sparsity)] * len(groups) if scalar else list(sparsity)
     if len(per) != len(groups):
         raise ValueError(
             f"sparsity has {len(per)} entries but the model has {len(groups)} prunable groups "
@@ -119,6 +125,9 @@ def prune_layerwise(
         masks = _and(masks, _masks_from_keep([g], params, {0: keep}))
         params = _masks.apply_masks(params, masks)
         if finetune is not None:
+            # The last `window` groups and the next one: the layer reading the
+            # pruned channels is trained whole (its kernel, bias and the kernel
+            # reading it in turn).
             active = groups[max(0, i - window + 1) : i + 2]
             paths = {m.path for a in active for m in a.members}
             params = finetune(params, masks, lambda path, x, paths=paths: path in paths)
