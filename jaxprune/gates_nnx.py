@@ -448,10 +448,15 @@ def hard_masks(model: nnx.Module, *, sparsity: float | None = None) -> Any:
         and not bool(jnp.any(m))
     ]
     if emptied:
+        fix = (
+            "a lower sparsity (ranked across layers, the gates can empty a layer)"
+            if sparsity is not None
+            else "a weaker regularizer (smaller KL or L0 weight), fewer training steps, or "
+            "hard_masks(model, sparsity=...) for a set budget"
+        )
         warnings.warn(
             f"hard_masks pruned every unit of {emptied[:5]}: the network's output no longer "
-            "depends on its input through them. Fix: a weaker regularizer (smaller KL or L0 "
-            "weight), fewer training steps, or hard_masks(model, sparsity=...) for a set budget.",
+            f"depends on its input through them. Fix: {fix}.",
             stacklevel=2,
         )
     return masks
