@@ -230,8 +230,8 @@ def synflow_scores(
 
 def _masked_scores(
     apply_fn: Callable[..., Any], params: Any, masks: Any, input_shape: Any, flags: list[bool]
-) -> tuple[Any, jax.Array, jax.Array, Any]:
-    """Returns ``(selection scores, R, number of non-finite live scores, raw scores)``.
+) -> tuple[Any, jax.Array, jax.Array]:
+    """Returns ``(selection scores, R, number of non-finite live scores)``.
 
     Pruned entries get ``-1`` so they stay pruned (their score is 0, but so
     may be others'). Selections compare scores as float32: wider scores are
@@ -251,7 +251,7 @@ def _masked_scores(
         scale = jnp.where(top > 0, top, 1)
         sel = jax.tree.map(lambda x: x / scale.astype(x.dtype), scores)
     sel = jax.tree.map(lambda x, m: jnp.where(m, x, -1.0), sel, masks)
-    return sel, r, bad, scores
+    return sel, r, bad
 
 
 def synflow(
@@ -329,7 +329,7 @@ def synflow(
     # mode, BatchNorm statistics, a rebuilt model). One compile per call.
     @jax.jit
     def round_fn(params, masks, s):
-        sel, r, bad, _ = _masked_scores(apply_fn, params, masks, input_shape, flags)
+        sel, r, bad = _masked_scores(apply_fn, params, masks, input_shape, flags)
         return _masks.global_topk(sel, s, where=chosen), r, bad
 
     masks = _masks.global_topk(jax.tree.map(jnp.ones_like, params), 0.0, where=chosen)
@@ -341,7 +341,7 @@ def synflow(
         _check_finite(r, bad, params, f" in round {k} of {iterations}")
         masks = new_masks
     # The traced count rounds in float32; fix the exact count on the last scores.
-    sel, r, bad, _ = _masked_scores(apply_fn, params, masks, input_shape, flags)
+    sel, r, bad = _masked_scores(apply_fn, params, masks, input_shape, flags)
     _check_finite(r, bad, params, " in the final round")
     masks = _masks.global_topk(sel, float(sparsity), where=chosen)
     _warn_collapsed(masks, flags, float(sparsity))

@@ -26,9 +26,7 @@ that check (their metadata is still checked field by field).
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
-import json
 import math
 import os
 import pathlib
@@ -36,13 +34,13 @@ import shutil
 import sys
 import threading
 import time
-import zlib
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import checkpoint_meta as _meta
 from jaxprune import checkpoint_trees as _trees
 from jaxprune import packing
 from jaxprune._tree import leaves_with_paths, path_str
@@ -59,7 +57,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-_FORMATS = ("dense", "compressed")
 
 
 class CheckpointError(RuntimeError):
@@ -155,9 +152,9 @@ def save(
       >>> ckpt.step, ckpt.params["w"].tolist()
       (3, [[0.0, 2.0], [0.0, 0.0]])
     """
-    if format not in _FORMATS:
+    if format not in _meta.FORMATS:
         raise ValueError(
-            f"format must be one of {_FORMATS}, got {format!r}. Fix: format='dense' for "
+            f"format must be one of {_meta.FORMATS}, got {format!r}. Fix: format='dense' for "
             "training checkpoints or format='compressed' for the smallest exact copy."
         )
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
@@ -213,20 +210,8 @@ def save(
         )
     if masks is not None:
         items["masks"], meta["masks"] = _trees.encode_masks(masks, hosts)
-    meta["meta_crc32"] = _meta_crc(meta)
+    meta["meta_crc32"] = _meta.meta_crc(meta)
     return _write(directory, int(step), items, meta, max_to_keep)
-
-
-_META_KEYS = frozenset(
-    {"jaxprune_checkpoint", "format", "step", "params", "opt_state", "masks", "meta_crc32"}
-)
-
-
-def _meta_crc(meta: dict) -> int:
-    """Returns the CRC-32 of ``meta``'s canonical JSON, without its ``meta_crc32`` field."""
-    body = {k: v for k, v in meta.items() if k != "meta_crc32"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return zlib.crc32(text.encode()) & 0xFFFFFFFF
 
 
 def _write(directory, step, items, meta, max_to_keep) -> pathlib.Path:
@@ -456,114 +441,9 @@ def _damaged(where: pathlib.Path, what: str) -> str:
 
 
 def _check_meta(meta: dict, where: pathlib.Path) -> None:
-    """Raises :class:`CheckpointError` naming ``where`` unless ``meta`` is intact.
-
-    Its CRC-32 is checked when it has one (checkpoints written before it had
-    one are checked field by field only), then every field a restore uses.
-    """
-    if "meta_crc32" in meta:
-        with _damaged_meta(where):
-            crc = _meta_crc(meta)
-        if crc != meta["meta_crc32"]:
-            raise CheckpointError(_damaged(where, "CRC-32 mismatch of the metadata"))
-    elif set(meta) - _META_KEYS:  # e.g. the name of meta_crc32 itself damaged
-        raise CheckpointError(_damaged(where, f"unknown fields {sorted(set(meta) - _META_KEYS)}"))
+    """Raises :class:`CheckpointError` naming ``where`` unless ``meta`` is intact."""
     with _damaged_meta(where):
-        _check_meta_fields(meta)
-
-
-_LEAF_KINDS = ("dense", "slices", "nm", "bitmask")
-_MASK_KINDS = ("scalar", "support", "bits")
-
-
-def _need(ok: bool, what: str) -> None:
-    if not ok:
-        raise ValueError(what)
-
-
-def _is_int(x: Any, low: int = 0) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= low
-
-
-def _check_shape(shape: Any, what: str) -> None:
-    _need(isinstance(shape, list) and all(_is_int(d) for d in shape), f"{what} shape {shape!r}")
-
-
-def _check_dtype(dtype: Any, what: str) -> None:
-    _need(isinstance(dtype, str), f"{what} dtype {dtype!r}")
-    jnp.dtype(dtype)  # TypeError for an unknown name
-
-
-def _check_path(path: Any, what: str) -> None:
-    _need(
-        isinstance(path, list) and all(isinstance(k, (str, int)) for k in path),
-        f"{what} path {path!r}",
-    )
-
-
-def _check_meta_fields(meta: dict) -> None:
-    """Raises ``ValueError`` (or ``KeyError``/``TypeError``) at the first malformed field."""
-    _need(meta.get("format") in _FORMATS, f"format {meta.get('format')!r}")
-    _need(_is_int(meta.get("step")), f"step {meta.get('step')!r}")
-    _need(isinstance(meta.get("params"), list), "no params list")
-    param_shapes = {}
-    for name in ("params", "opt_state"):
-        specs = meta.get(name)
-        if specs is None and name == "opt_state":
-            continue
-        _need(isinstance(specs, list), f"{name} is not a list")
-        seen = set()
-        for spec in specs:
-            _need(isinstance(spec, dict), f"a {name} entry is {type(spec).__name__}")
-            _check_path(spec["path"], name)
-            key = path_str(tuple(spec["path"]))
-            what = f"{name} leaf {key!r}"
-            _need(key not in seen, f"{what} listed twice")
-            seen.add(key)
-            _need(spec["kind"] in _LEAF_KINDS, f"{what} encoding {spec['kind']!r}")
-            _check_shape(spec["shape"], what)
-            _check_dtype(spec["dtype"], what)
-            _need(_is_int(spec["crc32"]), f"{what} crc32 {spec['crc32']!r}")
-            _need(isinstance(spec["arrays"], dict), f"{what} arrays {spec['arrays']!r}")
-            for k, entry in spec["arrays"].items():
-                _need(isinstance(entry, list) and len(entry) == 2, f"{what} array {k!r}")
-                _check_shape(entry[0], f"{what} array {k!r}")
-                _check_dtype(entry[1], f"{what} array {k!r}")
-            if spec["kind"] == "nm":
-                for k in ("axis", "n", "m", "bits"):
-                    _need(_is_int(spec[k], 0 if k == "axis" else 1), f"{what} {k} {spec[k]!r}")
-                _need(spec["axis"] < len(spec["shape"]), f"{what} axis {spec['axis']}")
-                _need(spec["shape"][spec["axis"]] % spec["m"] == 0, f"{what} m {spec['m']}")
-            if "key_impl" in spec:
-                impl = spec["key_impl"]
-                _need(isinstance(impl, str) and _is_key_impl(impl), f"{what} key_impl {impl!r}")
-                _need(len(spec["shape"]) >= 1, f"{what} key shape {spec['shape']!r}")
-            if name == "params":
-                param_shapes[key] = spec["shape"]
-    masks = meta.get("masks")
-    if masks is None:
-        return
-    _need(isinstance(masks, list), "masks is not a list")
-    for spec in masks:
-        _need(isinstance(spec, dict), f"a masks entry is {type(spec).__name__}")
-        _check_path(spec["path"], "masks")
-        key = path_str(tuple(spec["path"]))
-        what = f"masks leaf {key!r}"
-        _check_shape(spec["shape"], what)
-        _need(spec["kind"] in _MASK_KINDS, f"{what} kind {spec['kind']!r}")
-        if spec["kind"] == "scalar":
-            _need(isinstance(spec["value"], bool) and not spec["shape"], f"{what} value")
-        elif spec["kind"] == "support":
-            _need(param_shapes.get(key) == spec["shape"], f"{what} has no params leaf")
-
-
-@functools.lru_cache(maxsize=8)
-def _is_key_impl(impl: str) -> bool:
-    try:
-        jax.random.key(0, impl=impl)
-    except (ValueError, TypeError, KeyError):
-        return False
-    return True
+        _meta.check(meta)
 
 
 def _brief(e: BaseException) -> str:

@@ -21,7 +21,7 @@ from jaxprune._tree import (
     path_str,
     unwrap_variables,
 )
-from jaxprune.criteria import StatefulCriterion, _check_decay, _ema, _zeros_f32
+from jaxprune.criteria import _GRADS_FIX, StatefulCriterion, _check_decay, _ema, _zeros_f32
 
 __all__ = ["obd", "obd_fisher", "hutchinson_diag", "fisher_diag"]
 
@@ -87,9 +87,6 @@ def obd(params: optax.Params, hessian_diag: optax.Params) -> optax.Params:
 
 def _squared_f32(g: Any) -> jax.Array:
     return jnp.square(jnp.asarray(g).astype(jnp.float32))
-
-
-_FIX = "pass the gradients of these params (jax.grad of the loss with respect to them)"
 
 
 def _check_samples(num_samples: Any) -> int:
@@ -269,7 +266,9 @@ def obd_fisher(decay: float = 0.99) -> StatefulCriterion:
         init=_zeros_f32,
         # g**2 in float32: a float16 square of a typical gradient (1e-4) underflows.
         update=lambda state, params, grads: _ema(
-            decay, state, map_pair(lambda _, w, g: _squared_f32(g), params, grads, "grads", _FIX)
+            decay,
+            state,
+            map_pair(lambda _, w, g: _squared_f32(g), params, grads, "grads", _GRADS_FIX),
         ),
         score=lambda state, params: obd(params, state),
     )

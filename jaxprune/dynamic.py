@@ -23,9 +23,9 @@ rescales or clips those updates, pruned entries no longer land on 0 and the
 sparsity silently drops. Write ``rigl(optax.chain(optax.scale_by_adam(),
 optax.scale(-lr)), ...)`` (or ``rigl(optax.adam(lr), ...)``); transforms
 *before* them (``optax.chain(optax.clip(1.0), rigl(...))``) are fine.
-Optimizers that keep a second copy of the params in their state
-(``optax.lookahead``'s slow weights, schedule-free's evaluation params) are not
-masked there.
+Optimizers that keep a second copy of the params are not supported as such,
+as for ``jp.prune``: schedule-free's evaluation params are not masked, and
+``optax.lookahead``'s sync steps would bring pruned weights back.
 """
 
 from __future__ import annotations
@@ -404,14 +404,8 @@ def rigl(
     are exactly constant.
 
     Wrap the whole optimizer: ``rigl`` must be the last transform the updates
-    pass through (as ``jp.prune``). A transform chained after it
-    (``optax.chain(rigl(optax.scale_by_adam(), ...), optax.scale(-lr))``)
-    rescales or clips the ``-params`` updates that land pruned entries on 0,
-    and the sparsity silently drops; write
-    ``rigl(optax.chain(optax.scale_by_adam(), optax.scale(-lr)), ...)``.
-    Optimizers that keep a second copy of the params in their state
-    (``optax.lookahead``'s slow weights, schedule-free's evaluation params)
-    are not masked there.
+    pass through, ``rigl(optax.chain(optax.scale_by_adam(), optax.scale(-lr)),
+    ...)`` (see the module docstring).
 
     Args:
       tx: the inner optimizer (adam, sgd with momentum, lion, adafactor,
@@ -502,11 +496,8 @@ def set(  # noqa: A001 (the algorithm's name; the builtin is not used in this mo
     needs no horizon).
 
     Wrap the whole optimizer: ``set`` must be the last transform the updates
-    pass through (as ``jp.prune``). A transform chained after it
-    (``optax.chain(set(optax.scale_by_adam(), ...), optax.scale(-lr))``)
-    rescales or clips the ``-params`` updates that land pruned entries on 0,
-    and the sparsity silently drops; write
-    ``set(optax.chain(optax.scale_by_adam(), optax.scale(-lr)), ...)``.
+    pass through, ``set(optax.chain(optax.scale_by_adam(), optax.scale(-lr)),
+    ...)`` (see the module docstring).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
