@@ -68,7 +68,13 @@ def _check_attack(eps: Any, step_size: Any = 1.0, steps: Any = 1, bounds=(0.0, 1
 
 
 def _check_inside(x: jax.Array, bounds: tuple[float, float]) -> None:
-    """Raises when a concrete ``x`` lies outside ``bounds``: every iterate is clipped to them."""
+    """Raises when ``x`` is not floating, or a concrete ``x`` lies outside ``bounds``."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"x must be floating point (the attack follows the loss's gradient in x), got "
+            f"dtype {x.dtype}. Fix: scale it to a float range first, e.g. "
+            "x.astype(jnp.float32) / 255 with bounds=(0.0, 1.0) for uint8 images."
+        )
     if isinstance(x, jax.core.Tracer) or not jnp.size(x):
         return
     # numpy, not jnp: inside a jit trace jnp ops on a constant are staged.

@@ -293,7 +293,7 @@ def _sparsegpt_rows(w, h, *, sparsity, nm, blocksize, dampening):
         u1 = jax.lax.dynamic_slice(u, (i1, i1), (size, size))
         d1 = jnp.diag(u1)
         if nm is None:
-            # Adaptive mask over the whole block, exact count (OBS error w^2 / [H^-1]_ii).
+            # Adaptive mask over the whole block, exact count (OBS error w^2 / U_ii^2).
             keep = _masks.topk({"b": (w1 / d1) ** 2}, sparsity, where=_everything)["b"]
             pruned = ~keep
         else:
@@ -348,8 +348,10 @@ def sparsegpt(
     in ``blocksize``-column blocks with ``H^-1`` from a Cholesky factor of
     ``H + lambda I``, ``lambda = dampening * mean(diag(H))``. Unstructured:
     the mask of each block prunes exactly ``round(sparsity * out * block)``
-    entries with the lowest ``w^2 / [H^-1]_ii^2``; N:M (``nm=(n, m)``, ``n``
-    kept of every ``m`` inputs): chosen group by group as the sweep reaches it.
+    entries with the lowest ``w^2 / U_ii^2``, ``U`` the upper Cholesky factor
+    of ``H^-1`` (``U_ii^2`` is ``[H_F^-1]_ii`` over the columns ``F`` not yet
+    swept, as in the reference code); N:M (``nm=(n, m)``, ``n`` kept of every
+    ``m`` inputs): chosen group by group as the sweep reaches it.
 
     Args:
       kernel: ``[in, out]`` weights.

@@ -308,6 +308,14 @@ def test_inputs_outside_bounds_are_refused_not_clipped(key):
     assert float(jnp.max(jnp.abs(adv - xn))) <= 0.03 + 1e-6
 
 
+def test_integer_inputs_are_refused_with_the_scaling_fix():
+    x = jnp.full((2, 3), 200, jnp.uint8)
+    with pytest.raises(ValueError, match=r"x must be floating point .* got dtype uint8.*/ 255"):
+        adversarial.pgd(lambda z: jnp.sum(z, axis=1), x, eps=0.1, step_size=0.05, steps=2)
+    with pytest.raises(ValueError, match=r"x must be floating point .* got dtype int32"):
+        adversarial.fgsm(lambda z: jnp.sum(z, axis=1), x.astype(jnp.int32), eps=0.1)
+
+
 @pytest.mark.parametrize("eps", [0.03, 0.1, 0.3, 8 / 255])
 def test_float32_attacks_stay_in_the_exact_eps_ball(eps):
     # x +- eps rounds in float32, and float32(0.3) > 0.3: checked in float64.
