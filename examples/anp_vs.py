@@ -279,7 +279,8 @@ LABELS = {
 def table(rows, args, seconds) -> str:
     lines = [
         "| method | starts from | training steps (own + inherited) | clean acc (%) | "
-        "PGD-40 acc (%) | vulnerability | units pruned (%) | channels + neurons pruned (%) | "
+        f"PGD-{getattr(args, 'eval_steps', 40)} acc (%) | vulnerability | units pruned (%) | "
+        "channels + neurons pruned (%) | "
         "weights pruned (%) | FLOPs reduction | memory (KB) | kept conv1/conv2/fc1 inputs/fc1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -795,6 +796,10 @@ def main():
     n_train = min(args.train_size, len(data.x_train))
     args.train_size = n_train
     methods = args.methods.split(",")
+    known = ("standard", "AT", "AT-mix", "BP", "ANP-VS", "AT-kept")
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        p.error(f"--methods names {unknown}, not among {', '.join(known)}")
     steps_per = (n_train // args.batch_size) * args.epochs
     t0 = time.time()
     rows, trained, steps_of, inherited_of = [], {}, {}, {}

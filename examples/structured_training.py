@@ -128,6 +128,8 @@ def parse_args(argv=None):
         p.error(f"--max-sparsity must lie in [0, 1], got {args.max_sparsity}; e.g. 0.9")
     if args.round_to is not None and args.round_to < 1:
         p.error(f"--round-to must be >= 1, got {args.round_to}; e.g. --round-to 8")
+    if args.train_size is not None and args.train_size < args.batch_size:
+        p.error(f"--train-size must be >= --batch-size ({args.batch_size}), got {args.train_size}")
     for name in ("epochs", "finetune_epochs", "batch_size", "frequency", "runs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -69,7 +69,10 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", default="20,40,80", help="comma-separated depths")
     p.add_argument("--repeats", type=int, default=1, help="best of this many builds")
     args = p.parse_args(argv)
-    depths = [int(v) for v in args.layers.split(",")]
+    try:
+        depths = [int(v) for v in args.layers.split(",")]
+    except ValueError:
+        p.error(f"--layers must be comma-separated ints, e.g. 20,40,80; got {args.layers!r}")
     if args.repeats < 1 or min(depths) < 1:
         raise SystemExit("--repeats and every --layers depth must be >= 1")
     print(f"jax {jax.__version__} on {jax.default_backend()}; MLP of {WIDTH}-wide layers, adam")

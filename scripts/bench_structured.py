@@ -119,6 +119,8 @@ def main():
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--batch", type=int, default=256)
     args = ap.parse_args()
+    if args.runs < 1:
+        ap.error(f"--runs must be >= 1, got {args.runs}")
     key = jax.random.key(0)
     fractions = (0.25, 0.5, 0.75)
     x_flat = jax.random.normal(key, (args.batch, 784))

@@ -266,20 +266,35 @@ def with_target(criterion):
         return jp.criteria.StatefulCriterion(
             init=criterion.init,
             update=criterion.update,
-            score=lambda state, params, target, **kw: (
-                jp.criteria.call_with(criterion.score, state, params, **kw),
-                target,
+            score=lambda state, params, target, **kw: _carry_target(
+                jp.criteria.call_with(criterion.score, state, params, **kw), target
             ),
         )
-    return lambda params, grads, target, **kw: (
-        jp.criteria.call_with(criterion, params, grads=grads, **kw),
-        target,
+    return lambda params, grads, target, **kw: _carry_target(
+        jp.criteria.call_with(criterion, params, grads=grads, **kw), target
     )
+
+
+def _carry_target(scores, target):
+    """Returns ``scores`` with ``target`` written over the first 1-D (never pruned) leaf.
+
+    The scores keep the params' leaves (jp.prune checks them); the selection
+    reads the target back from that leaf (:func:`scaled`).
+    """
+    leaves, treedef = jax.tree.flatten(scores)
+    i = next(j for j, x in enumerate(leaves) if jnp.ndim(x) == 1)
+    leaves[i] = jnp.full(jnp.shape(leaves[i]), target, jnp.float32)
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def scaled(select):
     """A selection pruning ``schedule progress * target`` (see :func:`with_target`)."""
-    return lambda st, s, *, where=None: select(st[0], s * st[1], where=where)
+
+    def fn(scores, s, *, where=None):
+        target = next(x for x in jax.tree.leaves(scores) if jnp.ndim(x) == 1)[0]
+        return select(scores, s * target, where=where)
+
+    return fn
 
 
 def gradual_tx(criterion, scope, lr, steps):
@@ -543,6 +558,9 @@ def main(argv=None) -> int:
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     conf = CONFIGS[mode]
     models = args.models or [m for m in ("lenet-300-100", "lenet-5") if m in conf]
+    unknown = [m for m in models if m not in conf]
+    if unknown:
+        ap.error(f"--models names {unknown}; this mode has {[m for m in conf if 'lenet' in m]}")
     methods = QUICK_METHODS if args.quick else ALL_METHODS
     if args.smoke:
         args.out = os.path.join("/tmp", "compare_criteria_smoke")

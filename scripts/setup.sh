@@ -3,7 +3,8 @@
 #   bash scripts/setup.sh        # runtime + examples (the demo)
 #   bash scripts/setup.sh dev    # + test and lint tools
 # Also installs Debian's Fashion-MNIST package when run as root with apt-get
-# available (the demo and scripts fall back to bundled digits without it).
+# available (the demo falls back to bundled digits without it; compare_criteria.py and
+# examples/anp_vs.py need it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-examples}"
