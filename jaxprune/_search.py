@@ -31,11 +31,16 @@ def ordered_keys(scores: ArrayLike) -> jax.Array:
 
     Same shape as ``scores`` (never flattened, so a sharded leaf stays sharded
     and every count below is a plain reduction). ``-0.0`` sorts just below
-    ``+0.0``; NaNs sort beyond the infinities. Scores are compared as float32:
+    ``+0.0``; every NaN, whatever its sign bit (arithmetic NaNs such as
+    ``inf - inf`` have it set), sorts above ``+inf``, as in ``jnp.sort``: a
+    NaN score is the highest, so it is kept. Scores are compared as float32:
     float64 scores (with ``jax_enable_x64``) that round to the same float32
     tie, and their ties go by flatten order.
     """
     bits = jax.lax.bitcast_convert_type(jnp.asarray(scores, jnp.float32), jnp.uint32)
+    # NaNs lose their sign bit, so that all of them sort above +inf.
+    magnitude = bits & jnp.uint32(0x7FFFFFFF)
+    bits = jnp.where(magnitude > jnp.uint32(0x7F800000), magnitude, bits)
     # Positive floats: set the sign bit; negative floats: flip every bit.
     sign = jnp.uint32(_SIGN)
     return jnp.where(bits >= sign, ~bits, bits | sign)

@@ -111,6 +111,11 @@ def prunable_flags(
                 for _, x in flat
             ]
         return [bool(is_prunable(p, x)) for p, x in flat]
+    if not callable(where):
+        raise ValueError(
+            f"where must be a predicate (path, leaf) -> bool, got {where!r}. Fix: e.g. "
+            "where=lambda path, x: x.ndim >= 2 and 'embed' not in jp.path_str(path)."
+        )
     flags = []
     for p, x in flat:
         selected = bool(where(p, x))
@@ -234,12 +239,31 @@ def map_pair(fn: Any, tree: Any, other: Any, other_name: str, fix: str) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
+def check_array_leaves(tree: Any, name: str) -> None:
+    """Raises ``ValueError`` naming the first leaf of ``tree`` that is not an array or a number.
+
+    An unfiltered equinox module holds its activation functions as leaves.
+    """
+    for p, x in leaves_with_paths(tree)[0]:
+        if not (hasattr(x, "dtype") or isinstance(x, (int, float, complex, bool))):
+            raise ValueError(
+                f"{name} leaf {path_str(p)!r} is a {type(x).__name__}, not an array. Fix: pass "
+                "the arrays only, e.g. eqx.filter(model, eqx.is_inexact_array) for an equinox "
+                "module, or nnx.state(model, nnx.Param) for flax nnx."
+            )
+
+
 def key_parts(key: Any, name: str) -> tuple[jax.Array, Any]:
     """Returns ``(key_data, impl)`` of a typed or raw PRNG key, to rebuild it inside a step.
 
     Raises ``ValueError`` naming ``name`` for anything that is not a key.
     """
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(
+                f"{name} must be one PRNG key, got a batch of keys of shape {key.shape}. Fix: "
+                f"pass one key (e.g. {name}=keys[0]), or jax.vmap over the keys."
+            )
         return jax.random.key_data(key), jax.random.key_impl(key)
     if isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,):
         return key, None  # a raw key of the default implementation

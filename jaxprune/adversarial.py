@@ -46,21 +46,38 @@ __all__ = [
 ApplyFn = Callable[[Any, jax.Array, "jax.Array | None"], tuple[jax.Array, Sequence[jax.Array]]]
 
 
+def _number(v: Any) -> float:
+    """Returns ``v`` as a float; NaN (so every range check fails) for non-numbers."""
+    if isinstance(v, (str, bytes, bool)) or v is None:
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def _check_attack(eps: Any, step_size: Any = 1.0, steps: Any = 1, bounds=(0.0, 1.0)) -> None:
-    if not isinstance(eps, jax.core.Tracer) and not (float(eps) >= 0 and math.isfinite(float(eps))):
+    if not isinstance(eps, jax.core.Tracer) and not (
+        _number(eps) >= 0 and math.isfinite(_number(eps))
+    ):
         raise ValueError(
             f"eps must be a finite number >= 0 (the L-inf radius in input units), got {eps!r}. "
             "Fix: e.g. eps=0.1 for images in [0, 1]."
         )
-    if not isinstance(step_size, jax.core.Tracer) and not float(step_size) > 0:
+    if not isinstance(step_size, jax.core.Tracer) and not _number(step_size) > 0:
         raise ValueError(
             f"step_size must be > 0, got {step_size!r}. Fix: e.g. step_size=eps / 4 "
             "(or 2.5 * eps / steps)."
         )
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}. Fix: e.g. steps=20.")
+    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+        raise ValueError(
+            f"bounds must be a pair (low, high), got {bounds!r}. Fix: (0.0, 1.0) for images "
+            "scaled to [0, 1]."
+        )
     lo, hi = bounds
-    if not float(lo) < float(hi):
+    if not _number(lo) < _number(hi):
         raise ValueError(
             f"bounds must be (low, high) with low < high, got {bounds!r}. Fix: (0.0, 1.0) "
             "for images scaled to [0, 1]."
@@ -610,7 +627,7 @@ def robustness(
 
     Raises:
       ValueError: ``y`` holds labels outside ``[0, classes)``, or is not integer
-        class indices.
+        class indices; ``x`` and ``y`` are empty or differ in length.
     """
     run = attack(apply_fn, eps=eps, step_size=step_size, steps=steps, bounds=bounds)
 
@@ -622,6 +639,11 @@ def robustness(
         return (jnp.sum(jnp.argmax(logits, -1) == yb), jnp.sum(jnp.argmax(logits_adv, -1) == yb), v)
 
     y_np = np.asarray(y)
+    if not len(y_np) or len(x) != len(y_np):
+        raise ValueError(
+            f"x and y must hold the same number (>= 1) of examples, got {len(x)} inputs and "
+            f"{len(y_np)} labels. Fix: pass the evaluation set, e.g. x_test[:500], y_test[:500]."
+        )
     if len(y_np):
         logits_shape = jax.eval_shape(lambda p, xb: apply_fn(p, xb, None)[0], params, x[:1])
         classes = logits_shape.shape[-1]

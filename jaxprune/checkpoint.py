@@ -94,7 +94,12 @@ def _manager(directory: pathlib.Path, *, read_only: bool, max_to_keep: int | Non
     return ocp.CheckpointManager(directory, options=options)
 
 
-def _absolute(directory: str | os.PathLike) -> pathlib.Path:
+def _absolute(directory: str | os.PathLike, name: str = "directory") -> pathlib.Path:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ValueError(
+            f"{name} must be a path (str or os.PathLike), got {directory!r}. Fix: e.g. "
+            f"{name}='/tmp/run/ckpt' (relative paths are made absolute)."
+        )
     return pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(directory))))
 
 
@@ -170,6 +175,11 @@ def save(
             f"max_to_keep must be None (keep every step) or an int >= 1, got {max_to_keep!r}. "
             "Fix: e.g. max_to_keep=3 to keep the 3 most recently saved steps, or leave it out "
             "to keep all (0 would delete every step, the one just saved included)."
+        )
+    if params is None:
+        raise ValueError(
+            "params is None: there is nothing to save (restore would hand back {}). Fix: pass "
+            "the params (a pytree, nnx.State or nnx Module)."
         )
     directory = _absolute(directory)
     blocked = next((q for q in (directory, *directory.parents) if q.exists()), None)
@@ -594,6 +604,12 @@ def export(
 
 
 def disk_bytes(path: str | os.PathLike) -> int:
-    """Returns the bytes of all files under ``path`` (a checkpoint root or step)."""
-    root = _absolute(path)
+    """Returns the bytes of all files under ``path`` (a checkpoint root or step).
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+    """
+    root = _absolute(path, "path")
+    if not root.exists():
+        raise FileNotFoundError(f"disk_bytes: {str(root)!r} does not exist.")
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())

@@ -227,6 +227,25 @@ def leaf_desc(x: Any) -> str:
     return f"{dtype}{list(np.shape(x))}"
 
 
+def _scalar_fits(x: Any, saved: str) -> bool:
+    """Whether a Python-scalar template leaf takes the saved scalar ``saved`` (``dtype[]``).
+
+    A Python ``int`` stands for any integer scalar (``TrainState.create`` sets
+    ``step=0``, while the trained state's step is a JAX int32), a ``float``
+    for any float, a ``bool`` for a bool; :func:`like` returns that Python type.
+    """
+    if isinstance(x, np.generic) or not isinstance(x, (bool, int, float)):
+        return False
+    dtype, _, shape = saved.partition("[")
+    if shape != "]":
+        return False
+    kinds = {bool: "b", int: "iu", float: "f"}
+    try:
+        return np.dtype(dtype).kind in kinds[type(x)]
+    except TypeError:
+        return False
+
+
 def check_template(specs: list, template: Any, name: str, where: pathlib.Path):
     """Returns ``(flat, treedef, order)`` of ``template`` after checking it matches ``specs``.
 
@@ -247,7 +266,12 @@ def check_template(specs: list, template: Any, name: str, where: pathlib.Path):
     wanted = {k: leaf_desc(x) for k, (_, x) in zip(wanted_paths, flat, strict=True)}
     only_saved = sorted(set(saved) - set(wanted))
     only_wanted = sorted(set(wanted) - set(saved))
-    differ = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    templ = {k: x for k, (_, x) in zip(wanted_paths, flat, strict=True)}
+    differ = sorted(
+        k
+        for k in set(saved) & set(wanted)
+        if saved[k] != wanted[k] and not _scalar_fits(templ[k], saved[k])
+    )
     unique = len(saved) == len(saved_paths) and len(wanted) == len(wanted_paths)
     # Paths are unique in any real tree; if two leaves share a path string, only
     # their positions can tell them apart.
@@ -285,9 +309,30 @@ def like(template: Any, x: np.ndarray, spec: dict) -> Any:
     if isinstance(template, bool | int | float | complex):
         return type(template)(x.item())
     sharding = getattr(template, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(
+        sharding.mesh, jax.sharding.AbstractMesh
+    ):
+        sharding = _concrete(sharding, spec)
     if isinstance(sharding, jax.sharding.Sharding):
         return jax.device_put(x, sharding)
     return jnp.asarray(x)
+
+
+def _concrete(sharding: Any, spec: dict) -> Any:
+    """Returns ``sharding`` on the mesh set with ``jax.sharding.set_mesh``, for an abstract one.
+
+    ``jax.eval_shape`` on arrays of an Explicit mesh gives shardings on an
+    ``AbstractMesh``, which has no devices to put the restored leaf on.
+    """
+    mesh = jax.sharding.get_mesh()
+    if getattr(mesh, "empty", True) or mesh.shape_tuple != sharding.mesh.shape_tuple:
+        raise ValueError(
+            f"the template of {path_str(tuple(spec['path']))!r} is sharded on an abstract mesh "
+            f"{dict(sharding.mesh.shape)} (jax.eval_shape of arrays on an Explicit mesh), which "
+            "has no devices. Fix: restore inside `with jax.sharding.set_mesh(mesh):` with the "
+            "mesh the arrays live on, or pass templates with concrete shardings."
+        )
+    return jax.sharding.NamedSharding(mesh, sharding.spec)
 
 
 def rebuild(specs, leaves, template, name, where):

@@ -24,12 +24,20 @@ class _CommandError(Exception):
 
 def _demo(args: argparse.Namespace) -> int:
     from jaxprune import demo
+    from jaxprune.data import DatasetError
 
     # Checked before any training, so a typo does not cost a dense phase first.
     if not 0.0 <= args.sparsity <= 1.0:
         raise _CommandError(
             f"--sparsity must be in [0, 1] (the fraction of weights pruned), got "
             f"{args.sparsity}. Fix: e.g. --sparsity 0.9."
+        )
+    if args.seed < 0:
+        raise _CommandError(f"--seed must be >= 0, got {args.seed}. Fix: e.g. --seed 0.")
+    if args.quick and args.epochs is not None:
+        raise _CommandError(
+            f"--quick runs one short epoch per phase, so --epochs {args.epochs} would be ignored. "
+            "Fix: pass one of the two."
         )
     if args.epochs is not None and args.epochs < 1:
         raise _CommandError(
@@ -46,6 +54,8 @@ def _demo(args: argparse.Namespace) -> int:
         )
     except FileNotFoundError as e:  # a dataset's files are missing; the message names the fix
         raise _CommandError(str(e)) from e
+    except DatasetError as e:  # damaged files (truncated, not gzip); the message names the fix
+        raise _CommandError(f"{e} Or run --dataset digits.") from e
     return 0
 
 
@@ -161,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sparsity", type=float, default=0.9, help="final sparsity (default 0.9)")
     d.add_argument("--epochs", type=int, default=None, help="training epochs (default: by dataset)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quick", action="store_true", help="a few hundred steps, for smoke tests")
+    d.add_argument(
+        "--quick", action="store_true", help="one short epoch per phase (<= 60 steps), for tests"
+    )
     d.set_defaults(func=_demo)
 
     i = sub.add_parser("inspect", help="per-leaf sparsity and bytes of a checkpoint")

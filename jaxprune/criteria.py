@@ -24,6 +24,7 @@ import optax
 
 from jaxprune._tree import (
     as_int,
+    check_array_leaves,
     key_parts,
     leaves_with_paths,
     map_pair,
@@ -46,6 +47,7 @@ def magnitude(params: optax.Params) -> optax.Params:
       Han et al., "Learning both Weights and Connections for Efficient Neural
       Networks", 2015. https://arxiv.org/abs/1506.02626
     """
+    check_array_leaves(params, "params")
     return jax.tree.map(jnp.abs, params)
 
 
@@ -262,7 +264,7 @@ def wanda(params: optax.Params, input_norms: Any) -> optax.Params:
 
 
 def _check_decay(decay: Any) -> float:
-    if not 0.0 <= float(decay) < 1.0:
+    if isinstance(decay, (bool, str, bytes)) or not 0.0 <= float(decay) < 1.0:
         raise ValueError(
             f"decay must be in [0, 1) (the EMA's weight on the past), got {decay!r}. "
             "Fix: e.g. decay=0.9."

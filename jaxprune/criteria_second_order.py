@@ -133,6 +133,11 @@ def hutchinson_diag(
       Hutchinson, "A stochastic estimator of the trace of the influence matrix",
       1990; Yao et al., "AdaHessian", 2020. https://arxiv.org/abs/2006.00719
     """
+    if not callable(loss_fn):
+        raise ValueError(
+            f"loss_fn must be a function of the params (and the batch), got {loss_fn!r}. "
+            "Fix: e.g. loss_fn=lambda p, x, y: loss(model_apply(p, x), y)."
+        )
     num_samples = _check_samples(num_samples)
     key_parts(key, "key")  # a clear error for key=None or a non-key
     grad_fn = jax.grad(lambda p: loss_fn(p, *args))
@@ -197,6 +202,11 @@ def fisher_diag(
       "Faster gaze prediction with dense networks and Fisher pruning", 2018.
       https://arxiv.org/abs/1801.05787
     """
+    if not callable(loss_fn):
+        raise ValueError(
+            f"loss_fn must be a function of the params (and the batch), got {loss_fn!r}. "
+            "Fix: e.g. loss_fn=lambda p, x, y: loss(model_apply(p, x), y)."
+        )
     if as_int(chunk_size) is None or as_int(chunk_size) < 1:
         raise ValueError(
             f"chunk_size must be a positive int (examples per vmapped chunk), got "

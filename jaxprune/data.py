@@ -21,6 +21,7 @@ import numpy as np
 
 __all__ = [
     "Dataset",
+    "DatasetError",
     "FASHION_MNIST_DIR",
     "batches",
     "fashion_mnist_available",
@@ -61,17 +62,27 @@ def fashion_mnist_available(directory: str | None = None) -> bool:
     return all(os.path.exists(os.path.join(d, f)) for pair in _FASHION_FILES.values() for f in pair)
 
 
+class DatasetError(ValueError):
+    """A dataset's files are there but cannot be read (damaged, truncated, not gzip)."""
+
+
 def _read_idx(path: str) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    fix = "Fix: reinstall the files (Fashion-MNIST: the Debian package dataset-fashion-mnist)."
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise DatasetError(f"{path} cannot be read as gzip ({e}). {fix}") from e
     magic = int.from_bytes(data[:4], "big")
     ndim = magic & 0xFF
     if magic >> 8 != 0x08:
-        raise ValueError(f"{path} is not an idx file of unsigned bytes (magic {magic:#x}).")
+        raise DatasetError(f"{path} is not an idx file of unsigned bytes (magic {magic:#x}). {fix}")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: expected {np.prod(shape)} values, got {arr.size}.")
+        raise DatasetError(
+            f"{path} is truncated: expected {np.prod(shape)} values, got {arr.size}. {fix}"
+        )
     return arr.reshape(shape)
 
 

@@ -7,6 +7,7 @@ accuracy, nonzero parameters, bytes and per-layer sparsity.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -73,7 +74,8 @@ def run(
       A dict with ``dense_accuracy``, ``pruned_accuracy``, ``sparsity``,
       parameter counts, bytes, per-layer sparsity and ``seconds``.
     """
-    console = console or Console()
+    # Piped, rich would wrap the table at 80 columns.
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
     t_start = time.perf_counter()
     ds = _data.load(dataset)
     if epochs is not None and (isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1):
@@ -118,7 +120,10 @@ def run(
         it = _data.batches(
             ds.x_train, ds.y_train, batch_size, seed=seed + seed_offset, epochs=n_epochs
         )
-        bar = tqdm(total=n_epochs * steps_per_epoch, desc=desc, unit="step", leave=False)
+        # disable=None: no bar frames when the output is piped to a file.
+        bar = tqdm(
+            total=n_epochs * steps_per_epoch, desc=desc, unit="step", leave=False, disable=None
+        )
         done = 0
         for x, y in it:
             if done >= n_epochs * steps_per_epoch:

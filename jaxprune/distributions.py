@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, leaves_with_paths, path_str, prunable_flags
+from jaxprune._tree import Where, as_int, leaves_with_paths, path_str, prunable_flags
 
 __all__ = ["uniform", "erk", "explicit", "selection", "per_output"]
 
@@ -81,14 +81,22 @@ def erk(
       https://arxiv.org/abs/1707.04780
     """
     _masks._check_sparsity(sparsity)
+    ps = _as_float(power_scale)
+    if not (math.isfinite(ps) and ps >= 0):
+        raise ValueError(
+            f"power_scale must be a finite number >= 0, got {power_scale!r}: 1.0 is ERK, 0.0 "
+            "the uniform distribution (a negative value would prune the small layers hardest). "
+            "Fix: pass a value in [0, 1]."
+        )
     flags = prunable_flags(params, where)
     flat, _ = leaves_with_paths(params)
-    idx = [i for i, f in enumerate(flags) if f]
+    # Zero-size leaves hold nothing to prune (sparsity 0.0).
+    idx = [i for i, f in enumerate(flags) if f and math.prod(jnp.shape(flat[i][1])) > 0]
     if not idx:
         return _tree_like(params, [0.0] * len(flat))
     shapes = [jnp.shape(flat[i][1]) for i in idx]
     n = jnp.array([math.prod(s) for s in shapes], jnp.float32)
-    raw = jnp.array([(sum(s) / math.prod(s)) ** power_scale for s in shapes], jnp.float32)
+    raw = jnp.array([(sum(s) / math.prod(s)) ** ps for s in shapes], jnp.float32)
     keep_total = (1.0 - jnp.asarray(sparsity, jnp.float32)) * jnp.sum(n)
     dense = jnp.zeros(len(idx), bool)
     eps = jnp.float32(0.0)
@@ -255,10 +263,17 @@ def per_output(scores: Any, sparsity: Any, *, where: Where | None = None, axis: 
     per_leaf = _masks._per_leaf_sparsity(scores, sparsity, flags)
     flat, treedef = leaves_with_paths(scores)
     out = []
-    for (_, x), f, s in zip(flat, flags, per_leaf, strict=False):
+    for (p, x), f, s in zip(flat, flags, per_leaf, strict=False):
         if not f:
             out.append(jnp.ones((), bool))
             continue
+        nd, ax = jnp.ndim(x), as_int(axis)
+        if ax is None or not -nd <= ax < nd:
+            raise ValueError(
+                f"axis must be an int axis of every selected leaf, got {axis!r} for "
+                f"{path_str(p)!r} of shape {tuple(jnp.shape(x))}. Fix: axis=-1 (a flax "
+                "kernel's output units), or where= selecting only leaves that have it."
+            )
         moved = jnp.moveaxis(jnp.asarray(x), axis, 0)
         rows = moved.reshape(moved.shape[0], -1)
         k = _masks._count(s, rows.shape[1])

@@ -11,9 +11,14 @@ regrown weight does not inherit the momentum it had before it was pruned.
 Moments are found by structure, not by optimizer type: any subtree of the
 inner state with the params' tree structure, whose leaf has the param's shape,
 is reset there (adam's ``mu``/``nu``, sgd's momentum ``trace``, lion's ``mu``,
-``inject_hyperparams``-wrapped ones alike). Adafactor's factored second moments
-(one row and one column vector per matrix) cannot be reset per entry and are
-left as they are.
+``inject_hyperparams``-wrapped ones alike, and the partial trees of
+``optax.masked``, ``optax.multi_transform`` and ``optax.contrib.muon``, whose
+``MaskedNode`` placeholders stand for the leaves they leave out). Moments that
+are not per entry cannot be reset per entry and are left as they are:
+Adafactor's factored second moments (one row and one column vector per
+matrix), SM3's per-axis accumulators and Novograd's per-layer second moment.
+On a rewiring step the inner optimizer sees the sparse model after it: dropped
+weights at 0 and only the gradients of weights active before and after.
 
 Wrap the whole optimizer: as for ``jp.prune``, ``rigl``/``set`` must be the
 last transform the updates pass through. They land pruned weights on exactly
@@ -21,8 +26,16 @@ last transform the updates pass through. They land pruned weights on exactly
 (``optax.chain(rigl(optax.scale_by_adam(), ...), optax.scale(-lr))``)
 rescales or clips those updates, pruned entries no longer land on 0 and the
 sparsity silently drops. Write ``rigl(optax.chain(optax.scale_by_adam(),
-optax.scale(-lr)), ...)`` (or ``rigl(optax.adam(lr), ...)``); transforms
-*before* them (``optax.chain(optax.clip(1.0), rigl(...))``) are fine.
+optax.scale(-lr)), ...)`` (or ``rigl(optax.adam(lr), ...)``). Element-wise
+transforms *before* them (``optax.chain(optax.clip(1.0), rigl(...))``) are
+fine; put ``optax.clip_by_global_norm`` *inside* (``rigl(optax.chain(
+optax.clip_by_global_norm(1.0), optax.adam(lr)), ...)``), where the norm is
+that of the sparse model's gradient: before, it also counts the pruned
+entries' gradients and clips harder than its threshold says. Likewise
+``optax.apply_if_finite`` goes *outside* (``optax.apply_if_finite(rigl(...),
+max_consecutive_errors)``), so that a skipped step does not rewire on
+non-finite gradients: inside, RigL would still rewire on that step and
+regrow exactly the NaN/inf entries.
 Optimizers that keep a second copy of the params are not supported as such,
 as for ``jp.prune``: schedule-free's evaluation params are not masked, and
 ``optax.lookahead``'s sync steps would bring pruned weights back.
@@ -51,8 +64,8 @@ from jaxprune._tree import (
     prunable_flags,
     unwrap_variables,
 )
+from jaxprune.transform import _reshard_like, register_mask_state
 from jaxprune.transform import get_masks as _get_masks
-from jaxprune.transform import register_mask_state
 
 __all__ = ["DynamicSparseState", "rigl", "set", "cosine_drop_fraction", "get_masks"]
 
@@ -180,11 +193,7 @@ def _validate(
         )
     if regrow not in ("gradient", "random"):
         raise ValueError(f"regrow must be 'gradient' (RigL) or 'random' (SET), got {regrow!r}.")
-    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
-        raise ValueError(
-            f"key must be a typed PRNG key (jax.random.key(seed)) for the initial random masks, "
-            f"got {key!r}. Fix: key=jax.random.key(0)."
-        )
+    key_parts(key, "key")  # one PRNG key, typed or raw, for the initial random masks
 
 
 def _drop_grow(w, g, m, frac, key, regrow):
@@ -204,9 +213,21 @@ def _drop_grow(w, g, m, frac, key, regrow):
     return new, new != m
 
 
+def _is_masked_node(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
 def _is_params_like(x: Any, treedef: Any) -> bool:
+    """Whether ``x`` has the params' structure, ``optax.MaskedNode`` standing for a leaf.
+
+    ``optax.masked``, ``optax.multi_transform`` and ``optax.partition`` (used by
+    ``optax.contrib.muon``) keep their moments in params-shaped trees with a
+    ``MaskedNode`` at each leaf they do not handle.
+    """
     try:
-        return jax.tree.structure(x) == treedef and not isinstance(x, jax.Array)
+        return jax.tree.structure(x, is_leaf=_is_masked_node) == treedef and not isinstance(
+            x, jax.Array
+        )
     except Exception:  # noqa: BLE001 (exotic nodes are simply not params-like)
         return False
 
@@ -217,9 +238,11 @@ def _reset_moments(inner_state: Any, treedef: Any, reset: list[jax.Array]) -> An
     def fix(sub):
         if not _is_params_like(sub, treedef):
             return sub
-        leaves = jax.tree.leaves(sub)
+        leaves = jax.tree.leaves(sub, is_leaf=_is_masked_node)
         out = [
-            jnp.where(r, jnp.zeros((), x.dtype), x) if jnp.shape(x) == jnp.shape(r) else x
+            jnp.where(r, jnp.zeros((), x.dtype), x)
+            if not _is_masked_node(x) and jnp.shape(x) == jnp.shape(r)
+            else x
             for x, r in zip(leaves, reset, strict=False)
         ]
         return jax.tree.unflatten(treedef, out)
@@ -313,6 +336,19 @@ def _dynamic(
         _check_total(pure, flags, per_leaf, float(sparsity), distribution, name)
         scores = _criteria.random(pure, key=jax.random.fold_in(key, 0x5EED))
         masks = _dist._topk_per_leaf(scores, per_leaf, where)
+        # Laid out like concrete sharded params (as jp.prune's initial masks are).
+        masks = jax.tree.map(
+            lambda m, p: (
+                jax.device_put(m, p.sharding)
+                if isinstance(p, jax.Array)
+                and not isinstance(p, jax.core.Tracer)
+                and jnp.shape(m) == jnp.shape(p)
+                and len(p.sharding.device_set) > 1
+                else m
+            ),
+            masks,
+            pure,
+        )
         return DynamicSparseState(
             count=jnp.zeros((), jnp.int32),
             packed_masks=_masks.pack(masks),
@@ -331,7 +367,8 @@ def _dynamic(
         step = state.count
         p_flat, treedef = jax.tree.flatten(params)
         g_flat = jax.tree.leaves(updates)
-        m_flat = jax.tree.leaves(state.masks)
+        # Typed like the params on an Explicit mesh, so both cond branches agree.
+        m_flat = jax.tree.leaves(_reshard_like(state.masks, params))
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key_data, impl=key_impl), step)
         if cosine:
             frac = cosine_drop_fraction(step, alpha=float(drop_fraction), end_step=end_step)
@@ -346,21 +383,34 @@ def _dynamic(
                 if f:
                     new, ch = _drop_grow(w, g, m, frac, jax.random.fold_in(step_key, i), regrow)
                 else:
-                    new, ch = m, jnp.zeros(jnp.shape(m), bool)
+                    new, ch = m, jnp.zeros_like(m)
                 masks.append(new)
                 changed.append(ch)
             return masks, changed
 
         def keep():
-            return list(m_flat), [jnp.zeros(jnp.shape(m), bool) for m in m_flat]
+            return list(m_flat), [jnp.zeros_like(m) for m in m_flat]
 
         masks, changed = jax.lax.cond(is_update, rewire, keep)
+        # The inner optimizer sees the sparse model after the rewiring: dropped
+        # weights at 0, and only the weights active before and after (a regrown
+        # weight starts at 0 with no step) have gradients. Optimizers reading
+        # norms (LAMB, LARS, Novograd) then size the kept weights' steps as on the
+        # sparse model alone.
+        stay = [m & ~c for m, c in zip(masks, changed, strict=False)]
         zeroed = [
-            jnp.where(m, g, jnp.zeros((), g.dtype)) if f else g
-            for g, m, f in zip(g_flat, masks, flags, strict=False)
+            jnp.where(s, g, jnp.zeros((), g.dtype)) if f else g
+            for g, s, f in zip(g_flat, stay, flags, strict=False)
+        ]
+        sparse_params = [
+            jnp.where(m, p, jnp.zeros((), p.dtype)) if f else p
+            for p, m, f in zip(p_flat, masks, flags, strict=False)
         ]
         new_updates, inner_state = inner.update(
-            jax.tree.unflatten(treedef, zeroed), state.inner_state, params, **extra_args
+            jax.tree.unflatten(treedef, zeroed),
+            state.inner_state,
+            jax.tree.unflatten(treedef, sparse_params),
+            **extra_args,
         )
         # After the step, so a rewired entry leaves this step with exactly zero moments.
         inner_state = _reset_moments(inner_state, treedef, changed)

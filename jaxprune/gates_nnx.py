@@ -24,6 +24,7 @@ from flax import nnx
 from jaxprune._tree import key_parts, leaves_with_paths, path_str
 from jaxprune.gates_tree import (
     Gate,
+    _check_gate,
     _gate_features,
     _require_per_unit,
     _scale_rows,
@@ -183,6 +184,40 @@ def _set_child(parent: Any, name: Any, value: Any) -> None:
         setattr(parent, name, value)
 
 
+def _module_paths(model: nnx.Module) -> list[tuple[tuple, Any]]:
+    """Returns ``(path, module)`` for every path reaching a module (a shared one at each).
+
+    ``nnx.iter_modules`` lists a module reachable from two attributes (tied
+    weights: ``self.tied = self.shared``) once; gating or folding it must
+    replace it at every attribute that holds it, or the tie breaks.
+    """
+    out: list[tuple[tuple, Any]] = []
+
+    def children(node: Any):
+        if isinstance(node, (list, nnx.List)):
+            return list(enumerate(node))
+        if isinstance(node, nnx.Module):
+            return [(k, v) for k, v in vars(node).items() if not k.startswith("_")]
+        return []
+
+    def walk(node: Any, path: tuple, seen: frozenset) -> None:
+        for name, child in children(node):
+            if id(child) in seen:
+                continue
+            if isinstance(child, nnx.Module):
+                out.append((path + (name,), child))
+            if isinstance(child, (nnx.Module, list)):
+                walk(child, path + (name,), seen | {id(child)})
+
+    walk(model, (), frozenset({id(model)}))
+    return out
+
+
+def _aliases(model: nnx.Module, module: Any) -> list[tuple]:
+    """Returns every path at which ``model`` holds ``module`` (the object itself)."""
+    return [p for p, m in _module_paths(model) if m is module]
+
+
 def gated_layers(model: nnx.Module) -> list[tuple[tuple, Gated]]:
     """Returns ``[(path, Gated), ...]`` for every gated layer of ``model``, in a fixed order."""
     return sorted(
@@ -234,6 +269,7 @@ def attach(
       Louizos et al. 2018, https://arxiv.org/abs/1712.01312; Lee et al. 2018,
       https://arxiv.org/abs/1805.10896
     """
+    _check_gate(gate)
     key_parts(key, "key")  # a clear error for key=0 or None
     where = where or _is_linear_or_conv
     skip = set(skip)
@@ -278,7 +314,6 @@ def attach(
     outputs = {path_str(p) for p, _ in chosen}
     layers = sorted([by_name[n] for n in outputs | gate_inputs], key=lambda pm: path_str(pm[0]))
     for i, (path, m) in enumerate(layers):
-        parent, name = _parent_and_name(model, path)
         wrapper = Gated(
             m,
             gate,
@@ -286,7 +321,9 @@ def attach(
             outputs=path_str(path) in outputs,
             inputs=path_str(path) in gate_inputs,
         )
-        _set_child(parent, name, wrapper)
+        # A layer held at several attributes (tied) gets one wrapper at all of them.
+        for alias in _aliases(model, m) or [path]:
+            _set_child(*_parent_and_name(model, alias), wrapper)
     return model
 
 
@@ -408,8 +445,9 @@ def detach(model: nnx.Module) -> nnx.Module:
     """
     out = nnx.clone(model)
     for path, m in gated_layers(out):
-        parent, name = _parent_and_name(out, path)
-        _set_child(parent, name, _fold(m))
+        folded = _fold(m)
+        for alias in _aliases(out, m) or [path]:
+            _set_child(*_parent_and_name(out, alias), folded)
     return out
 
 

@@ -7,6 +7,12 @@ model's own apply function consumes unchanged, so this works for linen
 (``model.apply({"params": gated}, x)``), nnx (``nnx.merge(graphdef, gated)``),
 equinox or hand-written models alike. A per-unit gate scales a kernel's last
 axis and the sibling ``bias`` leaf, which equals scaling that unit's output.
+That is flax's layout, ``[..., in, out]`` (output units last); equinox's
+``eqx.nn.Linear.weight`` is ``[out, in]``, so there the gates would scale
+input features, and a ``bias`` of the same length by the wrong units: keep
+per-unit gates to kernels in flax's layout (``where=``), or to a params tree
+whose kernels are stored ``[in, out]``. The same holds for
+:func:`jaxprune.masks.structured`'s ``axes=-1`` (output units in flax).
 """
 
 from __future__ import annotations
@@ -126,6 +132,7 @@ def init_gates(
       >>> {k: v["gate_log_alpha"].shape for k, v in gpi.items()}
       {'fc/kernel': (3,)}
     """
+    _check_gate(gate)
     if inputs:
         _require_per_unit(gate, "inputs=True")
     flags = prunable_flags(params, where)
@@ -233,6 +240,32 @@ def _input_rows(name: str, g: jax.Array, kernel_shape: tuple) -> jax.Array:
     return g[:, None]
 
 
+def _check_gate(gate: Any) -> None:
+    """Raises ``ValueError`` for anything but a gate kind instance (the class itself included)."""
+    if isinstance(gate, type) or not all(
+        callable(getattr(gate, a, None)) for a in ("init", "penalty", "keep")
+    ):
+        what = f"the class {gate.__name__}" if isinstance(gate, type) else repr(gate)
+        raise ValueError(
+            f"gate must be a gate kind instance, got {what}. Fix: e.g. "
+            "gate=jp.gates.HardConcrete() (called), jp.gates.BetaBernoulli(), "
+            "jp.gates.VariationalDropout() or jp.gates.ScalarGate()."
+        )
+
+
+def _check_kind(gate: Gate, gps: Sequence[Any]) -> None:
+    """Raises ``ValueError`` when gate params were made by another gate kind than ``gate``."""
+    want = set(jax.eval_shape(lambda k: gate.init(k, None), jnp.zeros((2, 2), jnp.float32)))
+    for gp in gps:
+        got = set(gp) if isinstance(gp, dict) else None
+        if got != want:
+            raise ValueError(
+                f"gate_params hold {sorted(got) if got is not None else gp!r}, but "
+                f"{type(gate).__name__} has {sorted(want)}: they were made by another gate "
+                "kind. Fix: pass the gate that init_gates built them with."
+            )
+
+
 def _check_gate_params(gate_params: dict, index: dict[str, int]) -> None:
     missing = sorted(set(gate_params) - set(index))
     if missing:
@@ -283,6 +316,7 @@ def apply_gates(
       >>> g["fc"]["kernel"].tolist(), g["fc"]["bias"].tolist()
       ([[0.0, 1.0], [0.0, 1.0]], [0.0, 1.0])
     """
+    _check_gate(gate)
     inputs = _check_inputs(gate, input_gate_params)
     _check_folded(gate, key)
     if key is not None:
@@ -327,6 +361,7 @@ def penalty(
     set: a kind whose penalty is not a plain sum (``ScalarGate``'s mean)
     sees all of them at once, as :func:`jaxprune.gates.model_penalty` does.
     """
+    _check_gate(gate)
     inputs = _check_inputs(gate, input_gate_params)
     names, in_names = sorted(gate_params), sorted(inputs)
     kernels: list[jax.Array] = []
@@ -343,6 +378,7 @@ def penalty(
             "Fix: call jp.gates.penalty(gate, gate_params, params)."
         )
     gps = [gate_params[n] for n in names] + [inputs[n] for n in in_names]
+    _check_kind(gate, gps)
     return gate.penalty(gps, kernels)
 
 
@@ -362,6 +398,7 @@ def unit_masks(
     layers' input features; their keeps come back under ``"<kernel path>:inputs"``
     and take part in the ``sparsity`` ranking.
     """
+    _check_gate(gate)
     inputs = _check_inputs(gate, input_gate_params)
     names = sorted(gate_params)
     kernels = {}
@@ -409,6 +446,7 @@ def to_masks(
       >>> m["fc"]["kernel"].tolist(), m["fc"]["bias"].tolist()
       ([[False, True], [False, True]], [False, True])
     """
+    _check_gate(gate)
     units = unit_masks(
         gate, gate_params, params, sparsity=sparsity, input_gate_params=input_gate_params
     )
@@ -587,6 +625,7 @@ def linen_apply(
       >>> gates.linen_apply(gates.HardConcrete(), model, variables, gp, jnp.ones((1, 3))).shape
       (1, 2)
     """
+    _check_gate(gate)
     import flax.linen as nn
 
     if not gate.per_unit:

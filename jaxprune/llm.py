@@ -239,11 +239,20 @@ def wanda_prune(
     _check_kernel(kernel)
     sparsity = _check(sparsity, nm, jnp.shape(kernel))
     _check_group(group)
-    if not isinstance(input_norms, jax.core.Tracer) and bool(jnp.any(jnp.asarray(input_norms) < 0)):
+    if input_norms is None or isinstance(input_norms, (str, bytes, dict)):
         raise ValueError(
-            "input_norms must be L2 norms (>= 0), got a negative entry. Fix: pass "
-            "sqrt(sum of squares) of the layer's inputs per input feature."
+            f"input_norms must be an array of L2 norms, one per input feature, got "
+            f"{input_norms!r}. Fix: pass jp.activations.input_norms(...)'s entry for this "
+            "kernel, or jnp.ones(kernel.shape[0]) for plain magnitude pruning."
         )
+    if not isinstance(input_norms, jax.core.Tracer):
+        norms = jnp.asarray(input_norms)
+        if bool(jnp.any(~jnp.isfinite(norms))) or bool(jnp.any(norms < 0)):
+            raise ValueError(
+                "input_norms must be finite L2 norms (>= 0), got a negative, NaN or infinite "
+                "entry. Fix: pass sqrt(sum of squares) of the layer's inputs per input "
+                "feature, from calibration data without NaN/inf."
+            )
     scores = _criteria.wanda({"k": kernel}, {"k": input_norms})["k"]
     keep = _keep(scores, sparsity, nm, group)
     return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype))
@@ -416,7 +425,18 @@ def reconstruction_error(kernel: jax.Array, pruned: jax.Array, hessian: jax.Arra
 
     ``0`` when both are zero (e.g. a layer whose inputs are all zero after an
     earlier layer was pruned away), ``inf`` when only the reference is.
+
+    Raises:
+      ValueError: ``pruned`` is not ``kernel``'s shape ``[in, out]``, or
+        ``hessian`` is not ``[in, in]``.
     """
+    k_shape, p_shape, h_shape = jnp.shape(kernel), jnp.shape(pruned), jnp.shape(hessian)
+    if len(k_shape) != 2 or p_shape != k_shape or h_shape != (k_shape[0],) * 2:
+        raise ValueError(
+            f"reconstruction_error needs kernel [in, out], pruned of the same shape and hessian "
+            f"[in, in], got kernel {k_shape}, pruned {p_shape} and hessian {h_shape}. Fix: pass "
+            "the layer's kernel, its pruned copy and X^T X of the layer's inputs."
+        )
     delta = (kernel - pruned).astype(jnp.float32)
     w = kernel.astype(jnp.float32)
     num = jnp.sum(delta * (hessian @ delta))

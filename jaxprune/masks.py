@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
@@ -48,6 +49,12 @@ __all__ = [
 def _check_sparsity(s: Any, name: str = "sparsity") -> None:
     if isinstance(s, jax.core.Tracer):
         return
+    if isinstance(s, (bool, str, bytes)) or getattr(s, "dtype", None) in (bool, jnp.bool_):
+        # float(True) == 1.0 and float("0.5") == 0.5 would pass silently.
+        raise ValueError(
+            f"{name} must be a number in [0, 1], got {s!r}. Fix: pass e.g. 0.9 to prune 90% "
+            "of the weights."
+        )
     try:
         v = float(s)
     except (TypeError, ValueError):
@@ -62,10 +69,15 @@ def _check_sparsity(s: Any, name: str = "sparsity") -> None:
 
 
 def _count(s: Any, n: int) -> jax.Array:
-    """Returns round(s * n) as int32: Python's, for concrete s; exact, for traced float32 s."""
+    """Returns round(s * n) as int32: Python's, for concrete s; exact, for traced float32 s.
+
+    A traced ``s`` outside ``[0, 1]`` is clipped to it, and a traced NaN
+    prunes nothing (a concrete one is refused by :func:`_check_sparsity`).
+    """
     if not isinstance(s, jax.core.Tracer):
         return jnp.int32(round(float(s) * n))
-    return _round_product(jnp.clip(jnp.asarray(s, jnp.float32), 0.0, 1.0), n)
+    s = jnp.asarray(s, jnp.float32)
+    return _round_product(jnp.clip(jnp.where(jnp.isnan(s), 0.0, s), 0.0, 1.0), n)
 
 
 def _round_product(s: jax.Array, n: int) -> jax.Array:
@@ -113,11 +125,17 @@ def _round_product(s: jax.Array, n: int) -> jax.Array:
 def _per_leaf_sparsity(scores: Any, sparsity: Any, flags: list[bool]) -> list[Any]:
     """Broadcasts a scalar sparsity, or reads a tree of them, to one value per leaf."""
     flat, _ = leaves_with_paths(scores)
-    if isinstance(sparsity, (int, float)) or (
+    if isinstance(sparsity, (int, float, str, bytes)) or (
         hasattr(sparsity, "dtype") and jnp.ndim(sparsity) == 0
     ):
         _check_sparsity(sparsity)
         return [sparsity] * len(flat)
+    if hasattr(sparsity, "dtype"):
+        raise ValueError(
+            f"sparsity must be one number in [0, 1] or a tree of them (one per leaf of the "
+            f"scores), got an array of shape {tuple(jnp.shape(sparsity))}. Fix: pass a float, "
+            "or a tree with the scores' structure, e.g. jax.tree.map(lambda _: 0.5, scores)."
+        )
     # Matched by path, not by position: a tree with other names (a typo) or
     # another order is an error, and containers may differ (dict vs nnx.State).
     by_path = dict(leaves_with_paths(sparsity)[0])
@@ -507,6 +525,12 @@ def apply_masks(params: Any, masks: Any) -> Any:
     out = []
     for (path, p), (_, m) in zip(flat_p, flat_m, strict=True):
         m = jnp.asarray(m)
+        if m.dtype != jnp.bool_:
+            raise ValueError(
+                f"mask for {path_str(path)!r} has dtype {m.dtype}, not bool: True keeps an "
+                "entry and False prunes it, and other values would be read as truthiness. "
+                "Fix: pass bool masks, e.g. m > 0 for a 0/1 float mask."
+            )
         if m.ndim and m.shape != jnp.shape(p):
             raise ValueError(
                 f"mask for {path_str(path)!r} has shape {m.shape} but the parameter has "
@@ -542,23 +566,29 @@ def sparsity(tree: Any, *, where: Where | None = None) -> jax.Array:
     """Returns the fraction of zeros (or ``False``) over the prunable leaves of ``tree``.
 
     Works on params (counts exact zeros) and on masks (counts ``False``). The
-    default ``where`` selects leaves with ``ndim >= 2`` (floating or bool).
+    default ``where`` selects leaves with ``ndim >= 2`` (floating or bool). An
+    nnx ``Module`` counts its ``nnx.Param`` state, a shared weight once.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> float(jp.sparsity({"w": jnp.array([[0., 1.], [0., 0.]]), "b": jnp.zeros(2)}))
       0.75
     """
+    if isinstance(tree, nnx.Module):
+        # The Variables, a tied (shared) one once, as jp.report counts them.
+        tree = nnx.state(tree, nnx.Param)
     flags = prunable_flags(tree, where, allow_bool=True)
     flat, _ = leaves_with_paths(tree)
-    zeros, total = jnp.int32(0), 0
+    # Counted per leaf (int32, exact) and summed in float32: a tree over 2**31
+    # entries (a multi-billion-parameter model) would overflow one int32 count.
+    zeros, total = jnp.float32(0), 0
     for (_, x), f in zip(flat, flags, strict=True):
         if f:
-            zeros = zeros + jnp.sum(jnp.asarray(x) == 0, dtype=jnp.int32)
-            total += jnp.size(x)
+            zeros = zeros + jnp.sum(jnp.asarray(x) == 0, dtype=jnp.int32).astype(jnp.float32)
+            total += int(jnp.size(x))
     if total == 0:
         return jnp.float32(0.0)
-    return zeros.astype(jnp.float32) / total
+    return zeros / jnp.float32(total)
 
 
 from jaxprune.structured import blocks, nm, pattern_library, patterns, structured  # noqa: E402, F401

@@ -113,9 +113,14 @@ def merge_pair(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, i, j):
     ``(a, c) = argmin ||h_j - (a h_i + c)||^2``; then ``W_i += a W_j``,
     ``b += c W_j`` and row ``j`` of ``w_out`` is zeroed.
 
+    Traced ``i`` and ``j`` that are equal or out of ``[0, units)`` leave
+    ``w_out`` and ``b_out`` unchanged (concrete ones are refused).
+
     Raises:
       ValueError: ``h [N, units]``, ``w_out [units, out]`` and ``b_out [out]``
-        disagree in shape.
+        disagree in shape; concrete ``i`` or ``j`` not an integer in
+        ``[0, units)``, or ``i == j`` (the ``(-1, -1)`` of
+        :func:`most_correlated_pair` included: it found no pair).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -126,16 +131,54 @@ def merge_pair(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, i, j):
       ([[3.0], [0.0]], [1.0])
     """
     _check_shapes(h, w_out, b_out)
+    units = jnp.shape(w_out)[0]
+    _check_pair(i, j, units)
     h = jnp.asarray(h, jnp.float32)
     w_out, b_out = jnp.asarray(w_out), jnp.asarray(b_out)
+    valid = (i >= 0) & (i < units) & (j >= 0) & (j < units) & (i != j)
+    i, j = jnp.clip(i, 0, units - 1), jnp.clip(j, 0, units - 1)
     hi, hj = h[:, i], h[:, j]
     hi_c = hi - hi.mean()
     a = jnp.sum(hi_c * (hj - hj.mean())) / jnp.maximum(jnp.sum(hi_c**2), 1e-30)
     c = hj.mean() - a * hi.mean()
     wj = w_out[j]
-    w_out = w_out.at[i].add((a * wj).astype(w_out.dtype)).at[j].set(0)
-    b_out = b_out + (c * wj).astype(b_out.dtype)
-    return w_out, b_out
+    w_new = w_out.at[i].add((a * wj).astype(w_out.dtype)).at[j].set(0)
+    b_new = b_out + (c * wj).astype(b_out.dtype)
+    return jnp.where(valid, w_new, w_out), jnp.where(valid, b_new, b_out)
+
+
+def _check_pair(i, j, units: int) -> None:
+    """Refuses concrete unit indices that are not two different units of ``[0, units)``."""
+    concrete = {}
+    for name, v in (("i", i), ("j", j)):
+        if isinstance(v, jax.core.Tracer):
+            continue
+        if (
+            isinstance(v, bool)
+            or not jnp.issubdtype(jnp.result_type(v), jnp.integer)
+            or jnp.ndim(v)
+        ):
+            raise ValueError(
+                f"{name} must be one integer unit index, got {v!r}. Fix: pass e.g. the "
+                "indices from jp.merge.most_correlated_pair."
+            )
+        concrete[name] = int(v)
+    if concrete.get("i") == concrete.get("j") == -1:
+        raise ValueError(
+            "i=-1, j=-1: most_correlated_pair found no pair of alive units with "
+            "non-constant activations. Fix: stop merging (check i >= 0 first)."
+        )
+    for name, v in concrete.items():
+        if not 0 <= v < units:
+            raise ValueError(
+                f"{name}={v} is not a unit index in [0, {units}) (w_out has {units} rows). "
+                "Fix: pass indices of units of this layer."
+            )
+    if len(concrete) == 2 and concrete["i"] == concrete["j"]:
+        raise ValueError(
+            f"i and j must be two different units, got i=j={concrete['i']}: merging a unit "
+            "into itself would delete it. Fix: pass the pair from most_correlated_pair."
+        )
 
 
 def noiseout(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, num_merges: int) -> MergeResult:

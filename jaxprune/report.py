@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from jaxprune import packing
-from jaxprune._tree import leaves_with_paths, path_str, unwrap_variables
+from jaxprune._tree import check_array_leaves, leaves_with_paths, path_str, unwrap_variables
 from jaxprune.masks import _broadcast_prefix
 
 __all__ = ["LeafRow", "Report", "report", "plot_sparsity", "plot_accuracy_vs_compression"]
@@ -210,6 +210,7 @@ def report(
         if apply_fn is None and example_inputs is not None:
             apply_fn = lambda s, *xs: nnx.merge(graphdef, s, rest)(*xs)  # noqa: E731
         params = state
+    check_array_leaves(params, "params")
     mask_of = _mask_lookup(params, masks)
     rows = []
     for path, leaf in leaves_with_paths(params)[0]:
@@ -414,9 +415,15 @@ def _walk(jaxpr, src: dict, density: dict[str, float]) -> tuple[float, float]:
 
 def _flops(apply_fn, params, inputs, density: dict[str, float]) -> dict[str, float]:
     lowered = jax.jit(apply_fn).lower(params, *inputs)
-    cost = lowered.compile().cost_analysis()
+    # The lowered (whole-program) module's cost: the compiled one's is per device,
+    # so 1/8 of the model's on 8 devices when params or inputs are sharded.
+    cost = lowered.cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else {}
+    if not cost or "flops" not in cost:
+        cost = lowered.compile().cost_analysis()
+        if isinstance(cost, list | tuple):
+            cost = cost[0] if cost else {}
     xla = float((cost or {}).get("flops", math.nan))
     closed = jax.make_jaxpr(apply_fn)(params, *inputs)
     flat, _ = leaves_with_paths(params)

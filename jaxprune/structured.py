@@ -20,6 +20,7 @@ neurons / filters (output channels), ``axes=-2`` input channels, and
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import masks as _masks
+from jaxprune._search import _explicit_axes, _on_auto_axes, _replicated, _sharding_or_replicated
 from jaxprune._tree import Where, as_int, leaves_with_paths, path_str, prunable_flags
 
 __all__ = ["structured", "patterns", "pattern_library", "nm", "blocks", "REDUCTIONS"]
@@ -82,6 +84,59 @@ def _check_scope(scope: str) -> None:
         )
 
 
+def _keeps_layout(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Makes the selection ``fn`` return masks laid out like sharded scores.
+
+    On arrays typed with Explicit mesh axes (sharding in types, the default of
+    ``jax.make_mesh``) the selection's reshapes and repeats, which split or
+    merge sharded axes, would be refused; it runs with those axes made Auto,
+    as the searches of :mod:`jaxprune._search` do, and each mask comes back
+    typed with its score leaf's sharding. Concrete scores sharded over several
+    devices get masks placed like them (the broadcasts would replicate them).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(scores: Any, *args: Any, **kwargs: Any) -> Any:
+        found = _explicit_axes(scores)
+        if found is None:
+            return _placed_like(fn(scores, *args, **kwargs), scores)
+        mesh, axes = found
+        run = lambda s: fn(s, *args, **kwargs)  # noqa: E731
+        plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), scores)
+        shapes = jax.eval_shape(run, plain)
+        score_types = [jax.typeof(x) for x in jax.tree.leaves(scores)]
+        out = []
+        for s, t in zip(jax.tree.leaves(shapes), score_types, strict=True):
+            like_scores = bool(s.shape) and s.shape == t.shape
+            out.append(_sharding_or_replicated(t, mesh) if like_scores else _replicated(mesh))
+        shardings = jax.tree.unflatten(jax.tree.structure(shapes), out)
+        return _on_auto_axes(run, axes, shardings, scores)
+
+    return wrapper
+
+
+def _placed_like(masks: Any, scores: Any) -> Any:
+    """Returns concrete ``masks`` placed like the scores that are sharded over devices."""
+    m_flat, treedef = jax.tree.flatten(masks)
+    s_flat = jax.tree.leaves(scores)
+    if len(m_flat) != len(s_flat):
+        return masks
+    out = []
+    for m, x in zip(m_flat, s_flat, strict=True):
+        if (
+            isinstance(x, jax.Array)
+            and isinstance(m, jax.Array)
+            and not isinstance(x, jax.core.Tracer)
+            and not isinstance(m, jax.core.Tracer)
+            and m.shape == x.shape
+            and len(x.sharding.device_set) > 1
+            and m.sharding != x.sharding
+        ):
+            m = jax.device_put(m, x.sharding)
+        out.append(m)
+    return jax.tree.unflatten(treedef, out)
+
+
 def _rank_reduced(
     scores: Any,
     sparsity: Any,
@@ -112,6 +167,7 @@ def _rank_reduced(
     return jax.tree.unflatten(treedef, out)
 
 
+@_keeps_layout
 def structured(
     scores: Any,
     sparsity: Any,
@@ -222,6 +278,7 @@ def _check_library(library: Any) -> np.ndarray:
     return lib
 
 
+@_keeps_layout
 def patterns(
     scores: Any,
     sparsity: Any = 0.0,
@@ -307,21 +364,25 @@ def patterns(
         leaf_lib = lib if lib is not None else pattern_library(ks)
         x = jnp.moveaxis(jnp.asarray(x, jnp.float32), kernel_axes, (0, 1))
         rest = x.shape[2:]
-        flat_x = x.reshape(ks[0] * ks[1], -1)
+        # Only the two kernel axes are merged: the channel axes, which a mesh may
+        # shard, stay as they are (merging them would gather one).
+        flat_x = x.reshape((ks[0] * ks[1],) + rest)
         lib_f = jnp.asarray(leaf_lib.reshape(leaf_lib.shape[0], -1), jnp.float32)
-        pat_scores = lib_f @ flat_x  # [P, kernels]
+        pat_scores = jnp.tensordot(lib_f, flat_x, axes=1)  # [P, *rest]
         best = jnp.argmax(pat_scores, axis=0)
-        reduced[i] = jnp.max(pat_scores, axis=0).reshape(rest)
-        chosen = jnp.asarray(leaf_lib.reshape(leaf_lib.shape[0], -1))[best].T  # [kh*kw, kernels]
+        reduced[i] = jnp.max(pat_scores, axis=0)
+        lib_b = jnp.asarray(leaf_lib.reshape(leaf_lib.shape[0], -1))
+        chosen = jnp.moveaxis(lib_b[best], -1, 0)  # [kh*kw, *rest]
 
         def exp(keep, chosen=chosen, rest=rest, ks=ks):
-            m = (chosen & keep.reshape(1, -1)).reshape(ks + rest)
+            m = (chosen & keep[None]).reshape(ks + rest)
             return jnp.moveaxis(m, (0, 1), kernel_axes)
 
         expand[i] = exp
     return _rank_reduced(scores, sparsity, reduced, expand, "layer")
 
 
+@_keeps_layout
 def nm(
     scores: Any,
     sparsity: Any = None,
@@ -450,6 +511,7 @@ def nm(
     return jax.tree.unflatten(treedef, out)
 
 
+@_keeps_layout
 def blocks(
     scores: Any,
     sparsity: Any,

@@ -50,7 +50,8 @@ class PruneState(NamedTuple):
     """State of :func:`prune`.
 
     The masks are stored packed, one bit per prunable entry
-    (:class:`~jaxprune.masks.PackedMask`, uint8 along the last axis), so the
+    (:class:`~jaxprune.masks.PackedMask`: uint8 bytes of 8 entries along one
+    axis whose length is a multiple of 8, preferably not the last), so the
     pruning state adds 1/32 of an f32 model to the inner optimizer's state
     (Adam's is 2x the model). ``state.masks`` unpacks them to bools.
 
@@ -80,7 +81,7 @@ _SCOPES = {"layer": _masks.topk, "global": _masks.global_topk}
 def _resolve_selection(scope: str | Selection) -> Selection:
     if callable(scope):
         return scope
-    if scope not in _SCOPES:
+    if not isinstance(scope, str) or scope not in _SCOPES:
         raise ValueError(
             f"scope must be 'layer' (per-leaf exact counts), 'global' (one threshold across "
             f"all prunable leaves) or a selection function (scores, sparsity, *, where) -> "
@@ -232,6 +233,22 @@ def prune(
     ``optax.lookahead`` cannot go inside ``jp.prune`` (its params are a pair)
     nor around it (each sync step moves the fast weights towards the unmasked
     slow ones, bringing pruned weights back).
+
+    ``tx`` sees the pruned model: masked gradients and, on a refresh step,
+    params with the newly pruned entries already 0, so optimizers that read
+    params or norms (LAMB, LARS, Adafactor, weight decay) step the kept
+    weights as on the pruned model alone. Put ``optax.clip_by_global_norm``
+    inside (``jp.prune(optax.chain(optax.clip_by_global_norm(1.0),
+    optax.adam(lr)), ...)``) to clip the pruned model's gradient norm; before
+    ``jp.prune`` the norm also counts the pruned entries' gradients. Put
+    ``optax.apply_if_finite`` outside (``optax.apply_if_finite(jp.prune(...),
+    n)``): a skipped step then updates no criterion state and refreshes no
+    mask, while inside, a non-finite step would still feed a stateful
+    criterion (its state stays NaN) and a refresh. A weight that a refresh
+    brings back (criteria whose masks are not nested: ``random``,
+    ``movement``, the EMA criteria) resumes with the optimizer moments it had
+    when it was pruned, decayed while it was; :mod:`jaxprune.dynamic` resets
+    them.
 
     Args:
       tx: the inner optimizer (any optax transformation).
@@ -397,7 +414,13 @@ def prune(
         if explicit:
             masks = _reshard_like(masks, params)
         updates = _enforce(updates, masks, flags)
-        updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        # The inner optimizer sees the pruned model: on a refresh step the entries
+        # just pruned are not 0 yet, and optimizers that read the params (LAMB's and
+        # LARS's trust ratios, Adafactor's parameter scale, weight decay) would
+        # otherwise size the kept weights' steps by them. Elsewhere this is the
+        # identity, and unused (adam, sgd) it costs nothing.
+        inner_params = _enforce(params, masks, flags)
+        updates, inner_state = inner.update(updates, state.inner_state, inner_params, **extra_args)
         # Negated only where masks can apply (a bool leaf has no negation).
         p_leaves = jax.tree.leaves(params)
         neg_params = [-p if f else None for p, f in zip(p_leaves, flags, strict=True)]
@@ -453,10 +476,13 @@ def get_masks(opt_state: Any) -> optax.Params:
 
     Finds the pruning state inside ``optax.chain``, ``optax.MultiSteps``,
     ``inject_hyperparams`` states and ``nnx.Optimizer.opt_state``; also the
-    masks of ``jp.dynamic.rigl`` / ``set``.
+    masks of ``jp.dynamic.rigl`` / ``set``. Where ``opt_state`` holds several
+    (one ``jp.prune`` per ``optax.multi_transform`` partition, or one nested in
+    another), an entry is kept only where every one of them keeps it.
 
     Raises:
-      ValueError: ``opt_state`` holds no pruning state.
+      ValueError: ``opt_state`` holds no pruning state, or pruning states over
+        different trees.
     """
     states = find_prune_states(opt_state)
     if not states:
@@ -469,11 +495,37 @@ def get_masks(opt_state: Any) -> optax.Params:
     # Under optax.masked, leaves the pruning never sees are MaskedNode(): they
     # are not pruned, so their mask is a scalar True, as for any unpruned leaf.
     masked = optax.MaskedNode
+    out = unwrap_variables(states[0].masks)
+    for other in states[1:]:
+        out = _merge_masks(out, unwrap_variables(other.masks), len(states))
     return jax.tree.map(
         lambda x: jnp.ones((), bool) if isinstance(x, masked) else x,
-        unwrap_variables(states[0].masks),
+        out,
         is_leaf=lambda x: isinstance(x, masked),
     )
+
+
+def _merge_masks(a: Any, b: Any, n: int) -> Any:
+    """Returns the masks keeping what both ``a`` and ``b`` keep.
+
+    A ``MaskedNode`` (a subtree ``optax.masked`` or ``multi_transform`` kept
+    from that pruning) takes the other tree's subtree there.
+    """
+    if isinstance(a, optax.MaskedNode):
+        return b
+    if isinstance(b, optax.MaskedNode):
+        return a
+    ca, da = jax.tree.flatten(a, is_leaf=lambda x: x is not a)
+    cb, db = jax.tree.flatten(b, is_leaf=lambda x: x is not b)
+    if jax.tree_util.treedef_is_leaf(da) and jax.tree_util.treedef_is_leaf(db):
+        return jnp.logical_and(a, b)
+    if da != db:
+        raise ValueError(
+            f"opt_state holds {n} pruning states over different trees, so their masks cannot "
+            "be combined. Fix: read each one's masks from its own state "
+            "(jp.transform.find_prune_states(opt_state)[i].masks)."
+        )
+    return jax.tree.unflatten(da, [_merge_masks(x, y, n) for x, y in zip(ca, cb, strict=True)])
 
 
 def _nbytes(tree: Any) -> int:

@@ -268,7 +268,7 @@ def test_pgd_needs_per_example_losses_and_wanda_prune_nonnegative_norms():
     x = jnp.full((3, 2), 0.5)
     with pytest.raises(ValueError, match=r"per-example losses, shape \(3,\).*got shape \(\)"):
         adversarial.pgd(lambda z: jnp.sum(z), x, eps=0.1, step_size=0.05, steps=2)
-    with pytest.raises(ValueError, match="input_norms must be L2 norms"):
+    with pytest.raises(ValueError, match="input_norms must be finite L2 norms"):
         llm.wanda_prune(jnp.ones((4, 2)), jnp.array([1.0, -1.0, 1.0, 1.0]))
 
 

@@ -118,7 +118,7 @@ def test_cosine_drop_fraction():
         ({"end_step": 0}, "end_step must be a positive int"),
         ({"drop_fraction": 2.0}, "drop_fraction must be in"),
         ({"regrow": "magic"}, "regrow must be 'gradient'"),
-        ({"key": 0}, "key must be a typed PRNG key"),
+        ({"key": 0}, "key must be a PRNG key"),
     ],
 )
 def test_rigl_errors(kwargs, match):

@@ -89,6 +89,11 @@ def _align(groups: Sequence[Group], scores: Any) -> tuple[list, tuple[Group, ...
     cannot hold the group's channels, is an error: it would silently score the
     wrong leaves or prune nothing.
     """
+    if not isinstance(groups, (tuple, list)) or not all(isinstance(g, Group) for g in groups):
+        raise ValueError(
+            f"groups must be the sequence of groups structure.groups returns, got "
+            f"{type(groups).__name__}. Fix: groups = structure.groups(apply_fn, params, x[:2])."
+        )
     flat, _ = leaves_with_paths(scores)
     index = {path_str(p): i for i, (p, _) in enumerate(flat)}
     # Linen: groups found on the variables ({"params": ..., "batch_stats": ...}, as

@@ -96,6 +96,12 @@ def prune_layerwise(
     """
     if window < 1:
         raise ValueError(f"window must be >= 1 (groups fine-tuned together), got {window}.")
+    if not isinstance(example_inputs, (tuple, list)):
+        raise ValueError(
+            f"example_inputs must be a tuple of the model's inputs (apply_fn(params, "
+            f"*example_inputs)), got {type(example_inputs).__name__}. Fix: wrap a single "
+            "input in a tuple, e.g. (x[:2],)."
+        )
     an = find_groups(trace(apply_fn, params, *example_inputs))
     first = {}
     for e, le, _ in an.contractions:

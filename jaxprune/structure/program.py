@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
@@ -134,7 +135,13 @@ def trace(apply_fn: Any, params: Any, *example_inputs: Any) -> Program:
         closed = jax.make_jaxpr(fn)(leaves, in_leaves)
     except TypeError as err:
         if example_inputs:
-            raise
+            shapes = [tuple(jnp.shape(x)) for x in in_leaves]
+            raise ValueError(
+                f"apply_fn(params, *example_inputs) fails with example inputs of shapes "
+                f"{shapes} ({type(err).__name__}: {err}). The dependency analysis traces the "
+                "model on them. Fix: pass a small batch of what the model takes, e.g. x[:2] "
+                "with the training data's shape."
+            ) from err
         # jp.shrink(apply_fn, params, masks) without inputs: the model's own call
         # then fails deep inside (``__call__() missing 'x'``).
         raise ValueError(

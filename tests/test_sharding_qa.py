@@ -1,0 +1,124 @@
+"""Sharded params, found in review: report FLOPs, structured selections, rigl and restore.
+
+One subprocess with 8 simulated CPU devices (``XLA_FLAGS`` must be set before
+jax is imported) prints a JSON line of checks that the test asserts on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+_SCRIPT = textwrap.dedent(
+    r"""
+    import json, os, tempfile
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import functools
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import jaxprune as jp
+
+    out = {}
+    rng = np.random.default_rng(0)
+    auto = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    explicit = jax.make_mesh((2, 4), ("data", "model"))
+
+    # jp.report's xla_flops is the whole model's, not one device's share.
+    w = rng.normal(size=(64, 128)).astype(np.float32)
+    x = rng.normal(size=(16, 64)).astype(np.float32)
+    apply = lambda p, x: jnp.tanh(x @ p["w"])
+    one = jp.report({"w": jnp.asarray(w)}, apply_fn=apply, example_inputs=jnp.asarray(x))
+    sharded = jp.report(
+        {"w": jax.device_put(w, NamedSharding(auto, P(None, "model")))},
+        apply_fn=apply,
+        example_inputs=jax.device_put(x, NamedSharding(auto, P("data", None))),
+    )
+    out["flops"] = [one.flops["xla_flops"], sharded.flops["xla_flops"]]
+
+    # Structured selections on an Explicit mesh: equal to one device, and usable as a scope.
+    def put(a, spec):
+        return jax.device_put(a, NamedSharding(explicit, spec))
+
+    conv = rng.normal(size=(3, 3, 8, 16)).astype(np.float32)
+    dense = rng.normal(size=(16, 12)).astype(np.float32)
+    cases = {
+        "patterns": (jp.masks.patterns, {"c": conv}, P(None, None, None, "model")),
+        "blocks": (functools.partial(jp.masks.blocks, block=(1, 4)), {"w": dense},
+                   P(None, "model")),
+        "nm": (lambda s, sp, where=None: jp.masks.nm(s, where=where), {"w": dense[:8]},
+               P("model", None)),
+        "structured": (jp.masks.structured, {"w": dense}, P("model", None)),
+    }
+    for name, (sel, tree, spec) in cases.items():
+        ref = sel(jax.tree.map(jnp.abs, tree), 0.5)
+        params = {k: put(v, spec) for k, v in tree.items()}
+        got = sel(jp.criteria.magnitude(params), 0.5)
+        same = all(bool(np.array_equal(np.asarray(a), np.asarray(b)))
+                   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
+        spec_kept = all(jax.typeof(m).sharding.spec == spec for m in jax.tree.leaves(got))
+        tx = jp.prune(optax.sgd(0.1), sparsity=0.5, scope=sel)
+        with jax.sharding.set_mesh(explicit):
+            u, s = jax.jit(tx.update)(params, tx.init(params), params)
+        new = optax.apply_updates(params, u)
+        enforced = all(bool(jnp.all(jnp.where(m, True, p == 0)))
+                       for m, p in zip(jax.tree.leaves(jp.get_masks(s)), jax.tree.leaves(new)))
+        out[name] = [same, spec_kept, enforced]
+
+    # Concrete sharded scores on an Auto mesh: masks placed like them.
+    fsdp = jax.device_put(dense, NamedSharding(auto, P(("data", "model"), None)))
+    m = jp.masks.structured({"w": jnp.abs(fsdp)}, 0.5)["w"]
+    out["structured_auto_placed"] = m.sharding == fsdp.sharding
+
+    # rigl / set under set_mesh on an Explicit mesh; initial masks laid out like the params.
+    p = {"w": put(rng.normal(size=(64, 128)).astype(np.float32), P(None, "model"))}
+    g = jax.tree.map(jnp.sin, p)
+    ok = []
+    for make in (jp.dynamic.rigl, jp.dynamic.set):
+        tx = make(optax.adam(1e-2), sparsity=0.8, key=jax.random.key(0), end_step=6, update_every=1)
+        st = tx.init(p)
+        ok.append(st.packed_masks["w"].bits.sharding.spec == P(None, "model"))
+        with jax.sharding.set_mesh(explicit):
+            u, st = jax.jit(tx.update)(g, st, p)
+            u, st = jax.jit(tx.update)(g, st, optax.apply_updates(p, u))
+        ok.append(abs(float(jp.sparsity(jp.get_masks(st))) - 0.8) < 1e-3)
+    out["dynamic"] = ok
+
+    # Restore onto jax.eval_shape templates of Explicit-mesh arrays.
+    d = os.path.join(tempfile.mkdtemp(), "ckpt")
+    wp = put(rng.normal(size=(64, 32)).astype(np.float32), P("data", "model"))
+    jp.save(d, 0, {"w": wp})
+    template = jax.eval_shape(lambda t: t, {"w": wp})
+    try:
+        jp.restore(d, params=template)
+        out["restore_no_mesh"] = "no error"
+    except ValueError as e:
+        out["restore_no_mesh"] = str(e)
+    with jax.sharding.set_mesh(explicit):
+        r = jp.restore(d, params=template)
+    out["restore_in_mesh"] = [bool(np.array_equal(np.asarray(r.params["w"]), np.asarray(wp))),
+                              r.params["w"].sharding.spec == P("data", "model")]
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def test_sharded_report_selections_dynamic_and_restore():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT ") :])
+    one, sharded = out["flops"]
+    assert sharded == one  # not one device's share
+    for name in ("patterns", "blocks", "nm", "structured"):
+        assert out[name] == [True, True, True], (name, out[name])
+    assert out["structured_auto_placed"]
+    assert all(out["dynamic"]), out["dynamic"]
+    assert "abstract mesh" in out["restore_no_mesh"] and "set_mesh" in out["restore_no_mesh"]
+    assert out["restore_in_mesh"] == [True, True]
