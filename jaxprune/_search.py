@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -37,6 +38,15 @@ def ordered_keys(scores: ArrayLike) -> jax.Array:
     float64 scores (with ``jax_enable_x64``) that round to the same float32
     tie, and their ties go by flatten order.
     """
+    if jnp.result_type(scores) == jnp.float64:
+        # One location (stacklevel 1): Python's default filter shows it once per process.
+        warnings.warn(
+            "float64 scores are compared as float32: scores closer than float32's precision "
+            "(or past its range) tie, and ties are broken by flatten order, not by the float64 "
+            "value. Fix: bring them into float32's precision first: x - x.min() for values "
+            "that differ in late digits, x / x.max() for values past float32's range.",
+            stacklevel=1,
+        )
     bits = jax.lax.bitcast_convert_type(jnp.asarray(scores, jnp.float32), jnp.uint32)
     # NaNs lose their sign bit, so that all of them sort above +inf.
     magnitude = bits & jnp.uint32(0x7FFFFFFF)

@@ -249,7 +249,8 @@ def _masked_scores(
             if f and jnp.size(x):
                 top = jnp.maximum(top, jnp.max(jnp.where(m, x, 0)))
         scale = jnp.where(top > 0, top, 1)
-        sel = jax.tree.map(lambda x: x / scale.astype(x.dtype), scores)
+        # In float32 after the division, as the selection compares them anyway.
+        sel = jax.tree.map(lambda x: (x / scale.astype(x.dtype)).astype(jnp.float32), scores)
     sel = jax.tree.map(lambda x, m: jnp.where(m, x, -1.0), sel, masks)
     return sel, r, bad
 
@@ -332,7 +333,8 @@ def synflow(
         sel, r, bad = _masked_scores(apply_fn, params, masks, input_shape, flags)
         return _masks.global_topk(sel, s, where=chosen), r, bad
 
-    masks = _masks.global_topk(jax.tree.map(jnp.ones_like, params), 0.0, where=chosen)
+    ones = jax.tree.map(lambda x: jnp.ones(jnp.shape(x), jnp.float32), params)
+    masks = _masks.global_topk(ones, 0.0, where=chosen)
     density = 1.0 - float(sparsity)
     for k in range(1, iterations + 1):
         s = jnp.float32(1.0 - density ** (k / iterations))

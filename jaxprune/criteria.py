@@ -94,7 +94,10 @@ def saliency(params: optax.Params, grads: optax.Updates) -> optax.Params:
       Mozer & Smolensky, "Skeletonization", 1989; Lee et al., "SNIP", 2019.
       https://arxiv.org/abs/1810.02340
     """
-    return map_pair(lambda _, w, g: jnp.abs(w * g), params, grads, "grads", _GRADS_FIX)
+    # In float32 (cast first): a float16 product of small values underflows to 0.
+    return map_pair(
+        lambda p, w, g: jnp.abs(_f32_product(p, w, g)), params, grads, "grads", _GRADS_FIX
+    )
 
 
 _GRADS_FIX = "pass the gradients of these params (jax.grad of the loss with respect to them)"

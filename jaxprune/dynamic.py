@@ -199,7 +199,8 @@ def _validate(
 def _drop_grow(w, g, m, frac, key, regrow):
     """Returns ``(new_mask, changed)`` for one leaf: drop k smallest |w|, regrow k."""
     n = m.size
-    k = jnp.floor(frac * jnp.sum(m, dtype=jnp.int32)).astype(jnp.int32)
+    active = jnp.sum(m, dtype=jnp.int32).astype(jnp.float32)
+    k = jnp.floor(jnp.asarray(frac, jnp.float32) * active).astype(jnp.int32)
     inf = jnp.float32(jnp.inf)
     drop_score = jnp.where(m, jnp.abs(w).astype(jnp.float32), inf)
     after = _masks._select([_masks.ordered_keys(drop_score)], k)[0].reshape(m.shape) & m
@@ -211,6 +212,12 @@ def _drop_grow(w, g, m, frac, key, regrow):
     top = _masks._select([_masks.ordered_keys(grow_score)], n - k)[0].reshape(m.shape)
     new = after | (top & ~after)
     return new, new != m
+
+
+def _land(u: jax.Array, p: jax.Array, step: jax.Array) -> jax.Array:
+    """Returns ``u`` where ``step``, else ``-p`` (landing on 0), in the wider dtype of the two."""
+    dt = jnp.promote_types(u.dtype, p.dtype)
+    return jnp.where(step, u.astype(dt), (-p).astype(dt))
 
 
 def _is_masked_node(x: Any) -> bool:
@@ -416,8 +423,10 @@ def _dynamic(
         inner_state = _reset_moments(inner_state, treedef, changed)
         u_flat = jax.tree.leaves(new_updates)
         # Active and not just regrown: the optimizer's step; otherwise land on exactly 0.
+        # In the wider of the two dtypes (as jp.prune does): bf16 updates of f32
+        # params would round -params, and dropped weights would not land on 0.
         out = [
-            jnp.where(m & ~(c & m), u, -p.astype(u.dtype)) if f else u
+            _land(u, p, m & ~(c & m)) if f else u
             for u, p, m, c, f in zip(u_flat, p_flat, masks, changed, flags, strict=False)
         ]
         new_state = DynamicSparseState(

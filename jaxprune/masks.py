@@ -430,10 +430,10 @@ def _pack_bits(m: jax.Array, axis: int | None) -> jax.Array:
         m = jnp.pad(flat, (0, -flat.size % 8), constant_values=True)
         split = m.reshape(-1, 8)
         weights = jnp.asarray(_BIT, jnp.uint8)
-        return jnp.sum(split * weights, axis=1, dtype=jnp.uint8)
+        return jnp.sum(split.astype(jnp.uint8) * weights, axis=1, dtype=jnp.uint8)
     split = m.reshape(shape[:axis] + (shape[axis] // 8, 8) + shape[axis + 1 :])
     weights = jnp.asarray(_BIT, jnp.uint8).reshape((8,) + (1,) * (m.ndim - axis - 1))
-    return jnp.sum(split * weights, axis=axis + 1, dtype=jnp.uint8)
+    return jnp.sum(split.astype(jnp.uint8) * weights, axis=axis + 1, dtype=jnp.uint8)
 
 
 def _packed_sharding(sharding: Any, shape: tuple[int, ...], axis: int | None, mesh: Any) -> Any:
@@ -584,7 +584,9 @@ def sparsity(tree: Any, *, where: Where | None = None) -> jax.Array:
     zeros, total = jnp.float32(0), 0
     for (_, x), f in zip(flat, flags, strict=True):
         if f:
-            zeros = zeros + jnp.sum(jnp.asarray(x) == 0, dtype=jnp.int32).astype(jnp.float32)
+            x = jnp.asarray(x)
+            is_zero = x == jnp.zeros((), x.dtype)  # a bool mask's False, a param's 0
+            zeros = zeros + jnp.sum(is_zero, dtype=jnp.int32).astype(jnp.float32)
             total += int(jnp.size(x))
     if total == 0:
         return jnp.float32(0.0)

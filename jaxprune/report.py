@@ -6,9 +6,11 @@ smallest exact encoding of :mod:`jaxprune.packing` of the masked leaf, packed
 with its mask (what ``jp.save`` and ``jaxprune export --format compressed``
 write for params that are zero where their masks are False, as ``jp.prune``
 keeps them; a scalar mask keeps its leaf dense); *dense FLOPs* come from XLA's
-cost analysis of the compiled apply function (which counts the body of a
+cost analysis of the lowered apply function (which counts the body of a
 ``lax.scan`` / ``while_loop`` once, whatever its trip count: the MAC counts
-below multiply by it); *nonzero MACs* follow ShrinkBench:
+below multiply a scan's body by its length, while a ``while_loop``'s trip
+count is not in the jaxpr and its body counts once); FLOPs and MACs are
+those of the whole ``example_inputs`` batch; *nonzero MACs* follow ShrinkBench:
 the multiply-adds of convolutions and matrix products (read from the jaxpr's
 ``conv_general_dilated`` and ``dot_general``), each scaled by the density of the
 parameter it multiplies. Unstructured sparsity on dense hardware gives no
@@ -141,13 +143,23 @@ class Report:
         return plot_sparsity(self, path)
 
 
-def _mask_lookup(params: Any, masks: Any) -> dict[str, np.ndarray]:
+def _mask_lookup(params: Any, masks: Any, others: frozenset = frozenset()) -> dict[str, np.ndarray]:
+    """Returns ``{path: mask}``; ``others`` are paths of a module's non-param state.
+
+    Masks over an nnx model's whole state (``structure.select`` on the state of
+    ``structure.module_apply``, BatchNorm statistics included) are taken: the
+    masks of those other leaves are left out of the report's rows.
+    """
     if masks is None:
         return {}
     # A scalar mask standing for a subtree (jp.get_masks under optax.masked).
     masks = _broadcast_prefix(params, masks)
     flat, _ = leaves_with_paths(masks)
-    found = {path_str(p): np.asarray(jax.device_get(m), bool) for p, m in flat}
+    found = {
+        path_str(p): np.asarray(jax.device_get(m), bool)
+        for p, m in flat
+        if path_str(p) not in others
+    }
     shapes = {path_str(p): np.shape(x) for p, x in leaves_with_paths(params)[0]}
     extra = sorted(set(found) - set(shapes))
     if extra:
@@ -202,8 +214,10 @@ def report(
       >>> r.rows[0].sparsity, r.rows[0].encoding, r.flops["dense_macs"], r.flops["nonzero_macs"]
       (0.75, 'slices', 64.0, 16.0)
     """
+    others: frozenset = frozenset()
     if isinstance(params, nnx.Module):
         graphdef, state, rest = nnx.split(params, nnx.Param, ...)
+        others = frozenset(path_str(p) for p, _ in leaves_with_paths(rest)[0])
         # Pure arrays, so merge builds fresh Variables inside the trace (BatchNorm
         # may update its statistics there).
         rest = unwrap_variables(rest)
@@ -211,7 +225,7 @@ def report(
             apply_fn = lambda s, *xs: nnx.merge(graphdef, s, rest)(*xs)  # noqa: E731
         params = state
     check_array_leaves(params, "params")
-    mask_of = _mask_lookup(params, masks)
+    mask_of = _mask_lookup(params, masks, others)
     rows = []
     for path, leaf in leaves_with_paths(params)[0]:
         x = _as_numpy(leaf)
@@ -225,6 +239,11 @@ def report(
         # Bytes and encoding as a compressed checkpoint stores the masked leaf with
         # its mask (a scalar mask included, as jp.save does).
         arrays, spec = packing.pack_leaf(x, mask)
+        stored = sum(a.nbytes for a in arrays.values())
+        if masked and mask.size and not np.array_equal(packing.support(x), mask):
+            # The checkpoint then also stores the mask's bits (entries kept at 0:
+            # regrown weights, int8 weights rounding to 0); see encode_masks.
+            stored += -(-mask.size // 8)
         nonzeros = int(np.count_nonzero(x))
         rows.append(
             LeafRow(
@@ -235,7 +254,7 @@ def report(
                 nonzeros=nonzeros,
                 sparsity=1.0 - nonzeros / x.size if x.size else 0.0,
                 dense_bytes=int(x.nbytes),
-                compressed_bytes=int(sum(a.nbytes for a in arrays.values())),
+                compressed_bytes=int(stored),
                 encoding=spec["kind"],
                 masked=masked,
             )
@@ -320,6 +339,32 @@ _SLICING = {"slice", "dynamic_slice", "gather", "split"}
 _MASKING = {"mul", "select_n"}
 
 
+def _takes_part(eqn) -> bool:
+    """Whether a slicing op hands on part of its parameter, not activations read from it.
+
+    A ``gather`` indexing a stacked parameter by step (``w[i]``) drops axes; an
+    embedding lookup (``table[ids]``) adds the ids' axes, and its result is an
+    activation, whose density says nothing about the layers that read it.
+    """
+    if eqn.primitive.name != "gather":
+        return True
+    return len(eqn.outvars[0].aval.shape) < len(eqn.invars[0].aval.shape)
+
+
+def _param_shaped(eqn, ins) -> bool:
+    """Whether a masking op's result has its parameter operand's shape (``w * c``).
+
+    ``x * scale`` (a norm's scale over activations) is an activation: its
+    zeros are the scale's channels, counted already where the next layer's
+    weights are masked.
+    """
+    shape = eqn.outvars[0].aval.shape
+    return any(
+        p is not None and tuple(v.aval.shape) == tuple(shape)
+        for v, p in zip(eqn.invars, ins, strict=True)
+    )
+
+
 def _macs(eqn) -> float:
     out = math.prod(eqn.outvars[0].aval.shape)
     if eqn.primitive.name == "dot_general":
@@ -380,10 +425,14 @@ def _walk(jaxpr, src: dict, density: dict[str, float]) -> tuple[float, float]:
             dense, nonzero = dense + d, nonzero + d * scale
         elif name in _PASS_THROUGH and ins and ins[0] is not None:
             src[eqn.outvars[0]] = ins[0]
-        elif name in _SLICING and ins and ins[0] is not None:
+        elif name in _SLICING and ins and ins[0] is not None and _takes_part(eqn):
             for out in eqn.outvars:
                 src[out] = ins[0]
-        elif name in _MASKING and len({p for p in ins if p is not None}) == 1:
+        elif (
+            name in _MASKING
+            and len({p for p in ins if p is not None}) == 1
+            and _param_shaped(eqn, ins)
+        ):
             # w * c, or where(m, w, 0) (jp.apply_masks inside apply_fn): the result
             # is nonzero at most where the one parameter it reads is, so it keeps
             # that parameter's density (an upper bound if it zeroes more).
