@@ -260,11 +260,14 @@ def prune(
         step's gradients; ``key`` comes from ``tx.update(..., key=k)`` or, if not
         given there, from the ``key`` passed here folded with the step; any
         other keyword passed to ``tx.update`` reaches it by name. With
-        ``jp.criteria.magnitude`` or ``jp.criteria.saliency`` and a
-        ``"layer"``/``"global"`` scope, the scores are recomputed inside the
-        selection's search instead of being stored (same masks, see
-        :func:`~jaxprune.masks.fused_select`), so the refresh adds no
-        full-size buffer to the train step's scratch memory. A ``grads=``
+        ``jp.criteria.magnitude`` or ``jp.criteria.saliency``, a
+        ``"layer"``/``"global"`` scope and float32 params, the scores are
+        recomputed inside the selection's search instead of being stored
+        (same masks, see :func:`~jaxprune.masks.fused_select`), so the refresh
+        adds no full-size buffer to the train step's scratch memory. (With
+        bfloat16 or float16 params XLA:CPU materializes the recomputed float32
+        keys at every pass, so the scores are stored once instead, which
+        takes less.) A ``grads=``
         keyword to ``tx.update`` (e.g. full-batch or accumulated gradients)
         replaces the step's gradients as the criterion's ``grads``.
       scope: ``"layer"`` (exact count per leaf), ``"global"`` (exact count
@@ -378,15 +381,23 @@ def prune(
         # Params typed with Explicit mesh axes: masks are retyped like them.
         explicit = _explicit_axes(params) is not None
 
+        # Recomputed scores pay only with float32 params (see the docstring).
+        fuse = fused
+        if any(
+            f and jnp.result_type(x) != jnp.float32
+            for x, f in zip(jax.tree.leaves(params), flags, strict=True)
+        ):
+            fuse = None
+
         def refresh():
-            if fused is not None:
+            if fuse is not None:
                 # Element-wise scores are recomputed where the search reads
                 # them, never stored: no full-size scratch in the train step.
                 def score_fn(src):
                     return _criteria.call_with(criterion, src[0], grads=src[1], **extra)
 
                 leaf_srcs = None
-                if fused == "layer":
+                if fuse == "layer":
                     # One (param, grad) pair per leaf: each leaf's search traces
                     # its own scores only (linear, not quadratic, tracing time).
                     # check_same_leaves put the two in the same leaf order.
@@ -394,7 +405,7 @@ def prune(
                     pairs = zip(p_flat, g_flat, strict=True)
                     leaf_srcs = [(x, g) for (_, x), (_, g) in pairs]
                 masks = _masks.fused_select(
-                    fused, score_fn, (params, grads), schedule(step), flags, leaf_srcs=leaf_srcs
+                    fuse, score_fn, (params, grads), schedule(step), flags, leaf_srcs=leaf_srcs
                 )
             else:
                 scores = _criteria.call_with(crit.score, cstate, params, grads=grads, **extra)

@@ -55,3 +55,22 @@ def test_packing_and_rigl_under_strict_promotion(strict_promotion):
     for _ in range(2):
         u, st = jax.jit(tx.update)(grads, st, params)
     assert float(jp.sparsity(jp.get_masks(st))) == 0.5
+
+
+def test_bfloat16_params_refresh_from_stored_scores_not_recomputed_ones():
+    # Recomputing float32 keys from bfloat16 params at every pass of the search
+    # costs more scratch on XLA:CPU than storing the scores once.
+    params = {
+        "w1": jnp.ones((256, 512), jnp.bfloat16),
+        "w2": jnp.ones((512, 128), jnp.bfloat16),
+    }
+
+    def temp_bytes(criterion):
+        tx = jp.prune(optax.sgd(0.1), sparsity=0.5, criterion=criterion)
+        state = tx.init(params)
+        step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+        compiled = step.lower(params, state, params).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    stored = temp_bytes(lambda p: jp.criteria.magnitude(p))  # never fused
+    assert temp_bytes(jp.criteria.magnitude) == stored
