@@ -64,7 +64,7 @@ from jaxprune._tree import (
     prunable_flags,
     unwrap_variables,
 )
-from jaxprune.transform import _reshard_like, register_mask_state
+from jaxprune.transform import _reshard_like, jit_when_eager, register_mask_state
 from jaxprune.transform import get_masks as _get_masks
 
 __all__ = ["DynamicSparseState", "rigl", "set", "cosine_drop_fraction", "get_masks"]
@@ -437,7 +437,7 @@ def _dynamic(
         )
         return jax.tree.unflatten(treedef, out), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, jit_when_eager(update_fn))
 
 
 def rigl(

@@ -9,6 +9,7 @@ that after ``optax.apply_updates`` pruned entries are exactly zero.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxprune import criteria as _criteria
@@ -218,7 +220,9 @@ def prune(
     Masks refresh inside ``update`` on the schedule's steps; on every step the
     gradients of pruned entries are zeroed before ``tx`` sees them and the
     emitted updates set pruned params to exactly 0 after ``optax.apply_updates``.
-    Nothing else changes in the training loop, which may be jitted as usual.
+    Nothing else changes in the training loop, which may be jitted as usual
+    (called outside ``jax.jit``, ``update`` compiles itself once, see
+    :func:`jit_when_eager`).
     (Pruning by ``-params`` updates makes a pruned ``inf`` parameter ``nan``:
     params must be finite.)
 
@@ -445,7 +449,35 @@ def prune(
         )
         return updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, jit_when_eager(update_fn))
+
+
+def jit_when_eager(update_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Returns ``update_fn`` running under one cached ``jax.jit`` when called outside a trace.
+
+    Called eagerly (``nnx.Optimizer.update`` without ``nnx.jit``, a quick
+    experiment), the update's ``lax.cond`` would be traced and compiled anew
+    at every call, its branches being new closures: about a second per step
+    even when nothing refreshes. Jitted once per transform, it compiles once
+    per argument structure. Inside a trace (the user's jitted step), or with
+    extra arguments that are not arrays or numbers, ``update_fn`` runs as is.
+    """
+    jitted = jax.jit(update_fn)
+    kinds = (jax.Array, np.ndarray, np.generic, int, float, bool)
+
+    @functools.wraps(update_fn)
+    def wrapper(updates, state, params=None, **extra_args):
+        leaves = jax.tree.leaves((updates, state, params, extra_args))
+        if (
+            params is not None
+            and not any(isinstance(x, jax.core.Tracer) for x in leaves)
+            and all(isinstance(x, kinds) for x in leaves)
+        ):
+            return jitted(updates, state, params, **extra_args)
+        return update_fn(updates, state, params, **extra_args)
+
+    wrapper.jitted = jitted  # its compile cache, for tests and the curious
+    return wrapper
 
 
 # State classes whose ``masks`` (field or property) are the masks being
