@@ -127,3 +127,29 @@ def test_demo_names_damaged_dataset_files_in_one_line(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "cannot be read as gzip" in err and "dataset-fashion-mnist" in err
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_linen_attention_width_cut_names_round_to_num_heads():
+    import warnings
+
+    import flax.linen as nn
+
+    from jaxprune import structure
+
+    class TF(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(16)(x)
+            x = x + nn.MultiHeadDotProductAttention(num_heads=4)(x, deterministic=True)
+            return nn.Dense(3)(nn.relu(x.mean(1)))
+
+    m = TF()
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6))
+    v = m.init(jax.random.key(1), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f = structure.linen_apply(m)
+        gs = [g for g in structure.groups(f, v, x, prunable_only=True) if g.channels == 16]
+        masks = structure.select(gs, jp.criteria.magnitude(v), 0.375)  # 16 -> 10 channels
+        with pytest.raises(ValueError, match="must be divisible.*round_to=num_heads"):
+            structure.shrink_linen(m, v, masks, x)

@@ -328,7 +328,10 @@ _APPLY_FIX = {
         "self.features); structure.linen_apply adapts flax's own layers (Dense, Conv, ...), "
         "not custom ones. Fix: read that width from the params or input when called (e.g. "
         "x.shape[-1]), select without the groups of that module's params, or rebuild the "
-        "module with the widths from structure.widths(variables, small) and pass check=False."
+        "module with the widths from structure.widths(variables, small) and pass check=False. "
+        "If the error says a width must be divisible by the number of heads (flax's "
+        "MultiHeadDotProductAttention without qkv_features), select with round_to=num_heads "
+        "so the cut width stays a multiple of it."
     ),
 }
 
