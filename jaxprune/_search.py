@@ -98,6 +98,32 @@ def _sharding_or_replicated(x: Any, mesh: Any) -> Any:
     return _replicated(mesh)
 
 
+def _placed_like(masks: Any, scores: Any) -> Any:
+    """Returns concrete ``masks`` placed like the leaves of ``scores`` sharded over devices.
+
+    A mask computed eagerly from sharded scores (broadcast from a keep-vector,
+    or drawn on one device) would otherwise sit replicated or on one device.
+    """
+    m_flat, treedef = jax.tree.flatten(masks)
+    s_flat = jax.tree.leaves(scores)
+    if len(m_flat) != len(s_flat):
+        return masks
+    out = []
+    for m, x in zip(m_flat, s_flat, strict=True):
+        if (
+            isinstance(x, jax.Array)
+            and isinstance(m, jax.Array)
+            and not isinstance(x, jax.core.Tracer)
+            and not isinstance(m, jax.core.Tracer)
+            and m.shape == x.shape
+            and len(x.sharding.device_set) > 1
+            and m.sharding != x.sharding
+        ):
+            m = jax.device_put(m, x.sharding)
+        out.append(m)
+    return jax.tree.unflatten(treedef, out)
+
+
 def _on_auto_axes(f, axes: tuple[str, ...], out_sharding: Any, *args: Any) -> Any:
     """Returns ``f(*args)`` run with the mesh ``axes`` Auto, the results typed ``out_sharding``.
 

@@ -10,6 +10,7 @@ path whether a state arrives Variable-wrapped (``tx.init``) or pure
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -138,6 +139,20 @@ def flagged(tree: Any, flags: list[bool]) -> Where:
     """
     chosen = {p for (p, _), f in zip(leaves_with_paths(tree)[0], flags, strict=True) if f}
     return lambda path, _: path in chosen
+
+
+def as_float(value: Any) -> float:
+    """Returns ``value`` as a float; ``nan`` (so every range check fails) for non-numbers.
+
+    Strings, bytes, bools and None count as non-numbers: ``float("0.5")`` and
+    ``float(True)`` would pass a range check silently.
+    """
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def as_int(value: Any) -> int | None:

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from jaxprune._tree import Path, _normalize
+from jaxprune._tree import Path, _normalize, as_float
 from jaxprune.gates_tree import is_gate
 
 __all__ = [
@@ -46,25 +46,15 @@ __all__ = [
 ApplyFn = Callable[[Any, jax.Array, "jax.Array | None"], tuple[jax.Array, Sequence[jax.Array]]]
 
 
-def _number(v: Any) -> float:
-    """Returns ``v`` as a float; NaN (so every range check fails) for non-numbers."""
-    if isinstance(v, (str, bytes, bool)) or v is None:
-        return math.nan
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _check_attack(eps: Any, step_size: Any = 1.0, steps: Any = 1, bounds=(0.0, 1.0)) -> None:
     if not isinstance(eps, jax.core.Tracer) and not (
-        _number(eps) >= 0 and math.isfinite(_number(eps))
+        as_float(eps) >= 0 and math.isfinite(as_float(eps))
     ):
         raise ValueError(
             f"eps must be a finite number >= 0 (the L-inf radius in input units), got {eps!r}. "
             "Fix: e.g. eps=0.1 for images in [0, 1]."
         )
-    if not isinstance(step_size, jax.core.Tracer) and not _number(step_size) > 0:
+    if not isinstance(step_size, jax.core.Tracer) and not as_float(step_size) > 0:
         raise ValueError(
             f"step_size must be > 0, got {step_size!r}. Fix: e.g. step_size=eps / 4 "
             "(or 2.5 * eps / steps)."
@@ -77,7 +67,7 @@ def _check_attack(eps: Any, step_size: Any = 1.0, steps: Any = 1, bounds=(0.0, 1
             "scaled to [0, 1]."
         )
     lo, hi = bounds
-    if not _number(lo) < _number(hi):
+    if not as_float(lo) < as_float(hi):
         raise ValueError(
             f"bounds must be (low, high) with low < high, got {bounds!r}. Fix: (0.0, 1.0) "
             "for images scaled to [0, 1]."

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, as_int, leaves_with_paths, path_str, prunable_flags
+from jaxprune._tree import Where, as_float, as_int, leaves_with_paths, path_str, prunable_flags
 
 __all__ = ["uniform", "erk", "explicit", "selection", "per_output"]
 
@@ -81,7 +81,7 @@ def erk(
       https://arxiv.org/abs/1707.04780
     """
     _masks._check_sparsity(sparsity)
-    ps = _as_float(power_scale)
+    ps = as_float(power_scale)
     if not (math.isfinite(ps) and ps >= 0):
         raise ValueError(
             f"power_scale must be a finite number >= 0, got {power_scale!r}: 1.0 is ERK, 0.0 "
@@ -109,16 +109,6 @@ def erk(
     for j, i in enumerate(idx):
         values[i] = 1.0 - density[j]
     return _tree_like(params, values)
-
-
-def _as_float(v: Any) -> float:
-    """Returns ``v`` as a float; ``nan`` (so range checks fail) for non-numbers."""
-    if isinstance(v, (str, bytes, bool)) or v is None:
-        return math.nan
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def explicit(mapping: Mapping[str, float], default: float | None = None) -> Distribution:
@@ -153,7 +143,7 @@ def explicit(mapping: Mapping[str, float], default: float | None = None) -> Dist
             'e.g. explicit({"layers/0/kernel": 0.9}).'
         )
     for k, v in list(mapping.items()) + ([("default", default)] if default is not None else []):
-        if not 0.0 <= _as_float(v) <= 1.0:
+        if not 0.0 <= as_float(v) <= 1.0:
             raise ValueError(
                 f"explicit sparsity for {k!r} must be in [0, 1], got {v!r}. Fix: e.g. 0.9 "
                 "to prune 90% of that leaf."

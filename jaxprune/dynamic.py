@@ -55,6 +55,7 @@ import optax
 from jaxprune import criteria as _criteria
 from jaxprune import distributions as _dist
 from jaxprune import masks as _masks
+from jaxprune._search import _placed_like
 from jaxprune._tree import (
     Where,
     as_int,
@@ -64,7 +65,7 @@ from jaxprune._tree import (
     prunable_flags,
     unwrap_variables,
 )
-from jaxprune.transform import _reshard_like, jit_when_eager, register_mask_state
+from jaxprune.transform import _fill, _reshard_like, jit_when_eager, register_mask_state
 from jaxprune.transform import get_masks as _get_masks
 
 __all__ = ["DynamicSparseState", "rigl", "set", "cosine_drop_fraction", "get_masks"]
@@ -214,12 +215,6 @@ def _drop_grow(w, g, m, frac, key, regrow):
     return new, new != m
 
 
-def _land(u: jax.Array, p: jax.Array, step: jax.Array) -> jax.Array:
-    """Returns ``u`` where ``step``, else ``-p`` (landing on 0), in the wider dtype of the two."""
-    dt = jnp.promote_types(u.dtype, p.dtype)
-    return jnp.where(step, u.astype(dt), (-p).astype(dt))
-
-
 def _is_masked_node(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
@@ -344,18 +339,7 @@ def _dynamic(
         scores = _criteria.random(pure, key=jax.random.fold_in(key, 0x5EED))
         masks = _dist._topk_per_leaf(scores, per_leaf, where)
         # Laid out like concrete sharded params (as jp.prune's initial masks are).
-        masks = jax.tree.map(
-            lambda m, p: (
-                jax.device_put(m, p.sharding)
-                if isinstance(p, jax.Array)
-                and not isinstance(p, jax.core.Tracer)
-                and jnp.shape(m) == jnp.shape(p)
-                and len(p.sharding.device_set) > 1
-                else m
-            ),
-            masks,
-            pure,
-        )
+        masks = _placed_like(masks, pure)
         return DynamicSparseState(
             count=jnp.zeros((), jnp.int32),
             packed_masks=_masks.pack(masks),
@@ -426,7 +410,7 @@ def _dynamic(
         # In the wider of the two dtypes (as jp.prune does): bf16 updates of f32
         # params would round -params, and dropped weights would not land on 0.
         out = [
-            _land(u, p, m & ~(c & m)) if f else u
+            _fill(u, m & ~(c & m), -p) if f else u
             for u, p, m, c, f in zip(u_flat, p_flat, masks, changed, flags, strict=False)
         ]
         new_state = DynamicSparseState(

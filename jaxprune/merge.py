@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxprune._tree import as_int
+
 __all__ = ["MergeResult", "most_correlated_pair", "merge_pair", "noiseout"]
 
 
@@ -153,16 +155,12 @@ def _check_pair(i, j, units: int) -> None:
     for name, v in (("i", i), ("j", j)):
         if isinstance(v, jax.core.Tracer):
             continue
-        if (
-            isinstance(v, bool)
-            or not jnp.issubdtype(jnp.result_type(v), jnp.integer)
-            or jnp.ndim(v)
-        ):
+        concrete[name] = as_int(v)
+        if concrete[name] is None:
             raise ValueError(
                 f"{name} must be one integer unit index, got {v!r}. Fix: pass e.g. the "
                 "indices from jp.merge.most_correlated_pair."
             )
-        concrete[name] = int(v)
     if concrete.get("i") == concrete.get("j") == -1:
         raise ValueError(
             "i=-1, j=-1: most_correlated_pair found no pair of alive units with "

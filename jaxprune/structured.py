@@ -31,7 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import masks as _masks
-from jaxprune._search import _explicit_axes, _on_auto_axes, _replicated, _sharding_or_replicated
+from jaxprune._search import (
+    _explicit_axes,
+    _on_auto_axes,
+    _placed_like,
+    _replicated,
+    _sharding_or_replicated,
+)
 from jaxprune._tree import Where, as_int, leaves_with_paths, path_str, prunable_flags
 
 __all__ = ["structured", "patterns", "pattern_library", "nm", "blocks", "REDUCTIONS"]
@@ -113,28 +119,6 @@ def _keeps_layout(fn: Callable[..., Any]) -> Callable[..., Any]:
         return _on_auto_axes(run, axes, shardings, scores)
 
     return wrapper
-
-
-def _placed_like(masks: Any, scores: Any) -> Any:
-    """Returns concrete ``masks`` placed like the scores that are sharded over devices."""
-    m_flat, treedef = jax.tree.flatten(masks)
-    s_flat = jax.tree.leaves(scores)
-    if len(m_flat) != len(s_flat):
-        return masks
-    out = []
-    for m, x in zip(m_flat, s_flat, strict=True):
-        if (
-            isinstance(x, jax.Array)
-            and isinstance(m, jax.Array)
-            and not isinstance(x, jax.core.Tracer)
-            and not isinstance(m, jax.core.Tracer)
-            and m.shape == x.shape
-            and len(x.sharding.device_set) > 1
-            and m.sharding != x.sharding
-        ):
-            m = jax.device_put(m, x.sharding)
-        out.append(m)
-    return jax.tree.unflatten(treedef, out)
 
 
 def _rank_reduced(
