@@ -105,6 +105,10 @@ def encode_tree(
         spec["arrays"] = {k: [list(v.shape), v.dtype.name] for k, v in packed.items()}
         if impl is not None:
             spec["key_impl"] = impl
+        if _is_python_scalar(leaf):
+            # numpy stores a Python int as int64; a JAX template of the same
+            # leaf (a traced step counter) is int32. Noting it lets it match.
+            spec["python"] = type(leaf).__name__
         # Orbax refuses zero-size arrays; their shape in the spec is enough.
         kept = {k: v for k, v in packed.items() if v.size}
         if kept:
@@ -227,6 +231,26 @@ def leaf_desc(x: Any) -> str:
     return f"{dtype}{list(np.shape(x))}"
 
 
+def _is_python_scalar(x: Any) -> bool:
+    return isinstance(x, bool | int | float) and not isinstance(x, np.generic)
+
+
+def _python_saved_fits(spec: dict, x: Any) -> bool:
+    """Whether a scalar array template leaf takes a leaf saved from a Python scalar.
+
+    ``TrainState.create`` sets ``step=0``, a Python int numpy stores as int64,
+    while the template built from a trained state has a JAX int32 there.
+    """
+    kinds = {"bool": "b", "int": "iu", "float": "f"}
+    dtype = getattr(x, "dtype", None)
+    if "python" not in spec or dtype is None or np.shape(x) != ():
+        return False
+    try:
+        return np.dtype(dtype).kind in kinds[spec["python"]]
+    except (TypeError, KeyError):
+        return False
+
+
 def _scalar_fits(x: Any, saved: str) -> bool:
     """Whether a Python-scalar template leaf takes the saved scalar ``saved`` (``dtype[]``).
 
@@ -267,10 +291,13 @@ def check_template(specs: list, template: Any, name: str, where: pathlib.Path):
     only_saved = sorted(set(saved) - set(wanted))
     only_wanted = sorted(set(wanted) - set(saved))
     templ = {k: x for k, (_, x) in zip(wanted_paths, flat, strict=True)}
+    by_path = dict(zip(saved_paths, specs, strict=True))
     differ = sorted(
         k
         for k in set(saved) & set(wanted)
-        if saved[k] != wanted[k] and not _scalar_fits(templ[k], saved[k])
+        if saved[k] != wanted[k]
+        and not _scalar_fits(templ[k], saved[k])
+        and not _python_saved_fits(by_path[k], templ[k])
     )
     unique = len(saved) == len(saved_paths) and len(wanted) == len(wanted_paths)
     # Paths are unique in any real tree; if two leaves share a path string, only
@@ -308,6 +335,8 @@ def like(template: Any, x: np.ndarray, spec: dict) -> Any:
         return x.reshape(np.shape(template))
     if isinstance(template, bool | int | float | complex):
         return type(template)(x.item())
+    if "python" in spec and getattr(template, "dtype", None) is not None:
+        x = _cast_scalar(x, np.dtype(template.dtype), spec)
     sharding = getattr(template, "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(
         sharding.mesh, jax.sharding.AbstractMesh
@@ -316,6 +345,21 @@ def like(template: Any, x: np.ndarray, spec: dict) -> Any:
     if isinstance(sharding, jax.sharding.Sharding):
         return jax.device_put(x, sharding)
     return jnp.asarray(x)
+
+
+def _cast_scalar(x: np.ndarray, dtype: np.dtype, spec: dict) -> np.ndarray:
+    """Returns a leaf saved from a Python scalar in the template's ``dtype``, value checked."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = x.astype(dtype)
+    # A float rounds (0.1 in float32); an int must keep its value, a finite float stay finite.
+    lost = np.isfinite(x).all() and not np.isfinite(y).all() if dtype.kind == "f" else y != x
+    if lost:
+        raise ValueError(
+            f"the checkpoint's {path_str(tuple(spec['path']))!r} was saved as the Python "
+            f"{spec['python']} {x.item()!r}, which the template's {dtype.name} cannot hold "
+            f"({y.item()!r}). Fix: use a wider dtype in the template for this leaf."
+        )
+    return y
 
 
 def _concrete(sharding: Any, spec: dict) -> Any:

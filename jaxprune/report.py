@@ -116,14 +116,19 @@ class Report:
         )
         lines = [
             f"params {int(tot['size']):,}, nonzero {int(tot['nonzeros']):,} "
-            f"(compression {tot['compression']:.2f}x){masked}; compressed / dense bytes "
-            f"{tot['bytes_ratio']:.3f}"
+            f"({_ratio(tot['compression'], 'compression ', 'all pruned')}){masked}; "
+            f"compressed / dense bytes {tot['bytes_ratio']:.3f}"
         ]
         if self.flops:
             f = self.flops
+            fewer = (
+                "no conv or dense layers"
+                if not f["dense_macs"]
+                else _ratio(f["mac_reduction"], "", "all pruned", " fewer")
+            )
             lines.append(
                 f"XLA FLOPs (dense) {f['xla_flops']:,.0f}; conv+dense MACs {f['dense_macs']:,.0f}"
-                f" dense, {f['nonzero_macs']:,.0f} nonzero ({f['mac_reduction']:.2f}x fewer)"
+                f" dense, {f['nonzero_macs']:,.0f} nonzero ({fewer})"
             )
         t.caption = "\n".join(lines)
         return t
@@ -291,6 +296,11 @@ def _save(fig: Any, path: str | os.PathLike) -> None:
     if folder:
         os.makedirs(folder, exist_ok=True)
     fig.savefig(path)
+
+
+def _ratio(value: float, prefix: str, if_inf: str, suffix: str = "") -> str:
+    """Returns ``value`` as ``"<prefix>2.50x<suffix>"``, or ``if_inf`` when nothing is left."""
+    return if_inf if math.isinf(value) else f"{prefix}{value:.2f}x{suffix}"
 
 
 def _totals(rows: Sequence[LeafRow]) -> dict[str, float]:
@@ -484,7 +494,8 @@ def _flops(apply_fn, params, inputs, density: dict[str, float]) -> dict[str, flo
         "xla_flops": xla,
         "dense_macs": dense,
         "nonzero_macs": nonzero,
-        "mac_reduction": dense / nonzero if nonzero else math.inf,
+        # No conv/dense MACs at all: nothing to reduce (1x), not "infinitely fewer".
+        "mac_reduction": dense / nonzero if nonzero else (math.inf if dense else 1.0),
     }
 
 

@@ -333,3 +333,27 @@ def test_export_format_has_help(capsys):
         cli.main(["export", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "compressed: each params leaf in its smallest exact sparse encoding (the default)" in out
+
+
+# -- Python scalars saved, restored into a JAX template -------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["dense", "compressed"])
+def test_python_scalar_leaves_restore_into_a_jax_template(tmp_path, fmt):
+    # TrainState.create sets step=0 (a Python int, stored by numpy as int64); the
+    # template built from a trained state has a JAX int32 there.
+    jp.save(tmp_path / "c", 0, {"step": 3, "lr": 0.1, "on": True}, format=fmt)
+    tm = {"step": jnp.zeros((), jnp.int32), "lr": jnp.zeros((), jnp.float32), "on": False}
+    got = jp.restore(tmp_path / "c", params=tm).params
+    assert got["step"].dtype == jnp.int32 and int(got["step"]) == 3
+    assert got["lr"].dtype == jnp.float32 and float(got["lr"]) == np.float32(0.1)
+    assert got["on"] is True
+    # A saved int32 array still refuses a float template: only Python scalars widen.
+    with pytest.raises(ValueError, match="step: checkpoint int64"):
+        jp.restore(tmp_path / "c", params=dict(tm, step=jnp.zeros((), jnp.float32)))
+
+
+def test_python_int_too_big_for_the_template_dtype_is_refused(tmp_path):
+    jp.save(tmp_path / "c", 0, {"n": 2**40})
+    with pytest.raises(ValueError, match="saved as the Python int 1099511627776, which the "):
+        jp.restore(tmp_path / "c", params={"n": jnp.zeros((), jnp.int32)})

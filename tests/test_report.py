@@ -149,6 +149,15 @@ def test_json_of_an_all_zero_tree_is_strict_json():
     r = report({"w": jnp.zeros((4, 4))}, None, lambda p, x: x @ p["w"], jnp.ones((1, 4)))
     data = json.loads(r.to_json(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert data["totals"]["compression"] is None and data["flops"]["mac_reduction"] is None
+    text = str(r)
+    assert "(all pruned)" in text and "infx" not in text
+
+
+def test_report_of_a_model_without_conv_or_dense_layers_prints_no_infinite_ratio():
+    r = report({"w": jnp.ones((4, 4))}, None, lambda p, x: x * p["w"], jnp.ones((4, 4)))
+    assert r.flops["dense_macs"] == 0 and r.flops["mac_reduction"] == 1.0
+    text = str(r)
+    assert "no conv or dense layers" in text and "inf" not in text
 
 
 def test_results_files_with_one_record_empty_cells_and_full_sparsity(tmp_path):
