@@ -79,7 +79,18 @@ def leaves_with_paths(tree: Any) -> tuple[list[tuple[Path, Any]], Any]:
     """Returns ``([(path, leaf), ...], treedef)`` of ``tree`` with normalized paths.
 
     nnx Variables are unwrapped first, so the treedef is the pure one.
+
+    Raises:
+      ValueError: ``tree`` is an nnx ``Module``, whose treedef would rebuild a
+        module holding bare arrays where its ``nnx.Param`` s were.
     """
+    if isinstance(tree, nnx.Module):
+        raise ValueError(
+            f"got the nnx Module {type(tree).__name__} itself where a tree of arrays is expected; "
+            "a result built from it would be a module holding bare arrays, not nnx.Params. Fix: "
+            "pass its state, nnx.state(model, nnx.Param), and write pruned params back with "
+            "nnx.update(model, pruned) (jp.sparsity, jp.report and jp.save take the module itself)."
+        )
     tree = unwrap_variables(tree)
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     return [(_normalize(p), x) for p, x in flat], treedef

@@ -202,17 +202,32 @@ def capture_linen(
       (['layers_0', 'layers_2'], (5, 2))
     """
     records: dict[str, Captured] = {}
+    lifted: list[str] = []
+    outer_traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((variables, args)))
 
     def interceptor(next_fun, a, kw, context):
         out = next_fun(*a, **kw)
         if context.method_name == "__call__" and isinstance(context.module, types):
             name = path_str(tuple(context.module.path))
             first = _first_input_name(type(context.module).__call__)
-            _record(records, name, _call_input(name, first, a, kw, "capture_linen"), out)
+            x = _call_input(name, first, a, kw, "capture_linen")
+            if not outer_traced and isinstance(x, jax.core.Tracer):
+                # Inside nn.scan / nn.vmap / nn.remat: its values live in that trace only.
+                lifted.append(name)
+            else:
+                _record(records, name, x, out)
         return out
 
     with nn.intercept_methods(interceptor):
         out = module.apply(variables, *args, **kwargs)
+    if lifted:
+        names = ", ".join(dict.fromkeys(lifted))
+        raise ValueError(
+            f"capture_linen: module(s) {names} run inside a lifted transform (nn.scan, nn.vmap, "
+            "nn.remat), whose activations exist only inside it and cannot be captured from "
+            "outside. Fix: capture an unrolled (unscanned, non-remat) copy of the model with "
+            "the same variables, or sow the activations with self.sow inside the module."
+        )
     return out, records
 
 

@@ -147,7 +147,7 @@ def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array
 
 
 def _validate(
-    sparsity, update_every, end_step, drop_fraction, regrow, key, distribution, *, cosine
+    sparsity, update_every, end_step, drop_fraction, regrow, key, distribution, where, *, cosine
 ):
     if not _is_real(sparsity) or not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(
@@ -194,6 +194,11 @@ def _validate(
         )
     if regrow not in ("gradient", "random"):
         raise ValueError(f"regrow must be 'gradient' (RigL) or 'random' (SET), got {regrow!r}.")
+    if where is not None and not callable(where):
+        raise ValueError(
+            f"where must be a predicate (path, leaf) -> bool, or None, got {where!r}. Fix: "
+            "e.g. where=lambda path, leaf: leaf.ndim >= 2."
+        )
     key_parts(key, "key")  # one PRNG key, typed or raw, for the initial random masks
 
 
@@ -322,7 +327,15 @@ def _dynamic(
     name,
 ) -> optax.GradientTransformationExtraArgs:
     _validate(
-        sparsity, update_every, end_step, drop_fraction, regrow, key, distribution, cosine=cosine
+        sparsity,
+        update_every,
+        end_step,
+        drop_fraction,
+        regrow,
+        key,
+        distribution,
+        where,
+        cosine=cosine,
     )
     update_every = int(update_every)
     end_step = None if end_step is None else int(end_step)

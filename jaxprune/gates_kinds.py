@@ -99,7 +99,7 @@ def _softplus_inv(y: float) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class HardConcrete:
-    """Returns nothing; the hard-concrete L0 gate (one ``log_alpha`` per output unit).
+    """The hard-concrete L0 gate (one ``log_alpha`` per output unit).
 
     Sample ``u ~ U(0, 1)``, ``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)``,
     ``z = clip(s * (zeta - gamma) + gamma, 0, 1)``; test gate
@@ -251,7 +251,7 @@ def beta_bernoulli_kl(a: jax.Array, b: jax.Array, alpha: float) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class BetaBernoulli:
-    """Returns nothing; beta-Bernoulli dropout (one Kumaraswamy posterior per output unit).
+    """Beta-Bernoulli dropout (one Kumaraswamy posterior per output unit).
 
     Prior ``pi_k ~ Beta(alpha, 1)``, ``z_k ~ Bernoulli(pi_k)``; the posterior of
     ``pi_k`` is ``Kumaraswamy(a_k, b_k)`` (``a, b = softplus`` of the gate
@@ -399,7 +399,7 @@ def sparse_vd_neg_kl(log_alpha: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class VariationalDropout:
-    """Returns nothing; sparse variational dropout (one ``log sigma^2`` per weight).
+    """Sparse variational dropout (one ``log sigma^2`` per weight).
 
     ``log_alpha = clip(log sigma^2 - log w^2, -8, 8)``; the penalty is the KL
     approximation summed over weights; a weight is pruned where
@@ -489,7 +489,7 @@ class VariationalDropout:
 
 @dataclasses.dataclass(frozen=True)
 class ScalarGate:
-    """Returns nothing; deterministic scalar channel gates, "pruning from scratch".
+    """Deterministic scalar channel gates, "pruning from scratch".
 
     One real gate ``g`` per output unit (init ``init_value``), trained with the
     weights frozen at their random initialization; penalty

@@ -93,6 +93,15 @@ class Gated(nnx.Module):
                 f"can only gate layers with a `kernel` (nnx.Linear, nnx.Conv), got "
                 f"{type(module).__name__}. Fix: narrow `where` to linear and conv layers."
             )
+        expected = len(getattr(module, "kernel_size", ())) + 2
+        if isinstance(module, nnx.Linear | nnx.Conv) and module.kernel.ndim > expected:
+            raise ValueError(
+                f"cannot gate a stack of layers: this {type(module).__name__}'s kernel has shape "
+                f"{tuple(module.kernel.shape)}, with {module.kernel.ndim - expected} leading "
+                "layer axis (built with nnx.vmap, applied with nnx.scan), and its gates would "
+                "have no layer axis to scan over. Fix: leave it out (skip=(name,) or where=) "
+                "and prune the stack with jp.masks.per_layer."
+            )
         if not (outputs or inputs):
             raise ValueError(
                 "Gated needs outputs=True or inputs=True, got both False. Fix: leave the "

@@ -17,6 +17,7 @@ whose kernels are stored ``[in, out]``. The same holds for
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -133,10 +134,13 @@ def init_gates(
       {'fc/kernel': (3,)}
     """
     _check_gate(gate)
+    if key is not None:
+        key_parts(key, "key")
     if inputs:
         _require_per_unit(gate, "inputs=True")
     flags = prunable_flags(params, where)
     flat, _ = leaves_with_paths(params)
+    shapes = {p: tuple(jnp.shape(x)) for p, x in flat}
     out = {}
     for i, ((p, x), f) in enumerate(zip(flat, flags, strict=True)):
         if f and jnp.ndim(x) < 2:
@@ -147,6 +151,7 @@ def init_gates(
                 "kernels only, e.g. where=lambda p, x: p[-1] == 'kernel' and x.ndim >= 2."
             )
         if f:
+            _check_not_stacked(p, x, shapes)
             k = None if key is None else jax.random.fold_in(key, i)
             x = jnp.asarray(x)
             if inputs:
@@ -156,8 +161,29 @@ def init_gates(
     return out
 
 
+def _check_not_stacked(path: Path, x: Any, shapes: dict) -> None:
+    """Refuses a bias, or a kernel whose bias shows a leading layer axis (``nn.scan``)."""
+    shape = tuple(jnp.shape(x))
+    bias = shapes.get(_bias_path(path))
+    why = None
+    if path and path[-1] == "bias":
+        why = "it is a bias; a gated kernel's sibling bias is gated with it"
+    elif bias is not None and len(bias) >= 2 and bias == shape[:-2] + shape[-1:]:
+        why = (
+            f"its bias has shape {bias}: {shape} holds {math.prod(shape[:-2])} stacked layers "
+            "(nn.scan, nnx.vmap), and one gate per unit would be shared by all of them"
+        )
+    if why:
+        raise ValueError(
+            f"init_gates: where selected {path_str(path)!r} of shape {shape}, but {why}. Fix: "
+            "select unstacked kernels only, e.g. where=lambda p, x: p[-1] == 'kernel' and "
+            "p[0] != 'layers' (prune a stack with jp.masks.per_layer)."
+        )
+
+
 def gate_keys(gate_params: dict, key: jax.Array) -> dict[str, jax.Array]:
     """Returns one independent key per gated layer: ``fold_in(key, index)`` in key order."""
+    key_parts(key, "key")
     return {name: jax.random.fold_in(key, i) for i, name in enumerate(sorted(gate_params))}
 
 

@@ -14,6 +14,7 @@ arrays each probe is a reduction, not a gather).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -43,6 +44,13 @@ __all__ = [
     "PackedMask",
     "pack",
     "unpack",
+    "fused_select",
+    "structured",
+    "nm",
+    "blocks",
+    "patterns",
+    "pattern_library",
+    "per_layer",
 ]
 
 
@@ -472,7 +480,27 @@ def _unpack_leaf(p: Any) -> Any:
 
 
 def _unpack_bits(bits: jax.Array, shape: tuple[int, ...], axis: int | None) -> jax.Array:
-    """Returns the bool mask of ``shape`` stored in ``bits`` packed along ``axis``."""
+    """Returns the bool mask of ``shape`` stored in ``bits`` packed along ``axis``.
+
+    ``bits`` may carry leading axes (a state built with ``jax.vmap(tx.init)``,
+    an ensemble): the masks then have them too.
+    """
+    if axis is None:
+        want = (-(-math.prod(shape) // 8),)
+    else:
+        want = tuple(d // 8 if i == axis else d for i, d in enumerate(shape))
+    lead = jnp.ndim(bits) - len(want)
+    if lead < 0 or tuple(jnp.shape(bits)[lead:]) != want:
+        raise ValueError(
+            f"packed mask bits of shape {tuple(jnp.shape(bits))} do not hold a mask of shape "
+            f"{shape} (expected bits of shape {want}, after any leading batch axes). Fix: pass "
+            "the PackedMask as jp.prune stored it, unchanged."
+        )
+    if lead:
+        one = functools.partial(_unpack_bits, shape=shape, axis=axis)
+        for _ in range(lead):
+            one = jax.vmap(one)
+        return one(bits)
     if axis is None:
         flat = (bits[:, None] & jnp.asarray(_BIT, jnp.uint8)) != 0
         return flat.reshape(-1)[: math.prod(shape)].reshape(shape)
@@ -577,6 +605,8 @@ def sparsity(tree: Any, *, where: Where | None = None) -> jax.Array:
     if isinstance(tree, nnx.Module):
         # The Variables, a tied (shared) one once, as jp.report counts them.
         tree = nnx.state(tree, nnx.Param)
+    if any(_is_packed(x) for x in jax.tree.leaves(tree, is_leaf=_is_packed)):
+        tree = unpack(tree)  # e.g. a PruneState's packed_masks: count the masks' False
     flags = prunable_flags(tree, where, allow_bool=True)
     flat, _ = leaves_with_paths(tree)
     # Counted per leaf (int32, exact) and summed in float32: a tree over 2**31
@@ -593,4 +623,5 @@ def sparsity(tree: Any, *, where: Where | None = None) -> jax.Array:
     return zeros / jnp.float32(total)
 
 
-from jaxprune.structured import blocks, nm, pattern_library, patterns, structured  # noqa: E402, F401
+from jaxprune.stacked import per_layer  # noqa: E402
+from jaxprune.structured import blocks, nm, pattern_library, patterns, structured  # noqa: E402

@@ -30,6 +30,13 @@ def _check_fraction(name: str, value: Any) -> float:
             f"{name} must be a number in [0, 1], got {value!r}. Fix: pass e.g. 0.9 for 90% "
             "sparsity."
         )
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(
+            f"{name} must be a concrete number in [0, 1]: schedules are built outside jit, and "
+            f"{name} here is traced (e.g. a sparsity swept with jax.vmap or passed into a jitted "
+            "function). Fix: pass jp.prune(..., sparsity=lambda step: s), a schedule reading the "
+            "traced s at every step, or build the schedule outside the transformation."
+        )
     try:
         v = float(value)
     except (TypeError, ValueError):

@@ -319,6 +319,9 @@ def prune(
         )
     schedule = as_schedule(sparsity)
     select = _resolve_selection(scope)
+    # A selection may say which leaves it prunes by default (jp.masks.per_layer:
+    # the kernels of a stack, not its [L, out] biases).
+    where = getattr(select, "default_where", None) if where is None else where
     crit = _criteria.as_stateful(criterion)
     if isinstance(criterion, _criteria.StatefulCriterion):
         wants_key = _criteria.needs_key(criterion.update) or _criteria.needs_key(criterion.score)

@@ -312,6 +312,31 @@ RANDOM = frozenset(
 NEVER_USED = "never used by the traced call"
 
 
+def _opaque_message(prims: list[str], names: list[str], rand: list[str]) -> str:
+    """Returns the one warning for the groups that ``prims`` hide."""
+    shown = ", ".join(dict.fromkeys(names[:6])) + (" ..." if len(names) > 6 else "")
+    where = f"the groups of {shown} are left unprunable"
+    if rand:
+        return (
+            f"jaxprune.structure: the traced call draws random numbers ({rand}, e.g. Dropout "
+            f"in train mode), and primitive(s) {prims} on them cannot be seen through; {where}. "
+            "Fix: trace the deterministic (eval-mode) call: for linen, pass deterministic=True "
+            "/ train=False (e.g. structure.linen_apply(module, train=False)); for nnx, call "
+            "model.eval() before structure.module_apply."
+        )
+    if {"scan", "while"} & set(prims):
+        return (
+            f"jaxprune.structure: primitive(s) {prims} cannot be seen through: layers stacked "
+            f"under lax.scan, nn.scan or nnx.scan (or a while loop) are not cut, and {where}. "
+            "Fix: to plan channel pruning of a stack, trace an unrolled copy of the model; "
+            "prune a stack's weights (unstructured, N:M) with jp.masks.per_layer."
+        )
+    return (
+        f"jaxprune.structure: primitive(s) {prims} cannot be seen through; {where}. Fix: "
+        "express the op with standard lax primitives, or prune other groups."
+    )
+
+
 def _warn_unused(prog: Program, leaves: list[int]) -> None:
     """Warns that the params ``leaves`` are never read by ``prog`` (their groups are pinned)."""
     if not leaves:
@@ -487,28 +512,15 @@ def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
         )
     rand = sorted({e.prim.name for e in prog.eqns if e.prim.name in RANDOM})
     groups, roots = [], []
+    hidden: dict[tuple, list[str]] = {}  # opaque primitives -> the groups they block
     for r, ms in members.items():
         reasons = tuple(dict.fromkeys(blocked.get(r, [])))
         if warn and r in opaque:
-            names = ", ".join(path_str(m.path) for m in ms[:4])
-            if rand:
-                msg = (
-                    f"jaxprune.structure: the traced call draws random numbers ({rand}, e.g. "
-                    f"Dropout in train mode), and primitive(s) {sorted(opaque[r])} on them "
-                    f"cannot be seen through; the group of {names} is left unprunable. Fix: "
-                    "trace the deterministic (eval-mode) call: for linen, pass "
-                    "deterministic=True / train=False (e.g. structure.linen_apply(module, "
-                    "train=False)); for nnx, call model.eval() before structure.module_apply."
-                )
-            else:
-                msg = (
-                    f"jaxprune.structure: primitive(s) {sorted(opaque[r])} cannot be seen "
-                    f"through; the group of {names} is left unprunable. Fix: express the op "
-                    "with standard lax primitives, or prune other groups."
-                )
-            warnings.warn(msg, stacklevel=3)
+            hidden.setdefault(tuple(sorted(opaque[r])), []).extend(path_str(m.path) for m in ms[:2])
         groups.append(Group(tuple(ms), ms[0].layout[3], not reasons, reasons))
         roots.append(r)
+    for prims, names in hidden.items():
+        warnings.warn(_opaque_message(list(prims), names, rand), stacklevel=3)
     contractions = []
     for lk in eqn_links:
         for link in lk:

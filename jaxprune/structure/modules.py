@@ -94,10 +94,12 @@ def full_masks(state: Any, masks: Any) -> Any:
 
 def _update_attributes(model: nnx.Module) -> None:
     for _, mod in nnx.iter_modules(model):
+        # Widths are read from the trailing axes: a stack of layers built with
+        # nnx.vmap has a leading layer axis on every array.
         if isinstance(mod, nnx.Linear):
-            mod.in_features, mod.out_features = (int(d) for d in mod.kernel.shape)
+            mod.in_features, mod.out_features = (int(d) for d in mod.kernel.shape[-2:])
         elif isinstance(mod, nnx.Conv):
-            shape = tuple(int(d) for d in mod.kernel.shape)
+            shape = _trailing(mod.kernel.shape, len(mod.kernel_size) + 2)
             depthwise = mod.feature_group_count == mod.in_features and mod.in_features > 1
             mult = mod.out_features // mod.in_features if depthwise else 1
             mod.kernel_shape, mod.out_features = shape, shape[-1]
@@ -111,21 +113,22 @@ def _update_attributes(model: nnx.Module) -> None:
             mod.in_features = shape[len(shape) - n_out - n_in : len(shape) - n_out]
             mod.out_features = shape[len(shape) - n_out :]
         elif isinstance(mod, nnx.MultiHeadAttention):
-            q, k, o = (tuple(int(d) for d in m.kernel.shape) for m in (mod.query, mod.key, mod.out))
+            q, k, o = (_trailing(m.kernel.shape, 3) for m in (mod.query, mod.key, mod.out))
             mod.in_features, mod.in_kv_features = q[0], k[0]
             mod.num_heads, mod.head_dim = q[1], q[2]
             mod.qkv_features, mod.out_features = q[1] * q[2], o[-1]
         elif isinstance(mod, nnx.ConvTranspose):
-            shape = tuple(int(d) for d in mod.kernel.shape)
+            shape = _trailing(mod.kernel.shape, len(mod.kernel_size) + 2)
             mod.kernel_shape = shape
             if mod.transpose_kernel:  # kernel (..., out, in)
                 mod.out_features, mod.in_features = shape[-2], shape[-1]
             else:
                 mod.in_features, mod.out_features = shape[-2], shape[-1]
         elif isinstance(mod, nnx.Einsum):
-            mod.kernel_shape = tuple(int(d) for d in mod.kernel.shape)
+            mod.kernel_shape = _trailing(mod.kernel.shape, len(mod.kernel_shape))
             if isinstance(mod.bias, nnx.Variable):
-                mod.bias_shape = tuple(int(d) for d in mod.bias.get_value().shape)
+                n = len(mod.bias_shape) if mod.bias_shape is not None else mod.bias.ndim
+                mod.bias_shape = _trailing(mod.bias.get_value().shape, n)
         elif isinstance(mod, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)):
             arrays = (getattr(mod, name, None) for name in ("scale", "bias", "mean", "var"))
             widths = [int(v.get_value().shape[-1]) for v in arrays if isinstance(v, nnx.Variable)]
@@ -139,6 +142,24 @@ def _update_attributes(model: nnx.Module) -> None:
                 # cut inside a group would change its statistics: the group size
                 # stays and the number of groups follows the channels.
                 mod.num_groups = widths[0] // mod.group_size
+
+
+def _trailing(shape: tuple, n: int) -> tuple[int, ...]:
+    return tuple(int(d) for d in shape[len(shape) - n :])
+
+
+_WIDTHS = (
+    "in_features out_features kernel_shape feature_group_count in_kv_features num_heads "
+    "head_dim qkv_features bias_shape num_features num_groups"
+).split()
+
+
+def _snapshot(model: nnx.Module) -> list[tuple[Any, dict]]:
+    """Returns every module's width attributes, to put back after a failed shrink."""
+    return [
+        (mod, {a: getattr(mod, a) for a in _WIDTHS if hasattr(mod, a)})
+        for _, mod in nnx.iter_modules(model)
+    ]
 
 
 def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bool = True):
@@ -183,6 +204,7 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
     apply_fn, state = module_apply(model)
     masks = full_masks(state, masks)
     small, removed, prog = _shrink(apply_fn, state, masks, example_inputs)
+    widths = _snapshot(model)
 
     def install(arrays):
         nnx.update(model, arrays)
@@ -213,6 +235,9 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
         _check_naming(check_as, apply_fn, state, masks, small, removed, prog, example_inputs)
         ok = True
     finally:
-        if not ok:
-            install(state)  # the model is left as it was
+        if not ok:  # the model is left as it was: its arrays and its attributes
+            nnx.update(model, state)
+            for mod, attrs in widths:
+                for a, v in attrs.items():
+                    setattr(mod, a, v)
     return model

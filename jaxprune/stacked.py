@@ -1,0 +1,182 @@
+"""Selections on stacked layers: each layer of a ``[L, ...]`` leaf pruned as its own leaf.
+
+Large JAX models stack their repeated layers along a leading axis (flax linen
+``nn.scan``, ``nnx.vmap``-built stacks applied with ``nnx.scan``, equinox
+``filter_vmap``-built stacks under ``lax.scan``): one kernel leaf ``[L, in,
+out]`` holds ``L`` layers and one bias leaf ``[L, out]`` their biases. Every
+selection in :mod:`jaxprune.masks` works per *leaf*, so on such a model
+``topk`` ranks all ``L`` layers together (a layer of small weights can be
+emptied), ``global_topk``'s ``max_sparsity`` caps the stack rather than each
+layer, ERK counts ``L`` as a fan dimension, and the default ``where`` (``ndim
+>= 2``) takes the ``[L, out]`` biases for kernels. :func:`per_layer` wraps any
+selection so that it sees each layer of a stacked leaf as a leaf of its own,
+and stacks the masks back.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune._tree import Path, Where, is_prunable, leaves_with_paths, path_str
+
+__all__ = ["per_layer"]
+
+Stacked = Callable[[Path, Any], "int | bool"]
+
+
+def _depth(stacked: Stacked, path: Path, leaf: Any) -> int:
+    """Returns how many leading axes of ``leaf`` index its layers (0: not stacked)."""
+    k = stacked(path, leaf)
+    if isinstance(k, bool | np.bool_):
+        k = int(k)
+    nd = jnp.ndim(leaf)
+    if not isinstance(k, int | np.integer) or not 0 <= k < max(nd, 1):
+        raise ValueError(
+            f"stacked must return a bool or the number of leading layer axes (an int in [0, "
+            f"ndim)), got {k!r} for {path_str(path)!r} of shape {tuple(jnp.shape(leaf))}. Fix: "
+            "e.g. stacked=lambda path, leaf: path[0] == 'layers' (one leading layer axis)."
+        )
+    return int(k)
+
+
+def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., Any]:
+    """Returns ``select`` run with each layer of a stacked leaf as its own leaf.
+
+    A leaf for which ``stacked(path, leaf)`` is ``True`` (or ``k``: its first
+    ``k`` axes index layers) is cut into its ``L`` layers before ``select``
+    sees the scores, and the layers' masks are stacked back into one mask of
+    the leaf's shape. So ``jp.masks.topk`` prunes exactly ``round(s * n)`` of
+    each layer's ``n`` entries, ``global_topk``'s ``max_sparsity`` caps each
+    layer, ``jp.distributions.selection(erk)`` gives each layer its own ERK
+    sparsity, ``structured`` ranks each layer's units apart, and the
+    default-axis rules of ``nm`` and ``patterns`` see a Dense ``[in, out]``
+    or a conv ``[kh, kw, in, out]``.
+
+    ``where`` (given to the returned function, or by ``jp.prune``) is called
+    with the stacked leaf's own path and one layer: the default (``ndim >=
+    2``) then takes a stack of kernels but not a stack of biases ``[L,
+    out]``. ``select`` sees each layer at the stack's path with the layer's
+    index appended. A per-leaf ``sparsity`` tree gives each layer its stack's
+    value.
+
+    Args:
+      select: a selection ``(scores, sparsity, *, where, **kwargs) -> masks``,
+        e.g. ``jp.masks.topk``, ``functools.partial(jp.masks.global_topk,
+        max_sparsity=0.9)``, ``jp.masks.structured``, ``jp.masks.nm``.
+      stacked: predicate ``(path, leaf) -> bool | int`` telling which leaves
+        are stacked and how many leading axes index their layers.
+
+    Returns:
+      A selection with ``select``'s signature, usable as ``jp.prune``'s
+      ``scope``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> w = jnp.stack([jnp.full((2, 2), 0.1), jnp.full((2, 2), 5.0)])  # 2 layers
+      >>> scores = {"layers": {"kernel": w, "bias": jnp.ones((2, 2))}}
+      >>> jp.masks.topk(scores, 0.5)["layers"]["kernel"].sum((1, 2)).tolist()
+      [0, 4]
+      >>> select = jp.masks.per_layer(jp.masks.topk, stacked=lambda p, x: p[0] == "layers")
+      >>> m = select(scores, 0.5)
+      >>> m["layers"]["kernel"].sum((1, 2)).tolist(), m["layers"]["bias"].shape
+      ([2, 2], ())
+
+      Inside the train step: ``jp.prune(optax.adam(1e-3), sparsity=0.9,
+      scope=select)``.
+    """
+    if not callable(select):
+        raise ValueError(
+            f"select must be a selection (scores, sparsity, *, where) -> masks, got {select!r}. "
+            "Fix: e.g. jp.masks.per_layer(jp.masks.topk, stacked=...)."
+        )
+    if not callable(stacked):
+        raise ValueError(
+            f"stacked must be a predicate (path, leaf) -> bool | int, got {stacked!r}. Fix: "
+            "e.g. stacked=lambda path, leaf: path[0] == 'layers'."
+        )
+
+    @functools.wraps(select)
+    def select_fn(scores: Any, sparsity: Any, *, where: Where | None = None, **kwargs: Any):
+        flat, treedef = leaves_with_paths(scores)
+        depths = [_depth(stacked, p, x) for p, x in flat]
+        layers = [_layers(x, k) if k else x for (_, x), k in zip(flat, depths, strict=True)]
+        # Paths of the layers of a stack back to the stack's path, for `where`.
+        owner = {
+            p + (i,): p
+            for (p, _), k, x in zip(flat, depths, layers, strict=True)
+            if k
+            for i in range(len(x))
+        }
+
+        def where_fn(path: Path, leaf: Any) -> bool:
+            return (is_prunable if where is None else where)(owner.get(path, path), leaf)
+
+        out = select(
+            jax.tree.unflatten(treedef, layers),
+            _spread(sparsity, flat, depths, treedef),
+            where=where_fn,
+            **kwargs,
+        )
+        got = dict(leaves_with_paths(out)[0])
+        masks = []
+        for (p, x), k in zip(flat, depths, strict=True):
+            if not k:
+                masks.append(got[p])
+                continue
+            n = math.prod(jnp.shape(x)[:k])
+            parts = [jnp.asarray(got[p + (i,)]) for i in range(n)]
+            if all(m.ndim == 0 for m in parts) and all(_is_true(m) for m in parts):
+                masks.append(jnp.ones((), bool))
+            else:
+                shape = jnp.shape(x)[k:]
+                masks.append(
+                    jnp.stack([jnp.broadcast_to(m, shape) for m in parts]).reshape(jnp.shape(x))
+                )
+        return jax.tree.unflatten(treedef, masks)
+
+    def default_where(path: Path, leaf: Any) -> bool:
+        # The default `where` asked about one layer: jp.prune's enforced leaves.
+        layer = jnp.shape(leaf)[_depth(stacked, path, leaf) :]
+        return len(layer) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+
+    select_fn.default_where = default_where
+    return select_fn
+
+
+def _layers(x: Any, k: int) -> tuple[jax.Array, ...]:
+    """Returns the layers of a leaf whose first ``k`` axes index them."""
+    x = jnp.asarray(x)
+    flat = x.reshape((-1,) + x.shape[k:])
+    return tuple(flat[i] for i in range(flat.shape[0]))
+
+
+def _spread(sparsity: Any, flat: list, depths: list[int], treedef: Any) -> Any:
+    """Returns ``sparsity`` for the cut tree: a per-leaf tree repeats a stack's value."""
+    if isinstance(sparsity, int | float | str | bytes) or (
+        hasattr(sparsity, "dtype") and jnp.ndim(sparsity) == 0
+    ):
+        return sparsity
+    if hasattr(sparsity, "dtype"):
+        return sparsity  # the selection refuses it with its own message
+    by_path = dict(leaves_with_paths(sparsity)[0])
+    if set(by_path) != {p for p, _ in flat}:
+        return sparsity  # the selection lists the differing paths
+    values = [
+        tuple(by_path[p] for _ in range(math.prod(jnp.shape(x)[:k]))) if k else by_path[p]
+        for (p, x), k in zip(flat, depths, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, values)
+
+
+def _is_true(m: jax.Array) -> bool:
+    try:
+        return bool(m)
+    except jax.errors.ConcretizationTypeError:
+        return False

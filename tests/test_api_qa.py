@@ -1,0 +1,44 @@
+"""API review findings: nnx Modules in tree functions, packed masks, keys, early checks."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+import jaxprune as jp
+
+
+def test_an_nnx_module_in_a_tree_function_is_refused_with_the_state_to_pass():
+    model = jp.models.lenet_300_100(rngs=nnx.Rngs(0), in_features=16)
+    with pytest.raises(ValueError, match=r"nnx Module MLP itself .* nnx.state\(model, nnx.Param\)"):
+        jp.criteria.magnitude(model)
+    with pytest.raises(ValueError, match="nnx Module MLP itself"):
+        jp.apply_masks(model, jp.masks.topk(jp.criteria.magnitude(nnx.state(model)), 0.5))
+    # The fix the message gives works, and jp.sparsity still takes the module.
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jp.apply_masks(state, jp.masks.topk(jp.criteria.magnitude(state), 0.5)))
+    assert float(jp.sparsity(model)) == 0.5
+
+
+def test_sparsity_counts_packed_masks():
+    params = {"w": jnp.arange(1.0, 33.0).reshape(4, 8)}
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.75)
+    _, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    assert float(jp.sparsity(state.packed_masks)) == 0.75 == float(jp.sparsity(state.masks))
+
+
+def test_gate_keys_must_be_prng_keys():
+    params = {"fc": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}}
+    with pytest.raises(ValueError, match=r"key must be a PRNG key, got 0. Fix: key=jax.random"):
+        jp.gates.init_gates(jp.gates.HardConcrete(), params, key=0)
+    gp = jp.gates.init_gates(jp.gates.HardConcrete(), params)
+    with pytest.raises(ValueError, match="key must be a PRNG key, got 0"):
+        jp.gates.gate_keys(gp, 0)
+
+
+@pytest.mark.parametrize("make", [jp.dynamic.rigl, jp.dynamic.set])
+def test_dynamic_where_is_checked_when_built(make):
+    kw = {"end_step": 10} if make is jp.dynamic.rigl else {}
+    with pytest.raises(ValueError, match="where must be a predicate .* got True"):
+        make(optax.sgd(0.1), sparsity=0.5, key=jax.random.key(0), update_every=5, where=True, **kw)

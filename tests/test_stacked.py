@@ -1,0 +1,296 @@
+"""Stacked layers (nn.scan, nnx.vmap, lax.scan): jp.masks.per_layer against the unrolled model."""
+
+import functools
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxprune as jp
+
+L, D = 4, 8
+
+
+def _stacked(key):
+    """A dict model with one stack of L Dense layers, as nn.scan lays its params out."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    scale = jnp.array([0.05, 0.5, 1.0, 2.0])[:, None, None]  # layers of different norms
+    return {
+        "inp": {"kernel": jax.random.normal(k1, (3, D)), "bias": jnp.zeros(D)},
+        "layers": {
+            "kernel": jax.random.normal(k2, (L, D, D)) * scale,
+            "bias": jax.random.normal(k3, (L, D)),
+        },
+    }
+
+
+def _unrolled(p):
+    """The same weights as one leaf per layer, in the stack's flatten order."""
+    return {
+        "inp": p["inp"],
+        "layers": tuple(
+            {"bias": p["layers"]["bias"][i], "kernel": p["layers"]["kernel"][i]} for i in range(L)
+        ),
+    }
+
+
+def _restack(m):
+    return jnp.stack([jnp.broadcast_to(m["layers"][i]["kernel"], (D, D)) for i in range(L)])
+
+
+def _is_stack(path, leaf):
+    del leaf
+    return path[0] == "layers"
+
+
+def _per_layer_sparsity(mask):
+    return [float(1 - jnp.mean(mask[i])) for i in range(mask.shape[0])]
+
+
+@pytest.mark.parametrize(
+    "select",
+    [
+        jp.masks.topk,
+        functools.partial(jp.masks.global_topk, max_sparsity=0.9),
+        jp.distributions.selection(jp.distributions.erk),
+        functools.partial(jp.masks.structured, axes=-1),
+    ],
+    ids=["topk", "global-capped", "erk", "structured"],
+)
+def test_per_layer_equals_the_unrolled_model(key, select):
+    p = _stacked(key)
+    scores = jp.criteria.magnitude(p)
+    got = jp.masks.per_layer(select, stacked=_is_stack)(scores, 0.5)
+    want = select(jp.criteria.magnitude(_unrolled(p)), 0.5)
+    np.testing.assert_array_equal(got["layers"]["kernel"], _restack(want))
+    np.testing.assert_array_equal(
+        jnp.broadcast_to(got["inp"]["kernel"], (3, D)),
+        jnp.broadcast_to(want["inp"]["kernel"], (3, D)),
+    )
+    # The stack's biases ([L, D], so ndim >= 2) are not kernels: kept whole, as unrolled.
+    assert jnp.shape(got["layers"]["bias"]) == () and bool(got["layers"]["bias"])
+
+
+def test_without_per_layer_a_stack_is_one_leaf_and_a_layer_can_be_emptied(key):
+    # What per_layer is for: topk ranks the 4 layers together.
+    scores = jp.criteria.magnitude(_stacked(key))
+    plain = _per_layer_sparsity(jp.masks.topk(scores, 0.5)["layers"]["kernel"])
+    assert plain[0] == 1.0
+    m = jp.masks.per_layer(jp.masks.topk, stacked=_is_stack)(scores, 0.5)
+    assert _per_layer_sparsity(m["layers"]["kernel"]) == [0.5] * L
+
+
+def test_global_cap_holds_per_layer(key):
+    scores = jp.criteria.magnitude(_stacked(key))
+    capped = functools.partial(jp.masks.global_topk, max_sparsity=0.75)
+    m = jp.masks.per_layer(capped, stacked=_is_stack)(scores, 0.6)
+    per = _per_layer_sparsity(m["layers"]["kernel"])
+    assert max(per) <= 0.75 and per[0] == 0.75  # the small layer is capped, not emptied
+
+
+def test_nm_and_patterns_see_one_layer(key):
+    w = jax.random.normal(key, (L, D, D))
+    conv = jax.random.normal(key, (2, 3, 3, 4, 4))  # a stack of 2 conv kernels
+    tree = {"layers": {"kernel": w, "conv": conv}}
+    nm = jp.masks.per_layer(functools.partial(jp.masks.nm, n=2, m=4), stacked=_is_stack)
+    m = nm(jp.criteria.magnitude(tree), 0.5)["layers"]["kernel"]
+    per_layer = [jp.masks.nm({"k": jnp.abs(w[i])}, 0.5, n=2, m=4)["k"] for i in range(L)]
+    np.testing.assert_array_equal(m, jnp.stack(per_layer))
+    pat = jp.masks.per_layer(functools.partial(jp.masks.patterns, where=None), stacked=_is_stack)
+    mc = pat(jp.criteria.magnitude({"layers": {"conv": conv}}), 0.5)["layers"]["conv"]
+    assert mc.shape == conv.shape
+    want = [jp.masks.patterns({"c": jnp.abs(conv[i])}, 0.5)["c"] for i in range(2)]
+    np.testing.assert_array_equal(mc, jnp.stack(want))
+    assert set(np.unique(mc.sum(axis=(1, 2))).tolist()) <= {0, 4}  # 4-tap patterns, as unstacked
+
+
+def test_where_sees_the_stack_path_and_sparsity_trees_spread(key):
+    p = _stacked(key)
+    seen = []
+
+    def where(path, leaf):
+        seen.append(path)
+        return path[-1] == "kernel"
+
+    s = {"inp": {"kernel": 0.25, "bias": 0.0}, "layers": {"kernel": 0.75, "bias": 0.0}}
+    m = jp.masks.per_layer(jp.masks.topk, stacked=_is_stack)(
+        jp.criteria.magnitude(p), s, where=where
+    )
+    assert ("layers", "kernel") in seen and not any(len(q) > 2 for q in seen)
+    assert _per_layer_sparsity(m["layers"]["kernel"]) == [0.75] * L
+    assert float(1 - m["inp"]["kernel"].mean()) == 0.25
+
+
+def test_two_leading_layer_axes(key):
+    w = jax.random.normal(key, (2, 3, D, D))  # e.g. [stage, layer, in, out]
+    m = jp.masks.per_layer(jp.masks.topk, stacked=lambda p, x: 2)({"w": w}, 0.5)["w"]
+    assert m.shape == w.shape
+    assert bool(jnp.all(m.reshape(6, -1).mean(axis=1) == 0.5))
+
+
+def test_prune_with_a_per_layer_scope_in_a_jitted_linen_scan_model():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.relu(nn.Dense(D)(x)), None
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            stack = nn.scan(
+                Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=L
+            )
+            x, _ = stack(name="layers")(nn.Dense(D, name="inp")(x), None)
+            return nn.Dense(2, name="out")(x)
+
+    net = Net()
+    x = jax.random.normal(jax.random.key(1), (16, 5))
+    params = net.init(jax.random.key(0), x)["params"]
+    scope = jp.masks.per_layer(jp.masks.topk, stacked=lambda p, _: p[0] == "layers")
+    tx = jp.prune(optax.adam(1e-2), sparsity=jp.schedules.polynomial(0.0, 0.8, 0, 4), scope=scope)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(lambda p: jnp.mean(net.apply({"params": p}, x) ** 2))(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(6):
+        params, state = step(params, state)
+    k = params["layers"]["Dense_0"]["kernel"]
+    assert k.shape == (L, D, D)
+    assert [float(jnp.mean(k[i] == 0)) for i in range(L)] == pytest.approx([0.8] * L, abs=1 / 64)
+    masks = jp.get_masks(state)
+    assert bool(jnp.all(masks["layers"]["Dense_0"]["bias"]))  # stacked biases kept
+    assert float(jnp.mean(params["layers"]["Dense_0"]["bias"] == 0)) < 0.5
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="stacked must be a predicate"):
+        jp.masks.per_layer(jp.masks.topk, stacked=1)
+    with pytest.raises(ValueError, match="select must be a selection"):
+        jp.masks.per_layer("topk", stacked=_is_stack)
+    sel = jp.masks.per_layer(jp.masks.topk, stacked=lambda p, x: 3)
+    with pytest.raises(ValueError, match=r"leading layer axes .* got 3 for 'w' of shape \(2, 2\)"):
+        sel({"w": jnp.ones((2, 2))}, 0.5)
+
+
+class _Block(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(D, D, rngs=rngs)
+
+    def __call__(self, x):
+        return x + nnx.relu(self.lin(x))
+
+
+class _NnxStack(nnx.Module):
+    """The nnx scan-over-layers recipe (nnx.vmap to build, nnx.scan to apply) and a head."""
+
+    def __init__(self, rngs):
+        self.inp = nnx.Linear(3, D, rngs=rngs)
+
+        @nnx.split_rngs(splits=L)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return _Block(rngs)
+
+        self.blocks = make(rngs)
+        self.head = nnx.Linear(D, 16, rngs=rngs)
+        self.out = nnx.Linear(16, 2, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def body(b, x):
+            return b(x)
+
+        return self.out(nnx.relu(self.head(body(self.blocks, self.inp(x)))))
+
+
+def test_shrink_module_cuts_the_head_of_an_nnx_model_holding_a_stack():
+    from jaxprune import structure
+
+    model, x = _NnxStack(nnx.Rngs(0)), jnp.ones((2, 3))
+    apply_fn, state = structure.module_apply(model)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # the stack is opaque to groups (documented)
+        groups = structure.groups(apply_fn, state, x, prunable_only=True)
+        masks = structure.select(groups, jp.criteria.magnitude(state), 0.5)
+        want = apply_fn(jp.apply_masks(state, masks), x)
+        n_warned = len(seen)
+        structure.shrink_module(model, masks, x)
+    # One warning for the scan, naming the fix that applies to stacks.
+    assert n_warned == 1 and "jp.masks.per_layer" in str(seen[0].message)
+    assert model.head.kernel.shape == (D, 8) and model.out.in_features == 8
+    assert model.blocks.lin.kernel.shape == (L, D, D) and model.blocks.lin.in_features == D
+    np.testing.assert_allclose(model(x), want, atol=1e-5)
+
+
+def test_gates_refuse_a_stack_of_layers(key):
+    with pytest.raises(ValueError, match=r"cannot gate a stack of layers: .* \(4, 8, 8\)"):
+        jp.gates.attach(_NnxStack(nnx.Rngs(0)), jp.gates.HardConcrete(), key=key)
+    p = _stacked(key)
+    with pytest.raises(ValueError, match=r"'layers/bias' .* it is a bias"):
+        jp.gates.init_gates(jp.gates.HardConcrete(), p)  # the default where takes [L, out]
+    with pytest.raises(ValueError, match=r"'layers/kernel' .* its bias has shape \(4, 8\)"):
+        jp.gates.init_gates(jp.gates.HardConcrete(), p, where=lambda q, x: q[-1] == "kernel")
+    # The unstacked layers alone are fine.
+    gp = jp.gates.init_gates(jp.gates.HardConcrete(), p, where=lambda q, x: q == ("inp", "kernel"))
+    assert list(gp) == ["inp/kernel"]
+
+
+def test_an_ensemble_trained_under_vmap_reads_and_saves_its_masks(tmp_path):
+    # jax.vmap(tx.init) gives packed bits with a leading member axis; get_masks unpacks them all.
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5)
+    for shape, members in [((32, 64), 4), ((7, 9), 8)]:
+        keys = jax.random.split(jax.random.key(0), members)
+        params = jax.vmap(lambda k, s=shape: {"w": jax.random.normal(k, s)})(keys)
+        state = jax.vmap(tx.init)(params)
+        grads = jax.tree.map(jnp.zeros_like, params)
+        _, state = jax.jit(jax.vmap(tx.update))(grads, state, params)
+        masks = jp.get_masks(state)["w"]
+        np.testing.assert_array_equal(masks, jax.vmap(jp.get_masks)(state)["w"])
+        assert masks.shape == (members, *shape)
+        assert [int((~masks[i]).sum()) for i in range(members)] == [
+            round(0.5 * masks[0].size)
+        ] * members
+    jp.save(tmp_path / "c", 1, params, state)
+    back = jp.restore(tmp_path / "c", params=params, opt_state=state)
+    np.testing.assert_array_equal(jp.get_masks(back.opt_state)["w"], jp.get_masks(state)["w"])
+
+
+def test_bits_that_do_not_fit_the_mask_are_refused():
+    packed = jp.masks.pack({"w": jnp.ones((16, 8), bool)})["w"]
+    bad = jp.masks.PackedMask(packed.bits[:1], packed.shape, packed.axis)
+    with pytest.raises(ValueError, match=r"bits of shape \(1, 8\) do not hold a mask of shape"):
+        jp.masks.unpack({"w": bad})
+
+
+def test_a_traced_sparsity_in_a_schedule_points_to_a_callable():
+    with pytest.raises(ValueError, match=r"sparsity here is traced .* sparsity=lambda step: s"):
+        jax.vmap(jp.schedules.constant)(jnp.array([0.1, 0.2]))
+
+
+def test_capture_linen_under_nn_scan_says_why_it_cannot_capture():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.relu(nn.Dense(D)(x)), None
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            stack = nn.scan(
+                Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=L
+            )
+            return stack(name="layers")(nn.Dense(D, name="inp")(x), None)[0]
+
+    net, x = Net(), jnp.ones((2, 3))
+    variables = net.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"module\(s\) layers/Dense_0 run inside a lifted"):
+        jp.activations.capture_linen(net, variables, x)
