@@ -460,14 +460,16 @@ def detach(model: nnx.Module) -> nnx.Module:
     return out
 
 
-def hard_masks(model: nnx.Module, *, sparsity: float | None = None) -> Any:
+def hard_masks(
+    model: nnx.Module, *, sparsity: float | None = None, max_sparsity: float | None = None
+) -> Any:
     """Returns bool masks mirroring ``nnx.state(detach(model), nnx.Param)`` from the gates.
 
     Pruned units have ``False`` kernel columns and biases; pruned input
     features (``attach(..., inputs=...)``) have ``False`` kernel rows. With
     ``sparsity``, the top ``1 - sparsity`` of the gates' scores are kept
-    across layers, input gates included. All gated layers must share one gate
-    kind.
+    across layers, input gates included, and ``max_sparsity`` caps what any
+    one layer loses. All gated layers must share one gate kind.
     """
     layers = gated_layers(model)
     kinds = {m.gate for _, m in layers}
@@ -484,7 +486,17 @@ def hard_masks(model: nnx.Module, *, sparsity: float | None = None) -> Any:
         for path, m in layers
         if m.input_gate_names
     }
-    masks = to_masks(kinds.pop(), gp, params, sparsity=sparsity, input_gate_params=gpi or None)
+    with warnings.catch_warnings():
+        # Warned below, with the fix that fits a gated nnx model.
+        warnings.filterwarnings("ignore", message="unit_masks pruned every unit")
+        masks = to_masks(
+            kinds.pop(),
+            gp,
+            params,
+            sparsity=sparsity,
+            input_gate_params=gpi or None,
+            max_sparsity=max_sparsity,
+        )
     emptied = [
         path_str(p)
         for p, m in leaves_with_paths(masks)[0]

@@ -415,11 +415,14 @@ def unit_masks(
     *,
     sparsity: float | None = None,
     input_gate_params: dict | None = None,
+    max_sparsity: float | None = None,
 ) -> dict[str, jax.Array]:
     """Returns ``{layer: bool[units or kernel shape]}``: which units (weights) the gates keep.
 
     With ``sparsity`` the kept set is instead the top ``1 - sparsity`` of the
-    gates' scores across all layers (exact count, :func:`jaxprune.masks.global_topk`).
+    gates' scores across all layers (exact count, :func:`jaxprune.masks.global_topk`);
+    ``max_sparsity`` caps what any one layer loses, and a layer left with no
+    unit is warned about.
     ``input_gate_params`` (per-unit kinds) maps kernel paths to gates on the
     layers' input features; their keeps come back under ``"<kernel path>:inputs"``
     and take part in the ``sparsity`` ranking.
@@ -444,7 +447,24 @@ def unit_masks(
     if sparsity is None:
         return {n: gate.keep(gp, k) for n, (gp, k) in every.items()}
     scores = {n: gate.score(gp, k) for n, (gp, k) in every.items()}
-    return global_topk(scores, sparsity, where=lambda p, x: True)
+    keep = global_topk(scores, sparsity, where=lambda p, x: True, max_sparsity=max_sparsity)
+    _warn_emptied("unit_masks", keep)
+    return keep
+
+
+def _warn_emptied(name: str, keep: dict) -> None:
+    # Warned only when the masks are concrete (the masks are also built under jit).
+    emptied = [
+        n
+        for n, k in keep.items()
+        if not isinstance(k, jax.core.Tracer) and k.size and not bool(jnp.any(k))
+    ]
+    if emptied:
+        warnings.warn(
+            f"{name} pruned every unit of {emptied[:5]}: the network's output no longer "
+            "depends on its input. Fix: max_sparsity=0.9 (or lower sparsity).",
+            stacklevel=3,
+        )
 
 
 def to_masks(
@@ -454,6 +474,7 @@ def to_masks(
     *,
     sparsity: float | None = None,
     input_gate_params: dict | None = None,
+    max_sparsity: float | None = None,
 ) -> Any:
     """Returns bool hard masks mirroring ``params``: pruned units' columns and biases ``False``.
 
@@ -474,7 +495,12 @@ def to_masks(
     """
     _check_gate(gate)
     units = unit_masks(
-        gate, gate_params, params, sparsity=sparsity, input_gate_params=input_gate_params
+        gate,
+        gate_params,
+        params,
+        sparsity=sparsity,
+        input_gate_params=input_gate_params,
+        max_sparsity=max_sparsity,
     )
     flat, treedef = leaves_with_paths(params)
     index = {path_str(p): i for i, (p, _) in enumerate(flat)}
@@ -562,18 +588,7 @@ def slimming_masks(
             "where=lambda path, x: ... selecting the per-channel scale leaves."
         )
     keep = global_topk(scales, sparsity, where=lambda p, x: True, max_sparsity=max_sparsity)
-    # Warned only when the masks are concrete (slimming_masks also runs under jit).
-    emptied = [
-        n
-        for n, k in keep.items()
-        if not isinstance(k, jax.core.Tracer) and k.size and not bool(jnp.any(k))
-    ]
-    if emptied:
-        warnings.warn(
-            f"slimming_masks pruned every channel of {emptied[:5]}: the network's output no "
-            "longer depends on its input. Fix: max_sparsity=0.9 (or lower sparsity).",
-            stacklevel=2,
-        )
+    _warn_emptied("slimming_masks", keep)
     index = {path_str(p): i for i, (p, _) in enumerate(flat)}
     leaves: list[Any] = [jnp.ones((), bool) for _ in flat]
     for name, k in keep.items():

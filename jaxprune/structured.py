@@ -332,6 +332,18 @@ def patterns(
         and jnp.issubdtype(jnp.result_type(x), jnp.floating)
         and tuple(jnp.shape(x)[a] for a in kernel_axes) != (1, 1)
     ]
+    stacked = [
+        f"{path_str(p)} {tuple(jnp.shape(x))}"
+        for (p, x), a, c in zip(flat, applies, chosen, strict=True)
+        if c and not a and jnp.ndim(x) > 4 and jnp.issubdtype(jnp.result_type(x), jnp.floating)
+    ]
+    if stacked:
+        warnings.warn(
+            f"patterns left these leaves of more than 4 axes dense (stacks of conv kernels?): "
+            f"{stacked[:5]}. Fix: jp.masks.per_layer(jp.masks.patterns, stacked=...) prunes "
+            "each conv kernel of a stack.",
+            stacklevel=2,
+        )
     if skipped:
         want = lib.shape[1:] if lib is not None else (3, 3)
         warnings.warn(
@@ -452,14 +464,18 @@ def nm(
             out.append(jnp.ones((), bool))
             continue
         nd = jnp.ndim(x)
-        if axis is None and nd not in (2, 4):
+        # A 4-D leaf is taken for a conv [kh, kw, in, out] only with small spatial
+        # axes: a stacked attention kernel [L, in, heads, head_dim] is 4-D too.
+        if axis is None and (nd not in (2, 4) or (nd == 4 and max(jnp.shape(x)[:2]) > 16)):
             raise ValueError(
                 f"nm: leaf {path_str(path)!r} has shape {jnp.shape(x)} ({nd} axes), so the "
                 "default axis=-2 (the inputs of Dense [in, out] and conv [kh, kw, in, out] "
                 "kernels) may not be its reduction axis: for an attention kernel "
-                "[in, heads, head_dim] it is the heads. Fix: pass axis= (an int, or a function "
-                "(path, leaf) -> int such as lambda p, x: 0 if x.ndim == 3 else -2), or leave "
-                "the leaf out with where=."
+                "[in, heads, head_dim] (or a stack of them, [L, in, heads, head_dim]) it is the "
+                "heads. Fix: pass axis= (an int, or a function (path, leaf) -> int: -2 for a "
+                "stacked Dense [L, in, out], 0 for an attention kernel, 1 for a stacked one), "
+                "wrap nm in jp.masks.per_layer for stacked layers, or leave the leaf out with "
+                "where=."
             )
         ax_i = -2 if axis is None else (axis(path, x) if callable(axis) else axis)
         if as_int(ax_i) is None or not -nd <= ax_i < nd:

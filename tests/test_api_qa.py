@@ -42,3 +42,18 @@ def test_dynamic_where_is_checked_when_built(make):
     kw = {"end_step": 10} if make is jp.dynamic.rigl else {}
     with pytest.raises(ValueError, match="where must be a predicate .* got True"):
         make(optax.sgd(0.1), sparsity=0.5, key=jax.random.key(0), update_every=5, where=True, **kw)
+
+
+def test_gate_masks_with_a_budget_warn_about_an_emptied_layer_and_take_a_cap():
+    params = {
+        "l1": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)},
+        "l2": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)},
+    }
+    gp = {
+        "l1/kernel": {"gate_log_alpha": jnp.full(4, -5.0)},
+        "l2/kernel": {"gate_log_alpha": jnp.arange(4.0)},
+    }
+    with pytest.warns(UserWarning, match=r"unit_masks pruned every unit of \['l1/kernel'\]"):
+        jp.gates.to_masks(jp.gates.HardConcrete(), gp, params, sparsity=0.5)
+    m = jp.gates.to_masks(jp.gates.HardConcrete(), gp, params, sparsity=0.5, max_sparsity=0.75)
+    assert m["l1"]["bias"].tolist() == [False, False, False, True]  # first in flatten order

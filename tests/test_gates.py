@@ -145,7 +145,7 @@ def test_slimming_masks_cap_and_warning_for_an_emptied_layer():
         "bn1": {"scale": jnp.array([0.01, 0.02, 0.03, 0.04]), "bias": jnp.ones(4)},
         "bn2": {"scale": jnp.array([1.0, 2.0, 3.0, 4.0]), "bias": jnp.ones(4)},
     }
-    with pytest.warns(UserWarning, match=r"pruned every channel of \['bn1/scale'\].*max_sparsity"):
+    with pytest.warns(UserWarning, match=r"pruned every unit of \[.bn1/scale.\].*max_sparsity"):
         m = gates.slimming_masks(params, 0.5)
     assert not any(m["bn1"]["scale"].tolist())
     m = gates.slimming_masks(params, 0.5, max_sparsity=0.75)  # bn1 keeps 1, bn2 loses 1

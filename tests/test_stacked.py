@@ -294,3 +294,12 @@ def test_capture_linen_under_nn_scan_says_why_it_cannot_capture():
     variables = net.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"module\(s\) layers/Dense_0 run inside a lifted"):
         jp.activations.capture_linen(net, variables, x)
+
+
+def test_nm_default_axis_refuses_a_stacked_attention_kernel_and_patterns_name_stacks(key):
+    q = jax.random.normal(key, (2, 32, 4, 8))  # [L, in, heads, head_dim]
+    with pytest.raises(ValueError, match=r"stacked one\), wrap nm in jp.masks.per_layer"):
+        jp.masks.nm({"query": {"kernel": q}}, 0.5, n=2, m=4)
+    conv = jax.random.normal(key, (2, 3, 3, 4, 4))
+    with pytest.warns(UserWarning, match=r"more than 4 axes dense .*layers/conv \(2, 3, 3, 4, 4\)"):
+        jp.masks.patterns({"layers": {"conv": conv}}, 0.5, where=lambda p, x: True)
