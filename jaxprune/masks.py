@@ -546,6 +546,11 @@ def apply_masks(params: Any, masks: Any) -> Any:
       >>> jp.apply_masks({"w": jnp.array([1., 2.])}, {"w": jnp.array([True, False])})["w"].tolist()
       [1.0, 0.0]
     """
+    if any(_is_packed(x) for x in jax.tree.leaves(masks, is_leaf=_is_packed)):
+        raise ValueError(
+            "masks are packed (PackedMask leaves, e.g. a PruneState's packed_masks). Fix: pass "
+            "jp.masks.unpack(masks), state.masks or jp.get_masks(opt_state)."
+        )
     masks = _broadcast_prefix(params, masks)
     check_same_structure(params, masks, ref_name="params", other_name="masks")
     flat_p, treedef = leaves_with_paths(params)

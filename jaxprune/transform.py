@@ -529,6 +529,19 @@ def get_masks(opt_state: Any) -> optax.Params:
     Raises:
       ValueError: ``opt_state`` holds no pruning state, or pruning states over
         different trees.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
+      >>> params = {"w": jnp.arange(1.0, 9.0).reshape(2, 4), "b": jnp.zeros(4)}
+      >>> tx = optax.MultiSteps(jp.prune(optax.sgd(0.1), sparsity=0.5), 1)
+      >>> state = tx.init(params)
+      >>> bool(jp.get_masks(state)["w"].all())  # nothing pruned before the first step
+      True
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> _, state = tx.update(grads, state, params)
+      >>> masks = jp.get_masks(state)
+      >>> masks["w"].tolist(), masks["b"].tolist()  # 1-D leaves are not pruned
+      ([[False, False, False, False], [True, True, True, True]], True)
     """
     states = find_prune_states(opt_state)
     if not states:

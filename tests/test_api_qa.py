@@ -57,3 +57,12 @@ def test_gate_masks_with_a_budget_warn_about_an_emptied_layer_and_take_a_cap():
         jp.gates.to_masks(jp.gates.HardConcrete(), gp, params, sparsity=0.5)
     m = jp.gates.to_masks(jp.gates.HardConcrete(), gp, params, sparsity=0.5, max_sparsity=0.75)
     assert m["l1"]["bias"].tolist() == [False, False, False, True]  # first in flatten order
+
+
+def test_apply_masks_names_packed_masks():
+    params = {"w": jnp.arange(1.0, 17.0).reshape(2, 8)}
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5)
+    _, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    with pytest.raises(ValueError, match=r"masks are packed .* jp.masks.unpack\(masks\)"):
+        jp.apply_masks(params, state.packed_masks)
+    assert float(jp.sparsity(jp.apply_masks(params, jp.masks.unpack(state.packed_masks)))) == 0.5

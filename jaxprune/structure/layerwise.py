@@ -43,7 +43,7 @@ def prune_layerwise(
     finetune: Finetune | None = None,
     window: int = 1,
     criterion: Callable[[Any], Any] = _criteria.magnitude,
-    reduce: str = "l2",
+    reduce: str | Callable[..., jax.Array] = "l2",
     progress: bool = True,
 ) -> tuple[Any, Any]:
     """Returns ``(params, masks)`` after pruning each prunable group in turn.
