@@ -103,6 +103,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     (one-hot labels are refused). An index outside that range gives a NaN loss
     (an attack then leaves the example as it is) or, if negative, wraps to a
     class from the end; :func:`robustness` checks its labels' range.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> logits = jnp.array([[0.0, 0.0], [2.0, 0.0]])
+      >>> [round(v, 3) for v in cross_entropy(logits, jnp.array([0, 1])).tolist()]
+      [0.693, 2.127]
     """
     if jnp.ndim(labels) == jnp.ndim(logits) or not jnp.issubdtype(
         jnp.result_type(labels), jnp.integer
@@ -312,6 +318,19 @@ def attack(
     The model runs deterministically (``apply_fn(params, x, None)``); ``key``
     only draws the random start. ``steps=1, step_size=eps, random_start=False``
     is FGSM.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> apply_fn = lambda w, x, key: (x @ w, [])  # a linear 2-class model
+      >>> w = jnp.array([[1.0, -1.0], [-1.0, 1.0]])
+      >>> run = attack(apply_fn, eps=0.1, step_size=0.05, steps=3, random_start=False)
+      >>> x_adv = run(w, jnp.array([[0.6, 0.4]]), jnp.array([0]), jax.random.key(0))
+      >>> [round(v, 3) for v in x_adv[0].tolist()]  # pushed towards class 1, by eps
+      [0.5, 0.5]
+
+    References:
+      Madry et al., "Towards Deep Learning Models Resistant to Adversarial
+      Attacks", ICLR 2018. https://arxiv.org/abs/1706.06083
     """
     _check_attack(eps, step_size, steps, bounds)
 
@@ -366,6 +385,11 @@ def vulnerability_loss(
     features: Sequence[jax.Array], features_adv: Sequence[jax.Array], lam: float
 ) -> jax.Array:
     """Returns ``lam * vulnerability(features, features_adv)``, the suppression loss.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> float(vulnerability_loss([jnp.zeros(4)], [jnp.full(4, 0.5)], lam=0.5))
+      0.25
 
     References:
       Madaan, Shin & Hwang, ICML 2020. https://arxiv.org/abs/1908.04355
@@ -618,6 +642,24 @@ def robustness(
     Raises:
       ValueError: ``y`` holds labels outside ``[0, classes)``, or is not integer
         class indices; ``x`` and ``y`` are empty or differ in length.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> def apply_fn(w, x, key):  # a linear 2-class model; its logits as the feature
+      ...     logits = x @ w
+      ...     return logits, [logits]
+      >>> w = jnp.array([[1.0, -1.0], [-1.0, 1.0]])
+      >>> x, y = np.array([[0.6, 0.4], [0.1, 0.9]]), np.array([0, 1])
+      >>> key = jax.random.key(0)
+      >>> r = robustness(apply_fn, w, x, y, eps=0.2, step_size=0.05, steps=10, key=key)
+      >>> r["clean_acc"], r["adv_acc"], round(r["vulnerability"], 3)
+      (1.0, 0.5, 0.4)
+
+    References:
+      Madry et al., "Towards Deep Learning Models Resistant to Adversarial
+      Attacks", ICLR 2018. https://arxiv.org/abs/1706.06083;
+      Madaan, Shin & Hwang, "Adversarial Neural Pruning with Latent
+      Vulnerability Suppression", ICML 2020. https://arxiv.org/abs/1908.04355
     """
     run = attack(apply_fn, eps=eps, step_size=step_size, steps=steps, bounds=bounds)
 

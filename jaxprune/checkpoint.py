@@ -363,6 +363,18 @@ def latest_step(directory: str | os.PathLike) -> int | None:
 
     ``directory`` is a checkpoint root, or (as for :func:`restore`) one step's
     directory, whose step is returned.
+
+    Examples:
+      >>> import tempfile, jax.numpy as jnp
+      >>> from jaxprune import checkpoint
+      >>> params = {"w": jnp.ones((2, 2))}
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     before = checkpoint.latest_step(d)
+      ...     _ = checkpoint.save(d, 10, params)
+      ...     step_dir = checkpoint.save(d, 2, params)
+      ...     steps = checkpoint.latest_step(d), checkpoint.latest_step(step_dir)
+      >>> before, steps  # the highest step, not the last saved
+      (None, (10, 2))
     """
     path = _absolute(directory)
     if _is_step_dir(path):
@@ -547,6 +559,25 @@ def restore(
         the metadata is damaged, or ``opt_state`` is given for a checkpoint
         saved without one; the message names the step directory.
       ValueError: a template's structure differs; the message lists the paths.
+
+    Examples:
+      >>> import tempfile, jax, jax.numpy as jnp, optax, jaxprune as jp
+      >>> from jaxprune import checkpoint
+      >>> params = {"w": jnp.array([[1.0, -3.0], [0.5, 2.0]])}
+      >>> tx = jp.prune(optax.sgd(0.1), sparsity=0.5)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     _ = checkpoint.save(d, 1, params, state)
+      ...     ckpt = checkpoint.restore(d, params=params, opt_state=state)
+      ...     raw = checkpoint.restore(d)  # no template: nested dicts of numpy arrays
+      >>> ckpt.step, ckpt.format, type(ckpt.opt_state).__name__
+      (1, 'dense', 'PruneState')
+      >>> ckpt.params["w"].tolist(), ckpt.masks["w"].tolist()
+      ([[0.0, -3.0], [0.0, 2.0]], [[False, True], [False, True]])
+      >>> type(raw.params["w"]).__name__
+      'ndarray'
     """
     root, step = _locate(directory, step)
     meta, items = _read(root, step)
@@ -598,6 +629,18 @@ def export(
 
     The optimizer state is left out (an export is for deployment). Needs no
     model code: the trees are read by path.
+
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp, optax, jaxprune as jp
+      >>> from jaxprune import checkpoint
+      >>> params = {"w": jnp.array([[0.0, 2.0], [0.0, 0.0]])}
+      >>> state = jp.prune(optax.sgd(0.1), sparsity=0.5).init(params)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     _ = checkpoint.save(d, 4, params, state)
+      ...     out = checkpoint.export(d, os.path.join(d, "export"))
+      ...     ckpt = checkpoint.restore(out)
+      >>> out.name, ckpt.format, ckpt.opt_state, ckpt.params["w"].tolist()
+      ('4', 'compressed', None, [[0.0, 2.0], [0.0, 0.0]])
     """
     ckpt = restore(src, step)
     return save(dst, ckpt.step, ckpt.params, masks=ckpt.masks, format=format)
@@ -608,6 +651,16 @@ def disk_bytes(path: str | os.PathLike) -> int:
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
+
+    Examples:
+      >>> import tempfile, jax.numpy as jnp
+      >>> from jaxprune import checkpoint
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     _ = checkpoint.save(d, 0, {"w": jnp.ones((4, 4))})
+      ...     step_dir = checkpoint.save(d, 1, {"w": jnp.ones((4, 4))})
+      ...     root, one = checkpoint.disk_bytes(d), checkpoint.disk_bytes(step_dir)
+      >>> 0 < one < root
+      True
     """
     root = _absolute(path, "path")
     if not root.exists():

@@ -128,6 +128,10 @@ def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array
       >>> [round(float(jp.dynamic.cosine_drop_fraction(t, alpha=0.3, end_step=10)), 4)
       ...  for t in (0, 5, 10)]
       [0.3, 0.15, 0.0]
+
+    References:
+      Evci et al., "Rigging the Lottery: Making All Tickets Winners", 2020.
+      https://arxiv.org/abs/1911.11134
     """
     if not isinstance(alpha, jax.core.Tracer) and (
         not _is_real(alpha) or not 0.0 <= float(alpha) <= 1.0

@@ -228,6 +228,10 @@ def expected_keep_probability(a: jax.Array, b: jax.Array) -> jax.Array:
     Examples:
       >>> round(float(expected_keep_probability(2.0, 1.0)), 4)  # a / (a + 1) when b = 1
       0.6667
+
+    References:
+      Lee et al., "Adaptive Network Sparsification with Dependent Variational
+      Beta-Bernoulli Dropout", 2018. https://arxiv.org/abs/1805.10896
     """
     return jnp.exp(_log_expected_keep_probability(a, b))
 

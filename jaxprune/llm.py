@@ -196,6 +196,15 @@ def magnitude_prune(
     ``nm=(n, m)`` keeps ``n`` of every ``m`` inputs instead. ``sparsity``
     defaults to 0.5; given with ``nm``, it must equal ``1 - n/m``.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxprune.llm import magnitude_prune
+      >>> w = jnp.array([[1., -8.], [2., 5.], [-3., 6.], [4., 7.]])
+      >>> magnitude_prune(w, sparsity=0.5).tolist()
+      [[0.0, -8.0], [0.0, 5.0], [0.0, 6.0], [0.0, 7.0]]
+      >>> magnitude_prune(w, nm=(2, 4)).tolist()  # 2 of every 4 inputs of each output
+      [[0.0, -8.0], [0.0, 0.0], [-3.0, 0.0], [4.0, 7.0]]
+
     References:
       Han et al., "Learning both Weights and Connections", 2015.
       https://arxiv.org/abs/1506.02626
@@ -429,6 +438,24 @@ def reconstruction_error(kernel: jax.Array, pruned: jax.Array, hessian: jax.Arra
     Raises:
       ValueError: ``pruned`` is not ``kernel``'s shape ``[in, out]``, or
         ``hessian`` is not ``[in, in]``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxprune.llm import magnitude_prune, reconstruction_error, sparsegpt
+      >>> w = jnp.array([[3., 0.], [0., 4.]])
+      >>> err = reconstruction_error(w, w.at[0, 0].set(0.0), jnp.eye(2))
+      >>> round(float(err), 4)  # 3**2 / (3**2 + 4**2)
+      0.36
+      >>> x = jax.random.normal(jax.random.key(0), (256, 16)) * jnp.arange(1.0, 17.0)
+      >>> w = jax.random.normal(jax.random.key(1), (16, 8))
+      >>> h = x.T @ x  # inputs of unequal scales: |w| alone ranks the weights badly
+      >>> bool(reconstruction_error(w, sparsegpt(w, h), h) < reconstruction_error(
+      ...     w, magnitude_prune(w), h))
+      True
+
+    References:
+      Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately
+      Pruned in One-Shot", 2023. https://arxiv.org/abs/2301.00774
     """
     k_shape, p_shape, h_shape = jnp.shape(kernel), jnp.shape(pruned), jnp.shape(hessian)
     if len(k_shape) != 2 or p_shape != k_shape or h_shape != (k_shape[0],) * 2:
@@ -639,6 +666,16 @@ def perplexity(model: Any, tokens: jax.Array, *, batch_size: int = 32) -> float:
       ValueError: ``batch_size`` not a positive int; ``tokens`` not int
         ``[n, time]`` with ``n >= 1`` and ``time >= 2``, longer than the
         model's ``max_len`` or holding ids outside its vocabulary.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxprune.llm import perplexity
+      >>> from jaxprune.models_llm import GPT
+      >>> model = GPT(vocab=16, dim=32, depth=1, heads=2, max_len=8, rngs=nnx.Rngs(0))
+      >>> model.head.kernel.set_value(jnp.zeros((32, 16)))  # uniform next-token guesses
+      >>> round(perplexity(model, jnp.zeros((2, 8), jnp.int32)), 3)  # = the vocabulary size
+      16.0
     """
     if as_int(batch_size) is None or batch_size < 1:
         raise ValueError(

@@ -59,7 +59,16 @@ def _nonzero_bits(x: np.ndarray) -> np.ndarray:
 
 
 def support(x: np.ndarray, mask: Any = None) -> np.ndarray:
-    """Returns the bool support of ``x``: ``mask`` (broadcast) or any entry with nonzero bits."""
+    """Returns the bool support of ``x``: ``mask`` (broadcast) or any entry with nonzero bits.
+
+    Examples:
+      >>> import numpy as np
+      >>> x = np.array([0.0, -0.0, 2.0, 0.0], np.float32)
+      >>> support(x).tolist()  # -0.0 has a nonzero bit pattern: it is kept
+      [False, True, True, False]
+      >>> support(x, mask=np.array([True, False, False, False])).tolist()
+      [True, True, True, False]
+    """
     x = np.asarray(x)
     bits = _nonzero_bits(x)
     if mask is None:
@@ -217,6 +226,18 @@ def unpack_leaf(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> np.ndarr
     Raises:
       PackError: the arrays do not match ``spec``, ``spec`` itself is malformed
         (a missing field, an unknown dtype), or the CRC-32 differs.
+
+    Examples:
+      >>> import numpy as np
+      >>> x = np.array([[1.0, 0.0, 0.0, 2.0, 0.0, 3.0, 4.0, 0.0]], np.float32)
+      >>> arrays, spec = pack_leaf(x)
+      >>> spec["kind"], bool((unpack_leaf(arrays, spec) == x).all())
+      ('nm', True)
+      >>> arrays["values"][0] += 1.0  # a damaged file
+      >>> unpack_leaf(arrays, spec)
+      Traceback (most recent call last):
+        ...
+      jaxprune.packing.PackError: CRC-32 mismatch in a nm leaf of shape (1, 8): ...
     """
     try:
         shape = tuple(int(d) for d in spec["shape"])
@@ -272,6 +293,15 @@ def unpack_leaf(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> np.ndarr
 
 
 def packed_nbytes(x: Any, mask: Any = None) -> int:
-    """Returns the bytes of ``x``'s smallest encoding (arrays only, without the spec)."""
+    """Returns the bytes of ``x``'s smallest encoding (arrays only, without the spec).
+
+    Examples:
+      >>> import numpy as np
+      >>> x = np.zeros((8, 16), np.float32); x[::4] = 1.0  # 2 of 8 rows kept
+      >>> packed_nbytes(x), x.nbytes  # 2 * 16 float32 values, a keep-bit per row and column
+      (131, 512)
+      >>> packed_nbytes(x, mask=np.ones((8, 16), bool))  # every entry kept: dense
+      512
+    """
     x = np.asarray(x)
     return _plan(x, support(x, mask))[2]
