@@ -531,8 +531,32 @@ def pack(masks: Any) -> Any:
 
 
 def unpack(packed: Any) -> Any:
-    """Returns the bool masks stored in ``packed`` (see :func:`pack`)."""
-    return jax.tree.map(_unpack_leaf, packed, is_leaf=_is_packed)
+    """Returns the bool masks stored in ``packed`` (see :func:`pack`).
+
+    In a state built with ``jax.vmap(tx.init)`` (an ensemble) the packed bits
+    and the scalar ``True`` of unpruned leaves carry the members' axis; an
+    all-``True`` one comes back as the scalar ``True`` it stands for.
+    """
+    leads = {
+        tuple(jnp.shape(x.bits)[: jnp.ndim(x.bits) - _bits_ndim(x)])
+        for x in jax.tree.leaves(packed, is_leaf=_is_packed)
+        if _is_packed(x)
+    }
+    lead = leads.pop() if len(leads) == 1 else ()
+
+    def one(x):
+        if _is_packed(x):
+            return _unpack_leaf(x)
+        if lead and jnp.shape(x) == lead and not isinstance(x, jax.core.Tracer):
+            if jnp.asarray(x).dtype == jnp.bool_ and bool(jnp.all(x)):
+                return jnp.ones((), bool)
+        return x
+
+    return jax.tree.map(one, packed, is_leaf=_is_packed)
+
+
+def _bits_ndim(p: PackedMask) -> int:
+    return 1 if p.axis is None else len(p.shape)
 
 
 def apply_masks(params: Any, masks: Any) -> Any:

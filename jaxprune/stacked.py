@@ -33,17 +33,27 @@ Stacked = Callable[[Path, Any], "int | bool"]
 
 def _depth(stacked: Stacked, path: Path, leaf: Any) -> int:
     """Returns how many leading axes of ``leaf`` index its layers (0: not stacked)."""
+    if not hasattr(leaf, "shape"):
+        return 0  # not an array (an equinox module's Dropout rate): nothing to cut
     k = stacked(path, leaf)
     if isinstance(k, bool | np.bool_):
         k = int(k)
     nd = jnp.ndim(leaf)
-    if not isinstance(k, int | np.integer) or not 0 <= k < max(nd, 1):
+    # k == ndim: one scalar per layer (a stacked ReZero alpha, shape [L]).
+    if not isinstance(k, int | np.integer) or not 0 <= k <= nd:
         raise ValueError(
             f"stacked must return a bool or the number of leading layer axes (an int in [0, "
-            f"ndim)), got {k!r} for {path_str(path)!r} of shape {tuple(jnp.shape(leaf))}. Fix: "
+            f"ndim]), got {k!r} for {path_str(path)!r} of shape {tuple(jnp.shape(leaf))}. Fix: "
             "e.g. stacked=lambda path, leaf: path[0] == 'layers' (one leading layer axis)."
         )
     return int(k)
+
+
+def _one_layer(leaf: Any, k: int) -> Any:
+    """Returns a stand-in with the shape and dtype of one layer of ``leaf``."""
+    if not k:
+        return leaf
+    return jax.ShapeDtypeStruct(tuple(jnp.shape(leaf))[k:], jnp.result_type(leaf))
 
 
 def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., Any]:
@@ -59,12 +69,14 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
     default-axis rules of ``nm`` and ``patterns`` see a Dense ``[in, out]``
     or a conv ``[kh, kw, in, out]``.
 
-    ``where`` (given to the returned function, or by ``jp.prune``) is called
-    with the stacked leaf's own path and one layer: the default (``ndim >=
-    2``) then takes a stack of kernels but not a stack of biases ``[L,
-    out]``. ``select`` sees each layer at the stack's path with the layer's
-    index appended. A per-leaf ``sparsity`` tree gives each layer its stack's
-    value.
+    ``where`` (given to the returned function, or to ``jp.prune``) is called
+    with the stacked leaf's own path and one layer (as a
+    ``jax.ShapeDtypeStruct`` inside ``jp.prune``): the default (``ndim >= 2``)
+    then takes a stack of kernels but not a stack of biases ``[L, out]``.
+    ``select`` sees each layer at the stack's path with the layer's index
+    appended. A per-leaf ``sparsity`` tree gives each layer its stack's
+    value. A leaf that is not an array is never cut, and ``k`` may equal the
+    leaf's ``ndim`` (one scalar per layer, as a stacked ReZero gain).
 
     Args:
       select: a selection ``(scores, sparsity, *, where, **kwargs) -> masks``,
@@ -103,7 +115,9 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
         )
 
     @functools.wraps(select)
-    def select_fn(scores: Any, sparsity: Any, *, where: Where | None = None, **kwargs: Any):
+    def select_fn(scores: Any, *args: Any, where: Where | None = None, **kwargs: Any):
+        # `sparsity` (positional or keyword) passes through, so a selection
+        # whose sparsity has a default (nm, patterns) keeps it.
         flat, treedef = leaves_with_paths(scores)
         depths = [_depth(stacked, p, x) for p, x in flat]
         layers = [_layers(x, k) if k else x for (_, x), k in zip(flat, depths, strict=True)]
@@ -118,12 +132,11 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
         def where_fn(path: Path, leaf: Any) -> bool:
             return (is_prunable if where is None else where)(owner.get(path, path), leaf)
 
-        out = select(
-            jax.tree.unflatten(treedef, layers),
-            _spread(sparsity, flat, depths, treedef),
-            where=where_fn,
-            **kwargs,
-        )
+        if args:
+            args = (_spread(args[0], flat, depths, treedef),) + args[1:]
+        if "sparsity" in kwargs:
+            kwargs["sparsity"] = _spread(kwargs["sparsity"], flat, depths, treedef)
+        out = select(jax.tree.unflatten(treedef, layers), *args, where=where_fn, **kwargs)
         got = dict(leaves_with_paths(out)[0])
         masks = []
         for (p, x), k in zip(flat, depths, strict=True):
@@ -141,12 +154,20 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
                 )
         return jax.tree.unflatten(treedef, masks)
 
-    def default_where(path: Path, leaf: Any) -> bool:
-        # The default `where` asked about one layer: jp.prune's enforced leaves.
-        layer = jnp.shape(leaf)[_depth(stacked, path, leaf) :]
-        return len(layer) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+    def layer_where(where: Where | None) -> Where:
+        """Returns ``where`` (default: ``ndim >= 2``) asked about one layer of each leaf.
 
-    select_fn.default_where = default_where
+        ``jp.prune`` chooses the leaves it enforces with it, so the stack's
+        ``[L, out]`` biases are not taken for kernels.
+        """
+        w = is_prunable if where is None else where
+
+        def pred(path: Path, leaf: Any) -> bool:
+            return bool(w(path, _one_layer(leaf, _depth(stacked, path, leaf))))
+
+        return pred
+
+    select_fn.layer_where = layer_where
     return select_fn
 
 

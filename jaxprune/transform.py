@@ -319,9 +319,10 @@ def prune(
         )
     schedule = as_schedule(sparsity)
     select = _resolve_selection(scope)
-    # A selection may say which leaves it prunes by default (jp.masks.per_layer:
-    # the kernels of a stack, not its [L, out] biases).
-    where = getattr(select, "default_where", None) if where is None else where
+    # A selection may ask `where` about parts of a leaf (jp.masks.per_layer: one
+    # layer of a stack, so its [L, out] biases are not taken for kernels).
+    if callable(getattr(select, "layer_where", None)):
+        where = select.layer_where(where)
     crit = _criteria.as_stateful(criterion)
     if isinstance(criterion, _criteria.StatefulCriterion):
         wants_key = _criteria.needs_key(criterion.update) or _criteria.needs_key(criterion.score)

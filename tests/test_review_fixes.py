@@ -35,11 +35,13 @@ def test_hard_concrete_sparsity_ranks_by_log_alpha_not_the_clipped_gate():
     }
     # Both layers' test gates are exactly 1: the clipped gate cannot rank them.
     assert np.all(np.asarray(g.unit_gate(gp["b/kernel"], None)) == 1.0)
-    m = gates.unit_masks(g, gp, params, sparsity=0.5)
+    with pytest.warns(UserWarning, match=r"pruned every unit of \['b/kernel'\]"):
+        m = gates.unit_masks(g, gp, params, sparsity=0.5)
     assert np.asarray(m["a/kernel"]).all() and not np.asarray(m["b/kernel"]).any()
     # Within a layer, the order is log_alpha's too.
     gp["a/kernel"] = {"gate_log_alpha": jnp.array([9.0, 3.0, 5.0, 7.0])}
-    m = gates.unit_masks(g, gp, params, sparsity=0.75)
+    with pytest.warns(UserWarning, match="pruned every unit"):
+        m = gates.unit_masks(g, gp, params, sparsity=0.75)
     assert np.asarray(m["a/kernel"]).tolist() == [True, False, False, True]
     # keep() still thresholds the test gate (open where log_alpha > log(1/11)).
     keep = g.keep({"gate_log_alpha": jnp.array([-2.5, -2.3, 0.0])})
@@ -67,7 +69,8 @@ def test_variational_dropout_sparsity_ranks_by_unclipped_log_alpha():
             f"{reliable}/kernel": {"gate_log_sigma2": jnp.full((2, 2), -30.0)},
             f"{other}/kernel": {"gate_log_sigma2": jnp.full((2, 2), -9.0)},
         }
-        m = gates.unit_masks(g, gp, params, sparsity=0.5)
+        with pytest.warns(UserWarning, match="pruned every unit"):
+            m = gates.unit_masks(g, gp, params, sparsity=0.5)
         assert np.asarray(m[f"{reliable}/kernel"]).all(), reliable
         assert not np.asarray(m[f"{other}/kernel"]).any(), reliable
         # keep() is unchanged: log_alpha <= threshold.
@@ -88,7 +91,8 @@ def test_beta_bernoulli_sparsity_ranks_units_below_the_threshold():
     for low, lower in (("a", "b"), ("b", "a")):
         gps = {f"{low}/kernel": gp(5e-4), f"{lower}/kernel": gp(1e-5), "c/kernel": gp(10.0)}
         assert not np.asarray(g.unit_gate(gps[f"{low}/kernel"], None)).any()
-        m = gates.unit_masks(g, gps, params, sparsity=1 / 3)
+        with pytest.warns(UserWarning, match="pruned every unit"):
+            m = gates.unit_masks(g, gps, params, sparsity=1 / 3)
         assert np.asarray(m[f"{low}/kernel"]).all(), low
         assert not np.asarray(m[f"{lower}/kernel"]).any(), low
         assert np.asarray(m["c/kernel"]).all()

@@ -303,3 +303,53 @@ def test_nm_default_axis_refuses_a_stacked_attention_kernel_and_patterns_name_st
     conv = jax.random.normal(key, (2, 3, 3, 4, 4))
     with pytest.warns(UserWarning, match=r"more than 4 axes dense .*layers/conv \(2, 3, 3, 4, 4\)"):
         jp.masks.patterns({"layers": {"conv": conv}}, 0.5, where=lambda p, x: True)
+
+
+def test_a_user_where_in_prune_is_asked_about_one_layer(key):
+    # where=ndim >= 2 on the whole [L, out] bias would take it for a kernel.
+    p = _stacked(key)
+    scope = jp.masks.per_layer(jp.masks.topk, stacked=_is_stack)
+    tx = jp.prune(optax.sgd(0.0), sparsity=0.5, scope=scope, where=lambda q, x: x.ndim >= 2)
+    updates, state = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
+    new = optax.apply_updates(p, updates)
+    assert bool(jnp.all(new["layers"]["bias"] == p["layers"]["bias"]))
+    assert _per_layer_sparsity(jp.get_masks(state)["layers"]["kernel"]) == [0.5] * L
+
+
+def test_stacks_with_per_layer_scalars_and_non_arrays_and_sparsity_defaults(key):
+    tree = {"layers": {"w": jax.random.normal(key, (L, D, D)), "alpha": jnp.ones(L), "p": 0.1}}
+    m = jp.masks.per_layer(jp.masks.topk, stacked=_is_stack)(tree, 0.5)
+    assert jnp.shape(m["layers"]["alpha"]) == () and m["layers"]["p"] is not None
+    assert _per_layer_sparsity(m["layers"]["w"]) == [0.5] * L
+    # nm's sparsity has a default; the wrapper keeps it.
+    nm = jp.masks.per_layer(functools.partial(jp.masks.nm, n=2, m=4), stacked=_is_stack)
+    assert (
+        _per_layer_sparsity(nm({"layers": {"w": tree["layers"]["w"]}})["layers"]["w"]) == [0.5] * L
+    )
+
+
+def test_an_ensemble_of_stacked_models_saves_its_masks(tmp_path, key):
+    scope = jp.masks.per_layer(jp.masks.topk, stacked=_is_stack)
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5, scope=scope)
+    params = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), _stacked(key))
+    state = jax.vmap(tx.init)(params)
+    updates, state = jax.jit(jax.vmap(tx.update))(
+        jax.tree.map(jnp.ones_like, params), state, params
+    )
+    params = optax.apply_updates(params, updates)
+    masks = jp.get_masks(state)
+    assert masks["layers"]["kernel"].shape == (2, L, D, D)
+    assert jnp.shape(masks["layers"]["bias"]) == () and jnp.shape(masks["inp"]["bias"]) == ()
+    jp.save(tmp_path / "c", 1, params, state)
+    back = jp.restore(tmp_path / "c", params=params, opt_state=state)
+    np.testing.assert_array_equal(
+        jp.get_masks(back.opt_state)["layers"]["kernel"], masks["layers"]["kernel"]
+    )
+
+
+def test_layer_where_counts_what_the_default_where_prunes(key):
+    p = _stacked(key)
+    select = jp.masks.per_layer(jp.masks.topk, stacked=_is_stack)
+    pruned = jp.apply_masks(p, select(jp.criteria.magnitude(p), 0.5))
+    assert float(jp.sparsity(pruned, where=select.layer_where(None))) == 0.5
+    assert float(jp.sparsity(pruned)) < 0.5  # the [L, out] biases are 2-D, and counted
