@@ -211,7 +211,9 @@ def _drop_grow(w, g, m, frac, key, regrow):
     n = m.size
     active = jnp.sum(m, dtype=jnp.int32).astype(jnp.float32)
     k = jnp.floor(jnp.asarray(frac, jnp.float32) * active).astype(jnp.int32)
-    inf = jnp.float32(jnp.inf)
+    # Finite placeholders (float32's largest) rank inactive entries last to drop
+    # and kept ones last to regrow: an inf would trip jax_debug_infs.
+    inf = jnp.float32(jnp.finfo(jnp.float32).max)
     drop_score = jnp.where(m, jnp.abs(w).astype(jnp.float32), inf)
     after = _masks._select([_masks.ordered_keys(drop_score)], k)[0].reshape(m.shape) & m
     if regrow == "gradient":

@@ -66,3 +66,15 @@ def test_apply_masks_names_packed_masks():
     with pytest.raises(ValueError, match=r"masks are packed .* jp.masks.unpack\(masks\)"):
         jp.apply_masks(params, state.packed_masks)
     assert float(jp.sparsity(jp.apply_masks(params, jp.masks.unpack(state.packed_masks)))) == 0.5
+
+
+def test_rigl_raises_no_false_inf_alarm_under_debug_infs():
+    params = {"w": jax.random.normal(jax.random.key(1), (16, 32))}
+    grads = jax.tree.map(lambda a: 0.1 * a, params)
+    tx = jp.dynamic.rigl(
+        optax.sgd(0.1), sparsity=0.5, key=jax.random.key(0), end_step=10, update_every=1
+    )
+    _, state = tx.update(grads, tx.init(params), params)  # rewiring starts at step 1
+    with jax.debug_infs(True), jax.disable_jit():
+        _, state = tx.update(grads, state, params)
+    assert float(jp.sparsity(jp.get_masks(state))) == 0.5
