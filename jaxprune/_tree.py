@@ -33,6 +33,7 @@ __all__ = [
     "prunable_flags",
     "unwrap_variables",
     "check_same_structure",
+    "check_where",
     "flagged",
     "as_int",
 ]
@@ -123,11 +124,7 @@ def prunable_flags(
                 for _, x in flat
             ]
         return [bool(is_prunable(p, x)) for p, x in flat]
-    if not callable(where):
-        raise ValueError(
-            f"where must be a predicate (path, leaf) -> bool, got {where!r}. Fix: e.g. "
-            "where=lambda path, x: x.ndim >= 2 and 'embed' not in jp.path_str(path)."
-        )
+    check_where(where)
     flags = []
     for p, x in flat:
         selected = bool(where(p, x))
@@ -140,6 +137,15 @@ def prunable_flags(
             )
         flags.append(selected)
     return flags
+
+
+def check_where(where: Any) -> None:
+    """Raises ``ValueError`` unless ``where`` is ``None`` or a predicate."""
+    if where is not None and not callable(where):
+        raise ValueError(
+            f"where must be a predicate (path, leaf) -> bool, or None, got {where!r}. Fix: "
+            "e.g. where=lambda path, leaf: leaf.ndim >= 2."
+        )
 
 
 def flagged(tree: Any, flags: list[bool]) -> Where:

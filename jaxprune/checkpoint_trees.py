@@ -231,6 +231,10 @@ def leaf_desc(x: Any) -> str:
     return f"{dtype}{list(np.shape(x))}"
 
 
+# The numpy dtype kinds a Python scalar type stands for.
+_KINDS = {"bool": "b", "int": "iu", "float": "f"}
+
+
 def _is_python_scalar(x: Any) -> bool:
     return isinstance(x, bool | int | float) and not isinstance(x, np.generic)
 
@@ -241,12 +245,11 @@ def _python_saved_fits(spec: dict, x: Any) -> bool:
     ``TrainState.create`` sets ``step=0``, a Python int numpy stores as int64,
     while the template built from a trained state has a JAX int32 there.
     """
-    kinds = {"bool": "b", "int": "iu", "float": "f"}
     dtype = getattr(x, "dtype", None)
     if "python" not in spec or dtype is None or np.shape(x) != ():
         return False
     try:
-        return np.dtype(dtype).kind in kinds[spec["python"]]
+        return np.dtype(dtype).kind in _KINDS[spec["python"]]
     except (TypeError, KeyError):
         return False
 
@@ -263,9 +266,8 @@ def _scalar_fits(x: Any, saved: str) -> bool:
     dtype, _, shape = saved.partition("[")
     if shape != "]":
         return False
-    kinds = {bool: "b", int: "iu", float: "f"}
     try:
-        return np.dtype(dtype).kind in kinds[type(x)]
+        return np.dtype(dtype).kind in _KINDS[type(x).__name__]
     except TypeError:
         return False
 

@@ -59,6 +59,7 @@ from jaxprune._search import _placed_like
 from jaxprune._tree import (
     Where,
     as_int,
+    check_where,
     key_parts,
     leaves_with_paths,
     path_str,
@@ -198,11 +199,7 @@ def _validate(
         )
     if regrow not in ("gradient", "random"):
         raise ValueError(f"regrow must be 'gradient' (RigL) or 'random' (SET), got {regrow!r}.")
-    if where is not None and not callable(where):
-        raise ValueError(
-            f"where must be a predicate (path, leaf) -> bool, or None, got {where!r}. Fix: "
-            "e.g. where=lambda path, leaf: leaf.ndim >= 2."
-        )
+    check_where(where)
     key_parts(key, "key")  # one PRNG key, typed or raw, for the initial random masks
 
 

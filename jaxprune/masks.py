@@ -485,10 +485,7 @@ def _unpack_bits(bits: jax.Array, shape: tuple[int, ...], axis: int | None) -> j
     ``bits`` may carry leading axes (a state built with ``jax.vmap(tx.init)``,
     an ensemble): the masks then have them too.
     """
-    if axis is None:
-        want = (-(-math.prod(shape) // 8),)
-    else:
-        want = tuple(d // 8 if i == axis else d for i, d in enumerate(shape))
+    want = _bits_shape(shape, axis)
     lead = jnp.ndim(bits) - len(want)
     if lead < 0 or tuple(jnp.shape(bits)[lead:]) != want:
         raise ValueError(
@@ -511,6 +508,10 @@ def _unpack_bits(bits: jax.Array, shape: tuple[int, ...], axis: int | None) -> j
 
 def _is_packed(x: Any) -> bool:
     return isinstance(x, PackedMask)
+
+
+def _has_packed(tree: Any) -> bool:
+    return any(_is_packed(x) for x in jax.tree.leaves(tree, is_leaf=_is_packed))
 
 
 def pack(masks: Any) -> Any:
@@ -538,7 +539,7 @@ def unpack(packed: Any) -> Any:
     all-``True`` one comes back as the scalar ``True`` it stands for.
     """
     leads = {
-        tuple(jnp.shape(x.bits)[: jnp.ndim(x.bits) - _bits_ndim(x)])
+        tuple(jnp.shape(x.bits)[: jnp.ndim(x.bits) - len(_bits_shape(x.shape, x.axis))])
         for x in jax.tree.leaves(packed, is_leaf=_is_packed)
         if _is_packed(x)
     }
@@ -555,8 +556,11 @@ def unpack(packed: Any) -> Any:
     return jax.tree.map(one, packed, is_leaf=_is_packed)
 
 
-def _bits_ndim(p: PackedMask) -> int:
-    return 1 if p.axis is None else len(p.shape)
+def _bits_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+    """Returns the shape of the bits of a mask of ``shape`` packed along ``axis``."""
+    if axis is None:
+        return (-(-math.prod(shape) // 8),)
+    return tuple(d // 8 if i == axis else d for i, d in enumerate(shape))
 
 
 def apply_masks(params: Any, masks: Any) -> Any:
@@ -570,7 +574,7 @@ def apply_masks(params: Any, masks: Any) -> Any:
       >>> jp.apply_masks({"w": jnp.array([1., 2.])}, {"w": jnp.array([True, False])})["w"].tolist()
       [1.0, 0.0]
     """
-    if any(_is_packed(x) for x in jax.tree.leaves(masks, is_leaf=_is_packed)):
+    if _has_packed(masks):
         raise ValueError(
             "masks are packed (PackedMask leaves, e.g. a PruneState's packed_masks). Fix: pass "
             "jp.masks.unpack(masks), state.masks or jp.get_masks(opt_state)."
@@ -634,7 +638,7 @@ def sparsity(tree: Any, *, where: Where | None = None) -> jax.Array:
     if isinstance(tree, nnx.Module):
         # The Variables, a tied (shared) one once, as jp.report counts them.
         tree = nnx.state(tree, nnx.Param)
-    if any(_is_packed(x) for x in jax.tree.leaves(tree, is_leaf=_is_packed)):
+    if _has_packed(tree):
         tree = unpack(tree)  # e.g. a PruneState's packed_masks: count the masks' False
     flags = prunable_flags(tree, where, allow_bool=True)
     flat, _ = leaves_with_paths(tree)

@@ -16,7 +16,6 @@ and stacks the masks back.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -122,28 +121,23 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
         depths = [_depth(stacked, p, x) for p, x in flat]
         layers = [_layers(x, k) if k else x for (_, x), k in zip(flat, depths, strict=True)]
         # Paths of the layers of a stack back to the stack's path, for `where`.
-        owner = {
-            p + (i,): p
-            for (p, _), k, x in zip(flat, depths, layers, strict=True)
-            if k
-            for i in range(len(x))
-        }
+        counts = [len(x) if k else None for x, k in zip(layers, depths, strict=True)]
+        owner = {p + (i,): p for (p, _), n in zip(flat, counts, strict=True) for i in range(n or 0)}
 
         def where_fn(path: Path, leaf: Any) -> bool:
             return (is_prunable if where is None else where)(owner.get(path, path), leaf)
 
         if args:
-            args = (_spread(args[0], flat, depths, treedef),) + args[1:]
+            args = (_spread(args[0], flat, counts, treedef),) + args[1:]
         if "sparsity" in kwargs:
-            kwargs["sparsity"] = _spread(kwargs["sparsity"], flat, depths, treedef)
+            kwargs["sparsity"] = _spread(kwargs["sparsity"], flat, counts, treedef)
         out = select(jax.tree.unflatten(treedef, layers), *args, where=where_fn, **kwargs)
         got = dict(leaves_with_paths(out)[0])
         masks = []
-        for (p, x), k in zip(flat, depths, strict=True):
-            if not k:
+        for (p, x), k, n in zip(flat, depths, counts, strict=True):
+            if n is None:
                 masks.append(got[p])
                 continue
-            n = math.prod(jnp.shape(x)[:k])
             parts = [jnp.asarray(got[p + (i,)]) for i in range(n)]
             if all(m.ndim == 0 for m in parts) and all(_is_true(m) for m in parts):
                 masks.append(jnp.ones((), bool))
@@ -178,20 +172,21 @@ def _layers(x: Any, k: int) -> tuple[jax.Array, ...]:
     return tuple(flat[i] for i in range(flat.shape[0]))
 
 
-def _spread(sparsity: Any, flat: list, depths: list[int], treedef: Any) -> Any:
-    """Returns ``sparsity`` for the cut tree: a per-leaf tree repeats a stack's value."""
-    if isinstance(sparsity, int | float | str | bytes) or (
-        hasattr(sparsity, "dtype") and jnp.ndim(sparsity) == 0
-    ):
+def _spread(sparsity: Any, flat: list, counts: list[int | None], treedef: Any) -> Any:
+    """Returns ``sparsity`` for the cut tree: a per-leaf tree repeats a stack's value.
+
+    ``counts[i]`` is the number of layers leaf ``i`` is cut into (None: not cut).
+    A number, an array or a tree that does not match passes as it is, for the
+    selection to take or refuse with its own message.
+    """
+    if isinstance(sparsity, int | float | str | bytes) or hasattr(sparsity, "dtype"):
         return sparsity
-    if hasattr(sparsity, "dtype"):
-        return sparsity  # the selection refuses it with its own message
     by_path = dict(leaves_with_paths(sparsity)[0])
     if set(by_path) != {p for p, _ in flat}:
-        return sparsity  # the selection lists the differing paths
+        return sparsity
     values = [
-        tuple(by_path[p] for _ in range(math.prod(jnp.shape(x)[:k]))) if k else by_path[p]
-        for (p, x), k in zip(flat, depths, strict=True)
+        by_path[p] if n is None else (by_path[p],) * n
+        for (p, _), n in zip(flat, counts, strict=True)
     ]
     return jax.tree.unflatten(treedef, values)
 

@@ -27,6 +27,7 @@ from jaxprune._tree import (
     Where,
     check_same_leaves,
     check_same_structure,
+    check_where,
     flagged,
     key_parts,
     leaves_with_paths,
@@ -312,11 +313,7 @@ def prune(
             f"tx must be an optax transformation (with init and update), got {tx!r}. Fix: "
             "build it, e.g. jp.prune(optax.adam(1e-3), ...), not jp.prune(optax.adam, ...)."
         )
-    if where is not None and not callable(where):
-        raise ValueError(
-            f"where must be a predicate (path, leaf) -> bool, or None, got {where!r}. Fix: "
-            "e.g. where=lambda path, leaf: leaf.ndim >= 2."
-        )
+    check_where(where)
     schedule = as_schedule(sparsity)
     select = _resolve_selection(scope)
     # A selection may ask `where` about parts of a leaf (jp.masks.per_layer: one

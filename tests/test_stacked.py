@@ -133,22 +133,28 @@ def test_two_leading_layer_axes(key):
     assert bool(jnp.all(m.reshape(6, -1).mean(axis=1) == 0.5))
 
 
+class _LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.relu(nn.Dense(D)(x)), None
+
+
+class _LinenStack(nn.Module):
+    """Dense "inp", a stack of L blocks under nn.scan ("layers"), then an optional Dense "out"."""
+
+    out: int | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(
+            _LinenBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=L
+        )
+        x, _ = stack(name="layers")(nn.Dense(D, name="inp")(x), None)
+        return x if self.out is None else nn.Dense(self.out, name="out")(x)
+
+
 def test_prune_with_a_per_layer_scope_in_a_jitted_linen_scan_model():
-    class Block(nn.Module):
-        @nn.compact
-        def __call__(self, x, _):
-            return x + nn.relu(nn.Dense(D)(x)), None
-
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            stack = nn.scan(
-                Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=L
-            )
-            x, _ = stack(name="layers")(nn.Dense(D, name="inp")(x), None)
-            return nn.Dense(2, name="out")(x)
-
-    net = Net()
+    net = _LinenStack(out=2)
     x = jax.random.normal(jax.random.key(1), (16, 5))
     params = net.init(jax.random.key(0), x)["params"]
     scope = jp.masks.per_layer(jp.masks.topk, stacked=lambda p, _: p[0] == "layers")
@@ -277,20 +283,7 @@ def test_a_traced_sparsity_in_a_schedule_points_to_a_callable():
 
 
 def test_capture_linen_under_nn_scan_says_why_it_cannot_capture():
-    class Block(nn.Module):
-        @nn.compact
-        def __call__(self, x, _):
-            return x + nn.relu(nn.Dense(D)(x)), None
-
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            stack = nn.scan(
-                Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=L
-            )
-            return stack(name="layers")(nn.Dense(D, name="inp")(x), None)[0]
-
-    net, x = Net(), jnp.ones((2, 3))
+    net, x = _LinenStack(), jnp.ones((2, 3))
     variables = net.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"module\(s\) layers/Dense_0 run inside a lifted"):
         jp.activations.capture_linen(net, variables, x)

@@ -97,7 +97,7 @@ def _update_attributes(model: nnx.Module) -> None:
         # Widths are read from the trailing axes: a stack of layers built with
         # nnx.vmap has a leading layer axis on every array.
         if isinstance(mod, nnx.Linear):
-            mod.in_features, mod.out_features = (int(d) for d in mod.kernel.shape[-2:])
+            mod.in_features, mod.out_features = _trailing(mod.kernel.shape, 2)
         elif isinstance(mod, nnx.Conv):
             shape = _trailing(mod.kernel.shape, len(mod.kernel_size) + 2)
             depthwise = mod.feature_group_count == mod.in_features and mod.in_features > 1
