@@ -322,6 +322,7 @@ def fused_select(
     flags: list[bool],
     *,
     leaf_srcs: list[Any] | None = None,
+    depths: list[int] | None = None,
 ) -> Any:
     """Returns ``topk`` (``scope="layer"``) or ``global_topk`` masks of ``score_fn(src)``.
 
@@ -339,6 +340,11 @@ def fused_select(
     leaf's search then traces its own leaf only, not the whole tree at every
     probe, which keeps tracing linear in the number of leaves (the whole-tree
     form costs ``O(leaves**2)``: 42 s to lower an 80-layer MLP's step).
+
+    ``depths`` (with ``leaf_srcs``): the number of leading layer axes of each
+    leaf (0: not stacked), as :func:`per_layer` counts them. A stacked leaf's
+    layers are searched at once under ``jax.vmap``, each with its own exact
+    count: the masks of ``per_layer(topk)``.
     """
     shapes = jax.eval_shape(score_fn, src)
     flat, _ = leaves_with_paths(shapes)
@@ -359,10 +365,19 @@ def fused_select(
             def leaf_keys(s):
                 return [ordered_keys(score_fn(s))]
 
-            keeps = {
-                i: select_keys(leaf_keys, leaf_srcs[i], _count(per_leaf[i], size[i]))[0]
-                for i in idx
-            }
+            def layers_keep(src, k, count):
+                # Sources cut into their layers, one batched search over them.
+                src = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[k:]), src)
+                return jax.vmap(lambda s, c: select_keys(leaf_keys, s, c)[0], (0, None))(src, count)
+
+            keeps = {}
+            for i in idx:
+                k = depths[i] if depths else 0
+                if k and size[i]:
+                    count = _count(per_leaf[i], math.prod(flat[i][1].shape[k:]))
+                    keeps[i] = layers_keep(leaf_srcs[i], k, count)
+                else:
+                    keeps[i] = select_keys(leaf_keys, leaf_srcs[i], _count(per_leaf[i], size[i]))[0]
         else:
             keeps = {
                 i: select_keys(keys_of([i]), src, _count(per_leaf[i], size[i]))[0] for i in idx

@@ -16,6 +16,7 @@ and stacks the masks back.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune._tree import Path, Where, is_prunable, leaves_with_paths, path_str
+from jaxprune import masks as _masks
+from jaxprune._search import _explicit_axes, _select, ordered_keys
+from jaxprune._tree import Path, Where, is_prunable, leaves_with_paths, path_str, prunable_flags
 
 __all__ = ["per_layer"]
 
@@ -77,6 +80,14 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
     value. A leaf that is not an array is never cut, and ``k`` may equal the
     leaf's ``ndim`` (one scalar per layer, as a stacked ReZero gain).
 
+    ``per_layer(jp.masks.topk)`` is not cut into ``L`` searches: each stack's
+    layers are searched at once under ``jax.vmap`` (the same masks), so the
+    compiled program does not grow with ``L``. As ``jp.prune``'s scope with an
+    element-wise criterion (magnitude, saliency), ``per_layer(topk)`` and
+    ``per_layer(global_topk)`` run ``jp.prune``'s fused searches, which
+    recompute the scores where they read them: the train step stores no
+    full-size scores (see :func:`jaxprune.masks.fused_select`).
+
     Args:
       select: a selection ``(scores, sparsity, *, where, **kwargs) -> masks``,
         e.g. ``jp.masks.topk``, ``functools.partial(jp.masks.global_topk,
@@ -119,6 +130,11 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
         # whose sparsity has a default (nm, patterns) keeps it.
         flat, treedef = leaves_with_paths(scores)
         depths = [_depth(stacked, p, x) for p, x in flat]
+        if select is _masks.topk and _explicit_axes(scores) is None:
+            if len(args) + len(kwargs) != 1 or (kwargs and "sparsity" not in kwargs):
+                return _masks.topk(scores, *args, where=where, **kwargs)  # topk's own TypeError
+            sparsity = args[0] if args else kwargs["sparsity"]
+            return _topk_per_layer(flat, treedef, depths, sparsity, where)
         layers = [_layers(x, k) if k else x for (_, x), k in zip(flat, depths, strict=True)]
         # Paths of the layers of a stack back to the stack's path, for `where`.
         counts = [len(x) if k else None for x, k in zip(layers, depths, strict=True)]
@@ -162,13 +178,58 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
         return pred
 
     select_fn.layer_where = layer_where
+    # jp.prune reads these to run a per-layer topk / global_topk as its fused
+    # search (scores recomputed inside the search, never stored).
+    select_fn.per_layer = (select, stacked)
     return select_fn
+
+
+def _topk_per_layer(flat: list, treedef: Any, depths: list[int], sparsity: Any, where) -> Any:
+    """``per_layer(topk)``: each stack's layers searched at once, under ``jax.vmap``.
+
+    The same masks as cutting the stack into ``L`` leaves (each layer's own
+    exact count, ties by flatten order inside the layer), but one batched
+    search per stack instead of ``L`` searches: the compiled program and its
+    scratch memory do not grow with ``L``.
+    """
+    # One layer of each leaf (a real slice, so `where` may read values): what
+    # `where` and a per-leaf sparsity tree are asked about.
+    firsts = [
+        _layers_of(x, k)[0] if k and jnp.size(x) else _one_layer(x, k)
+        for (_, x), k in zip(flat, depths, strict=True)
+    ]
+    one = jax.tree.unflatten(treedef, firsts)
+    flags = prunable_flags(one, where)
+    per_leaf = _masks._per_leaf_sparsity(one, sparsity, flags)
+    out = []
+    for (_, x), k, f, s in zip(flat, depths, flags, per_leaf, strict=True):
+        if not f:
+            out.append(jnp.ones((), bool))
+            continue
+        x = jnp.asarray(x)
+        if x.size == 0:
+            out.append(jnp.ones(x.shape, bool))
+            continue
+        layers = _layers_of(x, k)
+        count = _masks._count(s, math.prod(layers.shape[1:]))
+        keep = jax.vmap(_keep_of_layer, in_axes=(0, None))(layers, count)
+        out.append(keep.reshape(x.shape))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _keep_of_layer(layer: jax.Array, count: jax.Array) -> jax.Array:
+    return _select([ordered_keys(layer)], count)[0]
+
+
+def _layers_of(x: Any, k: int) -> jax.Array:
+    """Returns ``x`` with its first ``k`` (layer) axes merged into one."""
+    x = jnp.asarray(x)
+    return x.reshape((-1,) + x.shape[k:])
 
 
 def _layers(x: Any, k: int) -> tuple[jax.Array, ...]:
     """Returns the layers of a leaf whose first ``k`` axes index them."""
-    x = jnp.asarray(x)
-    flat = x.reshape((-1,) + x.shape[k:])
+    flat = _layers_of(x, k)
     return tuple(flat[i] for i in range(flat.shape[0]))
 
 

@@ -36,6 +36,7 @@ from jaxprune._tree import (
     unwrap_variables,
 )
 from jaxprune.schedules import Schedule, as_schedule
+from jaxprune.stacked import _depth
 
 __all__ = [
     "PruneState",
@@ -327,8 +328,12 @@ def prune(
         wants_key = _criteria.needs_key(criterion)
     inner = optax.with_extra_args_support(tx)
     fused = None
+    # jp.masks.per_layer(topk) / per_layer(global_topk): the same fused searches,
+    # the first with each stack's layers searched apart (per_layer(global_topk)
+    # without a cap is global_topk: the cut keeps the flatten order).
+    base, stacked = getattr(select, "per_layer", (select, None))
     if any(criterion is c for c in _criteria.ELEMENTWISE):
-        fused = {_masks.topk: "layer", _masks.global_topk: "global"}.get(select)
+        fused = {_masks.topk: "layer", _masks.global_topk: "global"}.get(base)
     key_data, key_impl = key_parts(key, "key") if key is not None else ((), None)
 
     def init_fn(params):
@@ -393,6 +398,8 @@ def prune(
             for x, f in zip(jax.tree.leaves(params), flags, strict=True)
         ):
             fuse = None
+        if explicit and stacked is not None and fuse == "layer":
+            fuse = None  # per_layer's own path, which cuts the stacks on Explicit meshes
 
         def refresh():
             if fuse is not None:
@@ -401,7 +408,7 @@ def prune(
                 def score_fn(src):
                     return _criteria.call_with(criterion, src[0], grads=src[1], **extra)
 
-                leaf_srcs = None
+                leaf_srcs = depths = None
                 if fuse == "layer":
                     # One (param, grad) pair per leaf: each leaf's search traces
                     # its own scores only (linear, not quadratic, tracing time).
@@ -409,8 +416,16 @@ def prune(
                     p_flat, g_flat = leaves_with_paths(params)[0], leaves_with_paths(grads)[0]
                     pairs = zip(p_flat, g_flat, strict=True)
                     leaf_srcs = [(x, g) for (_, x), (_, g) in pairs]
+                    if stacked is not None:
+                        depths = [_depth(stacked, p, x) for p, x in p_flat]
                 masks = _masks.fused_select(
-                    fuse, score_fn, (params, grads), schedule(step), flags, leaf_srcs=leaf_srcs
+                    fuse,
+                    score_fn,
+                    (params, grads),
+                    schedule(step),
+                    flags,
+                    leaf_srcs=leaf_srcs,
+                    depths=depths,
                 )
             else:
                 scores = _criteria.call_with(crit.score, cstate, params, grads=grads, **extra)

@@ -346,3 +346,58 @@ def test_layer_where_counts_what_the_default_where_prunes(key):
     pruned = jp.apply_masks(p, select(jp.criteria.magnitude(p), 0.5))
     assert float(jp.sparsity(pruned, where=select.layer_where(None))) == 0.5
     assert float(jp.sparsity(pruned)) < 0.5  # the [L, out] biases are 2-D, and counted
+
+
+def _cut_per_layer_topk(scores, sparsity, stacked):
+    """per_layer(topk) the slow way: every layer of a stack as its own leaf (the reference)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(scores)
+    out = []
+    for path, x in flat:
+        names = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+        k = int(stacked(names, x))
+        if x.ndim - k < 2:  # the default where, asked about one layer
+            out.append(jnp.ones((), bool))
+            continue
+        layers = x.reshape((-1,) + x.shape[k:])
+        masks = [jp.masks.topk({"w": layer}, sparsity)["w"] for layer in layers]
+        out.append(jnp.stack(masks).reshape(x.shape))
+    return jax.tree.unflatten(treedef, out)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8), (2, 2, 4, 6), (2, 300, 256)], ids=str)
+@pytest.mark.parametrize("tied", [False, True], ids=["random", "all-tied"])
+def test_per_layer_topk_is_searched_per_layer_at_once_with_the_masks_of_the_cut(shape, tied):
+    # (2, 300, 256): layers of 76,800 entries, past the sampled bracket's threshold.
+    k = 2 if len(shape) == 4 else 1
+    w = jnp.ones(shape) if tied else jax.random.normal(jax.random.key(0), shape)
+    scores = {"layers": {"kernel": w, "bias": jnp.ones(shape[:k] + shape[-1:])}}
+    stacked = lambda path, leaf: k if path[0] == "layers" else 0  # noqa: E731
+    select = jp.masks.per_layer(jp.masks.topk, stacked=stacked)
+    for s in (0.3, 0.77):
+        got = select(scores, s)
+        want = _cut_per_layer_topk(scores, s, stacked)
+        assert got["layers"]["bias"].shape == ()
+        np.testing.assert_array_equal(got["layers"]["kernel"], want["layers"]["kernel"])
+        traced = jax.jit(select)(scores, jnp.float32(s))  # a traced sparsity: exact counts too
+        np.testing.assert_array_equal(traced["layers"]["kernel"], want["layers"]["kernel"])
+
+
+@pytest.mark.parametrize("base", [jp.masks.topk, jp.masks.global_topk], ids=["topk", "global"])
+def test_prune_fuses_a_per_layer_search_with_the_same_masks_and_no_scratch(base):
+    # jp.prune recomputes magnitude scores inside its searches for per_layer(topk)
+    # and per_layer(global_topk) as for topk and global_topk: the masks are those of
+    # the selection on stored scores, and the step keeps no full-size scores.
+    w = jax.random.normal(jax.random.key(0), (6, 64, 64)) * jnp.arange(1.0, 7.0)[:, None, None]
+    params = {"layers": {"kernel": w, "bias": jnp.ones((6, 64))}, "out": jnp.ones((64, 4))}
+    params["out"] = params["out"].at[0].set(0.5)  # ties in a leaf that is not stacked
+    select = jp.masks.per_layer(base, stacked=lambda p, _: p[0] == "layers")
+    tx = jp.prune(optax.sgd(0.0), sparsity=0.6, scope=select)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    step = jax.jit(tx.update)
+    _, state = step(grads, tx.init(params), params)
+    want = select(jp.criteria.magnitude(params), 0.6)
+    for got, ref in zip(jax.tree.leaves(jp.get_masks(state)), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(got, ref)
+    temp = step.lower(grads, tx.init(params), params).compile().memory_analysis()
+    # Unfused, the step keeps the stored scores (1.0x w here for topk, 1.9x for global).
+    assert temp.temp_size_in_bytes < 0.25 * w.nbytes
