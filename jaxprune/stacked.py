@@ -25,7 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import masks as _masks
-from jaxprune._search import _explicit_axes, _select, ordered_keys
+from jaxprune._search import (
+    _explicit_axes,
+    _on_auto_axes,
+    _select,
+    _sharding_or_replicated,
+    ordered_keys,
+)
 from jaxprune._tree import Path, Where, is_prunable, leaves_with_paths, path_str, prunable_flags
 
 __all__ = ["per_layer"]
@@ -86,7 +92,9 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
     element-wise criterion (magnitude, saliency), ``per_layer(topk)`` and
     ``per_layer(global_topk)`` run ``jp.prune``'s fused searches, which
     recompute the scores where they read them: the train step stores no
-    full-size scores (see :func:`jaxprune.masks.fused_select`).
+    full-size scores (see :func:`jaxprune.masks.fused_select`). These two
+    also work on an Explicit mesh whose axes shard the layer axis; the other
+    selections cut the stack, which JAX refuses there.
 
     Args:
       select: a selection ``(scores, sparsity, *, where, **kwargs) -> masks``,
@@ -130,11 +138,15 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
         # whose sparsity has a default (nm, patterns) keeps it.
         flat, treedef = leaves_with_paths(scores)
         depths = [_depth(stacked, p, x) for p, x in flat]
-        if select is _masks.topk and _explicit_axes(scores) is None:
+        if select is _masks.topk:
             if len(args) + len(kwargs) != 1 or (kwargs and "sparsity" not in kwargs):
                 return _masks.topk(scores, *args, where=where, **kwargs)  # topk's own TypeError
             sparsity = args[0] if args else kwargs["sparsity"]
             return _topk_per_layer(flat, treedef, depths, sparsity, where)
+        if select is _masks.global_topk and kwargs.get("max_sparsity") is None:
+            # Uncapped, the cut changes nothing but `where`: its flatten order
+            # is the stack's (and a sharded layer axis needs no slicing).
+            return _masks.global_topk(scores, *args, where=layer_where(where), **kwargs)
         layers = [_layers(x, k) if k else x for (_, x), k in zip(flat, depths, strict=True)]
         # Paths of the layers of a stack back to the stack's path, for `where`.
         counts = [len(x) if k else None for x, k in zip(layers, depths, strict=True)]
@@ -192,10 +204,12 @@ def _topk_per_layer(flat: list, treedef: Any, depths: list[int], sparsity: Any, 
     search per stack instead of ``L`` searches: the compiled program and its
     scratch memory do not grow with ``L``.
     """
-    # One layer of each leaf (a real slice, so `where` may read values): what
-    # `where` and a per-leaf sparsity tree are asked about.
+    explicit = _explicit_axes([x for _, x in flat])
+    # One layer of each leaf (a real slice, so `where` may read values; its
+    # shape and dtype on an Explicit mesh, where slicing a sharded layer axis
+    # is refused): what `where` and a per-leaf sparsity tree are asked about.
     firsts = [
-        _layers_of(x, k)[0] if k and jnp.size(x) else _one_layer(x, k)
+        _layers_of(x, k)[0] if k and jnp.size(x) and explicit is None else _one_layer(x, k)
         for (_, x), k in zip(flat, depths, strict=True)
     ]
     one = jax.tree.unflatten(treedef, firsts)
@@ -210,15 +224,22 @@ def _topk_per_layer(flat: list, treedef: Any, depths: list[int], sparsity: Any, 
         if x.size == 0:
             out.append(jnp.ones(x.shape, bool))
             continue
-        layers = _layers_of(x, k)
-        count = _masks._count(s, math.prod(layers.shape[1:]))
-        keep = jax.vmap(_keep_of_layer, in_axes=(0, None))(layers, count)
-        out.append(keep.reshape(x.shape))
+        count = _masks._count(s, math.prod(x.shape[k:]))
+        if explicit is None:
+            out.append(_keep_per_layer(x, count, k))
+        else:  # the search with the mesh's axes Auto, as select_keys runs it there
+            mesh, axes = explicit
+            sharding = _sharding_or_replicated(jax.typeof(x), mesh)
+            keep = functools.partial(_keep_per_layer, k=k)
+            out.append(_on_auto_axes(keep, axes, sharding, x, count))
     return jax.tree.unflatten(treedef, out)
 
 
-def _keep_of_layer(layer: jax.Array, count: jax.Array) -> jax.Array:
-    return _select([ordered_keys(layer)], count)[0]
+def _keep_per_layer(x: jax.Array, count: jax.Array, k: int) -> jax.Array:
+    """Returns the keep-mask of ``x`` pruning ``count`` entries of each layer."""
+    layers = _layers_of(x, k)
+    keep = jax.vmap(lambda layer, c: _select([ordered_keys(layer)], c)[0], (0, None))
+    return keep(layers, count).reshape(x.shape)
 
 
 def _layers_of(x: Any, k: int) -> jax.Array:

@@ -101,6 +101,26 @@ _SCRIPT = textwrap.dedent(
         r = jp.restore(d, params=template)
     out["restore_in_mesh"] = [bool(np.array_equal(np.asarray(r.params["w"]), np.asarray(wp))),
                               r.params["w"].sharding.spec == P("data", "model")]
+
+    # Stacked layers, the layer axis sharded on an Explicit mesh: per_layer's
+    # topk and global_topk (direct and as jp.prune's scope) equal one device's.
+    ws = rng.normal(size=(4, 32, 16)).astype(np.float32)
+    stack = {"layers": {"kernel": ws, "bias": np.ones((4, 16), np.float32)}}
+    out["stacked"] = []
+    for base in (jp.masks.topk, jp.masks.global_topk):
+        sel = jp.masks.per_layer(base, stacked=lambda p, _: p[0] == "layers")
+        want = np.asarray(sel(jp.criteria.magnitude(stack), 0.5)["layers"]["kernel"])
+        specs = {"kernel": P("data", None, "model"), "bias": P("data", "model")}
+        sharded = {"layers": {k: jax.device_put(v, NamedSharding(explicit, specs[k]))
+                              for k, v in stack["layers"].items()}}
+        with jax.sharding.set_mesh(explicit):
+            direct = jax.jit(lambda s: sel(s, 0.5))(jp.criteria.magnitude(sharded))
+            tx = jp.prune(optax.sgd(0.1), sparsity=0.5, scope=sel)
+            grads = jax.tree.map(jnp.ones_like, sharded)
+            _, st = jax.jit(tx.update)(grads, tx.init(sharded), sharded)
+        got = [np.asarray(direct["layers"]["kernel"]),
+               np.asarray(jp.get_masks(st)["layers"]["kernel"])]
+        out["stacked"] += [bool(np.array_equal(g, want)) for g in got]
     print("RESULT " + json.dumps(out))
     """
 )
@@ -122,3 +142,4 @@ def test_sharded_report_selections_dynamic_and_restore():
     assert all(out["dynamic"]), out["dynamic"]
     assert "abstract mesh" in out["restore_no_mesh"] and "set_mesh" in out["restore_no_mesh"]
     assert out["restore_in_mesh"] == [True, True]
+    assert out["stacked"] == [True] * 4, out["stacked"]

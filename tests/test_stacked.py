@@ -56,11 +56,12 @@ def _per_layer_sparsity(mask):
     "select",
     [
         jp.masks.topk,
+        jp.masks.global_topk,
         functools.partial(jp.masks.global_topk, max_sparsity=0.9),
         jp.distributions.selection(jp.distributions.erk),
         functools.partial(jp.masks.structured, axes=-1),
     ],
-    ids=["topk", "global-capped", "erk", "structured"],
+    ids=["topk", "global", "global-capped", "erk", "structured"],
 )
 def test_per_layer_equals_the_unrolled_model(key, select):
     p = _stacked(key)
