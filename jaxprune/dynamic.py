@@ -20,6 +20,18 @@ matrix), SM3's per-axis accumulators and Novograd's per-layer second moment.
 On a rewiring step the inner optimizer sees the sparse model after it: dropped
 weights at 0 and only the gradients of weights active before and after.
 
+Stacked layers (flax linen ``nn.scan``, ``nnx.vmap``-built stacks, equinox
+``filter_vmap``: one kernel leaf ``[L, in, out]`` holding ``L`` layers, one
+bias leaf ``[L, out]`` their biases) are one leaf to the rewiring unless
+``stacked=`` says which leaves stack layers, as for ``jp.masks.per_layer``.
+Then ``where`` is asked about one layer of each leaf (the ``[L, out]`` biases
+are not kernels), the distribution spreads the sparsity as over the unrolled
+model (ERK sizes each layer by its own fans, not ``L`` as a fan), and each
+layer keeps exactly its own count: its initial mask and every drop/regrow
+(``floor(f(t) * active)`` of that layer) are its own, computed for all layers
+at once by one ``jax.vmap`` over the layer axis, so the compiled step does
+not grow with ``L``.
+
 Wrap the whole optimizer: as for ``jp.prune``, ``rigl``/``set`` must be the
 last transform the updates pass through. They land pruned weights on exactly
 0 by emitting ``-params`` updates; a transform chained after them
@@ -43,6 +55,7 @@ as for ``jp.prune``: schedule-free's evaluation params are not masked, and
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from typing import Any, NamedTuple
@@ -57,15 +70,20 @@ from jaxprune import distributions as _dist
 from jaxprune import masks as _masks
 from jaxprune._search import _placed_like
 from jaxprune._tree import (
+    Path,
     Where,
     as_int,
     check_where,
+    is_prunable,
     key_parts,
     leaves_with_paths,
     path_str,
     prunable_flags,
     unwrap_variables,
 )
+
+# Read-only: how many leading axes of a leaf index its layers, and one layer's stand-in.
+from jaxprune.stacked import Stacked, _depth, _one_layer
 from jaxprune.transform import _fill, _reshard_like, jit_when_eager, register_mask_state
 from jaxprune.transform import get_masks as _get_masks
 
@@ -152,7 +170,17 @@ def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array
 
 
 def _validate(
-    sparsity, update_every, end_step, drop_fraction, regrow, key, distribution, where, *, cosine
+    sparsity,
+    update_every,
+    end_step,
+    drop_fraction,
+    regrow,
+    key,
+    distribution,
+    where,
+    stacked,
+    *,
+    cosine,
 ):
     if not _is_real(sparsity) or not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(
@@ -200,6 +228,12 @@ def _validate(
     if regrow not in ("gradient", "random"):
         raise ValueError(f"regrow must be 'gradient' (RigL) or 'random' (SET), got {regrow!r}.")
     check_where(where)
+    if stacked is not None and not callable(stacked):
+        raise ValueError(
+            f"stacked must be a predicate (path, leaf) -> bool | int (the number of leading "
+            f"layer axes, as in jp.masks.per_layer), or None, got {stacked!r}. Fix: e.g. "
+            "stacked=lambda path, leaf: path[0] == 'layers'."
+        )
     key_parts(key, "key")  # one PRNG key, typed or raw, for the initial random masks
 
 
@@ -293,7 +327,8 @@ def _check_total(
     (``jax.jit(tx.init)`` with ERK).
     """
     values = jax.tree.leaves(per_leaf)
-    sizes = [int(jnp.size(x)) for x in jax.tree.leaves(pure)]
+    # From the shape: the stand-ins of a stack's layers are ShapeDtypeStructs.
+    sizes = [math.prod(jnp.shape(x)) for x in jax.tree.leaves(pure)]
     if len(values) != len(sizes) or not any(flags):
         return
     if any(isinstance(v, jax.core.Tracer) for v, f in zip(values, flags, strict=True) if f):
@@ -315,6 +350,101 @@ def _check_total(
         )
 
 
+def _over_layers(fn: Any, k: int) -> Any:
+    """Returns ``fn`` mapped over ``k`` leading (layer) axes of every argument."""
+    for _ in range(k):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def _layer_where(where: Where | None, stacked: Stacked) -> Where:
+    """Returns ``where`` (default: ``ndim >= 2``) asked about one layer of each leaf.
+
+    As ``jp.masks.per_layer``'s ``layer_where``: the ``[L, out]`` biases of a
+    stack are not taken for kernels.
+    """
+    w = is_prunable if where is None else where
+
+    def pred(path: Path, leaf: Any) -> bool:
+        return bool(w(path, _one_layer(leaf, _depth(stacked, path, leaf))))
+
+    return pred
+
+
+def _per_layer_sparsities(
+    pure: Any,
+    depths: list[int],
+    distribution: Any,
+    sparsity: float,
+    where: Where | None,
+    name: str,
+) -> list[Any]:
+    """Returns one sparsity per leaf, or per layer (a tuple, flat order) for a stacked leaf.
+
+    The distribution sees the model unrolled: each layer of a stack is a leaf
+    of its own (a ``jax.ShapeDtypeStruct``) at the stack's path with its index
+    appended, so ERK sizes each layer by its own fans and the total is that of
+    the unrolled model. ``where`` is asked with the stack's own path.
+    """
+    flat, treedef = leaves_with_paths(pure)
+    parts, owner = [], {}
+    for (p, x), k in zip(flat, depths, strict=True):
+        if not k:
+            parts.append(x)
+            continue
+        n = math.prod(jnp.shape(x)[:k])
+        parts.append((_one_layer(x, k),) * n)
+        owner.update({p + (i,): p for i in range(n)})
+    unrolled = jax.tree.unflatten(treedef, parts)
+    w = is_prunable if where is None else where
+
+    def where_fn(path: Path, leaf: Any) -> bool:
+        return bool(w(owner.get(path, path), leaf))
+
+    per = distribution(unrolled, sparsity, where=where_fn)
+    _check_total(unrolled, prunable_flags(unrolled, where_fn), per, sparsity, distribution, name)
+    values = iter(jax.tree.leaves(per))
+    out = []
+    for (_, x), k in zip(flat, depths, strict=True):
+        if not k:
+            out.append(next(values))
+            continue
+        out.append(tuple(next(values) for _ in range(math.prod(jnp.shape(x)[:k]))))
+    return out
+
+
+def _layer_counts(values: tuple[Any, ...], n: int, lead: tuple[int, ...]) -> jax.Array:
+    """Returns ``round(s * n)`` of each layer's ``s`` (int32, shape ``lead``), as ``_count``.
+
+    Concrete values round in Python as ``_count`` does for a leaf (``0.3 * 35``
+    is 10, where float32's 0.3 would give 11); traced ones exactly in float32.
+    """
+    if any(isinstance(s, jax.core.Tracer) for s in values):
+        s = jnp.stack([jnp.asarray(s, jnp.float32) for s in values])
+        return _masks._count(s, n).reshape(lead)  # element-wise on a traced array
+    return jnp.asarray([round(float(s) * n) for s in values], jnp.int32).reshape(lead)
+
+
+def _keep_top(x: jax.Array, count: jax.Array) -> jax.Array:
+    """Returns the mask of ``x`` pruning its ``count`` smallest entries (ties by flat order)."""
+    return _masks._select([_masks.ordered_keys(x)], count)[0].reshape(jnp.shape(x))
+
+
+def _initial_masks(scores: Any, per_leaf: list[Any], flags: list[bool], depths: list[int]) -> Any:
+    """Returns the top-``(1 - s)`` masks of ``scores``, each layer of a stack at its own count."""
+    flat, treedef = leaves_with_paths(scores)
+    out = []
+    for (_, x), s, f, k in zip(flat, per_leaf, flags, depths, strict=True):
+        if not f:
+            out.append(jnp.ones((), bool))
+        elif not k:  # as jp.distributions' _topk_per_leaf
+            out.append(_keep_top(x, _masks._count(s, jnp.size(x))))
+        else:
+            counts = _layer_counts(s, math.prod(jnp.shape(x)[k:]), jnp.shape(x)[:k])
+            out.append(_over_layers(_keep_top, k)(x, counts))
+    return jax.tree.unflatten(treedef, out)
+
+
 def _dynamic(
     tx,
     *,
@@ -327,6 +457,7 @@ def _dynamic(
     cosine,
     distribution,
     where,
+    stacked,
     name,
 ) -> optax.GradientTransformationExtraArgs:
     _validate(
@@ -338,22 +469,37 @@ def _dynamic(
         key,
         distribution,
         where,
+        stacked,
         cosine=cosine,
     )
     update_every = int(update_every)
     end_step = None if end_step is None else int(end_step)
     inner = optax.with_extra_args_support(tx)
     key_data, key_impl = key_parts(key, "key")
+    # With `stacked`, `where` is asked about one layer of each leaf.
+    leaf_where = where if stacked is None else _layer_where(where, stacked)
+
+    def depths_of(tree):
+        if stacked is None:
+            return [0] * len(jax.tree.leaves(tree))
+        return [_depth(stacked, p, x) for p, x in leaves_with_paths(tree)[0]]
 
     def init_fn(params):
         pure = unwrap_variables(params)
-        flags = prunable_flags(pure, where)
+        flags = prunable_flags(pure, leaf_where)
         if not any(flags):
             _warn_nothing_prunable(pure, name)
-        per_leaf = distribution(pure, float(sparsity), where=where)
-        _check_total(pure, flags, per_leaf, float(sparsity), distribution, name)
         scores = _criteria.random(pure, key=jax.random.fold_in(key, 0x5EED))
-        masks = _dist._topk_per_leaf(scores, per_leaf, where)
+        if stacked is None:
+            per_leaf = distribution(pure, float(sparsity), where=where)
+            _check_total(pure, flags, per_leaf, float(sparsity), distribution, name)
+            masks = _dist._topk_per_leaf(scores, per_leaf, where)
+        else:
+            depths = depths_of(pure)
+            per_leaf = _per_layer_sparsities(
+                pure, depths, distribution, float(sparsity), where, name
+            )
+            masks = _initial_masks(scores, per_leaf, flags, depths)
         # Laid out like concrete sharded params (as jp.prune's initial masks are).
         masks = _placed_like(masks, pure)
         return DynamicSparseState(
@@ -370,7 +516,8 @@ def _dynamic(
                 "tx.update(grads, state, params)."
             )
         params = unwrap_variables(params)
-        flags = prunable_flags(params, where)
+        flags = prunable_flags(params, leaf_where)
+        depths = depths_of(params)
         step = state.count
         p_flat, treedef = jax.tree.flatten(params)
         g_flat = jax.tree.leaves(updates)
@@ -386,9 +533,19 @@ def _dynamic(
 
         def rewire():
             masks, changed = [], []
-            for i, (w, g, m, f) in enumerate(zip(p_flat, g_flat, m_flat, flags, strict=False)):
-                if f:
-                    new, ch = _drop_grow(w, g, m, frac, jax.random.fold_in(step_key, i), regrow)
+            leaves = zip(p_flat, g_flat, m_flat, flags, depths, strict=False)
+            for i, (w, g, m, f, k) in enumerate(leaves):
+                leaf_key = jax.random.fold_in(step_key, i)
+                if f and k:
+                    # Each layer drops and regrows floor(f(t) * its own active count):
+                    # one vmapped program, whatever the number of layers.
+                    keys = jax.random.split(leaf_key, jnp.shape(w)[:k])
+                    drop_grow = _over_layers(
+                        lambda w, g, m, key: _drop_grow(w, g, m, frac, key, regrow), k
+                    )
+                    new, ch = drop_grow(w, g, m, keys)
+                elif f:
+                    new, ch = _drop_grow(w, g, m, frac, leaf_key, regrow)
                 else:
                     new, ch = m, jnp.zeros_like(m)
                 masks.append(new)
@@ -451,6 +608,7 @@ def rigl(
     regrow: str = "gradient",
     distribution: Any = _dist.erk,
     where: Where | None = None,
+    stacked: Stacked | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Returns ``tx`` trained sparse with RigL: drop by |w|, regrow by |dense gradient|.
 
@@ -487,7 +645,20 @@ def rigl(
         whose per-leaf values are used as given and must total
         ``sparsity``).
       where: predicate choosing the prunable leaves (default: floating leaves
-        with ``ndim >= 2``); ``init`` warns when it chooses none.
+        with ``ndim >= 2``); ``init`` warns when it chooses none. With
+        ``stacked``, it is asked with a stacked leaf's path and one layer (a
+        ``jax.ShapeDtypeStruct``), so the default takes a stack of kernels
+        but not a stack of biases ``[L, out]``.
+      stacked: predicate ``(path, leaf) -> bool | int`` telling which leaves
+        stack layers along their first axis (``True``) or their first ``k``
+        axes (``k``), as in ``jp.masks.per_layer`` (which does the same for
+        ``jp.prune``'s selections); ``None`` (default): every leaf is one
+        layer. Each layer is then sparsified and rewired as a leaf of its
+        own: ``distribution`` sees the unrolled model, each layer at the
+        stack's path with its index appended (``explicit`` names a layer
+        ``"layers/kernel/0"``), the masks keep every layer's count exactly,
+        and each rewiring drops and regrows ``floor(f(t) * active)`` of each
+        layer.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state
@@ -496,8 +667,9 @@ def rigl(
     Raises:
       ValueError: an argument is out of range or of the wrong kind (named in
         the message: e.g. a string or bool ``drop_fraction``, a
-        ``distribution`` that is not callable); at ``init``, ``sparsity``
-        disagrees with the distribution's total.
+        ``distribution`` or ``stacked`` that is not callable); at ``init``,
+        ``sparsity`` disagrees with the distribution's total, or ``stacked``
+        returns neither a bool nor an int in ``[0, ndim]``.
 
     Warns:
       UserWarning: at ``init``, no leaf of the params is prunable (training
@@ -515,6 +687,16 @@ def rigl(
       >>> float(jp.sparsity(params)), float(jp.sparsity(jp.dynamic.get_masks(state)))
       (0.75, 0.75)
 
+      A stack of 3 layers (as ``nn.scan`` lays it out): each layer keeps its
+      own count, and the stacked biases are not pruned.
+
+      >>> stack = {"layers": {"kernel": jnp.ones((3, 8, 8)), "bias": jnp.ones((3, 8))}}
+      >>> tx = jp.dynamic.rigl(optax.adam(1e-2), sparsity=0.75, key=jax.random.key(0),
+      ...                      end_step=10, stacked=lambda path, leaf: path[0] == "layers")
+      >>> masks = jp.dynamic.get_masks(tx.init(stack))["layers"]
+      >>> (~masks["kernel"]).sum(axis=(1, 2)).tolist(), masks["bias"].shape
+      ([48, 48, 48], ())
+
     References:
       Evci et al., "Rigging the Lottery: Making All Tickets Winners", 2020.
       https://arxiv.org/abs/1911.11134
@@ -530,6 +712,7 @@ def rigl(
         cosine=True,
         distribution=distribution,
         where=where,
+        stacked=stacked,
         name="rigl",
     )
 
@@ -544,15 +727,17 @@ def set(  # noqa: A001 (the algorithm's name; the builtin is not used in this mo
     end_step: int | None = None,
     distribution: Any = _dist.erk,
     where: Where | None = None,
+    stacked: Stacked | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Returns ``tx`` trained sparse with SET: drop a constant fraction by |w|, regrow at random.
 
     Every ``update_every`` steps (the paper: each epoch) each prunable leaf
     drops ``floor(drop_fraction * active)`` weights closest to zero and regrows
     as many at random; regrown weights start at 0 with reset moments. See
-    :func:`rigl` for the arguments, errors and warnings; here ``end_step`` is
-    optional (``None``: update until training ends, SET's constant fraction
-    needs no horizon).
+    :func:`rigl` for the arguments (``stacked`` included: each layer of a
+    stack drops and regrows its own ``floor(drop_fraction * active)``),
+    errors and warnings; here ``end_step`` is optional (``None``: update until
+    training ends, SET's constant fraction needs no horizon).
 
     Wrap the whole optimizer: ``set`` must be the last transform the updates
     pass through, ``set(optax.chain(optax.scale_by_adam(), optax.scale(-lr)),
@@ -584,5 +769,6 @@ def set(  # noqa: A001 (the algorithm's name; the builtin is not used in this mo
         cosine=False,
         distribution=distribution,
         where=where,
+        stacked=stacked,
         name="set",
     )
