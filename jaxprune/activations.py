@@ -390,7 +390,10 @@ def unit_scores(params: optax.Params, per_unit: dict[str, jax.Array]) -> optax.P
     ``[out]`` gets it on every entry of each unit's column; kernels without
     scores and non-kernel leaves get ``+inf`` (ranked after every finite
     score), so ``topk``/``global_topk`` or a structured selection can consume
-    the tree.
+    the tree. Under ``jp.masks.structured(..., scope="global")`` pass
+    ``reduce="max"`` (or ``"mean"``): every entry of a unit holds its score,
+    so the default ``"l2"`` would rank ``score * sqrt(fan_in)`` and could
+    empty a layer of small fan-in.
 
     Raises:
       ValueError: a key of ``per_unit`` owns no kernel of ``params`` (e.g.

@@ -31,7 +31,9 @@ def snip(loss_fn: Callable[..., jax.Array], params: optax.Params, *batch: Any) -
       *batch: one batch of data passed to ``loss_fn``.
 
     Returns:
-      float32 scores with the params' structure (they sum to 1 over all leaves).
+      float32 scores with the params' structure (they sum to 1 over all leaves),
+      computed with the params in float32 at least (float16 products of small
+      weights and gradients would underflow to 0).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -43,8 +45,11 @@ def snip(loss_fn: Callable[..., jax.Array], params: optax.Params, *batch: Any) -
       Lee, Ajanthan & Torr, "SNIP: Single-shot Network Pruning based on
       Connection Sensitivity", 2019. https://arxiv.org/abs/1810.02340
     """
-    grads = jax.grad(loss_fn)(params, *batch)
-    s = jax.tree.map(lambda w, g: jnp.abs(w * g).astype(jnp.float32), params, grads)
+    # In float32 at least: a float16 product of small weights and gradients
+    # underflows to 0, and flatten order would then pick the mask.
+    wide = _widened(params)
+    grads = jax.grad(loss_fn)(wide, *batch)
+    s = jax.tree.map(lambda w, g: jnp.abs(w * g).astype(jnp.float32), wide, grads)
     total = sum(jnp.sum(x) for x in jax.tree.leaves(s))
     return jax.tree.map(lambda x: x / jnp.maximum(total, 1e-30), s)
 
@@ -55,7 +60,8 @@ def grasp(loss_fn: Callable[..., jax.Array], params: optax.Params, *batch: Any) 
     GraSP removes the weights whose removal least reduces the gradient flow,
     i.e. the HIGHEST ``S = -w * (H g)``; negated here so that, as for every
     jaxprune criterion, higher scores are kept. ``H g`` is one Hessian-vector
-    product (``jax.jvp`` of ``jax.grad``) with ``g`` held fixed.
+    product (``jax.jvp`` of ``jax.grad``) with ``g`` held fixed, computed with
+    the params in float32 at least (in float16, ``H g`` underflows to 0).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -68,9 +74,21 @@ def grasp(loss_fn: Callable[..., jax.Array], params: optax.Params, *batch: Any) 
       Preserving Gradient Flow", 2020. https://arxiv.org/abs/2002.07376
     """
     grad_fn = jax.grad(lambda p: loss_fn(p, *batch))
+    params = _widened(params)  # float16's H g underflows to 0 on typical initializations
     g = jax.lax.stop_gradient(grad_fn(params))
     _, hg = jax.jvp(grad_fn, (params,), (g,))
     return jax.tree.map(lambda w, h: (w * h).astype(jnp.float32), params, hg)
+
+
+def _widened(params: Any) -> Any:
+    """Returns ``params`` with floating leaves in float32 at least (float64 stays)."""
+
+    def widen(x):
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.asarray(x, _working_dtype(x.dtype))
+        return x
+
+    return jax.tree.map(widen, params)
 
 
 def _check_input_shape(input_shape: Any) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ state into scores when masks refresh.
 from __future__ import annotations
 
 import inspect
+import warnings
 import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -31,6 +32,7 @@ from jaxprune._tree import (
     path_str,
     unwrap_variables,
 )
+from jaxprune.stacked import _depth
 
 __all__ = ["magnitude", "random", "saliency", "StatefulCriterion", "as_stateful"]
 
@@ -356,42 +358,65 @@ def _check_unit_axis(unit_axis: Any) -> int:
 
 
 def _unit_sums(
-    params: optax.Params, grads: optax.Updates, unit_axis: int
-) -> tuple[Any, list[tuple[jax.Array, jax.Array | None]]]:
-    """Returns ``(treedef, [(w * g, its per-unit sum or None), ...])`` per leaf, in float32.
+    params: optax.Params, grads: optax.Updates, unit_axis: int, stacked: Any = None
+) -> tuple[Any, list[tuple[jax.Array, jax.Array | None, int]]]:
+    """Returns ``(treedef, [(w * g, its per-unit sum or None, layer axes), ...])``, in float32.
 
-    A kernel's per-unit sum (every axis but ``unit_axis`` summed, dims kept)
-    includes ``b * dC/db`` of its sibling bias (``.../bias`` next to
-    ``.../kernel``, one entry per unit): ``sum_i W_ij g_ij + b_j g_bj`` is
-    ``sum dC/dz_j * z_j`` over the batch and positions, the paper's quantity.
-    Leaves with ``ndim < 2`` have no unit sum.
+    A kernel's per-unit sum (every axis but ``unit_axis`` and its leading
+    layer axes summed, dims kept) includes ``b * dC/db`` of its sibling bias
+    (``.../bias`` next to ``.../kernel``, one entry per unit and layer) when
+    the units are the kernel's outputs (its last axis): ``sum_i W_ij g_ij +
+    b_j g_bj`` is ``sum dC/dz_j * z_j`` over the batch and positions, the
+    paper's quantity. Leaves with fewer than 2 axes per layer have no unit sum.
+    ``stacked`` (as in :func:`jaxprune.masks.per_layer`) tells how many
+    leading axes of a leaf index stacked layers; each layer gets its own sums.
     """
     axis = _check_unit_axis(unit_axis)
+    if stacked is not None and not callable(stacked):
+        raise ValueError(
+            f"stacked must be None or a predicate (path, leaf) -> bool | int, got {stacked!r}. "
+            "Fix: e.g. stacked=lambda path, leaf: path[0] == 'layers' (one leading layer axis)."
+        )
     prods = _products(params, grads)
     flat, treedef = leaves_with_paths(prods)
     by_path = dict(flat)
     out = []
     for path, prod in flat:
+        k = _depth(stacked, path, prod) if stacked is not None else 0
         nd = prod.ndim
-        if nd < 2:
-            out.append((prod, None))
+        if nd - k < 2:
+            out.append((prod, None, k))
             continue
-        if not -nd <= axis < nd:
+        if not -nd <= axis < nd or axis % nd < k:
             raise ValueError(
                 f"unit_axis={axis} is out of range for {path_str(path)!r} of shape "
-                f"{prod.shape} ({nd} axes). Fix: unit_axis=-1 (flax kernels: units last), "
-                "or an axis every kernel has."
+                f"{prod.shape} ({nd} axes, the first {k} indexing stacked layers). Fix: "
+                "unit_axis=-1 (flax kernels: units last), or an axis every kernel has."
             )
         ax = axis % nd
-        total = jnp.sum(prod, axis=tuple(a for a in range(nd) if a != ax), keepdims=True)
+        total = jnp.sum(prod, axis=tuple(a for a in range(k, nd) if a != ax), keepdims=True)
         bias = by_path.get(path[:-1] + ("bias",)) if path and path[-1] == "kernel" else None
-        if bias is not None and bias.shape == (prod.shape[ax],):
-            total = total + bias.reshape(total.shape)
-        out.append((prod, total))
+        # Only an output unit has a bias term (a square kernel's bias would also
+        # fit its input axis).
+        if bias is not None and ax == nd - 1:
+            if bias.shape == prod.shape[:k] + (prod.shape[ax],):
+                total = total + bias.reshape(total.shape)
+            elif bias.ndim >= 2 and bias.shape[-1] == prod.shape[ax]:
+                warnings.warn(
+                    f"{path_str(path)!r} of shape {prod.shape} has a bias of shape "
+                    f"{bias.shape}: it looks like {bias.shape[0]} stacked layers, scored here as "
+                    "one layer (units summed over all of them) without the bias term. Fix: "
+                    "pass stacked=lambda path, leaf: ... (as to jp.masks.per_layer), e.g. with "
+                    "functools.partial(jp.criteria.taylor, stacked=...).",
+                    stacklevel=3,
+                )
+        out.append((prod, total, k))
     return treedef, out
 
 
-def taylor(params: optax.Params, grads: optax.Updates, *, unit_axis: int = -1) -> optax.Params:
+def taylor(
+    params: optax.Params, grads: optax.Updates, *, unit_axis: int = -1, stacked: Any = None
+) -> optax.Params:
     """Returns Molchanov 2017's per-unit Taylor scores, broadcast to each kernel's shape.
 
     For a unit ``j`` with pre-activation ``z_j = sum_i x_i W_ij + b_j`` the
@@ -406,10 +431,23 @@ def taylor(params: optax.Params, grads: optax.Updates, *, unit_axis: int = -1) -
     with ``topk`` (equal scores are pruned together, in flatten order).
     Leaves with ``ndim < 2`` get ``|w * g|``. Scores are float32.
 
+    With ``scope="global"``, select with ``reduce="max"`` (or ``"mean"``):
+    every entry of a unit holds the same score, so the default ``"l2"`` would
+    rank ``score * sqrt(fan_in)`` and could empty a layer of small fan-in.
+    For stacked layers (``[L, in, out]`` kernels, ``[L, out]`` biases), pass
+    ``stacked`` and select with ``jp.masks.per_layer``; without it a stack is
+    scored as one layer (with a warning when its bias shows the stack).
+
     Args:
       params: weights; kernels ``[..., in, out]``.
       grads: gradients of the loss with the leaves (paths and shapes) of ``params``.
       unit_axis: the axis indexing units (flax: ``-1``, output features/channels).
+        The bias term is added only when the units are the outputs (the last axis).
+      stacked: ``None``, or a predicate ``(path, leaf) -> bool | int`` telling
+        which leaves stack layers along their leading axes (as for
+        :func:`jaxprune.masks.per_layer`): each layer is scored and normalized
+        apart, with its row of the stacked bias. In ``jp.prune``:
+        ``criterion=functools.partial(jp.criteria.taylor, stacked=...)``.
 
     Raises:
       ValueError: ``grads`` do not match ``params``; ``unit_axis`` not an int or
@@ -426,20 +464,24 @@ def taylor(params: optax.Params, grads: optax.Updates, *, unit_axis: int = -1) -
       Molchanov et al., "Pruning Convolutional Neural Networks for Resource
       Efficient Inference", 2017. https://arxiv.org/abs/1611.06440
     """
-    treedef, pairs = _unit_sums(params, grads, unit_axis)
+    treedef, pairs = _unit_sums(params, grads, unit_axis, stacked)
     out = []
-    for prod, total in pairs:
+    for prod, total, k in pairs:
         if total is None:
             out.append(jnp.abs(prod))
             continue
         s = jnp.abs(total)
-        s = s / jnp.maximum(jnp.linalg.norm(s), 1e-12)
+        if k:  # each stacked layer normalized apart
+            norm = jnp.sqrt(jnp.sum(s**2, axis=tuple(range(k, s.ndim)), keepdims=True))
+        else:
+            norm = jnp.linalg.norm(s)
+        s = s / jnp.maximum(norm, 1e-12)
         out.append(jnp.broadcast_to(s, prod.shape))
     return jax.tree.unflatten(treedef, out)
 
 
 def taylor_ema(
-    decay: float = 0.9, *, group: str = "unit", unit_axis: int = -1
+    decay: float = 0.9, *, group: str = "unit", unit_axis: int = -1, stacked: Any = None
 ) -> StatefulCriterion:
     """Returns Molchanov 2019's Taylor importance ``(sum_{s in group} g_s * w_s)**2`` with momentum.
 
@@ -451,6 +493,12 @@ def taylor_ema(
         ``"entry"`` (each weight its own group: ``(g * w)**2``, for unstructured
         selections).
       unit_axis: the axis indexing units for ``group="unit"``.
+      stacked: ``None``, or which leaves stack layers, for ``group="unit"``
+        (see :func:`taylor`).
+
+    As for :func:`taylor`, rank ``group="unit"`` scores under
+    ``scope="global"`` with ``reduce="max"`` (or ``"mean"``), not the default
+    ``"l2"``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -471,14 +519,19 @@ def taylor_ema(
         )
 
     _check_unit_axis(unit_axis)
+    if stacked is not None and not callable(stacked):
+        raise ValueError(
+            f"stacked must be None or a predicate (path, leaf) -> bool | int, got {stacked!r}. "
+            "Fix: e.g. stacked=lambda path, leaf: path[0] == 'layers' (one leading layer axis)."
+        )
 
     def update(state, params, grads):
         if group == "entry":
             return _ema(decay, state, jax.tree.map(jnp.square, _products(params, grads)))
-        treedef, pairs = _unit_sums(params, grads, unit_axis)
+        treedef, pairs = _unit_sums(params, grads, unit_axis, stacked)
         new = [
             prod**2 if total is None else jnp.broadcast_to(total**2, prod.shape)
-            for prod, total in pairs
+            for prod, total, _ in pairs
         ]
         return _ema(decay, state, jax.tree.unflatten(treedef, new))
 
