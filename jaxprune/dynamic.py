@@ -68,7 +68,12 @@ import optax
 from jaxprune import criteria as _criteria
 from jaxprune import distributions as _dist
 from jaxprune import masks as _masks
-from jaxprune._search import _placed_like
+from jaxprune._search import (
+    _explicit_axes,
+    _on_auto_axes,
+    _placed_like,
+    _sharding_or_replicated,
+)
 from jaxprune._tree import (
     Path,
     Where,
@@ -539,11 +544,25 @@ def _dynamic(
                 if f and k:
                     # Each layer drops and regrows floor(f(t) * its own active count):
                     # one vmapped program, whatever the number of layers.
-                    keys = jax.random.split(leaf_key, jnp.shape(w)[:k])
-                    drop_grow = _over_layers(
-                        lambda w, g, m, key: _drop_grow(w, g, m, frac, key, regrow), k
-                    )
-                    new, ch = drop_grow(w, g, m, keys)
+                    def layers_drop_grow(w, g, m, leaf_key, frac, k=k):
+                        keys = jax.random.split(leaf_key, jnp.shape(w)[:k])
+                        drop_grow = _over_layers(
+                            lambda w, g, m, key: _drop_grow(w, g, m, frac, key, regrow), k
+                        )
+                        return drop_grow(w, g, m, keys)
+
+                    found = _explicit_axes(w)
+                    if found is None:
+                        new, ch = layers_drop_grow(w, g, m, leaf_key, frac)
+                    else:
+                        # Explicit mesh axes: vmap wants every mapped input sharded
+                        # alike (the keys are not), so the layers run with the axes
+                        # Auto; everything they read is passed in, none closed over.
+                        mesh, axes = found
+                        sh = _sharding_or_replicated(jax.typeof(m), mesh)
+                        new, ch = _on_auto_axes(
+                            layers_drop_grow, axes, (sh, sh), w, g, m, leaf_key, frac
+                        )
                 elif f:
                     new, ch = _drop_grow(w, g, m, frac, leaf_key, regrow)
                 else:

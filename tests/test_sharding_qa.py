@@ -121,6 +121,34 @@ _SCRIPT = textwrap.dedent(
         got = [np.asarray(direct["layers"]["kernel"]),
                np.asarray(jp.get_masks(st)["layers"]["kernel"])]
         out["stacked"] += [bool(np.array_equal(g, want)) for g in got]
+
+    # rigl with stacked=, the layer axis sharded on the Explicit mesh: the same
+    # masks as on one device after rewirings (vmapped per layer).
+    def rigl_masks(p, mesh=None):
+        tx = jp.dynamic.rigl(optax.adam(1e-2), sparsity=0.8, key=jax.random.key(0),
+                             end_step=100, update_every=2,
+                             stacked=lambda path, _: path[0] == "layers")
+
+        @jax.jit
+        def step(p, s):
+            u, s = tx.update(jax.tree.map(lambda x: jnp.sin(3.0 * x), p), s, p)
+            return optax.apply_updates(p, u), s
+
+        def run():
+            q, s = p, tx.init(p)
+            for _ in range(5):
+                q, s = step(q, s)
+            return np.asarray(jp.get_masks(s)["layers"]["kernel"])
+
+        if mesh is None:
+            return run()
+        with jax.sharding.set_mesh(mesh):
+            return run()
+
+    one_device = rigl_masks(jax.tree.map(jnp.asarray, stack))
+    on_mesh = rigl_masks(sharded, explicit)
+    out["rigl_stacked"] = [bool(np.array_equal(one_device, on_mesh)),
+                           (one_device.sum((1, 2)) == round(0.2 * 32 * 16)).all().item()]
     print("RESULT " + json.dumps(out))
     """
 )
@@ -143,3 +171,4 @@ def test_sharded_report_selections_dynamic_and_restore():
     assert "abstract mesh" in out["restore_no_mesh"] and "set_mesh" in out["restore_no_mesh"]
     assert out["restore_in_mesh"] == [True, True]
     assert out["stacked"] == [True] * 4, out["stacked"]
+    assert out["rigl_stacked"] == [True, True], out["rigl_stacked"]
