@@ -37,6 +37,12 @@ def ordered_keys(scores: ArrayLike) -> jax.Array:
     NaN score is the highest, so it is kept. Scores are compared as float32:
     float64 scores (with ``jax_enable_x64``) that round to the same float32
     tie, and their ties go by flatten order.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> k = jp.masks.ordered_keys(jnp.array([-1.0, 0.0, 2.0, -0.5, jnp.nan]))
+      >>> k.dtype.name, jnp.argsort(k).tolist()  # NaN last, as in jnp.sort
+      ('uint32', [0, 3, 1, 2, 4])
     """
     if jnp.result_type(scores) == jnp.float64:
         # One location (stacklevel 1): Python's default filter shows it once per process.
@@ -428,13 +434,22 @@ def kth_smallest_keys(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns ``(t, below, at_or_below)``: the k-th smallest key over all ``keys``.
 
-    ``below <= #{key < t}``-style bookkeeping: ``below < k <= at_or_below`` with
-    ``below = #{key < t}`` and ``at_or_below = #{key <= t}``, except that
-    ``below == at_or_below == k`` when ``{key <= t}`` holds exactly ``k`` keys.
+    ``below < k <= at_or_below`` with ``below = #{key < t}`` and ``at_or_below
+    = #{key <= t}``, except that ``below == at_or_below == k`` when ``{key <=
+    t}`` holds exactly ``k`` keys.
     Safeguarded interpolation search (regula falsi on the count function with a
     bisection step whenever an interpolation step fails to halve the bracket),
     started from a bracket found on a strided sample when the input is large:
     exact, no sort.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> keys = [jp.masks.ordered_keys(jnp.array([3.0, 1.0, 2.0, 1.0]))]
+      >>> t, below, at = jp.masks.kth_smallest_keys(keys, 1)
+      >>> bool(t == jp.masks.ordered_keys(jnp.float32(1.0))), int(below), int(at)  # a tie at 1.0
+      (True, 0, 2)
+      >>> [int(c) for c in jp.masks.kth_smallest_keys(keys, 2)[1:]]  # exactly 2 keys <= t
+      [2, 2]
     """
     found = _explicit_axes(keys)
     if found is not None:

@@ -72,7 +72,15 @@ def _normalize(path: tuple[Any, ...]) -> Path:
 
 
 def path_str(path: Path) -> str:
-    """Returns ``path`` joined with ``/`` (``('layers', 0, 'kernel')`` -> ``layers/0/kernel``)."""
+    """Returns ``path`` joined with ``/`` (``('layers', 0, 'kernel')`` -> ``layers/0/kernel``).
+
+    The empty path (a tree that is a single leaf) is ``<root>``.
+
+    Examples:
+      >>> import jaxprune as jp
+      >>> jp.path_str(("layers", 0, "kernel")), jp.path_str(())
+      ('layers/0/kernel', '<root>')
+    """
     return "/".join(str(p) for p in path) if path else "<root>"
 
 
@@ -98,7 +106,15 @@ def leaves_with_paths(tree: Any) -> tuple[list[tuple[Path, Any]], Any]:
 
 
 def is_prunable(path: Path, leaf: Any) -> bool:
-    """Default ``where``: floating-point leaves with ``ndim >= 2`` (kernels, not biases)."""
+    """Default ``where``: floating-point leaves with ``ndim >= 2`` (kernels, not biases).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> jp.is_prunable(("w",), jnp.ones((3, 2))), jp.is_prunable(("b",), jnp.ones(2))
+      (True, False)
+      >>> jp.is_prunable(("ids",), jnp.ones((3, 2), jnp.int32))  # integer: never pruned
+      False
+    """
     del path
     return jnp.ndim(leaf) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
 

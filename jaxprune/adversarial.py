@@ -484,6 +484,20 @@ def anp_vs_step(
         sample; ``"test"`` attacks the deterministic test-time network, as the
         reference code's ``PGDAttack`` (``train=False``) does.
 
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> def apply_fn(p, x, key):  # gated inputs of a linear model; key unused here
+      ...     h = x * jax.nn.sigmoid(p["gate_logit"])
+      ...     return h @ p["w"], [h]
+      >>> p = {"w": jnp.array([[1.0, -1.0], [-1.0, 1.0]]), "gate_logit": jnp.zeros(2)}
+      >>> kl = lambda p: jnp.sum(jax.nn.sigmoid(p["gate_logit"]))  # a stand-in penalty
+      >>> tx = optax.sgd(0.1)
+      >>> step = anp_vs_step(apply_fn, kl, tx, eps=0.05, step_size=0.02, steps=2, num_train=2)
+      >>> x, y = jnp.array([[0.9, 0.1], [0.2, 0.8]]), jnp.array([0, 1])
+      >>> p, opt_state, m = step(p, tx.init(p), x, y, jax.random.key(0))
+      >>> sorted(m), float(m["kl"]), bool(jnp.isfinite(m["vulnerability"]))
+      (['acc', 'acc_adv', 'ce', 'ce_adv', 'kl', 'vulnerability'], 1.0, True)
+
     References:
       Madaan, Shin & Hwang, "Adversarial Neural Pruning with Latent
       Vulnerability Suppression", ICML 2020. https://arxiv.org/abs/1908.04355;
@@ -570,6 +584,17 @@ def adversarial_step(
     ``clean_weight=1/3`` is the ``(CE(x) + 2 CE(x_adv)) / 3`` mix that the
     ANP-VS reference code trains its adversarial baseline with. ``steps`` can
     be tiny for cheap variants.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> apply_fn = lambda w, x, key: (x @ w, [])  # a linear 2-class model, no gates
+      >>> w = jnp.array([[1.0, -1.0], [-1.0, 1.0]])
+      >>> tx = optax.sgd(0.1)
+      >>> step = adversarial_step(apply_fn, tx, eps=0.05, step_size=0.02, steps=2)
+      >>> x, y = jnp.array([[0.9, 0.1], [0.2, 0.8]]), jnp.array([0, 1])
+      >>> w, opt_state, m = step(w, tx.init(w), x, y, jax.random.key(0))
+      >>> float(m["acc_adv"]), bool(jnp.isfinite(m["loss"])), w.shape
+      (1.0, True, (2, 2))
 
     References:
       Madry et al., ICLR 2018. https://arxiv.org/abs/1706.06083;

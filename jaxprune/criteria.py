@@ -160,7 +160,18 @@ def needs_key(fn: Callable[..., Any]) -> bool:
 
 
 def as_stateful(criterion: Callable[..., Any] | StatefulCriterion) -> StatefulCriterion:
-    """Returns ``criterion`` as a :class:`StatefulCriterion` (stateless ones get an empty state)."""
+    """Returns ``criterion`` as a :class:`StatefulCriterion` (stateless ones get an empty state).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> c = jp.criteria.as_stateful(jp.criteria.magnitude)
+      >>> p = {"w": jnp.array([-3.0, 1.0])}
+      >>> state = c.init(p)
+      >>> state, c.score(state, p)["w"].tolist()
+      ((), [3.0, 1.0])
+      >>> jp.criteria.as_stateful(c) is c
+      True
+    """
     if isinstance(criterion, StatefulCriterion):
         return criterion
     if isinstance(criterion, jax.Array):

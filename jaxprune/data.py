@@ -57,7 +57,18 @@ class Dataset(NamedTuple):
 
 
 def fashion_mnist_available(directory: str | None = None) -> bool:
-    """Returns whether the four Fashion-MNIST idx files are present."""
+    """Returns whether the four Fashion-MNIST idx files are present.
+
+    ``directory`` defaults to ``FASHION_MNIST_DIR``: ``$JAXPRUNE_FASHION_MNIST_DIR``,
+    else where the Debian package ``dataset-fashion-mnist`` installs them.
+
+    Examples:
+      >>> from jaxprune import data
+      >>> isinstance(data.fashion_mnist_available(), bool)  # depends on the machine
+      True
+      >>> data.fashion_mnist_available("/nonexistent")
+      False
+    """
     d = directory or FASHION_MNIST_DIR
     return all(os.path.exists(os.path.join(d, f)) for pair in _FASHION_FILES.values() for f in pair)
 
@@ -117,7 +128,26 @@ def load_mnist_5k(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0, size: int = 28) -> Dataset:
-    """Returns scikit-learn's bundled 8x8 digits, upsampled to ``size x size``."""
+    """Returns scikit-learn's bundled 8x8 digits, upsampled to ``size x size``.
+
+    Each pixel is repeated ``size // 8`` times along both axes and the result
+    zero-padded, centered, to ``size``; 1,797 images split ``test_fraction`` at
+    random (``seed``), values in ``[0, 1]``. Offline: the data ship with
+    scikit-learn.
+
+    Examples:
+      >>> from jaxprune import data
+      >>> d = data.load_digits()
+      >>> d.x_train.shape, d.x_test.shape, d.y_train.dtype.name, d.num_classes
+      ((1438, 28, 28, 1), (359, 28, 28, 1), 'int32', 10)
+      >>> float(d.x_train.min()), float(d.x_train.max())
+      (0.0, 1.0)
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise ValueError(
+            f"size must be an int >= 8 (the digits are 8x8 images, upsampled by whole "
+            f"pixels), got {size!r}. Fix: size=8 for the original images, 28 to match MNIST."
+        )
     from sklearn.datasets import load_digits as _sk_digits
 
     d = _sk_digits()
@@ -162,7 +192,20 @@ def load(name: str = "auto", *, verbose: bool = True) -> Dataset:
 def batches(
     x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int = 0, epochs: int = 1
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields shuffled ``(x, y)`` batches of exactly ``batch_size`` (the ragged tail dropped)."""
+    """Yields shuffled ``(x, y)`` batches of exactly ``batch_size`` (the ragged tail dropped).
+
+    Each of the ``epochs`` passes draws a new permutation from ``seed``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from jaxprune import data
+      >>> x, y = np.zeros((5, 3)), np.arange(5)
+      >>> bs = list(data.batches(x, y, 2))
+      >>> len(bs), bs[0][0].shape, len(set(np.concatenate([b for _, b in bs]).tolist()))
+      (2, (2, 3), 4)
+      >>> len(list(data.batches(x, y, 2, epochs=3)))
+      6
+    """
     if batch_size < 1 or batch_size > len(x):
         raise ValueError(f"batch_size must be in [1, {len(x)}], got {batch_size}.")
     rng = np.random.default_rng(seed)

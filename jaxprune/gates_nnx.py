@@ -352,7 +352,20 @@ def reseed(model: nnx.Module, key: jax.Array) -> None:
     """Sets every gated layer's sample key from ``key`` (``fold_in(key, index)``), in place.
 
     Call it at the top of the jitted train step with a fresh key per step so
-    the samples are a pure function of that key.
+    the samples are a pure function of that key. ``index`` counts the gated
+    layers in :func:`gated_layers` order (sorted by path).
+
+    Examples:
+      >>> import jax
+      >>> from flax import nnx
+      >>> from jaxprune import gates, models
+      >>> m = models.MLP((4, 3, 2), rngs=nnx.Rngs(0))
+      >>> _ = gates.attach(m, gates.ScalarGate(), key=jax.random.key(0))
+      >>> gates.reseed(m, jax.random.key(7))
+      >>> k = gates.gated_layers(m)[1][1].gate_key.get_value()
+      >>> bool((jax.random.key_data(k) == jax.random.key_data(
+      ...     jax.random.fold_in(jax.random.key(7), 1))).all())
+      True
     """
     key_parts(key, "key")
     for i, (_, m) in enumerate(gated_layers(model)):

@@ -204,6 +204,17 @@ def input_gate_keys(input_gate_params: dict, key: jax.Array) -> dict[str, jax.Ar
 
     A stream apart from the output gates' keys, so a layer's input and output
     samples are independent.
+
+    Examples:
+      >>> import jax
+      >>> from jaxprune import gates
+      >>> gp = {"fc1/kernel": {}}  # input-gate params, by kernel path
+      >>> k_in = gates.input_gate_keys(gp, jax.random.key(0))["fc1/kernel"]
+      >>> k_out = gates.gate_keys(gp, jax.random.key(0))["fc1/kernel"]
+      >>> same = gates.gate_keys(gp, jax.random.fold_in(jax.random.key(0), 1))["fc1/kernel"]
+      >>> data = jax.random.key_data
+      >>> bool((data(k_in) == data(same)).all()), bool((data(k_in) == data(k_out)).all())
+      (True, False)
     """
     return gate_keys(input_gate_params, jax.random.fold_in(key, 1))
 

@@ -345,6 +345,16 @@ def fused_select(
     leaf (0: not stacked), as :func:`per_layer` counts them. A stacked leaf's
     layers are searched at once under ``jax.vmap``, each with its own exact
     count: the masks of ``per_layer(topk)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
+      >>> p = {"a": jnp.array([[1.0, -2.0]]), "b": jnp.array([[3.0, -4.0]])}
+      >>> sel = jax.jit(lambda p, scope: jp.masks.fused_select(
+      ...     scope, jp.criteria.magnitude, p, 0.5, [True, True]), static_argnums=1)
+      >>> [m.tolist() for m in sel(p, "layer").values()]  # = jp.masks.topk(|p|, 0.5)
+      [[[False, True]], [[False, True]]]
+      >>> [m.tolist() for m in sel(p, "global").values()]  # = jp.masks.global_topk(|p|, 0.5)
+      [[[False, False]], [[True, True]]]
     """
     shapes = jax.eval_shape(score_fn, src)
     flat, _ = leaves_with_paths(shapes)
@@ -552,6 +562,13 @@ def unpack(packed: Any) -> Any:
     In a state built with ``jax.vmap(tx.init)`` (an ensemble) the packed bits
     and the scalar ``True`` of unpruned leaves carry the members' axis; an
     all-``True`` one comes back as the scalar ``True`` it stands for.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> masks = {"w": jnp.array([[True, False, True]]), "b": jnp.bool_(True)}
+      >>> back = jp.masks.unpack(jp.masks.pack(masks))
+      >>> back["w"].tolist(), back["b"].tolist()
+      ([[True, False, True]], True)
     """
     leads = {
         tuple(jnp.shape(x.bits)[: jnp.ndim(x.bits) - len(_bits_shape(x.shape, x.axis))])

@@ -45,7 +45,16 @@ class PackError(ValueError):
 
 
 def crc32(x: np.ndarray) -> int:
-    """Returns the CRC-32 of ``x``'s raw bytes (C order)."""
+    """Returns the CRC-32 of ``x``'s raw bytes (C order), as an unsigned int.
+
+    Examples:
+      >>> import zlib, numpy as np
+      >>> crc32(np.arange(4, dtype=np.uint8)) == zlib.crc32(bytes([0, 1, 2, 3]))
+      True
+      >>> a = np.arange(6, dtype=np.int32).reshape(2, 3)
+      >>> crc32(a.T) == crc32(a.T.copy()), crc32(a.T) == crc32(a)  # C order, not memory order
+      (True, False)
+    """
     return zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8)) & 0xFFFFFFFF
 
 

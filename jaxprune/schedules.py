@@ -214,6 +214,15 @@ def as_schedule(sparsity: Any) -> Schedule:
     A float becomes ``constant(sparsity)`` (pruned once, at step 0); a
     ``Schedule`` is returned as is; any other callable ``step -> sparsity`` is
     refreshed on every step.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> s = jp.schedules.as_schedule(0.5)
+      >>> float(s(100)), bool(s.is_update_step(0)), bool(s.is_update_step(1))
+      (0.5, True, False)
+      >>> s = jp.schedules.as_schedule(lambda step: jnp.minimum(step / 100, 0.5))
+      >>> round(float(s(10)), 4), bool(s.is_update_step(7)), s.end_step
+      (0.1, True, None)
     """
     if isinstance(sparsity, Schedule):
         return sparsity

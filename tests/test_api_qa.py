@@ -78,3 +78,10 @@ def test_rigl_raises_no_false_inf_alarm_under_debug_infs():
     with jax.debug_infs(True), jax.disable_jit():
         _, state = tx.update(grads, state, params)
     assert float(jp.sparsity(jp.get_masks(state))) == 0.5
+
+
+def test_load_digits_refuses_a_size_below_the_images_own():
+    # size // 8 == 0 repeats shrank the images to nothing: all-zero inputs, no error.
+    with pytest.raises(ValueError, match=r"size must be an int >= 8.*got 4"):
+        jp.data.load_digits(size=4)
+    assert float(jp.data.load_digits(size=8).x_train.max()) == 1.0

@@ -82,7 +82,21 @@ class Link(NamedTuple):
 
 
 def channel_indices(layout: Layout, size: int, c: int) -> list[int]:
-    """Returns the indices along an axis of ``size`` that carry channel ``c`` of ``layout``."""
+    """Returns the indices along an axis of ``size`` that carry channel ``c`` of ``layout``.
+
+    ``layout`` is ``(outer, inner, offset, count)``: the axis is ``outer``
+    equal runs, and in each run channel ``c`` is the ``inner`` consecutive
+    indices from ``offset + c * inner`` (a :class:`Member`'s ``layout``).
+
+    Examples:
+      >>> from jaxprune import structure
+      >>> structure.channel_indices((1, 1, 0, 4), 4, 2)  # a plain axis of 4 channels
+      [2]
+      >>> structure.channel_indices((2, 1, 0, 3), 6, 1)  # 3 channels tiled twice
+      [1, 4]
+      >>> structure.channel_indices((1, 2, 1, 2), 5, 1)  # 2 indices a channel, after 1
+      [3, 4]
+    """
     outer, inner, offset, _ = layout
     period = size // outer
     return [k * period + offset + c * inner + r for k in range(outer) for r in range(inner)]

@@ -173,6 +173,16 @@ def group_scores(
       ValueError: a group has no member in ``scores``, or a member's leaf
         there cannot hold the group's channels.
 
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
+      >>> from jaxprune import structure
+      >>> def mlp(p, x):
+      ...     return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"]
+      >>> p = {"w1": jnp.arange(12.).reshape(3, 4), "b1": jnp.ones(4), "w2": jnp.ones((4, 2))}
+      >>> gs = structure.groups(mlp, p, jnp.ones((1, 3)), prunable_only=True)
+      >>> [s.tolist() for s in structure.group_scores(gs, jp.criteria.magnitude(p), reduce="l1")]
+      [[14.0, 17.0, 20.0, 23.0]]
+
     References:
       Fang et al., "DepGraph", 2023. https://arxiv.org/abs/2301.12900
       Molchanov et al., "Importance Estimation for Neural Network Pruning",

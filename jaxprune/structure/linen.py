@@ -195,6 +195,22 @@ def shrink_linen(
       check: compare the shrunk module's outputs with the masked module's.
       method, **kwargs: passed to ``module.apply``.
 
+    Examples:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from jaxprune import structure
+      >>> class MLP(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         h = jax.nn.relu(nn.Dense(4)(x))
+      ...         return nn.Dense(2)(h)
+      >>> x = jnp.ones((1, 3))
+      >>> params = MLP().init(jax.random.key(0), x)["params"]
+      >>> masks = jax.tree.map(lambda a: jnp.ones(a.shape, bool), params)
+      >>> masks["Dense_1"]["kernel"] = masks["Dense_1"]["kernel"].at[:2].set(False)
+      >>> small, apply_fn = structure.shrink_linen(MLP(), params, masks, x)
+      >>> small["Dense_0"]["kernel"].shape, apply_fn(small, x).shape
+      ((3, 2), (1, 2))
+
     References:
       Fang et al., "DepGraph: Towards Any Structural Pruning", 2023.
       https://arxiv.org/abs/2301.12900

@@ -36,6 +36,16 @@ def module_apply(model: nnx.Module) -> tuple[Any, Any]:
     (``ValueError`` naming them; ``groups`` works in either mode), and a model drawing
     random numbers (Dropout in train mode) cannot be traced, so ``apply_fn`` then raises
     a ``ValueError`` saying so.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxprune import models, structure
+      >>> model = models.MLP((3, 4, 2), rngs=nnx.Rngs(0))
+      >>> apply_fn, state = structure.module_apply(model)
+      >>> x = jnp.ones((1, 3))
+      >>> bool(jnp.allclose(apply_fn(state, x), model(x))), state["layers"][0]["kernel"].shape
+      (True, (3, 4))
     """
     # A BatchNorm in train mode normalizes with batch statistics: shrinking would fold a
     # constant channel with its train-mode value, wrong for the eval-mode model. The
@@ -78,6 +88,14 @@ def full_masks(state: Any, masks: Any) -> Any:
 
     Raises:
       ValueError: a mask path does not exist in ``state``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxprune import structure
+      >>> state = {"w": jnp.ones((2, 3)), "bn": {"mean": jnp.zeros(3)}}
+      >>> full = structure.full_masks(state, {"w": jnp.ones((2, 3), bool)})
+      >>> full["w"].shape, full["bn"]["mean"].tolist()  # True: kept whole
+      ((2, 3), True)
     """
     s_flat, treedef = leaves_with_paths(state)
     m_flat, _ = leaves_with_paths(masks)

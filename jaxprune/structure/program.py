@@ -123,7 +123,18 @@ class _Builder:
 
 
 def trace(apply_fn: Any, params: Any, *example_inputs: Any) -> Program:
-    """Returns the flat :class:`Program` of ``apply_fn(params, *example_inputs)``."""
+    """Returns the flat :class:`Program` of ``apply_fn(params, *example_inputs)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxprune import structure
+      >>> f = jax.jit(lambda p, x: jnp.tanh(x @ p["w"]))  # the jit is inlined
+      >>> prog = structure.trace(f, {"w": jnp.ones((3, 2))}, jnp.ones((1, 3)))
+      >>> [e.prim.name for e in prog.eqns], prog.param_paths
+      (['dot_general', 'tanh'], [('w',)])
+      >>> [prog.shapes[i] for i in prog.output_ids]
+      [(1, 2)]
+    """
     flat, treedef = leaves_with_paths(params)
     leaves = [x for _, x in flat]
     in_leaves, in_def = jax.tree.flatten(example_inputs)

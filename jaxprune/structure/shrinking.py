@@ -562,6 +562,17 @@ def widths(params: Any, small: Any) -> dict[str, tuple[tuple[int, ...], tuple[in
     For linen, whose layer widths are module attributes (``nn.Dense(features)``),
     rebuild the module with the new widths read from here, then ``apply`` it
     with the shrunk params.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
+      >>> from jaxprune import structure
+      >>> def mlp(p, x):
+      ...     return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"]
+      >>> p = {"w1": jnp.ones((3, 4)), "b1": jnp.ones(4), "w2": jnp.ones((4, 2))}
+      >>> m = jax.tree.map(lambda x: jnp.ones(x.shape, bool), p)
+      >>> m["w2"] = m["w2"].at[:2].set(False)  # hidden units 0 and 1 feed nothing
+      >>> structure.widths(p, structure.shrink(mlp, p, m, jnp.ones((1, 3))))
+      {'b1': ((4,), (2,)), 'w1': ((3, 4), (3, 2)), 'w2': ((4, 2), (2, 2))}
     """
     old, _ = leaves_with_paths(params)
     new, _ = leaves_with_paths(small)
