@@ -56,6 +56,12 @@ __all__ = [
 
 def _check_sparsity(s: Any, name: str = "sparsity") -> None:
     if isinstance(s, jax.core.Tracer):
+        if jnp.ndim(s):  # its value is unknown here, its shape is not
+            raise ValueError(
+                f"{name} must be one number in [0, 1], got a traced array of shape "
+                f"{tuple(jnp.shape(s))}. Fix: pass a scalar (a tree of scalars gives one per "
+                "leaf; a stack's layers share their leaf's value)."
+            )
         return
     if isinstance(s, (bool, str, bytes)) or getattr(s, "dtype", None) in (bool, jnp.bool_):
         # float(True) == 1.0 and float("0.5") == 0.5 would pass silently.

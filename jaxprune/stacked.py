@@ -43,6 +43,8 @@ def _depth(stacked: Stacked, path: Path, leaf: Any) -> int:
     """Returns how many leading axes of ``leaf`` index its layers (0: not stacked)."""
     if not hasattr(leaf, "shape"):
         return 0  # not an array (an equinox module's Dropout rate): nothing to cut
+    if not jnp.ndim(leaf):
+        return 0  # a scalar (a mask standing for a whole leaf, as True): not a stack
     k = stacked(path, leaf)
     if isinstance(k, bool | np.bool_):
         k = int(k)
@@ -86,15 +88,19 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
     value. A leaf that is not an array is never cut, and ``k`` may equal the
     leaf's ``ndim`` (one scalar per layer, as a stacked ReZero gain).
 
-    ``per_layer(jp.masks.topk)`` is not cut into ``L`` searches: each stack's
-    layers are searched at once under ``jax.vmap`` (the same masks), so the
-    compiled program does not grow with ``L``. As ``jp.prune``'s scope with an
-    element-wise criterion (magnitude, saliency), ``per_layer(topk)`` and
-    ``per_layer(global_topk)`` run ``jp.prune``'s fused searches, which
-    recompute the scores where they read them: the train step stores no
-    full-size scores (see :func:`jaxprune.masks.fused_select`). These two
-    also work on an Explicit mesh whose axes shard the layer axis; the other
-    selections cut the stack, which JAX refuses there.
+    ``per_layer(jp.masks.topk)`` and ``per_layer(jp.masks.global_topk)``
+    (with or without ``max_sparsity``, as a ``functools.partial``) do not cut
+    the stacks: each stack's layers are searched at once under ``jax.vmap``
+    (the same masks), so the compiled program does not grow with ``L``, and
+    they also work on an Explicit mesh whose axes shard the layer axis. As
+    ``jp.prune``'s scope with an element-wise criterion (magnitude, saliency),
+    ``per_layer(topk)`` and the uncapped ``per_layer(global_topk)`` run
+    ``jp.prune``'s fused searches, which recompute the scores where they read
+    them: the train step stores no full-size scores (see
+    :func:`jaxprune.masks.fused_select`). Other selections cut the stacks
+    that ``where`` takes (never the ones it leaves out, such as the biases);
+    on an Explicit mesh sharding a layer axis that is refused, with a
+    ``ValueError`` naming the leaf.
 
     Args:
       select: a selection ``(scores, sparsity, *, where, **kwargs) -> masks``,
@@ -138,21 +144,33 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
         # whose sparsity has a default (nm, patterns) keeps it.
         flat, treedef = leaves_with_paths(scores)
         depths = [_depth(stacked, p, x) for p, x in flat]
-        if select is _masks.topk:
-            if len(args) + len(kwargs) != 1 or (kwargs and "sparsity" not in kwargs):
-                return _masks.topk(scores, *args, where=where, **kwargs)  # topk's own TypeError
-            sparsity = args[0] if args else kwargs["sparsity"]
-            return _topk_per_layer(flat, treedef, depths, sparsity, where)
-        if select is _masks.global_topk and kwargs.get("max_sparsity") is None:
-            # Uncapped, the cut changes nothing but `where`: its flatten order
-            # is the stack's (and a sharded layer axis needs no slicing).
-            return _masks.global_topk(scores, *args, where=layer_where(where), **kwargs)
-        layers = [_layers(x, k) if k else x for (_, x), k in zip(flat, depths, strict=True)]
+        explicit = _explicit_axes([x for _, x in flat])
+        # topk and global_topk (capped or not) never cut: one search per stack.
+        fast = _fast_path(select, args, kwargs)
+        if fast is not None:
+            name, sparsity, cap = fast
+            if name == "topk":
+                return _topk_per_layer(flat, treedef, depths, sparsity, where, explicit)
+            if cap is None:
+                # Uncapped, the cut changes nothing but `where`: its flatten order
+                # is the stack's.
+                return _masks.global_topk(scores, sparsity, where=layer_where(where))
+            return _capped_global(flat, treedef, depths, sparsity, where, cap, explicit)
+        # Every other selection sees the stacks cut into their layers; a stack
+        # `where` does not take (the [L, out] biases) is left whole and kept.
+        flags = _layer_flags(flat, treedef, depths, where, explicit)[0]
+        cut = [k if f else 0 for k, f in zip(depths, flags, strict=True)]
+        skipped = {p for (p, _), k, c in zip(flat, depths, cut, strict=True) if k and not c}
+        if explicit is not None:
+            _check_cuttable(flat, cut, select)
+        layers = [_layers(x, k) if k else x for (_, x), k in zip(flat, cut, strict=True)]
         # Paths of the layers of a stack back to the stack's path, for `where`.
-        counts = [len(x) if k else None for x, k in zip(layers, depths, strict=True)]
+        counts = [len(x) if k else None for x, k in zip(layers, cut, strict=True)]
         owner = {p + (i,): p for (p, _), n in zip(flat, counts, strict=True) for i in range(n or 0)}
 
         def where_fn(path: Path, leaf: Any) -> bool:
+            if path in skipped:
+                return False
             return (is_prunable if where is None else where)(owner.get(path, path), leaf)
 
         if args:
@@ -162,7 +180,10 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
         out = select(jax.tree.unflatten(treedef, layers), *args, where=where_fn, **kwargs)
         got = dict(leaves_with_paths(out)[0])
         masks = []
-        for (p, x), k, n in zip(flat, depths, counts, strict=True):
+        for (p, x), k, n in zip(flat, cut, counts, strict=True):
+            if p in skipped:
+                masks.append(jnp.ones((), bool))
+                continue
             if n is None:
                 masks.append(got[p])
                 continue
@@ -180,9 +201,12 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
         """Returns ``where`` (default: ``ndim >= 2``) asked about one layer of each leaf.
 
         ``jp.prune`` chooses the leaves it enforces with it, so the stack's
-        ``[L, out]`` biases are not taken for kernels.
+        ``[L, out]`` biases are not taken for kernels. The default also takes
+        bool leaves (masks) as ``jp.sparsity``'s does, so
+        ``jp.sparsity(masks, where=select.layer_where(None))`` counts the same
+        leaves on masks as on params.
         """
-        w = is_prunable if where is None else where
+        w = _default_where if where is None else where
 
         def pred(path: Path, leaf: Any) -> bool:
             return bool(w(path, _one_layer(leaf, _depth(stacked, path, leaf))))
@@ -196,7 +220,16 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
     return select_fn
 
 
-def _topk_per_layer(flat: list, treedef: Any, depths: list[int], sparsity: Any, where) -> Any:
+def _default_where(path: Path, leaf: Any) -> bool:
+    """``is_prunable``, and bool leaves (masks) with ``ndim >= 2``, as ``jp.sparsity``'s."""
+    if jnp.result_type(leaf) == jnp.bool_:
+        return jnp.ndim(leaf) >= 2
+    return is_prunable(path, leaf)
+
+
+def _topk_per_layer(
+    flat: list, treedef: Any, depths: list[int], sparsity: Any, where, explicit
+) -> Any:
     """``per_layer(topk)``: each stack's layers searched at once, under ``jax.vmap``.
 
     The same masks as cutting the stack into ``L`` leaves (each layer's own
@@ -204,16 +237,7 @@ def _topk_per_layer(flat: list, treedef: Any, depths: list[int], sparsity: Any, 
     search per stack instead of ``L`` searches: the compiled program and its
     scratch memory do not grow with ``L``.
     """
-    explicit = _explicit_axes([x for _, x in flat])
-    # One layer of each leaf (a real slice, so `where` may read values; its
-    # shape and dtype on an Explicit mesh, where slicing a sharded layer axis
-    # is refused): what `where` and a per-leaf sparsity tree are asked about.
-    firsts = [
-        _layers_of(x, k)[0] if k and jnp.size(x) and explicit is None else _one_layer(x, k)
-        for (_, x), k in zip(flat, depths, strict=True)
-    ]
-    one = jax.tree.unflatten(treedef, firsts)
-    flags = prunable_flags(one, where)
+    flags, one = _layer_flags(flat, treedef, depths, where, explicit)
     per_leaf = _masks._per_leaf_sparsity(one, sparsity, flags)
     out = []
     for (_, x), k, f, s in zip(flat, depths, flags, per_leaf, strict=True):
@@ -224,15 +248,96 @@ def _topk_per_layer(flat: list, treedef: Any, depths: list[int], sparsity: Any, 
         if x.size == 0:
             out.append(jnp.ones(x.shape, bool))
             continue
-        count = _masks._count(s, math.prod(x.shape[k:]))
-        if explicit is None:
-            out.append(_keep_per_layer(x, count, k))
-        else:  # the search with the mesh's axes Auto, as select_keys runs it there
-            mesh, axes = explicit
-            sharding = _sharding_or_replicated(jax.typeof(x), mesh)
-            keep = functools.partial(_keep_per_layer, k=k)
-            out.append(_on_auto_axes(keep, axes, sharding, x, count))
+        out.append(_keep_layers(x, _masks._count(s, math.prod(x.shape[k:])), k, explicit))
     return jax.tree.unflatten(treedef, out)
+
+
+def _capped_global(
+    flat: list, treedef: Any, depths: list[int], sparsity: Any, where, cap: float, explicit
+) -> Any:
+    """``per_layer(partial(global_topk, max_sparsity=cap))`` without cutting the stacks.
+
+    As ``global_topk``'s cap over the cut tree: every layer's keys but its
+    ``floor(cap * n)`` lowest are raised to the largest key (one vmapped
+    search per stack), then one global search prunes ``min(round(s * N),
+    sum of the caps)`` of them, in the same flatten order.
+    """
+    _masks._check_sparsity(sparsity)
+    _masks._check_max_sparsity(cap, "max_sparsity", "layer", "entries")
+    flags = _layer_flags(flat, treedef, depths, where, explicit)[0]
+    idx = [i for i, f in enumerate(flags) if f and math.prod(jnp.shape(flat[i][1]))]
+    top = jnp.uint32(0xFFFFFFFF)
+    keys, caps, n = [], 0, 0
+    for i in idx:
+        x, k = jnp.asarray(flat[i][1]), depths[i]
+        c = _masks._cap(cap, math.prod(x.shape[k:]))
+        lowest = ~_keep_layers(x, jnp.int32(c), k, explicit)  # each layer's c lowest
+        keys.append(jnp.where(lowest, ordered_keys(x), top))
+        caps += c * math.prod(x.shape[:k])
+        n += x.size
+    kept = _select(keys, jnp.minimum(_masks._count(sparsity, n), caps)) if idx else []
+    keeps = {**_masks._empty(flat, flags), **dict(zip(idx, kept, strict=True))}
+    return _masks._assemble(jax.tree.unflatten(treedef, [x for _, x in flat]), flags, keeps)
+
+
+def _fast_path(select: Any, args: tuple, kwargs: dict) -> tuple[str, Any, Any] | None:
+    """Returns ``(name, sparsity, max_sparsity)`` for a per-layer search without a cut.
+
+    ``topk`` and ``global_topk`` (or a ``functools.partial`` of it that sets
+    ``max_sparsity`` only), called with one sparsity; None for anything else.
+    """
+    keywords = dict(kwargs)
+    if isinstance(select, functools.partial) and not select.args:
+        keywords = {**select.keywords, **kwargs}
+        select = select.func
+    name = {_masks.topk: "topk", _masks.global_topk: "global"}.get(select)
+    allowed = {"sparsity"} | ({"max_sparsity"} if name == "global" else set())
+    if name is None or set(keywords) - allowed or len(args) + ("sparsity" in keywords) != 1:
+        return None  # the selection's own TypeError, through the cut
+    sparsity = args[0] if args else keywords["sparsity"]
+    return name, sparsity, keywords.get("max_sparsity")
+
+
+def _layer_flags(flat: list, treedef: Any, depths: list[int], where, explicit) -> tuple:
+    """Returns ``(flags, tree)``: ``where`` asked about one layer of each leaf, and that tree.
+
+    The layer is a real slice, so ``where`` may read values; on an Explicit
+    mesh, where slicing a sharded layer axis is refused, its shape and dtype.
+    A per-leaf sparsity tree is matched against the same tree.
+    """
+    firsts = [
+        _layers_of(x, k)[0]
+        if k and math.prod(jnp.shape(x)) and explicit is None
+        else _one_layer(x, k)
+        for (_, x), k in zip(flat, depths, strict=True)
+    ]
+    one = jax.tree.unflatten(treedef, firsts)
+    return prunable_flags(one, where), one
+
+
+def _check_cuttable(flat: list, cut: list[int], select: Any) -> None:
+    """Raises unless every leaf to cut has its layer axes unsharded (Explicit meshes)."""
+    for (p, x), k in zip(flat, cut, strict=True):
+        spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) if k else None
+        if spec is not None and any(a is not None for a in tuple(spec)[:k]):
+            raise ValueError(
+                f"per_layer({getattr(select, '__name__', select)!r}) cuts {path_str(p)!r} "
+                f"(shape {tuple(jnp.shape(x))}, sharding {spec}) into its layers, which JAX "
+                "refuses on an Explicit mesh whose axes shard the layer axis. Fix: "
+                "per_layer(jp.masks.topk) and per_layer(jp.masks.global_topk) (with or "
+                "without max_sparsity) search without cutting; or shard the other axes "
+                "(e.g. P(None, ...)), or use a mesh with Auto axes."
+            )
+
+
+def _keep_layers(x: jax.Array, count: jax.Array, k: int, explicit) -> jax.Array:
+    """Returns the keep-mask of ``x`` pruning ``count`` entries of each layer."""
+    if explicit is None:
+        return _keep_per_layer(x, count, k)
+    # The search with the mesh's axes Auto, as select_keys runs it there.
+    mesh, axes = explicit
+    sharding = _sharding_or_replicated(jax.typeof(x), mesh)
+    return _on_auto_axes(functools.partial(_keep_per_layer, k=k), axes, sharding, x, count)
 
 
 def _keep_per_layer(x: jax.Array, count: jax.Array, k: int) -> jax.Array:

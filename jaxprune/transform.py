@@ -25,6 +25,7 @@ from jaxprune import masks as _masks
 from jaxprune._search import _explicit_axes
 from jaxprune._tree import (
     Where,
+    _is_floating,
     check_same_leaves,
     check_same_structure,
     check_where,
@@ -320,7 +321,14 @@ def prune(
     # A selection may ask `where` about parts of a leaf (jp.masks.per_layer: one
     # layer of a stack, so its [L, out] biases are not taken for kernels).
     if callable(getattr(select, "layer_where", None)):
-        where = select.layer_where(where)
+        if where is None:  # the default: float leaves only (layer_where's takes bool masks)
+            layer_default = select.layer_where(None)
+
+            def where(path, leaf):
+                return _is_floating(leaf) and layer_default(path, leaf)
+
+        else:
+            where = select.layer_where(where)
     crit = _criteria.as_stateful(criterion)
     if isinstance(criterion, _criteria.StatefulCriterion):
         wants_key = _criteria.needs_key(criterion.update) or _criteria.needs_key(criterion.score)

@@ -122,6 +122,32 @@ _SCRIPT = textwrap.dedent(
                np.asarray(jp.get_masks(st)["layers"]["kernel"])]
         out["stacked"] += [bool(np.array_equal(g, want)) for g in got]
 
+    # The capped per-layer global search needs no cut either; a selection that
+    # cuts says so when the layer axis is sharded, and a stack `where` leaves
+    # out (the biases, layer axis sharded) is not cut at all.
+    capped = jp.masks.per_layer(functools.partial(jp.masks.global_topk, max_sparsity=0.6),
+                                stacked=lambda p, _: p[0] == "layers")
+    want = np.asarray(capped(jp.criteria.magnitude(stack), 0.5)["layers"]["kernel"])
+    structured = jp.masks.per_layer(functools.partial(jp.masks.structured, axes=-1),
+                                    stacked=lambda p, _: p[0] == "layers")
+    want_s = np.asarray(structured(jp.criteria.magnitude(stack), 0.5)["layers"]["kernel"])
+    bias_only = {"layers": {
+        "kernel": jax.device_put(ws, NamedSharding(explicit, P(None, None, "model"))),
+        "bias": jax.device_put(stack["layers"]["bias"],
+                               NamedSharding(explicit, P("data", "model"))),
+    }}
+    with jax.sharding.set_mesh(explicit):
+        got = jax.jit(lambda s: capped(s, 0.5))(jp.criteria.magnitude(sharded))
+        got_s = jax.jit(lambda s: structured(s, 0.5))(jp.criteria.magnitude(bias_only))
+        try:
+            jax.jit(lambda s: structured(s, 0.5))(jp.criteria.magnitude(sharded))
+            refused = "no error"
+        except ValueError as e:
+            refused = str(e)
+    out["stacked_cut"] = [bool(np.array_equal(np.asarray(got["layers"]["kernel"]), want)),
+                          bool(np.array_equal(np.asarray(got_s["layers"]["kernel"]), want_s)),
+                          refused]
+
     # rigl with stacked=, the layer axis sharded on the Explicit mesh: the same
     # masks as on one device after rewirings (vmapped per layer).
     def rigl_masks(p, mesh=None):
@@ -172,3 +198,6 @@ def test_sharded_report_selections_dynamic_and_restore():
     assert out["restore_in_mesh"] == [True, True]
     assert out["stacked"] == [True] * 4, out["stacked"]
     assert out["rigl_stacked"] == [True, True], out["rigl_stacked"]
+    capped_ok, bias_not_cut, refused = out["stacked_cut"]
+    assert capped_ok and bias_not_cut
+    assert "layers/kernel" in refused and "per_layer(jp.masks.topk)" in refused, refused

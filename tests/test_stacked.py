@@ -402,3 +402,44 @@ def test_prune_fuses_a_per_layer_search_with_the_same_masks_and_no_scratch(base)
     temp = step.lower(grads, tx.init(params), params).compile().memory_analysis()
     # Unfused, the step keeps the stored scores (1.0x w here for topk, 1.9x for global).
     assert temp.temp_size_in_bytes < 0.25 * w.nbytes
+
+
+def test_stacks_where_leaves_out_are_not_cut_and_keep_a_scalar_mask_under_jit(key):
+    # The [L, out] biases: never sliced, a scalar True eagerly and under jit (a
+    # full all-True [L, out] mask under jit made jp.sparsity count them: 0.444).
+    p = _stacked(key)
+    sel = jp.masks.per_layer(functools.partial(jp.masks.structured, axes=-1), stacked=_is_stack)
+    eager, jitted = sel(p, 0.5), jax.jit(lambda s: sel(s, 0.5))(p)
+    for m in (eager, jitted):
+        assert jnp.shape(m["layers"]["bias"]) == ()
+    assert float(jp.sparsity(jitted)) == float(jp.sparsity(eager))
+    # layer_where on masks (their stacked bias is a scalar) counts as on params.
+    masks = jp.masks.per_layer(jp.masks.topk, stacked=_is_stack)(p, 0.5)
+    assert float(jp.sparsity(masks, where=sel.layer_where(None))) == 0.5
+
+
+def test_capped_global_per_layer_is_one_program_whatever_the_number_of_layers():
+    # per_layer(partial(global_topk, max_sparsity=c)) caps each layer by one
+    # vmapped search per stack, not a cut into L leaves (13.6 s to compile at L=64).
+    sel = jp.masks.per_layer(
+        functools.partial(jp.masks.global_topk, max_sparsity=0.6), stacked=_is_stack
+    )
+    sizes = []
+    for n_layers in (2, 16):
+        w = jnp.stack([jnp.full((8, 8), 0.1 * (i + 1)) for i in range(n_layers)])
+        scores = {"layers": {"kernel": w}, "head": jnp.full((8, 4), 0.05)}
+        sizes.append(len(jax.make_jaxpr(lambda s: sel(s, 0.5))(scores).eqns))
+        m = sel(scores, 0.5)
+        # Lowest first (the head, then layer 0, 1, ...), each leaf and layer capped at 60%.
+        assert int(jnp.sum(~m["head"])) == 19  # floor(0.6 * 32)
+        per = [int(jnp.sum(~m["layers"]["kernel"][i])) for i in range(n_layers)]
+        assert sum(per) + 19 == round(0.5 * (8 * 8 * n_layers + 32))
+        assert per == sorted(per, reverse=True) and max(per) == 38  # floor(0.6 * 64)
+    assert sizes[0] == sizes[1]
+
+
+def test_a_traced_array_in_a_sparsity_tree_is_named():
+    sel = jp.masks.per_layer(jp.masks.topk, stacked=_is_stack)
+    scores = {"layers": {"kernel": jnp.ones((4, 8, 8))}}
+    with pytest.raises(ValueError, match=r"sparsity\['layers/kernel'\] must be one number.*\(4,\)"):
+        jax.jit(sel)(scores, {"layers": {"kernel": jnp.array([0.25, 0.5, 0.75, 0.9])}})
