@@ -499,14 +499,21 @@ def unit_masks(
     every = {n: (gate_params[n], kernels.get(n)) for n in names}
     every.update({f"{n}{INPUTS_SUFFIX}": (inputs[n], None) for n in sorted(inputs)})
     if sparsity is None:
-        return {n: gate.keep(gp, k) for n, (gp, k) in every.items()}
+        keep = {n: gate.keep(gp, k) for n, (gp, k) in every.items()}
+        _warn_emptied(
+            "unit_masks",
+            keep,
+            "a smaller penalty weight, or unit_masks(..., sparsity=s, max_sparsity=0.9) to keep "
+            "the best-scored units of every layer",
+        )
+        return keep
     scores = {n: gate.score(gp, k) for n, (gp, k) in every.items()}
     keep = global_topk(scores, sparsity, where=lambda p, x: True, max_sparsity=max_sparsity)
     _warn_emptied("unit_masks", keep)
     return keep
 
 
-def _warn_emptied(name: str, keep: dict) -> None:
+def _warn_emptied(name: str, keep: dict, fix: str = "max_sparsity=0.9 (or lower sparsity)") -> None:
     # Warned only when the masks are concrete (the masks are also built under jit).
     emptied = [
         n
@@ -516,7 +523,7 @@ def _warn_emptied(name: str, keep: dict) -> None:
     if emptied:
         warnings.warn(
             f"{name} pruned every unit of {emptied[:5]}: the network's output no longer "
-            "depends on its input. Fix: max_sparsity=0.9 (or lower sparsity).",
+            f"depends on its input. Fix: {fix}.",
             stacklevel=3,
         )
 

@@ -75,7 +75,22 @@ class Schedule(NamedTuple):
     frequency: int
 
     def __call__(self, step: ArrayLike) -> jax.Array:
-        return jnp.asarray(self.fn(jnp.asarray(step)), jnp.float32)
+        value = self.fn(jnp.asarray(step))
+        if not hasattr(value, "dtype") and not isinstance(value, int | float):
+            raise ValueError(
+                f"a sparsity schedule must return one number per step, got a "
+                f"{type(value).__name__} ({value!r:.80}). Fix: for per-layer sparsities pass "
+                "a selection that spreads one number over the layers as scope, e.g. "
+                "scope=jp.distributions.selection(jp.distributions.erk), or "
+                "selection(jp.distributions.explicit({path: sparsity}))."
+            )
+        if jnp.ndim(value):
+            raise ValueError(
+                f"a sparsity schedule must return one number per step, got an array of shape "
+                f"{tuple(jnp.shape(value))}. Fix: return a scalar, e.g. lambda step: 0.9 * "
+                "jnp.minimum(step / 1000, 1.0)."
+            )
+        return jnp.asarray(value, jnp.float32)
 
     def is_update_step(self, step: ArrayLike) -> jax.Array:
         """Returns whether masks are recomputed at ``step`` (a bool array)."""

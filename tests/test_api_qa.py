@@ -85,3 +85,25 @@ def test_load_digits_refuses_a_size_below_the_images_own():
     with pytest.raises(ValueError, match=r"size must be an int >= 8.*got 4"):
         jp.data.load_digits(size=4)
     assert float(jp.data.load_digits(size=8).x_train.max()) == 1.0
+
+
+def test_gates_to_masks_warns_when_the_gates_alone_empty_a_layer():
+    # The default path (no sparsity=) emptied a layer silently: 10% accuracy, no word.
+    from jaxprune import gates
+
+    p = {"fc": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}}
+    gp = {"fc/kernel": {"gate_a": jnp.full(4, -20.0), "gate_b": jnp.zeros(4)}}
+    with pytest.warns(UserWarning, match=r"pruned every unit of \['fc/kernel'\].*penalty weight"):
+        m = gates.to_masks(gates.BetaBernoulli(), gp, p)
+    assert not bool(jnp.any(m["fc"]["kernel"]))
+
+
+def test_a_schedule_returning_a_tree_or_an_array_is_named():
+    params = {"w": jnp.ones((4, 4))}
+    for bad, match in (
+        (lambda step: {"w": 0.5}, r"one number per step, got a dict.*selection"),
+        (lambda step: jnp.full(2, 0.5), r"one number per step, got an array of shape \(2,\)"),
+    ):
+        tx = jp.prune(optax.sgd(0.1), sparsity=bad)
+        with pytest.raises(ValueError, match=match):
+            tx.update(params, tx.init(params), params)
