@@ -32,8 +32,8 @@ def snip(loss_fn: Callable[..., jax.Array], params: optax.Params, *batch: Any) -
 
     Returns:
       float32 scores with the params' structure (they sum to 1 over all leaves),
-      computed with the params in float32 at least (float16 products of small
-      weights and gradients would underflow to 0).
+      computed with float16 params widened to float32 (float16 products of
+      small weights and gradients would underflow to 0).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -45,7 +45,7 @@ def snip(loss_fn: Callable[..., jax.Array], params: optax.Params, *batch: Any) -
       Lee, Ajanthan & Torr, "SNIP: Single-shot Network Pruning based on
       Connection Sensitivity", 2019. https://arxiv.org/abs/1810.02340
     """
-    # In float32 at least: a float16 product of small weights and gradients
+    # float16 widened: a float16 product of small weights and gradients
     # underflows to 0, and flatten order would then pick the mask.
     wide = _widened(params)
     grads = jax.grad(loss_fn)(wide, *batch)
@@ -61,7 +61,7 @@ def grasp(loss_fn: Callable[..., jax.Array], params: optax.Params, *batch: Any) 
     i.e. the HIGHEST ``S = -w * (H g)``; negated here so that, as for every
     jaxprune criterion, higher scores are kept. ``H g`` is one Hessian-vector
     product (``jax.jvp`` of ``jax.grad``) with ``g`` held fixed, computed with
-    the params in float32 at least (in float16, ``H g`` underflows to 0).
+    float16 params widened to float32 (in float16, ``H g`` underflows to 0).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -81,11 +81,20 @@ def grasp(loss_fn: Callable[..., jax.Array], params: optax.Params, *batch: Any) 
 
 
 def _widened(params: Any) -> Any:
-    """Returns ``params`` with floating leaves in float32 at least (float64 stays)."""
+    """Returns ``params`` with float16 (and narrower-range) leaves in float32.
+
+    bfloat16 has float32's exponent range and does not underflow here, so it
+    stays (an LLM's bf16 params are not copied).
+    """
+    f32_range = jnp.finfo(jnp.float32).maxexp
 
     def widen(x):
-        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
-            return jnp.asarray(x, _working_dtype(x.dtype))
+        if (
+            hasattr(x, "dtype")
+            and jnp.issubdtype(x.dtype, jnp.floating)
+            and jnp.finfo(x.dtype).maxexp < f32_range
+        ):
+            return jnp.asarray(x, jnp.float32)
         return x
 
     return jax.tree.map(widen, params)

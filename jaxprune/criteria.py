@@ -32,7 +32,7 @@ from jaxprune._tree import (
     path_str,
     unwrap_variables,
 )
-from jaxprune.stacked import _depth
+from jaxprune.stacked import _depth, check_stacked
 
 __all__ = ["magnitude", "random", "saliency", "StatefulCriterion", "as_stateful"]
 
@@ -383,11 +383,7 @@ def _unit_sums(
     leading axes of a leaf index stacked layers; each layer gets its own sums.
     """
     axis = _check_unit_axis(unit_axis)
-    if stacked is not None and not callable(stacked):
-        raise ValueError(
-            f"stacked must be None or a predicate (path, leaf) -> bool | int, got {stacked!r}. "
-            "Fix: e.g. stacked=lambda path, leaf: path[0] == 'layers' (one leading layer axis)."
-        )
+    check_stacked(stacked)
     prods = _products(params, grads)
     flat, treedef = leaves_with_paths(prods)
     by_path = dict(flat)
@@ -398,13 +394,16 @@ def _unit_sums(
         if nd - k < 2:
             out.append((prod, None, k))
             continue
-        if not -nd <= axis < nd or axis % nd < k:
+        # Counted within one layer (as per_layer's selections count axes): a
+        # non-negative axis skips the k layer axes.
+        ax = axis + k if axis >= 0 else axis + nd
+        if not k <= ax < nd:
             raise ValueError(
                 f"unit_axis={axis} is out of range for {path_str(path)!r} of shape "
-                f"{prod.shape} ({nd} axes, the first {k} indexing stacked layers). Fix: "
-                "unit_axis=-1 (flax kernels: units last), or an axis every kernel has."
+                f"{prod.shape} ({nd - k} axes per layer"
+                f"{f', after {k} stacked layer axes' if k else ''}). Fix: unit_axis=-1 (flax "
+                "kernels: units last), or an axis every kernel has."
             )
-        ax = axis % nd
         total = jnp.sum(prod, axis=tuple(a for a in range(k, nd) if a != ax), keepdims=True)
         bias = by_path.get(path[:-1] + ("bias",)) if path and path[-1] == "kernel" else None
         # Only an output unit has a bias term (a square kernel's bias would also
@@ -412,7 +411,14 @@ def _unit_sums(
         if bias is not None and ax == nd - 1:
             if bias.shape == prod.shape[:k] + (prod.shape[ax],):
                 total = total + bias.reshape(total.shape)
-            elif bias.ndim >= 2 and bias.shape[-1] == prod.shape[ax]:
+            elif (
+                not k
+                and bias.ndim >= 2
+                and bias.shape[:-1] == prod.shape[: bias.ndim - 1]
+                and bias.shape[-1] == prod.shape[ax]
+            ):
+                # The stack layout ([L, in, out] with [L, out]), not DenseGeneral's
+                # ([in, heads, head_dim] with [heads, head_dim]).
                 warnings.warn(
                     f"{path_str(path)!r} of shape {prod.shape} has a bias of shape "
                     f"{bias.shape}: it looks like {bias.shape[0]} stacked layers, scored here as "
@@ -440,7 +446,8 @@ def taylor(
     the paper. Every entry of a unit carries the unit's score: select with a
     structured selection (``jp.masks.structured``) to remove whole units, or
     with ``topk`` (equal scores are pruned together, in flatten order).
-    Leaves with ``ndim < 2`` get ``|w * g|``. Scores are float32.
+    Leaves with fewer than 2 axes (per layer, for a stack) get ``|w * g|``.
+    Scores are float32.
 
     With ``scope="global"``, select with ``reduce="max"`` (or ``"mean"``):
     every entry of a unit holds the same score, so the default ``"l2"`` would
@@ -452,8 +459,9 @@ def taylor(
     Args:
       params: weights; kernels ``[..., in, out]``.
       grads: gradients of the loss with the leaves (paths and shapes) of ``params``.
-      unit_axis: the axis indexing units (flax: ``-1``, output features/channels).
-        The bias term is added only when the units are the outputs (the last axis).
+      unit_axis: the axis indexing units (flax: ``-1``, output features/channels),
+        counted within one layer for a stack. The bias term is added only when
+        the units are the outputs (the last axis).
       stacked: ``None``, or a predicate ``(path, leaf) -> bool | int`` telling
         which leaves stack layers along their leading axes (as for
         :func:`jaxprune.masks.per_layer`): each layer is scored and normalized
@@ -530,11 +538,7 @@ def taylor_ema(
         )
 
     _check_unit_axis(unit_axis)
-    if stacked is not None and not callable(stacked):
-        raise ValueError(
-            f"stacked must be None or a predicate (path, leaf) -> bool | int, got {stacked!r}. "
-            "Fix: e.g. stacked=lambda path, leaf: path[0] == 'layers' (one leading layer axis)."
-        )
+    check_stacked(stacked)
 
     def update(state, params, grads):
         if group == "entry":

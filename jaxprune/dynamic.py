@@ -88,7 +88,7 @@ from jaxprune._tree import (
 )
 
 # Read-only: how many leading axes of a leaf index its layers, and one layer's stand-in.
-from jaxprune.stacked import Stacked, _depth, _one_layer
+from jaxprune.stacked import Stacked, _depth, _one_layer, check_stacked, layer_where_of
 from jaxprune.transform import _fill, _reshard_like, jit_when_eager, register_mask_state
 from jaxprune.transform import get_masks as _get_masks
 
@@ -233,12 +233,7 @@ def _validate(
     if regrow not in ("gradient", "random"):
         raise ValueError(f"regrow must be 'gradient' (RigL) or 'random' (SET), got {regrow!r}.")
     check_where(where)
-    if stacked is not None and not callable(stacked):
-        raise ValueError(
-            f"stacked must be a predicate (path, leaf) -> bool | int (the number of leading "
-            f"layer axes, as in jp.masks.per_layer), or None, got {stacked!r}. Fix: e.g. "
-            "stacked=lambda path, leaf: path[0] == 'layers'."
-        )
+    check_stacked(stacked)
     key_parts(key, "key")  # one PRNG key, typed or raw, for the initial random masks
 
 
@@ -362,20 +357,6 @@ def _over_layers(fn: Any, k: int) -> Any:
     return fn
 
 
-def _layer_where(where: Where | None, stacked: Stacked) -> Where:
-    """Returns ``where`` (default: ``ndim >= 2``) asked about one layer of each leaf.
-
-    As ``jp.masks.per_layer``'s ``layer_where``: the ``[L, out]`` biases of a
-    stack are not taken for kernels.
-    """
-    w = is_prunable if where is None else where
-
-    def pred(path: Path, leaf: Any) -> bool:
-        return bool(w(path, _one_layer(leaf, _depth(stacked, path, leaf))))
-
-    return pred
-
-
 def _per_layer_sparsities(
     pure: Any,
     depths: list[int],
@@ -482,7 +463,7 @@ def _dynamic(
     inner = optax.with_extra_args_support(tx)
     key_data, key_impl = key_parts(key, "key")
     # With `stacked`, `where` is asked about one layer of each leaf.
-    leaf_where = where if stacked is None else _layer_where(where, stacked)
+    leaf_where = where if stacked is None else layer_where_of(where, stacked)
 
     def depths_of(tree):
         if stacked is None:

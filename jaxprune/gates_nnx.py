@@ -541,7 +541,7 @@ def hard_masks(
     }
     with warnings.catch_warnings():
         # Warned below, with the fix that fits a gated nnx model.
-        warnings.filterwarnings("ignore", message="unit_masks pruned every unit")
+        warnings.filterwarnings("ignore", message="unit_masks pruned every")
         masks = to_masks(
             kinds.pop(),
             gp,

@@ -505,6 +505,7 @@ def unit_masks(
             keep,
             "a smaller penalty weight, or unit_masks(..., sparsity=s, max_sparsity=0.9) to keep "
             "the best-scored units of every layer",
+            what="unit" if gate.per_unit else "weight",
         )
         return keep
     scores = {n: gate.score(gp, k) for n, (gp, k) in every.items()}
@@ -513,7 +514,9 @@ def unit_masks(
     return keep
 
 
-def _warn_emptied(name: str, keep: dict, fix: str = "max_sparsity=0.9 (or lower sparsity)") -> None:
+def _warn_emptied(
+    name: str, keep: dict, fix: str = "max_sparsity=0.9 (or lower sparsity)", what: str = "unit"
+) -> None:
     # Warned only when the masks are concrete (the masks are also built under jit).
     emptied = [
         n
@@ -522,7 +525,7 @@ def _warn_emptied(name: str, keep: dict, fix: str = "max_sparsity=0.9 (or lower 
     ]
     if emptied:
         warnings.warn(
-            f"{name} pruned every unit of {emptied[:5]}: the network's output no longer "
+            f"{name} pruned every {what} of {emptied[:5]}: the network's output no longer "
             f"depends on its input. Fix: {fix}.",
             stacklevel=3,
         )

@@ -54,13 +54,23 @@ __all__ = [
 ]
 
 
-def _check_sparsity(s: Any, name: str = "sparsity") -> None:
+def _check_sparsity(s: Any, name: str = "sparsity", *, tree_ok: bool = True) -> None:
+    """Raises unless ``s`` is one number in [0, 1] (a traced scalar passes unchecked).
+
+    ``tree_ok``: the caller also takes a tree of them (one per leaf), which
+    the messages then mention; a global selection does not.
+    """
     if isinstance(s, jax.core.Tracer):
         if jnp.ndim(s):  # its value is unknown here, its shape is not
+            hint = (
+                "a tree of scalars gives one per leaf; a stack's layers share their leaf's value"
+                if tree_ok
+                else "a global selection takes one number; per-layer values: per_layer(topk) "
+                "or jp.distributions.selection(...)"
+            )
             raise ValueError(
                 f"{name} must be one number in [0, 1], got a traced array of shape "
-                f"{tuple(jnp.shape(s))}. Fix: pass a scalar (a tree of scalars gives one per "
-                "leaf; a stack's layers share their leaf's value)."
+                f"{tuple(jnp.shape(s))}. Fix: pass a scalar ({hint})."
             )
         return
     if isinstance(s, (bool, str, bytes)) or getattr(s, "dtype", None) in (bool, jnp.bool_):
@@ -73,7 +83,13 @@ def _check_sparsity(s: Any, name: str = "sparsity") -> None:
         v = float(s)
     except (TypeError, ValueError):
         raise ValueError(
-            f"{name} must be a number in [0, 1] (or a tree of them), got {s!r}."
+            f"{name} must be a number in [0, 1]{' (or a tree of them)' if tree_ok else ''}, got "
+            f"{s!r}."
+            + (
+                ""
+                if tree_ok
+                else " Fix: per-layer values: per_layer(topk) or jp.distributions.selection(...)."
+            )
         ) from None
     if not (0.0 <= v <= 1.0) or math.isnan(v):
         raise ValueError(
@@ -258,7 +274,7 @@ def global_topk(
       Frankle & Carbin, "The Lottery Ticket Hypothesis", 2019 (global pruning).
       https://arxiv.org/abs/1803.03635
     """
-    _check_sparsity(sparsity)
+    _check_sparsity(sparsity, tree_ok=False)
     _check_max_sparsity(max_sparsity, "max_sparsity", "leaf", "entries")
     flags = prunable_flags(scores, where)
     flat, _ = leaves_with_paths(scores)
@@ -362,9 +378,20 @@ def fused_select(
       >>> [m.tolist() for m in sel(p, "global").values()]  # = jp.masks.global_topk(|p|, 0.5)
       [[[False, False]], [[True, True]]]
     """
+    if depths is not None and (scope != "layer" or leaf_srcs is None):
+        raise ValueError(
+            f"fused_select: depths (stacked layers searched apart) needs scope='layer' and "
+            f"leaf_srcs, got scope={scope!r} and leaf_srcs={'None' if leaf_srcs is None else '...'}"
+            ". Fix: pass leaf_srcs (one source per leaf), or no depths."
+        )
     shapes = jax.eval_shape(score_fn, src)
     flat, _ = leaves_with_paths(shapes)
     idx = [i for i, f in enumerate(flags) if f]
+    if depths is not None and len(depths) != len(flat):
+        raise ValueError(
+            f"fused_select: depths has {len(depths)} entries for {len(flat)} leaves of the "
+            "scores. Fix: one number of leading layer axes per leaf (0: not stacked)."
+        )
 
     def keys_of(chosen):
         def fn(s):
@@ -399,7 +426,7 @@ def fused_select(
                 i: select_keys(keys_of([i]), src, _count(per_leaf[i], size[i]))[0] for i in idx
             }
     elif scope == "global":
-        _check_sparsity(sparsity)
+        _check_sparsity(sparsity, tree_ok=False)
         n = sum(size.values())
         idx = [i for i in idx if size[i]]
         kept = select_keys(keys_of(idx), src, _count(sparsity, n)) if idx else []

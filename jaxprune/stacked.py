@@ -80,12 +80,13 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
     or a conv ``[kh, kw, in, out]``.
 
     ``where`` (given to the returned function, or to ``jp.prune``) is called
-    with the stacked leaf's own path and one layer (as a
-    ``jax.ShapeDtypeStruct`` inside ``jp.prune``): the default (``ndim >= 2``)
-    then takes a stack of kernels but not a stack of biases ``[L, out]``.
-    ``select`` sees each layer at the stack's path with the layer's index
-    appended. A per-leaf ``sparsity`` tree gives each layer its stack's
-    value. A leaf that is not an array is never cut, and ``k`` may equal the
+    once per leaf, with a stacked leaf's own path and a
+    ``jax.ShapeDtypeStruct`` of one layer (its shape and dtype; every layer
+    of a stack gets the same answer): the default (``ndim >= 2``) then takes
+    a stack of kernels but not a stack of biases ``[L, out]``. A selection
+    that cuts the stacks sees each layer at the stack's path with the layer's
+    flat index appended. A per-leaf ``sparsity`` tree gives each layer its
+    stack's value. A leaf that is not an array is never cut, and ``k`` may equal the
     leaf's ``ndim`` (one scalar per layer, as a stacked ReZero gain).
 
     ``per_layer(jp.masks.topk)`` and ``per_layer(jp.masks.global_topk)``
@@ -132,11 +133,7 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
             f"select must be a selection (scores, sparsity, *, where) -> masks, got {select!r}. "
             "Fix: e.g. jp.masks.per_layer(jp.masks.topk, stacked=...)."
         )
-    if not callable(stacked):
-        raise ValueError(
-            f"stacked must be a predicate (path, leaf) -> bool | int, got {stacked!r}. Fix: "
-            "e.g. stacked=lambda path, leaf: path[0] == 'layers'."
-        )
+    check_stacked(stacked, allow_none=False)
 
     @functools.wraps(select)
     def select_fn(scores: Any, *args: Any, where: Where | None = None, **kwargs: Any):
@@ -154,11 +151,11 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
             if cap is None:
                 # Uncapped, the cut changes nothing but `where`: its flatten order
                 # is the stack's.
-                return _masks.global_topk(scores, sparsity, where=layer_where(where))
+                return _masks.global_topk(scores, sparsity, where=layer_where_of(where, stacked))
             return _capped_global(flat, treedef, depths, sparsity, where, cap, explicit)
         # Every other selection sees the stacks cut into their layers; a stack
         # `where` does not take (the [L, out] biases) is left whole and kept.
-        flags = _layer_flags(flat, treedef, depths, where, explicit)[0]
+        flags = _layer_flags(flat, treedef, depths, where)[0]
         cut = [k if f else 0 for k, f in zip(depths, flags, strict=True)]
         skipped = {p for (p, _), k, c in zip(flat, depths, cut, strict=True) if k and not c}
         if explicit is not None:
@@ -168,10 +165,12 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
         counts = [len(x) if k else None for x, k in zip(layers, cut, strict=True)]
         owner = {p + (i,): p for (p, _), n in zip(flat, counts, strict=True) for i in range(n or 0)}
 
+        # The selection asks about each layer; the answer is its stack's.
+        taken = {p: f for (p, _), f in zip(flat, flags, strict=True)}
+
         def where_fn(path: Path, leaf: Any) -> bool:
-            if path in skipped:
-                return False
-            return (is_prunable if where is None else where)(owner.get(path, path), leaf)
+            del leaf
+            return taken[owner.get(path, path)]
 
         if args:
             args = (_spread(args[0], flat, counts, treedef),) + args[1:]
@@ -206,18 +205,38 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
         ``jp.sparsity(masks, where=select.layer_where(None))`` counts the same
         leaves on masks as on params.
         """
-        w = _default_where if where is None else where
-
-        def pred(path: Path, leaf: Any) -> bool:
-            return bool(w(path, _one_layer(leaf, _depth(stacked, path, leaf))))
-
-        return pred
+        return layer_where_of(where, stacked, default=_default_where)
 
     select_fn.layer_where = layer_where
     # jp.prune reads these to run a per-layer topk / global_topk as its fused
     # search (scores recomputed inside the search, never stored).
     select_fn.per_layer = (select, stacked)
     return select_fn
+
+
+def check_stacked(stacked: Any, *, allow_none: bool = True) -> None:
+    """Raises unless ``stacked`` is a predicate (or ``None``, when ``allow_none``)."""
+    if (stacked is None and allow_none) or callable(stacked):
+        return
+    raise ValueError(
+        f"stacked must be a predicate (path, leaf) -> bool | int (True, or the number of "
+        f"leading axes indexing stacked layers){' or None' if allow_none else ''}, got "
+        f"{stacked!r}. Fix: e.g. stacked=lambda path, leaf: path[0] == 'layers'."
+    )
+
+
+def layer_where_of(where: Where | None, stacked: Stacked, *, default: Where = is_prunable) -> Where:
+    """Returns ``where`` (or ``default``) asked with a leaf's path and one of its layers.
+
+    The layer is a ``jax.ShapeDtypeStruct`` (its shape and dtype): the same
+    answer for every layer of a stack, on every mesh, and without slicing.
+    """
+    w = default if where is None else where
+
+    def pred(path: Path, leaf: Any) -> bool:
+        return bool(w(path, _one_layer(leaf, _depth(stacked, path, leaf))))
+
+    return pred
 
 
 def _default_where(path: Path, leaf: Any) -> bool:
@@ -237,7 +256,7 @@ def _topk_per_layer(
     search per stack instead of ``L`` searches: the compiled program and its
     scratch memory do not grow with ``L``.
     """
-    flags, one = _layer_flags(flat, treedef, depths, where, explicit)
+    flags, one = _layer_flags(flat, treedef, depths, where)
     per_leaf = _masks._per_leaf_sparsity(one, sparsity, flags)
     out = []
     for (_, x), k, f, s in zip(flat, depths, flags, per_leaf, strict=True):
@@ -262,9 +281,9 @@ def _capped_global(
     search per stack), then one global search prunes ``min(round(s * N),
     sum of the caps)`` of them, in the same flatten order.
     """
-    _masks._check_sparsity(sparsity)
+    _masks._check_sparsity(sparsity, tree_ok=False)
     _masks._check_max_sparsity(cap, "max_sparsity", "layer", "entries")
-    flags = _layer_flags(flat, treedef, depths, where, explicit)[0]
+    flags = _layer_flags(flat, treedef, depths, where)[0]
     idx = [i for i, f in enumerate(flags) if f and math.prod(jnp.shape(flat[i][1]))]
     top = jnp.uint32(0xFFFFFFFF)
     keys, caps, n = [], 0, 0
@@ -298,20 +317,16 @@ def _fast_path(select: Any, args: tuple, kwargs: dict) -> tuple[str, Any, Any] |
     return name, sparsity, keywords.get("max_sparsity")
 
 
-def _layer_flags(flat: list, treedef: Any, depths: list[int], where, explicit) -> tuple:
+def _layer_flags(flat: list, treedef: Any, depths: list[int], where) -> tuple:
     """Returns ``(flags, tree)``: ``where`` asked about one layer of each leaf, and that tree.
 
-    The layer is a real slice, so ``where`` may read values; on an Explicit
-    mesh, where slicing a sharded layer axis is refused, its shape and dtype.
-    A per-leaf sparsity tree is matched against the same tree.
+    A stack's layer is a ``jax.ShapeDtypeStruct``, as everywhere ``where`` is
+    asked about stacks (``layer_where``, ``jp.prune``, ``rigl``/``set``). A
+    per-leaf sparsity tree is matched against the same tree.
     """
-    firsts = [
-        _layers_of(x, k)[0]
-        if k and math.prod(jnp.shape(x)) and explicit is None
-        else _one_layer(x, k)
-        for (_, x), k in zip(flat, depths, strict=True)
-    ]
-    one = jax.tree.unflatten(treedef, firsts)
+    one = jax.tree.unflatten(
+        treedef, [_one_layer(x, k) for (_, x), k in zip(flat, depths, strict=True)]
+    )
     return prunable_flags(one, where), one
 
 
@@ -321,13 +336,21 @@ def _check_cuttable(flat: list, cut: list[int], select: Any) -> None:
         spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) if k else None
         if spec is not None and any(a is not None for a in tuple(spec)[:k]):
             raise ValueError(
-                f"per_layer({getattr(select, '__name__', select)!r}) cuts {path_str(p)!r} "
+                f"per_layer({_name(select)}) cuts {path_str(p)!r} "
                 f"(shape {tuple(jnp.shape(x))}, sharding {spec}) into its layers, which JAX "
                 "refuses on an Explicit mesh whose axes shard the layer axis. Fix: "
                 "per_layer(jp.masks.topk) and per_layer(jp.masks.global_topk) (with or "
                 "without max_sparsity) search without cutting; or shard the other axes "
                 "(e.g. P(None, ...)), or use a mesh with Auto axes."
             )
+
+
+def _name(select: Any) -> str:
+    """Returns a selection's name, a ``functools.partial``'s with its keywords."""
+    if isinstance(select, functools.partial):
+        kw = ", ".join(f"{k}={v!r}" for k, v in select.keywords.items())
+        return f"partial({_name(select.func)}{', ' + kw if kw else ''})"
+    return getattr(select, "__name__", repr(select))
 
 
 def _keep_layers(x: jax.Array, count: jax.Array, k: int, explicit) -> jax.Array:
@@ -350,7 +373,7 @@ def _keep_per_layer(x: jax.Array, count: jax.Array, k: int) -> jax.Array:
 def _layers_of(x: Any, k: int) -> jax.Array:
     """Returns ``x`` with its first ``k`` (layer) axes merged into one."""
     x = jnp.asarray(x)
-    return x.reshape((-1,) + x.shape[k:])
+    return x.reshape((math.prod(x.shape[:k]),) + x.shape[k:])  # not -1: layers may be empty
 
 
 def _layers(x: Any, k: int) -> tuple[jax.Array, ...]:

@@ -443,3 +443,49 @@ def test_a_traced_array_in_a_sparsity_tree_is_named():
     scores = {"layers": {"kernel": jnp.ones((4, 8, 8))}}
     with pytest.raises(ValueError, match=r"sparsity\['layers/kernel'\] must be one number.*\(4,\)"):
         jax.jit(sel)(scores, {"layers": {"kernel": jnp.array([0.25, 0.5, 0.75, 0.9])}})
+
+
+def test_review_edges_of_the_per_layer_paths(key):
+    stack = lambda p, _: p[0] == "layers"  # noqa: E731
+    # A stack of empty layers is cut without a ZeroDivisionError.
+    empty = {"layers": {"kernel": jnp.ones((3, 0, 4))}}
+    structured = jp.masks.per_layer(functools.partial(jp.masks.structured, axes=-1), stacked=stack)
+    assert jnp.shape(structured(empty, 0.5)["layers"]["kernel"]) in ((), (3, 0, 4))
+    # The uncapped global search leaves a bool leaf alone, as topk and global_topk do.
+    scores = {"layers": {"kernel": jnp.ones((2, 4, 4))}, "frozen": jnp.ones((4, 4), bool)}
+    glob = jp.masks.per_layer(jp.masks.global_topk, stacked=stack)
+    assert bool(glob(scores, 0.5)["frozen"])
+    # `where` is asked once per stack, about a stand-in of one layer, on every path.
+    seen = []
+
+    def where(path, leaf):
+        seen.append(type(leaf).__name__)
+        return jnp.ndim(leaf) >= 2
+
+    sel = jp.masks.per_layer(
+        functools.partial(jp.masks.global_topk, max_sparsity=0.9), stacked=stack
+    )
+    for s in (sel, glob, jp.masks.per_layer(jp.masks.topk, stacked=stack), structured):
+        seen.clear()
+        s({"layers": {"kernel": jnp.ones((2, 4, 4))}}, 0.5, where=where)
+        assert seen == ["ShapeDtypeStruct"], seen
+    # fused_select's depths need leaf_srcs; a global search names its one-number sparsity.
+    with pytest.raises(ValueError, match="depths .* needs scope='layer' and leaf_srcs"):
+        jp.masks.fused_select(
+            "layer", jp.criteria.magnitude, scores, 0.5, [True, False], depths=[1, 0]
+        )
+    with pytest.raises(ValueError, match="a global selection takes one number"):
+        jax.jit(jp.masks.global_topk)(scores, jnp.full(2, 0.5))
+
+
+def test_taylor_counts_unit_axis_per_layer_and_does_not_warn_on_dense_general():
+    import warnings
+
+    p = {"attn": {"query": {"kernel": jnp.ones((8, 2, 4)), "bias": jnp.ones((2, 4))}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jp.criteria.taylor(p, p)  # DenseGeneral [in, heads, head_dim]: not a stack
+    p3 = {"l": {"kernel": jnp.arange(48.0).reshape(3, 4, 4), "bias": jnp.ones((3, 4))}}
+    by_first = jp.criteria.taylor(p3, p3, stacked=lambda p, x: True, unit_axis=1)
+    by_last = jp.criteria.taylor(p3, p3, stacked=lambda p, x: True, unit_axis=-1)
+    np.testing.assert_array_equal(by_first["l"]["kernel"], by_last["l"]["kernel"])
