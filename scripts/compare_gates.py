@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 import jaxprune as jp
 import jaxprune.data
@@ -566,8 +567,14 @@ def main(argv=None) -> int:
     t0 = time.time()
     data = jp.data.load("fashion-mnist")
     run = Runner(cfg, data)
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    runs = [run_seed(run, s, log) for s in range(cfg["seeds"])]
+    # One tick per method and seed (each run_seed log line is one method done).
+    with tqdm(total=cfg["seeds"] * len(METHODS), desc="gates", file=sys.stderr) as bar:
+
+        def log(line: str) -> None:
+            bar.write(line, file=sys.stderr)
+            bar.update(1)
+
+        runs = [run_seed(run, s, log) for s in range(cfg["seeds"])]
     summ = summarize(runs)
     elapsed = time.time() - t0
     if args.quick:
