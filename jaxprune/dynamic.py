@@ -88,7 +88,14 @@ from jaxprune._tree import (
 )
 
 # Read-only: how many leading axes of a leaf index its layers, and one layer's stand-in.
-from jaxprune.stacked import Stacked, _depth, _one_layer, check_stacked, layer_where_of
+from jaxprune.stacked import (
+    Stacked,
+    _depth,
+    _keep_per_layer,
+    _one_layer,
+    check_stacked,
+    layer_where_of,
+)
 from jaxprune.transform import _fill, _reshard_like, jit_when_eager, register_mask_state
 from jaxprune.transform import get_masks as _get_masks
 
@@ -411,11 +418,6 @@ def _layer_counts(values: tuple[Any, ...], n: int, lead: tuple[int, ...]) -> jax
     return jnp.asarray([round(float(s) * n) for s in values], jnp.int32).reshape(lead)
 
 
-def _keep_top(x: jax.Array, count: jax.Array) -> jax.Array:
-    """Returns the mask of ``x`` pruning its ``count`` smallest entries (ties by flat order)."""
-    return _masks._select([_masks.ordered_keys(x)], count)[0].reshape(jnp.shape(x))
-
-
 def _initial_masks(scores: Any, per_leaf: list[Any], flags: list[bool], depths: list[int]) -> Any:
     """Returns the top-``(1 - s)`` masks of ``scores``, each layer of a stack at its own count."""
     flat, treedef = leaves_with_paths(scores)
@@ -423,11 +425,11 @@ def _initial_masks(scores: Any, per_leaf: list[Any], flags: list[bool], depths: 
     for (_, x), s, f, k in zip(flat, per_leaf, flags, depths, strict=True):
         if not f:
             out.append(jnp.ones((), bool))
-        elif not k:  # as jp.distributions' _topk_per_leaf
-            out.append(_keep_top(x, _masks._count(s, jnp.size(x))))
+        elif not k:
+            out.append(_keep_per_layer(x, _masks._count(s, jnp.size(x)), 0))
         else:
             counts = _layer_counts(s, math.prod(jnp.shape(x)[k:]), jnp.shape(x)[:k])
-            out.append(_over_layers(_keep_top, k)(x, counts))
+            out.append(_keep_per_layer(x, counts, k))
     return jax.tree.unflatten(treedef, out)
 
 

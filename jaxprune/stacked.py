@@ -364,10 +364,14 @@ def _keep_layers(x: jax.Array, count: jax.Array, k: int, explicit) -> jax.Array:
 
 
 def _keep_per_layer(x: jax.Array, count: jax.Array, k: int) -> jax.Array:
-    """Returns the keep-mask of ``x`` pruning ``count`` entries of each layer."""
-    layers = _layers_of(x, k)
-    keep = jax.vmap(lambda layer, c: _select([ordered_keys(layer)], c)[0], (0, None))
-    return keep(layers, count).reshape(x.shape)
+    """Returns the keep-mask of ``x`` pruning ``count`` entries of each layer.
+
+    ``count``: one for every layer, or one per layer (shape ``x.shape[:k]``).
+    """
+    layers, count = _layers_of(x, k), jnp.asarray(count)
+    per = count.ndim > 0
+    keep = jax.vmap(lambda layer, c: _select([ordered_keys(layer)], c)[0], (0, 0 if per else None))
+    return keep(layers, count.reshape(-1) if per else count).reshape(x.shape)
 
 
 def _layers_of(x: Any, k: int) -> jax.Array:

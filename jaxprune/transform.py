@@ -25,7 +25,6 @@ from jaxprune import masks as _masks
 from jaxprune._search import _explicit_axes
 from jaxprune._tree import (
     Where,
-    _is_floating,
     check_same_leaves,
     check_same_structure,
     check_where,
@@ -37,7 +36,7 @@ from jaxprune._tree import (
     unwrap_variables,
 )
 from jaxprune.schedules import Schedule, as_schedule
-from jaxprune.stacked import _depth
+from jaxprune.stacked import _depth, layer_where_of
 
 __all__ = [
     "PruneState",
@@ -318,17 +317,12 @@ def prune(
     check_where(where)
     schedule = as_schedule(sparsity)
     select = _resolve_selection(scope)
-    # A selection may ask `where` about parts of a leaf (jp.masks.per_layer: one
-    # layer of a stack, so its [L, out] biases are not taken for kernels).
-    if callable(getattr(select, "layer_where", None)):
-        if where is None:  # the default: float leaves only (layer_where's takes bool masks)
-            layer_default = select.layer_where(None)
-
-            def where(path, leaf):
-                return _is_floating(leaf) and layer_default(path, leaf)
-
-        else:
-            where = select.layer_where(where)
+    # jp.masks.per_layer(select, stacked=...) names its inner selection and its
+    # stacks: `where` is asked about one layer (a stack's [L, out] biases are
+    # not kernels), and a per-layer topk / global_topk runs the fused searches.
+    base, stacked = getattr(select, "per_layer", (select, None))
+    if stacked is not None:
+        where = layer_where_of(where, stacked)
     crit = _criteria.as_stateful(criterion)
     if isinstance(criterion, _criteria.StatefulCriterion):
         wants_key = _criteria.needs_key(criterion.update) or _criteria.needs_key(criterion.score)
@@ -336,10 +330,8 @@ def prune(
         wants_key = _criteria.needs_key(criterion)
     inner = optax.with_extra_args_support(tx)
     fused = None
-    # jp.masks.per_layer(topk) / per_layer(global_topk): the same fused searches,
-    # the first with each stack's layers searched apart (per_layer(global_topk)
-    # without a cap is global_topk: the cut keeps the flatten order).
-    base, stacked = getattr(select, "per_layer", (select, None))
+    # per_layer(topk) searches each stack's layers apart; per_layer(global_topk)
+    # without a cap is global_topk (the layers keep the flatten order).
     if any(criterion is c for c in _criteria.ELEMENTWISE):
         fused = {_masks.topk: "layer", _masks.global_topk: "global"}.get(base)
     key_data, key_impl = key_parts(key, "key") if key is not None else ((), None)
