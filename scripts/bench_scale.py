@@ -1,6 +1,6 @@
 """Scale benchmark: mask refresh time vs parameter count, per-step overhead, state bytes.
 
-CPU (always):
+On jax's default backend (always; the CPU on a machine without a GPU):
   * global mask refresh (magnitude scores + exact global threshold) on
     1M..100M parameters; the log-log slope of time vs N must be ~1 (linear);
   * per-step time of a 784-1024-256-10 MLP with Adam, dense vs ``jp.prune``
@@ -168,7 +168,8 @@ def main() -> None:
     print(f"backend: {jax.default_backend()}  devices: {jax.devices()}")
     rows = refresh_scaling(sizes)
     exponent = _fit_exponent(rows)
-    print("\nglobal mask refresh (magnitude + exact global top-k, 90%), CPU")
+    backend = jax.default_backend().upper()
+    print(f"\nglobal mask refresh (magnitude + exact global top-k, 90%), {backend}")
     print(f"{'params':>12} {'seconds':>9} {'ns/param':>9}")
     for r in rows:
         print(f"{r['n']:>12,} {r['seconds']:>9.3f} {1e9 * r['seconds'] / r['n']:>9.2f}")
@@ -180,7 +181,7 @@ def main() -> None:
     if exponent_big is not None:
         print(f"log-log slope from 10M up: {exponent_big:.3f}")
     over = step_overhead(args.steps)
-    print("\nMLP 784-1024-256-10, Adam, batch 128: per-step time")
+    print(f"\nMLP 784-1024-256-10, Adam, batch 128: per-step time, {backend}")
     print(f"  dense            {over['dense_ms']:.3f} ms")
     print(f"  prune, every 100 {over['every_100_ms']:.3f} ms  ({over['ratio_every_100']:.3f}x)")
     print(f"  prune, every step {over['every_step_ms']:.3f} ms  ({over['ratio_every_step']:.3f}x)")

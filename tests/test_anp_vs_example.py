@@ -102,3 +102,83 @@ def test_sweep_refuses_runs_that_differ_in_more_than_beta(anp_vs):
         anp_vs.sweep_rows(runs)
     with pytest.raises(ValueError, match="at least one run"):
         anp_vs.sweep_rows([])
+
+
+def _full_row(method, pgd, sparsity, clean=80.0, vulnerability=0.1):
+    return {
+        **_row(method, round(1370 * (1 - sparsity / 100)), pgd, clean),
+        "unit_sparsity": sparsity,
+        "vulnerability": vulnerability,
+        "flops_reduction": 2.0,
+    }
+
+
+def test_summary_checks_anp_vs_against_the_stronger_at_row(anp_vs):
+    flags = dict(train_steps=10, lam=1e-3, gate_samples="example", weight_decay=1e-4)
+    met = _run(
+        4.0,
+        [
+            _full_row("AT", 66.0, 0.0),
+            _full_row("AT-mix", 67.5, 0.0),
+            _full_row("ANP-VS", 67.5, 81.0),
+        ],
+        **flags,
+    )
+    weak = _run(4.0, [_full_row("AT", 69.0, 0.0), _full_row("ANP-VS", 67.0, 79.0)], **flags)
+    md = anp_vs.summary([met, weak], ["met", "weak"])
+    lines = md.strip().splitlines()
+    assert len(lines) == 4
+    # The first run is compared with AT-mix, its stronger AT row; ties count as robust.
+    assert "67.50 (AT-mix)" in lines[2] and "+0.00" in lines[2] and lines[2].endswith("| met |")
+    assert "| 10 | 10 | 4 | example | 0.0001 | 0.001 | 0 |" in lines[2]  # steps 1280 // 128
+    assert "-2.00" in lines[3] and lines[3].endswith("| no (robustness, units) |")
+    with pytest.raises(ValueError, match=r"run 'dense' has rows \['AT'\].*--methods including"):
+        anp_vs.summary([_run(4.0, [_full_row("AT", 69.0, 0.0)], **flags)], ["dense"])
+    with pytest.raises(ValueError, match="2 runs but 1 names"):
+        anp_vs.summary([met, weak], ["met"])
+
+
+def test_long_sets_the_gpu_protocol_and_explicit_flags_win(anp_vs):
+    _, args = anp_vs.parse_args(["--long", "--beta", "3"])
+    assert (args.epochs, args.train_steps, args.eval_size) == (25, 10, 10000)
+    assert args.gate_samples == "example" and args.weight_decay == 1e-4
+    assert args.beta == 3.0  # given beside --long
+    _, plain = anp_vs.parse_args([])
+    assert (plain.epochs, plain.beta, plain.gate_samples) == (1, 80.0, "batch")
+    with pytest.raises(SystemExit):
+        anp_vs.parse_args(["--long", "--quick"])
+
+
+def test_report_names_where_the_run_trained(anp_vs):
+    row = {
+        **_full_row("ANP-VS", 60.0, 82.0),
+        "channel_neuron_sparsity": 80.0,
+        "weight_sparsity": 90.0,
+        "memory_kb": 100.0,
+    }
+    args = dict(
+        dataset="fashion-mnist",
+        train_size=1280,
+        batch_size=128,
+        epochs=1,
+        lr=1e-3,
+        gate_lr=0.2,
+        schedule="staircase",
+        weight_decay=0.0,
+        eps=0.1,
+        train_steps=3,
+        attack_gates="sampled",
+        gate_samples="batch",
+        eval_steps=40,
+        eval_step_size=0.01,
+        eval_size=500,
+        alpha=1e-4,
+        beta=80.0,
+        adv_weight=2.0,
+        lam=1e-3,
+        seed=0,
+    )
+    result = {"args": args, "rows": [row], "seconds": 120.0}
+    assert "2.0 min on this machine's shared 2-core CPU." in anp_vs.render(result)
+    result["device"] = "NVIDIA H100 80GB HBM3 (GPU)"
+    assert "2.0 min on NVIDIA H100 80GB HBM3 (GPU)." in anp_vs.render(result)
