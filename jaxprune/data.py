@@ -69,7 +69,8 @@ def fashion_mnist_available(directory: str | None = None) -> bool:
       >>> data.fashion_mnist_available("/nonexistent")
       False
     """
-    d = directory or FASHION_MNIST_DIR
+    # Only None means the default: "" is the current directory, as for os.path.
+    d = FASHION_MNIST_DIR if directory is None else directory
     return all(os.path.exists(os.path.join(d, f)) for pair in _FASHION_FILES.values() for f in pair)
 
 
@@ -103,7 +104,7 @@ def load_fashion_mnist(directory: str | None = None) -> Dataset:
     Raises:
       FileNotFoundError: the files are missing; the message names the package.
     """
-    d = directory or FASHION_MNIST_DIR
+    d = FASHION_MNIST_DIR if directory is None else directory
     if not fashion_mnist_available(d):
         raise FileNotFoundError(f"{_INSTALL_HINT} (looked in {d!r})")
     out = {}

@@ -107,3 +107,18 @@ def test_a_schedule_returning_a_tree_or_an_array_is_named():
         tx = jp.prune(optax.sgd(0.1), sparsity=bad)
         with pytest.raises(ValueError, match=match):
             tx.update(params, tx.init(params), params)
+
+
+def test_fashion_mnist_empty_directory_is_the_current_one_not_the_default(tmp_path, monkeypatch):
+    from jaxprune import data
+
+    monkeypatch.chdir(tmp_path)  # no idx files here
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "elsewhere"))
+    for pair in data._FASHION_FILES.values():
+        for name in pair:
+            (tmp_path / "elsewhere").mkdir(exist_ok=True)
+            (tmp_path / "elsewhere" / name).write_bytes(b"")
+    assert data.fashion_mnist_available() is True  # the default folder has the files
+    assert data.fashion_mnist_available("") is False  # "" is the current folder
+    with pytest.raises(FileNotFoundError, match="looked in ''"):
+        data.load_fashion_mnist("")
