@@ -500,6 +500,36 @@ def select_keys(fn, src: Any, k: jax.Array) -> list[jax.Array]:
     return _on_auto_axes(functools.partial(_select_keys, fn), axes, out, src, k)
 
 
+def _cut(K: _Keys, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns ``(t, last)``: the ``k`` smallest keys are those ``< t``, and those ``== t``
+    at flat positions ``<= last`` (``k >= 1``, ``K.n >= 1``)."""
+    t, below, at_or_below = _kth_smallest(K, jnp.maximum(k, 1))
+    # Without ties at t, every key <= t goes (the boundary is past the end);
+    # otherwise the first (k - below) keys equal to t in flatten order go.
+    last = jax.lax.cond(
+        at_or_below == k,
+        lambda: jnp.int32(K.n),
+        lambda: _last_tied(K, t, k - below),
+    )
+    return t, last
+
+
+def select_cut(fn, src: Any, k: int, base: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns the scalars ``(t, last)`` that mark the ``k`` smallest keys ``fn(src)``.
+
+    Key ``x`` at flat position ``i`` (flatten order over ``fn(src)``'s arrays)
+    is among them iff ``x < t | (x == t & i <= last)``: the complement of
+    :func:`select_keys`' masks, as an element-wise test a caller can fuse into
+    its own reads of the keys instead of storing a mask. ``k`` is a Python int
+    in ``[1, n)``; arrays without Explicit mesh axes only. ``base`` is a
+    non-negative int32 known only at run time (e.g. a traced count to prune):
+    the keys' reads are salted from it (see :class:`_Keys`), and a constant
+    would let XLA merge them into one stored array.
+    """
+    K = _Keys(fn, src, base)
+    return _cut(K, jnp.int32(k))
+
+
 def _select_keys(fn, src: Any, k: jax.Array) -> list[jax.Array]:
     """:func:`select_keys` on arrays without Explicit mesh axes."""
     k = jnp.asarray(k, jnp.int32)
@@ -507,14 +537,7 @@ def _select_keys(fn, src: Any, k: jax.Array) -> list[jax.Array]:
     n = K.n
     if n == 0:
         return [jnp.ones(s, bool) for s in K.shapes]
-    t, below, at_or_below = _kth_smallest(K, jnp.maximum(k, 1))
-    # Without ties at t, every key <= t goes (the boundary is past the end);
-    # otherwise the first (k - below) keys equal to t in flatten order go.
-    last = jax.lax.cond(
-        at_or_below == k,
-        lambda: jnp.int32(n),
-        lambda: _last_tied(K, t, k - below),
-    )
+    t, last = _cut(K, k)
     out, offset = [], 0
     for x in K.fresh():
         idx = _flat_index(x.shape, offset)

@@ -26,13 +26,22 @@ from jax.typing import ArrayLike
 
 from jaxprune._search import (
     _explicit_axes,
+    _flat_index,
     _on_auto_axes,
     _select,
     kth_smallest_keys,
     ordered_keys,
+    select_cut,
     select_keys,
 )
-from jaxprune._tree import Where, check_same_structure, leaves_with_paths, path_str, prunable_flags
+from jaxprune._tree import (
+    Where,
+    check_same_structure,
+    flagged,
+    leaves_with_paths,
+    path_str,
+    prunable_flags,
+)
 
 __all__ = [
     "topk",
@@ -345,6 +354,7 @@ def fused_select(
     *,
     leaf_srcs: list[Any] | None = None,
     depths: list[int] | None = None,
+    max_sparsity: float | None = None,
 ) -> Any:
     """Returns ``topk`` (``scope="layer"``) or ``global_topk`` masks of ``score_fn(src)``.
 
@@ -368,6 +378,12 @@ def fused_select(
     layers are searched at once under ``jax.vmap``, each with its own exact
     count: the masks of ``per_layer(topk)``.
 
+    ``max_sparsity`` (``scope="global"`` only): ``global_topk``'s per-leaf cap.
+    Each leaf's ``cap`` lowest entries are found first (one fused search per
+    leaf, through ``leaf_srcs`` when given) and kept as a bool mask, one byte
+    per entry where stored keys take four; the global search then reads the
+    recomputed keys of the entries below their leaf's cap.
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
       >>> p = {"a": jnp.array([[1.0, -2.0]]), "b": jnp.array([[3.0, -4.0]])}
@@ -377,7 +393,17 @@ def fused_select(
       [[[False, True]], [[False, True]]]
       >>> [m.tolist() for m in sel(p, "global").values()]  # = jp.masks.global_topk(|p|, 0.5)
       [[[False, False]], [[True, True]]]
+      >>> capped = jax.jit(lambda p: jp.masks.fused_select(  # at most half of each leaf
+      ...     "global", jp.criteria.magnitude, p, 0.75, [True, True], max_sparsity=0.5))
+      >>> [m.tolist() for m in capped(p).values()]
+      [[[False, True]], [[False, True]]]
     """
+    if max_sparsity is not None and scope != "global":
+        raise ValueError(
+            f"fused_select: max_sparsity caps a global search, got scope={scope!r}. Fix: "
+            "scope='global', or no max_sparsity (a per-layer search prunes its own count)."
+        )
+    _check_max_sparsity(max_sparsity, "max_sparsity", "leaf", "entries")
     if depths is not None and (scope != "layer" or leaf_srcs is None):
         raise ValueError(
             f"fused_select: depths (stacked layers searched apart) needs scope='layer' and "
@@ -429,11 +455,57 @@ def fused_select(
         _check_sparsity(sparsity, tree_ok=False)
         n = sum(size.values())
         idx = [i for i in idx if size[i]]
-        kept = select_keys(keys_of(idx), src, _count(sparsity, n)) if idx else []
+        count = _count(sparsity, n)
+        keys_fn = keys_of(idx)
+        if max_sparsity is not None and _explicit_axes(src) is not None:
+            # Explicit mesh axes: the stored scores' capped search, which runs
+            # its searches with those axes made Auto.
+            scores = score_fn(src)
+            where = flagged(scores, flags)
+            return global_topk(scores, sparsity, where=where, max_sparsity=max_sparsity)
+        if max_sparsity is not None and idx:
+            caps = [_cap(max_sparsity, size[i]) for i in idx]
+            keys_fn = _capped_keys_fn(keys_of, score_fn, src, leaf_srcs, idx, caps, size, count)
+            count = jnp.minimum(count, sum(caps))
+        kept = select_keys(keys_fn, src, count) if idx else []
         keeps = {**_empty(flat, flags), **dict(zip(idx, kept, strict=True))}
     else:
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
     return _assemble(shapes, flags, keeps)
+
+
+def _capped_keys_fn(keys_of, score_fn, src, leaf_srcs, idx, caps, size, base):
+    """Returns the global search's keys with entries past their leaf's cap raised to the top.
+
+    As :func:`_capped_keys`, but each leaf's ``cap`` lowest entries are marked
+    by two scalars from a per-leaf search (:func:`~jaxprune._search.select_cut`)
+    and tested where the keys are recomputed, so no mask is stored.
+    ``base``: the global count to prune, which salts the per-leaf reads.
+    """
+    top = jnp.uint32(0xFFFFFFFF)
+    cuts = []
+    for i, cap in zip(idx, caps, strict=True):
+        if cap >= size[i] or cap == 0:
+            cuts.append(cap)  # the whole leaf may go, or none of it
+            continue
+        if leaf_srcs is not None:
+            fn, s = (lambda s: [ordered_keys(score_fn(s))]), leaf_srcs[i]
+        else:
+            fn, s = keys_of([i]), src
+        cuts.append(select_cut(fn, s, cap, base))
+
+    def keys_fn(s):
+        out = []
+        for k, cut in zip(keys_of(idx)(s), cuts, strict=True):
+            if isinstance(cut, int):
+                out.append(k if cut else jnp.full_like(k, top))
+                continue
+            t, last = cut
+            lowest = (k < t) | ((k == t) & (_flat_index(k.shape, 0) <= last))
+            out.append(jnp.where(lowest, k, top))
+        return out
+
+    return keys_fn
 
 
 @dataclasses.dataclass(frozen=True)

@@ -267,7 +267,9 @@ def prune(
         given there, from the ``key`` passed here folded with the step; any
         other keyword passed to ``tx.update`` reaches it by name. With
         ``jp.criteria.magnitude`` or ``jp.criteria.saliency``, a
-        ``"layer"``/``"global"`` scope and float32 params, the scores are
+        ``"layer"``/``"global"`` scope (or the capped
+        ``functools.partial(jp.masks.global_topk, max_sparsity=c)``) and
+        float32 params, the scores are
         recomputed inside the selection's search instead of being stored
         (same masks, see :func:`~jaxprune.masks.fused_select`), so the refresh
         adds no full-size buffer to the train step's scratch memory. (With
@@ -329,11 +331,21 @@ def prune(
     else:
         wants_key = _criteria.needs_key(criterion)
     inner = optax.with_extra_args_support(tx)
-    fused = None
+    fused = cap = None
     # per_layer(topk) searches each stack's layers apart; per_layer(global_topk)
     # without a cap is global_topk (the layers keep the flatten order).
     if any(criterion is c for c in _criteria.ELEMENTWISE):
         fused = {_masks.topk: "layer", _masks.global_topk: "global"}.get(base)
+        # functools.partial(global_topk, max_sparsity=c), the capped global scope
+        # (capped per layer of a stack under per_layer: not fused).
+        if (
+            stacked is None
+            and isinstance(base, functools.partial)
+            and base.func is _masks.global_topk
+            and not base.args
+            and set(base.keywords) == {"max_sparsity"}
+        ):
+            fused, cap = "global", base.keywords["max_sparsity"]
     key_data, key_impl = key_parts(key, "key") if key is not None else ((), None)
 
     def init_fn(params):
@@ -409,7 +421,7 @@ def prune(
                     return _criteria.call_with(criterion, src[0], grads=src[1], **extra)
 
                 leaf_srcs = depths = None
-                if fuse == "layer":
+                if fuse == "layer" or cap is not None:
                     # One (param, grad) pair per leaf: each leaf's search traces
                     # its own scores only (linear, not quadratic, tracing time).
                     # check_same_leaves put the two in the same leaf order.
@@ -426,6 +438,7 @@ def prune(
                     flags,
                     leaf_srcs=leaf_srcs,
                     depths=depths,
+                    max_sparsity=cap,
                 )
             else:
                 scores = _criteria.call_with(crit.score, cstate, params, grads=grads, **extra)

@@ -175,6 +175,24 @@ _SCRIPT = textwrap.dedent(
     on_mesh = rigl_masks(sharded, explicit)
     out["rigl_stacked"] = [bool(np.array_equal(one_device, on_mesh)),
                            (one_device.sum((1, 2)) == round(0.2 * 32 * 16)).all().item()]
+
+    # jp.prune's capped global scope (fused: per-leaf cuts tested where the keys
+    # are recomputed) on an Auto and an Explicit mesh: the one-device masks.
+    cap_scope = functools.partial(jp.masks.global_topk, max_sparsity=0.9)
+    tree = {"w": rng.normal(size=(16, 12)).astype(np.float32),
+            "v": rng.normal(size=(16, 8)).astype(np.float32) * 1e-3}
+    cap_tx = jp.prune(optax.sgd(0.1), sparsity=0.95, scope=cap_scope)
+    one_dev = jax.tree.map(jnp.asarray, tree)
+    cap_ref = jp.get_masks(jax.jit(cap_tx.update)(one_dev, cap_tx.init(one_dev), one_dev)[1])
+    out["capped_scope"] = []
+    for mesh_ in (auto, explicit):
+        placed = {k: jax.device_put(v, NamedSharding(mesh_, P("model", None)))
+                  for k, v in tree.items()}
+        with jax.sharding.set_mesh(mesh_):
+            _, st = jax.jit(cap_tx.update)(placed, cap_tx.init(placed), placed)
+        got = jp.get_masks(st)
+        out["capped_scope"].append(all(
+            bool(np.array_equal(np.asarray(cap_ref[k]), np.asarray(got[k]))) for k in tree))
     print("RESULT " + json.dumps(out))
     """
 )
@@ -198,6 +216,7 @@ def test_sharded_report_selections_dynamic_and_restore():
     assert out["restore_in_mesh"] == [True, True]
     assert out["stacked"] == [True] * 4, out["stacked"]
     assert out["rigl_stacked"] == [True, True], out["rigl_stacked"]
+    assert out["capped_scope"] == [True, True], out["capped_scope"]
     capped_ok, bias_not_cut, refused = out["stacked_cut"]
     assert capped_ok and bias_not_cut
     assert "layers/kernel" in refused and "per_layer(jp.masks.topk)" in refused, refused

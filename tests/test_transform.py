@@ -1,5 +1,6 @@
 """jp.prune: enforcement, refresh steps, pytrees, extra args, errors."""
 
+import functools
 from typing import NamedTuple
 
 import equinox as eqx
@@ -308,6 +309,39 @@ def test_fused_elementwise_criterion_gives_the_generic_masks(key, scope, name):
     assert n_pruned > 0
 
 
+def test_capped_global_scope_fuses_its_scores_with_the_same_masks(key):
+    """functools.partial(global_topk, max_sparsity=c) runs the fused search: the masks
+    of the stored-score path, bit for bit, through a gradual schedule."""
+    ks = jax.random.split(key, 3)
+    # A layer of small weights that an uncapped global search would empty.
+    params = {
+        "small": jax.random.normal(ks[0], (32, 16)) * 1e-3,
+        "big": jax.random.normal(ks[1], (16, 64)),
+        "ties": jnp.round(jax.random.normal(ks[2], (64, 8)), 1),
+        "bias": jnp.zeros(8),
+    }
+    capped = functools.partial(jp.masks.global_topk, max_sparsity=0.9)
+    sched = jp.schedules.polynomial(0.0, 0.95, 0, 6, frequency=2)
+    fused = jp.prune(optax.sgd(0.1), sparsity=sched, scope=capped)
+    stored = jp.prune(
+        optax.sgd(0.1), sparsity=sched, scope=capped, criterion=lambda p: jp.criteria.magnitude(p)
+    )
+    states = {"fused": (params, fused.init(params)), "stored": (params, stored.init(params))}
+    for i in range(8):
+        grads = jax.tree.map(lambda x, c=0.01 * (i + 1): jnp.full_like(x, c), params)
+        for name, tx in (("fused", fused), ("stored", stored)):
+            p, s = states[name]
+            u, s = jax.jit(tx.update)(grads, s, p)
+            states[name] = (optax.apply_updates(p, u), s)
+        a = jp.get_masks(states["fused"][1])
+        b = jp.get_masks(states["stored"][1])
+        for k in ("small", "big", "ties"):
+            assert bool((a[k] == b[k]).all()), (i, k)
+    masks = jp.get_masks(states["fused"][1])
+    # The cap held: the small layer keeps 10% though the total asks for 95%.
+    assert int(masks["small"].sum()) == 32 * 16 - int(0.9 * 32 * 16)
+
+
 def test_fused_refresh_adds_no_scratch_to_the_train_step(key):
     """With magnitude scores fused into the search, the jitted train step needs no
     more of XLA's scratch memory than the dense step (up to small partial counts)."""
@@ -343,7 +377,8 @@ def test_fused_refresh_adds_no_scratch_to_the_train_step(key):
     sched = jp.schedules.polynomial(0.0, 0.9, 0, 1000, frequency=100)
     dense = temp_bytes(optax.adam(1e-3))
     leaf = 512 * 256 * 4
-    for scope in ("layer", "global"):
+    capped = functools.partial(jp.masks.global_topk, max_sparsity=0.95)
+    for scope in ("layer", "global", capped):
         pruned = temp_bytes(jp.prune(optax.adam(1e-3), sparsity=sched, scope=scope))
         # What remains is strided samples of the scores and partial counts.
         assert pruned - dense < leaf // 2, (scope, pruned, dense)
