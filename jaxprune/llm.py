@@ -464,6 +464,12 @@ def reconstruction_error(kernel: jax.Array, pruned: jax.Array, hessian: jax.Arra
             f"[in, in], got kernel {k_shape}, pruned {p_shape} and hessian {h_shape}. Fix: pass "
             "the layer's kernel, its pruned copy and X^T X of the layer's inputs."
         )
+    return _reconstruction_error(kernel, pruned, hessian)
+
+
+@jax.jit
+def _reconstruction_error(kernel, pruned, hessian):
+    # One program per shape: called eagerly per layer, op by op it compiled each op.
     delta = (kernel - pruned).astype(jnp.float32)
     w = kernel.astype(jnp.float32)
     num = jnp.sum(delta * (hessian @ delta))
