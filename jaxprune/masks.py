@@ -366,8 +366,9 @@ def fused_select(
     is evaluated once per search probe. ``flags`` marks the prunable leaves of
     the scores (flatten order). Call it under ``jax.jit``.
 
-    ``leaf_srcs`` (``scope="layer"`` only): one source per leaf of the scores,
-    such that ``score_fn(leaf_srcs[i])`` is leaf ``i``'s scores (for an
+    ``leaf_srcs`` (``scope="layer"``, or a capped global search's per-leaf
+    cuts): one source per leaf of the scores, such that
+    ``score_fn(leaf_srcs[i])`` is leaf ``i``'s scores (for an
     element-wise criterion, the ``(param, grad)`` arrays of that leaf). Each
     leaf's search then traces its own leaf only, not the whole tree at every
     probe, which keeps tracing linear in the number of leaves (the whole-tree
