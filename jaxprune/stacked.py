@@ -95,10 +95,12 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
     (the same masks), so the compiled program does not grow with ``L``, and
     they also work on an Explicit mesh whose axes shard the layer axis. As
     ``jp.prune``'s scope with an element-wise criterion (magnitude, saliency),
-    ``per_layer(topk)`` and the uncapped ``per_layer(global_topk)`` run
-    ``jp.prune``'s fused searches, which recompute the scores where they read
-    them: the train step stores no full-size scores (see
-    :func:`jaxprune.masks.fused_select`). Other selections cut the stacks
+    ``per_layer(topk)`` and ``per_layer(global_topk)`` run ``jp.prune``'s
+    fused searches, which recompute the scores where they read them: the
+    train step stores no full-size scores (see
+    :func:`jaxprune.masks.fused_select`; capped, it keeps about a quarter of
+    the stack's bytes for the per-layer cuts; on an Explicit mesh the capped
+    search stores the scores). Other selections cut the stacks
     that ``where`` takes (never the ones it leaves out, such as the biases);
     on an Explicit mesh sharding a layer axis that is refused, with a
     ``ValueError`` naming the leaf.

@@ -337,10 +337,9 @@ def prune(
     if any(criterion is c for c in _criteria.ELEMENTWISE):
         fused = {_masks.topk: "layer", _masks.global_topk: "global"}.get(base)
         # functools.partial(global_topk, max_sparsity=c), the capped global scope
-        # (capped per layer of a stack under per_layer: not fused).
+        # (under per_layer, capped per layer of each stack).
         if (
-            stacked is None
-            and isinstance(base, functools.partial)
+            isinstance(base, functools.partial)
             and base.func is _masks.global_topk
             and not base.args
             and set(base.keywords) == {"max_sparsity"}
@@ -410,8 +409,8 @@ def prune(
             for x, f in zip(jax.tree.leaves(params), flags, strict=True)
         ):
             fuse = None
-        if explicit and stacked is not None and fuse == "layer":
-            fuse = None  # per_layer's own path, which cuts the stacks on Explicit meshes
+        if explicit and stacked is not None and (fuse == "layer" or cap is not None):
+            fuse = None  # per_layer's own paths, made for Explicit meshes
 
         def refresh():
             if fuse is not None:

@@ -383,11 +383,20 @@ def test_per_layer_topk_is_searched_per_layer_at_once_with_the_masks_of_the_cut(
         np.testing.assert_array_equal(traced["layers"]["kernel"], want["layers"]["kernel"])
 
 
-@pytest.mark.parametrize("base", [jp.masks.topk, jp.masks.global_topk], ids=["topk", "global"])
+@pytest.mark.parametrize(
+    "base",
+    [
+        jp.masks.topk,
+        jp.masks.global_topk,
+        functools.partial(jp.masks.global_topk, max_sparsity=0.7),
+    ],
+    ids=["topk", "global", "capped"],
+)
 def test_prune_fuses_a_per_layer_search_with_the_same_masks_and_no_scratch(base):
     # jp.prune recomputes magnitude scores inside its searches for per_layer(topk)
-    # and per_layer(global_topk) as for topk and global_topk: the masks are those of
-    # the selection on stored scores, and the step keeps no full-size scores.
+    # and per_layer(global_topk), capped (per layer) or not, as for topk and
+    # global_topk: the masks are those of the selection on stored scores, and the
+    # step keeps no full-size scores.
     w = jax.random.normal(jax.random.key(0), (6, 64, 64)) * jnp.arange(1.0, 7.0)[:, None, None]
     params = {"layers": {"kernel": w, "bias": jnp.ones((6, 64))}, "out": jnp.ones((64, 4))}
     params["out"] = params["out"].at[0].set(0.5)  # ties in a leaf that is not stacked
@@ -400,8 +409,11 @@ def test_prune_fuses_a_per_layer_search_with_the_same_masks_and_no_scratch(base)
     for got, ref in zip(jax.tree.leaves(jp.get_masks(state)), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(got, ref)
     temp = step.lower(grads, tx.init(params), params).compile().memory_analysis()
-    # Unfused, the step keeps the stored scores (1.0x w here for topk, 1.9x for global).
-    assert temp.temp_size_in_bytes < 0.25 * w.nbytes
+    # Unfused, the step keeps the stored scores (1.0x w here for topk, 1.9x for global,
+    # 1.0x capped); the capped search keeps about a quarter of w for its per-layer cuts.
+    assert temp.temp_size_in_bytes < (0.5 if isinstance(base, functools.partial) else 0.25) * (
+        w.nbytes
+    )
 
 
 def test_stacks_where_leaves_out_are_not_cut_and_keep_a_scalar_mask_under_jit(key):
@@ -470,7 +482,7 @@ def test_review_edges_of_the_per_layer_paths(key):
         s({"layers": {"kernel": jnp.ones((2, 4, 4))}}, 0.5, where=where)
         assert seen == ["ShapeDtypeStruct"], seen
     # fused_select's depths need leaf_srcs; a global search names its one-number sparsity.
-    with pytest.raises(ValueError, match="depths .* needs scope='layer' and leaf_srcs"):
+    with pytest.raises(ValueError, match=r"depths .* needs scope='layer' \(or a capped global"):
         jp.masks.fused_select(
             "layer", jp.criteria.magnitude, scores, 0.5, [True, False], depths=[1, 0]
         )
@@ -489,3 +501,29 @@ def test_taylor_counts_unit_axis_per_layer_and_does_not_warn_on_dense_general():
     by_first = jp.criteria.taylor(p3, p3, stacked=lambda p, x: True, unit_axis=1)
     by_last = jp.criteria.taylor(p3, p3, stacked=lambda p, x: True, unit_axis=-1)
     np.testing.assert_array_equal(by_first["l"]["kernel"], by_last["l"]["kernel"])
+
+
+def test_prune_capped_per_layer_over_two_layer_axes_matches_the_stored_scores():
+    # per_layer(partial(global_topk, max_sparsity=c)) fused in jp.prune caps each
+    # layer of a [2, 3, ...] stack apart; ties included; caps 0 and 1 too.
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(2, 3, 16, 8)) * np.arange(1, 7).reshape(2, 3, 1, 1)
+    w = jnp.asarray(w, jnp.float32).at[0, 1, :4].set(0.5)
+    head = jnp.asarray(rng.normal(size=(8, 4)) * 0.01, jnp.float32)
+    params = {"blocks": {"kernel": w, "bias": jnp.ones((2, 3, 8))}, "head": head}
+    grads = jax.tree.map(jnp.zeros_like, params)
+    for cap, s in ((0.0, 0.6), (0.3, 0.6), (0.7, 0.9), (1.0, 0.2)):
+        sel = jp.masks.per_layer(
+            functools.partial(jp.masks.global_topk, max_sparsity=cap),
+            stacked=lambda p, _: p[0] == "blocks",
+        )
+        tx = jp.prune(optax.sgd(0.0), sparsity=s, scope=sel)
+        _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+        want = sel(jp.criteria.magnitude(params), s)
+        got = jp.get_masks(state)
+        np.testing.assert_array_equal(got["blocks"]["kernel"], want["blocks"]["kernel"])
+        np.testing.assert_array_equal(got["head"], want["head"])
+    with pytest.raises(ValueError, match="max_sparsity caps a global search, got scope='layer'"):
+        jp.masks.fused_select(
+            "layer", jp.criteria.magnitude, params, 0.5, [False, True, True], max_sparsity=0.5
+        )
