@@ -573,7 +573,19 @@ def render(result: dict) -> str:
 
 # Flags that may differ between the runs of one sweep plot: the swept KL weight,
 # which methods ran, and where the output went.
-_SWEEP_FREE = {"beta", "methods", "out", "render", "quick", "plot", "plot_out"}
+_SWEEP_FREE = {
+    "beta",
+    "methods",
+    "out",
+    "render",
+    "quick",
+    "plot",
+    "plot_out",
+    # Report-only flags that runs saved before them lack.
+    "long",
+    "summary",
+    "summary_out",
+}
 _DENSE = ("standard", "AT", "AT-mix")
 
 

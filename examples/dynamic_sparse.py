@@ -110,13 +110,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.quick:
-        args.steps = args.steps or 300
-        args.update_every = args.update_every or 25
-        args.train_size = args.train_size or 6000
-        args.test_size = args.test_size or 2000
-    args.steps = args.steps or 5000
-    args.update_every = args.update_every or 100
+    # Defaults fill only flags not given (None): an explicit 0 is checked below.
+    quick = {"steps": 300, "update_every": 25, "train_size": 6000, "test_size": 2000}
+    full = {"steps": 5000, "update_every": 100}
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.method_list if m not in METHODS]
     if unknown or not args.method_list:
@@ -136,6 +135,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.train_size is not None and args.train_size < args.batch_size:
         p.error(f"--train-size must be >= --batch-size ({args.batch_size}), got {args.train_size}")
+    if args.test_size is not None and args.test_size < 1:
+        p.error(f"--test-size must be >= 1, got {args.test_size}; e.g. --test-size 2000")
     return args
 
 

@@ -120,13 +120,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     quick = {"steps": 300, "rounds": 3, "rate": 0.5, "rewind_step": 20, "controls": 1}
+    quick.update(train_size=6000, test_size=2000)
     full = {"steps": 3000, "rounds": 15, "rate": 0.2, "rewind_step": 100, "controls": 2}
+    # Defaults fill only flags not given (None): an explicit 0 is checked below.
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.quick:
-        args.train_size = args.train_size or 6000
-        args.test_size = args.test_size or 2000
     for name in ("steps", "batch_size", "controls"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -141,6 +140,8 @@ def parse_args(argv=None):
         )
     if args.train_size is not None and args.train_size < args.batch_size:
         p.error(f"--train-size must be >= --batch-size ({args.batch_size}), got {args.train_size}")
+    if args.test_size is not None and args.test_size < 1:
+        p.error(f"--test-size must be >= 1, got {args.test_size}; e.g. --test-size 2000")
     return args
 
 

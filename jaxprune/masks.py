@@ -377,13 +377,17 @@ def fused_select(
     ``depths`` (with ``leaf_srcs``): the number of leading layer axes of each
     leaf (0: not stacked), as :func:`per_layer` counts them. A stacked leaf's
     layers are searched at once under ``jax.vmap``, each with its own exact
-    count: the masks of ``per_layer(topk)``.
+    count: the masks of ``per_layer(topk)``; with ``max_sparsity``, each
+    layer is capped apart: the masks of ``per_layer(partial(global_topk,
+    max_sparsity=c))``.
 
     ``max_sparsity`` (``scope="global"`` only): ``global_topk``'s per-leaf cap.
-    Each leaf's ``cap`` lowest entries are found first (one fused search per
-    leaf, through ``leaf_srcs`` when given) and kept as a bool mask, one byte
-    per entry where stored keys take four; the global search then reads the
-    recomputed keys of the entries below their leaf's cap.
+    Each leaf's (or layer's) ``cap`` lowest entries are found first, by one
+    fused search per leaf (through ``leaf_srcs`` when given), as two numbers
+    (a threshold key and the last tied position) rather than a mask; the
+    global search then reads the recomputed keys, those past their cap
+    raised to the largest key. On arrays with Explicit mesh axes the scores
+    are stored and :func:`global_topk` runs (refused with ``depths``).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp

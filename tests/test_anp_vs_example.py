@@ -91,6 +91,12 @@ def test_sweep_keeps_each_runs_gated_rows_and_the_first_dense_ones(anp_vs, tmp_p
     assert list(anp_line.get_ydata()) == [52.0, 48.0]  # sorted by units pruned
 
 
+def test_sweep_combines_runs_saved_before_the_report_only_flags(anp_vs):
+    old = _run(40.0, [_row("ANP-VS", 400, 52.0)])
+    new = _run(80.0, [_row("ANP-VS", 300, 51.0)], long=False, summary=None, summary_out=None)
+    assert [r["beta"] for r in anp_vs.sweep_rows([old, new])["ANP-VS"]] == [40.0, 80.0]
+
+
 def test_sweep_refuses_runs_that_differ_in_more_than_beta(anp_vs):
     runs = [
         _run(40.0, [_row("ANP-VS", 400, 52.0)]),

@@ -56,6 +56,8 @@ def test_lottery_rounds_prune_exact_counts_and_report_the_reinit_control(lottery
         (["--rewind-step", "300", "--steps", "300"], r"--rewind-step must lie in \[0, --steps\)"),
         (["--rate", "1.0"], r"--rate must lie in \(0, 1\), got 1.0"),
         (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+        (["--quick", "--test-size", "0"], "--test-size must be >= 1, got 0"),
+        (["--test-size", "-5"], "--test-size must be >= 1, got -5"),
     ],
 )
 def test_lottery_bad_flags_name_the_flag_and_value(lottery, argv, message, capsys):
@@ -122,3 +124,21 @@ def test_dynamic_sparse_bad_methods_are_named(dynamic, capsys):
     with pytest.raises(SystemExit):
         dynamic.parse_args(["--methods", "RigL,GraNet"])
     assert "--methods must be a comma-separated subset of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--quick", "--update-every", "0"], "--update-every must be >= 1, got 0"),
+        (["--test-size", "0"], "--test-size must be >= 1, got 0"),
+    ],
+)
+def test_dynamic_sparse_zero_flags_are_refused_not_replaced_by_defaults(
+    dynamic, argv, message, capsys
+):
+    with pytest.raises(SystemExit):
+        dynamic.parse_args(argv)
+    assert message in capsys.readouterr().err
+    args = dynamic.parse_args(["--quick"])  # flags not given take the quick defaults
+    assert (args.steps, args.update_every, args.test_size) == (300, 25, 2000)

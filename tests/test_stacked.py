@@ -503,9 +503,17 @@ def test_taylor_counts_unit_axis_per_layer_and_does_not_warn_on_dense_general():
     np.testing.assert_array_equal(by_first["l"]["kernel"], by_last["l"]["kernel"])
 
 
-def test_prune_capped_per_layer_over_two_layer_axes_matches_the_stored_scores():
+def test_prune_capped_per_layer_over_two_layer_axes_matches_the_stored_scores(monkeypatch):
     # per_layer(partial(global_topk, max_sparsity=c)) fused in jp.prune caps each
     # layer of a [2, 3, ...] stack apart; ties included; caps 0 and 1 too.
+    fused = []
+    original = jp.masks.fused_select
+
+    def counting(*args, **kwargs):
+        fused.append((kwargs.get("max_sparsity"), kwargs.get("depths")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(jp.masks, "fused_select", counting)
     rng = np.random.default_rng(1)
     w = rng.normal(size=(2, 3, 16, 8)) * np.arange(1, 7).reshape(2, 3, 1, 1)
     w = jnp.asarray(w, jnp.float32).at[0, 1, :4].set(0.5)
@@ -515,7 +523,7 @@ def test_prune_capped_per_layer_over_two_layer_axes_matches_the_stored_scores():
     for cap, s in ((0.0, 0.6), (0.3, 0.6), (0.7, 0.9), (1.0, 0.2)):
         sel = jp.masks.per_layer(
             functools.partial(jp.masks.global_topk, max_sparsity=cap),
-            stacked=lambda p, _: p[0] == "blocks",
+            stacked=lambda p, _: 2 if p[0] == "blocks" else 0,  # [stage, layer, in, out]
         )
         tx = jp.prune(optax.sgd(0.0), sparsity=s, scope=sel)
         _, state = jax.jit(tx.update)(grads, tx.init(params), params)
@@ -523,6 +531,8 @@ def test_prune_capped_per_layer_over_two_layer_axes_matches_the_stored_scores():
         got = jp.get_masks(state)
         np.testing.assert_array_equal(got["blocks"]["kernel"], want["blocks"]["kernel"])
         np.testing.assert_array_equal(got["head"], want["head"])
+        # The fused search ran, with the cap and the stack's two layer axes.
+        assert fused[-1][0] == cap and 2 in fused[-1][1], fused[-1]
     with pytest.raises(ValueError, match="max_sparsity caps a global search, got scope='layer'"):
         jp.masks.fused_select(
             "layer", jp.criteria.magnitude, params, 0.5, [False, True, True], max_sparsity=0.5

@@ -309,9 +309,17 @@ def test_fused_elementwise_criterion_gives_the_generic_masks(key, scope, name):
     assert n_pruned > 0
 
 
-def test_capped_global_scope_fuses_its_scores_with_the_same_masks(key):
+def test_capped_global_scope_fuses_its_scores_with_the_same_masks(key, monkeypatch):
     """functools.partial(global_topk, max_sparsity=c) runs the fused search: the masks
     of the stored-score path, bit for bit, through a gradual schedule."""
+    caps = []
+    original = jp.masks.fused_select
+
+    def counting(*args, **kwargs):
+        caps.append(kwargs.get("max_sparsity"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(jp.masks, "fused_select", counting)
     ks = jax.random.split(key, 3)
     # A layer of small weights that an uncapped global search would empty.
     params = {
@@ -337,6 +345,7 @@ def test_capped_global_scope_fuses_its_scores_with_the_same_masks(key):
         b = jp.get_masks(states["stored"][1])
         for k in ("small", "big", "ties"):
             assert bool((a[k] == b[k]).all()), (i, k)
+    assert caps and set(caps) == {0.9}  # the fused path ran (once, at trace time)
     masks = jp.get_masks(states["fused"][1])
     # The cap held: the small layer keeps 10% though the total asks for 95%.
     assert int(masks["small"].sum()) == 32 * 16 - int(0.9 * 32 * 16)
