@@ -55,6 +55,7 @@ as for ``jp.prune``: schedule-free's evaluation params are not masked, and
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -324,6 +325,50 @@ def _warn_nothing_prunable(pure: Any, name: str) -> None:
     )
 
 
+_ARRAYS = (jax.Array, np.ndarray)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _random_keeps(pure: Any, key: jax.Array, counts: list[jax.Array], flags: tuple) -> Any:
+    """Random scores and their per-leaf top-k masks in one program (see :func:`_random_masks`)."""
+    scores = _criteria.random(pure, key=key)
+    flat, treedef = jax.tree.flatten(scores)
+    out, it = [], iter(counts)
+    for x, f in zip(flat, flags, strict=True):
+        if f:
+            keep = _masks._select([_masks.ordered_keys(x)], next(it))[0]
+            out.append(keep.reshape(jnp.shape(x)))
+        else:
+            out.append(jnp.ones((), bool))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _random_masks(pure: Any, key: jax.Array, per_leaf: Any, flags: list[bool], where) -> Any:
+    """Returns the initial random masks of ``per_leaf`` sparsities (one per leaf).
+
+    On concrete arrays the counts are rounded here, as the eager search rounds
+    them, and the scores and searches run as one jitted program: eagerly, each
+    leaf's search compiled apart (4.8 s for LeNet-300-100 with ERK, 1.7 s in
+    one program). Traced, or with leaves that are not arrays, leaf by leaf.
+    """
+    leaves = jax.tree.leaves(pure)
+    values = jax.tree.leaves(per_leaf)
+    eager = (
+        leaves
+        and len(values) == len(leaves)
+        and all(isinstance(x, _ARRAYS) and not isinstance(x, jax.core.Tracer) for x in leaves)
+        and not any(isinstance(v, jax.core.Tracer) for v in values)
+    )
+    if not eager:
+        return _dist._topk_per_leaf(_criteria.random(pure, key=key), per_leaf, where)
+    counts = [
+        _masks._count(v, math.prod(jnp.shape(x)))
+        for x, v, f in zip(leaves, values, flags, strict=True)
+        if f
+    ]
+    return _random_keeps(pure, key, counts, tuple(flags))
+
+
 def _check_total(
     pure: Any, flags: list[bool], per_leaf: Any, sparsity: float, distribution: Any, name: str
 ) -> None:
@@ -477,12 +522,13 @@ def _dynamic(
         flags = prunable_flags(pure, leaf_where)
         if not any(flags):
             _warn_nothing_prunable(pure, name)
-        scores = _criteria.random(pure, key=jax.random.fold_in(key, 0x5EED))
+        init_key = jax.random.fold_in(key, 0x5EED)
         if stacked is None:
             per_leaf = distribution(pure, float(sparsity), where=where)
             _check_total(pure, flags, per_leaf, float(sparsity), distribution, name)
-            masks = _dist._topk_per_leaf(scores, per_leaf, where)
+            masks = _random_masks(pure, init_key, per_leaf, flags, where)
         else:
+            scores = _criteria.random(pure, key=init_key)
             depths = depths_of(pure)
             per_leaf = _per_layer_sparsities(
                 pure, depths, distribution, float(sparsity), where, name

@@ -185,3 +185,44 @@ def test_rbg_key_and_a_jax_scalar_sparsity():
     for _ in range(3):
         _, st = step(p, st, p)
     assert float(jp.sparsity(jp.get_masks(st))) == 0.5
+
+
+def test_eager_init_searches_in_one_program_with_the_masks_of_the_leaf_by_leaf_search(
+    monkeypatch,
+):
+    # tx.init on concrete params runs the random scores and every leaf's search as
+    # one jitted program; the counts are rounded eagerly as before, so the masks
+    # are those of the leaf-by-leaf search (and of jax.jit(tx.init)).
+    from jaxprune import criteria, distributions
+    from jaxprune import dynamic as dyn
+
+    ks = jax.random.split(jax.random.key(3), 3)
+    params = {
+        "a": jax.random.normal(ks[0], (40, 30)),
+        "b": jax.random.normal(ks[1], (30, 7)),
+        "bias": jnp.zeros(7),
+        "c": jax.random.normal(ks[2], (7, 3)),
+    }
+    key = jax.random.key(11)
+    tx = jp.dynamic.rigl(
+        optax.sgd(0.1), sparsity=0.8, key=key, end_step=10, distribution=distributions.erk
+    )
+    calls = []
+    original = dyn._random_keeps
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(dyn, "_random_keeps", counting)
+    eager = jp.get_masks(tx.init(params))
+    monkeypatch.undo()
+    assert calls  # the one-program path ran
+    per_leaf = distributions.erk(params, 0.8)
+    scores = criteria.random(params, key=jax.random.fold_in(key, 0x5EED))
+    want = distributions._topk_per_leaf(scores, per_leaf, None)
+    jitted = jp.get_masks(jax.jit(tx.init)(params))
+    for name in ("a", "b", "c"):
+        np.testing.assert_array_equal(eager[name], want[name])
+        np.testing.assert_array_equal(jitted[name], want[name])
+    assert bool(eager["bias"])
