@@ -486,6 +486,11 @@ PGD-40 in training remain untested.
 """
 
 
+def _shape_checks(anp: dict, at: dict) -> tuple[bool, bool]:
+    """The paper's shape: ANP-VS at least as robust as ``at``, >= 80% of units pruned."""
+    return anp["pgd_acc"] >= at["pgd_acc"], anp["unit_sparsity"] >= 80
+
+
 def verdict(rows: list[dict]) -> str:
     """Returns the paragraph comparing ANP-VS with AT against the paper's shape.
 
@@ -498,8 +503,7 @@ def verdict(rows: list[dict]) -> str:
         return ""
     anp = by["ANP-VS"]
     best = max(ats, key=lambda r: r["pgd_acc"])
-    robust = anp["pgd_acc"] >= best["pgd_acc"]
-    sparse = anp["unit_sparsity"] >= 80
+    robust, sparse = _shape_checks(anp, best)
     parts = [
         f"{LABELS.get(at['method'], at['method'])}: PGD-40 accuracy {anp['pgd_acc']:.1f}% vs "
         f"{at['pgd_acc']:.1f}% ({anp['pgd_acc'] - at['pgd_acc']:+.1f} points), vulnerability "
@@ -691,8 +695,7 @@ def device_label() -> str:
 
 
 def _target(anp: dict, at: dict) -> str:
-    robust = anp["pgd_acc"] >= at["pgd_acc"]
-    sparse = anp["unit_sparsity"] >= 80
+    robust, sparse = _shape_checks(anp, at)
     if robust and sparse:
         return "met"
     missed = [w for w, ok in (("robustness", robust), ("units", sparse)) if not ok]

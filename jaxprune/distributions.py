@@ -220,12 +220,24 @@ def selection(
 def _topk_per_leaf(scores: Any, per_leaf: Any, where: Where | None) -> Any:
     """``jp.masks.topk`` with one (possibly traced) sparsity per leaf, read leaf by leaf."""
     flags = prunable_flags(scores, where)
-    flat, treedef = leaves_with_paths(scores)
+    flat = [x for _, x in leaves_with_paths(scores)[0]]
     s_flat = jax.tree.leaves(per_leaf)
-    out = []
-    for (_, x), f, s in zip(flat, flags, s_flat, strict=False):
+    counts = [
+        _masks._count(s, jnp.size(x)) for x, f, s in zip(flat, flags, s_flat, strict=False) if f
+    ]
+    return _keep_counts(scores, counts, flags)
+
+
+def _keep_counts(scores: Any, counts: list[Any], flags: list[bool]) -> Any:
+    """Returns masks pruning ``counts[j]`` lowest scores of the ``j``-th flagged leaf.
+
+    Unflagged leaves get a scalar ``True``.
+    """
+    flat, treedef = leaves_with_paths(scores)
+    out, it = [], iter(counts)
+    for (_, x), f in zip(flat, flags, strict=True):
         if f:
-            keep = _masks._select([_masks.ordered_keys(x)], _masks._count(s, jnp.size(x)))[0]
+            keep = _masks._select([_masks.ordered_keys(x)], next(it))[0]
             out.append(keep.reshape(jnp.shape(x)))
         else:
             out.append(jnp.ones((), bool))

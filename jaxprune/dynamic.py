@@ -331,16 +331,7 @@ _ARRAYS = (jax.Array, np.ndarray)
 @functools.partial(jax.jit, static_argnums=(3,))
 def _random_keeps(pure: Any, key: jax.Array, counts: list[jax.Array], flags: tuple) -> Any:
     """Random scores and their per-leaf top-k masks in one program (see :func:`_random_masks`)."""
-    scores = _criteria.random(pure, key=key)
-    flat, treedef = jax.tree.flatten(scores)
-    out, it = [], iter(counts)
-    for x, f in zip(flat, flags, strict=True):
-        if f:
-            keep = _masks._select([_masks.ordered_keys(x)], next(it))[0]
-            out.append(keep.reshape(jnp.shape(x)))
-        else:
-            out.append(jnp.ones((), bool))
-    return jax.tree.unflatten(treedef, out)
+    return _dist._keep_counts(_criteria.random(pure, key=key), counts, list(flags))
 
 
 def _random_masks(pure: Any, key: jax.Array, per_leaf: Any, flags: list[bool], where) -> Any:

@@ -36,7 +36,7 @@ from jaxprune._tree import (
     unwrap_variables,
 )
 from jaxprune.schedules import Schedule, as_schedule
-from jaxprune.stacked import _depth, layer_where_of
+from jaxprune.stacked import _depth, _fast_path, layer_where_of
 
 __all__ = [
     "PruneState",
@@ -332,19 +332,14 @@ def prune(
         wants_key = _criteria.needs_key(criterion)
     inner = optax.with_extra_args_support(tx)
     fused = cap = None
-    # per_layer(topk) searches each stack's layers apart; per_layer(global_topk)
-    # without a cap is global_topk (the layers keep the flatten order).
-    if any(criterion is c for c in _criteria.ELEMENTWISE):
-        fused = {_masks.topk: "layer", _masks.global_topk: "global"}.get(base)
-        # functools.partial(global_topk, max_sparsity=c), the capped global scope
-        # (under per_layer, capped per layer of each stack).
-        if (
-            isinstance(base, functools.partial)
-            and base.func is _masks.global_topk
-            and not base.args
-            and set(base.keywords) == {"max_sparsity"}
-        ):
-            fused, cap = "global", base.keywords["max_sparsity"]
+    # topk, global_topk or functools.partial(global_topk, max_sparsity=c), as
+    # per_layer recognizes them: per_layer(topk) searches each stack's layers
+    # apart, per_layer(global_topk) without a cap is global_topk (the layers
+    # keep the flatten order), and a cap holds per layer of each stack.
+    search = _fast_path(base, (None,), {})
+    if search is not None and any(criterion is c for c in _criteria.ELEMENTWISE):
+        fused = {"topk": "layer", "global": "global"}[search[0]]
+        cap = search[2]
     key_data, key_impl = key_parts(key, "key") if key is not None else ((), None)
 
     def init_fn(params):
