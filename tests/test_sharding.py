@@ -22,7 +22,8 @@ import pytest
 _SCRIPT = textwrap.dedent(
     r"""
     import json, os, re
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    flags = os.environ.get("XLA_FLAGS", "")  # keeps the suite's (tests/conftest.py)
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -133,7 +134,8 @@ _SCRIPT = textwrap.dedent(
 
 
 def _run(script: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags)
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
     )
@@ -188,7 +190,8 @@ def test_compressed_checkpoint_restores_onto_sharded_templates(sharded):
 _EXPLICIT_SCRIPT = textwrap.dedent(
     r"""
     import json, os, re
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    flags = os.environ.get("XLA_FLAGS", "")  # keeps the suite's (tests/conftest.py)
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P

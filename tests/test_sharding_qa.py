@@ -15,7 +15,8 @@ import textwrap
 _SCRIPT = textwrap.dedent(
     r"""
     import json, os, tempfile
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    flags = os.environ.get("XLA_FLAGS", "")  # keeps the suite's (tests/conftest.py)
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import functools
     import jax, jax.numpy as jnp, numpy as np, optax
