@@ -121,7 +121,9 @@ def capture_nnx(
     several times records all its calls, pooled along the batch axis (see
     :class:`Captured`). Works
     under ``jax.jit``/``nnx.jit`` when the captures are returned from the
-    jitted function.
+    jitted function. Layers run inside ``nnx.scan``, ``nnx.vmap`` or
+    ``nnx.remat`` are copies whose inputs cannot leave the transform: they are
+    not recorded, and a warning names the modules left out.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -144,6 +146,9 @@ def capture_nnx(
     # Ids of the modules whose call is running: a subclass's ``__call__`` that
     # calls ``super().__call__`` (both wrapped) records only the outer call.
     active: set[int] = set()
+    # Calls on instances that are not the model's own: nnx.scan, nnx.vmap and
+    # nnx.remat run copies of its modules, whose inputs are that transform's.
+    foreign: list[str] = []
 
     def wrap(original):
         first = _first_input_name(original)
@@ -152,6 +157,8 @@ def capture_nnx(
         def call(self, *a, **kw):
             if id(self) in active:
                 return original(self, *a, **kw)
+            if id(self) not in targets:
+                foreign.append(type(self).__name__)
             active.add(id(self))
             try:
                 out = original(self, *a, **kw)
@@ -175,6 +182,17 @@ def capture_nnx(
                 del cls.__call__
             else:
                 cls.__call__ = own
+    if foreign:
+        missed = sorted(set(targets.values()) - set(records))
+        warnings.warn(
+            f"capture_nnx: {len(foreign)} call(s) of {sorted(set(foreign))} ran on copies of "
+            "the model's modules (nnx.scan, nnx.vmap and nnx.remat call copies, whose inputs "
+            f"cannot leave the transform), so they are not recorded; modules not recorded: "
+            f"{missed[:10]}{' ...' if len(missed) > 10 else ''}. Fix: capture an unrolled "
+            "(unscanned, non-remat) copy of the model with the same params, or leave those "
+            "layers out of the selection with where=.",
+            stacklevel=2,
+        )
     return out, records
 
 

@@ -135,6 +135,47 @@ def test_capture_nnx_records_a_subclass_call_once_and_keyword_inputs():
     assert jcaps["b"].inputs.shape == (5, 4)
 
 
+class _Block(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return jax.nn.relu(self.lin(x))
+
+
+class _ScannedNet(nnx.Module):
+    """An input layer, three blocks under nnx.scan, an output layer."""
+
+    def __init__(self, rngs):
+        self.inp = nnx.Linear(4, 8, rngs=rngs)
+
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return _Block(rngs)
+
+        self.blocks = make(rngs)
+        self.out = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return self.out(body(self.inp(x), self.blocks))
+
+
+def test_capture_nnx_warns_about_scanned_layers_it_cannot_record():
+    model = _ScannedNet(nnx.Rngs(0))
+    x = jnp.ones((5, 4))
+    with pytest.warns(UserWarning, match=r"copies of the model's modules.*\['blocks/lin'\]"):
+        y, caps = jp.activations.capture_nnx(model, x)
+    # The layers outside the scan are recorded as usual, the output unchanged.
+    assert sorted(caps) == ["inp", "out"]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(model(x)), rtol=1e-6)
+    assert "__call__" not in nnx.Linear.__dict__ or nnx.Linear.__call__.__name__ == "__call__"
+
+
 def test_input_norms_refuses_captures_that_match_no_kernel():
     m = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
     x = jax.random.normal(jax.random.key(1), (7, 4))
