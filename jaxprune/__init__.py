@@ -30,8 +30,9 @@ from jaxprune._tree import is_prunable, path_str
 from jaxprune.checkpoint import CheckpointError, restore, save
 from jaxprune.masks import apply_masks, sparsity
 from jaxprune.report import report
+from jaxprune.state import get_masks, state_bytes
 from jaxprune.structure import shrink
-from jaxprune.transform import PruneState, get_masks, prune, state_bytes
+from jaxprune.transform import PruneState, prune
 
 __version__ = "0.1.0"
 

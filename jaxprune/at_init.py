@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxprune import _counts
 from jaxprune import masks as _masks
 from jaxprune._tree import Where, as_int, flagged, leaves_with_paths, path_str, prunable_flags
 
@@ -345,7 +346,7 @@ def synflow(
             f"iterations must be a positive int (score/prune rounds), got {iterations!r}. "
             "Fix: iterations=100 as in the paper."
         )
-    _masks._check_sparsity(sparsity)
+    _counts._check_sparsity(sparsity)
     flags = prunable_flags(params, where)
     chosen = flagged(params, flags)  # `where` would judge the scores' and masks' dtypes
     input_shape = _check_input_shape(input_shape)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxprune import _counts
 from jaxprune import masks as _masks
 from jaxprune._tree import Where, as_float, as_int, leaves_with_paths, path_str, prunable_flags
 
@@ -42,7 +43,7 @@ def uniform(params: optax.Params, sparsity: Any, *, where: Where | None = None) 
     References:
       Zhu & Gupta, "To prune, or not to prune", 2017. https://arxiv.org/abs/1710.01878
     """
-    _masks._check_sparsity(sparsity)
+    _counts._check_sparsity(sparsity)
     flags = prunable_flags(params, where)
     return _tree_like(params, [sparsity if f else 0.0 for f in flags])
 
@@ -80,7 +81,7 @@ def erk(
       https://arxiv.org/abs/1911.11134; Mocanu et al. 2018 (Erdos-Renyi).
       https://arxiv.org/abs/1707.04780
     """
-    _masks._check_sparsity(sparsity)
+    _counts._check_sparsity(sparsity)
     ps = as_float(power_scale)
     if not (math.isfinite(ps) and ps >= 0):
         raise ValueError(
@@ -223,7 +224,7 @@ def _topk_per_leaf(scores: Any, per_leaf: Any, where: Where | None) -> Any:
     flat = [x for _, x in leaves_with_paths(scores)[0]]
     s_flat = jax.tree.leaves(per_leaf)
     counts = [
-        _masks._count(s, jnp.size(x)) for x, f, s in zip(flat, flags, s_flat, strict=False) if f
+        _counts._count(s, jnp.size(x)) for x, f, s in zip(flat, flags, s_flat, strict=False) if f
     ]
     return _keep_counts(scores, counts, flags)
 
@@ -262,7 +263,7 @@ def per_output(scores: Any, sparsity: Any, *, where: Where | None = None, axis: 
       Models" (Wanda), 2023. https://arxiv.org/abs/2306.11695
     """
     flags = prunable_flags(scores, where)
-    per_leaf = _masks._per_leaf_sparsity(scores, sparsity, flags)
+    per_leaf = _counts._per_leaf_sparsity(scores, sparsity, flags)
     flat, treedef = leaves_with_paths(scores)
     out = []
     for (p, x), f, s in zip(flat, flags, per_leaf, strict=False):
@@ -278,7 +279,7 @@ def per_output(scores: Any, sparsity: Any, *, where: Where | None = None, axis: 
             )
         moved = jnp.moveaxis(jnp.asarray(x), axis, 0)
         rows = moved.reshape(moved.shape[0], -1)
-        k = _masks._count(s, rows.shape[1])
+        k = _counts._count(s, rows.shape[1])
         keep = jax.vmap(lambda r, k=k: _masks._select([_masks.ordered_keys(r)], k)[0])(rows)
         out.append(jnp.moveaxis(keep.reshape(moved.shape), 0, axis))
     return jax.tree.unflatten(treedef, out)

@@ -51,54 +51,44 @@ regrow exactly the NaN/inf entries.
 Optimizers that keep a second copy of the params are not supported as such,
 as for ``jp.prune``: schedule-free's evaluation params are not masked, and
 ``optax.lookahead``'s sync steps would bring pruned weights back.
+
+The initial masks are built in :mod:`jaxprune._dynamic_init`; the arguments
+are checked in :mod:`jaxprune._dynamic_args`, home of
+:func:`cosine_drop_fraction` (re-exported here).
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import numbers
-import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxprune import criteria as _criteria
 from jaxprune import distributions as _dist
 from jaxprune import masks as _masks
+from jaxprune._dynamic_args import _validate, cosine_drop_fraction
+from jaxprune._dynamic_init import (
+    _check_total,
+    _initial_masks,
+    _per_layer_sparsities,
+    _random_masks,
+    _warn_nothing_prunable,
+)
 from jaxprune._search import (
     _explicit_axes,
     _on_auto_axes,
     _placed_like,
     _sharding_or_replicated,
 )
-from jaxprune._tree import (
-    Path,
-    Where,
-    as_int,
-    check_where,
-    is_prunable,
-    key_parts,
-    leaves_with_paths,
-    path_str,
-    prunable_flags,
-    unwrap_variables,
-)
+from jaxprune._tree import Where, key_parts, leaves_with_paths, prunable_flags, unwrap_variables
 
-# Read-only: how many leading axes of a leaf index its layers, and one layer's stand-in.
-from jaxprune.stacked import (
-    Stacked,
-    _depth,
-    _keep_per_layer,
-    _one_layer,
-    check_stacked,
-    layer_where_of,
-)
-from jaxprune.transform import _fill, _reshard_like, jit_when_eager, register_mask_state
-from jaxprune.transform import get_masks as _get_masks
+# Read-only: how many leading axes of a leaf index its layers.
+from jaxprune.stacked import Stacked, _depth, layer_where_of
+from jaxprune.state import get_masks as _get_masks
+from jaxprune.state import register_mask_state
+from jaxprune.transform import _fill, _reshard_like, jit_when_eager
 
 __all__ = ["DynamicSparseState", "rigl", "set", "cosine_drop_fraction", "get_masks"]
 
@@ -124,125 +114,6 @@ class DynamicSparseState(NamedTuple):
 # jp.get_masks (and the checkpoint and report tools) find this state too.
 register_mask_state(DynamicSparseState)
 get_masks = _get_masks
-
-
-def _is_real(value: Any) -> bool:
-    """Is ``value`` a real number: a Python or NumPy scalar, or a concrete 0-d float array?
-
-    ``bool`` is not one (``True`` would pass as 1.0), nor is a string
-    (``float("0.3")`` would parse it).
-    """
-    # numbers.Real covers Python and NumPy scalars alike (np.float32 is not a float).
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
-        return True
-    # A concrete 0-d float array (jnp.float32(0.9), np.array(0.9)) is a real number too.
-    return (
-        isinstance(value, (jax.Array, np.ndarray))
-        and not isinstance(value, jax.core.Tracer)
-        and np.ndim(value) == 0
-        and jnp.issubdtype(value.dtype, jnp.floating)
-    )
-
-
-def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array:
-    """Returns RigL's drop fraction ``alpha / 2 * (1 + cos(pi * step / end_step))``.
-
-    ``step`` may be traced; ``alpha`` must be in ``[0, 1]`` and ``end_step`` a
-    positive int (checked when they are concrete). Steps past ``end_step``
-    give 0.
-
-    Raises:
-      ValueError: ``alpha`` is not a number in ``[0, 1]`` or ``end_step`` is
-        not a positive int.
-
-    Examples:
-      >>> import jaxprune as jp
-      >>> [round(float(jp.dynamic.cosine_drop_fraction(t, alpha=0.3, end_step=10)), 4)
-      ...  for t in (0, 5, 10)]
-      [0.3, 0.15, 0.0]
-
-    References:
-      Evci et al., "Rigging the Lottery: Making All Tickets Winners", 2020.
-      https://arxiv.org/abs/1911.11134
-    """
-    if not isinstance(alpha, jax.core.Tracer) and (
-        not _is_real(alpha) or not 0.0 <= float(alpha) <= 1.0
-    ):
-        raise ValueError(
-            f"alpha must be a number in [0, 1] (the initial fraction of active weights dropped "
-            f"and regrown), got {alpha!r}. Fix: e.g. alpha=0.3 as in RigL."
-        )
-    if not isinstance(end_step, jax.core.Tracer) and (as_int(end_step) is None or end_step < 1):
-        raise ValueError(
-            f"end_step must be a positive int (the step where the drop fraction reaches 0), got "
-            f"{end_step!r}. Fix: RigL uses 75% of the training steps, e.g. "
-            "end_step=int(0.75 * total_steps)."
-        )
-    t = jnp.minimum(jnp.asarray(step, jnp.float32), end_step)
-    return jnp.float32(alpha / 2) * (1.0 + jnp.cos(jnp.pi * t / end_step))
-
-
-def _validate(
-    sparsity,
-    update_every,
-    end_step,
-    drop_fraction,
-    regrow,
-    key,
-    distribution,
-    where,
-    stacked,
-    *,
-    cosine,
-):
-    if not _is_real(sparsity) or not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(
-            f"sparsity must be a float in [0, 1) (a Python, NumPy or 0-d JAX real number: the "
-            f"constant "
-            f"fraction of pruned weights), got {sparsity!r}. Fix: e.g. sparsity=0.9."
-        )
-    if as_int(update_every) is None or update_every < 1:
-        raise ValueError(
-            f"update_every must be a positive int (steps between drop/grow), got "
-            f"{update_every!r}. Fix: e.g. update_every=100 as in RigL."
-        )
-    if cosine and end_step is None:
-        # The cosine drop fraction f(t) = alpha/2 (1 + cos(pi t / T_end)) needs T_end.
-        raise ValueError(
-            "end_step must be a positive int for RigL (its cosine drop schedule decays to 0 at "
-            "end_step), got None. Fix: RigL uses 75% of the training steps, e.g. "
-            "end_step=int(0.75 * total_steps)."
-        )
-    if end_step is not None and (as_int(end_step) is None or end_step < 1):
-        raise ValueError(
-            f"end_step must be a positive int (last drop/grow step)"
-            f"{'' if cosine else ' or None (update until training ends)'}, got {end_step!r}. "
-            "Fix: RigL uses 75% of the training steps."
-        )
-    if not _is_real(drop_fraction):
-        raise ValueError(
-            f"drop_fraction must be a real number in [0, 1] (a Python, NumPy or 0-d JAX float: "
-            f"the fraction of active weights dropped and regrown per update), got "
-            f"{drop_fraction!r} of type {type(drop_fraction).__name__}. Fix: e.g. "
-            "drop_fraction=0.3 as in RigL (a number, not a string or a bool)."
-        )
-    if not 0.0 <= float(drop_fraction) <= 1.0:
-        raise ValueError(
-            f"drop_fraction must be in [0, 1] (the fraction of active weights dropped and "
-            f"regrown per update), got {drop_fraction!r}. Fix: e.g. drop_fraction=0.3."
-        )
-    if not callable(distribution):
-        raise ValueError(
-            f"distribution must be a callable (params, sparsity, *, where) -> per-leaf "
-            f"sparsities, got {distribution!r}. Fix: e.g. distribution=jp.distributions.erk "
-            "(the function, not the string 'erk'), jp.distributions.uniform or "
-            "jp.distributions.explicit({path: sparsity})."
-        )
-    if regrow not in ("gradient", "random"):
-        raise ValueError(f"regrow must be 'gradient' (RigL) or 'random' (SET), got {regrow!r}.")
-    check_where(where)
-    check_stacked(stacked)
-    key_parts(key, "key")  # one PRNG key, typed or raw, for the initial random masks
 
 
 def _drop_grow(w, g, m, frac, key, regrow):
@@ -312,161 +183,11 @@ def _reset_moments(inner_state: Any, treedef: Any, reset: list[jax.Array]) -> An
     return jax.tree.map(fix, inner_state, is_leaf=lambda x: _is_params_like(x, treedef))
 
 
-def _warn_nothing_prunable(pure: Any, name: str) -> None:
-    paths = [f"{path_str(p)} {tuple(jnp.shape(x))}" for p, x in leaves_with_paths(pure)[0]]
-    shown = ", ".join(paths[:8]) + (f", ... ({len(paths)} leaves)" if len(paths) > 8 else "")
-    warnings.warn(
-        f"jp.dynamic.{name} found no prunable leaf in params ({shown or 'no leaves'}): nothing "
-        "is masked and training is dense. By default only floating leaves with ndim >= 2 "
-        "(kernels) are prunable. Fix: pass the model's params with its kernels, or a `where` "
-        "predicate (path, leaf) -> bool that selects the leaves to train sparse.",
-        UserWarning,
-        stacklevel=3,
-    )
-
-
-_ARRAYS = (jax.Array, np.ndarray)
-
-
-@functools.partial(jax.jit, static_argnums=(3,))
-def _random_keeps(pure: Any, key: jax.Array, counts: list[jax.Array], flags: tuple) -> Any:
-    """Random scores and their per-leaf top-k masks in one program (see :func:`_random_masks`)."""
-    return _dist._keep_counts(_criteria.random(pure, key=key), counts, list(flags))
-
-
-def _random_masks(pure: Any, key: jax.Array, per_leaf: Any, flags: list[bool], where) -> Any:
-    """Returns the initial random masks of ``per_leaf`` sparsities (one per leaf).
-
-    On concrete arrays the counts are rounded here, as the eager search rounds
-    them, and the scores and searches run as one jitted program: eagerly, each
-    leaf's search compiled apart (4.8 s for LeNet-300-100 with ERK, 1.7 s in
-    one program). Traced, or with leaves that are not arrays, leaf by leaf.
-    """
-    leaves = jax.tree.leaves(pure)
-    values = jax.tree.leaves(per_leaf)
-    eager = (
-        leaves
-        and len(values) == len(leaves)
-        and all(isinstance(x, _ARRAYS) and not isinstance(x, jax.core.Tracer) for x in leaves)
-        and not any(isinstance(v, jax.core.Tracer) for v in values)
-    )
-    if not eager:
-        return _dist._topk_per_leaf(_criteria.random(pure, key=key), per_leaf, where)
-    counts = [
-        _masks._count(v, math.prod(jnp.shape(x)))
-        for x, v, f in zip(leaves, values, flags, strict=True)
-        if f
-    ]
-    return _random_keeps(pure, key, counts, tuple(flags))
-
-
-def _check_total(
-    pure: Any, flags: list[bool], per_leaf: Any, sparsity: float, distribution: Any, name: str
-) -> None:
-    """Raises ``ValueError`` when the distribution's total disagrees with ``sparsity``.
-
-    An ``explicit`` mapping ignores the total it is given, so ``sparsity``
-    would otherwise be silently overridden. Skipped for traced per-leaf values
-    (``jax.jit(tx.init)`` with ERK).
-    """
-    values = jax.tree.leaves(per_leaf)
-    # From the shape: the stand-ins of a stack's layers are ShapeDtypeStructs.
-    sizes = [math.prod(jnp.shape(x)) for x in jax.tree.leaves(pure)]
-    if len(values) != len(sizes) or not any(flags):
-        return
-    if any(isinstance(v, jax.core.Tracer) for v, f in zip(values, flags, strict=True) if f):
-        return
-    n = sum(size for size, f in zip(sizes, flags, strict=True) if f)
-    if n == 0:
-        return
-    total = sum(float(v) * size for v, size, f in zip(values, sizes, flags, strict=True) if f) / n
-    if abs(total - sparsity) > 1e-3:
-        label = getattr(distribution, "__qualname__", None) or repr(distribution)
-        if "<locals>" in label:  # explicit({...}) returns a closure
-            label = label.split(".<locals>")[0] + "(...)"
-        raise ValueError(
-            f"jp.dynamic.{name}: sparsity={sparsity} disagrees with distribution={label}, whose "
-            f"per-leaf sparsities prune {total:.4f} of the prunable weights. The masks follow "
-            "the distribution (an explicit mapping ignores the total), so sparsity would be "
-            f"silently overridden. Fix: pass sparsity={total:.4g} to match the mapping, or "
-            "change the mapping."
-        )
-
-
 def _over_layers(fn: Any, k: int) -> Any:
     """Returns ``fn`` mapped over ``k`` leading (layer) axes of every argument."""
     for _ in range(k):
         fn = jax.vmap(fn)
     return fn
-
-
-def _per_layer_sparsities(
-    pure: Any,
-    depths: list[int],
-    distribution: Any,
-    sparsity: float,
-    where: Where | None,
-    name: str,
-) -> list[Any]:
-    """Returns one sparsity per leaf, or per layer (a tuple, flat order) for a stacked leaf.
-
-    The distribution sees the model unrolled: each layer of a stack is a leaf
-    of its own (a ``jax.ShapeDtypeStruct``) at the stack's path with its index
-    appended, so ERK sizes each layer by its own fans and the total is that of
-    the unrolled model. ``where`` is asked with the stack's own path.
-    """
-    flat, treedef = leaves_with_paths(pure)
-    parts, owner = [], {}
-    for (p, x), k in zip(flat, depths, strict=True):
-        if not k:
-            parts.append(x)
-            continue
-        n = math.prod(jnp.shape(x)[:k])
-        parts.append((_one_layer(x, k),) * n)
-        owner.update({p + (i,): p for i in range(n)})
-    unrolled = jax.tree.unflatten(treedef, parts)
-    w = is_prunable if where is None else where
-
-    def where_fn(path: Path, leaf: Any) -> bool:
-        return bool(w(owner.get(path, path), leaf))
-
-    per = distribution(unrolled, sparsity, where=where_fn)
-    _check_total(unrolled, prunable_flags(unrolled, where_fn), per, sparsity, distribution, name)
-    values = iter(jax.tree.leaves(per))
-    out = []
-    for (_, x), k in zip(flat, depths, strict=True):
-        if not k:
-            out.append(next(values))
-            continue
-        out.append(tuple(next(values) for _ in range(math.prod(jnp.shape(x)[:k]))))
-    return out
-
-
-def _layer_counts(values: tuple[Any, ...], n: int, lead: tuple[int, ...]) -> jax.Array:
-    """Returns ``round(s * n)`` of each layer's ``s`` (int32, shape ``lead``), as ``_count``.
-
-    Concrete values round in Python as ``_count`` does for a leaf (``0.3 * 35``
-    is 10, where float32's 0.3 would give 11); traced ones exactly in float32.
-    """
-    if any(isinstance(s, jax.core.Tracer) for s in values):
-        s = jnp.stack([jnp.asarray(s, jnp.float32) for s in values])
-        return _masks._count(s, n).reshape(lead)  # element-wise on a traced array
-    return jnp.asarray([round(float(s) * n) for s in values], jnp.int32).reshape(lead)
-
-
-def _initial_masks(scores: Any, per_leaf: list[Any], flags: list[bool], depths: list[int]) -> Any:
-    """Returns the top-``(1 - s)`` masks of ``scores``, each layer of a stack at its own count."""
-    flat, treedef = leaves_with_paths(scores)
-    out = []
-    for (_, x), s, f, k in zip(flat, per_leaf, flags, depths, strict=True):
-        if not f:
-            out.append(jnp.ones((), bool))
-        elif not k:
-            out.append(_keep_per_layer(x, _masks._count(s, jnp.size(x)), 0))
-        else:
-            counts = _layer_counts(s, math.prod(jnp.shape(x)[k:]), jnp.shape(x)[:k])
-            out.append(_keep_per_layer(x, counts, k))
-    return jax.tree.unflatten(treedef, out)
 
 
 def _dynamic(

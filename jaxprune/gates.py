@@ -10,10 +10,11 @@ and the structured shrink. Three layers of API:
   :class:`BetaBernoulli`, :class:`ScalarGate`): static hyperparameters and the
   per-layer formulas (:mod:`jaxprune.gates_kinds`);
 * the functional form for any pytree model (:func:`init_gates`,
-  :func:`apply_gates`, :func:`penalty`, :func:`to_masks`), plus network
-  slimming on BatchNorm scales (:func:`slimming_penalty`,
-  :func:`slimming_masks`) and :func:`multi_transform` for a separate gate
-  optimizer (:mod:`jaxprune.gates_tree`);
+  :func:`apply_gates`, :func:`penalty`) and :func:`multi_transform` for a
+  separate gate optimizer (:mod:`jaxprune.gates_tree`);
+* hard masks from trained gates (:func:`to_masks`) and network slimming on
+  BatchNorm scales (:func:`slimming_penalty`, :func:`slimming_masks`)
+  (:mod:`jaxprune.gates_masks`);
 * flax nnx attachment (:func:`attach`, :func:`reseed`, :func:`detach`,
   :func:`hard_masks`, :func:`with_features`) that wraps layers in place
   (:mod:`jaxprune.gates_nnx`), gating their output units and, with

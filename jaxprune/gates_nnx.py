@@ -22,15 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxprune._tree import key_parts, leaves_with_paths, path_str
-from jaxprune.gates_tree import (
-    Gate,
-    _check_gate,
-    _gate_features,
-    _require_per_unit,
-    _scale_rows,
-    sample_unit_gate,
-    to_masks,
-)
+from jaxprune.gates_checks import _check_gate, _require_per_unit
+from jaxprune.gates_masks import to_masks
+from jaxprune.gates_tree import Gate, _gate_features, _scale_rows, sample_unit_gate
 
 __all__ = [
     "GateKey",

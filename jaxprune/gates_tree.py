@@ -13,12 +13,15 @@ input features, and a ``bias`` of the same length by the wrong units: keep
 per-unit gates to kernels in flax's layout (``where=``), or to a params tree
 whose kernels are stored ``[in, out]``. The same holds for
 :func:`jaxprune.masks.structured`'s ``axes=-1`` (output units in flax).
+
+The hard masks read from the gates (:func:`unit_masks`, :func:`to_masks`) and
+network slimming (:func:`slimming_penalty`, :func:`slimming_masks`) live in
+:mod:`jaxprune.gates_masks`, the argument checks in
+:mod:`jaxprune.gates_checks`; the public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -36,8 +39,25 @@ from jaxprune._tree import (
     path_str,
     prunable_flags,
 )
+from jaxprune.gates_checks import (
+    _bias_path,
+    _check_gate,
+    _check_gate_params,
+    _check_gate_shapes,
+    _check_inputs,
+    _check_kind,
+    _check_not_stacked,
+    _input_rows,
+    _require_per_unit,
+)
 from jaxprune.gates_kinds import _check_folded
-from jaxprune.masks import global_topk
+from jaxprune.gates_masks import (
+    INPUTS_SUFFIX,
+    slimming_masks,
+    slimming_penalty,
+    to_masks,
+    unit_masks,
+)
 
 __all__ = [
     "Gate",
@@ -55,9 +75,6 @@ __all__ = [
     "to_masks",
     "unit_masks",
 ]
-
-# unit_masks' key suffix for the gates on a layer's input features.
-INPUTS_SUFFIX = ":inputs"
 
 
 class Gate(Protocol):
@@ -89,10 +106,6 @@ def is_gate(path: Path, leaf: Any = None) -> bool:
     # not a gate, nor are the weights under it.
     comps = [p for p in path if p not in ("value", "raw_value")]
     return bool(comps) and isinstance(comps[-1], str) and comps[-1].startswith("gate_")
-
-
-def _bias_path(path: Path) -> Path:
-    return tuple(path[:-1]) + ("bias",)
 
 
 def init_gates(
@@ -161,26 +174,6 @@ def init_gates(
     return out
 
 
-def _check_not_stacked(path: Path, x: Any, shapes: dict) -> None:
-    """Refuses a bias, or a kernel whose bias shows a leading layer axis (``nn.scan``)."""
-    shape = tuple(jnp.shape(x))
-    bias = shapes.get(_bias_path(path))
-    why = None
-    if path and path[-1] == "bias":
-        why = "it is a bias; a gated kernel's sibling bias is gated with it"
-    elif bias is not None and len(bias) >= 2 and bias == shape[:-2] + shape[-1:]:
-        why = (
-            f"its bias has shape {bias}: {shape} holds {math.prod(shape[:-2])} stacked layers "
-            "(nn.scan, nnx.vmap), and one gate per unit would be shared by all of them"
-        )
-    if why:
-        raise ValueError(
-            f"init_gates: where selected {path_str(path)!r} of shape {shape}, but {why}. Fix: "
-            "select unstacked kernels only, e.g. where=lambda p, x: p[-1] == 'kernel' and "
-            "p[0] != 'layers' (prune a stack with jp.masks.per_layer)."
-        )
-
-
 def gate_keys(gate_params: dict, key: jax.Array) -> dict[str, jax.Array]:
     """Returns one independent key per gated layer: ``fold_in(key, index)`` in key order.
 
@@ -217,15 +210,6 @@ def input_gate_keys(input_gate_params: dict, key: jax.Array) -> dict[str, jax.Ar
       (True, False)
     """
     return gate_keys(input_gate_params, jax.random.fold_in(key, 1))
-
-
-def _require_per_unit(gate: Gate, what: str) -> None:
-    """Raises unless ``gate`` gates whole units, which gating input features needs."""
-    if not gate.per_unit:
-        raise ValueError(
-            f"{what} needs a per-unit gate kind, got {type(gate).__name__}, which gates single "
-            "weights. Fix: gate inputs with BetaBernoulli, HardConcrete or ScalarGate."
-        )
 
 
 def sample_unit_gate(gate: Gate, gp: dict, key: jax.Array | None, x: jax.Array) -> jax.Array:
@@ -276,66 +260,6 @@ def _gate_features(x: jax.Array, g: jax.Array, layer: str, layers: str) -> jax.A
 def _scale_rows(name: str, kernel: jax.Array, g: jax.Array) -> jax.Array:
     """Returns ``kernel`` with its rows (axis -2, the input features) scaled by the gates ``g``."""
     return kernel * _input_rows(name, g, jnp.shape(kernel)).astype(kernel.dtype)
-
-
-def _input_rows(name: str, g: jax.Array, kernel_shape: tuple) -> jax.Array:
-    """Returns the input gates ``g`` shaped to scale the rows (axis -2) of a kernel."""
-    if len(kernel_shape) < 2 or kernel_shape[-2] != g.shape[0]:
-        raise ValueError(
-            f"input gates of {name!r} have {g.shape[0]} features, but its kernel has shape "
-            f"{kernel_shape} (inputs on axis -2). Fix: build them with "
-            "jp.gates.init_gates(gate, params, inputs=True)."
-        )
-    return g[:, None]
-
-
-def _check_gate(gate: Any) -> None:
-    """Raises ``ValueError`` for anything but a gate kind instance (the class itself included)."""
-    if isinstance(gate, type) or not all(
-        callable(getattr(gate, a, None)) for a in ("init", "penalty", "keep")
-    ):
-        what = f"the class {gate.__name__}" if isinstance(gate, type) else repr(gate)
-        raise ValueError(
-            f"gate must be a gate kind instance, got {what}. Fix: e.g. "
-            "gate=jp.gates.HardConcrete() (called), jp.gates.BetaBernoulli(), "
-            "jp.gates.VariationalDropout() or jp.gates.ScalarGate()."
-        )
-
-
-def _check_kind(gate: Gate, gps: Sequence[Any]) -> None:
-    """Raises ``ValueError`` when gate params were made by another gate kind than ``gate``."""
-    want = set(jax.eval_shape(lambda k: gate.init(k, None), jnp.zeros((2, 2), jnp.float32)))
-    for gp in gps:
-        got = set(gp) if isinstance(gp, dict) else None
-        if got != want:
-            raise ValueError(
-                f"gate_params hold {sorted(got) if got is not None else gp!r}, but "
-                f"{type(gate).__name__} has {sorted(want)}: they were made by another gate "
-                "kind. Fix: pass the gate that init_gates built them with."
-            )
-
-
-def _check_gate_params(gate_params: dict, index: dict[str, int]) -> None:
-    missing = sorted(set(gate_params) - set(index))
-    if missing:
-        raise ValueError(
-            f"gate_params name layers that params does not have: {missing[:5]}; params has "
-            f"{sorted(index)[:8]}. Fix: build gate_params with jp.gates.init_gates(gate, params)."
-        )
-
-
-def _check_gate_shapes(gate: Gate, gate_params: dict, kernels: dict) -> None:
-    """Raises ``ValueError`` naming the layer when a layer's gate params do not fit ``gate``."""
-    for name, gp in gate_params.items():
-        want = jax.eval_shape(lambda k: gate.init(k, jax.random.key(0)), kernels[name])
-        want = {k: tuple(v.shape) for k, v in want.items()}
-        got = {k: tuple(jnp.shape(v)) for k, v in gp.items()} if isinstance(gp, dict) else gp
-        if got != want:
-            raise ValueError(
-                f"gate_params[{name!r}] is {got}, but {type(gate).__name__} on that layer's kernel "
-                f"{tuple(jnp.shape(kernels[name]))} has {want}. Fix: build them with "
-                "jp.gates.init_gates(gate, params) with the same gate kind and params."
-            )
 
 
 def apply_gates(
@@ -392,13 +316,6 @@ def apply_gates(
     return jax.tree.unflatten(treedef, leaves)
 
 
-def _check_inputs(gate: Gate, input_gate_params: dict | None) -> dict:
-    inputs = dict(input_gate_params or {})
-    if inputs:
-        _require_per_unit(gate, "input_gate_params")
-    return inputs
-
-
 def penalty(
     gate: Gate, gate_params: dict, params: Any = None, *, input_gate_params: dict | None = None
 ) -> jax.Array:
@@ -446,222 +363,6 @@ def penalty(
     gps = [gate_params[n] for n in names] + [inputs[n] for n in in_names]
     _check_kind(gate, gps)
     return gate.penalty(gps, kernels)
-
-
-def unit_masks(
-    gate: Gate,
-    gate_params: dict,
-    params: Any = None,
-    *,
-    sparsity: float | None = None,
-    input_gate_params: dict | None = None,
-    max_sparsity: float | None = None,
-) -> dict[str, jax.Array]:
-    """Returns ``{layer: bool[units or kernel shape]}``: which units (weights) the gates keep.
-
-    With ``sparsity`` the kept set is instead the top ``1 - sparsity`` of the
-    gates' scores across all layers (exact count, :func:`jaxprune.masks.global_topk`);
-    ``max_sparsity`` caps what any one layer loses, and a layer left with no
-    unit is warned about.
-    ``input_gate_params`` (per-unit kinds) maps kernel paths to gates on the
-    layers' input features; their keeps come back under ``"<kernel path>:inputs"``
-    and take part in the ``sparsity`` ranking.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from jaxprune import gates
-      >>> gp = {"fc/kernel": {"gate_log_alpha": jnp.array([-9.0, 9.0])}}
-      >>> gates.unit_masks(gates.HardConcrete(), gp)["fc/kernel"].tolist()
-      [False, True]
-      >>> gp = {
-      ...     "a/kernel": {"gate_scale": jnp.array([0.5, 0.0, 0.9])},
-      ...     "b/kernel": {"gate_scale": jnp.array([0.1, 0.3])},
-      ... }
-      >>> keep = gates.unit_masks(gates.ScalarGate(), gp, sparsity=0.4)  # ranked across layers
-      >>> keep["a/kernel"].tolist(), keep["b/kernel"].tolist()
-      ([True, False, True], [False, True])
-    """
-    _check_gate(gate)
-    inputs = _check_inputs(gate, input_gate_params)
-    names = sorted(gate_params)
-    kernels = {}
-    if params is not None:
-        flat, _ = leaves_with_paths(params)
-        kernels = {path_str(p): jnp.asarray(x) for p, x in flat}
-        # Before scoring: a per-weight kind reads kernels[name], and a name that
-        # params lacks must get the clear message, not an error on ``None``.
-        _check_gate_params(gate_params, kernels)
-        _check_gate_params(inputs, kernels)
-    if not gate.per_unit and params is None:
-        raise ValueError(
-            "variational dropout masks read the weights, but params is None. Fix: pass params."
-        )
-    every = {n: (gate_params[n], kernels.get(n)) for n in names}
-    every.update({f"{n}{INPUTS_SUFFIX}": (inputs[n], None) for n in sorted(inputs)})
-    if sparsity is None:
-        keep = {n: gate.keep(gp, k) for n, (gp, k) in every.items()}
-        _warn_emptied(
-            "unit_masks",
-            keep,
-            "a smaller penalty weight, or unit_masks(..., sparsity=s, max_sparsity=0.9) to keep "
-            "the best-scored units of every layer",
-            what="unit" if gate.per_unit else "weight",
-        )
-        return keep
-    scores = {n: gate.score(gp, k) for n, (gp, k) in every.items()}
-    keep = global_topk(scores, sparsity, where=lambda p, x: True, max_sparsity=max_sparsity)
-    _warn_emptied("unit_masks", keep)
-    return keep
-
-
-def _warn_emptied(
-    name: str, keep: dict, fix: str = "max_sparsity=0.9 (or lower sparsity)", what: str = "unit"
-) -> None:
-    # Warned only when the masks are concrete (the masks are also built under jit).
-    emptied = [
-        n
-        for n, k in keep.items()
-        if not isinstance(k, jax.core.Tracer) and k.size and not bool(jnp.any(k))
-    ]
-    if emptied:
-        warnings.warn(
-            f"{name} pruned every {what} of {emptied[:5]}: the network's output no longer "
-            f"depends on its input. Fix: {fix}.",
-            stacklevel=3,
-        )
-
-
-def to_masks(
-    gate: Gate,
-    gate_params: dict,
-    params: Any,
-    *,
-    sparsity: float | None = None,
-    input_gate_params: dict | None = None,
-    max_sparsity: float | None = None,
-) -> Any:
-    """Returns bool hard masks mirroring ``params``: pruned units' columns and biases ``False``.
-
-    Feed them to :func:`jaxprune.apply_masks` (on the folded params,
-    ``apply_gates(gate, params, gate_params)``, whose pruned units are already
-    zero) and to the structured shrink. Leaves without a gate get a scalar
-    ``True``. ``input_gate_params`` (kernel path -> gates on the layer's
-    input features) makes pruned inputs' kernel rows ``False``.
-
-    Examples:
-      >>> import jax.numpy as jnp, jaxprune as jp
-      >>> from jaxprune import gates
-      >>> params = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
-      >>> gp = {"fc/kernel": {"gate_log_alpha": jnp.array([-9.0, 9.0])}}
-      >>> m = gates.to_masks(gates.HardConcrete(), gp, params)
-      >>> m["fc"]["kernel"].tolist(), m["fc"]["bias"].tolist()
-      ([[False, True], [False, True]], [False, True])
-    """
-    _check_gate(gate)
-    units = unit_masks(
-        gate,
-        gate_params,
-        params,
-        sparsity=sparsity,
-        input_gate_params=input_gate_params,
-        max_sparsity=max_sparsity,
-    )
-    flat, treedef = leaves_with_paths(params)
-    index = {path_str(p): i for i, (p, _) in enumerate(flat)}
-    _check_gate_params(gate_params, index)
-    leaves: list[Any] = [jnp.ones((), bool) for _ in flat]
-    rows = {n.removesuffix(INPUTS_SUFFIX): k for n, k in units.items() if n.endswith(INPUTS_SUFFIX)}
-    for name, keep in units.items():
-        if name.endswith(INPUTS_SUFFIX):
-            continue
-        i = index[name]
-        shape = jnp.shape(flat[i][1])
-        leaves[i] = jnp.broadcast_to(keep, shape)
-        b = index.get(path_str(_bias_path(flat[i][0])))
-        if gate.per_unit and b is not None and jnp.shape(flat[b][1]) == keep.shape:
-            leaves[b] = keep
-    for name, keep in rows.items():
-        i = index[name]
-        shape = jnp.shape(flat[i][1])
-        leaves[i] = leaves[i] & jnp.broadcast_to(_input_rows(name, keep, shape), shape)
-    return jax.tree.unflatten(treedef, leaves)
-
-
-def _is_bn_scale(path: Path, leaf: Any) -> bool:
-    return bool(path) and path[-1] == "scale" and jnp.ndim(leaf) == 1
-
-
-def slimming_penalty(params: Any, *, where: Where | None = None) -> jax.Array:
-    """Returns ``sum |gamma|`` over BatchNorm scales: network slimming's L1 term.
-
-    Multiply by lambda (1e-4 for VGG, 1e-5 for ResNet in the paper) and add to
-    the loss. ``where`` picks the scales; default 1-D leaves named ``scale``.
-
-    Examples:
-      >>> import jax.numpy as jnp, jaxprune as jp
-      >>> from jaxprune import gates
-      >>> float(gates.slimming_penalty({"bn": {"scale": jnp.array([1.0, -2.0])}}))
-      3.0
-
-    References:
-      Liu et al., "Learning Efficient Convolutional Networks through Network
-      Slimming", ICCV 2017. https://arxiv.org/abs/1708.06519
-    """
-    where = where or _is_bn_scale
-    flat, _ = leaves_with_paths(params)
-    return sum(
-        (jnp.sum(jnp.abs(x.astype(jnp.float32))) for p, x in flat if where(p, x)), jnp.float32(0)
-    )
-
-
-def slimming_masks(
-    params: Any,
-    sparsity: float,
-    *,
-    where: Where | None = None,
-    max_sparsity: float | None = None,
-) -> Any:
-    """Returns masks mirroring ``params`` that prune the smallest ``|gamma|`` channels globally.
-
-    Exactly ``round(sparsity * C)`` of the ``C`` BatchNorm channels are pruned;
-    each pruned channel's ``scale`` and sibling ``bias`` are ``False``, so its
-    output is exactly zero and the structured shrink can remove it with the
-    producing conv's filter. A global ranking can take every channel of one
-    layer, leaving a network whose output is constant: ``max_sparsity`` caps
-    what one layer loses (``floor(max_sparsity * channels)``; see
-    :func:`jaxprune.masks.global_topk`), and an emptied layer warns.
-
-    Examples:
-      >>> import jax.numpy as jnp, jaxprune as jp
-      >>> from jaxprune import gates
-      >>> p = {"bn": {"scale": jnp.array([0.1, 2.0]), "bias": jnp.ones(2)}}
-      >>> m = gates.slimming_masks(p, 0.5)
-      >>> m["bn"]["scale"].tolist(), m["bn"]["bias"].tolist()
-      ([False, True], [False, True])
-
-    References:
-      Liu et al., "Learning Efficient Convolutional Networks through Network
-      Slimming", ICCV 2017. https://arxiv.org/abs/1708.06519
-    """
-    where = where or _is_bn_scale
-    flat, treedef = leaves_with_paths(params)
-    scales = {path_str(p): jnp.abs(x) for p, x in flat if where(p, x)}
-    if not scales:
-        raise ValueError(
-            "slimming_masks found no BatchNorm scales (1-D leaves named 'scale'). Fix: pass "
-            "where=lambda path, x: ... selecting the per-channel scale leaves."
-        )
-    keep = global_topk(scales, sparsity, where=lambda p, x: True, max_sparsity=max_sparsity)
-    _warn_emptied("slimming_masks", keep)
-    index = {path_str(p): i for i, (p, _) in enumerate(flat)}
-    leaves: list[Any] = [jnp.ones((), bool) for _ in flat]
-    for name, k in keep.items():
-        i = index[name]
-        leaves[i] = k
-        b = index.get(path_str(_bias_path(flat[i][0])))
-        if b is not None and jnp.shape(flat[b][1]) == k.shape:
-            leaves[b] = k
-    return jax.tree.unflatten(treedef, leaves)
 
 
 def multi_transform(

@@ -9,25 +9,32 @@ where ``s * n`` is a half-integer (``0.98 * 25``) the two can differ by one.
 Nothing here sorts: the k-th smallest score comes from the exact search in
 :mod:`jaxprune._search` (O(N) per probe, a handful of probes, and on sharded
 arrays each probe is a reduction, not a gather).
+
+Masks stored at one bit per entry (:func:`pack`, :func:`unpack`,
+:class:`PackedMask`) live in :mod:`jaxprune.bitmask`; the checks of a
+sparsity argument and its exact counts, in :mod:`jaxprune._counts`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
+from jaxprune._counts import (
+    _cap,
+    _check_max_sparsity,
+    _check_sparsity,
+    _count,
+    _per_leaf_sparsity,
+)
 from jaxprune._search import (
     _explicit_axes,
     _flat_index,
-    _on_auto_axes,
     _select,
     kth_smallest_keys,
     ordered_keys,
@@ -42,6 +49,7 @@ from jaxprune._tree import (
     path_str,
     prunable_flags,
 )
+from jaxprune.bitmask import PackedMask, _has_packed, pack, unpack
 
 __all__ = [
     "topk",
@@ -61,139 +69,6 @@ __all__ = [
     "pattern_library",
     "per_layer",
 ]
-
-
-def _check_sparsity(s: Any, name: str = "sparsity", *, tree_ok: bool = True) -> None:
-    """Raises unless ``s`` is one number in [0, 1] (a traced scalar passes unchecked).
-
-    ``tree_ok``: the caller also takes a tree of them (one per leaf), which
-    the messages then mention; a global selection does not.
-    """
-    if isinstance(s, jax.core.Tracer):
-        if jnp.ndim(s):  # its value is unknown here, its shape is not
-            hint = (
-                "a tree of scalars gives one per leaf; a stack's layers share their leaf's value"
-                if tree_ok
-                else "a global selection takes one number; per-layer values: per_layer(topk) "
-                "or jp.distributions.selection(...)"
-            )
-            raise ValueError(
-                f"{name} must be one number in [0, 1], got a traced array of shape "
-                f"{tuple(jnp.shape(s))}. Fix: pass a scalar ({hint})."
-            )
-        return
-    if isinstance(s, (bool, str, bytes)) or getattr(s, "dtype", None) in (bool, jnp.bool_):
-        # float(True) == 1.0 and float("0.5") == 0.5 would pass silently.
-        raise ValueError(
-            f"{name} must be a number in [0, 1], got {s!r}. Fix: pass e.g. 0.9 to prune 90% "
-            "of the weights."
-        )
-    try:
-        v = float(s)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{name} must be a number in [0, 1]{' (or a tree of them)' if tree_ok else ''}, got "
-            f"{s!r}."
-            + (
-                ""
-                if tree_ok
-                else " Fix: per-layer values: per_layer(topk) or jp.distributions.selection(...)."
-            )
-        ) from None
-    if not (0.0 <= v <= 1.0) or math.isnan(v):
-        raise ValueError(
-            f"{name} must be in [0, 1] (the fraction of entries to prune), got {v}. "
-            "Fix: pass e.g. 0.9 to prune 90% of the weights, not 90."
-        )
-
-
-def _count(s: Any, n: int) -> jax.Array:
-    """Returns round(s * n) as int32: Python's, for concrete s; exact, for traced float32 s.
-
-    A traced ``s`` outside ``[0, 1]`` is clipped to it, and a traced NaN
-    prunes nothing (a concrete one is refused by :func:`_check_sparsity`).
-    """
-    if not isinstance(s, jax.core.Tracer):
-        return jnp.int32(round(float(s) * n))
-    s = jnp.asarray(s, jnp.float32)
-    return _round_product(jnp.clip(jnp.where(jnp.isnan(s), 0.0, s), 0.0, 1.0), n)
-
-
-def _round_product(s: jax.Array, n: int) -> jax.Array:
-    """Returns ``round(s * n)`` (ties to even) for float32 ``s`` in [0, 1] and ``n < 2**31``.
-
-    Exact: ``s * n`` in float32 has only 24 significant bits, so from about a
-    million entries it would miss the count by one. ``s = m / 2**shift`` with
-    an integer mantissa ``m < 2**24``, so ``m * n`` is formed exactly in 16-bit
-    limbs of uint32 and shifted right with round-half-even.
-    """
-    if not 0 <= n < 2**31:
-        raise ValueError(f"n must be in [0, 2**31) (entries of int32-indexed leaves), got {n}.")
-    u32 = jnp.uint32
-    bits = jax.lax.bitcast_convert_type(s, u32)
-    e = (bits >> 23) & u32(0xFF)
-    m = (bits & u32(0x7FFFFF)) | jnp.where(e > 0, u32(1 << 23), u32(0))
-    shift = (u32(150) - jnp.maximum(e, u32(1))).astype(jnp.int32)  # s = m / 2**shift, >= 23
-    m0, m1 = m & u32(0xFFFF), m >> 16
-    n0, n1 = u32(n & 0xFFFF), u32(n >> 16)
-    low = m0 * n0
-    mid = m1 * n0 + m0 * n1 + (low >> 16)  # < 2**32
-    hi = m1 * n1 + (mid >> 16)  # m * n = hi * 2**32 + lo
-    lo = ((mid & u32(0xFFFF)) << 16) | (low & u32(0xFFFF))
-
-    def shr(x, k):  # x >> k for any k >= 0 (0 from 32 on)
-        return jnp.where(k >= 32, u32(0), x >> jnp.clip(k, 0, 31).astype(u32))
-
-    def low_bits(x, k):  # x mod 2**k for any k >= 0
-        keep = jnp.where(k >= 32, u32(0xFFFFFFFF), (u32(1) << jnp.clip(k, 0, 31).astype(u32)) - 1)
-        return x & keep
-
-    # floor(m * n / 2**shift): shift >= 23 and the result is <= n < 2**31.
-    q = jnp.where(
-        shift >= 32,
-        shr(hi, shift - 32),
-        shr(lo, shift) | (hi << (u32(32) - jnp.clip(shift, 1, 32).astype(u32))),
-    )
-    h = shift - 1  # the bit worth one half
-    half = jnp.where(h >= 32, shr(hi, h - 32), shr(lo, h)) & u32(1)
-    below = jnp.where(h >= 32, (lo != 0) | (low_bits(hi, h - 32) != 0), low_bits(lo, h) != 0)
-    up = (half == 1) & (below | ((q & u32(1)) == 1))
-    return (q + up.astype(u32)).astype(jnp.int32)
-
-
-def _per_leaf_sparsity(scores: Any, sparsity: Any, flags: list[bool]) -> list[Any]:
-    """Broadcasts a scalar sparsity, or reads a tree of them, to one value per leaf."""
-    flat, _ = leaves_with_paths(scores)
-    if isinstance(sparsity, (int, float, str, bytes)) or (
-        hasattr(sparsity, "dtype") and jnp.ndim(sparsity) == 0
-    ):
-        _check_sparsity(sparsity)
-        return [sparsity] * len(flat)
-    if hasattr(sparsity, "dtype"):
-        raise ValueError(
-            f"sparsity must be one number in [0, 1] or a tree of them (one per leaf of the "
-            f"scores), got an array of shape {tuple(jnp.shape(sparsity))}. Fix: pass a float, "
-            "or a tree with the scores' structure, e.g. jax.tree.map(lambda _: 0.5, scores)."
-        )
-    # Matched by path, not by position: a tree with other names (a typo) or
-    # another order is an error, and containers may differ (dict vs nnx.State).
-    by_path = dict(leaves_with_paths(sparsity)[0])
-    if set(by_path) != {p for p, _ in flat} or len(by_path) != len(flat):
-        check_same_structure(
-            scores,
-            sparsity,
-            ref_name="scores",
-            other_name="sparsity",
-            fix="pass one float, or a tree with one float per leaf of the scores under the "
-            "same names, e.g. jax.tree.map(lambda _: 0.5, scores)",
-        )
-    out = []
-    for (p, _), f in zip(flat, flags, strict=True):
-        s = by_path[p]
-        if f:
-            _check_sparsity(s, f"sparsity[{path_str(p)!r}]")
-        out.append(s)
-    return out
 
 
 def _assemble(scores: Any, flags: list[bool], keeps: dict[int, jax.Array]) -> Any:
@@ -300,24 +175,6 @@ def global_topk(
         count = jnp.minimum(count, sum(caps))
     kept = _select(keys, count) if leaves else []
     return _assemble(scores, flags, {**_empty(flat, flags), **dict(zip(idx, kept, strict=True))})
-
-
-def _check_max_sparsity(value: Any, name: str, unit: str, things: str) -> None:
-    """Raises unless ``value`` is ``None`` or a Python number in [0, 1]."""
-    if value is None:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not 0.0 <= value <= 1.0:
-        raise ValueError(
-            f"{name} must be a Python number in [0, 1] (the largest fraction of one {unit}'s "
-            f"{things} to prune) or None, got {value!r}. Fix: e.g. {name}=0.9 so that every "
-            f"{unit} keeps at least 10% of its {things}."
-        )
-
-
-def _cap(max_sparsity: float, n: int) -> int:
-    """Returns ``floor(max_sparsity * n)``, robust to ``0.29 * 100 = 28.999...``."""
-    return min(n, math.floor(round(max_sparsity * n, 9)))
 
 
 def _capped_keys(keys: list[jax.Array], caps: list[int]) -> list[jax.Array]:
@@ -545,198 +402,6 @@ def _capped_keys_fn(keys_of, score_fn, src, leaf_srcs, idx, caps, deep, *, shape
         return out
 
     return keys_fn
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedMask:
-    """A bool mask stored at one bit per entry: 8 consecutive entries of one axis per byte.
-
-    The packed axis is the first one whose length is a multiple of 8,
-    preferring any axis but the last (every common kernel has one), split in
-    place into bytes: the other axes, and their sharding, stay as they are,
-    and no padding is needed. A mask with no such axis is flattened and
-    padded to a whole byte instead.
-
-    Attributes:
-      bits: uint8; ``shape`` with the packed axis divided by 8 (or 1-D,
-        ``ceil(size / 8)``, when ``axis`` is None). Bit ``j`` of byte ``b`` is
-        entry ``8 * b + j`` along the packed axis.
-      shape: the mask's shape (static).
-      axis: the packed axis, or None for flattened (static).
-    """
-
-    bits: jax.Array
-    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-    axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
-
-
-jax.tree_util.register_dataclass(PackedMask, data_fields=["bits"], meta_fields=["shape", "axis"])
-
-_BIT = tuple(1 << j for j in range(8))
-
-
-def _pack_axis(shape: tuple[int, ...]) -> int | None:
-    # A major axis first: unpacking then runs along the full, contiguous last
-    # axis (vectorizes; ~3x faster on CPU than bytes along the last axis).
-    for axis in list(range(len(shape) - 1)) + [len(shape) - 1]:
-        if shape[axis] % 8 == 0:
-            return axis
-    return None
-
-
-def _pack_leaf(m: Any) -> Any:
-    m = jnp.asarray(m, bool)
-    if m.ndim == 0:
-        return m
-    shape, axis = tuple(m.shape), _pack_axis(m.shape)
-    found = _explicit_axes(m)
-    if found is not None:
-        # Sharding in types: splitting a sharded axis into bytes is a reshape
-        # that needs its output sharding spelled out (see _packed_sharding).
-        out = _packed_sharding(jax.typeof(m).sharding, shape, axis, found[0])
-        bits = _on_auto_axes(lambda x: _pack_bits(x, axis), found[1], out, m)
-        return PackedMask(bits, shape, axis)
-    return PackedMask(_pack_bits(m, axis), shape, axis)
-
-
-def _pack_bits(m: jax.Array, axis: int | None) -> jax.Array:
-    """Returns the :class:`PackedMask` bits of the bool ``m`` packed along ``axis``."""
-    shape = tuple(m.shape)
-    if axis is None:
-        flat = m.reshape(-1)
-        m = jnp.pad(flat, (0, -flat.size % 8), constant_values=True)
-        split = m.reshape(-1, 8)
-        weights = jnp.asarray(_BIT, jnp.uint8)
-        return jnp.sum(split.astype(jnp.uint8) * weights, axis=1, dtype=jnp.uint8)
-    split = m.reshape(shape[:axis] + (shape[axis] // 8, 8) + shape[axis + 1 :])
-    weights = jnp.asarray(_BIT, jnp.uint8).reshape((8,) + (1,) * (m.ndim - axis - 1))
-    return jnp.sum(split.astype(jnp.uint8) * weights, axis=axis + 1, dtype=jnp.uint8)
-
-
-def _packed_sharding(sharding: Any, shape: tuple[int, ...], axis: int | None, mesh: Any) -> Any:
-    """Returns the sharding of the bits packing a mask of ``shape`` typed with ``sharding``.
-
-    For explicitly sharded masks (arrays typed with Explicit mesh axes, see
-    https://docs.jax.dev/en/latest/notebooks/explicit-sharding.html). The
-    bits keep the mask's partition spec: every other axis as it is, and the
-    packed axis too when its ``shape[axis] / 8`` bytes still divide evenly
-    over its devices (else that axis is replicated). Flattened bits
-    (``axis is None``) are replicated.
-    """
-    if axis is None:
-        return NamedSharding(mesh, PartitionSpec())
-    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-    entry = spec[axis]
-    names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-    if (shape[axis] // 8) % math.prod(mesh.shape[n] for n in names):
-        spec[axis] = None
-    return NamedSharding(mesh, PartitionSpec(*spec))
-
-
-def _unpack_leaf(p: Any) -> Any:
-    if not isinstance(p, PackedMask):
-        return p
-    found = _explicit_axes(p.bits)
-    if found is not None:
-        # The mask keeps the bits' spec (a packed axis sharded over k devices
-        # unpacks to 8x as many entries, still even); flattened bits unpack
-        # replicated.
-        mesh, axes = found
-        spec = jax.typeof(p.bits).sharding.spec if p.axis is not None else PartitionSpec()
-        out = NamedSharding(mesh, spec)
-        return _on_auto_axes(lambda b: _unpack_bits(b, p.shape, p.axis), axes, out, p.bits)
-    return _unpack_bits(p.bits, p.shape, p.axis)
-
-
-def _unpack_bits(bits: jax.Array, shape: tuple[int, ...], axis: int | None) -> jax.Array:
-    """Returns the bool mask of ``shape`` stored in ``bits`` packed along ``axis``.
-
-    ``bits`` may carry leading axes (a state built with ``jax.vmap(tx.init)``,
-    an ensemble): the masks then have them too.
-    """
-    want = _bits_shape(shape, axis)
-    lead = jnp.ndim(bits) - len(want)
-    if lead < 0 or tuple(jnp.shape(bits)[lead:]) != want:
-        raise ValueError(
-            f"packed mask bits of shape {tuple(jnp.shape(bits))} do not hold a mask of shape "
-            f"{shape} (expected bits of shape {want}, after any leading batch axes). Fix: pass "
-            "the PackedMask as jp.prune stored it, unchanged."
-        )
-    if lead:
-        one = functools.partial(_unpack_bits, shape=shape, axis=axis)
-        for _ in range(lead):
-            one = jax.vmap(one)
-        return one(bits)
-    if axis is None:
-        flat = (bits[:, None] & jnp.asarray(_BIT, jnp.uint8)) != 0
-        return flat.reshape(-1)[: math.prod(shape)].reshape(shape)
-    trailing = len(shape) - axis - 1
-    weights = jnp.asarray(_BIT, jnp.uint8).reshape((8,) + (1,) * trailing)
-    return ((jnp.expand_dims(bits, axis + 1) & weights) != 0).reshape(shape)
-
-
-def _is_packed(x: Any) -> bool:
-    return isinstance(x, PackedMask)
-
-
-def _has_packed(tree: Any) -> bool:
-    return any(_is_packed(x) for x in jax.tree.leaves(tree, is_leaf=_is_packed))
-
-
-def pack(masks: Any) -> Any:
-    """Returns ``masks`` with every bool leaf of ``ndim >= 1`` stored as a :class:`PackedMask`.
-
-    One bit per entry instead of one byte; scalar leaves (the ``True`` of a
-    non-prunable leaf) stay as they are. :func:`unpack` inverts it exactly.
-
-    Examples:
-      >>> import jax.numpy as jnp, jaxprune as jp
-      >>> p = jp.masks.pack({"w": jnp.array([[True, False, True]] * 2), "b": jnp.bool_(True)})
-      >>> p["w"].bits.shape, p["w"].bits.dtype.name
-      ((1,), 'uint8')
-      >>> jp.masks.unpack(p)["w"][0].tolist()
-      [True, False, True]
-    """
-    return jax.tree.map(_pack_leaf, masks)
-
-
-def unpack(packed: Any) -> Any:
-    """Returns the bool masks stored in ``packed`` (see :func:`pack`).
-
-    In a state built with ``jax.vmap(tx.init)`` (an ensemble) the packed bits
-    and the scalar ``True`` of unpruned leaves carry the members' axis; an
-    all-``True`` one comes back as the scalar ``True`` it stands for.
-
-    Examples:
-      >>> import jax.numpy as jnp, jaxprune as jp
-      >>> masks = {"w": jnp.array([[True, False, True]]), "b": jnp.bool_(True)}
-      >>> back = jp.masks.unpack(jp.masks.pack(masks))
-      >>> back["w"].tolist(), back["b"].tolist()
-      ([[True, False, True]], True)
-    """
-    leads = {
-        tuple(jnp.shape(x.bits)[: jnp.ndim(x.bits) - len(_bits_shape(x.shape, x.axis))])
-        for x in jax.tree.leaves(packed, is_leaf=_is_packed)
-        if _is_packed(x)
-    }
-    lead = leads.pop() if len(leads) == 1 else ()
-
-    def one(x):
-        if _is_packed(x):
-            return _unpack_leaf(x)
-        if lead and jnp.shape(x) == lead and not isinstance(x, jax.core.Tracer):
-            if jnp.asarray(x).dtype == jnp.bool_ and bool(jnp.all(x)):
-                return jnp.ones((), bool)
-        return x
-
-    return jax.tree.map(one, packed, is_leaf=_is_packed)
-
-
-def _bits_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
-    """Returns the shape of the bits of a mask of ``shape`` packed along ``axis``."""
-    if axis is None:
-        return (-(-math.prod(shape) // 8),)
-    return tuple(d // 8 if i == axis else d for i, d in enumerate(shape))
 
 
 def apply_masks(params: Any, masks: Any) -> Any:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import _counts
 from jaxprune import masks as _masks
 from jaxprune._search import (
     _explicit_axes,
@@ -259,7 +260,7 @@ def _topk_per_layer(
     scratch memory do not grow with ``L``.
     """
     flags, one = _layer_flags(flat, treedef, depths, where)
-    per_leaf = _masks._per_leaf_sparsity(one, sparsity, flags)
+    per_leaf = _counts._per_leaf_sparsity(one, sparsity, flags)
     out = []
     for (_, x), k, f, s in zip(flat, depths, flags, per_leaf, strict=True):
         if not f:
@@ -269,7 +270,7 @@ def _topk_per_layer(
         if x.size == 0:
             out.append(jnp.ones(x.shape, bool))
             continue
-        out.append(_keep_layers(x, _masks._count(s, math.prod(x.shape[k:])), k, explicit))
+        out.append(_keep_layers(x, _counts._count(s, math.prod(x.shape[k:])), k, explicit))
     return jax.tree.unflatten(treedef, out)
 
 
@@ -283,20 +284,20 @@ def _capped_global(
     search per stack), then one global search prunes ``min(round(s * N),
     sum of the caps)`` of them, in the same flatten order.
     """
-    _masks._check_sparsity(sparsity, tree_ok=False)
-    _masks._check_max_sparsity(cap, "max_sparsity", "layer", "entries")
+    _counts._check_sparsity(sparsity, tree_ok=False)
+    _counts._check_max_sparsity(cap, "max_sparsity", "layer", "entries")
     flags = _layer_flags(flat, treedef, depths, where)[0]
     idx = [i for i, f in enumerate(flags) if f and math.prod(jnp.shape(flat[i][1]))]
     top = jnp.uint32(0xFFFFFFFF)
     keys, caps, n = [], 0, 0
     for i in idx:
         x, k = jnp.asarray(flat[i][1]), depths[i]
-        c = _masks._cap(cap, math.prod(x.shape[k:]))
+        c = _counts._cap(cap, math.prod(x.shape[k:]))
         lowest = ~_keep_layers(x, jnp.int32(c), k, explicit)  # each layer's c lowest
         keys.append(jnp.where(lowest, ordered_keys(x), top))
         caps += c * math.prod(x.shape[:k])
         n += x.size
-    kept = _select(keys, jnp.minimum(_masks._count(sparsity, n), caps)) if idx else []
+    kept = _select(keys, jnp.minimum(_counts._count(sparsity, n), caps)) if idx else []
     keeps = {**_masks._empty(flat, flags), **dict(zip(idx, kept, strict=True))}
     return _masks._assemble(jax.tree.unflatten(treedef, [x for _, x in flat]), flags, keeps)
 

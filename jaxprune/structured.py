@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import _counts
 from jaxprune import masks as _masks
 from jaxprune._search import (
     _explicit_axes,
@@ -450,7 +451,7 @@ def nm(
                 f"got {sparsity!r}. Fix: pass a number, or call nm once per group of leaves "
                 "(with where=)."
             )
-        _masks._check_sparsity(sparsity)
+        _counts._check_sparsity(sparsity)
     if axis is not None and not callable(axis) and as_int(axis) is None:
         raise ValueError(
             f"axis must be an int or a function (path, leaf) -> int, got {axis!r}. Fix: e.g. "
@@ -497,7 +498,7 @@ def nm(
         if sparsity is None:
             drop = jnp.int32(m - n)
         else:
-            drop = _masks._count(sparsity, m)
+            drop = _counts._count(sparsity, m)
             if n is not None:
                 drop = jnp.minimum(drop, m - n)
         g = jnp.moveaxis(jnp.asarray(x, jnp.float32), ax, -1)

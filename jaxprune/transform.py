@@ -5,12 +5,15 @@ criterion and selection under ``lax.cond`` on refresh steps, and enforces the
 masks on every step: gradients of pruned entries are zeroed before the inner
 optimizer sees them, and the emitted updates are ``where(mask, u, -params)`` so
 that after ``optax.apply_updates`` pruned entries are exactly zero.
+
+Reading the pruning state back out of an optimizer state (:func:`get_masks`,
+:func:`find_prune_states`, :func:`state_bytes`, :func:`register_mask_state`)
+lives in :mod:`jaxprune.state`; they are re-exported here.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -37,6 +40,7 @@ from jaxprune._tree import (
 )
 from jaxprune.schedules import Schedule, as_schedule
 from jaxprune.stacked import _depth, _fast_path, layer_where_of
+from jaxprune.state import find_prune_states, get_masks, register_mask_state, state_bytes
 
 __all__ = [
     "PruneState",
@@ -78,6 +82,9 @@ class PruneState(NamedTuple):
         """The bool masks (params' structure; non-prunable leaves a scalar ``True``)."""
         return _masks.unpack(unwrap_variables(self.packed_masks))
 
+
+# get_masks, find_prune_states and state_bytes find this state.
+register_mask_state(PruneState)
 
 _SCOPES = {"layer": _masks.topk, "global": _masks.global_topk}
 
@@ -501,144 +508,3 @@ def jit_when_eager(update_fn: Callable[..., Any]) -> Callable[..., Any]:
 
     wrapper.jitted = jitted  # its compile cache, for tests and the curious
     return wrapper
-
-
-# State classes whose ``masks`` (field or property) are the masks being
-# enforced; other mask-enforcing transforms (e.g. jp.dynamic) register theirs.
-_MASK_STATES: list[type] = [PruneState]
-
-
-def register_mask_state(cls: type) -> type:
-    """Registers a state class (with ``masks`` and ``inner_state``) for :func:`get_masks`."""
-    if cls not in _MASK_STATES:
-        _MASK_STATES.append(cls)
-    return cls
-
-
-def _is_mask_state(x: Any) -> bool:
-    return isinstance(x, tuple(_MASK_STATES))
-
-
-def find_prune_states(opt_state: Any) -> list[Any]:
-    """Returns every pruning state inside ``opt_state`` (outermost first).
-
-    That is every :class:`PruneState`, and the states of other registered
-    mask-enforcing transforms (``jp.dynamic.rigl`` / ``set``).
-    """
-    found = []
-
-    def visit(x):
-        if _is_mask_state(x):
-            found.append(x)
-            jax.tree.map(visit, x.inner_state, is_leaf=_is_mask_state)
-        return x
-
-    jax.tree.map(visit, opt_state, is_leaf=_is_mask_state)
-    return found
-
-
-def get_masks(opt_state: Any) -> optax.Params:
-    """Returns the masks currently enforced by the ``jp.prune`` inside ``opt_state``.
-
-    Finds the pruning state inside ``optax.chain``, ``optax.MultiSteps``,
-    ``inject_hyperparams`` states and ``nnx.Optimizer.opt_state``; also the
-    masks of ``jp.dynamic.rigl`` / ``set``. Where ``opt_state`` holds several
-    (one ``jp.prune`` per ``optax.multi_transform`` partition, or one nested in
-    another), an entry is kept only where every one of them keeps it.
-
-    Raises:
-      ValueError: ``opt_state`` holds no pruning state, or pruning states over
-        different trees.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
-      >>> params = {"w": jnp.arange(1.0, 9.0).reshape(2, 4), "b": jnp.zeros(4)}
-      >>> tx = optax.MultiSteps(jp.prune(optax.sgd(0.1), sparsity=0.5), 1)
-      >>> state = tx.init(params)
-      >>> bool(jp.get_masks(state)["w"].all())  # nothing pruned before the first step
-      True
-      >>> grads = jax.tree.map(jnp.ones_like, params)
-      >>> _, state = tx.update(grads, state, params)
-      >>> masks = jp.get_masks(state)
-      >>> masks["w"].tolist(), masks["b"].tolist()  # 1-D leaves are not pruned
-      ([[False, False, False, False], [True, True, True, True]], True)
-    """
-    states = find_prune_states(opt_state)
-    if not states:
-        raise ValueError(
-            "opt_state holds no jp.prune state. Fix: build the optimizer with "
-            "tx = jp.prune(optax.adam(1e-3), sparsity=...) and pass tx.init(params) "
-            "(or nnx.Optimizer(model, tx, wrt=nnx.Param).opt_state) here; nnx.state(optimizer) "
-            "is not enough, as it leaves the masks' shapes in the graphdef."
-        )
-    # Under optax.masked, leaves the pruning never sees are MaskedNode(): they
-    # are not pruned, so their mask is a scalar True, as for any unpruned leaf.
-    masked = optax.MaskedNode
-    out = unwrap_variables(states[0].masks)
-    for other in states[1:]:
-        out = _merge_masks(out, unwrap_variables(other.masks), len(states))
-    return jax.tree.map(
-        lambda x: jnp.ones((), bool) if isinstance(x, masked) else x,
-        out,
-        is_leaf=lambda x: isinstance(x, masked),
-    )
-
-
-def _merge_masks(a: Any, b: Any, n: int) -> Any:
-    """Returns the masks keeping what both ``a`` and ``b`` keep.
-
-    A ``MaskedNode`` (a subtree ``optax.masked`` or ``multi_transform`` kept
-    from that pruning) takes the other tree's subtree there.
-    """
-    if isinstance(a, optax.MaskedNode):
-        return b
-    if isinstance(b, optax.MaskedNode):
-        return a
-    ca, da = jax.tree.flatten(a, is_leaf=lambda x: x is not a)
-    cb, db = jax.tree.flatten(b, is_leaf=lambda x: x is not b)
-    if jax.tree_util.treedef_is_leaf(da) and jax.tree_util.treedef_is_leaf(db):
-        return jnp.logical_and(a, b)
-    if da != db:
-        raise ValueError(
-            f"opt_state holds {n} pruning states over different trees, so their masks cannot "
-            "be combined. Fix: read each one's masks from its own state "
-            "(jp.transform.find_prune_states(opt_state)[i].masks)."
-        )
-    return jax.tree.unflatten(da, [_merge_masks(x, y, n) for x, y in zip(ca, cb, strict=True)])
-
-
-def _nbytes(tree: Any) -> int:
-    """Returns the bytes of ``tree``'s leaves (arrays or ``jax.ShapeDtypeStruct``s)."""
-    total = 0
-    for x in jax.tree.leaves(unwrap_variables(tree)):
-        x = x if hasattr(x, "dtype") else jnp.asarray(x)
-        total += math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-    return total
-
-
-def state_bytes(opt_state: Any) -> dict[str, int]:
-    """Returns the bytes of the pruning state and of the inner optimizer's state.
-
-    ``{"pruning": b, "inner": i, "total": b + i}``: ``pruning`` counts the packed
-    masks, step counter, criterion statistics and key of every :func:`prune`
-    in ``opt_state``; ``inner`` all the rest (Adam's moments, ...). With a
-    stateless criterion the pruning state is ``ceil(n / 8)`` bytes per prunable
-    leaf of ``n`` entries, plus a few bytes per leaf.
-
-    Raises:
-      ValueError: ``opt_state`` holds no pruning state.
-
-    Examples:
-      >>> import jax.numpy as jnp, optax, jaxprune as jp
-      >>> state = jp.prune(optax.adam(1e-3), sparsity=0.5).init({"w": jnp.ones((64, 64))})
-      >>> b = jp.transform.state_bytes(state)
-      >>> b["pruning"] <= 64 * 64 // 8 + 16, b["inner"] >= 2 * 64 * 64 * 4
-      (True, True)
-    """
-    states = find_prune_states(opt_state)
-    if not states:
-        get_masks(opt_state)  # raises the explanatory error
-    total = _nbytes(opt_state)
-    # Each PruneState nests its inner state; count only its own fields.
-    pruning = sum(_nbytes(s._replace(inner_state=())) for s in states)
-    return {"pruning": pruning, "inner": total - pruning, "total": total}

@@ -270,6 +270,8 @@ def _orbax_threads():
 
 
 def test_failed_save_inside_orbax_is_cleaned_up(tmp_path):
+    from jaxprune import checkpoint_orbax
+
     # What a refusal inside orbax's save looks like: the params writes start, masks fail.
     items = {
         "params": {f"a{i:05d}": {"values": np.ones((64, 64), np.float32)} for i in range(8)},
@@ -278,7 +280,7 @@ def test_failed_save_inside_orbax_is_cleaned_up(tmp_path):
     meta = {"jaxprune_checkpoint": 1, "format": "dense", "step": 0, "params": []}
     before = _orbax_threads()
     with pytest.raises(ValueError, match="zero size"):
-        checkpoint._write(tmp_path, 0, items, meta, None)
+        checkpoint_orbax._write(tmp_path, 0, items, meta, None)
     assert not [t for t in _orbax_threads() - before if t.is_alive()]
     assert not list(tmp_path.glob("0.orbax-checkpoint-tmp*"))
     checkpoint.save(tmp_path, 0, {"w": np.ones(3, np.float32)})

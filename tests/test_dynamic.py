@@ -193,8 +193,8 @@ def test_eager_init_searches_in_one_program_with_the_masks_of_the_leaf_by_leaf_s
     # tx.init on concrete params runs the random scores and every leaf's search as
     # one jitted program; the counts are rounded eagerly as before, so the masks
     # are those of the leaf-by-leaf search (and of jax.jit(tx.init)).
+    from jaxprune import _dynamic_init as dyn
     from jaxprune import criteria, distributions
-    from jaxprune import dynamic as dyn
 
     ks = jax.random.split(jax.random.key(3), 3)
     params = {

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import _counts
 from jaxprune import masks as _masks
 from jaxprune._search import _select, ordered_keys
 from jaxprune._tree import Where, leaves_with_paths, path_str, prunable_flags
@@ -324,7 +325,7 @@ def select(
       https://github.com/VainF/Torch-Pruning
     """
     _check_select_args(scope, max_sparsity, round_to, normalize)
-    _masks._check_sparsity(sparsity)
+    _counts._check_sparsity(sparsity)
     _, groups = _align(groups, scores)
     if isinstance(sparsity, jax.core.Tracer) or any(
         isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(scores)
@@ -385,7 +386,7 @@ def _check_select_args(scope: Any, max_sparsity: Any, round_to: Any, normalize: 
             f"group's importances are scaled before a global ranking), got {normalize!r}. "
             "Fix: e.g. normalize='mean'."
         )
-    _masks._check_max_sparsity(max_sparsity, "max_sparsity", "group", "channels")
+    _counts._check_max_sparsity(max_sparsity, "max_sparsity", "group", "channels")
     if round_to is not None and (
         not isinstance(round_to, (int, np.integer)) or isinstance(round_to, bool) or round_to < 1
     ):
@@ -432,19 +433,19 @@ def _keeps(imps, sparsity, scope, max_sparsity, round_to) -> list[jax.Array]:
     sizes = [int(v.shape[0]) for v in imps]
     keys = [ordered_keys(v) for v in imps]
     if scope == "layer":
-        drops = [_masks._count(sparsity, c) for c in sizes]
+        drops = [_counts._count(sparsity, c) for c in sizes]
         if max_sparsity is not None:
             drops = [
-                jnp.minimum(d, _masks._cap(max_sparsity, c))
+                jnp.minimum(d, _counts._cap(max_sparsity, c))
                 for d, c in zip(drops, sizes, strict=True)
             ]
     else:
-        total = _masks._count(sparsity, sum(sizes))
+        total = _counts._count(sparsity, sum(sizes))
         ranked = keys
         if max_sparsity is not None:
             # Only each group's ``cap`` lowest channels may go (the total is clipped
             # to what the caps allow).
-            caps = [_masks._cap(max_sparsity, c) for c in sizes]
+            caps = [_counts._cap(max_sparsity, c) for c in sizes]
             ranked, total = _masks._capped_keys(keys, caps), jnp.minimum(total, sum(caps))
         kept = _select(ranked, total) if keys else []
         if round_to is None:

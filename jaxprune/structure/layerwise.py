@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxprune import _counts
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
 from jaxprune._tree import leaves_with_paths
@@ -121,7 +122,7 @@ def prune_layerwise(
             f"({[g.channels for g in groups]} channels). Fix: one float, or one per group."
         )
     for s in per:
-        _masks._check_sparsity(s)
+        _counts._check_sparsity(s)
     flat, treedef = leaves_with_paths(params)
     masks = jax.tree.unflatten(treedef, [jnp.ones((), bool)] * len(flat))
     bar = tqdm(list(enumerate(groups)), desc="layer-wise pruning", disable=not progress)

@@ -1,0 +1,342 @@
+"""Adversarial attacks: L-inf PGD and FGSM, pure and jit-compatible.
+
+* :func:`pgd` / :func:`fgsm` — attacks on the inputs as pure functions of a
+  per-example loss (e.g. :func:`cross_entropy` of a model's logits), inside
+  the eps-ball and the data range in every input dtype (bfloat16 included).
+* :func:`attack` builds a jitted cross-entropy PGD attack for a model
+  ``apply_fn(params, x, key) -> (logits, features)`` run with its test-time
+  gates (``key=None``).
+
+The training steps and the robustness evaluation built on them are in
+:mod:`jaxprune.adversarial`, which re-exports these names.
+
+References:
+  Madry et al., "Towards Deep Learning Models Resistant to Adversarial
+  Attacks", ICLR 2018. https://arxiv.org/abs/1706.06083;
+  Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial
+  Examples", ICLR 2015. https://arxiv.org/abs/1412.6572
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.typing import ArrayLike
+
+from jaxprune._tree import as_float
+
+__all__ = ["attack", "cross_entropy", "fgsm", "pgd"]
+
+ApplyFn = Callable[[Any, jax.Array, "jax.Array | None"], tuple[jax.Array, Sequence[jax.Array]]]
+
+
+def _check_attack(eps: Any, step_size: Any = 1.0, steps: Any = 1, bounds=(0.0, 1.0)) -> None:
+    if not isinstance(eps, jax.core.Tracer) and not (
+        as_float(eps) >= 0 and math.isfinite(as_float(eps))
+    ):
+        raise ValueError(
+            f"eps must be a finite number >= 0 (the L-inf radius in input units), got {eps!r}. "
+            "Fix: e.g. eps=0.1 for images in [0, 1]."
+        )
+    if not isinstance(step_size, jax.core.Tracer) and not as_float(step_size) > 0:
+        raise ValueError(
+            f"step_size must be > 0, got {step_size!r}. Fix: e.g. step_size=eps / 4 "
+            "(or 2.5 * eps / steps)."
+        )
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}. Fix: e.g. steps=20.")
+    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+        raise ValueError(
+            f"bounds must be a pair (low, high), got {bounds!r}. Fix: (0.0, 1.0) for images "
+            "scaled to [0, 1]."
+        )
+    lo, hi = bounds
+    if not as_float(lo) < as_float(hi):
+        raise ValueError(
+            f"bounds must be (low, high) with low < high, got {bounds!r}. Fix: (0.0, 1.0) "
+            "for images scaled to [0, 1]."
+        )
+
+
+def _check_inside(x: jax.Array, bounds: tuple[float, float]) -> None:
+    """Raises when ``x`` is not floating, or a concrete ``x`` lies outside ``bounds``."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"x must be floating point (the attack follows the loss's gradient in x), got "
+            f"dtype {x.dtype}. Fix: scale it to a float range first, e.g. "
+            "x.astype(jnp.float32) / 255 with bounds=(0.0, 1.0) for uint8 images."
+        )
+    if isinstance(x, jax.core.Tracer) or not jnp.size(x):
+        return
+    # numpy, not jnp: inside a jit trace jnp ops on a constant are staged.
+    v = np.asarray(x)
+    lo, hi = float(np.min(v)), float(np.max(v))
+    if lo < float(bounds[0]) or hi > float(bounds[1]):
+        raise ValueError(
+            f"x lies in [{lo:.4g}, {hi:.4g}], outside bounds={tuple(bounds)!r}: the attack "
+            "clips every iterate to bounds, which would move x far outside the eps-ball. Fix: "
+            "pass the data range of x as bounds (e.g. the range of standardized inputs), or "
+            "attack the unnormalized images."
+        )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Returns the per-example softmax cross-entropy, shape ``[N]``, in float32.
+
+    ``labels`` are integer class indices in ``[0, classes)``, one per example
+    (one-hot labels are refused). An index outside that range gives a NaN loss
+    (an attack then leaves the example as it is) or, if negative, wraps to a
+    class from the end; :func:`robustness` checks its labels' range.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> logits = jnp.array([[0.0, 0.0], [2.0, 0.0]])
+      >>> [round(v, 3) for v in cross_entropy(logits, jnp.array([0, 1])).tolist()]
+      [0.693, 2.127]
+    """
+    if jnp.ndim(labels) == jnp.ndim(logits) or not jnp.issubdtype(
+        jnp.result_type(labels), jnp.integer
+    ):
+        raise ValueError(
+            f"labels must be integer class indices, shape {tuple(jnp.shape(logits))[:-1]}, got "
+            f"{jnp.result_type(labels)} of shape {tuple(jnp.shape(labels))} (one-hot or float "
+            "labels?). Fix: pass y.argmax(-1) for one-hot labels, or y.astype(jnp.int32)."
+        )
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def _project(z: jax.Array, x: jax.Array, eps: Any, bounds: tuple[float, float]) -> jax.Array:
+    """Returns ``clip(clip(z, x - eps, x + eps), bounds)``, inside the eps-ball in ``x.dtype``.
+
+    In float32 and wider this is the plain clip. In a narrower float dtype
+    (bfloat16, float16) ``x +- eps`` rounds to the nearest representable value,
+    which can lie outside the ball, so the clip is done in float32 and the
+    result cast back; where rounding carried a value out of the ball (further
+    from ``x`` than eps and than its float32 value) it is stepped one ulp
+    toward ``x`` (``jnp.nextafter`` in ``x.dtype``), which lands between ``x`` and
+    the float32 value, inside the ball. Finally the data range is enforced in
+    ``x.dtype``.
+    """
+    lo, hi = bounds
+    dt = x.dtype
+    if not jnp.issubdtype(dt, jnp.floating) or jnp.finfo(dt).bits > 32:
+        return jnp.clip(jnp.clip(z, x - eps, x + eps), lo, hi)
+    if jnp.finfo(dt).bits == 32:
+        e_hi, e_lo = _split_eps(eps)
+        p = jnp.clip(jnp.clip(z, x - e_hi, x + e_hi), lo, hi)
+        return jnp.where(_beyond(p, x, e_hi, e_lo), jnp.nextafter(p, x), p)
+    xf = x.astype(jnp.float32)
+    q = jnp.clip(jnp.clip(z.astype(jnp.float32), xf - eps, xf + eps), lo, hi)
+    p = q.astype(dt)
+    dev = jnp.abs(p.astype(jnp.float32) - xf)
+    outward = dev > jnp.maximum(jnp.abs(q - xf), eps)
+    p = jnp.where(outward, jnp.nextafter(p, x), p)
+    return jnp.clip(p, jnp.asarray(lo, dt), jnp.asarray(hi, dt))
+
+
+def _split_eps(eps: Any) -> tuple[Any, Any]:
+    """Returns ``(e_hi, e_lo)``: the largest float32 ``<= eps`` and the rest, ``eps - e_hi``.
+
+    A traced ``eps`` is a float32 already (its rest is 0). Rounding a Python
+    ``eps`` to the nearest float32 can round it up (0.3 -> 0.30000001), which
+    would widen the ball; rounding down never does.
+    """
+    if isinstance(eps, jax.core.Tracer) or isinstance(eps, jax.Array):
+        return jnp.asarray(eps, jnp.float32), jnp.float32(0)
+    e_hi = np.float32(eps)
+    if float(e_hi) > float(eps):
+        e_hi = np.nextafter(e_hi, np.float32(0))
+    return e_hi, np.float32(float(eps) - float(e_hi))
+
+
+def _beyond(p: jax.Array, x: jax.Array, e_hi: Any, e_lo: Any) -> jax.Array:
+    """Returns where ``|p - x| > e_hi + e_lo`` in exact arithmetic, for float32 ``p``, ``x``.
+
+    ``x +- e_hi`` rounds to the nearest float32, at most half an ulp of the
+    result past the ball, which one ``nextafter`` toward ``x`` undoes. The
+    difference is formed exactly (Knuth's two-sum: ``p - x = d + e``); where it
+    matters ``|d|`` is within an ulp of ``e_hi``, so ``|d| - e_hi`` is exact.
+    """
+    d = p - x
+    b = d - p
+    e = (p - (d - b)) + (-x - b)
+    return (jnp.abs(d) - e_hi) + (jnp.sign(d) * e - e_lo) > 0
+
+
+def pgd(
+    loss_fn: Callable[[jax.Array], jax.Array],
+    x: ArrayLike,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    key: jax.Array | None = None,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    keep_best: bool = True,
+) -> jax.Array:
+    """Returns the L-inf PGD adversarial example of ``x`` maximizing ``loss_fn``.
+
+    ``x_{t+1} = clip(Proj_{|x' - x| <= eps}(x_t + step_size * sign(grad)), bounds)``,
+    started at ``x + U(-eps, eps)`` when ``key`` is given (random start) and at
+    ``x`` otherwise. With ``keep_best`` each example keeps its highest-loss
+    iterate, the clean ``x`` included, so the attack never lowers the loss.
+    Inputs narrower than float32 (bfloat16) are projected in float32 so that
+    rounding never leaves the eps-ball. Pure and jit-compatible (a
+    ``lax.fori_loop``); call it inside the jitted step, or use :func:`attack`.
+
+    Args:
+      loss_fn: ``x -> per-example losses [N]`` (e.g. cross-entropy of the
+        model's logits); gradients flow through its sum.
+      x: clean inputs ``[N, ...]``.
+      eps: L-inf radius, >= 0.
+      step_size: step of each signed-gradient update, > 0.
+      steps: number of updates, >= 1.
+      key: PRNG key for the random start; ``None`` starts at ``x``.
+      bounds: the data range ``(low, high)`` every iterate is clipped to;
+        ``x`` must lie inside it (checked when ``x`` is concrete; standardized
+        inputs need their own range).
+      keep_best: return each example's best iterate instead of the last.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jnp.full((1, 3), 0.5)
+      >>> adv = pgd(lambda z: jnp.sum(z, axis=1), x, eps=0.1, step_size=0.05, steps=3)
+      >>> [round(v, 3) for v in adv[0].tolist()]
+      [0.6, 0.6, 0.6]
+
+    References:
+      Madry et al., "Towards Deep Learning Models Resistant to Adversarial
+      Attacks", ICLR 2018. https://arxiv.org/abs/1706.06083
+    """
+    _check_attack(eps, step_size, steps, bounds)
+    x = jnp.asarray(x)
+    _check_inside(x, bounds)
+    out = jax.eval_shape(loss_fn, x)
+    if jnp.shape(out) != x.shape[:1]:
+        raise ValueError(
+            f"loss_fn must return per-example losses, shape {x.shape[:1]} for x of shape "
+            f"{x.shape}, got shape {jnp.shape(out)}: the best iterate is kept per example. Fix: "
+            "return the unreduced losses (e.g. jp.adversarial.cross_entropy(logits, y), no mean)."
+        )
+    lo, hi = bounds
+
+    def summed(z):
+        losses = loss_fn(z).astype(jnp.float32)
+        return jnp.sum(losses), losses
+
+    grad_fn = jax.grad(summed, has_aux=True)
+
+    def per_example(z):
+        return loss_fn(z).astype(jnp.float32)
+
+    def clip(z):
+        return _project(z, x, eps, (lo, hi))
+
+    start = x
+    if key is not None:
+        start = clip(x + jax.random.uniform(key, x.shape, x.dtype, -eps, eps))
+
+    def better(best, best_loss, z, z_loss):
+        take = z_loss > best_loss
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        return jnp.where(take.reshape(shape), z, best), jnp.maximum(z_loss, best_loss)
+
+    def body(_, state):
+        z, best, best_loss = state
+        g, z_loss = grad_fn(z)
+        if keep_best:
+            best, best_loss = better(best, best_loss, z, z_loss)
+        z = clip(z + step_size * jnp.sign(g).astype(x.dtype))
+        return z, best, best_loss
+
+    init_loss = per_example(x) if keep_best else jnp.zeros(x.shape[:1], jnp.float32)
+    z, best, best_loss = jax.lax.fori_loop(0, steps, body, (start, x, init_loss))
+    if keep_best:
+        best, _ = better(best, best_loss, z, per_example(z))
+        return jax.lax.stop_gradient(best)
+    return jax.lax.stop_gradient(z)
+
+
+def fgsm(
+    loss_fn: Callable[[jax.Array], jax.Array],
+    x: ArrayLike,
+    *,
+    eps: float,
+    bounds: tuple[float, float] = (0.0, 1.0),
+) -> jax.Array:
+    """Returns the fast-gradient-sign example ``clip(x + eps * sign(grad loss), bounds)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> adv = fgsm(lambda z: jnp.sum(-z, axis=1), jnp.full((1, 2), 0.5), eps=0.2)
+      >>> [round(v, 3) for v in adv[0].tolist()]
+      [0.3, 0.3]
+
+    References:
+      Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial
+      Examples", ICLR 2015. https://arxiv.org/abs/1412.6572
+    """
+    _check_attack(eps, 1.0, 1, bounds)
+    x = jnp.asarray(x)
+    _check_inside(x, bounds)
+    g = jax.grad(lambda z: jnp.sum(loss_fn(z)))(x)
+    adv = _project(x + eps * jnp.sign(g).astype(x.dtype), x, eps, bounds)
+    return jax.lax.stop_gradient(adv)
+
+
+def _logits(out: Any) -> jax.Array:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def attack(
+    apply_fn: ApplyFn,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    random_start: bool = True,
+    bounds: tuple[float, float] = (0.0, 1.0),
+) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
+    """Returns a jitted ``(params, x, y, key) -> x_adv`` PGD cross-entropy attack on a model.
+
+    The model runs deterministically (``apply_fn(params, x, None)``); ``key``
+    only draws the random start. ``steps=1, step_size=eps, random_start=False``
+    is FGSM.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> apply_fn = lambda w, x, key: (x @ w, [])  # a linear 2-class model
+      >>> w = jnp.array([[1.0, -1.0], [-1.0, 1.0]])
+      >>> run = attack(apply_fn, eps=0.1, step_size=0.05, steps=3, random_start=False)
+      >>> x_adv = run(w, jnp.array([[0.6, 0.4]]), jnp.array([0]), jax.random.key(0))
+      >>> [round(v, 3) for v in x_adv[0].tolist()]  # pushed towards class 1, by eps
+      [0.5, 0.5]
+
+    References:
+      Madry et al., "Towards Deep Learning Models Resistant to Adversarial
+      Attacks", ICLR 2018. https://arxiv.org/abs/1706.06083
+    """
+    _check_attack(eps, step_size, steps, bounds)
+
+    @jax.jit
+    def run(params, x, y, key):
+        def loss(z):
+            return cross_entropy(_logits(apply_fn(params, z, None)), y)
+
+        return pgd(
+            loss,
+            x,
+            eps=eps,
+            step_size=step_size,
+            steps=steps,
+            key=key if random_start else None,
+            bounds=bounds,
+        )
+
+    return run

@@ -1,0 +1,258 @@
+"""Hard masks from learned gates, and network slimming on BatchNorm scales.
+
+The gates' last stage: :func:`unit_masks` reads which units (weights) the
+gates keep, by their test-time value or ranked across layers to an exact
+sparsity, and :func:`to_masks` spreads them into bool masks mirroring the
+params tree (a pruned unit's kernel column and bias ``False``), ready for
+:func:`jaxprune.apply_masks` and the structured shrink. Network slimming
+(:func:`slimming_penalty`, :func:`slimming_masks`) learns BatchNorm scales
+under an L1 penalty and prunes the channels with the smallest ones, with the
+same global ranking and the same masks on scale and bias. All of them are
+re-exported by :mod:`jaxprune.gates_tree` and :mod:`jaxprune.gates`.
+
+References:
+  Liu et al., "Learning Efficient Convolutional Networks through Network
+  Slimming", ICCV 2017. https://arxiv.org/abs/1708.06519
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune._tree import Path, Where, leaves_with_paths, path_str
+from jaxprune.gates_checks import (
+    _bias_path,
+    _check_gate,
+    _check_gate_params,
+    _check_inputs,
+    _input_rows,
+)
+from jaxprune.masks import global_topk
+
+if TYPE_CHECKING:
+    from jaxprune.gates_tree import Gate
+
+__all__ = ["slimming_masks", "slimming_penalty", "to_masks", "unit_masks"]
+
+# unit_masks' key suffix for the gates on a layer's input features.
+INPUTS_SUFFIX = ":inputs"
+
+
+def unit_masks(
+    gate: Gate,
+    gate_params: dict,
+    params: Any = None,
+    *,
+    sparsity: float | None = None,
+    input_gate_params: dict | None = None,
+    max_sparsity: float | None = None,
+) -> dict[str, jax.Array]:
+    """Returns ``{layer: bool[units or kernel shape]}``: which units (weights) the gates keep.
+
+    With ``sparsity`` the kept set is instead the top ``1 - sparsity`` of the
+    gates' scores across all layers (exact count, :func:`jaxprune.masks.global_topk`);
+    ``max_sparsity`` caps what any one layer loses, and a layer left with no
+    unit is warned about.
+    ``input_gate_params`` (per-unit kinds) maps kernel paths to gates on the
+    layers' input features; their keeps come back under ``"<kernel path>:inputs"``
+    and take part in the ``sparsity`` ranking.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxprune import gates
+      >>> gp = {"fc/kernel": {"gate_log_alpha": jnp.array([-9.0, 9.0])}}
+      >>> gates.unit_masks(gates.HardConcrete(), gp)["fc/kernel"].tolist()
+      [False, True]
+      >>> gp = {
+      ...     "a/kernel": {"gate_scale": jnp.array([0.5, 0.0, 0.9])},
+      ...     "b/kernel": {"gate_scale": jnp.array([0.1, 0.3])},
+      ... }
+      >>> keep = gates.unit_masks(gates.ScalarGate(), gp, sparsity=0.4)  # ranked across layers
+      >>> keep["a/kernel"].tolist(), keep["b/kernel"].tolist()
+      ([True, False, True], [False, True])
+    """
+    _check_gate(gate)
+    inputs = _check_inputs(gate, input_gate_params)
+    names = sorted(gate_params)
+    kernels = {}
+    if params is not None:
+        flat, _ = leaves_with_paths(params)
+        kernels = {path_str(p): jnp.asarray(x) for p, x in flat}
+        # Before scoring: a per-weight kind reads kernels[name], and a name that
+        # params lacks must get the clear message, not an error on ``None``.
+        _check_gate_params(gate_params, kernels)
+        _check_gate_params(inputs, kernels)
+    if not gate.per_unit and params is None:
+        raise ValueError(
+            "variational dropout masks read the weights, but params is None. Fix: pass params."
+        )
+    every = {n: (gate_params[n], kernels.get(n)) for n in names}
+    every.update({f"{n}{INPUTS_SUFFIX}": (inputs[n], None) for n in sorted(inputs)})
+    if sparsity is None:
+        keep = {n: gate.keep(gp, k) for n, (gp, k) in every.items()}
+        _warn_emptied(
+            "unit_masks",
+            keep,
+            "a smaller penalty weight, or unit_masks(..., sparsity=s, max_sparsity=0.9) to keep "
+            "the best-scored units of every layer",
+            what="unit" if gate.per_unit else "weight",
+        )
+        return keep
+    scores = {n: gate.score(gp, k) for n, (gp, k) in every.items()}
+    keep = global_topk(scores, sparsity, where=lambda p, x: True, max_sparsity=max_sparsity)
+    _warn_emptied("unit_masks", keep)
+    return keep
+
+
+def _warn_emptied(
+    name: str, keep: dict, fix: str = "max_sparsity=0.9 (or lower sparsity)", what: str = "unit"
+) -> None:
+    # Warned only when the masks are concrete (the masks are also built under jit).
+    emptied = [
+        n
+        for n, k in keep.items()
+        if not isinstance(k, jax.core.Tracer) and k.size and not bool(jnp.any(k))
+    ]
+    if emptied:
+        warnings.warn(
+            f"{name} pruned every {what} of {emptied[:5]}: the network's output no longer "
+            f"depends on its input. Fix: {fix}.",
+            stacklevel=3,
+        )
+
+
+def to_masks(
+    gate: Gate,
+    gate_params: dict,
+    params: Any,
+    *,
+    sparsity: float | None = None,
+    input_gate_params: dict | None = None,
+    max_sparsity: float | None = None,
+) -> Any:
+    """Returns bool hard masks mirroring ``params``: pruned units' columns and biases ``False``.
+
+    Feed them to :func:`jaxprune.apply_masks` (on the folded params,
+    ``apply_gates(gate, params, gate_params)``, whose pruned units are already
+    zero) and to the structured shrink. Leaves without a gate get a scalar
+    ``True``. ``input_gate_params`` (kernel path -> gates on the layer's
+    input features) makes pruned inputs' kernel rows ``False``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> from jaxprune import gates
+      >>> params = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+      >>> gp = {"fc/kernel": {"gate_log_alpha": jnp.array([-9.0, 9.0])}}
+      >>> m = gates.to_masks(gates.HardConcrete(), gp, params)
+      >>> m["fc"]["kernel"].tolist(), m["fc"]["bias"].tolist()
+      ([[False, True], [False, True]], [False, True])
+    """
+    _check_gate(gate)
+    units = unit_masks(
+        gate,
+        gate_params,
+        params,
+        sparsity=sparsity,
+        input_gate_params=input_gate_params,
+        max_sparsity=max_sparsity,
+    )
+    flat, treedef = leaves_with_paths(params)
+    index = {path_str(p): i for i, (p, _) in enumerate(flat)}
+    _check_gate_params(gate_params, index)
+    leaves: list[Any] = [jnp.ones((), bool) for _ in flat]
+    rows = {n.removesuffix(INPUTS_SUFFIX): k for n, k in units.items() if n.endswith(INPUTS_SUFFIX)}
+    for name, keep in units.items():
+        if name.endswith(INPUTS_SUFFIX):
+            continue
+        i = index[name]
+        shape = jnp.shape(flat[i][1])
+        leaves[i] = jnp.broadcast_to(keep, shape)
+        b = index.get(path_str(_bias_path(flat[i][0])))
+        if gate.per_unit and b is not None and jnp.shape(flat[b][1]) == keep.shape:
+            leaves[b] = keep
+    for name, keep in rows.items():
+        i = index[name]
+        shape = jnp.shape(flat[i][1])
+        leaves[i] = leaves[i] & jnp.broadcast_to(_input_rows(name, keep, shape), shape)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _is_bn_scale(path: Path, leaf: Any) -> bool:
+    return bool(path) and path[-1] == "scale" and jnp.ndim(leaf) == 1
+
+
+def slimming_penalty(params: Any, *, where: Where | None = None) -> jax.Array:
+    """Returns ``sum |gamma|`` over BatchNorm scales: network slimming's L1 term.
+
+    Multiply by lambda (1e-4 for VGG, 1e-5 for ResNet in the paper) and add to
+    the loss. ``where`` picks the scales; default 1-D leaves named ``scale``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> from jaxprune import gates
+      >>> float(gates.slimming_penalty({"bn": {"scale": jnp.array([1.0, -2.0])}}))
+      3.0
+
+    References:
+      Liu et al., "Learning Efficient Convolutional Networks through Network
+      Slimming", ICCV 2017. https://arxiv.org/abs/1708.06519
+    """
+    where = where or _is_bn_scale
+    flat, _ = leaves_with_paths(params)
+    return sum(
+        (jnp.sum(jnp.abs(x.astype(jnp.float32))) for p, x in flat if where(p, x)), jnp.float32(0)
+    )
+
+
+def slimming_masks(
+    params: Any,
+    sparsity: float,
+    *,
+    where: Where | None = None,
+    max_sparsity: float | None = None,
+) -> Any:
+    """Returns masks mirroring ``params`` that prune the smallest ``|gamma|`` channels globally.
+
+    Exactly ``round(sparsity * C)`` of the ``C`` BatchNorm channels are pruned;
+    each pruned channel's ``scale`` and sibling ``bias`` are ``False``, so its
+    output is exactly zero and the structured shrink can remove it with the
+    producing conv's filter. A global ranking can take every channel of one
+    layer, leaving a network whose output is constant: ``max_sparsity`` caps
+    what one layer loses (``floor(max_sparsity * channels)``; see
+    :func:`jaxprune.masks.global_topk`), and an emptied layer warns.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> from jaxprune import gates
+      >>> p = {"bn": {"scale": jnp.array([0.1, 2.0]), "bias": jnp.ones(2)}}
+      >>> m = gates.slimming_masks(p, 0.5)
+      >>> m["bn"]["scale"].tolist(), m["bn"]["bias"].tolist()
+      ([False, True], [False, True])
+
+    References:
+      Liu et al., "Learning Efficient Convolutional Networks through Network
+      Slimming", ICCV 2017. https://arxiv.org/abs/1708.06519
+    """
+    where = where or _is_bn_scale
+    flat, treedef = leaves_with_paths(params)
+    scales = {path_str(p): jnp.abs(x) for p, x in flat if where(p, x)}
+    if not scales:
+        raise ValueError(
+            "slimming_masks found no BatchNorm scales (1-D leaves named 'scale'). Fix: pass "
+            "where=lambda path, x: ... selecting the per-channel scale leaves."
+        )
+    keep = global_topk(scales, sparsity, where=lambda p, x: True, max_sparsity=max_sparsity)
+    _warn_emptied("slimming_masks", keep)
+    index = {path_str(p): i for i, (p, _) in enumerate(flat)}
+    leaves: list[Any] = [jnp.ones((), bool) for _ in flat]
+    for name, k in keep.items():
+        i = index[name]
+        leaves[i] = k
+        b = index.get(path_str(_bias_path(flat[i][0])))
+        if b is not None and jnp.shape(flat[b][1]) == k.shape:
+            leaves[b] = k
+    return jax.tree.unflatten(treedef, leaves)
