@@ -341,11 +341,13 @@ def synflow(
     References:
       Tanaka et al. 2020. https://arxiv.org/abs/2006.05467
     """
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+    n_iterations = as_int(iterations)  # NumPy and concrete JAX integers too; None for bools
+    if n_iterations is None or n_iterations < 1:
         raise ValueError(
             f"iterations must be a positive int (score/prune rounds), got {iterations!r}. "
             "Fix: iterations=100 as in the paper."
         )
+    iterations = n_iterations
     _counts._check_sparsity(sparsity)
     flags = prunable_flags(params, where)
     chosen = flagged(params, flags)  # `where` would judge the scores' and masks' dtypes

@@ -22,6 +22,7 @@ enforce them:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -119,8 +120,15 @@ def iterative_pruning(
         the masks and trains again).
       rewind_to: params to restart every pruned round from; ``None`` continues
         from the trained weights.
-      criterion: ``params -> scores`` (higher kept) on the trained params.
-      scope: ``"global"``, ``"layer"`` or a selection function.
+      criterion: ``params -> scores`` (higher kept) on the trained params,
+        called with the params alone: bind what else it needs, e.g.
+        ``lambda p: jp.criteria.saliency(p, jax.grad(loss)(p, x, y))``
+        (stateful criteria such as ``movement()`` are refused).
+      scope: ``"global"``, ``"layer"`` or a selection function
+        (``scores, sparsity, *, where -> masks``, e.g. ``functools.partial(
+        jp.masks.structured, axes=-1)``). Already-pruned entries are scored
+        ``-inf``, so the selection must prune ``-inf`` first (the built-in
+        ones do), which keeps the masks nested.
       where: predicate choosing the prunable leaves.
       trained: round 0's trained params, to skip its training.
       progress: show a tqdm bar over rounds.
@@ -130,10 +138,13 @@ def iterative_pruning(
 
     Raises:
       ValueError: ``rounds`` or ``rate`` out of range or of the wrong kind;
+        ``criterion`` is stateful, a factory, or needs more than the params
+        (all checked before any training);
         ``train`` returns ``None`` or params of another structure or shape than
         ``params`` (as may ``rewind_to``, ``trained`` and the criterion's scores);
         ``train`` returns params that are not zero where the round's masks are
-        ``False`` on a prunable leaf (it did not enforce the masks).
+        ``False`` on a prunable leaf (it did not enforce the masks); ``scope``
+        keeps an entry the previous round pruned (masks not nested).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -149,8 +160,13 @@ def iterative_pruning(
       Frankle et al., "Stabilizing the Lottery Ticket Hypothesis" (rewinding to
       theta_k), 2019, https://arxiv.org/abs/1903.01611
     """
-    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
+    n_rounds = as_int(rounds)  # NumPy and concrete JAX integers too; None for bools
+    if n_rounds is None or n_rounds < 0:
         raise ValueError(f"rounds must be a non-negative int, got {rounds!r}. Fix: e.g. rounds=5.")
+    rounds = n_rounds
+    # Before round 0's training, the most expensive part, so a criterion the
+    # rounds cannot call fails at once.
+    _check_criterion(criterion)
     targets = _targets(rate, rounds)
     select = _scope_fn(scope)
     # Work on Variable-free snapshots: an nnx.State from nnx.state(model) shares its
@@ -189,7 +205,8 @@ def iterative_pruning(
             masks,
             _tree_of(pure_params, flags),
         )
-        masks = select(scores, target, where=counted)
+        previous, masks = masks, select(scores, target, where=counted)
+        _check_nested(pure_params, previous, masks, flags, r)
         start = pure_rewind if pure_rewind is not None else unwrap_variables(current)
         # Masks come back Variable-free; `train` gets params in the form it was first given.
         current = _detached(
@@ -200,6 +217,99 @@ def iterative_pruning(
         _check_enforced(current, masks, flags, r)
         out.append(Round(r, float(_masks.sparsity(masks, where=counted)), masks, current))
     return out
+
+
+def _check_criterion(criterion: Any) -> None:
+    """Raises ``ValueError`` unless ``criterion`` can be called as ``criterion(params)``.
+
+    The drivers score each round's trained params once: a stateful criterion
+    (statistics accumulated over train steps), a factory of one, or a criterion
+    that needs grads, a Hessian or a key cannot be called so.
+    """
+    fix = (
+        "Fix: pass a function params -> scores (higher kept), e.g. "
+        "criterion=jp.criteria.magnitude, or bind what it needs from your data: "
+        "criterion=lambda p: jp.criteria.saliency(p, jax.grad(loss)(p, x, y)), or "
+        "criterion=lambda p: jp.criteria.obd(p, jp.criteria.fisher_diag(loss, p, x, y))"
+    )
+    stateful = (
+        "the driver scores each round's trained params once, so a criterion that accumulates "
+        "statistics over train steps has none to score (to prune by one, use it in jp.prune "
+        "inside train)"
+    )
+    if isinstance(criterion, _criteria.StatefulCriterion):
+        raise ValueError(
+            f"criterion=StatefulCriterion(...) (such as jp.criteria.movement() or "
+            f"obd_fisher()) is stateful, but {stateful}. {fix}."
+        )
+    if any(criterion is f for f in _criteria._FACTORIES):
+        raise ValueError(
+            f"criterion=jp.criteria.{criterion.__name__} is a factory of a stateful "
+            f"criterion, but {stateful}. {fix}."
+        )
+    if not callable(criterion):
+        raise ValueError(
+            f"criterion must be a function params -> scores, got {criterion!r}. {fix}."
+        )
+    try:
+        params = inspect.signature(criterion).parameters.values()
+    except (TypeError, ValueError):  # builtins and some C callables: take them on trust
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_one = bool(positional) or any(p.kind == p.VAR_POSITIONAL for p in params)
+    missing = [p.name for p in positional[1:] if p.default is p.empty]
+    missing += [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
+    name = getattr(criterion, "__name__", repr(criterion))
+    if getattr(criterion, "__module__", "").startswith("jaxprune.criteria"):
+        name = f"jp.criteria.{name}"
+    if not takes_one:
+        raise ValueError(
+            f"criterion={name} takes no positional argument, but the driver calls "
+            f"criterion(params) on each round's trained params (a factory not yet called?). "
+            f"{fix}."
+        )
+    if missing:
+        bind = {
+            "grads": "jax.grad(loss)(p, x, y)",
+            "hessian_diag": "jp.criteria.fisher_diag(loss, p, x, y)",
+            "key": "jax.random.key(0)",
+        }
+        args = ", ".join(f"{m}={bind.get(m, '...')}" for m in missing)
+        raise ValueError(
+            f"criterion={name} needs {missing} besides the params, but the driver calls "
+            f"criterion(params) on each round's trained params. Fix: bind them, e.g. "
+            f"criterion=lambda p: {name}(p, {args}) (computed from p and your data, so they "
+            "follow each round's trained params)."
+        )
+
+
+def _check_nested(
+    pure_params: Any, previous: Any, masks: Any, flags: list[bool], round_index: int
+) -> None:
+    """Raises ``ValueError`` when ``masks`` keeps an entry ``previous`` had pruned.
+
+    The driver scores already-pruned entries ``-inf``; a selection that does not
+    rank ``-inf`` first (e.g. a structured ``reduce`` turning it into ``+inf``)
+    would bring back pruned weights while the sparsity still reads right.
+    """
+    flat_old = leaves_with_paths(_masks._broadcast_prefix(pure_params, previous))[0]
+    flat_new = leaves_with_paths(_masks._broadcast_prefix(pure_params, masks))[0]
+    for ((_, m_old), (path, m_new)), f in zip(
+        zip(flat_old, flat_new, strict=True), flags, strict=True
+    ):
+        if not f or isinstance(m_new, jax.core.Tracer) or isinstance(m_old, jax.core.Tracer):
+            continue
+        back = int(jnp.sum(jnp.asarray(m_new, bool) & ~jnp.asarray(m_old, bool)))
+        if back:
+            raise ValueError(
+                f"the selection of round {round_index} keeps {back} entries at "
+                f"{path_str(path)!r} that round {round_index - 1} pruned, so the masks are not "
+                "nested. The driver scores already-pruned entries -inf: the scope must prune "
+                "them first (jp.masks' selections do; a criterion scoring live entries -inf "
+                "ties with them). Fix: make the scope rank -inf scores below all others; for "
+                "jp.masks.structured with a custom reduce, make a slice holding -inf reduce to "
+                "-inf, or use a built-in reduce ('l2', 'l1', 'mean' or 'max')."
+            )
 
 
 def _check_enforced(trained: Any, masks: Any, flags: list[bool], round_index: int) -> None:

@@ -217,7 +217,8 @@ def noiseout(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, num_merges: int) 
     """
     _check_shapes(h, w_out, b_out)
     units = jnp.shape(h)[1]
-    if not isinstance(num_merges, int) or not 0 <= num_merges < units:
+    n_merges = as_int(num_merges)  # NumPy and concrete JAX integers too; None for bools
+    if n_merges is None or not 0 <= n_merges < units:
         raise ValueError(
             f"num_merges must be an int in [0, {units - 1}] (one unit removed per merge, at "
             f"least one kept), got {num_merges!r}. Fix: e.g. num_merges={units // 2}."
@@ -226,7 +227,7 @@ def noiseout(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, num_merges: int) 
     w, b = jnp.asarray(w_out), jnp.asarray(b_out)
     alive = jnp.ones(units, bool)
     pairs = []
-    for done in range(num_merges):
+    for done in range(n_merges):
         i, j = most_correlated_pair(h, alive)
         found = i >= 0
         if not isinstance(found, jax.core.Tracer) and not bool(found):

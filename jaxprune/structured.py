@@ -45,11 +45,30 @@ __all__ = ["structured", "patterns", "pattern_library", "nm", "blocks", "REDUCTI
 
 Axes = int | Sequence[int] | Callable[[Any, Any], int | Sequence[int]]
 
+
+def _prune_first(red: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """Returns ``red`` with every slice that holds a ``-inf`` score reduced to ``-inf``.
+
+    ``-inf`` means "prune first" (the drivers mark already-pruned entries so,
+    to keep their masks nested), but the norms would square or ``abs`` it into
+    ``+inf``, the best score. Slices of finite, ``+inf`` or NaN scores reduce
+    exactly as ``red`` does (a slice with a NaN and no ``-inf`` stays NaN).
+    """
+
+    def reduce(x: jax.Array, axis: Any) -> jax.Array:
+        return jnp.where(jnp.any(x == -jnp.inf, axis=axis), -jnp.inf, red(x, axis))
+
+    return reduce
+
+
+# The built-in reductions of `structured`: a slice holding a -inf score reduces
+# to -inf (prune first) with every one of them; a custom `reduce` must do so
+# itself for callers that mark entries with -inf (e.g. jp.drivers).
 REDUCTIONS: dict[str, Callable[..., jax.Array]] = {
-    "l2": lambda x, axis: jnp.sqrt(jnp.sum(jnp.square(x), axis=axis)),
-    "l1": lambda x, axis: jnp.sum(jnp.abs(x), axis=axis),
-    "mean": lambda x, axis: jnp.mean(x, axis=axis),
-    "max": lambda x, axis: jnp.max(x, axis=axis),
+    "l2": _prune_first(lambda x, axis: jnp.sqrt(jnp.sum(jnp.square(x), axis=axis))),
+    "l1": _prune_first(lambda x, axis: jnp.sum(jnp.abs(x), axis=axis)),
+    "mean": _prune_first(lambda x, axis: jnp.mean(x, axis=axis)),
+    "max": _prune_first(lambda x, axis: jnp.max(x, axis=axis)),
 }
 
 
@@ -68,6 +87,12 @@ def _norm_axes(axes: Axes, path: Any, x: Any) -> tuple[int, ...]:
     a = axes(path, x) if callable(axes) else axes
     a = (a,) if isinstance(a, (int, np.integer)) else tuple(a)
     nd = jnp.ndim(x)
+    if nd == 0:
+        raise ValueError(
+            f"axes={a!r} cannot index leaf {path_str(path)!r}: it is a scalar (shape (), no "
+            "axes to slice). Fix: restrict `where` to leaves with at least one axis (the "
+            "default `where` selects floating leaves with ndim >= 2)."
+        )
     out = []
     for ax in a:
         if not -nd <= int(ax) < nd:
@@ -177,6 +202,12 @@ def structured(
         ``-2`` input channels, ``(-2, -1)`` whole k x k kernels of a conv. An
         int, a tuple, or a function ``(path, leaf) -> axes``.
       reduce: ``"l2"``, ``"l1"``, ``"mean"``, ``"max"`` or ``(x, axis) -> array``.
+        ``-inf`` means prune first: with the built-in reductions a slice
+        holding a ``-inf`` score reduces to ``-inf`` (even next to NaN), so it
+        goes before every other slice (``jp.drivers`` marks already-pruned
+        entries so); finite, ``+inf`` and NaN scores reduce as the formula says
+        (a NaN slice ranks highest, as in ``topk``). A custom ``reduce`` gets
+        the raw scores.
       where: predicate ``(path, leaf) -> bool``; default floating ``ndim >= 2``.
       scope: ``"layer"`` (exact count per leaf) or ``"global"`` (one ranking).
 
@@ -188,6 +219,9 @@ def structured(
       >>> w = jnp.array([[1., 5., 0.], [1., 5., 3.]])
       >>> jp.masks.structured({"w": w}, 1 / 3, axes=-1)["w"].tolist()
       [[False, True, True], [False, True, True]]
+      >>> s = w.at[0, 1].set(-jnp.inf)  # -inf means prune first: column 1 goes
+      >>> jp.masks.structured({"w": s}, 1 / 3, axes=-1)["w"][0].tolist()
+      [True, False, True]
 
     References:
       Li et al., "Pruning Filters for Efficient ConvNets", 2017 (L1 filter
@@ -365,7 +399,14 @@ def patterns(
         # shard, stay as they are (merging them would gather one).
         flat_x = x.reshape((ks[0] * ks[1],) + rest)
         lib_f = jnp.asarray(leaf_lib.reshape(leaf_lib.shape[0], -1), jnp.float32)
-        pat_scores = jnp.tensordot(lib_f, flat_x, axes=1)  # [P, *rest]
+        # -inf means prune first: a pattern covering a -inf entry scores -inf (the
+        # product would give 0 * -inf = NaN, the best score, for the entries it leaves
+        # out), so a kernel keeps its pattern of finite entries and a kernel of -inf
+        # goes first, which keeps jp.drivers' masks nested.
+        neg_inf = flat_x == -jnp.inf
+        pat_scores = jnp.tensordot(lib_f, jnp.where(neg_inf, 0.0, flat_x), axes=1)  # [P, *rest]
+        covers = jnp.tensordot(lib_f, neg_inf.astype(jnp.float32), axes=1) > 0
+        pat_scores = jnp.where(covers, -jnp.inf, pat_scores)
         best = jnp.argmax(pat_scores, axis=0)
         reduced[i] = jnp.max(pat_scores, axis=0)
         lib_b = jnp.asarray(leaf_lib.reshape(leaf_lib.shape[0], -1))
@@ -512,6 +553,29 @@ def nm(
     return jax.tree.unflatten(treedef, out)
 
 
+def _check_block(block: Any) -> tuple[int, ...]:
+    """Returns ``block`` as a tuple of positive ints, else raises a ``ValueError`` naming it."""
+    if as_int(block) is not None:
+        # Not read as (b,): block=4 means 4 x 4 to a reader of conv kernel sizes, and
+        # (4,) (the last axis only) to one of NumPy shapes.
+        raise ValueError(
+            f"block must be a tuple of positive ints (the block shape over the trailing "
+            f"axes), got the int {block!r}, which reads as either shape. Fix: "
+            f"block=({block}, {block}) for square blocks of the last two axes, or "
+            f"block=({block},) for runs of {block} along the last axis."
+        )
+    try:
+        sizes = tuple(as_int(b) for b in block)
+    except TypeError:  # not iterable
+        sizes = (None,)
+    if not sizes or any(b is None or b < 1 for b in sizes):
+        raise ValueError(
+            f"block must be a non-empty tuple of positive ints (the block shape over the "
+            f"trailing axes), got {block!r}. Fix: e.g. block=(1, 4) or block=(4, 4)."
+        )
+    return sizes
+
+
 @_keeps_layout
 def blocks(
     scores: Any,
@@ -533,7 +597,8 @@ def blocks(
     Args:
       scores: a pytree of scores.
       sparsity: fraction of blocks to drop, in ``[0, 1]`` (may be traced).
-      block: block shape over the trailing axes of each leaf.
+      block: block shape over the trailing axes of each leaf, a tuple of
+        positive ints (an int is refused: ``4`` could mean ``(4,)`` or ``(4, 4)``).
       pool: ``"avg"`` or ``"max"``.
       where: predicate; default floating ``ndim >= 2``.
       scope: ``"layer"`` or ``"global"``.
@@ -552,9 +617,7 @@ def blocks(
       https://arxiv.org/abs/1711.02782
     """
     _check_scope(scope)
-    block = tuple(int(b) for b in block)
-    if not block or any(b < 1 for b in block):
-        raise ValueError(f"block must be a non-empty tuple of positive ints, got {block!r}.")
+    block = _check_block(block)
     if pool not in ("avg", "max"):
         raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}.")
     flags = prunable_flags(scores, where)

@@ -1,5 +1,7 @@
 """Drivers: the round structure of iterative pruning / lottery tickets, random masks."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,3 +191,23 @@ def test_driver_errors_on_bad_rate_and_train_results():
         jp.drivers.lottery_ticket(t, p, rounds=1, rate=0.5, rewind_to={"w": p["w"], "b": 1.0})
     with pytest.raises(ValueError, match=r"only in trained: x.*Fix"):
         jp.drivers.iterative_pruning(t, p, rounds=1, rate=0.5, trained={"x": p["w"]})
+
+
+@pytest.mark.parametrize("reduce", ["l2", "l1", "max", "mean"])
+@pytest.mark.parametrize("driver", ["lottery", "iterative"])
+def test_structured_scope_keeps_masks_nested(driver, reduce):
+    # Unit j's norm grows with j. Already-pruned entries are scored -inf; an l2/l1
+    # reduction used to turn a pruned column into +inf and bring it back.
+    w = jnp.arange(1.0, 33.0).reshape(4, 8)
+    p = {"fc": {"kernel": w, "bias": jnp.zeros(8)}}
+    scope = functools.partial(jp.masks.structured, reduce=reduce)
+    t = lambda q, m: jp.apply_masks(q, m)  # stand-in training
+    if driver == "lottery":
+        rs = jp.drivers.lottery_ticket(t, p, rounds=3, rate=0.5, scope=scope)
+    else:
+        rs = jp.drivers.iterative_pruning(t, p, rounds=3, rate=0.5, scope=scope)
+    units = [np.flatnonzero(np.asarray(r.masks["fc"]["kernel"]).all(0)).tolist() for r in rs[1:]]
+    assert units == [[4, 5, 6, 7], [6, 7], [7]]
+    assert [r.sparsity for r in rs] == [0.0, 0.5, 0.75, 0.875]
+    for a, b in zip(rs[1:], rs[2:], strict=False):
+        assert np.all(np.asarray(a.masks["fc"]["kernel"]) >= np.asarray(b.masks["fc"]["kernel"]))
