@@ -70,6 +70,7 @@ def random(params: optax.Params, *, key: jax.Array) -> optax.Params:
       pruning as the baseline). https://arxiv.org/abs/2003.03033
     """
     key_parts(key, "key")  # a clear error for key=None or a non-key
+    check_array_leaves(params, "params")  # an unfiltered equinox module: say so
     flat, treedef = leaves_with_paths(params)
     scores = [
         jax.random.uniform(jax.random.fold_in(key, _path_hash(p)), jnp.shape(x), jnp.float32)
@@ -86,6 +87,10 @@ def _path_hash(path: Any) -> int:
 def saliency(params: optax.Params, grads: optax.Updates) -> optax.Params:
     """Returns ``|w * g|``, the first-order estimate of the loss change from removing ``w``.
 
+    Scores are float32. A complex leaf scores ``|w| * |g|``, its moduli as in
+    :func:`magnitude` (casting ``w * g`` to a real dtype would drop its
+    imaginary part).
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> p, g = {"w": jnp.array([2., 1.])}, {"w": jnp.array([-1., 3.])}
@@ -96,13 +101,24 @@ def saliency(params: optax.Params, grads: optax.Updates) -> optax.Params:
       Mozer & Smolensky, "Skeletonization", 1989; Lee et al., "SNIP", 2019.
       https://arxiv.org/abs/1810.02340
     """
-    # In float32 (cast first): a float16 product of small values underflows to 0.
-    return map_pair(
-        lambda p, w, g: jnp.abs(_f32_product(p, w, g)), params, grads, "grads", _GRADS_FIX
-    )
+    # An unfiltered equinox module: name the leaf and the fix, as magnitude does.
+    check_array_leaves(params, "params")
+    check_array_leaves(grads, "grads")
+    return map_pair(_abs_f32_product, params, grads, "grads", _GRADS_FIX)
 
 
 _GRADS_FIX = "pass the gradients of these params (jax.grad of the loss with respect to them)"
+
+
+def _abs_f32_product(p: Any, w: Any, g: Any) -> jax.Array:
+    """``|w * g|`` in float32; for complex leaves ``|w| * |g|`` (the product's modulus)."""
+    if jnp.iscomplexobj(w) or jnp.iscomplexobj(g):
+        # Decided at trace time: real leaves keep the fused search's ops.
+        return jnp.abs(jnp.asarray(w)).astype(jnp.float32) * jnp.abs(jnp.asarray(g)).astype(
+            jnp.float32
+        )
+    # In float32 (cast first): a float16 product of small values underflows to 0.
+    return jnp.abs(_f32_product(p, w, g))
 
 
 def _f32_product(_: Any, w: Any, g: Any) -> jax.Array:
@@ -151,6 +167,70 @@ def call_with(fn: Callable[..., Any], *args: Any, **available: Any) -> Any:
     names, var_kw = _accepts(fn)
     kw = {k: v for k, v in available.items() if var_kw or k in names}
     return fn(*args, **kw)
+
+
+def _required(fn: Callable[..., Any], n_positional: int) -> list[str]:
+    """Names of ``fn``'s parameters without a default after its first ``n_positional``.
+
+    A signature that cannot be read (a builtin) requires nothing we can tell.
+    """
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    out, skipped = [], 0
+    for p in sig.parameters.values():
+        if p.kind == p.VAR_POSITIONAL:
+            skipped = n_positional  # *args takes whatever positionals are left
+        elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and skipped < n_positional:
+            skipped += 1
+        elif p.kind != p.VAR_KEYWORD and p.default is p.empty:
+            out.append(p.name)
+    return out
+
+
+def check_extra_args(
+    criterion: Callable[..., Any] | StatefulCriterion, extra: dict[str, Any], given: list[str]
+) -> None:
+    """Raises ``ValueError`` when ``criterion`` needs a keyword that ``extra`` lacks.
+
+    ``extra`` are the keywords the pruning transform hands the criterion
+    besides ``params`` and ``grads`` (those of ``tx.update``, and the ``key``
+    it derives); ``given`` are the names passed to ``tx.update``, for the
+    message. Keywords the criterion does not take are not an error by
+    themselves (the inner optimizer may read them), but a misspelt one shows
+    in the message next to the missing name.
+    """
+    available = set(extra) | {"grads"}
+    if isinstance(criterion, StatefulCriterion):
+        # Called as update(state, params, grads, **extra), score(state, params, grads=, **extra).
+        parts = [(criterion.update, 3), (criterion.score, 2)]
+    else:
+        parts = [(criterion, 1)]
+    missing = sorted({n for fn, k in parts for n in _required(fn, k)} - available)
+    if not missing:
+        return
+    accepted, var_kw = set(), False
+    for fn, _ in parts:
+        names, kw = _accepts(fn)
+        accepted |= names
+        var_kw |= kw
+    unused = [] if var_kw else sorted(set(given) - accepted - {"grads"})
+    fn = getattr(criterion, "func", criterion)  # a functools.partial's function
+    name = getattr(fn, "__name__", type(criterion).__name__)
+    arg = missing[0]
+    if not given:
+        detail = "it was given no extra keyword"
+    else:
+        detail = f"it was given {sorted(given)}"
+        if unused:
+            detail += f", of which {name} does not take {unused} (misspelt?)"
+    raise ValueError(
+        f"criterion {name} needs the keyword argument{'s' if len(missing) > 1 else ''} "
+        f"{', '.join(missing)}, which tx.update was not given ({detail}). Fix: pass "
+        f"{arg} at every step: tx.update(grads, state, params, {arg}=...) (nnx: "
+        f"optimizer.update(model, grads, {arg}=...))."
+    )
 
 
 def needs_key(fn: Callable[..., Any]) -> bool:

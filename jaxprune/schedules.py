@@ -226,9 +226,16 @@ def polynomial(
 def as_schedule(sparsity: Any) -> Schedule:
     """Returns ``sparsity`` as a :class:`Schedule`.
 
-    A float becomes ``constant(sparsity)`` (pruned once, at step 0); a
-    ``Schedule`` is returned as is; any other callable ``step -> sparsity`` is
-    refreshed on every step.
+    A Python or NumPy number becomes ``constant(sparsity)`` (pruned once, at
+    step 0); a ``Schedule`` is returned as is; any other callable ``step ->
+    sparsity`` is refreshed on every step.
+
+    A ``jax.Array`` is refused, concrete or traced: it is what
+    ``optax.inject_hyperparams`` around ``jp.prune`` passes (traced under
+    ``jax.jit``, concrete when stepped eagerly), and a transform rebuilt at
+    every step from an injected number would hold it as a constant pruned at
+    step 0 only, ignoring later values (and recompile at every eager step).
+    Pass ``float(s)`` for a fixed sparsity, or a schedule for one that changes.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -247,6 +254,19 @@ def as_schedule(sparsity: Any) -> Schedule:
             f"{sparsity!r} (e.g. from optax.inject_hyperparams around jp.prune). Fix: pass "
             "a float or a schedule (jp.schedules.polynomial, or a callable step -> "
             "sparsity), and wrap the inner optimizer instead: "
+            "jp.prune(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), sparsity=...)."
+        )
+    if isinstance(sparsity, jax.Array):
+        # The same refusal as for the traced value above: a concrete array is
+        # what optax.inject_hyperparams passes when its update runs eagerly.
+        raise ValueError(
+            f"sparsity must be a Python or NumPy number or a schedule, got a jax.Array "
+            f"{sparsity!r}: optax.inject_hyperparams around jp.prune passes one (traced under "
+            "jax.jit, concrete eagerly), and the transform it rebuilds at every step would prune "
+            "once, at step 0, ignoring later values of the injected sparsity. Fix: pass "
+            "float(sparsity) for a fixed sparsity, or a schedule (jp.schedules.polynomial, or a "
+            "callable step -> sparsity) for one that changes, and inject hyperparameters into the "
+            "inner optimizer instead: "
             "jp.prune(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), sparsity=...)."
         )
     if callable(sparsity):

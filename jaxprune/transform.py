@@ -14,6 +14,7 @@ lives in :mod:`jaxprune.state`; they are re-exported here.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -91,6 +92,7 @@ _SCOPES = {"layer": _masks.topk, "global": _masks.global_topk}
 
 def _resolve_selection(scope: str | Selection) -> Selection:
     if callable(scope):
+        _check_selection(scope)
         return scope
     if not isinstance(scope, str) or scope not in _SCOPES:
         raise ValueError(
@@ -99,6 +101,29 @@ def _resolve_selection(scope: str | Selection) -> Selection:
             f"masks, got {scope!r}. Fix: scope='layer' or scope='global'."
         )
     return _SCOPES[scope]
+
+
+def _check_selection(select: Selection) -> None:
+    """Raises ``ValueError`` when ``select`` cannot be called as ``(scores, sparsity, *, where)``.
+
+    Checked when ``prune`` is built: the step calls it so on its first
+    refresh, where a ``TypeError`` would come from inside the jitted update.
+    A callable whose signature cannot be read is left to the step.
+    """
+    try:
+        sig = inspect.signature(select)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(None, None, where=None)
+    except TypeError as e:
+        name = getattr(select, "__name__", type(select).__name__)
+        raise ValueError(
+            f"scope must be a selection (scores, sparsity, *, where) -> masks, but {name}{sig} "
+            f"cannot be called so ({e}); jp.prune passes `where` (the prunable leaves) by "
+            "keyword. Fix: accept it and pass it on, e.g. scope=lambda scores, sparsity, *, "
+            "where=None: jp.masks.topk(scores, sparsity, where=where)."
+        ) from None
 
 
 def _initial_masks(params: Any, flags: list[bool]) -> Any:
@@ -215,6 +240,23 @@ def _check_state_fits(state: PruneState, params: Any) -> None:
     )
 
 
+def _in_container_of(packed: Any, params: Any) -> Any:
+    """Returns the packed masks in the containers of ``params`` (trace time, no array op).
+
+    Params whose containers changed since ``tx.init`` (a ``FrozenDict``
+    stepped as a dict, an ``nnx.State`` as its pure dict) have the same leaf
+    paths in the same order (checked by :func:`_check_state_fits`), but the
+    two branches of the refresh's ``lax.cond`` must return one tree
+    structure: the kept masks follow the params, as a refresh's new ones do.
+    """
+    is_mask = lambda x: isinstance(x, _masks.PackedMask)  # noqa: E731
+    leaves, treedef = jax.tree.flatten(packed, is_leaf=is_mask)
+    want = jax.tree.structure(params)
+    if treedef == want:
+        return packed
+    return jax.tree.unflatten(want, leaves)
+
+
 def prune(
     tx: optax.GradientTransformation,
     *,
@@ -231,7 +273,10 @@ def prune(
     emitted updates set pruned params to exactly 0 after ``optax.apply_updates``.
     Nothing else changes in the training loop, which may be jitted as usual
     (called outside ``jax.jit``, ``update`` compiles itself once, see
-    :func:`jit_when_eager`).
+    :func:`jit_when_eager`). The params' containers may change between
+    ``init`` and ``update`` (a ``FrozenDict`` stepped as a dict, an
+    ``nnx.State`` as its pure dict) as long as the leaf paths and shapes do
+    not: the masks then follow the params' containers.
     (Pruning by ``-params`` updates makes a pruned ``inf`` parameter ``nan``:
     params must be finite.)
 
@@ -265,14 +310,20 @@ def prune(
 
     Args:
       tx: the inner optimizer (any optax transformation).
-      sparsity: a float in ``[0, 1]`` (pruned once, at step 0), a
-        :class:`~jaxprune.schedules.Schedule` (e.g. ``jp.schedules.polynomial``)
-        or a callable ``step -> sparsity`` (refreshed every step).
+      sparsity: a float in ``[0, 1]`` (a Python or NumPy number, pruned once,
+        at step 0), a :class:`~jaxprune.schedules.Schedule` (e.g.
+        ``jp.schedules.polynomial``) or a callable ``step -> sparsity``
+        (refreshed every step). A ``jax.Array`` is refused: it is what
+        ``optax.inject_hyperparams`` around ``jp.prune`` would pass, and a
+        transform rebuilt at every step cannot follow it (see
+        :func:`~jaxprune.schedules.as_schedule`); pass ``float(s)``.
       criterion: ``(params, [grads], *, [key], [**extra]) -> scores``, or a
         :class:`~jaxprune.criteria.StatefulCriterion`. ``grads`` are the
         step's gradients; ``key`` comes from ``tx.update(..., key=k)`` or, if not
         given there, from the ``key`` passed here folded with the step; any
-        other keyword passed to ``tx.update`` reaches it by name. With
+        other keyword passed to ``tx.update`` reaches it by name (one it
+        requires and the update lacks, such as ``jp.criteria.obd``'s
+        ``hessian_diag``, is a ``ValueError`` when the step is traced). With
         ``jp.criteria.magnitude`` or ``jp.criteria.saliency``, a
         ``"layer"``/``"global"`` scope (or the capped
         ``functools.partial(jp.masks.global_topk, max_sparsity=c)``) and
@@ -324,6 +375,9 @@ def prune(
             "build it, e.g. jp.prune(optax.adam(1e-3), ...), not jp.prune(optax.adam, ...)."
         )
     check_where(where)
+    # The criterion first: under optax.inject_hyperparams(jp.prune) it is an
+    # array, and its message says why more plainly than the sparsity's.
+    crit = _criteria.as_stateful(criterion)
     schedule = as_schedule(sparsity)
     select = _resolve_selection(scope)
     # jp.masks.per_layer(select, stacked=...) names its inner selection and its
@@ -332,7 +386,6 @@ def prune(
     base, stacked = getattr(select, "per_layer", (select, None))
     if stacked is not None:
         where = layer_where_of(where, stacked)
-    crit = _criteria.as_stateful(criterion)
     if isinstance(criterion, _criteria.StatefulCriterion):
         wants_key = _criteria.needs_key(criterion.update) or _criteria.needs_key(criterion.score)
     else:
@@ -379,6 +432,7 @@ def prune(
         params = unwrap_variables(params)
         check_same_leaves(updates, params, "updates", "params")
         _check_state_fits(state, params)
+        kept = _in_container_of(state.packed_masks, params)
         flags = prunable_flags(params, where)
         step = state.count
         extra = dict(extra_args)
@@ -399,6 +453,9 @@ def prune(
                     "this criterion draws randomness and needs a PRNG key: pass "
                     "jp.prune(..., key=jax.random.key(0)) or tx.update(..., key=k)."
                 )
+        # At trace time: a keyword the criterion needs (obd's hessian_diag) and
+        # the step lacks would be a bare TypeError from inside the jitted step.
+        _criteria.check_extra_args(criterion, extra, given=sorted(extra_args))
         cstate = _criteria.call_with(crit.update, state.criterion_state, params, grads, **extra)
 
         # Params typed with Explicit mesh axes: masks are retyped like them.
@@ -451,9 +508,9 @@ def prune(
             if not explicit:
                 return _masks.pack(masks)
             packed = _masks.pack(_reshard_like(masks, params))
-            return _reshard_like(packed, state.packed_masks)
+            return _reshard_like(packed, kept)
 
-        packed = jax.lax.cond(schedule.is_update_step(step), refresh, lambda: state.packed_masks)
+        packed = jax.lax.cond(schedule.is_update_step(step), refresh, lambda: kept)
         # Unpacking is elementwise and fuses into the two enforcements below.
         masks = _masks.unpack(packed)
         if explicit:

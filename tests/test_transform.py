@@ -454,9 +454,12 @@ def test_sparsity_injected_as_a_hyperparameter_says_how_to_wrap_instead():
         sparsity=0.5
     )
     params = {"w": jnp.ones((4, 4))}
-    state = tx.init(params)
+    # Traced under jax.jit, a concrete jax.Array eagerly: refused either way (eagerly it
+    # used to be held as a constant, pruned at step 0 only, whatever was injected later).
     with pytest.raises(ValueError, match=r"traced value .*jp.prune\(optax.inject_hyperparams"):
-        jax.jit(tx.update)(params, state, params)
+        jax.jit(tx.init)(params)
+    with pytest.raises(ValueError, match=r"got a jax.Array .*jp.prune\(optax.inject_hyperparams"):
+        tx.init(params)
 
 
 def test_random_scores_of_a_leaf_do_not_depend_on_the_other_leaves():
