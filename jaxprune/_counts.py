@@ -62,12 +62,39 @@ def _check_sparsity(s: Any, name: str = "sparsity", *, tree_ok: bool = True) -> 
         )
 
 
+# The searches count entries, and index them in flatten order, in int32.
+MAX_ENTRIES = 2**31 - 1
+
+
+def _check_global_total(n: int) -> None:
+    """Raises unless a global selection's ``n`` prunable entries (in total) fit its int32 counts.
+
+    Each leaf may be smaller than the limit while the total is not (a 3B
+    model of 1B-entry kernels): the message names the total, not a leaf.
+    """
+    if n > MAX_ENTRIES:
+        raise ValueError(
+            f"a global selection counts in int32: at most 2**31 - 1 = {MAX_ENTRIES:,} prunable "
+            f"entries in total, got {n:,}. Fix: per-layer selection (jp.prune(scope='layer'), "
+            "jp.masks.topk or per_layer), or global_topk over groups of leaves each under the "
+            "limit (e.g. one call per block, each with where= choosing that block's leaves)."
+        )
+
+
 def _count(s: Any, n: int) -> jax.Array:
     """Returns round(s * n) as int32: Python's, for concrete s; exact, for traced float32 s.
 
     A traced ``s`` outside ``[0, 1]`` is clipped to it, and a traced NaN
     prunes nothing (a concrete one is refused by :func:`_check_sparsity`).
+    ``n`` (one leaf's entries, or a global total checked first by
+    :func:`_check_global_total`) must be at most ``2**31 - 1``.
     """
+    if n > MAX_ENTRIES:
+        raise ValueError(
+            f"a selection counts in int32: at most 2**31 - 1 = {MAX_ENTRIES:,} entries in "
+            f"one count, got {n:,}. Fix: select over fewer entries at once, e.g. split a leaf "
+            "this big along its leading axis into stacked layers (jp.masks.per_layer)."
+        )
     if not isinstance(s, jax.core.Tracer):
         return jnp.int32(round(float(s) * n))
     s = jnp.asarray(s, jnp.float32)

@@ -32,7 +32,10 @@ def ordered_keys(scores: ArrayLike) -> jax.Array:
 
     Same shape as ``scores`` (never flattened, so a sharded leaf stays sharded
     and every count below is a plain reduction). ``-0.0`` sorts just below
-    ``+0.0``; every NaN, whatever its sign bit (arithmetic NaNs such as
+    ``+0.0`` (the keys are the float bits, so the two do not tie: a selection
+    prunes every ``-0.0`` before any ``+0.0``, whatever their flatten order;
+    canonicalising would add an operation to every read of the keys in the
+    train step); every NaN, whatever its sign bit (arithmetic NaNs such as
     ``inf - inf`` have it set), sorts above ``+inf``, as in ``jnp.sort``: a
     NaN score is the highest, so it is kept. Scores are compared as float32:
     float64 scores (with ``jax_enable_x64``) that round to the same float32
@@ -43,6 +46,9 @@ def ordered_keys(scores: ArrayLike) -> jax.Array:
       >>> k = jp.masks.ordered_keys(jnp.array([-1.0, 0.0, 2.0, -0.5, jnp.nan]))
       >>> k.dtype.name, jnp.argsort(k).tolist()  # NaN last, as in jnp.sort
       ('uint32', [0, 3, 1, 2, 4])
+      >>> z = jp.masks.ordered_keys(jnp.array([0.0, -0.0]))
+      >>> bool(z[1] < z[0])  # -0.0 ranks below +0.0: no tie
+      True
     """
     if jnp.result_type(scores) == jnp.float64:
         # One location (stacklevel 1): Python's default filter shows it once per process.

@@ -109,13 +109,19 @@ def is_prunable(path: Path, leaf: Any) -> bool:
     """Default ``where``: floating-point leaves with ``ndim >= 2`` (kernels, not biases).
 
     Examples:
-      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
       >>> jp.is_prunable(("w",), jnp.ones((3, 2))), jp.is_prunable(("b",), jnp.ones(2))
       (True, False)
       >>> jp.is_prunable(("ids",), jnp.ones((3, 2), jnp.int32))  # integer: never pruned
       False
+      >>> jp.is_prunable(("activation",), jax.nn.relu)  # not an array (an equinox field)
+      False
     """
     del path
+    # A leaf without a dtype (a function an unfiltered equinox module holds,
+    # a Python number) is never a weight; jnp.ndim on it is deprecated in JAX.
+    if not hasattr(leaf, "dtype"):
+        return False
     return jnp.ndim(leaf) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
 
 
@@ -123,20 +129,45 @@ def _is_floating(leaf: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
 
 
+def _is_numeric(leaf: Any) -> bool:
+    """Whether ``leaf`` is a number or an array of numbers or bools (not a key or a function)."""
+    if not (hasattr(leaf, "dtype") or isinstance(leaf, (int, float, complex, bool))):
+        return False
+    dtype = jnp.result_type(leaf)
+    return dtype == jnp.bool_ or jnp.issubdtype(dtype, np.number)
+
+
+def _dtype_name(leaf: Any) -> str:
+    return str(jnp.result_type(leaf)) if hasattr(leaf, "dtype") else type(leaf).__name__
+
+
 def prunable_flags(
-    tree: Any, where: Where | None = None, *, allow_bool: bool = False
+    tree: Any,
+    where: Where | None = None,
+    *,
+    allow_bool: bool = False,
+    allow_numeric: bool = False,
 ) -> list[bool]:
     """Returns one bool per leaf of ``tree`` (flatten order): is it selected by ``where``?
 
+    ``allow_numeric`` (for measuring, not pruning: ``jp.sparsity`` counts
+    zeros): an explicit ``where`` may also select integer, complex and bool
+    leaves. The default ``where`` is unchanged by it.
+
     Raises:
       ValueError: ``where`` selects a leaf that is not floating point (or bool
-        when ``allow_bool``), naming the leaf's path and dtype.
+        when ``allow_bool``, or any number or bool when ``allow_numeric``),
+        naming the leaf's path and dtype.
     """
     flat, _ = leaves_with_paths(tree)
     if where is None:
-        if allow_bool:
+        if allow_bool or allow_numeric:
             return [
-                bool(np.ndim(x) >= 2 and (_is_floating(x) or jnp.result_type(x) == jnp.bool_))
+                bool(
+                    hasattr(x, "dtype")
+                    and np.ndim(x) >= 2
+                    and (_is_floating(x) or jnp.result_type(x) == jnp.bool_)
+                )
                 for _, x in flat
             ]
         return [bool(is_prunable(p, x)) for p, x in flat]
@@ -144,7 +175,15 @@ def prunable_flags(
     flags = []
     for p, x in flat:
         selected = bool(where(p, x))
-        if selected and not (_is_floating(x) or (allow_bool and jnp.result_type(x) == jnp.bool_)):
+        if selected and allow_numeric:
+            if not _is_numeric(x):
+                raise ValueError(
+                    f"where selected leaf {path_str(p)!r} of dtype {_dtype_name(x)}, but only "
+                    "numeric or bool leaves have zeros to count. Fix: make `where` return "
+                    f"False for {path_str(p)!r}, e.g. `where=lambda path, x: "
+                    "jnp.issubdtype(x.dtype, jnp.number) and ...`."
+                )
+        elif selected and not (_is_floating(x) or (allow_bool and jnp.result_type(x) == jnp.bool_)):
             raise ValueError(
                 f"where selected leaf {path_str(p)!r} of dtype {jnp.result_type(x)}, but "
                 "only floating-point leaves can be pruned. Fix: make `where` return "
@@ -251,8 +290,10 @@ def check_same_leaves(
     """
     flat, _ = leaves_with_paths(tree)
     ref_flat, _ = leaves_with_paths(reference)
-    got = [(path_str(p), tuple(jnp.shape(x))) for p, x in flat]
-    want = [(path_str(p), tuple(jnp.shape(x))) for p, x in ref_flat]
+    # np.shape reads .shape where there is one (arrays, tracers) and gives ()
+    # for other leaves, where jnp.shape warns (an error in a future JAX).
+    got = [(path_str(p), tuple(np.shape(x))) for p, x in flat]
+    want = [(path_str(p), tuple(np.shape(x))) for p, x in ref_flat]
     if got == want:
         return
     paths, ref_paths = [p for p, _ in got], [p for p, _ in want]

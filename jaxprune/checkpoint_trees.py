@@ -24,6 +24,7 @@ __all__ = [
     "as_state",
     "host",
     "check_storable",
+    "check_unique_paths",
     "mask_lookup",
     "encode_tree",
     "encode_masks",
@@ -75,6 +76,33 @@ def check_storable(x: np.ndarray, path: tuple, name: str) -> None:
         )
 
 
+def check_unique_paths(flat: list[tuple[tuple, Any]], name: str) -> None:
+    """Raises ``ValueError`` when two leaves of ``flat`` share a path string.
+
+    A checkpoint keys every leaf by its path string, so ``{"enc/dense": ...}``
+    next to ``{"enc": {"dense": ...}}`` (or a key ``"0"`` next to an index
+    ``0``) would be written as one path twice, a step that restore must refuse.
+    Checked before anything is written.
+    """
+    seen: dict[str, tuple] = {}
+    for path, _ in flat:
+        key = path_str(path)
+        if key in seen:
+            first = seen[key]
+            slashed = [str(k) for k in (*first, *path) if "/" in str(k)]
+            how = (
+                f"rename the key {slashed[0]!r} (e.g. replace '/' by '.' or '~')"
+                if slashed
+                else "rename one of the keys (a str key and an int index that read the same)"
+            )
+            raise ValueError(
+                f"{name} leaves {first!r} and {path!r} have the same path string {key!r}, "
+                f"under which a checkpoint stores each leaf, so that step could never be "
+                f"restored. Fix: {how} before saving."
+            )
+        seen[key] = path
+
+
 def encode_tree(
     tree: Any, masks: dict[str, Any] | None, compress: bool, name: str = "params"
 ) -> tuple[dict, list, dict]:
@@ -84,9 +112,19 @@ def encode_tree(
     CRC-32); ``hosts`` the host copy of each non-key leaf by path string.
 
     Raises:
-      ValueError: a leaf's dtype cannot be stored (named with its path).
+      ValueError: a leaf's dtype cannot be stored, or two leaves share a path
+        string (both named with their paths).
+
+    Examples:
+      >>> import numpy as np
+      >>> from jaxprune.checkpoint_trees import encode_tree
+      >>> encode_tree({"enc/dense": np.ones(2), "enc": {"dense": np.ones(2)}}, None, False)
+      Traceback (most recent call last):
+        ...
+      ValueError: params leaves ('enc', 'dense') and ('enc/dense',) have the same path ...
     """
     flat, _ = leaves_with_paths(tree)
+    check_unique_paths(flat, name)
     arrays, specs, hosts = {}, [], {}
     for i, (path, leaf) in enumerate(flat):
         x, impl = host(leaf)
@@ -128,9 +166,13 @@ def mask_lookup(masks: Any, params: Any, fix: str | None = None) -> dict[str, np
 
     Raises:
       ValueError: naming ``masks``, the leaf path, both shapes and ``fix`` (by
-        default: pass ``jp.get_masks(opt_state)``).
+        default: pass ``jp.get_masks(opt_state)``); or two leaves of ``params``
+        (or of ``masks``) share a path string.
     """
     p_flat, _ = leaves_with_paths(params)
+    check_unique_paths(p_flat, "params")
+    m_flat, _ = leaves_with_paths(masks)
+    check_unique_paths(m_flat, "masks")
     shapes = {path_str(p): tuple(np.shape(x)) for p, x in p_flat}
     parts = {path_str(p): tuple(str(k) for k in p) for p, _ in p_flat}
     fix = fix or (
@@ -138,7 +180,7 @@ def mask_lookup(masks: Any, params: Any, fix: str | None = None) -> dict[str, np
         "jp.prune state that pruned them (a mask is a bool scalar or has its leaf's shape)."
     )
     out: dict[str, np.ndarray] = {}
-    for path, m in leaves_with_paths(masks)[0]:
+    for path, m in m_flat:
         key = path_str(path)
         try:
             m = np.asarray(jax.device_get(m), bool)

@@ -18,15 +18,18 @@ sparsity argument and its exact counts, in :mod:`jaxprune._counts`.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
 from jaxprune._counts import (
     _cap,
+    _check_global_total,
     _check_max_sparsity,
     _check_sparsity,
     _count,
@@ -84,7 +87,10 @@ def topk(scores: Any, sparsity: Any, *, where: Where | None = None) -> Any:
 
     Exactly ``round(sparsity * leaf.size)`` entries of each leaf selected by
     ``where`` are pruned (``False``): the lowest scores, ties broken by flatten
-    order. Leaves not selected get a scalar ``True`` (keep everything).
+    order. Scores are ranked by their float32 bits (:func:`ordered_keys`), so
+    ``-0.0`` ranks below ``+0.0`` and is pruned first: they do not tie (this
+    matters for signed criteria, e.g. the movement score of a zero weight).
+    Leaves not selected get a scalar ``True`` (keep everything).
 
     Args:
       scores: a pytree of scores (e.g. ``jp.criteria.magnitude(params)``).
@@ -127,9 +133,16 @@ def global_topk(
 
     Exactly ``round(sparsity * N)`` entries are pruned in total, ``N`` the
     number of entries in the leaves selected by ``where``; the lowest scores go
-    first whatever leaf holds them, ties broken by flatten order. Found without
-    sorting (see the module docstring), so it scales to tens of millions of
-    entries and to sharded arrays.
+    first whatever leaf holds them, ties broken by flatten order (``-0.0``
+    ranks below ``+0.0``, as in :func:`topk`). Found without sorting (see the
+    module docstring), so it scales to tens of millions of entries and to
+    sharded arrays.
+
+    The counts are int32: ``N`` may be at most ``2**31 - 1`` in total, even
+    when every leaf is smaller (three 1B-entry kernels are refused with a
+    ``ValueError``). Beyond that, select per layer (:func:`topk`,
+    :func:`per_layer`, ``jp.prune(scope="layer")``) or call ``global_topk``
+    on groups of leaves (``where=``), each under the limit.
 
     With ``max_sparsity``, no leaf loses more than ``floor(max_sparsity *
     leaf.size)`` entries: the lowest scores still go first, skipping leaves
@@ -148,6 +161,10 @@ def global_topk(
     Returns:
       A tree of bool arrays with exactly the structure of ``scores``.
 
+    Raises:
+      ValueError: the selected leaves hold more than ``2**31 - 1`` entries in
+        total, or an argument is out of range.
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> m = jp.masks.global_topk({"a": jnp.ones((2, 2)), "b": 2 * jnp.ones((2, 2))}, 0.5)
@@ -165,6 +182,7 @@ def global_topk(
     idx = [i for i, f in enumerate(flags) if f and jnp.size(flat[i][1])]
     leaves = [jnp.asarray(flat[i][1]) for i in idx]
     n = sum(x.size for x in leaves)
+    _check_global_total(n)
     # The scores are stored already, so their keys are stored once too: reading
     # stored keys at each probe beats recomputing them (~25% at 100M scores).
     keys = [ordered_keys(x) for x in leaves]
@@ -318,6 +336,7 @@ def fused_select(
     elif scope == "global":
         _check_sparsity(sparsity, tree_ok=False)
         n = sum(size.values())
+        _check_global_total(n)
         idx = [i for i in idx if size[i]]
         count = _count(sparsity, n)
         keys_fn = keys_of(idx)
@@ -469,19 +488,29 @@ def sparsity(tree: Any, *, where: Where | None = None) -> jax.Array:
 
     Works on params (counts exact zeros) and on masks (counts ``False``). The
     default ``where`` selects leaves with ``ndim >= 2`` (floating or bool). An
-    nnx ``Module`` counts its ``nnx.Param`` state, a shared weight once.
+    explicit ``where`` may also select integer and complex leaves (quantized
+    weights): this only counts zeros, it prunes nothing. An nnx ``Module``
+    counts its ``nnx.Param`` state, a shared weight once.
+
+    A tree with no leaf counted (no kernels: only biases, scalar masks, or
+    ``{}``) gives ``0.0``. If the default ``where`` counted nothing but passed
+    over integer or complex leaves with ``ndim >= 2``, that ``0.0`` would read
+    as "dense" for a quantized model, so a warning names those leaves.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> float(jp.sparsity({"w": jnp.array([[0., 1.], [0., 0.]]), "b": jnp.zeros(2)}))
       0.75
+      >>> q = {"kernel_q": jnp.array([[0, 3], [0, -2]], jnp.int8)}  # int8 weights
+      >>> float(jp.sparsity(q, where=lambda path, x: path[-1] == "kernel_q"))
+      0.5
     """
     if isinstance(tree, nnx.Module):
         # The Variables, a tied (shared) one once, as jp.report counts them.
         tree = nnx.state(tree, nnx.Param)
     if _has_packed(tree):
         tree = unpack(tree)  # e.g. a PruneState's packed_masks: count the masks' False
-    flags = prunable_flags(tree, where, allow_bool=True)
+    flags = prunable_flags(tree, where, allow_numeric=True)
     flat, _ = leaves_with_paths(tree)
     # Counted per leaf (int32, exact) and summed in float32: a tree over 2**31
     # entries (a multi-billion-parameter model) would overflow one int32 count.
@@ -493,8 +522,36 @@ def sparsity(tree: Any, *, where: Where | None = None) -> jax.Array:
             zeros = zeros + jnp.sum(is_zero, dtype=jnp.int32).astype(jnp.float32)
             total += int(jnp.size(x))
     if total == 0:
+        if where is None and not any(flags):
+            _warn_uncounted(flat)
         return jnp.float32(0.0)
     return zeros / jnp.float32(total)
+
+
+def _warn_uncounted(flat: list) -> None:
+    """Warns when the default ``where`` passed over integer or complex leaves of ``ndim >= 2``.
+
+    Only when nothing else was counted: the bare ``0.0`` of a quantized model
+    would read as "no zeros". Trees with no such leaf (biases only, ``{}``)
+    stay silent: ``0.0`` is their answer.
+    """
+    skipped = [
+        f"{path_str(p)!r} ({jnp.result_type(x)})"
+        for p, x in flat
+        if hasattr(x, "dtype")
+        and np.ndim(x) >= 2
+        and jnp.issubdtype(jnp.result_type(x), jnp.number)
+        and not jnp.issubdtype(jnp.result_type(x), jnp.floating)
+    ]
+    if skipped:
+        warnings.warn(
+            f"jp.sparsity counted no leaf and returns 0.0: by default it counts floating and "
+            f"bool leaves with ndim >= 2, and passed over {', '.join(skipped[:5])}"
+            f"{' ...' if len(skipped) > 5 else ''}. Fix: to count the zeros of integer "
+            "(quantized) weights, pass where=, e.g. jp.sparsity(tree, where=lambda path, x: "
+            "x.ndim >= 2).",
+            stacklevel=3,
+        )
 
 
 from jaxprune.stacked import per_layer  # noqa: E402
