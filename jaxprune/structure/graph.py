@@ -30,7 +30,7 @@ import warnings
 from typing import Any, NamedTuple
 
 from jaxprune._tree import Path, path_str
-from jaxprune.structure.program import Program
+from jaxprune.structure.program import Program, where
 
 __all__ = ["Layout", "Member", "Group", "Link", "links", "find_groups", "channel_indices"]
 
@@ -369,6 +369,69 @@ def _warn_unused(prog: Program, leaves: list[int]) -> None:
     )
 
 
+class _Locations:
+    """``at(i)``: `` at <where equation i was traced>`` (see :func:`~.program.where`), cached."""
+
+    def __init__(self, prog: Program):
+        self.prog, self.cache = prog, {}
+
+    def __call__(self, i: int) -> str:
+        if i not in self.cache:
+            loc = where(self.prog.eqns[i])
+            self.cache[i] = f" at {loc}" if loc else ""
+        return self.cache[i]
+
+
+def _unmapped(prog: Program, i: int, v: int, d: int, at: str) -> str:
+    """Returns, in plain words, why equation ``i`` does not carry axis ``d`` of ``v`` channel-wise.
+
+    ``at`` says where in the user's code the equation was traced (see
+    :class:`_Locations`); conv cases end with the technical statement.
+    """
+    e, sh = prog.eqns[i], prog.shapes
+    name, prm = e.prim.name, e.params
+    tech = f"({name} does not map axis {d} channel-wise)"
+    if name == "conv_general_dilated":
+        dn = prm["dimension_numbers"]
+        lhs, rhs, o = e.ins[0], e.ins[1], e.outs[0]
+        groups, cin = prm["feature_group_count"], sh[lhs][dn.lhs_spec[1]]
+        feature = (
+            (v == lhs and d == dn.lhs_spec[1])
+            or (v == rhs and d == dn.rhs_spec[0])
+            or (v == o and d == dn.out_spec[1])
+        )
+        if feature and 1 < groups < cin:
+            return (
+                f"a per-channel cut would unbalance the groups of the grouped conv{at} "
+                f"(feature_group_count={groups}), which loses one position in every group "
+                f"at a time {tech}"
+            )
+        if feature and groups == cin > 1:
+            mult = sh[o][dn.out_spec[1]] // cin
+            return (
+                f"one output of the depthwise conv{at} (channel multiplier {mult}) cannot go "
+                f"alone, only a whole input channel with its {mult} outputs {tech}"
+            )
+        if any(v == u and d in spec[2:] for u, spec in zip(e.ins[:2] + e.outs, dn, strict=True)):
+            return f"a spatial axis of the conv{at} {tech}"
+    if name in _REDUCE and v == e.ins[0]:
+        axes = prm.get("axes", (prm.get("axis"),))
+        if d in {a % len(sh[v]) for a in axes if a is not None}:
+            return (
+                f"the {name}{at} reduces over these channels (a LayerNorm, a softmax or a "
+                "mean over features), which mixes them"
+            )
+    if name == "concatenate" and d == prm["dimension"]:
+        parts = " + ".join(str(sh[u][d]) for u in e.ins)
+        return (
+            f"these channels straddle the parts of the concatenate{at} ({parts} channels), "
+            "e.g. a grouped conv's groups reading across them"
+        )
+    if name in ("slice", "pad", "split"):
+        return f"the {name}{at} works on fixed indices of this axis, which shrinking cannot move"
+    return f"{name}{at} does not map axis {d} channel-wise"
+
+
 class _UnionFind:
     def __init__(self):
         self.parent: dict[Any, Any] = {}
@@ -456,10 +519,11 @@ def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
                 if prim is not None:
                     opaque.setdefault(uf.find((var, d, lay)), set()).add(prim)
 
+    at = _Locations(prog)
     for i, (e, lk, kn) in enumerate(zip(prog.eqns, eqn_links, known, strict=True)):
         if not kn:
             for v in e.ins + e.outs:
-                block(v, f"primitive {e.prim.name!r} (equation {i}) is opaque", e.prim.name)
+                block(v, f"primitive {e.prim.name!r}{at(i)} is opaque", e.prim.name)
             continue
         mapped = set()
         for link in lk:
@@ -474,7 +538,7 @@ def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
             for d in range(len(sh[v])):
                 for lay in layouts.get((v, d), ()):
                     if (v, d, lay) not in mapped:
-                        why = f"{e.prim.name} (equation {i}) does not map axis {d} channel-wise"
+                        why = _unmapped(prog, i, v, d, at(i))
                         blocked.setdefault(uf.find((v, d, lay)), []).append(why)
     # Activations: the values computed from the inputs, in program order.
     live = set(prog.input_ids)
@@ -490,7 +554,7 @@ def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
         if e.prim.name != "dot_general" or not all(v in live for v in e.ins[:2]):
             continue
         why = (
-            f"dot_general (equation {i}) multiplies two activations over it (like "
+            f"the dot_general{at(i)} multiplies two activations over it (like "
             "attention's head_dim, whose 1/sqrt(head_dim) scale is read from the width)"
         )
         _, (lb, rb) = e.params["dimension_numbers"]

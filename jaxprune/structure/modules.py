@@ -180,6 +180,38 @@ def _snapshot(model: nnx.Module) -> list[tuple[Any, dict]]:
     ]
 
 
+# Layers whose width attributes _update_attributes sets (all of them read the rest
+# from their arrays when called).
+_ADAPTED = (
+    nnx.Linear,
+    nnx.Conv,
+    nnx.LinearGeneral,
+    nnx.MultiHeadAttention,
+    nnx.ConvTranspose,
+    nnx.Einsum,
+    nnx.BatchNorm,
+    nnx.LayerNorm,
+    nnx.RMSNorm,
+    nnx.GroupNorm,
+)
+
+
+def _unadapted_layers(model: nnx.Module, groups: list) -> str:
+    """Returns the modules holding ``groups``' members that :func:`_update_attributes` does not
+    know, as ``"dw (MyDepthwise), ..."``: the custom layer a failed shrink points at."""
+    owners = {tuple(p): m for p, m in nnx.iter_modules(model)}
+    found: dict[str, str] = {}
+    for g in groups:
+        for m in g.members:
+            prefix = tuple(m.path[:-1])
+            while prefix not in owners and prefix:
+                prefix = prefix[:-1]
+            mod = owners.get(prefix)
+            if mod is not None and not isinstance(mod, _ADAPTED):
+                found.setdefault(path_str(prefix) if prefix else "<model>", type(mod).__name__)
+    return ", ".join(f"{p} ({t})" for p, t in found.items())
+
+
 def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bool = True):
     """Returns ``model`` shrunk in place: pruned channels physically removed.
 
@@ -188,6 +220,16 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
     updated, so the same object (and code holding it) keeps working and is
     smaller and faster. Call ``model.eval()`` first for BatchNorm models, so
     the comparison with the masked model uses the running statistics.
+
+    The shrunk model equals the masked one in the mode the analysis traced,
+    eval mode: cuts and folds read through a BatchNorm use its running
+    statistics (a filter whose kernel alone is masked outputs the constant
+    ``relu(BN_eval(bias))``, which is cut or folded). In train mode, where
+    BatchNorm uses the batch's statistics, a model shrunk under kernel-only
+    masks (``jp.masks.structured(axes=-1)``) computes something else than the
+    masked one. To fine-tune after shrinking, select with
+    :func:`~jaxprune.structure.select` (or ``selection``): its group masks also
+    zero the BatchNorm scale and shift, so the two agree in train mode too.
 
     Args:
       model: a flax nnx module.
@@ -199,9 +241,12 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
       ``model`` itself, shrunk.
 
     Raises:
-      ValueError: the masks do not mirror the state, or (with ``check``) the
-        shrunk model computes something else; the message names the groups
-        whose cut alone changes the outputs. ``model`` is then left as it was.
+      ValueError: the masks do not mirror the state, remove every input
+        channel of a depthwise or grouped conv (the message names it; select
+        with ``max_sparsity``), or (with ``check``) the shrunk model fails or
+        computes something else; the message names the groups whose cut alone
+        breaks it, and the layers in them whose width attributes are not
+        updated. ``model`` is then left as it was.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -224,7 +269,17 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
     small, removed, prog = _shrink(apply_fn, state, masks, example_inputs)
     widths = _snapshot(model)
 
+    def restore_widths():
+        for mod, attrs in widths:
+            for a, v in attrs.items():
+                setattr(mod, a, v)
+
     def install(arrays):
+        # From the model as it was: each culprit check (see _check_naming) installs
+        # another shrink, and _update_attributes reads the current attributes (a
+        # depthwise conv is told by feature_group_count == in_features), which a
+        # previous install changed.
+        restore_widths()
         nnx.update(model, arrays)
         _update_attributes(model)
 
@@ -250,12 +305,20 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
         return model
     ok = False
     try:
-        _check_naming(check_as, apply_fn, state, masks, small, removed, prog, example_inputs)
+        _check_naming(
+            check_as,
+            apply_fn,
+            state,
+            masks,
+            small,
+            removed,
+            prog,
+            example_inputs,
+            layers=lambda groups: _unadapted_layers(model, groups),
+        )
         ok = True
     finally:
         if not ok:  # the model is left as it was: its arrays and its attributes
             nnx.update(model, state)
-            for mod, attrs in widths:
-                for a, v in attrs.items():
-                    setattr(mod, a, v)
+            restore_widths()
     return model

@@ -5,10 +5,14 @@ inlines every call-like sub-jaxpr (``jit``, ``custom_jvp_call``,
 ``custom_vjp_call``, ``closed_call``, ``remat``/``checkpoint``), so that the dependency
 analysis and the evaluator in this package see primitives only. Variables are
 integers; literals and closed-over constants become constant variables.
+Each equation keeps its source info (and that of the calls it was inlined
+from), so that messages can say where in the user's code it was traced
+(:func:`where`).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -18,7 +22,12 @@ from jax.extend import core as jcore
 
 from jaxprune._tree import Path, leaves_with_paths
 
-__all__ = ["Eqn", "Program", "trace"]
+try:  # private: where an equation was traced; without it messages lose their locations
+    from jax._src import source_info_util
+except ImportError:  # pragma: no cover - a jax that moved it
+    source_info_util = None
+
+__all__ = ["Eqn", "Program", "trace", "where"]
 
 # Call-like primitives whose body is inlined: they compute exactly their body.
 _CALLS = {
@@ -44,6 +53,10 @@ class Eqn(NamedTuple):
     params: dict  # its static parameters
     ins: tuple[int, ...]  # variable ids of the operands
     outs: tuple[int, ...]  # variable ids of the results
+    # jax source infos: the equation's own, then those of the calls it was inlined
+    # from (innermost first). An inlined jit body (jax.nn.relu's) has no user frame
+    # of its own; the call that reached it has. Empty for equations jaxprune adds.
+    source: tuple = ()
 
 
 class Program(NamedTuple):
@@ -95,7 +108,7 @@ class _Builder:
         self.consts[i] = value
         return i
 
-    def inline(self, closed: Any, in_ids: list[int]) -> list[int]:
+    def inline(self, closed: Any, in_ids: list[int], outer: tuple = ()) -> list[int]:
         jaxpr = closed.jaxpr
         env: dict[Any, int] = {}
         for v, c in zip(jaxpr.constvars, closed.consts, strict=True):
@@ -111,11 +124,12 @@ class _Builder:
         for e in jaxpr.eqns:
             ins = [read(v) for v in e.invars]
             sub = _sub_jaxpr(e)
+            source = (e.source_info,) + outer
             if sub is not None:
-                outs = self.inline(sub, ins)
+                outs = self.inline(sub, ins, source)
             else:
                 outs = [self.new(v.aval.shape, v.aval.dtype) for v in e.outvars]
-                self.eqns.append(Eqn(e.primitive, dict(e.params), tuple(ins), tuple(outs)))
+                self.eqns.append(Eqn(e.primitive, dict(e.params), tuple(ins), tuple(outs), source))
             for v, o in zip(e.outvars, outs, strict=True):
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
@@ -178,3 +192,50 @@ def trace(apply_fn: Any, params: Any, *example_inputs: Any) -> Program:
         output_ids=outs,
         treedef=treedef,
     )
+
+
+# jaxprune.structure's own frames (module_apply, linen_apply's interceptor) sit
+# between the user's model and flax's layers: skipped like jax's and flax's.
+_OWN = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_frame(info: Any) -> str:
+    """Returns ``file:line:column (function)`` of ``info``'s innermost user frame, or ``""``."""
+    if source_info_util is None:
+        return ""
+    try:
+        for f in source_info_util.user_frames(info.traceback):
+            if not os.path.abspath(f.file_name).startswith(_OWN):
+                return f"{f.file_name}:{f.start_line}:{f.start_column} ({f.function_name})"
+    except Exception:  # noqa: BLE001 - jax-internal helpers: a message loses its location
+        pass
+    return ""
+
+
+def where(eqn: Eqn) -> str:
+    """Returns where ``eqn`` was traced in the user's code, or ``""`` when that is unknown.
+
+    The innermost user frame (``file:line:column (function)``, as jax prints
+    it in its own errors, skipping jax's, flax's and jaxprune.structure's own
+    frames), preceded by the
+    flax module path when the name stack has one (linen modules push their
+    names; nnx modules do not, and their ``__call__`` line names the layer).
+    Messages say this rather than the equation's position in the inlined
+    program, which the user never sees.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxprune import structure
+      >>> def f(p, x):
+      ...     return jnp.tanh(x @ p["w"])
+      >>> prog = structure.trace(f, {"w": jnp.ones((3, 2))}, jnp.ones((1, 3)))
+      >>> "(f)" in structure.program.where(prog.eqns[1])  # ...<doctest ...>:2:11 (f)
+      True
+    """
+    loc = next((f for f in map(_user_frame, eqn.source) if f), "")
+    # Name stacks are relative to the call they were traced in: outermost first.
+    names = [str(getattr(info, "name_stack", "")) for info in reversed(eqn.source)]
+    module = "/".join(n for n in names if n)
+    if module and loc:
+        return f"{module} ({loc})"
+    return module or loc

@@ -30,7 +30,7 @@ from jaxprune._tree import check_same_structure, leaves_with_paths, path_str
 from jaxprune.masks import apply_masks
 from jaxprune.structure.evaluate import make_evaluator, run_once
 from jaxprune.structure.graph import Analysis, Group, channel_indices, find_groups
-from jaxprune.structure.program import Eqn, Program, trace
+from jaxprune.structure.program import Eqn, Program, trace, where
 
 __all__ = ["shrink", "plan"]
 
@@ -439,16 +439,91 @@ def _culprits(check, params, removed, prog) -> list[Group]:
     return out
 
 
-def _named(err, groups: list[Group]):
-    """Returns ``err`` (an OutputMismatch or ApplyFailure) naming ``groups`` (or ``err``)."""
+def _members(g: Group, prog: Program, shown: int = 4) -> str:
+    """Returns ``g``'s members for a message: all of them (by path), or when there are more
+    than ``shown``, the kernels (ndim >= 2) first and ``(+N more)``.
+
+    A group's members are sorted by path, so a Conv-BatchNorm group cut short
+    would otherwise open with the BatchNorm's four vectors and hide the layers.
+    """
+    ms = list(g.members)
+    if len(ms) > shown:
+        ndim = [len(prog.shapes[v]) for v in prog.param_ids]
+        ms.sort(key=lambda m: ndim[m.leaf] < 2)  # stable: paths stay sorted
+    names = ", ".join(f"{path_str(m.path)}[{m.axis}]" for m in ms[:shown])
+    return names + (f" (+{len(ms) - shown} more)" if len(ms) > shown else "")
+
+
+def _named(err, groups: list[Group], prog: Program, layers=None):
+    """Returns ``err`` (an OutputMismatch or ApplyFailure) naming ``groups`` (or ``err``).
+
+    ``layers(groups)``, when given, names the layers of those groups that the
+    entry point cannot adapt (``""`` if none); an :class:`ApplyFailure` says so.
+    """
     if not groups:
         return err
-    names = "; ".join(
-        ", ".join(f"{path_str(m.path)}[{m.axis}]" for m in g.members[:4]) for g in groups
-    )
+    names = "; ".join(_members(g, prog) for g in groups)
     if isinstance(err, ApplyFailure):
+        suspects = layers(groups) if layers is not None else ""
+        if suspects:
+            names += (
+                f". Of the layers in {'it' if len(groups) == 1 else 'them'}, shrink_module "
+                f"does not update the width attributes of {suspects}"
+            )
         return ApplyFailure(err.err, err.how, names)
     return OutputMismatch(err.diff, names)
+
+
+def _emptied_grouped_convs(prog: Program, removed) -> list[tuple[int, int, int, bool]]:
+    """Returns ``(equation, kernel leaf, feature_group_count, depthwise)`` of each grouped or
+    depthwise conv whose input channels ``removed`` cuts entirely.
+
+    Such a conv would have 0 input channels and a ``feature_group_count`` of 0
+    (depthwise) or groups of width 0, which neither flax nor lax computes. The
+    kernel is found through dtype casts to its params leaf; a kernel computed
+    from params otherwise (weight standardization) is not checked here.
+    """
+    producers = {o: i for i, e in enumerate(prog.eqns) for o in e.outs}
+    leaf_of = {v: k for k, v in enumerate(prog.param_ids)}
+    out = []
+    for i, e in enumerate(prog.eqns):
+        if e.prim.name != "conv_general_dilated" or e.params["feature_group_count"] == 1:
+            continue
+        dn, groups = e.params["dimension_numbers"], e.params["feature_group_count"]
+        depthwise = groups == prog.shapes[e.ins[0]][dn.lhs_spec[1]]
+        v = e.ins[1]
+        while v not in leaf_of and v in producers:
+            src = prog.eqns[producers[v]]
+            if src.prim.name not in _PASS or prog.shapes[src.ins[0]] != prog.shapes[v]:
+                break
+            v = src.ins[0]
+        if v not in leaf_of:
+            continue
+        # A depthwise kernel's output axis carries its input channels (times the
+        # multiplier); a grouped kernel's input axis is one group's input channels.
+        axis = dn.rhs_spec[0] if depthwise else dn.rhs_spec[1]
+        if len(removed.get((leaf_of[v], axis), ())) >= prog.shapes[v][axis]:
+            out.append((i, leaf_of[v], groups, depthwise))
+    return out
+
+
+def _refuse_emptied_grouped_convs(prog: Program, removed) -> None:
+    """Raises a ``ValueError`` naming the first conv of :func:`_emptied_grouped_convs`."""
+    for i, leaf, groups, depthwise in _emptied_grouped_convs(prog, removed):
+        path = prog.param_paths[leaf]
+        layer = path_str(path[:-1]) if len(path) > 1 else "<root>"
+        loc = where(prog.eqns[i])
+        kind = "depthwise" if depthwise else "grouped"
+        raise ValueError(
+            f"shrink: the masks remove every input channel of the {kind} conv {layer!r} "
+            f"(kernel {path_str(path)}, feature_group_count={groups}"
+            f"{', at ' + loc if loc else ''}), which would leave it with 0 input channels: "
+            "no conv computes that (its feature_group_count would have to be 0 or its "
+            f"{groups} groups empty). It happens when a selection empties the group feeding "
+            "it, e.g. a global one without a cap. Fix: keep at least one channel of each "
+            "group, e.g. structure.select(groups, scores, sparsity, scope='global', "
+            "max_sparsity=0.9), or leave the group feeding that conv out of the selection."
+        )
 
 
 def _shrink(apply_fn, params, masks, example_inputs):
@@ -463,6 +538,7 @@ def _shrink(apply_fn, params, masks, example_inputs):
             "before structure.module_apply / shrink_module."
         )
     leaves, removed, prog = plan(apply_fn, params, masks, *example_inputs)
+    _refuse_emptied_grouped_convs(prog, removed)
     dtypes = [jnp.result_type(x) for _, x in leaves_with_paths(params)[0]]
     cut = _cut(leaves, removed)
     small = jax.tree.unflatten(
@@ -498,8 +574,9 @@ def shrink(apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, check: 
       plain arrays, which ``apply_fn`` and ``nnx.merge`` take as they are).
 
     Raises:
-      ValueError: the masks do not mirror the params, ``apply_fn`` (from
-        ``structure.module_apply``) runs BatchNorm in train mode, or
+      ValueError: the masks do not mirror the params, remove every input
+        channel of a depthwise or grouped conv (named, with the fix), ``apply_fn``
+        (from ``structure.module_apply``) runs BatchNorm in train mode, or
         ``apply_fn`` cannot run on the shrunk params (see the message for the
         fix).
 
@@ -536,13 +613,16 @@ def _shrink_checked(apply_fn, params, masks, example_inputs, check, how="shrink"
     return small
 
 
-def _check_naming(check_as, apply_fn, params, masks, small, removed, prog, example_inputs):
+def _check_naming(
+    check_as, apply_fn, params, masks, small, removed, prog, example_inputs, layers=None
+):
     """Runs ``check_as(masks, small)``; on a mismatch, re-raises it naming the culprit groups.
 
     ``check_as(masks_, small_)`` raises :class:`OutputMismatch` when ``small_``
     (the shrink of ``params`` under ``masks_``) computes something else, or
     :class:`ApplyFailure` when the model cannot run on it; each group of
-    ``removed`` is then checked alone (see :func:`_culprits`).
+    ``removed`` is then checked alone (see :func:`_culprits`). ``layers`` is
+    :func:`_named`'s.
     """
     try:
         check_as(masks, small)
@@ -553,7 +633,7 @@ def _check_naming(check_as, apply_fn, params, masks, small, removed, prog, examp
             removed,
             prog,
         )
-        raise _named(err, groups) from err
+        raise _named(err, groups, prog, layers) from err
 
 
 def widths(params: Any, small: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
