@@ -8,7 +8,20 @@
   per-input-feature norms ``jp.criteria.wanda`` needs.
 * :func:`mean_abs` and :func:`apoz` score units by their activations; broadcast
   per-unit scores onto the kernels with :func:`unit_scores`, then select with a
-  structured selection (whole units) or any other.
+  structured selection (whole units) or any other, passing
+  ``where=scored_where(per_unit)`` (:func:`scored_where`) so that a per-layer
+  selection leaves the kernels without scores dense.
+
+BatchNorm models: the score is computed from a captured module's *output*,
+so on a ``conv -> BatchNorm -> ReLU`` block (``jp.models.VGGSmall``, ResNets)
+the default captures score ``relu(conv output)``, not the activation the
+network computes, ``relu(BN(conv output))``. The two rankings can be
+unrelated (on a trained ``VGGSmall``, 4 of the 16 channels kept at 50% were
+the same). Capture the BatchNorm modules instead
+(``capture_nnx(model, x, types=(nnx.BatchNorm,))``, with the model in eval
+mode so BN uses its running statistics), score them, and re-key each score
+to the path of the conv that feeds it before :func:`unit_scores`; see
+:func:`apoz` for the recipe.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ __all__ = [
     "mean_abs",
     "apoz",
     "unit_scores",
+    "scored_where",
 ]
 
 
@@ -371,6 +385,11 @@ def mean_abs(
 ) -> dict[str, jax.Array]:
     """Returns per-unit mean ``|activation(output)|`` of each captured module (higher kept).
 
+    Scores ``activation(output)`` of each captured module: on a ``conv ->
+    BatchNorm -> ReLU`` model that is ``relu(conv output)``, not the network's
+    activation ``relu(BN(conv output))``; capture the BatchNorm modules and
+    re-key the scores to the conv paths, as in :func:`apoz`'s example.
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> caps = {"fc": jp.activations.Captured(None, jnp.array([[1., -2.], [3., -1.]]))}
@@ -389,11 +408,34 @@ def apoz(
 ) -> dict[str, jax.Array]:
     """Returns per-unit ``1 - APoZ`` (fraction of nonzero activations; higher kept).
 
+    Scores ``activation(output)`` of each captured module. On a ``conv ->
+    BatchNorm -> ReLU`` model (``jp.models.VGGSmall``, ResNets) the conv's
+    output is not what the ReLU sees: scoring the convs' captures measures
+    ``relu(conv output)``, not ``relu(BN(conv output))``, and can rank the
+    channels at chance level. Capture the BatchNorm modules instead (model in
+    eval mode, so BN uses its running statistics), and re-key each score to
+    the path of the conv feeding that BatchNorm (``"bns/0"`` ->
+    ``"convs/0"`` in ``VGGSmall``; ``"bn1"`` -> ``"conv1"`` in a ResNet
+    block) before :func:`unit_scores`, as in the second example.
+
     Examples:
-      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> import jax, jax.numpy as jnp, jaxprune as jp
       >>> caps = {"fc": jp.activations.Captured(None, jnp.array([[1., -2.], [3., 4.]]))}
       >>> jp.activations.apoz(caps)["fc"].tolist()
       [1.0, 0.5]
+
+      Conv -> BatchNorm -> ReLU: score the BatchNorm outputs, keyed by conv:
+
+      >>> from flax import nnx
+      >>> model = jp.models.VGGSmall(rngs=nnx.Rngs(0), cfg=(4, "M"), hidden=8, image_size=8)
+      >>> model.eval()  # BN normalizes with its running statistics
+      >>> x = jax.random.normal(jax.random.key(1), (16, 8, 8, 1))
+      >>> _, bn = jp.activations.capture_nnx(model, x, types=(nnx.BatchNorm,))
+      >>> per_unit = {k.replace("bns", "convs"): v for k, v in jp.activations.apoz(bn).items()}
+      >>> params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      >>> scores = jp.activations.unit_scores(params, per_unit)
+      >>> scores["convs"][0]["kernel"].shape
+      (3, 3, 1, 4)
 
     References:
       Hu et al., "Network Trimming", 2016. https://arxiv.org/abs/1607.03250
@@ -413,17 +455,42 @@ def unit_scores(params: optax.Params, per_unit: dict[str, jax.Array]) -> optax.P
     so the default ``"l2"`` would rank ``score * sqrt(fan_in)`` and could
     empty a layer of small fan-in.
 
+    The ``+inf`` keeps an unscored kernel dense only under a *global*
+    selection (``global_topk``, ``structured(..., scope="global")``). A
+    per-layer selection (``topk``, ``structured``'s default
+    ``scope="layer"``, ``jp.prune``'s default scope) prunes
+    ``round(sparsity * n)`` entries of every leaf it selects whatever their
+    scores, so an unscored kernel still loses that many (ties of ``+inf``
+    broken by flatten order: its first entries, or with a structured
+    selection its first units; leaving the logits out of ``per_unit``
+    removes half of the classes at 50%). Pass
+    ``where=jp.activations.scored_where(per_unit)`` to select only the
+    scored kernels (second example).
+
     Raises:
       ValueError: a key of ``per_unit`` owns no kernel of ``params`` (e.g.
         linen's full variables passed instead of ``variables["params"]``: every
-        kernel would get ``+inf``), or a vector's length is not its kernel's
-        number of units.
+        kernel would get ``+inf``; or a BatchNorm's path, whose scores belong
+        to the conv feeding it: see :func:`apoz`), or a vector's length is not
+        its kernel's number of units.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> p = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
       >>> jp.activations.unit_scores(p, {"fc": jnp.array([1., 3.])})["fc"]["kernel"].tolist()
       [[1.0, 3.0], [1.0, 3.0]]
+
+      A kernel left out of ``per_unit`` (here ``"out"``) is still pruned by a
+      per-layer selection unless ``where`` leaves it out:
+
+      >>> p = {"fc": {"kernel": jnp.ones((2, 2))}, "out": {"kernel": jnp.ones((2, 2))}}
+      >>> per_unit = {"fc": jnp.array([1., 3.])}
+      >>> s = jp.activations.unit_scores(p, per_unit)
+      >>> jp.masks.topk(s, 0.5)["out"]["kernel"].tolist()
+      [[False, False], [True, True]]
+      >>> m = jp.masks.topk(s, 0.5, where=jp.activations.scored_where(per_unit))
+      >>> m["fc"]["kernel"].tolist(), m["out"]["kernel"].tolist()
+      ([[False, True], [False, True]], True)
     """
     flat, treedef = leaves_with_paths(params)
     owners = {_kernel_owner(path, leaf) for path, leaf in flat} - {None}
@@ -432,6 +499,20 @@ def unit_scores(params: optax.Params, per_unit: dict[str, jax.Array]) -> optax.P
         hint = ""
         if any(path and path[0] == "params" for path, _ in flat):
             hint = ' These params start with "params/": for linen pass variables["params"].'
+        # A module with a per-channel "scale" but no kernel is a normalization
+        # layer: its captures score the activation after BN, which belongs to
+        # the conv (or dense) layer feeding it.
+        norms = sorted(
+            {path_str(path[:-1]) for path, _ in flat if len(path) > 1 and path[-1] == "scale"}
+            & set(unused)
+        )
+        if norms:
+            hint += (
+                f" {norms} look like normalization layers (a 'scale', no kernel): to score "
+                "a conv by its activation after BatchNorm, re-key each score to the path of "
+                "the conv feeding it, e.g. {k.replace('bns', 'convs'): v for k, v in "
+                "apoz(bn_captures).items()} for jp.models.VGGSmall (see jp.activations.apoz)."
+            )
         raise ValueError(
             f"unit_scores: per_unit has scores for {unused}, which own no kernel of params "
             f"(the kernels' modules are {sorted(owners)[:10]}), so they would be dropped "
@@ -454,3 +535,53 @@ def unit_scores(params: optax.Params, per_unit: dict[str, jax.Array]) -> optax.P
         else:
             out.append(jnp.full(jnp.shape(leaf), jnp.inf, jnp.float32))
     return jax.tree.unflatten(treedef, out)
+
+
+def scored_where(per_unit: dict[str, Any]) -> Callable[[tuple, Any], bool]:
+    """Returns a ``where`` selecting only the kernels that ``per_unit`` scores.
+
+    :func:`unit_scores` gives the kernels without scores ``+inf``, which a
+    per-layer selection (``topk``, ``structured``'s default
+    ``scope="layer"``, ``jp.prune``'s default scope) still prunes by
+    ``round(sparsity * n)`` entries each. Pass this predicate as ``where=``
+    to any selection (or to ``jp.prune``) so those kernels stay dense; it
+    selects a leaf when it is a kernel (``.../kernel``, ``ndim >= 2``) of a
+    module path in ``per_unit``.
+
+    Args:
+      per_unit: ``{module path: scores}``, as given to :func:`unit_scores`
+        (e.g. from :func:`apoz` or :func:`mean_abs`).
+
+    Returns:
+      A predicate ``(path, leaf) -> bool``.
+
+    Raises:
+      ValueError: ``per_unit`` is not a dict keyed by module path, or is empty
+        (the predicate would select nothing).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> where = jp.activations.scored_where({"layers/0": jnp.ones(3)})
+      >>> where(("layers", 0, "kernel"), jnp.ones((4, 3)))
+      True
+      >>> where(("layers", 0, "bias"), jnp.ones(3)), where(("out", "kernel"), jnp.ones((3, 2)))
+      (False, False)
+    """
+    if not isinstance(per_unit, dict) or not all(isinstance(k, str) for k in per_unit):
+        raise ValueError(
+            f"scored_where: per_unit must be a dict {{module path: scores}}, got "
+            f"{type(per_unit).__name__}. Fix: pass the dict given to unit_scores, e.g. "
+            "jp.activations.apoz(captures)."
+        )
+    if not per_unit:
+        raise ValueError(
+            "scored_where: per_unit is empty, so the predicate would select no leaf and "
+            "nothing would be pruned. Fix: pass the per-unit scores given to unit_scores, "
+            "e.g. jp.activations.apoz(captures)."
+        )
+    names = frozenset(per_unit)
+
+    def where(path: tuple, leaf: Any) -> bool:
+        return _kernel_owner(tuple(path), leaf) in names
+
+    return where

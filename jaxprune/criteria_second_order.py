@@ -26,33 +26,75 @@ from jaxprune.criteria import _GRADS_FIX, StatefulCriterion, _check_decay, _ema,
 __all__ = ["obd", "obd_fisher", "hutchinson_diag", "fisher_diag"]
 
 
-def obd(params: optax.Params, hessian_diag: optax.Params) -> optax.Params:
+_NEGATIVE = ("keep", "clip", "abs")
+
+
+def obd(
+    params: optax.Params, hessian_diag: optax.Params, *, negative: str = "keep"
+) -> optax.Params:
     """Returns OBD saliencies ``0.5 * h_kk * w_k**2`` (the loss increase from zeroing ``w_k``).
+
+    A negative ``h_kk`` gives a negative saliency, ranked below every weight
+    with ``h_kk >= 0`` and so pruned first, the larger ``|w_k|`` the earlier.
+    With the exact diagonal that is what OBD's quadratic model says (zeroing
+    such a weight lowers the loss), but a noisy estimate is negative in many
+    places where the true diagonal is not: :func:`hutchinson_diag` at its
+    default 16 probes was negative on 33% of a trained 64-24-10 MLP's kernel
+    entries (15% at 256 probes) whose exact diagonal is ``>= 0`` everywhere,
+    and at 70% per-layer sparsity OBD with it reached 0.44 test accuracy
+    against 0.72 with the exact diagonal. Prefer :func:`fisher_diag` (always
+    ``>= 0``) or many probes, or pass ``negative="abs"``.
 
     Args:
       params: weights.
       hessian_diag: the diagonal of the loss Hessian, with the structure of
-        ``params`` (from :func:`hutchinson_diag` or :func:`fisher_diag`). Inside
+        ``params`` (from :func:`fisher_diag` or :func:`hutchinson_diag`). Inside
         ``jp.prune`` pass it to ``tx.update(..., hessian_diag=h)``. Each leaf has
         the shape of its weight (or broadcasts to it, e.g. a scalar).
+      negative: what to do with negative entries of ``hessian_diag``.
+        ``"keep"`` (default) uses them as given, which is right for an exact
+        diagonal and leaves earlier results unchanged. ``"clip"`` uses
+        ``max(h, 0)``, as OBD's derivation assumes a minimum (``h >= 0``):
+        those weights then tie at saliency 0, still ranked before every
+        positive one, so it changes the masks only where fewer weights are
+        pruned than have a negative estimate. ``"abs"`` uses ``|h|``, for a
+        Hutchinson estimate: at a minimum a negative entry is noise, whose
+        size grows with the Hessian's row (the estimator's variance is
+        ``sum_{j != k} H_kj**2 / num_samples``), so ``|h|`` still ranks it.
+        Measured at 50% per-layer sparsity with 16 probes (mean of three
+        probe keys), test accuracy on digits (64-24-10 MLP) and
+        Fashion-MNIST (784-64-32-10): ``"abs"`` 0.91 and 0.82, ``"keep"``
+        0.56 and 0.51, ``"clip"`` 0.56 and 0.56, ``fisher_diag`` 0.87 and
+        0.82. In ``jp.prune`` write
+        ``criterion=functools.partial(jp.criteria.obd, negative="abs")``.
 
     Returns:
       A float32 tree with the structure of ``params``.
 
     Raises:
-      ValueError: the trees differ (the message lists the differing paths), or
-        a leaf of ``hessian_diag`` does not broadcast to its weight's shape (the
-        message names the path and both shapes).
+      ValueError: the trees differ (the message lists the differing paths), a
+        leaf of ``hessian_diag`` does not broadcast to its weight's shape (the
+        message names the path and both shapes), or ``negative`` is not one of
+        ``"keep"``, ``"clip"``, ``"abs"``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> jp.criteria.obd({"w": jnp.array([2., 1.])}, {"w": jnp.array([1., 6.])})["w"].tolist()
       [2.0, 3.0]
+      >>> p, h = {"w": jnp.array([2., 1.])}, {"w": jnp.array([-1., 6.])}
+      >>> [jp.criteria.obd(p, h, negative=n)["w"].tolist() for n in ("keep", "clip", "abs")]
+      [[-2.0, 3.0], [0.0, 3.0], [2.0, 3.0]]
 
     References:
       LeCun, Denker & Solla, "Optimal Brain Damage", NeurIPS 1990.
       https://proceedings.neurips.cc/paper/1989/hash/6c9882bbac1c7093bd25041881277658-Abstract.html
     """
+    if not isinstance(negative, str) or negative not in _NEGATIVE:
+        raise ValueError(
+            f"obd: negative must be one of {list(_NEGATIVE)}, got {negative!r}. Fix: "
+            'negative="keep" (entries as given), "clip" (max(h, 0)) or "abs" (|h|, for a '
+            "noisy Hutchinson estimate)."
+        )
     check_same_structure(
         params,
         hessian_diag,
@@ -78,8 +120,11 @@ def obd(params: optax.Params, hessian_diag: optax.Params) -> optax.Params:
     if jax.tree.structure(params) != jax.tree.structure(hessian_diag):
         # One is an nnx.State of Variables, the other pure: compare the arrays.
         params, hessian_diag = unwrap_variables(params), unwrap_variables(hessian_diag)
+    fix_h = {"keep": lambda h: h, "clip": lambda h: jnp.maximum(h, 0.0), "abs": jnp.abs}[negative]
     return jax.tree.map(
-        lambda w, h: 0.5 * jnp.asarray(h).astype(jnp.float32) * jnp.square(w.astype(jnp.float32)),
+        lambda w, h: (
+            0.5 * fix_h(jnp.asarray(h).astype(jnp.float32)) * jnp.square(w.astype(jnp.float32))
+        ),
         params,
         hessian_diag,
     )
@@ -110,7 +155,15 @@ def hutchinson_diag(
 
     ``v`` has i.i.d. Rademacher (+-1) entries; ``H v`` is a Hessian-vector
     product (forward-over-reverse: ``jax.jvp`` of ``jax.grad``), so the
-    Hessian is never formed. Unbiased; the variance falls as ``1/num_samples``.
+    Hessian is never formed. Unbiased; the variance of entry ``k`` is
+    ``sum_{j != k} H_kj**2 / num_samples``, set by the off-diagonal terms,
+    so with few probes many entries come out negative even where the true
+    diagonal is positive: 33% of a trained 64-24-10 MLP's kernel entries at
+    the default 16 probes, 15% at 256, where the exact diagonal has none.
+    :func:`obd` prunes negative entries first (test accuracy 0.44 against
+    0.72 with the exact diagonal, at 70% sparsity): for OBD prefer
+    :func:`fisher_diag` (always ``>= 0``), many more probes, or
+    ``obd(..., negative="abs")``.
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar``.
