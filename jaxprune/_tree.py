@@ -106,7 +106,12 @@ def leaves_with_paths(tree: Any) -> tuple[list[tuple[Path, Any]], Any]:
 
 
 def is_prunable(path: Path, leaf: Any) -> bool:
-    """Default ``where``: floating-point leaves with ``ndim >= 2`` (kernels, not biases).
+    """Default ``where``: floating-point leaves with ``ndim >= 2`` (kernels; 1-D biases stay dense).
+
+    Attention layers' ``[heads, head_dim]`` biases (flax ``MultiHeadAttention``,
+    ``DenseGeneral``) are 2-D, so this predicate selects them too. To keep every
+    bias dense: ``where=lambda path, leaf: path[-1] != "bias" and
+    jp.is_prunable(path, leaf)``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
