@@ -15,6 +15,17 @@
 Models enter as ``apply_fn(params, x, key) -> (logits, features)``: ``key``
 samples the gates (``None``: deterministic test-time gates), ``features`` is a
 list of latent arrays (may be empty for attacks and plain training).
+
+A model with state that training updates (BatchNorm running statistics) needs
+``has_state=True`` in the training steps: ``apply_fn(params, state, x, key) ->
+(logits, features, new_state)`` and the step threads ``state``. Without it
+the state passed in through a closure never changes, and a BatchNorm model
+evaluated with its running statistics (``key=None``, as :func:`robustness`
+runs it) stays at its initial mean 0 and variance 1: near chance however well
+it trained.
+
+Each call of :func:`attack`, :func:`robustness` and the training steps
+checks a concrete ``x`` against ``bounds`` before entering ``jax.jit``.
 """
 
 from __future__ import annotations
@@ -27,8 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune._tree import Path, _normalize
-from jaxprune.attacks import ApplyFn, _check_attack, attack, cross_entropy, fgsm, pgd
+from jaxprune._tree import Path, _normalize, as_int, leaves_with_paths, path_str
+from jaxprune.attacks import (
+    ApplyFn,
+    _check_attack,
+    _check_concrete_inside,
+    _jitted_attack,
+    attack,
+    cross_entropy,
+    fgsm,
+    pgd,
+)
 from jaxprune.gates_tree import is_gate
 
 __all__ = [
@@ -113,20 +133,74 @@ def _check_attack_gates(attack_gates: Any) -> None:
         )
 
 
+def _forward(apply_fn: Callable, has_state: bool) -> Callable:
+    """Returns ``(params, state, x, key) -> (logits, features, new_state)`` for either contract."""
+    if not isinstance(has_state, (bool, np.bool_)):
+        raise ValueError(
+            f"has_state must be a bool, got {has_state!r}. Fix: True when apply_fn is "
+            "(params, state, x, key) -> (logits, features, new_state), else False."
+        )
+    if has_state:
+
+        def fwd(params, state, x, key):
+            out = apply_fn(params, state, x, key)
+            if not isinstance(out, (tuple, list)) or len(out) != 3:
+                raise ValueError(
+                    "with has_state=True apply_fn must return (logits, features, new_state), "
+                    f"got {type(out).__name__}"
+                    + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
+                    + ". Fix: return the updated state too, e.g. nnx.state(model, "
+                    "nnx.Not(nnx.Param)) after the forward pass, or has_state=False."
+                )
+            return out
+
+        return fwd
+
+    def fwd(params, state, x, key):
+        logits, features = apply_fn(params, x, key)
+        return logits, features, state
+
+    return fwd
+
+
+def _check_params(params: Any, name: str) -> None:
+    """Raises when a ``params`` leaf is not floating point (checked once, at trace time).
+
+    Every leaf is differentiated and updated by ``tx``; a PRNG key or an integer
+    counter fails deep inside ``jax.grad`` or optax with an error naming neither.
+    """
+    bad = [
+        f"{path_str(p)} ({getattr(x, 'dtype', type(x).__name__)})"
+        for p, x in leaves_with_paths(params)[0]
+        if not (hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact))
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(
+            f"{name} differentiates and updates every params leaf, but {len(bad)} "
+            f"{'is' if len(bad) == 1 else 'are'} not floating point: {shown} (the full "
+            "nnx.split(model) state holds the gates' keys and other non-parameters). Fix: "
+            "graphdef, params, rest = nnx.split(model, nnx.Param, ...), pass params and "
+            "close over rest in apply_fn (as examples/anp_vs.py does), or pass rest as the "
+            "state with has_state=True."
+        )
+
+
 def _attack_batch(
-    apply_fn, params, x, y, key, *, eps, step_size, steps, bounds, attack_gates="sampled"
+    fwd, params, state, x, y, key, *, eps, step_size, steps, bounds, attack_gates="sampled"
 ):
     """Returns ``(gate_key, x_adv)``: PGD examples and the gate key of the training pass.
 
     The attack runs against the network with that gate sample
     (``attack_gates="sampled"``) or against the test-time network
-    (``attack_gates="test"``, ``apply_fn(params, z, None)``).
+    (``attack_gates="test"``, ``key=None``). The state the attack's passes
+    return is dropped: only the training passes update it.
     """
     k_gate, k_start = jax.random.split(key)
     k_attack = k_gate if attack_gates == "sampled" else None
 
     def adv_loss(z):
-        return cross_entropy(apply_fn(params, z, k_attack)[0], y)
+        return cross_entropy(fwd(params, state, z, k_attack)[0], y)
 
     x_adv = pgd(adv_loss, x, eps=eps, step_size=step_size, steps=steps, key=k_start, bounds=bounds)
     return k_gate, x_adv
@@ -147,8 +221,9 @@ def anp_vs_step(
     bounds: tuple[float, float] = (0.0, 1.0),
     is_mask: Callable[[Path, Any], bool] = is_gate,
     attack_gates: str = "sampled",
+    has_state: bool = False,
 ) -> Callable:
-    """Returns a jitted ANP-VS step ``(params, opt_state, x, y, key) -> (params, state, metrics)``.
+    """Returns an ANP-VS step ``(params, opt_state, x, y, key) -> (params, opt_state, metrics)``.
 
     One step: draw a gate sample and a PGD example (random start) against the
     sampled network (or the test-time one, ``attack_gates="test"``); then from
@@ -159,8 +234,27 @@ def anp_vs_step(
     updates both (use :func:`jaxprune.gates.multi_transform` for separate
     optimizers).
 
+    The step is jitted; each call first checks a concrete NumPy ``x`` against
+    ``bounds`` on the host (one min and max; a ``jax.Array`` batch on the first
+    call only, since each check would copy it to the host; skipped when the
+    step is called inside a caller's own ``jax.jit``), and the first call of
+    each params structure checks that every params leaf is floating point.
+
+    Model state (BatchNorm): with the default ``has_state=False`` nothing but
+    ``params`` is updated, so BatchNorm running statistics closed over by
+    ``apply_fn`` stay at their initial values and the test-time network
+    (``key=None``, what :func:`robustness` evaluates) is near chance. Pass
+    ``has_state=True`` for such models: ``apply_fn(params, state, x, key) ->
+    (logits, features, new_state)`` and the step becomes ``(params, state,
+    opt_state, x, y, key) -> (params, state, opt_state, metrics)``, keeping
+    the state of the clean training pass (the attack's and the adversarial
+    pass's are dropped). See :func:`adversarial_step` for an example.
+    Models without BatchNorm (LeNet-5-Caffe in examples/anp_vs.py) need none.
+
     Args:
-      apply_fn: ``(params, x, key) -> (logits, latent features)``.
+      apply_fn: ``(params, x, key) -> (logits, latent features)``, or with
+        ``has_state`` ``(params, state, x, key) -> (logits, features,
+        new_state)``.
       penalty_fn: ``params -> KL`` summed over gates (e.g. ``jp.gates.penalty``).
       tx: optax transform over the whole params tree.
       eps, step_size, steps: the training PGD attack.
@@ -175,6 +269,7 @@ def anp_vs_step(
       attack_gates: ``"sampled"`` attacks the network with the step's gate
         sample; ``"test"`` attacks the deterministic test-time network, as the
         reference code's ``PGDAttack`` (``train=False``) does.
+      has_state: thread a model state (e.g. BatchNorm statistics), see above.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -201,6 +296,7 @@ def anp_vs_step(
     _check_nonneg("lam", lam, "use the paper's 1e-3.")
     _check_nonneg("adv_weight", adv_weight, "use the reference code's 2.0.")
     _check_attack_gates(attack_gates)
+    fwd = _forward(apply_fn, has_state)
     if num_train < 1:
         raise ValueError(
             f"num_train must be >= 1 (the training-set size), got {num_train!r}. Fix: pass "
@@ -211,10 +307,12 @@ def anp_vs_step(
     c_masks = jnp.array([0.0, 1.0, beta / num_train, 0.0], jnp.float32)
 
     @jax.jit
-    def step(params, opt_state, x, y, key):
+    def jitted(params, state, opt_state, x, y, key):
+        _check_params(params, "anp_vs_step")
         k_gate, x_adv = _attack_batch(
-            apply_fn,
+            fwd,
             params,
+            state,
             x,
             y,
             key,
@@ -226,15 +324,15 @@ def anp_vs_step(
         )
 
         def terms(p):
-            logits, feats = apply_fn(p, x, k_gate)
-            logits_adv, feats_adv = apply_fn(p, x_adv, k_gate)
+            logits, feats, new_state = fwd(p, state, x, k_gate)
+            logits_adv, feats_adv, _ = fwd(p, state, x_adv, k_gate)
             ce = jnp.mean(cross_entropy(logits, y))
             ce_adv = jnp.mean(cross_entropy(logits_adv, y))
             vuln = vulnerability(feats, feats_adv) if feats else jnp.float32(0)
             out = jnp.stack([ce, ce_adv, penalty_fn(p).astype(jnp.float32), vuln])
-            return out, (logits, logits_adv)
+            return out, (logits, logits_adv, new_state)
 
-        values, vjp_fn, (logits, logits_adv) = jax.vjp(terms, params, has_aux=True)
+        values, vjp_fn, (logits, logits_adv, new_state) = jax.vjp(terms, params, has_aux=True)
         (g_w,) = vjp_fn(c_weights)
         (g_m,) = vjp_fn(c_masks)
         grads = _combine(g_w, g_m, is_mask)
@@ -248,6 +346,38 @@ def anp_vs_step(
             "acc": jnp.mean(jnp.argmax(logits, -1) == y),
             "acc_adv": jnp.mean(jnp.argmax(logits_adv, -1) == y),
         }
+        return params, new_state, opt_state, metrics
+
+    return _wrap_step(jitted, bounds, has_state)
+
+
+def _wrap_step(jitted: Callable, bounds: tuple[float, float], has_state: bool) -> Callable:
+    """Returns the public step: the range check of a concrete ``x``, then the jitted step.
+
+    A NumPy batch is checked at every call (a min and max on the host). A
+    ``jax.Array`` batch is checked at the first call only: reading it back
+    at every step would copy each batch to the host and wait for it.
+    """
+    checked_device_batch = []
+
+    def check(x: Any) -> None:
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            if checked_device_batch:
+                return
+            checked_device_batch.append(True)
+        _check_concrete_inside(x, bounds)
+
+    if has_state:
+
+        def step_with_state(params, state, opt_state, x, y, key):
+            check(x)
+            return jitted(params, state, opt_state, x, y, key)
+
+        return step_with_state
+
+    def step(params, opt_state, x, y, key):
+        check(x)
+        params, _, opt_state, metrics = jitted(params, None, opt_state, x, y, key)
         return params, opt_state, metrics
 
     return step
@@ -262,11 +392,12 @@ def adversarial_step(
     steps: int,
     clean_weight: float = 0.0,
     penalty_fn: Callable[[Any], jax.Array] | None = None,
-    penalty_weight: float = 0.0,
+    penalty_weight: float | None = None,
     bounds: tuple[float, float] = (0.0, 1.0),
     attack_gates: str = "sampled",
+    has_state: bool = False,
 ) -> Callable:
-    """Returns a jitted adversarial-training step ``(params, opt_state, x, y, key) -> ...``.
+    """Returns an adversarial-training step ``(params, opt_state, x, y, key) -> ...``.
 
     Loss ``(1 - clean_weight) CE(x_adv) + clean_weight CE(x) + penalty_weight *
     penalty_fn(params)``, ``x_adv`` a PGD example (random start) against the
@@ -275,7 +406,41 @@ def adversarial_step(
     ``clean_weight=0`` is Madry et al.'s adversarial training;
     ``clean_weight=1/3`` is the ``(CE(x) + 2 CE(x_adv)) / 3`` mix that the
     ANP-VS reference code trains its adversarial baseline with. ``steps`` can
-    be tiny for cheap variants.
+    be tiny for cheap variants. ``penalty_fn`` needs a ``penalty_weight``,
+    and a ``penalty_weight > 0`` needs a ``penalty_fn``: either alone is
+    refused rather than ignored (``penalty_weight=0.0`` turns the penalty
+    off explicitly).
+
+    The step returns ``(params, opt_state, {"loss", "acc_adv"})`` and is
+    jitted; each call first checks a concrete NumPy ``x`` against ``bounds``
+    on the host (one min and max; a ``jax.Array`` batch on the first call
+    only, since each check would copy it to the host; skipped when the step is
+    called inside a caller's own ``jax.jit``), and the first call of each
+    params structure checks that every params leaf is floating point.
+
+    Model state (BatchNorm): with the default ``has_state=False`` nothing but
+    ``params`` is updated, so BatchNorm running statistics closed over by
+    ``apply_fn`` stay at their initial values and the test-time network
+    (``key=None``, what :func:`robustness` evaluates) is near chance. Pass
+    ``has_state=True`` for such models: ``apply_fn(params, state, x, key) ->
+    (logits, features, new_state)`` and the step becomes ``(params, state,
+    opt_state, x, y, key) -> (params, state, opt_state, metrics)``, keeping
+    the state of the clean training pass (the adversarial pass's when
+    ``clean_weight=0``; the attack's passes never update it). For flax nnx::
+
+      graphdef, params, state = nnx.split(model, nnx.Param, ...)
+
+      def apply_fn(params, state, x, key):
+          m = nnx.merge(graphdef, params, state, copy=True)
+          if key is None:
+              m.eval()  # running statistics, test-time gates
+          else:
+              jp.gates.reseed(m, key)  # a gated model's sample
+          logits = m(x)
+          return logits, [], nnx.state(m, nnx.Not(nnx.Param))
+
+    and evaluate with ``robustness(lambda ps, x, k: apply_fn(*ps, x, k)[:2],
+    (params, state), ...)``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -288,6 +453,16 @@ def adversarial_step(
       >>> float(m["acc_adv"]), bool(jnp.isfinite(m["loss"])), w.shape
       (1.0, True, (2, 2))
 
+      With a state: here a running mean of the inputs, updated from the
+      training pass (the adversarial one, as ``clean_weight=0``):
+
+      >>> def apply_fn(w, mean, x, key):
+      ...     return x @ w, [], 0.5 * mean + 0.5 * jnp.mean(x, 0)
+      >>> step = adversarial_step(apply_fn, tx, eps=0.0, step_size=0.0, steps=1, has_state=True)
+      >>> w, mean, opt_state, m = step(w, jnp.zeros(2), tx.init(w), x, y, jax.random.key(0))
+      >>> [round(v, 3) for v in mean.tolist()]  # eps=0: x_adv is x
+      [0.275, 0.225]
+
     References:
       Madry et al., ICLR 2018. https://arxiv.org/abs/1706.06083;
       Madaan, Shin & Hwang, ICML 2020, https://arxiv.org/abs/1908.04355
@@ -299,14 +474,32 @@ def adversarial_step(
             f"clean_weight must be in [0, 1], got {clean_weight!r}. Fix: 0.0 for Madry's "
             "adversarial loss, 1/3 for the ANP-VS code's (clean + 2 adv) / 3."
         )
-    _check_nonneg("penalty_weight", penalty_weight, "e.g. beta / num_train for a KL.")
+    if penalty_weight is not None:
+        _check_nonneg("penalty_weight", penalty_weight, "e.g. beta / num_train for a KL.")
+    if penalty_fn is not None and penalty_weight is None:
+        raise ValueError(
+            "penalty_fn is given but penalty_weight is not: the penalty would be ignored. "
+            "Fix: pass both, e.g. penalty_fn=kl, penalty_weight=beta / num_train for a KL "
+            "(penalty_weight=0.0 turns the penalty off explicitly)."
+        )
+    if penalty_fn is None and penalty_weight is not None and float(penalty_weight) > 0:
+        raise ValueError(
+            f"penalty_weight={penalty_weight!r} is given but penalty_fn is not: there is no "
+            "penalty to weight. Fix: pass both, e.g. penalty_fn=lambda p: "
+            "jp.gates.penalty(gate, p['gates']), penalty_weight=beta / num_train, or drop "
+            "penalty_weight."
+        )
     _check_attack_gates(attack_gates)
+    fwd = _forward(apply_fn, has_state)
+    weight = 0.0 if penalty_weight is None else float(penalty_weight)
 
     @jax.jit
-    def step(params, opt_state, x, y, key):
+    def jitted(params, state, opt_state, x, y, key):
+        _check_params(params, "adversarial_step")
         k_gate, x_adv = _attack_batch(
-            apply_fn,
+            fwd,
             params,
+            state,
             x,
             y,
             key,
@@ -318,23 +511,23 @@ def adversarial_step(
         )
 
         def loss(p):
-            logits_adv = apply_fn(p, x_adv, k_gate)[0]
+            logits_adv, _, new_state = fwd(p, state, x_adv, k_gate)
             total = (1 - clean_weight) * jnp.mean(cross_entropy(logits_adv, y))
-            logits = logits_adv
             if clean_weight > 0:
-                logits = apply_fn(p, x, k_gate)[0]
+                logits, _, new_state = fwd(p, state, x, k_gate)
                 total = total + clean_weight * jnp.mean(cross_entropy(logits, y))
-            if penalty_fn is not None and penalty_weight > 0:
-                total = total + penalty_weight * penalty_fn(p)
-            return total, logits_adv
+            if penalty_fn is not None and weight > 0:
+                total = total + weight * penalty_fn(p)
+            return total, (logits_adv, new_state)
 
-        (value, logits_adv), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        (value, (logits_adv, new_state)), grads = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         acc_adv = jnp.mean(jnp.argmax(logits_adv, -1) == y)
-        return params, opt_state, {"loss": value, "acc_adv": acc_adv}
+        metrics = {"loss": value, "acc_adv": acc_adv}
+        return params, new_state, opt_state, metrics
 
-    return step
+    return _wrap_step(jitted, bounds, has_state)
 
 
 def robustness(
@@ -354,11 +547,15 @@ def robustness(
     """Returns ``{"clean_acc", "adv_acc", "vulnerability"}`` under a PGD attack (test-time gates).
 
     Vulnerability is averaged over the features ``apply_fn`` returns (``nan``
-    when it returns none).
+    when it returns none). A model trained with ``has_state=True`` (see
+    :func:`adversarial_step`) is evaluated with its state as part of
+    ``params``: ``robustness(lambda ps, x, k: apply_fn(*ps, x, k)[:2],
+    (params, state), ...)``.
 
     Raises:
       ValueError: ``y`` holds labels outside ``[0, classes)``, or is not integer
-        class indices; ``x`` and ``y`` are empty or differ in length.
+        class indices; ``x`` and ``y`` are empty or differ in length; ``x``
+        lies outside ``bounds``; ``batch_size`` is not an int >= 1.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -378,7 +575,16 @@ def robustness(
       Madaan, Shin & Hwang, "Adversarial Neural Pruning with Latent
       Vulnerability Suppression", ICML 2020. https://arxiv.org/abs/1908.04355
     """
-    run = attack(apply_fn, eps=eps, step_size=step_size, steps=steps, bounds=bounds)
+    run = _jitted_attack(apply_fn, eps=eps, step_size=step_size, steps=steps, bounds=bounds)
+    size = as_int(batch_size)
+    if size is None or size < 1:
+        raise ValueError(
+            f"batch_size must be an int >= 1, got {batch_size!r}. Fix: e.g. batch_size=500 "
+            "(the default), or len(x) for a single batch."
+        )
+    # Checked here, not inside the jitted attack, where x is traced (and clipping
+    # out-of-range inputs into bounds would be silent).
+    _check_concrete_inside(x, bounds)
 
     @jax.jit
     def scores(params, xb, x_adv, yb):
@@ -402,7 +608,7 @@ def robustness(
                 f"model with {classes} classes (an out-of-range label gives a NaN loss, and the "
                 "attack leaves that example alone). Fix: pass class indices 0..classes-1."
             )
-    starts = range(0, len(x), batch_size)
+    starts = range(0, len(x), size)
     if progress:
         from tqdm.auto import tqdm
 
@@ -410,7 +616,7 @@ def robustness(
     clean = adv = 0
     vulns, sizes = [], []
     for i, s in enumerate(starts):
-        xb, yb = jnp.asarray(x[s : s + batch_size]), jnp.asarray(y[s : s + batch_size])
+        xb, yb = jnp.asarray(x[s : s + size]), jnp.asarray(y[s : s + size])
         x_adv = run(params, xb, yb, jax.random.fold_in(key, i))
         c, a, v = scores(params, xb, x_adv, yb)
         clean, adv = clean + int(c), adv + int(a)

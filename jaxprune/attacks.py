@@ -44,11 +44,24 @@ def _check_attack(eps: Any, step_size: Any = 1.0, steps: Any = 1, bounds=(0.0, 1
             f"eps must be a finite number >= 0 (the L-inf radius in input units), got {eps!r}. "
             "Fix: e.g. eps=0.1 for images in [0, 1]."
         )
-    if not isinstance(step_size, jax.core.Tracer) and not as_float(step_size) > 0:
-        raise ValueError(
-            f"step_size must be > 0, got {step_size!r}. Fix: e.g. step_size=eps / 4 "
-            "(or 2.5 * eps / steps)."
-        )
+    if not isinstance(step_size, jax.core.Tracer):
+        # eps=0 is the identity attack (the clean point of an accuracy-vs-eps curve), where
+        # the usual step_size=eps / 4 is 0 too: any step_size >= 0 is then fine.
+        eps_zero = not isinstance(eps, jax.core.Tracer) and as_float(eps) == 0
+        if eps_zero and not as_float(step_size) >= 0:
+            raise ValueError(
+                f"step_size must be >= 0, got {step_size!r} (with eps=0 the attack is the "
+                "identity, and any step_size >= 0 works). Fix: step_size=0.0."
+            )
+        if not eps_zero and not as_float(step_size) > 0:
+            # eps passed its check above: here it is a tracer or a number > 0.
+            fix = "step_size=eps / 4"
+            if not isinstance(eps, jax.core.Tracer):
+                fix = f"step_size={as_float(eps) / 4:.4g} (eps / 4)"
+            raise ValueError(
+                f"step_size must be > 0 for eps > 0, got {step_size!r}. Fix: e.g. {fix}, or "
+                "2.5 * eps / steps."
+            )
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}. Fix: e.g. steps=20.")
     if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
@@ -62,6 +75,20 @@ def _check_attack(eps: Any, step_size: Any = 1.0, steps: Any = 1, bounds=(0.0, 1
             f"bounds must be (low, high) with low < high, got {bounds!r}. Fix: (0.0, 1.0) "
             "for images scaled to [0, 1]."
         )
+
+
+def _check_concrete_inside(x: Any, bounds: tuple[float, float]) -> None:
+    """Runs :func:`_check_inside` on a concrete ``x`` before it enters a jitted function.
+
+    Inside ``jax.jit`` ``x`` is a tracer and the range check cannot run, so the
+    jitted attacks and steps call this on each call's ``x`` first. It costs
+    one min and max over the batch on the host: a NumPy batch is read in place,
+    a ``jax.Array`` is copied to the host (no device computation is queued, so
+    asynchronous dispatch of the steps is kept).
+    """
+    if isinstance(x, jax.core.Tracer):
+        return
+    _check_inside(x if hasattr(x, "dtype") else np.asarray(x), bounds)
 
 
 def _check_inside(x: jax.Array, bounds: tuple[float, float]) -> None:
@@ -100,15 +127,31 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
       >>> [round(v, 3) for v in cross_entropy(logits, jnp.array([0, 1])).tolist()]
       [0.693, 2.127]
     """
-    if jnp.ndim(labels) == jnp.ndim(logits) or not jnp.issubdtype(
-        jnp.result_type(labels), jnp.integer
-    ):
+    integer = jnp.issubdtype(jnp.result_type(labels), jnp.integer)
+    if jnp.ndim(labels) == jnp.ndim(logits) or not integer:
         raise ValueError(
             f"labels must be integer class indices, shape {tuple(jnp.shape(logits))[:-1]}, got "
-            f"{jnp.result_type(labels)} of shape {tuple(jnp.shape(labels))} (one-hot or float "
-            "labels?). Fix: pass y.argmax(-1) for one-hot labels, or y.astype(jnp.int32)."
+            f"{jnp.result_type(labels)} of shape {tuple(jnp.shape(labels))}. Fix: "
+            + _labels_fix(jnp.shape(labels), jnp.shape(logits), integer)
         )
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def _labels_fix(shape: tuple[int, ...], logits_shape: tuple[int, ...], integer: bool) -> str:
+    """Returns the fix for labels of ``shape`` refused by :func:`cross_entropy`."""
+    cast = "" if integer else ".astype(jnp.int32)"
+    if len(shape) == len(logits_shape) and shape and shape[-1] == 1:
+        # A column of class indices ([N, 1], as read from a CSV): argmax over its
+        # single entry would make every label 0.
+        return f"drop the trailing axis of size 1, y[..., 0]{cast} (or y.squeeze(-1){cast})."
+    if len(shape) == len(logits_shape) and shape[-1:] == logits_shape[-1:]:
+        return "pass y.argmax(-1) for one-hot (or probability) labels."
+    if tuple(shape) == tuple(logits_shape[:-1]):
+        return "cast the class indices, y.astype(jnp.int32)."
+    return (
+        f"pass one integer class index per example, shape {tuple(logits_shape[:-1])} "
+        "(y.argmax(-1) for one-hot labels)."
+    )
 
 
 def _project(z: jax.Array, x: jax.Array, eps: Any, bounds: tuple[float, float]) -> jax.Array:
@@ -195,7 +238,8 @@ def pgd(
         model's logits); gradients flow through its sum.
       x: clean inputs ``[N, ...]``.
       eps: L-inf radius, >= 0.
-      step_size: step of each signed-gradient update, > 0.
+      step_size: step of each signed-gradient update, > 0 (or 0 when ``eps`` is 0:
+        the attack is then the identity).
       steps: number of updates, >= 1.
       key: PRNG key for the random start; ``None`` starts at ``x``.
       bounds: the data range ``(low, high)`` every iterate is clipped to;
@@ -302,12 +346,28 @@ def attack(
     steps: int,
     random_start: bool = True,
     bounds: tuple[float, float] = (0.0, 1.0),
+    keep_best: bool = True,
 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
     """Returns a jitted ``(params, x, y, key) -> x_adv`` PGD cross-entropy attack on a model.
 
     The model runs deterministically (``apply_fn(params, x, None)``); ``key``
-    only draws the random start. ``steps=1, step_size=eps, random_start=False``
-    is FGSM.
+    only draws the random start. With the default ``keep_best=True`` each
+    example keeps its highest-loss iterate, the clean ``x`` included (see
+    :func:`pgd`), so ``steps=1, step_size=eps, random_start=False`` is FGSM
+    that never lowers the loss: where the FGSM step lowers it, ``x`` is
+    returned. Add ``keep_best=False`` for :func:`fgsm` itself.
+
+    Each call checks a concrete ``x`` against ``bounds`` before the jitted
+    attack runs (a ``ValueError`` as in :func:`pgd`); inside a caller's own
+    ``jax.jit`` ``x`` is traced and the check is skipped.
+
+    Args:
+      apply_fn: ``(params, x, key) -> (logits, features)`` (or ``logits``).
+      eps, step_size, steps, bounds: as in :func:`pgd` (``step_size`` may be
+        0 when ``eps`` is 0, the identity attack).
+      random_start: start at ``x + U(-eps, eps)`` drawn from ``key``.
+      keep_best: return each example's best iterate, never lowering the loss
+        (the default); ``False`` returns the last iterate.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -320,9 +380,44 @@ def attack(
 
     References:
       Madry et al., "Towards Deep Learning Models Resistant to Adversarial
-      Attacks", ICLR 2018. https://arxiv.org/abs/1706.06083
+      Attacks", ICLR 2018. https://arxiv.org/abs/1706.06083;
+      Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial
+      Examples", ICLR 2015. https://arxiv.org/abs/1412.6572
     """
+    jitted = _jitted_attack(
+        apply_fn,
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+        random_start=random_start,
+        bounds=bounds,
+        keep_best=keep_best,
+    )
+
+    def run(params: Any, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
+        _check_concrete_inside(x, bounds)
+        return jitted(params, x, y, key)
+
+    return run
+
+
+def _jitted_attack(
+    apply_fn: ApplyFn,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    random_start: bool = True,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    keep_best: bool = True,
+) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
+    """Returns :func:`attack`'s jitted function, without the range check of ``x``."""
     _check_attack(eps, step_size, steps, bounds)
+    if not isinstance(keep_best, (bool, np.bool_)):
+        raise ValueError(
+            f"keep_best must be a bool, got {keep_best!r}. Fix: True keeps each example's "
+            "highest-loss iterate, False returns the last one (FGSM with steps=1)."
+        )
 
     @jax.jit
     def run(params, x, y, key):
@@ -337,6 +432,7 @@ def attack(
             steps=steps,
             key=key if random_start else None,
             bounds=bounds,
+            keep_best=bool(keep_best),
         )
 
     return run
