@@ -102,14 +102,20 @@ def save(
 ) -> pathlib.Path:
     """Returns the step directory written: ``params``, ``opt_state`` and masks at ``step``.
 
+    Of an nnx module (or ``nnx.State``), each leaf's Variable type is recorded
+    too, so that ``jaxprune inspect`` counts the ``nnx.Param`` leaves as params
+    and lists the rest (BatchNorm statistics, RNG state) apart.
+
     The save goes through ``orbax.checkpoint.CheckpointManager`` (async, then
     waited for), so a process killed mid-save leaves earlier steps intact.
 
     Args:
       directory: the checkpoint root; a relative path is made absolute.
       step: the training step (a non-negative int).
-      params: any pytree (linen dict, ``nnx.State``), or an nnx ``Module``
-        (its ``nnx.state`` is saved).
+      params: any pytree of arrays (linen dict, ``nnx.State``), or an nnx
+        ``Module`` (its ``nnx.state`` is saved). An equinox module holds
+        functions: save ``eqx.filter(model, eqx.is_array)``, restore into that
+        and ``eqx.combine(ckpt.params, model)``.
       opt_state: the optimizer state (any pytree, e.g. ``tx.init(params)``), or
         an ``nnx.Optimizer``; stored as an opaque tree of leaves.
       masks: the masks to record; default: ``jp.get_masks(opt_state)`` when
@@ -128,11 +134,14 @@ def save(
 
     Raises:
       ValueError: an argument is invalid (``format``, ``step``, ``max_to_keep``),
-        ``masks`` do not match ``params``, or a leaf's dtype cannot be stored;
-        the message names the argument, the value and the fix. Nothing is
-        written then.
-      CheckpointError: ``step`` is already saved there, or ``directory`` is
-        below a file.
+        ``masks`` do not match ``params``, or a leaf is no array (a function)
+        or its dtype cannot be stored; the message names the argument, the
+        value and the fix. Nothing is written then.
+      CheckpointError: ``step`` is already saved there, ``directory`` is
+        below a file, or ``directory`` is (or is inside) one step's directory,
+        such as the path ``save`` returned: :func:`restore` and
+        :func:`latest_step` read that path as the one step, so a step saved
+        under it would never be found. The message names the root to pass.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp
@@ -144,6 +153,21 @@ def save(
       >>> ckpt.step, ckpt.params["w"].tolist()
       (3, [[0.0, 2.0], [0.0, 0.0]])
     """
+    return _save(directory, step, params, opt_state, masks, format, max_to_keep)
+
+
+def _save(
+    directory,
+    step,
+    params,
+    opt_state=None,
+    masks=None,
+    format="dense",
+    max_to_keep=None,
+    *,
+    kinds=None,
+):
+    """:func:`save`; ``kinds``: the nnx Variable types of ``params`` leaves by path (export)."""
     if format not in _meta.FORMATS:
         raise ValueError(
             f"format must be one of {_meta.FORMATS}, got {format!r}. Fix: format='dense' for "
@@ -175,6 +199,16 @@ def save(
             f"cannot save under {directory}: {blocked} is a file, not a directory. Fix: pass "
             "a directory path (it is created if missing)."
         )
+    inside = next((q for q in (directory, *directory.parents) if _is_step_dir(q)), None)
+    if inside is not None:
+        root = inside.parent
+        where = "is" if inside == directory else f"is inside {inside}, which is"
+        raise CheckpointError(
+            f"cannot save under {directory}: it {where} the directory of step {inside.name} of "
+            f"the checkpoint {root} (restore and latest_step read it as that one step, so a "
+            f"step saved under it would never be found). Fix: pass the root, save({str(root)!r}, "
+            f"{int(step)}, ...), or a directory outside {root} for a separate checkpoint."
+        )
     from_opt_state = masks is None and opt_state is not None
     if from_opt_state:
         masks = _find_masks(opt_state)
@@ -192,7 +226,7 @@ def save(
     # Everything orbax could refuse is checked here, before its asynchronous save
     # starts: a refusal in the middle of it leaves writes running.
     p_arrays, p_specs, hosts = _trees.encode_tree(
-        params, mask_by_path, format == "compressed", "params"
+        params, mask_by_path, format == "compressed", "params", kinds
     )
     meta: dict[str, Any] = {
         "jaxprune_checkpoint": FORMAT_VERSION,
@@ -374,6 +408,11 @@ def restore(
       >>> type(raw.params["w"]).__name__
       'ndarray'
     """
+    return _restore(directory, step, params, opt_state)[0]
+
+
+def _restore(directory, step, params=None, opt_state=None) -> tuple[Checkpoint, dict]:
+    """Returns :func:`restore`'s :class:`Checkpoint` and the step's (checked) metadata."""
     root, step = _locate(directory, step)
     meta, items = _read(root, step)
     where = root / str(step)
@@ -410,7 +449,29 @@ def restore(
             wanted = [path_str(p) for p, _ in flat]
             if len(m_by_path) == len(m_paths) and sorted(m_by_path) == sorted(wanted):
                 masks_out = jax.tree.unflatten(treedef, [jnp.asarray(m_by_path[k]) for k in wanted])
-    return Checkpoint(int(step), params_out, opt_out, masks_out, meta["format"], where)
+    return Checkpoint(int(step), params_out, opt_out, masks_out, meta["format"], where), meta
+
+
+def _kinds(meta: dict) -> dict[str, dict]:
+    """Returns the nnx Variable type recorded for each params leaf, by path string.
+
+    Empty for params saved without Variables (a linen dict) and for
+    checkpoints written before the types were recorded.
+    """
+    return {
+        path_str(tuple(s["path"])): {"var": s["var"], "param": s["param"]}
+        for s in meta["params"]
+        if "var" in s and "param" in s
+    }
+
+
+def _non_params(meta: dict) -> set[str]:
+    """Returns the paths of the params leaves recorded as nnx Variables other than ``Param``.
+
+    BatchNorm statistics, RNG keys and counters: state saved with a module's
+    params, not parameters (``jp.report(model)`` leaves them out too).
+    """
+    return {k for k, kind in _kinds(meta).items() if not kind["param"]}
 
 
 def export(
@@ -437,8 +498,11 @@ def export(
       >>> out.name, ckpt.format, ckpt.opt_state, ckpt.params["w"].tolist()
       ('4', 'compressed', None, [[0.0, 2.0], [0.0, 0.0]])
     """
-    ckpt = restore(src, step)
-    return save(dst, ckpt.step, ckpt.params, masks=ckpt.masks, format=format)
+    ckpt, meta = _restore(src, step)
+    # Read without the model's code, the params are plain dicts: the recorded
+    # nnx Variable types are handed on, so `jaxprune inspect` of the export
+    # still tells the params from a module's other state.
+    return _save(dst, ckpt.step, ckpt.params, masks=ckpt.masks, format=format, kinds=_kinds(meta))
 
 
 def disk_bytes(path: str | os.PathLike) -> int:

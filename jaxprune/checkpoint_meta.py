@@ -113,6 +113,9 @@ def check_fields(meta: dict) -> None:
                 impl = spec["key_impl"]
                 _need(isinstance(impl, str) and _is_key_impl(impl), f"{what} key_impl {impl!r}")
                 _need(len(spec["shape"]) >= 1, f"{what} key shape {spec['shape']!r}")
+            if "var" in spec or "param" in spec:  # an nnx Variable's type; older steps lack it
+                _need(isinstance(spec.get("var"), str), f"{what} var {spec.get('var')!r}")
+                _need(isinstance(spec.get("param"), bool), f"{what} param {spec.get('param')!r}")
             if name == "params":
                 param_shapes[key] = spec["shape"]
     masks = meta.get("masks")

@@ -17,15 +17,17 @@ import numpy as np
 from flax import nnx
 
 from jaxprune import packing
-from jaxprune._tree import leaves_with_paths, path_str
+from jaxprune._tree import _normalize, is_variable, leaves_with_paths, path_str
 
 __all__ = [
     "is_nnx_object",
     "as_state",
     "host",
+    "check_array",
     "check_storable",
     "check_unique_paths",
     "mask_lookup",
+    "variable_kinds",
     "encode_tree",
     "encode_masks",
     "nest",
@@ -62,11 +64,37 @@ def _storable(dtype: np.dtype) -> bool:
     return True
 
 
+def check_array(leaf: Any, path: tuple, name: str) -> None:
+    """Raises ``ValueError`` when ``leaf`` is no array, number or string (a function, an object).
+
+    ``np.asarray`` would make it an object array, and the dtype advice of
+    :func:`check_storable` cannot apply to it. An unfiltered equinox module
+    holds its activation functions as leaves.
+
+    Examples:
+      >>> from jaxprune.checkpoint_trees import check_array
+      >>> check_array(lambda x: x, ("activation",), "params")
+      Traceback (most recent call last):
+        ...
+      ValueError: params leaf 'activation' is a function, not an array: ...
+    """
+    if hasattr(leaf, "dtype") or isinstance(leaf, (bool, int, float, complex, str, bytes)):
+        return
+    raise ValueError(
+        f"{name} leaf {path_str(path)!r} is a {type(leaf).__name__}, not an array: a checkpoint "
+        f"stores arrays only (the model's code rebuilds the rest). Fix: save the arrays only. "
+        f"For an equinox module: arrays = eqx.filter(model, eqx.is_array); save(d, step, "
+        f"arrays); to resume, ckpt = restore(d, params=arrays) and model = "
+        f"eqx.combine(ckpt.params, model). Otherwise leave that leaf out of {name}."
+    )
+
+
 def check_storable(x: np.ndarray, path: tuple, name: str) -> None:
     """Raises ``ValueError`` unless orbax (tensorstore) can write ``x``'s dtype.
 
     Checked before a save starts: orbax refuses such an array only once its
-    asynchronous writes of the other leaves are under way.
+    asynchronous writes of the other leaves are under way. Leaves that are no
+    arrays at all are refused first, by :func:`check_array`.
     """
     if not _storable(x.dtype):
         raise ValueError(
@@ -103,17 +131,56 @@ def check_unique_paths(flat: list[tuple[tuple, Any]], name: str) -> None:
         seen[key] = path
 
 
+def variable_kinds(tree: Any) -> dict[str, dict]:
+    """Returns ``{"var": type name, "param": bool}`` of each nnx Variable of ``tree``, by path.
+
+    Saved in each leaf's spec, so that a reader without the model's code
+    (``jaxprune inspect``) can tell the parameters (``nnx.Param`` and its
+    subclasses) from the other state of a module: BatchNorm statistics, RNG
+    keys and counters. A tree without Variables (a linen dict) gives ``{}``.
+
+    Examples:
+      >>> from flax import nnx
+      >>> from jaxprune.checkpoint_trees import variable_kinds
+      >>> bn = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+      >>> variable_kinds(nnx.state(bn))["mean"]
+      {'var': 'BatchStat', 'param': False}
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)
+    return {
+        path_str(_normalize(p)): {"var": type(x).__name__, "param": isinstance(x, nnx.Param)}
+        for p, x in flat
+        if is_variable(x)
+    }
+
+
+def _kind_of(kinds: dict[str, dict], path: tuple) -> dict | None:
+    # A Variable holding a pytree (not one array) covers every leaf below it.
+    for n in range(len(path), -1, -1):
+        kind = kinds.get(path_str(path[:n]))
+        if kind is not None:
+            return kind
+    return None
+
+
 def encode_tree(
-    tree: Any, masks: dict[str, Any] | None, compress: bool, name: str = "params"
+    tree: Any,
+    masks: dict[str, Any] | None,
+    compress: bool,
+    name: str = "params",
+    kinds: dict[str, dict] | None = None,
 ) -> tuple[dict, list, dict]:
     """Returns ``(arrays, specs, hosts)`` of ``tree``: orbax-ready packed arrays.
 
     ``specs`` has one JSON-able entry per leaf (path, shape, dtype, encoding,
-    CRC-32); ``hosts`` the host copy of each non-key leaf by path string.
+    CRC-32, and for an nnx Variable its type, see :func:`variable_kinds`);
+    ``hosts`` the host copy of each non-key leaf by path string. ``kinds``
+    gives the Variable types by path where ``tree`` has lost them (an export
+    of a checkpoint read without the model's code).
 
     Raises:
-      ValueError: a leaf's dtype cannot be stored, or two leaves share a path
-        string (both named with their paths).
+      ValueError: a leaf is no array (a function), its dtype cannot be stored,
+        or two leaves share a path string (both named with their paths).
 
     Examples:
       >>> import numpy as np
@@ -125,6 +192,9 @@ def encode_tree(
     """
     flat, _ = leaves_with_paths(tree)
     check_unique_paths(flat, name)
+    for path, leaf in flat:
+        check_array(leaf, path, name)
+    kinds = {**(kinds or {}), **variable_kinds(tree)}
     arrays, specs, hosts = {}, [], {}
     for i, (path, leaf) in enumerate(flat):
         x, impl = host(leaf)
@@ -143,6 +213,9 @@ def encode_tree(
         spec["arrays"] = {k: [list(v.shape), v.dtype.name] for k, v in packed.items()}
         if impl is not None:
             spec["key_impl"] = impl
+        kind = _kind_of(kinds, path)
+        if kind is not None:
+            spec.update(kind)
         if _is_python_scalar(leaf):
             # numpy stores a Python int as int64; a JAX template of the same
             # leaf (a traced step counter) is int32. Noting it lets it match.

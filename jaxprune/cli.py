@@ -1,9 +1,10 @@
 """The ``jaxprune`` command line (also ``python -m jaxprune``).
 
 Subcommands: ``demo`` (train and prune LeNet-300-100), ``inspect CKPT`` (the
-report of a checkpoint, without the model's code), ``export CKPT OUT [--format
-compressed|dense]`` (compressed by default) and ``bench [NAME]`` (runs
-``scripts/bench_<name>.py`` of a source checkout). Checkpoint problems, and a
+report of a checkpoint, without the model's code; an nnx module's state other
+than ``nnx.Param``, such as BatchNorm statistics, is listed apart), ``export
+CKPT OUT [--format compressed|dense]`` (compressed by default) and ``bench
+[NAME]`` (runs ``scripts/bench_<name>.py`` of a source checkout). Checkpoint problems, and a
 report that cannot be made of a checkpoint, print one ``jaxprune: error: ...``
 line and exit with status 1, never a traceback.
 """
@@ -11,6 +12,7 @@ line and exit with status 1, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import subprocess
 import sys
@@ -60,20 +62,59 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _restore(path: str, step: int | None):
+    """Returns ``(Checkpoint, metadata)`` of ``path`` (restored without templates)."""
     from jaxprune import checkpoint
 
     try:
-        return checkpoint.restore(path, step)
+        return checkpoint._restore(path, step)
     except (checkpoint.CheckpointError, ValueError, OSError) as e:
         raise _CommandError(str(e)) from e
+
+
+def _split_state(ckpt, meta: dict) -> tuple:
+    """Returns ``(params, masks, state)``: the checkpoint's params without a module's state.
+
+    Leaves saved as nnx Variables other than ``nnx.Param`` (BatchNorm
+    statistics, RNG keys and counters) are no parameters, as ``jp.report(model)``
+    has it: ``state`` lists them (path, variable type, dtype, shape, size) and
+    ``params``/``masks`` leave them out. Checkpoints of plain pytrees, or
+    written before the types were recorded, have no such leaves.
+    """
+    from jaxprune import checkpoint
+    from jaxprune._tree import leaves_with_paths, path_str
+    from jaxprune.checkpoint_trees import nest
+
+    others = checkpoint._non_params(meta)
+    if not others:
+        return ckpt.params, ckpt.masks, []
+
+    def without(tree):
+        if tree is None:
+            return None
+        kept = [(p, x) for p, x in leaves_with_paths(tree)[0] if path_str(p) not in others]
+        return nest([p for p, _ in kept], [x for _, x in kept])
+
+    state = []
+    for spec in meta["params"]:
+        key = path_str(tuple(spec["path"]))
+        if key in others:
+            keys = "key_impl" in spec  # raw key data: one trailing axis more than the keys
+            shape = spec["shape"][:-1] if keys else spec["shape"]
+            dtype = "key" if keys else spec["dtype"]
+            size = math.prod(shape)
+            state.append(
+                {"path": key, "variable": spec["var"], "dtype": dtype, "shape": shape, "size": size}
+            )
+    return without(ckpt.params), without(ckpt.masks), state
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from jaxprune.report import report
 
-    ckpt = _restore(args.checkpoint, args.step)
+    ckpt, meta = _restore(args.checkpoint, args.step)
+    params, masks, state = _split_state(ckpt, meta)
     try:
-        rep = report(ckpt.params, ckpt.masks)
+        rep = report(params, masks)
     except Exception as e:  # any failure is one line here, never a traceback
         # A ValueError names its own fix; anything else is a bug in the report.
         detail = (
@@ -87,6 +128,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
         data = rep.to_dict()
         data["checkpoint"] = {"path": str(ckpt.path), "step": ckpt.step, "format": ckpt.format}
+        # A module's non-parameter state, left out of "rows" and "totals".
+        data["state"] = {"size": sum(r["size"] for r in state), "leaves": state}
         print(json.dumps(data, indent=2))
     else:
         from rich.console import Console
@@ -95,6 +138,17 @@ def _inspect(args: argparse.Namespace) -> int:
         console = Console(width=None if sys.stdout.isatty() else 140)
         console.print(f"{ckpt.path} (step {ckpt.step}, {ckpt.format} format)")
         console.print(rep.table())
+        if state:
+            listed = ", ".join(
+                f"{r['path']} {r['dtype']}{r['shape']} ({r['variable']})" for r in state[:20]
+            )
+            more = f" and {len(state) - 20} more" if len(state) > 20 else ""
+            console.print(
+                f"Not counted above: {len(state)} leaves of non-parameter state "
+                f"({sum(r['size'] for r in state):,} entries): {listed}{more}",
+                markup=False,
+                highlight=False,
+            )
     if args.plot:
         try:
             rep.plot_sparsity(args.plot)
@@ -106,10 +160,16 @@ def _inspect(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from jaxprune import checkpoint
 
-    ckpt = _restore(args.checkpoint, args.step)
+    ckpt, meta = _restore(args.checkpoint, args.step)
     try:
-        out = checkpoint.save(
-            args.out, ckpt.step, ckpt.params, masks=ckpt.masks, format=args.format
+        # As checkpoint.export: the recorded nnx Variable types are kept.
+        out = checkpoint._save(
+            args.out,
+            ckpt.step,
+            ckpt.params,
+            masks=ckpt.masks,
+            format=args.format,
+            kinds=checkpoint._kinds(meta),
         )
     except (checkpoint.CheckpointError, ValueError, OSError) as e:
         raise _CommandError(f"cannot write {args.out}: {e}") from e

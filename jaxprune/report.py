@@ -13,8 +13,13 @@ count is not in the jaxpr and its body counts once); FLOPs and MACs are
 those of the whole ``example_inputs`` batch; *nonzero MACs* follow ShrinkBench:
 the multiply-adds of convolutions and matrix products (read from the jaxpr's
 ``conv_general_dilated`` and ``dot_general``), each scaled by the density of the
-parameter it multiplies. Unstructured sparsity on dense hardware gives no
-speedup: nonzero MACs are what a sparse kernel could skip, not a measured time.
+parameter it multiplies, followed through reshapes, slices and gathers of its
+parts (a stacked layer's ``w[i]``, experts' kernels ``experts[ids]``, columns
+``w[:, idx]``). A gather of 1-D rows along the leading axis (``table[ids]``)
+is taken for an embedding lookup, whose result is an activation; rows of a 2-D
+kernel picked the same way (``w[idx]``) look alike, and the matmul that reads
+them counts as dense. Unstructured sparsity on dense hardware gives no speedup:
+nonzero MACs are what a sparse kernel could skip, not a measured time.
 
 References:
   Blalock et al., "What is the State of Neural Network Pruning?" (ShrinkBench),

@@ -5,7 +5,11 @@ from XLA's cost analysis of the lowered function; ``dense_macs`` the
 multiply-adds of its ``dot_general`` and ``conv_general_dilated`` (a scan's
 body times its length, a ``cond``'s costliest branch); ``nonzero_macs`` those
 same MACs, each scaled by the density of the parameter it multiplies, followed
-through reshapes, slices and masking to the matmul that reads it (ShrinkBench).
+through reshapes, slices, gathers of its parts and masking to the matmul that
+reads it (ShrinkBench). A gather of 1-D rows along a param's leading axis is an
+embedding lookup, whose result is an activation: a matmul that reads rows of a
+2-D kernel picked by an index array (``w[idx]``) therefore counts as dense
+(see ``_takes_part``).
 
 References:
   Blalock et al., "What is the State of Neural Network Pruning?" (ShrinkBench),
@@ -52,13 +56,40 @@ _MASKING = {"mul", "select_n"}
 def _takes_part(eqn) -> bool:
     """Whether a slicing op hands on part of its parameter, not activations read from it.
 
-    A ``gather`` indexing a stacked parameter by step (``w[i]``) drops axes; an
-    embedding lookup (``table[ids]``) adds the ids' axes, and its result is an
-    activation, whose density says nothing about the layers that read it.
+    A ``gather`` keeps the parameter's identity when it drops axes (a stacked
+    layer indexed by step, ``w[i]``), indexes a non-leading axis (columns of a
+    kernel, ``w[:, idx]``), or takes slices with two or more non-unit axes
+    (each token's expert kernel of a mixture of experts, ``experts[ids]`` on
+    ``[E, in, out]``). What is left, a gather of 1-D rows along the leading axis
+    (``table[ids]``), is taken for an embedding lookup: its result is an
+    activation, whose density says nothing about the layers that read it. So
+    rows of a 2-D kernel picked by an index array (``w[idx]``) look like a
+    lookup and the matmul that reads them counts as dense.
+
+    >>> import jax, jax.numpy as jnp
+    >>> def gather(f, *shapes):
+    ...     jaxpr = jax.make_jaxpr(f)(*(jnp.ones(s) for s in shapes)).jaxpr
+    ...     return next(e for e in jaxpr.eqns if e.primitive.name == "gather")
+    >>> ids = jnp.array([2, 0, 1])
+    >>> _takes_part(gather(lambda t: t[ids], (10, 4)))  # an embedding lookup
+    False
+    >>> _takes_part(gather(lambda e: e[ids], (4, 8, 8)))  # experts' kernels
+    True
+    >>> _takes_part(gather(lambda w: w[:, ids], (8, 8)))  # a kernel's columns
+    True
     """
     if eqn.primitive.name != "gather":
         return True
-    return len(eqn.outvars[0].aval.shape) < len(eqn.invars[0].aval.shape)
+    operand = eqn.invars[0].aval.shape
+    if len(eqn.outvars[0].aval.shape) < len(operand):
+        return True
+    dn = eqn.params["dimension_numbers"]
+    # vmap over a stacked table adds batching axes; they say nothing of the kind.
+    axes = [a for a in range(len(operand)) if a not in dn.operand_batching_dims]
+    if not axes or tuple(dn.start_index_map) != (axes[0],):
+        return True
+    sizes = eqn.params["slice_sizes"]
+    return sum(sizes[a] != 1 for a in axes[1:]) >= 2
 
 
 def _param_shaped(eqn, ins) -> bool:
@@ -123,6 +154,25 @@ def _sub_jaxprs(eqn):
                 yield j
 
 
+def _sub_inputs(eqn, ins: list) -> list[tuple]:
+    """Each sub-jaxpr of ``eqn`` with the leaf paths of its inputs (``None``: unknown).
+
+    A ``while``'s inputs are ``cond_consts + body_consts + carry``: its cond
+    takes ``cond_consts + carry`` and its body ``body_consts + carry``, so
+    neither is the tail of ``ins``. Other ops (``cond`` after its index,
+    ``scan``, calls) pass a sub-jaxpr the last of their inputs.
+    """
+    if eqn.primitive.name == "while":
+        nc, nb = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+        cond, body = eqn.params["cond_jaxpr"].jaxpr, eqn.params["body_jaxpr"].jaxpr
+        return [(cond, ins[:nc] + ins[nc + nb :]), (body, ins[nc:])]
+    out = []
+    for sub in _sub_jaxprs(eqn):
+        offset = len(eqn.invars) - len(sub.invars)
+        out.append((sub, ins[offset:] if offset >= 0 else None))
+    return out
+
+
 def _walk(jaxpr, src: dict, density: dict[str, float]) -> tuple[float, float]:
     """Returns ``(dense_macs, nonzero_macs)`` of ``jaxpr``; ``src`` maps vars to leaf paths."""
     dense = nonzero = 0.0
@@ -148,13 +198,12 @@ def _walk(jaxpr, src: dict, density: dict[str, float]) -> tuple[float, float]:
             # that parameter's density (an upper bound if it zeroes more).
             src[eqn.outvars[0]] = next(p for p in ins if p is not None)
         else:
-            subs = list(_sub_jaxprs(eqn))
+            subs = _sub_inputs(eqn, ins)
             results = []
-            for sub in subs:
-                offset = len(eqn.invars) - len(sub.invars)
+            for sub, sub_ins in subs:
                 inner = {}
-                if offset >= 0:
-                    for v, p in zip(sub.invars, ins[offset:], strict=True):
+                if sub_ins is not None:
+                    for v, p in zip(sub.invars, sub_ins, strict=True):
                         if p is not None:
                             inner[v] = p
                 results.append(_walk(sub, inner, density))
