@@ -24,6 +24,29 @@ and the structured shrink. Three layers of API:
   :func:`linen_apply`, which intercepts the layers' outputs. Both take input
   gates too (``input_gate_params=init_gates(gate, params, where=..., inputs=True)``).
 
+Two pitfalls of training with gates:
+
+* **Reseed every step.** An nnx gated layer reads its sample key and never
+  advances it; call ``gates.reseed(model, key)`` with a fresh key at the top of
+  each train step (the functional form takes ``key=`` per call), or every step
+  draws the same gate sample.
+* **Gates before a BatchNorm.** A gate that is one value per unit for the
+  whole batch (the default shared sample of :class:`HardConcrete` and
+  :class:`BetaBernoulli`, and :class:`ScalarGate`) on a layer that feeds a
+  BatchNorm is divided back out by the BatchNorm in train mode: it scales the
+  channel, and the BatchNorm normalizes the channel by its batch statistics.
+  The data loss then gives these gates almost no gradient (in a small conv-BN
+  net, a thousandth of what the gates of the next layer, which feeds no
+  BatchNorm, get), the penalty alone pushes them down, and
+  which channels survive depends on BatchNorm's epsilon, not on what they are
+  worth. Fix: ``per_example=True`` (one sample per example: the BatchNorm does
+  not cancel it), or gate after the BatchNorm: ``skip`` the layer and gate the
+  next layer's input features (``attach(..., inputs=("fc",))``, or
+  ``init_gates(..., inputs=True)``). :func:`attach` warns
+  (:class:`GateBeforeBatchNormWarning`) when the next layer after a gated one
+  is an ``nnx.BatchNorm`` of the same width; the functional form cannot see
+  the model's layout and does not.
+
 Examples:
   >>> import jax, jax.numpy as jnp, jaxprune as jp
   >>> from jaxprune import gates
@@ -53,6 +76,7 @@ from jaxprune.gates_kinds import (
     sparse_vd_neg_kl,
 )
 from jaxprune.gates_nnx import (
+    GateBeforeBatchNormWarning,
     Gated,
     GateKey,
     GateParam,
@@ -84,6 +108,7 @@ from jaxprune.gates_tree import (
 __all__ = [
     "BetaBernoulli",
     "Gate",
+    "GateBeforeBatchNormWarning",
     "GateKey",
     "GateParam",
     "Gated",

@@ -181,28 +181,73 @@ def to_masks(
     return jax.tree.unflatten(treedef, leaves)
 
 
-def _is_bn_scale(path: Path, leaf: Any) -> bool:
+def _is_1d_scale(path: Path, leaf: Any) -> bool:
     return bool(path) and path[-1] == "scale" and jnp.ndim(leaf) == 1
+
+
+# A BatchNorm keeps running statistics beside its scale (nnx.BatchNorm's BatchStat
+# ``mean``/``var``; linen's ``batch_stats`` collection); LayerNorm, GroupNorm and
+# RMSNorm have a 1-D ``scale`` too but no statistics.
+_BN_STATS = ("mean", "var")
+_LINEN_COLLECTIONS = ("params", "batch_stats")
+
+
+def _bn_scales(flat: list[tuple[Path, Any]]) -> Where:
+    """Returns the default slimming ``where`` for the leaves ``flat`` of one tree.
+
+    With BatchNorm statistics in the tree: the 1-D scales that have a ``mean``
+    or ``var`` in the same module (for linen variables
+    ``{"params": ..., "batch_stats": ...}``, at the same module path in
+    ``batch_stats``). Without (a params-only tree): every 1-D ``scale``.
+    """
+    top = {p[0] for p, _ in flat if p}
+    linen = set(_LINEN_COLLECTIONS) <= top
+
+    def module(path: Path) -> Path:
+        # linen keeps params and statistics in separate collections: compare the module paths.
+        return tuple(path[1:-1]) if linen and path[0] in _LINEN_COLLECTIONS else tuple(path[:-1])
+
+    with_stats = {module(p) for p, x in flat if p and p[-1] in _BN_STATS and jnp.ndim(x) == 1}
+    if not with_stats:
+        return _is_1d_scale
+    return lambda p, x: _is_1d_scale(p, x) and module(p) in with_stats
 
 
 def slimming_penalty(params: Any, *, where: Where | None = None) -> jax.Array:
     """Returns ``sum |gamma|`` over BatchNorm scales: network slimming's L1 term.
 
     Multiply by lambda (1e-4 for VGG, 1e-5 for ResNet in the paper) and add to
-    the loss. ``where`` picks the scales; default 1-D leaves named ``scale``.
+    the loss. ``where`` picks the scales. The default depends on what the tree
+    holds, because LayerNorm, GroupNorm and RMSNorm also have a 1-D ``scale``:
+
+    * with BatchNorm statistics in the tree (``nnx.state(model)``, or linen
+      ``{"params": ..., "batch_stats": ...}``): only the 1-D scales with a
+      ``mean`` / ``var`` in the same module, the BatchNorm scales;
+    * without them (``nnx.state(model, nnx.Param)``, linen ``variables["params"]``):
+      every 1-D leaf named ``scale``, **other norms' scales included**. Pass
+      ``where`` to keep to the BatchNorms, e.g. for nnx
+      ``bns = {p for p, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)}``,
+      ``where=lambda p, x: p[-1] == "scale" and tuple(p[:-1]) in bns``; for linen's
+      default names ``where=lambda p, x: p[-1] == "scale" and "BatchNorm" in str(p[-2])``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> from jaxprune import gates
       >>> float(gates.slimming_penalty({"bn": {"scale": jnp.array([1.0, -2.0])}}))
       3.0
+      >>> tree = {  # with statistics in the tree, the LayerNorm's scale is left out
+      ...     "bn": {"scale": jnp.array([1.0, -2.0]), "mean": jnp.zeros(2), "var": jnp.ones(2)},
+      ...     "ln": {"scale": jnp.array([5.0, 5.0])},
+      ... }
+      >>> float(gates.slimming_penalty(tree))
+      3.0
 
     References:
       Liu et al., "Learning Efficient Convolutional Networks through Network
       Slimming", ICCV 2017. https://arxiv.org/abs/1708.06519
     """
-    where = where or _is_bn_scale
     flat, _ = leaves_with_paths(params)
+    where = where or _bn_scales(flat)
     return sum(
         (jnp.sum(jnp.abs(x.astype(jnp.float32))) for p, x in flat if where(p, x)), jnp.float32(0)
     )
@@ -225,6 +270,13 @@ def slimming_masks(
     what one layer loses (``floor(max_sparsity * channels)``; see
     :func:`jaxprune.masks.global_topk`), and an emptied layer warns.
 
+    ``where`` picks the scales, with the default of :func:`slimming_penalty`:
+    the scales with BatchNorm statistics beside them when the tree has any
+    (``nnx.state(model)``, linen ``{"params": ..., "batch_stats": ...}``),
+    otherwise every 1-D ``scale``, **LayerNorm, GroupNorm and RMSNorm scales
+    included**, ranked against the BatchNorm channels. For a params-only tree
+    of a model with other norms, pass the ``where`` given there.
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> from jaxprune import gates
@@ -237,12 +289,13 @@ def slimming_masks(
       Liu et al., "Learning Efficient Convolutional Networks through Network
       Slimming", ICCV 2017. https://arxiv.org/abs/1708.06519
     """
-    where = where or _is_bn_scale
     flat, treedef = leaves_with_paths(params)
+    where = where or _bn_scales(flat)
     scales = {path_str(p): jnp.abs(x) for p, x in flat if where(p, x)}
     if not scales:
         raise ValueError(
-            "slimming_masks found no BatchNorm scales (1-D leaves named 'scale'). Fix: pass "
+            "slimming_masks found no BatchNorm scales (1-D leaves named 'scale', with a "
+            "'mean'/'var' beside them when the tree has statistics). Fix: pass "
             "where=lambda path, x: ... selecting the per-channel scale leaves."
         )
     keep = global_topk(scales, sparsity, where=lambda p, x: True, max_sparsity=max_sparsity)

@@ -8,7 +8,15 @@ so they train with the same optimizer as the weights or with their own via
 :func:`jaxprune.gates.multi_transform`. Samples come from a per-layer key
 (:class:`GateKey`) that :func:`reseed` sets from one explicit key inside the
 jitted step; ``model.eval()`` switches every wrapper to its deterministic
-test-time gate.
+test-time gate. A forward pass reads the key and never advances it (unlike
+``nnx.Dropout``'s ``Rngs``): without :func:`reseed` every step draws the same
+sample.
+
+:func:`attach` warns (:class:`GateBeforeBatchNormWarning`) when a gate that is
+one value per unit for the whole batch (the default shared sample,
+:class:`~jaxprune.gates.ScalarGate`) multiplies a layer whose next layer is a
+``nnx.BatchNorm``: in train mode the BatchNorm divides that per-channel
+constant back out, so the data loss leaves the gates almost untouched.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from jaxprune.gates_masks import to_masks
 from jaxprune.gates_tree import Gate, _gate_features, _scale_rows, sample_unit_gate
 
 __all__ = [
+    "GateBeforeBatchNormWarning",
     "GateKey",
     "GateParam",
     "Gated",
@@ -46,6 +55,23 @@ class GateParam(nnx.Param):
 
 class GateKey(nnx.Variable):
     """The PRNG key a :class:`Gated` layer draws its gate samples from."""
+
+
+class GateBeforeBatchNormWarning(UserWarning):
+    """:func:`attach` gates, with one value per unit for the batch, a layer that feeds a BatchNorm.
+
+    In train mode a BatchNorm normalizes each channel by its batch statistics,
+    so a gate that multiplies the whole channel by one number (the default
+    shared sample of :class:`~jaxprune.gates.HardConcrete` and
+    :class:`~jaxprune.gates.BetaBernoulli`, and :class:`~jaxprune.gates.ScalarGate`)
+    is divided back out: the data loss gives it almost no gradient, and the
+    penalty alone decides which units go. Fixes: ``per_example=True`` (one
+    sample per example, which the BatchNorm does not cancel), or gate after the
+    BatchNorm (``skip`` the layer and gate the next layer's ``inputs``). A frozen
+    BatchNorm (``use_running_average=True`` while training) does not divide the
+    gate out: silence the warning with
+    ``warnings.filterwarnings("ignore", category=jp.gates.GateBeforeBatchNormWarning)``.
+    """
 
 
 _INPUT_PREFIX = "gate_in_"
@@ -187,6 +213,54 @@ def _set_child(parent: Any, name: Any, value: Any) -> None:
         setattr(parent, name, value)
 
 
+def _children(node: Any) -> list[tuple[Any, Any]]:
+    """Returns ``(name, child)`` of a module's attributes or a list's items, in definition order."""
+    if isinstance(node, (list, nnx.List)):
+        return list(enumerate(node))
+    if isinstance(node, nnx.Module):
+        return [(k, v) for k, v in vars(node).items() if not k.startswith("_")]
+    return []
+
+
+def _has_params(node: Any) -> bool:
+    return isinstance(node, nnx.Module) and bool(jax.tree.leaves(nnx.state(node, nnx.Param)))
+
+
+def _batchnorm_after(model: nnx.Module, path: tuple, module: Any) -> tuple | None:
+    """Returns the path of the ``nnx.BatchNorm`` that ``module`` (at ``path``) feeds, or None.
+
+    A cheap reading of the code's layout, not a trace (attach sees no input):
+    the BatchNorm is the next sibling with parameters (``self.conv1`` then
+    ``self.bn1``; ``nnx.Sequential(conv, relu, bn)``), or, for a layer in a list,
+    the item at the same index of a sibling list (``self.convs[i]``,
+    ``self.bns[i]``), with ``num_features`` equal to the layer's outputs.
+    """
+    kernel = getattr(module, "kernel", None)
+    if kernel is None or not path:
+        return None
+    units = kernel.shape[-1]
+
+    def feeds(m: Any) -> bool:
+        return isinstance(m, nnx.BatchNorm) and m.num_features == units
+
+    parent, name = _parent_and_name(model, path)
+    siblings = _children(parent)
+    names = [n for n, _ in siblings]
+    if name in names:
+        for n, child in siblings[names.index(name) + 1 :]:
+            if feeds(child):
+                return path[:-1] + (n,)
+            if _has_params(child):
+                break  # another layer comes first
+    if isinstance(name, int) and len(path) >= 2:
+        grand, list_name = _parent_and_name(model, path[:-1])
+        for n, child in _children(grand):
+            if n != list_name and isinstance(child, (list, nnx.List)) and len(child) > name:
+                if feeds(child[name]):
+                    return path[:-2] + (n, name)
+    return None
+
+
 def _module_paths(model: nnx.Module) -> list[tuple[tuple, Any]]:
     """Returns ``(path, module)`` for every path reaching a module (a shared one at each).
 
@@ -196,15 +270,8 @@ def _module_paths(model: nnx.Module) -> list[tuple[tuple, Any]]:
     """
     out: list[tuple[tuple, Any]] = []
 
-    def children(node: Any):
-        if isinstance(node, (list, nnx.List)):
-            return list(enumerate(node))
-        if isinstance(node, nnx.Module):
-            return [(k, v) for k, v in vars(node).items() if not k.startswith("_")]
-        return []
-
     def walk(node: Any, path: tuple, seen: frozenset) -> None:
-        for name, child in children(node):
+        for name, child in _children(node):
             if id(child) in seen:
                 continue
             if isinstance(child, nnx.Module):
@@ -268,6 +335,18 @@ def attach(
     Returns:
       The same ``model`` object, its selected layers wrapped by :class:`Gated`.
 
+    In train mode each gated layer draws its sample from its :class:`GateKey`,
+    which a forward pass reads but never advances (unlike ``nnx.Dropout``):
+    call :func:`reseed` with a fresh key at the top of every train step.
+    Without it every step draws the same sample, and the stochastic gates
+    become one fixed noise pattern.
+
+    With a gate that is one value per unit for the whole batch (the default
+    shared sample, or :class:`~jaxprune.gates.ScalarGate`) on a layer whose
+    next layer is a ``nnx.BatchNorm``, a :class:`GateBeforeBatchNormWarning` says
+    that the BatchNorm divides the gates back out in train mode. Fix: ``per_example=True``,
+    or ``skip`` the layer and gate the next layer's ``inputs``.
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
       >>> from jaxprune import gates, models
@@ -279,6 +358,20 @@ def attach(
       [('layers', 0), ('layers', 1)]
       >>> model.eval(); model(jnp.ones((1, 784))).shape
       (1, 10)
+
+      In the train step, reseed first, with a new key each step:
+
+      >>> x = jax.random.uniform(jax.random.key(1), (2, 784))
+      >>> @nnx.jit
+      ... def step(model, key):
+      ...     gates.reseed(model, key)  # a fresh gate sample for this step
+      ...     return model(x)  # the loss and its update go here
+      >>> model.train()
+      >>> a, b = step(model, jax.random.key(1)), step(model, jax.random.key(2))
+      >>> bool((a != b).any())  # two keys, two samples
+      True
+      >>> bool((model(x) == model(x)).all())  # no reseed: the same sample again
+      True
 
     References:
       Louizos et al. 2018, https://arxiv.org/abs/1712.01312; Lee et al. 2018,
@@ -300,6 +393,20 @@ def attach(
         if p and not inside_wrapped(p) and path_str(p) not in skip and where(p, m)
     ]
     if not chosen and not inputs:
+        already = [
+            p
+            for p, m in modules
+            if p and inside_wrapped(p) and path_str(p) not in skip and where(p, m)
+        ]
+        if wrapped and already:
+            # The layers `where` picks are inside Gated wrappers: gated by an earlier attach.
+            raise ValueError(
+                f"attach found no layer to gate: the layers `where` selects are already gated "
+                f"({[path_str(p) for p in wrapped][:10]}; gates.gated_layers(model) lists "
+                "them), and a layer is gated once. Fix: attach to the plain model, or "
+                "gates.detach(model) (a copy without gates, the trained gates folded in) "
+                "and attach to that."
+            )
         raise ValueError(
             "attach found no layer to gate. Fix: check `where` and `skip` (default where: "
             "nnx.Linear and nnx.Conv layers)."
@@ -315,18 +422,29 @@ def attach(
             "skip=('fc2',) (not 'fc2/kernel')."
         )
     gate_inputs = set(inputs)
-    bad = sorted(
+    gated = sorted(
         n
         for n in gate_inputs
-        if n not in by_name or not _is_linear_or_conv(*by_name[n]) or inside_wrapped(by_name[n][0])
+        if n in by_name and (isinstance(by_name[n][1], Gated) or inside_wrapped(by_name[n][0]))
     )
+    if gated:
+        raise ValueError(
+            f"inputs names {gated}, which are already gated (gates.gated_layers(model) lists "
+            "them): a layer is wrapped once, so its input gates come in the attach call that "
+            "gates it. Fix: attach(..., inputs=...) on the plain model, or on "
+            "gates.detach(model)."
+        )
+    bad = sorted(n for n in gate_inputs if n not in by_name or not _is_linear_or_conv(*by_name[n]))
     if bad:
+        ungated = [n for n in layer_names if not inside_wrapped(by_name[n][0])]
         raise ValueError(
             f"inputs names {bad}, which are not ungated nnx.Linear / nnx.Conv layers of the "
-            f"model; its layers: {layer_names[:10]}. "
+            f"model; its ungated layers: {ungated[:10]}. "
             "Fix: name layers by their '/'-joined attribute path, e.g. inputs=('fc1',)."
         )
     outputs = {path_str(p) for p, _ in chosen}
+    if gate.per_unit and not getattr(gate, "per_example", False):
+        _warn_batchnorm(model, gate, chosen)
     layers = sorted([by_name[n] for n in outputs | gate_inputs], key=lambda pm: path_str(pm[0]))
     for i, (path, m) in enumerate(layers):
         wrapper = Gated(
@@ -340,6 +458,29 @@ def attach(
         for alias in _aliases(model, m) or [path]:
             _set_child(*_parent_and_name(model, alias), wrapper)
     return model
+
+
+def _warn_batchnorm(model: nnx.Module, gate: Gate, chosen: list[tuple[tuple, Any]]) -> None:
+    fed = [(p, bn) for p, m in chosen if (bn := _batchnorm_after(model, p, m)) is not None]
+    if not fed:
+        return
+    kind = type(gate).__name__
+    layers = [path_str(p) for p, _ in fed]
+    fix = f"{kind}(per_example=True) (a sample per example, which the BatchNorm keeps), or "
+    if not hasattr(gate, "per_example"):
+        fix = ""
+    many = f"{len(layers)} layers, " if len(layers) > 5 else ""  # the lists show 5
+    warnings.warn(
+        f"attach gates the outputs of {many}{layers[:5]}, which feed the BatchNorms "
+        f"{[path_str(bn) for _, bn in fed][:5]}, with {kind} gates that are one value per "
+        "unit for the whole batch: in train mode the BatchNorm divides them back out, so the "
+        "data loss gives them almost no gradient and the penalty alone decides which units "
+        f"go. Fix: {fix}gate after the BatchNorm: skip={tuple(layers[:5])} and gate the next "
+        "layer's inputs with inputs=(...). A frozen BatchNorm does not divide them out: "
+        "filter category jp.gates.GateBeforeBatchNormWarning.",
+        GateBeforeBatchNormWarning,
+        stacklevel=3,
+    )
 
 
 def reseed(model: nnx.Module, key: jax.Array) -> None:
@@ -520,6 +661,13 @@ def hard_masks(
     """
     layers = gated_layers(model)
     kinds = {m.gate for _, m in layers}
+    if not kinds:
+        raise ValueError(
+            f"hard_masks found no gated layer in this {type(model).__name__} "
+            "(gates.gated_layers(model) is empty). Fix: attach gates first "
+            "(gates.attach); detach(model) removes them, so take the masks from the gated "
+            "model: hard_masks(model), not hard_masks(detach(model))."
+        )
     if len(kinds) != 1:
         raise ValueError(
             f"hard_masks needs one gate kind across layers, got {len(kinds)}: {kinds}. Fix: "
