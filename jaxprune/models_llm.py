@@ -119,9 +119,30 @@ class GPT(nnx.Module):
 
 
 def lm_loss(model: GPT, tokens: jax.Array) -> jax.Array:
-    """Returns the mean next-token cross-entropy of ``model`` on ``tokens`` (nats)."""
+    """Returns the mean next-token cross-entropy of ``model`` on ``tokens`` (nats, float32).
+
+    The logits are cast to float32 before the log-softmax, as reference
+    evaluation code does (``logits.float()``): in bfloat16 a mean loss near 3
+    nats falls on a grid of 1/64 nat, so perplexities up to 1.6% apart can tie.
+    A float32 loss is also the usual practice for training; for a float32
+    model the cast does nothing.
+
+    Raises:
+      ValueError: ``model(tokens[:, :-1])`` does not return logits
+        ``[batch, time - 1, vocab]``.
+    """
+    targets = tokens[:, 1:]
     logits = model(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    shape = getattr(logits, "shape", None)
+    if shape is None or len(shape) != 3 or tuple(shape[:2]) != tuple(targets.shape):
+        raise ValueError(
+            f"model(tokens) must return next-token logits [batch, time, vocab] = "
+            f"[{targets.shape[0]}, {targets.shape[1]}, vocab] for tokens[:, :-1], got "
+            f"{type(logits).__name__} of shape {shape}. Fix: return the output head's "
+            "logits from __call__, as jaxprune.models_llm.GPT does."
+        )
+    logits = logits.astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
 def train_lm(
