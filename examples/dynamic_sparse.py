@@ -25,13 +25,14 @@ and parameters (biases too), the connections rewired (the weights regrown,
 summed over all rewiring steps, counted inside the jitted step from the masks
 before and after it) and each kernel's mask sparsity (the "layer masks").
 
-Run: ``python examples/dynamic_sparse.py`` (full, about 80 s on 2 cores)
+Run: ``python examples/dynamic_sparse.py`` (full, about a minute on 2 cores)
 or ``--quick`` (a smoke run on a subset, < 60 s; ends with ``RESULT {json}``
 like the full run). ``--help`` lists every flag; ``--distribution uniform``
 gives every layer the same sparsity, ``--methods static,RigL`` runs a subset.
 
-Measured on 2026-11-23, 2-core CPU (shared), jax 0.10.2, 77 s wall, with
-``python examples/dynamic_sparse.py``::
+Measured on 2026-11-23, 2-core CPU (shared), jax 0.10.2, 51 s wall, with
+``python examples/dynamic_sparse.py`` (the sparse runs' masks applied to the
+params right after ``tx.init``, so step 0 is sparse too)::
 
     fashion-mnist, 60000 train / 10000 test images; LeNet-300-100, Adam 0.001,
     batch 128, 5000 steps each; sparsity 0.9 (erk), rewiring every 100 steps
@@ -40,16 +41,16 @@ Measured on 2026-11-23, 2-core CPU (shared), jax 0.10.2, 77 s wall, with
     | method | acc (%) | mask sparsity | nonzero weights | nonzero params | rewired | layer masks |
     |---|---|---|---|---|---|---|
     | dense | 88.58 | 0.0000 | 266,200 / 266,200 | 266,610 / 266,610 | 0 | 0.000/0.000/0.000 |
-    | static | 87.35 | 0.9000 | 26,620 / 266,200 | 27,030 / 266,610 | 0 | 0.920/0.770/0.000 |
-    | SET | 88.17 | 0.9000 | 26,295 / 266,200 | 26,705 / 266,610 | 272,751 | 0.920/0.770/0.000 |
-    | RigL | 87.62 | 0.9000 | 26,620 / 266,200 | 27,030 / 266,610 | 119,799 | 0.920/0.770/0.000 |
+    | static | 87.57 | 0.9000 | 26,620 / 266,200 | 27,030 / 266,610 | 0 | 0.920/0.770/0.000 |
+    | SET | 88.06 | 0.9000 | 26,387 / 266,200 | 26,797 / 266,610 | 272,767 | 0.920/0.770/0.000 |
+    | RigL | 87.89 | 0.9000 | 26,620 / 266,200 | 27,030 / 266,610 | 121,108 | 0.920/0.770/0.000 |
 
 At 90% sparsity (ERK leaves the 100x10 output layer dense) the static mask
-loses 1.2 points to the dense model; rewiring recovers part of that, SET 0.8
+loses 1.0 point to the dense model; rewiring recovers part of that, SET 0.5
 points and RigL 0.3, in this one seed (differences of a few tenths are within
 seed-to-seed noise). SET rewires more than twice as many connections as
 RigL, whose drop fraction decays along a cosine. Every sparse run keeps
-exactly 26,620 weights in its masks; SET's 325 fewer nonzero weights are
+exactly 26,620 weights in its masks; SET's 233 fewer nonzero weights are
 weights regrown onto dead ReLU units (checked on a shorter run: 374 of its 378
 active zero weights touch a dead unit), whose gradient is exactly 0, so they
 never leave 0.
@@ -186,6 +187,10 @@ def train(method, args, data, graphdef, theta_0, pbar):
     # A jitted init compiles ERK's solve and the initial masks into one program:
     # eagerly, their many small ops take longer than the whole quick run's training.
     params, opt_state, rewired = theta_0, jax.jit(tx.init)(theta_0), 0
+    if method != "dense":
+        # tx.init cannot change the params: without this, step 0's forward pass
+        # and gradient (which seeds Adam's moments) would be the dense model's.
+        params = jp.apply_masks(params, jp.get_masks(opt_state))
     epochs = -(-args.steps // (len(data[0]) // args.batch_size))
     stream = batches(data[0], data[1], args.batch_size, seed=args.seed, epochs=epochs)
     for _, (x, y) in zip(range(args.steps), stream, strict=False):

@@ -8,7 +8,9 @@ concrete arguments the same way.
 
 from __future__ import annotations
 
+import functools
 import numbers
+import warnings
 from typing import Any
 
 import jax
@@ -77,6 +79,35 @@ def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array
     return jnp.float32(alpha / 2) * (1.0 + jnp.cos(jnp.pi * t / end_step))
 
 
+def _is_selection(fn: Any) -> bool:
+    """Is ``fn`` one of jaxprune's selections (masks, not per-leaf sparsities)?
+
+    ``jp.distributions.selection(d)``, a ``jp.masks`` selection (``topk``,
+    ``global_topk``, ...), a ``functools.partial`` of one, or a
+    ``jp.masks.per_layer`` of one. A selection of the user's own is caught
+    when it returns (``_check_per_leaf``).
+    """
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if hasattr(fn, "per_layer"):  # jp.masks.per_layer(select, stacked=...)
+        return True
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    return module == "jaxprune.masks" or (
+        module == "jaxprune.distributions" and qualname.startswith("selection.")
+    )
+
+
+def _label(fn: Any) -> str:
+    """Names a selection as the user wrote it: ``selection(...)``, ``jp.masks.topk``."""
+    qualname = getattr(fn, "__qualname__", None) or repr(fn)
+    if qualname.startswith("selection."):
+        return "jp.distributions.selection(...)"
+    if getattr(fn, "__module__", None) == "jaxprune.masks":
+        return f"jp.masks.{qualname}"
+    return repr(fn)
+
+
 def _validate(
     sparsity,
     update_every,
@@ -133,8 +164,37 @@ def _validate(
             "(the function, not the string 'erk'), jp.distributions.uniform or "
             "jp.distributions.explicit({path: sparsity})."
         )
+    if _is_selection(distribution):
+        raise ValueError(
+            f"distribution must be a distribution (params, sparsity, *, where) -> one sparsity "
+            f"per leaf, got the selection {_label(distribution)}, which returns masks (the "
+            "form jp.prune's scope takes). Fix: pass the distribution itself, e.g. "
+            "distribution=jp.distributions.erk, not jp.distributions.selection(erk) or a mask "
+            "selection such as jp.masks.topk."
+        )
     if regrow not in ("gradient", "random"):
         raise ValueError(f"regrow must be 'gradient' (RigL) or 'random' (SET), got {regrow!r}.")
     check_where(where)
     check_stacked(stacked)
     key_parts(key, "key")  # one PRNG key, typed or raw, for the initial random masks
+
+
+def _warn_never_rewires(name: str, end_step: int, update_every: int) -> None:
+    """Warns that ``end_step <= update_every`` leaves no step to rewire at.
+
+    A rewiring step is a positive multiple of ``update_every`` below
+    ``end_step``: a short run with RigL's ``update_every=100`` and
+    ``end_step=int(0.75 * steps)`` (``steps <= 133``) has none, and trains
+    at the initial random masks.
+    """
+    warnings.warn(
+        f"jp.dynamic.{name} will never rewire: with end_step={end_step} <= "
+        f"update_every={update_every} no step is both a positive multiple of update_every "
+        f"(the first rewiring would be step {update_every}) and below end_step (where "
+        "rewiring stops), so training stays at the initial random masks (static sparse). "
+        f"Fix: lower update_every below end_step (e.g. update_every={max(1, end_step // 10)}) "
+        "or raise end_step (RigL: 75% of the training steps); for a static random mask on "
+        f"purpose, pass jp.dynamic.set(..., drop_fraction=0.0).",
+        UserWarning,
+        stacklevel=3,
+    )

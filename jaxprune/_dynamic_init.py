@@ -1,6 +1,8 @@
 """The initial masks of ``jp.dynamic.rigl`` / ``set``: random, at the distribution's sparsities.
 
-The network is sparse from the first step: ``distribution`` spreads the total
+The network is sparse from the first step once these masks are applied to the
+params (``jp.apply_masks(params, jp.get_masks(state))`` right after
+``tx.init``, which cannot change the params): ``distribution`` spreads the total
 sparsity over the prunable leaves (or over each layer of a stack, as on the
 unrolled model), and each leaf, or layer, keeps exactly ``round((1 - s) * n)``
 entries of random scores. The total is checked against ``sparsity``, since an
@@ -27,17 +29,65 @@ from jaxprune._tree import Path, Where, is_prunable, leaves_with_paths, path_str
 from jaxprune.stacked import _keep_per_layer, _one_layer
 
 
-def _warn_nothing_prunable(pure: Any, name: str) -> None:
-    paths = [f"{path_str(p)} {tuple(jnp.shape(x))}" for p, x in leaves_with_paths(pure)[0]]
+def _warn_nothing_prunable(pure: Any, name: str, depths: list[int] | None = None) -> None:
+    """Warns that ``where`` took no leaf; ``depths``: each leaf's layer axes, with ``stacked``.
+
+    With ``stacked``, ``where`` saw one layer of each stack, so the warning
+    lists those shapes: a ``where`` written for the stacked shapes
+    (``ndim >= 3``) refuses every layer.
+    """
+    flat = leaves_with_paths(pure)[0]
+    depths = depths or [0] * len(flat)
+    paths = []
+    for (p, x), k in zip(flat, depths, strict=True):
+        shape = tuple(jnp.shape(x))
+        seen = f"one layer {shape[k:]} of {shape}" if k else str(shape)
+        paths.append(f"{path_str(p)} {seen}")
     shown = ", ".join(paths[:8]) + (f", ... ({len(paths)} leaves)" if len(paths) > 8 else "")
+    if any(depths):
+        rule = (
+            "With stacked=, `where` is asked about one layer of each stacked leaf (a "
+            "jax.ShapeDtypeStruct of one layer's shape, as listed), not the whole stack, and "
+            "by default only floating layers with ndim >= 2 (kernels) are prunable. Fix: "
+            "write `where` for one layer (e.g. lambda path, leaf: leaf.ndim >= 2 takes the "
+            "kernels, not the [L, out] biases), or leave where=None."
+        )
+    else:
+        rule = (
+            "By default only floating leaves with ndim >= 2 (kernels) are prunable. Fix: pass "
+            "the model's params with its kernels, or a `where` predicate (path, leaf) -> bool "
+            "that selects the leaves to train sparse."
+        )
     warnings.warn(
         f"jp.dynamic.{name} found no prunable leaf in params ({shown or 'no leaves'}): nothing "
-        "is masked and training is dense. By default only floating leaves with ndim >= 2 "
-        "(kernels) are prunable. Fix: pass the model's params with its kernels, or a `where` "
-        "predicate (path, leaf) -> bool that selects the leaves to train sparse.",
+        f"is masked and training is dense. {rule}",
         UserWarning,
         stacklevel=3,
     )
+
+
+def _check_per_leaf(pure: Any, flags: list[bool], per_leaf: Any, name: str) -> None:
+    """Raises ``ValueError`` unless ``per_leaf`` holds one number per prunable leaf.
+
+    A selection (``jp.distributions.selection(erk)``, which ``jp.prune``'s
+    ``scope`` takes, or ``jp.masks.topk``) has the distribution's signature
+    but returns masks: it would fail later in a conversion to a Python float
+    (or, traced, in a ``lax.while_loop``), naming neither.
+    """
+    flat = leaves_with_paths(pure)[0]
+    values = jax.tree.leaves(per_leaf)
+    if len(values) != len(flat):
+        return  # another tree: the distribution's own trouble, left to _check_total
+    for (p, x), v, f in zip(flat, values, flags, strict=True):
+        if f and np.ndim(v) != 0:
+            raise ValueError(
+                f"jp.dynamic.{name}: distribution must return one sparsity (a number) per "
+                f"leaf, got a {tuple(np.shape(v))} {jnp.result_type(v)} array for "
+                f"{path_str(p)!r} (shape {tuple(jnp.shape(x))}): it looks like a selection, "
+                "which returns masks. Fix: pass the distribution itself, e.g. "
+                "distribution=jp.distributions.erk, not jp.distributions.selection(erk) or a "
+                "mask selection such as jp.masks.topk (those are jp.prune's scope)."
+            )
 
 
 _ARRAYS = (jax.Array, np.ndarray)
@@ -138,8 +188,21 @@ def _per_layer_sparsities(
     def where_fn(path: Path, leaf: Any) -> bool:
         return bool(w(owner.get(path, path), leaf))
 
-    per = distribution(unrolled, sparsity, where=where_fn)
-    _check_total(unrolled, prunable_flags(unrolled, where_fn), per, sparsity, distribution, name)
+    try:
+        per = distribution(unrolled, sparsity, where=where_fn)
+    except (TypeError, AttributeError) as e:
+        # A selection reads the values the stand-ins lack, and fails on them.
+        raise ValueError(
+            f"jp.dynamic.{name}: distribution raised {type(e).__name__} ({e}) on the unrolled "
+            "model, whose stacked layers are jax.ShapeDtypeStructs (shape and dtype, no "
+            "values): a distribution returns one sparsity per leaf from the shapes. Fix: pass "
+            "the distribution itself, e.g. distribution=jp.distributions.erk, not "
+            "jp.distributions.selection(erk) or a mask selection such as jp.masks.topk "
+            "(those are jp.prune's scope)."
+        ) from e
+    flags = prunable_flags(unrolled, where_fn)
+    _check_per_leaf(unrolled, flags, per, name)
+    _check_total(unrolled, flags, per, sparsity, distribution, name)
     values = iter(jax.tree.leaves(per))
     out = []
     for (_, x), k in zip(flat, depths, strict=True):

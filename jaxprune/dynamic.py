@@ -1,12 +1,21 @@
 """Dynamic sparse training: SET and RigL as optax wrappers around any optimizer.
 
 The network is sparse from the first step (random masks at the distribution's
-per-leaf sparsities) and stays at exactly that sparsity: every ``update_every``
-steps each prunable leaf drops the ``k`` active weights of smallest magnitude
-and regrows ``k`` inactive ones (largest dense-gradient magnitude for RigL, at
-random for SET). Regrown weights start at exactly 0 and the inner optimizer's
-per-parameter moments of every dropped or regrown entry are reset to 0, so a
-regrown weight does not inherit the momentum it had before it was pruned.
+per-leaf sparsities, applied to the params right after ``tx.init``) and stays
+at exactly that sparsity: every ``update_every`` steps each prunable leaf
+drops the ``k`` active weights of smallest magnitude and regrows ``k``
+inactive ones (largest dense-gradient magnitude for RigL, at random for SET).
+Regrown weights start at exactly 0 and the inner optimizer's per-parameter
+moments of every dropped or regrown entry are reset to 0, so a regrown weight
+does not inherit the momentum it had before it was pruned.
+
+``tx.init`` cannot change the params, only build the masks: apply them right
+after it, ``params = jp.apply_masks(params, jp.get_masks(state))`` (nnx:
+``nnx.update(model, jp.apply_masks(nnx.state(model, nnx.Param), masks))``).
+Otherwise step 0's forward pass and gradient are the dense model's (the
+gradient that seeds the inner optimizer's moments, and any evaluation or
+checkpoint taken before step 1); the step's updates then land the pruned
+weights on 0.
 
 Moments are found by structure, not by optimizer type: any subtree of the
 inner state with the params' tree structure, whose leaf has the param's shape,
@@ -68,8 +77,9 @@ import optax
 from jaxprune import criteria as _criteria
 from jaxprune import distributions as _dist
 from jaxprune import masks as _masks
-from jaxprune._dynamic_args import _validate, cosine_drop_fraction
+from jaxprune._dynamic_args import _validate, _warn_never_rewires, cosine_drop_fraction
 from jaxprune._dynamic_init import (
+    _check_per_leaf,
     _check_total,
     _initial_masks,
     _per_layer_sparsities,
@@ -82,13 +92,20 @@ from jaxprune._search import (
     _placed_like,
     _sharding_or_replicated,
 )
-from jaxprune._tree import Where, key_parts, leaves_with_paths, prunable_flags, unwrap_variables
+from jaxprune._tree import (
+    Where,
+    check_same_leaves,
+    key_parts,
+    leaves_with_paths,
+    prunable_flags,
+    unwrap_variables,
+)
 
 # Read-only: how many leading axes of a leaf index its layers.
-from jaxprune.stacked import Stacked, _depth, layer_where_of
+from jaxprune.stacked import Stacked, _depth, _warn_no_stack, layer_where_of
 from jaxprune.state import get_masks as _get_masks
 from jaxprune.state import register_mask_state
-from jaxprune.transform import _fill, _reshard_like, jit_when_eager
+from jaxprune.transform import _check_state_fits, _fill, _reshard_like, jit_when_eager
 
 __all__ = ["DynamicSparseState", "rigl", "set", "cosine_drop_fraction", "get_masks"]
 
@@ -140,26 +157,33 @@ def _is_masked_node(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
 
-def _is_params_like(x: Any, treedef: Any) -> bool:
-    """Whether ``x`` has the params' structure, ``optax.MaskedNode`` standing for a leaf.
+def _params_def(x: Any, treedefs: tuple[Any, ...]) -> Any:
+    """Returns the one of ``treedefs`` that ``x`` has (``optax.MaskedNode`` for a leaf), or None.
 
     ``optax.masked``, ``optax.multi_transform`` and ``optax.partition`` (used by
     ``optax.contrib.muon``) keep their moments in params-shaped trees with a
     ``MaskedNode`` at each leaf they do not handle.
     """
+    if isinstance(x, jax.Array):
+        return None
     try:
-        return jax.tree.structure(x, is_leaf=_is_masked_node) == treedef and not isinstance(
-            x, jax.Array
-        )
+        got = jax.tree.structure(x, is_leaf=_is_masked_node)
     except Exception:  # noqa: BLE001 (exotic nodes are simply not params-like)
-        return False
+        return None
+    return next((t for t in treedefs if got == t), None)
 
 
-def _reset_moments(inner_state: Any, treedef: Any, reset: list[jax.Array]) -> Any:
-    """Zeroes, in every params-shaped subtree of ``inner_state``, the entries in ``reset``."""
+def _reset_moments(inner_state: Any, treedefs: tuple[Any, ...], reset: list[jax.Array]) -> Any:
+    """Zeroes, in every params-shaped subtree of ``inner_state``, the entries in ``reset``.
+
+    ``treedefs``: the structures a moment tree may have, the pure params' and
+    the updates' (an ``nnx.State`` of ``Param`` s keeps its moments as
+    ``Param`` s, an ``nnx.Optimizer`` as arrays).
+    """
 
     def fix(sub):
-        if not _is_params_like(sub, treedef):
+        treedef = _params_def(sub, treedefs)
+        if treedef is None:
             return sub
         leaves = jax.tree.leaves(sub, is_leaf=_is_masked_node)
         out = [
@@ -170,7 +194,7 @@ def _reset_moments(inner_state: Any, treedef: Any, reset: list[jax.Array]) -> An
         ]
         return jax.tree.unflatten(treedef, out)
 
-    if treedef.num_leaves == 1 and treedef == jax.tree.structure(0):
+    if any(t.num_leaves == 1 and t == jax.tree.structure(0) for t in treedefs):
         # A bare-array params tree: every state leaf of the right shape is a moment.
         return jax.tree.map(
             lambda x: (
@@ -180,7 +204,7 @@ def _reset_moments(inner_state: Any, treedef: Any, reset: list[jax.Array]) -> An
             ),
             inner_state,
         )
-    return jax.tree.map(fix, inner_state, is_leaf=lambda x: _is_params_like(x, treedef))
+    return jax.tree.map(fix, inner_state, is_leaf=lambda x: _params_def(x, treedefs) is not None)
 
 
 def _over_layers(fn: Any, k: int) -> Any:
@@ -223,6 +247,8 @@ def _dynamic(
     key_data, key_impl = key_parts(key, "key")
     # With `stacked`, `where` is asked about one layer of each leaf.
     leaf_where = where if stacked is None else layer_where_of(where, stacked)
+    # Each warning once per transform, not at every init or retrace.
+    warned = {"stacked": False, "never": False}
 
     def depths_of(tree):
         if stacked is None:
@@ -231,17 +257,22 @@ def _dynamic(
 
     def init_fn(params):
         pure = unwrap_variables(params)
+        depths = depths_of(pure)
+        if stacked is not None and not warned["stacked"]:
+            warned["stacked"] = _warn_no_stack(
+                leaves_with_paths(pure)[0], depths, f"jp.dynamic.{name}", stacklevel=3
+            )
         flags = prunable_flags(pure, leaf_where)
         if not any(flags):
-            _warn_nothing_prunable(pure, name)
+            _warn_nothing_prunable(pure, name, None if stacked is None else depths)
         init_key = jax.random.fold_in(key, 0x5EED)
         if stacked is None:
             per_leaf = distribution(pure, float(sparsity), where=where)
+            _check_per_leaf(pure, flags, per_leaf, name)
             _check_total(pure, flags, per_leaf, float(sparsity), distribution, name)
             masks = _random_masks(pure, init_key, per_leaf, flags, where)
         else:
             scores = _criteria.random(pure, key=init_key)
-            depths = depths_of(pure)
             per_leaf = _per_layer_sparsities(
                 pure, depths, distribution, float(sparsity), where, name
             )
@@ -261,12 +292,31 @@ def _dynamic(
                 "dynamic sparse training needs the current params (magnitudes to drop): call "
                 "tx.update(grads, state, params)."
             )
+        if end_step is not None and end_step <= update_every and not warned["never"]:
+            # Here rather than when built: a transform only initialized (to read
+            # its initial masks) does not train, and rewires nothing either way.
+            warned["never"] = True
+            _warn_never_rewires(name, end_step, update_every)
         params = unwrap_variables(params)
+        # At trace time, as jp.prune: a state of other params (another model's
+        # checkpoint) would fail inside lax.cond with JAX's own message.
+        check_same_leaves(
+            updates,
+            params,
+            "updates",
+            "params",
+            fix=f"pass jp.dynamic.{name}'s update the gradients of these params, "
+            "tx.update(grads, state, params)",
+        )
+        _check_state_fits(state, params)
         flags = prunable_flags(params, leaf_where)
         depths = depths_of(params)
         step = state.count
         p_flat, treedef = jax.tree.flatten(params)
-        g_flat = jax.tree.leaves(updates)
+        # The trees handed to the inner optimizer and returned take the updates'
+        # structure, as optax's do (an nnx.State of Params stays one), so the
+        # updates apply to the params and the inner state keeps its structure.
+        g_flat, u_treedef = jax.tree.flatten(updates)
         # Typed like the params on an Explicit mesh, so both cond branches agree.
         m_flat = jax.tree.leaves(_reshard_like(state.masks, params))
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key_data, impl=key_impl), step)
@@ -331,13 +381,13 @@ def _dynamic(
             for p, m, f in zip(p_flat, masks, flags, strict=False)
         ]
         new_updates, inner_state = inner.update(
-            jax.tree.unflatten(treedef, zeroed),
+            jax.tree.unflatten(u_treedef, zeroed),
             state.inner_state,
-            jax.tree.unflatten(treedef, sparse_params),
+            jax.tree.unflatten(u_treedef, sparse_params),
             **extra_args,
         )
         # After the step, so a rewired entry leaves this step with exactly zero moments.
-        inner_state = _reset_moments(inner_state, treedef, changed)
+        inner_state = _reset_moments(inner_state, (treedef, u_treedef), changed)
         u_flat = jax.tree.leaves(new_updates)
         # Active and not just regrown: the optimizer's step; otherwise land on exactly 0.
         # In the wider of the two dtypes (as jp.prune does): bf16 updates of f32
@@ -352,7 +402,7 @@ def _dynamic(
             inner_state=inner_state,
             key_data=state.key_data,
         )
-        return jax.tree.unflatten(treedef, out), new_state
+        return jax.tree.unflatten(u_treedef, out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, jit_when_eager(update_fn))
 
@@ -384,6 +434,11 @@ def rigl(
     pass through, ``rigl(optax.chain(optax.scale_by_adam(), optax.scale(-lr)),
     ...)`` (see the module docstring).
 
+    Apply the initial masks right after ``init``, ``state = tx.init(params)``
+    then ``params = jp.apply_masks(params, jp.get_masks(state))``: ``init``
+    cannot change the params, and step 0 would otherwise run the dense model
+    (its gradient seeds the optimizer's moments).
+
     Args:
       tx: the inner optimizer (adam, sgd with momentum, lion, adafactor,
         ``inject_hyperparams``-built ones, chains...).
@@ -395,6 +450,8 @@ def rigl(
       key: PRNG key for the initial random masks (and random regrowth).
       end_step: the step at which the cosine drop fraction reaches 0 and
         connectivity stops changing (RigL: 75% of training); required.
+        Rewirings happen at the positive multiples of ``update_every`` below
+        it, so ``end_step <= update_every`` never rewires (a warning).
       update_every: steps between drop/grow updates (RigL: 100).
       drop_fraction: the initial drop fraction ``alpha``, a number in
         ``[0, 1]`` (RigL: 0.3).
@@ -418,7 +475,11 @@ def rigl(
         stack's path with its index appended (``explicit`` names a layer
         ``"layers/kernel/0"``), the masks keep every layer's count exactly,
         and each rewiring drops and regrows ``floor(f(t) * active)`` of each
-        layer.
+        layer. Paths are tuples of keys: an nnx stack attribute ``layers``
+        gives ``path[0] == "layers"``, a linen ``nn.scan`` module named
+        ``blocks`` paths starting ``("params", "blocks", ...)`` (``lambda
+        path, leaf: "blocks" in path``); ``init`` warns when it matches no
+        leaf.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state
@@ -427,13 +488,22 @@ def rigl(
     Raises:
       ValueError: an argument is out of range or of the wrong kind (named in
         the message: e.g. a string or bool ``drop_fraction``, a
-        ``distribution`` or ``stacked`` that is not callable); at ``init``,
-        ``sparsity`` disagrees with the distribution's total, or ``stacked``
-        returns neither a bool nor an int in ``[0, ndim]``.
+        ``distribution`` or ``stacked`` that is not callable, a selection
+        such as ``jp.distributions.selection(erk)`` or ``jp.masks.topk`` as
+        the ``distribution``); at ``init``,
+        ``sparsity`` disagrees with the distribution's total, the
+        distribution returns an array for a leaf (a selection of one's own,
+        which returns masks), or
+        ``stacked`` returns neither a bool nor an int in ``[0, ndim]``; at
+        ``update``, the updates do not have the params' leaves or the
+        state was built for other params (a leaf missing or resized).
 
     Warns:
       UserWarning: at ``init``, no leaf of the params is prunable (training
-        would be dense).
+        would be dense), or ``stacked`` matches no leaf (a predicate written
+        for another layout: linen ``nn.scan`` paths start with
+        ``"params"``); at the first ``update``, ``end_step <= update_every``
+        (no step can rewire). The last two once per transform.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
@@ -441,6 +511,9 @@ def rigl(
       >>> tx = jp.dynamic.rigl(optax.adam(1e-2), sparsity=0.75, key=jax.random.key(0),
       ...                      end_step=10, update_every=2, distribution=jp.distributions.uniform)
       >>> state = tx.init(params)
+      >>> params = jp.apply_masks(params, jp.get_masks(state))  # sparse from step 0
+      >>> float(jp.sparsity(params))
+      0.75
       >>> for _ in range(5):
       ...     updates, state = tx.update(params, state, params)
       ...     params = optax.apply_updates(params, updates)
@@ -501,7 +574,9 @@ def set(  # noqa: A001 (the algorithm's name; the builtin is not used in this mo
 
     Wrap the whole optimizer: ``set`` must be the last transform the updates
     pass through, ``set(optax.chain(optax.scale_by_adam(), optax.scale(-lr)),
-    ...)`` (see the module docstring).
+    ...)`` (see the module docstring). As for :func:`rigl`, apply the initial
+    masks right after ``init``: ``params = jp.apply_masks(params,
+    jp.get_masks(state))``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
@@ -509,6 +584,7 @@ def set(  # noqa: A001 (the algorithm's name; the builtin is not used in this mo
       ...                     key=jax.random.key(0), update_every=1)
       >>> params = {"w": jnp.ones((4, 4))}
       >>> state = tx.init(params)
+      >>> params = jp.apply_masks(params, jp.get_masks(state))  # sparse from step 0
       >>> updates, state = tx.update(params, state, params)
       >>> float(jp.sparsity(optax.apply_updates(params, updates)))
       0.5

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +59,33 @@ def _depth(stacked: Stacked, path: Path, leaf: Any) -> int:
             "e.g. stacked=lambda path, leaf: path[0] == 'layers' (one leading layer axis)."
         )
     return int(k)
+
+
+def _warn_no_stack(flat: list, depths: list[int], who: str, *, stacklevel: int) -> bool:
+    """Warns when ``stacked`` took no leaf of ``flat``; returns whether it warned.
+
+    A predicate copied from another model's layout (``path[0] == "layers"``
+    on linen's ``params/...`` paths) matches nothing, and each stack is then
+    one leaf, silently: its ``[L, out]`` biases taken for kernels, ``L``
+    counted as a fan by ERK.
+    """
+    # As _depth: only array leaves with an axis are asked.
+    asked = [p for (p, x), _ in zip(flat, depths, strict=True) if len(getattr(x, "shape", ()))]
+    if any(depths) or not asked:
+        return False  # a match, or no array leaf for `stacked` to be asked about
+    shown = ", ".join(repr(p) for p in asked[:4]) + (", ..." if len(asked) > 4 else "")
+    warnings.warn(
+        f"{who}: stacked= matched none of the {len(asked)} array leaves (it returned False "
+        f"or 0 for each; their paths: {shown}), so every leaf is one layer: a stack's "
+        "[L, out] biases are taken for kernels and its layers are pruned together. Fix: "
+        "match the stacks' paths, tuples of keys: under linen nn.scan they start with "
+        "'params' (e.g. stacked=lambda path, leaf: 'blocks' in path for a scanned module "
+        "named 'blocks'), under an nnx stack with its attribute (path[0] == 'layers'); or "
+        "pass no stacked= for a model without stacked layers.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+    return True
 
 
 def _one_layer(leaf: Any, k: int) -> Any:
@@ -137,6 +165,7 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
             "Fix: e.g. jp.masks.per_layer(jp.masks.topk, stacked=...)."
         )
     check_stacked(stacked, allow_none=False)
+    warned = [False]  # once per selection, not at every (traced) refresh
 
     @functools.wraps(select)
     def select_fn(scores: Any, *args: Any, where: Where | None = None, **kwargs: Any):
@@ -144,6 +173,8 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
         # whose sparsity has a default (nm, patterns) keeps it.
         flat, treedef = leaves_with_paths(scores)
         depths = [_depth(stacked, p, x) for p, x in flat]
+        if not warned[0]:
+            warned[0] = _warn_no_stack(flat, depths, "jp.masks.per_layer", stacklevel=3)
         explicit = _explicit_axes([x for _, x in flat])
         # topk and global_topk (capped or not) never cut: one search per stack.
         fast = _fast_path(select, args, kwargs)
