@@ -40,7 +40,7 @@ from jaxprune._tree import (
     unwrap_variables,
 )
 from jaxprune.schedules import Schedule, as_schedule
-from jaxprune.stacked import _depth, _fast_path, layer_where_of
+from jaxprune.stacked import _depth, _fast_path, _warn_no_stack, layer_where_of
 from jaxprune.state import find_prune_states, get_masks, register_mask_state, state_bytes
 
 __all__ = [
@@ -415,6 +415,12 @@ def prune(
                 stacklevel=2,
             )
         pure = unwrap_variables(params)
+        if stacked is not None and fused is not None:
+            # The fused search never calls per_layer's selection, which would
+            # warn about a stacked= that matches no leaf: warn here instead.
+            flat = leaves_with_paths(pure)[0]
+            depths = [_depth(stacked, p, x) for p, x in flat]
+            _warn_no_stack(flat, depths, "jp.prune(scope=jp.masks.per_layer(...))", stacklevel=3)
         return PruneState(
             count=jnp.zeros((), jnp.int32),
             packed_masks=_initial_masks(pure, flags),
@@ -522,6 +528,12 @@ def prune(
         # otherwise size the kept weights' steps by them. Elsewhere this is the
         # identity, and unused (adam, sgd) it costs nothing.
         inner_params = _enforce(params, masks, flags)
+        # In the updates' containers (nnx Params from nnx.split(model, nnx.Param)
+        # while params were unwrapped above): optimizers that map updates and
+        # params together (adamw's weight decay) need one structure. Trace time only.
+        u_def = jax.tree.structure(updates)
+        if jax.tree.structure(inner_params) != u_def:
+            inner_params = jax.tree.unflatten(u_def, jax.tree.leaves(inner_params))
         updates, inner_state = inner.update(updates, state.inner_state, inner_params, **extra_args)
         # Negated only where masks can apply (a bool leaf has no negation).
         p_leaves = jax.tree.leaves(params)

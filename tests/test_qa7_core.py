@@ -175,3 +175,42 @@ def test_saliency_of_complex_leaves_is_the_modulus_product():
     s = jp.criteria.saliency(w, g)
     assert s["c"].dtype == jnp.float32 and s["c"].tolist() == [[1.0, 2.0, 5.0]]
     assert s["r"].tolist() == [[6.0, 2.0]]
+
+
+# --- Params as nnx Params (nnx.split(model, nnx.Param)) with a weight-decaying inner optimizer ---
+
+
+def test_nnx_param_params_with_adamw_weight_decay():
+    # The inner optimizer got unwrapped params next to Param-wrapped updates, and
+    # adamw's decay (a map over both) failed on the structure mismatch.
+    model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = jp.prune(optax.adamw(1e-2, weight_decay=0.1), sparsity=0.5)
+    state = tx.init(params)
+    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x) ** 2)  # noqa: E731
+    grads = jax.grad(loss)(params, jnp.ones((2, 8)))
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    assert isinstance(new["kernel"], nnx.Param)
+    kernel = np.asarray(new["kernel"][...])
+    assert (kernel == 0).sum() == 16  # exactly half of 8 x 4 pruned to 0
+    # Decay reached the kept weights: same step as adamw on the masked params alone.
+    pure = nnx.to_pure_dict(params)
+    masks = jax.tree.unflatten(jax.tree.structure(pure), jax.tree.leaves(jp.get_masks(state)))
+    ref_tx = optax.adamw(1e-2, weight_decay=0.1)
+    masked = jp.apply_masks(pure, masks)
+    g = jp.apply_masks(nnx.to_pure_dict(grads), masks)
+    ref_u, _ = ref_tx.update(g, ref_tx.init(masked), masked)
+    ref = jp.apply_masks(optax.apply_updates(masked, ref_u), masks)
+    np.testing.assert_allclose(kernel, np.asarray(ref["kernel"]), rtol=1e-6, atol=1e-7)
+
+
+def test_fused_per_layer_warns_when_stacked_matches_no_leaf():
+    # The fused search never calls per_layer's selection, whose warning this was.
+    params = {"params": {"blocks": {"kernel": jnp.ones((3, 8, 8)), "bias": jnp.zeros((3, 8))}}}
+    scope = jp.masks.per_layer(jp.masks.topk, stacked=lambda path, leaf: path[0] == "layers")
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5, scope=scope)
+    with pytest.warns(UserWarning, match="stacked= matched none"):
+        tx.init(params)
+    ok = jp.masks.per_layer(jp.masks.topk, stacked=lambda path, leaf: "blocks" in path)
+    jp.prune(optax.sgd(0.1), sparsity=0.5, scope=ok).init(params)  # no warning (errors in tests)
