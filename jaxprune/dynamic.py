@@ -61,9 +61,10 @@ Optimizers that keep a second copy of the params are not supported as such,
 as for ``jp.prune``: schedule-free's evaluation params are not masked, and
 ``optax.lookahead``'s sync steps would bring pruned weights back.
 
-The initial masks are built in :mod:`jaxprune._dynamic_init`; the arguments
-are checked in :mod:`jaxprune._dynamic_args`, home of
-:func:`cosine_drop_fraction` (re-exported here).
+The initial masks are built in :mod:`jaxprune._dynamic_init`, the moments
+reset in :mod:`jaxprune._dynamic_moments`; the arguments are checked in
+:mod:`jaxprune._dynamic_args`, home of :func:`cosine_drop_fraction`
+(re-exported here).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ from jaxprune._dynamic_init import (
     _random_masks,
     _warn_nothing_prunable,
 )
+from jaxprune._dynamic_moments import _reset_moments
 from jaxprune._search import (
     _explicit_axes,
     _on_auto_axes,
@@ -151,60 +153,6 @@ def _drop_grow(w, g, m, frac, key, regrow):
     top = _masks._select([_masks.ordered_keys(grow_score)], n - k)[0].reshape(m.shape)
     new = after | (top & ~after)
     return new, new != m
-
-
-def _is_masked_node(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
-
-
-def _params_def(x: Any, treedefs: tuple[Any, ...]) -> Any:
-    """Returns the one of ``treedefs`` that ``x`` has (``optax.MaskedNode`` for a leaf), or None.
-
-    ``optax.masked``, ``optax.multi_transform`` and ``optax.partition`` (used by
-    ``optax.contrib.muon``) keep their moments in params-shaped trees with a
-    ``MaskedNode`` at each leaf they do not handle.
-    """
-    if isinstance(x, jax.Array):
-        return None
-    try:
-        got = jax.tree.structure(x, is_leaf=_is_masked_node)
-    except Exception:  # noqa: BLE001 (exotic nodes are simply not params-like)
-        return None
-    return next((t for t in treedefs if got == t), None)
-
-
-def _reset_moments(inner_state: Any, treedefs: tuple[Any, ...], reset: list[jax.Array]) -> Any:
-    """Zeroes, in every params-shaped subtree of ``inner_state``, the entries in ``reset``.
-
-    ``treedefs``: the structures a moment tree may have, the pure params' and
-    the updates' (an ``nnx.State`` of ``Param`` s keeps its moments as
-    ``Param`` s, an ``nnx.Optimizer`` as arrays).
-    """
-
-    def fix(sub):
-        treedef = _params_def(sub, treedefs)
-        if treedef is None:
-            return sub
-        leaves = jax.tree.leaves(sub, is_leaf=_is_masked_node)
-        out = [
-            jnp.where(r, jnp.zeros((), x.dtype), x)
-            if not _is_masked_node(x) and jnp.shape(x) == jnp.shape(r)
-            else x
-            for x, r in zip(leaves, reset, strict=False)
-        ]
-        return jax.tree.unflatten(treedef, out)
-
-    if any(t.num_leaves == 1 and t == jax.tree.structure(0) for t in treedefs):
-        # A bare-array params tree: every state leaf of the right shape is a moment.
-        return jax.tree.map(
-            lambda x: (
-                jnp.where(reset[0], jnp.zeros((), x.dtype), x)
-                if jnp.shape(x) == jnp.shape(reset[0]) and jnp.ndim(x)
-                else x
-            ),
-            inner_state,
-        )
-    return jax.tree.map(fix, inner_state, is_leaf=lambda x: _params_def(x, treedefs) is not None)
 
 
 def _over_layers(fn: Any, k: int) -> Any:

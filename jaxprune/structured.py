@@ -16,13 +16,14 @@ Axes are given per leaf with negative indices so one spec fits Dense kernels
 ``[in, out]`` and NHWC conv kernels ``[kh, kw, in, out]``: ``axes=-1`` drops
 neurons / filters (output channels), ``axes=-2`` input channels, and
 ``axes=(-2, -1)`` whole k x k kernels of a conv.
+
+The pattern selections (:func:`patterns`, :func:`pattern_library`) live in
+:mod:`jaxprune.structured_patterns` and are re-exported here; the ranking and
+layout machinery every selection shares lives in :mod:`jaxprune._structured_rank`.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,15 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import _counts
-from jaxprune import masks as _masks
-from jaxprune._search import (
-    _explicit_axes,
-    _on_auto_axes,
-    _placed_like,
-    _replicated,
-    _sharding_or_replicated,
-)
+from jaxprune._structured_rank import _keeps_layout, _rank_reduced
 from jaxprune._tree import Where, as_int, leaves_with_paths, path_str, prunable_flags
+from jaxprune.structured_patterns import pattern_library, patterns
 
 __all__ = ["structured", "patterns", "pattern_library", "nm", "blocks", "REDUCTIONS"]
 
@@ -116,67 +111,6 @@ def _check_scope(scope: str) -> None:
         )
 
 
-def _keeps_layout(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Makes the selection ``fn`` return masks laid out like sharded scores.
-
-    On arrays typed with Explicit mesh axes (sharding in types, the default of
-    ``jax.make_mesh``) the selection's reshapes and repeats, which split or
-    merge sharded axes, would be refused; it runs with those axes made Auto,
-    as the searches of :mod:`jaxprune._search` do, and each mask comes back
-    typed with its score leaf's sharding. Concrete scores sharded over several
-    devices get masks placed like them (the broadcasts would replicate them).
-    """
-
-    @functools.wraps(fn)
-    def wrapper(scores: Any, *args: Any, **kwargs: Any) -> Any:
-        found = _explicit_axes(scores)
-        if found is None:
-            return _placed_like(fn(scores, *args, **kwargs), scores)
-        mesh, axes = found
-        run = lambda s: fn(s, *args, **kwargs)  # noqa: E731
-        plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), scores)
-        shapes = jax.eval_shape(run, plain)
-        score_types = [jax.typeof(x) for x in jax.tree.leaves(scores)]
-        out = []
-        for s, t in zip(jax.tree.leaves(shapes), score_types, strict=True):
-            like_scores = bool(s.shape) and s.shape == t.shape
-            out.append(_sharding_or_replicated(t, mesh) if like_scores else _replicated(mesh))
-        shardings = jax.tree.unflatten(jax.tree.structure(shapes), out)
-        return _on_auto_axes(run, axes, shardings, scores)
-
-    return wrapper
-
-
-def _rank_reduced(
-    scores: Any,
-    sparsity: Any,
-    reduced: dict[int, jax.Array],
-    expand: dict[int, Callable[[jax.Array], jax.Array]],
-    scope: str,
-) -> Any:
-    """Ranks per-structure scores with topk/global_topk, then broadcasts back to the leaves."""
-    flat, treedef = leaves_with_paths(scores)
-    zero = jnp.zeros((), jnp.float32)
-    red_leaves = [reduced[i] if i in reduced else zero for i in range(len(flat))]
-    red_tree = jax.tree.unflatten(treedef, red_leaves)
-    chosen = {flat[i][0] for i in reduced}
-
-    def where(path, leaf):
-        del leaf
-        return path in chosen
-
-    if scope == "global":
-        kept = _masks.global_topk(red_tree, sparsity, where=where)
-    else:
-        # A tree of per-leaf sparsities is matched to the leaves by path (by topk).
-        kept = _masks.topk(red_tree, sparsity, where=where)
-    k_flat = jax.tree.leaves(kept)
-    out = []
-    for i in range(len(flat)):
-        out.append(expand[i](k_flat[i]) if i in reduced else jnp.ones((), bool))
-    return jax.tree.unflatten(treedef, out)
-
-
 @_keeps_layout
 def structured(
     scores: Any,
@@ -243,181 +177,6 @@ def structured(
         reduced[i] = red(x, other) if other else x
         expand[i] = lambda k, x=x, other=other: jnp.broadcast_to(jnp.expand_dims(k, other), x.shape)
     return _rank_reduced(scores, sparsity, reduced, expand, scope)
-
-
-def pattern_library(kernel_size: tuple[int, int] = (3, 3), n: int = 4) -> np.ndarray:
-    """Returns the default pattern library: bool ``[P, kh, kw]``, ``n`` entries each.
-
-    For 3 x 3 kernels and ``n = 4``, the 8 PatDNN-style patterns: the centre
-    plus three of its four edge neighbours (4 patterns) and the centre plus two
-    adjacent edge neighbours and the corner between them (4 patterns). For
-    other sizes: every pattern of ``n`` entries that contains the centre.
-
-    Examples:
-      >>> import jaxprune as jp
-      >>> lib = jp.masks.pattern_library()
-      >>> lib.shape, lib.sum(axis=(1, 2)).tolist()
-      ((8, 3, 3), [4, 4, 4, 4, 4, 4, 4, 4])
-
-    References:
-      Niu et al., "PatDNN: Achieving Real-Time DNN Execution on Mobile Devices
-      with Pattern-based Weight Pruning", 2020. https://arxiv.org/abs/2001.00138
-    """
-    kh, kw = kernel_size
-    if not 1 <= n <= kh * kw:
-        raise ValueError(f"n must be in [1, {kh * kw}] for kernel_size {kernel_size}, got {n}.")
-    centre = (kh // 2, kw // 2)
-    pats = []
-    if (kh, kw) == (3, 3) and n == 4:
-        edges = [(0, 1), (1, 2), (2, 1), (1, 0)]
-        for drop in range(4):
-            pats.append([centre] + [e for j, e in enumerate(edges) if j != drop])
-        for j in range(4):
-            a, b = edges[j], edges[(j + 1) % 4]
-            corner = (a[0] if a[0] != 1 else b[0], a[1] if a[1] != 1 else b[1])
-            pats.append([centre, a, b, corner])
-    else:
-        others = [(r, c) for r in range(kh) for c in range(kw) if (r, c) != centre]
-        for combo in itertools.combinations(others, n - 1):
-            pats.append([centre, *combo])
-    lib = np.zeros((len(pats), kh, kw), bool)
-    for p, entries in enumerate(pats):
-        for r, c in entries:
-            lib[p, r, c] = True
-    return lib
-
-
-def _check_library(library: Any) -> np.ndarray:
-    lib = np.asarray(library)
-    if lib.ndim != 3 or lib.shape[0] < 1 or lib.dtype != bool:
-        raise ValueError(
-            f"library must be a bool array [P, kh, kw] with P >= 1 patterns, got shape "
-            f"{lib.shape} and dtype {lib.dtype}. Fix: jp.masks.pattern_library((3, 3), 4)."
-        )
-    return lib
-
-
-@_keeps_layout
-def patterns(
-    scores: Any,
-    sparsity: Any = 0.0,
-    *,
-    library: Any = None,
-    kernel_axes: tuple[int, int] = (0, 1),
-    where: Where | None = None,
-) -> Any:
-    """Returns bool masks where every k x k kernel keeps its best pattern from ``library``.
-
-    Each kernel (one (in, out) pair of a conv kernel) keeps the library pattern
-    with the largest summed score. ``sparsity`` additionally drops that
-    fraction of whole kernels per leaf, ranked by their kept pattern's score
-    (PatDNN's connectivity pruning); with ``sparsity = 0`` only patterns apply,
-    so a schedule passed to ``jp.prune`` ramps connectivity pruning on top.
-
-    Args:
-      scores: a pytree of scores.
-      sparsity: fraction of kernels to drop entirely, in ``[0, 1]``.
-      library: bool ``[P, kh, kw]``; default ``pattern_library((3, 3))`` (8
-        patterns of 4 entries), for 3 x 3 kernels.
-      kernel_axes: the two spatial axes of the conv kernels (NHWC: ``(0, 1)``).
-      where: predicate narrowing the leaves (default: all). Patterns apply
-        only to floating 4-d leaves whose kernel size equals the library's:
-        1 x 1 convs and Dense kernels are left alone (so ``jp.prune``'s
-        default ``where`` works), other kernel sizes are left dense with a
-        warning.
-
-    Returns:
-      A tree of bool masks with exactly the structure of ``scores``.
-
-    Raises:
-      ValueError: the library is malformed.
-
-    Examples:
-      >>> import jax.numpy as jnp, jaxprune as jp
-      >>> m = jp.masks.patterns({"k": jnp.ones((3, 3, 2, 2))})
-      >>> m["k"].sum(axis=(0, 1)).tolist()
-      [[4, 4], [4, 4]]
-
-    References:
-      Niu et al., "PatDNN", 2020. https://arxiv.org/abs/2001.00138
-      Ma et al., "PCONV: The Missing but Desirable Sparsity in DNN Weight
-      Pruning", 2020. https://arxiv.org/abs/1909.05073
-    """
-    lib = None if library is None else _check_library(library)
-    flat, _ = leaves_with_paths(scores)
-
-    def default_where(path, x):
-        del path
-        if jnp.ndim(x) != 4 or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-            return False
-        ks = tuple(jnp.shape(x)[a] for a in kernel_axes)
-        return ks == (lib.shape[1:] if lib is not None else (3, 3))
-
-    # `where` narrows the leaves; patterns apply only where they fit (jp.prune
-    # passes its own `where`, which selects Dense kernels too).
-    applies = prunable_flags(scores, default_where)
-    chosen = prunable_flags(scores, where) if where is not None else [True] * len(flat)
-    flags = [a and c for a, c in zip(applies, chosen, strict=True)]
-    skipped = [
-        f"{path_str(p)} {tuple(jnp.shape(x)[a] for a in kernel_axes)}"
-        for (p, x), a, c in zip(flat, applies, chosen, strict=True)
-        if c
-        and not a
-        and jnp.ndim(x) == 4
-        and jnp.issubdtype(jnp.result_type(x), jnp.floating)
-        and tuple(jnp.shape(x)[a] for a in kernel_axes) != (1, 1)
-    ]
-    stacked = [
-        f"{path_str(p)} {tuple(jnp.shape(x))}"
-        for (p, x), a, c in zip(flat, applies, chosen, strict=True)
-        if c and not a and jnp.ndim(x) > 4 and jnp.issubdtype(jnp.result_type(x), jnp.floating)
-    ]
-    if stacked:
-        warnings.warn(
-            f"patterns left these leaves of more than 4 axes dense (stacks of conv kernels?): "
-            f"{stacked[:5]}. Fix: jp.masks.per_layer(jp.masks.patterns, stacked=...) prunes "
-            "each conv kernel of a stack.",
-            stacklevel=2,
-        )
-    if skipped:
-        want = lib.shape[1:] if lib is not None else (3, 3)
-        warnings.warn(
-            f"patterns left these conv kernels dense, their kernel size is not the "
-            f"library's {want}: {skipped[:5]}. Fix: pass library=jp.masks.pattern_library("
-            "kernel_size) for their size, and where= to choose them.",
-            stacklevel=2,
-        )
-    reduced, expand = {}, {}
-    for i, ((_, x), f) in enumerate(zip(flat, flags, strict=True)):
-        if not f:
-            continue
-        ks = tuple(jnp.shape(x)[a] for a in kernel_axes)
-        leaf_lib = lib if lib is not None else pattern_library(ks)
-        x = jnp.moveaxis(jnp.asarray(x, jnp.float32), kernel_axes, (0, 1))
-        rest = x.shape[2:]
-        # Only the two kernel axes are merged: the channel axes, which a mesh may
-        # shard, stay as they are (merging them would gather one).
-        flat_x = x.reshape((ks[0] * ks[1],) + rest)
-        lib_f = jnp.asarray(leaf_lib.reshape(leaf_lib.shape[0], -1), jnp.float32)
-        # -inf means prune first: a pattern covering a -inf entry scores -inf (the
-        # product would give 0 * -inf = NaN, the best score, for the entries it leaves
-        # out), so a kernel keeps its pattern of finite entries and a kernel of -inf
-        # goes first, which keeps jp.drivers' masks nested.
-        neg_inf = flat_x == -jnp.inf
-        pat_scores = jnp.tensordot(lib_f, jnp.where(neg_inf, 0.0, flat_x), axes=1)  # [P, *rest]
-        covers = jnp.tensordot(lib_f, neg_inf.astype(jnp.float32), axes=1) > 0
-        pat_scores = jnp.where(covers, -jnp.inf, pat_scores)
-        best = jnp.argmax(pat_scores, axis=0)
-        reduced[i] = jnp.max(pat_scores, axis=0)
-        lib_b = jnp.asarray(leaf_lib.reshape(leaf_lib.shape[0], -1))
-        chosen = jnp.moveaxis(lib_b[best], -1, 0)  # [kh*kw, *rest]
-
-        def exp(keep, chosen=chosen, rest=rest, ks=ks):
-            m = (chosen & keep[None]).reshape(ks + rest)
-            return jnp.moveaxis(m, (0, 1), kernel_axes)
-
-        expand[i] = exp
-    return _rank_reduced(scores, sparsity, reduced, expand, "layer")
 
 
 @_keeps_layout

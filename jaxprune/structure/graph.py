@@ -21,6 +21,8 @@ the primitive (and saying so when the program draws random numbers, i.e. a
 train-mode call with Dropout). Params that no equation reads (a layer used only
 in a branch the traced call does not take) are pinned too, with a warning
 naming them: nothing in the program ties them to the layers that feed them.
+The reasons a pinned group lists, in plain words, are in
+:mod:`jaxprune.structure.reasons`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import warnings
 from typing import Any, NamedTuple
 
 from jaxprune._tree import Path, path_str
-from jaxprune.structure.program import Program, where
+from jaxprune.structure.program import Program
+from jaxprune.structure.reasons import _REDUCE, _Locations, _unmapped
 
 __all__ = ["Layout", "Member", "Group", "Link", "links", "find_groups", "channel_indices"]
 
@@ -144,9 +147,6 @@ ELEMENTWISE = frozenset(
     log log1p logistic max min mul ne eq ge gt le lt neg nextafter not or pow real
     reduce_precision rem round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan
     tanh xor""".split()
-)
-_REDUCE = frozenset(
-    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin".split()
 )
 _KNOWN = (
     ELEMENTWISE
@@ -367,69 +367,6 @@ def _warn_unused(prog: Program, leaves: list[int]) -> None:
         "reach them), or remove the unused layers from the model.",
         stacklevel=4,
     )
-
-
-class _Locations:
-    """``at(i)``: `` at <where equation i was traced>`` (see :func:`~.program.where`), cached."""
-
-    def __init__(self, prog: Program):
-        self.prog, self.cache = prog, {}
-
-    def __call__(self, i: int) -> str:
-        if i not in self.cache:
-            loc = where(self.prog.eqns[i])
-            self.cache[i] = f" at {loc}" if loc else ""
-        return self.cache[i]
-
-
-def _unmapped(prog: Program, i: int, v: int, d: int, at: str) -> str:
-    """Returns, in plain words, why equation ``i`` does not carry axis ``d`` of ``v`` channel-wise.
-
-    ``at`` says where in the user's code the equation was traced (see
-    :class:`_Locations`); conv cases end with the technical statement.
-    """
-    e, sh = prog.eqns[i], prog.shapes
-    name, prm = e.prim.name, e.params
-    tech = f"({name} does not map axis {d} channel-wise)"
-    if name == "conv_general_dilated":
-        dn = prm["dimension_numbers"]
-        lhs, rhs, o = e.ins[0], e.ins[1], e.outs[0]
-        groups, cin = prm["feature_group_count"], sh[lhs][dn.lhs_spec[1]]
-        feature = (
-            (v == lhs and d == dn.lhs_spec[1])
-            or (v == rhs and d == dn.rhs_spec[0])
-            or (v == o and d == dn.out_spec[1])
-        )
-        if feature and 1 < groups < cin:
-            return (
-                f"a per-channel cut would unbalance the groups of the grouped conv{at} "
-                f"(feature_group_count={groups}), which loses one position in every group "
-                f"at a time {tech}"
-            )
-        if feature and groups == cin > 1:
-            mult = sh[o][dn.out_spec[1]] // cin
-            return (
-                f"one output of the depthwise conv{at} (channel multiplier {mult}) cannot go "
-                f"alone, only a whole input channel with its {mult} outputs {tech}"
-            )
-        if any(v == u and d in spec[2:] for u, spec in zip(e.ins[:2] + e.outs, dn, strict=True)):
-            return f"a spatial axis of the conv{at} {tech}"
-    if name in _REDUCE and v == e.ins[0]:
-        axes = prm.get("axes", (prm.get("axis"),))
-        if d in {a % len(sh[v]) for a in axes if a is not None}:
-            return (
-                f"the {name}{at} reduces over these channels (a LayerNorm, a softmax or a "
-                "mean over features), which mixes them"
-            )
-    if name == "concatenate" and d == prm["dimension"]:
-        parts = " + ".join(str(sh[u][d]) for u in e.ins)
-        return (
-            f"these channels straddle the parts of the concatenate{at} ({parts} channels), "
-            "e.g. a grouped conv's groups reading across them"
-        )
-    if name in ("slice", "pad", "split"):
-        return f"the {name}{at} works on fixed indices of this axis, which shrinking cannot move"
-    return f"{name}{at} does not map axis {d} channel-wise"
 
 
 class _UnionFind:
