@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
+from jaxprune._criteria_args import _required
 from jaxprune._tree import (
     Where,
     as_int,
@@ -257,8 +258,7 @@ def _check_criterion(criterion: Any) -> None:
         return
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     takes_one = bool(positional) or any(p.kind == p.VAR_POSITIONAL for p in params)
-    missing = [p.name for p in positional[1:] if p.default is p.empty]
-    missing += [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
+    missing = _required(criterion, 1)  # what it needs besides the params
     name = getattr(criterion, "__name__", repr(criterion))
     if getattr(criterion, "__module__", "").startswith("jaxprune.criteria"):
         name = f"jp.criteria.{name}"

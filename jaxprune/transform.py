@@ -240,20 +240,21 @@ def _check_state_fits(state: PruneState, params: Any) -> None:
     )
 
 
-def _in_container_of(packed: Any, params: Any) -> Any:
-    """Returns the packed masks in the containers of ``params`` (trace time, no array op).
+def _in_container_of(tree: Any, like: Any, is_leaf: Callable[[Any], bool] | None = None) -> Any:
+    """Returns ``tree``'s leaves in the containers of ``like`` (trace time, no array op).
 
     Params whose containers changed since ``tx.init`` (a ``FrozenDict``
     stepped as a dict, an ``nnx.State`` as its pure dict) have the same leaf
     paths in the same order (checked by :func:`_check_state_fits`), but the
     two branches of the refresh's ``lax.cond`` must return one tree
     structure: the kept masks follow the params, as a refresh's new ones do.
+    Likewise the params handed to the inner optimizer take the updates'
+    containers (nnx Params, while the params were unwrapped).
     """
-    is_mask = lambda x: isinstance(x, _masks.PackedMask)  # noqa: E731
-    leaves, treedef = jax.tree.flatten(packed, is_leaf=is_mask)
-    want = jax.tree.structure(params)
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=is_leaf)
+    want = jax.tree.structure(like)
     if treedef == want:
-        return packed
+        return tree
     return jax.tree.unflatten(want, leaves)
 
 
@@ -438,7 +439,9 @@ def prune(
         params = unwrap_variables(params)
         check_same_leaves(updates, params, "updates", "params")
         _check_state_fits(state, params)
-        kept = _in_container_of(state.packed_masks, params)
+        kept = _in_container_of(
+            state.packed_masks, params, is_leaf=lambda x: isinstance(x, _masks.PackedMask)
+        )
         flags = prunable_flags(params, where)
         step = state.count
         extra = dict(extra_args)
@@ -531,9 +534,7 @@ def prune(
         # In the updates' containers (nnx Params from nnx.split(model, nnx.Param)
         # while params were unwrapped above): optimizers that map updates and
         # params together (adamw's weight decay) need one structure. Trace time only.
-        u_def = jax.tree.structure(updates)
-        if jax.tree.structure(inner_params) != u_def:
-            inner_params = jax.tree.unflatten(u_def, jax.tree.leaves(inner_params))
+        inner_params = _in_container_of(inner_params, updates)
         updates, inner_state = inner.update(updates, state.inner_state, inner_params, **extra_args)
         # Negated only where masks can apply (a bool leaf has no negation).
         p_leaves = jax.tree.leaves(params)
