@@ -217,6 +217,22 @@ def _any_leading(b: jax.Array) -> jax.Array:
     return jnp.max(part, axis=tuple(range(part.ndim - 1))) > 0
 
 
+def _max_key(x: jax.Array, zero: jax.Array) -> jax.Array:
+    """Returns the largest entry of the uint32 array ``x``, without a full-size copy.
+
+    Two stages, like :func:`_row_counts`: a plain ``jnp.max`` over a 2-D array
+    becomes a windowed reduction on XLA:CPU that does not fuse with the
+    computation producing ``x``, so ``x`` would be written out in full (in a
+    refresh of many small layers, every layer's keys at once). Runs of at most
+    32 entries are reduced first, fused; the padding of :func:`_split_runs` is
+    0, the identity of an unsigned maximum. ``zero`` is a uint32 0 known only at
+    run time: xor-ed between the stages, it keeps XLA from merging them back
+    into one reduction.
+    """
+    x = x.reshape(1) if x.ndim == 0 else x
+    return jnp.max(jnp.max(_split_runs(x, -1), axis=-1) ^ zero)
+
+
 def _count_le(keys: list[jax.Array], t: jax.Array) -> jax.Array:
     return sum(_total_count(k <= t) for k in keys)
 
@@ -318,9 +334,10 @@ def _bracket_search(K, k, lo, hi, c_lo, c_hi):
 
 
 def _full_bracket(K, k):
-    if K.n <= 4 * _SAMPLE:  # small: the exact key range (XLA may store these keys; they are small)
-        lo = jnp.min(jnp.stack([jnp.min(x) for x in K.fresh()]))
-        hi = jnp.max(jnp.stack([jnp.max(x) for x in K.fresh()]))
+    if K.n <= 4 * _SAMPLE:  # small: the exact key range, by reductions fused with the keys
+        zero = _zero_from(K.base)
+        lo = ~jnp.max(jnp.stack([_max_key(~x, zero) for x in K.fresh()]))
+        hi = jnp.max(jnp.stack([_max_key(x, zero) for x in K.fresh()]))
     else:  # large: the whole uint32 range, so that only (fused) counts read the keys
         lo, hi = jnp.uint32(0), jnp.uint32(0xFFFFFFFF)
     c_lo = _count_le(K.fresh(), lo)
@@ -539,7 +556,10 @@ def select_cut(fn, src: Any, k: int, base: jax.Array) -> tuple[jax.Array, jax.Ar
 def _select_keys(fn, src: Any, k: jax.Array) -> list[jax.Array]:
     """:func:`select_keys` on arrays without Explicit mesh axes."""
     k = jnp.asarray(k, jnp.int32)
-    K = _Keys(fn, src, jnp.maximum(k, 0))
+    # The salts' base behind a barrier: a count XLA knows (a constant sparsity)
+    # would let it fold every read's salt to one constant and merge the reads
+    # into one stored array.
+    K = _Keys(fn, src, jax.lax.optimization_barrier(jnp.maximum(k, 0)))
     n = K.n
     if n == 0:
         return [jnp.ones(s, bool) for s in K.shapes]
