@@ -27,6 +27,7 @@ __all__ = [
     "Path",
     "Where",
     "is_prunable",
+    "is_channel_bias",
     "is_variable",
     "leaves_with_paths",
     "path_str",
@@ -106,28 +107,48 @@ def leaves_with_paths(tree: Any) -> tuple[list[tuple[Path, Any]], Any]:
 
 
 def is_prunable(path: Path, leaf: Any) -> bool:
-    """Default ``where``: floating-point leaves with ``ndim >= 2`` (kernels; 1-D biases stay dense).
+    """Default ``where``: floating-point leaves with ``ndim >= 2`` (kernels; biases stay dense).
+
+    A leaf named ``bias`` of shape ``[n, 1, ..., 1]`` (one entry per output
+    channel, trailing singleton axes) is a bias too, and stays dense: equinox's
+    ``Conv2d`` stores its bias as ``[out, 1, 1]`` (``Conv1d``: ``[out, 1]``),
+    to broadcast over the spatial axes.
 
     Attention layers' ``[heads, head_dim]`` biases (flax ``MultiHeadAttention``,
-    ``DenseGeneral``) are 2-D, so this predicate selects them too. To keep every
-    bias dense: ``where=lambda path, leaf: path[-1] != "bias" and
-    jp.is_prunable(path, leaf)``.
+    ``DenseGeneral``) are 2-D with more than one entry per head, so this
+    predicate selects them. To keep every bias dense: ``where=lambda path, leaf:
+    path[-1] != "bias" and jp.is_prunable(path, leaf)``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
       >>> jp.is_prunable(("w",), jnp.ones((3, 2))), jp.is_prunable(("b",), jnp.ones(2))
       (True, False)
+      >>> jp.is_prunable(("conv", "bias"), jnp.ones((16, 1, 1)))  # an equinox Conv2d bias
+      False
+      >>> jp.is_prunable(("attn", "bias"), jnp.ones((4, 8)))  # [heads, head_dim]: selected
+      True
       >>> jp.is_prunable(("ids",), jnp.ones((3, 2), jnp.int32))  # integer: never pruned
       False
       >>> jp.is_prunable(("activation",), jax.nn.relu)  # not an array (an equinox field)
       False
     """
-    del path
     # A leaf without a dtype (a function an unfiltered equinox module holds,
     # a Python number) is never a weight; jnp.ndim on it is deprecated in JAX.
     if not hasattr(leaf, "dtype"):
         return False
+    if is_channel_bias(path, leaf):
+        return False
     return jnp.ndim(leaf) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+
+
+def is_channel_bias(path: Path, leaf: Any) -> bool:
+    """Whether ``leaf`` is a bias named ``bias`` of shape ``[n, 1, ..., 1]`` (ndim >= 2).
+
+    equinox convolutions store their biases so (``[out, 1, 1]``), ready to
+    broadcast over the spatial axes; by shape alone they would pass for kernels.
+    """
+    shape = tuple(getattr(leaf, "shape", ()))
+    return bool(path) and path[-1] == "bias" and len(shape) >= 2 and math.prod(shape[1:]) == 1
 
 
 def _is_floating(leaf: Any) -> bool:
@@ -172,8 +193,9 @@ def prunable_flags(
                     hasattr(x, "dtype")
                     and np.ndim(x) >= 2
                     and (_is_floating(x) or jnp.result_type(x) == jnp.bool_)
+                    and not is_channel_bias(p, x)
                 )
-                for _, x in flat
+                for p, x in flat
             ]
         return [bool(is_prunable(p, x)) for p, x in flat]
     check_where(where)
@@ -339,12 +361,17 @@ def check_array_leaves(tree: Any, name: str) -> None:
     An unfiltered equinox module holds its activation functions as leaves.
     """
     for p, x in leaves_with_paths(tree)[0]:
-        if not (hasattr(x, "dtype") or isinstance(x, (int, float, complex, bool))):
-            raise ValueError(
-                f"{name} leaf {path_str(p)!r} is a {type(x).__name__}, not an array. Fix: pass "
-                "the arrays only, e.g. eqx.filter(model, eqx.is_inexact_array) for an equinox "
-                "module, or nnx.state(model, nnx.Param) for flax nnx."
-            )
+        check_array_leaf(x, p, name)
+
+
+def check_array_leaf(leaf: Any, path: Path, name: str) -> None:
+    """Raises ``ValueError`` naming ``path`` unless ``leaf`` is an array or a number."""
+    if not (hasattr(leaf, "dtype") or isinstance(leaf, (int, float, complex, bool))):
+        raise ValueError(
+            f"{name} leaf {path_str(path)!r} is a {type(leaf).__name__}, not an array. Fix: pass "
+            "the arrays only, e.g. eqx.filter(model, eqx.is_inexact_array) for an equinox "
+            "module, or nnx.state(model, nnx.Param) for flax nnx."
+        )
 
 
 def key_parts(key: Any, name: str) -> tuple[jax.Array, Any]:

@@ -38,6 +38,7 @@ from jaxprune._criteria_args import _required
 from jaxprune._tree import (
     Where,
     as_int,
+    check_array_leaves,
     check_same_structure,
     flagged,
     is_variable,
@@ -56,7 +57,7 @@ class Round(NamedTuple):
 
     index: int  # 0 for the dense round
     sparsity: float  # the masks' fraction of pruned prunable entries
-    masks: optax.Params  # the masks this round trained with
+    masks: optax.Params  # the masks this round trained with (params' shapes on prunable leaves)
     params: optax.Params  # the params after this round's training
 
 
@@ -139,8 +140,9 @@ def iterative_pruning(
 
     Raises:
       ValueError: ``rounds`` or ``rate`` out of range or of the wrong kind;
-        ``criterion`` is stateful, a factory, or needs more than the params
-        (all checked before any training);
+        ``criterion`` is stateful, a factory, or needs more than the params;
+        ``params`` holds a leaf that is not an array, such as a whole equinox
+        module's activation function (all checked before any training);
         ``train`` returns ``None`` or params of another structure or shape than
         ``params`` (as may ``rewind_to``, ``trained`` and the criterion's scores);
         ``train`` returns params that are not zero where the round's masks are
@@ -174,6 +176,9 @@ def iterative_pruning(
     # Variables with the model, so training the model in place would otherwise
     # change theta_0 (and every earlier round's params) behind the driver's back.
     pure_params = unwrap_variables(params)
+    # A whole equinox module holds its activation functions: the criterion would
+    # refuse them only after round 0's training.
+    check_array_leaves(pure_params, "params")
     flags = prunable_flags(pure_params, where)
     counted = flagged(pure_params, flags)  # `where` would judge the scores' and masks' dtypes
     pure_rewind = None
@@ -206,7 +211,7 @@ def iterative_pruning(
             masks,
             _tree_of(pure_params, flags),
         )
-        previous, masks = masks, select(scores, target, where=counted)
+        previous, masks = masks, _full(pure_params, select(scores, target, where=counted), flags)
         _check_nested(pure_params, previous, masks, flags, r)
         start = pure_rewind if pure_rewind is not None else unwrap_variables(current)
         # Masks come back Variable-free; `train` gets params in the form it was first given.
@@ -281,6 +286,33 @@ def _check_criterion(criterion: Any) -> None:
             f"criterion=lambda p: {name}(p, {args}) (computed from p and your data, so they "
             "follow each round's trained params)."
         )
+
+
+def _full(pure_params: Any, masks: Any, flags: list[bool]) -> Any:
+    """Returns ``masks`` with a scalar mask on a prunable leaf broadcast to the leaf's shape.
+
+    A selection may keep a prunable leaf whole with a scalar ``True``
+    (``patterns`` on a Dense kernel, ``nm(skip_indivisible=True)`` on an RGB
+    conv); counted as one entry, it would inflate ``Round.sparsity``. Other
+    leaves' masks are kept as the selection gave them.
+    """
+    masks = _masks._broadcast_prefix(pure_params, masks)
+    check_same_structure(
+        pure_params,
+        masks,
+        ref_name="params",
+        other_name="scope(scores, sparsity, where=...)",
+        fix="make the scope return one bool mask per params leaf (or a scalar), in the "
+        "params' tree structure, as jp.masks.topk does",
+    )
+    p_flat = [x for _, x in leaves_with_paths(pure_params)[0]]
+    m_flat, treedef = leaves_with_paths(masks)
+    # Not cast: a non-bool mask still reaches apply_masks' dtype error.
+    out = [
+        jnp.broadcast_to(m, jnp.shape(p)) if f and jnp.ndim(m) == 0 else m
+        for (_, m), p, f in zip(m_flat, p_flat, flags, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
 
 
 def _check_nested(

@@ -47,6 +47,7 @@ from jaxprune._search import (
 from jaxprune._tree import (
     Where,
     check_same_structure,
+    check_where,
     flagged,
     leaves_with_paths,
     path_str,
@@ -426,13 +427,23 @@ def _capped_keys_fn(keys_of, score_fn, src, leaf_srcs, idx, caps, deep, *, shape
 def apply_masks(params: Any, masks: Any) -> Any:
     """Returns ``params`` with masked-out entries set to exactly zero (dtype kept).
 
+    A leaf whose mask is a concrete scalar ``True`` (what the selections give
+    the leaves ``where`` does not choose) is returned as it is, not as a JAX
+    array: an equinox module's ``int`` field stays an ``int`` (``eqx.filter_jit``
+    would otherwise trace it), and a ``str`` or function leaf passes through. A
+    traced mask (under ``jax.jit``) is applied as usual.
+
     Raises:
-      ValueError: the trees differ; the message lists the differing paths.
+      ValueError: the trees differ (the message lists the differing paths); a
+        mask is not bool or does not fit its leaf's shape; a leaf that is not an
+        array or a number (a ``str``, a function) has a mask other than ``True``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> jp.apply_masks({"w": jnp.array([1., 2.])}, {"w": jnp.array([True, False])})["w"].tolist()
       [1.0, 0.0]
+      >>> jp.apply_masks({"w": jnp.ones(2), "heads": 2}, {"w": jnp.ones(2, bool), "heads": True})
+      {'heads': 2, 'w': Array([1., 1.], dtype=float32)}
     """
     if _has_packed(masks):
         raise ValueError(
@@ -445,12 +456,23 @@ def apply_masks(params: Any, masks: Any) -> Any:
     flat_m, _ = leaves_with_paths(masks)
     out = []
     for (path, p), (_, m) in zip(flat_p, flat_m, strict=True):
+        if _keeps_whole(m):
+            out.append(p)  # nothing pruned: no copy, and a Python int stays an int
+            continue
         m = jnp.asarray(m)
         if m.dtype != jnp.bool_:
             raise ValueError(
                 f"mask for {path_str(path)!r} has dtype {m.dtype}, not bool: True keeps an "
                 "entry and False prunes it, and other values would be read as truthiness. "
                 "Fix: pass bool masks, e.g. m > 0 for a 0/1 float mask."
+            )
+        if not (hasattr(p, "dtype") or isinstance(p, (int, float, complex, bool))):
+            raise ValueError(
+                f"params leaf {path_str(path)!r} is a {type(p).__name__}, not an array, but its "
+                f"mask is {_mask_desc(m)}, not True: only arrays can be pruned. Fix: give it "
+                "the mask True (jp.masks' selections do for the leaves `where` does not "
+                "choose), or pass the arrays only, e.g. eqx.filter(model, "
+                "eqx.is_inexact_array) for an equinox module."
             )
         if m.ndim and m.shape != jnp.shape(p):
             raise ValueError(
@@ -460,6 +482,21 @@ def apply_masks(params: Any, masks: Any) -> Any:
             )
         out.append(jnp.where(m, p, jnp.zeros((), jnp.result_type(p))))
     return jax.tree.unflatten(treedef, out)
+
+
+def _keeps_whole(m: Any) -> bool:
+    """Whether mask ``m`` is a concrete scalar bool ``True`` (a traced one is not known to be)."""
+    if isinstance(m, jax.core.Tracer) or np.ndim(m) != 0:
+        return False
+    if isinstance(m, (bool, np.bool_)):
+        return bool(m)
+    return getattr(m, "dtype", None) == np.bool_ and bool(m)
+
+
+def _mask_desc(m: jax.Array) -> str:
+    if isinstance(m, jax.core.Tracer):
+        return f"a traced bool{list(m.shape)}"
+    return "False" if m.ndim == 0 else f"a bool{list(m.shape)} mask"
 
 
 def _broadcast_prefix(params: Any, masks: Any) -> Any:
@@ -486,10 +523,18 @@ def _broadcast_prefix(params: Any, masks: Any) -> Any:
 def sparsity(tree: Any, *, where: Where | None = None) -> jax.Array:
     """Returns the fraction of zeros (or ``False``) over the prunable leaves of ``tree``.
 
-    Works on params (counts exact zeros) and on masks (counts ``False``). The
-    default ``where`` selects leaves with ``ndim >= 2`` (floating or bool). An
+    Works on params (counts exact zeros) and on masks (counts ``False``) of the
+    params' shapes: a scalar mask counts as one entry, so broadcast masks first
+    (``jp.get_masks`` and the drivers' ``Round.masks`` have the params' shapes on
+    the prunable leaves). The
+    default ``where`` selects leaves with ``ndim >= 2`` (floating or bool),
+    except ``[n, 1, ..., 1]`` biases as :func:`jaxprune.is_prunable` does. An
     explicit ``where`` may also select integer and complex leaves (quantized
-    weights): this only counts zeros, it prunes nothing. An nnx ``Module``
+    weights): this only counts zeros, it prunes nothing. On masks, an explicit
+    ``where`` that refuses a bool leaf is asked again about a float32 leaf of its
+    shape (the weight it masks), so a ``where`` written for params, such as
+    ``lambda path, x: path[-1] != "bias" and jp.is_prunable(path, x)``, counts
+    the masks it would prune. An nnx ``Module``
     counts its ``nnx.Param`` state, a shared weight once.
 
     A tree with no leaf counted (no kernels: only biases, scalar masks, or
@@ -510,6 +555,9 @@ def sparsity(tree: Any, *, where: Where | None = None) -> jax.Array:
         tree = nnx.state(tree, nnx.Param)
     if _has_packed(tree):
         tree = unpack(tree)  # e.g. a PruneState's packed_masks: count the masks' False
+    if where is not None:
+        check_where(where)
+        where = _as_on_params(where)
     flags = prunable_flags(tree, where, allow_numeric=True)
     flat, _ = leaves_with_paths(tree)
     # Counted per leaf (int32, exact) and summed in float32: a tree over 2**31
@@ -526,6 +574,24 @@ def sparsity(tree: Any, *, where: Where | None = None) -> jax.Array:
             _warn_uncounted(flat)
         return jnp.float32(0.0)
     return zeros / jnp.float32(total)
+
+
+def _as_on_params(where: Where) -> Where:
+    """Returns ``where`` that also asks about a bool leaf as the float weight it masks.
+
+    A mask stands for a float weight, and a ``where`` written for params
+    (``jp.is_prunable``, the README's "biases stay dense" predicate) refuses
+    bool leaves: on masks it would count nothing and return 0.0.
+    """
+
+    def on_params(path, x):
+        if where(path, x):
+            return True
+        if hasattr(x, "dtype") and jnp.result_type(x) == jnp.bool_:
+            return bool(where(path, jax.ShapeDtypeStruct(np.shape(x), jnp.float32)))
+        return False
+
+    return on_params
 
 
 def _warn_uncounted(flat: list) -> None:

@@ -34,7 +34,15 @@ from jaxprune._search import (
     _sharding_or_replicated,
     ordered_keys,
 )
-from jaxprune._tree import Path, Where, is_prunable, leaves_with_paths, path_str, prunable_flags
+from jaxprune._tree import (
+    Path,
+    Where,
+    is_channel_bias,
+    is_prunable,
+    leaves_with_paths,
+    path_str,
+    prunable_flags,
+)
 
 __all__ = ["per_layer"]
 
@@ -274,9 +282,12 @@ def layer_where_of(where: Where | None, stacked: Stacked, *, default: Where = is
 
 
 def _default_where(path: Path, leaf: Any) -> bool:
-    """``is_prunable``, and bool leaves (masks) with ``ndim >= 2``, as ``jp.sparsity``'s."""
+    """``is_prunable``, and bool leaves (masks) with ``ndim >= 2``, as ``jp.sparsity``'s.
+
+    A mask of a ``[n, 1, ..., 1]`` bias is left out, as that bias is.
+    """
     if jnp.result_type(leaf) == jnp.bool_:
-        return jnp.ndim(leaf) >= 2
+        return jnp.ndim(leaf) >= 2 and not is_channel_bias(path, leaf)
     return is_prunable(path, leaf)
 
 
