@@ -15,7 +15,12 @@ schedule ramps it::
 Axes are given per leaf with negative indices so one spec fits Dense kernels
 ``[in, out]`` and NHWC conv kernels ``[kh, kw, in, out]``: ``axes=-1`` drops
 neurons / filters (output channels), ``axes=-2`` input channels, and
-``axes=(-2, -1)`` whole k x k kernels of a conv.
+``axes=(-2, -1)`` whole k x k kernels of a conv. Two flax layouts differ: a
+depthwise conv's kernel is ``[kh, kw, 1, C]`` (its channels are its filters,
+``axes=-1``), and ``ConvTranspose(transpose_kernel=True)`` stores
+``[kh, kw, out, in]`` (its filters are ``axes=-2``; N:M groups need
+``axis=-1``). Equinox and PyTorch layouts (``[out, in]``,
+``[out, in, kh, kw]``) need their own axes too (see :func:`nm`).
 
 The pattern selections (:func:`patterns`, :func:`pattern_library`) live in
 :mod:`jaxprune.structured_patterns` and are re-exported here; the ranking and
@@ -24,6 +29,8 @@ layout machinery every selection shares lives in :mod:`jaxprune._structured_rank
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import _counts
-from jaxprune._structured_rank import _keeps_layout, _rank_reduced
+from jaxprune._structured_rank import _check_cap, _keeps_layout, _rank_reduced
 from jaxprune._tree import Where, as_int, leaves_with_paths, path_str, prunable_flags
 from jaxprune.structured_patterns import pattern_library, patterns
 
@@ -78,9 +85,30 @@ def _reducer(reduce: str | Callable[..., jax.Array]) -> Callable[..., jax.Array]
     return REDUCTIONS[reduce]
 
 
+def _axes_ints(axes: Any, where: str = "") -> tuple[int, ...]:
+    """Returns ``axes`` (an int or a sequence of ints) as a tuple, else raises naming it."""
+    if as_int(axes) is not None:
+        return (as_int(axes),)
+    ints = None
+    if not isinstance(axes, (str, bytes)):
+        try:
+            ints = tuple(as_int(a) for a in axes)
+        except TypeError:  # not iterable: a float, None
+            ints = None
+    if ints is None or any(a is None for a in ints):
+        raise ValueError(
+            f"axes must be an int, a tuple of ints or a function (path, leaf) -> axes, got "
+            f"{axes!r}{where}. Fix: axes=-1 (neurons / conv filters), axes=-2 (input "
+            "channels) or axes=(-2, -1) (whole k x k kernels of a conv)."
+        )
+    return ints
+
+
 def _norm_axes(axes: Axes, path: Any, x: Any) -> tuple[int, ...]:
-    a = axes(path, x) if callable(axes) else axes
-    a = (a,) if isinstance(a, (int, np.integer)) else tuple(a)
+    if callable(axes):
+        a = _axes_ints(axes(path, x), f" from the axes function for leaf {path_str(path)!r}")
+    else:
+        a = _axes_ints(axes)
     nd = jnp.ndim(x)
     if nd == 0:
         raise ValueError(
@@ -90,14 +118,14 @@ def _norm_axes(axes: Axes, path: Any, x: Any) -> tuple[int, ...]:
         )
     out = []
     for ax in a:
-        if not -nd <= int(ax) < nd:
+        if not -nd <= ax < nd:
             raise ValueError(
                 f"axes={a!r} is out of range for leaf {path_str(path)!r} of shape "
                 f"{jnp.shape(x)}: valid axes are -{nd}..{nd - 1}. Fix: use negative axes "
                 "(-1 output channels, -2 input channels) or restrict `where` to leaves "
                 "with enough dimensions."
             )
-        out.append(int(ax) % nd)
+        out.append(ax % nd)
     if len(set(out)) != len(out):
         raise ValueError(f"axes={a!r} names the same axis twice for leaf {path_str(path)!r}.")
     return tuple(sorted(out))
@@ -120,6 +148,7 @@ def structured(
     reduce: str | Callable[..., jax.Array] = "l2",
     where: Where | None = None,
     scope: str = "layer",
+    max_sparsity: float | None = None,
 ) -> Any:
     """Returns bool masks that keep or drop whole slices of each leaf along ``axes``.
 
@@ -127,6 +156,14 @@ def structured(
     scored by ``reduce`` of its scores over the other axes, and exactly
     ``round(sparsity * n_slices)`` slices of each prunable leaf (or in total,
     with ``scope="global"``) are dropped, the lowest first.
+
+    A leaf with a single slice along ``axes`` is left dense, with a warning
+    naming it: dropping that slice would empty the layer. The usual case is a
+    flax depthwise conv ``[kh, kw, 1, C]`` under ``axes=-2``: its input
+    channels are its filters, ``axes=-1``. (With ``scope="global"`` and every
+    leaf a single slice, e.g. ``axes=()``, whole leaves are ranked, as asked.)
+    With a concrete sparsity below 1, a leaf that loses every slice anyway
+    (``round(sparsity * n) == n``, or a global ranking without a cap) warns.
 
     Args:
       scores: a pytree of scores (e.g. ``jp.criteria.magnitude(params)``).
@@ -136,17 +173,30 @@ def structured(
         ``-2`` input channels, ``(-2, -1)`` whole k x k kernels of a conv. An
         int, a tuple, or a function ``(path, leaf) -> axes``.
       reduce: ``"l2"``, ``"l1"``, ``"mean"``, ``"max"`` or ``(x, axis) -> array``.
-        ``-inf`` means prune first: with the built-in reductions a slice
-        holding a ``-inf`` score reduces to ``-inf`` (even next to NaN), so it
-        goes before every other slice (``jp.drivers`` marks already-pruned
-        entries so); finite, ``+inf`` and NaN scores reduce as the formula says
-        (a NaN slice ranks highest, as in ``topk``). A custom ``reduce`` gets
-        the raw scores.
+        ``"l2"`` and ``"l1"`` are norms: they assume nonnegative scores (a
+        norm ranks -5 above +1), so for signed criteria such as
+        ``jp.criteria.movement`` (negative: moving toward 0) use ``"mean"``;
+        concrete scores with a negative finite entry warn (traced ones, as in
+        ``jp.prune``, cannot be checked). ``-inf`` means prune first: with the
+        built-in reductions a slice holding a ``-inf`` score reduces to
+        ``-inf`` (even next to NaN), so it goes before every other slice
+        (``jp.drivers`` marks already-pruned entries so); finite, ``+inf`` and
+        NaN scores reduce as the formula says (a NaN slice ranks highest, as in
+        ``topk``). A custom ``reduce`` gets the raw scores.
       where: predicate ``(path, leaf) -> bool``; default floating ``ndim >= 2``.
       scope: ``"layer"`` (exact count per leaf) or ``"global"`` (one ranking).
+      max_sparsity: with ``scope="global"``, the largest fraction of any one
+        leaf's slices to drop (a Python number in ``[0, 1]``; each leaf loses
+        at most ``floor(max_sparsity * n_slices)``, lowest first, as
+        :func:`jaxprune.masks.global_topk` caps entries); ``None`` for no cap.
 
     Returns:
       A tree of bool masks with exactly the structure of ``scores``.
+
+    Raises:
+      ValueError: a bad ``axes`` (not ints, out of range, repeated), ``reduce``,
+        ``scope`` or ``max_sparsity`` (or ``max_sparsity`` with
+        ``scope="layer"``).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -156,6 +206,10 @@ def structured(
       >>> s = w.at[0, 1].set(-jnp.inf)  # -inf means prune first: column 1 goes
       >>> jp.masks.structured({"w": s}, 1 / 3, axes=-1)["w"][0].tolist()
       [True, False, True]
+      >>> p = {"a": jnp.ones((2, 4)), "b": jnp.full((2, 4), 0.01)}  # b: small weights
+      >>> m = jp.masks.structured(p, 0.5, scope="global", max_sparsity=0.75)
+      >>> m["a"][0].tolist(), m["b"][0].tolist()  # b keeps floor(0.25 * 4) = 1 column
+      ([False, True, True, True], [False, False, False, True])
 
     References:
       Li et al., "Pruning Filters for Efficient ConvNets", 2017 (L1 filter
@@ -164,19 +218,75 @@ def structured(
       2017. https://arxiv.org/abs/1707.06168
     """
     _check_scope(scope)
+    _check_cap(max_sparsity, scope, "structured", "slices")
+    if not callable(axes):
+        _axes_ints(axes)  # refused before any leaf is looked at
     red = _reducer(reduce)
     flags = prunable_flags(scores, where)
     flat, _ = leaves_with_paths(scores)
+    # The leaves to select, by flatten index, with their slice axes.
+    picked = {i: _norm_axes(axes, *flat[i]) for i, f in enumerate(flags) if f}
+    single = {i for i, ax in picked.items() if _n_slices(flat[i][1], ax) == 1}
+    if scope == "global" and single == set(picked):
+        single = set()  # whole leaves ranked against each other (axes=()), as asked
+    if single:
+        names = [f"{path_str(flat[i][0])} {tuple(jnp.shape(flat[i][1]))}" for i in sorted(single)]
+        warnings.warn(
+            f"structured(axes={axes!r}) left {len(names)} leaf/leaves dense: each has a single "
+            f"slice along axes, and dropping it would empty the layer: {names[:5]}. A flax "
+            "depthwise conv kernel [kh, kw, 1, C] has one input channel per filter, so its "
+            "channels are its filters. Fix: axes=-1 for depthwise kernels (e.g. axes=lambda "
+            "path, x: -1 if x.shape[-2] == 1 else -2), or leave them out with where= "
+            "(which also silences this).",
+            stacklevel=3,
+        )
+    if reduce in ("l1", "l2"):
+        _warn_signed(flat, [i for i in picked if i not in single], reduce)
     reduced, expand = {}, {}
-    for i, ((path, x), f) in enumerate(zip(flat, flags, strict=True)):
-        if not f:
+    for i, ax in picked.items():
+        if i in single:
             continue
-        ax = _norm_axes(axes, path, x)
-        other = tuple(d for d in range(jnp.ndim(x)) if d not in ax)
-        x = jnp.asarray(x, jnp.float32)
+        x = jnp.asarray(flat[i][1], jnp.float32)
+        other = tuple(d for d in range(x.ndim) if d not in ax)
         reduced[i] = red(x, other) if other else x
         expand[i] = lambda k, x=x, other=other: jnp.broadcast_to(jnp.expand_dims(k, other), x.shape)
-    return _rank_reduced(scores, sparsity, reduced, expand, scope)
+    for i in single:  # full-shape masks: a scalar True would count as one entry
+        shape = jnp.shape(flat[i][1])
+        expand[i] = lambda k, shape=shape: jnp.ones(shape, bool)
+    return _rank_reduced(
+        scores, sparsity, reduced, expand, scope, max_sparsity=max_sparsity, name="structured"
+    )
+
+
+def _n_slices(x: Any, ax: tuple[int, ...]) -> int:
+    return math.prod(jnp.shape(x)[d] for d in ax)
+
+
+def _warn_signed(flat: list, idx: list[int], reduce: str) -> None:
+    """Warns once when concrete scores of a norm reduction hold a negative finite entry.
+
+    ``-inf`` is not checked: it marks entries to prune first (``jp.drivers``).
+    """
+    idx = [i for i in idx if not isinstance(flat[i][1], jax.core.Tracer) and jnp.size(flat[i][1])]
+    if not idx:
+        return
+    # Concrete scores closed over by a jit trace would be staged: read them now.
+    with jax.ensure_compile_time_eval():
+        neg = np.asarray(
+            jnp.stack([jnp.any((flat[i][1] < 0) & jnp.isfinite(flat[i][1])) for i in idx])
+        )
+    if not neg.any():
+        return
+    names = [path_str(flat[i][0]) for i, n in zip(idx, neg, strict=True) if n]
+    warnings.warn(
+        f"structured(reduce={reduce!r}) ranks each slice by a norm of its scores, but the "
+        f"scores of {names[:5]} hold negative values: a norm ranks -5 above +1, which "
+        "inverts signed criteria such as jp.criteria.movement (negative: moving toward 0), "
+        "keeping the slices that shrink fastest. Fix: reduce='mean' for signed scores ('l1' "
+        "and 'l2' are for nonnegative ones); for raw weights, pass "
+        "jp.criteria.magnitude(params) (the same norms, so the same masks).",
+        stacklevel=4,
+    )
 
 
 @_keeps_layout
@@ -192,14 +302,26 @@ def nm(
 ) -> Any:
     """Returns bool masks keeping exactly ``n`` of every ``m`` consecutive entries along ``axis``.
 
-    Groups are ``m`` consecutive entries along ``axis`` (default ``-2``, the
-    reduction axis of Dense ``[in, out]`` and NHWC conv ``[kh, kw, in, out]``
-    kernels, for 2-D and 4-D leaves only: other kernels, such as attention's
-    ``[in, heads, head_dim]``, need an explicit ``axis``); each keeps its
-    ``n`` highest scores (ties by position). With a ``sparsity`` (e.g. from a
-    schedule in ``jp.prune``) each group drops ``round(sparsity * m)``
-    entries, capped at ``m - n`` when ``n`` is given, so a schedule from 0 to
-    ``1 - n/m`` ramps up to exactly ``n:m``.
+    Groups are ``m`` consecutive entries along ``axis``; each keeps its ``n``
+    highest scores (ties by position). The default ``axis=-2`` is the
+    reduction axis of flax's Dense ``[in, out]`` and NHWC conv
+    ``[kh, kw, in, out]`` kernels, and is taken for 2-D leaves and for 4-D
+    leaves whose first two axes (the kernel size) are at most 7. Every other
+    leaf needs an explicit ``axis``, and so does any 4-D leaf that is not a
+    flax conv kernel, since a shape cannot tell them apart: a ``LinearGeneral``
+    kernel ``[in1, in2, out1, out2]`` (``axis=1``), a stacked attention kernel
+    ``[L, in, heads, head_dim]`` (``axis=1``), an equinox / PyTorch conv
+    ``[out, in, kh, kw]`` (``axis=1``). Equinox's and PyTorch's Linear
+    ``[out, in]`` is 2-D, so the default is taken there and groups its
+    outputs: pass ``axis=-1``. A flax ``ConvTranspose(transpose_kernel=True)``
+    kernel is ``[kh, kw, out, in]``: ``axis=-1``.
+
+    With a ``sparsity`` (e.g. from a schedule in ``jp.prune``) each group
+    drops ``round(sparsity * m)`` entries, capped at ``m - n`` when ``n`` is
+    given, so a schedule from 0 to ``1 - n/m`` ramps up to exactly ``n:m``.
+    Only multiples of ``1/m`` are reached; with ``n=None`` a sparsity of
+    ``(m - 0.5) / m`` or more may round to all ``m`` (every selected leaf
+    emptied), which warns for a concrete sparsity below 1.
 
     Args:
       scores: a pytree of scores.
@@ -208,11 +330,12 @@ def nm(
       n: entries kept per group (the floor when ``sparsity`` is given; ``None``
         for no floor).
       m: group size along ``axis``.
-      axis: the axis groups run along: an int for every leaf, or a function
-        ``(path, leaf) -> int`` (e.g. ``lambda p, x: 0 if x.ndim == 3 else -2``
-        for attention kernels ``[in, heads, head_dim]`` next to Dense ones).
-        ``None``: ``-2``, and a selected leaf that is not 2-D or 4-D is an
-        error (its reduction axis is not known).
+      axis: the axis groups run along (the reduction axis: -2 for a 1-D or
+        3-D flax conv, 0 for an attention kernel ``[in, heads, head_dim]``):
+        an int for every leaf, or a function ``(path, leaf) -> int`` (e.g.
+        ``lambda p, x: 0 if x.ndim == 3 else -2`` for attention kernels next
+        to Dense ones). ``None``: ``-2``, for 2-D leaves and flax conv kernels
+        (see above); any other selected leaf is an error.
       where: predicate; default floating ``ndim >= 2``.
       skip_indivisible: leave leaves whose ``axis`` is not divisible by ``m``
         dense instead of raising.
@@ -222,9 +345,9 @@ def nm(
 
     Raises:
       ValueError: bad ``n``/``m``; ``sparsity`` not one number; with the default
-        ``axis``, a selected leaf neither 2-D nor 4-D; or a leaf's ``axis`` is
-        not divisible by ``m`` (naming the leaf and its shape) and
-        ``skip_indivisible`` is False.
+        ``axis``, a selected leaf neither 2-D nor a flax conv kernel (4-D with
+        a kernel size up to 7); or a leaf's ``axis`` is not divisible by ``m``
+        (naming the leaf and its shape) and ``skip_indivisible`` is False.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -252,6 +375,16 @@ def nm(
                 "(with where=)."
             )
         _counts._check_sparsity(sparsity)
+        if n is None and not isinstance(sparsity, jax.core.Tracer):
+            s = float(sparsity)
+            if s < 1.0 and round(s * m) >= m:
+                warnings.warn(
+                    f"nm(sparsity={s:g}, n=None, m={m}) drops round({s:g} * {m}) = {m} of every "
+                    f"group of {m}: every selected leaf is emptied. nm rounds per group, so "
+                    f"only multiples of 1/{m} are reached. Fix: a floor n (e.g. n=1 keeps one "
+                    f"per group), a larger m, or a sparsity below {(m - 0.5) / m:g}.",
+                    stacklevel=3,
+                )
     if axis is not None and not callable(axis) and as_int(axis) is None:
         raise ValueError(
             f"axis must be an int or a function (path, leaf) -> int, got {axis!r}. Fix: e.g. "
@@ -265,18 +398,21 @@ def nm(
             out.append(jnp.ones((), bool))
             continue
         nd = jnp.ndim(x)
-        # A 4-D leaf is taken for a conv [kh, kw, in, out] only with small spatial
-        # axes: a stacked attention kernel [L, in, heads, head_dim] is 4-D too.
-        if axis is None and (nd not in (2, 4) or (nd == 4 and max(jnp.shape(x)[:2]) > 16)):
+        # A 4-D leaf is taken for a flax conv [kh, kw, in, out] only with conv-sized
+        # leading axes (up to 7): a stacked attention kernel [L, in, heads, head_dim],
+        # a LinearGeneral [in1, in2, out1, out2] or an equinox conv [out, in, kh, kw]
+        # are 4-D too, and their axis -2 is an output or spatial one.
+        if axis is None and (nd not in (2, 4) or (nd == 4 and max(jnp.shape(x)[:2]) > 7)):
             raise ValueError(
                 f"nm: leaf {path_str(path)!r} has shape {jnp.shape(x)} ({nd} axes), so the "
-                "default axis=-2 (the inputs of Dense [in, out] and conv [kh, kw, in, out] "
-                "kernels) may not be its reduction axis: for an attention kernel "
-                "[in, heads, head_dim] (or a stack of them, [L, in, heads, head_dim]) it is the "
-                "heads. Fix: pass axis= (an int, or a function (path, leaf) -> int: -2 for a "
-                "stacked Dense [L, in, out], 0 for an attention kernel, 1 for a stacked one), "
-                "wrap nm in jp.masks.per_layer for stacked layers, or leave the leaf out with "
-                "where=."
+                "default axis=-2 (the inputs of flax Dense [in, out] and conv [kh, kw, in, out] "
+                "kernels, taken for 4-D leaves with a kernel size up to 7) may not be its "
+                "reduction axis. Fix: pass axis= (an int, or a function (path, leaf) -> int): "
+                "-2 for a 1-D conv [k, in, out], a 3-D conv [kd, kh, kw, in, out] or a stacked "
+                "Dense [L, in, out]; 1 for an equinox/PyTorch conv [out, in, kh, kw] (and -1 "
+                "for their Linear [out, in]) or a LinearGeneral [in1, in2, out1, out2]; 0 for "
+                "an attention kernel [in, heads, head_dim], 1 for a stacked one), wrap nm in "
+                "jp.masks.per_layer for stacked layers, or leave the leaf out with where=."
             )
         ax_i = -2 if axis is None else (axis(path, x) if callable(axis) else axis)
         if as_int(ax_i) is None or not -nd <= ax_i < nd:
@@ -293,7 +429,9 @@ def nm(
             raise ValueError(
                 f"nm: leaf {path_str(path)!r} has shape {jnp.shape(x)}; its axis {ax_i} has "
                 f"{size} entries, not divisible by m={m}. Fix: pass skip_indivisible=True to "
-                "leave such leaves dense, or exclude it with `where`."
+                "leave such leaves dense, or exclude it with `where`; if that axis is not the "
+                "leaf's reduction axis, pass axis= (1 for an equinox/PyTorch conv "
+                "[out, in, kh, kw], -1 for their Linear [out, in])."
             )
         if sparsity is None:
             drop = jnp.int32(m - n)
@@ -344,6 +482,7 @@ def blocks(
     pool: str = "avg",
     where: Where | None = None,
     scope: str = "layer",
+    max_sparsity: float | None = None,
 ) -> Any:
     """Returns bool masks that keep or drop whole blocks tiling the last ``len(block)`` axes.
 
@@ -351,7 +490,9 @@ def blocks(
     (``pool="avg"``) or maximum (``"max"``) of its scores; edge blocks that
     overhang the leaf are pooled over their valid entries. Exactly
     ``round(sparsity * n_blocks)`` blocks of each leaf (or in total, with
-    ``scope="global"``) are dropped.
+    ``scope="global"``) are dropped. With a concrete sparsity below 1, a leaf
+    that loses every block (``round(sparsity * n_blocks) == n_blocks``, or a
+    global ranking without a cap) warns.
 
     Args:
       scores: a pytree of scores.
@@ -361,9 +502,18 @@ def blocks(
       pool: ``"avg"`` or ``"max"``.
       where: predicate; default floating ``ndim >= 2``.
       scope: ``"layer"`` or ``"global"``.
+      max_sparsity: with ``scope="global"``, the largest fraction of any one
+        leaf's blocks to drop (a Python number in ``[0, 1]``; at most
+        ``floor(max_sparsity * n_blocks)`` per leaf, as
+        :func:`jaxprune.masks.global_topk` caps entries); ``None`` for no cap.
 
     Returns:
       A tree of bool masks with exactly the structure of ``scores``.
+
+    Raises:
+      ValueError: a bad ``block``, ``pool``, ``scope`` or ``max_sparsity`` (or
+        ``max_sparsity`` with ``scope="layer"``), or a leaf with fewer axes
+        than ``block``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -376,6 +526,7 @@ def blocks(
       https://arxiv.org/abs/1711.02782
     """
     _check_scope(scope)
+    _check_cap(max_sparsity, scope, "blocks", "blocks")
     block = _check_block(block)
     if pool not in ("avg", "max"):
         raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}.")
@@ -415,4 +566,13 @@ def blocks(
             return k[(...,) + tuple(slice(0, t) for t in tail)]
 
         expand[i] = exp
-    return _rank_reduced(scores, sparsity, reduced, expand, scope)
+    return _rank_reduced(
+        scores,
+        sparsity,
+        reduced,
+        expand,
+        scope,
+        max_sparsity=max_sparsity,
+        name="blocks",
+        things="blocks",
+    )

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune._structured_rank import _keeps_layout, _rank_reduced
-from jaxprune._tree import Where, leaves_with_paths, path_str, prunable_flags
+from jaxprune._tree import Where, as_int, leaves_with_paths, path_str, prunable_flags
 
 __all__ = ["patterns", "pattern_library"]
 
@@ -82,6 +82,22 @@ def _check_library(library: Any) -> np.ndarray:
     return lib
 
 
+def _check_kernel_axes(kernel_axes: Any) -> tuple[int, int]:
+    """Returns ``kernel_axes`` as two distinct axes in ``0..3``, else raises naming it."""
+    try:
+        ints = tuple(as_int(a) for a in kernel_axes)
+    except TypeError:  # not iterable
+        ints = ()
+    ok = len(ints) == 2 and all(a is not None and -4 <= a < 4 for a in ints)
+    if not ok or ints[0] % 4 == ints[1] % 4:
+        raise ValueError(
+            f"kernel_axes must be two distinct ints in -4..3, the spatial axes of the 4-D conv "
+            f"kernels patterns apply to, got {kernel_axes!r}. Fix: kernel_axes=(0, 1) for flax "
+            "NHWC kernels [kh, kw, in, out], (2, 3) for equinox/PyTorch [out, in, kh, kw]."
+        )
+    return (ints[0] % 4, ints[1] % 4)
+
+
 @_keeps_layout
 def patterns(
     scores: Any,
@@ -104,18 +120,24 @@ def patterns(
       sparsity: fraction of kernels to drop entirely, in ``[0, 1]``.
       library: bool ``[P, kh, kw]``; default ``pattern_library((3, 3))`` (8
         patterns of 4 entries), for 3 x 3 kernels.
-      kernel_axes: the two spatial axes of the conv kernels (NHWC: ``(0, 1)``).
+      kernel_axes: the two spatial axes of the conv kernels (flax NHWC
+        ``[kh, kw, in, out]``: ``(0, 1)``; equinox / PyTorch
+        ``[out, in, kh, kw]``: ``(2, 3)``). A flax
+        ``ConvTranspose(transpose_kernel=True)`` kernel ``[kh, kw, out, in]``
+        has them at ``(0, 1)`` too.
       where: predicate narrowing the leaves (default: all). Patterns apply
         only to floating 4-d leaves whose kernel size equals the library's:
         1 x 1 convs and Dense kernels are left alone (so ``jp.prune``'s
-        default ``where`` works), other kernel sizes are left dense with a
-        warning.
+        default ``where`` works); other kernel sizes, 3-D leaves (1-D conv
+        kernels ``[k, in, out]``) and leaves of more than 4 axes (3-D conv
+        kernels ``[kd, kh, kw, in, out]``, stacks of 2-D ones) are left dense
+        with a warning, which ``where=`` silences by leaving them out.
 
     Returns:
       A tree of bool masks with exactly the structure of ``scores``.
 
     Raises:
-      ValueError: the library is malformed.
+      ValueError: the library or ``kernel_axes`` is malformed.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -129,6 +151,7 @@ def patterns(
       Pruning", 2020. https://arxiv.org/abs/1909.05073
     """
     lib = None if library is None else _check_library(library)
+    kernel_axes = _check_kernel_axes(kernel_axes)
     flat, _ = leaves_with_paths(scores)
 
     def default_where(path, x):
@@ -152,17 +175,36 @@ def patterns(
         and jnp.issubdtype(jnp.result_type(x), jnp.floating)
         and tuple(jnp.shape(x)[a] for a in kernel_axes) != (1, 1)
     ]
-    stacked = [
-        f"{path_str(p)} {tuple(jnp.shape(x))}"
-        for (p, x), a, c in zip(flat, applies, chosen, strict=True)
-        if c and not a and jnp.ndim(x) > 4 and jnp.issubdtype(jnp.result_type(x), jnp.floating)
-    ]
+
+    def unfit(ndim_ok):
+        return [
+            f"{path_str(p)} {tuple(jnp.shape(x))}"
+            for (p, x), a, c in zip(flat, applies, chosen, strict=True)
+            if c
+            and not a
+            and ndim_ok(jnp.ndim(x))
+            and jnp.issubdtype(jnp.result_type(x), jnp.floating)
+        ]
+
+    stacked, conv1d = unfit(lambda nd: nd > 4), unfit(lambda nd: nd == 3)
+    # stacklevel 3: patterns < _keeps_layout < the caller.
     if stacked:
         warnings.warn(
-            f"patterns left these leaves of more than 4 axes dense (stacks of conv kernels?): "
-            f"{stacked[:5]}. Fix: jp.masks.per_layer(jp.masks.patterns, stacked=...) prunes "
-            "each conv kernel of a stack.",
-            stacklevel=2,
+            f"patterns left these leaves of more than 4 axes dense (3-D conv kernels, or stacks "
+            f"of 2-D ones): {stacked[:5]}. Patterns are 2-D, so 3-D conv kernels "
+            "[kd, kh, kw, in, out] are not supported. Fix: for "
+            "a stack of 2-D conv kernels [L, kh, kw, in, out], "
+            "jp.masks.per_layer(jp.masks.patterns, stacked=...) prunes each kernel of the "
+            "stack; leave 3-D conv kernels out with where= (which also silences this).",
+            stacklevel=3,
+        )
+    if conv1d:
+        warnings.warn(
+            f"patterns left these 3-D leaves dense: {conv1d[:5]}. Patterns are 2-D (k x k "
+            "kernels), so 1-D conv kernels [k, in, out] are not supported. Fix: leave them "
+            "out with where= (which also silences this), or select them with "
+            "jp.masks.structured, nm or blocks.",
+            stacklevel=3,
         )
     if skipped:
         want = lib.shape[1:] if lib is not None else (3, 3)
@@ -170,7 +212,7 @@ def patterns(
             f"patterns left these conv kernels dense, their kernel size is not the "
             f"library's {want}: {skipped[:5]}. Fix: pass library=jp.masks.pattern_library("
             "kernel_size) for their size, and where= to choose them.",
-            stacklevel=2,
+            stacklevel=3,
         )
     reduced, expand = {}, {}
     for i, ((_, x), f) in enumerate(zip(flat, flags, strict=True)):
@@ -202,4 +244,6 @@ def patterns(
             return jnp.moveaxis(m, (0, 1), kernel_axes)
 
         expand[i] = exp
-    return _rank_reduced(scores, sparsity, reduced, expand, "layer")
+    return _rank_reduced(
+        scores, sparsity, reduced, expand, "layer", name="patterns", things="kernels"
+    )

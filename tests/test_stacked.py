@@ -421,7 +421,8 @@ def test_stacks_where_leaves_out_are_not_cut_and_keep_a_scalar_mask_under_jit(ke
     # full all-True [L, out] mask under jit made jp.sparsity count them: 0.444).
     p = _stacked(key)
     sel = jp.masks.per_layer(functools.partial(jp.masks.structured, axes=-1), stacked=_is_stack)
-    eager, jitted = sel(p, 0.5), jax.jit(lambda s: sel(s, 0.5))(p)
+    scores = jp.criteria.magnitude(p)  # nonnegative: the l2 norm of raw weights would warn
+    eager, jitted = sel(scores, 0.5), jax.jit(lambda s: sel(s, 0.5))(scores)
     for m in (eager, jitted):
         assert jnp.shape(m["layers"]["bias"]) == ()
     assert float(jp.sparsity(jitted)) == float(jp.sparsity(eager))
