@@ -9,6 +9,7 @@ fix. :mod:`jaxprune.gates_tree` (the functional form),
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,124 @@ if TYPE_CHECKING:
     from jaxprune.gates_tree import Gate
 
 
+# The bias a kernel-like leaf pairs with, by the naming conventions in use: flax's
+# kernel/bias, equinox's and PyTorch's weight/bias (any other name falls back to
+# ``bias`` too) and haiku's w/b.
+_BIAS_NAMES = {"w": "b"}
+
+
 def _bias_path(path: Path) -> Path:
-    return tuple(path[:-1]) + ("bias",)
+    """Returns the path of the bias beside the kernel at ``path`` (``w`` pairs with ``b``)."""
+    return tuple(path[:-1]) + (_BIAS_NAMES.get(path[-1] if path else None, "bias"),)
+
+
+def _is_unit_bias(kernel_shape: tuple, bias_shape: tuple) -> bool:
+    """Returns whether a bias holds one entry per output unit of a kernel with units last.
+
+    That is, whether it equals the kernel's trailing axes: ``[out]`` of
+    ``[..., in, out]``, ``[heads, head_dim]`` of a DenseGeneral / attention
+    projection's ``[in, heads, head_dim]``. A per-unit gate scales such a bias
+    broadcast along its last axis, as it scales the layer's output.
+    """
+    n = len(bias_shape)
+    return 1 <= n < len(kernel_shape) and tuple(kernel_shape[-n:]) == tuple(bias_shape)
+
+
+def _is_out_first(kernel_shape: tuple, bias_shape: tuple) -> bool:
+    """Returns whether a kernel's bias shows an ``[out, in, ...]`` layout (equinox, PyTorch).
+
+    One bias entry per entry of axis 0 (``[out]``, or equinox conv's
+    ``[out, 1, 1]``), and not the kernel's trailing axes.
+    """
+    return (
+        len(kernel_shape) >= 2
+        and len(bias_shape) >= 1
+        and bias_shape[0] == kernel_shape[0]
+        and math.prod(bias_shape[1:]) == 1
+        and not _is_unit_bias(kernel_shape, bias_shape)
+    )
+
+
+def _check_layout(fn: str, names: Sequence[str], shapes: dict, inputs: bool = False) -> None:
+    """Raises ``ValueError`` when a gated kernel is stored ``[out, in, ...]``.
+
+    Per-unit gates take a kernel's last axis as its output units (its axis -2
+    as its input features), flax's ``[..., in, out]``. Read from the sibling
+    bias: one entry per entry of axis 0 shows equinox's / PyTorch's
+    ``[out, in]`` (``[out, in, kh, kw]`` for a conv), where the gates would
+    scale input features (a conv's kernel width). A square 2-D kernel's bias
+    fits both axes, so it is refused only when another kernel of the same
+    ``shapes`` (``{path: shape}`` of the whole params) shows ``[out, in]``
+    and none shows units last.
+    """
+    by_name = {path_str(p): p for p in shapes}
+    kernels = {p: s for p, s in shapes.items() if len(s) >= 2 and _bias_path(p) in shapes}
+    out_first = [p for p, s in kernels.items() if _is_out_first(s, shapes[_bias_path(p)])]
+    units_last = [
+        p
+        for p, s in kernels.items()
+        if _is_unit_bias(s, shapes[_bias_path(p)]) and shapes[_bias_path(p)][0] != s[0]
+    ]
+    for name in names:
+        p = by_name.get(name)
+        if p not in kernels:
+            continue
+        shape, bias = shapes[p], shapes[_bias_path(p)]
+        if inputs and len(shape) == 3:
+            continue  # [out, in, k] (a Conv1d) has its inputs on axis -2, where they are gated
+        if _is_out_first(shape, bias):
+            why = f"{path_str(_bias_path(p))!r} has shape {bias}, one entry per entry of axis 0"
+        elif out_first and not units_last and len(shape) == 2 and bias == shape[:1]:
+            why = (
+                f"it is square, so its bias {path_str(_bias_path(p))!r} {bias} fits either axis, "
+                f"and {path_str(out_first[0])!r} {shapes[out_first[0]]} of the same params "
+                f"has a bias {shapes[_bias_path(out_first[0])]} on axis 0"
+            )
+        else:
+            continue
+        wrong = (
+            ("output units" if len(shape) == 2 else "kernel heights")
+            if inputs
+            else ("input features" if len(shape) == 2 else "kernel widths")
+        )
+        axis = "axis -2 as input features" if inputs else "the last axis as output units"
+        raise ValueError(
+            f"{fn}: {name!r} of shape {shape} is stored [out, in, ...] (equinox, PyTorch): "
+            f"{why}. Per-unit gates take {axis} (flax's [..., in, out]), so here they would "
+            f"gate {wrong}. Fix: gate a copy in flax's layout (w.T for a Linear, "
+            "jnp.transpose(w, (2, 3, 1, 0)) and a 1-D bias for a Conv2d) and transpose the "
+            "gated copy back before the model runs, use a per-weight kind "
+            "(jp.gates.VariationalDropout()), or leave this leaf out with where=."
+        )
+
+
+def _warn_unpaired_bias(names: Sequence[str], shapes: dict) -> None:
+    """Warns once when gated kernels have no paired bias but a bias-shaped leaf beside them.
+
+    Only the pairs of :func:`_bias_path` are gated with the kernel; any other
+    leaf (a tuple's ``(w, b)``, other names) keeps its bias, so a closed unit
+    outputs its activation of that bias, not 0.
+    """
+    by_name = {path_str(p): p for p in shapes}
+    found = []
+    for name in names:
+        p = by_name.get(name)
+        if p is None or _bias_path(p) in shapes:
+            continue
+        shape = shapes[p]
+        for q, s in shapes.items():
+            if q != p and q[:-1] == p[:-1] and len(s) == 1 and _is_unit_bias(shape, s):
+                found.append(f"{name!r} (beside {path_str(q)!r} {s})")
+                break
+    if found:
+        warnings.warn(
+            f"init_gates: the gated kernels {', '.join(found[:5])} have no bias named 'bias' "
+            "('b' beside 'w') but a leaf of their units' length beside them, which the gates "
+            "leave alone: a closed unit still outputs that bias. Fix: name the pair kernel/bias, "
+            "weight/bias or w/b (a dict, not a tuple), or silence this with "
+            "warnings.filterwarnings if that leaf is not the layer's bias.",
+            stacklevel=3,
+        )
 
 
 def _check_not_stacked(path: Path, x: Any, shapes: dict) -> None:

@@ -29,7 +29,9 @@ from jaxprune.gates_checks import (
     _check_gate,
     _check_gate_params,
     _check_inputs,
+    _check_layout,
     _input_rows,
+    _is_unit_bias,
 )
 from jaxprune.masks import global_topk
 
@@ -138,8 +140,10 @@ def to_masks(
 
     Feed them to :func:`jaxprune.apply_masks` (on the folded params,
     ``apply_gates(gate, params, gate_params)``, whose pruned units are already
-    zero) and to the structured shrink. Leaves without a gate get a scalar
-    ``True``. ``input_gate_params`` (kernel path -> gates on the layer's
+    zero) and to the structured shrink. A per-unit gate masks the sibling bias
+    that :func:`jaxprune.gates.apply_gates` scales, broadcast along its last
+    axis (a DenseGeneral's ``[heads, head_dim]`` bias). Leaves without a gate
+    get a scalar ``True``. ``input_gate_params`` (kernel path -> gates on the layer's
     input features) makes pruned inputs' kernel rows ``False``.
 
     Examples:
@@ -163,6 +167,10 @@ def to_masks(
     flat, treedef = leaves_with_paths(params)
     index = {path_str(p): i for i, (p, _) in enumerate(flat)}
     _check_gate_params(gate_params, index)
+    if gate.per_unit:
+        shapes = {p: tuple(jnp.shape(x)) for p, x in flat}
+        _check_layout("to_masks", sorted(gate_params), shapes)
+        _check_layout("to_masks", sorted(input_gate_params or {}), shapes, inputs=True)
     leaves: list[Any] = [jnp.ones((), bool) for _ in flat]
     rows = {n.removesuffix(INPUTS_SUFFIX): k for n, k in units.items() if n.endswith(INPUTS_SUFFIX)}
     for name, keep in units.items():
@@ -172,8 +180,10 @@ def to_masks(
         shape = jnp.shape(flat[i][1])
         leaves[i] = jnp.broadcast_to(keep, shape)
         b = index.get(path_str(_bias_path(flat[i][0])))
-        if gate.per_unit and b is not None and jnp.shape(flat[b][1]) == keep.shape:
-            leaves[b] = keep
+        bias_shape = jnp.shape(flat[b][1]) if b is not None else ()
+        # The bias apply_gates scales: the kernel's trailing axes, units last.
+        if gate.per_unit and _is_unit_bias(shape, bias_shape) and bias_shape[-1:] == keep.shape:
+            leaves[b] = jnp.broadcast_to(keep, bias_shape)
     for name, keep in rows.items():
         i = index[name]
         shape = jnp.shape(flat[i][1])

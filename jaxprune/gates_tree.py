@@ -6,13 +6,14 @@ when given a key, the deterministic test-time gates without one) that the
 model's own apply function consumes unchanged, so this works for linen
 (``model.apply({"params": gated}, x)``), nnx (``nnx.merge(graphdef, gated)``),
 equinox or hand-written models alike. A per-unit gate scales a kernel's last
-axis and the sibling ``bias`` leaf, which equals scaling that unit's output.
-That is flax's layout, ``[..., in, out]`` (output units last); equinox's
-``eqx.nn.Linear.weight`` is ``[out, in]``, so there the gates would scale
-input features, and a ``bias`` of the same length by the wrong units: keep
-per-unit gates to kernels in flax's layout (``where=``), or to a params tree
-whose kernels are stored ``[in, out]``. The same holds for
-:func:`jaxprune.masks.structured`'s ``axes=-1`` (output units in flax).
+axis and the sibling bias (``bias`` beside ``kernel`` or ``weight``, ``b``
+beside haiku's ``w``), which equals scaling that unit's output.
+That is flax's layout, ``[..., in, out]`` (output units last); equinox's and
+PyTorch's weights are ``[out, in]`` (``[out, in, kh, kw]`` for a conv), where
+the gates would scale input features (a conv's kernel width):
+:func:`init_gates` reads that layout from the sibling bias and refuses it.
+(:func:`jaxprune.masks.structured`'s ``axes=-1`` likewise means output units
+in flax's layout only.)
 
 The hard masks read from the gates (:func:`unit_masks`, :func:`to_masks`) and
 network slimming (:func:`slimming_penalty`, :func:`slimming_masks`) live in
@@ -46,9 +47,12 @@ from jaxprune.gates_checks import (
     _check_gate_shapes,
     _check_inputs,
     _check_kind,
+    _check_layout,
     _check_not_stacked,
     _input_rows,
+    _is_unit_bias,
     _require_per_unit,
+    _warn_unpaired_bias,
 )
 from jaxprune.gates_kinds import _check_folded
 from jaxprune.gates_masks import (
@@ -132,6 +136,21 @@ def init_gates(
         as ``input_gate_params=`` to :func:`apply_gates`, :func:`penalty`,
         :func:`to_masks` and :func:`linen_apply`. Needs a per-unit kind.
 
+    Per-unit gates take a kernel's last axis as its output units (flax's
+    ``[..., in, out]``; haiku's ``w`` too). A kernel stored ``[out, in]``
+    (equinox's ``eqx.nn.Linear.weight``, PyTorch) or ``[out, in, kh, kw]``
+    (``eqx.nn.Conv2d``) is told by its sibling bias having one entry per entry
+    of axis 0 (``[out]`` or ``[out, 1, 1]``) and is refused with a
+    ``ValueError`` naming it: the gates would scale its input features (a
+    conv's kernel width). A square ``[n, n]`` kernel's bias fits both axes, so
+    it is refused only when another kernel of ``params`` shows ``[out, in]``.
+    Gate such weights stored transposed (output units last), or with a
+    per-weight kind (``VariationalDropout``). The bias gated with a kernel is
+    the sibling leaf named ``bias`` (beside ``kernel``, ``weight`` or any other
+    name) or ``b`` (beside ``w``); a gated kernel with neither, but a 1-D leaf
+    of its units' length beside it (a tuple's ``(w, b)``), is warned about
+    once, since that leaf is left ungated.
+
     Returns:
       ``{path_str(path): {"gate_...": array}}`` in flatten order.
 
@@ -154,6 +173,7 @@ def init_gates(
     flags = prunable_flags(params, where)
     flat, _ = leaves_with_paths(params)
     shapes = {p: tuple(jnp.shape(x)) for p, x in flat}
+    selected = [path_str(p) for (p, x), f in zip(flat, flags, strict=True) if f]
     out = {}
     for i, ((p, x), f) in enumerate(zip(flat, flags, strict=True)):
         if f and jnp.ndim(x) < 2:
@@ -171,6 +191,10 @@ def init_gates(
                 # Input features are the kernel's axis -2; a separate key from the outputs'.
                 x, k = jnp.swapaxes(x, -1, -2), None if k is None else jax.random.fold_in(k, 2)
             out[path_str(p)] = gate.init(x, k)
+    if gate.per_unit:
+        _check_layout("init_gates", selected, shapes, inputs=inputs)
+        if not inputs:
+            _warn_unpaired_bias(selected, shapes)
     return out
 
 
@@ -273,12 +297,18 @@ def apply_gates(
     """Returns ``params`` with the gates applied: sampled with ``key``, test-time without.
 
     Per-unit gates multiply each gated kernel's last axis and its sibling
-    ``bias``; per-weight kinds (variational dropout) perturb the kernel. With
-    ``key=None`` the result is the deterministic model used at test time (the
-    test gates "folded" into the weights). ``input_gate_params``
-    (``init_gates(..., inputs=True)``) multiply the kernels' rows (axis -2),
-    which equals gating the layers' input features; they are sampled with
-    :func:`input_gate_keys`.
+    bias (see :func:`init_gates`), broadcast along the bias's last axis when
+    the bias has the kernel's trailing axes: a DenseGeneral / attention
+    projection's ``[heads, head_dim]`` bias of an ``[in, heads, head_dim]``
+    kernel, as :func:`linen_apply` gates that layer's output. Such a gate has
+    ``head_dim`` units, each shared by all heads (one ``head_dim`` slot across
+    heads), and the structured shrink keeps ``head_dim`` whole, so these
+    units are zeroed, not cut. Per-weight kinds (variational dropout) perturb
+    the kernel. With ``key=None`` the result is the deterministic model used
+    at test time (the test gates "folded" into the weights).
+    ``input_gate_params`` (``init_gates(..., inputs=True)``) multiply the
+    kernels' rows (axis -2), which equals gating the layers' input features;
+    they are sampled with :func:`input_gate_keys`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -300,6 +330,10 @@ def apply_gates(
     _check_gate_params(inputs, index)
     kernels = {name: jnp.asarray(flat[index[name]][1]) for name in gate_params}
     _check_gate_shapes(gate, gate_params, kernels)  # input gates are checked where applied
+    if gate.per_unit:
+        shapes = {p: tuple(jnp.shape(x)) for p, x in flat}
+        _check_layout("apply_gates", sorted(gate_params), shapes)
+        _check_layout("apply_gates", sorted(inputs), shapes, inputs=True)
     keys = gate_keys(gate_params, key) if key is not None else {}
     in_keys = input_gate_keys(inputs, key) if key is not None else {}
     leaves = [x for _, x in flat]
@@ -308,7 +342,14 @@ def apply_gates(
         kernel, scale = gate.apply(gp, jnp.asarray(leaves[i]), keys.get(name))
         leaves[i] = kernel
         b = index.get(path_str(_bias_path(flat[i][0])))
-        if scale is not None and b is not None and jnp.shape(leaves[b]) == scale.shape:
+        # A bias of the kernel's trailing axes ([out], DenseGeneral's [heads, head_dim])
+        # is scaled along its last axis, the units, as the layer's output is.
+        if (
+            scale is not None
+            and b is not None
+            and _is_unit_bias(jnp.shape(kernel), jnp.shape(leaves[b]))
+            and jnp.shape(leaves[b])[-1:] == scale.shape
+        ):
             leaves[b] = leaves[b] * scale.astype(jnp.result_type(leaves[b]))
     for name, gp in inputs.items():
         i = index[name]
@@ -470,6 +511,17 @@ def linen_apply(
     missing = sorted(set(gate_params) - gated) + [
         f"{n}{INPUTS_SUFFIX}" for n in sorted(set(inputs) - gated_inputs)
     ]
+    unkernel = [n for n in missing if n.removesuffix(INPUTS_SUFFIX).split("/")[-1] != "kernel"]
+    if unkernel:
+        # The default where of init_gates takes any 2-D leaf, an nn.Embed table too.
+        raise ValueError(
+            f"linen_apply: the gates {unkernel[:5]} name no 'kernel' param, and linen_apply "
+            "gates the output of the submodule calls whose 'path/kernel' is gated (nn.Dense, "
+            "nn.Conv, nn.DenseGeneral, ...), so these gate nothing. Fix: leave them out with "
+            "init_gates(gate, variables['params'], where=lambda p, x: p[-1] == 'kernel'), or "
+            "gate them with apply_gates(gate, params, gate_params) and "
+            "model.apply({'params': gated}, x)."
+        )
     if missing:
         # A gate on no called layer would silently not gate anything.
         raise ValueError(
