@@ -32,16 +32,16 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import warnings
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import checkpoint_meta as _meta
 from jaxprune import checkpoint_trees as _trees
 from jaxprune import packing
-from jaxprune._tree import leaves_with_paths, path_str
+from jaxprune._tree import path_str
 from jaxprune.checkpoint_orbax import (
     FORMAT_VERSION,
     CheckpointError,
@@ -124,8 +124,15 @@ def save(
         sits at a params leaf's path and is a scalar or of that leaf's shape, or
         is a scalar standing for a whole subtree (as ``jp.get_masks`` returns
         under ``optax.masked``). Float or int masks are stored cast to bool.
+        Masks of a linen ``TrainState``'s params saved with the whole variables
+        (``params={"params": state.params, "batch_stats": state.batch_stats}``)
+        are matched under ``params/`` and recorded there; the other collections
+        get no mask.
       format: ``"dense"`` (params as they are) or ``"compressed"`` (params in
-        the compressed sparse format of :mod:`jaxprune.packing`; restored bitwise).
+        the compressed sparse format of :mod:`jaxprune.packing`; restored
+        bitwise, so a ``-0.0`` outside the masks is kept as a value: a warning
+        names such leaves, and ``params = jp.apply_masks(params, masks)``
+        before saving writes ``+0.0`` there).
       max_to_keep: None (default: keep every step) or an int >= 1: after this
         save, only the ``max_to_keep`` most recently *saved* steps are kept
         (orbax's rule: retention follows save order, not step numbers, so
@@ -142,6 +149,12 @@ def save(
         such as the path ``save`` returned: :func:`restore` and
         :func:`latest_step` read that path as the one step, so a step saved
         under it would never be found. The message names the root to pass.
+
+    Warns:
+      UserWarning: with ``format="compressed"``, params hold ``-0.0`` where
+        their masks are False (masked by ``w * mask``); the message gives the
+        count per leaf, the packed bytes with and without them, and the fix.
+        The save goes ahead, bitwise.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp
@@ -166,8 +179,12 @@ def _save(
     max_to_keep=None,
     *,
     kinds=None,
+    source=None,
 ):
-    """:func:`save`; ``kinds``: the nnx Variable types of ``params`` leaves by path (export)."""
+    """:func:`save`; ``kinds``: the nnx Variable types of ``params`` leaves by path (export).
+
+    ``source``: the checkpoint an export reads, named in the fix of the ``-0.0`` warning.
+    """
     if format not in _meta.FORMATS:
         raise ValueError(
             f"format must be one of {_meta.FORMATS}, got {format!r}. Fix: format='dense' for "
@@ -215,6 +232,8 @@ def _save(
     params, opt_state = _trees.as_state(params), _trees.as_state(opt_state)
     mask_by_path = None
     if masks is not None:
+        # Masks of a linen TrainState's params, saved with the whole variables.
+        masks = _trees.reroot_masks(masks, params)
         fix = None
         if from_opt_state:
             fix = (
@@ -228,6 +247,8 @@ def _save(
     p_arrays, p_specs, hosts = _trees.encode_tree(
         params, mask_by_path, format == "compressed", "params", kinds
     )
+    if format == "compressed" and mask_by_path:
+        _warn_negative_zeros(_trees.masked_negative_zeros(hosts, mask_by_path), source)
     meta: dict[str, Any] = {
         "jaxprune_checkpoint": FORMAT_VERSION,
         "format": format,
@@ -243,6 +264,33 @@ def _save(
         items["masks"], meta["masks"] = _trees.encode_masks(masks, hosts)
     meta["meta_crc32"] = _meta.meta_crc(meta)
     return _write(directory, int(step), items, meta, max_to_keep)
+
+
+def _warn_negative_zeros(found: list, source: Any) -> None:
+    """Warns that params hold ``-0.0`` outside their masks, which the compressed format keeps."""
+    if not found:
+        return
+    total = sum(n for _, n, *_ in found)
+    leaves = "; ".join(
+        f"{k!r}: {n:,} of its {out:,} masked-out entries" for k, n, out, *_ in found[:5]
+    ) + (f"; and {len(found) - 5} more leaves" if len(found) > 5 else "")
+    size, clean = sum(f[3] for f in found), sum(f[4] for f in found)
+    fix = (
+        "params = jp.apply_masks(params, masks) before saving, which writes +0.0 there "
+        "(equal values, ==)"
+        if source is None
+        else f"ckpt = jp.restore({str(source)!r}), then jp.save(dst, ckpt.step, "
+        "jp.apply_masks(ckpt.params, ckpt.masks), masks=ckpt.masks, format='compressed'), "
+        "which writes +0.0 there (equal values, ==)"
+    )
+    warnings.warn(
+        f"params hold {total:,} -0.0 entries where their masks are False ({leaves}). The "
+        "compressed format stores every entry whose bits are not all zero, so that a restore "
+        f"is bitwise: saved as they are, those leaves take {size:,} packed bytes, not {clean:,} "
+        "(-0.0 == 0: sparsity counts them as pruned). Masking by a multiplication (w * mask, as "
+        f"torch.nn.utils.prune does) leaves -0.0 where a negative weight was pruned. Fix: {fix}.",
+        stacklevel=4,  # the caller of save / export
+    )
 
 
 def _locate(directory: str | os.PathLike, step: int | None) -> tuple[pathlib.Path, int]:
@@ -442,13 +490,11 @@ def _restore(directory, step, params=None, opt_state=None) -> tuple[Checkpoint, 
         with _damaged_meta(where):
             m_paths, m_leaves = _masks(meta, items, by_path, where)
             masks_out = _trees.nest(m_paths, m_leaves)
-        if params is not None:
-            # In the params' structure when the masks cover exactly its leaves.
-            flat, treedef = leaves_with_paths(_trees.as_state(params))
-            m_by_path = {path_str(p): m for p, m in zip(m_paths, m_leaves, strict=True)}
-            wanted = [path_str(p) for p, _ in flat]
-            if len(m_by_path) == len(m_paths) and sorted(m_by_path) == sorted(wanted):
-                masks_out = jax.tree.unflatten(treedef, [jnp.asarray(m_by_path[k]) for k in wanted])
+        m_by_path = {path_str(p): m for p, m in zip(m_paths, m_leaves, strict=True)}
+        if params is not None and len(m_by_path) == len(m_paths):
+            # In the params' structure when the masks cover exactly its saved leaves.
+            shaped = _trees.masks_like(params, m_by_path)
+            masks_out = masks_out if shaped is None else shaped
     return Checkpoint(int(step), params_out, opt_out, masks_out, meta["format"], where), meta
 
 
@@ -502,7 +548,15 @@ def export(
     # Read without the model's code, the params are plain dicts: the recorded
     # nnx Variable types are handed on, so `jaxprune inspect` of the export
     # still tells the params from a module's other state.
-    return _save(dst, ckpt.step, ckpt.params, masks=ckpt.masks, format=format, kinds=_kinds(meta))
+    return _save(
+        dst,
+        ckpt.step,
+        ckpt.params,
+        masks=ckpt.masks,
+        format=format,
+        kinds=_kinds(meta),
+        source=ckpt.path,
+    )
 
 
 def disk_bytes(path: str | os.PathLike) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import sys
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -26,12 +28,17 @@ __all__ = [
     "check_array",
     "check_storable",
     "check_unique_paths",
+    "is_storable_leaf",
+    "reroot_masks",
     "mask_lookup",
+    "masked_negative_zeros",
     "variable_kinds",
     "encode_tree",
     "encode_masks",
     "nest",
     "check_template",
+    "passes_through",
+    "masks_like",
     "like",
     "rebuild",
 ]
@@ -64,6 +71,11 @@ def _storable(dtype: np.dtype) -> bool:
     return True
 
 
+def is_storable_leaf(leaf: Any) -> bool:
+    """Returns whether a checkpoint can hold ``leaf``: an array (or stand-in), number or string."""
+    return hasattr(leaf, "dtype") or isinstance(leaf, (bool, int, float, complex, str, bytes))
+
+
 def check_array(leaf: Any, path: tuple, name: str) -> None:
     """Raises ``ValueError`` when ``leaf`` is no array, number or string (a function, an object).
 
@@ -78,13 +90,14 @@ def check_array(leaf: Any, path: tuple, name: str) -> None:
         ...
       ValueError: params leaf 'activation' is a function, not an array: ...
     """
-    if hasattr(leaf, "dtype") or isinstance(leaf, (bool, int, float, complex, str, bytes)):
+    if is_storable_leaf(leaf):
         return
     raise ValueError(
         f"{name} leaf {path_str(path)!r} is a {type(leaf).__name__}, not an array: a checkpoint "
         f"stores arrays only (the model's code rebuilds the rest). Fix: save the arrays only. "
         f"For an equinox module: arrays = eqx.filter(model, eqx.is_array); save(d, step, "
-        f"arrays); to resume, ckpt = restore(d, params=arrays) and model = "
+        f"arrays); to resume, restore(d, params=model) returns the module (its functions "
+        f"taken from the template), or ckpt = restore(d, params=arrays) and model = "
         f"eqx.combine(ckpt.params, model). Otherwise leave that leaf out of {name}."
     )
 
@@ -228,6 +241,44 @@ def encode_tree(
     return arrays, specs, hosts
 
 
+def _parts(path: tuple) -> tuple[str, ...]:
+    return tuple(str(k) for k in path)
+
+
+def reroot_masks(masks: Any, params: Any) -> Any:
+    """Returns ``masks``, or ``{"params": masks}`` when they are masks of linen variables' params.
+
+    Inside a linen ``TrainState``, ``jp.prune`` sees the ``"params"`` collection
+    alone, so ``jp.get_masks(state.opt_state)`` names ``Conv_0/kernel``; the
+    variables saved with their BatchNorm statistics (``{"params": ...,
+    "batch_stats": ...}``) hold that leaf at ``params/Conv_0/kernel``. When
+    ``params`` is a mapping with a ``"params"`` key and every mask leaf sits
+    under ``params["params"]`` (and not at its own path of ``params``), the
+    masks are re-rooted there and the other collections get no mask, as
+    :func:`jaxprune.structure.select` matches groups found on the variables.
+
+    Examples:
+      >>> import numpy as np
+      >>> from jaxprune.checkpoint_trees import reroot_masks
+      >>> variables = {"params": {"w": np.ones(2)}, "batch_stats": {"mean": np.zeros(2)}}
+      >>> reroot_masks({"w": np.array([True, False])}, variables)
+      {'params': {'w': array([ True, False])}}
+      >>> reroot_masks({"params": {"w": True}}, variables)  # already at their paths
+      {'params': {'w': True}}
+    """
+    if not isinstance(params, Mapping) or "params" not in params:
+        return masks
+    m_paths = [_parts(p) for p, _ in leaves_with_paths(masks)[0]]
+    if not m_paths:
+        return masks
+    # A mask sits at a params leaf or stands (as a scalar) for a subtree: any prefix.
+    p_paths = [_parts(p) for p, _ in leaves_with_paths(params)[0]]
+    prefixes = {ks[:n] for ks in p_paths for n in range(len(ks) + 1)}
+    if all(p in prefixes for p in m_paths) or not all(("params", *p) in prefixes for p in m_paths):
+        return masks
+    return {"params": masks}
+
+
 def mask_lookup(masks: Any, params: Any, fix: str | None = None) -> dict[str, np.ndarray]:
     """Returns the bool mask of each params leaf it covers, by path string, after checking.
 
@@ -235,7 +286,9 @@ def mask_lookup(masks: Any, params: Any, fix: str | None = None) -> dict[str, np
     leaf's shape, or be a scalar standing for a whole params subtree (what
     ``jp.get_masks`` gives for a subtree ``optax.masked`` leaves out); such a
     prefix mask is spread over the leaves below it. Params leaves without a
-    mask are fine. Float or int masks are cast to bool.
+    mask are fine. Float or int masks are cast to bool. Masks over linen
+    variables' ``"params"`` collection are re-rooted by the caller
+    (:func:`reroot_masks`), so that the masks recorded sit at the same paths.
 
     Raises:
       ValueError: naming ``masks``, the leaf path, both shapes and ``fix`` (by
@@ -247,7 +300,7 @@ def mask_lookup(masks: Any, params: Any, fix: str | None = None) -> dict[str, np
     m_flat, _ = leaves_with_paths(masks)
     check_unique_paths(m_flat, "masks")
     shapes = {path_str(p): tuple(np.shape(x)) for p, x in p_flat}
-    parts = {path_str(p): tuple(str(k) for k in p) for p, _ in p_flat}
+    parts = {path_str(p): _parts(p) for p, _ in p_flat}
     fix = fix or (
         "Fix: pass the masks of these params, e.g. masks=jp.get_masks(opt_state) of the "
         "jp.prune state that pruned them (a mask is a bool scalar or has its leaf's shape)."
@@ -269,7 +322,7 @@ def mask_lookup(masks: Any, params: Any, fix: str | None = None) -> dict[str, np
                 )
             out[key] = m
             continue
-        prefix = tuple(str(k) for k in path)
+        prefix = _parts(path)
         below = [k for k, ks in parts.items() if ks[: len(prefix)] == prefix]
         if not below:
             raise ValueError(
@@ -284,6 +337,48 @@ def mask_lookup(masks: Any, params: Any, fix: str | None = None) -> dict[str, np
             )
         for k in below:
             out.setdefault(k, m)
+    return out
+
+
+def masked_negative_zeros(
+    hosts: dict[str, np.ndarray], mask_by_path: dict[str, np.ndarray]
+) -> list[tuple[str, int, int, int, int]]:
+    """Returns ``(path, count, masked_out, nbytes, nbytes_clean)`` of each leaf with ``-0.0``
+    where its mask is False.
+
+    The compressed format drops an entry outside the mask only if its bits are
+    all zero, so that a restore is bitwise: a ``-0.0`` (left by masking through
+    a multiplication, ``w * mask``, where a negative weight was pruned) is kept
+    as a value. ``nbytes`` is the leaf's packed size as it is, ``nbytes_clean``
+    with those entries ``+0.0`` (what :func:`jaxprune.apply_masks` writes).
+
+    Examples:
+      >>> import numpy as np
+      >>> from jaxprune.checkpoint_trees import masked_negative_zeros
+      >>> w = np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)
+      >>> m = np.array([[False, True, False, True]])
+      >>> masked_negative_zeros({"w": w * m}, {"w": m})  # the two pruned entries are -0.0
+      [('w', 2, 2, 16, 9)]
+    """
+    out = []
+    for key, m in mask_by_path.items():
+        x = hosts.get(key)
+        if x is None or not x.size or not jnp.issubdtype(x.dtype, jnp.inexact):
+            continue
+        masked_out = ~np.broadcast_to(m, x.shape)
+        neg = masked_out & (x == 0) & packing.support(x)  # == 0 with nonzero bits: -0.0
+        n = int(np.count_nonzero(neg))
+        if n:
+            clean = np.where(neg, np.zeros((), x.dtype), x)
+            out.append(
+                (
+                    key,
+                    n,
+                    int(np.count_nonzero(masked_out)),
+                    packing.packed_nbytes(x, m),
+                    packing.packed_nbytes(clean, m),
+                )
+            )
     return out
 
 
@@ -338,7 +433,12 @@ def describe(spec: dict) -> str:
 
 
 def leaf_desc(x: Any) -> str:
-    """Returns ``dtype[shape]`` of a template leaf, comparable with :func:`describe`."""
+    """Returns ``dtype[shape]`` of a template leaf, comparable with :func:`describe`.
+
+    A leaf no checkpoint can hold (a function, an object) is described by its type.
+    """
+    if not is_storable_leaf(x):
+        return f"a {type(x).__name__} (not an array)"
     dtype = getattr(x, "dtype", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return f"key{list(np.shape(x))}"
@@ -387,14 +487,40 @@ def _scalar_fits(x: Any, saved: str) -> bool:
         return False
 
 
+def _is_equinox_module(x: Any) -> bool:
+    eqx = sys.modules.get("equinox")  # a template that is one has imported it
+    return eqx is not None and isinstance(x, eqx.Module)
+
+
+def passes_through(x: Any, equinox: bool) -> bool:
+    """Whether a template leaf that the checkpoint lacks is handed back as it is.
+
+    A checkpoint stores arrays only (:func:`check_array`), so a function or
+    object leaf of a template (an equinox module's activation) was never
+    saved; nor, with ``equinox`` (the template is an ``eqx.Module``), a Python
+    number such as ``eqx.nn.Dropout``'s ``p``, which
+    ``eqx.filter(model, eqx.is_array)`` leaves out.
+
+    Examples:
+      >>> import jax, numpy as np
+      >>> from jaxprune.checkpoint_trees import passes_through
+      >>> passes_through(jax.nn.relu, False), passes_through(np.ones(2), True)
+      (True, False)
+      >>> passes_through(0.1, False), passes_through(0.1, True)
+      (False, True)
+    """
+    return not is_storable_leaf(x) or (equinox and not hasattr(x, "dtype"))
+
+
 def check_template(specs: list, template: Any, name: str, where: pathlib.Path):
     """Returns ``(flat, treedef, order)`` of ``template`` after checking it matches ``specs``.
 
     ``flat, treedef = leaves_with_paths(template)``; ``order[j]`` is the index in
-    ``specs`` of the saved leaf for ``flat[j]``. Saved leaves are matched to the
-    template's by path, so the order of the leaves does not matter (an export,
-    read without the model's code, stores a NamedTuple's or a dataclass's fields
-    in sorted order).
+    ``specs`` of the saved leaf for ``flat[j]``, or None for a template leaf the
+    checkpoint lacks and :func:`passes_through` (an equinox module's functions).
+    Saved leaves are matched to the template's by path, so the order of the
+    leaves does not matter (an export, read without the model's code, stores a
+    NamedTuple's or a dataclass's fields in sorted order).
 
     Raises:
       ValueError: listing the paths only in the checkpoint, only in the template,
@@ -402,6 +528,14 @@ def check_template(specs: list, template: Any, name: str, where: pathlib.Path):
     """
     flat, treedef = leaves_with_paths(template)
     saved_paths = [path_str(tuple(s["path"])) for s in specs]
+    equinox, saved_set = _is_equinox_module(template), set(saved_paths)
+    # Kept from the template: leaves never saved (functions; an equinox module's numbers).
+    passed = {
+        j
+        for j, (p, x) in enumerate(flat)
+        if passes_through(x, equinox) and path_str(p) not in saved_set
+    }
+    flat_all, flat = flat, [f for j, f in enumerate(flat) if j not in passed]
     wanted_paths = [path_str(p) for p, _ in flat]
     saved = {k: describe(s) for k, s in zip(saved_paths, specs, strict=True)}
     wanted = {k: leaf_desc(x) for k, (_, x) in zip(wanted_paths, flat, strict=True)}
@@ -438,10 +572,42 @@ def check_template(specs: list, template: Any, name: str, where: pathlib.Path):
         )
     if unique:
         index = {k: i for i, k in enumerate(saved_paths)}
-        order = [index[k] for k in wanted_paths]
+        kept = iter([index[k] for k in wanted_paths])
     else:
-        order = list(range(len(specs)))
-    return flat, treedef, order
+        kept = iter(range(len(specs)))
+    order = [None if j in passed else next(kept) for j in range(len(flat_all))]
+    return flat_all, treedef, order
+
+
+def masks_like(template: Any, masks_by_path: dict[str, np.ndarray]) -> Any:
+    """Returns the masks in ``template``'s structure, or None unless they cover its leaves.
+
+    Every template leaf needs a mask, but for a leaf :func:`passes_through`,
+    which gets None (as in ``eqx.filter(model, eqx.is_array)``); every mask
+    must sit at a template leaf.
+
+    Examples:
+      >>> import jax, numpy as np
+      >>> from jaxprune.checkpoint_trees import masks_like
+      >>> masks_like({"w": np.ones(2), "act": jax.nn.relu}, {"w": np.array([True, False])})
+      {'act': None, 'w': Array([ True, False], dtype=bool)}
+      >>> masks_like({"w": np.ones(2), "b": np.ones(2)}, {"w": np.array([True, False])}) is None
+      True
+    """
+    target = as_state(template)
+    flat, treedef = leaves_with_paths(target)
+    equinox = _is_equinox_module(target)
+    out, used = [], 0
+    for p, x in flat:
+        m = masks_by_path.get(path_str(p))
+        if m is not None:
+            out.append(jnp.asarray(m))
+            used += 1
+        elif passes_through(x, equinox):
+            out.append(None)
+        else:
+            return None
+    return jax.tree.unflatten(treedef, out) if used == len(masks_by_path) else None
 
 
 def like(template: Any, x: np.ndarray, spec: dict) -> Any:
@@ -500,7 +666,10 @@ def rebuild(specs, leaves, template, name, where):
     """Returns ``leaves`` in ``template``'s structure (nnx objects updated in place).
 
     Saved leaves are matched to the template's by path, in whatever order each
-    lists them. Without a template: nested dicts keyed by the saved paths.
+    lists them; template leaves never saved (an equinox module's functions, see
+    :func:`passes_through`) are handed back as they are, so a whole equinox
+    module restores as the module. Without a template: nested dicts keyed by
+    the saved paths.
     """
     if template is None:
         keys = [
@@ -510,7 +679,10 @@ def rebuild(specs, leaves, template, name, where):
         return nest([tuple(s["path"]) for s in specs], keys)
     target = as_state(template)
     flat, treedef, order = check_template(specs, target, name, where)
-    new = [like(t, leaves[i], specs[i]) for (_, t), i in zip(flat, order, strict=True)]
+    new = [
+        t if i is None else like(t, leaves[i], specs[i])
+        for (_, t), i in zip(flat, order, strict=True)
+    ]
     out = jax.tree.unflatten(treedef, new)
     if is_nnx_object(template):
         nnx.update(template, out)

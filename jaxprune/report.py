@@ -1,25 +1,45 @@
 """Reports of a pruned model: per-leaf sparsity, dense and compressed bytes, FLOPs.
 
 Honest numbers (DESIGN.md, decision 10): *sparsity* is the fraction of zero
-entries after the masks are applied; *compressed bytes* are those of the
-smallest exact encoding of :mod:`jaxprune.packing` of the masked leaf, packed
-with its mask (what ``jp.save`` and ``jaxprune export --format compressed``
-write for params that are zero where their masks are False, as ``jp.prune``
-keeps them; a scalar mask keeps its leaf dense); *dense FLOPs* come from XLA's
-cost analysis of the lowered apply function (which counts the body of a
-``lax.scan`` / ``while_loop`` once, whatever its trip count: the MAC counts
-below multiply a scan's body by its length, while a ``while_loop``'s trip
-count is not in the jaxpr and its body counts once); FLOPs and MACs are
-those of the whole ``example_inputs`` batch; *nonzero MACs* follow ShrinkBench:
-the multiply-adds of convolutions and matrix products (read from the jaxpr's
-``conv_general_dilated`` and ``dot_general``), each scaled by the density of the
-parameter it multiplies, followed through reshapes, slices and gathers of its
-parts (a stacked layer's ``w[i]``, experts' kernels ``experts[ids]``, columns
-``w[:, idx]``). A gather of 1-D rows along the leading axis (``table[ids]``)
-is taken for an embedding lookup, whose result is an activation; rows of a 2-D
-kernel picked the same way (``w[idx]``) look alike, and the matmul that reads
-them counts as dense. Unstructured sparsity on dense hardware gives no speedup:
-nonzero MACs are what a sparse kernel could skip, not a measured time.
+entries after the masks are applied (a ``-0.0`` counts as zero); *compressed
+bytes* are what ``jp.save(format="compressed")`` and ``jaxprune export
+--format compressed`` store for the masked leaf, packed with its mask by the
+smallest exact encoding of :mod:`jaxprune.packing` (a scalar mask keeps its
+leaf dense), plus the mask's bits where the checkpoint needs them. That
+encoding restores bit for bit, so it keeps every entry whose bits are not
+``+0.0``: a ``-0.0`` left by masking with ``w * mask`` (as
+``torch.nn.utils.prune`` does) counts as pruned in the sparsity but is stored,
+and in the bytes; each row's ``stored_zeros`` counts them, the table names
+them, and ``jp.apply_masks(params, masks)`` turns them into ``+0.0``. Values
+outside their masks that are not zero yet (``unzeroed``) are counted and
+packed as zeros, as ``jp.prune`` keeps them: ``jp.save`` of such params stores
+them unless they are masked first. *Dense FLOPs* come from XLA's cost analysis
+of the lowered apply function, which counts the body of a loop (``lax.scan``,
+``fori_loop``, ``while_loop``, ``nn.scan``, ``nnx.scan``) once whatever its
+trip count: ``flops["loops"]`` counts such loops, and the table then says to
+read the MACs, which multiply a scan's body by its length (a
+``while_loop``'s trip count is not in the jaxpr and its body counts once).
+FLOPs and MACs are those of the whole ``example_inputs`` batch. *Nonzero MACs*
+follow ShrinkBench: the multiply-adds of convolutions and matrix products
+(read from the jaxpr's ``conv_general_dilated`` and ``dot_general``), each
+scaled by the density of the parameter it multiplies, followed through
+reshapes, negation, ``stop_gradient``, slices and gathers of its parts (a
+stacked layer's ``w[i]``, experts' kernels ``experts[ids]``, columns
+``w[:, idx]``), scaling and masking (``w * c``, ``w / c``, flax's
+``WeightNorm`` and ``SpectralNorm``, a folded BatchNorm ``w * gamma``: the
+lowest density of the params multiplied, an upper bound), and kernels built
+by ``concatenate`` of params (flax's ``OptimizedLSTMCell``, a fused QKV) or a
+zero ``pad`` (the size-weighted density of the parts). A gather of 1-D rows
+along the leading axis (``table[ids]``) is taken for an embedding lookup,
+whose result is an activation; rows of a 2-D kernel picked the same way
+(``w[idx]``) look alike, and the matmul that reads them counts as dense. A
+regular conv's MACs count every kernel tap of every output, the taps over its
+zero padding included (ShrinkBench's convention, and that of published counts
+such as ResNet-50's 4.1 GMACs); a transposed conv's only the taps on real
+input pixels (not the zeros inserted between them). XLA counts neither
+padded nor inserted taps: ``flops["padded_macs"]`` is the part of
+``dense_macs`` over padding. Unstructured sparsity on dense hardware gives no
+speedup: nonzero MACs are what a sparse kernel could skip, not a measured time.
 
 References:
   Blalock et al., "What is the State of Neural Network Pruning?" (ShrinkBench),
@@ -34,7 +54,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -63,6 +83,13 @@ class LeafRow:
     compressed_bytes: int
     encoding: str  # the packing kind: dense, slices, nm or bitmask
     masked: bool  # whether a mask array was given for this leaf
+    # Pruned entries (outside the mask, or zeros without one) that a checkpoint still
+    # stores, since their bits are not +0.0: a -0.0 left by masking with w * mask.
+    # They are in compressed_bytes.
+    stored_zeros: int = 0
+    # Entries outside the mask that are not zero yet: counted (and packed) as zeroed,
+    # as jp.prune keeps them; jp.save would store them unless they are zeroed first.
+    unzeroed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +151,20 @@ class Report:
             f"({_ratio(tot['compression'], 'compression ', 'all pruned')}){masked}; "
             f"compressed / dense bytes {tot['bytes_ratio']:.3f}"
         ]
+        if tot.get("stored_zeros"):
+            lines.append(
+                f"{int(tot['stored_zeros']):,} pruned entries are -0.0 (left by masking with "
+                "w * mask): counted as zeros, but a checkpoint stores them (its restore is "
+                "bitwise), so they are in the compressed bytes; jp.apply_masks(params, masks), or "
+                "without masks jax.tree.map(lambda x: jnp.where(x == 0, 0, x), params), makes "
+                "them +0.0"
+            )
+        if tot.get("unzeroed"):
+            lines.append(
+                f"{int(tot['unzeroed']):,} entries outside their masks are not zero yet: "
+                "counted and packed as zeros (as jp.prune keeps them); jp.save stores them "
+                "as they are unless params = jp.apply_masks(params, masks) first"
+            )
         if self.flops:
             f = self.flops
             fewer = (
@@ -131,9 +172,22 @@ class Report:
                 if not f["dense_macs"]
                 else _ratio(f["mac_reduction"], "", "all pruned", " fewer")
             )
+            loops = f.get("loops", 0)
+            xla = (
+                f"XLA FLOPs (dense; {loops} loop{'s' if loops > 1 else ''} whose body XLA "
+                "counts once, whatever the trip count: read the MACs)"
+                if loops
+                else "XLA FLOPs (dense)"
+            )
+            padded = (
+                f"; {f['padded_macs']:,.0f} of the dense MACs read conv padding, which XLA "
+                "does not count"
+                if f.get("padded_macs")
+                else ""
+            )
             lines.append(
-                f"XLA FLOPs (dense) {f['xla_flops']:,.0f}; conv+dense MACs {f['dense_macs']:,.0f}"
-                f" dense, {f['nonzero_macs']:,.0f} nonzero ({fewer})"
+                f"{xla} {f['xla_flops']:,.0f}; conv+dense MACs {f['dense_macs']:,.0f}"
+                f" dense, {f['nonzero_macs']:,.0f} nonzero ({fewer}){padded}"
             )
         t.caption = "\n".join(lines)
         return t
@@ -158,10 +212,36 @@ def _mask_lookup(params: Any, masks: Any, others: frozenset = frozenset()) -> di
 
     Masks over an nnx model's whole state (``structure.select`` on the state of
     ``structure.module_apply``, BatchNorm statistics included) are taken: the
-    masks of those other leaves are left out of the report's rows.
+    masks of those other leaves are left out of the report's rows. Masks over
+    the ``"params"`` collection of linen variables (``jp.get_masks`` of a
+    ``jp.prune`` inside a ``TrainState``, reported with the variables that hold
+    ``batch_stats`` too) are matched under ``params/`` (the other collections
+    unmasked), as ``structure`` matches groups found on the variables.
     """
     if masks is None:
         return {}
+    try:
+        return _lookup(params, masks, others)
+    except ValueError as e:
+        # Linen variables ({"params": ..., "batch_stats": ...}) with masks over params.
+        if not (
+            isinstance(params, Mapping)
+            and isinstance(params.get("params"), Mapping)
+            and not (isinstance(masks, Mapping) and "params" in masks)
+        ):
+            raise
+        try:
+            inner = _lookup(params["params"], masks, frozenset())
+        except ValueError:
+            raise ValueError(
+                f"{e} (Nor do they fit params['params']. For linen variables with more "
+                "collections, pass masks={'params': jp.get_masks(opt_state), "
+                "'batch_stats': True}.)"
+            ) from None
+        return {f"params/{k}": m for k, m in inner.items()}
+
+
+def _lookup(params: Any, masks: Any, others: frozenset) -> dict[str, np.ndarray]:
     # A scalar mask standing for a subtree (jp.get_masks under optax.masked).
     masks = _broadcast_prefix(params, masks)
     flat, _ = leaves_with_paths(masks)
@@ -209,10 +289,16 @@ def report(
       params: any pytree of arrays, or an nnx ``Module`` (its ``nnx.Param`` leaves).
       masks: optional masks (e.g. ``jp.get_masks(opt_state)``), matched to
         ``params`` by leaf path; scalar masks leave a leaf dense. Without masks a
-        leaf's sparsity is its fraction of exact zeros.
+        leaf's sparsity is its fraction of exact zeros. Masks over the
+        ``"params"`` collection of linen variables (``{"params", "batch_stats"}``)
+        are matched under ``params/``.
       apply_fn: optional ``apply_fn(params, *example_inputs)``; with it the
-        report adds XLA's dense FLOPs and the conv/dense MACs, dense and
-        density-scaled. For an nnx ``Module`` it defaults to calling the module.
+        report's ``flops`` holds ``xla_flops`` (XLA's dense FLOPs, loop bodies
+        once), ``loops`` (loops whose body ``xla_flops`` counts once),
+        ``dense_macs`` and ``nonzero_macs`` (the conv/dense MACs, dense and
+        density-scaled), ``mac_reduction`` (their ratio) and ``padded_macs``
+        (the part of ``dense_macs`` over conv padding). For an nnx ``Module``
+        it defaults to calling the module.
       example_inputs: the inputs (one array or a tuple) to trace ``apply_fn`` with.
 
     Examples:
@@ -244,17 +330,28 @@ def report(
         key = path_str(path)
         mask = mask_of.get(key)
         masked = mask is not None and mask.ndim > 0
+        nonzero = x.astype(bool)  # -0.0 is zero here, as in np.count_nonzero
+        # Entries a mask (or, without one, the count of zeros) prunes.
+        dropped = ~np.broadcast_to(mask, x.shape) if mask is not None else np.True_
+        unzeroed = 0
         if masked:
-            x = np.where(mask, x, np.zeros((), x.dtype))
-        # Bytes and encoding as a compressed checkpoint stores the masked leaf with
-        # its mask (a scalar mask included, as jp.save does).
+            # Counts after the masks. A value outside its mask that is not zero yet
+            # is taken as zeroed, as jp.prune keeps them (and jp.apply_masks makes
+            # them): the bytes are those of the pruned leaf.
+            unzeroed = int(np.count_nonzero(nonzero & dropped))
+            x = np.where(dropped & nonzero, np.zeros((), x.dtype), x)
+            nonzero &= ~dropped
+        # Bytes as jp.save packs the leaf with its mask: every entry whose bits are
+        # not +0.0 is stored (the restore is bitwise), a -0.0 outside the mask too.
         arrays, spec = packing.pack_leaf(x, mask)
         stored = sum(a.nbytes for a in arrays.values())
-        if masked and mask.size and not np.array_equal(packing.support(x), mask):
+        bits = packing.support(x)
+        if masked and mask.size and not np.array_equal(bits, mask):
             # The checkpoint then also stores the mask's bits (entries kept at 0:
-            # regrown weights, int8 weights rounding to 0); see encode_masks.
+            # regrown weights, int8 weights rounding to 0, -0.0 outside the mask);
+            # see encode_masks.
             stored += -(-mask.size // 8)
-        nonzeros = int(np.count_nonzero(x))
+        nonzeros = int(np.count_nonzero(nonzero))
         rows.append(
             LeafRow(
                 path=key,
@@ -267,6 +364,8 @@ def report(
                 compressed_bytes=int(stored),
                 encoding=spec["kind"],
                 masked=masked,
+                stored_zeros=int(np.count_nonzero(bits & ~nonzero & dropped)),
+                unzeroed=unzeroed,
             )
         )
     totals = _totals(rows)
@@ -324,6 +423,8 @@ def _totals(rows: Sequence[LeafRow]) -> dict[str, float]:
         "dense_bytes": dense,
         "compressed_bytes": comp,
         "bytes_ratio": comp / dense if dense else 1.0,
+        "stored_zeros": sum(r.stored_zeros for r in rows),
+        "unzeroed": sum(r.unzeroed for r in rows),
     }
 
 
