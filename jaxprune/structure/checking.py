@@ -71,7 +71,8 @@ class ApplyFailure(ValueError):
     """The model (``apply_fn``) fails to run on the shrunk params."""
 
     def __init__(self, err: Exception, how: str = "shrink", groups: str | None = None):
-        named = "" if groups is None else f" Cutting one group alone already breaks it: {groups}."
+        # groups: _named's sentence naming the culprits, up to its final period.
+        named = "" if groups is None else f" {groups}."
         super().__init__(
             f"apply_fn fails on the shrunk params ({type(err).__name__}: {err}).{named} "
             f"{_APPLY_FIX[how]}"
@@ -123,7 +124,7 @@ _WIDTH_NUMBER = (
 class OutputMismatch(ValueError):
     """The shrunk network computes something other than the masked one."""
 
-    def __init__(self, diff: float | None, groups: str | None = None):
+    def __init__(self, diff: float | None, groups: str | None = None, several: bool = False):
         head = (
             "the shrunk network's outputs differ from the masked network's (max abs "
             f"difference {'shapes differ' if diff is None else diff})."
@@ -136,26 +137,28 @@ class OutputMismatch(ValueError):
             )
         else:
             msg = (
-                f"{head} Cutting one group alone already changes them: {groups}. Likely "
-                f"cause: {_WIDTH_NUMBER}. Fix: select without that group, e.g. "
+                f"{head} {groups}. Likely cause: {_WIDTH_NUMBER}. Fix: select without "
+                f"{'those groups' if several else 'that group'}, e.g. "
                 "structure.select([g for g in groups if g not in bad], scores, sparsity)."
             )
         super().__init__(msg)
         self.diff = diff
 
 
-def _culprits(check, params, removed, prog) -> list[Group]:
-    """Returns the groups whose cut alone changes the outputs (one re-plan per cut group).
+def _culprits(check, params, removed, prog) -> tuple[list[Group], int]:
+    """Returns ``(groups whose cut alone fails the check, number of groups cut)``.
 
     ``removed`` and ``prog`` are :func:`plan`'s; ``check(masks)`` shrinks by
-    ``masks`` and raises ``ValueError`` when the result fails its check. Run
-    only after a failed check, to name the groups in the error.
+    ``masks`` and raises ``ValueError`` when the result fails its check. Each
+    cut group is re-planned alone (masks that cut only its removed channels).
+    Run only after a failed check, to name the groups in the error.
     """
     flat, treedef = leaves_with_paths(params)
-    out = []
+    out, tried = [], 0
     for g in find_groups(prog, warn=False).groups:
         if not g.prunable or not any(removed.get((m.leaf, m.axis)) for m in g.members):
             continue
+        tried += 1
         one = [np.ones(np.shape(x), bool) for _, x in flat]
         for m in g.members:
             idx = sorted(removed.get((m.leaf, m.axis), ()))
@@ -167,7 +170,7 @@ def _culprits(check, params, removed, prog) -> list[Group]:
             check(jax.tree.unflatten(treedef, one))
         except ValueError:
             out.append(g)
-    return out
+    return out, tried
 
 
 def _members(g: Group, prog: Program, shown: int = 4) -> str:
@@ -185,21 +188,84 @@ def _members(g: Group, prog: Program, shown: int = 4) -> str:
     return names + (f" (+{len(ms) - shown} more)" if len(ms) > shown else "")
 
 
-def _named(err, groups: list[Group], prog: Program, layers=None):
+def _grouped_convs(groups: list[Group], prog: Program) -> str:
+    """Returns the grouped and depthwise convs whose kernel is in ``groups``, for a message.
+
+    Their ``feature_group_count`` is a static number in the traced program; a
+    model that keeps it in an attribute (``nnx.Conv`` run through
+    ``nnx.merge``, linen's ``Conv``) fails on a shrunk kernel, the usual reason
+    a plain ``apply_fn`` cannot run a shrunk depthwise stage.
+    """
+    producers = {o: i for i, e in enumerate(prog.eqns) for o in e.outs}
+    leaf_of = {v: k for k, v in enumerate(prog.param_ids)}
+    members = {m.leaf for g in groups for m in g.members}
+    found = []
+    for e in prog.eqns:
+        count = (
+            e.params.get("feature_group_count", 1) if e.prim.name == "conv_general_dilated" else 1
+        )
+        if count == 1:
+            continue
+        v = e.ins[1]
+        while v not in leaf_of and v in producers and len(prog.eqns[producers[v]].ins) == 1:
+            v = prog.eqns[producers[v]].ins[0]  # through casts and reshapes
+        if leaf_of.get(v) in members:
+            dn = e.params["dimension_numbers"]
+            kind = "depthwise" if count == prog.shapes[e.ins[0]][dn.lhs_spec[1]] else "grouped"
+            name = path_str(prog.param_paths[leaf_of[v]])
+            entry = f"the {kind} conv with kernel {name} (feature_group_count={count})"
+            if entry not in found:
+                found.append(entry)
+    return ", ".join(found)
+
+
+def _named(err, groups: list[Group], prog: Program, layers=None, tried: int | None = None):
     """Returns ``err`` (an OutputMismatch or ApplyFailure) naming ``groups`` (or ``err``).
 
+    ``groups`` are :func:`_culprits`'s, each of which fails the check when cut
+    alone; ``tried`` is how many groups were cut in all. Each group is named by
+    its members (``leaf[axis]``), so the sentence says how many groups that
+    list is and of how many, lest one group's members read as several groups.
     ``layers(groups)``, when given, names the layers of those groups that the
-    entry point cannot adapt (``""`` if none); an :class:`ApplyFailure` says so.
+    entry point cannot adapt (``""`` if none); an :class:`ApplyFailure` says so,
+    and otherwise (plain ``jp.shrink``) names the grouped convs in them.
     """
     if not groups:
         return err
-    names = "; ".join(_members(g, prog) for g in groups)
+    n = len(groups)
+    tried = max(tried or n, n)
+    if n == 1:
+        size = len(groups[0].members)
+        one = f"(named by its {size} member{'s' if size > 1 else ''}, leaf[axis]) cut alone"
+        lead = (
+            f"Of the {tried} groups the masks cut, one group {one}"
+            if tried > 1
+            else f"The masks cut one group, and that group {one}"
+        )
+        verb = "already breaks it" if isinstance(err, ApplyFailure) else "already changes them"
+        names = _members(groups[0], prog)
+    else:
+        some = ("both" if n == 2 else f"all {n}") if n == tried else str(n)
+        lead = f"Of the {tried} groups the masks cut, {some}"
+        effect = "break it" if isinstance(err, ApplyFailure) else "change them"
+        verb = f"{effect}, each when cut alone (groups named by their members, leaf[axis])"
+        names = "; ".join(f"({k}) {_members(g, prog)}" for k, g in enumerate(groups, 1))
+    text = f"{lead} {verb}: {names}"
     if isinstance(err, ApplyFailure):
+        it, they = ("it", "It holds") if n == 1 else ("them", "They hold")
         suspects = layers(groups) if layers is not None else ""
         if suspects:
-            names += (
-                f". Of the layers in {'it' if len(groups) == 1 else 'them'}, shrink_module "
-                f"does not update the width attributes of {suspects}"
+            text += (
+                f". Of the layers in {it}, shrink_module does not update the width "
+                f"attributes of {suspects}"
             )
-        return ApplyFailure(err.err, err.how, names)
-    return OutputMismatch(err.diff, names)
+        elif err.how == "shrink":
+            convs = _grouped_convs(groups, prog)
+            if convs:
+                text += (
+                    f". {they} {convs}, which a "
+                    "layer keeping feature_group_count in an attribute (nnx.Conv run through "
+                    "nnx.merge, linen Conv) cannot run cut"
+                )
+        return ApplyFailure(err.err, err.how, text)
+    return OutputMismatch(err.diff, text, several=n > 1)

@@ -18,6 +18,7 @@ changed shape raises a ``ValueError`` that names it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -100,7 +101,9 @@ def linen_apply(module: nn.Module, *, method: Any = None, rngs: Any = None, **kw
         known to jaxprune (the message names the layer and the fix), or the
         call draws random numbers without ``rngs`` (Dropout in train mode) or
         updates an immutable collection (BatchNorm in train mode): pass the
-        eval-mode ``kwargs``, e.g. ``train=False``.
+        eval-mode ``kwargs``, e.g. ``train=False``; or the module reads a
+        collection ``variables`` lack (BatchNorm's ``batch_stats`` when given
+        ``variables["params"]`` alone): pass the full variables.
 
     Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxprune as jp
@@ -149,6 +152,19 @@ def linen_apply(module: nn.Module, *, method: Any = None, rngs: Any = None, **kw
                 "statistics. Fix: pass the eval-mode arguments, e.g. "
                 "structure.linen_apply(module, train=False) or use_running_average=True."
             ) from err
+        except flax_errors.ScopeCollectionNotFound as err:
+            # The params alone of a model with state (BatchNorm's batch_stats): the
+            # eval-mode call reads the running statistics from that collection.
+            found = re.search(r'collection "([^"]+)"', str(err))
+            col = found.group(1) if found else "a collection"
+            raise ValueError(
+                f"{type(module).__name__} reads the {col!r} collection, which the variables "
+                f"passed lack (they hold {_collections(variables)}; {err}). Fix: pass the "
+                f"full variables from module.init, {{'params': ..., {col!r}: ...}}, e.g. "
+                "structure.groups(structure.linen_apply(module, train=False), variables, x) "
+                "or structure.shrink_linen(module, variables, masks, x, train=False); "
+                "masks may stay over variables['params']."
+            ) from err
         except flax_errors.ScopeParamShapeError as err:
             raise AdaptError(
                 f"a layer of {type(module).__name__} has params of a new shape that "
@@ -163,6 +179,13 @@ def linen_apply(module: nn.Module, *, method: Any = None, rngs: Any = None, **kw
 
 def _call_args(kwargs: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no keyword arguments"
+
+
+def _collections(variables: Any) -> str:
+    if _is_variables(variables):
+        names = ", ".join(repr(c) for c in variables)
+        return f"the collection{'s' if len(variables) > 1 else ''} {names}"
+    return "the 'params' collection alone"
 
 
 def _is_variables(tree: Any) -> bool:

@@ -136,8 +136,56 @@ class _Builder:
         return [read(v) for v in jaxpr.outvars]
 
 
+def _static_fix(value: Any) -> str:
+    """Returns examples of passing ``value`` as a static keyword rather than an example input."""
+    kw = f"{'train' if isinstance(value, bool) else 'name'}={value!r}"
+    return (
+        f"structure.linen_apply(module, {kw}), structure.shrink_linen(module, variables, "
+        f"masks, x, {kw}), or a function closing over it (apply_fn = lambda p, x: "
+        f"model.apply(p, x, {value!r}))"
+    )
+
+
+def _python_scalars(example_inputs: tuple, types: tuple) -> list[tuple[str, Any]]:
+    """Returns ``(position, value)`` of each leaf of ``example_inputs`` of one of ``types``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(example_inputs)
+    return [(jax.tree_util.keystr(k), x) for k, x in flat if isinstance(x, types)]
+
+
+def _refuse_static_inputs(example_inputs: tuple) -> None:
+    """Raises a ``ValueError`` naming the first Python bool or str among ``example_inputs``.
+
+    Every example input is traced as an array, so a positional flag
+    (``model.apply(v, x, False)``) reaches the model as an abstract bool that
+    ``if train:`` or ``not train`` cannot read, and a string cannot be traced at
+    all: either way the model's own error would blame the batch. ``None`` is an
+    empty pytree that passes through untraced, and numbers may be real inputs,
+    so only these two are refused up front.
+    """
+    found = _python_scalars(example_inputs, (bool, str))
+    if found:
+        where_, value = found[0]
+        raise ValueError(
+            f"example_inputs{where_} is the Python {type(value).__name__} {value!r}, a static "
+            "setting rather than an array: the dependency analysis traces "
+            "apply_fn(params, *example_inputs) with every example input as an abstract array, "
+            "so a flag the model branches on (train, deterministic) cannot be read. Fix: pass "
+            f"it by keyword to the apply function instead, e.g. {_static_fix(value)}; and pass "
+            "only arrays (a small batch) as example inputs."
+        )
+
+
 def trace(apply_fn: Any, params: Any, *example_inputs: Any) -> Program:
     """Returns the flat :class:`Program` of ``apply_fn(params, *example_inputs)``.
+
+    Every leaf of ``example_inputs`` is traced as an abstract array (``None``
+    is an empty pytree and passes through as it is).
+
+    Raises:
+      ValueError: an example input is a Python ``bool`` or ``str`` (a static
+        setting such as a positional ``train`` flag, named with its position
+        and the fix: pass it by keyword, e.g. ``linen_apply(module,
+        train=False)``), or ``apply_fn`` cannot be traced on the inputs.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -149,6 +197,7 @@ def trace(apply_fn: Any, params: Any, *example_inputs: Any) -> Program:
       >>> [prog.shapes[i] for i in prog.output_ids]
       [(1, 2)]
     """
+    _refuse_static_inputs(example_inputs)
     flat, treedef = leaves_with_paths(params)
     leaves = [x for _, x in flat]
     in_leaves, in_def = jax.tree.flatten(example_inputs)
@@ -161,6 +210,18 @@ def trace(apply_fn: Any, params: Any, *example_inputs: Any) -> Program:
     except TypeError as err:
         if example_inputs:
             shapes = [tuple(jnp.shape(x)) for x in in_leaves]
+            scalars = _python_scalars(example_inputs, (int, float, complex))
+            if scalars:
+                # A number the model uses as a static value (a shape, a loop count):
+                # traced, it is an abstract array, and the batch is not the problem.
+                where_, value = scalars[0]
+                raise ValueError(
+                    f"apply_fn(params, *example_inputs) fails ({type(err).__name__}: {err}), "
+                    f"and example_inputs{where_} is the Python {type(value).__name__} "
+                    f"{value!r}, which the dependency analysis traces as an array like every "
+                    "example input. Fix: if the model takes it as a static setting, pass it by "
+                    f"keyword to the apply function, e.g. {_static_fix(value)}."
+                ) from err
             raise ValueError(
                 f"apply_fn(params, *example_inputs) fails with example inputs of shapes "
                 f"{shapes} ({type(err).__name__}: {err}). The dependency analysis traces the "

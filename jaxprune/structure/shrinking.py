@@ -453,13 +453,13 @@ def _check_naming(
     try:
         check_as(masks, small)
     except (OutputMismatch, ApplyFailure) as err:
-        groups = _culprits(
+        groups, tried = _culprits(
             lambda m: check_as(m, _shrink(apply_fn, params, m, example_inputs)[0]),
             params,
             removed,
             prog,
         )
-        raise _named(err, groups, prog, layers) from err
+        raise _named(err, groups, prog, layers, tried) from err
 
 
 def widths(params: Any, small: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
