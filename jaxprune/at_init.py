@@ -1,12 +1,23 @@
 """Pruning at initialization: SNIP, GraSP and SynFlow choose a mask before training.
 
-Each returns scores (higher kept) or, for the iterative SynFlow, masks, so the
-result feeds any selection (``jp.masks.topk``, ``jp.masks.global_topk``) or a
-``jp.prune`` whose criterion returns the precomputed scores.
+Each returns scores (higher kept) or, for the iterative SynFlow, masks. Scores
+feed any selection (``jp.masks.topk``, ``jp.masks.global_topk``); masks chosen
+here (SynFlow's, or a selection of the scores) train with ``jp.prune`` through a
+``scope`` that returns them, which holds them fixed::
+
+    masks = jp.at_init.synflow(apply_fn, params, (1, 784), 0.9)
+    tx = jp.prune(optax.adam(1e-3), sparsity=0.9,
+                  scope=lambda scores, sparsity, where=None: masks)
+
+(a ``criterion`` returning the masks is refused: a criterion returns scores
+with the params' shapes, and masks hold a scalar ``True`` for the leaves
+``where`` leaves out).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -18,7 +29,15 @@ import optax
 
 from jaxprune import _counts
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, as_int, flagged, leaves_with_paths, path_str, prunable_flags
+from jaxprune._tree import (
+    Where,
+    as_float,
+    as_int,
+    flagged,
+    leaves_with_paths,
+    path_str,
+    prunable_flags,
+)
 
 __all__ = ["snip", "grasp", "synflow_scores", "synflow"]
 
@@ -36,6 +55,12 @@ def snip(loss_fn: Callable[..., jax.Array], params: optax.Params, *batch: Any) -
       computed with float16 params widened to float32 (float16 products of
       small weights and gradients would underflow to 0).
 
+    Raises:
+      ValueError: a leaf of ``params`` is not floating (an integer step
+        counter: pass only the params); or, outside a trace, a score is inf
+        or nan (a NaN/inf in the batch or the params, or a loss that
+        overflows), where a selection would pick the masks by flatten order.
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> loss = lambda p, x: jnp.sum(p["w"] * x)
@@ -46,16 +71,23 @@ def snip(loss_fn: Callable[..., jax.Array], params: optax.Params, *batch: Any) -
       Lee, Ajanthan & Torr, "SNIP: Single-shot Network Pruning based on
       Connection Sensitivity", 2019. https://arxiv.org/abs/1810.02340
     """
+    _check_differentiable(params, "snip")
     # float16 widened: a float16 product of small weights and gradients
     # underflows to 0, and flatten order would then pick the mask.
     wide = _widened(params)
     grads = jax.grad(loss_fn)(wide, *batch)
     s = jax.tree.map(lambda w, g: jnp.abs(w * g).astype(jnp.float32), wide, grads)
+    _check_scores_finite(s, "snip", "|w * dL/dw|")
     total = sum(jnp.sum(x) for x in jax.tree.leaves(s))
     return jax.tree.map(lambda x: x / jnp.maximum(total, 1e-30), s)
 
 
-def grasp(loss_fn: Callable[..., jax.Array], params: optax.Params, *batch: Any) -> optax.Params:
+def grasp(
+    loss_fn: Callable[..., jax.Array],
+    params: optax.Params,
+    *batch: Any,
+    temperature: float | None = None,
+) -> optax.Params:
     """Returns GraSP scores to keep: ``w * (H g)``, the negation of the paper's ``-w * (H g)``.
 
     GraSP removes the weights whose removal least reduces the gradient flow,
@@ -64,21 +96,131 @@ def grasp(loss_fn: Callable[..., jax.Array], params: optax.Params, *batch: Any) 
     product (``jax.jvp`` of ``jax.grad``) with ``g`` held fixed, computed with
     float16 params widened to float32 (in float16, ``H g`` underflows to 0).
 
+    The authors' code computes ``g`` and ``H g`` on the cross-entropy of the
+    logits divided by a temperature ``T = 200`` (the paper does not mention
+    it). The default here is the plain loss (``T = 1``); pass
+    ``temperature=200.0`` and a ``loss_fn`` that takes a ``temperature``
+    keyword and divides its logits by it, as the official code does. Measured
+    on a small VGG with BatchNorm (16-32 channels) on 8x8 digits, 256
+    calibration images, global selection, 150 Adam steps: test accuracy
+    0.214 at 90% sparsity with ``T = 1`` against 0.531 with ``T = 200``
+    (random masks 0.227, SNIP 0.728); at 50%, 0.834 and 0.824.
+
+    Args:
+      loss_fn: ``loss_fn(params, *batch) -> scalar``; with ``temperature``,
+        ``loss_fn(params, *batch, temperature=T)``, the loss of the logits
+        divided by ``T``.
+      params: the initialized params.
+      *batch: one batch of data passed to ``loss_fn``.
+      temperature: ``None`` (default: ``loss_fn`` is called as it is) or a
+        positive float passed to ``loss_fn`` as ``temperature=``; the official
+        code uses 200.
+
+    Returns:
+      float32 scores with the params' structure.
+
+    Raises:
+      ValueError: ``temperature`` is not a positive number, or ``loss_fn``
+        takes no ``temperature`` keyword while one is given; a leaf of
+        ``params`` is not floating; or, outside a trace, a score is inf or nan.
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> loss = lambda p, x: 0.5 * jnp.sum(x * p["w"] ** 2)   # H = diag(x), g = x * w
       >>> jp.at_init.grasp(loss, {"w": jnp.array([1., 2.])}, jnp.array([3., 1.]))["w"].tolist()
       [9.0, 4.0]
 
+      With the official code's temperature, ``loss_fn`` divides its logits by it:
+
+      >>> loss_t = lambda p, x, temperature: 0.5 * jnp.sum(x * (p["w"] / temperature) ** 2)
+      >>> jp.at_init.grasp(loss_t, {"w": jnp.array([1., 2.])}, jnp.array([3., 1.]),
+      ...                  temperature=2.0)["w"].tolist()  # H = diag(x) / 4, g = x * w / 4
+      [0.5625, 0.25]
+
     References:
       Wang, Zhang & Grosse, "Picking Winning Tickets Before Training by
       Preserving Gradient Flow", 2020. https://arxiv.org/abs/2002.07376
+      Official code (``T = 200``): https://github.com/alecwangcq/GraSP
     """
-    grad_fn = jax.grad(lambda p: loss_fn(p, *batch))
+    _check_differentiable(params, "grasp")
+    if temperature is None:
+        grad_fn = jax.grad(lambda p: loss_fn(p, *batch))
+    else:
+        t = _check_temperature(temperature, loss_fn)
+        grad_fn = jax.grad(lambda p: loss_fn(p, *batch, temperature=t))
     params = _widened(params)  # float16's H g underflows to 0 on typical initializations
     g = jax.lax.stop_gradient(grad_fn(params))
     _, hg = jax.jvp(grad_fn, (params,), (g,))
-    return jax.tree.map(lambda w, h: (w * h).astype(jnp.float32), params, hg)
+    scores = jax.tree.map(lambda w, h: (w * h).astype(jnp.float32), params, hg)
+    _check_scores_finite(scores, "grasp", "w * (H g)")
+    return scores
+
+
+def _check_temperature(temperature: Any, loss_fn: Callable[..., Any]) -> float:
+    """Returns ``temperature`` as a positive float once ``loss_fn`` is seen to take it."""
+    t = as_float(temperature)  # nan for a non-number (a string, a bool, None)
+    if not math.isfinite(t) or t <= 0:
+        raise ValueError(
+            f"grasp: temperature must be a positive number (the logits are divided by it), got "
+            f"{temperature!r}. Fix: temperature=200.0 as the official GraSP code, or leave it "
+            "None for the plain loss."
+        )
+    try:
+        params_ = inspect.signature(loss_fn).parameters.values()
+    except (TypeError, ValueError):
+        return t  # no signature to read (a builtin): the call itself will tell
+    if not any(
+        p.kind == p.VAR_KEYWORD
+        or (p.name == "temperature" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        for p in params_
+    ):
+        raise ValueError(
+            f"grasp: temperature={temperature!r} is passed to loss_fn as the keyword "
+            f"`temperature`, but loss_fn {getattr(loss_fn, '__name__', loss_fn)!r} takes no such "
+            "keyword. Fix: def loss_fn(params, x, y, temperature=1.0): return "
+            "cross_entropy(apply(params, x) / temperature, y); or drop temperature= and divide "
+            "the logits inside loss_fn."
+        )
+    return t
+
+
+def _check_differentiable(params: Any, fn: str) -> None:
+    """Raises ``ValueError`` naming the first leaf of ``params`` that is not floating.
+
+    ``jax.grad`` refuses integer and bool leaves with a message about its
+    inputs; here the leaf is named, with what to pass instead.
+    """
+    for path, x in leaves_with_paths(params)[0]:
+        try:
+            dtype = jnp.result_type(x)
+        except TypeError:
+            dtype = None  # not an array (a string, an object)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"{fn}: params leaf {path_str(path)!r} has dtype {dtype}, and {fn} differentiates "
+                "every leaf of params, which only a floating leaf allows (an integer step "
+                "counter, an RNG count or a bool flag cannot be). Fix: pass only the float "
+                "params (nnx: nnx.split(model, nnx.Param, ...); linen: variables['params']) and "
+                "close over the rest in the function you pass."
+            )
+
+
+def _check_scores_finite(scores: Any, fn: str, formula: str) -> None:
+    """Raises ``ValueError`` when a score is inf/nan (concrete values only; skipped in a trace)."""
+    bad = _num_not_finite(scores)
+    if isinstance(bad, jax.core.Tracer):
+        return  # inside a trace: the caller sees the values it gets back
+    if int(bad) == 0:
+        return
+    n = sum(int(jnp.size(x)) for x in jax.tree.leaves(scores))
+    raise ValueError(
+        f"{fn}'s scores {formula} are not finite: {int(bad)} of {n} are inf or nan. A selection "
+        "would then pick the masks by the leaves' flatten order (one nan in the batch makes "
+        "every score nan, and global_topk empties the first layers). Usual causes: a nan or "
+        "inf in the batch or the params, or a loss that overflows (log of 0, float16 logits). "
+        "Fix: check jnp.isfinite on the batch and on loss_fn(params, *batch), and compute the "
+        "loss in float32 (e.g. optax.softmax_cross_entropy_with_integer_labels on float32 logits)."
+    )
 
 
 def _widened(params: Any) -> Any:
@@ -150,7 +292,7 @@ def _scores_and_r(
     A float32 cast of ``R`` or of the scores would turn float64 values past
     ``3.4e38`` (deep networks) into ``inf`` and undo ``jax_enable_x64``.
     """
-    x = jnp.ones(_check_input_shape(input_shape), jnp.result_type(jax.tree.leaves(params)[0]))
+    x = jnp.ones(_check_input_shape(input_shape), _input_dtype(params))
     abs_params = jax.tree.map(jnp.abs, params)
 
     def r_fn(p):
@@ -158,10 +300,26 @@ def _scores_and_r(
         return jnp.sum(out.astype(_working_dtype(out.dtype)))
 
     r, grads = jax.value_and_grad(r_fn)(abs_params)
+    # |dR/dw * w|, as Tanaka et al.'s code (torch.clone(p.grad * p).detach().abs_()). The
+    # sign matters: R does not change when a layer before a LayerNorm, a GroupNorm or a
+    # train-mode BatchNorm is scaled, so by Euler's theorem that layer's signed scores sum
+    # to ~0, half are negative and a signed ranking would prune them first (and below the
+    # -1 marker of pruned entries, the rounds would bring pruned entries back).
     scores = jax.tree.map(
-        lambda w, g: (w * g).astype(_working_dtype(jnp.result_type(w, g))), abs_params, grads
+        lambda w, g: jnp.abs(w * g).astype(_working_dtype(jnp.result_type(w, g))),
+        abs_params,
+        grads,
     )
     return scores, r
+
+
+def _input_dtype(params: Any) -> Any:
+    """Returns the dtype of the all-ones input: the first floating leaf's (float32 if none)."""
+    for x in jax.tree.leaves(params):
+        dtype = jnp.result_type(x)
+        if jnp.issubdtype(dtype, jnp.floating):
+            return dtype
+    return jnp.float32
 
 
 def _num_not_finite(scores: Any, masks: Any | None = None) -> jax.Array:
@@ -209,6 +367,14 @@ def synflow_scores(
 ) -> optax.Params:
     """Returns SynFlow scores ``|dR/dw * w|`` with ``R = 1^T f(|W|; 1)``, data-free.
 
+    The scores are ``>= 0``: the absolute value is taken, as in the authors'
+    code. It matters for a layer that feeds a normalization layer (LayerNorm,
+    GroupNorm, or BatchNorm on batch statistics): ``R`` does not change when
+    that layer is scaled, so its signed ``dR/dw * w`` sum to about 0, half
+    negative. (On a 64-256-LayerNorm-256-10 MLP on digits at 90% sparsity,
+    ranking the signed values kept 73 of the first layer's 16,384 weights and
+    reached 0.768 test accuracy after training, against 5,909 and 0.924.)
+
     The scores keep the params' dtype (float32 at least), so float64 params
     under ``jax_enable_x64`` give float64 scores: ``R`` is a product of
     ``|W|`` over the network's depth and overflows float32 (``3.4e38``) on deep
@@ -251,6 +417,7 @@ def synflow_scores(
       Tanaka et al., "Pruning neural networks without any data by iteratively
       conserving synaptic flow", 2020. https://arxiv.org/abs/2006.05467
     """
+    _check_differentiable(params, "synflow_scores")
     scores, r = _scores_and_r(apply_fn, params, input_shape)
     _check_finite(r, _num_not_finite(scores), scores, "")
     return scores
@@ -262,7 +429,8 @@ def _masked_scores(
     """Returns ``(selection scores, R, number of non-finite live scores)``.
 
     Pruned entries get ``-1`` so they stay pruned (their score is 0, but so
-    may be others'). Selections compare scores as float32: wider scores are
+    may be others'); every live score is ``>= 0`` (``|dR/dw * w|``), so the
+    rounds' masks are nested. Selections compare scores as float32: wider scores are
     first divided by the largest live prunable score, in their own dtype, so
     float64 scores past float32's range keep their order.
     """
@@ -296,7 +464,8 @@ def synflow(
 
     Round ``k`` keeps the global top ``density**(k / iterations)`` of the
     scores of the masked network (the exponential schedule), so the final
-    masks prune exactly ``round(sparsity * N)`` prunable entries.
+    masks prune exactly ``round(sparsity * N)`` prunable entries. Each round's
+    masks are a subset of the previous round's (a pruned entry stays pruned).
 
     ``apply_fn`` must run the network in inference mode (``model.eval()``;
     BatchNorm on its running averages, no dropout): in training mode
@@ -328,7 +497,8 @@ def synflow(
 
     Warns:
       UserWarning: a prunable leaf is pruned entirely (``sparsity < 1``),
-        naming the leaves: usually a model in training mode.
+        naming the leaves: usually a model in training mode, or layers that
+        feed a LayerNorm / GroupNorm.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -349,10 +519,11 @@ def synflow(
         )
     iterations = n_iterations
     _counts._check_sparsity(sparsity)
+    _check_differentiable(params, "synflow")
     flags = prunable_flags(params, where)
     chosen = flagged(params, flags)  # `where` would judge the scores' and masks' dtypes
     input_shape = _check_input_shape(input_shape)
-    x = jax.ShapeDtypeStruct(input_shape, jnp.result_type(jax.tree.leaves(params)[0]))
+    x = jax.ShapeDtypeStruct(input_shape, _input_dtype(params))
     jax.eval_shape(partial(_apply_ones, apply_fn), params, x)  # fail fast, before any round
 
     # Built here, not at module level: a jit keyed on apply_fn would replay the
@@ -393,12 +564,16 @@ def _warn_collapsed(masks: Any, flags: list[bool], sparsity: float) -> None:
     if collapsed:
         warnings.warn(
             f"synflow pruned every entry of {collapsed} at sparsity={sparsity}: layer collapse, "
-            "the network is cut at these layers, the failure SynFlow is meant to prevent. Usual "
-            "cause: apply_fn runs the model in training mode, where BatchNorm normalises the "
-            "all-ones input by its own statistics and the layers before it score near 0. Fix: "
-            "score the model in inference mode (nnx: model.eval() before nnx.split; linen: "
-            "use_running_average=True, deterministic=True); or lower sparsity, or pass a `where` "
-            "that leaves these leaves out.",
+            "the network is cut at these layers, the failure SynFlow is meant to prevent. "
+            "Possible causes: apply_fn runs the model in training mode, where BatchNorm "
+            "normalises the all-ones input by its own statistics and the layers before it "
+            "score near 0 (fix: score the model in inference mode; nnx: model.eval() before "
+            "nnx.split; linen: use_running_average=True, deterministic=True); or these layers "
+            "feed a normalization layer that uses its input's own statistics in every mode "
+            "(LayerNorm, GroupNorm, RMSNorm): R does not change when such a layer is scaled, "
+            "so its synaptic flow is not conserved and its scores can rank below the other "
+            "layers' (fix: lower sparsity, or pass a `where` that leaves these leaves out, or "
+            "select per layer from jp.at_init.synflow_scores with jp.masks.topk).",
             UserWarning,
             stacklevel=3,
         )

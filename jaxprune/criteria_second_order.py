@@ -47,8 +47,9 @@ def obd(
 
     Args:
       params: weights.
-      hessian_diag: the diagonal of the loss Hessian, with the structure of
-        ``params`` (from :func:`fisher_diag` or :func:`hutchinson_diag`). Inside
+      hessian_diag: the diagonal of the loss Hessian, with the leaf paths of
+        ``params`` (from :func:`fisher_diag` or :func:`hutchinson_diag`); its
+        containers may differ (a pure dict for an ``nnx.State`` of params). Inside
         ``jp.prune`` pass it to ``tx.update(..., hessian_diag=h)``. Each leaf has
         the shape of its weight (or broadcasts to it, e.g. a scalar).
       negative: what to do with negative entries of ``hessian_diag``.
@@ -95,6 +96,12 @@ def obd(
             'negative="keep" (entries as given), "clip" (max(h, 0)) or "abs" (|h|, for a '
             "noisy Hutchinson estimate)."
         )
+    p_flat, p_def = leaves_with_paths(params)
+    h_flat, h_def = leaves_with_paths(hessian_diag)
+    if p_def != h_def and [path_str(p) for p, _ in p_flat] == [path_str(p) for p, _ in h_flat]:
+        # The same paths in other containers (an nnx.State against its nnx.to_pure_dict,
+        # a FrozenDict against a dict): pair the leaves by path, in the params' form.
+        hessian_diag = jax.tree.unflatten(p_def, [h for _, h in h_flat])
     check_same_structure(
         params,
         hessian_diag,
@@ -103,9 +110,7 @@ def obd(
         fix="compute hessian_diag from these params, e.g. jp.criteria.fisher_diag(loss_fn, "
         "params, x, y) or jp.criteria.hutchinson_diag(loss_fn, params, x, y, key=key)",
     )
-    for (path, w), (_, h) in zip(
-        leaves_with_paths(params)[0], leaves_with_paths(hessian_diag)[0], strict=True
-    ):
+    for (path, w), (_, h) in zip(p_flat, h_flat, strict=True):
         w_shape, h_shape = tuple(jnp.shape(w)), tuple(jnp.shape(h))
         try:
             ok = jnp.broadcast_shapes(h_shape, w_shape) == w_shape
@@ -226,28 +231,32 @@ def fisher_diag(
 
     Per-example gradients come from ``jax.vmap`` over the leading axis of every
     array in ``batch`` (each example passed as a batch of one), ``chunk_size``
-    examples at a time to bound memory.
+    examples at a time to bound memory; when the batch size is not a multiple
+    of ``chunk_size`` the last ``N % chunk_size`` examples form one smaller
+    chunk.
 
     Args:
       loss_fn: ``loss_fn(params, *batch) -> scalar`` mean loss over a batch.
       params: where to evaluate the gradients.
       *batch: arrays sharing the leading (example) axis, e.g. ``x, y``.
-      chunk_size: examples per vmapped chunk, a positive int (the batch size
-        must be a multiple, or smaller).
+      chunk_size: examples per vmapped chunk, a positive int (any batch size
+        works; the peak memory is that of ``chunk_size`` per-example gradients).
 
     Returns:
       A float32 tree with the structure of ``params``.
 
     Raises:
-      ValueError: ``chunk_size`` is not a positive int, no batch is given, the
-        batch arrays disagree on the number of examples, or the batch size is
-        not a multiple of ``chunk_size``.
+      ValueError: ``chunk_size`` is not a positive int, no batch is given, or
+        the batch arrays disagree on the number of examples.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> loss = lambda p, x: jnp.mean(p["w"] * x)
       >>> jp.criteria.fisher_diag(loss, {"w": jnp.ones(())}, jnp.array([1., 3.]))["w"].tolist()
       5.0
+      >>> x = jnp.array([1., 3., 2.])  # chunks of 2 and 1: (1 + 9 + 4) / 3
+      >>> round(jp.criteria.fisher_diag(loss, {"w": jnp.ones(())}, x, chunk_size=2)["w"].item(), 4)
+      4.6667
 
     References:
       Martens, "New insights and perspectives on the natural gradient method",
@@ -280,26 +289,26 @@ def fisher_diag(
             "and y [N]; close over constants in loss_fn instead."
         )
     chunk = min(as_int(chunk_size), n)
-    if n % chunk:
-        raise ValueError(
-            f"the batch size ({n}) must be a multiple of chunk_size ({chunk_size}). Fix: pass "
-            f"chunk_size={n} or trim the batch."
-        )
+    full, rest = divmod(n, chunk)
     one = jax.grad(lambda p, *ex: loss_fn(p, *[e[None] for e in ex]))
 
     def chunk_sq(ex):
         g = jax.vmap(one, in_axes=(None,) + (0,) * len(ex))(params, *ex)
         return jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(jnp.float32)), axis=0), g)
 
-    chunks = [b.reshape((n // chunk, chunk) + jnp.shape(b)[1:]) for b in batch]
+    chunks = [b[: full * chunk].reshape((full, chunk) + jnp.shape(b)[1:]) for b in batch]
     # A running sum: scratch memory is one params-sized tree, whatever n / chunk.
     zero = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
     total = jax.lax.fori_loop(
         0,
-        n // chunk,
+        full,
         lambda i, acc: jax.tree.map(jnp.add, acc, chunk_sq(tuple(c[i] for c in chunks))),
         zero,
     )
+    if rest:
+        # The last n % chunk examples: one smaller chunk (a second, smaller vmap), so
+        # any batch size works without holding more than chunk_size gradients.
+        total = jax.tree.map(jnp.add, total, chunk_sq(tuple(b[full * chunk :] for b in batch)))
     return jax.tree.map(lambda x: x / n, total)
 
 
