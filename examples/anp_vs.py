@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -761,15 +762,36 @@ LONG = dict(
 )
 
 
+# --quick: a < 5 min smoke run. Like --long, it sets defaults: flags given beside it win.
+QUICK = dict(train_size=1920, epochs=1, eval_size=100)
+
+# Checked at parse time, before any data loads or model trains.
+AT_LEAST_1 = ("batch_size", "train_size", "epochs", "train_steps", "eval_size", "eval_steps")
+NON_NEGATIVE = ("eps", "eval_step_size", "beta", "lam", "weight_decay", "adv_weight")
+POSITIVE = ("lr", "gate_lr", "alpha", "init_a")
+
+
 def parse_args(argv=None):
-    """Returns (parser, args); ``--long`` sets ``LONG`` as defaults that explicit flags override."""
+    """Returns (parser, args); ``--long`` / ``--quick`` set ``LONG`` / ``QUICK`` as defaults
+    that explicit flags override."""
     p = make_parser()
     args = p.parse_args(argv)
-    if args.long:
-        if args.quick:
-            p.error("--quick and --long are two budgets: give one of them")
-        p.set_defaults(**LONG)
+    if args.long and args.quick:
+        p.error("--quick and --long are two budgets: give one of them")
+    if args.long or args.quick:
+        p.set_defaults(**(LONG if args.long else QUICK))
         args = p.parse_args(argv)
+    for name in AT_LEAST_1:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, valid in [(n, ">= 0") for n in NON_NEGATIVE] + [(n, "> 0") for n in POSITIVE]:
+        value = getattr(args, name)
+        ok = value >= 0 if valid == ">= 0" else value > 0
+        if not (math.isfinite(value) and ok):
+            flag = "--" + name.replace("_", "-")
+            p.error(f"{flag} must be {valid}, got {value}; e.g. {flag} {p.get_default(name)}")
+    if args.train_size < args.batch_size:
+        p.error(f"--train-size must be >= --batch-size ({args.batch_size}), got {args.train_size}")
     return p, args
 
 
@@ -779,7 +801,10 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="Full run ~28 min on a 2-core CPU; see the module docstring and docs/anp_vs.md.",
     )
     p.add_argument(
-        "--quick", action="store_true", help="a < 5 min smoke run (1920 images, 100 test images)"
+        "--quick",
+        action="store_true",
+        help="a < 5 min smoke run (1920 images, 1 epoch, 100 test images); flags given beside "
+        "it win",
     )
     p.add_argument(
         "--long",
@@ -943,7 +968,6 @@ def main():
             f.write(render(result))
         return
     if args.quick:
-        args.train_size, args.epochs, args.eval_size = 1920, 1, 100
         args.out = args.out or "/tmp/anp_vs_quick.md"
     args.out = args.out or "docs/anp_vs.md"
 

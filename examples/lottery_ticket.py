@@ -96,7 +96,12 @@ from jaxprune.data import batches
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run on a subset (< 60 s)")
-    p.add_argument("--dataset", default="auto", help="fashion-mnist, digits, mnist-5k or auto")
+    p.add_argument(
+        "--dataset",
+        default="auto",
+        choices=("auto", "fashion-mnist", "mnist-5k", "digits"),
+        help="auto (Fashion-MNIST if installed, else digits), fashion-mnist, mnist-5k or digits",
+    )
     p.add_argument("--train-size", type=int, default=None, help="training images (default all)")
     p.add_argument("--test-size", type=int, default=None, help="test images (default all)")
     p.add_argument("--steps", type=int, default=None, help="training steps per round (3000)")

@@ -66,19 +66,57 @@ from jaxprune.data import batches
 METHODS = ("one-shot", "one-shot + fine-tune", "gradual", "scratch")
 
 
+# Presets of the flags left out (None): --quick's smoke run, or the full run.
+# Flags given on the command line always win, with or without --quick.
+QUICK = {
+    "train_size": 2048,
+    "epochs": 1,
+    "finetune_epochs": 1,
+    "sparsities": "0.5",
+    "frequency": 4,
+    "runs": 5,
+}
+FULL = {
+    "train_size": None,
+    "epochs": 2,
+    "finetune_epochs": 1,
+    "sparsities": "0.5,0.75",
+    "frequency": 25,
+    "runs": 30,
+}
+DATASETS = ("auto", "fashion-mnist", "mnist-5k", "digits")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a smoke run on a subset (about 1 min)")
-    p.add_argument("--dataset", default="auto", help="fashion-mnist, digits or auto")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run on a subset (about 1 min): "
+        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+        + "; flags given beside it win",
+    )
+    p.add_argument(
+        "--dataset",
+        default="auto",
+        choices=DATASETS,
+        help="auto (Fashion-MNIST if installed, else digits), fashion-mnist, mnist-5k or digits",
+    )
     p.add_argument("--train-size", type=int, default=None, help="training images (default all)")
-    p.add_argument("--epochs", type=int, default=2, help="dense training epochs")
-    p.add_argument("--finetune-epochs", type=int, default=1, help="epochs of each pruned run")
+    p.add_argument("--epochs", type=int, default=None, help="dense training epochs (2)")
+    p.add_argument(
+        "--finetune-epochs", type=int, default=None, help="epochs of each pruned run (1)"
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (cosine decay)")
     p.add_argument(
-        "--sparsities", default="0.5,0.75", help="fractions of channels removed, comma-separated"
+        "--sparsities",
+        default=None,
+        help="fractions of channels removed, comma-separated (0.5,0.75)",
     )
-    p.add_argument("--frequency", type=int, default=25, help="gradual: steps between refreshes")
+    p.add_argument(
+        "--frequency", type=int, default=None, help="gradual: steps between refreshes (25)"
+    )
     p.add_argument(
         "--methods",
         default=",".join(METHODS),
@@ -105,10 +143,15 @@ def parse_args(argv=None):
         choices=("mean", "max", "sum", "gaussian"),
         help="global scope: scale each group's importances before ranking them together",
     )
-    p.add_argument("--runs", type=int, default=30, help="timed inference runs per network")
+    p.add_argument("--runs", type=int, default=None, help="timed inference runs per network (30)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="markdown path (json and png next to it)")
     args = p.parse_args(argv)
+    # Presets fill only flags not given (None): an explicit value, 0 included, is
+    # kept and checked below.
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     try:
         args.sparsity_list = [float(s) for s in args.sparsities.split(",")]
     except ValueError:
@@ -128,16 +171,11 @@ def parse_args(argv=None):
         p.error(f"--max-sparsity must lie in [0, 1], got {args.max_sparsity}; e.g. 0.9")
     if args.round_to is not None and args.round_to < 1:
         p.error(f"--round-to must be >= 1, got {args.round_to}; e.g. --round-to 8")
-    if args.train_size is not None and args.train_size < args.batch_size:
-        p.error(f"--train-size must be >= --batch-size ({args.batch_size}), got {args.train_size}")
     for name in ("epochs", "finetune_epochs", "batch_size", "frequency", "runs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.quick:
-        args.train_size = args.train_size or 2048
-        args.epochs, args.finetune_epochs, args.runs = 1, 1, 5
-        args.sparsity_list = args.sparsity_list[:1]
-        args.frequency = min(args.frequency, 4)
+    if args.train_size is not None and args.train_size < args.batch_size:
+        p.error(f"--train-size must be >= --batch-size ({args.batch_size}), got {args.train_size}")
     if args.out is None and not args.quick:
         args.out = os.path.join(os.path.dirname(__file__), "..", "docs", "structured_training.md")
     return args
@@ -363,12 +401,23 @@ def _n(k: int, word: str) -> str:
 
 
 def _flags(a: dict) -> str:
-    """The command-line flags that differ from the defaults, as typed."""
+    """The command-line flags that differ from the defaults (of ``--quick`` if given), as typed."""
+    preset = QUICK if a["quick"] else FULL
     out = " --quick" if a["quick"] else ""
     if a.get("dataset", "auto") != "auto":
         out += f" --dataset {a['dataset']}"
-    if a.get("sparsities", "0.5,0.75") != "0.5,0.75":
+    for flag in ("train_size", "epochs", "finetune_epochs"):
+        if a.get(flag, preset[flag]) != preset[flag]:
+            out += f" --{flag.replace('_', '-')} {a[flag]}"
+    for flag, default in (("batch_size", 128), ("lr", 2e-3)):
+        if a.get(flag, default) != default:
+            out += f" --{flag.replace('_', '-')} {a[flag]}"
+    # Compared as numbers: runs saved before the presets kept "0.5,0.75" under --quick.
+    listed = [float(s) for s in preset["sparsities"].split(",")]
+    if a.get("sparsity_list", listed) != listed:
         out += f" --sparsities {a['sparsities']}"
+    if a.get("frequency", preset["frequency"]) != preset["frequency"]:
+        out += f" --frequency {a['frequency']}"
     if a.get("methods", ",".join(METHODS)) != ",".join(METHODS):
         out += f" --methods '{a['methods']}'"
     if a.get("scope", "layer") != "layer":
@@ -376,6 +425,10 @@ def _flags(a: dict) -> str:
     for flag in ("max_sparsity", "round_to", "normalize"):
         if a.get(flag) is not None:
             out += f" --{flag.replace('_', '-')} {a[flag]}"
+    if a.get("runs", preset["runs"]) != preset["runs"]:
+        out += f" --runs {a['runs']}"
+    if a.get("seed", 0) != 0:
+        out += f" --seed {a['seed']}"
     return out
 
 
@@ -402,6 +455,43 @@ def _limits_text(a: dict) -> str:
     return text
 
 
+def _setup_text(result: dict, a: dict) -> str:
+    """The note under the table: how the dense model and each method that ran were trained."""
+    todo = a.get("method_list", METHODS)  # runs saved before the list was recorded ran all
+    tuned = [m for m in ("one-shot + fine-tune", "gradual") if m in todo]
+    text = (
+        f"{result['dataset']}, {result['train_images']} training images, "
+        f"{result['test_images']} test images; VGGSmall 32-M-64-M-128-M with BatchNorm and a "
+        f"{HIDDEN}-unit hidden layer ({result['channels']} prunable channels in its groups). "
+        f"Dense: {_n(a['epochs'], 'epoch')}"
+    )
+    if tuned:
+        text += f"; pruned runs: {_n(a['finetune_epochs'], 'epoch')} from the dense model"
+    if "scratch" in todo:
+        text += (
+            f"; scratch: {_n(a['epochs'] + a['finetune_epochs'], 'epoch')} from random "
+            "initialization at the "
+            + ("gradual run's" if "gradual" in todo else "pruned runs'")
+            + " widths"
+        )
+    text += (
+        f". {_limits_text(a)} Adam, learning rate {a['lr']} with cosine decay in each run, "
+        f"batch {a['batch_size']}, seed {a['seed']}"
+    )
+    if "gradual" in todo:
+        text += (
+            f"; the gradual schedule refreshes the masks every {a['frequency']} steps over "
+            "the first half of fine-tuning"
+        )
+    return text + (
+        ". Channels are ranked by the group-wise L2 of the kernels; MACs count "
+        "the conv and dense multiply-adds of the shrunk network. "
+        f"Inference: one jitted forward pass at batch 256, median of {a['runs']} interleaved "
+        "runs of each architecture (rows with the same widths share it), on this machine's "
+        f"CPU (jax {result['jax']}). Run time {result['seconds']:.0f} s."
+    )
+
+
 def render(result: dict, png: str = "structured_training.png") -> str:
     a = result["args"]
     lines = [
@@ -423,22 +513,7 @@ def render(result: dict, png: str = "structured_training.png") -> str:
         )
     lines += [
         "",
-        f"{result['dataset']}, {result['train_images']} training images, "
-        f"{result['test_images']} test images; VGGSmall 32-M-64-M-128-M with BatchNorm and a "
-        f"{HIDDEN}-unit hidden layer ({result['channels']} prunable channels in its groups). "
-        f"Dense: {_n(a['epochs'], 'epoch')}; pruned runs: {_n(a['finetune_epochs'], 'epoch')} "
-        f"from the dense model; scratch: {_n(a['epochs'] + a['finetune_epochs'], 'epoch')} from "
-        "random initialization at the "
-        + ("gradual run's" if "gradual" in a.get("method_list", METHODS) else "pruned runs'")
-        + f" widths. {_limits_text(a)} "
-        f"Adam, learning rate {a['lr']} with "
-        f"cosine decay in each run, batch {a['batch_size']}, seed {a['seed']}; the gradual "
-        f"schedule refreshes the masks every {a['frequency']} steps over the first half of "
-        "fine-tuning. Channels are ranked by the group-wise L2 of the kernels; MACs count "
-        "the conv and dense multiply-adds of the shrunk network. "
-        f"Inference: one jitted forward pass at batch 256, median of {a['runs']} interleaved "
-        "runs of each architecture (rows with the same widths share it), on this machine's "
-        f"CPU (jax {result['jax']}). Run time {result['seconds']:.0f} s.",
+        _setup_text(result, a),
         "",
         f"![test accuracy against measured speedup]({png})",
         "",

@@ -20,6 +20,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxprune._search import _explicit_axes, _on_auto_axes
 
+# Public through jaxprune.masks (jp.masks.pack, ...), which also imports the
+# underscore helper _has_packed by name.
+__all__ = ["PackedMask", "pack", "unpack"]
+
 
 @dataclasses.dataclass(frozen=True)
 class PackedMask:
@@ -37,6 +41,14 @@ class PackedMask:
         entry ``8 * b + j`` along the packed axis.
       shape: the mask's shape (static).
       axis: the packed axis, or None for flattened (static).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune as jp
+      >>> mask = jnp.arange(48).reshape(16, 3) % 3 == 0  # a [16, 3] kernel's mask
+      >>> packed = jp.masks.pack({"w": mask})["w"]
+      >>> packed.bits.shape, packed.shape, packed.axis, (mask.nbytes, packed.bits.nbytes)
+      ((2, 3), (16, 3), 0, (48, 6))
+      >>> jp.masks.pack({"b": jnp.ones(5, bool)})["b"].axis  # no axis a multiple of 8
     """
 
     bits: jax.Array

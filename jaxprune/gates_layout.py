@@ -12,6 +12,10 @@ from typing import Any
 
 from flax import nnx
 
+# Nothing public: jaxprune.gates_nnx and jaxprune.gates_bn import the
+# underscore helpers by name.
+__all__: list[str] = []
+
 
 def _parent_and_name(model: nnx.Module, path: tuple) -> tuple[Any, Any]:
     parent = model

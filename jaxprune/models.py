@@ -21,7 +21,21 @@ __all__ = ["MLP", "lenet_300_100", "LeNet5Caffe", "VGGSmall", "ResNet20", "Basic
 
 
 class MLP(nnx.Module):
-    """A ReLU multilayer perceptron; inputs are flattened first."""
+    """A ReLU multilayer perceptron; inputs are flattened first.
+
+    ``features`` lists the widths from input to output: ``(784, 300, 100, 10)``
+    is LeNet-300-100 (:func:`lenet_300_100`).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxprune.models import MLP
+      >>> model = MLP((784, 64, 10), rngs=nnx.Rngs(0))
+      >>> model(jnp.ones((2, 28, 28, 1))).shape  # images are flattened to 784 features
+      (2, 10)
+      >>> [layer.kernel.shape for layer in model.layers]
+      [(784, 64), (64, 10)]
+    """
 
     def __init__(self, features: Sequence[int], *, rngs: nnx.Rngs, dtype=jnp.float32):
         if len(features) < 2:
@@ -45,6 +59,14 @@ def lenet_300_100(*, rngs: nnx.Rngs, in_features: int = 784, num_classes: int = 
 
     References:
       LeCun et al. 1998; Han et al. 2015, https://arxiv.org/abs/1506.02626
+
+    Examples:
+      >>> import jax
+      >>> from flax import nnx
+      >>> from jaxprune.models import lenet_300_100
+      >>> model = lenet_300_100(rngs=nnx.Rngs(0))
+      >>> sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+      266610
     """
     return MLP((in_features, 300, 100, num_classes), rngs=rngs)
 
@@ -85,7 +107,28 @@ class LeNet5Caffe(nnx.Module):
 
 
 class VGGSmall(nnx.Module):
-    """A small VGG: 3x3 conv -> BatchNorm -> ReLU blocks, 'M' = 2x2 max-pool, then dense."""
+    """A small VGG: 3x3 conv -> BatchNorm -> ReLU blocks, 'M' = 2x2 max-pool, then dense.
+
+    ``cfg`` lists the conv widths in order, ``"M"`` for a pooling; ``hidden`` is
+    the width of the dense layer before the classifier. Each conv with its
+    BatchNorm and the next layer's input channels is one channel group of
+    ``jp.structure.groups``.
+
+    References:
+      Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale
+      Image Recognition", ICLR 2015. https://arxiv.org/abs/1409.1556
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxprune.models import VGGSmall
+      >>> make = lambda: VGGSmall(cfg=(8, "M", 16, "M"), hidden=32, rngs=nnx.Rngs(0))
+      >>> model = nnx.eval_shape(make)  # shapes only: make() builds the real one
+      >>> [c.kernel.shape for c in model.convs], model.fc1.kernel.shape  # 28 -> 14 -> 7
+      ([(3, 3, 1, 8), (3, 3, 8, 16)], (784, 32))
+      >>> jax.eval_shape(lambda m, x: m(x), model, jnp.ones((2, 28, 28, 1))).shape
+      (2, 10)
+    """
 
     def __init__(
         self,
@@ -147,7 +190,27 @@ class BasicBlock(nnx.Module):
 
 
 class ResNet20(nnx.Module):
-    """ResNet-20 (He et al. 2016, https://arxiv.org/abs/1512.03385), 16/32/64 channels."""
+    """ResNet-20 (He et al. 2016, https://arxiv.org/abs/1512.03385), 16/32/64 channels.
+
+    A stem conv, three stages of three :class:`BasicBlock` s (the first block of
+    stages 2 and 3 halves the resolution, with a 1x1 projection shortcut), global
+    average pooling and a dense classifier; ``width`` sets the first stage's
+    channels (the others take 2x and 4x).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxprune.models import ResNet20
+      >>> # Shapes only (no initialization): the paper's 0.27M parameters.
+      >>> abstract = nnx.eval_shape(lambda: ResNet20(rngs=nnx.Rngs(0)))
+      >>> sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+      272186
+      >>> [(b.conv1.kernel.shape[-1], b.proj is not None) for b in abstract.blocks[::3]]
+      [(16, False), (32, True), (64, True)]
+      >>> out = jax.eval_shape(lambda m, x: m(x), abstract, jnp.ones((2, 28, 28, 1)))
+      >>> out.shape
+      (2, 10)
+    """
 
     def __init__(
         self, *, rngs: nnx.Rngs, in_channels: int = 1, num_classes: int = 10, width: int = 16
