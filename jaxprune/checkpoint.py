@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import checkpoint_meta as _meta
+from jaxprune import checkpoint_rebuild as _rebuild
 from jaxprune import checkpoint_trees as _trees
 from jaxprune import packing
 from jaxprune._tree import path_str
@@ -229,7 +230,7 @@ def _save(
     from_opt_state = masks is None and opt_state is not None
     if from_opt_state:
         masks = _find_masks(opt_state)
-    params, opt_state = _trees.as_state(params), _trees.as_state(opt_state)
+    params, opt_state = _rebuild.as_state(params), _rebuild.as_state(opt_state)
     mask_by_path = None
     if masks is not None:
         # Masks of a linen TrainState's params, saved with the whole variables.
@@ -466,7 +467,7 @@ def _restore(directory, step, params=None, opt_state=None) -> tuple[Checkpoint, 
     where = root / str(step)
     with _damaged_meta(where):
         p_leaves = _decode(meta["params"], items.get("params", {}), where, "params")
-    params_out = _trees.rebuild(meta["params"], p_leaves, params, "params", where)
+    params_out = _rebuild.rebuild(meta["params"], p_leaves, params, "params", where)
     if opt_state is not None and meta.get("opt_state") is None:
         # Silently returning None would resume without the optimizer's moments
         # and the pruning state (masks, step counter).
@@ -480,20 +481,20 @@ def _restore(directory, step, params=None, opt_state=None) -> tuple[Checkpoint, 
     if meta.get("opt_state") is not None:
         with _damaged_meta(where):
             o_leaves = _decode(meta["opt_state"], items.get("opt_state", {}), where, "opt_state")
-        opt_out = _trees.rebuild(meta["opt_state"], o_leaves, opt_state, "opt_state", where)
+        opt_out = _rebuild.rebuild(meta["opt_state"], o_leaves, opt_state, "opt_state", where)
     masks_out = None
     if opt_state is not None and opt_out is not None:
-        masks_out = _find_masks(opt_state if _trees.is_nnx_object(opt_state) else opt_out)
+        masks_out = _find_masks(opt_state if _rebuild.is_nnx_object(opt_state) else opt_out)
     if masks_out is None and meta.get("masks") is not None:
         paths = [path_str(tuple(s["path"])) for s in meta["params"]]
         by_path = dict(zip(paths, p_leaves, strict=True))
         with _damaged_meta(where):
             m_paths, m_leaves = _masks(meta, items, by_path, where)
-            masks_out = _trees.nest(m_paths, m_leaves)
+            masks_out = _rebuild.nest(m_paths, m_leaves)
         m_by_path = {path_str(p): m for p, m in zip(m_paths, m_leaves, strict=True)}
         if params is not None and len(m_by_path) == len(m_paths):
             # In the params' structure when the masks cover exactly its saved leaves.
-            shaped = _trees.masks_like(params, m_by_path)
+            shaped = _rebuild.masks_like(params, m_by_path)
             masks_out = masks_out if shaped is None else shaped
     return Checkpoint(int(step), params_out, opt_out, masks_out, meta["format"], where), meta
 

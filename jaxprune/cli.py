@@ -82,7 +82,7 @@ def _split_state(ckpt, meta: dict) -> tuple:
     """
     from jaxprune import checkpoint
     from jaxprune._tree import leaves_with_paths, path_str
-    from jaxprune.checkpoint_trees import nest
+    from jaxprune.checkpoint_rebuild import nest
 
     others = checkpoint._non_params(meta)
     if not others:

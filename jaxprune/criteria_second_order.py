@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxprune._criteria_args import StatefulCriterion
 from jaxprune._tree import (
     as_int,
     check_same_structure,
@@ -21,7 +22,7 @@ from jaxprune._tree import (
     path_str,
     unwrap_variables,
 )
-from jaxprune.criteria import _GRADS_FIX, StatefulCriterion, _check_decay, _ema, _zeros_f32
+from jaxprune.criteria_taylor import _GRADS_FIX, _check_decay, _ema, _zeros_f32
 
 __all__ = ["obd", "obd_fisher", "hutchinson_diag", "fisher_diag"]
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
 from jaxprune._criteria_args import _required
+from jaxprune._mask_apply import _broadcast_prefix
 from jaxprune._tree import (
     Where,
     as_int,
@@ -296,7 +297,7 @@ def _full(pure_params: Any, masks: Any, flags: list[bool]) -> Any:
     conv); counted as one entry, it would inflate ``Round.sparsity``. Other
     leaves' masks are kept as the selection gave them.
     """
-    masks = _masks._broadcast_prefix(pure_params, masks)
+    masks = _broadcast_prefix(pure_params, masks)
     check_same_structure(
         pure_params,
         masks,
@@ -324,8 +325,8 @@ def _check_nested(
     rank ``-inf`` first (e.g. a structured ``reduce`` turning it into ``+inf``)
     would bring back pruned weights while the sparsity still reads right.
     """
-    flat_old = leaves_with_paths(_masks._broadcast_prefix(pure_params, previous))[0]
-    flat_new = leaves_with_paths(_masks._broadcast_prefix(pure_params, masks))[0]
+    flat_old = leaves_with_paths(_broadcast_prefix(pure_params, previous))[0]
+    flat_new = leaves_with_paths(_broadcast_prefix(pure_params, masks))[0]
     for ((_, m_old), (path, m_new)), f in zip(
         zip(flat_old, flat_new, strict=True), flags, strict=True
     ):
@@ -351,7 +352,7 @@ def _check_enforced(trained: Any, masks: Any, flags: list[bool], round_index: in
     round's scores, and any sparsity measured on the params, would be wrong.
     """
     flat_p = leaves_with_paths(trained)[0]
-    flat_m = leaves_with_paths(_masks._broadcast_prefix(unwrap_variables(trained), masks))[0]
+    flat_m = leaves_with_paths(_broadcast_prefix(unwrap_variables(trained), masks))[0]
     for ((path, x), (_, m)), f in zip(zip(flat_p, flat_m, strict=True), flags, strict=True):
         if not f or isinstance(x, jax.core.Tracer) or isinstance(m, jax.core.Tracer):
             continue

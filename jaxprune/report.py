@@ -62,8 +62,9 @@ import numpy as np
 from flax import nnx
 
 from jaxprune import packing
+from jaxprune._mask_apply import _broadcast_prefix
 from jaxprune._tree import check_array_leaves, leaves_with_paths, path_str, unwrap_variables
-from jaxprune.masks import _broadcast_prefix
+from jaxprune.checkpoint_trees import reroot_masks
 from jaxprune.report_flops import _flops
 
 __all__ = ["LeafRow", "Report", "report", "plot_sparsity", "plot_accuracy_vs_compression"]
@@ -220,25 +221,22 @@ def _mask_lookup(params: Any, masks: Any, others: frozenset = frozenset()) -> di
     """
     if masks is None:
         return {}
+    rerooted = reroot_masks(masks, params)
     try:
-        return _lookup(params, masks, others)
+        return _lookup(params, rerooted, others)
     except ValueError as e:
-        # Linen variables ({"params": ..., "batch_stats": ...}) with masks over params.
-        if not (
-            isinstance(params, Mapping)
-            and isinstance(params.get("params"), Mapping)
+        if (
+            rerooted is masks
+            and isinstance(params, Mapping)
+            and "params" in params
             and not (isinstance(masks, Mapping) and "params" in masks)
         ):
-            raise
-        try:
-            inner = _lookup(params["params"], masks, frozenset())
-        except ValueError:
             raise ValueError(
                 f"{e} (Nor do they fit params['params']. For linen variables with more "
                 "collections, pass masks={'params': jp.get_masks(opt_state), "
                 "'batch_stats': True}.)"
             ) from None
-        return {f"params/{k}": m for k, m in inner.items()}
+        raise
 
 
 def _lookup(params: Any, masks: Any, others: frozenset) -> dict[str, np.ndarray]:

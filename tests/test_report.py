@@ -260,12 +260,13 @@ def test_report_takes_prefix_masks_and_matches_the_checkpoint_bytes():
     assert rows["enc/kernel"].masked and rows["enc/kernel"].sparsity == pytest.approx(0.5)
     assert rows["enc/bias"].encoding == "dense"  # a scalar mask keeps a leaf dense, as stored
     from jaxprune import packing  # what jp.save(..., format="compressed") stores per leaf
+    from jaxprune._mask_apply import _broadcast_prefix
 
     stored = sum(
         packing.packed_nbytes(np.asarray(x), np.asarray(m))
         for x, m in zip(
             jax.tree.leaves(params),
-            jax.tree.leaves(jp.masks._broadcast_prefix(params, masks)),
+            jax.tree.leaves(_broadcast_prefix(params, masks)),
             strict=True,
         )
     )
