@@ -42,7 +42,7 @@ from jaxprune import checkpoint_meta as _meta
 from jaxprune import checkpoint_rebuild as _rebuild
 from jaxprune import checkpoint_trees as _trees
 from jaxprune import packing
-from jaxprune._tree import path_str
+from jaxprune._tree import leaves_with_paths, path_str
 from jaxprune.checkpoint_orbax import (
     FORMAT_VERSION,
     CheckpointError,
@@ -82,6 +82,15 @@ def _find_masks(opt_state: Any) -> Any:
     return None
 
 
+def _flat_prune_state(opt_state: Any) -> bool:
+    """Whether ``opt_state`` is an ``nnx.State`` holding a flattened jp.prune state."""
+    from flax import nnx
+
+    if not isinstance(opt_state, nnx.State):
+        return False
+    return any("packed_masks" in path_str(p) for p, _ in leaves_with_paths(opt_state)[0])
+
+
 def _absolute(directory: str | os.PathLike, name: str = "directory") -> pathlib.Path:
     if not isinstance(directory, (str, os.PathLike)):
         raise ValueError(
@@ -118,7 +127,9 @@ def save(
         functions: save ``eqx.filter(model, eqx.is_array)``, restore into that
         and ``eqx.combine(ckpt.params, model)``.
       opt_state: the optimizer state (any pytree, e.g. ``tx.init(params)``), or
-        an ``nnx.Optimizer``; stored as an opaque tree of leaves.
+        an ``nnx.Optimizer``; stored as an opaque tree of leaves. An
+        ``nnx.state(optimizer)`` holds the masks without their shapes (those are
+        in the graphdef): pass the optimizer, or ``masks=`` (a warning says so).
       masks: the masks to record; default: ``jp.get_masks(opt_state)`` when
         ``opt_state`` holds a ``jp.prune`` state.
         Checked against ``params`` before anything is written: every mask leaf
@@ -230,6 +241,15 @@ def _save(
     from_opt_state = masks is None and opt_state is not None
     if from_opt_state:
         masks = _find_masks(opt_state)
+        if masks is None and _flat_prune_state(opt_state):
+            warnings.warn(
+                "opt_state looks like nnx.state(optimizer): it holds a jp.prune state's "
+                "packed masks, but their shapes live in the graphdef, so no masks are "
+                "recorded (restore(...).masks will be None and a compressed save stores the "
+                "params dense). Fix: pass the nnx.Optimizer itself (nnx.merge(graphdef, "
+                "state)), or masks=jp.get_masks(optimizer.opt_state).",
+                stacklevel=2,
+            )
     params, opt_state = _rebuild.as_state(params), _rebuild.as_state(opt_state)
     mask_by_path = None
     if masks is not None:

@@ -95,8 +95,10 @@ def iterative_pruning(
     """Returns the rounds of prune -> (rewind) -> train, repeated ``rounds`` times.
 
     Round 0 trains ``params`` dense (or takes ``trained``, if given). Round
-    ``r >= 1`` prunes ``rate`` of the weights still alive after round ``r-1``
-    (so sparsity ``1 - (1 - rate)**r``) by ``criterion`` on the trained params,
+    ``r >= 1`` prunes about ``rate`` of the weights still alive after round
+    ``r-1``: each leaf goes to ``round((1 - (1 - rate)**r) * n)`` pruned entries
+    (so a small leaf can differ by one from torch's per-call
+    ``round(rate * remaining)``), by ``criterion`` on the trained params,
     then trains again starting from ``rewind_to`` masked (lottery-ticket
     rewinding: ``theta_0`` or ``theta_k``), or, when ``rewind_to`` is ``None``,
     from the trained params masked (Han et al.'s prune-retrain).
