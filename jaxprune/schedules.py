@@ -76,6 +76,16 @@ class Schedule(NamedTuple):
 
     def __call__(self, step: ArrayLike) -> jax.Array:
         value = self.fn(jnp.asarray(step))
+        if isinstance(value, tuple) and len(value) == 2 and _is_bool_like(value[0]):
+            # TF-MOT's PruningSchedule.__call__ returns (should_prune, sparsity);
+            # here the refresh steps are the Schedule's, not the function's.
+            raise ValueError(
+                f"a sparsity schedule must return one number per step, got a 2-tuple "
+                f"({value!r:.80}); this looks like a TF-MOT schedule returning (should_prune, "
+                "sparsity). Fix: return only the sparsity, and say when to refresh with "
+                "jp.schedules.Schedule(fn, begin_step=..., end_step=..., frequency=...); a plain "
+                "callable refreshes every step."
+            )
         if not hasattr(value, "dtype") and not isinstance(value, int | float):
             raise ValueError(
                 f"a sparsity schedule must return one number per step, got a "
@@ -99,6 +109,13 @@ class Schedule(NamedTuple):
         if self.end_step is None:
             return on_grid
         return (on_grid & (step <= self.end_step)) | (step == self.end_step)
+
+
+def _is_bool_like(x: Any) -> bool:
+    """Is ``x`` a Python bool or a scalar bool array (a ``should_prune`` flag)?"""
+    if isinstance(x, bool | np.bool_):
+        return True
+    return getattr(x, "dtype", None) == jnp.bool_ and jnp.ndim(x) == 0
 
 
 def constant(sparsity: float, begin_step: int = 0, frequency: int | None = None) -> Schedule:
@@ -150,6 +167,7 @@ def polynomial(
     final_sparsity: float,
     begin_step: int,
     end_step: int,
+    *,
     frequency: int = 1,
     power: float = 3,
 ) -> Schedule:
@@ -158,7 +176,15 @@ def polynomial(
     ``s_t = s_f + (s_i - s_f) * (1 - p) ** power`` with
     ``p = clip((t - begin_step) / (end_step - begin_step), 0, 1)``; masks refresh at
     ``begin_step, begin_step + frequency, ...`` and at ``end_step``. With
-    ``power=3`` this is TF-MOT's ``PolynomialDecay``.
+    ``power=3`` the sparsity values are TF-MOT's ``PolynomialDecay``, with two
+    differences when porting:
+
+    * ``frequency`` and ``power`` are keyword-only: ``PolynomialDecay`` takes
+      ``power`` before ``frequency``, so ``PolynomialDecay(0.0, 0.9, 0, 1000, 3,
+      100)`` is ``polynomial(0.0, 0.9, 0, 1000, power=3, frequency=100)``.
+    * jaxprune also refreshes at ``end_step`` when it is off the ``frequency``
+      grid (``(end_step - begin_step) % frequency != 0``), so the final sparsity
+      is reached; TF-MOT's last refresh is the last grid step before it.
 
     Args:
       initial_sparsity: sparsity at ``begin_step``, in ``[0, 1]``.

@@ -103,6 +103,33 @@ def _resolve_selection(scope: str | Selection) -> Selection:
     return _SCOPES[scope]
 
 
+def _is_distribution(fn: Any) -> bool:
+    """Is ``fn`` a ``jp.distributions`` distribution (``uniform``, ``erk``, ``explicit(...)``)?
+
+    A ``functools.partial`` of one counts too. ``selection(...)`` closures and
+    ``per_output`` live in the same module but return masks.
+    """
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if getattr(fn, "__module__", None) != "jaxprune.distributions":
+        return False
+    qualname = getattr(fn, "__qualname__", "")
+    return qualname in ("uniform", "erk") or qualname.startswith("explicit.")
+
+
+def _label(fn: Any) -> str:
+    """Names ``fn`` for an error message: ``jp.distributions.erk`` or its repr."""
+    base = fn
+    while isinstance(base, functools.partial):
+        base = base.func
+    qualname = getattr(base, "__qualname__", "")
+    if qualname.startswith("explicit."):
+        return "jp.distributions.explicit(...)"
+    if qualname:
+        return f"jp.distributions.{qualname}"
+    return repr(fn)
+
+
 def _check_selection(select: Selection) -> None:
     """Raises ``ValueError`` when ``select`` cannot be called as ``(scores, sparsity, *, where)``.
 
@@ -110,6 +137,17 @@ def _check_selection(select: Selection) -> None:
     refresh, where a ``TypeError`` would come from inside the jitted update.
     A callable whose signature cannot be read is left to the step.
     """
+    if _is_distribution(select):
+        # A distribution has the same signature as a selection, but returns one
+        # float sparsity per leaf; _conform casts it to bool, so every leaf would
+        # be kept whole (nothing pruned, no error). jaxpruner users pass erk as
+        # `sparsity_distribution_fn`, so this mistake is the natural port.
+        raise ValueError(
+            f"scope takes a selection (scores, sparsity, *, where) -> masks, got the "
+            f"distribution {_label(select)}, which returns one sparsity per leaf (used as "
+            "scope it would prune nothing). Fix: wrap the distribution, e.g. "
+            "scope=jp.distributions.selection(jp.distributions.erk)."
+        )
     try:
         sig = inspect.signature(select)
     except (TypeError, ValueError):

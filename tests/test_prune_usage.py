@@ -154,7 +154,8 @@ def test_layer_scope_refresh_traces_each_leaf_alone():
     # step of an 80-layer MLP, now 3 s).
     def abs_ops(n_leaves):
         p = {f"l{i}": jnp.ones((8, 8)) for i in range(n_leaves)}
-        tx = jp.prune(optax.sgd(0.1), sparsity=jp.schedules.polynomial(0.0, 0.5, 0, 10, 2))
+        sched = jp.schedules.polynomial(0.0, 0.5, 0, 10, frequency=2)
+        tx = jp.prune(optax.sgd(0.1), sparsity=sched)
         return _count_prims(jax.make_jaxpr(tx.update)(p, tx.init(p), p).jaxpr, "abs")
 
     a4, a8 = abs_ops(4), abs_ops(8)

@@ -62,7 +62,7 @@ def _stacked():
     return params, loss
 
 
-_SCHEDULE = jp.schedules.polynomial(0.0, 0.9, 0, 100, 10)
+_SCHEDULE = jp.schedules.polynomial(0.0, 0.9, 0, 100, frequency=10)
 
 
 @pytest.mark.parametrize("sparsity", [0.6, _SCHEDULE], ids=["constant", "schedule"])
