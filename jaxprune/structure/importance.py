@@ -285,7 +285,10 @@ def select(
         on its full variables (what ``jp.prune`` sees inside a ``TrainState``;
         ``params/Dense_0/kernel`` matches ``Dense_0/kernel``). Members are
         matched by path; those not in ``scores`` get no mask.
-      sparsity: fraction of channels to drop (may be traced).
+      sparsity: fraction of channels to drop (may be traced): one number for
+        all groups. Per-group ratios: one ``select`` per subset of groups,
+        AND-ed together, e.g. ``jax.tree.map(jnp.logical_and, select(gs[:1],
+        scores, 0.5), select(gs[1:], scores, 0.25))``.
       reduce: per-member reduction (see :func:`group_scores`).
       where: which members vote on importance; default kernels.
       scope: ``"layer"`` (per group) or ``"global"``.
@@ -294,7 +297,11 @@ def select(
       round_to: keep a multiple of this many channels in each group (an
         ``int >= 1``); ``None`` to keep exactly what the selection keeps.
       normalize: ``None``, ``"mean"``, ``"max"``, ``"sum"`` or ``"gaussian"``:
-        how each group's importances are scaled before a global ranking.
+        how each group's importances are scaled before a global ranking. The
+        statistic (mean, max, sum, standard deviation) is over the group's
+        live channels only: channels already pruned (importance exactly 0, as
+        in masked params under a schedule or repeated ``select`` calls) are
+        left out of it, and still rank lowest.
 
     Returns:
       Bool masks with the structure of ``scores``.
@@ -325,7 +332,7 @@ def select(
       https://github.com/VainF/Torch-Pruning
     """
     _check_select_args(scope, max_sparsity, round_to, normalize)
-    _counts._check_sparsity(sparsity)
+    _check_select_sparsity(sparsity)
     _, groups = _align(groups, scores)
     if isinstance(sparsity, jax.core.Tracer) or any(
         isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(scores)
@@ -367,14 +374,44 @@ _NORMALIZERS = ("mean", "max", "sum", "gaussian")
 
 
 def _normalized(v: jax.Array, how: str | None) -> jax.Array:
-    """Returns one group's importances ``v`` on a common scale (see :func:`select`)."""
+    """Returns one group's importances ``v`` on a common scale (see :func:`select`).
+
+    The statistic is over the live channels (importance > 0) only: a channel
+    already pruned (importance exactly 0, as when a schedule's refresh or a
+    repeated :func:`select` scores masked params) would otherwise pull a
+    group's mean down and rate its survivors ``channels / live`` times higher,
+    protecting the groups pruned most (Torch-Pruning removes such channels
+    physically, so its statistics never see them). Non-live channels still
+    rank lowest: ``v / scale`` keeps them <= 0, and ``"gaussian"`` sends them
+    to ``-inf``. A group with no live channel is left at 0 (or ``-inf``).
+    """
     if how is None:
         return v
     tiny = jnp.finfo(jnp.float32).tiny
+    live = v > 0
+    n = jnp.maximum(jnp.sum(live, dtype=v.dtype), 1)
+    total = jnp.sum(jnp.where(live, v, 0))
     if how == "gaussian":
-        return (v - jnp.mean(v)) / jnp.maximum(jnp.std(v), tiny)
-    scale = {"mean": jnp.mean, "max": jnp.max, "sum": jnp.sum}[how](v)
+        mean = total / n
+        std = jnp.sqrt(jnp.sum(jnp.where(live, (v - mean) ** 2, 0)) / n)
+        return jnp.where(live, (v - mean) / jnp.maximum(std, tiny), -jnp.inf)
+    scale = {"mean": total / n, "max": jnp.max(v), "sum": total}[how]
     return v / jnp.maximum(scale, tiny)
+
+
+def _check_select_sparsity(sparsity: Any) -> None:
+    """Raises unless ``sparsity`` is one number in [0, 1] (no tree: one ratio for all groups)."""
+    flat = jax.tree.leaves(sparsity)
+    if (len(flat) > 1 or (flat and flat[0] is not sparsity)) or (
+        flat and not isinstance(sparsity, (str, bytes)) and np.ndim(sparsity) > 0
+    ):
+        raise ValueError(
+            f"sparsity must be one number in [0, 1] (the fraction of channels to drop, the same "
+            f"for every group), got {sparsity!r}. Fix: for per-group ratios, call select once "
+            "per subset of groups and AND the masks: jax.tree.map(jnp.logical_and, "
+            "select(groups_a, scores, ra), select(groups_b, scores, rb))."
+        )
+    _counts._check_sparsity(sparsity, tree_ok=False)
 
 
 def _check_select_args(scope: Any, max_sparsity: Any, round_to: Any, normalize: Any) -> None:
