@@ -63,11 +63,33 @@ def _prune_first(red: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     return reduce
 
 
+def _l2(x: jax.Array, axis: Any) -> jax.Array:
+    """Returns the l2 norm of ``x`` over ``axis``, exact in ranking at any magnitude.
+
+    A plain ``sqrt(sum(x**2))`` squares float32 scores below ~1e-19 to 0 and above
+    ~1.8e19 to inf, so every slice ties and the flatten-order tie-break drops the
+    largest ones. Each slice is divided by a power of two near its own max ``|x|``
+    (2**e with ``m = f * 2**e``, ``f`` in [0.5, 1)) before squaring and multiplied
+    back after: powers of two scale exactly, so for ordinary scores the norms are
+    bit for bit those of the plain formula. ``e`` is 0 where the max is 0, inf or
+    NaN (the plain formula's result), and clipped so that 2**-e stays a normal
+    float32 (a denormal factor would be flushed to 0 on XLA:CPU).
+    """
+    # At least float32: a float16 factor 2**-e would overflow for scores below ~1e-5.
+    x = jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
+    m = jnp.max(jnp.abs(x), axis=axis, keepdims=True, initial=0.0)  # size-0 slices too
+    e = jnp.frexp(m)[1]
+    e = jnp.clip(jnp.where(jnp.isfinite(m) & (m > 0), e, 0), -125, 125)
+    one = jnp.ones((), x.dtype)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x * jnp.ldexp(one, -e)), axis=axis))
+    return norm * jnp.ldexp(one, jnp.squeeze(e, axis=axis))
+
+
 # The built-in reductions of `structured`: a slice holding a -inf score reduces
 # to -inf (prune first) with every one of them; a custom `reduce` must do so
 # itself for callers that mark entries with -inf (e.g. jp.drivers).
 REDUCTIONS: dict[str, Callable[..., jax.Array]] = {
-    "l2": _prune_first(lambda x, axis: jnp.sqrt(jnp.sum(jnp.square(x), axis=axis))),
+    "l2": _prune_first(_l2),
     "l1": _prune_first(lambda x, axis: jnp.sum(jnp.abs(x), axis=axis)),
     "mean": _prune_first(lambda x, axis: jnp.mean(x, axis=axis)),
     "max": _prune_first(lambda x, axis: jnp.max(x, axis=axis)),
