@@ -37,3 +37,27 @@ def test_saving_the_optimizer_itself_records_the_masks_without_warning(tmp_path)
     assert masks is not None
     assert float(masks["kernel"].mean()) == 0.5
     assert (masks["kernel"] == jp.get_masks(opt.opt_state)["kernel"]).all()
+
+
+def _mlp_groups():
+    import jax.numpy as jnp
+
+    from jaxprune import structure
+
+    def mlp(p, x):
+        return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"]
+
+    p = {"w1": jnp.arange(12.0).reshape(3, 4), "b1": jnp.ones(4), "w2": jnp.ones((4, 2))}
+    return structure, p, structure.groups(mlp, p, jnp.ones((1, 3)))
+
+
+def test_round_to_that_undoes_a_groups_whole_cut_warns():
+    structure, p, gs = _mlp_groups()
+    scores = jp.criteria.magnitude(p)
+    with pytest.warns(UserWarning, match=r"round_to=4 keeps every channel of group 0 \(4 channels"):
+        m = structure.select(gs, scores, 0.25, round_to=4)  # was: nothing dropped, silently
+    assert bool(m["w1"].all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = structure.select(gs, scores, 0.75, round_to=2)  # 1 kept -> 2: still a cut
+    assert int((~m["w1"]).all(axis=0).sum()) == 2

@@ -147,7 +147,9 @@ def test_round_to_keeps_multiples_and_never_prunes_more_than_asked():
     scores = jp.criteria.magnitude(_params(2))
     for s in np.linspace(0.0, 1.0, 21):
         plain = _kept(structure.select(GROUPS, scores, float(s)))
-        rounded = _kept(structure.select(GROUPS, scores, float(s), round_to=4))
+        with warnings.catch_warnings():  # small sparsities: the rounding undoes a cut (warned)
+            warnings.filterwarnings("ignore", "round_to=4 keeps every channel")
+            rounded = _kept(structure.select(GROUPS, scores, float(s), round_to=4))
         for c, p, r in zip(SIZES, plain, rounded, strict=True):
             assert r.sum() % 4 == 0 or r.sum() == c
             assert r.sum() >= p.sum() and (r | ~p).all()  # a superset of what was kept
@@ -193,7 +195,8 @@ def test_normalizers_scale_each_group_as_documented():
     np.testing.assert_allclose(_normalized(v, "sum"), [1 / 12, 1 / 6, 1 / 4, 1 / 2], rtol=1e-6)
     z = (np.array([1.0, 2, 3, 6]) - 3) / np.std([1.0, 2, 3, 6])
     np.testing.assert_allclose(_normalized(v, "gaussian"), z, rtol=1e-6)
-    assert np.isfinite(_normalized(jnp.zeros(3), "gaussian")).all()  # no 0 / 0
+    # No 0 / 0: a group with no live channel ranks them lowest (-inf), never NaN.
+    assert not np.isnan(_normalized(jnp.zeros(3), "gaussian")).any()
     assert np.isfinite(_normalized(jnp.zeros(3), "mean")).all()
 
 

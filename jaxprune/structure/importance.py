@@ -261,7 +261,9 @@ def select(
       ``round_to`` (or to all of them, when fewer), after the selection and
       the cap: widths such as 8, 16, 32 suit vector units and tensor cores.
       A group with fewer channels than ``round_to`` is kept whole unless all
-      of its channels were dropped.
+      of its channels were dropped. Torch-Pruning rounds the kept count down;
+      with a Python ``sparsity`` and ``scope="layer"``, a group whose whole cut
+      the rounding undoes gets a warning.
 
     Both keep the lowest-scoring channels of a group as the ones dropped, and
     both work with a traced ``sparsity`` (a schedule in ``jp.prune``).
@@ -357,6 +359,8 @@ def select(
         static_argnums=(0, 3, 4, 5, 6, 7, 8, 9)
         + ((2,) if isinstance(sparsity, int | float) else ()),
     )
+    if round_to is not None and scope == "layer" and isinstance(sparsity, int | float):
+        _warn_round_to_cancels(groups, keeps, sparsity, int(round_to), max_sparsity)
     emptied = [g for g, keep in keeps.items() if scope == "global" and not np.any(keep)]
     if emptied and float(sparsity) < 1.0:
         names = "; ".join(repr(groups[i]) for i in emptied[:3])
@@ -496,6 +500,25 @@ def _keeps(imps, sparsity, scope, max_sparsity, round_to) -> list[jax.Array]:
     # Within a group the dropped channels are always its lowest (ties by index), so
     # one count per group gives the keep-vector.
     return [_select([k], d.astype(jnp.int32))[0] for k, d in zip(keys, drops, strict=True)]
+
+
+def _warn_round_to_cancels(groups, keeps: dict, sparsity: float, r: int, cap) -> None:
+    """Warns when rounding kept channels up to ``r`` undoes a group's whole cut (layer scope)."""
+    cancelled = []
+    for i, keep in keeps.items():
+        c = groups[i].channels
+        d = int(_counts._count(sparsity, c))
+        if cap is not None:
+            d = min(d, _counts._cap(cap, c))
+        if d > 0 and np.all(keep):
+            cancelled.append(f"group {i} ({c} channels, {d} to drop)")
+    if cancelled:
+        warnings.warn(
+            f"round_to={r} keeps every channel of {', '.join(cancelled[:5])}: the kept "
+            f"count is rounded up to a multiple of {r}, so nothing is dropped there "
+            "(Torch-Pruning rounds down). Fix: a higher sparsity, or a smaller round_to.",
+            stacklevel=3,
+        )
 
 
 def selection(
