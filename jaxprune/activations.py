@@ -67,6 +67,11 @@ class Captured(NamedTuple):
 
     inputs: jax.Array  # [..., in] (dense) or [N, H, W, C_in] (conv)
     outputs: jax.Array  # [..., out] (pre-activation)
+    # The input axes a general linear kernel contracts, in the kernel's order
+    # (``nnx.LinearGeneral``'s and linen ``DenseGeneral``'s ``axis``, e.g.
+    # ``(-2, -1)`` for an attention output projection); None for Dense and
+    # conv layers, whose inputs are on the last axis.
+    in_axes: tuple[int, ...] | None = None
 
 
 def _join(a: Any, b: Any) -> Any:
@@ -83,12 +88,23 @@ def _join(a: Any, b: Any) -> Any:
     return jnp.concatenate([a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])], axis=0)
 
 
-def _record(records: dict[str, Captured], name: str, x: Any, out: Any) -> None:
+def _record(records: dict[str, Captured], name: str, x: Any, out: Any, in_axes: Any = None) -> None:
     prev = records.get(name)
     if prev is None:
-        records[name] = Captured(x, out)
+        records[name] = Captured(x, out, in_axes)
     else:
-        records[name] = Captured(_join(prev.inputs, x), _join(prev.outputs, out))
+        records[name] = Captured(_join(prev.inputs, x), _join(prev.outputs, out), in_axes)
+
+
+def _general_axes(module: Any) -> tuple[int, ...] | None:
+    """Returns the contracted input axes of a general linear layer, else None."""
+    if isinstance(module, nnx.LinearGeneral) and not module.batch_axis:
+        axis = module.axis
+    elif isinstance(module, nn.DenseGeneral) and not module.batch_dims:
+        axis = module.axis
+    else:
+        return None
+    return tuple(int(a) for a in axis) if isinstance(axis, (tuple, list)) else (int(axis),)
 
 
 def _first_input_name(fn: Callable[..., Any]) -> str | None:
@@ -179,9 +195,8 @@ def capture_nnx(
             finally:
                 active.discard(id(self))
             if id(self) in targets:
-                _record(
-                    records, targets[id(self)], _call_input(targets[id(self)], first, a, kw), out
-                )
+                x = _call_input(targets[id(self)], first, a, kw)
+                _record(records, targets[id(self)], x, out, _general_axes(self))
             return out
 
         return call
@@ -247,7 +262,7 @@ def capture_linen(
                 # Inside nn.scan / nn.vmap / nn.remat: its values live in that trace only.
                 lifted.append(name)
             else:
-                _record(records, name, x, out)
+                _record(records, name, x, out, _general_axes(context.module))
         return out
 
     with nn.intercept_methods(interceptor):
@@ -277,7 +292,14 @@ def input_norms(
 
     The norm runs over every calibration token (all axes but the last; for a
     conv, batch and positions per input channel) and over every batch in
-    ``captures``, combined as ``sqrt(sum of squares)``. Leaves with no capture
+    ``captures``, combined as ``sqrt(sum of squares)``. A Dense or conv kernel
+    gets ``[in]``. A general linear kernel (``nnx.LinearGeneral``, linen
+    ``DenseGeneral``, attention projections captured with
+    ``types=(nnx.Linear, nnx.LinearGeneral)``) gets its input axes' norms
+    shaped to broadcast against it: ``[heads, head_dim, 1]`` for an output
+    projection ``[heads, head_dim, out]``, ``[in, 1, 1]`` for a query kernel
+    ``[in, heads, head_dim]``, from the layer's ``axis`` (recorded as
+    :attr:`Captured.in_axes`). Leaves with no capture
     get ``1.0``, with a warning when the leaf is a kernel (``.../kernel``, ndim
     >= 2) whose module was not captured. The result feeds ``jp.criteria.wanda(params, norms)``.
 
@@ -356,15 +378,23 @@ def input_norms(
         if owner is None or owner not in captured:
             out.append(jnp.float32(1.0))
             continue
-        sq = sum(
-            jnp.sum(
-                jnp.square(b[owner].inputs.astype(jnp.float32)),
-                axis=tuple(range(b[owner].inputs.ndim - 1)),
-            )
-            for b in batches
-        )
+        in_axes = batches[0][owner].in_axes
+        sq = sum(_square_sums(b[owner].inputs, in_axes) for b in batches)
+        if in_axes is not None:
+            # A general linear kernel [*in_axes, *out_axes]: the norms broadcast
+            # against it, its input axes first.
+            sq = sq.reshape(sq.shape + (1,) * (jnp.ndim(leaf) - sq.ndim))
         out.append(jnp.sqrt(sq))
     return jax.tree.unflatten(treedef, out)
+
+
+def _square_sums(x: Any, in_axes: tuple[int, ...] | None) -> jax.Array:
+    """Sums ``x**2`` over every axis but the input axes (the last, or ``in_axes`` in order)."""
+    x = jnp.asarray(x).astype(jnp.float32)
+    keep = [x.ndim - 1] if in_axes is None else [int(a) % x.ndim for a in in_axes]
+    sq = jnp.sum(jnp.square(x), axis=tuple(a for a in range(x.ndim) if a not in keep))
+    order = sorted(keep)
+    return jnp.transpose(sq, [order.index(a) for a in keep])
 
 
 def _per_unit(captures, fn):

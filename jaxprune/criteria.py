@@ -207,8 +207,10 @@ def wanda(params: optax.Params, input_norms: Any) -> optax.Params:
       params: a pytree of weights.
       input_norms: a tree with the structure of ``params``: for each prunable
         kernel the L2 norm of its input over all calibration tokens (shape
-        ``[in]``, or any shape broadcastable to the kernel); a scalar (e.g.
-        ``1.0``) for leaves that are not pruned. See
+        ``[in]``, or any shape broadcastable to the kernel, such as
+        ``[heads, head_dim, 1]`` for an attention output projection
+        ``[heads, head_dim, out]``); a scalar (e.g. ``1.0``) for leaves that
+        are not pruned. See
         :func:`jaxprune.activations.input_norms` for capturing them.
 
     Returns:
@@ -243,12 +245,20 @@ def wanda(params: optax.Params, input_norms: Any) -> optax.Params:
         try:
             jnp.broadcast_shapes(jnp.shape(w), b.shape)
         except ValueError:
+            general = (
+                " A kernel with several input or output axes (LinearGeneral, attention "
+                "projections [in, heads, head_dim] or [heads, head_dim, out]) takes norms "
+                "shaped to broadcast against it, its input axes first (e.g. norms[:, None, "
+                "None] for [in, heads, head_dim]); jp.activations.input_norms shapes them so."
+                if jnp.ndim(w) >= 3
+                else ""
+            )
             raise ValueError(
                 f"input_norms of {path_str(path)!r} has shape {jnp.shape(n)}, which does not "
-                f"match the kernel's input axis: kernel shape {jnp.shape(w)} (inputs on axis "
-                f"-2, {jnp.shape(w)[-2] if jnp.ndim(w) >= 2 else '?'} of them). Fix: pass one "
-                "norm per input feature (jp.activations.input_norms), or a scalar for leaves "
-                "not pruned."
+                f"match the kernel's input axis: kernel shape {jnp.shape(w)} (a 1-D norm goes "
+                f"on axis -2, {jnp.shape(w)[-2] if jnp.ndim(w) >= 2 else '?'} entries).{general} "
+                "Fix: pass one norm per input feature (jp.activations.input_norms), or a "
+                "scalar for leaves not pruned."
             ) from None
     return jax.tree.unflatten(
         jax.tree.structure(unwrap_variables(params)),

@@ -201,9 +201,20 @@ def _check_decoder(model: Any) -> list[tuple[Any, tuple[str, ...]]]:
                 )
             shape = jnp.shape(kernel.get_value())
             if len(shape) != 2:
+                if isinstance(layer, nnx.LinearGeneral) or not isinstance(layer, nnx.Linear):
+                    why = (
+                        f" ({type(layer).__name__}: a kernel with several input or output "
+                        "axes, as in nnx.MultiHeadAttention's [in, heads, head_dim] and "
+                        "[heads, head_dim, out]; prune_decoder solves [in, out] layers only. "
+                        "Build attention from nnx.Linear q/k/v/out projections, as "
+                        "jaxprune.models_llm.Block does, or leave it out of LINEARS)"
+                    )
+                elif len(shape) == 3:
+                    why = " (stacked blocks, e.g. from nnx.vmap?)"
+                else:
+                    why = ""
                 raise _not_a_decoder(
-                    f"the kernel of {where}.{name} has shape {shape}, not [in, out]"
-                    + (" (stacked blocks, e.g. from nnx.vmap?)" if len(shape) == 3 else "")
+                    f"the kernel of {where}.{name} has shape {shape}, not [in, out]{why}"
                 )
         if not _takes_tap(block.__call__):
             raise _not_a_decoder(f"{where}.__call__ takes no tap= argument")

@@ -332,7 +332,9 @@ def nm(
     leaf needs an explicit ``axis``, and so does any 4-D leaf that is not a
     flax conv kernel, since a shape cannot tell them apart: a ``LinearGeneral``
     kernel ``[in1, in2, out1, out2]`` (``axis=1``), a stacked attention kernel
-    ``[L, in, heads, head_dim]`` (``axis=1``), an equinox / PyTorch conv
+    ``[L, in, heads, head_dim]`` (``axis=1``), an attention output projection
+    ``[heads, head_dim, out]`` (``axis=1``: its reduction runs over heads and
+    head_dim, and groups run within each head), an equinox / PyTorch conv
     ``[out, in, kh, kw]`` (``axis=1``). Equinox's and PyTorch's Linear
     ``[out, in]`` is 2-D, so the default is taken there and groups its
     outputs: pass ``axis=-1``. A flax ``ConvTranspose(transpose_kernel=True)``
@@ -353,11 +355,17 @@ def nm(
         for no floor).
       m: group size along ``axis``.
       axis: the axis groups run along (the reduction axis: -2 for a 1-D or
-        3-D flax conv, 0 for an attention kernel ``[in, heads, head_dim]``):
-        an int for every leaf, or a function ``(path, leaf) -> int`` (e.g.
-        ``lambda p, x: 0 if x.ndim == 3 else -2`` for attention kernels next
-        to Dense ones). ``None``: ``-2``, for 2-D leaves and flax conv kernels
-        (see above); any other selected leaf is an error.
+        3-D flax conv, 0 for an attention kernel ``[in, heads, head_dim]``,
+        1 for the output projection ``[heads, head_dim, out]``): an int for
+        every leaf, or a function ``(path, leaf) -> int`` (e.g. ``lambda p, x:
+        (1 if "out" in p else 0) if x.ndim == 3 else -2`` for
+        ``nnx.MultiHeadAttention`` kernels next to Dense ones). Under
+        :func:`jaxprune.masks.per_layer` the function sees each layer's path
+        with its flat layer index appended (``p[-2]`` is then ``"kernel"``,
+        not the module's name), so test names with ``in p`` rather than by
+        position. ``None``: ``-2``,
+        for 2-D leaves and flax conv kernels (see above); any other selected
+        leaf is an error.
       where: predicate; default floating ``ndim >= 2``.
       skip_indivisible: leave leaves whose ``axis`` is not divisible by ``m``
         dense instead of raising.
@@ -453,7 +461,8 @@ def nm(
                 f"{size} entries, not divisible by m={m}. Fix: pass skip_indivisible=True to "
                 "leave such leaves dense, or exclude it with `where`; if that axis is not the "
                 "leaf's reduction axis, pass axis= (1 for an equinox/PyTorch conv "
-                "[out, in, kh, kw], -1 for their Linear [out, in])."
+                "[out, in, kh, kw], -1 for their Linear [out, in], 1 for an attention "
+                "output projection [heads, head_dim, out])."
             )
         if sparsity is None:
             drop = jnp.int32(m - n)
