@@ -345,6 +345,15 @@ def _opaque_message(prims: list[str], names: list[str], rand: list[str]) -> str:
             "Fix: to plan channel pruning of a stack, trace an unrolled copy of the model; "
             "prune a stack's weights (unstructured, N:M) with jp.masks.per_layer."
         )
+    if prims == ["gather"]:
+        return (
+            f"jaxprune.structure: primitive 'gather' (an embedding lookup table[ids], or "
+            f"indexing with an array) cannot be seen through, so {where}. For an embedding "
+            "table this is expected: its width is the residual stream's, which the residual "
+            "adds pin anyway, and the other groups (attention heads, MLP neurons) are still "
+            "found. Fix: nothing, for an embedding lookup; for other indexing, take whole "
+            "slices along an axis that is not pruned, or prune other groups."
+        )
     return (
         f"jaxprune.structure: primitive(s) {prims} cannot be seen through; {where}. Fix: "
         "express the op with standard lax primitives, or prune other groups."
