@@ -80,6 +80,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import time
 
 import jax
@@ -265,6 +266,10 @@ def run(args) -> dict:
             )
             tqdm.write(json.dumps(controls[-1]))
     ticket = rows[-1]["accuracy"]
+    best = max(c["accuracy"] for c in controls)
+    n_test = len(trainer.x_test)
+    # Two accuracies on n_test images: the binomial standard error of their difference.
+    se = math.sqrt((ticket * (1 - ticket) + best * (1 - best)) / n_test)
     return {
         "dataset": ds.name,
         "train_images": len(trainer.x),
@@ -274,8 +279,12 @@ def run(args) -> dict:
         "seconds": round(time.perf_counter() - t_start, 1),
         "rows": rows,
         "controls": controls,
-        "ticket_minus_best_control": ticket - max(c["accuracy"] for c in controls),
+        "ticket_minus_best_control": ticket - best,
+        "ticket_minus_best_control_images": round((ticket - best) * n_test),
+        "difference_standard_error": se,
         "ticket_wins": all(ticket > c["accuracy"] for c in controls),
+        # A margin under two standard errors is noise, whichever its sign.
+        "within_noise": abs(ticket - best) < 2 * se,
     }
 
 
@@ -308,11 +317,19 @@ def render(result: dict) -> str:
             f"| {last['sparsity']:.4f} | same masks | {100 * c['accuracy']:.2f} |"
         )
     verdict = "beats" if result["ticket_wins"] else "does NOT beat"
+    images = result["ticket_minus_best_control_images"]
+    noise = (
+        f" That is {abs(images)} test image(s), under two standard errors of the difference "
+        f"({200 * result['difference_standard_error']:.2f} points) with "
+        f"{len(result['controls'])} control(s): within noise, not evidence either way."
+        if result["within_noise"]
+        else f" ({images:+d} test images, over two standard errors of the difference.)"
+    )
     lines += [
         "",
         f"At {last['sparsity']:.1%} sparsity the ticket {verdict} every random "
         f"reinitialization of its masks ({100 * result['ticket_minus_best_control']:+.2f} "
-        "points against the best control).",
+        "points against the best control)." + noise,
     ]
     return "\n".join(lines)
 
@@ -328,6 +345,7 @@ def main(argv=None):
         "accuracy": [round(r["accuracy"], 4) for r in result["rows"]],
         "control_accuracy": [round(c["accuracy"], 4) for c in result["controls"]],
         "ticket_wins": result["ticket_wins"],
+        "within_noise": result["within_noise"],
     }
     print("RESULT " + json.dumps(summary))
     return result

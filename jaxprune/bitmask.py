@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import serialization
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxprune._search import _explicit_axes, _on_auto_axes
@@ -57,6 +58,16 @@ class PackedMask:
 
 
 jax.tree_util.register_dataclass(PackedMask, data_fields=["bits"], meta_fields=["shape", "axis"])
+# flax.serialization (to_bytes / from_bytes, msgpack checkpoints of a TrainState
+# holding jp.prune's state): the bits are the state; shape and axis come from
+# the target, as a restore into a freshly built state has them.
+serialization.register_serialization_state(
+    PackedMask,
+    lambda p: {"bits": serialization.to_state_dict(p.bits)},
+    lambda target, state: dataclasses.replace(
+        target, bits=serialization.from_state_dict(target.bits, state["bits"], name="bits")
+    ),
+)
 
 _BIT = tuple(1 << j for j in range(8))
 

@@ -35,6 +35,7 @@ import pathlib
 import warnings
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -202,9 +203,11 @@ def _save(
             f"format must be one of {_meta.FORMATS}, got {format!r}. Fix: format='dense' for "
             "training checkpoints or format='compressed' for the smallest exact copy."
         )
+    step = _concrete_step(step)
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(
-            f"step must be a non-negative int, got {step!r}. Fix: pass the training step count."
+            f"step must be a non-negative int, got {step!r}. Fix: pass the training step count "
+            "(int(state.step) for a traced one)."
         )
     if max_to_keep is not None and (
         isinstance(max_to_keep, (bool, np.bool_))
@@ -314,8 +317,21 @@ def _warn_negative_zeros(found: list, source: Any) -> None:
     )
 
 
+def _concrete_step(step: Any) -> Any:
+    """Returns a concrete scalar integer JAX array (a TrainState's ``step``) as an int."""
+    if (
+        isinstance(step, jax.Array)
+        and not isinstance(step, jax.core.Tracer)
+        and step.ndim == 0
+        and jnp.issubdtype(step.dtype, jnp.integer)
+    ):
+        return int(step)
+    return step
+
+
 def _locate(directory: str | os.PathLike, step: int | None) -> tuple[pathlib.Path, int]:
     """Returns ``(root, step)``; ``directory`` may be a root or one step's directory."""
+    step = _concrete_step(step)
     if step is not None and (
         isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0
     ):

@@ -106,6 +106,13 @@ def get_masks(opt_state: Any) -> optax.Params:
       ([[False, False, False, False], [True, True, True, True]], True)
     """
     states = find_prune_states(opt_state)
+    if not states and _looks_restored_plain(opt_state):
+        raise ValueError(
+            "opt_state holds jp.prune's state as plain dicts (a checkpoint restored without a "
+            "template), whose masks cannot be unpacked. Fix: restore into a template, "
+            "jp.restore(d, params=params, opt_state=tx.init(params)), or read the restored "
+            "checkpoint's .masks."
+        )
     if not states:
         raise ValueError(
             "opt_state holds no jp.prune state. Fix: build the optimizer with "
@@ -185,3 +192,14 @@ def state_bytes(opt_state: Any) -> dict[str, int]:
     # Each PruneState nests its inner state; count only its own fields.
     pruning = sum(_nbytes(s._replace(inner_state=())) for s in states)
     return {"pruning": pruning, "inner": total - pruning, "total": total}
+
+
+def _looks_restored_plain(tree: Any) -> bool:
+    """True when ``tree`` holds a dict with jp.prune's state keys (restored without a template)."""
+    if isinstance(tree, dict):
+        if "packed_masks" in tree and "inner_state" in tree:
+            return True
+        return any(_looks_restored_plain(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_looks_restored_plain(v) for v in tree)
+    return False

@@ -341,7 +341,11 @@ def prune(
     ``optax.apply_if_finite`` outside (``optax.apply_if_finite(jp.prune(...),
     n)``): a skipped step then updates no criterion state and refreshes no
     mask, while inside, a non-finite step would still feed a stateful
-    criterion (its state stays NaN) and a refresh. A weight that a refresh
+    criterion (its state stays NaN) and a refresh. Under gradient
+    accumulation, ``optax.MultiSteps(jp.prune(...), k)`` counts schedule steps
+    in optimizer steps and refreshes on the accumulated gradients;
+    ``jp.prune(optax.MultiSteps(...), k)`` counts micro-steps (one
+    micro-batch's gradients at a refresh). A weight that a refresh
     brings back (criteria whose masks are not nested: ``random``,
     ``movement``, the EMA criteria) resumes with the optimizer moments it had
     when it was pruned, decayed while it was; :mod:`jaxprune.dynamic` resets
@@ -473,6 +477,20 @@ def prune(
             raise ValueError(
                 "jp.prune needs the current params to enforce masks: call "
                 "tx.update(grads, state, params). (nnx.Optimizer does this for you.)"
+            )
+        if not hasattr(state, "packed_masks"):
+            plain = isinstance(state, (dict, list, tuple))
+            raise ValueError(
+                f"jp.prune's update got a state of type {type(state).__name__}, not the "
+                "PruneState its init builds"
+                + (
+                    " (a checkpoint restored without a template gives plain dicts and lists)"
+                    if plain
+                    else ""
+                )
+                + ". Fix: restore into a template, jp.restore(d, params=params, "
+                "opt_state=tx.init(params)) (or orbax's restore with the target tree), then "
+                "resume with that opt_state."
             )
         params = unwrap_variables(params)
         check_same_leaves(updates, params, "updates", "params")
