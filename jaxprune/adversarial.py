@@ -32,6 +32,7 @@ checks a concrete ``x`` against ``bounds`` before entering ``jax.jit``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune._tree import Path, _normalize, leaves_with_paths, path_str
+from jaxprune._tree import Path, _normalize, as_float, as_int, leaves_with_paths, path_str
 from jaxprune.attacks import (
     ApplyFn,
     _check_attack,
@@ -67,7 +68,11 @@ __all__ = [
 
 
 def _check_nonneg(name: str, value: float, fix: str) -> None:
-    if not float(value) >= 0:
+    # inf is refused too: the step's weights would become inf / inf, NaN.
+    v = as_float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}. Fix: {fix}")
+    if v < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}. Fix: {fix}")
 
 
@@ -254,11 +259,13 @@ def anp_vs_step(
     _check_nonneg("adv_weight", adv_weight, "use the reference code's 2.0.")
     _check_attack_gates(attack_gates)
     fwd = _forward(apply_fn, has_state)
-    if num_train < 1:
+    n = as_int(num_train)
+    if n is None or n < 1:
         raise ValueError(
-            f"num_train must be >= 1 (the training-set size), got {num_train!r}. Fix: pass "
-            "len(x_train), the N the KL is divided by."
+            f"num_train must be >= 1, an int (the training-set size), got {num_train!r}. Fix: "
+            "pass len(x_train), the N the KL is divided by."
         )
+    num_train = n
     w = float(adv_weight)
     c_weights = jnp.array([1 / (1 + w), w / (1 + w), beta / num_train, lam], jnp.float32)
     c_masks = jnp.array([0.0, 1.0, beta / num_train, 0.0], jnp.float32)

@@ -92,7 +92,7 @@ def _check_concrete_inside(x: Any, bounds: tuple[float, float]) -> None:
 
 
 def _check_inside(x: jax.Array, bounds: tuple[float, float]) -> None:
-    """Raises when ``x`` is not floating, or a concrete ``x`` lies outside ``bounds``."""
+    """Raises when ``x`` is not floating, or a concrete ``x`` holds NaN or leaves ``bounds``."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
             f"x must be floating point (the attack follows the loss's gradient in x), got "
@@ -104,6 +104,14 @@ def _check_inside(x: jax.Array, bounds: tuple[float, float]) -> None:
     # numpy, not jnp: inside a jit trace jnp ops on a constant are staged.
     v = np.asarray(x)
     lo, hi = float(np.min(v)), float(np.max(v))
+    if math.isnan(lo) or math.isnan(hi):
+        # min/max propagate NaN, and every comparison with NaN is False.
+        raise ValueError(
+            f"x holds {int(np.isnan(v).sum())} NaN values (of {v.size}): the attack's "
+            "gradient and every iterate would be NaN. Fix: drop those examples with their "
+            "labels (ok = ~np.isnan(x).reshape(len(x), -1).any(1); x[ok], y[ok]) or repair "
+            "them (np.nan_to_num) before the attack."
+        )
     if lo < float(bounds[0]) or hi > float(bounds[1]):
         raise ValueError(
             f"x lies in [{lo:.4g}, {hi:.4g}], outside bounds={tuple(bounds)!r}: the attack "

@@ -171,13 +171,37 @@ def _require_per_unit(gate: Gate, what: str) -> None:
         )
 
 
+def _grouped_hint(features: int, rows: int) -> str:
+    """Returns why ``features`` input gates may not fit ``rows`` kernel rows: a grouped conv.
+
+    A grouped or depthwise conv (``feature_group_count=groups``) stores
+    ``in_features / groups`` rows on its kernel's axis -2, so one gate per
+    input channel is ``groups`` times the rows. Empty unless ``features`` is
+    such a multiple.
+    """
+    if rows < 1 or features <= rows or features % rows:
+        return ""
+    return (
+        f" If this is a grouped or depthwise conv (feature_group_count={features // rows}), "
+        f"its kernel's axis -2 holds in_features / groups = {rows} rows, each shared by "
+        f"{features // rows} input channels: input gates on grouped convs are not supported."
+    )
+
+
+_GROUPED_FIX = (
+    "gate a grouped conv's outputs instead, or leave it out of inputs= / input_gate_params"
+)
+
+
 def _input_rows(name: str, g: jax.Array, kernel_shape: tuple) -> jax.Array:
     """Returns the input gates ``g`` shaped to scale the rows (axis -2) of a kernel."""
     if len(kernel_shape) < 2 or kernel_shape[-2] != g.shape[0]:
+        grouped = _grouped_hint(g.shape[0], kernel_shape[-2]) if len(kernel_shape) >= 3 else ""
         raise ValueError(
             f"input gates of {name!r} have {g.shape[0]} features, but its kernel has shape "
-            f"{kernel_shape} (inputs on axis -2). Fix: build them with "
-            "jp.gates.init_gates(gate, params, inputs=True)."
+            f"{kernel_shape} (inputs on axis -2).{grouped} Fix: build them with "
+            "jp.gates.init_gates(gate, params, inputs=True)"
+            + (f"; {_GROUPED_FIX}." if grouped else ".")
         )
     return g[:, None]
 
@@ -217,17 +241,40 @@ def _check_gate_params(gate_params: dict, index: dict[str, int]) -> None:
         )
 
 
-def _check_gate_shapes(gate: Gate, gate_params: dict, kernels: dict) -> None:
-    """Raises ``ValueError`` naming the layer when a layer's gate params do not fit ``gate``."""
+def _check_gate_shapes(gate: Gate, gate_params: dict, kernels: dict, inputs: bool = False) -> None:
+    """Raises ``ValueError`` naming the layer when a layer's gate params do not fit ``gate``.
+
+    With ``inputs`` the gate params are input gates, one per row (axis -2)
+    of the kernel.
+    """
     for name, gp in gate_params.items():
-        want = jax.eval_shape(lambda k: gate.init(k, jax.random.key(0)), kernels[name])
+        shape = tuple(jnp.shape(kernels[name]))
+        if inputs and len(shape) < 2:
+            raise ValueError(
+                f"input_gate_params[{name!r}] gates a leaf of shape {shape}, but input gates sit "
+                "on a kernel's rows (ndim >= 2, inputs on axis -2). Fix: build them with "
+                "jp.gates.init_gates(gate, params, inputs=True)."
+            )
+        if inputs and isinstance(gp, dict):
+            for v in gp.values():
+                if jnp.ndim(v) >= 1:
+                    _input_rows(name, jnp.asarray(v), shape)  # raises on a wrong feature count
+        want = jax.eval_shape(
+            lambda k: gate.init(jnp.swapaxes(k, -1, -2) if inputs else k, jax.random.key(0)),
+            kernels[name],
+        )
         want = {k: tuple(v.shape) for k, v in want.items()}
         got = {k: tuple(jnp.shape(v)) for k, v in gp.items()} if isinstance(gp, dict) else gp
         if got != want:
+            arg, on, build = (
+                ("input_gate_params", "the inputs (axis -2) of ", "params, inputs=True")
+                if inputs
+                else ("gate_params", "", "params")
+            )
             raise ValueError(
-                f"gate_params[{name!r}] is {got}, but {type(gate).__name__} on that layer's kernel "
-                f"{tuple(jnp.shape(kernels[name]))} has {want}. Fix: build them with "
-                "jp.gates.init_gates(gate, params) with the same gate kind and params."
+                f"{arg}[{name!r}] is {got}, but {type(gate).__name__} on {on}that layer's kernel "
+                f"{shape} has {want}. Fix: build them with "
+                f"jp.gates.init_gates(gate, {build}) with the same gate kind and params."
             )
 
 

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import digamma, gammaln
+import numpy as np
+from jax.scipy.special import betaln, digamma
 
 __all__ = [
     "BetaBernoulli",
@@ -67,17 +68,36 @@ def _check_folded(gate, key) -> None:
         )
 
 
-def _check_numbers(gate) -> None:
-    """Raises unless every float field of ``gate`` holds a finite real number."""
-    for f in dataclasses.fields(gate):
-        v = getattr(gate, f.name)
-        if f.type in ("float", float) and (
-            isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+def _as_number(v: object) -> object:
+    """Returns a concrete 0-d JAX or NumPy array of a real dtype as a Python float, else ``v``.
+
+    The gate kinds are hashable static configuration (jit's static arguments,
+    dict keys), which an array is not.
+    """
+    if isinstance(v, (jax.Array, np.ndarray)) and not isinstance(v, jax.core.Tracer):
+        if v.ndim == 0 and (
+            jnp.issubdtype(v.dtype, jnp.floating) or jnp.issubdtype(v.dtype, jnp.integer)
         ):
+            return float(v)
+    return v
+
+
+def _check_numbers(gate) -> None:
+    """Raises unless every float field of ``gate`` holds a finite real number.
+
+    A concrete 0-d JAX or NumPy array (``jnp.float32(0.5)``) is stored as the
+    Python float it holds.
+    """
+    for f in dataclasses.fields(gate):
+        if f.type not in ("float", float):
+            continue
+        v = _as_number(getattr(gate, f.name))
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ValueError(
-                f"{f.name} must be a finite real number, got {v!r}. Fix: e.g. the default, "
-                f"{f.name}={f.default!r}."
+                f"{f.name} must be a finite real number, got {v!r} (a Python or NumPy number, "
+                f"or a concrete 0-d JAX array). Fix: e.g. the default, {f.name}={f.default!r}."
             )
+        object.__setattr__(gate, f.name, v)
 
 
 def _check_flag(name: str, value: object) -> None:
@@ -212,14 +232,19 @@ def _log_expected_keep_probability(a: jax.Array, b: jax.Array) -> jax.Array:
 
     Computed in log space so that it neither underflows for tiny ``E[pi]`` nor
     depends on the test gate's threshold: the ranking score of
-    :class:`BetaBernoulli`.
+    :class:`BetaBernoulli`. ``betaln`` keeps it accurate, and monotone in
+    ``a``, in float32 when ``1/a`` is large (``a`` below about ``1e-3``, the
+    units under the default threshold), where ``gammaln(1 + 1/a) -
+    gammaln(1 + 1/a + b)`` cancels catastrophically.
 
     Examples:
       >>> round(float(_log_expected_keep_probability(1.0, 1.0)), 4)  # log(1/2)
       -0.6931
+      >>> round(float(_log_expected_keep_probability(1e-6, 1.0)), 4)  # log(a / (a + 1))
+      -13.8155
     """
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return jnp.log(b) + gammaln(1 + 1 / a) + gammaln(b) - gammaln(1 + 1 / a + b)
+    return jnp.log(b) + betaln(1 + 1 / a, b)
 
 
 def expected_keep_probability(a: jax.Array, b: jax.Array) -> jax.Array:

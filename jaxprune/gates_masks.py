@@ -28,7 +28,9 @@ from jaxprune.gates_checks import (
     _bias_path,
     _check_gate,
     _check_gate_params,
+    _check_gate_shapes,
     _check_inputs,
+    _check_kind,
     _check_layout,
     _input_rows,
     _is_unit_bias,
@@ -92,6 +94,13 @@ def unit_masks(
         raise ValueError(
             "variational dropout masks read the weights, but params is None. Fix: pass params."
         )
+    # The checks apply_gates and penalty run: another kind's params would fail on a
+    # missing key, and a gate vector of the wrong length would broadcast (length 1
+    # silently) over the kernel.
+    _check_kind(gate, [gate_params[n] for n in names] + [inputs[n] for n in sorted(inputs)])
+    if params is not None:
+        _check_gate_shapes(gate, gate_params, kernels)
+        _check_gate_shapes(gate, inputs, kernels, inputs=True)
     every = {n: (gate_params[n], kernels.get(n)) for n in names}
     every.update({f"{n}{INPUTS_SUFFIX}": (inputs[n], None) for n in sorted(inputs)})
     if sparsity is None:

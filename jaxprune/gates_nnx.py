@@ -65,6 +65,28 @@ def _input_name(name: str) -> str:
     return _INPUT_PREFIX + name.removeprefix("gate_")
 
 
+def _check_grouped_inputs(module: nnx.Module, name: str) -> None:
+    """Raises ``ValueError`` for input gates on a grouped or depthwise conv.
+
+    Such a conv (``feature_group_count=groups``) stores ``in_features / groups``
+    kernel rows (axis -2), each shared by ``groups`` input channels: gates
+    built from the kernel would be too few for the input, and gates folded
+    into its rows (:func:`detach`, :func:`hard_masks`) would tie unrelated
+    channels together.
+    """
+    groups = getattr(module, "feature_group_count", 1)
+    if isinstance(module, nnx.Conv) and groups != 1:
+        raise ValueError(
+            f"cannot gate the inputs of {name}, an nnx.Conv with feature_group_count={groups} "
+            f"(a grouped or depthwise conv): its kernel {tuple(module.kernel.shape)} holds "
+            f"in_features / groups = {module.kernel.shape[-2]} rows on axis -2, each shared by "
+            f"{groups} input channels, so input gates on it are not supported. Fix: gate its "
+            "outputs instead "
+            "(leave it out of inputs=, or Gated(..., inputs=False)), or gate the inputs of an "
+            "ungrouped layer."
+        )
+
+
 class Gated(nnx.Module):
     """Wraps a linear layer (``kernel`` with outputs on the last axis) and gates its units.
 
@@ -112,6 +134,7 @@ class Gated(nnx.Module):
             )
         if inputs:
             _require_per_unit(gate, "inputs=True")
+            _check_grouped_inputs(module, "this layer")
         self.module = module
         self.gate = gate
         kernel = module.kernel.get_value()
@@ -336,6 +359,10 @@ def attach(
             f"model; its ungated layers: {ungated[:10]}. "
             "Fix: name layers by their '/'-joined attribute path, e.g. inputs=('fc1',)."
         )
+    if gate_inputs:
+        _require_per_unit(gate, "inputs=")
+    for n in sorted(gate_inputs):
+        _check_grouped_inputs(by_name[n][1], repr(n))  # before any layer is wrapped
     outputs = {path_str(p) for p, _ in chosen}
     if gate.per_unit and not getattr(gate, "per_example", False):
         _warn_batchnorm(model, gate, chosen)

@@ -41,6 +41,7 @@ from jaxprune._tree import (
     prunable_flags,
 )
 from jaxprune.gates_checks import (
+    _GROUPED_FIX,
     _bias_path,
     _check_gate,
     _check_gate_params,
@@ -49,6 +50,7 @@ from jaxprune.gates_checks import (
     _check_kind,
     _check_layout,
     _check_not_stacked,
+    _grouped_hint,
     _input_rows,
     _is_unit_bias,
     _require_per_unit,
@@ -135,6 +137,13 @@ def init_gates(
         features entering LeNet-5-Caffe's first dense layer. Pass the result
         as ``input_gate_params=`` to :func:`apply_gates`, :func:`penalty`,
         :func:`to_masks` and :func:`linen_apply`. Needs a per-unit kind.
+        Not for grouped or depthwise convs (``feature_group_count != 1``):
+        their kernel's axis -2 holds ``in_features / groups`` rows, each
+        shared by ``groups`` input channels, and params alone cannot tell
+        such a kernel from an ordinary conv's, so the gates would silently
+        tie unrelated channels together. Leave them out with ``where``
+        (:func:`linen_apply` and nnx :func:`~jaxprune.gates.attach` refuse
+        them).
 
     Per-unit gates take a kernel's last axis as its output units (flax's
     ``[..., in, out]``; haiku's ``w`` too). A kernel stored ``[out, in]``
@@ -273,10 +282,13 @@ def _gate_features(x: jax.Array, g: jax.Array, layer: str, layers: str) -> jax.A
     features on the last axis, for the error on a size mismatch.
     """
     if jnp.shape(x)[-1:] != g.shape[-1:]:
+        channels = jnp.shape(x)[-1] if jnp.ndim(x) else 0
+        grouped = _grouped_hint(channels, g.shape[-1])
         raise ValueError(
             f"input gates of {layer} have {g.shape[-1]} features, but the layer's input has "
-            f"shape {jnp.shape(x)}. Fix: gate inputs only on layers whose input features are "
-            f"the input's last axis ({layers})."
+            f"shape {jnp.shape(x)}.{grouped} Fix: gate inputs only on layers whose input "
+            f"features are the input's last axis ({layers})"
+            + (f"; {_GROUPED_FIX}." if grouped else ".")
         )
     return x * g.astype(x.dtype)
 
@@ -494,6 +506,17 @@ def linen_apply(
         if context.method_name != "__call__":
             return next_fun(*call_args, **call_kwargs)
         if name in inputs and call_args:
+            groups = getattr(context.module, "feature_group_count", 1)
+            if groups != 1:
+                # Gates folded into the kernel's rows (apply_gates, to_masks) would tie
+                # the `groups` input channels sharing each row: refused, as nnx attach does.
+                raise ValueError(
+                    f"linen_apply: input_gate_params names {name!r}, a "
+                    f"{type(context.module).__name__} with feature_group_count={groups} (a "
+                    "grouped or depthwise conv), whose kernel holds in_features / groups rows "
+                    "on axis -2, each shared by several input channels: input gates on it are "
+                    f"not supported. Fix: {_GROUPED_FIX}."
+                )
             x, *rest = call_args
             g = sample_unit_gate(gate, inputs[name], in_keys.get(name), x)
             x = _gate_features(x, g, repr(name), "nn.Dense, channels-last nn.Conv")

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxprune._tree import as_int
 from jaxprune.attacks import ApplyFn, _check_concrete_inside, _jitted_attack
@@ -53,8 +54,16 @@ def vulnerability(features: Sequence[jax.Array], features_adv: Sequence[jax.Arra
             f"adversarial inputs, got {len(features)} and {len(features_adv)}. Fix: return the "
             "same latent features from both forward passes."
         )
+    for i, (a, b) in enumerate(zip(features, features_adv, strict=True)):
+        if jnp.shape(a) != jnp.shape(b):
+            raise ValueError(
+                f"vulnerability compares features[{i}] of shape {tuple(jnp.shape(a))} with "
+                f"features_adv[{i}] of shape {tuple(jnp.shape(b))}: the same feature must have "
+                "the same shape for clean and adversarial inputs. Fix: return the same latent "
+                "features, in the same order, from both forward passes on batches of one size."
+            )
     per = [
-        jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+        jnp.mean(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32)))
         for a, b in zip(features, features_adv, strict=True)
     ]
     return sum(per) / len(per)
@@ -79,8 +88,8 @@ def vulnerability_loss(
 def robustness(
     apply_fn: ApplyFn,
     params: Any,
-    x: np.ndarray,
-    y: np.ndarray,
+    x: ArrayLike,
+    y: ArrayLike,
     *,
     eps: float,
     step_size: float,
@@ -122,6 +131,9 @@ def robustness(
       Vulnerability Suppression", ICML 2020. https://arxiv.org/abs/1908.04355
     """
     run = _jitted_attack(apply_fn, eps=eps, step_size=step_size, steps=steps, bounds=bounds)
+    # A nested list (or any array-like without a dtype) as one array, as attack takes it:
+    # eval_shape and the batch slices below need an array.
+    x = x if hasattr(x, "dtype") else np.asarray(x)
     size = as_int(batch_size)
     if size is None or size < 1:
         raise ValueError(
