@@ -50,21 +50,54 @@ _APPLY_FIX = {
         "Likely cause: a custom layer's width is fixed by an attribute (e.g. a reshape to "
         "self.n set in __init__); structure.shrink_module updates the width attributes of "
         "flax's own layers (Linear, Conv, BatchNorm, ...), not those of custom layers. "
-        "Fix: read that width from the layer's params or input when called (e.g. "
-        "self.g.shape[-1] or x.shape[-1] instead of self.n), or select without the groups "
-        "of that layer's params. The model was left as it was."
+        "Fix: read that width from the layer's params or values when called (e.g. "
+        "self.g.shape[-1] or h.shape[-1] as a reshape size, instead of self.n), or select "
+        "without the groups of that layer's params. "
+        "Another cause: {branch}; fix: {branch_fix}. The model was left as it was."
     ),
     "linen": (
         "Likely cause: a custom module's width is fixed by an attribute (e.g. a reshape to "
         "self.features); structure.linen_apply adapts flax's own layers (Dense, Conv, ...), "
-        "not custom ones. Fix: read that width from the params or input when called (e.g. "
-        "x.shape[-1]), select without the groups of that module's params, or rebuild the "
-        "module with the widths from structure.widths(variables, small) and pass check=False. "
-        "If the error says a width must be divisible by the number of heads (flax's "
-        "MultiHeadDotProductAttention without qkv_features), select with round_to=num_heads "
-        "so the cut width stays a multiple of it."
+        "not custom ones. Fix: read that width from the params or values when called (e.g. "
+        "h.shape[-1] as a reshape size, instead of self.features), select without the "
+        "groups of that module's params, or rebuild the module with the widths from "
+        "structure.widths(variables, small) and pass check=False. Another cause: {branch}; "
+        "fix: {branch_fix}. If the error says a width must be divisible by the number of "
+        "heads (flax's MultiHeadDotProductAttention without qkv_features), select with "
+        "round_to=num_heads so the cut width stays a multiple of it."
     ),
 }
+# Shape-dependent control flow: the shrunk call runs another path than the traced one.
+_BRANCH = (
+    "a Python branch on an input width (e.g. `if x.shape[-1] != self.features:` choosing a "
+    "projection shortcut) goes the other way once that width is cut, so the shrunk call "
+    "takes another code path than the traced one"
+)
+_BRANCH_FIX = (
+    "branch on a constructor attribute set when the model is built (e.g. a `proj: bool` "
+    "field, or `in_features != out_features` from __init__), not on x.shape, or select "
+    "without that group"
+)
+_MISSING_PARAM = (
+    "ScopeParamNotFoundError",
+    "ScopeCollectionNotFound",
+    "ScopeVariableNotFoundError",
+)
+
+
+def _apply_fix(err: Exception, how: str) -> str:
+    """Returns the likely cause and fix of ``err``, raised by the shrunk call under ``how``.
+
+    A param that the call looks for and the variables lack comes from a code
+    path that the traced call did not take: with the traced path's params
+    restored, that is a branch on a width, whatever the entry point.
+    """
+    if type(err).__name__ in _MISSING_PARAM:
+        return (
+            f"Likely cause: {_BRANCH}, and the layers of the branch now taken have no params. "
+            f"Fix: {_BRANCH_FIX}."
+        )
+    return _APPLY_FIX[how].format(branch=_BRANCH, branch_fix=_BRANCH_FIX)
 
 
 class ApplyFailure(ValueError):
@@ -75,7 +108,7 @@ class ApplyFailure(ValueError):
         named = "" if groups is None else f" {groups}."
         super().__init__(
             f"apply_fn fails on the shrunk params ({type(err).__name__}: {err}).{named} "
-            f"{_APPLY_FIX[how]}"
+            f"{_apply_fix(err, how)}"
         )
         self.err, self.how = err, how
 

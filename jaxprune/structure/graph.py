@@ -408,6 +408,34 @@ class Analysis(NamedTuple):
     contractions: list[tuple[int, tuple, tuple]]  # (eqn, lhs element, rhs element)
 
 
+def _void_values(prog: Program) -> set[int]:
+    """Returns the values that hold no entry and feed only such values.
+
+    jax's ``jnp.pad(mode="edge")`` pads every axis, the unpadded ones included,
+    by slicing one edge row (``x[..., 0:1]``), broadcasting it to zero copies
+    and concatenating the empty result: on the channel axis of an edge pad
+    that touches only spatial axes, that fixed-index slice would pin the
+    channels although nothing reaches the output through it. Values with a
+    zero-size axis, and values read only to compute them (the edge row), carry
+    nothing, so they link no channels and pin none.
+    """
+    sh = prog.shapes
+    users: dict[int, list[int]] = {}
+    for i, e in enumerate(prog.eqns):
+        for v in e.ins:
+            users.setdefault(v, []).append(i)
+    keep = set(prog.output_ids) | set(prog.input_ids) | set(prog.param_ids)
+    void: set[int] = set()
+    # Ids grow in program order, so every reader's outputs are decided before a value.
+    for v in reversed(range(len(sh))):
+        if v in keep:
+            continue
+        readers = [prog.eqns[u].outs for u in users.get(v, ())]
+        if 0 in sh[v] or (readers and all(outs and void.issuperset(outs) for outs in readers)):
+            void.add(v)
+    return void
+
+
 def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
     """Returns the dependency :class:`Analysis` of ``prog`` (groups with >= 1 params leaf)."""
     sh = prog.shapes
@@ -418,9 +446,16 @@ def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
             if n > 1:
                 layouts.setdefault((v, d), set()).add((1, 1, 0, n))
                 uf.find((v, d, (1, 1, 0, n)))
+    void = _void_values(prog)
     eqn_links, known = [], []
-    for i in range(len(prog.eqns)):
+    for i, e in enumerate(prog.eqns):
+        if e.outs and all(o in void for o in e.outs):
+            # Computes only values that end up empty: it moves no channel anywhere.
+            eqn_links.append([])
+            known.append(True)
+            continue
         lk, kn = links(prog, i)
+        lk = [link for link in lk if link.a[0] not in void and link.b[0] not in void]
         eqn_links.append(lk)
         known.append(kn)
         for link in lk:
@@ -467,6 +502,8 @@ def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
 
     at = _Locations(prog)
     for i, (e, lk, kn) in enumerate(zip(prog.eqns, eqn_links, known, strict=True)):
+        if e.outs and all(o in void for o in e.outs):
+            continue
         if not kn:
             for v in e.ins + e.outs:
                 block(v, f"primitive {e.prim.name!r}{at(i)} is opaque", e.prim.name)

@@ -268,6 +268,12 @@ def select(
     Both keep the lowest-scoring channels of a group as the ones dropped, and
     both work with a traced ``sparsity`` (a schedule in ``jp.prune``).
 
+    With a concrete ``sparsity`` below 1, two silent cuts warn: a group left
+    with no channel (``round(sparsity * channels) == channels`` for a narrow
+    group under ``scope="layer"``, or a global ranking without a cap), and a
+    group that loses channels although ``where`` selects none of its members
+    (its importances are all 0, so the cut falls by index order).
+
     Under ``scope="global"``, groups whose members are larger (a conv with
     many input channels, a Dense layer after a flatten) have larger summed
     norms, so raw importances favour pruning the others. ``normalize`` puts
@@ -333,6 +339,24 @@ def select(
       Torch-Pruning's ``max_pruning_ratio`` and ``round_to``.
       https://github.com/VainF/Torch-Pruning
     """
+    return _select_warned(
+        groups, scores, sparsity, reduce, where, scope, max_sparsity, round_to, normalize
+    )
+
+
+def _select_warned(
+    groups,
+    scores,
+    sparsity,
+    reduce,
+    where,
+    scope,
+    max_sparsity,
+    round_to,
+    normalize,
+    warn_unvoted: bool = True,
+) -> Any:
+    """:func:`select`, with its warnings (two frames below the user's call)."""
     _check_select_args(scope, max_sparsity, round_to, normalize)
     _check_select_sparsity(sparsity)
     _, groups = _align(groups, scores)
@@ -361,17 +385,65 @@ def select(
     )
     if round_to is not None and scope == "layer" and isinstance(sparsity, int | float):
         _warn_round_to_cancels(groups, keeps, sparsity, int(round_to), max_sparsity)
-    emptied = [g for g, keep in keeps.items() if scope == "global" and not np.any(keep)]
-    if emptied and float(sparsity) < 1.0:
-        names = "; ".join(repr(groups[i]) for i in emptied[:3])
-        warnings.warn(
-            f"global selection at sparsity {float(sparsity):g} removed every channel of "
-            f"{len(emptied)} group(s) ({names}): the network's output no longer depends on "
-            "its input through them (layer collapse). Fix: pass max_sparsity=0.9 (or another "
-            "cap) so that every group keeps some channels, or use scope='layer'.",
-            stacklevel=2,
-        )
+    _warn_emptied(groups, keeps, float(sparsity), scope, max_sparsity)
+    if warn_unvoted:
+        _warn_unvoted(groups, keeps, prunable_flags(scores, where))
     return masks
+
+
+def _warn_emptied(groups, keeps: dict, s: float, scope: str, cap) -> None:
+    """Warns when a concrete ``sparsity < 1`` removes every channel of a group (layer collapse)."""
+    emptied = [i for i, keep in keeps.items() if not np.any(keep)]
+    if not emptied or not s < 1.0:
+        return
+    names = "; ".join(repr(groups[i]) for i in emptied[:3])
+    if scope == "global":
+        msg = (
+            f"global selection at sparsity {s:g} removed every channel of {len(emptied)} "
+            f"group(s) ({names}): the network's output no longer depends on its input through "
+            "them (layer collapse). Fix: pass max_sparsity=0.9 (or another cap) so that every "
+            "group keeps some channels, or use scope='layer'."
+        )
+    else:
+        fix = (
+            "a lower sparsity for them (select them apart and AND the masks), or "
+            "max_sparsity=0.9 (or another cap below 1) so that every group keeps some channels"
+            if cap is None
+            else f"a max_sparsity below {cap:g}, or a lower sparsity for them"
+        )
+        msg = (
+            f"layer selection at sparsity {s:g} removed every channel of {len(emptied)} "
+            f"group(s), since round({s:g} * channels) == channels for them ({names}): the "
+            "network's output no longer depends on its input through them (layer collapse). "
+            f"Fix: {fix}."
+        )
+    # _warn_emptied < _select_warned < select (or a selection's select_fn) < the caller.
+    warnings.warn(msg, stacklevel=4)
+
+
+def _warn_unvoted(groups, keeps: dict, flags: list[bool]) -> None:
+    """Warns when a group none of whose members ``where`` selects loses channels.
+
+    Its importances are all 0, so the channels dropped are its first ones in
+    index order: a cut by position, not by importance.
+    """
+    unvoted = [
+        i
+        for i, keep in keeps.items()
+        if not np.all(keep) and not any(flags[m.leaf] for m in groups[i].members)
+    ]
+    if not unvoted:
+        return
+    names = "; ".join(repr(groups[i]) for i in unvoted[:3])
+    more = f" and {len(unvoted) - 3} more" if len(unvoted) > 3 else ""
+    warnings.warn(
+        f"no member of {len(unvoted)} group(s) is selected by where= ({names}{more}), so "
+        "their importances are all 0 and the channels cut there fall by position (the first "
+        "ones in index order), not by importance. Fix: include a member of each such group "
+        "in where= (e.g. its kernel, or a BatchNorm scale), or leave the group out of the "
+        "groups passed to select.",
+        stacklevel=4,
+    )
 
 
 _NORMALIZERS = ("mean", "max", "sum", "gaussian")
@@ -517,7 +589,7 @@ def _warn_round_to_cancels(groups, keeps: dict, sparsity: float, r: int, cap) ->
             f"round_to={r} keeps every channel of {', '.join(cancelled[:5])}: the kept "
             f"count is rounded up to a multiple of {r}, so nothing is dropped there "
             "(Torch-Pruning rounds down). Fix: a higher sparsity, or a smaller round_to.",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -560,7 +632,9 @@ def selection(
     options.update(round_to=round_to, normalize=normalize)
 
     def select_fn(scores: Any, sparsity: Any, *, where: Where | None = None) -> Any:
-        full = select(groups, scores, sparsity, where=where, **options)
+        # Groups where selects no member of keep all their masks (replaced by True
+        # below), so their zero importances cut nothing: no warning about them.
+        full = _select_warned(groups, scores, sparsity, where=where, warn_unvoted=False, **options)
         # jp.prune keeps a scalar True for leaves it does not prune (stable state shapes).
         flags = prunable_flags(scores, where)
         flat, treedef = leaves_with_paths(full)

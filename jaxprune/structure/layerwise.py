@@ -10,6 +10,7 @@ and the kernel that reads it in turn) with the masks held fixed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from jaxprune import _counts
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
-from jaxprune._tree import leaves_with_paths
+from jaxprune._tree import _normalize, leaves_with_paths
 from jaxprune.structure.graph import find_groups
 from jaxprune.structure.importance import _masks_from_keep, group_scores
 from jaxprune.structure.program import trace
@@ -33,6 +34,28 @@ Finetune = Callable[[Any, Any, Callable[[Any, Any], bool]], Any]
 
 def _and(a: Any, b: Any) -> Any:
     return jax.tree.map(lambda x, y: jnp.logical_and(x, y), a, b)
+
+
+_KEY_TYPES = (
+    jax.tree_util.DictKey,
+    jax.tree_util.GetAttrKey,
+    jax.tree_util.SequenceKey,
+    jax.tree_util.FlattenedIndexKey,
+)
+
+
+def _in_window(paths: set, path: Any, leaf: Any) -> bool:
+    """``finetune``'s ``where``: whether ``path`` is a leaf of the fine-tuning window.
+
+    ``path`` is jaxprune's normalized tuple (``("Dense_0", "kernel")``) or the
+    jax KeyPath that ``jax.tree_util.tree_map_with_path`` and
+    ``tree_flatten_with_path`` give (``(DictKey('Dense_0'), DictKey('kernel'))``).
+    """
+    del leaf
+    path = tuple(path)
+    if any(isinstance(k, _KEY_TYPES) for k in path):
+        path = _normalize(path)
+    return path in paths
 
 
 def prune_layerwise(
@@ -68,6 +91,10 @@ def prune_layerwise(
       finetune: ``(params, masks, where) -> params``, e.g. a few epochs that
         update only leaves with ``where(path, leaf)`` (``jp.prune`` with
         ``scope=lambda s, sp, where: masks`` keeps the masks enforced).
+        ``path`` may be the jax KeyPath of ``jax.tree_util.tree_map_with_path``
+        or ``tree_flatten_with_path`` (an nnx State's included), or jaxprune's
+        normalized tuple of names and indices (``("layers", 0, "kernel")``, as
+        ``jp.prune`` passes its own ``where``); both name the same leaf.
       window: how many recently pruned groups fine-tuning may update.
       criterion: ``params -> scores``.
       reduce: per-member reduction for group importance.
@@ -137,6 +164,6 @@ def prune_layerwise(
             # reading it in turn).
             active = groups[max(0, i - window + 1) : i + 2]
             paths = {m.path for a in active for m in a.members}
-            params = finetune(params, masks, lambda path, x, paths=paths: path in paths)
+            params = finetune(params, masks, functools.partial(_in_window, paths))
             params = _masks.apply_masks(params, masks)
     return params, masks
