@@ -98,6 +98,12 @@ def movement() -> StatefulCriterion:
     moves, so ``-w_t * g_t > 0`` means ``|w|`` grows: movement keeps the weights
     fine-tuning pushes away from zero, whatever their current size.
 
+    Inside :func:`jaxprune.prune` a pruned weight is 0, so ``-w_t * g_t`` adds
+    nothing and its score stays where it was when it was pruned. In Sanh et
+    al. masked weights keep their values and their scores keep moving, so
+    they can come back; here they rarely do, and under a gradual schedule the
+    masks end up close to nested.
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> c = jp.criteria.movement()
@@ -217,7 +223,12 @@ def taylor(
     paper's feature-map criterion ``|sum_{batch, positions} dC/dz_j * z_j|``
     equals ``|sum_i W_ij * dC/dW_ij + b_j * dC/db_j|`` (the chain rule summed
     over the batch), so it is computed from the weights, the biases and their
-    gradients alone, for dense and conv kernels. A kernel's bias is the
+    gradients alone, for dense and conv kernels. This is the criterion of
+    ``ALGORITHMS.md`` with the absolute value taken over the whole batch: the
+    paper takes it per example and averages over the minibatch, which needs
+    per-example gradients (a train step's gradients are already summed over
+    the batch), and can rank units differently when examples disagree in
+    sign. A kernel's bias is the
     sibling leaf with one entry per unit, by the usual names: ``bias`` next to
     ``kernel`` (flax), ``b`` next to ``w`` (haiku), ``bias`` next to ``weight``
     (equinox, PyTorch; stored ``[out, in, ...]``, so score them with

@@ -19,7 +19,12 @@ the benchmark was run on, so accuracies are below fully trained ones):
   first half, masks refreshed every ``F / 10`` steps (Zhu & Gupta). Random
   scores are drawn once per seed, so its masks are nested across refreshes.
   OBD's Hessian diagonal is the per-example empirical Fisher of the dense model
-  on 512 training images, passed to ``tx.update`` as ``hessian_diag=``.
+  on 512 training images, passed to ``tx.update`` as ``hessian_diag=``. The
+  rows are, exactly: saliency ``jp.criteria.ema_saliency(0.9)`` (|w * g|
+  averaged over steps, not one step's ``saliency``), taylor
+  ``jp.criteria.taylor_ema(0.9, group="entry")`` (per weight, not Molchanov's
+  per-unit score), movement ``jp.criteria.movement()``, OBD ``jp.criteria.obd``,
+  all per layer; magnitude per layer and global.
 * at initialization (SNIP on one batch of 256, SynFlow with 100 iterations):
   masks fixed at ``theta_0``, then ``D`` training steps.
 * RigL: ``D`` steps sparse from scratch (ERK, drop fraction 0.3 cosine,
