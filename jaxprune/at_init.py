@@ -196,12 +196,16 @@ def _check_differentiable(params: Any, fn: str) -> None:
         except TypeError:
             dtype = None  # not an array (a string, an object)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            what = (
+                f"is a {type(x).__name__}, not an array" if dtype is None else f"has dtype {dtype}"
+            )
             raise ValueError(
-                f"{fn}: params leaf {path_str(path)!r} has dtype {dtype}, and {fn} differentiates "
+                f"{fn}: params leaf {path_str(path)!r} {what}, and {fn} differentiates "
                 "every leaf of params, which only a floating leaf allows (an integer step "
-                "counter, an RNG count or a bool flag cannot be). Fix: pass only the float "
-                "params (nnx: nnx.split(model, nnx.Param, ...); linen: variables['params']) and "
-                "close over the rest in the function you pass."
+                "counter, an RNG count, a bool flag or a function cannot be). Fix: pass only "
+                "the float params (nnx: nnx.split(model, nnx.Param, ...); linen: "
+                "variables['params']; equinox: eqx.partition(model, eqx.is_inexact_array), "
+                "then eqx.combine inside the function you pass) and close over the rest."
             )
 
 
@@ -274,8 +278,9 @@ def _apply_ones(apply_fn: Callable[..., Any], params: Any, x: jax.Array) -> jax.
             f"apply_fn(params, x) failed on the all-ones x of input_shape={tuple(x.shape)}: "
             f"{type(e).__name__}: {cause}. Fix: input_shape must be the shape of one input "
             "batch the model accepts, batch of 1 included, with the feature (channel) size "
-            "the first layer expects last, e.g. (1, 784) for an MLP on flat MNIST or "
-            "(1, 28, 28, 1) for an NHWC CNN."
+            "the first layer expects where the model reads it, e.g. (1, 784) for an MLP on "
+            "flat MNIST, (1, 28, 28, 1) for a channels-last (flax NHWC) CNN, (1, 1, 28, 28) "
+            "for a channels-first (equinox, PyTorch NCHW) one."
         ) from e
 
 
@@ -521,6 +526,19 @@ def synflow(
     _counts._check_sparsity(sparsity)
     _check_differentiable(params, "synflow")
     flags = prunable_flags(params, where)
+    if not any(flags) and float(sparsity) > 0:
+        shown = ", ".join(
+            f"{path_str(p)} {tuple(jnp.shape(x))}" for p, x in leaves_with_paths(params)[0][:8]
+        )
+        warnings.warn(
+            f"synflow found no prunable leaf in params ({shown or 'no leaves'}): nothing is "
+            f"pruned, although sparsity={float(sparsity)}. Fix: pass a `where` predicate "
+            "(path, leaf) -> bool that selects the kernels by this model's paths (equinox's "
+            "Linear names them 'weight', not 'kernel'), or leave where=None (floating leaves "
+            "with ndim >= 2).",
+            UserWarning,
+            stacklevel=2,
+        )
     chosen = flagged(params, flags)  # `where` would judge the scores' and masks' dtypes
     input_shape = _check_input_shape(input_shape)
     x = jax.ShapeDtypeStruct(input_shape, _input_dtype(params))

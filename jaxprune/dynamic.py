@@ -7,7 +7,15 @@ drops the ``k`` active weights of smallest magnitude and regrows ``k``
 inactive ones (largest dense-gradient magnitude for RigL, at random for SET).
 Regrown weights start at exactly 0 and the inner optimizer's per-parameter
 moments of every dropped or regrown entry are reset to 0, so a regrown weight
-does not inherit the momentum it had before it was pruned.
+does not inherit the momentum it had before it was pruned. The regrowth
+candidates are every entry inactive after the drop, the ones just dropped
+included (as in RigL's reference code, whose ``reinit_when_same`` is off by
+default): an entry dropped and regrown in the same step never changed, keeps
+its value and moments, and does not count as swapped, so a step may change
+fewer than ``2 k`` mask entries. ``jp.sparsity(params)`` reads above the
+target right after a rewiring, since regrown weights are exactly 0; measure
+the masks (``jp.sparsity(jp.dynamic.get_masks(state))``) for the sparsity
+kept.
 
 ``tx.init`` cannot change the params, only build the masks: apply them right
 after it, ``params = jp.apply_masks(params, jp.get_masks(state))`` (nnx:
@@ -374,9 +382,10 @@ def rigl(
     ``floor(f(t) * active)`` active weights of smallest magnitude, with the
     cosine fraction ``f(t) = drop_fraction / 2 * (1 + cos(pi t / end_step))``,
     and regrows as many inactive ones with the largest dense gradient
-    (``regrow="random"`` draws them at random instead). Regrown weights start
-    at 0 and their optimizer moments are reset; per-leaf and total sparsity
-    are exactly constant.
+    (``regrow="random"`` draws them at random instead; the candidates include
+    the entries just dropped, and one regrown at once keeps its value and
+    moments). Regrown weights start at 0 and their optimizer moments are
+    reset; per-leaf and total mask sparsity are exactly constant.
 
     Wrap the whole optimizer: ``rigl`` must be the last transform the updates
     pass through, ``rigl(optax.chain(optax.scale_by_adam(), optax.scale(-lr)),
