@@ -166,7 +166,8 @@ def save(
     Warns:
       UserWarning: with ``format="compressed"``, params hold ``-0.0`` where
         their masks are False (masked by ``w * mask``); the message gives the
-        count per leaf, the packed bytes with and without them, and the fix.
+        count per leaf, the bytes stored with and without them (packed values and
+        mask bits), and the fix.
         The save goes ahead, bitwise.
 
     Examples:
@@ -305,13 +306,15 @@ def _warn_negative_zeros(found: list, source: Any) -> None:
         if source is None
         else f"ckpt = jp.restore({str(source)!r}), then jp.save(dst, ckpt.step, "
         "jp.apply_masks(ckpt.params, ckpt.masks), masks=ckpt.masks, format='compressed'), "
-        "which writes +0.0 there (equal values, ==)"
+        "which writes +0.0 there (equal values, ==); on the command line, jaxprune export "
+        f"{str(source)} DST --apply-masks"
     )
     warnings.warn(
         f"params hold {total:,} -0.0 entries where their masks are False ({leaves}). The "
         "compressed format stores every entry whose bits are not all zero, so that a restore "
         f"is bitwise: saved as they are, those leaves take {size:,} packed bytes, not {clean:,} "
-        "(-0.0 == 0: sparsity counts them as pruned). Masking by a multiplication (w * mask, as "
+        "(values, and the mask bits a mask other than the nonzero pattern needs; -0.0 == 0: "
+        "sparsity counts them as pruned). Masking by a multiplication (w * mask, as "
         f"torch.nn.utils.prune does) leaves -0.0 where a negative weight was pruned. Fix: {fix}.",
         stacklevel=4,  # the caller of save / export
     )

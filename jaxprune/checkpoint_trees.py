@@ -29,7 +29,9 @@ __all__ = [
     "check_unique_paths",
     "reroot_masks",
     "mask_lookup",
+    "stored_nbytes",
     "masked_negative_zeros",
+    "values_outside_masks",
     "variable_kinds",
     "encode_tree",
     "encode_masks",
@@ -326,6 +328,29 @@ def mask_lookup(masks: Any, params: Any, fix: str | None = None) -> dict[str, np
     return out
 
 
+def stored_nbytes(x: np.ndarray, mask: np.ndarray) -> int:
+    """Returns the bytes a compressed checkpoint stores for ``x`` with ``mask``: values and mask.
+
+    That is the packed arrays of ``x`` (:func:`jaxprune.packing.packed_nbytes`)
+    plus ``ceil(mask.size / 8)`` bytes of mask bits, which :func:`encode_masks`
+    writes unless the mask is a scalar or equals the nonzero pattern of ``x``
+    (as :func:`jaxprune.report` counts them).
+
+    Examples:
+      >>> import numpy as np
+      >>> from jaxprune.checkpoint_trees import stored_nbytes
+      >>> m = np.array([[False, True, False, True]])
+      >>> stored_nbytes(np.array([[0.0, 2.0, 0.0, 4.0]], np.float32), m)  # mask = support
+      9
+      >>> stored_nbytes(np.array([[-0.0, 2.0, 0.0, 4.0]], np.float32), m)  # + 1 byte of mask
+      14
+    """
+    n = packing.packed_nbytes(x, mask)
+    if mask.ndim and mask.size and not np.array_equal(packing.support(x), mask):
+        n += -(-mask.size // 8)
+    return n
+
+
 def masked_negative_zeros(
     hosts: dict[str, np.ndarray], mask_by_path: dict[str, np.ndarray]
 ) -> list[tuple[str, int, int, int, int]]:
@@ -335,8 +360,10 @@ def masked_negative_zeros(
     The compressed format drops an entry outside the mask only if its bits are
     all zero, so that a restore is bitwise: a ``-0.0`` (left by masking through
     a multiplication, ``w * mask``, where a negative weight was pruned) is kept
-    as a value. ``nbytes`` is the leaf's packed size as it is, ``nbytes_clean``
-    with those entries ``+0.0`` (what :func:`jaxprune.apply_masks` writes).
+    as a value. ``nbytes`` is what the checkpoint stores for the leaf as it is,
+    ``nbytes_clean`` with those entries ``+0.0`` (what :func:`jaxprune.apply_masks`
+    writes): the packed values plus, where the mask differs from the nonzero
+    pattern, the mask's bits (:func:`stored_nbytes`).
 
     Examples:
       >>> import numpy as np
@@ -344,7 +371,7 @@ def masked_negative_zeros(
       >>> w = np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)
       >>> m = np.array([[False, True, False, True]])
       >>> masked_negative_zeros({"w": w * m}, {"w": m})  # the two pruned entries are -0.0
-      [('w', 2, 2, 16, 9)]
+      [('w', 2, 2, 17, 9)]
     """
     out = []
     for key, m in mask_by_path.items():
@@ -361,8 +388,53 @@ def masked_negative_zeros(
                     key,
                     n,
                     int(np.count_nonzero(masked_out)),
-                    packing.packed_nbytes(x, m),
-                    packing.packed_nbytes(clean, m),
+                    stored_nbytes(x, m),
+                    stored_nbytes(clean, m),
+                )
+            )
+    return out
+
+
+def values_outside_masks(
+    hosts: dict[str, np.ndarray], mask_by_path: dict[str, np.ndarray]
+) -> list[tuple[str, int, int, int, int, int]]:
+    """Returns ``(path, unzeroed, negative_zeros, masked_out, nbytes, nbytes_masked)`` of each
+    leaf holding entries whose bits are not all zero where its mask is False.
+
+    A checkpoint stores such entries as they are: ``unzeroed`` counts those
+    that are not zero (values the masks prune but nothing zeroed yet),
+    ``negative_zeros`` the ``-0.0`` (see :func:`masked_negative_zeros`).
+    ``nbytes`` is what a compressed checkpoint stores for the leaf as it is,
+    ``nbytes_masked`` with the mask applied (``+0.0`` outside it, as
+    :func:`jaxprune.apply_masks` writes), both by :func:`stored_nbytes`.
+
+    Examples:
+      >>> import numpy as np
+      >>> from jaxprune.checkpoint_trees import values_outside_masks
+      >>> w = np.array([[-1.0, 2.0, -0.0, 4.0]], np.float32)
+      >>> values_outside_masks({"w": w}, {"w": np.array([[False, True, False, True]])})
+      [('w', 1, 1, 2, 17, 9)]
+    """
+    out = []
+    for key, m in mask_by_path.items():
+        x = hosts.get(key)
+        if x is None or not x.size or (m.ndim and m.shape != x.shape):
+            continue
+        masked_out = ~np.broadcast_to(m, x.shape)
+        kept = masked_out & packing.support(x)
+        n = int(np.count_nonzero(kept))
+        if n:
+            with np.errstate(invalid="ignore"):  # a signalling NaN compared
+                neg = int(np.count_nonzero(kept & (x == 0)))  # == 0 with nonzero bits: -0.0
+            masked = np.where(masked_out, np.zeros((), x.dtype), x)
+            out.append(
+                (
+                    key,
+                    n - neg,
+                    neg,
+                    int(np.count_nonzero(masked_out)),
+                    stored_nbytes(x, m),
+                    stored_nbytes(masked, m),
                 )
             )
     return out

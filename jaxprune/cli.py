@@ -3,10 +3,14 @@
 Subcommands: ``demo`` (train and prune LeNet-300-100), ``inspect CKPT`` (the
 report of a checkpoint, without the model's code; an nnx module's state other
 than ``nnx.Param``, such as BatchNorm statistics, is listed apart), ``export
-CKPT OUT [--format compressed|dense]`` (compressed by default) and ``bench
-[NAME]`` (runs ``scripts/bench_<name>.py`` of a source checkout). Checkpoint problems, and a
-report that cannot be made of a checkpoint, print one ``jaxprune: error: ...``
-line and exit with status 1, never a traceback.
+CKPT OUT [--format compressed|dense] [--apply-masks]`` (compressed by default)
+and ``bench [NAME]`` (runs ``scripts/bench_<name>.py`` of a source checkout).
+``inspect`` also gives the payload bytes the checkpoint stores (from its
+metadata), and ``export`` prints one ``jaxprune: warning: ...`` line when
+params hold values outside their masks, which it writes as they are unless
+``--apply-masks``. Checkpoint problems, and a report that cannot be made of a
+checkpoint, print one ``jaxprune: error: ...`` line and exit with status 1,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import pathlib
 import subprocess
 import sys
+import warnings
 
 __all__ = ["main", "build_parser", "scripts_dir"]
 
@@ -108,6 +113,52 @@ def _split_state(ckpt, meta: dict) -> tuple:
     return without(ckpt.params), without(ckpt.masks), state
 
 
+def _stored_bytes(meta: dict, paths: list[str]) -> dict[str, int] | None:
+    """Returns the payload bytes the checkpoint stores for each leaf of ``paths``, or None.
+
+    Read from the metadata: each params leaf's packed arrays (shape and dtype,
+    as written) and its mask's bits where the checkpoint keeps them (masks
+    equal to the nonzero pattern, and scalar masks, are rebuilt and cost
+    nothing). Exact for both formats; orbax's zstd and its files come on top
+    (``checkpoint.disk_bytes``). None for a checkpoint whose metadata does not
+    record the arrays.
+    """
+    import jax.numpy as jnp
+
+    from jaxprune._tree import path_str
+
+    stored: dict[str, int] = {}
+    for spec in meta["params"]:
+        arrays = spec.get("arrays")
+        if arrays is None:
+            return None
+        stored[path_str(tuple(spec["path"]))] = sum(
+            math.prod(shape) * jnp.dtype(dtype).itemsize for shape, dtype in arrays.values()
+        )
+    for spec in meta.get("masks") or []:
+        if spec.get("kind") == "bits":
+            key = path_str(tuple(spec["path"]))
+            stored[key] = stored.get(key, 0) + (math.prod(spec["shape"]) + 7) // 8
+    return {k: stored.get(k, 0) for k in paths}
+
+
+def _stored_line(stored: int, rep, ckpt, args: argparse.Namespace) -> str:
+    """Returns the line under ``inspect``'s table that gives the bytes the checkpoint stores."""
+    line = (
+        f"Stored in this {ckpt.format} checkpoint: {stored:,} payload bytes of params and "
+        "mask bits (its metadata's arrays; orbax's compression and files aside)"
+    )
+    unzeroed = int(rep.totals.get("unzeroed", 0))
+    if unzeroed:
+        step = "" if args.step is None else f" --step {args.step}"
+        line += (
+            f". {unzeroed:,} entries outside their masks are not zero yet: the compressed "
+            "bytes above pack them as zeros, but a checkpoint stores them as they are. Fix: "
+            f"jaxprune export {args.checkpoint} OUT{step} --apply-masks zeroes them first"
+        )
+    return line
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from jaxprune.report import report
 
@@ -123,11 +174,17 @@ def _inspect(args: argparse.Namespace) -> int:
             else f"{type(e).__name__}: {e}. Fix: please report this jaxprune bug with this line"
         )
         raise _CommandError(f"cannot report on {ckpt.path} (step {ckpt.step}): {detail}") from e
+    # What the checkpoint holds for the report's rows, which may differ from their
+    # compressed bytes: those pack values outside the masks as zeros.
+    stored = _stored_bytes(meta, [r.path for r in rep.rows])
     if args.json:
         import json
 
         data = rep.to_dict()
         data["checkpoint"] = {"path": str(ckpt.path), "step": ckpt.step, "format": ckpt.format}
+        data["stored"] = (
+            None if stored is None else {"payload_bytes": sum(stored.values()), "leaves": stored}
+        )
         # A module's non-parameter state, left out of "rows" and "totals".
         data["state"] = {"size": sum(r["size"] for r in state), "leaves": state}
         print(json.dumps(data, indent=2))
@@ -138,6 +195,10 @@ def _inspect(args: argparse.Namespace) -> int:
         console = Console(width=None if sys.stdout.isatty() else 140)
         console.print(f"{ckpt.path} (step {ckpt.step}, {ckpt.format} format)")
         console.print(rep.table())
+        if stored is not None:
+            console.print(
+                _stored_line(sum(stored.values()), rep, ckpt, args), markup=False, highlight=False
+            )
         if state:
             listed = ", ".join(
                 f"{r['path']} {r['dtype']}{r['shape']} ({r['variable']})" for r in state[:20]
@@ -184,23 +245,132 @@ def _check_out(out: str, step: int, fmt: str) -> None:
         )
 
 
+def _masked_params(ckpt) -> tuple:
+    """Returns ``(hosts, mask_by_path)`` of a checkpoint's params, as ``save`` matches them."""
+    from jaxprune import checkpoint_trees as trees
+    from jaxprune._tree import leaves_with_paths, path_str
+
+    try:
+        by_path = trees.mask_lookup(trees.reroot_masks(ckpt.masks, ckpt.params), ckpt.params)
+    except ValueError as e:
+        raise _CommandError(f"cannot match the masks of {ckpt.path} to its params: {e}") from e
+    hosts = {}
+    for path, leaf in leaves_with_paths(ckpt.params)[0]:
+        x, impl = trees.host(leaf)
+        if impl is None:  # PRNG keys are never masked
+            hosts[path_str(path)] = x
+    return hosts, by_path
+
+
+def _apply_masks(params, hosts: dict, by_path: dict):
+    """Returns ``params`` with ``+0.0`` outside their masks, as ``jp.apply_masks`` writes.
+
+    Matched by path, as ``checkpoint.save`` matches them: leaves without a mask
+    (or with an all-True one) are kept as they are.
+    """
+    import jax
+    import numpy as np
+
+    from jaxprune._tree import leaves_with_paths, path_str
+
+    flat, treedef = leaves_with_paths(params)
+    leaves = []
+    for path, leaf in flat:
+        key = path_str(path)
+        m, x = by_path.get(key), hosts.get(key)
+        if m is None or x is None or m.all():
+            leaves.append(leaf)
+        else:
+            leaves.append(np.where(np.broadcast_to(m, x.shape), x, np.zeros((), x.dtype)))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _outside_masks_warning(found: list, args: argparse.Namespace, out) -> str | None:
+    """Returns the warning about params entries outside their masks that export wrote, or None.
+
+    ``found`` holds :func:`jaxprune.checkpoint_trees.values_outside_masks`'s
+    tuples. A ``-0.0`` costs bytes in the compressed format only; values not
+    zeroed yet are written (and computed with) in either format.
+    """
+    dense = args.format == "dense"
+    if dense:  # every entry is written anyway, and -0.0 == 0
+        found = [f for f in found if f[1]]
+    if not found:
+        return None
+    unzeroed = sum(f[1] for f in found)
+    negative = 0 if dense else sum(f[2] for f in found)
+    kinds = [f"{unzeroed:,} not zero yet"] if unzeroed else []
+    if negative:
+        kinds.append(
+            f"{negative:,} -0.0, left by masking with w * mask (-0.0 == 0: sparsity counts them "
+            "as pruned)"
+        )
+    leaves = "; ".join(
+        f"{k!r}: {u + (0 if dense else z):,} of its {n:,} masked-out entries"
+        for k, u, z, n, *_ in found[:5]
+    ) + (f"; and {len(found) - 5} more leaves" if len(found) > 5 else "")
+    if dense:
+        cost = (
+            "The dense format writes every entry (the bytes are the same), so the exported "
+            "params compute with those values"
+        )
+    else:
+        size, masked = sum(f[4] for f in found), sum(f[5] for f in found)
+        cost = (
+            f"The compressed format stores every entry whose bits are not all zero: those "
+            f"leaves take {size:,} payload bytes (packed values and mask bits) as written, "
+            f"not the {masked:,} they would take with the masks applied"
+        )
+    flags = "" if args.step is None else f" --step {args.step}"
+    flags += " --format dense" if dense else ""
+    return (
+        f"params hold {unzeroed + negative:,} entries outside their masks, written as they are "
+        f"({', '.join(kinds)}): {leaves}. {cost}. Fix: jaxprune export {args.checkpoint} OUT"
+        f"{flags} --apply-masks (into another OUT, or after deleting {out}), which writes +0.0 "
+        "there first, as jp.apply_masks does."
+    )
+
+
 def _export(args: argparse.Namespace) -> int:
     from jaxprune import checkpoint
+    from jaxprune.checkpoint_trees import values_outside_masks
 
     ckpt, meta = _restore(args.checkpoint, args.step)
     _check_out(args.out, ckpt.step, args.format)
+    params, found = ckpt.params, []
+    if ckpt.masks is None:
+        if args.apply_masks:
+            raise _CommandError(
+                f"--apply-masks: {ckpt.path} records no masks to apply. Fix: leave "
+                "--apply-masks out, or export a checkpoint saved with masks=."
+            )
+    else:
+        hosts, by_path = _masked_params(ckpt)
+        if args.apply_masks:
+            params = _apply_masks(params, hosts, by_path)
+        else:
+            found = values_outside_masks(hosts, by_path)
     try:
-        # As checkpoint.export: the recorded nnx Variable types are kept.
-        out = checkpoint._save(
-            args.out,
-            ckpt.step,
-            ckpt.params,
-            masks=ckpt.masks,
-            format=args.format,
-            kinds=checkpoint._kinds(meta),
-        )
+        with warnings.catch_warnings():
+            # The -0.0 warning of checkpoint.save: the warning below names those
+            # entries too, with the command line's fix.
+            warnings.filterwarnings(
+                "ignore", r"params hold [\d,]+ -0\.0 entries", category=UserWarning
+            )
+            # As checkpoint.export: the recorded nnx Variable types are kept.
+            out = checkpoint._save(
+                args.out,
+                ckpt.step,
+                params,
+                masks=ckpt.masks,
+                format=args.format,
+                kinds=checkpoint._kinds(meta),
+            )
     except (checkpoint.CheckpointError, ValueError, OSError) as e:
         raise _CommandError(f"cannot write {args.out}: {e}") from e
+    warning = _outside_masks_warning(found, args, out)
+    if warning:
+        print("jaxprune: warning: " + " ".join(warning.split()), file=sys.stderr)
     before = checkpoint.disk_bytes(ckpt.path)
     after = checkpoint.disk_bytes(out)
     print(
@@ -314,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--step", type=_step, default=None, help="which step to read (default: the newest)"
+    )
+    e.add_argument(
+        "--apply-masks",
+        action="store_true",
+        help="write +0.0 where the recorded masks are False before saving (as jp.apply_masks "
+        "does); without it, values there are written as they are, with a warning",
     )
     e.set_defaults(func=_export)
 
