@@ -283,8 +283,9 @@ def run(args) -> dict:
         "ticket_minus_best_control_images": round((ticket - best) * n_test),
         "difference_standard_error": se,
         "ticket_wins": all(ticket > c["accuracy"] for c in controls),
-        # A margin under two standard errors is noise, whichever its sign.
-        "within_noise": abs(ticket - best) < 2 * se,
+        # A margin under two standard errors is noise, whichever its sign (a tie
+        # too, even at 0% or 100% where the standard error is 0).
+        "within_noise": round(abs(ticket - best) * n_test) == 0 or abs(ticket - best) < 2 * se,
     }
 
 

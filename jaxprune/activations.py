@@ -88,12 +88,40 @@ def _join(a: Any, b: Any) -> Any:
     return jnp.concatenate([a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])], axis=0)
 
 
+class _Axes(tuple):
+    """The axes of :attr:`Captured.in_axes`: static pytree metadata, not leaves.
+
+    So captures still map (``jax.tree.map``) and pass through ``jax.jit`` as
+    arrays only; it compares equal to the plain tuple.
+    """
+
+
+jax.tree_util.register_static(_Axes)
+
+
 def _record(records: dict[str, Captured], name: str, x: Any, out: Any, in_axes: Any = None) -> None:
     prev = records.get(name)
     if prev is None:
         records[name] = Captured(x, out, in_axes)
-    else:
-        records[name] = Captured(_join(prev.inputs, x), _join(prev.outputs, out), in_axes)
+        return
+    if in_axes is not None and jnp.shape(prev.inputs)[1:] != jnp.shape(x)[1:]:
+        # Calls of other shapes: each is cut to [tokens, *input axes] first, so
+        # the axes the kernel contracts survive the pooling (_join flattens to
+        # [tokens, last axis]).
+        prev_x = _tokens_by_inputs(prev.inputs, prev.in_axes)
+        x = _tokens_by_inputs(x, in_axes)
+        in_axes = _Axes(range(-len(in_axes), 0))
+        records[name] = Captured(_join(prev_x, x), _join(prev.outputs, out), in_axes)
+        return
+    records[name] = Captured(_join(prev.inputs, x), _join(prev.outputs, out), in_axes)
+
+
+def _tokens_by_inputs(x: Any, in_axes: tuple[int, ...]) -> jax.Array:
+    """Returns ``x`` as ``[tokens, *x's in_axes in order]``."""
+    x = jnp.asarray(x)
+    axes = [int(a) % x.ndim for a in in_axes]
+    moved = jnp.moveaxis(x, axes, list(range(x.ndim - len(axes), x.ndim)))
+    return moved.reshape((-1,) + moved.shape[x.ndim - len(axes) :])
 
 
 def _general_axes(module: Any) -> tuple[int, ...] | None:
@@ -104,7 +132,8 @@ def _general_axes(module: Any) -> tuple[int, ...] | None:
         axis = module.axis
     else:
         return None
-    return tuple(int(a) for a in axis) if isinstance(axis, (tuple, list)) else (int(axis),)
+    axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+    return _Axes(int(a) for a in axes)
 
 
 def _first_input_name(fn: Callable[..., Any]) -> str | None:

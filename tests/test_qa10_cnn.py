@@ -218,3 +218,24 @@ def test_linen_branch_on_input_width_names_the_branch_and_its_fix():
     assert "Likely cause: a Python branch on an input width" in msg
     assert "branch on a constructor attribute" in msg and "not on x.shape" in msg
     assert "custom module's width" not in msg  # not the attribute-width cause
+
+
+def test_selection_select_fn_does_not_call_an_unvoted_group_collapsed():
+    def mlp(p, x):
+        h = jax.nn.relu(x @ p["w1"] + p["b1"])
+        h = jax.nn.relu(h @ p["w2"] + p["b2"])
+        return h @ p["w3"]
+
+    k = jax.random.split(jax.random.key(0), 3)
+    p = {
+        "w1": jax.random.normal(k[0], (3, 8)), "b1": jnp.ones(8),
+        "w2": jax.random.normal(k[1], (8, 2)), "b2": jnp.ones(2),
+        "w3": jax.random.normal(k[2], (2, 5)),
+    }  # fmt: skip
+    groups = structure.groups(mlp, p, jnp.ones((1, 3)))
+    scores = jax.tree.map(jnp.abs, p)
+    where = lambda path, x: "1" in jax.tree_util.keystr(path)  # the 2-channel group unvoted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = structure.selection(groups)(scores, 0.75, where=where)
+    assert bool(jnp.all(m["w2"])) and bool(jnp.all(m["w3"]))  # nothing of it was cut

@@ -156,3 +156,28 @@ def test_input_norms_of_a_linen_dense_general_follow_its_axis():
     assert v["params"]["kernel"].shape == (4, 5, 3)
     want = jnp.sqrt(jnp.sum(x**2, axis=(0, 3)))  # [a, b]
     np.testing.assert_allclose(norms[..., 0], want, rtol=1e-6)
+
+
+def test_general_layer_called_twice_and_captures_through_jit():
+    class M(nnx.Module):
+        def __init__(self, rngs):
+            self.o = nnx.LinearGeneral((3, 4), 5, axis=(-2, -1), rngs=rngs)
+
+        def __call__(self, a, b):
+            return self.o(a).sum() + self.o(b).sum()
+
+    m = M(nnx.Rngs(0))
+    a = jax.random.normal(jax.random.key(1), (2, 6, 3, 4))
+    b = jax.random.normal(jax.random.key(2), (2, 7, 3, 4))  # another length
+    _, caps = jp.activations.capture_nnx(m, a, b, types=(nnx.LinearGeneral,))
+    params = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    want = jnp.sqrt(jnp.sum(a**2, axis=(0, 1)) + jnp.sum(b**2, axis=(0, 1)))[..., None]
+    np.testing.assert_allclose(
+        jp.activations.input_norms(params, caps)["o"]["kernel"], want, rtol=1e-5
+    )
+    # The axes are static metadata: captures map and cross jit as arrays only.
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(caps))
+    jitted = jax.jit(jp.activations.input_norms)(params, caps)["o"]["kernel"]
+    np.testing.assert_allclose(jitted, want, rtol=1e-5)
+    halves = jax.tree.map(lambda x: x[:1], caps)
+    assert halves["o"].in_axes == caps["o"].in_axes

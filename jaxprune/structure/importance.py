@@ -385,9 +385,14 @@ def _select_warned(
     )
     if round_to is not None and scope == "layer" and isinstance(sparsity, int | float):
         _warn_round_to_cancels(groups, keeps, sparsity, int(round_to), max_sparsity)
+    flags = prunable_flags(scores, where)
+    if not warn_unvoted:
+        # A selection's select_fn: a group no `where` member votes for keeps its
+        # masks there (nothing of it is cut), so only voted groups can collapse.
+        keeps = {i: k for i, k in keeps.items() if any(flags[m.leaf] for m in groups[i].members)}
     _warn_emptied(groups, keeps, float(sparsity), scope, max_sparsity)
     if warn_unvoted:
-        _warn_unvoted(groups, keeps, prunable_flags(scores, where))
+        _warn_unvoted(groups, keeps, flags)
     return masks
 
 
