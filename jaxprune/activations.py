@@ -126,13 +126,12 @@ def _tokens_by_inputs(x: Any, in_axes: tuple[int, ...]) -> jax.Array:
 
 def _general_axes(module: Any) -> tuple[int, ...] | None:
     """Returns the contracted input axes of a general linear layer, else None."""
-    if isinstance(module, nnx.LinearGeneral) and not module.batch_axis:
-        axis = module.axis
-    elif isinstance(module, nn.DenseGeneral) and not module.batch_dims:
-        axis = module.axis
-    else:
+    general = (isinstance(module, nnx.LinearGeneral) and not module.batch_axis) or (
+        isinstance(module, nn.DenseGeneral) and not module.batch_dims
+    )
+    if not general:
         return None
-    axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+    axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
     return _Axes(int(a) for a in axes)
 
 
@@ -419,11 +418,8 @@ def input_norms(
 
 def _square_sums(x: Any, in_axes: tuple[int, ...] | None) -> jax.Array:
     """Sums ``x**2`` over every axis but the input axes (the last, or ``in_axes`` in order)."""
-    x = jnp.asarray(x).astype(jnp.float32)
-    keep = [x.ndim - 1] if in_axes is None else [int(a) % x.ndim for a in in_axes]
-    sq = jnp.sum(jnp.square(x), axis=tuple(a for a in range(x.ndim) if a not in keep))
-    order = sorted(keep)
-    return jnp.transpose(sq, [order.index(a) for a in keep])
+    tokens = _tokens_by_inputs(jnp.asarray(x).astype(jnp.float32), in_axes or (-1,))
+    return jnp.sum(jnp.square(tokens), axis=0)
 
 
 def _per_unit(captures, fn):

@@ -35,7 +35,6 @@ import pathlib
 import warnings
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -43,7 +42,7 @@ from jaxprune import checkpoint_meta as _meta
 from jaxprune import checkpoint_rebuild as _rebuild
 from jaxprune import checkpoint_trees as _trees
 from jaxprune import packing
-from jaxprune._tree import leaves_with_paths, path_str
+from jaxprune._tree import as_int, leaves_with_paths, path_str
 from jaxprune.checkpoint_orbax import (
     FORMAT_VERSION,
     CheckpointError,
@@ -204,12 +203,13 @@ def _save(
             f"format must be one of {_meta.FORMATS}, got {format!r}. Fix: format='dense' for "
             "training checkpoints or format='compressed' for the smallest exact copy."
         )
-    step = _concrete_step(step)
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+    n = as_int(step)  # a TrainState's concrete array step too
+    if n is None or n < 0:
         raise ValueError(
             f"step must be a non-negative int, got {step!r}. Fix: pass the training step count "
             "(int(state.step) for a traced one)."
         )
+    step = n
     if max_to_keep is not None and (
         isinstance(max_to_keep, (bool, np.bool_))
         or not isinstance(max_to_keep, (int, np.integer))
@@ -320,28 +320,16 @@ def _warn_negative_zeros(found: list, source: Any) -> None:
     )
 
 
-def _concrete_step(step: Any) -> Any:
-    """Returns a concrete scalar integer JAX array (a TrainState's ``step``) as an int."""
-    if (
-        isinstance(step, jax.Array)
-        and not isinstance(step, jax.core.Tracer)
-        and step.ndim == 0
-        and jnp.issubdtype(step.dtype, jnp.integer)
-    ):
-        return int(step)
-    return step
-
-
 def _locate(directory: str | os.PathLike, step: int | None) -> tuple[pathlib.Path, int]:
     """Returns ``(root, step)``; ``directory`` may be a root or one step's directory."""
-    step = _concrete_step(step)
-    if step is not None and (
-        isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0
-    ):
-        raise ValueError(
-            f"step must be a non-negative int or None (the newest), got {step!r}. Fix: e.g. "
-            "step=int(s)."
-        )
+    if step is not None:
+        n = as_int(step)  # a TrainState's concrete array step too
+        if n is None or n < 0:
+            raise ValueError(
+                f"step must be a non-negative int or None (the newest), got {step!r}. Fix: "
+                "e.g. step=int(s)."
+            )
+        step = n
     path = _absolute(directory)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: the path does not exist.")

@@ -386,13 +386,15 @@ def _select_warned(
     if round_to is not None and scope == "layer" and isinstance(sparsity, int | float):
         _warn_round_to_cancels(groups, keeps, sparsity, int(round_to), max_sparsity)
     flags = prunable_flags(scores, where)
+    voted = {i for i in keeps if any(flags[m.leaf] for m in groups[i].members)}
+    unvoted = {i: k for i, k in keeps.items() if i not in voted}
     if not warn_unvoted:
         # A selection's select_fn: a group no `where` member votes for keeps its
         # masks there (nothing of it is cut), so only voted groups can collapse.
-        keeps = {i: k for i, k in keeps.items() if any(flags[m.leaf] for m in groups[i].members)}
+        keeps = {i: keeps[i] for i in voted}
     _warn_emptied(groups, keeps, float(sparsity), scope, max_sparsity)
     if warn_unvoted:
-        _warn_unvoted(groups, keeps, flags)
+        _warn_unvoted(groups, unvoted)
     return masks
 
 
@@ -426,17 +428,14 @@ def _warn_emptied(groups, keeps: dict, s: float, scope: str, cap) -> None:
     warnings.warn(msg, stacklevel=4)
 
 
-def _warn_unvoted(groups, keeps: dict, flags: list[bool]) -> None:
+def _warn_unvoted(groups, unvoted_keeps: dict) -> None:
     """Warns when a group none of whose members ``where`` selects loses channels.
 
-    Its importances are all 0, so the channels dropped are its first ones in
-    index order: a cut by position, not by importance.
+    ``unvoted_keeps``: the kept channels of those groups. Their importances
+    are all 0, so the channels dropped are their first ones in index order: a
+    cut by position, not by importance.
     """
-    unvoted = [
-        i
-        for i, keep in keeps.items()
-        if not np.all(keep) and not any(flags[m.leaf] for m in groups[i].members)
-    ]
+    unvoted = [i for i, keep in unvoted_keeps.items() if not np.all(keep)]
     if not unvoted:
         return
     names = "; ".join(repr(groups[i]) for i in unvoted[:3])
