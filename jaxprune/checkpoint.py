@@ -10,7 +10,8 @@ step holds up to four orbax items:
   each leaf a dict of packed arrays (see :mod:`jaxprune.packing`; the dense
   format stores every leaf as itself);
 * ``masks``: the enforced masks (read with :func:`jaxprune.get_masks`), as
-  packed bits, or nothing when they equal the params' nonzero pattern.
+  packed bits, or nothing when they equal the params' nonzero pattern or the
+  bits of the params leaf's ``bitmask`` encoding (kept weights at exactly 0).
 
 Trees are stored by leaf path, not by container type, so the optimizer and
 pruning state travel as an opaque pytree: restoring into a template gives back
@@ -286,7 +287,11 @@ def _save(
             opt_state, None, False, "opt_state"
         )
     if masks is not None:
-        items["masks"], meta["masks"] = _trees.encode_masks(masks, hosts)
+        packed = {
+            path_str(tuple(spec["path"])): (p_arrays.get(f"a{i:05d}", {}), spec)
+            for i, spec in enumerate(p_specs)
+        }
+        items["masks"], meta["masks"] = _trees.encode_masks(masks, hosts, packed)
     meta["meta_crc32"] = _meta.meta_crc(meta)
     return _write(directory, int(step), items, meta, max_to_keep)
 
@@ -416,12 +421,23 @@ def _decode(specs: list, arrays: dict, where: pathlib.Path, name: str) -> list[n
 
 def _masks(meta, items, params_by_path, where) -> tuple[list, list]:
     leaves = []
+    index = {path_str(tuple(s["path"])): i for i, s in enumerate(meta["params"])}
     for i, spec in enumerate(meta["masks"]):
         key = path_str(tuple(spec["path"]))
         if spec["kind"] == "scalar":
             leaves.append(np.asarray(spec["value"], bool))
         elif spec["kind"] == "support":
             leaves.append(packing.support(params_by_path[key]))
+        elif spec["kind"] == "packed":  # the bits of the params leaf's bitmask encoding
+            size = math.prod(spec["shape"])
+            bits = items.get("params", {}).get(f"a{index[key]:05d}", {}).get("bits")
+            m = np.unpackbits(np.asarray(bits), count=size).astype(bool).reshape(spec["shape"])
+            if packing.crc32(m) != spec["crc32"]:
+                raise CheckpointError(
+                    f"the mask of {key!r} in {where} is corrupt: CRC-32 mismatch of the bits "
+                    "it shares with its params leaf."
+                )
+            leaves.append(m)
         else:
             size = math.prod(spec["shape"])
             if not size:

@@ -48,7 +48,7 @@ def check(meta: dict) -> None:
 
 
 _LEAF_KINDS = ("dense", "slices", "nm", "bitmask")
-_MASK_KINDS = ("scalar", "support", "bits")
+_MASK_KINDS = ("scalar", "support", "packed", "bits")
 
 
 def _need(ok: bool, what: str) -> None:
@@ -81,7 +81,7 @@ def check_fields(meta: dict) -> None:
     _need(meta.get("format") in FORMATS, f"format {meta.get('format')!r}")
     _need(_is_int(meta.get("step")), f"step {meta.get('step')!r}")
     _need(isinstance(meta.get("params"), list), "no params list")
-    param_shapes = {}
+    param_shapes, bitmask = {}, {}
     for name in ("params", "opt_state"):
         specs = meta.get(name)
         if specs is None and name == "opt_state":
@@ -118,6 +118,7 @@ def check_fields(meta: dict) -> None:
                 _need(isinstance(spec.get("param"), bool), f"{what} param {spec.get('param')!r}")
             if name == "params":
                 param_shapes[key] = spec["shape"]
+                bitmask[key] = spec["kind"] == "bitmask"
     masks = meta.get("masks")
     if masks is None:
         return
@@ -133,6 +134,10 @@ def check_fields(meta: dict) -> None:
             _need(isinstance(spec["value"], bool) and not spec["shape"], f"{what} value")
         elif spec["kind"] == "support":
             _need(param_shapes.get(key) == spec["shape"], f"{what} has no params leaf")
+        elif spec["kind"] == "packed":
+            _need(param_shapes.get(key) == spec["shape"], f"{what} has no params leaf")
+            _need(bitmask.get(key, False), f"{what}: its params leaf is not a bitmask leaf")
+            _need(_is_int(spec["crc32"]), f"{what} crc32 {spec['crc32']!r}")
 
 
 @functools.lru_cache(maxsize=8)

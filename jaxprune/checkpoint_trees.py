@@ -29,6 +29,7 @@ __all__ = [
     "check_unique_paths",
     "reroot_masks",
     "mask_lookup",
+    "mask_kind",
     "stored_nbytes",
     "masked_negative_zeros",
     "values_outside_masks",
@@ -328,13 +329,45 @@ def mask_lookup(masks: Any, params: Any, fix: str | None = None) -> dict[str, np
     return out
 
 
+def mask_kind(x: np.ndarray | None, mask: np.ndarray, leaf_kind: str | None) -> str:
+    """Returns how a checkpoint stores ``mask`` beside the params leaf ``x`` (packed as
+    ``leaf_kind``).
+
+    ``"scalar"`` (in the metadata), ``"support"`` (equal to the nonzero
+    pattern of ``x``: rebuilt from the restored leaf), ``"packed"`` (``x`` is
+    stored in the ``bitmask`` encoding and its bits are ``mask`` itself, as
+    when kept weights are exactly 0 and nothing outside the mask is: regrown
+    weights, int8 weights rounding to 0) or ``"bits"`` (a packed bit per
+    entry, ``ceil(mask.size / 8)`` bytes). Only ``"bits"`` costs bytes.
+
+    Examples:
+      >>> import numpy as np
+      >>> from jaxprune.checkpoint_trees import mask_kind
+      >>> m = np.array([[False, True, True, True]])
+      >>> mask_kind(np.array([[0.0, 2.0, 3.0, 4.0]], np.float32), m, "bitmask")
+      'support'
+      >>> mask_kind(np.array([[0.0, 0.0, 3.0, 4.0]], np.float32), m, "bitmask")  # kept at 0
+      'packed'
+      >>> mask_kind(np.array([[0.0, 0.0, 3.0, 4.0]], np.float32), m, "dense")
+      'bits'
+    """
+    if mask.ndim == 0:
+        return "scalar"
+    if x is not None and x.shape == mask.shape:
+        if np.array_equal(packing.support(x), mask):
+            return "support"
+        if leaf_kind == "bitmask" and np.array_equal(packing.support(x, mask), mask):
+            return "packed"
+    return "bits"
+
+
 def stored_nbytes(x: np.ndarray, mask: np.ndarray) -> int:
     """Returns the bytes a compressed checkpoint stores for ``x`` with ``mask``: values and mask.
 
     That is the packed arrays of ``x`` (:func:`jaxprune.packing.packed_nbytes`)
-    plus ``ceil(mask.size / 8)`` bytes of mask bits, which :func:`encode_masks`
-    writes unless the mask is a scalar or equals the nonzero pattern of ``x``
-    (as :func:`jaxprune.report` counts them).
+    plus ``ceil(mask.size / 8)`` bytes of mask bits where :func:`encode_masks`
+    writes them (:func:`mask_kind` ``"bits"``: the mask is neither a scalar,
+    nor the nonzero pattern of ``x``, nor the bits of its ``bitmask`` encoding).
 
     Examples:
       >>> import numpy as np
@@ -346,7 +379,7 @@ def stored_nbytes(x: np.ndarray, mask: np.ndarray) -> int:
       14
     """
     n = packing.packed_nbytes(x, mask)
-    if mask.ndim and mask.size and not np.array_equal(packing.support(x), mask):
+    if mask.size and mask_kind(x, mask, packing.packed_kind(x, mask)) == "bits":
         n += -(-mask.size // 8)
     return n
 
@@ -440,26 +473,39 @@ def values_outside_masks(
     return out
 
 
-def encode_masks(masks: Any, params: dict[str, np.ndarray]) -> tuple[dict, list]:
+def encode_masks(
+    masks: Any, params: dict[str, np.ndarray], packed: dict[str, tuple[dict, dict]] | None = None
+) -> tuple[dict, list]:
     """Returns ``(arrays, specs)`` of ``masks``: packed bits only where they are needed.
 
     A scalar mask is stored in its spec; a mask equal to the support of the
-    params leaf at its path costs nothing (it is rebuilt from the restored leaf);
-    an empty mask needs no bits (orbax refuses zero-size arrays).
+    params leaf at its path costs nothing (it is rebuilt from the restored leaf),
+    nor does one equal to the bits of that leaf's ``bitmask`` encoding
+    (``packed``: each params leaf's ``(arrays, spec)`` by path, as
+    :func:`encode_tree` wrote them; rebuilt from those bits, and checked against
+    the mask's CRC-32 on restore); an empty mask needs no bits (orbax refuses
+    zero-size arrays).
     """
     flat, _ = leaves_with_paths(masks)
     arrays, specs = {}, []
     for i, (path, m) in enumerate(flat):
         m = np.asarray(jax.device_get(m), bool)
         spec: dict[str, Any] = {"path": list(path), "shape": list(m.shape)}
-        p = params.get(path_str(path))
-        if m.ndim == 0:
-            spec.update(kind="scalar", value=bool(m))
-        elif p is not None and p.shape == m.shape and np.array_equal(packing.support(p), m):
-            spec["kind"] = "support"  # rebuilt from the restored param
-        else:
-            spec["kind"] = "bits"
-            if m.size:
-                arrays[f"m{i:05d}"] = {"bits": np.packbits(m.reshape(-1))}
+        key = path_str(path)
+        p_arrays, p_spec = (packed or {}).get(key, ({}, {}))
+        kind = mask_kind(params.get(key), m, p_spec.get("kind"))
+        if kind == "packed":
+            bits = p_arrays.get("bits")
+            same = bits is not None and np.array_equal(
+                np.unpackbits(bits, count=m.size).reshape(m.shape), m
+            )
+            kind = "packed" if same else "bits"
+        spec["kind"] = kind
+        if kind == "scalar":
+            spec["value"] = bool(m)
+        elif kind == "packed":
+            spec["crc32"] = packing.crc32(m)
+        elif kind == "bits" and m.size:
+            arrays[f"m{i:05d}"] = {"bits": np.packbits(m.reshape(-1))}
         specs.append(spec)
     return arrays, specs

@@ -118,10 +118,10 @@ def _stored_bytes(meta: dict, paths: list[str]) -> dict[str, int] | None:
 
     Read from the metadata: each params leaf's packed arrays (shape and dtype,
     as written) and its mask's bits where the checkpoint keeps them (masks
-    equal to the nonzero pattern, and scalar masks, are rebuilt and cost
-    nothing). Exact for both formats; orbax's zstd and its files come on top
-    (``checkpoint.disk_bytes``). None for a checkpoint whose metadata does not
-    record the arrays.
+    equal to the nonzero pattern or to a bitmask leaf's bits, and scalar
+    masks, are rebuilt and cost nothing). Exact for both formats; orbax's zstd
+    and its files come on top (``checkpoint.disk_bytes``). None for a
+    checkpoint whose metadata does not record the arrays.
     """
     import jax.numpy as jnp
 

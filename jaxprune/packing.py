@@ -34,7 +34,15 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["PackError", "support", "pack_leaf", "unpack_leaf", "packed_nbytes", "crc32"]
+__all__ = [
+    "PackError",
+    "support",
+    "pack_leaf",
+    "unpack_leaf",
+    "packed_nbytes",
+    "packed_kind",
+    "crc32",
+]
 
 _NM_GROUPS = (2, 4, 8, 16)
 _PREFERENCE = ("dense", "slices", "nm", "bitmask")
@@ -314,3 +322,16 @@ def packed_nbytes(x: Any, mask: Any = None) -> int:
     """
     x = np.asarray(x)
     return _plan(x, support(x, mask))[2]
+
+
+def packed_kind(x: Any, mask: Any = None) -> str:
+    """Returns the encoding :func:`pack_leaf` picks for ``x`` with ``mask``.
+
+    Examples:
+      >>> import numpy as np
+      >>> x = np.zeros((8, 16), np.float32); x[::4] = 1.0
+      >>> packed_kind(x), packed_kind(x, mask=np.ones((8, 16), bool))
+      ('slices', 'dense')
+    """
+    x = np.asarray(x)
+    return _plan(x, support(x, mask))[0]

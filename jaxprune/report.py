@@ -64,7 +64,7 @@ from flax import nnx
 from jaxprune import packing
 from jaxprune._mask_apply import _broadcast_prefix
 from jaxprune._tree import check_array_leaves, leaves_with_paths, path_str, unwrap_variables
-from jaxprune.checkpoint_trees import reroot_masks
+from jaxprune.checkpoint_trees import mask_kind, reroot_masks
 from jaxprune.report_flops import _flops
 
 __all__ = ["LeafRow", "Report", "report", "plot_sparsity", "plot_accuracy_vs_compression"]
@@ -344,10 +344,9 @@ def report(
         arrays, spec = packing.pack_leaf(x, mask)
         stored = sum(a.nbytes for a in arrays.values())
         bits = packing.support(x)
-        if masked and mask.size and not np.array_equal(bits, mask):
-            # The checkpoint then also stores the mask's bits (entries kept at 0:
-            # regrown weights, int8 weights rounding to 0, -0.0 outside the mask);
-            # see encode_masks.
+        if masked and mask.size and mask_kind(x, mask, spec["kind"]) == "bits":
+            # The checkpoint then also stores the mask's bits: it is neither the
+            # nonzero pattern nor the bits of a bitmask leaf (see encode_masks).
             stored += -(-mask.size // 8)
         nonzeros = int(np.count_nonzero(nonzero))
         rows.append(

@@ -11,17 +11,24 @@ from jaxprune import structure
 from jaxprune.report import report
 
 
-def test_compressed_bytes_count_the_mask_bits_a_checkpoint_stores():
+def test_compressed_bytes_count_a_mask_keeping_a_zero_once():
     w = np.asarray(jax.random.normal(jax.random.key(0), (64, 64)))
     mask = np.abs(w) > 0.5
     w = np.where(mask, w, 0.0)
-    exact = report({"w": w}, {"w": mask}).rows[0].compressed_bytes
-    kept_zero = mask.copy()
+    exact = report({"w": w}, {"w": mask}).rows[0]
     w2 = w.copy()
     w2[np.argwhere(mask)[0][0], np.argwhere(mask)[0][1]] = 0.0  # a kept weight at exactly 0
-    with_bits = report({"w": w2}, {"w": kept_zero}).rows[0].compressed_bytes
-    # The mask differs from the nonzero pattern, so its 64*64/8 bytes are stored too.
-    assert with_bits - exact >= 64 * 64 // 8 - 8
+    kept_zero = report({"w": w2}, {"w": mask}).rows[0]
+    # The bitmask encoding's bits are the mask itself, and the kept 0 stays a stored
+    # value: the checkpoint stores the mask once, so the bytes are the same.
+    assert exact.encoding == kept_zero.encoding == "bitmask"
+    assert kept_zero.compressed_bytes == exact.compressed_bytes
+    # Stored dense (every entry kept, one of them at 0), the mask needs its own bits.
+    ones = np.ones((64, 64), np.float32)
+    ones[0, 0] = 0.0
+    dense = report({"w": ones}, {"w": np.ones((64, 64), bool)}).rows[0]
+    assert dense.encoding == "dense"
+    assert dense.compressed_bytes == 64 * 64 * 4 + 64 * 64 // 8
 
 
 def test_an_embedding_lookup_passes_no_density_to_the_next_layer():
