@@ -29,11 +29,30 @@ import jax.numpy as jnp
 from jaxprune.structure.graph import ELEMENTWISE
 from jaxprune.structure.program import Program
 
-__all__ = ["CONTRACTIONS", "make_evaluator", "run_once"]
+__all__ = ["CONTRACTIONS", "make_evaluator", "run_cached", "run_once"]
 
 # These programs run once or a few times on a small batch: compile time, not run
 # time, is what users wait for, and XLA's cheapest CPU pipeline halves it.
 _QUICK = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted(fn, static_argnums: tuple[int, ...], quick: bool):
+    return jax.jit(fn, static_argnums=static_argnums, compiler_options=_QUICK if quick else None)
+
+
+def run_cached(fn, *args, static_argnums=()):
+    """Returns ``jax.jit(fn)(*args)`` like :func:`run_once`, reusing the compiled program.
+
+    Only for jaxprune's own pure functions (``fn`` a module-level function):
+    the program is cached by ``fn``, the static arguments and the other
+    arguments' shapes and dtypes, so a second call with the same structure
+    (another sparsity, new scores) runs without tracing or compiling again. A
+    user's function may read state that changes between calls (a closure over
+    a module): :func:`run_once` traces those afresh every time.
+    """
+    quick = jax.default_backend() == "cpu"
+    return _jitted(fn, tuple(static_argnums), quick)(*args)
 
 
 def run_once(fn, *args, static_argnums=()):

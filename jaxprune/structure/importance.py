@@ -21,7 +21,7 @@ from jaxprune import _counts
 from jaxprune import masks as _masks
 from jaxprune._search import _select, ordered_keys
 from jaxprune._tree import Where, leaves_with_paths, path_str, prunable_flags
-from jaxprune.structure.evaluate import run_once
+from jaxprune.structure.evaluate import run_cached
 from jaxprune.structure.graph import Group, channel_indices, find_groups
 from jaxprune.structure.program import trace
 from jaxprune.structured import _reducer
@@ -366,11 +366,14 @@ def _select_warned(
         return _select_impl(
             tuple(groups), scores, sparsity, reduce, where, scope, max_sparsity, round_to, normalize
         )
-    masks, keeps = run_once(
+    # The counts round as Python rounds a concrete sparsity (as jp.masks.topk does),
+    # and enter the compiled program as values: another sparsity reuses it.
+    sizes = [g.channels for g in groups if g.prunable]
+    masks, keeps = run_cached(
         _select_impl,
         tuple(groups),
         scores,
-        sparsity,
+        _drop_counts(sparsity, sizes, scope),
         reduce,
         where,
         scope,
@@ -378,10 +381,8 @@ def _select_warned(
         round_to,
         normalize,
         True,
-        # A Python sparsity stays a Python number, so counts round as Python rounds
-        # (as jp.masks.topk does); a traced one is a float32.
-        static_argnums=(0, 3, 4, 5, 6, 7, 8, 9)
-        + ((2,) if isinstance(sparsity, int | float) else ()),
+        True,
+        static_argnums=(0, 3, 4, 5, 6, 7, 8, 9, 10),
     )
     if round_to is not None and scope == "layer" and isinstance(sparsity, int | float):
         _warn_round_to_cancels(groups, keeps, sparsity, int(round_to), max_sparsity)
@@ -524,8 +525,12 @@ def _select_impl(
     round_to=None,
     normalize=None,
     keeps=False,
+    counted=False,
 ):
-    """Masks of :func:`select`; with ``keeps``, also ``{group index: keep-vector}``."""
+    """Masks of :func:`select`; with ``keeps``, also ``{group index: keep-vector}``.
+
+    ``counted``: ``sparsity`` is already :func:`_drop_counts` of the prunable groups.
+    """
     # One compiled program instead of thousands of eager ops (topk, scatters per member).
     # ``groups`` are aligned on ``scores`` already (select did it).
     live = [i for i, g in enumerate(groups) if g.prunable]
@@ -534,13 +539,25 @@ def _select_impl(
     imps = _summed([groups[i] for i in live], flat, flags, _reducer(reduce))
     if scope == "global":
         imps = [_normalized(v, normalize) for v in imps]
-    by_group = dict(zip(live, _keeps(imps, sparsity, scope, max_sparsity, round_to), strict=True))
+    sizes = [groups[i].channels for i in live]
+    counts = sparsity if counted else _drop_counts(sparsity, sizes, scope)
+    by_group = dict(zip(live, _keeps(imps, counts, scope, max_sparsity, round_to), strict=True))
     masks = _masks_from_keep(groups, scores, by_group)
     return (masks, by_group) if keeps else masks
 
 
-def _keeps(imps, sparsity, scope, max_sparsity, round_to) -> list[jax.Array]:
+def _drop_counts(sparsity, sizes: list[int], scope: str):
+    """Returns ``round(sparsity * n)`` as int32: one per group of ``sizes`` (``"layer"``), or
+    one for all their channels (``"global"``); Python's rounding for a concrete sparsity."""
+    if scope == "layer":
+        return [_counts._count(sparsity, c) for c in sizes]
+    return _counts._count(sparsity, sum(sizes))
+
+
+def _keeps(imps, counts, scope, max_sparsity, round_to) -> list[jax.Array]:
     """Keep-vectors of :func:`select`, one per group's importances in ``imps``.
+
+    ``counts``: :func:`_drop_counts` of the groups (the channels to drop).
 
     Without limits these are :func:`~jaxprune.masks.topk`'s (``"layer"``) or
     :func:`~jaxprune.masks.global_topk`'s (``"global"``) selections over the
@@ -550,14 +567,14 @@ def _keeps(imps, sparsity, scope, max_sparsity, round_to) -> list[jax.Array]:
     sizes = [int(v.shape[0]) for v in imps]
     keys = [ordered_keys(v) for v in imps]
     if scope == "layer":
-        drops = [_counts._count(sparsity, c) for c in sizes]
+        drops = list(counts)
         if max_sparsity is not None:
             drops = [
                 jnp.minimum(d, _counts._cap(max_sparsity, c))
                 for d, c in zip(drops, sizes, strict=True)
             ]
     else:
-        total = _counts._count(sparsity, sum(sizes))
+        total = counts
         ranked = keys
         if max_sparsity is not None:
             # Only each group's ``cap`` lowest channels may go (the total is clipped

@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxprune._tree import leaves_with_paths, path_str
 from jaxprune.masks import apply_masks
-from jaxprune.structure.evaluate import run_once
+from jaxprune.structure.evaluate import run_cached
 from jaxprune.structure.shrinking import _check_naming, _check_outputs, _shrink
 
 __all__ = ["module_apply", "full_masks", "shrink_module"]
@@ -293,7 +293,7 @@ def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bo
         _check_outputs(
             new_apply,
             new_state,
-            run_once(apply_masks, state, masks_),
+            run_cached(apply_masks, state, masks_),
             example_inputs,
             reference_fn=apply_fn,
             dtypes=prog.dtypes,

@@ -38,7 +38,7 @@ from jaxprune.structure.checking import (
     _culprits,
     _named,
 )
-from jaxprune.structure.evaluate import make_evaluator, run_once
+from jaxprune.structure.evaluate import make_evaluator, run_cached
 from jaxprune.structure.graph import Analysis, channel_indices, find_groups
 from jaxprune.structure.program import Eqn, Program, trace, where
 
@@ -183,7 +183,7 @@ def plan(
     the removed indices out of them gives the shrunk params.
     """
     check_same_structure(params, masks, ref_name="params", other_name="masks")
-    masked = run_once(apply_masks, params, masks)
+    masked = run_cached(apply_masks, params, masks)
     prog = trace(apply_fn, masked, *example_inputs)
     an = analysis if analysis is not None else find_groups(prog, warn=True)
     consumers = prog.consumers()
@@ -431,7 +431,7 @@ def _shrink_checked(apply_fn, params, masks, example_inputs, check, how="shrink"
     small, removed, prog = _shrink(apply_fn, params, masks, example_inputs)
 
     def check_as(masks_, small_):
-        want = run_once(apply_masks, params, masks_)
+        want = run_cached(apply_masks, params, masks_)
         _check_outputs(apply_fn, small_, want, example_inputs, dtypes=prog.dtypes, how=how)
 
     if check:
