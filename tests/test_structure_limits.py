@@ -234,3 +234,20 @@ def test_bad_limits_are_rejected_by_select_and_selection(kw, match):
         structure.select(GROUPS, scores, 0.5, **kw)
     with pytest.raises(ValueError, match=match):
         structure.selection(GROUPS, **kw)  # at construction, before any training
+
+
+def test_an_eager_select_compiles_once_for_every_sparsity():
+    from jaxprune.structure.evaluate import _jitted
+    from jaxprune.structure.importance import _select_impl
+
+    scores = jp.criteria.magnitude(_params(4))
+    first = structure.select(GROUPS, scores, 0.25)
+    cpu = jax.default_backend() == "cpu"
+    program = _jitted(_select_impl, (0, 3, 4, 5, 6, 7, 8, 9, 10), cpu)
+    compiled = program._cache_size()
+    assert compiled >= 1
+    for s in (0.3, 0.5, 0.55):
+        kept = [int(k.sum()) for k in _kept(structure.select(GROUPS, scores, s))]
+        assert kept == [c - round(s * c) for c in SIZES]  # Python's rounding, as before
+    assert program._cache_size() == compiled  # counts are values of one program
+    assert [int(k.sum()) for k in _kept(first)] == [15, 9, 5]  # round(0.25 * c) dropped
