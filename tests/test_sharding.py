@@ -19,6 +19,10 @@ import textwrap
 
 import pytest
 
+# One worker runs every test here (`pytest -n 2 --dist loadgroup`, the README's
+# command), so each module fixture's subprocess runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 _SCRIPT = textwrap.dedent(
     r"""
     import json, os, re
