@@ -107,7 +107,7 @@ def _rank_reduced(
         kept = _masks.global_topk(red_tree, sparsity, where=where, max_sparsity=max_sparsity)
     else:
         # A tree of per-leaf sparsities is matched to the leaves by path (by topk).
-        kept = _masks.topk(red_tree, sparsity, where=where)
+        kept = _masks._topk(red_tree, sparsity, where)[0]
     k_flat = jax.tree.leaves(kept)
     _warn_emptied(flat, reduced, k_flat, sparsity, scope, max_sparsity, name, things)
     out = []

@@ -162,12 +162,12 @@ def _keep(scores: jax.Array, sparsity: float, nm: tuple[int, int] | None, group:
         return _nm_keep(scores, nm)
     if group == "output":
         return _per_output_keep(scores, sparsity)
-    return _masks.topk({"k": scores}, sparsity, where=_everything)["k"]
+    return _masks._topk({"k": scores}, sparsity, _everything)[0]["k"]
 
 
 def _per_output_keep(scores: jax.Array, sparsity: float) -> jax.Array:
     """Returns a keep-mask pruning exactly ``round(s * in)`` entries of each output column."""
-    one = lambda col: _masks.topk({"c": col}, sparsity, where=_everything)["c"]  # noqa: E731
+    one = lambda col: _masks._topk({"c": col}, sparsity, _everything)[0]["c"]  # noqa: E731
     return jax.vmap(one, in_axes=1, out_axes=1)(scores)
 
 
@@ -308,7 +308,7 @@ def _sparsegpt_rows(w, h, *, sparsity, nm, blocksize, dampening):
         d1 = jnp.diag(u1)
         if nm is None:
             # Adaptive mask over the whole block, exact count (OBS error w^2 / U_ii^2).
-            keep = _masks.topk({"b": (w1 / d1) ** 2}, sparsity, where=_everything)["b"]
+            keep = _masks._topk({"b": (w1 / d1) ** 2}, sparsity, _everything)[0]["b"]
             pruned = ~keep
         else:
             pruned = jnp.zeros((rows, size), bool)

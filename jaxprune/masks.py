@@ -93,7 +93,9 @@ def topk(scores: Any, sparsity: Any, *, where: Where | None = None) -> Any:
     order. Scores are ranked by their float32 bits (:func:`ordered_keys`), so
     ``-0.0`` ranks below ``+0.0`` and is pruned first: they do not tie (this
     matters for signed criteria, e.g. the movement score of a zero weight).
-    Leaves not selected get a scalar ``True`` (keep everything).
+    Leaves not selected get a scalar ``True`` (keep everything). A concrete
+    sparsity below 1 that rounds to a whole leaf (0.95 of 10 entries) prunes
+    all of it, with a warning naming the leaf.
 
     Args:
       scores: a pytree of scores (e.g. ``jp.criteria.magnitude(params)``).
@@ -115,14 +117,39 @@ def topk(scores: Any, sparsity: Any, *, where: Where | None = None) -> Any:
       Han et al., "Learning both Weights and Connections for Efficient Neural
       Networks", 2015. https://arxiv.org/abs/1506.02626
     """
+    masks, emptied = _topk(scores, sparsity, where)
+    if emptied:
+        warnings.warn(
+            f"topk prunes every entry of {', '.join(emptied[:5])}"
+            f"{f' and {len(emptied) - 5} more leaves' if len(emptied) > 5 else ''}: a sparsity "
+            "below 1 rounds to all of a small leaf (round(sparsity * size) = size), so that layer "
+            "passes nothing on. Fix: leave small leaves out with where=, a lower sparsity, or "
+            "global_topk(..., max_sparsity=0.99), which caps what any one leaf loses.",
+            stacklevel=2,
+        )
+    return masks
+
+
+def _topk(scores: Any, sparsity: Any, where: Where | None) -> tuple[Any, list[str]]:
+    """Returns :func:`topk`'s masks, and the leaves a concrete sparsity below 1 empties
+    (for the warning, which callers selecting something else than leaves skip)."""
     flags = prunable_flags(scores, where)
     per_leaf = _per_leaf_sparsity(scores, sparsity, flags)
     flat, _ = leaves_with_paths(scores)
-    keeps = {}
-    for i, ((_, x), f, s) in enumerate(zip(flat, flags, per_leaf, strict=True)):
+    keeps, emptied = {}, []
+    for i, ((path, x), f, s) in enumerate(zip(flat, flags, per_leaf, strict=True)):
         if f:
             keeps[i] = _select([ordered_keys(x)], _count(s, x.size))[0]
-    return _assemble(scores, flags, keeps)
+            if _rounds_to_all(s, x.size):
+                emptied.append(f"{path_str(path)!r} ({x.size} entries at sparsity {float(s)})")
+    return _assemble(scores, flags, keeps), emptied
+
+
+def _rounds_to_all(s: Any, n: int) -> bool:
+    """Whether a concrete sparsity below 1 prunes all ``n`` entries (``round(s * n) == n``)."""
+    if isinstance(s, jax.core.Tracer) or n == 0:
+        return False
+    return float(s) < 1.0 and round(float(s) * n) == n
 
 
 def global_topk(

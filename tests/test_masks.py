@@ -348,3 +348,14 @@ def test_global_topk_cap_keeps_a_layer_of_small_weights_alive(key):
 def test_global_topk_rejects_a_bad_cap(bad):
     with pytest.raises(ValueError, match=r"max_sparsity must be a Python number in \[0, 1\]"):
         jp.masks.global_topk({"w": jnp.ones((4, 4))}, 0.5, max_sparsity=bad)
+
+
+def test_topk_warns_when_a_sparsity_below_one_empties_a_small_leaf():
+    scores = {"small": jnp.arange(10.0).reshape(2, 5), "big": jnp.ones((40, 40))}
+    with pytest.warns(UserWarning, match=r"every entry of 'small' \(10 entries at sparsity 0.95"):
+        m = jp.masks.topk(scores, 0.95)
+    assert not np.asarray(m["small"]).any()  # the count stays exact: round(9.5) = 10
+    assert int(np.asarray(m["big"]).sum()) == 1600 - round(0.95 * 1600)
+    jp.masks.topk(scores, 1.0)  # asked for: no warning (warnings are errors here)
+    jp.masks.topk(scores, 0.9)
+    jax.jit(lambda s: jp.masks.topk(scores, s))(0.95)  # a traced sparsity is unknown

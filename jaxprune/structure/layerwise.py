@@ -155,7 +155,7 @@ def prune_layerwise(
     bar = tqdm(list(enumerate(groups)), desc="layer-wise pruning", disable=not progress)
     for i, g in bar:
         imp = group_scores([g], criterion(params), reduce=reduce)[0]
-        keep = _masks.topk({"g": imp}, per[i], where=lambda p, x: True)["g"]
+        keep = _masks._topk({"g": imp}, per[i], lambda p, x: True)[0]["g"]
         masks = _and(masks, _masks_from_keep([g], params, {0: keep}))
         params = _masks.apply_masks(params, masks)
         if finetune is not None:
