@@ -20,6 +20,21 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax
 import pytest
 
+# The longest tests (subprocesses with 8 devices, example runs, a model trained
+# by a module fixture) start first, so that two workers (`pytest -n 2`) do not
+# end with one of them alone on a minute-long test.
+_SLOW_FIRST = (
+    "test_sharding.py",
+    "test_compare_gates.py",
+    "test_sharding_qa.py",
+    "test_structured_example.py",
+    "test_llm.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in _SLOW_FIRST)  # stable: order kept within
+
 
 @pytest.fixture
 def key():

@@ -21,6 +21,9 @@ from flax import nnx
 from jaxprune import llm
 from jaxprune.models_llm import GPT, markov_corpus, train_lm
 
+# One worker runs these (`--dist loadgroup`): the trained model fixture is built once.
+pytestmark = pytest.mark.xdist_group("llm")
+
 VOCAB, TIME = 32, 32
 
 
