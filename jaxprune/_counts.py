@@ -101,15 +101,17 @@ def _count(s: Any, n: int) -> jax.Array:
     return _round_product(jnp.clip(jnp.where(jnp.isnan(s), 0.0, s), 0.0, 1.0), n)
 
 
-def _round_product(s: jax.Array, n: int) -> jax.Array:
+def _round_product(s: jax.Array, n: int | jax.Array) -> jax.Array:
     """Returns ``round(s * n)`` (ties to even) for float32 ``s`` in [0, 1] and ``n < 2**31``.
 
     Exact: ``s * n`` in float32 has only 24 significant bits, so from about a
     million entries it would miss the count by one. ``s = m / 2**shift`` with
     an integer mantissa ``m < 2**24``, so ``m * n`` is formed exactly in 16-bit
-    limbs of uint32 and shifted right with round-half-even.
+    limbs of uint32 and shifted right with round-half-even. ``n`` is a Python
+    int (a leaf's size), or a uint32 array of them (the tests check many
+    pairs in one program), elementwise with ``s``.
     """
-    if not 0 <= n < 2**31:
+    if isinstance(n, int) and not 0 <= n < 2**31:
         raise ValueError(f"n must be in [0, 2**31) (entries of int32-indexed leaves), got {n}.")
     u32 = jnp.uint32
     bits = jax.lax.bitcast_convert_type(s, u32)
@@ -117,7 +119,8 @@ def _round_product(s: jax.Array, n: int) -> jax.Array:
     m = (bits & u32(0x7FFFFF)) | jnp.where(e > 0, u32(1 << 23), u32(0))
     shift = (u32(150) - jnp.maximum(e, u32(1))).astype(jnp.int32)  # s = m / 2**shift, >= 23
     m0, m1 = m & u32(0xFFFF), m >> 16
-    n0, n1 = u32(n & 0xFFFF), u32(n >> 16)
+    n = jnp.asarray(n, u32)
+    n0, n1 = n & u32(0xFFFF), n >> u32(16)
     low = m0 * n0
     mid = m1 * n0 + m0 * n1 + (low >> 16)  # < 2**32
     hi = m1 * n1 + (mid >> 16)  # m * n = hi * 2**32 + lo

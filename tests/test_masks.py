@@ -257,19 +257,41 @@ def test_prune_with_an_empty_leaf(scope):
     assert _pruned(jp.get_masks(state)["b"]) == 4
 
 
-@settings(max_examples=300, deadline=None)
+_PAIRS = 64  # (s, n) pairs checked in one compiled program per example
+
+
+@functools.cache
+def _counts_program():
+    from jaxprune._counts import _round_product
+
+    return jax.jit(jax.vmap(_round_product))
+
+
+@settings(max_examples=40, deadline=None)
 @given(
-    st.floats(0.0, 1.0, width=32),
-    st.one_of(st.integers(0, 2**20), st.integers(2**20, 2**31 - 1)),
+    st.lists(
+        st.tuples(
+            st.floats(0.0, 1.0, width=32),
+            st.one_of(st.integers(0, 2**20), st.integers(2**20, 2**31 - 1)),
+        ),
+        min_size=1,
+        max_size=_PAIRS,
+    )
 )
-def test_traced_counts_are_exact(s, n):
+def test_traced_counts_are_exact(pairs):
     # float32 s * n has 24 significant bits: from ~1M entries it misses by one.
+    # 40 examples of up to 64 pairs, padded to 64: one compile for all of them.
     import fractions
 
     from jaxprune._counts import _count
 
-    got = int(jax.jit(_count, static_argnums=1)(jnp.float32(s), n))
-    assert got == round(fractions.Fraction(float(np.float32(s))) * n)
+    ss, ns = zip(*(pairs + [(0.0, 0)] * (_PAIRS - len(pairs))), strict=True)
+    got = _counts_program()(jnp.asarray(ss, jnp.float32), jnp.asarray(ns, jnp.uint32))
+    for s, n, g in zip(ss, ns, np.asarray(got), strict=True):
+        assert int(g) == round(fractions.Fraction(float(np.float32(s))) * n), (s, n)
+    # The traced path of _count (a static n, as the selections call it) is the same program.
+    s, n = pairs[0]
+    assert int(jax.jit(_count, static_argnums=1)(jnp.float32(s), n)) == int(np.asarray(got)[0])
 
 
 def test_traced_sparsity_prunes_the_exact_count_of_a_large_leaf():
