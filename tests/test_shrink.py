@@ -401,3 +401,24 @@ def test_shrink_module_names_the_group_and_leaves_the_model_as_it_was_on_a_misma
     structure.shrink_module(model, masks, x)
     assert model.fc1.out_features == 4 and model.fc2.in_features == 4
     np.testing.assert_allclose(np.asarray(model(x)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_zeroing_output_units_are_kept_with_a_warning():
+    def mlp(p, x):
+        return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    p = {"w1": jax.random.normal(k1, (3, 4)), "b1": jnp.ones(4)}
+    p |= {"w2": jax.random.normal(k2, (4, 5)), "b2": jnp.arange(5.0)}
+    x = jnp.ones((2, 3))
+    masks = jax.tree.map(lambda a: jnp.ones(a.shape, bool), p)
+    masks["w2"] = masks["w2"].at[:, 1].set(False).at[:, 3].set(False)
+    with pytest.warns(UserWarning, match=r"every weight of 2 of 5 output units \(w2\)"):
+        small = structure.shrink(mlp, p, masks, x)
+    assert small["w2"].shape == (4, 5)  # the output's width is the model's
+    out, bias = np.asarray(mlp(small, x)), np.asarray(p["b2"])
+    np.testing.assert_allclose(out[:, [1, 3]], np.broadcast_to(bias[[1, 3]], (2, 2)))
+    # A hidden unit zeroed instead is cut, without a warning (warnings are errors here).
+    masks = jax.tree.map(lambda a: jnp.ones(a.shape, bool), p)
+    masks["w1"] = masks["w1"].at[:, 2].set(False)
+    assert structure.shrink(mlp, p, masks, x)["w1"].shape == (3, 3)

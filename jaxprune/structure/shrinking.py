@@ -22,6 +22,9 @@ result, and the errors naming the groups that break it, are in
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from typing import Any
 
 import jax
@@ -174,6 +177,50 @@ def _only(x: np.ndarray, axis: int, idx: list[int]) -> np.ndarray:
     return x * keep.reshape(shape)
 
 
+def _warn_dead_outputs(groups, mask_leaves: list) -> None:
+    """Warns when the masks zero every weight of some output units, which no shrink can cut.
+
+    The model's output fixes their group's width (a classifier's classes), so
+    :func:`shrink` keeps such units as they are: they give only their bias.
+    """
+    found = []
+    for g in groups:
+        if g.prunable or not any("reaches the model output" in r for r in g.reasons):
+            continue
+        kernels = [m for m in g.members if np.ndim(mask_leaves[m.leaf]) >= 2]
+        if not kernels:
+            continue
+        dead = np.ones(g.channels, bool)
+        for m in kernels:
+            mask = np.asarray(jax.device_get(mask_leaves[m.leaf]), bool)
+            live = mask.any(axis=tuple(a for a in range(mask.ndim) if a != m.axis))
+            size = mask.shape[m.axis]
+            dead &= np.array(
+                [not live[channel_indices(m.layout, size, c)].any() for c in range(g.channels)]
+            )
+        if dead.any():
+            paths = ", ".join(sorted({path_str(m.path) for m in kernels}))
+            found.append(f"{int(dead.sum())} of {g.channels} output units ({paths})")
+    if found:
+        warnings.warn(
+            f"the masks zero every weight of {'; '.join(found[:3])}: shrink keeps them, since "
+            "the model's output fixes their width, as units that give only their bias. Fix: "
+            "leave the output layer out of the masks (where=...), or cut those units from the "
+            "model's output by hand if they are not needed.",
+            stacklevel=_user_level(),
+        )
+
+
+def _user_level() -> int:
+    """Returns the ``stacklevel`` of the first caller outside jaxprune (shrink has several
+    entry points: shrink, shrink_module, the linen form)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(2), 2  # the caller of the function that warns
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def plan(
     apply_fn: Any, params: Any, masks: Any, *example_inputs: Any, analysis: Analysis | None = None
 ) -> tuple[list[np.ndarray], dict[tuple[int, int], set[int]], Program]:
@@ -186,6 +233,7 @@ def plan(
     masked = run_cached(apply_masks, params, masks)
     prog = trace(apply_fn, masked, *example_inputs)
     an = analysis if analysis is not None else find_groups(prog, warn=True)
+    _warn_dead_outputs(an.groups, [m for _, m in leaves_with_paths(masks)[0]])
     consumers = prog.consumers()
     producers = {o: i for i, e in enumerate(prog.eqns) for o in e.outs}
     leaves = [np.array(x) for _, x in leaves_with_paths(masked)[0]]
