@@ -28,7 +28,7 @@ def script():
 
 def test_quick_run_reports_every_method_sparser_and_well_above_chance(script):
     # Its own process, with XLA's default backend optimizations: the --quick run
-    # trains for ~3,000 steps in all, which the suite's -O0 (tests/conftest.py)
+    # trains for ~2,000 steps in all, which the suite's -O0 (tests/conftest.py)
     # slows by a third, more than it saves in compile time. About a minute.
     flags = os.environ.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
     proc = subprocess.run(
