@@ -204,13 +204,7 @@ def _save(
             f"format must be one of {_meta.FORMATS}, got {format!r}. Fix: format='dense' for "
             "training checkpoints or format='compressed' for the smallest exact copy."
         )
-    n = as_int(step)  # a TrainState's concrete array step too
-    if n is None or n < 0:
-        raise ValueError(
-            f"step must be a non-negative int, got {step!r}. Fix: pass the training step count "
-            "(int(state.step) for a traced one)."
-        )
-    step = n
+    step = _as_step(step, "", "pass the training step count (int(state.step) for a traced one)")
     if max_to_keep is not None and (
         isinstance(max_to_keep, (bool, np.bool_))
         or not isinstance(max_to_keep, (int, np.integer))
@@ -325,16 +319,18 @@ def _warn_negative_zeros(found: list, source: Any) -> None:
     )
 
 
+def _as_step(step: Any, also: str, fix: str) -> int:
+    """Returns ``step`` as an int (a TrainState's concrete array step too), else raises."""
+    n = as_int(step)
+    if n is None or n < 0:
+        raise ValueError(f"step must be a non-negative int{also}, got {step!r}. Fix: {fix}.")
+    return n
+
+
 def _locate(directory: str | os.PathLike, step: int | None) -> tuple[pathlib.Path, int]:
     """Returns ``(root, step)``; ``directory`` may be a root or one step's directory."""
     if step is not None:
-        n = as_int(step)  # a TrainState's concrete array step too
-        if n is None or n < 0:
-            raise ValueError(
-                f"step must be a non-negative int or None (the newest), got {step!r}. Fix: "
-                "e.g. step=int(s)."
-            )
-        step = n
+        step = _as_step(step, " or None (the newest)", "e.g. step=int(s)")
     path = _absolute(directory)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: the path does not exist.")

@@ -378,8 +378,8 @@ def stored_nbytes(x: np.ndarray, mask: np.ndarray) -> int:
       >>> stored_nbytes(np.array([[-0.0, 2.0, 0.0, 4.0]], np.float32), m)  # + 1 byte of mask
       14
     """
-    n = packing.packed_nbytes(x, mask)
-    if mask.size and mask_kind(x, mask, packing.packed_kind(x, mask)) == "bits":
+    kind, n = packing.packed_plan(x, mask)
+    if mask.size and mask_kind(x, mask, kind) == "bits":
         n += -(-mask.size // 8)
     return n
 

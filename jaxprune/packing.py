@@ -40,7 +40,7 @@ __all__ = [
     "pack_leaf",
     "unpack_leaf",
     "packed_nbytes",
-    "packed_kind",
+    "packed_plan",
     "crc32",
 ]
 
@@ -320,18 +320,18 @@ def packed_nbytes(x: Any, mask: Any = None) -> int:
       >>> packed_nbytes(x, mask=np.ones((8, 16), bool))  # every entry kept: dense
       512
     """
-    x = np.asarray(x)
-    return _plan(x, support(x, mask))[2]
+    return packed_plan(x, mask)[1]
 
 
-def packed_kind(x: Any, mask: Any = None) -> str:
-    """Returns the encoding :func:`pack_leaf` picks for ``x`` with ``mask``.
+def packed_plan(x: Any, mask: Any = None) -> tuple[str, int]:
+    """Returns ``(encoding, bytes)`` of what :func:`pack_leaf` writes for ``x`` with ``mask``.
 
     Examples:
       >>> import numpy as np
       >>> x = np.zeros((8, 16), np.float32); x[::4] = 1.0
-      >>> packed_kind(x), packed_kind(x, mask=np.ones((8, 16), bool))
-      ('slices', 'dense')
+      >>> packed_plan(x), packed_plan(x, mask=np.ones((8, 16), bool))
+      (('slices', 131), ('dense', 512))
     """
     x = np.asarray(x)
-    return _plan(x, support(x, mask))[0]
+    kind, _, nbytes = _plan(x, support(x, mask))
+    return kind, nbytes

@@ -40,6 +40,10 @@ __all__ = ["Layout", "Member", "Group", "Link", "links", "find_groups", "channel
 Layout = tuple[int, int, int, int]  # (outer, inner, offset, count)
 
 
+# Why a group reaching the model output is pinned (shrink warns when masks zero its units).
+OUTPUT_REASON = "reaches the model output"
+
+
 class Member(NamedTuple):
     """One params leaf axis of a group: channel ``c`` is ``channel_indices(layout, size, c)``."""
 
@@ -549,7 +553,7 @@ def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
     for v in prog.input_ids:
         block(v, "reaches a model input")
     for v in prog.output_ids:
-        block(v, "reaches the model output")
+        block(v, OUTPUT_REASON)
     for v in prog.consts:
         block(v, "touches a constant baked into the program")
     # Params no equation reads (a layer used only in a branch not taken, e.g. an

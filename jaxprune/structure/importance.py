@@ -360,20 +360,21 @@ def _select_warned(
     _check_select_args(scope, max_sparsity, round_to, normalize)
     _check_select_sparsity(sparsity)
     _, groups = _align(groups, scores)
+    # Python's rounding for a concrete sparsity (as jp.masks.topk), exact float32
+    # for a traced one; concrete counts enter the compiled program as values, so
+    # another sparsity reuses it.
+    counts = _drop_counts(sparsity, [g.channels for g in groups if g.prunable], scope)
     if isinstance(sparsity, jax.core.Tracer) or any(
         isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(scores)
     ):
         return _select_impl(
-            tuple(groups), scores, sparsity, reduce, where, scope, max_sparsity, round_to, normalize
+            tuple(groups), scores, counts, reduce, where, scope, max_sparsity, round_to, normalize
         )
-    # The counts round as Python rounds a concrete sparsity (as jp.masks.topk does),
-    # and enter the compiled program as values: another sparsity reuses it.
-    sizes = [g.channels for g in groups if g.prunable]
     masks, keeps = run_cached(
         _select_impl,
         tuple(groups),
         scores,
-        _drop_counts(sparsity, sizes, scope),
+        counts,
         reduce,
         where,
         scope,
@@ -381,8 +382,7 @@ def _select_warned(
         round_to,
         normalize,
         True,
-        True,
-        static_argnums=(0, 3, 4, 5, 6, 7, 8, 9, 10),
+        static_argnums=(0, 3, 4, 5, 6, 7, 8, 9),
     )
     if round_to is not None and scope == "layer" and isinstance(sparsity, int | float):
         _warn_round_to_cancels(groups, keeps, sparsity, int(round_to), max_sparsity)
@@ -517,7 +517,7 @@ def _check_select_args(scope: Any, max_sparsity: Any, round_to: Any, normalize: 
 def _select_impl(
     groups,
     scores,
-    sparsity,
+    counts,
     reduce,
     where,
     scope,
@@ -525,11 +525,10 @@ def _select_impl(
     round_to=None,
     normalize=None,
     keeps=False,
-    counted=False,
 ):
     """Masks of :func:`select`; with ``keeps``, also ``{group index: keep-vector}``.
 
-    ``counted``: ``sparsity`` is already :func:`_drop_counts` of the prunable groups.
+    ``counts``: :func:`_drop_counts` of the prunable groups.
     """
     # One compiled program instead of thousands of eager ops (topk, scatters per member).
     # ``groups`` are aligned on ``scores`` already (select did it).
@@ -539,8 +538,6 @@ def _select_impl(
     imps = _summed([groups[i] for i in live], flat, flags, _reducer(reduce))
     if scope == "global":
         imps = [_normalized(v, normalize) for v in imps]
-    sizes = [groups[i].channels for i in live]
-    counts = sparsity if counted else _drop_counts(sparsity, sizes, scope)
     by_group = dict(zip(live, _keeps(imps, counts, scope, max_sparsity, round_to), strict=True))
     masks = _masks_from_keep(groups, scores, by_group)
     return (masks, by_group) if keeps else masks

@@ -42,7 +42,7 @@ from jaxprune.structure.checking import (
     _named,
 )
 from jaxprune.structure.evaluate import make_evaluator, run_cached
-from jaxprune.structure.graph import Analysis, channel_indices, find_groups
+from jaxprune.structure.graph import OUTPUT_REASON, Analysis, channel_indices, find_groups
 from jaxprune.structure.program import Eqn, Program, trace, where
 
 __all__ = ["shrink", "plan"]
@@ -185,7 +185,7 @@ def _warn_dead_outputs(groups, mask_leaves: list) -> None:
     """
     found = []
     for g in groups:
-        if g.prunable or not any("reaches the model output" in r for r in g.reasons):
+        if g.prunable or not any(OUTPUT_REASON in r for r in g.reasons):
             continue
         kernels = [m for m in g.members if np.ndim(mask_leaves[m.leaf]) >= 2]
         if not kernels:
