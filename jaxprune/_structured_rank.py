@@ -73,6 +73,16 @@ def _check_cap(max_sparsity: Any, scope: str, name: str, things: str) -> None:
         )
 
 
+def at_least_f32(x: Any) -> jax.Array:
+    """``x`` as float32, or in its own wider float type (float64 under ``jax_enable_x64``).
+
+    Group scores are computed at the scores' precision, so float64 scores are
+    compared as :func:`~jaxprune.masks.ordered_keys` compares them: as float32,
+    with its warning, not cast down beforehand without one.
+    """
+    return jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
+
+
 def _rank_reduced(
     scores: Any,
     sparsity: Any,

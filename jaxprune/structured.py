@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import _counts
-from jaxprune._structured_rank import _check_cap, _keeps_layout, _rank_reduced
+from jaxprune._structured_rank import _check_cap, _keeps_layout, _rank_reduced, at_least_f32
 from jaxprune._tree import Where, as_int, leaves_with_paths, path_str, prunable_flags
 from jaxprune.structured_patterns import pattern_library, patterns
 
@@ -76,7 +76,7 @@ def _l2(x: jax.Array, axis: Any) -> jax.Array:
     float32 (a denormal factor would be flushed to 0 on XLA:CPU).
     """
     # At least float32: a float16 factor 2**-e would overflow for scores below ~1e-5.
-    x = jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
+    x = at_least_f32(x)
     m = jnp.max(jnp.abs(x), axis=axis, keepdims=True, initial=0.0)  # size-0 slices too
     e = jnp.frexp(m)[1]
     e = jnp.clip(jnp.where(jnp.isfinite(m) & (m > 0), e, 0), -125, 125)
@@ -268,7 +268,7 @@ def structured(
     for i, ax in picked.items():
         if i in single:
             continue
-        x = jnp.asarray(flat[i][1], jnp.float32)
+        x = at_least_f32(flat[i][1])
         other = tuple(d for d in range(x.ndim) if d not in ax)
         reduced[i] = red(x, other) if other else x
         expand[i] = lambda k, x=x, other=other: jnp.broadcast_to(jnp.expand_dims(k, other), x.shape)
@@ -470,7 +470,7 @@ def nm(
             drop = _counts._count(sparsity, m)
             if n is not None:
                 drop = jnp.minimum(drop, m - n)
-        g = jnp.moveaxis(jnp.asarray(x, jnp.float32), ax, -1)
+        g = jnp.moveaxis(at_least_f32(x), ax, -1)
         g = g.reshape(g.shape[:-1] + (size // m, m))
         # Rank within each group of m (small, so a stable argsort is cheap); ties by position.
         order = jnp.argsort(g, axis=-1, stable=True)
@@ -577,7 +577,7 @@ def blocks(
         nb = tuple(-(-t // b) for t, b in zip(tail, block, strict=True))
         overhang = [(0, n * b - t) for n, b, t in zip(nb, block, tail, strict=True)]
         pad = [(0, 0)] * len(lead) + overhang
-        x = jnp.asarray(x, jnp.float32)
+        x = at_least_f32(x)
         fill = -jnp.inf if pool == "max" else 0.0
         xp = jnp.pad(x, pad, constant_values=fill)
         split = lead + tuple(v for n, b in zip(nb, block, strict=True) for v in (n, b))
@@ -586,7 +586,7 @@ def blocks(
         if pool == "max":
             red = jnp.max(xp, axis=inner)
         else:
-            cnt = jnp.pad(jnp.ones(shape, jnp.float32), pad).reshape(split).sum(axis=inner)
+            cnt = jnp.pad(jnp.ones(shape, x.dtype), pad).reshape(split).sum(axis=inner)
             red = xp.sum(axis=inner) / cnt
         reduced[i] = red
 

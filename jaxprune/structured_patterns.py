@@ -24,7 +24,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune._structured_rank import _keeps_layout, _rank_reduced
+from jaxprune._structured_rank import _keeps_layout, _rank_reduced, at_least_f32
 from jaxprune._tree import Where, as_int, leaves_with_paths, path_str, prunable_flags
 
 __all__ = ["patterns", "pattern_library"]
@@ -220,19 +220,19 @@ def patterns(
             continue
         ks = tuple(jnp.shape(x)[a] for a in kernel_axes)
         leaf_lib = lib if lib is not None else pattern_library(ks)
-        x = jnp.moveaxis(jnp.asarray(x, jnp.float32), kernel_axes, (0, 1))
+        x = jnp.moveaxis(at_least_f32(x), kernel_axes, (0, 1))
         rest = x.shape[2:]
         # Only the two kernel axes are merged: the channel axes, which a mesh may
         # shard, stay as they are (merging them would gather one).
         flat_x = x.reshape((ks[0] * ks[1],) + rest)
-        lib_f = jnp.asarray(leaf_lib.reshape(leaf_lib.shape[0], -1), jnp.float32)
+        lib_f = jnp.asarray(leaf_lib.reshape(leaf_lib.shape[0], -1), x.dtype)
         # -inf means prune first: a pattern covering a -inf entry scores -inf (the
         # product would give 0 * -inf = NaN, the best score, for the entries it leaves
         # out), so a kernel keeps its pattern of finite entries and a kernel of -inf
         # goes first, which keeps jp.drivers' masks nested.
         neg_inf = flat_x == -jnp.inf
         pat_scores = jnp.tensordot(lib_f, jnp.where(neg_inf, 0.0, flat_x), axes=1)  # [P, *rest]
-        covers = jnp.tensordot(lib_f, neg_inf.astype(jnp.float32), axes=1) > 0
+        covers = jnp.tensordot(lib_f, neg_inf.astype(x.dtype), axes=1) > 0
         pat_scores = jnp.where(covers, -jnp.inf, pat_scores)
         best = jnp.argmax(pat_scores, axis=0)
         reduced[i] = jnp.max(pat_scores, axis=0)

@@ -74,3 +74,23 @@ def test_bfloat16_params_refresh_from_stored_scores_not_recomputed_ones():
 
     stored = temp_bytes(lambda p: jp.criteria.magnitude(p))  # never fused
     assert temp_bytes(jp.criteria.magnitude) == stored
+
+
+def test_float64_scores_keep_their_precision_through_group_scores():
+    # Scores 1 + i * 1e-10 are one float32 value: cast down first, every group
+    # and every n:m slot would tie silently, and ties go by position.
+    with jax.enable_x64(True):
+        fine = 1.0 + jnp.arange(72, 0, -1, dtype=jnp.float64) * 1e-10  # decreasing
+        w = {"w": fine[:64].reshape(8, 8)}
+        # n:m ranks inside each group of m at the scores' own precision: the
+        # first two of each group are the largest (a tie by position keeps the last two).
+        keep = np.asarray(jp.structured.nm(w, n=2, m=4, axis=1)["w"])
+        assert keep.tolist() == [[True, True, False, False] * 2] * 8
+        # The group scores stay float64, so the final comparison warns as topk's does.
+        for select in (
+            lambda: jp.structured.structured(w, 0.5, axes=0),
+            lambda: jp.structured.blocks(w, 0.5, block=(1, 4)),
+            lambda: jp.structured.patterns({"k": fine.reshape(3, 3, 2, 4)}, 0.5),
+        ):
+            with pytest.warns(UserWarning, match="float64 scores are compared as float32"):
+                select()
