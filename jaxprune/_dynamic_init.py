@@ -23,6 +23,7 @@ import numpy as np
 from jaxprune import _counts
 from jaxprune import criteria as _criteria
 from jaxprune import distributions as _dist
+from jaxprune._compile import jit_once
 from jaxprune._tree import Path, Where, is_prunable, leaves_with_paths, path_str, prunable_flags
 
 # Read-only: one layer's stand-in, and the top-k of each layer at its own count.
@@ -93,9 +94,13 @@ def _check_per_leaf(pure: Any, flags: list[bool], per_leaf: Any, name: str) -> N
 _ARRAYS = (jax.Array, np.ndarray)
 
 
-@functools.partial(jax.jit, static_argnums=(3,))
+@functools.partial(jit_once, static_argnums=(3,))
 def _random_keeps(pure: Any, key: jax.Array, counts: list[jax.Array], flags: tuple) -> Any:
-    """Random scores and their per-leaf top-k masks in one program (see :func:`_random_masks`)."""
+    """Random scores and their per-leaf top-k masks in one program (see :func:`_random_masks`).
+
+    It runs once per ``init``: on the CPU it compiles with XLA's quickest options
+    (LeNet-300-100-sized layers: 4-5 s -> under 2 s for ``jp.dynamic.rigl``'s init).
+    """
     return _dist._keep_counts(_criteria.random(pure, key=key), counts, list(flags))
 
 

@@ -26,32 +26,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxprune._compile import quick_options
 from jaxprune.structure.graph import ELEMENTWISE
 from jaxprune.structure.program import Program
 
 __all__ = ["CONTRACTIONS", "make_evaluator", "run_cached", "run_once"]
 
+
 # These programs run once or a few times on a small batch: compile time, not run
-# time, is what users wait for. XLA's cheapest CPU pipeline halves it, and the
-# classic fusion code generator (instead of the MLIR fusion emitters) takes a
-# further 5-30% off a first `structure.select` (scripts/bench_select.py).
-_QUICK = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-_CLASSIC_FUSION = {"xla_cpu_use_fusion_emitters": False}
-
-
-@functools.cache
-def _quick() -> dict:
-    """``_QUICK``, with the classic fusion emitter where this jaxlib still has the option."""
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=_CLASSIC_FUSION).lower(jnp.zeros(1)).compile()
-    except jax.errors.JaxRuntimeError:  # "No such compile option": a jaxlib that dropped it
-        return dict(_QUICK)
-    return {**_QUICK, **_CLASSIC_FUSION}
-
-
+# time, is what users wait for (jaxprune/_compile.py).
 @functools.lru_cache(maxsize=32)
 def _jitted(fn, static_argnums: tuple[int, ...], quick: bool):
-    return jax.jit(fn, static_argnums=static_argnums, compiler_options=_quick() if quick else None)
+    return jax.jit(
+        fn, static_argnums=static_argnums, compiler_options=quick_options() if quick else None
+    )
 
 
 def run_cached(fn, *args, static_argnums=()):
@@ -74,7 +62,7 @@ def run_once(fn, *args, static_argnums=()):
     lowered = jitted.lower(*args)
     if jax.default_backend() != "cpu":
         return lowered.compile()(*[a for i, a in enumerate(args) if i not in static_argnums])
-    compiled = lowered.compile(_quick())
+    compiled = lowered.compile(quick_options())
     return compiled(*[a for i, a in enumerate(args) if i not in static_argnums])
 
 
@@ -165,7 +153,7 @@ def make_evaluator(prog: Program, want: tuple[int, ...]):
         if "c" not in cache:
             lowered = jitted.lower(leaves, inputs, keeps)
             cpu = jax.default_backend() == "cpu"
-            cache["c"] = lowered.compile(_quick()) if cpu else lowered.compile()
+            cache["c"] = lowered.compile(quick_options()) if cpu else lowered.compile()
         return cache["c"](leaves, inputs, keeps)
 
     return run
