@@ -50,6 +50,12 @@ def ordered_keys(scores: ArrayLike) -> jax.Array:
       >>> bool(z[1] < z[0])  # -0.0 ranks below +0.0: no tie
       True
     """
+    _warn_float64(scores)
+    return _ordered_keys(scores)
+
+
+def _warn_float64(scores: ArrayLike) -> None:
+    """Warns that float64 scores are compared as float32 (:func:`ordered_keys`)."""
     if jnp.result_type(scores) == jnp.float64:
         # One location (stacklevel 1): Python's default filter shows it once per process.
         warnings.warn(
@@ -59,6 +65,10 @@ def ordered_keys(scores: ArrayLike) -> jax.Array:
             "that differ in late digits, x / x.max() for values past float32's range.",
             stacklevel=1,
         )
+
+
+def _ordered_keys(scores: ArrayLike) -> jax.Array:
+    """:func:`ordered_keys` without its float64 warning (callers warn outside a trace)."""
     bits = jax.lax.bitcast_convert_type(jnp.asarray(scores, jnp.float32), jnp.uint32)
     # NaNs lose their sign bit, so that all of them sort above +inf.
     magnitude = bits & jnp.uint32(0x7FFFFFFF)
@@ -579,3 +589,21 @@ _select_jit = jax.jit(select_keys, static_argnums=0)
 def _select(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
     """Returns flat keep-masks pruning exactly ``k`` smallest ``keys`` (ties by flat order)."""
     return _select_jit(_identity, list(keys), k)
+
+
+@jax.jit
+def _select_scores_jit(scores: list[jax.Array], k: jax.Array) -> list[jax.Array]:
+    return select_keys(_identity, [_ordered_keys(x) for x in scores], k)
+
+
+def _select_scores(scores: list[jax.Array], k: jax.Array) -> list[jax.Array]:
+    """:func:`_select` of ``[ordered_keys(x) for x in scores]``, the keys made in its program.
+
+    Called eagerly, the keys' element-wise operations then compile with the
+    search, not one small program each (a first eager ``topk`` or structured
+    selection compiled about eight more programs per leaf shape). The keys are
+    still computed once and stored, as the search reads them at every probe.
+    """
+    for x in scores:
+        _warn_float64(x)
+    return _select_scores_jit(list(scores), k)

@@ -42,6 +42,7 @@ from jaxprune._search import (
     _explicit_axes,
     _flat_index,
     _select,
+    _select_scores,
     kth_smallest_keys,
     ordered_keys,
     select_cut,
@@ -139,7 +140,7 @@ def _topk(scores: Any, sparsity: Any, where: Where | None) -> tuple[Any, list[st
     keeps, emptied = {}, []
     for i, ((path, x), f, s) in enumerate(zip(flat, flags, per_leaf, strict=True)):
         if f:
-            keeps[i] = _select([ordered_keys(x)], _count(s, x.size))[0]
+            keeps[i] = _select_scores([x], _count(s, x.size))[0]
             if _rounds_to_all(s, x.size):
                 emptied.append(f"{path_str(path)!r} ({x.size} entries at sparsity {float(s)})")
     return _assemble(scores, flags, keeps), emptied
@@ -215,13 +216,15 @@ def global_topk(
     _check_global_total(n)
     # The scores are stored already, so their keys are stored once too: reading
     # stored keys at each probe beats recomputing them (~25% at 100M scores).
-    keys = [ordered_keys(x) for x in leaves]
     count = _count(sparsity, n)
-    if max_sparsity is not None and leaves:
+    if not leaves:
+        kept = []
+    elif max_sparsity is None:
+        kept = _select_scores(leaves, count)
+    else:
         caps = [_cap(max_sparsity, x.size) for x in leaves]
-        keys = _capped_keys(keys, caps)
-        count = jnp.minimum(count, sum(caps))
-    kept = _select(keys, count) if leaves else []
+        keys = _capped_keys([ordered_keys(x) for x in leaves], caps)
+        kept = _select(keys, jnp.minimum(count, sum(caps)))
     return _assemble(scores, flags, {**_empty(flat, flags), **dict(zip(idx, kept, strict=True))})
 
 

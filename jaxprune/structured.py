@@ -29,6 +29,7 @@ layout machinery every selection shares lives in :mod:`jaxprune._structured_rank
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -270,7 +271,10 @@ def structured(
             continue
         x = at_least_f32(flat[i][1])
         other = tuple(d for d in range(x.ndim) if d not in ax)
-        reduced[i] = red(x, other) if other else x
+        if other and isinstance(reduce, str):  # one compiled program, not one per operation
+            reduced[i] = _compiled_reduction(red, other)(x)
+        else:
+            reduced[i] = red(x, other) if other else x
         expand[i] = lambda k, x=x, other=other: jnp.broadcast_to(jnp.expand_dims(k, other), x.shape)
     for i in single:  # full-shape masks: a scalar True would count as one entry
         shape = jnp.shape(flat[i][1])
@@ -278,6 +282,30 @@ def structured(
     return _rank_reduced(
         scores, sparsity, reduced, expand, scope, max_sparsity=max_sparsity, name="structured"
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_reduction(red: Callable[..., jax.Array], axis: tuple[int, ...]) -> Callable:
+    """``jax.jit`` of a built-in reduction over ``axis``: called eagerly, its dozen
+    element-wise operations (``l2`` rescales by powers of two) compile as one program."""
+    return jax.jit(lambda x: red(x, axis))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _pooled(x: jax.Array, pool: str, pad: tuple, split: tuple, inner: tuple) -> jax.Array:
+    """:func:`blocks`' block scores: ``x`` padded, split into blocks and pooled (one
+    compiled program per shape, not one per operation, when called eagerly)."""
+    fill = -jnp.inf if pool == "max" else 0.0
+    xp = jnp.pad(x, pad, constant_values=fill).reshape(split)
+    if pool == "max":
+        return jnp.max(xp, axis=inner)
+    cnt = jnp.pad(jnp.ones(x.shape, x.dtype), pad).reshape(split).sum(axis=inner)
+    return xp.sum(axis=inner) / cnt
+
+
+@jax.jit
+def _negative_finite(x: jax.Array) -> jax.Array:
+    return jnp.any((x < 0) & jnp.isfinite(x))
 
 
 def _n_slices(x: Any, ax: tuple[int, ...]) -> int:
@@ -294,9 +322,7 @@ def _warn_signed(flat: list, idx: list[int], reduce: str) -> None:
         return
     # Concrete scores closed over by a jit trace would be staged: read them now.
     with jax.ensure_compile_time_eval():
-        neg = np.asarray(
-            jnp.stack([jnp.any((flat[i][1] < 0) & jnp.isfinite(flat[i][1])) for i in idx])
-        )
+        neg = np.asarray(jnp.stack([_negative_finite(flat[i][1]) for i in idx]))
     if not neg.any():
         return
     names = [path_str(flat[i][0]) for i, n in zip(idx, neg, strict=True) if n]
@@ -577,18 +603,9 @@ def blocks(
         nb = tuple(-(-t // b) for t, b in zip(tail, block, strict=True))
         overhang = [(0, n * b - t) for n, b, t in zip(nb, block, tail, strict=True)]
         pad = [(0, 0)] * len(lead) + overhang
-        x = at_least_f32(x)
-        fill = -jnp.inf if pool == "max" else 0.0
-        xp = jnp.pad(x, pad, constant_values=fill)
         split = lead + tuple(v for n, b in zip(nb, block, strict=True) for v in (n, b))
         inner = tuple(len(lead) + 2 * j + 1 for j in range(len(block)))
-        xp = xp.reshape(split)
-        if pool == "max":
-            red = jnp.max(xp, axis=inner)
-        else:
-            cnt = jnp.pad(jnp.ones(shape, x.dtype), pad).reshape(split).sum(axis=inner)
-            red = xp.sum(axis=inner) / cnt
-        reduced[i] = red
+        reduced[i] = _pooled(at_least_f32(x), pool, tuple(map(tuple, pad)), split, inner)
 
         def exp(keep, lead=lead, block=block, tail=tail):
             k = keep
