@@ -57,3 +57,18 @@ def test_first_eager_call_compiles_a_few_programs_and_a_second_none(caplog, scor
     want = jax.jit(lambda t: select(t, 0.3))(scores)
     for got, ref in zip(jax.tree.leaves(select(scores, 0.3)), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(got, ref)
+
+
+def test_bench_eager_times_one_selection():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_eager.py"
+    spec = importlib.util.spec_from_file_location("bench_eager", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    row = script.one("blocks", 2)
+    assert row["name"] == "blocks" and row["scores"] == "lenet"
+    assert row["first_s"] > 0 and row["later_s"] > 0
+    with pytest.raises(SystemExit):
+        script.main(["--calls", "0"])
