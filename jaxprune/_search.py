@@ -604,6 +604,9 @@ def _select_scores(scores: list[jax.Array], k: jax.Array) -> list[jax.Array]:
     selection compiled about eight more programs per leaf shape). The keys are
     still computed once and stored, as the search reads them at every probe.
     """
+    # As arrays first: a nested jit would take a ShapeDtypeStruct (a stacked
+    # layer's stand-in) for an abstract value, where ordered_keys refuses it.
+    scores = [jnp.asarray(x) for x in scores]
     for x in scores:
         _warn_float64(x)
-    return _select_scores_jit(list(scores), k)
+    return _select_scores_jit(scores, k)
