@@ -99,7 +99,7 @@ def _random_keeps(pure: Any, key: jax.Array, counts: list[jax.Array], flags: tup
     """Random scores and their per-leaf top-k masks in one program (see :func:`_random_masks`).
 
     It runs once per ``init``: on the CPU it compiles with XLA's quickest options
-    (LeNet-300-100-sized layers: 4-5 s -> under 2 s for ``jp.dynamic.rigl``'s init).
+    (``jp.dynamic.rigl``'s init of 784-1024-256-10 params: about 5 s -> 2.5 s).
     """
     return _dist._keep_counts(_criteria.random(pure, key=key), counts, list(flags))
 
