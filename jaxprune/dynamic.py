@@ -69,6 +69,11 @@ Optimizers that keep a second copy of the params are not supported as such,
 as for ``jp.prune``: schedule-free's evaluation params are not masked, and
 ``optax.lookahead``'s sync steps would bring pruned weights back.
 
+:func:`ste` (straight-through sparse training, and SR-STE) lives in
+:mod:`jaxprune._ste`: it keeps the dense weights in its state and selects
+the masks again at every step, so its sparsity follows a schedule and the
+params hold exact zeros, not regrown ones.
+
 The initial masks are built in :mod:`jaxprune._dynamic_init`, the moments
 reset in :mod:`jaxprune._dynamic_moments`; the arguments are checked in
 :mod:`jaxprune._dynamic_args`, home of :func:`cosine_drop_fraction`
@@ -102,6 +107,7 @@ from jaxprune._search import (
     _placed_like,
     _sharding_or_replicated,
 )
+from jaxprune._ste import SteState, ste
 from jaxprune._tree import (
     Where,
     check_same_leaves,
@@ -117,7 +123,15 @@ from jaxprune.state import get_masks as _get_masks
 from jaxprune.state import register_mask_state
 from jaxprune.transform import _check_state_fits, _fill, _reshard_like, jit_when_eager
 
-__all__ = ["DynamicSparseState", "rigl", "set", "cosine_drop_fraction", "get_masks"]
+__all__ = [
+    "DynamicSparseState",
+    "SteState",
+    "rigl",
+    "set",
+    "ste",
+    "cosine_drop_fraction",
+    "get_masks",
+]
 
 
 class DynamicSparseState(NamedTuple):

@@ -296,6 +296,135 @@ def _in_container_of(tree: Any, like: Any, is_leaf: Callable[[Any], bool] | None
     return jax.tree.unflatten(want, leaves)
 
 
+class _Selector(NamedTuple):
+    """How a refresh turns params (and grads) into packed masks.
+
+    Built once per transform by :func:`_selector` and shared by
+    :func:`prune` and ``jp.dynamic.ste``: the criterion, the selection, and
+    whether the fused exact search (scores recomputed inside each count, see
+    :func:`~jaxprune.masks.fused_select`) applies.
+    """
+
+    criterion: Any  # as the user gave it
+    crit: _criteria.StatefulCriterion  # the same, as a stateful criterion
+    select: Selection
+    fused: str | None  # "layer" / "global" when the fused search applies, else None
+    cap: Any  # global_topk's max_sparsity on the fused path, else None
+    stacked: Any  # per_layer's stacked=, else None
+    wants_key: bool  # the criterion draws randomness
+
+    def criterion_args(self, updates, params, state, extra_args, key_impl, name):
+        """Returns ``(grads, extra)``: the criterion's gradients and keywords for one step.
+
+        A ``grads=`` keyword replaces the step's gradients; a criterion
+        drawing randomness gets ``key=`` from the update or, else, the
+        transform's key folded with the step. Checked at trace time: a
+        keyword the criterion needs and the step lacks (obd's
+        ``hessian_diag``) would be a bare TypeError from inside the jitted step.
+        """
+        extra = dict(extra_args)
+        grads = updates
+        if "grads" in extra:
+            grads = extra.pop("grads")
+            check_same_leaves(grads, params, "grads", "params")
+            # Same leaves, maybe other containers (a FrozenDict): the params' tree.
+            grads = jax.tree.unflatten(
+                jax.tree.structure(params), [g for _, g in leaves_with_paths(grads)[0]]
+            )
+        if self.wants_key and "key" not in extra:
+            if not isinstance(state.key_data, jax.Array):
+                raise ValueError(
+                    "this criterion draws randomness and needs a PRNG key: pass "
+                    f"{name}(..., key=jax.random.key(0)) or tx.update(..., key=k)."
+                )
+            wrapped = jax.random.wrap_key_data(state.key_data, impl=key_impl)
+            extra["key"] = jax.random.fold_in(wrapped, state.count)
+        _criteria.check_extra_args(self.criterion, extra, given=sorted(extra_args))
+        return grads, extra
+
+    def packed(self, params, grads, cstate, extra, sparsity, flags, kept):
+        """Returns the packed masks of ``params`` (traced inside a refresh).
+
+        ``sparsity`` is a thunk returning the sparsity, called where the
+        selection needs it (after a stored criterion's scores).
+        """
+        explicit = _explicit_axes(params) is not None
+        # Recomputed scores pay only with float32 params (see prune's docstring).
+        fuse = self.fused
+        if any(
+            f and jnp.result_type(x) != jnp.float32
+            for x, f in zip(jax.tree.leaves(params), flags, strict=True)
+        ):
+            fuse = None
+        if explicit and self.stacked is not None and (fuse == "layer" or self.cap is not None):
+            fuse = None  # per_layer's own paths, made for Explicit meshes
+        if fuse is not None:
+            # Element-wise scores are recomputed where the search reads
+            # them, never stored: no full-size scratch in the train step.
+            def score_fn(src):
+                return _criteria.call_with(self.criterion, src[0], grads=src[1], **extra)
+
+            leaf_srcs = depths = None
+            if fuse == "layer" or self.cap is not None:
+                # One (param, grad) pair per leaf: each leaf's search traces
+                # its own scores only (linear, not quadratic, tracing time).
+                # check_same_leaves put the two in the same leaf order.
+                p_flat, g_flat = leaves_with_paths(params)[0], leaves_with_paths(grads)[0]
+                pairs = zip(p_flat, g_flat, strict=True)
+                leaf_srcs = [(x, g) for (_, x), (_, g) in pairs]
+                if self.stacked is not None:
+                    depths = [_depth(self.stacked, p, x) for p, x in p_flat]
+            masks = _masks.fused_select(
+                fuse,
+                score_fn,
+                (params, grads),
+                sparsity(),
+                flags,
+                leaf_srcs=leaf_srcs,
+                depths=depths,
+                max_sparsity=self.cap,
+            )
+        else:
+            scores = _criteria.call_with(self.crit.score, cstate, params, grads=grads, **extra)
+            check_same_leaves(scores, params, "the criterion's scores", "params")
+            # The prunable leaves were chosen on the params; `where` is not
+            # asked again about the scores, whose dtypes (float32) may differ.
+            masks = self.select(scores, sparsity(), where=flagged(params, flags))
+            masks = _conform(masks, params, flags)
+        if not explicit:
+            return _masks.pack(masks)
+        packed = _masks.pack(_reshard_like(masks, params))
+        return _reshard_like(packed, kept)
+
+
+def _selector(criterion: Any, scope: Any, where: Where | None) -> tuple[_Selector, Where | None]:
+    """Returns the refresh's :class:`_Selector` and the ``where`` it prunes (argument checks)."""
+    # The criterion first: under optax.inject_hyperparams(jp.prune) it is an
+    # array, and its message says why more plainly than the sparsity's.
+    crit = _criteria.as_stateful(criterion)
+    select = _resolve_selection(scope)
+    # jp.masks.per_layer(select, stacked=...) names its inner selection and its
+    # stacks: `where` is asked about one layer (a stack's [L, out] biases are
+    # not kernels), and a per-layer topk / global_topk runs the fused searches.
+    base, stacked = getattr(select, "per_layer", (select, None))
+    if stacked is not None:
+        where = layer_where_of(where, stacked)
+    if isinstance(criterion, _criteria.StatefulCriterion):
+        wants_key = _criteria.needs_key(criterion.update) or _criteria.needs_key(criterion.score)
+    else:
+        wants_key = _criteria.needs_key(criterion)
+    fused = cap = None
+    # topk, global_topk or functools.partial(global_topk, max_sparsity=c), as
+    # per_layer recognizes them: per_layer(topk) searches each stack's layers
+    # apart, per_layer(global_topk) without a cap is global_topk (the layers
+    # keep the flatten order), and a cap holds per layer of each stack.
+    search = _fast_path(base, (None,), {})
+    if search is not None and any(criterion is c for c in _criteria.ELEMENTWISE):
+        fused = {"topk": "layer", "global": "global"}[search[0]]
+        cap = search[2]
+    return _Selector(criterion, crit, select, fused, cap, stacked, wants_key), where
+
+
 def prune(
     tx: optax.GradientTransformation,
     *,
@@ -418,31 +547,12 @@ def prune(
             "build it, e.g. jp.prune(optax.adam(1e-3), ...), not jp.prune(optax.adam, ...)."
         )
     check_where(where)
-    # The criterion first: under optax.inject_hyperparams(jp.prune) it is an
-    # array, and its message says why more plainly than the sparsity's.
-    crit = _criteria.as_stateful(criterion)
+    # The criterion is checked before the sparsity: under
+    # optax.inject_hyperparams(jp.prune) it is an array, and its message says
+    # why more plainly than the sparsity's.
+    sel, where = _selector(criterion, scope, where)
     schedule = as_schedule(sparsity)
-    select = _resolve_selection(scope)
-    # jp.masks.per_layer(select, stacked=...) names its inner selection and its
-    # stacks: `where` is asked about one layer (a stack's [L, out] biases are
-    # not kernels), and a per-layer topk / global_topk runs the fused searches.
-    base, stacked = getattr(select, "per_layer", (select, None))
-    if stacked is not None:
-        where = layer_where_of(where, stacked)
-    if isinstance(criterion, _criteria.StatefulCriterion):
-        wants_key = _criteria.needs_key(criterion.update) or _criteria.needs_key(criterion.score)
-    else:
-        wants_key = _criteria.needs_key(criterion)
     inner = optax.with_extra_args_support(tx)
-    fused = cap = None
-    # topk, global_topk or functools.partial(global_topk, max_sparsity=c), as
-    # per_layer recognizes them: per_layer(topk) searches each stack's layers
-    # apart, per_layer(global_topk) without a cap is global_topk (the layers
-    # keep the flatten order), and a cap holds per layer of each stack.
-    search = _fast_path(base, (None,), {})
-    if search is not None and any(criterion is c for c in _criteria.ELEMENTWISE):
-        fused = {"topk": "layer", "global": "global"}[search[0]]
-        cap = search[2]
     key_data, key_impl = key_parts(key, "key") if key is not None else ((), None)
 
     def init_fn(params):
@@ -458,17 +568,17 @@ def prune(
                 stacklevel=2,
             )
         pure = unwrap_variables(params)
-        if stacked is not None and fused is not None:
+        if sel.stacked is not None and sel.fused is not None:
             # The fused search never calls per_layer's selection, which would
             # warn about a stacked= that matches no leaf: warn here instead.
             flat = leaves_with_paths(pure)[0]
-            depths = [_depth(stacked, p, x) for p, x in flat]
+            depths = [_depth(sel.stacked, p, x) for p, x in flat]
             _warn_no_stack(flat, depths, "jp.prune(scope=jp.masks.per_layer(...))", stacklevel=3)
         return PruneState(
             count=jnp.zeros((), jnp.int32),
             packed_masks=_initial_masks(pure, flags),
             inner_state=inner.init(params),
-            criterion_state=crit.init(pure),
+            criterion_state=sel.crit.init(pure),
             key_data=key_data,
         )
 
@@ -500,80 +610,14 @@ def prune(
         )
         flags = prunable_flags(params, where)
         step = state.count
-        extra = dict(extra_args)
-        grads = updates
-        if "grads" in extra:
-            grads = extra.pop("grads")
-            check_same_leaves(grads, params, "grads", "params")
-            # Same leaves, maybe other containers (a FrozenDict): the params' tree.
-            grads = jax.tree.unflatten(
-                jax.tree.structure(params), [g for _, g in leaves_with_paths(grads)[0]]
-            )
-        if wants_key and "key" not in extra:
-            if isinstance(state.key_data, jax.Array):
-                wrapped = jax.random.wrap_key_data(state.key_data, impl=key_impl)
-                extra["key"] = jax.random.fold_in(wrapped, step)
-            else:
-                raise ValueError(
-                    "this criterion draws randomness and needs a PRNG key: pass "
-                    "jp.prune(..., key=jax.random.key(0)) or tx.update(..., key=k)."
-                )
-        # At trace time: a keyword the criterion needs (obd's hessian_diag) and
-        # the step lacks would be a bare TypeError from inside the jitted step.
-        _criteria.check_extra_args(criterion, extra, given=sorted(extra_args))
-        cstate = _criteria.call_with(crit.update, state.criterion_state, params, grads, **extra)
+        grads, extra = sel.criterion_args(updates, params, state, extra_args, key_impl, "jp.prune")
+        cstate = _criteria.call_with(sel.crit.update, state.criterion_state, params, grads, **extra)
 
         # Params typed with Explicit mesh axes: masks are retyped like them.
         explicit = _explicit_axes(params) is not None
 
-        # Recomputed scores pay only with float32 params (see the docstring).
-        fuse = fused
-        if any(
-            f and jnp.result_type(x) != jnp.float32
-            for x, f in zip(jax.tree.leaves(params), flags, strict=True)
-        ):
-            fuse = None
-        if explicit and stacked is not None and (fuse == "layer" or cap is not None):
-            fuse = None  # per_layer's own paths, made for Explicit meshes
-
         def refresh():
-            if fuse is not None:
-                # Element-wise scores are recomputed where the search reads
-                # them, never stored: no full-size scratch in the train step.
-                def score_fn(src):
-                    return _criteria.call_with(criterion, src[0], grads=src[1], **extra)
-
-                leaf_srcs = depths = None
-                if fuse == "layer" or cap is not None:
-                    # One (param, grad) pair per leaf: each leaf's search traces
-                    # its own scores only (linear, not quadratic, tracing time).
-                    # check_same_leaves put the two in the same leaf order.
-                    p_flat, g_flat = leaves_with_paths(params)[0], leaves_with_paths(grads)[0]
-                    pairs = zip(p_flat, g_flat, strict=True)
-                    leaf_srcs = [(x, g) for (_, x), (_, g) in pairs]
-                    if stacked is not None:
-                        depths = [_depth(stacked, p, x) for p, x in p_flat]
-                masks = _masks.fused_select(
-                    fuse,
-                    score_fn,
-                    (params, grads),
-                    schedule(step),
-                    flags,
-                    leaf_srcs=leaf_srcs,
-                    depths=depths,
-                    max_sparsity=cap,
-                )
-            else:
-                scores = _criteria.call_with(crit.score, cstate, params, grads=grads, **extra)
-                check_same_leaves(scores, params, "the criterion's scores", "params")
-                # The prunable leaves were chosen on the params; `where` is not
-                # asked again about the scores, whose dtypes (float32) may differ.
-                masks = select(scores, schedule(step), where=flagged(params, flags))
-                masks = _conform(masks, params, flags)
-            if not explicit:
-                return _masks.pack(masks)
-            packed = _masks.pack(_reshard_like(masks, params))
-            return _reshard_like(packed, kept)
+            return sel.packed(params, grads, cstate, extra, lambda: schedule(step), flags, kept)
 
         packed = jax.lax.cond(schedule.is_update_step(step), refresh, lambda: kept)
         # Unpacking is elementwise and fuses into the two enforcements below.

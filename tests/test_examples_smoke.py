@@ -126,6 +126,20 @@ def test_dynamic_set_rewires_its_constant_fraction(dynamic, capsys):
     assert _result_line(capsys.readouterr().out)["SET"]["sparsity"] == 0.9
 
 
+def test_dynamic_ste_reselects_every_step_at_exact_per_layer_counts(dynamic, capsys):
+    ste, sr_ste = _dynamic_run(dynamic, "STE,SR-STE")
+    for r in (ste, sr_ste):
+        assert r["layer_sparsity"] == [0.9, 0.9, 0.9]
+        assert round((1 - r["mask_sparsity"]) * r["weights"]) == sum(_KEPT)
+        # Kept weights are the dense values (nonzero), the rest exactly 0.
+        assert sum(_KEPT) - 5 <= r["nonzero_weights"] <= sum(_KEPT)
+        assert r["rewired"] > 0  # pruned weights came back during training
+        assert 0.5 < r["accuracy"] <= 1.0
+    out = capsys.readouterr().out
+    assert "; SR-STE decay 0.02;" in out
+    assert _result_line(out)["SR-STE"]["rewired"] == sr_ste["rewired"]
+
+
 def test_dynamic_sparse_bad_methods_are_named(dynamic, capsys):
     with pytest.raises(SystemExit):
         dynamic.parse_args(["--methods", "RigL,GraNet"])
@@ -138,6 +152,7 @@ def test_dynamic_sparse_bad_methods_are_named(dynamic, capsys):
         (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--quick", "--update-every", "0"], "--update-every must be >= 1, got 0"),
         (["--test-size", "0"], "--test-size must be >= 1, got 0"),
+        (["--decay", "-0.1"], "--decay must be >= 0, got -0.1"),
     ],
 )
 def test_dynamic_sparse_zero_flags_are_refused_not_replaced_by_defaults(
