@@ -330,6 +330,24 @@ _EXPLICIT_SCRIPT = textwrap.dedent(
     _, s_1, _, _, _ = run(single, "global", steps=1, context=False)
     out["prune_no_context_equal"] = same(jp.get_masks(s_nc), jp.get_masks(s_1))
     out["param_spec"] = {n: spec_of(params[n]) for n in prunable}
+
+    # jp.dynamic.ste: the dense copy and the masks follow the params' layout.
+    def run_ste(p):
+        tx = jp.dynamic.ste(optax.adam(1e-2), sparsity=0.7, scope="global", decay=1e-3)
+        with jax.sharding.set_mesh(mesh):
+            state = jax.jit(tx.init)(p)
+            step = jax.jit(tx.update)
+            for i in range(3):
+                g = jax.tree.map(lambda x: jnp.cos(x * (i + 1)), p)
+                u, state = step(g, state, p)
+                p = optax.apply_updates(p, u)
+        return p, state
+
+    (p_sh, s_sh), (p_1, s_1) = run_ste(params), run_ste(single)
+    out["ste_equal"] = same((p_sh, s_sh.dense, jp.get_masks(s_sh)),
+                            (p_1, s_1.dense, jp.get_masks(s_1)))
+    out["ste_sharding_kept"] = (typed_like_params(p_sh, list(shapes))
+                                and typed_like_params(s_sh.dense, prunable))
     print("RESULT " + json.dumps(out))
     """
 )
@@ -382,3 +400,8 @@ def test_explicit_axes_prune_gathers_what_an_auto_mesh_does(explicit):
 
 def test_explicit_axes_prune_without_context_mesh(explicit):
     assert explicit["prune_no_context_equal"]
+
+
+def test_explicit_axes_ste_matches_single_device_and_keeps_layouts(explicit):
+    assert explicit["ste_equal"]
+    assert explicit["ste_sharding_kept"]

@@ -218,3 +218,26 @@ def test_bad_tx_where_and_state_are_explained():
         tx.update(params, {"count": 0}, params)
     with pytest.raises(ValueError, match=r"needs the current params"):
         tx.update(params, tx.init(params))
+
+
+def test_stacked_layers_keep_their_own_counts():
+    # A scanned stack of 3 layers: per_layer makes each layer its own leaf.
+    params = {
+        "layers": {"kernel": jax.random.normal(jax.random.key(0), (3, 16, 8))},
+        "head": {"kernel": jax.random.normal(jax.random.key(1), (8, 4))},
+    }
+    scope = jp.masks.per_layer(jp.masks.topk, stacked=lambda path, x: "layers" in str(path))
+    tx = jp.dynamic.ste(optax.adam(1e-2), sparsity=0.75, scope=scope)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for i in range(3):
+        grads = jax.tree.map(lambda x: jnp.sin(x * (i + 2)), params)
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    masks = jp.get_masks(state)
+    per_layer = (~np.asarray(masks["layers"]["kernel"])).sum(axis=(1, 2))
+    assert per_layer.tolist() == [96, 96, 96]
+    assert int((~np.asarray(masks["head"]["kernel"])).sum()) == 24
+    np.testing.assert_array_equal(
+        np.asarray(params["layers"]["kernel"]) != 0, np.asarray(masks["layers"]["kernel"])
+    )
