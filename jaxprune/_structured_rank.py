@@ -5,7 +5,8 @@ A structured selection reduces each leaf's scores to one score per structure
 :func:`jaxprune.masks.topk` (or :func:`~jaxprune.masks.global_topk`) and
 broadcasts the decisions back to the leaves, and :func:`_keeps_layout` makes a
 selection return masks laid out like sharded scores. Used by
-:mod:`jaxprune.structured` and :mod:`jaxprune.structured_patterns`.
+:mod:`jaxprune.structured`, :mod:`jaxprune.structured_nm` and
+:mod:`jaxprune.structured_patterns`.
 """
 
 from __future__ import annotations
@@ -180,3 +181,11 @@ def _warn_emptied(flat, reduced, k_flat, sparsity, scope, max_sparsity, name, th
         )
     # _warn_emptied < _rank_reduced < the selection < _keeps_layout < the caller.
     warnings.warn(msg, stacklevel=5)
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in ("layer", "global"):
+        raise ValueError(
+            f"scope must be 'layer' (exact count per leaf) or 'global' (one ranking across "
+            f"leaves), got {scope!r}."
+        )
