@@ -23,6 +23,7 @@ import optax
 
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
+from jaxprune._refresh import Selection, _reshard_like, _selector
 from jaxprune._search import _explicit_axes
 from jaxprune._tree import (
     Where,
@@ -37,12 +38,9 @@ from jaxprune._tree import (
 from jaxprune.schedules import Schedule, as_schedule
 from jaxprune.state import register_mask_state
 from jaxprune.transform import (
-    Selection,
     _check_state_fits,
     _in_container_of,
     _initial_masks,
-    _reshard_like,
-    _selector,
     jit_when_eager,
 )
 

@@ -101,6 +101,7 @@ from jaxprune._dynamic_init import (
     _warn_nothing_prunable,
 )
 from jaxprune._dynamic_moments import _reset_moments
+from jaxprune._refresh import _reshard_like
 from jaxprune._search import (
     _explicit_axes,
     _on_auto_axes,
@@ -121,7 +122,7 @@ from jaxprune._tree import (
 from jaxprune.stacked import Stacked, _depth, _warn_no_stack, layer_where_of
 from jaxprune.state import get_masks as _get_masks
 from jaxprune.state import register_mask_state
-from jaxprune.transform import _check_state_fits, _fill, _reshard_like, jit_when_eager
+from jaxprune.transform import _check_state_fits, _fill, jit_when_eager
 
 __all__ = [
     "DynamicSparseState",
