@@ -142,9 +142,12 @@ def ste(
     The cost is one selection per step (``jp.prune`` runs one per refresh)
     and one dense copy of the prunable weights in the optimizer state. The
     inner optimizer steps the dense weights, so its moments and weight decay
-    are the dense weights'. As for ``jp.prune``, wrap the whole optimizer
-    (``ste`` must be the last transform the updates pass through), and put
-    ``optax.clip_by_global_norm`` inside.
+    are the dense weights'. The dense weights are the state's, copied by
+    ``tx.init``: params changed outside the optimizer afterwards (loaded
+    weights, a manual edit) are overwritten by the next step's ``where(m, w,
+    0)``, so call ``tx.init`` on the params to train. As for ``jp.prune``,
+    wrap the whole optimizer (``ste`` must be the last transform the updates
+    pass through), and put ``optax.clip_by_global_norm`` inside.
 
     Args:
       tx: the inner optimizer (any optax transformation).

@@ -231,7 +231,7 @@ def test_stacked_layers_keep_their_own_counts():
     state = tx.init(params)
     step = jax.jit(tx.update)
     for i in range(3):
-        grads = jax.tree.map(lambda x: jnp.sin(x * (i + 2)), params)
+        grads = jax.tree.map(lambda x, i=i: jnp.sin(x * (i + 2)), params)
         updates, state = step(grads, state, params)
         params = optax.apply_updates(params, updates)
     masks = jp.get_masks(state)
@@ -241,3 +241,25 @@ def test_stacked_layers_keep_their_own_counts():
     np.testing.assert_array_equal(
         np.asarray(params["layers"]["kernel"]) != 0, np.asarray(masks["layers"]["kernel"])
     )
+
+
+def test_bench_ste_reports_every_configuration(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_ste.py"
+    spec = importlib.util.spec_from_file_location("bench_ste", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = script.main(["--rounds", "1", "--block", "2"])
+    assert set(out["ratios"]) == {"prune", "ste/layer", "ste/global", "ste/nm-2:4"}
+    assert all(r > 0 for r in out["ratios"].values())
+    # 3 + 2 timed warm-up steps: the STE masks are selected, jp.prune's never refreshed.
+    assert out["mask_sparsity"] == pytest.approx(
+        {"prune": 0.0, "ste/layer": 0.9, "ste/global": 0.9, "ste/nm-2:4": 0.5}, abs=1e-6
+    )
+    # STE carries a dense copy of the kernels (1,067,520 f32) beyond adam's state.
+    assert out["state_mb"]["ste/layer"] - out["state_mb"]["dense"] == pytest.approx(4.268, abs=0.2)
+    assert "| ste/nm-2:4 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.main(["--rounds", "0"])
