@@ -202,15 +202,55 @@ def nm(
             drop = _counts._count(sparsity, m)
             if n is not None:
                 drop = jnp.minimum(drop, m - n)
-        g = jnp.moveaxis(at_least_f32(x), ax, -1)
-        g = g.reshape(g.shape[:-1] + (size // m, m))
-        # Rank within each group of m (small, so a stable argsort is cheap); ties by position.
-        order = jnp.argsort(g, axis=-1, stable=True)
-        rank = jnp.argsort(order, axis=-1, stable=True)
-        keep = rank >= drop
-        keep = jnp.moveaxis(keep.reshape(keep.shape[:-2] + (size,)), -1, ax)
-        out.append(keep)
+        out.append(_nm_keep(at_least_f32(x), drop, ax, m))
     return jax.tree.unflatten(treedef, out)
+
+
+# Up to this group size, ranks are counted with m element-wise passes that
+# XLA fuses into one loop; above it, they come from two stable sorts.
+_COMPARE_MAX_M = 32
+
+
+def _group_ranks(g: jax.Array, axis: int) -> jax.Array:
+    """Each entry's rank in its group along ``axis``: a stable ascending sort's positions.
+
+    The order is ``jnp.argsort(g, axis=axis, stable=True)``'s: ``-0.0`` ties
+    ``+0.0``, every NaN ranks above ``+inf`` and NaNs tie, ties go by
+    position. For groups of up to 32 the rank of entry ``i`` is counted,
+    ``#{j: g[j] < g[i]} + #{j < i: g[j] == g[i]}``, one comparison with each
+    ``g[j]`` at a time, in place along ``axis``: element-wise operations that
+    XLA fuses into one pass, with no transpose. Two sorts of many small
+    groups cost far more (on XLA:CPU, 2:4 masks of a 1M-weight MLP took 97 ms
+    with sorts, 20x its dense train step).
+    """
+    m = g.shape[axis]
+    if m > _COMPARE_MAX_M:
+        order = jnp.argsort(g, axis=axis, stable=True)
+        return jnp.argsort(order, axis=axis, stable=True)
+    nan = jnp.isnan(g)
+    position = np.arange(m).reshape((m,) + (1,) * (g.ndim - 1 - axis % g.ndim))
+    rank = jnp.zeros(g.shape, jnp.int32)
+    for j in range(m):
+        gj = jax.lax.slice_in_dim(g, j, j + 1, axis=axis)
+        nj = jax.lax.slice_in_dim(nan, j, j + 1, axis=axis)
+        below = (gj < g) | (nan & ~nj)
+        tie = (gj == g) | (nan & nj)
+        rank = rank + (below | (tie & (j < position))).astype(jnp.int32)
+    return rank
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _nm_keep(x: jax.Array, drop: jax.Array, ax: int, m: int) -> jax.Array:
+    """One leaf's N:M mask: ``True`` where an entry's rank in its group is ``>= drop``.
+
+    Groups are split in place (``[..., size, ...] -> [..., size // m, m,
+    ...]``), never transposed. Jitted: called eagerly, its operations compile
+    as one program.
+    """
+    shape = x.shape
+    g = x.reshape(shape[:ax] + (shape[ax] // m, m) + shape[ax + 1 :])
+    keep = _group_ranks(g, ax + 1) >= drop
+    return keep.reshape(shape)
 
 
 def _check_block(block: Any) -> tuple[int, ...]:
