@@ -106,8 +106,16 @@ def _pack_bits(m: jax.Array, axis: int | None) -> jax.Array:
         weights = jnp.asarray(_BIT, jnp.uint8)
         return jnp.sum(split.astype(jnp.uint8) * weights, axis=1, dtype=jnp.uint8)
     split = m.reshape(shape[:axis] + (shape[axis] // 8, 8) + shape[axis + 1 :])
-    weights = jnp.asarray(_BIT, jnp.uint8).reshape((8,) + (1,) * (m.ndim - axis - 1))
-    return jnp.sum(split.astype(jnp.uint8) * weights, axis=axis + 1, dtype=jnp.uint8)
+    # Eight element-wise terms, not a sum over the bit axis: XLA:CPU fuses the
+    # mask's producer into the packing either way, but into a reduction over a
+    # major axis as scalar code that recomputes it per byte (2:4 N:M masks of a
+    # 1M-weight MLP packed in 4.4 ms instead of 0.7 ms). Same bits.
+    bits = None
+    for j, weight in enumerate(_BIT):
+        term = jax.lax.index_in_dim(split, j, axis + 1, keepdims=False).astype(jnp.uint8)
+        term = term * jnp.uint8(weight)
+        bits = term if bits is None else bits | term
+    return bits
 
 
 def _packed_sharding(sharding: Any, shape: tuple[int, ...], axis: int | None, mesh: Any) -> Any:
