@@ -42,6 +42,8 @@ _SELECTIONS = {
     "structured_l2": ("lenet", lambda t, s: jp.structured.structured(t, s)),
     "structured_l2_global": ("lenet", lambda t, s: jp.structured.structured(t, s, scope="global")),
     "blocks": ("lenet", lambda t, s: jp.structured.blocks(t, s, block=(1, 4))),
+    # n=1 keeps at least one of every 4 (sparsities of 0.9 would empty the groups).
+    "nm": ("lenet", lambda t, s: jp.structured.nm(t, s, n=1, m=4)),
 }
 
 

@@ -72,3 +72,15 @@ def test_bench_eager_times_one_selection():
     assert row["first_s"] > 0 and row["later_s"] > 0
     with pytest.raises(SystemExit):
         script.main(["--calls", "0"])
+
+
+def test_first_eager_nm_compiles_one_program_per_leaf_shape(caplog):
+    # Here 4: the count and its floor (two scalar ops) and one _nm_keep per leaf shape.
+    k1, k2 = jax.random.split(jax.random.key(11))
+    scores = {"a": jax.random.uniform(k1, (44, 12)), "b": jax.random.uniform(k2, (12, 20))}
+    scores = jax.block_until_ready(scores)
+    first = _compiled(caplog, lambda: jp.masks.nm(scores, 0.5, n=1, m=4))
+    # Before, one program per operation (moves, reshapes, two argsorts, ...): 16.
+    assert 1 <= len(first) <= 5, first
+    again = _compiled(caplog, lambda: jp.masks.nm(scores, 0.75, n=1, m=4))
+    assert again == [], again
