@@ -17,10 +17,12 @@ References:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -96,6 +98,43 @@ def _check_kernel_axes(kernel_axes: Any) -> tuple[int, int]:
             "NHWC kernels [kh, kw, in, out], (2, 3) for equinox/PyTorch [out, in, kh, kw]."
         )
     return (ints[0] % 4, ints[1] % 4)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _pattern_scores(
+    x: jax.Array, lib_f: jax.Array, lib_b: jax.Array, kernel_axes: tuple[int, int]
+) -> tuple[jax.Array, jax.Array]:
+    """Returns each kernel's best pattern score and that pattern, ``[kh*kw, *rest]``.
+
+    Jitted: called eagerly, its dozen operations compile as one program per
+    leaf shape instead of one each.
+    """
+    x = jnp.moveaxis(x, kernel_axes, (0, 1))
+    ks, rest = x.shape[:2], x.shape[2:]
+    # Only the two kernel axes are merged: the channel axes, which a mesh may
+    # shard, stay as they are (merging them would gather one).
+    flat_x = x.reshape((ks[0] * ks[1],) + rest)
+    # -inf means prune first: a pattern covering a -inf entry scores -inf (the
+    # product would give 0 * -inf = NaN, the best score, for the entries it leaves
+    # out), so a kernel keeps its pattern of finite entries and a kernel of -inf
+    # goes first, which keeps jp.drivers' masks nested.
+    neg_inf = flat_x == -jnp.inf
+    pat_scores = jnp.tensordot(lib_f, jnp.where(neg_inf, 0.0, flat_x), axes=1)  # [P, *rest]
+    covers = jnp.tensordot(lib_f, neg_inf.astype(x.dtype), axes=1) > 0
+    pat_scores = jnp.where(covers, -jnp.inf, pat_scores)
+    best = jnp.argmax(pat_scores, axis=0)
+    return jnp.max(pat_scores, axis=0), jnp.moveaxis(lib_b[best], -1, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "kernel_axes"))
+def _apply_pattern(
+    chosen: jax.Array, keep: jax.Array, *, shape: tuple[int, ...], kernel_axes: tuple[int, int]
+) -> jax.Array:
+    """Returns a leaf's mask: each kept kernel's ``chosen`` pattern, laid out like the leaf.
+
+    ``shape`` is ``(kh, kw, *rest)``, the leaf's shape with its kernel axes first.
+    """
+    return jnp.moveaxis((chosen & keep[None]).reshape(shape), (0, 1), kernel_axes)
 
 
 @_keeps_layout
@@ -220,30 +259,14 @@ def patterns(
             continue
         ks = tuple(jnp.shape(x)[a] for a in kernel_axes)
         leaf_lib = lib if lib is not None else pattern_library(ks)
-        x = jnp.moveaxis(at_least_f32(x), kernel_axes, (0, 1))
-        rest = x.shape[2:]
-        # Only the two kernel axes are merged: the channel axes, which a mesh may
-        # shard, stay as they are (merging them would gather one).
-        flat_x = x.reshape((ks[0] * ks[1],) + rest)
+        x = at_least_f32(x)
+        ka = tuple(a % jnp.ndim(x) for a in kernel_axes)
+        rest = tuple(d for a, d in enumerate(jnp.shape(x)) if a not in ka)
         lib_f = jnp.asarray(leaf_lib.reshape(leaf_lib.shape[0], -1), x.dtype)
-        # -inf means prune first: a pattern covering a -inf entry scores -inf (the
-        # product would give 0 * -inf = NaN, the best score, for the entries it leaves
-        # out), so a kernel keeps its pattern of finite entries and a kernel of -inf
-        # goes first, which keeps jp.drivers' masks nested.
-        neg_inf = flat_x == -jnp.inf
-        pat_scores = jnp.tensordot(lib_f, jnp.where(neg_inf, 0.0, flat_x), axes=1)  # [P, *rest]
-        covers = jnp.tensordot(lib_f, neg_inf.astype(x.dtype), axes=1) > 0
-        pat_scores = jnp.where(covers, -jnp.inf, pat_scores)
-        best = jnp.argmax(pat_scores, axis=0)
-        reduced[i] = jnp.max(pat_scores, axis=0)
         lib_b = jnp.asarray(leaf_lib.reshape(leaf_lib.shape[0], -1))
-        chosen = jnp.moveaxis(lib_b[best], -1, 0)  # [kh*kw, *rest]
+        reduced[i], chosen = _pattern_scores(x, lib_f, lib_b, ka)
 
-        def exp(keep, chosen=chosen, rest=rest, ks=ks):
-            m = (chosen & keep[None]).reshape(ks + rest)
-            return jnp.moveaxis(m, (0, 1), kernel_axes)
-
-        expand[i] = exp
+        expand[i] = functools.partial(_apply_pattern, chosen, shape=ks + rest, kernel_axes=ka)
     return _rank_reduced(
         scores, sparsity, reduced, expand, "layer", name="patterns", things="kernels"
     )

@@ -6,7 +6,8 @@ helpers, so a first eager call compiles a few programs, and later calls (a
 sweep over sparsities, an iterative pruning loop) reuse them. Each selection
 runs in a fresh process (``--one NAME``), so that its first call finds
 nothing compiled by another. Scores: the magnitudes of LeNet-300-100's
-weights (266K), and of two layers of 10M entries in all.
+weights (266K), of two layers of 10M entries in all, and of two 3x3 conv
+kernels (368K, for the pattern selection).
 
 To compare two versions of jaxprune, run this script with each on
 ``PYTHONPATH``, alternating.
@@ -35,6 +36,7 @@ import jaxprune as jp  # noqa: E402
 _SIZES = {
     "lenet": ((784, 300), (300, 100), (100, 10)),
     "10m": ((4000, 2500), (1024, 256)),
+    "convs": ((3, 3, 64, 128), (3, 3, 128, 256)),
 }
 _SELECTIONS = {
     "topk": ("10m", lambda t, s: jp.masks.topk(t, s)),
@@ -44,6 +46,7 @@ _SELECTIONS = {
     "blocks": ("lenet", lambda t, s: jp.structured.blocks(t, s, block=(1, 4))),
     # n=1 keeps at least one of every 4 (sparsities of 0.9 would empty the groups).
     "nm": ("lenet", lambda t, s: jp.structured.nm(t, s, n=1, m=4)),
+    "patterns": ("convs", lambda t, s: jp.structured.patterns(t, s)),
 }
 
 

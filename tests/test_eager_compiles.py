@@ -84,3 +84,15 @@ def test_first_eager_nm_compiles_one_program_per_leaf_shape(caplog):
     assert 1 <= len(first) <= 5, first
     again = _compiled(caplog, lambda: jp.masks.nm(scores, 0.75, n=1, m=4))
     assert again == [], again
+
+
+def test_first_eager_patterns_compiles_per_leaf_programs_not_per_operation(caplog):
+    k1, k2 = jax.random.split(jax.random.key(12))
+    a, b = jax.random.uniform(k1, (3, 3, 8, 16)), jax.random.uniform(k2, (3, 3, 16, 24))
+    scores = jax.block_until_ready({"a": a, "b": b})
+    first = _compiled(caplog, lambda: jp.masks.patterns(scores, 0.5))
+    # Here 12 (the pattern scores and the mask of each leaf shape, the search, a
+    # few scalar ops); before, one program per operation: 52.
+    assert 1 <= len(first) <= 14, first
+    again = _compiled(caplog, lambda: jp.masks.patterns(scores, 0.25))
+    assert again == [], again
