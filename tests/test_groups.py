@@ -264,7 +264,7 @@ def test_channel_pruning_of_a_batchnorm_cnn_trained_with_nnx_optimizer_then_shru
 
 
 def test_select_errors():
-    with pytest.raises(ValueError, match="scope must be 'layer' or 'global'"):
+    with pytest.raises(ValueError, match="scope must be 'layer' .*'global' .*'isomorphic'"):
         structure.select([], {}, 0.5, scope="model")
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\]"):
         structure.select([], {}, 2.0)

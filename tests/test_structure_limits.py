@@ -224,7 +224,7 @@ def test_normalizing_evens_out_groups_of_different_scales_and_leaves_layer_scope
         ({"max_sparsity": 1.5}, r"max_sparsity must be a Python number in \[0, 1\] .* got 1\.5"),
         ({"max_sparsity": -0.1}, r"max_sparsity must be .* got -0\.1\. Fix: e\.g\."),
         ({"max_sparsity": jnp.float32(0.5)}, r"max_sparsity must be a Python number"),
-        ({"scope": "per-layer"}, r"scope must be 'layer' or 'global', got 'per-layer'"),
+        ({"scope": "per-layer"}, r"scope must be 'layer' .*'isomorphic' .*got 'per-layer'\. Fix"),
         ({"normalize": "l2"}, r"normalize must be None or one of 'mean', .* got 'l2'\. Fix"),
     ],
 )

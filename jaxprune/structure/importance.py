@@ -23,6 +23,7 @@ from jaxprune._search import _select, ordered_keys
 from jaxprune._tree import Where, leaves_with_paths, path_str, prunable_flags
 from jaxprune.structure.evaluate import run_cached
 from jaxprune.structure.graph import Group, channel_indices, find_groups
+from jaxprune.structure.isomorphic import isomorphic_classes
 from jaxprune.structure.program import trace
 from jaxprune.structured import _reducer
 
@@ -299,7 +300,12 @@ def select(
         scores, 0.5), select(gs[1:], scores, 0.25))``.
       reduce: per-member reduction (see :func:`group_scores`).
       where: which members vote on importance; default kernels.
-      scope: ``"layer"`` (per group) or ``"global"``.
+      scope: ``"layer"`` (per group), ``"global"``, or ``"isomorphic"``: a
+        global ranking within each class of isomorphic groups (members of the
+        same shapes, axes and layouts, see
+        :mod:`jaxprune.structure.isomorphic`), each class losing
+        ``round(sparsity * its channels)``: Torch-Pruning's
+        ``isomorphic=True``.
       max_sparsity: the largest fraction of any one group's channels to drop,
         in ``[0, 1]`` (a Python number); ``None`` for no cap.
       round_to: keep a multiple of this many channels in each group (an
@@ -358,6 +364,19 @@ def _select_warned(
 ) -> Any:
     """:func:`select`, with its warnings (two frames below the user's call)."""
     _check_select_args(scope, max_sparsity, round_to, normalize)
+    if scope == "isomorphic":
+        # One global ranking per class of isomorphic groups, at the same
+        # sparsity; the classes' masks never overlap, so AND joins them.
+        _check_select_sparsity(sparsity)
+        flat, aligned = _align(groups, scores)
+        args = (reduce, where, "global", max_sparsity, round_to, normalize, warn_unvoted)
+        masks = None
+        for members in isomorphic_classes(aligned, flat):
+            part = _select_warned([groups[i] for i in members], scores, sparsity, *args)
+            masks = part if masks is None else jax.tree.map(jnp.logical_and, masks, part)
+        if masks is None:  # no prunable group: nothing is cut
+            masks = _select_warned(list(groups), scores, sparsity, *args)
+        return masks
     _check_select_sparsity(sparsity)
     _, groups = _align(groups, scores)
     # Python's rounding for a concrete sparsity (as jp.masks.topk), exact float32
@@ -496,8 +515,12 @@ def _check_select_sparsity(sparsity: Any) -> None:
 
 
 def _check_select_args(scope: Any, max_sparsity: Any, round_to: Any, normalize: Any) -> None:
-    if scope not in ("layer", "global"):
-        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
+    if scope not in ("layer", "global", "isomorphic"):
+        raise ValueError(
+            f"scope must be 'layer' (per group), 'global' (one ranking across groups) or "
+            f"'isomorphic' (one ranking per class of isomorphic groups), got {scope!r}. "
+            "Fix: e.g. scope='global'."
+        )
     if normalize is not None and normalize not in _NORMALIZERS:
         raise ValueError(
             f"normalize must be None or one of {', '.join(map(repr, _NORMALIZERS))} (how each "
