@@ -179,6 +179,23 @@ def _validate(
     key_parts(key, "key")  # one PRNG key, typed or raw, for the initial random masks
 
 
+def _check_begin_step(begin_step, end_step: int | None) -> int:
+    """Returns ``begin_step`` as an int in ``[0, end_step)``, else raises a ``ValueError``."""
+    b = as_int(begin_step)
+    if b is None or isinstance(begin_step, bool) or b < 0:
+        raise ValueError(
+            f"begin_step must be an int >= 0 (the first rewiring step), got {begin_step!r}. "
+            "Fix: e.g. begin_step=0 (rewire from the first update_every steps on)."
+        )
+    if end_step is not None and b >= end_step:
+        raise ValueError(
+            f"begin_step={b} must be below end_step={end_step} (rewiring happens from "
+            "begin_step until end_step), or nothing would ever rewire. Fix: a smaller "
+            f"begin_step (e.g. begin_step={end_step // 4}) or a larger end_step."
+        )
+    return b
+
+
 def _warn_never_rewires(name: str, end_step: int, update_every: int) -> None:
     """Warns that ``end_step <= update_every`` leaves no step to rewire at.
 

@@ -91,7 +91,12 @@ import optax
 from jaxprune import criteria as _criteria
 from jaxprune import distributions as _dist
 from jaxprune import masks as _masks
-from jaxprune._dynamic_args import _validate, _warn_never_rewires, cosine_drop_fraction
+from jaxprune._dynamic_args import (
+    _check_begin_step,
+    _validate,
+    _warn_never_rewires,
+    cosine_drop_fraction,
+)
 from jaxprune._dynamic_init import (
     _check_per_leaf,
     _check_total,
@@ -199,6 +204,7 @@ def _dynamic(
     where,
     stacked,
     name,
+    begin_step=0,
 ) -> optax.GradientTransformationExtraArgs:
     _validate(
         sparsity,
@@ -214,6 +220,7 @@ def _dynamic(
     )
     update_every = int(update_every)
     end_step = None if end_step is None else int(end_step)
+    begin_step = _check_begin_step(begin_step, end_step)
     inner = optax.with_extra_args_support(tx)
     key_data, key_impl = key_parts(key, "key")
     # With `stacked`, `where` is asked about one layer of each leaf.
@@ -263,7 +270,8 @@ def _dynamic(
                 "dynamic sparse training needs the current params (magnitudes to drop): call "
                 "tx.update(grads, state, params)."
             )
-        if end_step is not None and end_step <= update_every and not warned["never"]:
+        never = begin_step == 0 and end_step is not None and end_step <= update_every
+        if never and not warned["never"]:
             # Here rather than when built: a transform only initialized (to read
             # its initial masks) does not train, and rewires nothing either way.
             warned["never"] = True
@@ -295,8 +303,12 @@ def _dynamic(
             frac = cosine_drop_fraction(step, alpha=float(drop_fraction), end_step=end_step)
         else:
             frac = jnp.float32(drop_fraction)
-        in_window = step > 0 if end_step is None else (step > 0) & (step < end_step)
-        is_update = in_window & (step % update_every == 0)
+        # Rewiring at begin_step + k * update_every (never at step 0, whose
+        # masks are the fresh initial ones), below end_step.
+        in_window = step > 0 if begin_step == 0 else step >= begin_step
+        if end_step is not None:
+            in_window = in_window & (step < end_step)
+        is_update = in_window & ((step - begin_step) % update_every == 0)
 
         def rewire():
             masks, changed = [], []
@@ -390,6 +402,7 @@ def rigl(
     distribution: Any = _dist.erk,
     where: Where | None = None,
     stacked: Stacked | None = None,
+    begin_step: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Returns ``tx`` trained sparse with RigL: drop by |w|, regrow by |dense gradient|.
 
@@ -425,6 +438,13 @@ def rigl(
         Rewirings happen at the positive multiples of ``update_every`` below
         it, so ``end_step <= update_every`` never rewires (a warning).
       update_every: steps between drop/grow updates (RigL: 100).
+      begin_step: the first rewiring step: rewirings happen at
+        ``begin_step + k * update_every`` below ``end_step``; the default 0
+        rewires at the positive multiples of ``update_every``. (jaxpruner's
+        ``update_start_step`` keeps the absolute grid ``step % update_freq
+        == 0`` from the start step on.) The masks stay the initial
+        ones before it (the cosine fraction still counts from step 0). An
+        int in ``[0, end_step)``.
       drop_fraction: the initial drop fraction ``alpha``, a number in
         ``[0, 1]`` (RigL: 0.3).
       regrow: ``"gradient"`` (RigL) or ``"random"``.
@@ -519,6 +539,7 @@ def rigl(
         where=where,
         stacked=stacked,
         name="rigl",
+        begin_step=begin_step,
     )
 
 
@@ -533,6 +554,7 @@ def set(  # noqa: A001 (the algorithm's name; the builtin is not used in this mo
     distribution: Any = _dist.erk,
     where: Where | None = None,
     stacked: Stacked | None = None,
+    begin_step: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Returns ``tx`` trained sparse with SET: drop a constant fraction by |w|, regrow at random.
 
@@ -579,4 +601,5 @@ def set(  # noqa: A001 (the algorithm's name; the builtin is not used in this mo
         where=where,
         stacked=stacked,
         name="set",
+        begin_step=begin_step,
     )

@@ -226,3 +226,47 @@ def test_eager_init_searches_in_one_program_with_the_masks_of_the_leaf_by_leaf_s
         np.testing.assert_array_equal(eager[name], want[name])
         np.testing.assert_array_equal(jitted[name], want[name])
     assert bool(eager["bias"])
+
+
+@pytest.mark.parametrize("make", ["rigl", "set"])
+def test_begin_step_delays_the_first_rewiring(make):
+    kw = {"sparsity": 0.5, "key": jax.random.key(0), "update_every": 3, "begin_step": 4}
+    kw["end_step"] = 20
+    tx = getattr(jp.dynamic, make)(optax.sgd(0.1), **kw)
+    params = _params()
+    state = tx.init(params)
+    params = jp.apply_masks(params, jp.get_masks(state))
+    step = jax.jit(lambda p, s, x: tx.update(jax.grad(_loss)(p, x), s, p))
+    changed_at = []
+    for i in range(12):
+        x = jax.random.normal(jax.random.key(i), (8, 16))
+        before = jp.get_masks(state)
+        updates, state = step(params, state, x)
+        params = optax.apply_updates(params, updates)
+        after = jp.get_masks(state)
+        pairs = zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+        if any(bool(jnp.any(a != b)) for a, b in pairs):
+            changed_at.append(i)
+    # Rewirings at 4, 7 and 10 (begin_step + k * update_every), none before.
+    assert changed_at == [4, 7, 10]
+    assert _count(jp.get_masks(state)) == _count(before)  # the sparsity is kept
+
+
+@pytest.mark.parametrize(
+    ("begin_step", "match"),
+    [
+        (-1, r"begin_step must be an int >= 0.*got -1\. Fix"),
+        (2.5, r"begin_step must be an int >= 0.*got 2\.5"),
+        (True, r"begin_step must be an int >= 0.*got True"),
+        (10, r"begin_step=10 must be below end_step=10.*Fix"),
+    ],
+)
+def test_bad_begin_step_is_named(begin_step, match):
+    with pytest.raises(ValueError, match=match):
+        jp.dynamic.rigl(
+            optax.adam(1e-2),
+            sparsity=0.5,
+            key=jax.random.key(0),
+            end_step=10,
+            begin_step=begin_step,
+        )
