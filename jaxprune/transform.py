@@ -27,6 +27,7 @@ import optax
 
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
+from jaxprune._dynamic_moments import _reset_moments
 from jaxprune._refresh import Selection, _reshard_like, _selector
 from jaxprune._search import _explicit_axes
 from jaxprune._tree import (
@@ -169,6 +170,7 @@ def prune(
     scope: str | Selection = "layer",
     where: Where | None = None,
     key: jax.Array | None = None,
+    reset_moments: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Returns ``tx`` wrapped so that it prunes and keeps pruned entries at exactly zero.
 
@@ -213,8 +215,8 @@ def prune(
     micro-batch's gradients at a refresh). A weight that a refresh
     brings back (criteria whose masks are not nested: ``random``,
     ``movement``, the EMA criteria) resumes with the optimizer moments it had
-    when it was pruned, decayed while it was; :mod:`jaxprune.dynamic` resets
-    them.
+    when it was pruned, decayed while it was; ``reset_moments=True`` zeroes
+    them, as :mod:`jaxprune.dynamic` does.
 
     Args:
       tx: the inner optimizer (any optax transformation).
@@ -253,6 +255,13 @@ def prune(
         whole.
       where: predicate ``(path, leaf) -> bool`` choosing the prunable leaves;
         default: floating leaves with ``ndim >= 2``.
+      reset_moments: zero the inner optimizer's per-entry moments (adam's
+        ``mu``/``nu``, momentum traces: every params-shaped subtree of its
+        state, found by structure as :mod:`jaxprune.dynamic` finds them) of
+        every entry a refresh prunes or brings back, so a returning weight
+        starts with fresh moments. Off by default: it adds two unpacks and a
+        comparison to every step, and masks that only grow sparser (magnitude
+        and saliency under a rising schedule) leave pruned moments unused.
       key: PRNG key for criteria that draw randomness (e.g. ``random``),
         any implementation. Folded with the step, it draws new scores at
         every refresh, so random masks of a gradual schedule are not nested;
@@ -288,6 +297,11 @@ def prune(
     # why more plainly than the sparsity's.
     sel, where = _selector(criterion, scope, where)
     schedule = as_schedule(sparsity)
+    if not isinstance(reset_moments, bool):
+        raise ValueError(
+            f"reset_moments must be True or False (zero the moments of entries a refresh "
+            f"prunes or brings back), got {reset_moments!r}. Fix: reset_moments=True."
+        )
     inner = optax.with_extra_args_support(tx)
     key_data, key_impl = key_parts(key, "key") if key is not None else ((), None)
 
@@ -371,7 +385,20 @@ def prune(
         # while params were unwrapped above): optimizers that map updates and
         # params together (adamw's weight decay) need one structure. Trace time only.
         inner_params = _in_container_of(inner_params, updates)
+        u_treedef = jax.tree.structure(updates)
         updates, inner_state = inner.update(updates, state.inner_state, inner_params, **extra_args)
+        if reset_moments:
+            # Entries the refresh pruned or brought back, after the step: they
+            # leave it with exactly zero moments (none change off refresh steps).
+            old = _masks.unpack(kept)
+            if explicit:
+                old = _reshard_like(old, params)
+            changed = [
+                jnp.logical_xor(m, o) if f else jnp.zeros((), bool)
+                for m, o, f in zip(jax.tree.leaves(masks), jax.tree.leaves(old), flags, strict=True)
+            ]
+            treedefs = (jax.tree.structure(params), u_treedef)
+            inner_state = _reset_moments(inner_state, treedefs, changed)
         # Negated only where masks can apply (a bool leaf has no negation).
         p_leaves = jax.tree.leaves(params)
         neg_params = [-p if f else None for p, f in zip(p_leaves, flags, strict=True)]

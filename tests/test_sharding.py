@@ -343,6 +343,22 @@ _EXPLICIT_SCRIPT = textwrap.dedent(
                 p = optax.apply_updates(p, u)
         return p, state
 
+    # jp.prune(reset_moments=True): the old masks are retyped like the params too.
+    def run_reset(p):
+        tx = jp.prune(optax.adam(1e-2), sparsity=lambda s: 0.7, criterion=jp.criteria.random,
+                      key=jax.random.key(3), reset_moments=True)
+        with jax.sharding.set_mesh(mesh):
+            state = jax.jit(tx.init)(p)
+            step = jax.jit(tx.update)
+            for i in range(2):
+                g = jax.tree.map(lambda x: jnp.cos(x * (i + 1)), p)
+                u, state = step(g, state, p)
+                p = optax.apply_updates(p, u)
+        return p, state
+
+    (p_sh, s_sh), (p_1, s_1) = run_reset(params), run_reset(single)
+    out["reset_moments_equal"] = same((p_sh, s_sh.inner_state), (p_1, s_1.inner_state))
+
     (p_sh, s_sh), (p_1, s_1) = run_ste(params), run_ste(single)
     out["ste_equal"] = same((p_sh, s_sh.dense, jp.get_masks(s_sh)),
                             (p_1, s_1.dense, jp.get_masks(s_1)))
@@ -402,6 +418,7 @@ def test_explicit_axes_prune_without_context_mesh(explicit):
     assert explicit["prune_no_context_equal"]
 
 
-def test_explicit_axes_ste_matches_single_device_and_keeps_layouts(explicit):
+def test_explicit_axes_ste_and_reset_moments_match_one_device_and_keep_layouts(explicit):
+    assert explicit["reset_moments_equal"]
     assert explicit["ste_equal"]
     assert explicit["ste_sharding_kept"]
