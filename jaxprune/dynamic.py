@@ -1,4 +1,4 @@
-"""Dynamic sparse training: SET and RigL as optax wrappers around any optimizer.
+"""Dynamic sparse training: SET, RigL and STE as optax wrappers around any optimizer.
 
 The network is sparse from the first step (random masks at the distribution's
 per-leaf sparsities, applied to the params right after ``tx.init``) and stays
