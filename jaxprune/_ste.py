@@ -27,7 +27,6 @@ from jaxprune._refresh import Selection, _reshard_like, _selector
 from jaxprune._search import _explicit_axes
 from jaxprune._tree import (
     Where,
-    check_same_leaves,
     check_where,
     key_parts,
     leaves_with_paths,
@@ -38,9 +37,9 @@ from jaxprune._tree import (
 from jaxprune.schedules import Schedule, as_schedule
 from jaxprune.state import register_mask_state
 from jaxprune.transform import (
-    _check_state_fits,
     _in_container_of,
     _initial_masks,
+    _step_inputs,
     jit_when_eager,
 )
 
@@ -242,14 +241,8 @@ def ste(
                 "SteState its init builds. Fix: restore a checkpoint into a template, "
                 "jp.restore(d, params=params, opt_state=tx.init(params)), and resume with it."
             )
-        params = unwrap_variables(params)
-        check_same_leaves(updates, params, "updates", "params")
-        _check_state_fits(state, params)
-        kept = _in_container_of(
-            state.packed_masks, params, is_leaf=lambda x: isinstance(x, _masks.PackedMask)
-        )
+        params, kept, flags = _step_inputs(updates, state, params, where)
         held = _in_container_of(state.dense, params)
-        flags = prunable_flags(params, where)
         p_flat, treedef = jax.tree.flatten(params)
         h_flat = jax.tree.leaves(held)
         d_flat = [d if f else p for d, p, f in zip(h_flat, p_flat, flags, strict=True)]

@@ -162,6 +162,22 @@ def _in_container_of(tree: Any, like: Any, is_leaf: Callable[[Any], bool] | None
     return jax.tree.unflatten(want, leaves)
 
 
+def _step_inputs(updates: Any, state: Any, params: Any, where: Where | None) -> tuple:
+    """Returns ``(params, kept, flags)`` for a masking transform's update (trace-time checks).
+
+    ``params`` unwrapped from nnx Variables; ``kept``, the state's packed masks
+    in the params' containers; ``flags``, which leaves ``where`` prunes. Raises
+    when the updates or the state's masks do not fit the params.
+    """
+    params = unwrap_variables(params)
+    check_same_leaves(updates, params, "updates", "params")
+    _check_state_fits(state, params)
+    kept = _in_container_of(
+        state.packed_masks, params, is_leaf=lambda x: isinstance(x, _masks.PackedMask)
+    )
+    return params, kept, prunable_flags(params, where)
+
+
 def prune(
     tx: optax.GradientTransformation,
     *,
@@ -352,13 +368,7 @@ def prune(
                 "opt_state=tx.init(params)) (or orbax's restore with the target tree), then "
                 "resume with that opt_state."
             )
-        params = unwrap_variables(params)
-        check_same_leaves(updates, params, "updates", "params")
-        _check_state_fits(state, params)
-        kept = _in_container_of(
-            state.packed_masks, params, is_leaf=lambda x: isinstance(x, _masks.PackedMask)
-        )
-        flags = prunable_flags(params, where)
+        params, kept, flags = _step_inputs(updates, state, params, where)
         step = state.count
         grads, extra = sel.criterion_args(updates, params, state, extra_args, key_impl, "jp.prune")
         cstate = _criteria.call_with(sel.crit.update, state.criterion_state, params, grads, **extra)

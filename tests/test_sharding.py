@@ -331,35 +331,25 @@ _EXPLICIT_SCRIPT = textwrap.dedent(
     out["prune_no_context_equal"] = same(jp.get_masks(s_nc), jp.get_masks(s_1))
     out["param_spec"] = {n: spec_of(params[n]) for n in prunable}
 
-    # jp.dynamic.ste: the dense copy and the masks follow the params' layout.
-    def run_ste(p):
-        tx = jp.dynamic.ste(optax.adam(1e-2), sparsity=0.7, scope="global", decay=1e-3)
+    def run_tx(tx, p, steps):
         with jax.sharding.set_mesh(mesh):
             state = jax.jit(tx.init)(p)
             step = jax.jit(tx.update)
-            for i in range(3):
+            for i in range(steps):
                 g = jax.tree.map(lambda x: jnp.cos(x * (i + 1)), p)
                 u, state = step(g, state, p)
                 p = optax.apply_updates(p, u)
         return p, state
 
     # jp.prune(reset_moments=True): the old masks are retyped like the params too.
-    def run_reset(p):
-        tx = jp.prune(optax.adam(1e-2), sparsity=lambda s: 0.7, criterion=jp.criteria.random,
-                      key=jax.random.key(3), reset_moments=True)
-        with jax.sharding.set_mesh(mesh):
-            state = jax.jit(tx.init)(p)
-            step = jax.jit(tx.update)
-            for i in range(2):
-                g = jax.tree.map(lambda x: jnp.cos(x * (i + 1)), p)
-                u, state = step(g, state, p)
-                p = optax.apply_updates(p, u)
-        return p, state
-
-    (p_sh, s_sh), (p_1, s_1) = run_reset(params), run_reset(single)
+    reset = jp.prune(optax.adam(1e-2), sparsity=lambda s: 0.7, criterion=jp.criteria.random,
+                     key=jax.random.key(3), reset_moments=True)
+    (p_sh, s_sh), (p_1, s_1) = run_tx(reset, params, 2), run_tx(reset, single, 2)
     out["reset_moments_equal"] = same((p_sh, s_sh.inner_state), (p_1, s_1.inner_state))
 
-    (p_sh, s_sh), (p_1, s_1) = run_ste(params), run_ste(single)
+    # jp.dynamic.ste: the dense copy and the masks follow the params' layout.
+    ste = jp.dynamic.ste(optax.adam(1e-2), sparsity=0.7, scope="global", decay=1e-3)
+    (p_sh, s_sh), (p_1, s_1) = run_tx(ste, params, 3), run_tx(ste, single, 3)
     out["ste_equal"] = same((p_sh, s_sh.dense, jp.get_masks(s_sh)),
                             (p_1, s_1.dense, jp.get_masks(s_1)))
     out["ste_sharding_kept"] = (typed_like_params(p_sh, list(shapes))
