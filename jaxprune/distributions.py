@@ -32,24 +32,46 @@ def _tree_like(params: Any, values: list[Any]) -> Any:
     return jax.tree.unflatten(treedef, values)
 
 
-def uniform(params: optax.Params, sparsity: Any, *, where: Where | None = None) -> optax.Params:
+def uniform(
+    params: optax.Params,
+    sparsity: Any,
+    *,
+    where: Where | None = None,
+    fixed: Mapping[str, float] | None = None,
+) -> optax.Params:
     """Returns ``sparsity`` for every prunable leaf (and ``0.0`` for the others).
+
+    With ``fixed`` (``{path: sparsity}``), those leaves keep their own
+    sparsities and the others share the rest of the total evenly, so the total
+    still equals ``sparsity``: see :func:`erk`, of which this is the
+    ``power_scale=0.0`` case.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> jp.distributions.uniform({"w": jnp.ones((2, 2)), "b": jnp.ones(2)}, 0.5)
       {'b': 0.0, 'w': 0.5}
+      >>> p = {"a": jnp.ones((10, 10)), "b": jnp.ones((10, 10))}
+      >>> s = jp.distributions.uniform(p, 0.5, fixed={"a": 0.2})
+      >>> round(float(s["a"]), 4), round(float(s["b"]), 4)
+      (0.2, 0.8)
 
     References:
       Zhu & Gupta, "To prune, or not to prune", 2017. https://arxiv.org/abs/1710.01878
     """
     _counts._check_sparsity(sparsity)
+    if fixed is not None:
+        return erk(params, sparsity, where=where, power_scale=0.0, fixed=fixed)
     flags = prunable_flags(params, where)
     return _tree_like(params, [sparsity if f else 0.0 for f in flags])
 
 
 def erk(
-    params: optax.Params, sparsity: Any, *, where: Where | None = None, power_scale: float = 1.0
+    params: optax.Params,
+    sparsity: Any,
+    *,
+    where: Where | None = None,
+    power_scale: float = 1.0,
+    fixed: Mapping[str, float] | None = None,
 ) -> optax.Params:
     """Returns Erdos-Renyi-Kernel per-leaf sparsities whose total equals ``sparsity``.
 
@@ -59,11 +81,26 @@ def erk(
     re-solved over the rest, until no leaf overflows (at most one pass per
     leaf, unrolled, so a traced ``sparsity`` works under jit).
 
+    ``fixed`` gives some leaves a sparsity of their own (a first layer kept at
+    50%, a classifier at 0%). Those leaves are left out of the solve, and the
+    others share what remains of the total, so the total over all prunable
+    leaves still equals ``sparsity``. jaxpruner's ``custom_sparsity_map``
+    differs: there the other leaves reach ``sparsity`` among themselves, and
+    the total moves with the fixed values. When the fixed leaves make the total
+    unreachable (they alone prune more than it, or the others cannot make up
+    the rest even fully pruned), a concrete ``sparsity`` raises; a traced one
+    (a schedule's value inside ``jp.prune``) keeps the others dense, or prunes
+    them all, and the total misses ``sparsity`` on those refreshes.
+
     Args:
       params: the params (only shapes are read).
       sparsity: the total fraction to prune over the prunable leaves (may be traced).
       where: predicate choosing the prunable leaves.
       power_scale: ``1.0`` is ERK; ``0.0`` gives the uniform distribution.
+      fixed: ``{path: sparsity}`` for leaves whose sparsity is set by hand,
+        with paths as ``jp.path_str`` writes them (``"layers/0/kernel"``).
+        Bind it with ``functools.partial`` to use the distribution as a
+        ``jp.prune`` scope (through :func:`selection`) or in ``jp.dynamic``.
 
     Returns:
       A tree with the params' structure of per-leaf sparsities (``0.0`` for
@@ -75,6 +112,10 @@ def erk(
       >>> s = jp.distributions.erk(p, 0.5)
       >>> float(s["b"]), round(float(s["a"]), 4)  # the thin layer is kept dense
       (0.0, 0.51)
+      >>> p = {"first": jnp.ones((50, 50)), "rest": jnp.ones((100, 100))}
+      >>> s = jp.distributions.erk(p, 0.5, fixed={"first": 0.0})  # keep "first" dense
+      >>> float(s["first"]), round(float(s["rest"]), 4)  # "rest" makes up the total
+      (0.0, 0.625)
 
     References:
       Evci et al., "Rigging the Lottery: Making All Tickets Winners", 2020.
@@ -91,14 +132,24 @@ def erk(
         )
     flags = prunable_flags(params, where)
     flat, _ = leaves_with_paths(params)
+    pinned = _fixed_sparsities(fixed, flat, flags)
+    values: list[Any] = [0.0] * len(flat)
+    for i, v in pinned.items():
+        values[i] = v
     # Zero-size leaves hold nothing to prune (sparsity 0.0).
-    idx = [i for i, f in enumerate(flags) if f and math.prod(jnp.shape(flat[i][1])) > 0]
+    sizes = [math.prod(jnp.shape(x)) for _, x in flat]
+    idx = [i for i, f in enumerate(flags) if f and sizes[i] > 0 and i not in pinned]
+    kept_fixed = sum(sizes[i] * (1.0 - v) for i, v in pinned.items())
+    total = sum(sizes[i] for i, f in enumerate(flags) if f)
+    if not isinstance(sparsity, jax.core.Tracer) and pinned:
+        _check_reachable(as_float(sparsity), kept_fixed, total, sum(sizes[i] for i in idx), fixed)
     if not idx:
-        return _tree_like(params, [0.0] * len(flat))
+        return _tree_like(params, values)
     shapes = [jnp.shape(flat[i][1]) for i in idx]
     n = jnp.array([math.prod(s) for s in shapes], jnp.float32)
     raw = jnp.array([(sum(s) / math.prod(s)) ** ps for s in shapes], jnp.float32)
-    keep_total = (1.0 - jnp.asarray(sparsity, jnp.float32)) * jnp.sum(n)
+    # What the free leaves keep: the total's kept count less the fixed leaves'.
+    keep_total = (1.0 - jnp.asarray(sparsity, jnp.float32)) * total - kept_fixed
     dense = jnp.zeros(len(idx), bool)
     eps = jnp.float32(0.0)
     for _ in range(len(idx)):
@@ -106,10 +157,56 @@ def erk(
         eps = (keep_total - jnp.sum(jnp.where(dense, n, 0.0))) / jnp.maximum(free, 1e-30)
         dense = dense | (eps * raw > 1.0)
     density = jnp.clip(jnp.where(dense, 1.0, eps * raw), 0.0, 1.0)
-    values: list[Any] = [0.0] * len(flat)
     for j, i in enumerate(idx):
         values[i] = 1.0 - density[j]
     return _tree_like(params, values)
+
+
+def _fixed_sparsities(fixed: Any, flat: list[Any], flags: list[bool]) -> dict[int, float]:
+    """Checks ``erk``'s ``fixed`` against the leaves; returns ``{leaf index: sparsity}``."""
+    if fixed is None:
+        return {}
+    if not isinstance(fixed, Mapping):
+        raise ValueError(
+            f"fixed takes a mapping {{path: sparsity}}, got {type(fixed).__name__}. Fix: e.g. "
+            'fixed={"layers/0/kernel": 0.5}.'
+        )
+    names = [path_str(p) for p, _ in flat]
+    unknown = sorted(str(k) for k in fixed if k not in names)
+    if unknown:
+        raise ValueError(
+            f"fixed names no leaf: {unknown}; the leaves are {names}. Fix: use the paths "
+            "jp.path_str prints."
+        )
+    out = {}
+    for k, v in fixed.items():
+        i = names.index(k)
+        value = None if isinstance(v, (bool, str, bytes)) else as_float(v)
+        if value is None or not 0.0 <= value <= 1.0:
+            raise ValueError(
+                f"fixed sparsity for {k!r} must be a number in [0, 1], got {v!r}. Fix: e.g. "
+                "0.5 to prune half of that leaf."
+            )
+        if not flags[i]:
+            raise ValueError(
+                f"fixed names a leaf that is not prunable: {k!r} (the `where` predicate, by "
+                "default floating leaves with ndim >= 2, leaves it out, so no selection would "
+                "prune it). Fix: drop it from fixed, or pass a `where` that selects it."
+            )
+        out[i] = value
+    return out
+
+
+def _check_reachable(s: float, kept_fixed: float, total: int, free: int, fixed: Any) -> None:
+    """Raises when the leaves outside ``fixed`` cannot bring the total to ``s``."""
+    lo = 1.0 - (kept_fixed + free) / max(total, 1)  # the others all kept
+    hi = 1.0 - kept_fixed / max(total, 1)  # the others all pruned
+    if not lo - 1e-6 <= s <= hi + 1e-6:
+        raise ValueError(
+            f"sparsity {s!r} cannot be reached with fixed={dict(fixed)!r}: with those leaves "
+            f"fixed, the total over the prunable leaves can only range over [{lo:.4f}, "
+            f"{hi:.4f}]. Fix: pass a sparsity in that range, or lower the fixed sparsities."
+        )
 
 
 def explicit(mapping: Mapping[str, float], default: float | None = None) -> Distribution:
