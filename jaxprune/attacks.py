@@ -77,6 +77,14 @@ def _check_attack(eps: Any, step_size: Any = 1.0, steps: Any = 1, bounds=(0.0, 1
         )
 
 
+def _check_keep_best(keep_best: Any) -> None:
+    if not isinstance(keep_best, (bool, np.bool_)):
+        raise ValueError(
+            f"keep_best must be a bool, got {keep_best!r}. Fix: True keeps each example's "
+            "highest-loss iterate, False returns the last one (FGSM with steps=1)."
+        )
+
+
 def _check_concrete_inside(x: Any, bounds: tuple[float, float]) -> None:
     """Runs :func:`_check_inside` on a concrete ``x`` before it enters a jitted function.
 
@@ -267,6 +275,7 @@ def pgd(
       Attacks", ICLR 2018. https://arxiv.org/abs/1706.06083
     """
     _check_attack(eps, step_size, steps, bounds)
+    _check_keep_best(keep_best)  # a string such as "no" would count as True
     x = jnp.asarray(x)
     _check_inside(x, bounds)
     out = jax.eval_shape(loss_fn, x)
@@ -373,7 +382,8 @@ def attack(
       apply_fn: ``(params, x, key) -> (logits, features)`` (or ``logits``).
       eps, step_size, steps, bounds: as in :func:`pgd` (``step_size`` may be
         0 when ``eps`` is 0, the identity attack).
-      random_start: start at ``x + U(-eps, eps)`` drawn from ``key``.
+      random_start: start at ``x + U(-eps, eps)`` drawn from ``key`` (a
+        ``ValueError`` when ``key`` is then ``None``).
       keep_best: return each example's best iterate, never lowering the loss
         (the default); ``False`` returns the last iterate.
 
@@ -421,14 +431,18 @@ def _jitted_attack(
 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
     """Returns :func:`attack`'s jitted function, without the range check of ``x``."""
     _check_attack(eps, step_size, steps, bounds)
-    if not isinstance(keep_best, (bool, np.bool_)):
-        raise ValueError(
-            f"keep_best must be a bool, got {keep_best!r}. Fix: True keeps each example's "
-            "highest-loss iterate, False returns the last one (FGSM with steps=1)."
-        )
+    _check_keep_best(keep_best)
 
     @jax.jit
     def run(params, x, y, key):
+        if random_start and key is None:
+            # pgd takes key=None for "no random start": say so instead of skipping it.
+            raise ValueError(
+                "key=None, but random_start=True draws the random start from key (the model "
+                "itself always runs with key=None). Fix: pass a key, e.g. "
+                "jax.random.key(0), or build the attack with random_start=False."
+            )
+
         def loss(z):
             return cross_entropy(_logits(apply_fn(params, z, None)), y)
 

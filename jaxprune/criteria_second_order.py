@@ -15,6 +15,7 @@ import optax
 from jaxprune._criteria_args import StatefulCriterion
 from jaxprune._tree import (
     as_int,
+    check_array_leaves,
     check_same_structure,
     key_parts,
     leaves_with_paths,
@@ -97,6 +98,9 @@ def obd(
             'negative="keep" (entries as given), "clip" (max(h, 0)) or "abs" (|h|, for a '
             "noisy Hutchinson estimate)."
         )
+    # An unfiltered equinox module: name the leaf and the fix, as magnitude does.
+    check_array_leaves(params, "params")
+    check_array_leaves(hessian_diag, "hessian_diag")
     p_flat, p_def = leaves_with_paths(params)
     h_flat, h_def = leaves_with_paths(hessian_diag)
     if p_def != h_def and [path_str(p) for p, _ in p_flat] == [path_str(p) for p, _ in h_flat]:
@@ -129,7 +133,9 @@ def obd(
     fix_h = {"keep": lambda h: h, "clip": lambda h: jnp.maximum(h, 0.0), "abs": jnp.abs}[negative]
     return jax.tree.map(
         lambda w, h: (
-            0.5 * fix_h(jnp.asarray(h).astype(jnp.float32)) * jnp.square(w.astype(jnp.float32))
+            0.5
+            * fix_h(jnp.asarray(h).astype(jnp.float32))
+            * jnp.square(jnp.asarray(w).astype(jnp.float32))
         ),
         params,
         hessian_diag,

@@ -20,6 +20,7 @@ import optax
 
 from jaxprune._criteria_args import StatefulCriterion
 from jaxprune._tree import (
+    as_float,
     as_int,
     leaves_with_paths,
     map_pair,
@@ -38,7 +39,8 @@ def _f32_product(_: Any, w: Any, g: Any) -> jax.Array:
 
 
 def _check_decay(decay: Any) -> float:
-    if isinstance(decay, (bool, str, bytes)) or not 0.0 <= float(decay) < 1.0:
+    # as_float: nan (refused below) for None, strings, bools and other non-numbers.
+    if not 0.0 <= as_float(decay) < 1.0:
         raise ValueError(
             f"decay must be in [0, 1) (the EMA's weight on the past), got {decay!r}. "
             "Fix: e.g. decay=0.9."

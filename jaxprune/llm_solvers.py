@@ -466,8 +466,10 @@ def reconstruction_error(kernel: jax.Array, pruned: jax.Array, hessian: jax.Arra
 @jax.jit
 def _reconstruction_error(kernel, pruned, hessian):
     # One program per shape: called eagerly per layer, op by op it compiled each op.
+    # All in float32: strict dtype promotion refuses a bfloat16 hessian times float32.
     delta = (kernel - pruned).astype(jnp.float32)
     w = kernel.astype(jnp.float32)
+    hessian = hessian.astype(jnp.float32)
     num = jnp.sum(delta * (hessian @ delta))
     den = jnp.sum(w * (hessian @ w))
     safe = jnp.where(den > 0, den, 1.0)

@@ -35,12 +35,7 @@ def _check_shapes(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike) -> None:
     rows and extra rows of ``w_out`` are never merged.
     """
     h_shape, w_shape, b_shape = jnp.shape(h), jnp.shape(w_out), jnp.shape(b_out)
-    if len(h_shape) != 2:
-        raise ValueError(
-            f"h must be [N, units] activations (one row per calibration example), got shape "
-            f"{h_shape}. Fix: reshape to (-1, units), e.g. h.reshape(-1, h.shape[-1]) for "
-            "per-token or per-pixel activations."
-        )
+    _check_activations(h_shape)
     if len(w_shape) != 2 or w_shape[0] != h_shape[1]:
         got = f"w_out.shape[0]={w_shape[0]}" if len(w_shape) == 2 else f"w_out.shape={w_shape}"
         raise ValueError(
@@ -53,6 +48,16 @@ def _check_shapes(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike) -> None:
         raise ValueError(
             f"b_out must have shape (w_out.shape[1],) = ({w_shape[1]},), got {b_shape}. Fix: "
             f"pass the next layer's bias (jnp.zeros({w_shape[1]}) when it has none)."
+        )
+
+
+def _check_activations(h_shape: tuple[int, ...]) -> None:
+    """Raises ``ValueError`` unless ``h_shape`` is ``[N, units]``."""
+    if len(h_shape) != 2:
+        raise ValueError(
+            f"h must be [N, units] activations (one row per calibration example), got shape "
+            f"{h_shape}. Fix: reshape to (-1, units), e.g. h.reshape(-1, h.shape[-1]) for "
+            "per-token or per-pixel activations."
         )
 
 
@@ -76,6 +81,9 @@ def most_correlated_pair(
     pair and ``(-1, -1)`` is returned (a sentinel rather than an error, so the
     function stays usable under ``jax.jit``); a unit is never paired with itself.
 
+    Raises:
+      ValueError: ``h`` is not ``[N, units]``, or ``alive`` not ``[units]``.
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> h = jnp.array([[1., 0., 2.], [2., 1., 4.], [3., 0., 6.]])
@@ -87,6 +95,7 @@ def most_correlated_pair(
       [-1, -1]
     """
     h = jnp.asarray(h, jnp.float32)
+    _check_activations(h.shape)
     units = h.shape[1]
     alive = jnp.ones(units, bool) if alive is None else jnp.asarray(alive, bool)
     if alive.shape != (units,):
@@ -143,7 +152,8 @@ def merge_pair(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, i, j):
     hi_c = hi - hi.mean()
     a = jnp.sum(hi_c * (hj - hj.mean())) / jnp.maximum(jnp.sum(hi_c**2), 1e-30)
     c = hj.mean() - a * hi.mean()
-    wj = w_out[j]
+    # In float32, as a and c are (strict dtype promotion refuses float32 * bfloat16).
+    wj = w_out[j].astype(jnp.float32)
     w_new = w_out.at[i].add((a * wj).astype(w_out.dtype)).at[j].set(0)
     b_new = b_out + (c * wj).astype(b_out.dtype)
     return jnp.where(valid, w_new, w_out), jnp.where(valid, b_new, b_out)

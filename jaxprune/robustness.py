@@ -102,7 +102,8 @@ def robustness(
     """Returns ``{"clean_acc", "adv_acc", "vulnerability"}`` under a PGD attack (test-time gates).
 
     Vulnerability is averaged over the features ``apply_fn`` returns (``nan``
-    when it returns none). A model trained with ``has_state=True`` (see
+    when it returns none, or, as :func:`~jaxprune.adversarial.attack` allows,
+    returns its logits alone). A model trained with ``has_state=True`` (see
     :func:`~jaxprune.adversarial.adversarial_step`) is evaluated with its state as part of
     ``params``: ``robustness(lambda ps, x, k: apply_fn(*ps, x, k)[:2],
     (params, state), ...)``.
@@ -110,7 +111,8 @@ def robustness(
     Raises:
       ValueError: ``y`` holds labels outside ``[0, classes)``, or is not integer
         class indices; ``x`` and ``y`` are empty or differ in length; ``x``
-        lies outside ``bounds``; ``batch_size`` is not an int >= 1.
+        lies outside ``bounds``; ``batch_size`` is not an int >= 1; ``key``
+        (the random start's) is ``None``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -131,6 +133,13 @@ def robustness(
       Vulnerability Suppression", ICML 2020. https://arxiv.org/abs/1908.04355
     """
     run = _jitted_attack(apply_fn, eps=eps, step_size=step_size, steps=steps, bounds=bounds)
+    if key is None:
+        # The model runs with key=None (its test-time gates); this key draws PGD's random start.
+        raise ValueError(
+            "robustness needs key, the PRNG key of PGD's random start, got None (the model "
+            "itself always runs with key=None, its test-time gates). Fix: pass e.g. "
+            "key=jax.random.key(0)."
+        )
     # A nested list (or any array-like without a dtype) as one array, as attack takes it:
     # eval_shape and the batch slices below need an array.
     x = x if hasattr(x, "dtype") else np.asarray(x)
@@ -144,10 +153,15 @@ def robustness(
     # out-of-range inputs into bounds would be silent).
     _check_concrete_inside(x, bounds)
 
+    def outputs(params, xb):
+        # As attack takes it: (logits, features), or the logits alone (no features).
+        out = apply_fn(params, xb, None)
+        return out if isinstance(out, tuple) else (out, [])
+
     @jax.jit
     def scores(params, xb, x_adv, yb):
-        logits, f = apply_fn(params, xb, None)
-        logits_adv, f_adv = apply_fn(params, x_adv, None)
+        logits, f = outputs(params, xb)
+        logits_adv, f_adv = outputs(params, x_adv)
         v = vulnerability(f, f_adv) if f else jnp.float32(jnp.nan)
         return (jnp.sum(jnp.argmax(logits, -1) == yb), jnp.sum(jnp.argmax(logits_adv, -1) == yb), v)
 
@@ -158,7 +172,7 @@ def robustness(
             f"{len(y_np)} labels. Fix: pass the evaluation set, e.g. x_test[:500], y_test[:500]."
         )
     if len(y_np):
-        logits_shape = jax.eval_shape(lambda p, xb: apply_fn(p, xb, None)[0], params, x[:1])
+        logits_shape = jax.eval_shape(lambda p, xb: outputs(p, xb)[0], params, x[:1])
         classes = logits_shape.shape[-1]
         if np.issubdtype(y_np.dtype, np.integer) and (y_np.min() < 0 or y_np.max() >= classes):
             raise ValueError(

@@ -40,6 +40,10 @@ def pattern_library(kernel_size: tuple[int, int] = (3, 3), n: int = 4) -> np.nda
     adjacent edge neighbours and the corner between them (4 patterns). For
     other sizes: every pattern of ``n`` entries that contains the centre.
 
+    Raises:
+      ValueError: ``kernel_size`` is not a pair of ints ``>= 1``, or ``n`` not an
+        int in ``[1, kh * kw]``.
+
     Examples:
       >>> import jaxprune as jp
       >>> lib = jp.masks.pattern_library()
@@ -50,9 +54,20 @@ def pattern_library(kernel_size: tuple[int, int] = (3, 3), n: int = 4) -> np.nda
       Niu et al., "PatDNN: Achieving Real-Time DNN Execution on Mobile Devices
       with Pattern-based Weight Pruning", 2020. https://arxiv.org/abs/2001.00138
     """
-    kh, kw = kernel_size
-    if not 1 <= n <= kh * kw:
-        raise ValueError(f"n must be in [1, {kh * kw}] for kernel_size {kernel_size}, got {n}.")
+    try:
+        kh, kw = (as_int(k) for k in kernel_size)
+    except (TypeError, ValueError):  # not a pair
+        kh = kw = None
+    if kh is None or kw is None or kh < 1 or kw < 1:
+        raise ValueError(
+            f"kernel_size must be a pair of ints >= 1 (kh, kw), got {kernel_size!r}. Fix: e.g. "
+            "kernel_size=(3, 3)."
+        )
+    if as_int(n) is None or not 1 <= n <= kh * kw:
+        raise ValueError(
+            f"n must be in [1, {kh * kw}], an int (the entries each pattern keeps of a {kh} x "
+            f"{kw} kernel), got {n!r}. Fix: e.g. n=4 for 3 x 3 kernels, as in PatDNN."
+        )
     centre = (kh // 2, kw // 2)
     pats = []
     if (kh, kw) == (3, 3) and n == 4:
@@ -114,16 +129,26 @@ def _pattern_scores(
     # Only the two kernel axes are merged: the channel axes, which a mesh may
     # shard, stay as they are (merging them would gather one).
     flat_x = x.reshape((ks[0] * ks[1],) + rest)
-    # -inf means prune first: a pattern covering a -inf entry scores -inf (the
-    # product would give 0 * -inf = NaN, the best score, for the entries it leaves
-    # out), so a kernel keeps its pattern of finite entries and a kernel of -inf
-    # goes first, which keeps jp.drivers' masks nested.
-    neg_inf = flat_x == -jnp.inf
-    pat_scores = jnp.tensordot(lib_f, jnp.where(neg_inf, 0.0, flat_x), axes=1)  # [P, *rest]
-    covers = jnp.tensordot(lib_f, neg_inf.astype(x.dtype), axes=1) > 0
-    pat_scores = jnp.where(covers, -jnp.inf, pat_scores)
-    best = jnp.argmax(pat_scores, axis=0)
-    return jnp.max(pat_scores, axis=0), jnp.moveaxis(lib_b[best], -1, 0)
+
+    # Non-finite entries are summed apart: in the product a pattern's 0 times a
+    # NaN or an inf it leaves out would give NaN, the best score, to every pattern.
+    # -inf means prune first: a pattern covering a -inf entry scores -inf, so a
+    # kernel keeps its pattern of finite entries and a kernel of -inf goes first,
+    # which keeps jp.drivers' masks nested. NaN and +inf rank highest, as in
+    # jp.masks.topk: a pattern covering one scores NaN (+inf), and a kernel keeps
+    # the best of those patterns by its finite entries.
+    def covers(entries):
+        return jnp.tensordot(lib_f, entries.astype(x.dtype), axes=1) > 0
+
+    finite = jnp.where(jnp.isfinite(flat_x), flat_x, 0.0)
+    sums = jnp.tensordot(lib_f, finite, axes=1)  # [P, *rest]
+    pat_scores = jnp.where(covers(flat_x == jnp.inf), jnp.inf, sums)
+    pat_scores = jnp.where(covers(jnp.isnan(flat_x)), jnp.nan, pat_scores)
+    pat_scores = jnp.where(covers(flat_x == -jnp.inf), -jnp.inf, pat_scores)
+    top = jnp.max(pat_scores, axis=0)  # NaN where any pattern is NaN
+    tied = (pat_scores == top) | (jnp.isnan(pat_scores) & jnp.isnan(top))
+    best = jnp.argmax(jnp.where(tied, sums, -jnp.inf), axis=0)
+    return top, jnp.moveaxis(lib_b[best], -1, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "kernel_axes"))
