@@ -81,7 +81,10 @@ def at_least_f32(x: Any) -> jax.Array:
     compared as :func:`~jaxprune.masks.ordered_keys` compares them: as float32,
     with its warning, not cast down beforehand without one.
     """
-    return jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
+    # Not jnp.promote_types(dtype, float32): strict dtype promotion refuses it for
+    # bfloat16, float16 and integer scores.
+    wide = jnp.result_type(x) == jnp.float64
+    return jnp.asarray(x, jnp.float64 if wide else jnp.float32)
 
 
 def _rank_reduced(
