@@ -27,6 +27,7 @@ import optax
 
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
+from jaxprune._compile import jit_by_content
 from jaxprune._dynamic_moments import _reset_moments
 from jaxprune._refresh import Selection, _reshard_like, _selector
 from jaxprune._search import _explicit_axes
@@ -432,10 +433,14 @@ def jit_when_eager(update_fn: Callable[..., Any]) -> Callable[..., Any]:
     experiment), the update's ``lax.cond`` would be traced and compiled anew
     at every call, its branches being new closures: about a second per step
     even when nothing refreshes. Jitted once per transform, it compiles once
-    per argument structure. Inside a trace (the user's jitted step), or with
-    extra arguments that are not arrays or numbers, ``update_fn`` runs as is.
+    per argument structure, and a transform built anew with the same
+    configuration (``optax.inject_hyperparams`` around ``jp.prune`` builds one
+    at every update; a notebook cell run again) runs the program compiled for
+    the first one (:func:`~jaxprune._compile.jit_by_content`). Inside a trace
+    (the user's jitted step), or with extra arguments that are not arrays or
+    numbers, ``update_fn`` runs as is.
     """
-    jitted = jax.jit(update_fn)
+    jitted = jit_by_content(update_fn)
     kinds = (jax.Array, np.ndarray, np.generic, int, float, bool)
 
     @functools.wraps(update_fn)
@@ -449,5 +454,5 @@ def jit_when_eager(update_fn: Callable[..., Any]) -> Callable[..., Any]:
             return jitted(updates, state, params, **extra_args)
         return update_fn(updates, state, params, **extra_args)
 
-    wrapper.jitted = jitted  # its compile cache, for tests and the curious
+    wrapper.jitted = jitted.jitted  # its compile cache, for tests and the curious
     return wrapper
