@@ -386,3 +386,18 @@ def test_extra_arguments_and_other_shapes_look_the_program_up_again(caplog, prog
     g2 = jax.tree.map(jnp.ones_like, p2)
     names, _ = _compiled(caplog, lambda: b.update(g2, b.init(p2), p2, key=k))
     assert names, names
+
+
+def test_bench_first_call_script_runs_a_case_in_a_fresh_process():
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "bench_first_call.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--cases", "snip"], capture_output=True, text=True, check=True
+    )
+    result = json.loads(out.stdout.splitlines()[-1].removeprefix("RESULT "))["snip"]["this"]
+    # One program for the scores (plus the finiteness check's), not one per operation.
+    assert 1 <= result["first_compiles"] < 20 and result["later_compiles"] == 0
