@@ -106,6 +106,7 @@ from jaxprune._dynamic_init import (
     _warn_nothing_prunable,
 )
 from jaxprune._dynamic_moments import _reset_moments
+from jaxprune._dynamic_rewire import _drop_grow, _over_layers
 from jaxprune._refresh import _reshard_like
 from jaxprune._search import (
     _explicit_axes,
@@ -161,33 +162,6 @@ class DynamicSparseState(NamedTuple):
 # jp.get_masks (and the checkpoint and report tools) find this state too.
 register_mask_state(DynamicSparseState)
 get_masks = _get_masks
-
-
-def _drop_grow(w, g, m, frac, key, regrow):
-    """Returns ``(new_mask, changed)`` for one leaf: drop k smallest |w|, regrow k."""
-    n = m.size
-    active = jnp.sum(m, dtype=jnp.int32).astype(jnp.float32)
-    k = jnp.floor(jnp.asarray(frac, jnp.float32) * active).astype(jnp.int32)
-    # Finite placeholders (float32's largest) rank inactive entries last to drop
-    # and kept ones last to regrow: an inf would trip jax_debug_infs.
-    inf = jnp.float32(jnp.finfo(jnp.float32).max)
-    drop_score = jnp.where(m, jnp.abs(w).astype(jnp.float32), inf)
-    after = _masks._select([_masks.ordered_keys(drop_score)], k)[0].reshape(m.shape) & m
-    if regrow == "gradient":
-        grow = jnp.abs(g).astype(jnp.float32)
-    else:
-        grow = jax.random.uniform(key, m.shape, jnp.float32)
-    grow_score = jnp.where(after, -inf, grow)
-    top = _masks._select([_masks.ordered_keys(grow_score)], n - k)[0].reshape(m.shape)
-    new = after | (top & ~after)
-    return new, new != m
-
-
-def _over_layers(fn: Any, k: int) -> Any:
-    """Returns ``fn`` mapped over ``k`` leading (layer) axes of every argument."""
-    for _ in range(k):
-        fn = jax.vmap(fn)
-    return fn
 
 
 def _dynamic(
