@@ -136,12 +136,48 @@ def test_summary_checks_anp_vs_against_the_stronger_at_row(anp_vs):
     assert len(lines) == 4
     # The first run is compared with AT-mix, its stronger AT row; ties count as robust.
     assert "67.50 (AT-mix)" in lines[2] and "+0.00" in lines[2] and lines[2].endswith("| met |")
-    assert "| 10 | 10 | 4 | example | 0.0001 | 0.001 | 0 |" in lines[2]  # steps 1280 // 128
+    # steps 1280 // 128; adversarial weight, gate init / lr and the gates attacked default
+    # to the flags' values for runs saved before those flags existed.
+    assert (
+        "| 10 | 10 | 4 | example | 0.0001 | 0.001 | 2 | 0 | 30 / 0.2 | sampled gates |"
+        in (lines[2])
+    )
+    assert "| +0.00 | +1.50 | met |" in lines[2]  # AT-mix set the target; AT alone 1.5 under
     assert "-2.00" in lines[3] and lines[3].endswith("| no (robustness, units) |")
     with pytest.raises(ValueError, match=r"run 'dense' has rows \['AT'\].*--methods including"):
         anp_vs.summary([_run(4.0, [_full_row("AT", 69.0, 0.0)], **flags)], ["dense"])
     with pytest.raises(ValueError, match="2 runs but 1 names"):
         anp_vs.summary([met, weak], ["met"])
+
+
+def test_summary_holds_anp_vs_from_at_to_at_trained_on_as_long(anp_vs):
+    # ANP-VS started from AT beats AT but not AT-cont (AT trained on for as many
+    # steps): the target is checked against AT-cont, and the gap to AT is a column.
+    from_at = _run(
+        5.0,
+        [
+            _full_row("AT", 70.0, 0.0),
+            {
+                **_full_row("ANP-VS", 73.0, 80.5),
+                "starts_from": "AT",
+                "channel_neuron_sparsity": 70.0,
+            },
+            _full_row("AT-cont", 75.0, 0.0),
+        ],
+        train_steps=10,
+        lam=1e-3,
+        adv_weight=1000.0,
+        init_a=0.5,
+        gate_lr=0.01,
+        attack_gates="test",
+    )
+    line = anp_vs.summary([from_at], ["from_at"]).strip().splitlines()[2]
+    assert "| 1000 | 0 | 0.5 / 0.01 | test gates | AT |" in line
+    assert "| 80.00 / 75.00 (AT-cont) | 80.00 / 73.00 |" in line
+    assert line.endswith("| -2.00 | +3.00 | no (robustness) |")
+    assert "AT-cont" in anp_vs.verdict(from_at["rows"]) and "NOT met" in anp_vs.verdict(
+        from_at["rows"]
+    )
 
 
 def test_long_sets_the_gpu_protocol_and_explicit_flags_win(anp_vs):
