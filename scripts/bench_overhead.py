@@ -6,7 +6,8 @@ Side by side in one run, on CPU:
    100 training steps are timed in rotating order for the dense optimizer and
    for ``jp.prune`` (layer and global scope, cubic schedule towards 90%, masks
    refreshed every 10 and every 100 steps, and never: the fixed cost of
-   enforcement); each round's block time is divided by the dense block of the
+   enforcement; and fixed masks enforced by hand with no refresh ``cond``, to
+   split that fixed cost); each round's block time is divided by the dense block of the
    same round and the median over rounds is the amortized overhead (a block
    holds a whole number of refresh periods). A sort-based refresh (argsort per
    leaf, as libraries that sort to refresh masks do) runs in the same harness
@@ -77,6 +78,36 @@ def sort_topk(scores, sparsity, *, where=None):
     return jax.tree.unflatten(treedef, out)
 
 
+def hand_masked(inner, params, sparsity=0.9):
+    """Fixed random masks (bool, in the optimizer state) enforced every step by hand.
+
+    No refresh, no ``lax.cond``, no bit packing: the enforcement alone, written
+    the plain way. ``layer/no-refresh`` minus this is what jp.prune's
+    never-taken refresh ``cond``, step counter and packed masks cost per step.
+    """
+    keys = jax.random.split(jax.random.key(3), len(jax.tree.leaves(params)))
+    leaves, treedef = jax.tree.flatten(params)
+    masks = jax.tree.unflatten(
+        treedef,
+        [
+            jax.random.uniform(k, p.shape) >= sparsity if p.ndim > 1 else jnp.ones(p.shape, bool)
+            for k, p in zip(keys, leaves, strict=True)
+        ],
+    )
+
+    def init(p):
+        return (masks, inner.init(p))
+
+    def update(u, state, p):
+        m, inner_state = state
+        u = jax.tree.map(lambda x, b: jnp.where(b, x, 0), u, m)
+        u, inner_state = inner.update(u, inner_state, p)
+        u = jax.tree.map(lambda x, b, q: jnp.where(b, x, -q), u, m, p)
+        return u, (m, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_step(tx):
     def step(params, state, x, y):
         grads = jax.grad(mlp_loss)(params, x, y)
@@ -107,6 +138,7 @@ def bench_overhead(block: int, repeats: int, reshuffle: bool = True) -> dict[str
     configs["layer/no-refresh"] = jp.prune(
         optax.adam(1e-3), sparsity=jp.schedules.one_shot(0.9, step=10**8)
     )
+    configs["hand-masked (no cond)"] = hand_masked(optax.adam(1e-3), params)
     for scope_name, scope in (("layer", "layer"), ("global", "global"), ("sort", sort_topk)):
         for freq in (10, 100):
             # A cubic ramp over a long horizon keeps refreshing (and changing the
