@@ -96,7 +96,8 @@ def hand_masked(inner, params, sparsity=0.9):
     )
 
     def init(p):
-        return (masks, inner.init(p))
+        # Copies: the step donates its state, which would delete the originals.
+        return (jax.tree.map(jnp.copy, masks), inner.init(p))
 
     def update(u, state, p):
         m, inner_state = state
