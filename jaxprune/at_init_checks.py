@@ -124,8 +124,15 @@ def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
 
 
 def _working_dtype(dtype: Any) -> Any:
-    """Returns ``dtype`` widened to float32 at least (bfloat16 sums in float32, float64 stays)."""
-    return jnp.promote_types(dtype, jnp.float32)
+    """Returns ``dtype`` widened to float32 at least (bfloat16 sums in float32, float64 stays).
+
+    Chosen by width, not by ``jnp.promote_types``, which refuses float16 with
+    float32 under ``jax_numpy_dtype_promotion="strict"``.
+    """
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits >= 32:
+        return dtype
+    return jnp.dtype(jnp.float32)
 
 
 def _input_dtype(params: Any) -> Any:

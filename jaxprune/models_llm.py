@@ -8,6 +8,7 @@ return the input of one of its linear layers (``tap=``), which is what
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import jax
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+from jaxprune._tree import as_float, as_int
 
 __all__ = ["Block", "GPT", "train_lm", "lm_loss", "markov_corpus"]
 
@@ -184,6 +187,31 @@ def train_lm(
     return losses
 
 
+def _check_corpus_args(vocab, time, sizes, seed, concentration) -> None:
+    for name, value, low, fix in (
+        ("vocab", vocab, 2, "vocab=64"),
+        ("time", time, 2, "time=32"),
+        ("seed", seed, 0, "seed=0"),
+    ):
+        v = as_int(value)
+        if v is None or v < low:
+            raise ValueError(
+                f"markov_corpus's {name} must be an int >= {low}, got {value!r}. Fix: e.g. {fix}."
+            )
+    ns = [as_int(n) for n in sizes] if isinstance(sizes, (tuple, list)) else [None]
+    if not ns or any(n is None or n < 1 for n in ns):
+        raise ValueError(
+            f"markov_corpus's sizes must be a tuple of ints >= 1 (examples per set), got "
+            f"{sizes!r}. Fix: e.g. sizes=(2048, 256) for a train and a test set."
+        )
+    c = as_float(concentration)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(
+            f"markov_corpus's concentration must be a finite number > 0 (the Dirichlet's; small "
+            f"is sparse), got {concentration!r}. Fix: e.g. concentration=0.02 (the default)."
+        )
+
+
 def markov_corpus(
     *, vocab: int, time: int, sizes: tuple[int, ...], seed: int = 0, concentration: float = 0.02
 ) -> list[jax.Array]:
@@ -193,7 +221,13 @@ def markov_corpus(
     transition rows are drawn from a sparse Dirichlet (``concentration``), so
     a trained model reaches a perplexity far below ``vocab`` and pruning damage
     is measurable. Each set is sampled with its own seed; nothing is downloaded.
+
+    Raises:
+      ValueError: ``vocab`` is not an int >= 2, ``time`` not an int >= 2 (the
+        chain starts from two random tokens), ``sizes`` not a sequence of ints
+        >= 1, ``concentration`` not a finite number > 0, or ``seed`` not an int >= 0.
     """
+    _check_corpus_args(vocab, time, sizes, seed, concentration)
     rng = np.random.default_rng(seed)
     probs = rng.dirichlet(np.full(vocab, concentration), size=(vocab, vocab))
     cum = probs.cumsum(-1)
