@@ -188,6 +188,7 @@ def prune(
     where: Where | None = None,
     key: jax.Array | None = None,
     reset_moments: bool = False,
+    skip_inner_on_refresh: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Returns ``tx`` wrapped so that it prunes and keeps pruned entries at exactly zero.
 
@@ -279,6 +280,14 @@ def prune(
         starts with fresh moments. Off by default: it adds two unpacks and a
         comparison to every step, and masks that only grow sparser (magnitude
         and saliency under a rising schedule) leave pruned moments unused.
+      skip_inner_on_refresh: on a refresh step, skip ``tx``'s update: its
+        state is left as it was and the kept params do not move; the step
+        only prunes (the newly pruned entries are set to 0, and
+        ``reset_moments`` still applies). This is jaxpruner's
+        ``skip_gradients`` (Lee et al., 2023): ``tx`` then never steps on
+        gradients taken at the weights before the refresh, whose newly pruned
+        entries still shaped the loss. Off by default, when the refresh step
+        is also an ordinary optimizer step.
       key: PRNG key for criteria that draw randomness (e.g. ``random``),
         any implementation. Folded with the step, it draws new scores at
         every refresh, so random masks of a gradual schedule are not nested;
@@ -302,6 +311,8 @@ def prune(
 
     References:
       Zhu & Gupta, "To prune, or not to prune", 2017. https://arxiv.org/abs/1710.01878
+      Lee et al., "JaxPruner: A concise library for sparsity research", 2023.
+      https://arxiv.org/abs/2304.14082
     """
     if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
         raise ValueError(
@@ -318,6 +329,12 @@ def prune(
         raise ValueError(
             f"reset_moments must be True or False (zero the moments of entries a refresh "
             f"prunes or brings back), got {reset_moments!r}. Fix: reset_moments=True."
+        )
+    if not isinstance(skip_inner_on_refresh, bool):
+        raise ValueError(
+            f"skip_inner_on_refresh must be True or False (skip the inner optimizer's update on "
+            f"refresh steps, as jaxpruner's skip_gradients), got {skip_inner_on_refresh!r}. "
+            "Fix: skip_inner_on_refresh=True."
         )
     inner = optax.with_extra_args_support(tx)
     key_data, key_impl = key_parts(key, "key") if key is not None else ((), None)
@@ -380,7 +397,8 @@ def prune(
         def refresh():
             return sel.packed(params, grads, cstate, extra, lambda: schedule(step), flags, kept)
 
-        packed = jax.lax.cond(schedule.is_update_step(step), refresh, lambda: kept)
+        refreshing = schedule.is_update_step(step)
+        packed = jax.lax.cond(refreshing, refresh, lambda: kept)
         # Unpacking is elementwise and fuses into the two enforcements below.
         masks = _masks.unpack(packed)
         if explicit:
@@ -397,7 +415,22 @@ def prune(
         # params together (adamw's weight decay) need one structure. Trace time only.
         inner_params = _in_container_of(inner_params, updates)
         u_treedef = jax.tree.structure(updates)
-        updates, inner_state = inner.update(updates, state.inner_state, inner_params, **extra_args)
+
+        def step_inner():
+            return inner.update(updates, state.inner_state, inner_params, **extra_args)
+
+        def skip_inner():
+            # Zeros and the old state, typed as step_inner's outputs: lax.cond
+            # needs one type per output. eval_shape computes nothing.
+            new_updates, new_state = jax.eval_shape(step_inner)
+            zeros = jax.tree.map(lambda u, o: jnp.zeros_like(u, o.dtype), updates, new_updates)
+            old = jax.tree.map(lambda x, o: jnp.asarray(x, o.dtype), state.inner_state, new_state)
+            return zeros, old
+
+        if skip_inner_on_refresh:
+            updates, inner_state = jax.lax.cond(refreshing, skip_inner, step_inner)
+        else:
+            updates, inner_state = step_inner()
         if reset_moments:
             # Entries the refresh pruned or brought back, after the step: they
             # leave it with exactly zero moments (none change off refresh steps).
