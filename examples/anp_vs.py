@@ -273,6 +273,13 @@ def evaluate(method, apply_fn, params, graphdef, rest, args, data):
     }
 
 
+def _flops(row: dict) -> str:
+    """Returns the FLOPs reduction as shown: a ratio, or "all pruned" (no multiply-adds left)."""
+    if row.get("unit_sparsity", 0.0) >= 100.0:
+        return "all pruned"
+    return f"{row['flops_reduction']:.2f}x"
+
+
 LABELS = {
     "AT": "AT (Madry: CE(x_adv))",
     "AT-mix": "AT-mix (paper's code: (CE(x) + 2 CE(x_adv)) / 3)",
@@ -297,7 +304,7 @@ def table(rows, args, seconds, device=None) -> str:
             f"{r['clean_acc']:.2f} | {r['pgd_acc']:.2f} | "
             f"{r['vulnerability']:.4f} | {r['unit_sparsity']:.1f} | "
             f"{r['channel_neuron_sparsity']:.1f} | {r['weight_sparsity']:.1f} | "
-            f"{r['flops_reduction']:.2f}x | {r['memory_kb']:.0f} | "
+            f"{_flops(r)} | {r['memory_kb']:.0f} | "
             f"{u['conv1']}/{u['conv2']}/{u['fc1_in']}/{u['fc1']} |"
         )
     steps = (args.train_size // args.batch_size) * args.epochs
@@ -534,7 +541,7 @@ def verdict(rows: list[dict]) -> str:
         "does: conv channels, the 800 features entering fc1 and fc1's neurons): "
         f"**{'met' if robust and sparse else 'NOT met'}** (robust enough: "
         f"{'yes' if robust else 'no'}; >= 80% of units pruned: {'yes' if sparse else 'no'}, "
-        f"{anp['unit_sparsity']:.1f}%, {anp['flops_reduction']:.2f}x fewer FLOPs; of the conv "
+        f"{anp['unit_sparsity']:.1f}%, {_flops(anp)} fewer FLOPs; of the conv "
         f"channels and hidden neurons alone, {anp['channel_neuron_sparsity']:.1f}%). "
         "ANP-VS vs " + "; vs ".join(parts) + "." + same_widths(by) + "\n"
     )
@@ -775,7 +782,7 @@ def summary(results: list[dict], names: list[str]) -> str:
             f"{at['clean_acc']:.2f} / {at['pgd_acc']:.2f}"
             f"{'' if at['method'] == 'AT' else ' (' + at['method'] + ')'} | "
             f"{anp['clean_acc']:.2f} / {anp['pgd_acc']:.2f} | {anp['unit_sparsity']:.1f} | "
-            f"{anp['flops_reduction']:.2f}x | {at['vulnerability']:.3f} / "
+            f"{_flops(anp)} | {at['vulnerability']:.3f} / "
             f"{anp['vulnerability']:.3f} | {anp['pgd_acc'] - at['pgd_acc']:+.2f} | "
             f"{alone} | {_target(anp, at)} |"
         )

@@ -224,3 +224,12 @@ def test_report_names_where_the_run_trained(anp_vs):
     assert "2.0 min on this machine's shared 2-core CPU." in anp_vs.render(result)
     result["device"] = "NVIDIA H100 80GB HBM3 (GPU)"
     assert "2.0 min on NVIDIA H100 80GB HBM3 (GPU)." in anp_vs.render(result)
+
+
+def test_a_network_with_every_unit_pruned_shows_no_flops_ratio(anp_vs):
+    gone = {**_full_row("ANP-VS", 10.0, 100.0), "flops_reduction": 2293000.0}
+    assert anp_vs._flops(gone) == "all pruned"
+    assert anp_vs._flops(_full_row("ANP-VS", 60.0, 81.0)) == "2.00x"
+    run = _run(4.0, [_full_row("AT", 69.0, 0.0), gone], train_steps=10, lam=1e-3)
+    line = anp_vs.summary([run], ["gone"]).strip().splitlines()[2]
+    assert "| 100.0 | all pruned |" in line and "2293000" not in line
