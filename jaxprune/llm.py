@@ -250,7 +250,9 @@ def _tap_hessian(graphdef, state, h, tap):
             f"block(x, tap={tap!r}) returned {got}, not the layer's input [batch, time, features]"
         )
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    return x.T @ x, x.shape[0]
+    # Full float32: GPUs default to TF32 (about 3 digits), and the OBS solve inverts
+    # this matrix (the SparseGPT authors' code turns TF32 off for the same reason).
+    return jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST), x.shape[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -470,7 +470,8 @@ def _reconstruction_error(kernel, pruned, hessian):
     delta = (kernel - pruned).astype(jnp.float32)
     w = kernel.astype(jnp.float32)
     hessian = hessian.astype(jnp.float32)
-    num = jnp.sum(delta * (hessian @ delta))
-    den = jnp.sum(w * (hessian @ w))
+    # Full float32 on every backend (GPUs default to TF32 for float32 matmuls).
+    num = jnp.sum(delta * jnp.matmul(hessian, delta, precision=jax.lax.Precision.HIGHEST))
+    den = jnp.sum(w * jnp.matmul(hessian, w, precision=jax.lax.Precision.HIGHEST))
     safe = jnp.where(den > 0, den, 1.0)
     return jnp.where(den > 0, num / safe, jnp.where(num > 0, jnp.inf, 0.0))

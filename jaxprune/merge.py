@@ -106,7 +106,10 @@ def most_correlated_pair(
     hc = h - h.mean(axis=0)
     std = jnp.sqrt(jnp.sum(hc**2, axis=0))
     ok = alive & _varies(h)
-    corr = (hc.T @ hc) / jnp.maximum(std[:, None] * std[None, :], 1e-30)
+    # Full float32 on every backend (GPUs default to TF32): pairs are ranked by
+    # correlations near 1, which 3 digits would not tell apart.
+    gram = jnp.matmul(hc.T, hc, precision=jax.lax.Precision.HIGHEST)
+    corr = gram / jnp.maximum(std[:, None] * std[None, :], 1e-30)
     valid = ok[:, None] & ok[None, :] & ~jnp.eye(units, dtype=bool)
     flat = jnp.argmax(jnp.where(valid, jnp.abs(corr), -1.0))
     i, j = flat // units, flat % units

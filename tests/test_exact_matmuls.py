@@ -75,3 +75,51 @@ def test_a_shrink_under_bfloat16_matmuls_runs_its_evaluator_and_check_at_highest
     assert seen["check"] and set(seen["check"]) - {"bfloat16"} == {"highest"}
     masked = jax.tree.map(lambda v, m: v * m, p, masks)
     np.testing.assert_allclose(_mlp(small, x), _mlp(masked, x), rtol=1e-5, atol=1e-5)
+
+
+# --- Statistics that feed solves and rankings: full float32 on every backend ---------------
+
+
+def _dot_precisions(jaxpr) -> list:
+    """Returns the precision of every dot_general in ``jaxpr``, nested jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(eqn.params["precision"])
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    out += _dot_precisions(getattr(inner, "jaxpr", inner))
+    return out
+
+
+HIGHEST = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+
+
+def test_llm_hessian_of_a_layers_inputs_is_a_highest_precision_product():
+    from flax import nnx
+
+    from jaxprune import llm
+    from jaxprune.models_llm import GPT
+
+    model = GPT(vocab=32, dim=16, depth=1, heads=2, max_len=8, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model.blocks[0])
+    h = model.embed_tokens(jnp.zeros((2, 8), jnp.int32))
+    # "proj": the input of the MLP's second layer, after the block's qkv, out and fc matmuls.
+    jaxpr = jax.make_jaxpr(lambda s, x: llm._tap_hessian(graphdef, s, x, "proj"))(state, h)
+    precisions = _dot_precisions(jaxpr.jaxpr)
+    # The block's own matmuls keep the default; the Hessian X^T X (the last one) is HIGHEST.
+    assert len(precisions) >= 4 and precisions[-1] == HIGHEST
+    assert precisions[0] != HIGHEST
+
+
+def test_merge_correlations_and_reconstruction_error_use_highest_precision():
+    from jaxprune.llm import reconstruction_error
+    from jaxprune.merge import most_correlated_pair
+
+    h = jax.random.normal(jax.random.key(0), (16, 5))
+    assert HIGHEST in _dot_precisions(jax.make_jaxpr(most_correlated_pair)(h).jaxpr)
+    w = jax.random.normal(jax.random.key(1), (4, 3))
+    jaxpr = jax.make_jaxpr(reconstruction_error)(w, w * 0.5, jnp.eye(4))
+    assert _dot_precisions(jaxpr.jaxpr) == [HIGHEST, HIGHEST]
