@@ -141,9 +141,9 @@ def one_program(fn: Callable, *args: Any) -> Any:
     if sum(getattr(c, "nbytes", 0) for c in traced.jaxpr.consts) > MAX_CONST_BYTES:
         return fn(*args)
     lowered = traced.lower()
-    if _by_content_off():
+    key = None if _by_content_off() else _content_key(traced, lowered, (arrays,), {}, options)
+    if key is None:
         return lowered.compile()(arrays)
-    key = _content_key(lowered, (arrays,), {}, options)
     compiled = _find(key)
     if compiled is None:
         compiled = lowered.compile()
@@ -157,27 +157,85 @@ _PROGRAMS_LOCK = threading.Lock()
 MAX_PROGRAMS = 16
 
 
-def _content_key(lowered: Any, args: tuple, kwargs: dict, options: dict | None = None) -> tuple:
-    """Returns what identifies ``lowered``'s compiled program for these arguments.
+def _content_key(
+    traced: Any, lowered: Any, args: tuple, kwargs: dict, options: dict | None = None
+) -> tuple | None:
+    """Returns what identifies ``lowered``'s compiled program for these arguments, or ``None``.
 
     Its StableHLO (without locations) holds every constant the function
     closed over (a learning rate): JAX embeds them in the program unless
     ``jax_use_simplified_jaxpr_constants`` hoists them (then no program is
-    looked up). The input and output trees, the input types (weak types
-    included, which the text does not show), the arguments' shardings, the
-    default device (where the program runs) and the compile options count too.
+    looked up). The input and output trees, the input and output types (weak
+    types included, which the text does not show: a weak float32 output adds
+    to a bfloat16 array as bfloat16, a strong one as float32), the arguments'
+    shardings, the tracing settings (:func:`_settings`) and the compile options
+    count too.
+
+    ``None`` (no program of another function may run) where the text does not
+    say everything the program does: it calls back into Python
+    (``jax.debug.print``, ``jax.pure_callback``: the text holds the callback's
+    index, not the function), or it reads or writes ``jax.Ref`` s (the
+    compiled program holds the ones closed over), or JAX's lowering does not
+    say (a JAX without these fields).
     """
+    compile_args = getattr(getattr(lowered, "_lowering", None), "compile_args", None)
+    if (
+        not isinstance(compile_args, dict)
+        or "host_callbacks" not in compile_args
+        or compile_args["host_callbacks"]
+        or compile_args.get("keepalive")
+        or compile_args.get("mut") is not None
+    ):
+        return None
     text = lowered.as_text()
     shardings = tuple(getattr(x, "sharding", None) for x in jax.tree.leaves((args, kwargs)))
     return (
         hashlib.sha256(text.encode()).hexdigest(),
         lowered.in_tree,
-        tuple(jax.tree.leaves(lowered.in_avals)),
+        tuple(jax.tree.leaves(traced.in_avals)),
         lowered.out_tree,
+        tuple(jax.tree.leaves(traced.out_avals)),
         shardings,
-        str(jax.config.jax_default_device),
+        _settings(),
         tuple(sorted((options or {}).items())),
     )
+
+
+def _settings() -> tuple:
+    """Returns the settings that change what ``jax.jit`` traces, short of the arguments.
+
+    The default device (where a program runs), 64-bit types, matmul precision,
+    rank and dtype promotion rules and the PRNG's: ``jax.jit`` traces
+    again when a context manager (``jax.enable_x64``,
+    ``jax.default_matmul_precision``, ...) changes one of them.
+    """
+    c = jax.config
+    return (
+        str(c.jax_default_device),
+        c.jax_enable_x64,
+        str(c.jax_default_matmul_precision),
+        c.jax_numpy_rank_promotion,
+        str(c.jax_numpy_dtype_promotion),
+        c.jax_default_prng_impl,
+        c.jax_threefry_partitionable,
+    )
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple | None:
+    """Returns the arguments' types (weak types included) and shardings, and the settings.
+
+    A compiled program takes arguments that differ from those it was compiled
+    for only in weak types (a Python float for a float32 array: ``x + y`` is
+    bfloat16 or float32 for a bfloat16 ``x``), and ignores the settings; a
+    borrowed program runs only for calls of the same signature as the one
+    that found it. ``None`` where an argument has no JAX type.
+    """
+    leaves = jax.tree.leaves((args, kwargs))
+    try:
+        types = tuple(map(jax.typeof, leaves))
+    except TypeError:
+        return None
+    return types, tuple(getattr(x, "sharding", None) for x in leaves), _settings()
 
 
 def _find(key: tuple) -> Any:
@@ -221,7 +279,8 @@ def jit_by_content(fn: Callable) -> Callable:
     transform's first call traces and lowers ``fn`` (a fraction of the compile
     time) and looks its program up by content (:func:`_content_key`) among the
     last ``MAX_PROGRAMS`` compiled: found, that program runs, for this call and
-    the next ones while the arguments fit it; not found, ``fn`` compiles, and
+    the next ones while the arguments and settings are the same
+    (:func:`_signature`); not found, ``fn`` compiles, and
     later calls take ``jax.jit``'s own path. Unused arguments are kept
     (``keep_unused=True``), so that one program text means one use of the
     arguments.
@@ -236,18 +295,23 @@ def jit_by_content(fn: Callable) -> Callable:
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
             return jitted(*args, **kwargs)  # inside the caller's trace: no program of its own
         if mode["borrowed"] is not None:
-            try:
-                return mode["borrowed"](*args, **kwargs)
-            except (TypeError, ValueError):  # other types, trees or shardings: look again
-                mode["borrowed"] = None
-        lowered = jitted.trace(*args, **kwargs).lower()
-        key = _content_key(lowered, args, kwargs)
-        found = _find(key)
+            found, signature = mode["borrowed"]
+            if signature is not None and _signature(args, kwargs) == signature:
+                try:
+                    return found(*args, **kwargs)
+                except (TypeError, ValueError):  # other trees: look again
+                    pass
+            mode["borrowed"] = None  # other types, weak types, shardings or settings
+        traced = jitted.trace(*args, **kwargs)
+        lowered = traced.lower()
+        key = _content_key(traced, lowered, args, kwargs)
+        found = None if key is None else _find(key)
         if found is not None:
-            mode["borrowed"] = found
+            mode["borrowed"] = (found, _signature(args, kwargs))
             return found(*args, **kwargs)
         out = jitted(*args, **kwargs)  # compiles the lowering just made, once
-        _keep(key, lowered.compile())  # that same executable, from JAX's caches
+        if key is not None:
+            _keep(key, lowered.compile())  # that same executable, from JAX's caches
         mode["own"] = True
         return out
 
