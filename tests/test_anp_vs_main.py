@@ -20,16 +20,16 @@ TINY += ["--train-steps", "1", "--eval-size", "8", "--eval-steps", "2", "--beta"
 
 def test_anp_vs_from_at_is_held_to_at_trained_on_as_long(anp_vs, tmp_path, capsys):
     out = tmp_path / "run.md"
-    argv = [*TINY, "--methods", "standard,AT,ANP-VS,AT-cont", "--anp-base", "AT"]
+    argv = [*TINY, "--methods", "AT,ANP-VS,AT-cont", "--anp-base", "AT", "--at-base", "none"]
     result = anp_vs.main([*argv, "--out", str(out)])
     rows = {r["method"]: r for r in result["rows"]}
-    assert list(rows) == ["standard", "AT", "ANP-VS", "AT-cont"]
-    # Two steps per method (128 // 64); AT starts from standard, ANP-VS and AT-cont
-    # from AT, so both inherit standard's and AT's steps: the same budget.
-    assert [rows[m]["steps"] for m in rows] == [2, 2, 2, 2]
-    assert rows["AT"]["inherited_steps"] == 2
+    assert list(rows) == ["AT", "ANP-VS", "AT-cont"]
+    # Two steps per method (128 // 64); AT starts from scratch, ANP-VS and AT-cont
+    # from AT, so both inherit AT's steps: the same budget.
+    assert [rows[m]["steps"] for m in rows] == [2, 2, 2]
+    assert rows["AT"]["inherited_steps"] == 0 and rows["AT"]["starts_from"] == "scratch"
     assert rows["ANP-VS"]["starts_from"] == rows["AT-cont"]["starts_from"] == "AT"
-    assert rows["ANP-VS"]["inherited_steps"] == rows["AT-cont"]["inherited_steps"] == 4
+    assert rows["ANP-VS"]["inherited_steps"] == rows["AT-cont"]["inherited_steps"] == 2
     assert rows["AT-cont"]["unit_sparsity"] == 0.0  # a dense control: no gates
     md = out.read_text()
     assert "AT-cont (AT trained on from AT)" in md
