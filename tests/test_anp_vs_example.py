@@ -233,3 +233,19 @@ def test_a_network_with_every_unit_pruned_shows_no_flops_ratio(anp_vs):
     run = _run(4.0, [_full_row("AT", 69.0, 0.0), gone], train_steps=10, lam=1e-3)
     line = anp_vs.summary([run], ["gone"]).strip().splitlines()[2]
     assert "| 100.0 | all pruned |" in line and "2293000" not in line
+
+
+def test_the_gpu_page_third_batch_table_is_the_summary_of_its_jsons(anp_vs):
+    # docs/anp_vs_gpu.md shows `--summary` over the ten jsons it names; a json edited
+    # or a summary column changed without rewriting the page would show here.
+    import json
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "docs"
+    page = (root / "anp_vs_gpu.md").read_text().split("## Third batch", 1)[1]
+    lines = [ln for ln in page.splitlines() if ln.startswith("| ")]
+    names = [ln.split(" | ")[0][2:] for ln in lines[1:]]
+    assert len(names) == 10
+    results = [json.loads((root / "anp_vs_gpu" / f"{n}.json").read_text()) for n in names]
+    want = anp_vs.summary(results, names).strip().splitlines()
+    assert [want[0], *want[2:]] == lines
