@@ -83,7 +83,9 @@ def hand_masked(inner, params, sparsity=0.9):
 
     No refresh, no ``lax.cond``, no bit packing: the enforcement alone, written
     the plain way. ``layer/no-refresh`` minus this is what jp.prune's
-    never-taken refresh ``cond``, step counter and packed masks cost per step.
+    never-taken refresh ``cond``, step counter and packed masks cost per step
+    (``scripts/diag_cond_layout.py``'s ``no-cond`` variant keeps the counter
+    and the packed masks, and drops the ``cond`` alone).
     """
     keys = jax.random.split(jax.random.key(3), len(jax.tree.leaves(params)))
     leaves, treedef = jax.tree.flatten(params)

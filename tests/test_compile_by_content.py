@@ -8,7 +8,6 @@ Each test compares with ``jax.jit`` of the caller's own function.
 """
 
 import collections
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -16,26 +15,13 @@ import numpy as np
 import pytest
 
 from jaxprune import _compile
+from tests import _compiles
 
 
 @pytest.fixture(autouse=True)
 def programs(monkeypatch):
     """An empty cache of programs by content, for each test alone."""
-    monkeypatch.setattr(_compile, "_PROGRAMS", collections.OrderedDict())
-
-
-def _compiled(caplog, fn) -> tuple[list[str], object]:
-    """Returns the names of the programs XLA compiled while ``fn()`` ran, and its result."""
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="jax"), jax.log_compiles(True):
-        out = jax.block_until_ready(fn())
-    done = "Finished XLA compilation of "
-    names = [
-        r.getMessage()[len(done) :].split(" ")[0]
-        for r in caplog.records
-        if r.getMessage().startswith(done)
-    ]
-    return names, out
+    _compiles.empty_programs(monkeypatch)
 
 
 def _named(body):
@@ -210,10 +196,10 @@ def test_a_function_built_anew_still_compiles_nothing(caplog):
 
     g = {"w": jnp.ones((11, 3)), "b": jnp.ones(3)}
     s = jnp.int32(0)
-    names, _ = _compiled(caplog, lambda: make()(g, s))
+    names, _ = _compiles.compiled(caplog, lambda: make()(g, s))
     assert names == ["jit(update_fn)"], names
     again = make()
     for _ in range(3):  # found, then borrowed while the types stay the same
-        names, (_, s) = _compiled(caplog, lambda s=s: again(g, s))
+        names, (_, s) = _compiles.compiled(caplog, lambda s=s: again(g, s))
         assert names == [], names
     assert int(s) == 3

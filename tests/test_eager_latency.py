@@ -13,9 +13,6 @@ Pinned by the programs XLA compiles (``jax.log_compiles``), never by times:
 Each test uses shapes no other test uses, so nothing is compiled beforehand.
 """
 
-import collections
-import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,26 +21,13 @@ import pytest
 
 import jaxprune as jp
 from jaxprune import _compile
-
-
-def _compiled(caplog, fn) -> tuple[list[str], object]:
-    """Returns the names of the programs XLA compiled while ``fn()`` ran, and its result."""
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="jax"), jax.log_compiles(True):
-        out = jax.block_until_ready(fn())
-    done = "Finished XLA compilation of "
-    names = [
-        r.getMessage()[len(done) :].split(" ")[0]
-        for r in caplog.records
-        if r.getMessage().startswith(done)
-    ]
-    return names, out
+from tests import _compiles
 
 
 @pytest.fixture
 def programs(monkeypatch):
     """An empty cache of programs by content, for this test alone."""
-    monkeypatch.setattr(_compile, "_PROGRAMS", collections.OrderedDict())
+    _compiles.empty_programs(monkeypatch)
 
 
 def _mlp(sizes, seed=0):
@@ -90,7 +74,7 @@ def test_at_init_scores_are_one_program_per_eager_call(caplog, programs, name, b
         "grasp": lambda: jp.at_init.grasp(_loss, p, x, y),
         "synflow_scores": lambda: jp.at_init.synflow_scores(_apply, p, (1, 27)),
     }[name]
-    first, scores = _compiled(caplog, call)
+    first, scores = _compiles.compiled(caplog, call)
     # Before, one program per operation of the gradient and the checks (`before` here);
     # now the scores' program, the compile options' probe (once per process) and,
     # for SynFlow, the check of R.
@@ -98,7 +82,7 @@ def test_at_init_scores_are_one_program_per_eager_call(caplog, programs, name, b
     assert "jit(scores_of)" in first, first
     # Traced anew at every call (never cached by the loss), to the same program,
     # which is found compiled.
-    again, _ = _compiled(caplog, call)
+    again, _ = _compiles.compiled(caplog, call)
     assert again == [], again
     # The masks are those of the operations run one by one, as before.
     with jax.disable_jit():
@@ -119,14 +103,14 @@ def test_synflow_final_round_is_one_program(caplog, programs):
     def call():
         return jp.at_init.synflow(_apply, p, (1, 29), 0.8, iterations=3)
 
-    first, masks = _compiled(caplog, call)
+    first, masks = _compiles.compiled(caplog, call)
     # Before: 60 (the final round's gradient op by op); now 10 (the rounds' program,
     # the final scores' program, the selection's search, a few array constructions).
     assert len(first) <= 12, first
     assert "jit(final_scores)" in first and "jit(round_fn)" in first, first
     # Before, the rounds compiled again at every call; now a call on the same
     # model finds both programs.
-    again, _ = _compiled(caplog, call)
+    again, _ = _compiles.compiled(caplog, call)
     assert again == [], again
     with jax.disable_jit():
         eager = jp.at_init.synflow(_apply, p, (1, 29), 0.8, iterations=3)
@@ -146,7 +130,7 @@ def test_at_init_traces_the_loss_anew_at_every_call(caplog, programs):
     s1 = jp.at_init.grasp(loss, p, x)
     state["scale"] = 2.0
     # Another constant in the program: another program (a stale one would give s1).
-    names, s2 = _compiled(caplog, lambda: jp.at_init.grasp(loss, p, x))
+    names, s2 = _compiles.compiled(caplog, lambda: jp.at_init.grasp(loss, p, x))
     assert names == ["jit(scores_of)"], names  # g and H g both double: scores x4
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2), strict=True):
         np.testing.assert_allclose(b, 4.0 * a, rtol=1e-5, atol=1e-12)
@@ -161,7 +145,7 @@ def test_a_loss_reading_the_batch_in_python_runs_op_by_op_as_before(caplog):
         onehot = np.eye(3)[np.asarray(y)]  # NumPy on the labels' values: untraceable
         return -jnp.mean(jnp.sum(jax.nn.log_softmax(_apply(p, x)) * onehot, axis=-1))
 
-    names, got = _compiled(caplog, lambda: jp.at_init.snip(numpy_loss, p, x, y))
+    names, got = _compiles.compiled(caplog, lambda: jp.at_init.snip(numpy_loss, p, x, y))
     assert "jit(scores_of)" not in names  # the trace failed: op by op
     want = jp.at_init.snip(_loss, p, x, jnp.asarray(y))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
@@ -188,7 +172,7 @@ def test_at_init_inside_jit_is_traced_with_the_caller(caplog):
     x = jax.random.normal(jax.random.key(5), (6, 15))
     y = jnp.arange(6) % 8
     inside = jax.jit(lambda p, x, y: jp.at_init.snip(_loss, p, x, y))
-    names, got = _compiled(caplog, lambda: inside(p, x, y))
+    names, got = _compiles.compiled(caplog, lambda: inside(p, x, y))
     assert "jit(scores_of)" not in names, names  # no program of its own inside a trace
     want = jp.at_init.snip(_loss, p, x, y)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
@@ -208,7 +192,7 @@ def test_a_loss_closing_over_large_arrays_runs_op_by_op(caplog, monkeypatch):
     def loss(p, x):
         return jnp.sum(_apply(p, x)) + jnp.sum(frozen) * 0.0
 
-    names, got = _compiled(caplog, lambda: jp.at_init.snip(loss, p, x))
+    names, got = _compiles.compiled(caplog, lambda: jp.at_init.snip(loss, p, x))
     assert "jit(scores_of)" not in names, names
     monkeypatch.setattr(_compile, "MAX_CONST_BYTES", 2**20)
     want = jp.at_init.snip(loss, p, x)
@@ -229,19 +213,19 @@ def test_a_rigl_transform_built_anew_compiles_nothing(caplog, programs):
     g = jax.tree.map(lambda v: 0.1 * jnp.ones_like(v), p)
     tx = _rigl(optax.adam(1e-3))
     state = tx.init(p)
-    first, _ = _compiled(caplog, lambda: tx.update(g, state, p))
+    first, _ = _compiles.compiled(caplog, lambda: tx.update(g, state, p))
     assert first == ["jit(update_fn)"], first
     # The same configuration built anew (a notebook cell run again, a sweep
     # over seeds of the data): before, its update compiled again (about 3 s
     # for a 784-1024-256-10 MLP on 2 cores); now, nothing.
     tx2 = _rigl(optax.adam(1e-3), sparsity=0.5)  # the sparsity only shapes init's masks
     state2 = tx2.init(p)
-    again, _ = _compiled(caplog, lambda: tx2.update(g, state2, p))
+    again, _ = _compiles.compiled(caplog, lambda: tx2.update(g, state2, p))
     assert again == [], again
     # Another optimizer is another program.
     tx3 = _rigl(optax.sgd(0.1, momentum=0.9))
     state3 = tx3.init(p)
-    other, _ = _compiled(caplog, lambda: tx3.update(g, state3, p))
+    other, _ = _compiles.compiled(caplog, lambda: tx3.update(g, state3, p))
     assert other == ["jit(update_fn)"], other
 
 
@@ -311,7 +295,7 @@ def _loop(tx, p, g, steps, caplog=None, lrs=None):
         if caplog is None:
             u, state = tx.update(g, state, p)
         else:
-            names, (u, state) = _compiled(caplog, lambda s=state, q=p: tx.update(g, s, q))
+            names, (u, state) = _compiles.compiled(caplog, lambda s=state, q=p: tx.update(g, s, q))
             compiled.append(names)
         p = optax.apply_updates(p, u)
     return p, state, compiled
@@ -351,18 +335,18 @@ def test_prune_built_anew_reuses_the_program_only_for_the_same_configuration(cap
         return jp.prune(optax.adam(1e-3), sparsity=jp.schedules.polynomial(0.0, 0.5, 0, end))
 
     tx = make(10)
-    first, _ = _compiled(caplog, lambda: tx.update(g, tx.init(p), p))
+    first, _ = _compiles.compiled(caplog, lambda: tx.update(g, tx.init(p), p))
     assert len(first) >= 1
     tx_again = make(10)  # a notebook cell run again
-    again, _ = _compiled(caplog, lambda: tx_again.update(g, tx_again.init(p), p))
+    again, _ = _compiles.compiled(caplog, lambda: tx_again.update(g, tx_again.init(p), p))
     assert again == [], again
     other = make(30)  # another schedule: another program
-    names, _ = _compiled(caplog, lambda: other.update(g, other.init(p), p))
+    names, _ = _compiles.compiled(caplog, lambda: other.update(g, other.init(p), p))
     assert len(names) >= 1, names
     # Later steps of the transform that found the program compile nothing either.
     s = tx_again.init(p)
     for _ in range(3):
-        names, (u, s) = _compiled(caplog, lambda s=s: tx_again.update(g, s, p))
+        names, (u, s) = _compiles.compiled(caplog, lambda s=s: tx_again.update(g, s, p))
         assert names == [], names
 
 
@@ -378,13 +362,13 @@ def test_extra_arguments_and_other_shapes_look_the_program_up_again(caplog, prog
     a, b = make(), make()
     k = jax.random.key(5)
     want = a.update(g, a.init(p), p, key=k)
-    names, got = _compiled(caplog, lambda: b.update(g, b.init(p), p, key=k))
+    names, got = _compiles.compiled(caplog, lambda: b.update(g, b.init(p), p, key=k))
     assert names == [], names
     assert _leaves_equal(got, want)
     # Params of other shapes: the borrowed program does not fit, a new one compiles.
     p2 = _mlp((41, 5))
     g2 = jax.tree.map(jnp.ones_like, p2)
-    names, _ = _compiled(caplog, lambda: b.update(g2, b.init(p2), p2, key=k))
+    names, _ = _compiles.compiled(caplog, lambda: b.update(g2, b.init(p2), p2, key=k))
     assert names, names
 
 

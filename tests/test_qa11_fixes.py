@@ -1,18 +1,16 @@
 """Fixes from the 2026-11-24 review: float16 SynFlow under strict promotion, robustness
 reusing its compiled attack, and checked arguments of vulnerability_loss and markov_corpus."""
 
-import collections
-import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxprune as jp
-from jaxprune import _compile, adversarial
+from jaxprune import adversarial
 from jaxprune.at_init_checks import _working_dtype
 from jaxprune.models_llm import markov_corpus
+from tests import _compiles
 
 
 def _mlp(p, x):
@@ -50,16 +48,8 @@ def test_working_dtype_widens_to_float32_at_least(dtype, want):
     assert _working_dtype(dtype) == jnp.dtype(want)
 
 
-def _compiled(caplog, fn):
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="jax"), jax.log_compiles(True):
-        out = fn()
-    done = "Finished XLA compilation of "
-    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(done)], out
-
-
 def test_robustness_called_again_compiles_nothing(caplog, monkeypatch):
-    monkeypatch.setattr(_compile, "_PROGRAMS", collections.OrderedDict())
+    _compiles.empty_programs(monkeypatch)
 
     def apply_fn(w, x, key):
         h = jnp.tanh(x @ w["a"])
@@ -83,8 +73,8 @@ def test_robustness_called_again_compiles_nothing(caplog, monkeypatch):
             batch_size=20,
         )
 
-    first, r1 = _compiled(caplog, run)
-    again, r2 = _compiled(caplog, run)
+    first, r1 = _compiles.compiled(caplog, run)
+    again, r2 = _compiles.compiled(caplog, run)
     assert len(first) >= 2  # the attack and the scores
     assert again == []  # new closures, the same programs: found by content
     assert r1 == r2
