@@ -1039,7 +1039,7 @@ def main(argv=None):
             pbar.set_description(method)
             base = None
             keep = gates.hard_masks(trained["ANP-VS"]) if method == "AT-kept" else None
-            always = keep is not None or method == "AT-cont"
+            always = method in FIXED_START  # its start model is part of its definition
             if (args.finetune or always) and base_of.get(method, "none") != "none":
                 if base_of[method] not in trained:
                     scratch = (
