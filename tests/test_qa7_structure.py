@@ -10,7 +10,9 @@
 - docs/structured.md's recipe for reloading a shrunk nnx model.
 """
 
+import os
 import pathlib
+import sysconfig
 
 import flax.linen as nn
 import jax
@@ -247,7 +249,32 @@ def _reasons(gs, path, channels=None):
     return " | ".join(g.reasons)
 
 
-def test_reasons_say_where_in_plain_words():
+@pytest.fixture(params=["this interpreter", "virtual environment"])
+def frame_rule(request, monkeypatch):
+    """jax's user-frame rule as this interpreter applies it, and as a virtual environment does.
+
+    jax skips its own files and the standard library's folder. Under pyenv or a
+    system Python, site-packages sits inside that folder, so flax's frames were
+    skipped by accident; in a virtual environment they are not, and the reasons
+    below named flax's LayerNorm and Conv lines (found on Python 3.13 in a venv).
+    """
+    if request.param == "virtual environment":
+        from jax._src import source_info_util
+
+        jax_dir = os.path.dirname(os.path.dirname(os.path.abspath(source_info_util.__file__)))
+        stdlib = sysconfig.get_path("stdlib")
+
+        def venv_rule(filename):
+            if filename.startswith(jax_dir + os.sep):
+                return False
+            return not filename.startswith(stdlib) or "-packages" + os.sep in filename
+
+        monkeypatch.setattr(source_info_util, "is_user_filename", venv_rule)
+        assert venv_rule(nn.normalization.__file__)  # flax's layers count as the user's here
+    return request.param
+
+
+def test_reasons_say_where_in_plain_words(frame_rule):
     # Before: "conv_general_dilated (equation 13) does not map axis 3 channel-wise",
     # "reduce_sum (equation 20) ...": positions in jaxprune's internal program.
     model = _ConcatGrouped(nnx.Rngs(0))
@@ -276,7 +303,7 @@ class _LinenLN(nn.Module):
         return nn.Dense(2)(h.mean((1, 2)))
 
 
-def test_linen_reasons_name_the_module_path_and_the_users_line():
+def test_linen_reasons_name_the_module_path_and_the_users_line(frame_rule):
     module = _LinenLN()
     variables = module.init(jax.random.key(0), X)
     gs = structure.groups(structure.linen_apply(module), variables, X)

@@ -13,6 +13,7 @@ from), so that messages can say where in the user's code it was traced
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -259,14 +260,33 @@ def trace(apply_fn: Any, params: Any, *example_inputs: Any) -> Program:
 # between the user's model and flax's layers: skipped like jax's and flax's.
 _OWN = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
+# Layer libraries whose frames are never the user's line. jax's own heuristic
+# skips jax and the standard library only; flax registers three of its files
+# with it, not its layers (linen's LayerNorm, nnx's Conv). Under an interpreter
+# whose site-packages sits inside the standard library's folder (pyenv, a
+# system Python) jax skips every installed package by accident; in a virtual
+# environment it does not, so the libraries are named here.
+_LIBRARIES = ("flax", "equinox", "haiku")
+
+
+def _skipped_dirs() -> tuple[str, ...]:
+    """Returns the folders whose frames :func:`where` skips besides jax's (loaded libraries)."""
+    dirs = [_OWN]
+    for name in _LIBRARIES:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if file:
+            dirs.append(os.path.dirname(os.path.abspath(file)) + os.sep)
+    return tuple(dirs)
+
 
 def _user_frame(info: Any) -> str:
     """Returns ``file:line:column (function)`` of ``info``'s innermost user frame, or ``""``."""
     if source_info_util is None:
         return ""
     try:
+        skipped = _skipped_dirs()
         for f in source_info_util.user_frames(info.traceback):
-            if not os.path.abspath(f.file_name).startswith(_OWN):
+            if not os.path.abspath(f.file_name).startswith(skipped):
                 return f"{f.file_name}:{f.start_line}:{f.start_column} ({f.function_name})"
     except Exception:  # noqa: BLE001 - jax-internal helpers: a message loses its location
         pass
@@ -277,8 +297,8 @@ def where(eqn: Eqn) -> str:
     """Returns where ``eqn`` was traced in the user's code, or ``""`` when that is unknown.
 
     The innermost user frame (``file:line:column (function)``, as jax prints
-    it in its own errors, skipping jax's, flax's and jaxprune.structure's own
-    frames), preceded by the
+    it in its own errors, skipping jax's, flax's, equinox's, haiku's and
+    jaxprune.structure's own frames), preceded by the
     flax module path when the name stack has one (linen modules push their
     names; nnx modules do not, and their ``__call__`` line names the layer).
     Messages say this rather than the equation's position in the inlined
