@@ -3,9 +3,11 @@
 The corpus is a second-order Markov chain with sparse random transitions, so
 a trained model reaches a perplexity far below the vocabulary size and
 pruning damage is measurable. At 50% and 2:4 the mean layer reconstruction
-error and the perplexity both order SparseGPT <= Wanda <= magnitude, with
-magnitude and Wanda ranking the same comparison group (each output unit's
-weights, Wanda's; N:M groups at 2:4). With each paper's own group, per-layer
+error orders SparseGPT <= Wanda <= magnitude, with magnitude and Wanda ranking
+the same comparison group (each output unit's weights, Wanda's; N:M groups at
+2:4), and SparseGPT has the lowest perplexity. Whether Wanda's perplexity
+beats magnitude's depends on the trained model (the seed, and the jax
+version's numerics), so only their closeness is asserted. With each paper's own group, per-layer
 magnitude beats per-output Wanda by 3% in perplexity here: a model this small
 has no outlier features (seed sweep: scripts/compare_llm.py, docs/scale.md).
 """
@@ -44,7 +46,7 @@ def test_model_learned(trained):
 
 
 @pytest.mark.parametrize("nm", [None, (2, 4)], ids=["50%", "2:4"])
-def test_sparsegpt_beats_wanda_beats_magnitude(trained, nm):
+def test_sparsegpt_beats_wanda_beats_magnitude_in_layer_error(trained, nm):
     model, calib, test, _ = trained
     dense_before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
     err, ppl = {}, {}
@@ -72,7 +74,13 @@ def test_sparsegpt_beats_wanda_beats_magnitude(trained, nm):
     )
     print(f"nm={nm}: mean layer error {err}, perplexity {ppl}")
     assert err["sparsegpt"] <= err["wanda"] <= err["magnitude"], err
-    assert ppl["sparsegpt"] <= ppl["wanda"] <= ppl["magnitude"], ppl
+    assert ppl["sparsegpt"] <= min(ppl["wanda"], ppl["magnitude"]), ppl
+    # Wanda's lower layer errors need not carry through two blocks to the
+    # perplexity: at 50% Wanda measured 6.63 against magnitude's 6.69 on jax
+    # 0.10.2 and 6.91 against 6.66 on jax 0.12.0.1, whose trained model differs.
+    # Asserted: the two land within 20% of each other (2:4: 9.68 and 10.67 on
+    # jax 0.10.2), which a broken criterion would not.
+    assert max(ppl["wanda"], ppl["magnitude"]) <= 1.2 * min(ppl["wanda"], ppl["magnitude"]), ppl
 
 
 def test_comparison_groups():
