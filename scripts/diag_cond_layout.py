@@ -21,11 +21,22 @@ transform that differ in one thing each:
 * ``cond-scratch-K``: the branch is trivial except for an inert scratch buffer
   of ``K`` x 64K floats (a cumulative sum), so only the size of XLA's
   preallocated temporary buffer changes.
+* ``cond-elem``: the branch recomputes the packed masks from the params with
+  element-wise operations only (``pack(|w| > 0.1)``), no reduction;
+* ``cond-count``: the branch counts ``|w| > 0.1`` over each kernel (one
+  reduction per kernel) and flips the bits with the result;
+* ``cond-count-small``: the same over each kernel's first 1024 entries;
+* ``cond-count-dot``: the same count as a matrix-vector product;
+* ``cond-count-loop``: three to nine such counts in a ``while_loop``;
+* ``cond-kth``: a per-kernel k-th-smallest-key search (``kth_smallest_keys``)
+  and a strict threshold, without ``jp.prune``'s tie handling.
 
 Each row also prints that temp size (``compiled.memory_analysis()``). On the
-development machine the never-taken cond itself cost nothing measurable; the
-overhead followed the temp size, and not monotonically, which points at the
-memory layout of the step's own buffers rather than at work done.
+development machine the never-taken cond itself cost nothing measurable. A
+branch of element-wise operations that reads every kernel (``cond-elem``) cost
+nothing measurable either; a branch with any reduction in it cost 1-2% even
+over 1024 entries (``cond-count-small``), and the k-th-key search as much as
+``jp.prune``'s whole refresh (BENCHMARKS.md, "Which branches cost").
 Pinned to one core (``taskset -c 0``) the refresh branch costs nothing; on two
 cores it does, and ``scripts/diag_thunk_graph.py`` lists the orderings between
 thunks that XLA:CPU's buffer reuse adds.
@@ -92,6 +103,51 @@ def variant(kind: str) -> optax.GradientTransformation:
                 "layer", jp.criteria.magnitude, params[:1], sched(step), [False, True]
             )
             return M.pack(first) + list(packed[1:])
+        if kind == "cond-elem":  # element-wise only: recomputed masks, no reduction
+            return [
+                {"kernel": M.pack(jnp.abs(layer["kernel"]) > 0.1), "bias": old["bias"]}
+                for layer, old in zip(params, packed, strict=True)
+            ]
+        if kind in ("cond-count", "cond-count-small", "cond-count-dot"):  # one count per kernel
+            out = []
+            for layer, old in zip(params, packed, strict=True):
+                w = layer["kernel"]
+                if kind == "cond-count-small":
+                    w = w.ravel()[:1024]
+                if kind == "cond-count-dot":
+                    big = (jnp.abs(w) > 0.1).astype(jnp.float32)
+                    c = jnp.sum(big @ jnp.ones((w.shape[1],), jnp.float32)) > 5
+                else:
+                    c = jnp.sum(jnp.abs(w) > 0.1) > 5
+                out.append(
+                    {
+                        "kernel": jax.tree.map(lambda b, c=c: b ^ c, old["kernel"]),
+                        "bias": old["bias"],
+                    }
+                )
+            return out
+        if kind == "cond-count-loop":  # a few counts over every kernel in a while loop
+
+            def count_body(c):
+                i, t = c
+                n = sum(jnp.sum(jnp.abs(layer["kernel"]) > t) for layer in params)
+                return i + 1, t * 0.5 + n.astype(jnp.float32) * 1e-9
+
+            t = jax.lax.while_loop(
+                lambda c: c[0] < 3 + step % 7, count_body, (jnp.int32(0), jnp.float32(0.1))
+            )[1]
+            return [
+                {"kernel": M.pack(jnp.abs(layer["kernel"]) > t), "bias": old["bias"]}
+                for layer, old in zip(params, packed, strict=True)
+            ]
+        if kind == "cond-kth":  # per-kernel k-th key search, strict threshold, no tie handling
+            out = []
+            for layer, old in zip(params, packed, strict=True):
+                keys = M.ordered_keys(jnp.abs(layer["kernel"]))
+                k = jnp.round(sched(step) * keys.size).astype(jnp.int32)
+                t = M.kth_smallest_keys([keys], k)[0]
+                out.append({"kernel": M.pack(keys > t), "bias": old["bias"]})
+            return out
         if kind == "cond-loop":  # a small while loop over the packed masks
 
             def body(c):
@@ -146,6 +202,12 @@ def main() -> None:
         "cond-trivial",
         "cond-reads-params",
         "cond-loop",
+        "cond-elem",
+        "cond-count",
+        "cond-count-small",
+        "cond-count-dot",
+        "cond-count-loop",
+        "cond-kth",
         "cond-topk",
         "cond-fused",
         "cond-fused-first",
