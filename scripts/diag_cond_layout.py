@@ -16,6 +16,9 @@ transform that differ in one thing each:
 * ``cond-fused-after-grads``: ``cond-fused`` with the predicate also computed
   from one entry of every gradient (a run-time zero), which makes XLA place
   the cond after the backward pass instead of amid the forward pass;
+* ``cond-whole``: the whole update (enforcement and the inner optimizer) inside
+  the cond, one branch with ``cond-fused``'s refresh and one without, so the
+  refresh shares no thunk graph with the step's optimizer work;
 * ``cond-reads-params``: a trivial branch that reads one entry of every kernel;
 * ``cond-loop``: a trivial branch with a small ``while_loop``;
 * ``cond-scratch-K``: the branch is trivial except for an inert scratch buffer
@@ -23,20 +26,30 @@ transform that differ in one thing each:
   preallocated temporary buffer changes.
 * ``cond-elem``: the branch recomputes the packed masks from the params with
   element-wise operations only (``pack(|w| > 0.1)``), no reduction;
+* ``cond-elem-old``: the same masks XORed with the old packed bits (the
+  branch also reads the masks it replaces);
+* ``cond-count-fresh``: a count per kernel that only shifts the threshold of
+  freshly computed masks (the branch does not read the old bits);
 * ``cond-count``: the branch counts ``|w| > 0.1`` over each kernel (one
   reduction per kernel) and flips the bits with the result;
 * ``cond-count-small``: the same over each kernel's first 1024 entries;
 * ``cond-count-dot``: the same count as a matrix-vector product;
 * ``cond-count-loop``: three to nine such counts in a ``while_loop``;
+* ``cond-count-tree`` / ``cond-count-tree-small``: ``cond-count`` /
+  ``cond-count-small`` with each count taken by element-wise adds of 16
+  slices per level, so the branch holds no ``reduce`` op at all;
 * ``cond-kth``: a per-kernel k-th-smallest-key search (``kth_smallest_keys``)
   and a strict threshold, without ``jp.prune``'s tie handling.
 
 Each row also prints that temp size (``compiled.memory_analysis()``). On the
 development machine the never-taken cond itself cost nothing measurable. A
 branch of element-wise operations that reads every kernel (``cond-elem``) cost
-nothing measurable either; a branch with any reduction in it cost 1-2% even
-over 1024 entries (``cond-count-small``), and the k-th-key search as much as
-``jp.prune``'s whole refresh (BENCHMARKS.md, "Which branches cost").
+nothing measurable either, nor did reading the old bits (``cond-elem-old``);
+a branch with a count in it cost 1-2% even over 1024 entries
+(``cond-count-small``), whether the count is a ``reduce`` or not
+(``cond-count-tree``), and the k-th-key search as much as ``jp.prune``'s whole
+refresh (BENCHMARKS.md, "Which branches cost"); the whole update inside the
+cond (``cond-whole``) cost over 20%.
 Pinned to one core (``taskset -c 0``) the refresh branch costs nothing; on two
 cores it does, and ``scripts/diag_thunk_graph.py`` lists the orderings between
 thunks that XLA:CPU's buffer reuse adds.
@@ -48,7 +61,9 @@ The last line is ``RESULT {json}``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import operator
 import statistics
 import sys
 import time
@@ -74,6 +89,17 @@ def _zero_after(tree) -> jax.Array:
     return zero.astype(jnp.int32)
 
 
+def _tree_count(x: jax.Array) -> jax.Array:
+    """The sum of a 1-D int32 array by adds of 16 slices per level: no ``reduce`` op."""
+    n = x.size
+    while n > 1:
+        m = -(-n // 16)
+        x = jnp.pad(x, (0, 16 * m - n)).reshape(16, m)
+        x = functools.reduce(operator.add, [x[i] for i in range(16)])
+        n = m
+    return x[0]
+
+
 def variant(kind: str) -> optax.GradientTransformation:
     """A minimal pruning transform (packed masks, enforced every step) with one refresh kind."""
     inner = optax.adam(1e-3)
@@ -93,7 +119,8 @@ def variant(kind: str) -> optax.GradientTransformation:
             return jax.tree.map(lambda a: a ^ jnp.ones_like(a), packed)
         if kind == "cond-topk":
             return M.pack(M.topk(jp.criteria.magnitude(params), sched(step)))
-        if kind in ("cond-fused", "cond-fused-after-grads"):  # jp.prune's refresh for magnitude
+        # jp.prune's refresh for magnitude
+        if kind in ("cond-fused", "cond-fused-after-grads", "cond-whole"):
             flags = jp._tree.prunable_flags(params, None)
             return M.pack(
                 M.fused_select("layer", jp.criteria.magnitude, params, sched(step), flags)
@@ -103,18 +130,37 @@ def variant(kind: str) -> optax.GradientTransformation:
                 "layer", jp.criteria.magnitude, params[:1], sched(step), [False, True]
             )
             return M.pack(first) + list(packed[1:])
+        if kind == "cond-elem-old":  # element-wise, also reading the old bits
+            return [
+                {
+                    "kernel": jax.tree.map(
+                        operator.xor, M.pack(jnp.abs(layer["kernel"]) > 0.1), old["kernel"]
+                    ),
+                    "bias": old["bias"],
+                }
+                for layer, old in zip(params, packed, strict=True)
+            ]
+        if kind == "cond-count-fresh":  # one count per kernel, masks written without the old bits
+            out = []
+            for layer, old in zip(params, packed, strict=True):
+                w = layer["kernel"]
+                t = 0.1 + jnp.sum(jnp.abs(w) > 0.1).astype(jnp.float32) * 1e-12
+                out.append({"kernel": M.pack(jnp.abs(w) > t), "bias": old["bias"]})
+            return out
         if kind == "cond-elem":  # element-wise only: recomputed masks, no reduction
             return [
                 {"kernel": M.pack(jnp.abs(layer["kernel"]) > 0.1), "bias": old["bias"]}
                 for layer, old in zip(params, packed, strict=True)
             ]
-        if kind in ("cond-count", "cond-count-small", "cond-count-dot"):  # one count per kernel
+        if kind.startswith("cond-count") and kind != "cond-count-loop":  # one count per kernel
             out = []
             for layer, old in zip(params, packed, strict=True):
                 w = layer["kernel"]
-                if kind == "cond-count-small":
+                if kind.endswith("-small"):
                     w = w.ravel()[:1024]
-                if kind == "cond-count-dot":
+                if kind.startswith("cond-count-tree"):
+                    c = _tree_count((jnp.abs(w) > 0.1).astype(jnp.int32).ravel()) > 5
+                elif kind == "cond-count-dot":
                     big = (jnp.abs(w) > 0.1).astype(jnp.float32)
                     c = jnp.sum(big @ jnp.ones((w.shape[1],), jnp.float32)) > 5
                 else:
@@ -165,15 +211,8 @@ def variant(kind: str) -> optax.GradientTransformation:
             for layer in params
         ]
 
-    def update(grads, state, params):
-        step, packed, inner_state = state
+    def enforced_step(grads, inner_state, params, packed):
         flags = jp._tree.prunable_flags(params, None)
-        if kind == "cond-fused-after-grads":
-            step = step + _zero_after(grads)
-        if kind != "no-cond":
-            packed = jax.lax.cond(
-                sched.is_update_step(step), lambda: refresh(params, step, packed), lambda: packed
-            )
         masks = jax.tree.leaves(M.unpack(packed))
         g, treedef = jax.tree.flatten(grads)
         g = [jnp.where(m, x, 0) if f else x for x, m, f in zip(g, masks, flags, strict=True)]
@@ -183,7 +222,29 @@ def variant(kind: str) -> optax.GradientTransformation:
             jnp.where(m, x, -p) if f else x
             for x, m, p, f in zip(jax.tree.leaves(u), masks, ps, flags, strict=True)
         ]
-        return jax.tree.unflatten(treedef, u), (step + 1, packed, inner_state)
+        return jax.tree.unflatten(treedef, u), inner_state
+
+    def update(grads, state, params):
+        step, packed, inner_state = state
+        if kind == "cond-fused-after-grads":
+            step = step + _zero_after(grads)
+        if kind == "cond-whole":  # the whole update in the cond, once with a refresh, once without
+
+            def with_refresh():
+                new = refresh(params, step, packed)
+                return *enforced_step(grads, inner_state, params, new), new
+
+            def without():
+                return *enforced_step(grads, inner_state, params, packed), packed
+
+            u, inner_state, packed = jax.lax.cond(sched.is_update_step(step), with_refresh, without)
+            return u, (step + 1, packed, inner_state)
+        if kind != "no-cond":
+            packed = jax.lax.cond(
+                sched.is_update_step(step), lambda: refresh(params, step, packed), lambda: packed
+            )
+        u, inner_state = enforced_step(grads, inner_state, params, packed)
+        return u, (step + 1, packed, inner_state)
 
     return optax.GradientTransformation(init, update)
 
@@ -203,15 +264,20 @@ def main() -> None:
         "cond-reads-params",
         "cond-loop",
         "cond-elem",
+        "cond-elem-old",
         "cond-count",
+        "cond-count-fresh",
         "cond-count-small",
         "cond-count-dot",
         "cond-count-loop",
+        "cond-count-tree",
+        "cond-count-tree-small",
         "cond-kth",
         "cond-topk",
         "cond-fused",
         "cond-fused-first",
         "cond-fused-after-grads",
+        "cond-whole",
     ] + [f"cond-scratch-{k}" for k in (4, 8, 12, 16, 24)]
     if args.variants:
         chosen = args.variants.split(",")
@@ -246,12 +312,12 @@ def main() -> None:
         for name in ratios:
             ratios[name].append(times[name] / times["dense"])
     print(f"jax {jax.__version__}; {args.rounds} rounds x {args.block} steps, median ratios")
-    print(f"{'variant':<18}{'temp MB':>9}{'step / dense':>14}")
-    print(f"{'dense':<18}{temp_mb['dense']:>9.2f}{1.0:>13.3f}x")
+    print(f"{'variant':<24}{'temp MB':>9}{'step / dense':>14}")
+    print(f"{'dense':<24}{temp_mb['dense']:>9.2f}{1.0:>13.3f}x")
     out = {}
     for name, rs in ratios.items():
         out[name] = {"temp_mb": round(temp_mb[name], 3), "ratio": statistics.median(rs)}
-        print(f"{name:<18}{temp_mb[name]:>9.2f}{out[name]['ratio']:>13.3f}x")
+        print(f"{name:<24}{temp_mb[name]:>9.2f}{out[name]['ratio']:>13.3f}x")
     print("RESULT " + json.dumps({"dense_temp_mb": temp_mb["dense"], **out}))
 
 
