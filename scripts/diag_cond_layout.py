@@ -19,6 +19,9 @@ transform that differ in one thing each:
 * ``cond-whole``: the whole update (enforcement and the inner optimizer) inside
   the cond, one branch with ``cond-fused``'s refresh and one without, so the
   refresh shares no thunk graph with the step's optimizer work;
+* ``cond-callback``: ``cond-fused``'s refresh computed by a separately jitted
+  function that the branch calls through ``jax.pure_callback``, so the branch
+  holds one custom call and no count;
 * ``cond-reads-params``: a trivial branch that reads one entry of every kernel;
 * ``cond-loop``: a trivial branch with a small ``while_loop``;
 * ``cond-scratch-K``: the branch is trivial except for an inert scratch buffer
@@ -49,7 +52,8 @@ a branch with a count in it cost 1-2% even over 1024 entries
 (``cond-count-small``), whether the count is a ``reduce`` or not
 (``cond-count-tree``), and the k-th-key search as much as ``jp.prune``'s whole
 refresh (BENCHMARKS.md, "Which branches cost"); the whole update inside the
-cond (``cond-whole``) cost over 20%.
+cond (``cond-whole``) cost over 20%, and the refresh behind a host callback
+(``cond-callback``) more than ``cond-fused``.
 Pinned to one core (``taskset -c 0``) the refresh branch costs nothing; on two
 cores it does, and ``scripts/diag_thunk_graph.py`` lists the orderings between
 thunks that XLA:CPU's buffer reuse adds.
@@ -71,6 +75,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -98,6 +103,20 @@ def _tree_count(x: jax.Array) -> jax.Array:
         x = functools.reduce(operator.add, [x[i] for i in range(16)])
         n = m
     return x[0]
+
+
+def _fused(params, step):
+    """``jp.prune``'s packed refresh for magnitude, layer scope (``cond-fused``'s branch)."""
+    sched = jp.schedules.polynomial(0.0, 0.9, 0, 10**7, frequency=10**9)
+    flags = jp._tree.prunable_flags(params, None)
+    return M.pack(M.fused_select("layer", jp.criteria.magnitude, params, sched(step), flags))
+
+
+_fused_jit = jax.jit(_fused)
+
+
+def _host_refresh(params, step):
+    return jax.tree.map(np.asarray, _fused_jit(params, step))
 
 
 def variant(kind: str) -> optax.GradientTransformation:
@@ -130,6 +149,10 @@ def variant(kind: str) -> optax.GradientTransformation:
                 "layer", jp.criteria.magnitude, params[:1], sched(step), [False, True]
             )
             return M.pack(first) + list(packed[1:])
+        if kind == "cond-callback":  # jp.prune's refresh, run on the host by a callback
+            return jax.pure_callback(
+                _host_refresh, jax.eval_shape(_fused, params, step), params, step
+            )
         if kind == "cond-elem-old":  # element-wise, also reading the old bits
             return [
                 {
@@ -278,6 +301,7 @@ def main() -> None:
         "cond-fused-first",
         "cond-fused-after-grads",
         "cond-whole",
+        "cond-callback",
     ] + [f"cond-scratch-{k}" for k in (4, 8, 12, 16, 24)]
     if args.variants:
         chosen = args.variants.split(",")
