@@ -105,11 +105,14 @@ def _tree_count(x: jax.Array) -> jax.Array:
     return x[0]
 
 
+# Every variant's schedule: a refresh at step 0 only (the warm-up), none while timed.
+_SCHED = jp.schedules.polynomial(0.0, 0.9, 0, 10**7, frequency=10**9)
+
+
 def _fused(params, step):
     """``jp.prune``'s packed refresh for magnitude, layer scope (``cond-fused``'s branch)."""
-    sched = jp.schedules.polynomial(0.0, 0.9, 0, 10**7, frequency=10**9)
     flags = jp._tree.prunable_flags(params, None)
-    return M.pack(M.fused_select("layer", jp.criteria.magnitude, params, sched(step), flags))
+    return M.pack(M.fused_select("layer", jp.criteria.magnitude, params, _SCHED(step), flags))
 
 
 _fused_jit = jax.jit(_fused)
@@ -122,7 +125,7 @@ def _host_refresh(params, step):
 def variant(kind: str) -> optax.GradientTransformation:
     """A minimal pruning transform (packed masks, enforced every step) with one refresh kind."""
     inner = optax.adam(1e-3)
-    sched = jp.schedules.polynomial(0.0, 0.9, 0, 10**7, frequency=10**9)
+    sched = _SCHED
 
     def init(params):
         flags = jp._tree.prunable_flags(params, None)
@@ -138,12 +141,8 @@ def variant(kind: str) -> optax.GradientTransformation:
             return jax.tree.map(lambda a: a ^ jnp.ones_like(a), packed)
         if kind == "cond-topk":
             return M.pack(M.topk(jp.criteria.magnitude(params), sched(step)))
-        # jp.prune's refresh for magnitude
         if kind in ("cond-fused", "cond-fused-after-grads", "cond-whole"):
-            flags = jp._tree.prunable_flags(params, None)
-            return M.pack(
-                M.fused_select("layer", jp.criteria.magnitude, params, sched(step), flags)
-            )
+            return _fused(params, step)
         if kind == "cond-fused-first":  # the same, first (largest) kernel only
             first = M.fused_select(
                 "layer", jp.criteria.magnitude, params[:1], sched(step), [False, True]
@@ -175,7 +174,13 @@ def variant(kind: str) -> optax.GradientTransformation:
                 {"kernel": M.pack(jnp.abs(layer["kernel"]) > 0.1), "bias": old["bias"]}
                 for layer, old in zip(params, packed, strict=True)
             ]
-        if kind.startswith("cond-count") and kind != "cond-count-loop":  # one count per kernel
+        if kind in (  # one count per kernel
+            "cond-count",
+            "cond-count-small",
+            "cond-count-dot",
+            "cond-count-tree",
+            "cond-count-tree-small",
+        ):
             out = []
             for layer, old in zip(params, packed, strict=True):
                 w = layer["kernel"]
