@@ -18,7 +18,15 @@ white-box PGD-40 attack:
   budget of an ANP-VS that starts from AT;
 * AT-kept — a capacity control: the trained standard model shrunk
   (``jp.structure.shrink_module``) to the units ANP-VS kept, then trained like
-  AT, so it has ANP-VS's widths and budget but Madry's loss and no gates.
+  AT, so it has ANP-VS's widths and budget but Madry's loss and no gates;
+* ANP-VS-ft — ANP-VS followed by adversarial fine-tuning: the trained ANP-VS
+  network with its test-time gates folded into the weights
+  (``jp.gates.detach``), shrunk to the units its gates keep, then trained like
+  AT for as many steps again. From the standard model (``--anp-base
+  standard``) it has AT-cont's budget: standard, then two methods' steps;
+* AT-cont-kept — its capacity control: the trained AT model shrunk to the
+  units ANP-VS kept, then trained on like AT-cont, so it has ANP-VS-ft's
+  widths and budget but no gates in its history.
 
 As in the reference code, BP and ANP-VS start from the trained standard model
 (``--anp-base``); so do AT and AT-mix by default (``--at-base standard``), so
@@ -198,7 +206,7 @@ def train(method, args, data, n_train, pbar, base=None, keep=None):
             adv_weight=args.adv_weight,
             **attack_kw,
         )
-    elif method in ("AT", "AT-mix", "AT-kept", "AT-cont"):
+    elif method in ("AT", "AT-mix", "AT-kept", "AT-cont", "ANP-VS-ft", "AT-cont-kept"):
         clean_weight = 1 / (1 + args.adv_weight) if method == "AT-mix" else 0.0
         step = adversarial.adversarial_step(apply_fn, tx, clean_weight=clean_weight, **attack_kw)
     else:
@@ -284,7 +292,9 @@ LABELS = {
     "AT": "AT (Madry: CE(x_adv))",
     "AT-mix": "AT-mix (paper's code: (CE(x) + 2 CE(x_adv)) / 3)",
     "AT-kept": "AT-kept (AT at ANP-VS's kept widths)",
+    "AT-cont-kept": "AT-cont-kept (AT, shrunk to ANP-VS's units, then AT)",
     "AT-cont": "AT-cont (AT trained on from AT)",
+    "ANP-VS-ft": "ANP-VS-ft (ANP-VS, shrunk, then AT)",
 }
 
 
@@ -505,6 +515,8 @@ epochs with PGD-40 in training remain untested.
 FIXED_START = {
     "AT-cont": "AT-cont always continues AT",
     "AT-kept": "AT-kept always shrinks the trained standard model",
+    "AT-cont-kept": "AT-cont-kept always shrinks the trained AT model",
+    "ANP-VS-ft": "ANP-VS-ft always fine-tunes the trained ANP-VS network",
 }
 
 # The adversarial baselines ANP-VS is checked against: the stronger one counts.
@@ -514,6 +526,22 @@ AT_ROWS = ("AT", "AT-mix", "AT-cont")
 def _shape_checks(anp: dict, at: dict) -> tuple[bool, bool]:
     """The paper's shape: ANP-VS at least as robust as ``at``, >= 80% of units pruned."""
     return anp["pgd_acc"] >= at["pgd_acc"], anp["unit_sparsity"] >= 80
+
+
+def _pgd(row: dict) -> float:
+    """Returns a row's PGD accuracy (the key the strongest AT row is picked by)."""
+    return row["pgd_acc"]
+
+
+def _budget(row: dict) -> int:
+    """Returns a row's training steps, its own and those of the models it started from."""
+    return row.get("steps", 0) + row.get("inherited_steps", 0)
+
+
+def _strongest_as_long(row: dict, ats: list[dict]) -> dict | None:
+    """Returns the strongest of the AT rows trained at least as long as ``row``, if any."""
+    matched = [at for at in ats if _budget(at) >= _budget(row)]
+    return max(matched, key=_pgd) if matched else None
 
 
 def verdict(rows: list[dict]) -> str:
@@ -527,7 +555,7 @@ def verdict(rows: list[dict]) -> str:
     if not ats or "ANP-VS" not in by:
         return ""
     anp = by["ANP-VS"]
-    best = max(ats, key=lambda r: r["pgd_acc"])
+    best = max(ats, key=_pgd)
     robust, sparse = _shape_checks(anp, best)
     parts = [
         f"{LABELS.get(at['method'], at['method'])}: PGD-40 accuracy {anp['pgd_acc']:.1f}% vs "
@@ -543,7 +571,42 @@ def verdict(rows: list[dict]) -> str:
         f"{'yes' if robust else 'no'}; >= 80% of units pruned: {'yes' if sparse else 'no'}, "
         f"{anp['unit_sparsity']:.1f}%, {_flops(anp)} fewer FLOPs; of the conv "
         f"channels and hidden neurons alone, {anp['channel_neuron_sparsity']:.1f}%). "
-        "ANP-VS vs " + "; vs ".join(parts) + "." + same_widths(by) + "\n"
+        "ANP-VS vs " + "; vs ".join(parts) + "." + same_widths(by) + fine_tuned(by, ats) + "\n"
+    )
+
+
+def fine_tuned(by: dict, ats: list[dict]) -> str:
+    """Returns the check of ANP-VS-ft against the AT rows with at least its budget."""
+    if "ANP-VS-ft" not in by:
+        return ""
+    ft = by["ANP-VS-ft"]
+    head = (
+        f" With adversarial fine-tuning (ANP-VS-ft: the ANP-VS network shrunk to its units, "
+        f"then trained like AT; {_budget(ft)} steps in all): {ft['clean_acc']:.1f}% clean / "
+        f"{ft['pgd_acc']:.1f}% PGD-40 at {ft['unit_sparsity']:.1f}% of units pruned, "
+        f"{_flops(ft)} fewer FLOPs"
+    )
+    best = _strongest_as_long(ft, ats)
+    if best is None:
+        return (
+            head + f"; no AT row trained as long ({max(map(_budget, ats))} steps at most), "
+            "so the paper's shape is not checked for it. Fix: add AT-cont to --methods "
+            "with --anp-base standard."
+        )
+    robust, sparse = _shape_checks(ft, best)
+    kept = by.get("AT-cont-kept")
+    return (
+        head + f"; against {best['method']} ({_budget(best)} steps), "
+        f"{ft['pgd_acc'] - best['pgd_acc']:+.1f} points: the paper's shape with fine-tuning "
+        f"is **{'met' if robust and sparse else 'NOT met'}**."
+        + (
+            ""
+            if kept is None
+            else f" AT-cont-kept, the AT model shrunk to ANP-VS's units and trained on as "
+            f"long, reaches {kept['clean_acc']:.1f}% clean / {kept['pgd_acc']:.1f}% PGD-40: "
+            f"ANP-VS-ft is {ft['pgd_acc'] - kept['pgd_acc']:+.1f} points from it, and those "
+            f"units cost AT {kept['pgd_acc'] - best['pgd_acc']:+.1f} points."
+        )
     )
 
 
@@ -762,30 +825,37 @@ def summary(results: list[dict], names: list[str]) -> str:
                 f"run {name!r} has rows {sorted(by)}: the summary compares ANP-VS with AT. "
                 "Fix: summarize runs made with --methods including AT (or AT-mix) and ANP-VS."
             )
-        anp, at = by["ANP-VS"], max(ats, key=lambda r: r["pgd_acc"])
         steps = (a["train_size"] // a["batch_size"]) * a["epochs"]
-        # The gap to Madry's AT row by itself, where a stronger row (AT-mix, AT-cont) set
-        # the target; "=" where AT is the row compared, "-" where the run has none.
-        alone = (
-            "-"
-            if "AT" not in by
-            else "="
-            if at is by["AT"]
-            else (f"{anp['pgd_acc'] - by['AT']['pgd_acc']:+.2f}")
-        )
-        lines.append(
-            f"| {name} | {a['epochs']} | {steps} | {a['train_steps']} | {a['beta']:g} | "
-            f"{a.get('gate_samples', 'batch')} | {a.get('weight_decay', 0.0):g} | "
-            f"{a['lam']:g} | {a.get('adv_weight', 2.0):g} | {a['seed']} | "
-            f"{a.get('init_a', 30.0):g} / {a.get('gate_lr', 0.2):g} | "
-            f"{a.get('attack_gates', 'sampled')} gates | {anp.get('starts_from', 'standard')} | "
-            f"{at['clean_acc']:.2f} / {at['pgd_acc']:.2f}"
-            f"{'' if at['method'] == 'AT' else ' (' + at['method'] + ')'} | "
-            f"{anp['clean_acc']:.2f} / {anp['pgd_acc']:.2f} | {anp['unit_sparsity']:.1f} | "
-            f"{_flops(anp)} | {at['vulnerability']:.3f} / "
-            f"{anp['vulnerability']:.3f} | {anp['pgd_acc'] - at['pgd_acc']:+.2f} | "
-            f"{alone} | {_target(anp, at)} |"
-        )
+        best = max(ats, key=_pgd)
+        compared = [(name, by["ANP-VS"], best)]
+        ft = by.get("ANP-VS-ft")
+        ft_at = None if ft is None else _strongest_as_long(ft, ats)
+        if ft_at is not None:  # a line of its own, held to the AT rows with its budget
+            compared.append((f"{name} (ANP-VS-ft)", ft, ft_at))
+        for label, anp, at in compared:
+            # The gap to Madry's AT row by itself, where a stronger row (AT-mix, AT-cont)
+            # set the target; "=" where AT is the row compared, "-" where the run has none.
+            alone = (
+                "-"
+                if "AT" not in by
+                else "="
+                if at is by["AT"]
+                else (f"{anp['pgd_acc'] - by['AT']['pgd_acc']:+.2f}")
+            )
+            lines.append(
+                f"| {label} | {a['epochs']} | {steps} | {a['train_steps']} | {a['beta']:g} | "
+                f"{a.get('gate_samples', 'batch')} | {a.get('weight_decay', 0.0):g} | "
+                f"{a['lam']:g} | {a.get('adv_weight', 2.0):g} | {a['seed']} | "
+                f"{a.get('init_a', 30.0):g} / {a.get('gate_lr', 0.2):g} | "
+                f"{a.get('attack_gates', 'sampled')} gates | "
+                f"{anp.get('starts_from', 'standard')} | "
+                f"{at['clean_acc']:.2f} / {at['pgd_acc']:.2f}"
+                f"{'' if at['method'] == 'AT' else ' (' + at['method'] + ')'} | "
+                f"{anp['clean_acc']:.2f} / {anp['pgd_acc']:.2f} | {anp['unit_sparsity']:.1f} | "
+                f"{_flops(anp)} | {at['vulnerability']:.3f} / "
+                f"{anp['vulnerability']:.3f} | {anp['pgd_acc'] - at['pgd_acc']:+.2f} | "
+                f"{alone} | {_target(anp, at)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -1019,6 +1089,7 @@ def main(argv=None):
     args.train_size = n_train
     methods = args.methods.split(",")
     known = ("standard", "AT", "AT-mix", "BP", "ANP-VS", "AT-kept", "AT-cont")
+    known += ("ANP-VS-ft", "AT-cont-kept")
     unknown = [m for m in methods if m not in known]
     if unknown:
         p.error(f"--methods names {unknown}, not among {', '.join(known)}")
@@ -1028,17 +1099,19 @@ def main(argv=None):
     base_of = {"BP": "standard", "ANP-VS": args.anp_base, "AT": args.at_base}
     base_of["AT-mix"] = args.at_base
     base_of["AT-kept"] = "standard"
+    base_of["AT-cont-kept"] = "AT"
     base_of["AT-cont"] = "AT"
-    if "AT-kept" in methods and "ANP-VS" not in methods[: methods.index("AT-kept")]:
-        raise SystemExit(
-            f"AT-kept trains at the widths ANP-VS keeps, and --methods {args.methods!r} does "
-            "not train ANP-VS before it. Fix: put ANP-VS earlier in --methods."
-        )
+    base_of["ANP-VS-ft"] = "ANP-VS"
+    for kept in ("AT-kept", "AT-cont-kept"):
+        if kept in methods and "ANP-VS" not in methods[: methods.index(kept)]:
+            raise SystemExit(
+                f"{kept} trains at the widths ANP-VS keeps, and --methods {args.methods!r} "
+                "does not train ANP-VS before it. Fix: put ANP-VS earlier in --methods."
+            )
     with tqdm(total=steps_per * len(methods), desc="train") as pbar:
         for method in methods:
             pbar.set_description(method)
             base = None
-            keep = gates.hard_masks(trained["ANP-VS"]) if method == "AT-kept" else None
             always = method in FIXED_START  # its start model is part of its definition
             if (args.finetune or always) and base_of.get(method, "none") != "none":
                 if base_of[method] not in trained:
@@ -1054,13 +1127,19 @@ def main(argv=None):
                         f"{base_of[method]} earlier in --methods{scratch}"
                     )
                 base = trained[base_of[method]]
+                if method == "ANP-VS-ft":  # the gates, folded into the weights
+                    base = gates.detach(base)
+            shrunk = method in ("AT-kept", "ANP-VS-ft", "AT-cont-kept")
+            keep = gates.hard_masks(trained["ANP-VS"]) if shrunk else None
             apply_fn, params, graphdef, rest, model = train(
                 method, args, data, n_train, pbar, base, keep
             )
             trained[method] = model
             rows.append(evaluate(method, apply_fn, params, graphdef, rest, args, data))
             origin = base_of[method] if base is not None else "scratch"
-            origin += ", shrunk to ANP-VS's units" if keep is not None else ""
+            if keep is not None:
+                whose = "its" if base_of[method] == "ANP-VS" else "ANP-VS's"
+                origin += f", shrunk to {whose} units"
             start = base_of.get(method)
             inherited = 0 if base is None else steps_of[start] + inherited_of[start]
             steps_of[method], inherited_of[method] = steps_per, inherited

@@ -1,5 +1,8 @@
 """The ANP-VS example's unit accounting: the paper's 1370 units, counted on the shrunk net."""
 
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -249,3 +252,54 @@ def test_the_gpu_page_third_batch_table_is_the_summary_of_its_jsons(anp_vs):
     results = [json.loads((root / "anp_vs_gpu" / f"{n}.json").read_text()) for n in names]
     want = anp_vs.summary(results, names).strip().splitlines()
     assert [want[0], *want[2:]] == lines
+
+
+def test_anp_vs_ft_is_held_to_the_at_rows_with_at_least_its_budget(anp_vs):
+    def row(method, pgd, sparsity, inherited):
+        full = _full_row(method, pgd, sparsity)
+        return {**full, "steps": 10, "inherited_steps": inherited, "channel_neuron_sparsity": 70.0}
+
+    # AT (20 steps) is weaker than ANP-VS-ft (30) but does not count: AT-cont has the budget.
+    rows = [row("AT", 50.0, 0.0, 10), row("ANP-VS", 45.0, 82.0, 10)]
+    rows += [row("ANP-VS-ft", 56.0, 82.0, 20), row("AT-cont", 55.0, 0.0, 20)]
+    text = anp_vs.verdict(rows)
+    assert "against AT-cont (30 steps), +1.0 points" in text
+    assert "with fine-tuning is **met**" in text
+    assert "**NOT met** (robust enough: no" in text  # ANP-VS alone, against AT-cont
+    weaker = anp_vs.fine_tuned({r["method"]: r for r in rows[:3]}, rows[:1])
+    assert "no AT row trained as long (20 steps at most)" in weaker and "AT-cont" in weaker
+    sparse_short = [*rows[:2], row("ANP-VS-ft", 56.0, 79.0, 20), rows[3]]
+    assert "with fine-tuning is **NOT met**" in anp_vs.verdict(sparse_short)
+    # The capacity control: AT at ANP-VS's units with ANP-VS-ft's budget.
+    text = anp_vs.verdict([*rows, row("AT-cont-kept", 53.0, 82.0, 20)])
+    assert "reaches 80.0% clean / 53.0% PGD-40: ANP-VS-ft is +3.0 points from it" in text
+    assert "those units cost AT -2.0 points" in text
+
+
+def test_summary_gives_anp_vs_ft_a_line_held_to_its_budget(anp_vs):
+    def row(method, pgd, sparsity, inherited):
+        full = _full_row(method, pgd, sparsity)
+        return {**full, "steps": 10, "inherited_steps": inherited, "starts_from": "x"}
+
+    rows = [row("AT", 50.0, 0.0, 10), row("ANP-VS", 45.0, 82.0, 10)]
+    rows += [row("ANP-VS-ft", 56.0, 82.0, 20), row("AT-cont", 55.0, 0.0, 20)]
+    lines = anp_vs.summary([_run(4.0, rows, train_steps=3, lam=1e-3)], ["r"]).splitlines()
+    assert len(lines) == 4
+    assert lines[2].startswith("| r |") and lines[2].endswith(
+        "| -10.00 | -5.00 | no (robustness) |"
+    )
+    assert lines[3].startswith("| r (ANP-VS-ft) |") and "| 80.00 / 56.00 |" in lines[3]
+    assert lines[3].endswith("| +1.00 | +6.00 | met |")
+    # Without an AT row trained as long, ANP-VS-ft gets no line.
+    short = anp_vs.summary([_run(4.0, rows[:3], train_steps=3, lam=1e-3)], ["r"])
+    assert "ANP-VS-ft" not in short
+
+
+@pytest.mark.parametrize("stem", ["anp_vs_ft_mix", "anp_vs_ft_aw1000", "anp_vs_ft_aw1000_seed1"])
+def test_the_fine_tuning_pages_render_from_their_json(anp_vs, stem):
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    result = json.loads((docs / f"{stem}.json").read_text())
+    text = anp_vs.render(result)
+    assert (docs / f"{stem}.md").read_text() == text
+    assert "the paper's shape with fine-tuning is **NOT met**" in text
+    assert "AT-cont-kept, the AT model shrunk to ANP-VS's units" in text
