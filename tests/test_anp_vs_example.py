@@ -295,7 +295,9 @@ def test_summary_gives_anp_vs_ft_a_line_held_to_its_budget(anp_vs):
     assert "ANP-VS-ft" not in short
 
 
-@pytest.mark.parametrize("stem", ["anp_vs_ft_mix", "anp_vs_ft_aw1000", "anp_vs_ft_aw1000_seed1"])
+@pytest.mark.parametrize(
+    "stem", ["anp_vs_ft_mix", "anp_vs_ft_aw1000", "anp_vs_ft_aw1000_seed1", "anp_vs_ft_beta40"]
+)
 def test_the_fine_tuning_pages_render_from_their_json(anp_vs, stem):
     docs = Path(__file__).resolve().parents[1] / "docs"
     result = json.loads((docs / f"{stem}.json").read_text())
