@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune._tree import check_same_structure, leaves_with_paths, path_str
+from jaxprune._tree import check_same_structure, leaves_with_paths, mirrors_variables, path_str
 from jaxprune.bitmask import _has_packed
 
 
+@mirrors_variables
 def apply_masks(params: Any, masks: Any) -> Any:
     """Returns ``params`` with masked-out entries set to exactly zero (dtype kept).
 

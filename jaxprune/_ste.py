@@ -34,7 +34,7 @@ from jaxprune._tree import (
     prunable_flags,
     unwrap_variables,
 )
-from jaxprune.schedules import Schedule, as_schedule
+from jaxprune.schedules import Schedule, as_schedule, static_value
 from jaxprune.state import register_mask_state
 from jaxprune.transform import (
     _in_container_of,
@@ -98,7 +98,7 @@ def _level(schedule: Schedule, step: jax.Array) -> jax.Array:
     last = begin + ((jnp.maximum(step, begin) - begin) // freq) * freq
     if end is not None:
         last = jnp.where(step >= end, end, jnp.minimum(last, end))
-    return schedule(last)
+    return static_value(schedule, last)
 
 
 def ste(

@@ -10,6 +10,7 @@ path whether a state arrives Variable-wrapped (``tx.init``) or pure
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable
@@ -33,6 +34,8 @@ __all__ = [
     "path_str",
     "prunable_flags",
     "unwrap_variables",
+    "mirror_variables",
+    "mirrors_variables",
     "check_same_structure",
     "check_where",
     "flagged",
@@ -48,6 +51,32 @@ def is_variable(x: Any) -> bool:
 def unwrap_variables(tree: Any) -> Any:
     """Returns ``tree`` with every nnx ``Variable`` replaced by its array."""
     return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable)
+
+
+def mirror_variables(template: Any, out: Any) -> Any:
+    """Returns ``out`` wrapped in the nnx ``Variable`` s that wrap ``template`` 's arrays.
+
+    ``out`` has ``template`` 's pure structure (what :func:`leaves_with_paths`
+    unflattens to); each of its leaves where ``template`` holds a Variable is
+    put in a copy of that Variable (same type and metadata), so a mask tree
+    of a Variable-wrapped ``nnx.State`` has exactly that state's tree
+    structure. Without Variables in ``template``, ``out`` is returned as is.
+    """
+    if not any(map(is_variable, jax.tree.leaves(template, is_leaf=is_variable))):
+        return out
+    return jax.tree.map(
+        lambda v, x: v.replace(x) if is_variable(v) else x, template, out, is_leaf=is_variable
+    )
+
+
+def mirrors_variables(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps ``fn(tree, ...)`` (returning the pure structure) in :func:`mirror_variables`."""
+
+    @functools.wraps(fn)
+    def wrapper(tree: Any, *args: Any, **kwargs: Any) -> Any:
+        return mirror_variables(tree, fn(tree, *args, **kwargs))
+
+    return wrapper
 
 
 def _key_name(key: Any) -> str | int:

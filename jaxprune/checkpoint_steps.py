@@ -53,11 +53,18 @@ def _locate(directory: str | os.PathLike, step: int | None) -> tuple[pathlib.Pat
     if not steps:
         # Orbax writes a step into a temporary directory and renames it when done.
         partial = any(".orbax-checkpoint-tmp" in c.name for c in path.iterdir())
-        why = (
-            "only an unfinished (interrupted) save is there"
-            if partial
-            else "it holds no step directory; pass the directory given to jp.save"
-        )
+        foreign = sorted(int(c.name) for c in path.iterdir() if c.name.isdigit() and c.is_dir())
+        if partial:
+            why = "only an unfinished (interrupted) save is there"
+        elif foreign:
+            why = (
+                f"its step directories ({', '.join(map(str, foreign[:5]))}"
+                f"{', ...' if len(foreign) > 5 else ''}) were not written by jp.save (they have "
+                "no meta/ directory: e.g. a plain orbax CheckpointManager's); restore them with "
+                "orbax, or pass the directory given to jp.save"
+            )
+        else:
+            why = "it holds no step directory; pass the directory given to jp.save"
         raise CheckpointError(f"no complete checkpoint in {path}: {why}.")
     if step is None:
         return path, steps[-1]

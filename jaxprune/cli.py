@@ -16,11 +16,14 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import math
 import pathlib
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 
 __all__ = ["main", "build_parser", "scripts_dir"]
 
@@ -524,10 +527,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _quiet_orbax(args.func in (_inspect, _export)):
+            return int(args.func(args) or 0)
     except _CommandError as e:
         print("jaxprune: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _quiet_orbax(quiet: bool) -> Iterator[None]:
+    """Silences orbax's log lines (absl's logger) while ``inspect`` or ``export`` reads.
+
+    A damaged checkpoint makes orbax log ``ERROR:absl:Failed to json parse
+    ...`` or ``WARNING:absl:Metadata file does not exist`` before jaxprune
+    reports the problem; the command's own error names the file, in one line.
+    """
+    if not quiet:
+        yield
+        return
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 if __name__ == "__main__":  # pragma: no cover

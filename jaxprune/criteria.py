@@ -37,6 +37,7 @@ from jaxprune._tree import (
     key_parts,
     leaves_with_paths,
     map_pair,
+    mirrors_variables,
     path_str,
     unwrap_variables,
 )
@@ -69,6 +70,7 @@ def magnitude(params: optax.Params) -> optax.Params:
     return jax.tree.map(jnp.abs, params)
 
 
+@mirrors_variables
 def random(params: optax.Params, *, key: jax.Array) -> optax.Params:
     """Returns i.i.d. uniform scores in ``[0, 1)`` shaped like each leaf of ``params``.
 
@@ -100,6 +102,7 @@ def _path_hash(path: Any) -> int:
     return zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF
 
 
+@mirrors_variables
 def saliency(params: optax.Params, grads: optax.Updates) -> optax.Params:
     """Returns ``|w * g|``, the first-order estimate of the loss change from removing ``w``.
 
@@ -193,6 +196,7 @@ def _input_axis_norms(w: jax.Array, norms: Any) -> jax.Array:
     return norms
 
 
+@mirrors_variables
 def wanda(params: optax.Params, input_norms: Any) -> optax.Params:
     """Returns Wanda scores ``|W_ij| * ||X_i||_2`` for every leaf of ``params``.
 

@@ -20,7 +20,15 @@ import optax
 
 from jaxprune import _counts
 from jaxprune import masks as _masks
-from jaxprune._tree import Where, as_float, as_int, leaves_with_paths, path_str, prunable_flags
+from jaxprune._tree import (
+    Where,
+    as_float,
+    as_int,
+    leaves_with_paths,
+    mirrors_variables,
+    path_str,
+    prunable_flags,
+)
 
 __all__ = ["uniform", "erk", "explicit", "selection", "per_output"]
 
@@ -306,6 +314,7 @@ def selection(
       (200, 4900)
     """
 
+    @mirrors_variables
     def select_fn(scores, sparsity, *, where=None):
         per_leaf = distribution(scores, sparsity, where=where)
         if select is _masks.topk:

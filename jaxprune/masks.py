@@ -53,6 +53,7 @@ from jaxprune._tree import (
     check_where,
     flagged,
     leaves_with_paths,
+    mirrors_variables,
     path_str,
     prunable_flags,
 )
@@ -86,6 +87,7 @@ def _assemble(scores: Any, flags: list[bool], keeps: dict[int, jax.Array]) -> An
     return jax.tree.unflatten(treedef, leaves)
 
 
+@mirrors_variables
 def topk(scores: Any, sparsity: Any, *, where: Where | None = None) -> Any:
     """Returns bool masks keeping the top ``1 - sparsity`` scores of each prunable leaf.
 
@@ -153,6 +155,7 @@ def _rounds_to_all(s: Any, n: int) -> bool:
     return float(s) < 1.0 and round(float(s) * n) == n
 
 
+@mirrors_variables
 def global_topk(
     scores: Any,
     sparsity: ArrayLike,

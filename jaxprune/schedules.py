@@ -10,6 +10,7 @@ the jitted train step without retracing.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -111,6 +112,45 @@ class Schedule(NamedTuple):
         return (on_grid & (step <= self.end_step)) | (step == self.end_step)
 
 
+class _Constant:
+    """``fn`` of :func:`constant` and :func:`one_shot`: the same sparsity at every step.
+
+    Keeps the Python float it was built from, so that prune counts taken from
+    it are Python's ``round(s * n)`` (see :func:`static_value`), not those of
+    its float32 rounding: ``float32(0.7) * 5`` is just under 3.5.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def __call__(self, step: jax.Array) -> jax.Array:
+        return jnp.full((), self.value, jnp.float32)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Constant) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash((_Constant, self.value))
+
+    def __repr__(self) -> str:
+        return f"constant({self.value!r})"
+
+
+def static_value(schedule: Schedule, step: ArrayLike) -> jax.Array | float:
+    """The sparsity of ``schedule`` at ``step``: a Python float where it is one number for good.
+
+    For :func:`constant` and :func:`one_shot` schedules (and a float given as
+    a sparsity) it is the number given, so the selections count
+    ``round(s * n)`` in Python's arithmetic even inside ``jax.jit``; for any
+    other schedule it is ``schedule(step)``, a float32 array.
+    """
+    if isinstance(schedule.fn, _Constant):
+        return schedule.fn.value
+    return schedule(step)
+
+
 def _is_bool_like(x: Any) -> bool:
     """Is ``x`` a Python bool or a scalar bool array (a ``should_prune`` flag)?"""
     if isinstance(x, bool | np.bool_):
@@ -133,9 +173,9 @@ def constant(sparsity: float, begin_step: int = 0, frequency: int | None = None)
     v = _check_fraction("sparsity", sparsity)
     begin_step = _check_step("begin_step", begin_step)
     if frequency is None:
-        return Schedule(lambda step: jnp.full((), v, jnp.float32), begin_step, begin_step, 1)
+        return Schedule(_Constant(v), begin_step, begin_step, 1)
     frequency = _check_frequency(frequency)
-    return Schedule(lambda step: jnp.full((), v, jnp.float32), begin_step, None, frequency)
+    return Schedule(_Constant(v), begin_step, None, frequency)
 
 
 def one_shot(sparsity: float, step: int) -> Schedule:
@@ -149,7 +189,7 @@ def one_shot(sparsity: float, step: int) -> Schedule:
     """
     v = _check_fraction("sparsity", sparsity)
     step = _check_step("step", step)
-    return Schedule(lambda t: jnp.full((), v, jnp.float32), step, step, 1)
+    return Schedule(_Constant(v), step, step, 1)
 
 
 def _check_frequency(frequency: Any) -> int:
@@ -167,7 +207,6 @@ def polynomial(
     final_sparsity: float,
     begin_step: int,
     end_step: int,
-    *,
     frequency: int = 1,
     power: float = 3,
 ) -> Schedule:
@@ -179,9 +218,13 @@ def polynomial(
     ``power=3`` the sparsity values are TF-MOT's ``PolynomialDecay``, with two
     differences when porting:
 
-    * ``frequency`` and ``power`` are keyword-only: ``PolynomialDecay`` takes
-      ``power`` before ``frequency``, so ``PolynomialDecay(0.0, 0.9, 0, 1000, 3,
-      100)`` is ``polynomial(0.0, 0.9, 0, 1000, power=3, frequency=100)``.
+    * ``frequency`` comes before ``power`` (the order of the signature
+      ``polynomial(initial_sparsity, final_sparsity, begin_step, end_step,
+      frequency=1, power=3)``), while ``PolynomialDecay`` takes ``power``
+      first: ``PolynomialDecay(0.0, 0.9, 0, 1000, 3, 100)`` is
+      ``polynomial(0.0, 0.9, 0, 1000, 100, 3)``. Passing them by keyword
+      avoids the mix-up; a ``power`` above 10 (a decay that reaches the final
+      sparsity almost at once) warns that the two may have been swapped.
     * jaxprune also refreshes at ``end_step`` when it is off the ``frequency``
       grid (``(end_step - begin_step) % frequency != 0``), so the final sparsity
       is reached; TF-MOT's last refresh is the last grid step before it.
@@ -237,6 +280,15 @@ def polynomial(
         raise ValueError(
             f"power must be a positive number (the exponent of the decay), got {power!r}. "
             "Fix: e.g. power=3 as in Zhu & Gupta (TF-MOT's PolynomialDecay)."
+        )
+    if p > 10:
+        warnings.warn(
+            f"polynomial(..., frequency={frequency}, power={power!r}): a power above 10 reaches "
+            "the final sparsity almost at once. TF-MOT's PolynomialDecay takes power before "
+            "frequency; if this was ported positionally, swap them, e.g. "
+            f"polynomial(..., frequency={int(p) if p == int(p) else p}, power={frequency}).",
+            UserWarning,
+            stacklevel=2,
         )
     span = max(end_step - begin_step, 1)
 

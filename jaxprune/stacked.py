@@ -40,6 +40,7 @@ from jaxprune._tree import (
     is_channel_bias,
     is_prunable,
     leaves_with_paths,
+    mirrors_variables,
     path_str,
     prunable_flags,
 )
@@ -176,6 +177,7 @@ def per_layer(select: Callable[..., Any], *, stacked: Stacked) -> Callable[..., 
     warned = [False]  # once per selection, not at every (traced) refresh
 
     @functools.wraps(select)
+    @mirrors_variables
     def select_fn(scores: Any, *args: Any, where: Where | None = None, **kwargs: Any):
         # `sparsity` (positional or keyword) passes through, so a selection
         # whose sparsity has a default (nm, patterns) keeps it.

@@ -48,7 +48,14 @@ from jaxprune._structured_rank import (
     _rank_reduced,
     at_least_f32,
 )
-from jaxprune._tree import Where, as_int, leaves_with_paths, path_str, prunable_flags
+from jaxprune._tree import (
+    Where,
+    as_int,
+    leaves_with_paths,
+    mirrors_variables,
+    path_str,
+    prunable_flags,
+)
 from jaxprune.structured_nm import blocks, nm
 from jaxprune.structured_patterns import pattern_library, patterns
 
@@ -163,6 +170,7 @@ def _norm_axes(axes: Axes, path: Any, x: Any) -> tuple[int, ...]:
 
 
 @_keeps_layout
+@mirrors_variables
 def structured(
     scores: Any,
     sparsity: Any,

@@ -26,7 +26,14 @@ from jaxprune._structured_rank import (
     _rank_reduced,
     at_least_f32,
 )
-from jaxprune._tree import Where, as_int, leaves_with_paths, path_str, prunable_flags
+from jaxprune._tree import (
+    Where,
+    as_int,
+    leaves_with_paths,
+    mirrors_variables,
+    path_str,
+    prunable_flags,
+)
 
 __all__ = ["nm", "blocks"]
 
@@ -44,6 +51,7 @@ def _pooled(x: jax.Array, pool: str, pad: tuple, split: tuple, inner: tuple) -> 
 
 
 @_keeps_layout
+@mirrors_variables
 def nm(
     scores: Any,
     sparsity: Any = None,
@@ -277,6 +285,7 @@ def _check_block(block: Any) -> tuple[int, ...]:
 
 
 @_keeps_layout
+@mirrors_variables
 def blocks(
     scores: Any,
     sparsity: Any,

@@ -27,7 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune._structured_rank import _keeps_layout, _rank_reduced, at_least_f32
-from jaxprune._tree import Where, as_int, leaves_with_paths, path_str, prunable_flags
+from jaxprune._tree import (
+    Where,
+    as_int,
+    leaves_with_paths,
+    mirrors_variables,
+    path_str,
+    prunable_flags,
+)
 
 __all__ = ["patterns", "pattern_library"]
 
@@ -163,6 +170,7 @@ def _apply_pattern(
 
 
 @_keeps_layout
+@mirrors_variables
 def patterns(
     scores: Any,
     sparsity: Any = 0.0,

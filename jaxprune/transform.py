@@ -41,7 +41,7 @@ from jaxprune._tree import (
     prunable_flags,
     unwrap_variables,
 )
-from jaxprune.schedules import Schedule, as_schedule
+from jaxprune.schedules import Schedule, as_schedule, static_value
 from jaxprune.stacked import _depth, _warn_no_stack
 from jaxprune.state import find_prune_states, get_masks, register_mask_state, state_bytes
 
@@ -395,7 +395,8 @@ def prune(
         explicit = _explicit_axes(params) is not None
 
         def refresh():
-            return sel.packed(params, grads, cstate, extra, lambda: schedule(step), flags, kept)
+            sparsity = functools.partial(static_value, schedule, step)
+            return sel.packed(params, grads, cstate, extra, sparsity, flags, kept)
 
         refreshing = schedule.is_update_step(step)
         packed = jax.lax.cond(refreshing, refresh, lambda: kept)

@@ -82,6 +82,35 @@ def test_command_line_process_prints_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and "jaxprune: error: no checkpoint" in proc.stderr
 
 
+def test_orbax_log_lines_stay_out_of_the_one_line_error(run_dir):
+    # A damaged orbax metadata file makes orbax log through absl (ERROR:absl:...)
+    # before jaxprune's own error: the command silences it, in a real process.
+    (run_dir / "10" / "_CHECKPOINT_METADATA").write_text("garbage")
+    meta = run_dir / "10" / "meta" / "metadata"
+    meta.write_text("{")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxprune", "inspect", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("jaxprune: error: cannot read the metadata of")
+
+
+def test_step_directories_not_written_by_jp_save_are_named(tmp_path, capsys):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(tmp_path / "plain") as mngr:
+        mngr.save(2, args=ocp.args.StandardSave({"w": np.ones(3, np.float32)}))
+        mngr.wait_until_finished()
+    assert cli.main(["inspect", str(tmp_path / "plain")]) == 1
+    err = capsys.readouterr().err
+    assert "its step directories (2) were not written by jp.save" in err and err.count("\n") == 1
+
+
 def test_bench_lists_runs_and_explains_a_missing_scripts_folder(tmp_path, monkeypatch, capsys):
     (tmp_path / "bench_fast.py").write_text("import sys; print('ran', sys.argv[1:])")
     monkeypatch.setattr(cli, "scripts_dir", lambda: tmp_path)

@@ -381,3 +381,29 @@ def test_topk_warns_when_a_sparsity_below_one_empties_a_small_leaf():
     jp.masks.topk(scores, 1.0)  # asked for: no warning (warnings are errors here)
     jp.masks.topk(scores, 0.9)
     jax.jit(lambda s: jp.masks.topk(scores, s))(0.95)  # a traced sparsity is unknown
+
+
+@pytest.mark.parametrize("s,n", [(0.1, 5), (0.7, 5), (0.98, 25), (0.35, 10), (0.9, 15)])
+def test_prune_with_a_fixed_sparsity_counts_as_python_rounds(s, n):
+    # float32(s) * n is just off the half-integer s * n, which Python rounds to
+    # even: jp.prune hands the refresh the number itself, not its float32.
+    params = {"w": jnp.arange(1.0, n + 1.0).reshape(1, n)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    fixed = (s, jp.schedules.constant(s), jp.schedules.one_shot(s, 0))
+    for scope in ("layer", "global"):
+        for sparsity in fixed:
+            tx = jp.prune(optax.sgd(0.0), sparsity=sparsity, scope=scope)
+            _, state = jax.jit(tx.update)(zeros, tx.init(params), params)
+            assert int((~jp.get_masks(state)["w"]).sum()) == round(s * n), (scope, sparsity)
+    tx = jp.dynamic.ste(optax.sgd(0.0), sparsity=s)
+    _, state = jax.jit(tx.update)(zeros, tx.init(params), params)
+    assert int((~jp.get_masks(state)["w"]).sum()) == round(s * n)
+    # A traced float32 s rounds its own exact product (the documented difference).
+    traced = jax.jit(jp.masks.topk)(params, jnp.float32(s))["w"]
+    assert int((~traced).sum()) == round(float(jnp.float32(s)) * n)
+
+
+def test_constant_schedules_compare_by_value():
+    assert jp.schedules.constant(0.5) == jp.schedules.constant(0.5)
+    assert jp.schedules.constant(0.5) != jp.schedules.constant(0.6)
+    assert float(jp.schedules.one_shot(0.7, 3)(3)) == float(jnp.float32(0.7))

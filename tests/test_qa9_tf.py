@@ -9,14 +9,16 @@ import pytest
 import jaxprune as jp
 
 
-def test_polynomial_frequency_and_power_are_keyword_only():
-    # TF-MOT's PolynomialDecay(s_i, s_f, begin, end, power, frequency): a positional
-    # port used to swap them silently (frequency=3, power=100).
-    with pytest.raises(TypeError):
-        jp.schedules.polynomial(0.0, 0.9, 0, 1000, 3, 100)
-    s = jp.schedules.polynomial(0.0, 0.9, 0, 1000, power=3, frequency=100)
+def test_polynomial_takes_frequency_then_power_positionally():
+    # The contract's order: polynomial(s_i, s_f, begin, end, frequency=1, power=3).
+    s = jp.schedules.polynomial(0.0, 0.9, 0, 1000, 100, 3)
+    assert s == jp.schedules.polynomial(0.0, 0.9, 0, 1000, frequency=100, power=3)._replace(fn=s.fn)
     assert [round(float(s(t)), 4) for t in (100, 300, 500)] == [0.2439, 0.5913, 0.7875]
     assert [t for t in range(301) if bool(s.is_update_step(t))] == [0, 100, 200, 300]
+    # TF-MOT's PolynomialDecay(s_i, s_f, begin, end, power, frequency), ported
+    # positionally, swaps them (frequency=3, power=100): a warning says so.
+    with pytest.warns(UserWarning, match=r"power=100.*swap them.*frequency=100, power=3"):
+        jp.schedules.polynomial(0.0, 0.9, 0, 1000, 3, 100)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,14 @@ import numpy as np
 from jaxprune import _counts
 from jaxprune import masks as _masks
 from jaxprune._search import _select, ordered_keys
-from jaxprune._tree import Where, leaves_with_paths, path_str, prunable_flags
+from jaxprune._tree import (
+    Where,
+    leaves_with_paths,
+    mirror_variables,
+    mirrors_variables,
+    path_str,
+    prunable_flags,
+)
 from jaxprune.structure.evaluate import run_cached
 from jaxprune.structure.graph import Group, channel_indices, find_groups
 from jaxprune.structure.isomorphic import isomorphic_classes
@@ -351,9 +358,10 @@ def select(
       Torch-Pruning's ``max_pruning_ratio`` and ``round_to``.
       https://github.com/VainF/Torch-Pruning
     """
-    return _select_warned(
+    masks = _select_warned(
         groups, scores, sparsity, reduce, where, scope, max_sparsity, round_to, normalize
     )
+    return mirror_variables(scores, masks)
 
 
 def _select_warned(
@@ -566,6 +574,7 @@ def selection(
     options = {"reduce": reduce, "scope": scope, "max_sparsity": max_sparsity}
     options.update(round_to=round_to, normalize=normalize)
 
+    @mirrors_variables
     def select_fn(scores: Any, sparsity: Any, *, where: Where | None = None) -> Any:
         # Groups where selects no member of keep all their masks (replaced by True
         # below), so their zero importances cut nothing: no warning about them.
