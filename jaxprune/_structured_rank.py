@@ -49,16 +49,28 @@ def _keeps_layout(fn: Callable[..., Any]) -> Callable[..., Any]:
         if found is None:
             return _placed_like(fn(scores, *args, **kwargs), scores)
         mesh, axes = found
-        run = lambda s: fn(s, *args, **kwargs)  # noqa: E731
+        # Array arguments (a traced sparsity typed on the Explicit mesh) enter
+        # the Auto region as inputs; the rest (Python numbers, where=, axes=)
+        # stay as they are, so a Python sparsity still counts exactly.
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+        is_array = [isinstance(x, jax.Array) for x in leaves]
+
+        def run(s, arrays):
+            it = iter(arrays)
+            full = [next(it) if a else x for x, a in zip(leaves, is_array, strict=True)]
+            a, k = jax.tree.unflatten(treedef, full)
+            return fn(s, *a, **k)
+
+        arrays = [x for x, a in zip(leaves, is_array, strict=True) if a]
         plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), scores)
-        shapes = jax.eval_shape(run, plain)
+        shapes = jax.eval_shape(lambda s: run(s, arrays), plain)
         score_types = [jax.typeof(x) for x in jax.tree.leaves(scores)]
         out = []
         for s, t in zip(jax.tree.leaves(shapes), score_types, strict=True):
             like_scores = bool(s.shape) and s.shape == t.shape
             out.append(_sharding_or_replicated(t, mesh) if like_scores else _replicated(mesh))
         shardings = jax.tree.unflatten(jax.tree.structure(shapes), out)
-        return _on_auto_axes(run, axes, shardings, scores)
+        return _on_auto_axes(run, axes, shardings, scores, arrays)
 
     return wrapper
 

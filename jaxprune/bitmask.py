@@ -138,6 +138,36 @@ def _packed_sharding(sharding: Any, shape: tuple[int, ...], axis: int | None, me
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def replicated_axis(x: Any) -> int | str | None:
+    """Which sharded axis of ``x`` its packed mask cannot keep, if any.
+
+    For a param laid out over several devices (a concrete array with a
+    ``NamedSharding``, or one typed with Explicit mesh axes): the packed axis
+    (see :class:`PackedMask`) if ``x`` is split along it into shards whose
+    length is not a multiple of 8, ``"flattened"`` if ``x`` has no axis a
+    multiple of 8 and is split at all; else ``None``. Such a mask's bits are
+    replicated, so every refresh gathers that leaf's whole mask.
+    """
+    if isinstance(x, jax.core.Tracer):
+        sharding = jax.typeof(x).sharding if _explicit_axes(x) is not None else None
+    else:
+        sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or not jnp.ndim(x):
+        return None
+    shape = tuple(jnp.shape(x))
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+
+    def ways(entry: Any) -> int:
+        names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+        return math.prod(sharding.mesh.shape[n] for n in names)
+
+    axis = _pack_axis(shape)
+    if axis is None:
+        return "flattened" if any(ways(e) > 1 for e in spec) else None
+    n = ways(spec[axis])
+    return axis if n > 1 and (shape[axis] // 8) % n else None
+
+
 def _unpack_leaf(p: Any) -> Any:
     if not isinstance(p, PackedMask):
         return p

@@ -381,6 +381,7 @@ def prune_decoder(
                 for h in hs:
                     part, n = _tap_hessian(graphdef, state, h, name)
                     hess, tokens = hess + part, tokens + n
+                    del part  # one [in, in] matrix alive while the layer is solved
                 hess = hess / tokens
                 layer = _layer(block, name)
                 kernel = layer.kernel.get_value()

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprune import bitmask as _bitmask
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
 from jaxprune._compile import jit_by_content
@@ -89,9 +90,31 @@ register_mask_state(PruneState)
 
 
 def _initial_masks(params: Any, flags: list[bool]) -> Any:
-    """Returns all-True packed masks; on concrete sharded params, sharded like them."""
+    """Returns all-True packed masks; on concrete sharded params, sharded like them.
+
+    Warns when a sharded leaf's packed mask cannot keep its layout (see
+    :func:`jaxprune.bitmask.replicated_axis`): each refresh then gathers it.
+    """
     flat, treedef = leaves_with_paths(params)
     leaves = []
+    gathered = [
+        (path_str(p), tuple(jnp.shape(x)), axis)
+        for (p, x), f in zip(flat, flags, strict=True)
+        if f and (axis := _bitmask.replicated_axis(x)) is not None
+    ]
+    if gathered:
+        listed = "; ".join(f"{p} {shape}: axis {axis}" for p, shape, axis in gathered[:5])
+        warnings.warn(
+            f"jp.prune: the packed masks of {len(gathered)} sharded leaves cannot keep the "
+            f"params' layout and are replicated ({listed}{'; ...' if len(gathered) > 5 else ''}): "
+            "masks pack 8 entries of one axis per byte (the first axis whose length is a "
+            "multiple of 8), and these leaves' shards along it are not a multiple of 8 long, "
+            "so every mask refresh gathers each such leaf's whole mask. Fix: shard that axis "
+            "into pieces whose length is a multiple of 8 (e.g. pad the layer), or shard "
+            "another axis.",
+            UserWarning,
+            stacklevel=3,
+        )
     for (_, x), f in zip(flat, flags, strict=True):
         if not f:
             leaves.append(jnp.ones((), bool))

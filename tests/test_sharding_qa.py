@@ -67,7 +67,14 @@ _SCRIPT = textwrap.dedent(
         new = optax.apply_updates(params, u)
         enforced = all(bool(jnp.all(jnp.where(m, True, p == 0)))
                        for m, p in zip(jax.tree.leaves(jp.get_masks(s)), jax.tree.leaves(new)))
-        out[name] = [same, spec_kept, enforced]
+        # A traced sparsity (a schedule's) typed on the Explicit mesh, as
+        # jax.jit(tx.init) under set_mesh makes it.
+        tx = jp.prune(optax.sgd(0.1), sparsity=jp.schedules.polynomial(0.5, 0.5, 0, 1), scope=sel)
+        with jax.sharding.set_mesh(explicit):
+            u, s = jax.jit(tx.update)(params, jax.jit(tx.init)(params), params)
+        traced = all(bool(np.array_equal(np.asarray(a), np.asarray(b)))
+                     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(jp.get_masks(s))))
+        out[name] = [same, spec_kept, enforced, traced]
 
     # Concrete sharded scores on an Auto mesh: masks placed like them.
     fsdp = jax.device_put(dense, NamedSharding(auto, P(("data", "model"), None)))
@@ -194,6 +201,19 @@ _SCRIPT = textwrap.dedent(
         got = jp.get_masks(st)
         out["capped_scope"].append(all(
             bool(np.array_equal(np.asarray(cap_ref[k]), np.asarray(got[k]))) for k in tree))
+    # A leaf whose shards along the packed axis are not a multiple of 8 long:
+    # its packed mask is replicated, and jp.prune says so when it is built.
+    import warnings
+
+    def layout_warnings(shape):
+        w = jax.device_put(np.ones(shape, np.float32), NamedSharding(auto, P(("data", "model"))))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            jp.prune(optax.sgd(0.1), sparsity=0.5).init({"w": w})
+        msgs = [str(c.message) for c in caught]
+        return [m for m in msgs if "cannot keep the params' layout" in m]
+
+    out["layout_warnings"] = [layout_warnings((1000, 256)), layout_warnings((64, 128))]
     print("RESULT " + json.dumps(out))
     """
 )
@@ -210,7 +230,7 @@ def test_sharded_report_selections_dynamic_and_restore():
     one, sharded = out["flops"]
     assert sharded == one  # not one device's share
     for name in ("patterns", "blocks", "nm", "structured"):
-        assert out[name] == [True, True, True], (name, out[name])
+        assert out[name] == [True, True, True, True], (name, out[name])
     assert out["structured_auto_placed"]
     assert all(out["dynamic"]), out["dynamic"]
     assert "abstract mesh" in out["restore_no_mesh"] and "set_mesh" in out["restore_no_mesh"]
@@ -218,6 +238,8 @@ def test_sharded_report_selections_dynamic_and_restore():
     assert out["stacked"] == [True] * 4, out["stacked"]
     assert out["rigl_stacked"] == [True, True], out["rigl_stacked"]
     assert out["capped_scope"] == [True, True], out["capped_scope"]
+    odd, even = out["layout_warnings"]
+    assert len(odd) == 1 and "w (1000, 256): axis 0" in odd[0] and not even, out["layout_warnings"]
     capped_ok, bias_not_cut, refused = out["stacked_cut"]
     assert capped_ok and bias_not_cut
     assert "layers/kernel" in refused and "per_layer(jp.masks.topk)" in refused, refused
