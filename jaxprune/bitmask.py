@@ -131,11 +131,15 @@ def _packed_sharding(sharding: Any, shape: tuple[int, ...], axis: int | None, me
     if axis is None:
         return NamedSharding(mesh, PartitionSpec())
     spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-    entry = spec[axis]
-    names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-    if (shape[axis] // 8) % math.prod(mesh.shape[n] for n in names):
+    if (shape[axis] // 8) % _ways(mesh, spec[axis]):
         spec[axis] = None
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _ways(mesh: Any, entry: Any) -> int:
+    """How many devices a partition-spec entry (``None``, a name, a tuple of names) splits over."""
+    names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[n] for n in names)
 
 
 def replicated_axis(x: Any) -> int | str | None:
@@ -156,15 +160,10 @@ def replicated_axis(x: Any) -> int | str | None:
         return None
     shape = tuple(jnp.shape(x))
     spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-
-    def ways(entry: Any) -> int:
-        names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-        return math.prod(sharding.mesh.shape[n] for n in names)
-
     axis = _pack_axis(shape)
     if axis is None:
-        return "flattened" if any(ways(e) > 1 for e in spec) else None
-    n = ways(spec[axis])
+        return "flattened" if any(_ways(sharding.mesh, e) > 1 for e in spec) else None
+    n = _ways(sharding.mesh, spec[axis])
     return axis if n > 1 and (shape[axis] // 8) % n else None
 
 
