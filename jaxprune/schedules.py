@@ -9,10 +9,11 @@ the jitted train step without retracing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +60,12 @@ def _check_step(name: str, value: Any) -> int:
     return v
 
 
-class Schedule(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Schedule:
     """A sparsity schedule: ``schedule(step) -> sparsity`` plus its refresh steps.
+
+    A frozen dataclass (hashable, comparable by fields), so a schedule can be
+    passed to :func:`jax.jit` or closed over by a jitted function as is.
 
     Attributes:
       fn: ``step -> sparsity`` (traceable).

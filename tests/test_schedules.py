@@ -42,6 +42,25 @@ def test_polynomial_under_jit_no_retrace():
     assert float(f(100)[0]) == pytest.approx(0.9) and bool(f(50)[1])
 
 
+@pytest.mark.parametrize(
+    "sched",
+    [
+        jp.schedules.polynomial(0.0, 0.9, 0, 100, frequency=10),
+        jp.schedules.constant(0.7),
+        jp.schedules.one_shot(0.3, step=7),
+    ],
+)
+def test_schedule_is_jittable_and_hashable_as_is(sched):
+    # jax.jit(schedule) needs a weak reference to the callable.
+    steps = jnp.arange(0, 120, 7)
+    want = [float(sched(t)) for t in steps]
+    assert [float(jax.jit(sched)(t)) for t in steps] == want
+    assert [bool(jax.jit(sched.is_update_step)(t)) for t in steps] == [
+        bool(sched.is_update_step(t)) for t in steps
+    ]
+    assert hash(sched) == hash(sched) and {sched: 1}[sched] == 1
+
+
 def test_constant_and_one_shot():
     c = jp.schedules.constant(0.7, begin_step=5, frequency=10)
     assert [t for t in range(40) if bool(c.is_update_step(t))] == [5, 15, 25, 35]
