@@ -80,6 +80,27 @@ class Schedule:
     end_step: int | None
     frequency: int
 
+    def __post_init__(self) -> None:
+        # Built by hand (a TF-MOT port, a custom ramp) the fields are checked
+        # here; the factories below check their own arguments by name first.
+        if not callable(self.fn):
+            raise ValueError(
+                f"Schedule's fn must be a callable step -> sparsity, got {self.fn!r:.80}. Fix: "
+                "e.g. Schedule(lambda step: 0.9 * jnp.minimum(step / 1000, 1.0), begin_step=0, "
+                "end_step=1000, frequency=100)."
+            )
+        begin = _check_step("begin_step", self.begin_step)
+        end = None if self.end_step is None else _check_step("end_step", self.end_step)
+        if end is not None and end < begin:
+            raise ValueError(
+                f"end_step must be >= begin_step (or None for no end), got end_step={end} < "
+                f"begin_step={begin}. Fix: pass end_step={begin} or later."
+            )
+        # Stored as Python ints, so that the refresh grid is static under jit.
+        object.__setattr__(self, "begin_step", begin)
+        object.__setattr__(self, "end_step", end)
+        object.__setattr__(self, "frequency", _check_frequency(self.frequency))
+
     def __call__(self, step: ArrayLike) -> jax.Array:
         value = self.fn(jnp.asarray(step))
         if isinstance(value, tuple) and len(value) == 2 and _is_bool_like(value[0]):

@@ -127,3 +127,27 @@ def test_callable_sparsity_checked_beyond_step_0():
     with pytest.raises(ValueError, match=r"got 1.5 at step 100000\."):
         jp.prune(optax.sgd(0.1), sparsity=lambda step: jnp.where(step > 50_000, 1.5, 0.5))
     jp.prune(optax.sgd(0.1), sparsity=optax.linear_schedule(0.0, 0.9, 10))  # in range
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((0, None, 0), r"frequency must be an int >= 1.*got 0"),
+        ((0, None, 2.5), r"frequency must be an int >= 1.*got 2\.5"),
+        ((-1, None, 10), r"begin_step must be an int in \[0, 2\*\*31\).*got -1"),
+        ((10, 5, 1), r"end_step must be >= begin_step.*end_step=5 < begin_step=10"),
+        (("10", None, 1), r"begin_step must be an int.*got '10'"),
+    ],
+)
+def test_schedule_built_by_hand_is_checked(args, match):
+    with pytest.raises(ValueError, match=match):
+        jp.schedules.Schedule(lambda t: 0.5, *args)
+
+
+def test_schedule_fn_must_be_callable_and_steps_become_python_ints():
+    with pytest.raises(ValueError, match=r"fn must be a callable step -> sparsity, got 0\.5"):
+        jp.schedules.Schedule(0.5, 0, None, 1)
+    s = jp.schedules.Schedule(lambda t: 0.5, np.int64(3), jnp.int32(9), np.int32(2))
+    assert (s.begin_step, s.end_step, s.frequency) == (3, 9, 2)
+    assert all(type(v) is int for v in (s.begin_step, s.end_step, s.frequency))
+    assert [t for t in range(12) if bool(s.is_update_step(t))] == [3, 5, 7, 9]
