@@ -316,15 +316,36 @@ def polynomial(
             UserWarning,
             stacklevel=2,
         )
-    span = max(end_step - begin_step, 1)
+    return Schedule(
+        _Polynomial(s_i, s_f, begin_step, end_step, power), begin_step, end_step, frequency
+    )
 
-    def fn(step):
-        p = jnp.clip((step.astype(jnp.float32) - begin_step) / span, 0.0, 1.0)
-        if end_step == begin_step:
-            p = jnp.where(step >= begin_step, 1.0, 0.0)
+
+class _Polynomial:
+    """``fn`` of :func:`polynomial`: a value (equal when built from equal arguments)."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, s_i: float, s_f: float, begin: int, end: int, power: Any):
+        self.args = (s_i, s_f, begin, end, power)
+
+    def __call__(self, step: jax.Array) -> jax.Array:
+        s_i, s_f, begin, end, power = self.args
+        if end == begin:
+            p = jnp.where(step >= begin, 1.0, 0.0)
+        else:
+            p = jnp.clip((step.astype(jnp.float32) - begin) / (end - begin), 0.0, 1.0)
         return s_f + (s_i - s_f) * (1.0 - p) ** power
 
-    return Schedule(fn, begin_step, end_step, frequency)
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Polynomial) and other.args == self.args
+
+    def __hash__(self) -> int:
+        return hash((_Polynomial, self.args))
+
+    def __repr__(self) -> str:
+        s_i, s_f, begin, end, power = self.args
+        return f"polynomial({s_i!r}, {s_f!r}, {begin}, {end}, power={power!r})"
 
 
 def as_schedule(sparsity: Any) -> Schedule:

@@ -151,3 +151,18 @@ def test_schedule_fn_must_be_callable_and_steps_become_python_ints():
     assert (s.begin_step, s.end_step, s.frequency) == (3, 9, 2)
     assert all(type(v) is int for v in (s.begin_step, s.end_step, s.frequency))
     assert [t for t in range(12) if bool(s.is_update_step(t))] == [3, 5, 7, 9]
+
+
+def test_schedules_built_alike_are_equal_and_say_what_they_are():
+    a = jp.schedules.polynomial(0.0, 0.9, 0, 1000, frequency=100)
+    assert a == jp.schedules.polynomial(0.0, 0.9, 0, 1000, 100, 3) and hash(a) == hash(
+        jp.schedules.polynomial(0.0, 0.9, 0, 1000, 100, 3)
+    )
+    assert a != jp.schedules.polynomial(0.0, 0.9, 0, 1000, frequency=100, power=2)
+    assert a != jp.schedules.polynomial(0.0, 0.9, 0, 1000, frequency=50)
+    assert repr(a) == (
+        "Schedule(fn=polynomial(0.0, 0.9, 0, 1000, power=3), begin_step=0, end_step=1000, "
+        "frequency=100)"
+    )
+    assert jp.schedules.constant(0.5) == jp.schedules.as_schedule(0.5)
+    assert "fn=constant(0.5)" in repr(jp.schedules.one_shot(0.5, step=3))
