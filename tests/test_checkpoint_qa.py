@@ -359,3 +359,39 @@ def test_python_int_too_big_for_the_template_dtype_is_refused(tmp_path):
     jp.save(tmp_path / "c", 0, {"n": 2**40})
     with pytest.raises(ValueError, match="saved as the Python int 1099511627776, which the "):
         jp.restore(tmp_path / "c", params={"n": jnp.zeros((), jnp.int32)})
+
+
+@pytest.mark.parametrize("fmt", ["dense", "compressed"])
+def test_trained_train_state_restores_into_a_fresh_create_template(tmp_path, fmt):
+    # The trained state's step is a JAX int32; TrainState.create's is the
+    # Python int 0. The fresh template takes the saved step as a Python int.
+    import flax.linen as nn
+    from flax.training import train_state
+
+    model = nn.Dense(6)
+    params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    tx = jp.prune(optax.adam(1e-2), sparsity=0.5)
+
+    def fresh():
+        return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+    @jax.jit
+    def step(state):
+        def loss(p):
+            return jnp.sum(model.apply({"params": p}, jnp.ones((2, 8))) ** 2)
+
+        return state.apply_gradients(grads=jax.grad(loss)(state.params))
+
+    state = step(step(fresh()))
+    checkpoint.save(tmp_path, int(state.step), state, format=fmt)
+    got = checkpoint.restore(tmp_path, params=fresh()).params
+    assert type(got.step) is int and got.step == 2
+    assert _bits(got.params) == _bits(state.params)
+    np.testing.assert_array_equal(
+        jp.get_masks(got.opt_state)["kernel"], jp.get_masks(state.opt_state)["kernel"]
+    )
+    assert int((~jp.get_masks(got.opt_state)["kernel"]).sum()) == 24
+    # A Python float template leaf does not take the saved int32 step.
+    bad = fresh().replace(step=0.0)
+    with pytest.raises(ValueError, match=r"step: checkpoint int32\[\] vs template"):
+        checkpoint.restore(tmp_path, params=bad)

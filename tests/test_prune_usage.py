@@ -174,3 +174,16 @@ def test_grads_keyword_of_another_tree_is_named():
     tx = jp.prune(optax.sgd(0.1), sparsity=0.5, criterion=jp.criteria.saliency)
     with pytest.raises(ValueError, match=r"grads must have the leaves .* missing in grads: v"):
         tx.update(p, tx.init(p), p, grads={"w": p["w"]})
+
+
+def test_a_scope_returning_masks_of_another_tree_is_named():
+    params = {"a": jnp.ones((4, 4)), "b": jnp.ones((4, 4))}
+
+    def scope(scores, sparsity, *, where=None):
+        return {"a": jnp.ones((4, 4), bool)}
+
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5, scope=scope)
+    with pytest.raises(
+        ValueError, match=r"selection's masks must have exactly the tree .*only in params: b"
+    ):
+        tx.update(params, tx.init(params), params)

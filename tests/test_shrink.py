@@ -422,3 +422,59 @@ def test_masks_zeroing_output_units_are_kept_with_a_warning():
     masks = jax.tree.map(lambda a: jnp.ones(a.shape, bool), p)
     masks["w1"] = masks["w1"].at[:, 2].set(False)
     assert structure.shrink(mlp, p, masks, x)["w1"].shape == (3, 3)
+
+
+def _two_layer(rng):
+    def dense(n_in, n_out):
+        return {
+            "kernel": jnp.asarray(rng.normal(size=(n_in, n_out)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=n_out), jnp.float32),
+        }
+
+    return {"l1": dense(8, 6), "l2": dense(6, 4)}
+
+
+def _hidden(p, x):
+    return jax.nn.relu(x @ p["l1"]["kernel"] + p["l1"]["bias"])
+
+
+_FOLDS = {  # name: (function, whether the removed units' constants can fold into l2's bias)
+    "minus_bias": (lambda p, x: _hidden(p, x) @ p["l2"]["kernel"] - p["l2"]["bias"], True),
+    "reshaped_bias": (
+        lambda p, x: _hidden(p, x) @ p["l2"]["kernel"] + p["l2"]["bias"].reshape(1, 4),
+        True,
+    ),
+    "bias_minus": (lambda p, x: p["l2"]["bias"] - _hidden(p, x) @ p["l2"]["kernel"], False),
+    "bias_used_twice": (
+        lambda p, x: (_hidden(p, x) @ p["l2"]["kernel"] + p["l2"]["bias"]) * p["l2"]["bias"],
+        False,
+    ),
+    "product_used_twice": (
+        lambda p, x: (lambda y: (y + p["l2"]["bias"]) * jnp.tanh(y))(
+            _hidden(p, x) @ p["l2"]["kernel"]
+        ),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FOLDS))
+def test_relu_constants_fold_only_into_a_bias_that_is_added_once(name):
+    # Removing a hidden unit whose kernel column is pruned leaves relu(b_j)
+    # flowing on; it folds into l2's bias when that bias is added (or
+    # subtracted) right after the product and used nowhere else. Otherwise
+    # the units whose constant is nonzero are kept, and the output is still exact.
+    fn, folds = _FOLDS[name]
+    params = _two_layer(np.random.default_rng(0))
+    where = lambda path, leaf: path == ("l1", "kernel")  # noqa: E731
+    masks = jp.masks.structured(jp.criteria.magnitude(params), 0.5, axes=-1, where=where)
+    constants = np.maximum(np.asarray(params["l1"]["bias"]), 0.0)
+    pruned = ~np.asarray(masks["l1"]["kernel"]).any(0)
+    assert pruned.sum() == 3 and (constants[pruned] > 0).sum() == 2
+    small = structure.shrink(fn, params, masks, jnp.ones((2, 8)))
+    kept = 3 if folds else 6 - int((constants[pruned] == 0).sum())
+    assert small["l1"]["kernel"].shape == (8, kept) and small["l2"]["kernel"].shape == (kept, 4)
+    x = jax.random.normal(jax.random.key(3), (5, 8))
+    np.testing.assert_allclose(
+        fn(small, x), fn(jp.apply_masks(params, masks), x), rtol=1e-5, atol=1e-5
+    )

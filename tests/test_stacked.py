@@ -538,3 +538,33 @@ def test_prune_capped_per_layer_over_two_layer_axes_matches_the_stored_scores(mo
         jp.masks.fused_select(
             "layer", jp.criteria.magnitude, params, 0.5, [False, True, True], max_sparsity=0.5
         )
+
+
+@pytest.mark.parametrize(
+    "select",
+    [
+        functools.partial(jp.masks.structured, axes=-1),
+        functools.partial(jp.masks.blocks, block=(2, 2)),
+    ],
+    ids=["structured", "blocks"],
+)
+@pytest.mark.parametrize("as_keyword", [False, True])
+def test_per_layer_gives_each_layer_its_stacks_value_of_a_per_leaf_sparsity_tree(
+    select, as_keyword
+):
+    # Layers are cut from the stack; a per-leaf sparsity tree names the stack
+    # once, and each of its layers takes that value (the head keeps its own).
+    scores = {
+        "layers": {"kernel": jnp.abs(jax.random.normal(jax.random.key(0), (3, 8, 8)))},
+        "head": {"kernel": jnp.abs(jax.random.normal(jax.random.key(1), (8, 8)))},
+    }
+    sparsity = {"layers": {"kernel": 0.5}, "head": {"kernel": 0.25}}
+    fn = jp.masks.per_layer(select, stacked=lambda p, x: p[0] == "layers")
+    m = fn(scores, sparsity=sparsity) if as_keyword else fn(scores, sparsity)
+    assert m["layers"]["kernel"].shape == (3, 8, 8)
+    assert [int((~m["layers"]["kernel"][i]).sum()) for i in range(3)] == [32, 32, 32]
+    assert int((~m["head"]["kernel"]).sum()) == 16
+    # The same as each layer pruned alone at its stack's value.
+    for i in range(3):
+        alone = select({"w": scores["layers"]["kernel"][i]}, 0.5)["w"]
+        np.testing.assert_array_equal(m["layers"]["kernel"][i], alone)
