@@ -1,5 +1,6 @@
 """Shrinking: the smaller network computes what the masked one does, on each reference model."""
 
+import warnings
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -124,7 +125,8 @@ def test_vgg_kernel_only_masks_keep_channels_that_cannot_fold_through_same_paddi
     _, apply_fn, state = _model(lambda: models.VGGSmall(rngs=nnx.Rngs(0)))
     first = lambda path, x: path == ("convs", 0, "kernel")  # noqa: E731
     masks = jp.masks.structured(jp.criteria.magnitude(state), 0.5, axes=-1, where=first)
-    small = structure.shrink(apply_fn, state, masks, X_IMG, check=False)
+    with pytest.warns(UserWarning, match=r"shrink kept \d+ channels .* constant output"):
+        small = structure.shrink(apply_fn, state, masks, X_IMG, check=False)
     # conv bias + BN make the dead filters' outputs constants: where relu makes them 0 the
     # filter goes; where they stay positive, a SAME conv sees them differently at the
     # zero-padded border, so they cannot be folded and are kept.
@@ -471,7 +473,24 @@ def test_relu_constants_fold_only_into_a_bias_that_is_added_once(name):
     constants = np.maximum(np.asarray(params["l1"]["bias"]), 0.0)
     pruned = ~np.asarray(masks["l1"]["kernel"]).any(0)
     assert pruned.sum() == 3 and (constants[pruned] > 0).sum() == 2
-    small = structure.shrink(fn, params, masks, jnp.ones((2, 8)))
+    if folds:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            small = structure.shrink(fn, params, masks, jnp.ones((2, 8)))
+    else:
+        # Those kept are named, with the fix: group masks zero l1's bias too.
+        with pytest.warns(
+            UserWarning,
+            match=r"shrink kept 2 channels that the masks leave with a constant output \(2 of 6 "
+            r"channels of l1/kernel, l2/kernel\).*jp\.structure\.select",
+        ):
+            small = structure.shrink(fn, params, masks, jnp.ones((2, 8)))
+        groups = structure.groups(fn, params, jnp.ones((2, 8)))
+        whole = structure.select(groups, jp.criteria.magnitude(params), 0.5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cut = structure.shrink(fn, params, whole, jnp.ones((2, 8)))
+        assert cut["l1"]["kernel"].shape == (8, 3)
     kept = 3 if folds else 6 - int((constants[pruned] == 0).sum())
     assert small["l1"]["kernel"].shape == (8, kept) and small["l2"]["kernel"].shape == (kept, 4)
     x = jax.random.normal(jax.random.key(3), (5, 8))

@@ -43,7 +43,10 @@ def test_constants_are_not_folded_through_a_padded_conv_seen_at_1x1():
     model.eval()
     apply_fn, state = structure.module_apply(model)
     masks = jp.masks.structured(jp.criteria.magnitude(state), 0.5, axes=-1)  # kernels only
-    with pytest.warns(UserWarning, match="output units"):  # the head's kernel is masked too
+    with (
+        pytest.warns(UserWarning, match="output units"),  # the head's kernel is masked too
+        pytest.warns(UserWarning, match=r"shrink kept \d+ channels .* of c1/kernel"),
+    ):
         small = jp.shrink(apply_fn, state, masks, X_SMALL)
     masked = jp.apply_masks(state, masks)
     assert _max_diff(apply_fn(small, X_LARGE), apply_fn(masked, X_LARGE)) < 1e-5
@@ -62,7 +65,8 @@ def test_a_constant_that_passed_a_padded_conv_is_not_folded_after_the_mean():
     apply_fn, state = structure.module_apply(model)
     masks = jax.tree.map(lambda x: jnp.ones(x.shape, bool), state)
     masks["c1"]["kernel"] = jnp.zeros(state["c1"]["kernel"].shape, bool)
-    small = jp.shrink(apply_fn, state, masks, X_SMALL)
+    with pytest.warns(UserWarning, match=r"shrink kept \d+ channels .* constant output"):
+        small = jp.shrink(apply_fn, state, masks, X_SMALL)
     masked = jp.apply_masks(state, masks)
     assert _max_diff(apply_fn(small, X_LARGE), apply_fn(masked, X_LARGE)) < 1e-5
     assert structure.widths(state, small) == {}

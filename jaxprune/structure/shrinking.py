@@ -267,25 +267,23 @@ def plan(
         for m in g.members:
             member_of.setdefault(m.leaf, []).append((r, m))
     targets: dict[int, Any] = {}
+    kept_constant: list[tuple[Any, int, list[str]]] = []
     res = None
     for _, group, root in order:
         if res is None:
             moved = {str(j): v for k, v in keeps.items() for j in index[int(k)]}
             res = jax.device_get(run([jnp.asarray(x) for x in leaves], inputs, moved))
-        cut, changed = [], False
+        cut, changed, unfolded = [], False, 0
         for c in range(group.channels):
-            folds, ok = [], True
+            folds, ok, live = [], True, False
             for e, (lv, la, llay), (rv, ra, rlay) in terms_by_root[root]:
-                li = channel_indices(llay, sh[lv][la], c)
-                ri = channel_indices(rlay, sh[rv][ra], c)
-                lval, lvar = (_take(np.asarray(a), la, li) for a in res[lv])
-                rval, rvar = (_take(np.asarray(a), ra, ri) for a in res[rv])
-                l_const, r_const = not lvar.any(), not rvar.any()
-                if (l_const and not lval.any()) or (r_const and not rval.any()):
+                kind = _term_kind(res, sh, (lv, la, llay), (rv, ra, rlay), c)
+                if kind == "zero":
                     continue
-                if not (l_const and r_const):
-                    ok = False
+                if kind == "live":
+                    ok, live = False, True
                     break
+                li = channel_indices(llay, sh[lv][la], c)
                 if e not in targets:
                     # A padded or transposed conv adds a constant channel with fewer
                     # taps at the borders: no bias can hold that, at any input size.
@@ -305,6 +303,8 @@ def plan(
                     break
                 folds.append((tgt[0], tgt[1] * d))
             if not ok:
+                # Kept although constant (e.g. its weights masked): it cannot fold.
+                unfolded += not live and not _any_live(terms_by_root[root], res, sh, c)
                 continue
             for leaf, d in folds:
                 x = leaves[leaf]
@@ -314,13 +314,64 @@ def plan(
                 keeps[str(e)][str(la)][channel_indices(llay, sh[lv][la], c)] = 0.0
             cut.append(c)
         done[root] = set(cut)
+        if unfolded:
+            named = [m for m in group.members if leaves[m.leaf].ndim >= 2] or group.members
+            kept_constant.append((group, unfolded, sorted({path_str(m.path) for m in named})))
         for m in group.members:
             idx = removed.setdefault((m.leaf, m.axis), set())
             for c in cut:
                 idx.update(channel_indices(m.layout, leaves[m.leaf].shape[m.axis], c))
         if changed:
             res = None
+    _warn_kept_constants(kept_constant)
     return leaves, removed, prog
+
+
+def _term_kind(res, sh, lhs, rhs, c: int) -> str:
+    """What channel ``c`` adds to a contraction of ``lhs`` and ``rhs`` (``(var, axis, layout)``).
+
+    ``"zero"``: exactly nothing (a side is the constant 0); ``"live"``: a value
+    that depends on the inputs; ``"constant"``: the same nonzero value always.
+    """
+    (lv, la, llay), (rv, ra, rlay) = lhs, rhs
+    lval, lvar = (_take(np.asarray(a), la, channel_indices(llay, sh[lv][la], c)) for a in res[lv])
+    rval, rvar = (_take(np.asarray(a), ra, channel_indices(rlay, sh[rv][ra], c)) for a in res[rv])
+    l_const, r_const = not lvar.any(), not rvar.any()
+    if (l_const and not lval.any()) or (r_const and not rval.any()):
+        return "zero"
+    return "constant" if l_const and r_const else "live"
+
+
+def _any_live(terms, res, sh, c: int) -> bool:
+    """Whether channel ``c`` feeds any of its contractions ``terms`` an input-dependent value."""
+    return any(_term_kind(res, sh, lhs, rhs, c) == "live" for _, lhs, rhs in terms)
+
+
+def _warn_kept_constants(kept: list[tuple[Any, int, list[str]]]) -> None:
+    """Warns about channels the masks make constant but whose constant output cannot fold.
+
+    Such a channel (its incoming weights masked, or all its inputs constant)
+    still outputs a nonzero constant (``relu(bias)``, a BatchNorm shift), and
+    the next layer cannot take it into its bias (a padded or transposed conv
+    sees it differently at the border; the bias is used elsewhere, or there is
+    none), so :func:`shrink` keeps it to stay exact.
+    """
+    if not kept:
+        return
+    listed = "; ".join(
+        f"{n} of {g.channels} channels of {', '.join(paths[:4])}" for g, n, paths in kept[:3]
+    )
+    total = sum(n for _, n, _ in kept)
+    warnings.warn(
+        f"shrink kept {total} channels that the masks leave with a constant output ({listed}"
+        f"{'; ...' if len(kept) > 3 else ''}): each still outputs a nonzero constant (e.g. "
+        "its bias or BatchNorm shift through the activation, its incoming weights all masked) "
+        "that the next layer cannot fold into its bias (a padded or transposed conv, or a bias "
+        "used elsewhere), so cutting it would change the outputs. Fix: mask whole channel "
+        "groups (jp.structure.select, or scope=jp.structure.selection(groups) in jp.prune), "
+        "whose masks zero the bias and shift too; those channels are then cut.",
+        stacklevel=_user_level(),
+    )
 
 
 def _fold_allowed(leaf, d, leaves, member_of, done, root) -> bool:
