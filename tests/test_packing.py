@@ -139,3 +139,37 @@ def test_complex128_negative_zero_roundtrips_bitwise():
     x[1, 0] = complex(-0.0, 0.0)
     arrays, spec = packing.pack_leaf(x)
     assert _same_bits(packing.unpack_leaf(arrays, spec), x)
+
+
+@pytest.mark.parametrize(("n", "m", "bits"), [(1, 8, 3), (2, 8, 3), (1, 16, 4), (3, 16, 4)])
+def test_nm_positions_of_groups_of_eight_and_sixteen_roundtrip(n, m, bits):
+    # m = 8 stores each kept position in 3 bits, which do not divide a byte:
+    # the positions straddle byte boundaries. (Denser patterns, such as 3:8,
+    # take fewer bytes as a bitmask, which the encoder then picks.)
+    rng = np.random.default_rng(n * m)
+    x = rng.standard_normal((24, 64)).astype(np.float32)
+    groups = x.reshape(24, 64 // m, m)
+    keep = np.argsort(-np.abs(groups), axis=-1)[..., :n]
+    mask = np.zeros(groups.shape, bool)
+    np.put_along_axis(mask, keep, True, axis=-1)
+    mask = mask.reshape(x.shape)
+    x = np.where(mask, x, 0.0).astype(np.float32)
+    arrays, spec = packing.pack_leaf(x, mask)
+    assert (spec["kind"], spec["axis"], spec["n"], spec["m"], spec["bits"]) == ("nm", 1, n, m, bits)
+    count = x.size // m * n
+    assert arrays["index"].size == -(-count * bits // 8)
+    assert _same_bits(packing.unpack_leaf(arrays, spec), x)
+    assert packing.packed_nbytes(x, mask) == _nbytes(arrays)
+
+
+@pytest.mark.parametrize(("n", "m"), [(3, 8), (5, 16)])
+def test_dense_nm_patterns_are_stored_as_the_smaller_bitmask(n, m):
+    rng = np.random.default_rng(m)
+    order = np.argsort(rng.random((24, 64 // m, m)), axis=-1)  # random positions per group
+    x = np.zeros((24, 64 // m, m), np.float32)
+    np.put_along_axis(x, order[..., :n], 1.5, axis=-1)
+    x = x.reshape(24, 64)
+    arrays, spec = packing.pack_leaf(x)
+    assert spec["kind"] == "bitmask"  # 1 bit per entry < n * ceil(log2(m)) / m bits
+    assert _nbytes(arrays) == x.size // 8 + int((x != 0).sum()) * 4
+    assert _same_bits(packing.unpack_leaf(arrays, spec), x)

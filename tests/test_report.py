@@ -278,3 +278,18 @@ def test_plot_accuracy_vs_compression_checks_ranges():
         plot_accuracy_vs_compression([{"sparsity": 90, "accuracy": 0.9}])
     with pytest.raises(ValueError, match="compression 0; it must be >= 1"):
         plot_accuracy_vs_compression([{"compression": 0, "accuracy": 0.9}])
+
+
+def test_json_lines_of_several_records_and_typed_keys_in_the_tree(tmp_path):
+    lines = [
+        {"method": "a", "sparsity": 0.5, "accuracy": 0.9},
+        {"method": "a", "compression": 10, "accuracy": 0.8},
+    ]
+    text = json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n"  # a blank line too
+    (tmp_path / "r.jsonl").write_text(text)
+    fig = plot_accuracy_vs_compression(tmp_path / "r.jsonl")
+    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_xdata(), [2.0, 10.0])
+    # A typed PRNG key (an nnx Rngs stream in a state) holds no weights: not a row.
+    r = report({"w": jnp.ones((4, 4)).at[0].set(0.0), "key": jax.random.key(0)})
+    assert [row.path for row in r.rows] == ["w"] and r.totals["size"] == 16
+    assert r.totals["nonzeros"] == 12
