@@ -54,7 +54,8 @@ def test_schedule_is_jittable_and_hashable_as_is(sched):
     # jax.jit(schedule) needs a weak reference to the callable.
     steps = jnp.arange(0, 120, 7)
     want = [float(sched(t)) for t in steps]
-    assert [float(jax.jit(sched)(t)) for t in steps] == want
+    # Jitted, XLA may fuse the float32 arithmetic differently (last bits; jax 0.12).
+    np.testing.assert_allclose([float(jax.jit(sched)(t)) for t in steps], want, rtol=1e-6)
     assert [bool(jax.jit(sched.is_update_step)(t)) for t in steps] == [
         bool(sched.is_update_step(t)) for t in steps
     ]
