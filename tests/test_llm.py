@@ -159,6 +159,8 @@ def test_prune_decoder_refuses_bad_calibration(small):
         model.embed_tokens(jnp.zeros((1, 20), jnp.int32))
     with pytest.raises(ValueError, match=r"tokens holds token ids in \[100"):
         llm.perplexity(model, calib + 100)
+    with pytest.raises(ValueError, match=r"tokens must have at least 2 tokens per sample"):
+        llm.perplexity(model, calib[:, :1])  # nothing to predict
 
 
 @pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan"), float("inf")])

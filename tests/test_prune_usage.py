@@ -187,3 +187,32 @@ def test_a_scope_returning_masks_of_another_tree_is_named():
         ValueError, match=r"selection's masks must have exactly the tree .*only in params: b"
     ):
         tx.update(params, tx.init(params), params)
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["prune_in_prune", "chained"])
+def test_two_prunings_in_one_state_keep_only_what_both_keep(nested):
+    params = {
+        "w": jax.random.normal(jax.random.key(0), (8, 8)),
+        "v": jax.random.normal(jax.random.key(1), (8, 8)),
+    }
+    first = jp.prune(
+        optax.sgd(0.1), sparsity=0.5, criterion=jp.criteria.random, key=jax.random.key(3)
+    )
+    if nested:
+        tx = jp.prune(first, sparsity=0.25)
+    else:
+        tx = optax.chain(first, jp.prune(optax.identity(), sparsity=0.25))
+    grads = jax.tree.map(jnp.zeros_like, params)
+    updates, state = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    masks = jp.get_masks(state)
+    random_kept = jp.masks.topk(
+        jp.criteria.random(params, key=jax.random.fold_in(jax.random.key(3), 0)), 0.5
+    )
+    magnitude_kept = jp.masks.topk(jp.criteria.magnitude(params), 0.25)
+    for k in params:
+        # The random criterion's key is the one given, folded with the step (0).
+        both = np.asarray(random_kept[k]) & np.asarray(magnitude_kept[k])
+        np.testing.assert_array_equal(np.asarray(masks[k]), both)
+        assert int((~both).sum()) > 32  # more than either alone prunes
+        np.testing.assert_array_equal(np.asarray(new[k]) == 0, ~np.asarray(masks[k]))
