@@ -166,3 +166,18 @@ def test_inspect_plot_into_a_new_folder(run_dir, tmp_path, capsys):
     assert plot.exists()
     assert cli.main(["inspect", str(run_dir), "--plot", str(tmp_path / "s.notaformat")]) == 1
     assert "cannot write the plot" in capsys.readouterr().err
+
+
+def test_demo_on_damaged_fashion_mnist_files_fails_in_one_line_naming_the_fallback(
+    tmp_path, monkeypatch, capsys
+):
+    from jaxprune import data
+
+    for pair in data._FASHION_FILES.values():
+        for name in pair:
+            (tmp_path / name).write_bytes(b"not gzip")
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path))
+    assert cli.main(["demo", "--dataset", "fashion-mnist", "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("jaxprune: error: ") and err.count("\n") == 1
+    assert "cannot be read as gzip" in err and err.rstrip().endswith("Or run --dataset digits.")
