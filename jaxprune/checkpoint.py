@@ -127,7 +127,8 @@ def save(
         Checked against ``params`` before anything is written: every mask leaf
         sits at a params leaf's path and is a scalar or of that leaf's shape, or
         is a scalar standing for a whole subtree (as ``jp.get_masks`` returns
-        under ``optax.masked``). Float or int masks are stored cast to bool.
+        under ``optax.masked``). Float or int masks holding only 0 and 1 are
+        stored cast to bool; other values (scores, probabilities) are refused.
         Masks of a linen ``TrainState``'s params saved with the whole variables
         (``params={"params": state.params, "batch_stats": state.batch_stats}``)
         are matched under ``params/`` and recorded there; the other collections

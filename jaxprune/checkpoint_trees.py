@@ -268,6 +268,32 @@ def reroot_masks(masks: Any, params: Any) -> Any:
     return {"params": masks}
 
 
+def bool_mask(m: Any, key: str, fix: str) -> np.ndarray:
+    """Returns the masks leaf ``m`` as a bool array; a 0/1 number array is cast, else refused."""
+    try:
+        x = np.asarray(jax.device_get(m))
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"masks leaf {key!r} is not a bool array ({type(m).__name__}: {e}). {fix}"
+        ) from None
+    if x.dtype == bool:
+        return x
+    if x.dtype.kind not in "iuf":
+        raise ValueError(
+            f"masks leaf {key!r} is not a bool array (a {type(m).__name__} of dtype {x.dtype}). "
+            f"{fix}"
+        )
+    if not np.isin(x, (0, 1)).all():
+        bad = x[~np.isin(x, (0, 1))].reshape(-1)[0].item()
+        raise ValueError(
+            f"masks leaf {key!r} has dtype {x.dtype} and holds {bad!r}, not only 0 and 1: a "
+            "mask keeps (True, 1) or prunes (False, 0) an entry, and scores or probabilities "
+            "would be read as truthiness. Fix: threshold them first (e.g. m > 0.5), or pass "
+            "jp.get_masks(opt_state) of the jp.prune state that pruned these params."
+        )
+    return x.astype(bool)
+
+
 def mask_lookup(masks: Any, params: Any, fix: str | None = None) -> dict[str, np.ndarray]:
     """Returns the bool mask of each params leaf it covers, by path string, after checking.
 
@@ -275,9 +301,11 @@ def mask_lookup(masks: Any, params: Any, fix: str | None = None) -> dict[str, np
     leaf's shape, or be a scalar standing for a whole params subtree (what
     ``jp.get_masks`` gives for a subtree ``optax.masked`` leaves out); such a
     prefix mask is spread over the leaves below it. Params leaves without a
-    mask are fine. Float or int masks are cast to bool. Masks over linen
-    variables' ``"params"`` collection are re-rooted by the caller
-    (:func:`reroot_masks`), so that the masks recorded sit at the same paths.
+    mask are fine. Float or int masks holding only 0 and 1 are cast to bool;
+    other values (scores, probabilities) and non-numeric leaves are refused.
+    Masks over linen variables' ``"params"`` collection are re-rooted by the
+    caller (:func:`reroot_masks`), so that the masks recorded sit at the same
+    paths.
 
     Raises:
       ValueError: naming ``masks``, the leaf path, both shapes and ``fix`` (by
@@ -297,12 +325,7 @@ def mask_lookup(masks: Any, params: Any, fix: str | None = None) -> dict[str, np
     out: dict[str, np.ndarray] = {}
     for path, m in m_flat:
         key = path_str(path)
-        try:
-            m = np.asarray(jax.device_get(m), bool)
-        except (TypeError, ValueError) as e:
-            raise ValueError(
-                f"masks leaf {key!r} is not a bool array ({type(m).__name__}: {e}). {fix}"
-            ) from None
+        m = bool_mask(m, key, fix)
         if key in shapes:
             if m.ndim and m.shape != shapes[key]:
                 raise ValueError(

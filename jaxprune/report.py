@@ -64,7 +64,7 @@ from flax import nnx
 from jaxprune import packing
 from jaxprune._mask_apply import _broadcast_prefix
 from jaxprune._tree import check_array_leaves, leaves_with_paths, path_str, unwrap_variables
-from jaxprune.checkpoint_trees import mask_kind, reroot_masks
+from jaxprune.checkpoint_trees import bool_mask, mask_kind, reroot_masks
 from jaxprune.report_flops import _flops
 
 __all__ = ["LeafRow", "Report", "report", "plot_sparsity", "plot_accuracy_vs_compression"]
@@ -243,10 +243,9 @@ def _lookup(params: Any, masks: Any, others: frozenset) -> dict[str, np.ndarray]
     # A scalar mask standing for a subtree (jp.get_masks under optax.masked).
     masks = _broadcast_prefix(params, masks)
     flat, _ = leaves_with_paths(masks)
+    fix = "Fix: pass the masks of these params (jp.get_masks(opt_state))."
     found = {
-        path_str(p): np.asarray(jax.device_get(m), bool)
-        for p, m in flat
-        if path_str(p) not in others
+        path_str(p): bool_mask(m, path_str(p), fix) for p, m in flat if path_str(p) not in others
     }
     shapes = {path_str(p): np.shape(x) for p, x in leaves_with_paths(params)[0]}
     extra = sorted(set(found) - set(shapes))

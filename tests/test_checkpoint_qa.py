@@ -395,3 +395,24 @@ def test_trained_train_state_restores_into_a_fresh_create_template(tmp_path, fmt
     bad = fresh().replace(step=0.0)
     with pytest.raises(ValueError, match=r"step: checkpoint int32\[\] vs template"):
         checkpoint.restore(tmp_path, params=bad)
+
+
+@pytest.mark.parametrize(
+    ("mask", "match"),
+    [
+        (np.full((2, 2), 0.5, np.float32), r"masks leaf 'w' has dtype float32 and holds 0\.5"),
+        (np.array([[2, 0], [0, 1]]), r"masks leaf 'w' has dtype int64 and holds 2"),
+        ("keep", r"masks leaf 'w' is not a bool array \(a str of dtype <U4\)"),
+        (object(), r"masks leaf 'w' is not a bool array \(a object of dtype object\)"),
+    ],
+    ids=["scores", "counts", "string", "object"],
+)
+def test_masks_that_are_not_bool_or_zero_one_are_refused_before_writing(tmp_path, mask, match):
+    # They were cast to bool: every nonzero score, a string, any object read as True.
+    params = {"w": np.ones((2, 2), np.float32)}
+    with pytest.raises(ValueError, match=match):
+        checkpoint.save(tmp_path, 0, params, masks={"w": mask}, format="compressed")
+    assert not (tmp_path / "0").exists()
+    # 0/1 numbers are masks written as numbers: cast, as before.
+    checkpoint.save(tmp_path, 1, params, masks={"w": np.eye(2, dtype=np.int32)})
+    np.testing.assert_array_equal(checkpoint.restore(tmp_path).masks["w"], np.eye(2, dtype=bool))

@@ -293,3 +293,12 @@ def test_json_lines_of_several_records_and_typed_keys_in_the_tree(tmp_path):
     r = report({"w": jnp.ones((4, 4)).at[0].set(0.0), "key": jax.random.key(0)})
     assert [row.path for row in r.rows] == ["w"] and r.totals["size"] == 16
     assert r.totals["nonzeros"] == 12
+
+
+def test_masks_that_are_not_bool_or_zero_one_are_refused():
+    params = {"w": jnp.ones((2, 2))}
+    with pytest.raises(ValueError, match=r"masks leaf 'w' has dtype float32 and holds 0\.5"):
+        report(params, {"w": jnp.full((2, 2), 0.5)})  # scores, not a mask
+    with pytest.raises(ValueError, match=r"masks leaf 'w' is not a bool array \(a str"):
+        report(params, {"w": "keep"})
+    assert report(params, {"w": jnp.eye(2)}).totals["masked_sparsity"] == 0.5  # 0/1 floats
