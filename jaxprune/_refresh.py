@@ -124,6 +124,14 @@ def _conform(masks: Any, params: Any, flags: list[bool]) -> Any:
         check_same_structure(params, masks, ref_name="params", other_name="the selection's masks")
     out = []
     for m, p, f in zip(m_flat, p_flat, flags, strict=True):
+        if f and jnp.result_type(m) != jnp.bool_:
+            # Under jit the values cannot be checked: 0.5 would be read as True.
+            raise ValueError(
+                f"the selection returned a mask of dtype {jnp.result_type(m)} for a leaf of "
+                f"shape {jnp.shape(p)}; masks are bool (True keeps an entry, False prunes it). "
+                "Fix: return a comparison, e.g. scores > threshold, or m.astype(bool) for 0/1 "
+                "values."
+            )
         if not f:
             out.append(jnp.ones((), bool))
         elif jnp.shape(m) != jnp.shape(p):

@@ -216,3 +216,15 @@ def test_two_prunings_in_one_state_keep_only_what_both_keep(nested):
         np.testing.assert_array_equal(np.asarray(masks[k]), both)
         assert int((~both).sum()) > 32  # more than either alone prunes
         np.testing.assert_array_equal(np.asarray(new[k]) == 0, ~np.asarray(masks[k]))
+
+
+def test_a_scope_returning_float_masks_is_refused_when_traced():
+    # Under jit a float 0.5 would silently be read as True: the dtype is checked.
+    params = {"w": jnp.arange(16.0).reshape(4, 4)}
+
+    def scope(scores, sparsity, *, where=None):
+        return jax.tree.map(lambda x: (x > 5).astype(jnp.float32), scores)
+
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5, scope=scope)
+    with pytest.raises(ValueError, match=r"selection returned a mask of dtype float32 .* bool"):
+        jax.jit(tx.update)(params, tx.init(params), params)
