@@ -138,6 +138,7 @@ class Schedule:
         return (on_grid & (step <= self.end_step)) | (step == self.end_step)
 
 
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
 class _Constant:
     """``fn`` of :func:`constant` and :func:`one_shot`: the same sparsity at every step.
 
@@ -146,19 +147,10 @@ class _Constant:
     its float32 rounding: ``float32(0.7) * 5`` is just under 3.5.
     """
 
-    __slots__ = ("value",)
-
-    def __init__(self, value: float):
-        self.value = value
+    value: float
 
     def __call__(self, step: jax.Array) -> jax.Array:
         return jnp.full((), self.value, jnp.float32)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Constant) and other.value == self.value
-
-    def __hash__(self) -> int:
-        return hash((_Constant, self.value))
 
     def __repr__(self) -> str:
         return f"constant({self.value!r})"
@@ -321,31 +313,29 @@ def polynomial(
     )
 
 
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
 class _Polynomial:
     """``fn`` of :func:`polynomial`: a value (equal when built from equal arguments)."""
 
-    __slots__ = ("args",)
-
-    def __init__(self, s_i: float, s_f: float, begin: int, end: int, power: Any):
-        self.args = (s_i, s_f, begin, end, power)
+    s_i: float
+    s_f: float
+    begin: int
+    end: int
+    power: Any
 
     def __call__(self, step: jax.Array) -> jax.Array:
-        s_i, s_f, begin, end, power = self.args
-        if end == begin:
-            p = jnp.where(step >= begin, 1.0, 0.0)
+        if self.end == self.begin:
+            p = jnp.where(step >= self.begin, 1.0, 0.0)
         else:
-            p = jnp.clip((step.astype(jnp.float32) - begin) / (end - begin), 0.0, 1.0)
-        return s_f + (s_i - s_f) * (1.0 - p) ** power
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Polynomial) and other.args == self.args
-
-    def __hash__(self) -> int:
-        return hash((_Polynomial, self.args))
+            t = (step.astype(jnp.float32) - self.begin) / (self.end - self.begin)
+            p = jnp.clip(t, 0.0, 1.0)
+        return self.s_f + (self.s_i - self.s_f) * (1.0 - p) ** self.power
 
     def __repr__(self) -> str:
-        s_i, s_f, begin, end, power = self.args
-        return f"polynomial({s_i!r}, {s_f!r}, {begin}, {end}, power={power!r})"
+        return (
+            f"polynomial({self.s_i!r}, {self.s_f!r}, {self.begin}, {self.end}, "
+            f"power={self.power!r})"
+        )
 
 
 def as_schedule(sparsity: Any) -> Schedule:
