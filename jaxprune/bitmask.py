@@ -81,8 +81,31 @@ def _pack_axis(shape: tuple[int, ...]) -> int | None:
     return None
 
 
-def _pack_leaf(m: Any) -> Any:
-    m = jnp.asarray(m, bool)
+def _as_bool(m: Any, path: Any) -> jax.Array:
+    """Returns the mask leaf ``m`` as bool; 0/1 numbers are cast, anything else is refused."""
+    dtype = jnp.result_type(m)
+    if dtype == jnp.bool_:
+        return jnp.asarray(m)
+    where = f"masks leaf {jax.tree_util.keystr(path)!r}" if path else "the mask"
+    if isinstance(m, jax.core.Tracer) or not jnp.issubdtype(dtype, jnp.number):
+        # Traced values cannot be checked: 0.5 would be read as True.
+        raise ValueError(
+            f"{where} has dtype {dtype}; pack stores bool masks (True keeps an entry, False "
+            "prunes it). Fix: pass a comparison, e.g. scores > threshold, or m.astype(bool) "
+            "for 0/1 values."
+        )
+    x = jnp.asarray(m)
+    if not bool(jnp.all((x == 0) | (x == 1))):
+        raise ValueError(
+            f"{where} has dtype {dtype} and holds values other than 0 and 1; pack stores bool "
+            "masks and would read scores or probabilities as truthiness. Fix: threshold them "
+            "first, e.g. m > 0.5."
+        )
+    return x.astype(bool)
+
+
+def _pack_leaf(m: Any, path: Any = ()) -> Any:
+    m = _as_bool(m, path)
     if m.ndim == 0:
         return m
     shape, axis = tuple(m.shape), _pack_axis(m.shape)
@@ -222,6 +245,9 @@ def pack(masks: Any) -> Any:
 
     One bit per entry instead of one byte; scalar leaves (the ``True`` of a
     non-prunable leaf) stay as they are. :func:`unpack` inverts it exactly.
+    Leaves must be bool; concrete number arrays holding only 0 and 1 are
+    cast, and any other leaf (scores, probabilities, a traced float) raises a
+    ``ValueError`` naming its path.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -231,7 +257,7 @@ def pack(masks: Any) -> Any:
       >>> jp.masks.unpack(p)["w"][0].tolist()
       [True, False, True]
     """
-    return jax.tree.map(_pack_leaf, masks)
+    return jax.tree_util.tree_map_with_path(lambda path, m: _pack_leaf(m, path), masks)
 
 
 def unpack(packed: Any) -> Any:

@@ -32,6 +32,23 @@ def test_pack_roundtrip_exact(shape, jit):
     np.testing.assert_array_equal(out["m"], mask)
 
 
+def test_pack_casts_zero_one_numbers_and_refuses_other_values():
+    ones_zeros = jnp.array([[1.0, 0.0, 1.0]] * 8)
+    packed = jp.masks.pack({"w": ones_zeros, "n": jnp.array([0, 1] * 4)})
+    np.testing.assert_array_equal(jp.masks.unpack(packed)["w"], ones_zeros.astype(bool))
+    np.testing.assert_array_equal(jp.masks.unpack(packed)["n"], [False, True] * 4)
+    # Scores or probabilities are not masks: 0.5 would have been packed as True.
+    with pytest.raises(ValueError, match=r"masks leaf \"\['w'\]\" has dtype float32 and holds"):
+        jp.masks.pack({"w": jnp.full((8, 3), 0.5)})
+    with pytest.raises(ValueError, match=r"\[0\]\['k'\]\" has dtype int32 and holds .* m > 0.5"):
+        jp.masks.pack([{"k": jnp.full((8,), 2)}])
+    # Under jit the values are unknown, so only bool passes.
+    with pytest.raises(ValueError, match=r"has dtype float32; pack stores bool masks"):
+        jax.jit(jp.masks.pack)({"w": ones_zeros})
+    jitted = jax.jit(jp.masks.pack)({"w": ones_zeros > 0, "b": True})
+    np.testing.assert_array_equal(jp.masks.unpack(jitted)["w"], ones_zeros.astype(bool))
+
+
 def _params():
     k1, k2 = jax.random.split(jax.random.key(0))
     return {
