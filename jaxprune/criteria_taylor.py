@@ -24,6 +24,7 @@ from jaxprune._tree import (
     as_int,
     leaves_with_paths,
     map_pair,
+    mirrors_variables,
     path_str,
     unwrap_variables,
 )
@@ -216,6 +217,7 @@ def _unit_sums(
     return treedef, out
 
 
+@mirrors_variables
 def taylor(
     params: optax.Params, grads: optax.Updates, *, unit_axis: int = -1, stacked: Any = None
 ) -> optax.Params:

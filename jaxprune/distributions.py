@@ -25,6 +25,7 @@ from jaxprune._tree import (
     as_float,
     as_int,
     leaves_with_paths,
+    mirror_variables,
     mirrors_variables,
     path_str,
     prunable_flags,
@@ -36,8 +37,9 @@ Distribution = Callable[..., Any]
 
 
 def _tree_like(params: Any, values: list[Any]) -> Any:
+    """Returns ``values`` in ``params``' tree structure, nnx ``Variable`` s included."""
     _, treedef = leaves_with_paths(params)
-    return jax.tree.unflatten(treedef, values)
+    return mirror_variables(params, jax.tree.unflatten(treedef, values))
 
 
 def uniform(
@@ -351,6 +353,7 @@ def _keep_counts(scores: Any, counts: list[Any], flags: list[bool]) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
+@mirrors_variables
 def per_output(scores: Any, sparsity: Any, *, where: Where | None = None, axis: int = -1) -> Any:
     """Returns masks pruning the same exact fraction within every output unit of each leaf.
 

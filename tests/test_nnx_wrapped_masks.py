@@ -36,6 +36,7 @@ SELECTIONS = {
     "blocks": functools.partial(jp.masks.blocks, sparsity=0.5, block=(1, 4)),
     "patterns": functools.partial(jp.masks.patterns, where=lambda p, x: x.ndim == 4),
     "erk": functools.partial(jp.distributions.selection(jp.distributions.erk), sparsity=0.5),
+    "per_output": functools.partial(jp.distributions.per_output, sparsity=0.5),
 }
 
 
@@ -113,3 +114,30 @@ def test_criteria_and_group_selections_mirror_the_wrapped_state(states):
     ):
         assert jax.tree.structure(masks) == structure
         assert int((~masks["conv"]["kernel"].get_value()).any(axis=(0, 1, 2)).sum()) == 4
+
+
+@pytest.mark.parametrize(
+    "distribution",
+    [
+        jp.distributions.uniform,
+        jp.distributions.erk,
+        functools.partial(jp.distributions.uniform, fixed={"fc/kernel": 0.25}),
+        jp.distributions.explicit({}, default=0.5),
+    ],
+)
+def test_distributions_mirror_the_wrapped_state(states, distribution):
+    wrapped, pure = states
+    per_leaf = distribution(wrapped, 0.5)
+    assert jax.tree.structure(per_leaf) == jax.tree.structure(wrapped)
+    assert isinstance(per_leaf["fc"]["kernel"], nnx.Param)
+    _same(per_leaf, distribution(pure, 0.5))
+    # Lines up with the params and the scores, e.g. to prune leaf by leaf by hand.
+    counts = jax.tree.map(lambda p, s: round(s * p.size), wrapped, per_leaf)
+    assert int(counts["fc"]["bias"].get_value()) == 0
+
+
+def test_taylor_scores_mirror_the_wrapped_state(states):
+    wrapped, pure = states
+    scores = jp.criteria.taylor(wrapped, wrapped)
+    assert jax.tree.structure(scores) == jax.tree.structure(wrapped)
+    _same(scores, jp.criteria.taylor(pure, pure))
