@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxprune._tree import leaves_with_paths, path_str
+from jaxprune._tree import leaves_with_paths, mirror_variables, path_str
 
 __all__ = [
     "is_nnx_object",
@@ -241,19 +241,23 @@ def masks_like(template: Any, masks_by_path: dict[str, np.ndarray]) -> Any:
             out.append(None)
         else:
             return None
-    return jax.tree.unflatten(treedef, out) if used == len(masks_by_path) else None
+    if used != len(masks_by_path):
+        return None
+    return mirror_variables(target, jax.tree.unflatten(treedef, out))
 
 
 def like(template: Any, x: np.ndarray, spec: dict) -> Any:
     """Returns ``x`` as the template leaf's kind: key, numpy, Python scalar or sharded array."""
     if "key_impl" in spec:
         return jax.random.wrap_key_data(jnp.asarray(x), impl=spec["key_impl"])
-    if isinstance(template, np.ndarray | np.generic):
-        return x.reshape(np.shape(template))
     if isinstance(template, bool | int | float | complex):
         return type(template)(x.item())
     if "python" in spec and getattr(template, "dtype", None) is not None:
         x = _cast_scalar(x, np.dtype(template.dtype), spec)
+    if isinstance(template, np.generic):
+        return x.reshape(()).astype(template.dtype)[()]  # a NumPy scalar, as the template
+    if isinstance(template, np.ndarray):
+        return x.reshape(np.shape(template))
     sharding = getattr(template, "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(
         sharding.mesh, jax.sharding.AbstractMesh
@@ -317,7 +321,7 @@ def rebuild(specs, leaves, template, name, where):
         t if i is None else like(t, leaves[i], specs[i])
         for (_, t), i in zip(flat, order, strict=True)
     ]
-    out = jax.tree.unflatten(treedef, new)
+    out = mirror_variables(target, jax.tree.unflatten(treedef, new))
     if is_nnx_object(template):
         nnx.update(template, out)
     return out

@@ -362,6 +362,45 @@ def test_python_int_too_big_for_the_template_dtype_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["dense", "compressed"])
+def test_python_scalars_restore_into_numpy_scalar_templates_in_their_dtype(tmp_path, fmt):
+    jp.save(tmp_path / "c", 0, {"i": 3, "f": 0.1, "a": np.ones(2, np.float32)}, format=fmt)
+    tm = {"i": np.int8(0), "f": np.float32(0), "a": np.zeros(2, np.float32)}
+    got = jp.restore(tmp_path / "c", params=tm).params
+    assert type(got["i"]) is np.int8 and got["i"] == 3
+    assert type(got["f"]) is np.float32 and got["f"] == np.float32(0.1)
+    assert isinstance(got["a"], np.ndarray) and got["a"].dtype == np.float32
+    # A NumPy int8 refuses what it cannot hold, as a jnp.int8 template does.
+    jp.save(tmp_path / "d", 0, {"i": 300})
+    with pytest.raises(ValueError, match="saved as the Python int 300, which the template's int8"):
+        jp.restore(tmp_path / "d", params={"i": np.int8(0)})
+
+
+@pytest.mark.parametrize("fmt", ["dense", "compressed"])
+def test_variable_wrapped_state_template_restores_in_its_variables(tmp_path, fmt):
+    from flax import nnx
+
+    model = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+    state = nnx.state(model, nnx.Param)
+    masks = jp.masks.topk(jp.criteria.magnitude(state), 0.5)
+    jp.save(tmp_path / "c", 0, jp.apply_masks(state, masks), masks=masks, format=fmt)
+    template = nnx.state(
+        nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(5)), nnx.Linear(8, 2, rngs=nnx.Rngs(6))),
+        nnx.Param,
+    )
+    ckpt = jp.restore(tmp_path / "c", params=template)
+    assert jax.tree.structure(ckpt.params) == jax.tree.structure(state)
+    assert isinstance(ckpt.params["layers"][0]["kernel"], nnx.Param)
+    assert _bits(ckpt.params) == _bits(jp.apply_masks(state, masks))
+    assert jax.tree.structure(ckpt.masks) == jax.tree.structure(state)
+    assert _bits(ckpt.masks) == _bits(masks)
+    # A Module template is updated in place; the params come back as its nnx.state.
+    fresh = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(7)), nnx.Linear(8, 2, rngs=nnx.Rngs(8)))
+    ckpt = jp.restore(tmp_path / "c", params=fresh)
+    assert _bits(nnx.state(fresh, nnx.Param)) == _bits(jp.apply_masks(state, masks))
+    assert jax.tree.structure(ckpt.params) == jax.tree.structure(nnx.state(fresh))
+
+
+@pytest.mark.parametrize("fmt", ["dense", "compressed"])
 def test_trained_train_state_restores_into_a_fresh_create_template(tmp_path, fmt):
     # The trained state's step is a JAX int32; TrainState.create's is the
     # Python int 0. The fresh template takes the saved step as a Python int.
