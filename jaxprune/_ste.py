@@ -37,6 +37,8 @@ from jaxprune._tree import (
 from jaxprune.schedules import Schedule, as_schedule, static_value
 from jaxprune.state import register_mask_state
 from jaxprune.transform import (
+    _check_state_type,
+    _check_tx,
     _in_container_of,
     _initial_masks,
     _step_inputs,
@@ -127,8 +129,12 @@ def ste(
        refresh step (a float sparsity holds from step 0; a
        ``polynomial(..., frequency=f)`` rises every ``f`` steps).
     3. The emitted updates set the params to ``where(m, w, 0)`` after
-       ``optax.apply_updates``: pruned entries exactly 0, kept ones exactly
-       the dense weights.
+       ``optax.apply_updates``: pruned entries exactly 0, kept ones the
+       dense weights (to the last bit in eager calls; under ``jax.jit`` XLA
+       may fuse the inner optimizer's multiply-add, rounding once where the
+       params' ``p + update`` rounds twice, so a few kept entries can differ
+       from ``state.dense`` by one unit in the last place; the next step's
+       update corrects it, and nothing accumulates).
 
     Unlike :func:`~jaxprune.prune`, a pruned weight keeps learning and comes
     back when its dense magnitude overtakes a kept one's; the mask and
@@ -192,12 +198,7 @@ def ste(
       Zhou et al., "Learning N:M fine-grained structured sparse neural
       networks from scratch" (SR-STE), ICLR 2021. https://arxiv.org/abs/2102.04010
     """
-    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
-        raise ValueError(
-            f"tx must be an optax transformation (with init and update), got {tx!r}. Fix: "
-            "build it, e.g. jp.dynamic.ste(optax.adam(1e-3), ...), not "
-            "jp.dynamic.ste(optax.adam, ...)."
-        )
+    _check_tx(tx, "jp.dynamic.ste")
     check_where(where)
     sel, where = _selector(criterion, scope, where)
     schedule = as_schedule(sparsity)
@@ -235,12 +236,7 @@ def ste(
                 "jp.dynamic.ste needs the current params: call tx.update(grads, state, params). "
                 "(nnx.Optimizer does this for you.)"
             )
-        if not hasattr(state, "dense"):
-            raise ValueError(
-                f"jp.dynamic.ste's update got a state of type {type(state).__name__}, not the "
-                "SteState its init builds. Fix: restore a checkpoint into a template, "
-                "jp.restore(d, params=params, opt_state=tx.init(params)), and resume with it."
-            )
+        _check_state_type(state, "dense", "jp.dynamic.ste", "SteState")
         params, kept, flags = _step_inputs(updates, state, params, where)
         held = _in_container_of(state.dense, params)
         p_flat, treedef = jax.tree.flatten(params)
@@ -271,7 +267,8 @@ def ste(
             jax.tree.unflatten(u_treedef, u_flat), state.inner_state, inner_params, **extra_args
         )
         s_flat = jax.tree.leaves(steps)
-        # optax.apply_updates' arithmetic, so kept params equal the dense weights exactly.
+        # optax.apply_updates' arithmetic, so kept params equal the dense weights (up to
+        # one rounding where XLA fuses the inner step's multiply-add into this add).
         new_flat = [
             jnp.asarray(d + s).astype(jnp.result_type(d)) if f else d
             for d, s, f in zip(d_flat, s_flat, flags, strict=True)
@@ -297,7 +294,8 @@ def ste(
             dt = jnp.promote_types(jnp.result_type(s), jnp.result_type(p))
             p_, d_, s_ = p.astype(dt), d.astype(dt), s.astype(dt)
             # Kept: p + (s + (d - p)) is d + s, bit for bit, when p == d (kept
-            # before) or p == 0 (pruned before). Pruned: p - p is exactly 0.
+            # before) or p == 0 (pruned before), as computed here; an FMA-fused
+            # d + s may round differently by one ulp. Pruned: p - p is exactly 0.
             out.append(jnp.where(m, s_ + (d_ - p_), -p_))
         dense_state = [n if f else h for n, h, f in zip(new_flat, h_flat, flags, strict=True)]
         new_state = SteState(

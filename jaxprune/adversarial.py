@@ -433,7 +433,7 @@ def adversarial_step(
       (reference code https://github.com/divyam3897/ANP_VS, ``base`` mode).
     """
     _check_attack(eps, step_size, steps, bounds)
-    if not 0.0 <= clean_weight <= 1.0:
+    if isinstance(clean_weight, (bool, str)) or not 0.0 <= as_float(clean_weight) <= 1.0:
         raise ValueError(
             f"clean_weight must be in [0, 1], got {clean_weight!r}. Fix: 0.0 for Madry's "
             "adversarial loss, 1/3 for the ANP-VS code's (clean + 2 adv) / 3."

@@ -53,6 +53,11 @@ def _check_attack(eps: Any, step_size: Any = 1.0, steps: Any = 1, bounds=(0.0, 1
                 f"step_size must be >= 0, got {step_size!r} (with eps=0 the attack is the "
                 "identity, and any step_size >= 0 works). Fix: step_size=0.0."
             )
+        if not math.isfinite(as_float(step_size)):
+            raise ValueError(
+                f"step_size must be finite, got {step_size!r} (an infinite step times a zero "
+                "gradient sign is NaN). Fix: e.g. step_size=eps / 4, or 2.5 * eps / steps."
+            )
         if not eps_zero and not as_float(step_size) > 0:
             # eps passed its check above: here it is a tracer or a number > 0.
             fix = "step_size=eps / 4"

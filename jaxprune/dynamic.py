@@ -128,7 +128,13 @@ from jaxprune._tree import (
 from jaxprune.stacked import Stacked, _depth, _warn_no_stack, layer_where_of
 from jaxprune.state import get_masks as _get_masks
 from jaxprune.state import register_mask_state
-from jaxprune.transform import _check_state_fits, _fill, jit_when_eager
+from jaxprune.transform import (
+    _check_state_fits,
+    _check_state_type,
+    _check_tx,
+    _fill,
+    jit_when_eager,
+)
 
 __all__ = [
     "DynamicSparseState",
@@ -180,6 +186,7 @@ def _dynamic(
     name,
     begin_step=0,
 ) -> optax.GradientTransformationExtraArgs:
+    _check_tx(tx, f"jp.dynamic.{name}")
     _validate(
         sparsity,
         update_every,
@@ -250,6 +257,7 @@ def _dynamic(
             # its initial masks) does not train, and rewires nothing either way.
             warned["never"] = True
             _warn_never_rewires(name, end_step, update_every)
+        _check_state_type(state, "packed_masks", f"jp.dynamic.{name}", "DynamicSparseState")
         params = unwrap_variables(params)
         # At trace time, as jp.prune: a state of other params (another model's
         # checkpoint) would fail inside lax.cond with JAX's own message.

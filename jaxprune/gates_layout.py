@@ -20,21 +20,36 @@ __all__: list[str] = []
 def _parent_and_name(model: nnx.Module, path: tuple) -> tuple[Any, Any]:
     parent = model
     for p in path[:-1]:
-        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+        parent = parent[p] if isinstance(parent, (list, tuple, dict)) else getattr(parent, p)
     return parent, path[-1]
 
 
+def _check_replaceable(model: nnx.Module, paths: list[tuple]) -> None:
+    """Raises before anything is replaced if a layer at one of ``paths`` sits in a tuple."""
+    for path in paths:
+        parent, name = _parent_and_name(model, path)
+        if isinstance(parent, tuple):
+            where = "/".join(map(str, path))
+            raise ValueError(
+                f"the layer {where!r} is item {name!r} of a tuple, which cannot be changed in "
+                "place to wrap or fold it. Fix: hold the layers in an nnx.List or a list "
+                "(e.g. nnx.List([layer0, layer1])), or skip this layer."
+            )
+
+
 def _set_child(parent: Any, name: Any, value: Any) -> None:
-    if isinstance(name, int):
+    if isinstance(parent, (list, dict)) or (isinstance(name, int) and not isinstance(parent, dict)):
         parent[name] = value
     else:
         setattr(parent, name, value)
 
 
 def _children(node: Any) -> list[tuple[Any, Any]]:
-    """Returns ``(name, child)`` of a module's attributes or a list's items, in definition order."""
-    if isinstance(node, (list, nnx.List)):
+    """Returns ``(name, child)`` of a module's attributes or a container's items, in order."""
+    if isinstance(node, (list, tuple, nnx.List)):
         return list(enumerate(node))
+    if isinstance(node, dict):
+        return list(node.items())
     if isinstance(node, nnx.Module):
         return [(k, v) for k, v in vars(node).items() if not k.startswith("_")]
     return []
@@ -55,7 +70,7 @@ def _module_paths(model: nnx.Module) -> list[tuple[tuple, Any]]:
                 continue
             if isinstance(child, nnx.Module):
                 out.append((path + (name,), child))
-            if isinstance(child, (nnx.Module, list)):
+            if isinstance(child, (nnx.Module, list, tuple, dict)):
                 walk(child, path + (name,), seen | {id(child)})
 
     walk(model, (), frozenset({id(model)}))

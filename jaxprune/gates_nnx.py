@@ -31,7 +31,7 @@ from jaxprune._tree import key_parts, leaves_with_paths, path_str
 from jaxprune.gates_bn import GateBeforeBatchNormWarning, _warn_batchnorm
 from jaxprune.gates_checks import _check_gate, _require_per_unit
 from jaxprune.gates_layer import Gated, GateKey, GateParam, _check_grouped_inputs
-from jaxprune.gates_layout import _aliases, _parent_and_name, _set_child
+from jaxprune.gates_layout import _aliases, _check_replaceable, _parent_and_name, _set_child
 from jaxprune.gates_masks import to_masks
 from jaxprune.gates_tree import Gate, _scale_rows
 
@@ -106,7 +106,10 @@ def attach(
     which a forward pass reads but never advances (unlike ``nnx.Dropout``):
     call :func:`reseed` with a fresh key at the top of every train step.
     Without it every step draws the same sample, and the stochastic gates
-    become one fixed noise pattern.
+    become one fixed noise pattern. The wrappers start in train mode whatever
+    mode the model was in (a model without Dropout or BatchNorm keeps no record
+    of ``model.eval()``): call ``model.eval()`` after ``attach`` for the
+    deterministic test-time gates.
 
     With a gate that is one value per unit for the whole batch (the default
     shared sample, or :class:`~jaxprune.gates.ScalarGate`) on a layer whose
@@ -217,6 +220,7 @@ def attach(
     if gate.per_unit and not getattr(gate, "per_example", False):
         _warn_batchnorm(model, gate, chosen)
     layers = sorted([by_name[n] for n in outputs | gate_inputs], key=lambda pm: path_str(pm[0]))
+    _check_replaceable(model, [a for path, m in layers for a in _aliases(model, m) or [path]])
     for i, (path, m) in enumerate(layers):
         wrapper = Gated(
             m,

@@ -202,6 +202,31 @@ def _step_inputs(updates: Any, state: Any, params: Any, where: Where | None) -> 
     return params, kept, prunable_flags(params, where)
 
 
+def _check_tx(tx: Any, name: str) -> None:
+    """Raises unless ``tx`` is a built optax transformation (``name`` wraps it)."""
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise ValueError(
+            f"tx must be an optax transformation (with init and update), got {tx!r}. Fix: "
+            f"build it, e.g. {name}(optax.adam(1e-3), ...), not {name}(optax.adam, ...)."
+        )
+
+
+def _check_state_type(state: Any, field: str, name: str, kind: str) -> None:
+    """Raises unless ``state`` is the ``kind`` (with a ``field``) that ``name``'s init builds."""
+    if hasattr(state, field):
+        return
+    plain = isinstance(state, (dict, list, tuple))
+    why = " (a checkpoint restored without a template gives plain dicts and lists)"
+    raise ValueError(
+        f"{name}'s update got a state of type {type(state).__name__}, not the {kind} its "
+        "init builds"
+        + (why if plain else "")
+        + ". Fix: restore into a template, jp.restore(d, params=params, "
+        "opt_state=tx.init(params)) (or orbax's restore with the target tree), then "
+        "resume with that opt_state."
+    )
+
+
 def prune(
     tx: optax.GradientTransformation,
     *,
@@ -337,11 +362,7 @@ def prune(
       Lee et al., "JaxPruner: A concise library for sparsity research", 2023.
       https://arxiv.org/abs/2304.14082
     """
-    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
-        raise ValueError(
-            f"tx must be an optax transformation (with init and update), got {tx!r}. Fix: "
-            "build it, e.g. jp.prune(optax.adam(1e-3), ...), not jp.prune(optax.adam, ...)."
-        )
+    _check_tx(tx, "jp.prune")
     check_where(where)
     # The criterion is checked before the sparsity: under
     # optax.inject_hyperparams(jp.prune) it is an array, and its message says
@@ -395,20 +416,7 @@ def prune(
                 "jp.prune needs the current params to enforce masks: call "
                 "tx.update(grads, state, params). (nnx.Optimizer does this for you.)"
             )
-        if not hasattr(state, "packed_masks"):
-            plain = isinstance(state, (dict, list, tuple))
-            raise ValueError(
-                f"jp.prune's update got a state of type {type(state).__name__}, not the "
-                "PruneState its init builds"
-                + (
-                    " (a checkpoint restored without a template gives plain dicts and lists)"
-                    if plain
-                    else ""
-                )
-                + ". Fix: restore into a template, jp.restore(d, params=params, "
-                "opt_state=tx.init(params)) (or orbax's restore with the target tree), then "
-                "resume with that opt_state."
-            )
+        _check_state_type(state, "packed_masks", "jp.prune", "PruneState")
         params, kept, flags = _step_inputs(updates, state, params, where)
         step = state.count
         grads, extra = sel.criterion_args(updates, params, state, extra_args, key_impl, "jp.prune")

@@ -258,6 +258,7 @@ def test_adversarial_step_reduces_the_adversarial_loss(key):
         (dict(eps=-0.1), r"eps must be a finite number >= 0 .*got -0.1"),
         (dict(eps=float("nan")), r"eps must be a finite number"),
         (dict(step_size=0.0), r"step_size must be > 0"),
+        (dict(step_size=float("inf")), r"step_size must be finite, got inf"),
         (dict(steps=0), r"steps must be an int >= 1"),
         (dict(steps=2.5), r"steps must be an int >= 1"),
         (dict(bounds=(1.0, 0.0)), r"bounds must be \(low, high\) with low < high"),
@@ -282,6 +283,8 @@ def test_bad_training_hyperparameters():
         adversarial.anp_vs_step(_apply, _kl, tx, num_train=0, **kw)
     with pytest.raises(ValueError, match=r"clean_weight must be in \[0, 1\], got 2.0. Fix"):
         adversarial.adversarial_step(_apply, tx, clean_weight=2.0, **kw)
+    with pytest.raises(ValueError, match=r"clean_weight must be in \[0, 1\], got True. Fix"):
+        adversarial.adversarial_step(_apply, tx, clean_weight=True, **kw)
     with pytest.raises(ValueError, match=r"adv_weight must be >= 0, got -2.0"):
         adversarial.anp_vs_step(_apply, _kl, tx, num_train=10, adv_weight=-2.0, **kw)
     with pytest.raises(ValueError, match=r"attack_gates must be one of .*got 'eval'"):

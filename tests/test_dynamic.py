@@ -163,6 +163,25 @@ def test_update_without_params_is_an_error():
         tx.update(params, tx.init(params))
 
 
+@pytest.mark.parametrize("make", [jp.dynamic.rigl, jp.dynamic.set])
+def test_unbuilt_optimizer_and_foreign_state_are_explained(make):
+    for tx in (optax.adam, None):
+        with pytest.raises(ValueError, match=r"tx must be an optax transformation.*Fix: build it"):
+            make(tx, sparsity=0.5, key=jax.random.key(0), update_every=2, end_step=100)
+    tx = make(optax.adam(1e-2), sparsity=0.5, key=jax.random.key(0), update_every=2, end_step=100)
+    params = _params()
+    name = make.__name__
+    # The inner optimizer's state alone, or a checkpoint restored without a template.
+    for state in (optax.adam(1e-2).init(params), {"count": 0, "packed_masks": {}}):
+        kind = type(state).__name__
+        with pytest.raises(
+            ValueError,
+            match=rf"jp.dynamic.{name}'s update got a state of type {kind}, not the "
+            r"DynamicSparseState its init builds.*Fix: restore into a template",
+        ):
+            tx.update(params, state, params)
+
+
 def test_masks_are_stored_packed_at_one_bit_per_prunable_entry():
     params = {"w": jnp.ones((64, 48)), "b": jnp.zeros(48)}
     tx = jp.dynamic.rigl(optax.sgd(0.1), sparsity=0.5, key=jax.random.key(0), end_step=10)

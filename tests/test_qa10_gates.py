@@ -301,3 +301,43 @@ def test_gate_hyperparameters_accept_concrete_jax_scalars():
         gates.HardConcrete(beta=jnp.float32(0.0))
     with pytest.raises(ValueError, match=r"finite real number"):
         jax.jit(lambda b: gates.HardConcrete(beta=b).beta)(0.5)
+
+
+# --- layers held in a dict or a tuple ----------------------------------------------------
+
+
+class _DictHeld(nnx.Module):
+    def __init__(self, rngs):
+        self.blocks = nnx.data({"a": nnx.Linear(4, 5, rngs=rngs), "b": nnx.Linear(5, 3, rngs=rngs)})
+
+    def __call__(self, x):
+        return self.blocks["b"](self.blocks["a"](x))
+
+
+class _TupleHeld(nnx.Module):
+    def __init__(self, rngs):
+        self.blocks = nnx.data((nnx.Linear(4, 5, rngs=rngs), nnx.Linear(5, 3, rngs=rngs)))
+
+    def __call__(self, x):
+        return self.blocks[1](self.blocks[0](x))
+
+
+def test_attach_and_detach_layers_held_in_a_dict(key):
+    model = _DictHeld(nnx.Rngs(0))
+    gates.attach(model, gates.ScalarGate(), key=key, skip=("blocks/b",))
+    assert [p for p, _ in gates.gated_layers(model)] == [("blocks", "a")]
+    assert isinstance(model.blocks["a"], gates.Gated)
+    x = jax.random.normal(key, (3, 4))
+    model.eval()
+    plain = gates.detach(model)
+    assert isinstance(plain.blocks["a"], nnx.Linear) and gates.gated_layers(plain) == []
+    np.testing.assert_allclose(plain(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_attach_refuses_a_layer_in_a_tuple_before_wrapping_any(key):
+    model = _TupleHeld(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"'blocks/1' is item 1 of a tuple.*Fix: hold the layers"):
+        gates.attach(model, gates.ScalarGate(), key=key, where=lambda p, m: p[-1] == 1)
+    with pytest.raises(ValueError, match=r"'blocks/0' is item 0 of a tuple"):
+        gates.attach(model, gates.ScalarGate(), key=key)
+    assert gates.gated_layers(model) == []  # nothing half-wrapped
