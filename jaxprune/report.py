@@ -173,11 +173,21 @@ class Report:
                 if not f["dense_macs"]
                 else _ratio(f["mac_reduction"], "", "all pruned", " fewer")
             )
-            loops = f.get("loops", 0)
+            loops, maps = f.get("loops", 0), f.get("shard_maps", 0)
+            notes = []
+            if loops:
+                notes.append(
+                    f"{loops} loop{'s' if loops > 1 else ''} whose body XLA counts once, "
+                    "whatever the trip count"
+                )
+            if maps:
+                notes.append(
+                    f"{maps} shard_map bod{'ies' if maps > 1 else 'y'} that XLA counts at one "
+                    "device's share"
+                )
             xla = (
-                f"XLA FLOPs (dense; {loops} loop{'s' if loops > 1 else ''} whose body XLA "
-                "counts once, whatever the trip count: read the MACs)"
-                if loops
+                f"XLA FLOPs (dense; {'; '.join(notes)}: read the MACs)"
+                if notes
                 else "XLA FLOPs (dense)"
             )
             padded = (
@@ -292,6 +302,8 @@ def report(
       apply_fn: optional ``apply_fn(params, *example_inputs)``; with it the
         report's ``flops`` holds ``xla_flops`` (XLA's dense FLOPs, loop bodies
         once), ``loops`` (loops whose body ``xla_flops`` counts once),
+        ``shard_maps`` (``shard_map`` bodies, which ``xla_flops`` counts at one
+        device's share and the MACs on every device of their manual axes),
         ``dense_macs`` and ``nonzero_macs`` (the conv/dense MACs, dense and
         density-scaled), ``mac_reduction`` (their ratio) and ``padded_macs``
         (the part of ``dense_macs`` over conv padding). For an nnx ``Module``

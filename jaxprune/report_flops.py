@@ -56,6 +56,10 @@ _PASS_THROUGH = {
     "rev",
     "reduce_precision",
     "device_put",
+    # shard_map's casts of a replicated value to a device-varying one (check_vma).
+    "pvary",
+    "pbroadcast",
+    "pcast",
     # The zeros of -w and of stop_gradient(w) are those of w.
     "neg",
     "stop_gradient",
@@ -259,7 +263,9 @@ def _walk(jaxpr, src: dict, density: dict[str, float], loops: list[int]) -> tupl
 
     ``src`` maps vars to leaf paths (or ``_ZERO``); ``density`` gains the keys
     of kernels built of params; ``loops[0]`` counts the loops whose body XLA's
-    cost analysis counts once.
+    cost analysis counts once, ``loops[1]`` the ``shard_map`` bodies, counted
+    here once per device of their manual mesh axes and by XLA at one device's
+    share.
     """
     dense = nonzero = padded = 0.0
     for eqn in jaxpr.eqns:
@@ -305,6 +311,8 @@ def _walk(jaxpr, src: dict, density: dict[str, float], loops: list[int]) -> tupl
             subs = _sub_inputs(eqn, raw)
             if name == "while" or (name == "scan" and _rolled(eqn)):
                 loops[0] += 1  # XLA counts the body once (a fully unrolled scan has no loop)
+            if name == "shard_map":
+                loops[1] += 1
             results = []
             for sub, sub_ins in subs:
                 inner = {}
@@ -321,8 +329,11 @@ def _walk(jaxpr, src: dict, density: dict[str, float], loops: list[int]) -> tupl
                         if not isinstance(ov, jax.extend.core.Literal) and ov in inner:
                             src[out] = inner[ov]
             if results:
-                # cond: the costliest branch; scan: every iteration.
+                # cond: the costliest branch; scan: every iteration; shard_map:
+                # its body, traced at one device's shapes, on every device.
                 times = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
+                if name == "shard_map":
+                    times = _shard_map_copies(eqn)
                 if name == "cond":
                     d, n, pad = max(results)
                 else:
@@ -330,6 +341,26 @@ def _walk(jaxpr, src: dict, density: dict[str, float], loops: list[int]) -> tupl
                 dense, nonzero = dense + times * d, nonzero + times * n
                 padded += times * pad
     return dense, nonzero, padded
+
+
+def _shard_map_copies(eqn) -> float:
+    """How many distinct parts of the work a ``shard_map``'s body does, one per device.
+
+    The product of the manual mesh axes that split some input (``in_specs``):
+    along a manual axis that splits none, the devices repeat the same work on
+    the same data, which is not more of the model's.
+    """
+    mesh = eqn.params["mesh"]
+    manual = eqn.params.get("newly_manual_axes")
+    if manual is None:  # older jax: every mesh axis not left automatic
+        auto = eqn.params.get("auto", frozenset())
+        manual = [a for a in mesh.axis_names if a not in auto]
+    split = set()
+    for spec in eqn.params.get("in_specs", ()):
+        for entry in spec or ():
+            split.update(entry if isinstance(entry, tuple) else (entry,))
+    sizes = dict(mesh.shape)
+    return float(math.prod(sizes[a] for a in manual if a in split))
 
 
 def _rolled(eqn) -> bool:
@@ -384,7 +415,7 @@ def _flops(apply_fn, params, inputs, density: dict[str, float]) -> dict[str, flo
     invars = closed.jaxpr.invars[: len(flat)]
     src = {v: path_str(p) for v, (p, _) in zip(invars, flat, strict=True) if path_str(p) in density}
     density = dict(density)  # gains the keys of kernels built of params' parts
-    loops = [0]
+    loops = [0, 0]
     dense, nonzero, padded = _walk(closed.jaxpr, src, density, loops)
     return {
         "xla_flops": xla,
@@ -396,4 +427,6 @@ def _flops(apply_fn, params, inputs, density: dict[str, float]) -> dict[str, flo
         "padded_macs": padded,
         # Loops whose body xla_flops counts once, whatever their trip count.
         "loops": loops[0],
+        # shard_map bodies, which xla_flops counts at one device's share.
+        "shard_maps": loops[1],
     }

@@ -40,6 +40,21 @@ _SCRIPT = textwrap.dedent(
     )
     out["flops"] = [one.flops["xla_flops"], sharded.flops["xla_flops"]]
 
+    # Under shard_map the MACs are the whole model's (the body runs on every device),
+    # and the weight keeps its identity through the pvary that check_vma inserts.
+    try:
+        from jax import shard_map
+    except ImportError:  # older jax
+        from jax.experimental.shard_map import shard_map
+    masked = {"w": jnp.asarray(w).at[:48].set(0.0)}  # density 0.25
+    out["shard_map"] = []
+    for check in (True, False):
+        body = shard_map(lambda w, x: x @ w, mesh=auto, in_specs=(P(), P("data")),
+                         out_specs=P("data"), check_vma=check)
+        r = jp.report(masked, apply_fn=lambda p, x: body(p["w"], x), example_inputs=x)
+        out["shard_map"].append([r.flops["dense_macs"], r.flops["nonzero_macs"],
+                                 r.flops["shard_maps"], "shard_map body" in str(r)])
+
     # Structured selections on an Explicit mesh: equal to one device, and usable as a scope.
     def put(a, spec):
         return jax.device_put(a, NamedSharding(explicit, spec))
@@ -229,6 +244,8 @@ def test_sharded_report_selections_dynamic_and_restore():
     out = json.loads(lines[-1][len("RESULT ") :])
     one, sharded = out["flops"]
     assert sharded == one  # not one device's share
+    # 16 x 64 x 128 MACs over both data shards, a quarter of them on nonzero weights.
+    assert out["shard_map"] == [[16 * 64 * 128, 16 * 64 * 128 / 4, 1, True]] * 2, out["shard_map"]
     for name in ("patterns", "blocks", "nm", "structured"):
         assert out[name] == [True, True, True, True], (name, out[name])
     assert out["structured_auto_placed"]
