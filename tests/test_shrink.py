@@ -482,7 +482,8 @@ def test_relu_constants_fold_only_into_a_bias_that_is_added_once(name):
         with pytest.warns(
             UserWarning,
             match=r"shrink kept 2 channels that the masks leave with a constant output \(2 of 6 "
-            r"channels of l1/kernel, l2/kernel\).*jp\.structure\.select",
+            r"channels of l1/kernel, l2/kernel\).*a bias \(it has none, e\.g\. use_bias=False;"
+            r".*jp\.structure\.select",
         ):
             small = structure.shrink(fn, params, masks, jnp.ones((2, 8)))
         groups = structure.groups(fn, params, jnp.ones((2, 8)))

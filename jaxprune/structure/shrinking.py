@@ -366,8 +366,9 @@ def _warn_kept_constants(kept: list[tuple[Any, int, list[str]]]) -> None:
         f"shrink kept {total} channels that the masks leave with a constant output ({listed}"
         f"{'; ...' if len(kept) > 3 else ''}): each still outputs a nonzero constant (e.g. "
         "its bias or BatchNorm shift through the activation, its incoming weights all masked) "
-        "that the next layer cannot fold into its bias (a padded or transposed conv, or a bias "
-        "used elsewhere), so cutting it would change the outputs. Fix: mask whole channel "
+        "that the next layer cannot fold into a bias (it has none, e.g. use_bias=False; it is "
+        "a padded or transposed conv; or its bias is used elsewhere), so cutting it would "
+        "change the outputs. Fix: mask whole channel "
         "groups (jp.structure.select, or scope=jp.structure.selection(groups) in jp.prune), "
         "whose masks zero the bias and shift too; those channels are then cut.",
         stacklevel=_user_level(),
@@ -440,12 +441,13 @@ def _refuse_emptied_grouped_convs(prog: Program, removed) -> None:
         loc = where(prog.eqns[i])
         kind = "depthwise" if depthwise else "grouped"
         raise ValueError(
-            f"shrink: the masks remove every input channel of the {kind} conv {layer!r} "
+            f"shrink: every input channel of the {kind} conv {layer!r} would be cut "
             f"(kernel {path_str(path)}, feature_group_count={groups}"
             f"{', at ' + loc if loc else ''}), which would leave it with 0 input channels: "
             "no conv computes that (its feature_group_count would have to be 0 or its "
             f"{groups} groups empty). It happens when a selection empties the group feeding "
-            "it, e.g. a global one without a cap. Fix: keep at least one channel of each "
+            "it, e.g. a global one without a cap, or one that the conv feeds: its channels "
+            "then feed nothing, and shrink removes them. Fix: keep at least one channel of each "
             "group, e.g. structure.select(groups, scores, sparsity, scope='global', "
             "max_sparsity=0.9), or leave the group feeding that conv out of the selection."
         )
