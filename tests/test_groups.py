@@ -182,7 +182,11 @@ def _opaque_fn(p, x):
 
 def test_opaque_primitive_warns_and_pins_its_group():
     p = {"w1": jnp.ones((3, 4)), "w2": jnp.ones((4, 2))}
-    with pytest.warns(UserWarning, match=r"primitive\(s\) \['sort'\] cannot be seen through"):
+    with pytest.warns(
+        UserWarning,
+        match=r"primitive\(s\) \['sort'\] cannot be seen through; the channel groups along "
+        r"w1 axis 1, w2 axis 0 are left unprunable",
+    ):
         gs = structure.groups(_opaque_fn, p, jnp.ones((2, 3)))
     g = next(g for g in gs if "w1[1]" in _names(g))
     assert not g.prunable and any("'sort'" in r for r in g.reasons)

@@ -522,7 +522,9 @@ def find_groups(prog: Program, *, warn: bool = True) -> Analysis:
     for r, ms in members.items():
         reasons = tuple(dict.fromkeys(blocked.get(r, [])))
         if warn and r in opaque:
-            hidden.setdefault(tuple(sorted(opaque[r])), []).extend(path_str(m.path) for m in ms[:2])
+            hidden.setdefault(tuple(sorted(opaque[r])), []).extend(
+                f"{path_str(m.path)} axis {m.axis}" for m in ms[:2]
+            )
         groups.append(Group(tuple(ms), ms[0].layout[3], not reasons, reasons))
         roots.append(r)
     for prims, names in hidden.items():

@@ -26,7 +26,7 @@ NEVER_USED = "never used by the traced call"
 def _opaque_message(prims: list[str], names: list[str], rand: list[str]) -> str:
     """Returns the one warning for the groups that ``prims`` hide."""
     shown = ", ".join(dict.fromkeys(names[:6])) + (" ..." if len(names) > 6 else "")
-    where = f"the groups of {shown} are left unprunable"
+    where = f"the channel groups along {shown} are left unprunable"
     if rand:
         return (
             f"jaxprune.structure: the traced call draws random numbers ({rand}, e.g. Dropout "
@@ -45,11 +45,13 @@ def _opaque_message(prims: list[str], names: list[str], rand: list[str]) -> str:
     if prims == ["gather"]:
         return (
             f"jaxprune.structure: primitive 'gather' (an embedding lookup table[ids], or "
-            f"indexing with an array) cannot be seen through, so {where}. For an embedding "
-            "table this is expected: its width is the residual stream's, which the residual "
-            "adds pin anyway, and the other groups (attention heads, MLP neurons) are still "
-            "found. Fix: nothing, for an embedding lookup; for other indexing, take whole "
-            "slices along an axis that is not pruned, or prune other groups."
+            f"indexing with an array, e.g. jax.image.resize 'nearest') cannot be seen through, "
+            f"so {where}. For a transformer's embedding table this is expected: its width is "
+            "the residual stream's, which the residual adds pin anyway, and the other groups "
+            "(attention heads, MLP neurons) are still found. Otherwise the width of what is "
+            "indexed stays whole. Fix: nothing, for an embedding into a residual stream; for "
+            "other indexing, take whole slices along an axis that is not pruned (e.g. resize "
+            "with jnp.repeat), or prune other groups."
         )
     return (
         f"jaxprune.structure: primitive(s) {prims} cannot be seen through; {where}. Fix: "
