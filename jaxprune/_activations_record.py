@@ -45,6 +45,8 @@ class Captured(NamedTuple):
 def _join(a: Any, b: Any) -> Any:
     """Returns ``a`` and ``b`` concatenated along the leading axis (flattened if they differ)."""
     a, b = jnp.asarray(a), jnp.asarray(b)
+    # A call on one unbatched example ([features]) is one token, not a batch axis.
+    a, b = (x[None] if x.ndim == 1 else x for x in (a, b))
     if a.ndim >= 1 and a.shape[1:] == b.shape[1:]:
         return jnp.concatenate([a, b], axis=0)
     if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != b.shape[-1]:

@@ -216,8 +216,10 @@ def input_norms(
     The norm runs over every calibration token (all axes but the last; for a
     conv, batch and positions per input channel) and over every batch in
     ``captures``, combined as ``sqrt(sum of squares)``. A Dense or conv kernel
-    gets ``[in]``. A general linear kernel (``nnx.LinearGeneral``, linen
-    ``DenseGeneral``, attention projections captured with
+    gets ``[in]``; a grouped or depthwise conv (``feature_group_count=g``,
+    kernel ``[..., in / g, out]``) gets ``[in / g, out]``, each output's
+    column the norms of its group's input channels. A general linear kernel
+    (``nnx.LinearGeneral``, linen ``DenseGeneral``, attention projections captured with
     ``types=(nnx.Linear, nnx.LinearGeneral)``) gets its input axes' norms
     shaped to broadcast against it: ``[heads, head_dim, 1]`` for an output
     projection ``[heads, head_dim, out]``, ``[in, 1, 1]`` for a query kernel
@@ -307,8 +309,30 @@ def input_norms(
             # A general linear kernel [*in_axes, *out_axes]: the norms broadcast
             # against it, its input axes first.
             sq = sq.reshape(sq.shape + (1,) * (jnp.ndim(leaf) - sq.ndim))
+        elif jnp.ndim(leaf) >= 3 and sq.shape[0] != jnp.shape(leaf)[-2]:
+            sq = _grouped_norms(sq, jnp.shape(leaf), path)
         out.append(jnp.sqrt(sq))
     return jax.tree.unflatten(treedef, out)
+
+
+def _grouped_norms(sq: jax.Array, shape: tuple[int, ...], path: Any) -> jax.Array:
+    """Returns a grouped conv's per-channel ``sq`` ``[in]`` as ``[in / groups, out]``.
+
+    A conv with ``feature_group_count=g`` has a kernel ``[..., in / g, out]``:
+    output ``o`` reads the ``in / g`` input channels of its group
+    ``o // (out / g)``, so its column gets those channels' norms.
+    """
+    cin, (in_g, cout) = sq.shape[0], shape[-2:]
+    groups = cin // in_g if in_g and cin % in_g == 0 else 0
+    if not groups or cout % groups:
+        raise ValueError(
+            f"input_norms: the kernel {path_str(path)!r} of shape {tuple(shape)} reads "
+            f"{in_g} input channels, but its module's captured inputs have {cin}, which is "
+            "not a grouped conv's (feature_group_count) multiple of it. Fix: capture the "
+            "module that owns this kernel, with its own inputs."
+        )
+    per_group = sq.reshape(groups, in_g)
+    return per_group[jnp.arange(cout) // (cout // groups)].T
 
 
 def _square_sums(x: Any, in_axes: tuple[int, ...] | None) -> jax.Array:
@@ -324,10 +348,24 @@ def _per_unit(captures, fn):
             f"{type(captures).__name__}. Fix: pass what capture_nnx/capture_linen return (their "
             "second result); for several batches, score each and average the results."
         )
-    return {
-        name: fn(c.outputs.astype(jnp.float32).reshape(-1, c.outputs.shape[-1]))
-        for name, c in captures.items()
-    }
+    out = {}
+    for name, c in captures.items():
+        z = c.outputs.astype(jnp.float32)
+        units = z.shape[z.ndim - _output_axes(c) :]
+        out[name] = fn(z.reshape((-1,) + units))
+    return out
+
+
+def _output_axes(c: Captured) -> int:
+    """How many trailing axes of ``c.outputs`` index units: 1, or a general linear layer's.
+
+    ``nnx.LinearGeneral(4, (2, 3))`` outputs ``[..., 2, 3]``: 6 units, one per
+    head and feature, which a score must keep apart.
+    """
+    if c.in_axes is None:
+        return 1
+    batch = jnp.ndim(c.inputs) - len(c.in_axes)
+    return max(1, jnp.ndim(c.outputs) - batch)
 
 
 def mean_abs(
@@ -474,11 +512,14 @@ def unit_scores(params: optax.Params, per_unit: dict[str, jax.Array]) -> optax.P
         owner = _kernel_owner(path, leaf)
         if owner is not None and owner in per_unit:
             vec = jnp.asarray(per_unit[owner], jnp.float32)
-            if vec.shape != (jnp.shape(leaf)[-1],):
+            shape = tuple(jnp.shape(leaf))
+            # One score per unit: [out], or a general linear kernel's output axes ([heads, dim]).
+            if not (1 <= vec.ndim < len(shape) and vec.shape == shape[len(shape) - vec.ndim :]):
                 raise ValueError(
                     f"unit_scores: per_unit[{owner!r}] has shape {vec.shape}, but the kernel "
-                    f"{path_str(path)!r} of shape {jnp.shape(leaf)} has {jnp.shape(leaf)[-1]} "
-                    "units (its last axis). Fix: one score per output unit, e.g. "
+                    f"{path_str(path)!r} of shape {shape} has {shape[-1]} units (its last "
+                    "axis; a general linear kernel's output axes, e.g. [heads, dim], also "
+                    "fit). Fix: one score per output unit, e.g. "
                     "jp.activations.mean_abs(captures) of this model."
                 )
             out.append(jnp.broadcast_to(vec, jnp.shape(leaf)))

@@ -247,7 +247,8 @@ def wanda(params: optax.Params, input_norms: Any) -> optax.Params:
     for (path, w), (_, n) in zip(flat, leaves_with_paths(input_norms)[0], strict=True):
         b = _input_axis_norms(w, n)
         try:
-            jnp.broadcast_shapes(jnp.shape(w), b.shape)
+            if jnp.broadcast_shapes(jnp.shape(w), b.shape) != tuple(jnp.shape(w)):
+                raise ValueError("the scores would not have the kernel's shape")
         except ValueError:
             general = (
                 " A kernel with several input or output axes (LinearGeneral, attention "

@@ -228,3 +228,72 @@ def test_capture_nnx_keyword_input_of_a_subclass_without_its_own_call():
     assert caps["p"].inputs.shape == (5, 4)
     np.testing.assert_allclose(np.asarray(caps["p"].outputs), np.asarray(y), rtol=1e-6)
     assert "__call__" not in Plain.__dict__
+
+
+@pytest.mark.parametrize("groups, cout", [(4, 4), (4, 8), (2, 6)], ids=["dw", "dw-x2", "g2"])
+def test_grouped_conv_norms_give_each_output_its_groups_channels(groups, cout):
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.c = nnx.Conv(4, cout, (3, 3), feature_group_count=groups, rngs=rngs)
+
+        def __call__(self, x):
+            return self.c(x)
+
+    model = Net(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 5, 4)) * jnp.array([1.0, 2.0, 3.0, 4.0])
+    _, caps = jp.activations.capture_nnx(model, x)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    norms = jp.activations.input_norms(params, caps)["c"]["kernel"]
+    per_channel = np.sqrt((np.asarray(x) ** 2).reshape(-1, 4).sum(0))
+    in_g, per_out = 4 // groups, cout // groups
+    want = np.stack(
+        [per_channel[(o // per_out) * in_g : (o // per_out + 1) * in_g] for o in range(cout)], 1
+    )
+    np.testing.assert_allclose(np.asarray(norms), want, rtol=1e-5)
+    kernel = params["c"]["kernel"]
+    scores = jp.criteria.wanda(params, jp.activations.input_norms(params, caps))["c"]["kernel"]
+    assert scores.shape == kernel.shape
+    np.testing.assert_allclose(np.asarray(scores), np.abs(kernel) * want, rtol=1e-5)
+
+
+def test_wanda_refuses_norms_that_would_widen_the_kernel():
+    params = {"c": {"kernel": jnp.ones((3, 3, 1, 4))}}
+    with pytest.raises(ValueError, match=r"input_norms of 'c/kernel' has shape \(4,\).*Fix"):
+        jp.criteria.wanda(params, {"c": {"kernel": jnp.ones(4)}})
+
+
+def test_a_layer_called_twice_on_one_unbatched_example_keeps_its_units():
+    class Twice(nnx.Module):
+        def __init__(self, rngs):
+            self.l = nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l(jax.nn.relu(self.l(x)))
+
+    _, caps = jp.activations.capture_nnx(Twice(nnx.Rngs(0)), jnp.arange(4.0))
+    assert caps["l"].inputs.shape == (2, 4)  # two tokens of 4 features, not 8 features
+    assert jp.activations.apoz(caps)["l"].shape == (4,)
+
+
+def test_general_linear_scores_keep_heads_apart():
+    class Query(nnx.Module):
+        def __init__(self, rngs):
+            self.q = nnx.LinearGeneral(4, (2, 3), rngs=rngs)
+
+        def __call__(self, x):
+            return self.q(x)
+
+    model = Query(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (5, 7, 4))
+    _, caps = jp.activations.capture_nnx(model, x, types=(nnx.Linear, nnx.LinearGeneral))
+    z = np.maximum(np.asarray(model.q(x)), 0.0).reshape(-1, 2, 3)
+    scores = jp.activations.mean_abs(caps)["q"]
+    np.testing.assert_allclose(np.asarray(scores), np.abs(z).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(jp.activations.apoz(caps)["q"]), (z != 0).mean(0), rtol=1e-6
+    )
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    per_entry = jp.activations.unit_scores(params, {"q": scores})["q"]["kernel"]
+    np.testing.assert_allclose(np.asarray(per_entry), np.broadcast_to(scores, (4, 2, 3)))
+    with pytest.raises(ValueError, match=r"per_unit\['q'\] has shape \(2,\).*output axes"):
+        jp.activations.unit_scores(params, {"q": scores[:, 0]})

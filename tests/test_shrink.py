@@ -206,8 +206,26 @@ def test_layerwise_driver_prunes_one_group_at_a_time_with_finetuning():
     assert small["w1"].shape == (6, 4) and small["w2"].shape == (4, 6)
     with pytest.raises(ValueError, match="sparsity has 3 entries but the model has 2"):
         structure.prune_layerwise(_mlp3, p, (x,), sparsity=[0.1] * 3, progress=False)
-    with pytest.raises(ValueError, match="window must be >= 1"):
-        structure.prune_layerwise(_mlp3, p, (x,), sparsity=0.5, window=0, progress=False)
+    for window in (0, 1.5, "2", True):
+        with pytest.raises(ValueError, match=r"window must be an int >= 1 .*got .*Fix"):
+            structure.prune_layerwise(_mlp3, p, (x,), sparsity=0.5, window=window, progress=False)
+    # Refused before float() could read them as numbers.
+    for bad in (True, "0.5", [0.5, "0.25"]):
+        with pytest.raises(ValueError, match="sparsity must be"):
+            structure.prune_layerwise(_mlp3, p, (x,), sparsity=bad, progress=False)
+
+
+def test_prune_layerwise_warns_when_rounding_empties_a_group():
+    mlp = lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]  # noqa: E731
+    p = {"w1": jnp.ones((3, 4)), "w2": jnp.ones((4, 2))}
+    with pytest.warns(UserWarning, match=r"removed every channel of 1 group.*at sparsity 0.9"):
+        _, masks = structure.prune_layerwise(
+            mlp, p, (jnp.ones((1, 3)),), sparsity=0.9, progress=False
+        )
+    assert not bool(masks["w1"].any())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sparsity 1.0 asks for it: no warning
+        structure.prune_layerwise(mlp, p, (jnp.ones((1, 3)),), sparsity=1.0, progress=False)
 
 
 def test_shrink_errors():

@@ -11,6 +11,7 @@ and the kernel that reads it in turn) with the masks held fixed.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -122,8 +123,11 @@ def prune_layerwise(
       Li et al., "Pruning Filters for Efficient ConvNets", 2017 (layer by
       layer with retraining). https://arxiv.org/abs/1608.08710
     """
-    if window < 1:
-        raise ValueError(f"window must be >= 1 (groups fine-tuned together), got {window}.")
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(
+            f"window must be an int >= 1 (how many pruned groups fine-tuning updates "
+            f"together), got {window!r}. Fix: e.g. window=1."
+        )
     if not isinstance(example_inputs, (tuple, list)):
         raise ValueError(
             f"example_inputs must be a tuple of the model's inputs (apply_fn(params, "
@@ -141,21 +145,25 @@ def prune_layerwise(
         if g.prunable and r in first
     )
     groups = [an.groups[i] for _, i in order]
-    scalar = isinstance(sparsity, (int, float)) or np.ndim(sparsity) == 0
-    per = [float(sparsity)] * len(groups) if scalar else list(sparsity)
+    scalar = isinstance(sparsity, (int, float, str, bytes)) or np.ndim(sparsity) == 0
+    per = [sparsity] * len(groups) if scalar else list(sparsity)
     if len(per) != len(groups):
         raise ValueError(
             f"sparsity has {len(per)} entries but the model has {len(groups)} prunable groups "
             f"({[g.channels for g in groups]} channels). Fix: one float, or one per group."
         )
     for s in per:
-        _counts._check_sparsity(s)
+        _counts._check_sparsity(s)  # before float(): True or "0.5" would pass it
+    per = [float(s) for s in per]
     flat, treedef = leaves_with_paths(params)
     masks = jax.tree.unflatten(treedef, [jnp.ones((), bool)] * len(flat))
     bar = tqdm(list(enumerate(groups)), desc="layer-wise pruning", disable=not progress)
+    emptied = []
     for i, g in bar:
         imp = group_scores([g], criterion(params), reduce=reduce)[0]
         keep = _masks._topk({"g": imp}, per[i], lambda p, x: True)[0]["g"]
+        if per[i] < 1.0 and not bool(jnp.any(keep)):
+            emptied.append(f"{g!r} at sparsity {per[i]:g}")
         masks = _and(masks, _masks_from_keep([g], params, {0: keep}))
         params = _masks.apply_masks(params, masks)
         if finetune is not None:
@@ -166,4 +174,12 @@ def prune_layerwise(
             paths = {m.path for a in active for m in a.members}
             params = finetune(params, masks, functools.partial(_in_window, paths))
             params = _masks.apply_masks(params, masks)
+    if emptied:
+        warnings.warn(
+            f"prune_layerwise removed every channel of {len(emptied)} group(s), since "
+            f"round(sparsity * channels) == channels for them ({'; '.join(emptied[:3])}): the "
+            "network's output no longer depends on its input through them (layer collapse). "
+            "Fix: a lower sparsity for those groups (sparsity takes one value per group).",
+            stacklevel=2,
+        )
     return params, masks
