@@ -243,6 +243,36 @@ class _Keys:
         return self.at(_zero_from(self.base + self._reads))
 
 
+def _varying_axes(x: Any) -> set:
+    """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
+    t = jax.typeof(x)
+    mat = getattr(t, "manual_axis_type", None)  # jax 0.10, 0.12
+    if mat is not None:
+        return set(mat.varying)
+    return set(getattr(t, "vma", ()) or ())  # jax 0.11
+
+
+def _vary_like(init: Any, *refs: Any) -> Any:
+    """Returns a loop's ``init`` varying over every mesh axis that ``refs`` vary over.
+
+    Inside ``shard_map`` (with its default ``check_vma=True``) values computed
+    from a shard's data are typed as varying across the manual mesh axes,
+    while constants are not, and ``lax.while_loop`` needs its carry typed the
+    same going in and coming out. Outside ``shard_map`` it returns ``init``.
+    """
+    vma = set()
+    for r in jax.tree.leaves(refs):
+        vma |= _varying_axes(r)
+    if not vma:
+        return init
+
+    def one(x):
+        missing = tuple(sorted(vma - _varying_axes(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(one, init)
+
+
 def _bracket_search(K, k, lo, hi, c_lo, c_hi):
     """Narrows ``c(lo) < k <= c(hi)`` until ``c(hi) == k`` or ``hi == lo + 1``."""
 
@@ -267,6 +297,7 @@ def _bracket_search(K, k, lo, hi, c_lo, c_hi):
         return new_lo, new_hi, new_c_lo, new_c_hi, halved, _zero_from(c)
 
     init = (lo, hi, c_lo, c_hi, jnp.bool_(True), _zero_from(c_lo))
+    init = _vary_like(init, init, k, K.src)
     lo, hi, c_lo, c_hi, _, _ = jax.lax.while_loop(cond, body, init)
     return lo, hi, c_lo, c_hi
 
@@ -364,9 +395,8 @@ def _last_tied(K, t: jax.Array, need: jax.Array) -> jax.Array:
         return jnp.where(go_left, lo, mid), jnp.where(go_left, mid, hi)
 
     # Invariant: ties_up_to(lo) < need <= ties_up_to(hi); hi ends as the boundary row.
-    _, row = jax.lax.while_loop(
-        lambda s: s[1] - s[0] > 1, body, (jnp.int32(-1), jnp.int32(n_rows - 1))
-    )
+    init = _vary_like((jnp.int32(-1), jnp.int32(n_rows - 1)), need, rows)
+    _, row = jax.lax.while_loop(lambda s: s[1] - s[0] > 1, body, init)
     left = need - ties_up_to(row - 1)  # ties to prune inside the boundary row
 
     last = jnp.int32(0)
@@ -469,7 +499,7 @@ def _cut(K: _Keys, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     # otherwise the first (k - below) keys equal to t in flatten order go.
     last = jax.lax.cond(
         at_or_below == k,
-        lambda: jnp.int32(K.n),
+        lambda: _vary_like(jnp.int32(K.n), t, k),
         lambda: _last_tied(K, t, k - below),
     )
     return t, last

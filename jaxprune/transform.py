@@ -31,7 +31,7 @@ from jaxprune import masks as _masks
 from jaxprune._compile import jit_by_content
 from jaxprune._dynamic_moments import _reset_moments
 from jaxprune._refresh import Selection, _reshard_like, _selector
-from jaxprune._search import _explicit_axes
+from jaxprune._search import _explicit_axes, _vary_like
 from jaxprune._tree import (
     Where,
     check_same_leaves,
@@ -430,7 +430,12 @@ def prune(
             return sel.packed(params, grads, cstate, extra, sparsity, flags, kept)
 
         refreshing = schedule.is_update_step(step)
-        packed = jax.lax.cond(refreshing, refresh, lambda: kept)
+        # Inside shard_map both branches must vary over the same mesh axes (no-op outside).
+        packed = jax.lax.cond(
+            refreshing,
+            lambda: _vary_like(refresh(), params, updates),
+            lambda: _vary_like(kept, params, updates),
+        )
         # Unpacking is elementwise and fuses into the two enforcements below.
         masks = _masks.unpack(packed)
         if explicit:

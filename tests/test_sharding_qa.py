@@ -55,6 +55,28 @@ _SCRIPT = textwrap.dedent(
         out["shard_map"].append([r.flops["dense_macs"], r.flops["nonzero_macs"],
                                  r.flops["shard_maps"], "shard_map body" in str(r)])
 
+    # Selections and jp.prune inside shard_map on per-shard params (an ensemble, FSDP):
+    # each shard's masks are those of its own block, as outside.
+    W = jax.random.normal(jax.random.key(0), (32, 16))
+    tx = jp.prune(optax.adam(1e-2), sparsity=0.5)
+
+    def prune_step(w):
+        p = {"w": w}
+        u, _ = tx.update(p, tx.init(p), p)
+        return optax.apply_updates(p, u)["w"] != 0
+
+    out["in_shard_map"] = {}
+    for name, f in {
+        "topk": lambda w: jp.masks.topk({"w": w}, 0.5)["w"],
+        "global_topk": lambda w: jp.masks.global_topk({"w": w, "v": w[:, :4] * 2}, 0.5)["w"],
+        "structured": lambda w: jp.masks.structured({"w": w}, 0.5)["w"],
+        "ties": lambda w: jp.masks.topk({"w": jnp.ones_like(w)}, 0.5)["w"],
+        "prune": prune_step,
+    }.items():
+        got = shard_map(f, mesh=auto, in_specs=P("data"), out_specs=P("data"))(W)
+        ref = np.concatenate([np.asarray(f(W[:16])), np.asarray(f(W[16:]))])
+        out["in_shard_map"][name] = bool(np.array_equal(np.asarray(got), ref))
+
     # Structured selections on an Explicit mesh: equal to one device, and usable as a scope.
     def put(a, spec):
         return jax.device_put(a, NamedSharding(explicit, spec))
@@ -244,6 +266,8 @@ def test_sharded_report_selections_dynamic_and_restore():
     out = json.loads(lines[-1][len("RESULT ") :])
     one, sharded = out["flops"]
     assert sharded == one  # not one device's share
+    assert out["in_shard_map"] == dict.fromkeys(out["in_shard_map"], True), out["in_shard_map"]
+    assert len(out["in_shard_map"]) == 5
     # 16 x 64 x 128 MACs over both data shards, a quarter of them on nonzero weights.
     assert out["shard_map"] == [[16 * 64 * 128, 16 * 64 * 128 / 4, 1, True]] * 2, out["shard_map"]
     for name in ("patterns", "blocks", "nm", "structured"):
