@@ -42,6 +42,7 @@ from jaxprune.llm_solvers import (
     _check_dampening,
     _check_group,
     _check_nm_divides,
+    _nm_ints,
     _resolve,
     magnitude_prune,
     reconstruction_error,
@@ -349,6 +350,7 @@ def prune_decoder(
         )
     linears = [names for _, names in _check_decoder(model)]
     sparsity = _resolve(sparsity, nm, stacklevel=4)
+    nm = _nm_ints(nm)
     if nm is not None:
         for b, (block, names) in enumerate(zip(model.blocks, linears, strict=True)):
             for name in names:
@@ -396,6 +398,12 @@ def prune_decoder(
                         f"the inputs of layer {path!r} are not finite (NaN or inf in "
                         "its calibration Hessian). Fix: check the model's weights and the "
                         "calibration tokens (in range for the embedding)."
+                    )
+                if not bool(jnp.all(jnp.isfinite(kernel))):
+                    raise ValueError(
+                        f"the kernel of layer {path!r} holds NaN or inf before pruning, which "
+                        "no pruning method can repair. Fix: check the model's weights (a "
+                        "diverged training run or a damaged checkpoint)."
                     )
                 with warnings.catch_warnings():  # nm=(m, m) was warned about once, above
                     warnings.filterwarnings("ignore", f"nm=.*{_NOTHING_PRUNED}", UserWarning)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import _counts
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
 from jaxprune._tree import as_int
@@ -99,7 +100,17 @@ def _check_nm_divides(nm: tuple[int, int], kernel_shape: tuple[int, ...], what: 
         )
 
 
+def _nm_ints(nm: Any) -> tuple[int, int] | None:
+    """Returns a checked ``nm`` as Python ints (a JAX int would become a traced shape)."""
+    return None if nm is None else (int(nm[0]), int(nm[1]))
+
+
 def _check_kernel(kernel: Any, name: str = "kernel") -> None:
+    if not hasattr(kernel, "shape") or not hasattr(kernel, "dtype"):
+        raise ValueError(
+            f"{name} must be an array, got {type(kernel).__name__}. Fix: pass a jax or numpy "
+            f"array, e.g. jnp.asarray({name})."
+        )
     if jnp.ndim(kernel) != 2:
         raise ValueError(
             f"{name} must be a 2-D [in, out] kernel, got shape {jnp.shape(kernel)}. Fix: pass "
@@ -207,6 +218,7 @@ def magnitude_prune(
     """
     _check_kernel(kernel)
     sparsity = _check(sparsity, nm, jnp.shape(kernel))
+    nm = _nm_ints(nm)
     _check_group(group)
     keep = _keep(jnp.abs(kernel).astype(jnp.float32), sparsity, nm, group)
     return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype))
@@ -243,6 +255,7 @@ def wanda_prune(
     """
     _check_kernel(kernel)
     sparsity = _check(sparsity, nm, jnp.shape(kernel))
+    nm = _nm_ints(nm)
     _check_group(group)
     if input_norms is None or isinstance(input_norms, (str, bytes, dict)):
         raise ValueError(
@@ -301,14 +314,21 @@ def _sparsegpt_rows(w, h, *, sparsity, nm, blocksize, dampening):
     u = jnp.linalg.cholesky(hinv).T  # upper: hinv = u^T u
     col_idx = jnp.arange(cols)
 
-    def block(i1, size, w):
-        # i1 may be traced; size is a Python int.
+    # Block b prunes cum[b + 1] - cum[b] entries, cum[j] = round(s * rows * j-th block end):
+    # the layer loses exactly round(s * rows * cols), however small each block's share.
+    full, tail = divmod(cols, blocksize)
+    ends = [b * blocksize for b in range(full + 1)] + ([cols] if tail else [])
+    cum = jnp.stack([_counts._count(sparsity, rows * e) for e in ends])
+
+    def block(i1, size, w, b):
+        # i1 and b may be traced; size is a Python int.
         w1 = jax.lax.dynamic_slice(w, (0, i1), (rows, size))
         u1 = jax.lax.dynamic_slice(u, (i1, i1), (size, size))
         d1 = jnp.diag(u1)
         if nm is None:
             # Adaptive mask over the whole block, exact count (OBS error w^2 / U_ii^2).
-            keep = _masks._topk({"b": (w1 / d1) ** 2}, sparsity, _everything)[0]["b"]
+            keys = _masks.ordered_keys(((w1 / d1) ** 2).reshape(-1))
+            keep = _masks._select([keys], cum[b + 1] - cum[b])[0].reshape(rows, size)
             pruned = ~keep
         else:
             pruned = jnp.zeros((rows, size), bool)
@@ -339,11 +359,10 @@ def _sparsegpt_rows(w, h, *, sparsity, nm, blocksize, dampening):
         later = jax.lax.dynamic_slice(u, (i1, 0), (size, cols))
         return w - jnp.where(col_idx[None, :] >= i1 + size, err @ later, 0.0)
 
-    full, tail = divmod(cols, blocksize)
     with jax.default_matmul_precision("highest"):
-        w = jax.lax.fori_loop(0, full, lambda b, w: block(b * blocksize, blocksize, w), w)
+        w = jax.lax.fori_loop(0, full, lambda b, w: block(b * blocksize, blocksize, w, b), w)
         if tail:
-            w = block(full * blocksize, tail, w)
+            w = block(full * blocksize, tail, w, full)
         return w
 
 
@@ -361,11 +380,13 @@ def sparsegpt(
     Optimal Brain Surgeon row updates, processed one input column at a time
     in ``blocksize``-column blocks with ``H^-1`` from a Cholesky factor of
     ``H + lambda I``, ``lambda = dampening * mean(diag(H))``. Unstructured:
-    the mask of each block prunes exactly ``round(sparsity * out * block)``
-    entries with the lowest ``w^2 / U_ii^2``, ``U`` the upper Cholesky factor
-    of ``H^-1`` (``U_ii^2`` is ``[H_F^-1]_ii`` over the columns ``F`` not yet
-    swept, as in the reference code); N:M (``nm=(n, m)``, ``n`` kept of every
-    ``m`` inputs): chosen group by group as the sweep reaches it.
+    the mask of each block prunes its share of the layer's exact
+    ``round(sparsity * out * in)`` (``round(sparsity * out * end)`` less the
+    same up to the block's start) entries with the lowest ``w^2 / U_ii^2``,
+    ``U`` the upper Cholesky factor of ``H^-1`` (``U_ii^2`` is ``[H_F^-1]_ii``
+    over the columns ``F`` not yet swept, as in the reference code); N:M
+    (``nm=(n, m)``, ``n`` kept of every ``m`` inputs): chosen group by group
+    as the sweep reaches it.
 
     Args:
       kernel: ``[in, out]`` weights.
@@ -400,18 +421,25 @@ def sparsegpt(
     """
     _check_kernel(kernel)
     sparsity = _check(sparsity, nm, jnp.shape(kernel))
+    nm = _nm_ints(nm)
     _check_dampening(dampening)
+    _check_kernel(hessian, "hessian")
     if jnp.shape(hessian) != (kernel.shape[0],) * 2:
         raise ValueError(
             f"hessian must be [in, in] = {(kernel.shape[0],) * 2} for a kernel of shape "
             f"{kernel.shape}, got {hessian.shape}. Fix: accumulate X^T X of the layer's inputs."
+        )
+    if not isinstance(kernel, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(kernel))):
+        raise ValueError(
+            "sparsegpt got a kernel holding NaN or inf, which no pruning can repair. Fix: check "
+            "the model's weights (a diverged run or a damaged checkpoint)."
         )
     size = _block_size(kernel.shape[0], blocksize, nm)
     rows = _sparsegpt_rows(
         kernel.T.astype(jnp.float32),
         hessian.astype(jnp.float32),
         sparsity=float(sparsity),
-        nm=None if nm is None else (int(nm[0]), int(nm[1])),
+        nm=nm,
         blocksize=size,
         dampening=float(dampening),
     )

@@ -306,3 +306,42 @@ def test_perplexity_and_prune_decoder_run_in_eval_mode(tokens):
         np.testing.assert_array_equal(a, b)
     assert _modes(model) == [False] and _modes(pruned) == [False]  # the copy keeps it too
     assert _modes(pruned_ref) == [True]
+
+
+# --- exact counts, weights that are not finite, argument types -------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, sparsity, blocksize",
+    [((1000, 1), 0.003, 128), ((128, 2), 0.2, 1), ((300, 7), 0.37, 64), ((300, 7), 0.9, 128)],
+)
+def test_sparsegpt_prunes_the_layers_exact_count_however_small_each_blocks_share(
+    shape, sparsity, blocksize
+):
+    w = jax.random.normal(jax.random.key(0), shape)
+    x = jax.random.normal(jax.random.key(1), (2 * shape[0], shape[0]))
+    pruned = llm.sparsegpt(w, x.T @ x, sparsity=sparsity, blocksize=blocksize)
+    # Rounding each block's share on its own pruned nothing in the first two cases.
+    assert int((pruned == 0).sum()) == round(sparsity * w.size)
+
+
+def test_nm_as_jax_ints_and_arrays_given_as_lists():
+    w = jax.random.normal(jax.random.key(0), (16, 4))
+    nm = (jnp.int32(2), jnp.int32(4))
+    assert int((llm.sparsegpt(w, jnp.eye(16), nm=nm) == 0).sum()) == 32
+    assert int((llm.magnitude_prune(w, nm=nm) == 0).sum()) == 32
+    with pytest.raises(ValueError, match=r"hessian must be an array, got list. Fix"):
+        llm.sparsegpt(w, np.eye(16).tolist())
+    with pytest.raises(ValueError, match=r"kernel must be an array, got list. Fix"):
+        llm.magnitude_prune([[1.0, 2.0], [3.0, 4.0]])
+
+
+def test_a_kernel_holding_nan_is_named_before_any_solve(tokens):
+    with pytest.raises(ValueError, match=r"kernel holding NaN or inf.*Fix: check the model"):
+        llm.sparsegpt(jnp.ones((8, 2)).at[0, 0].set(jnp.nan), jnp.eye(8))
+    model = _gpt()
+    kernel = model.blocks[0].qkv.kernel
+    kernel.set_value(kernel.get_value().at[0, 0].set(jnp.nan))
+    # Not the dampening advice: magnitude pruning has no Hessian to damp.
+    with pytest.raises(ValueError, match=r"kernel of layer 'blocks/0/qkv' holds NaN or inf before"):
+        llm.prune_decoder(model, tokens, method="magnitude", nm=(2, 4))
