@@ -236,14 +236,15 @@ def _capped_keys(keys: list[jax.Array], caps: list[int]) -> list[jax.Array]:
 
     A global search for at most ``sum(caps)`` entries then takes, in order, the
     lowest keys of leaves below their cap: the greedy order that skips full
-    leaves (ties by flatten order, as everywhere). Only a NaN whose bits are all
-    ones shares the largest key.
+    leaves (ties by flatten order, as everywhere). The allowed keys stop one
+    below the largest, so a NaN whose bits are all ones (the one score whose
+    key is the largest) still ranks below every raised entry.
     """
     top = jnp.uint32(0xFFFFFFFF)
     out = []
     for k, cap in zip(keys, caps, strict=True):
         allowed = ~_select([k], jnp.int32(cap))[0].reshape(k.shape)
-        out.append(jnp.where(allowed, k, top))
+        out.append(jnp.where(allowed, jnp.minimum(k, top - 1), top))
     return out
 
 
@@ -442,7 +443,7 @@ def _capped_keys_fn(keys_of, score_fn, src, leaf_srcs, idx, caps, deep, *, shape
         out = []
         for k, cut in zip(keys_of(idx)(s), cuts, strict=True):
             if isinstance(cut, int):
-                out.append(k if cut else jnp.full_like(k, top))
+                out.append(jnp.minimum(k, top - 1) if cut else jnp.full_like(k, top))
                 continue
             t, last, d = cut
             if d:
@@ -453,7 +454,7 @@ def _capped_keys_fn(keys_of, score_fn, src, leaf_srcs, idx, caps, deep, *, shape
                 lowest = (k < t) | (pos <= last)
             else:
                 lowest = (k < t) | ((k == t) & (_flat_index(k.shape, 0) <= last))
-            out.append(jnp.where(lowest, k, top))
+            out.append(jnp.where(lowest, jnp.minimum(k, top - 1), top))  # as _capped_keys
         return out
 
     return keys_fn

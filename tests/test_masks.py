@@ -348,6 +348,23 @@ _capped_global = jax.jit(
 )
 
 
+def test_cap_holds_against_a_nan_whose_key_is_the_largest():
+    # 0x7FFFFFFF: the one NaN whose ordered key is the key entries past a cap are raised to.
+    nan = jax.lax.bitcast_convert_type(jnp.uint32(0x7FFFFFFF), jnp.float32)
+    scores = {"a": jnp.array([[1.0, 2.0, 3.0, 4.0]]), "b": jnp.full((1, 2), nan)}
+    want = {"a": 2, "b": 1}  # 3 pruned at most: half of each leaf
+    got = jp.masks.global_topk(scores, 1.0, max_sparsity=0.5)
+    assert {k: _pruned(m) for k, m in got.items()} == want
+    got = jax.jit(lambda s: jp.masks.global_topk(s, 1.0, max_sparsity=0.5))(scores)
+    assert {k: _pruned(m) for k, m in got.items()} == want
+    fused = jax.jit(
+        lambda p: jp.masks.fused_select(
+            "global", lambda x: x, p, 1.0, [True, True], max_sparsity=0.5
+        )
+    )(scores)
+    assert {k: _pruned(m) for k, m in fused.items()} == want
+
+
 def test_global_topk_cap_keeps_a_layer_of_small_weights_alive(key):
     params = {"w1": jax.random.normal(key, (20, 30)), "w2": 1e-3 * jnp.ones((30, 10))}
     scores = jp.criteria.magnitude(params)
