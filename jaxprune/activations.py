@@ -87,6 +87,15 @@ def capture_nnx(
       >>> sorted(caps), caps["layers/1"].inputs.shape
       (['layers/0', 'layers/1'], (5, 3))
     """
+    if not isinstance(model, nnx.Module):
+        fix = (
+            "capture_linen(module, variables, *args) for a linen module"
+            if isinstance(model, nn.Module)
+            else "pass the nnx model itself"
+        )
+        raise ValueError(
+            f"capture_nnx takes a flax nnx model, got {type(model).__name__}. Fix: {fix}."
+        )
     targets = {
         id(m): path_str(tuple(p)) for p, m in nnx.iter_modules(model) if isinstance(m, types)
     }
@@ -171,9 +180,28 @@ def capture_linen(
       >>> sorted(caps), caps["layers_2"].outputs.shape
       (['layers_0', 'layers_2'], (5, 2))
     """
+    if not isinstance(module, nn.Module):
+        fix = (
+            "capture_nnx(model, *args) for an nnx model"
+            if isinstance(module, nnx.Module)
+            else "pass the linen module and its variables"
+        )
+        raise ValueError(
+            f"capture_linen takes a flax linen module, got {type(module).__name__}. Fix: {fix}."
+        )
     records: dict[str, Captured] = {}
     lifted: list[str] = []
-    outer_traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((variables, args)))
+    outer = [x for x in jax.tree.leaves((variables, args)) if isinstance(x, jax.core.Tracer)]
+    # Under jax.jit a lifted transform's values are tracers of its own inner trace.
+    outer_traces = {id(getattr(x, "_trace", None)) for x in outer}
+    can_tell = all(hasattr(x, "_trace") for x in outer)
+
+    def in_lifted(x: Any) -> bool:
+        if not isinstance(x, jax.core.Tracer):
+            return False
+        if not outer:
+            return True
+        return can_tell and id(getattr(x, "_trace", None)) not in outer_traces
 
     def interceptor(next_fun, a, kw, context):
         out = next_fun(*a, **kw)
@@ -181,7 +209,7 @@ def capture_linen(
             name = path_str(tuple(context.module.path))
             first = _first_input_name(type(context.module).__call__)
             x = _call_input(name, first, a, kw, "capture_linen")
-            if not outer_traced and isinstance(x, jax.core.Tracer):
+            if in_lifted(x):
                 # Inside nn.scan / nn.vmap / nn.remat: its values live in that trace only.
                 lifted.append(name)
             else:
@@ -341,6 +369,14 @@ def _square_sums(x: Any, in_axes: tuple[int, ...] | None) -> jax.Array:
     return jnp.sum(jnp.square(tokens), axis=0)
 
 
+def _check_activation(activation: Any) -> None:
+    if not callable(activation):
+        raise ValueError(
+            f"activation must be a function applied to the outputs, got {activation!r}. Fix: "
+            "jax.nn.relu (the default), or lambda z: z to score the raw outputs."
+        )
+
+
 def _per_unit(captures, fn):
     if not isinstance(captures, dict):
         raise ValueError(
@@ -388,6 +424,7 @@ def mean_abs(
       Hu et al., "Network Trimming: A Data-Driven Neuron Pruning Approach",
       2016 (activation statistics). https://arxiv.org/abs/1607.03250
     """
+    _check_activation(activation)
     return _per_unit(captures, lambda z: jnp.mean(jnp.abs(activation(z)), axis=0))
 
 
@@ -428,6 +465,7 @@ def apoz(
     References:
       Hu et al., "Network Trimming", 2016. https://arxiv.org/abs/1607.03250
     """
+    _check_activation(activation)
     return _per_unit(captures, lambda z: jnp.mean(activation(z) != 0, axis=0).astype(jnp.float32))
 
 

@@ -386,7 +386,10 @@ def sparsegpt(
     ``U`` the upper Cholesky factor of ``H^-1`` (``U_ii^2`` is ``[H_F^-1]_ii``
     over the columns ``F`` not yet swept, as in the reference code); N:M
     (``nm=(n, m)``, ``n`` kept of every ``m`` inputs): chosen group by group
-    as the sweep reaches it.
+    as the sweep reaches it. Inputs that are zero on every calibration token
+    (dead: ``H_ii == 0``, e.g. ReLU units that never fire) have their weights
+    zeroed first, as in the reference code: they add to the pruned count, even
+    at ``sparsity=0``, so check such layers' sparsity afterwards.
 
     Args:
       kernel: ``[in, out]`` weights.

@@ -297,3 +297,47 @@ def test_general_linear_scores_keep_heads_apart():
     np.testing.assert_allclose(np.asarray(per_entry), np.broadcast_to(scores, (4, 2, 3)))
     with pytest.raises(ValueError, match=r"per_unit\['q'\] has shape \(2,\).*output axes"):
         jp.activations.unit_scores(params, {"q": scores[:, 0]})
+
+
+def test_capture_linen_refuses_a_scanned_module_under_jit_too():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, c, _):
+            return nn.relu(nn.Dense(4)(c)), None
+
+    class Scanned(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(4)(x)
+            stack = nn.scan(
+                Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+            )
+            x, _ = stack()(x, None)
+            return nn.Dense(2)(x)
+
+    model, x = Scanned(), jnp.ones((2, 3))
+    variables = model.init(jax.random.key(0), x)
+    for run in (
+        lambda: jp.activations.capture_linen(model, variables, x),
+        lambda: jax.jit(lambda v, x: jp.activations.capture_linen(model, v, x))(variables, x),
+    ):
+        with pytest.raises(ValueError, match=r"ScanBlock_0/Dense_0 run inside a lifted transform"):
+            run()
+    # A plain model under jit is still captured.
+    plain = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+    v = plain.init(jax.random.key(0), x)
+    _, caps = jax.jit(lambda v, x: jp.activations.capture_linen(plain, v, x))(v, x)
+    assert sorted(caps) == ["layers_0", "layers_2"] and caps["layers_2"].inputs.shape == (2, 3)
+
+
+def test_wrong_capture_function_and_activation_are_named():
+    plain = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+    with pytest.raises(ValueError, match=r"capture_nnx takes a flax nnx model.*capture_linen"):
+        jp.activations.capture_nnx(plain, jnp.ones((2, 3)))
+    model = MLP((4, 3, 2), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"capture_linen takes a flax linen module.*capture_nnx"):
+        jp.activations.capture_linen(model, {}, jnp.ones((2, 4)))
+    _, caps = jp.activations.capture_nnx(model, jnp.ones((2, 4)))
+    for score in (jp.activations.apoz, jp.activations.mean_abs):
+        with pytest.raises(ValueError, match=r"activation must be a function.*got None. Fix"):
+            score(caps, activation=None)
