@@ -27,6 +27,7 @@ from jaxprune._refresh import Selection, _reshard_like, _selector
 from jaxprune._search import _explicit_axes
 from jaxprune._tree import (
     Where,
+    check_array_leaves,
     check_where,
     key_parts,
     leaves_with_paths,
@@ -207,6 +208,7 @@ def ste(
     key_data, key_impl = key_parts(key, "key") if key is not None else ((), None)
 
     def init_fn(params):
+        check_array_leaves(params, "params")  # an unfiltered equinox module: say so
         pure = unwrap_variables(params)
         flags = prunable_flags(pure, where)
         if not any(flags):
@@ -237,6 +239,7 @@ def ste(
                 "(nnx.Optimizer does this for you.)"
             )
         _check_state_type(state, "dense", "jp.dynamic.ste", "SteState")
+        check_array_leaves(params, "params")
         params, kept, flags = _step_inputs(updates, state, params, where)
         held = _in_container_of(state.dense, params)
         p_flat, treedef = jax.tree.flatten(params)

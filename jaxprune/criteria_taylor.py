@@ -186,14 +186,32 @@ def _unit_sums(
         if (
             bias is not None
             and name == "weight"
+            and ax == k
+            and bias.ndim >= k + 1
+            and bias.shape[: k + 1] == prod.shape[: k + 1]
+            and math.prod(bias.shape[k + 1 :]) == 1
+        ):
+            # equinox / PyTorch: [out] for a Linear, [out, 1, 1] for an equinox Conv2d;
+            # a stack of them (eqx.filter_vmap) adds its k layer axes to both.
+            total = total + bias.reshape(total.shape)
+        elif (
+            bias is not None
+            and name == "weight"
             and not k
             and ax == 0
-            and bias.ndim >= 1
-            and bias.shape[0] == prod.shape[0]
-            and math.prod(bias.shape[1:]) == 1
+            and bias.ndim >= 2
+            and bias.shape[:2] == prod.shape[:2]
+            and math.prod(bias.shape[2:]) == 1
         ):
-            # equinox / PyTorch: [out] for a Linear, [out, 1, 1] for an equinox Conv2d.
-            total = total + bias.reshape(total.shape)
+            # [L, out] next to [L, out, in]: units on axis 0 would be the layers.
+            warnings.warn(
+                f"{path_str(path)!r} of shape {prod.shape} has a bias of shape {bias.shape}: "
+                f"it looks like {bias.shape[0]} stacked equinox layers (eqx.filter_vmap), scored "
+                "here with each layer as one unit and without the bias term. Fix: pass "
+                "stacked=lambda path, leaf: ... (as to jp.masks.per_layer), e.g. with "
+                "functools.partial(jp.criteria.taylor, unit_axis=0, stacked=...).",
+                stacklevel=3,
+            )
         elif bias is not None and ax == nd - 1:
             if bias.shape == prod.shape[:k] + (prod.shape[ax],):
                 total = total + bias.reshape(total.shape)

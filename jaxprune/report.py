@@ -185,11 +185,14 @@ class Report:
                     f"{maps} shard_map bod{'ies' if maps > 1 else 'y'} that XLA counts at one "
                     "device's share"
                 )
-            xla = (
-                f"XLA FLOPs (dense; {'; '.join(notes)}: read the MACs)"
-                if notes
-                else "XLA FLOPs (dense)"
+            whiles = f.get("while_loops", 0)
+            read = (
+                f"read the MACs, which count the body of {whiles} while_loop"
+                f"{'s' if whiles > 1 else ''} once too"
+                if whiles
+                else "read the MACs"
             )
+            xla = f"XLA FLOPs (dense; {'; '.join(notes)}: {read})" if notes else "XLA FLOPs (dense)"
             padded = (
                 f"; {f['padded_macs']:,.0f} of the dense MACs read conv padding, which XLA "
                 "does not count"
@@ -304,6 +307,8 @@ def report(
         once), ``loops`` (loops whose body ``xla_flops`` counts once),
         ``shard_maps`` (``shard_map`` bodies, which ``xla_flops`` counts at one
         device's share and the MACs on every device of their manual axes),
+        ``while_loops`` (of the ``loops``, those whose trip count is not in
+        the program, so the MACs count their body once too),
         ``dense_macs`` and ``nonzero_macs`` (the conv/dense MACs, dense and
         density-scaled), ``mac_reduction`` (their ratio) and ``padded_macs``
         (the part of ``dense_macs`` over conv padding). For an nnx ``Module``

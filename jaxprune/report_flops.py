@@ -263,7 +263,8 @@ def _walk(jaxpr, src: dict, density: dict[str, float], loops: list[int]) -> tupl
 
     ``src`` maps vars to leaf paths (or ``_ZERO``); ``density`` gains the keys
     of kernels built of params; ``loops[0]`` counts the loops whose body XLA's
-    cost analysis counts once, ``loops[1]`` the ``shard_map`` bodies, counted
+    cost analysis counts once (``loops[2]``: those that are ``while`` loops,
+    counted once here too), ``loops[1]`` the ``shard_map`` bodies, counted
     here once per device of their manual mesh axes and by XLA at one device's
     share.
     """
@@ -311,6 +312,8 @@ def _walk(jaxpr, src: dict, density: dict[str, float], loops: list[int]) -> tupl
             subs = _sub_inputs(eqn, raw)
             if name == "while" or (name == "scan" and _rolled(eqn)):
                 loops[0] += 1  # XLA counts the body once (a fully unrolled scan has no loop)
+            if name == "while":
+                loops[2] += 1  # the MACs too: its trip count is not in the jaxpr
             if name == "shard_map":
                 loops[1] += 1
             results = []
@@ -415,7 +418,7 @@ def _flops(apply_fn, params, inputs, density: dict[str, float]) -> dict[str, flo
     invars = closed.jaxpr.invars[: len(flat)]
     src = {v: path_str(p) for v, (p, _) in zip(invars, flat, strict=True) if path_str(p) in density}
     density = dict(density)  # gains the keys of kernels built of params' parts
-    loops = [0, 0]
+    loops = [0, 0, 0]
     dense, nonzero, padded = _walk(closed.jaxpr, src, density, loops)
     return {
         "xla_flops": xla,
@@ -429,4 +432,6 @@ def _flops(apply_fn, params, inputs, density: dict[str, float]) -> dict[str, flo
         "loops": loops[0],
         # shard_map bodies, which xla_flops counts at one device's share.
         "shard_maps": loops[1],
+        # while_loops (fori_loop with traced bounds too), whose body the MACs count once.
+        "while_loops": loops[2],
     }

@@ -34,6 +34,7 @@ from jaxprune._refresh import Selection, _reshard_like, _selector
 from jaxprune._search import _explicit_axes, _vary_like
 from jaxprune._tree import (
     Where,
+    check_array_leaves,
     check_same_leaves,
     check_where,
     key_parts,
@@ -384,6 +385,7 @@ def prune(
     key_data, key_impl = key_parts(key, "key") if key is not None else ((), None)
 
     def init_fn(params):
+        check_array_leaves(params, "params")  # an unfiltered equinox module: say so
         flags = prunable_flags(params, where)
         if not any(flags):
             paths = [path_str(p) for p, _ in leaves_with_paths(params)[0]]
@@ -417,6 +419,7 @@ def prune(
                 "tx.update(grads, state, params). (nnx.Optimizer does this for you.)"
             )
         _check_state_type(state, "packed_masks", "jp.prune", "PruneState")
+        check_array_leaves(params, "params")
         params, kept, flags = _step_inputs(updates, state, params, where)
         step = state.count
         grads, extra = sel.criterion_args(updates, params, state, extra_args, key_impl, "jp.prune")

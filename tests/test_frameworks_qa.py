@@ -62,6 +62,16 @@ def test_report_and_criteria_name_a_leaf_that_is_not_an_array():
         jp.report(tree)
     with pytest.raises(ValueError, match="params leaf 'activation'"):
         jp.criteria.magnitude(tree)
+    params = {"w": jnp.ones((4, 4))}
+    for tx in (
+        jp.prune(optax.adam(1e-2), sparsity=0.5),
+        jp.dynamic.ste(optax.adam(1e-2), sparsity=0.5),
+    ):
+        # Unfiltered, in init (optax failed on the function) and in update.
+        with pytest.raises(ValueError, match="params leaf 'activation' is a .*eqx.filter"):
+            tx.init(tree)
+        with pytest.raises(ValueError, match="params leaf 'activation' is a .*eqx.filter"):
+            tx.update(params, tx.init(params), dict(params, activation=jax.nn.relu))
 
 
 def test_restore_into_a_fresh_linen_train_state(tmp_path):

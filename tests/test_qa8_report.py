@@ -207,6 +207,19 @@ def test_xla_flops_of_a_scanned_stack_is_flagged():
     assert s.flops["loops"] == 1 and u.flops["loops"] == 0
     assert "1 loop whose body XLA counts once" in str(s)
     assert "counts once" not in str(u)
+    assert s.flops["while_loops"] == 0 and "while_loop" not in str(s)
+
+    def looped(p, x):  # a while_loop: its trip count is not in the program
+        def body(c):
+            i, h = c
+            return i + 1, jnp.tanh(h @ p["w"][i])
+
+        return jax.lax.while_loop(lambda c: c[0] < 8, body, (0, x))[1]
+
+    w = report(p, None, looped, x)
+    assert w.flops["dense_macs"] == 4 * 32 * 32  # one iteration
+    assert w.flops["loops"] == 1 and w.flops["while_loops"] == 1
+    assert "count the body of 1 while_loop once too" in " ".join(str(w).split())
 
 
 # ------------------------------------------------------ linen variables, masks over params

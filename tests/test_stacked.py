@@ -568,3 +568,23 @@ def test_per_layer_gives_each_layer_its_stacks_value_of_a_per_leaf_sparsity_tree
     for i in range(3):
         alone = select({"w": scores["layers"]["kernel"][i]}, 0.5)["w"]
         np.testing.assert_array_equal(m["layers"]["kernel"][i], alone)
+
+
+def test_taylor_of_an_equinox_stack_scores_each_layer_with_its_bias_row():
+    eqx = pytest.importorskip("equinox")
+    keys = jax.random.split(jax.random.key(0), 3)
+    blocks = eqx.filter_vmap(lambda k: eqx.nn.Linear(4, 4, key=k))(keys)
+    p = {"blocks": eqx.filter(blocks, eqx.is_array)}
+    g = jax.tree.map(lambda a: jax.random.normal(jax.random.key(1), a.shape), p)
+    scores = jp.criteria.taylor(p, g, unit_axis=0, stacked=lambda path, leaf: True)
+    w, gw, b, gb = (
+        np.asarray(x)
+        for x in (p["blocks"].weight, g["blocks"].weight, p["blocks"].bias, g["blocks"].bias)
+    )
+    for layer in range(3):  # |sum_i W_ji G_ji + b_j g_bj|, normalized per layer
+        want = np.abs((w[layer] * gw[layer]).sum(1) + b[layer] * gb[layer])
+        want /= np.linalg.norm(want)
+        np.testing.assert_allclose(scores["blocks"].weight[layer][:, 0], want, rtol=1e-5)
+    # Without stacked=, axis 0 is the layers: said, not scored silently.
+    with pytest.warns(UserWarning, match=r"looks like 3 stacked equinox layers.*stacked="):
+        jp.criteria.taylor(p, g, unit_axis=0)
