@@ -1082,6 +1082,9 @@ def main(argv=None):
         return
     if args.quick:
         args.out = args.out or "/tmp/anp_vs_quick.md"
+    # The repository's docs page, wherever the example is run from (recorded as typed).
+    docs_page = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "anp_vs.md")
+    write_to = args.out or docs_page
     args.out = args.out or "docs/anp_vs.md"
 
     data = load(args.dataset)
@@ -1108,7 +1111,7 @@ def main(argv=None):
                 f"{kept} trains at the widths ANP-VS keeps, and --methods {args.methods!r} "
                 "does not train ANP-VS before it. Fix: put ANP-VS earlier in --methods."
             )
-    with tqdm(total=steps_per * len(methods), desc="train") as pbar:
+    with tqdm(total=steps_per * len(methods), desc="train", disable=None) as pbar:
         for method in methods:
             pbar.set_description(method)
             base = None
@@ -1148,10 +1151,10 @@ def main(argv=None):
     seconds = time.time() - t0
     result = {"args": vars(args), "rows": rows, "seconds": seconds, "device": device_label()}
     md = render(result)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(write_to) or ".", exist_ok=True)
+    with open(write_to, "w") as f:
         f.write(md)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+    with open(os.path.splitext(write_to)[0] + ".json", "w") as f:
         json.dump(result, f, indent=1)
     print(md)
     brief = {

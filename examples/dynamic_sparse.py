@@ -112,7 +112,7 @@ def parse_args(argv=None):
     p.add_argument("--train-size", type=int, default=None, help="training images (default all)")
     p.add_argument("--test-size", type=int, default=None, help="test images (default all)")
     p.add_argument("--steps", type=int, default=None, help="training steps of every run (5000)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--sparsity", type=float, default=0.9, help="fraction of weights pruned")
     p.add_argument(
@@ -137,7 +137,7 @@ def parse_args(argv=None):
         default=",".join(METHODS),
         help="comma-separated subset of: " + ", ".join(METHODS),
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialization, batches and masks")
     args = p.parse_args(argv)
     # Defaults fill only flags not given (None): an explicit 0 is checked below.
     quick = {"steps": 300, "update_every": 25, "train_size": 6000, "test_size": 2000}

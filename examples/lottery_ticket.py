@@ -123,7 +123,7 @@ def parse_args(argv=None):
         help="rewind survivors to their weights after this many dense steps (0: theta_0; 100)",
     )
     p.add_argument("--controls", type=int, default=None, help="random-reinit controls (2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialization and batch order")
     args = p.parse_args(argv)
     quick = {"steps": 300, "rounds": 3, "rate": 0.5, "rewind_step": 20, "controls": 1}
     quick.update(train_size=6000, test_size=2000)

@@ -107,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--finetune-epochs", type=int, default=None, help="epochs of each pruned run (1)"
     )
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (cosine decay)")
     p.add_argument(
         "--sparsities",
@@ -144,7 +144,7 @@ def parse_args(argv=None):
         help="global scope: scale each group's importances before ranking them together",
     )
     p.add_argument("--runs", type=int, default=None, help="timed inference runs per network (30)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialization and batch order")
     p.add_argument("--out", default=None, help="markdown path (json and png next to it)")
     args = p.parse_args(argv)
     # Presets fill only flags not given (None): an explicit value, 0 included, is
@@ -282,7 +282,7 @@ def run(args) -> dict:
     limits["normalize"] = args.normalize
     x_check = x_test[:8]
 
-    with tqdm(total=total, desc="train", unit="step") as pbar:
+    with tqdm(total=total, desc="train", unit="step", disable=None) as pbar:
         dense = make_model(args.seed)
         train(
             dense,
@@ -432,9 +432,16 @@ def _flags(a: dict) -> str:
     return out
 
 
-def _out_flag(png: str) -> str:
+_DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
+
+
+def _out_flag(png: str, out: str | None = None) -> str:
     """``--out`` as typed, when the run was written elsewhere than the default docs page."""
     stem = os.path.splitext(png)[0]
+    if out is not None and os.path.realpath(os.path.dirname(os.path.abspath(out))) != (
+        os.path.realpath(_DOCS)
+    ):
+        return f" --out {out}"  # outside docs/: the path as given
     return "" if stem == "structured_training" else f" --out docs/{stem}.md"
 
 
@@ -492,12 +499,12 @@ def _setup_text(result: dict, a: dict) -> str:
     )
 
 
-def render(result: dict, png: str = "structured_training.png") -> str:
+def render(result: dict, png: str = "structured_training.png", out: str | None = None) -> str:
     a = result["args"]
     lines = [
         "# Channel pruning during training: accuracy, size and measured speed",
         "",
-        f"`python examples/structured_training.py{_flags(a)}{_out_flag(png)}`",
+        f"`python examples/structured_training.py{_flags(a)}{_out_flag(png, out)}`",
         "",
         "| method | channels removed | test acc (%) | conv widths / hidden | params | bytes "
         "| MACs (batch 1) | MAC reduction | ms (batch 256) | measured speedup |",
@@ -562,7 +569,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         stem = os.path.splitext(args.out)[0]
         with open(args.out, "w") as f:
-            f.write(render(result, png=os.path.basename(stem) + ".png"))
+            f.write(render(result, png=os.path.basename(stem) + ".png", out=args.out))
         with open(stem + ".json", "w") as f:
             json.dump(result, f, indent=1)
         plot(result, stem + ".png")

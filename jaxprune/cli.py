@@ -216,6 +216,11 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.plot:
         try:
             rep.plot_sparsity(args.plot)
+        except ImportError as e:
+            raise _CommandError(
+                f"--plot needs matplotlib ({e}). Fix: pip install matplotlib (or "
+                "jaxprune[examples]), or leave out --plot."
+            ) from e
         except (OSError, ValueError) as e:
             raise _CommandError(f"cannot write the plot {args.plot}: {e}") from e
     return 0
@@ -462,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--sparsity", type=float, default=0.9, help="final sparsity (default 0.9)")
     d.add_argument("--epochs", type=int, default=None, help="training epochs (default: by dataset)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="initialization and batch order")
     d.add_argument(
         "--quick", action="store_true", help="one short epoch per phase (<= 60 steps), for tests"
     )

@@ -109,8 +109,20 @@ def load_fashion_mnist(directory: str | None = None) -> Dataset:
         raise FileNotFoundError(f"{_INSTALL_HINT} (looked in {d!r})")
     out = {}
     for split, (img, lab) in _FASHION_FILES.items():
-        x = _read_idx(os.path.join(d, img)).astype(np.float32)[..., None] / 255.0
-        out[split] = (x, _read_idx(os.path.join(d, lab)).astype(np.int32))
+        images, labels = _read_idx(os.path.join(d, img)), _read_idx(os.path.join(d, lab))
+        fix = "Fix: reinstall the package (sudo apt install --reinstall dataset-fashion-mnist)."
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise DatasetError(
+                f"{os.path.join(d, img)} holds an array of shape {images.shape}, not 28x28 "
+                f"images (a labels file in its place?). {fix}"
+            )
+        if labels.shape != (images.shape[0],):
+            raise DatasetError(
+                f"{os.path.join(d, lab)} holds labels of shape {labels.shape} for the "
+                f"{images.shape[0]} images of {os.path.join(d, img)} (files swapped?). {fix}"
+            )
+        x = images.astype(np.float32)[..., None] / 255.0
+        out[split] = (x, labels.astype(np.int32))
     return Dataset("fashion-mnist", *out["train"], *out["test"], 10)
 
 
@@ -149,7 +161,13 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0, size: int = 28) -> Da
             f"size must be an int >= 8 (the digits are 8x8 images, upsampled by whole "
             f"pixels), got {size!r}. Fix: size=8 for the original images, 28 to match MNIST."
         )
-    from sklearn.datasets import load_digits as _sk_digits
+    try:
+        from sklearn.datasets import load_digits as _sk_digits
+    except ImportError as e:
+        raise FileNotFoundError(
+            "load_digits needs scikit-learn, which bundles the digits. Fix: pip install "
+            "scikit-learn (or jaxprune[examples]), or install Debian's dataset-fashion-mnist."
+        ) from e
 
     d = _sk_digits()
     x = (d.images / 16.0).astype(np.float32)
@@ -226,6 +244,11 @@ def batches(
       >>> len(list(data.batches(x, y, 2, epochs=3)))
       6
     """
+    if len(x) != len(y):
+        raise ValueError(
+            f"x and y must hold as many examples, got {len(x)} and {len(y)}. Fix: pass images "
+            "and labels of the same split."
+        )
     if batch_size < 1 or batch_size > len(x):
         raise ValueError(f"batch_size must be in [1, {len(x)}], got {batch_size}.")
     rng = np.random.default_rng(seed)

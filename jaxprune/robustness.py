@@ -204,7 +204,7 @@ def robustness(
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=f"PGD-{steps}", leave=False)
+        starts = tqdm(starts, desc=f"PGD-{steps}", leave=False, disable=None)  # none when piped
     clean = adv = 0
     vulns, sizes = [], []
     for i, s in enumerate(starts):

@@ -65,3 +65,30 @@ def test_damaged_fashion_mnist_files_raise_dataset_errors_naming_the_file(tmp_pa
         data.load_fashion_mnist(str(tmp_path))
     assert str(path) in str(err.value) and "Fix: reinstall" in str(err.value)
     assert isinstance(err.value, ValueError)
+
+
+def test_swapped_fashion_mnist_files_raise_dataset_errors(tmp_path):
+    _fake_fashion(tmp_path)
+    images, labels = data._FASHION_FILES["train"]
+    test_labels = data._FASHION_FILES["test"][1]
+    (tmp_path / labels).write_bytes((tmp_path / test_labels).read_bytes())  # 4 labels, 6 images
+    with pytest.raises(data.DatasetError, match=r"labels of shape \(4,\) for the 6 images"):
+        data.load_fashion_mnist(str(tmp_path))
+    _fake_fashion(tmp_path)
+    (tmp_path / images).write_bytes((tmp_path / labels).read_bytes())  # labels as images
+    with pytest.raises(data.DatasetError, match=r"shape \(6,\), not 28x28 images.*Fix"):
+        data.load_fashion_mnist(str(tmp_path))
+
+
+def test_batches_refuse_images_and_labels_of_different_lengths():
+    with pytest.raises(ValueError, match=r"as many examples, got 5 and 4"):
+        next(data.batches(np.zeros((5, 3)), np.zeros(4), 2))
+
+
+def test_digits_without_scikit_learn_name_the_package(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(FileNotFoundError, match=r"needs scikit-learn.*pip install scikit-learn"):
+        data.load_digits()

@@ -30,6 +30,8 @@ def test_quick_run_prunes_exact_channel_counts_and_writes_its_report(example, tm
     assert saved["rows"] == json.loads(json.dumps(rows))
     assert out.with_suffix(".png").stat().st_size > 0
     assert "| gradual | 50% |" in out.read_text()
+    # Written outside the repository's docs/: the page records the path as given.
+    assert f"--out {out}`" in out.read_text()
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("RESULT ") and "gradual 0.5" in json.loads(last[len("RESULT ") :])
 
