@@ -59,6 +59,24 @@ __all__ = [
 ]
 
 
+def _check_kind(model: Any, *, linen: bool) -> None:
+    """Raises unless ``model`` is the flax kind its capture function takes (naming the other)."""
+    want, other = (nn.Module, nnx.Module) if linen else (nnx.Module, nn.Module)
+    if isinstance(model, want):
+        return
+    name, kind = ("capture_linen", "linen module") if linen else ("capture_nnx", "nnx model")
+    fix = (
+        (
+            "capture_nnx(model, *args) for an nnx model"
+            if linen
+            else "capture_linen(module, variables, *args) for a linen module"
+        )
+        if isinstance(model, other)
+        else f"pass the {kind} itself"
+    )
+    raise ValueError(f"{name} takes a flax {kind}, got {type(model).__name__}. Fix: {fix}.")
+
+
 def capture_nnx(
     model: nnx.Module, *args: Any, types: tuple[type, ...] = (nnx.Linear, nnx.Conv), **kwargs: Any
 ) -> tuple[Any, dict[str, Captured]]:
@@ -87,15 +105,7 @@ def capture_nnx(
       >>> sorted(caps), caps["layers/1"].inputs.shape
       (['layers/0', 'layers/1'], (5, 3))
     """
-    if not isinstance(model, nnx.Module):
-        fix = (
-            "capture_linen(module, variables, *args) for a linen module"
-            if isinstance(model, nn.Module)
-            else "pass the nnx model itself"
-        )
-        raise ValueError(
-            f"capture_nnx takes a flax nnx model, got {type(model).__name__}. Fix: {fix}."
-        )
+    _check_kind(model, linen=False)
     targets = {
         id(m): path_str(tuple(p)) for p, m in nnx.iter_modules(model) if isinstance(m, types)
     }
@@ -180,15 +190,7 @@ def capture_linen(
       >>> sorted(caps), caps["layers_2"].outputs.shape
       (['layers_0', 'layers_2'], (5, 2))
     """
-    if not isinstance(module, nn.Module):
-        fix = (
-            "capture_nnx(model, *args) for an nnx model"
-            if isinstance(module, nnx.Module)
-            else "pass the linen module and its variables"
-        )
-        raise ValueError(
-            f"capture_linen takes a flax linen module, got {type(module).__name__}. Fix: {fix}."
-        )
+    _check_kind(module, linen=True)
     records: dict[str, Captured] = {}
     lifted: list[str] = []
     outer = [x for x in jax.tree.leaves((variables, args)) if isinstance(x, jax.core.Tracer)]
