@@ -235,15 +235,19 @@ def wanda(params: optax.Params, input_norms: Any) -> optax.Params:
     """
     from jaxprune._tree import check_same_structure
 
-    check_same_structure(
-        params,
-        input_norms,
-        ref_name="params",
-        other_name="input_norms",
-        fix="give one entry per params leaf: the norms from jp.activations.input_norms, and "
-        "a scalar such as 1.0 for leaves that are not pruned (biases)",
-    )
     flat, _ = leaves_with_paths(params)
+    # Containers may differ (an nnx.State of Variables and the norms of its pure dict).
+    if [path_str(p) for p, _ in flat] != [
+        path_str(p) for p, _ in leaves_with_paths(input_norms)[0]
+    ]:
+        check_same_structure(
+            params,
+            input_norms,
+            ref_name="params",
+            other_name="input_norms",
+            fix="give one entry per params leaf: the norms from jp.activations.input_norms, "
+            "and a scalar such as 1.0 for leaves that are not pruned (biases)",
+        )
     for (path, w), (_, n) in zip(flat, leaves_with_paths(input_norms)[0], strict=True):
         b = _input_axis_norms(w, n)
         try:

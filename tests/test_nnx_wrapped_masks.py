@@ -141,3 +141,18 @@ def test_taylor_scores_mirror_the_wrapped_state(states):
     scores = jp.criteria.taylor(wrapped, wrapped)
     assert jax.tree.structure(scores) == jax.tree.structure(wrapped)
     _same(scores, jp.criteria.taylor(pure, pure))
+
+
+def test_wanda_takes_the_norms_of_the_pure_state_for_the_wrapped_one():
+    from jaxprune.models import MLP
+
+    model = MLP((4, 3, 2), rngs=nnx.Rngs(0))
+    _, caps = jp.activations.capture_nnx(model, jax.random.normal(jax.random.key(0), (5, 4)))
+    wrapped = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(wrapped)
+    norms = jp.activations.input_norms(pure, caps)
+    scores = jp.criteria.wanda(wrapped, norms)
+    assert jax.tree.structure(scores) == jax.tree.structure(wrapped)
+    _same(scores, jp.criteria.wanda(pure, norms))
+    with pytest.raises(ValueError, match=r"only in params: layers/1/bias, layers/1/kernel"):
+        jp.criteria.wanda(pure, {"layers": {0: norms["layers"][0]}})

@@ -516,3 +516,28 @@ def test_relu_constants_fold_only_into_a_bias_that_is_added_once(name):
     np.testing.assert_allclose(
         fn(small, x), fn(jp.apply_masks(params, masks), x), rtol=1e-5, atol=1e-5
     )
+
+
+def test_prune_layerwise_window_trains_the_reading_layers_bias_too():
+    ks = jax.random.split(jax.random.key(0), 2)
+    p = {
+        "a": {"kernel": jax.random.normal(ks[0], (6, 8)), "bias": jnp.zeros(8)},
+        "b": {"kernel": jax.random.normal(ks[1], (8, 2)), "bias": jnp.zeros(2)},
+    }
+
+    def fn(p, x):
+        h = jax.nn.relu(x @ p["a"]["kernel"] + p["a"]["bias"])
+        return h @ p["b"]["kernel"] + p["b"]["bias"]
+
+    calls = []
+
+    def finetune(params, masks, where):
+        flat, _ = leaves_with_paths(params)
+        calls.append(sorted("/".join(map(str, q)) for q, leaf in flat if where(q, leaf)))
+        return params
+
+    structure.prune_layerwise(
+        fn, p, (jnp.ones((2, 6)),), sparsity=0.5, finetune=finetune, progress=False
+    )
+    # "b" (the classifier) is in no prunable group; its bias trains with its kernel.
+    assert calls == [["a/bias", "a/kernel", "b/bias", "b/kernel"]]

@@ -24,6 +24,7 @@ from jaxprune import _counts
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
 from jaxprune._tree import _normalize, leaves_with_paths
+from jaxprune.gates_checks import _bias_path
 from jaxprune.structure.graph import find_groups
 from jaxprune.structure.importance import _masks_from_keep, group_scores
 from jaxprune.structure.program import trace
@@ -156,6 +157,7 @@ def prune_layerwise(
         _counts._check_sparsity(s)  # before float(): True or "0.5" would pass it
     per = [float(s) for s in per]
     flat, treedef = leaves_with_paths(params)
+    leaf_paths = {q for q, _ in flat}
     masks = jax.tree.unflatten(treedef, [jnp.ones((), bool)] * len(flat))
     bar = tqdm(list(enumerate(groups)), desc="layer-wise pruning", disable=not progress)
     emptied = []
@@ -172,6 +174,13 @@ def prune_layerwise(
             # reading it in turn).
             active = groups[max(0, i - window + 1) : i + 2]
             paths = {m.path for a in active for m in a.members}
+            # The reading layer's bias belongs to no group when its outputs are not
+            # prunable (the classifier): trained with its kernel all the same.
+            paths |= {
+                b
+                for q in list(paths)
+                if q and q[-1] in ("kernel", "weight", "w") and (b := _bias_path(q)) in leaf_paths
+            }
             params = finetune(params, masks, functools.partial(_in_window, paths))
             params = _masks.apply_masks(params, masks)
     if emptied:
