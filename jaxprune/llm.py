@@ -42,7 +42,6 @@ from jaxprune.llm_solvers import (
     _check_dampening,
     _check_group,
     _check_nm_divides,
-    _nm_ints,
     _resolve,
     magnitude_prune,
     reconstruction_error,
@@ -349,8 +348,7 @@ def prune_decoder(
             f"method must be one of {METHODS}, got {method!r}. Fix: method='sparsegpt'."
         )
     linears = [names for _, names in _check_decoder(model)]
-    sparsity = _resolve(sparsity, nm, stacklevel=4)
-    nm = _nm_ints(nm)
+    sparsity, nm = _resolve(sparsity, nm, stacklevel=4)
     if nm is not None:
         for b, (block, names) in enumerate(zip(model.blocks, linears, strict=True)):
             for name in names:

@@ -100,11 +100,6 @@ def _check_nm_divides(nm: tuple[int, int], kernel_shape: tuple[int, ...], what: 
         )
 
 
-def _nm_ints(nm: Any) -> tuple[int, int] | None:
-    """Returns a checked ``nm`` as Python ints (a JAX int would become a traced shape)."""
-    return None if nm is None else (int(nm[0]), int(nm[1]))
-
-
 def _check_kernel(kernel: Any, name: str = "kernel") -> None:
     if not hasattr(kernel, "shape") or not hasattr(kernel, "dtype"):
         raise ValueError(
@@ -118,17 +113,19 @@ def _check_kernel(kernel: Any, name: str = "kernel") -> None:
         )
 
 
-def _resolve(sparsity: Any, nm: Any, stacklevel: int) -> float:
-    """Returns the sparsity to use: ``sparsity`` (default 0.5), or ``nm``'s ``1 - n/m``.
+def _resolve(sparsity: Any, nm: Any, stacklevel: int) -> tuple[float, tuple[int, int] | None]:
+    """Returns ``(sparsity, nm)`` to use: ``sparsity`` (default 0.5) or ``nm``'s ``1 - n/m``.
 
     A ``sparsity`` given together with ``nm`` must agree with it, so a request
     such as ``sparsity=0.7, nm=(2, 4)`` is refused instead of silently pruning 50%.
+    ``nm`` comes back as Python ints (a JAX int would become a traced shape).
     """
     if sparsity is not None:
         _check_sparsity(sparsity)
     if nm is None:
-        return 0.5 if sparsity is None else sparsity
+        return (0.5 if sparsity is None else sparsity), None
     _check_nm(nm, stacklevel=stacklevel)
+    nm = (int(nm[0]), int(nm[1]))
     implied = 1.0 - nm[0] / nm[1]
     if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
         raise ValueError(
@@ -136,16 +133,18 @@ def _resolve(sparsity: Any, nm: Any, stacklevel: int) -> float:
             f"{nm[1] - nm[0]} of every {nm[1]} inputs (sparsity {implied:g}). Fix: pass nm "
             "alone for N:M sparsity, or sparsity alone for unstructured sparsity."
         )
-    return implied
+    return implied, nm
 
 
-def _check(sparsity: Any, nm: tuple[int, int] | None, kernel_shape: tuple[int, ...]) -> float:
-    """Validates ``sparsity`` and ``nm`` (see :func:`_resolve`); returns the sparsity."""
+def _check(
+    sparsity: Any, nm: Any, kernel_shape: tuple[int, ...]
+) -> tuple[float, tuple[int, int] | None]:
+    """Validates ``sparsity`` and ``nm``; returns them as :func:`_resolve` does."""
     # stacklevel: the caller of magnitude_prune/wanda_prune/sparsegpt
-    s = _resolve(sparsity, nm, stacklevel=5)
+    s, nm = _resolve(sparsity, nm, stacklevel=5)
     if nm is not None:
         _check_nm_divides(nm, kernel_shape, "the kernel")
-    return s
+    return s, nm
 
 
 def _check_dampening(dampening: Any) -> None:
@@ -217,8 +216,7 @@ def magnitude_prune(
       https://arxiv.org/abs/1506.02626
     """
     _check_kernel(kernel)
-    sparsity = _check(sparsity, nm, jnp.shape(kernel))
-    nm = _nm_ints(nm)
+    sparsity, nm = _check(sparsity, nm, jnp.shape(kernel))
     _check_group(group)
     keep = _keep(jnp.abs(kernel).astype(jnp.float32), sparsity, nm, group)
     return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype))
@@ -254,8 +252,7 @@ def wanda_prune(
       Models", 2023. https://arxiv.org/abs/2306.11695
     """
     _check_kernel(kernel)
-    sparsity = _check(sparsity, nm, jnp.shape(kernel))
-    nm = _nm_ints(nm)
+    sparsity, nm = _check(sparsity, nm, jnp.shape(kernel))
     _check_group(group)
     if input_norms is None or isinstance(input_norms, (str, bytes, dict)):
         raise ValueError(
@@ -423,8 +420,7 @@ def sparsegpt(
       Pruned in One-Shot", 2023. https://arxiv.org/abs/2301.00774
     """
     _check_kernel(kernel)
-    sparsity = _check(sparsity, nm, jnp.shape(kernel))
-    nm = _nm_ints(nm)
+    sparsity, nm = _check(sparsity, nm, jnp.shape(kernel))
     _check_dampening(dampening)
     _check_kernel(hessian, "hessian")
     if jnp.shape(hessian) != (kernel.shape[0],) * 2:

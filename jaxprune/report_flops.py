@@ -258,15 +258,15 @@ def _built(eqn, raw: list, density: dict[str, float]) -> str | None:
     return _derived(density, "pad", nonzero / size)
 
 
-def _walk(jaxpr, src: dict, density: dict[str, float], loops: list[int]) -> tuple[float, ...]:
+def _walk(jaxpr, src: dict, density: dict[str, float], seen: dict[str, int]) -> tuple[float, ...]:
     """Returns ``(dense_macs, nonzero_macs, padded_macs)`` of ``jaxpr``.
 
     ``src`` maps vars to leaf paths (or ``_ZERO``); ``density`` gains the keys
-    of kernels built of params; ``loops[0]`` counts the loops whose body XLA's
-    cost analysis counts once (``loops[2]``: those that are ``while`` loops,
-    counted once here too), ``loops[1]`` the ``shard_map`` bodies, counted
-    here once per device of their manual mesh axes and by XLA at one device's
-    share.
+    of kernels built of params; ``seen`` counts, under :func:`_flops`'s keys,
+    the loops whose body XLA's cost analysis counts once (``while_loops``:
+    those that are ``while`` loops, counted once here too) and the
+    ``shard_map`` bodies (counted here once per device of their manual mesh
+    axes, by XLA at one device's share).
     """
     dense = nonzero = padded = 0.0
     for eqn in jaxpr.eqns:
@@ -311,11 +311,11 @@ def _walk(jaxpr, src: dict, density: dict[str, float], loops: list[int]) -> tupl
         else:
             subs = _sub_inputs(eqn, raw)
             if name == "while" or (name == "scan" and _rolled(eqn)):
-                loops[0] += 1  # XLA counts the body once (a fully unrolled scan has no loop)
+                seen["loops"] += 1  # XLA counts the body once (a fully unrolled scan has no loop)
             if name == "while":
-                loops[2] += 1  # the MACs too: its trip count is not in the jaxpr
+                seen["while_loops"] += 1  # the MACs too: its trip count is not in the jaxpr
             if name == "shard_map":
-                loops[1] += 1
+                seen["shard_maps"] += 1
             results = []
             for sub, sub_ins in subs:
                 inner = {}
@@ -324,7 +324,7 @@ def _walk(jaxpr, src: dict, density: dict[str, float], loops: list[int]) -> tupl
                         # A loop's carry starting at zeros is not zeros in its body.
                         if p is not None and not (p == _ZERO and name in ("scan", "while")):
                             inner[v] = p
-                results.append(_walk(sub, inner, density, loops))
+                results.append(_walk(sub, inner, density, seen))
                 if len(subs) == 1 and name not in ("cond", "scan", "while"):
                     # A call (a nested jit, a custom_jvp): its outputs that are a
                     # parameter passed through keep that parameter's identity.
@@ -418,8 +418,8 @@ def _flops(apply_fn, params, inputs, density: dict[str, float]) -> dict[str, flo
     invars = closed.jaxpr.invars[: len(flat)]
     src = {v: path_str(p) for v, (p, _) in zip(invars, flat, strict=True) if path_str(p) in density}
     density = dict(density)  # gains the keys of kernels built of params' parts
-    loops = [0, 0, 0]
-    dense, nonzero, padded = _walk(closed.jaxpr, src, density, loops)
+    seen = {"loops": 0, "shard_maps": 0, "while_loops": 0}
+    dense, nonzero, padded = _walk(closed.jaxpr, src, density, seen)
     return {
         "xla_flops": xla,
         "dense_macs": dense,
@@ -428,10 +428,8 @@ def _flops(apply_fn, params, inputs, density: dict[str, float]) -> dict[str, flo
         "mac_reduction": dense / nonzero if nonzero else (math.inf if dense else 1.0),
         # Conv taps over zero padding, in dense_macs (XLA's cost analysis skips them).
         "padded_macs": padded,
-        # Loops whose body xla_flops counts once, whatever their trip count.
-        "loops": loops[0],
-        # shard_map bodies, which xla_flops counts at one device's share.
-        "shard_maps": loops[1],
-        # while_loops (fori_loop with traced bounds too), whose body the MACs count once.
-        "while_loops": loops[2],
+        # loops: their body xla_flops counts once, whatever their trip count;
+        # shard_maps: bodies xla_flops counts at one device's share;
+        # while_loops (fori_loop with traced bounds too): bodies the MACs count once.
+        **seen,
     }
