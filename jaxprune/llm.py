@@ -304,13 +304,15 @@ def prune_decoder(
         every method.
       group: comparison group of magnitude and Wanda, ``"layer"`` or
         ``"output"`` (see :func:`magnitude_prune`); ``None`` takes each paper's
-        (magnitude: layer, Wanda: output). SparseGPT ranks within each block.
+        (magnitude: layer, Wanda: output). SparseGPT ranks within each block
+        and refuses a ``group``.
 
     Raises:
       ValueError: ``model`` not following the protocol above (not an nnx
         Module, no ``embed_tokens``, ``blocks`` not a sequence, ``LINEARS``
         naming no 2-D ``kernel``, no ``tap=``, or a tap whose width is not the
-        layer's input size); unknown ``method`` or ``group``; invalid ``sparsity``, ``nm``
+        layer's input size); unknown ``method`` or ``group``, or a ``group``
+        with ``method="sparsegpt"``; invalid ``sparsity``, ``nm``
         (``m`` must divide every layer's input size), ``batch_size``,
         ``blocksize`` or ``dampening``; ``calibration`` not non-empty int
         ``[samples, time]``, longer than the model's ``max_len`` or (when
@@ -357,6 +359,12 @@ def prune_decoder(
                 _check_nm_divides(nm, shape, f"layer {path!r}")
     if group is not None:
         _check_group(group)
+        if method == "sparsegpt":
+            raise ValueError(
+                f"group={group!r} does not apply to method='sparsegpt', which ranks the "
+                "weights of each block of columns by its own reconstruction error. Fix: leave "
+                "group=None, or use method='magnitude' or 'wanda' to choose the group."
+            )
     if as_int(batch_size) is None or batch_size < 1:
         raise ValueError(
             f"batch_size must be a positive int (calibration samples per forward pass), got "

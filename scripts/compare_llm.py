@@ -43,14 +43,19 @@ def run_seed(seed: int, steps: int, bar) -> dict:
     model = GPT(vocab=VOCAB, dim=64, depth=2, heads=4, max_len=TIME, rngs=nnx.Rngs(seed))
     train_lm(model, train, steps=steps, batch_size=32, lr=1e-2, key=jax.random.key(seed))
     out = {"dense": llm.perplexity(model, test)}
-    sgpt = {}  # by nm: SparseGPT ignores the group
+    sgpt = {}  # by nm: SparseGPT takes no group
     for label, nm, group in SETTINGS:
         for method in llm.METHODS:
             if method == "sparsegpt" and nm in sgpt:
                 out[f"{label}/{method}"] = sgpt[nm]
                 continue
             pruned, errors = llm.prune_decoder(
-                model, calib, method=method, sparsity=0.5, nm=nm, group=group
+                model,
+                calib,
+                method=method,
+                sparsity=0.5,
+                nm=nm,
+                group=None if method == "sparsegpt" else group,
             )
             res = {
                 "ppl": llm.perplexity(pruned, test),

@@ -124,6 +124,8 @@ def test_errors_name_the_argument(trained):
         llm.wanda_prune(jnp.ones((4, 2)), jnp.ones(4), sparsity=50)
     with pytest.raises(ValueError, match="group must be one of.*'row'"):
         llm.prune_decoder(model, calib, method="wanda", group="row")
+    with pytest.raises(ValueError, match="group='output' does not apply to method='sparsegpt'"):
+        llm.prune_decoder(model, calib, method="sparsegpt", group="output")
     with pytest.raises(ValueError, match="group must be one of"):
         llm.magnitude_prune(jnp.ones((4, 2)), group="rows")
     with pytest.raises(ValueError, match="hessian must be"):
