@@ -650,16 +650,60 @@ def saved_args(result: dict) -> dict:
     return {"dataset": "fashion-mnist", "input_gates": False, **result["args"]}
 
 
+# Flags that say where the output goes or which report to make, not how a run trains:
+# --quick and --long show in the settings they set.
+_REPORT_FLAGS = {"out", "render", "plot", "plot_out", "summary", "summary_out", "quick", "long"}
+
+
+def changed_flags(args: argparse.Namespace) -> list[str]:
+    """Returns the command-line flags by which a run's settings differ from the defaults."""
+    parser = make_parser()
+    defaults = vars(parser.parse_args([]))
+    option = {a.dest: a for a in parser._actions}
+    out = []
+    for name, default in defaults.items():
+        value = getattr(args, name, default)
+        if (
+            name in _REPORT_FLAGS
+            or value == default
+            or (isinstance(default, tuple) and tuple(value) == default)
+        ):
+            continue
+        flag = option[name].option_strings[-1]
+        if isinstance(option[name], argparse._StoreFalseAction):
+            out.append(flag)
+        elif name == "widths":
+            out.append(f"{flag} {'/'.join(str(v) for v in value)}")
+        else:
+            out.append(f"{flag} {value}")
+    return out
+
+
+def run_note(changed: list[str]) -> str:
+    """Returns the note of a Fashion-MNIST page whose run is not the default one."""
+    return (
+        "\n**Settings.** This run differs from the example's default run (`docs/anp_vs.md`) "
+        f"in {', '.join(f'`{c}`' for c in changed)}. The notes on that page (which AT is "
+        "the baseline, the training budget, how units are counted, what was tried and why "
+        "the target is missed) describe the default run; their figures are not this run's.\n"
+    )
+
+
 def render(result: dict) -> str:
     """Returns the markdown report for a results dict (as saved in the json)."""
     args = argparse.Namespace(**saved_args(result))
     rows = [_with_inputs(r) for r in result["rows"]]
+    changed = changed_flags(args)
+    if args.dataset != "fashion-mnist":
+        note = MNIST_NOTE
+    else:
+        note = run_note(changed) if changed else PAPER_NOTE
     return (
         f"# ANP-VS on {DATASETS[args.dataset]} (LeNet-5-Caffe)\n\n"
         + table(rows, args, result["seconds"], result.get("device"))
         + verdict(rows)
         + PAPER_FIGURES
-        + (PAPER_NOTE if args.dataset == "fashion-mnist" else MNIST_NOTE)
+        + note
     )
 
 

@@ -1,5 +1,6 @@
 """The ANP-VS example's unit accounting: the paper's 1370 units, counted on the shrunk net."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -303,5 +304,26 @@ def test_the_fine_tuning_pages_render_from_their_json(anp_vs, stem):
     result = json.loads((docs / f"{stem}.json").read_text())
     text = anp_vs.render(result)
     assert (docs / f"{stem}.md").read_text() == text
+    assert "**Settings.** This run differs from the example's default run" in text
     assert "the paper's shape with fine-tuning is **NOT met**" in text
     assert "AT-cont-kept, the AT model shrunk to ANP-VS's units" in text
+
+
+def test_only_the_default_run_gets_the_default_runs_notes(anp_vs):
+    args = vars(anp_vs.make_parser().parse_args([]))
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    rows = json.loads((docs / "anp_vs_eps005.json").read_text())["rows"]
+    default = {"args": {**args, "out": "docs/anp_vs.md"}, "rows": rows, "seconds": 60.0}
+    assert anp_vs.changed_flags(argparse.Namespace(**default["args"])) == []
+    text = anp_vs.render(default)
+    assert anp_vs.PAPER_NOTE in text and "**Settings.**" not in text
+    # Widths saved by json as a list are the default, not a change.
+    flags = dict(args, widths=[20, 50, 500], eps=0.05, finetune=False, methods="standard,AT")
+    changed = anp_vs.changed_flags(argparse.Namespace(**flags))
+    assert changed == ["--eps 0.05", "--no-finetune", "--methods standard,AT"]
+    text = anp_vs.render({"args": flags, "rows": rows, "seconds": 60.0})
+    assert anp_vs.PAPER_NOTE not in text
+    assert "differs from the example's default run (`docs/anp_vs.md`) in `--eps 0.05`, " in text
+    assert anp_vs.changed_flags(argparse.Namespace(**dict(args, widths=(20, 50, 44)))) == [
+        "--widths 20/50/44"
+    ]
