@@ -29,7 +29,7 @@ from jaxprune import (
 from jaxprune._tree import is_prunable, path_str
 from jaxprune.checkpoint import CheckpointError, restore, save
 from jaxprune.masks import apply_masks, sparsity
-from jaxprune.report import report
+from jaxprune.report import LeafRow, Report, report
 from jaxprune.state import get_masks, state_bytes
 from jaxprune.structure import shrink
 from jaxprune.transform import PruneState, prune
@@ -46,7 +46,9 @@ __all__ = [
     "dynamic",
     "merge",
     "CheckpointError",
+    "LeafRow",
     "PruneState",
+    "Report",
     "__version__",
     "apply_masks",
     "checkpoint",

@@ -150,6 +150,14 @@ def capture_linen(
     same names as in ``variables["params"]``. A module called several times
     records all its calls, pooled along the batch axis (see :class:`Captured`).
 
+    Args:
+      module: the linen model.
+      variables: its variables (``{"params": ..., "batch_stats": ...}``).
+      *args: the inputs, passed to ``module.apply`` with ``**kwargs``.
+      types: the module classes whose calls are recorded (default
+        ``(nn.Dense, nn.Conv)``).
+      **kwargs: passed to ``module.apply`` (e.g. ``train=False``).
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
       >>> import flax.linen as nn

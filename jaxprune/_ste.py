@@ -42,8 +42,8 @@ from jaxprune.transform import (
     _check_tx,
     _in_container_of,
     _initial_masks,
+    _jit_when_eager,
     _step_inputs,
-    jit_when_eager,
 )
 
 __all__ = ["SteState", "ste"]
@@ -311,4 +311,4 @@ def ste(
         )
         return jax.tree.unflatten(jax.tree.structure(steps), out), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, jit_when_eager(update_fn))
+    return optax.GradientTransformationExtraArgs(init_fn, _jit_when_eager(update_fn))

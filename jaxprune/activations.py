@@ -235,6 +235,11 @@ def mean_abs(
     activation ``relu(BN(conv output))``; capture the BatchNorm modules and
     re-key the scores to the conv paths, as in :func:`apoz`'s example.
 
+    Args:
+      captures: ``{module path: Captured}`` from a capture function.
+      activation: applied to each output before the mean (default
+        ``jax.nn.relu``; ``lambda z: z`` scores the raw outputs).
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> caps = {"fc": jp.activations.Captured(None, jnp.array([[1., -2.], [3., -1.]]))}
@@ -263,6 +268,11 @@ def apoz(
     the path of the conv feeding that BatchNorm (``"bns/0"`` ->
     ``"convs/0"`` in ``VGGSmall``; ``"bn1"`` -> ``"conv1"`` in a ResNet
     block) before :func:`unit_scores`, as in the second example.
+
+    Args:
+      captures: ``{module path: Captured}`` from a capture function.
+      activation: applied to each output before counting its zeros (default
+        ``jax.nn.relu``).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp

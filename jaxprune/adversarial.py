@@ -406,6 +406,23 @@ def adversarial_step(
     and evaluate with ``robustness(lambda ps, x, k: apply_fn(*ps, x, k)[:2],
     (params, state), ...)``.
 
+    Args:
+      apply_fn: ``(params, x, key) -> (logits, latent features)``, or with
+        ``has_state`` ``(params, state, x, key) -> (logits, features,
+        new_state)``; ``key=None`` asks for the test-time network.
+      tx: optax transform over the whole params tree.
+      eps, step_size, steps: the training PGD attack (L-inf radius >= 0, step
+        > 0, steps >= 1).
+      clean_weight: the clean cross-entropy's share of the loss, in ``[0, 1]``
+        (default 0, Madry's AT).
+      penalty_fn: ``params -> scalar`` added to the loss (e.g.
+        ``jp.gates.penalty``); needs ``penalty_weight``.
+      penalty_weight: its weight, >= 0.
+      bounds: the data range ``(low, high)``.
+      attack_gates: ``"sampled"`` attacks the network with the step's gate
+        sample; ``"test"`` the deterministic test-time network.
+      has_state: thread a model state (e.g. BatchNorm statistics), see above.
+
     Examples:
       >>> import jax, jax.numpy as jnp, optax
       >>> apply_fn = lambda w, x, key: (x @ w, [])  # a linear 2-class model, no gates

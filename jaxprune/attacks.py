@@ -338,6 +338,14 @@ def fgsm(
 ) -> jax.Array:
     """Returns the fast-gradient-sign example ``clip(x + eps * sign(grad loss), bounds)``.
 
+    Args:
+      loss_fn: ``x -> per-example losses [N]`` (e.g. cross-entropy of the
+        model's logits); gradients flow through its sum.
+      x: clean inputs ``[N, ...]``.
+      eps: L-inf radius, >= 0.
+      bounds: the data range ``(low, high)`` the example is clipped to; ``x``
+        must lie inside it (checked when ``x`` is concrete).
+
     Examples:
       >>> import jax.numpy as jnp
       >>> adv = fgsm(lambda z: jnp.sum(-z, axis=1), jnp.full((1, 2), 0.5), eps=0.2)

@@ -509,6 +509,14 @@ def export(
     The optimizer state is left out (an export is for deployment). Needs no
     model code: the trees are read by path.
 
+    Args:
+      src: a checkpoint directory written by :func:`save`.
+      dst: the checkpoint directory to write the export to, as :func:`save`
+        takes it; the export is its step ``step``.
+      step: the step of ``src`` to export (default: its latest).
+      format: ``"compressed"`` (default; pruned params stored as bitmask and
+        kept values) or ``"dense"``, as in :func:`save`.
+
     Examples:
       >>> import os, tempfile, jax.numpy as jnp, optax, jaxprune as jp
       >>> from jaxprune import checkpoint

@@ -329,6 +329,11 @@ def obd_fisher(decay: float = 0.99) -> StatefulCriterion:
     compute it in the train step and pass it as ``tx.update(...,
     hessian_diag=h)`` with ``criterion=jp.criteria.obd``.
 
+    Args:
+      decay: the EMA's weight on the past, in ``[0, 1)`` (default 0.99: a
+        longer memory than :func:`jaxprune.criteria.ema_saliency`'s 0.9, since the squared
+        mini-batch gradient is a noisy estimate of the Hessian diagonal).
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> c = jp.criteria.obd_fisher(0.0)

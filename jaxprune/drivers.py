@@ -100,9 +100,11 @@ def iterative_pruning(
 
     Round 0 trains ``params`` dense (or takes ``trained``, if given). Round
     ``r >= 1`` prunes about ``rate`` of the weights still alive after round
-    ``r-1``: each leaf goes to ``round((1 - (1 - rate)**r) * n)`` pruned entries
-    (so a small leaf can differ by one from torch's per-call
-    ``round(rate * remaining)``), by ``criterion`` on the trained params,
+    ``r-1``: the ``n`` prunable entries in total (``scope="global"``, the
+    default) or of each leaf (``scope="layer"``) go to
+    ``round((1 - (1 - rate)**r) * n)`` pruned entries (so a small leaf can
+    differ by one from torch's per-call ``round(rate * remaining)``), by
+    ``criterion`` on the trained params,
     then trains again starting from ``rewind_to`` masked (lottery-ticket
     rewinding: ``theta_0`` or ``theta_k``), or, when ``rewind_to`` is ``None``,
     from the trained params masked (Han et al.'s prune-retrain).
@@ -352,6 +354,25 @@ def lottery_ticket(
     after ``k`` early training steps, which the paper shows is needed for
     deeper networks).
 
+    Args:
+      train: ``train(params, masks) -> trained params`` with the masks enforced,
+        as in :func:`iterative_pruning`.
+      init_params: the initial params (``theta_0``).
+      rounds: number of pruning rounds after the dense one.
+      rate: fraction of the surviving prunable weights removed each round, in
+        (0, 1) (default 0.2, the paper's rate for fully connected layers), or a
+        sequence of ``rounds`` target sparsities, as in :func:`iterative_pruning`.
+      rewind_to: params to restart every pruned round from (``theta_k``);
+        ``None`` (default) rewinds to ``init_params``.
+      scope: ``"global"`` (default: one ranking across all prunable leaves, as
+        the paper prunes VGG-19 and ResNet-18), ``"layer"`` (the same rate in
+        every leaf; the paper's LeNet and Conv-2/4/6 rates differ by layer
+        type) or a selection function.
+      where: which leaves are prunable (default: floating leaves with
+        ``ndim >= 2``).
+      trained: the already trained dense params of round 0 (skips its training).
+      progress: show a progress bar over the rounds.
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> theta0 = {"w": jnp.ones((2, 4))}
@@ -394,6 +415,17 @@ def random_masks(
 
     Mask ``i`` draws its scores from ``jax.random.fold_in(key, i)``, so the
     same key always gives the same masks.
+
+    Args:
+      params: the params to mask (any pytree).
+      sparsity: fraction of prunable entries pruned, in ``[0, 1]``.
+      key: a PRNG key.
+      num_masks: how many independent masks to draw.
+      scope: ``"layer"`` (default: ``round(sparsity * n)`` pruned in each
+        leaf), ``"global"`` (``round(sparsity * N)`` in total) or a selection
+        function ``(scores, sparsity, *, where) -> masks``.
+      where: which leaves are prunable (default: floating leaves with
+        ``ndim >= 2``).
 
     Raises:
       ValueError: ``key`` is not a PRNG key (``jax.random.key(seed)``, or a raw

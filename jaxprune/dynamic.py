@@ -133,7 +133,7 @@ from jaxprune.transform import (
     _check_state_type,
     _check_tx,
     _fill,
-    jit_when_eager,
+    _jit_when_eager,
 )
 
 __all__ = [
@@ -369,7 +369,7 @@ def _dynamic(
         )
         return jax.tree.unflatten(u_treedef, out), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, jit_when_eager(update_fn))
+    return optax.GradientTransformationExtraArgs(init_fn, _jit_when_eager(update_fn))
 
 
 def rigl(

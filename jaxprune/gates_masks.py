@@ -155,6 +155,19 @@ def to_masks(
     get a scalar ``True``. ``input_gate_params`` (kernel path -> gates on the layer's
     input features) makes pruned inputs' kernel rows ``False``.
 
+    Args:
+      gate: the gate kind the gates were trained with.
+      gate_params: ``{kernel path: gate params}``.
+      params: the model params the masks mirror; per-weight kinds
+        (:class:`VariationalDropout`) also read their kernels from it.
+      sparsity: ``None`` (default) keeps what each gate's test-time rule keeps;
+        a fraction in ``[0, 1]`` instead prunes exactly that fraction of all
+        units, ranked by the gates' scores across layers (as in
+        :func:`unit_masks`).
+      input_gate_params: ``{kernel path: gates on the layer's input features}``.
+      max_sparsity: with ``sparsity``, the most any one layer may lose, in
+        ``[0, 1]`` (default: no cap).
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> from jaxprune import gates

@@ -297,7 +297,7 @@ def model_penalty(model: nnx.Module) -> jax.Array:
 
 
 def with_features(
-    model: nnx.Module, *args, paths: Sequence[str] | None = None, **kwargs
+    model: nnx.Module, *args: Any, paths: Sequence[str] | None = None, **kwargs: Any
 ) -> tuple[Any, list[jax.Array]]:
     """Returns ``(model(*args), [outputs of the chosen layers])``: latent features for attacks.
 

@@ -417,7 +417,9 @@ def sparsegpt(
 
     References:
       Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately
-      Pruned in One-Shot", 2023. https://arxiv.org/abs/2301.00774
+      Pruned in One-Shot", 2023. https://arxiv.org/abs/2301.00774; Hassibi &
+      Stork, "Second Order Derivatives for Network Pruning: Optimal Brain
+      Surgeon", NeurIPS 1992 (the row updates).
     """
     _check_kernel(kernel)
     sparsity, nm = _check(sparsity, nm, jnp.shape(kernel))

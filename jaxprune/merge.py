@@ -121,7 +121,9 @@ def most_correlated_pair(
     return i_out, j_out
 
 
-def merge_pair(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, i, j):
+def merge_pair(
+    h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, i: ArrayLike, j: ArrayLike
+) -> tuple[jax.Array, jax.Array]:
     """Returns ``(w_out, b_out)`` with unit ``j`` folded into unit ``i`` by least squares.
 
     ``(a, c) = argmin ||h_j - (a h_i + c)||^2``; then ``W_i += a W_j``,
@@ -143,6 +145,10 @@ def merge_pair(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike, i, j):
       >>> w2, b2 = jp.merge.merge_pair(h, w, b, 0, 1)
       >>> w2.tolist(), b2.tolist()
       ([[3.0], [0.0]], [1.0])
+
+    References:
+      Babaeizadeh, Smaragdis & Campbell, "NoiseOut: A Simple Way to Prune
+      Neural Networks", 2016. https://arxiv.org/abs/1611.06211
     """
     _check_shapes(h, w_out, b_out)
     units = jnp.shape(w_out)[0]

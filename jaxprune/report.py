@@ -323,6 +323,11 @@ def report(
       ...               example_inputs=jnp.ones((2, 4)))
       >>> r.rows[0].sparsity, r.rows[0].encoding, r.flops["dense_macs"], r.flops["nonzero_macs"]
       (0.75, 'slices', 64.0, 16.0)
+
+    References:
+      Blalock et al., "What is the State of Neural Network Pruning?" (ShrinkBench:
+      compression ratio and theoretical speedup as reported here), 2020.
+      https://arxiv.org/abs/2003.03033
     """
     others: frozenset = frozenset()
     if isinstance(params, nnx.Module):

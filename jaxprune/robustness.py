@@ -124,6 +124,18 @@ def robustness(
     ``params``: ``robustness(lambda ps, x, k: apply_fn(*ps, x, k)[:2],
     (params, state), ...)``.
 
+    Args:
+      apply_fn: ``apply_fn(params, x, key) -> (logits, features)`` or logits
+        alone, with the gates at test time.
+      params: what ``apply_fn`` takes first.
+      x, y: test inputs ``[N, ...]`` in ``bounds`` and integer labels ``[N]``.
+      eps, step_size, steps: the PGD attack's radius, step and number of steps
+        (see :func:`~jaxprune.attacks.pgd`).
+      key: PRNG key of the attack's random start.
+      batch_size: examples attacked per jitted call (default 500).
+      bounds: the data range ``(low, high)``.
+      progress: show a progress bar over the batches.
+
     Raises:
       ValueError: ``y`` holds labels outside ``[0, classes)``, or is not integer
         class indices; ``x`` and ``y`` are empty or differ in length; ``x``

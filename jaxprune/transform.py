@@ -245,8 +245,8 @@ def prune(
     gradients of pruned entries are zeroed before ``tx`` sees them and the
     emitted updates set pruned params to exactly 0 after ``optax.apply_updates``.
     Nothing else changes in the training loop, which may be jitted as usual
-    (called outside ``jax.jit``, ``update`` compiles itself once, see
-    :func:`jit_when_eager`). The params' containers may change between
+    (called outside ``jax.jit``, ``update`` compiles itself once per params
+    structure and runs compiled). The params' containers may change between
     ``init`` and ``update`` (a ``FrozenDict`` stepped as a dict, an
     ``nnx.State`` as its pure dict) as long as the leaf paths and shapes do
     not: the masks then follow the params' containers.
@@ -496,10 +496,10 @@ def prune(
         )
         return updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, jit_when_eager(update_fn))
+    return optax.GradientTransformationExtraArgs(init_fn, _jit_when_eager(update_fn))
 
 
-def jit_when_eager(update_fn: Callable[..., Any]) -> Callable[..., Any]:
+def _jit_when_eager(update_fn: Callable[..., Any]) -> Callable[..., Any]:
     """Returns ``update_fn`` running under one cached ``jax.jit`` when called outside a trace.
 
     Called eagerly (``nnx.Optimizer.update`` without ``nnx.jit``, a quick

@@ -19,7 +19,7 @@ changed shape raises a ``ValueError`` that names it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -87,7 +87,9 @@ def _interceptor(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
-def linen_apply(module: nn.Module, *, method: Any = None, rngs: Any = None, **kwargs: Any):
+def linen_apply(
+    module: nn.Module, *, method: Any = None, rngs: Any = None, **kwargs: Any
+) -> Callable[..., Any]:
     """Returns ``apply_fn(variables, *inputs)`` running ``module`` on full or shrunk variables.
 
     ``variables`` is either the module's variables dict (``{"params": ...,

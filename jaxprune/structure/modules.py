@@ -212,7 +212,9 @@ def _unadapted_layers(model: nnx.Module, groups: list) -> str:
     return ", ".join(f"{p} ({t})" for p, t in found.items())
 
 
-def shrink_module(model: nnx.Module, masks: Any, *example_inputs: Any, check: bool = True):
+def shrink_module(
+    model: nnx.Module, masks: Any, *example_inputs: Any, check: bool = True
+) -> nnx.Module:
     """Returns ``model`` shrunk in place: pruned channels physically removed.
 
     The model's arrays (Params and BatchNorm statistics) are replaced by the
