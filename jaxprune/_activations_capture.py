@@ -75,6 +75,7 @@ def capture_nnx(
       (['layers/0', 'layers/1'], (5, 3))
     """
     _check_kind(model, linen=False)
+    types = _check_types(types, "(nnx.Linear, nnx.Conv)")
     targets = {
         id(m): path_str(tuple(p)) for p, m in nnx.iter_modules(model) if isinstance(m, types)
     }
@@ -136,6 +137,18 @@ def capture_nnx(
     return out, records
 
 
+def _check_types(types: Any, default: str) -> tuple[type, ...]:
+    """Returns ``types`` as a tuple of classes (one class is taken as a tuple of one)."""
+    if isinstance(types, type):
+        return (types,)
+    if not isinstance(types, tuple | list) or not all(isinstance(t, type) for t in types):
+        raise ValueError(
+            f"types must be a tuple of module classes, got {types!r}. Fix: e.g. "
+            f"types={default} (classes, not their names)."
+        )
+    return tuple(types)
+
+
 def capture_linen(
     module: nn.Module,
     variables: Any,
@@ -168,6 +181,7 @@ def capture_linen(
       (['layers_0', 'layers_2'], (5, 2))
     """
     _check_kind(module, linen=True)
+    types = _check_types(types, "(nn.Dense, nn.Conv)")
     records: dict[str, Captured] = {}
     lifted: list[str] = []
     outer = [x for x in jax.tree.leaves((variables, args)) if isinstance(x, jax.core.Tracer)]

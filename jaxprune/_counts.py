@@ -10,6 +10,7 @@ A per-leaf cap (``max_sparsity``) is checked and floored the same way.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -197,3 +198,38 @@ def _check_max_sparsity(value: Any, name: str, unit: str, things: str) -> None:
 def _cap(max_sparsity: float, n: int) -> int:
     """Returns ``floor(max_sparsity * n)``, robust to ``0.29 * 100 = 28.999...``."""
     return min(n, math.floor(round(max_sparsity * n, 9)))
+
+
+def _concretely_positive(sparsity: Any) -> bool:
+    """Whether some concrete value of ``sparsity`` (a number or a tree) is above 0."""
+    for v in jax.tree.leaves(sparsity):
+        if isinstance(v, jax.core.Tracer):
+            continue
+        try:
+            if float(v) > 0:
+                return True
+        except (TypeError, ValueError):
+            continue
+    return False
+
+
+def warn_nothing_selected(
+    fn: str, scores: Any, flags: list[bool], sparsity: Any = 1.0, stacklevel: int = 4
+) -> None:
+    """Warns when ``where`` selects no leaf of a non-empty ``scores`` though a concrete
+    ``sparsity`` asks to prune: the selection would return all-``True`` masks."""
+    if any(flags) or not _concretely_positive(sparsity):
+        return
+    flat = leaves_with_paths(scores)[0]
+    if not flat:
+        return
+    leaves = [f"{path_str(p)!r} {jnp.result_type(x)}{list(jnp.shape(x))}" for p, x in flat[:5]] + (
+        ["..."] if len(flat) > 5 else []
+    )
+    warnings.warn(
+        f"{fn}: `where` selects none of the scores' leaves ({', '.join(leaves)}), so nothing "
+        "is pruned. By default only floating leaves with ndim >= 2 are selected. Fix: cast "
+        "integer or bool scores to float (x.astype(jnp.float32)), or pass where= choosing the "
+        "leaves to prune (a misspelt name matches nothing).",
+        stacklevel=stacklevel,
+    )

@@ -229,7 +229,9 @@ def ste(
             dense=jax.tree.unflatten(treedef, dense),
             inner_state=inner.init(params),
             criterion_state=sel.crit.init(pure),
-            key_data=key_data,
+            # A copy: key_data shares the caller's key buffer, which donating this
+            # state would otherwise free (for the caller and every later init).
+            key_data=jax.tree.map(jnp.copy, key_data),
         )
 
     def update_fn(updates, state, params=None, **extra_args):

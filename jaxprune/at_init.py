@@ -398,6 +398,13 @@ def synflow(
             "Fix: iterations=100 as in the paper."
         )
     iterations = n_iterations
+    if isinstance(sparsity, jax.core.Tracer):
+        raise ValueError(
+            "synflow's sparsity must be a concrete number in [0, 1], got a traced value: its "
+            "rounds run as separate compiled steps on the host, each with its own target "
+            "1 - density**(k / iterations). Fix: call synflow outside jax.jit / jax.vmap (it "
+            "compiles its rounds itself)."
+        )
     _counts._check_sparsity(sparsity)
     _check_differentiable(params, "synflow")
     flags = prunable_flags(params, where)

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from jaxprune._tree import as_float
+from jaxprune._tree import as_float, key_parts
 
 __all__ = ["attack", "cross_entropy", "fgsm", "pgd"]
 
@@ -281,6 +281,8 @@ def pgd(
     """
     _check_attack(eps, step_size, steps, bounds)
     _check_keep_best(keep_best)  # a string such as "no" would count as True
+    if key is not None:
+        key_parts(key, "key")  # names `key` for an int seed or other non-key
     x = jnp.asarray(x)
     _check_inside(x, bounds)
     out = jax.eval_shape(loss_fn, x)
@@ -426,6 +428,13 @@ def attack(
     )
 
     def run(params: Any, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
+        if key is not None:
+            key_parts(key, "key")
+        if jnp.ndim(y) < 1 or jnp.shape(x)[:1] != jnp.shape(y)[:1]:
+            raise ValueError(
+                f"x and y must hold as many examples, got x of shape {jnp.shape(x)} and y of "
+                f"shape {jnp.shape(y)}. Fix: pass the labels [N] of the N inputs."
+            )
         _check_concrete_inside(x, bounds)
         return jitted(params, x, y, key)
 

@@ -156,6 +156,15 @@ def as_stateful(criterion: Callable[..., Any] | StatefulCriterion) -> StatefulCr
       True
     """
     if isinstance(criterion, StatefulCriterion):
+        bad = [f for f in StatefulCriterion._fields if not callable(getattr(criterion, f))]
+        if bad:
+            raise ValueError(
+                f"criterion is a StatefulCriterion whose {', '.join(bad)} "
+                f"{'is' if len(bad) == 1 else 'are'} not callable: "
+                + ", ".join(f"{f}={getattr(criterion, f)!r}" for f in bad)
+                + ". Fix: StatefulCriterion(init=params -> state, update=(state, params, grads) "
+                "-> state, score=(state, params) -> scores)."
+            )
         return criterion
     if isinstance(criterion, jax.Array):
         # optax.inject_hyperparams(jp.prune) calls every callable argument as a

@@ -23,6 +23,7 @@ from jaxprune._tree import (
     path_str,
     unwrap_variables,
 )
+from jaxprune.at_init_checks import _check_differentiable
 from jaxprune.criteria_taylor import _GRADS_FIX, _check_decay, _ema, _zeros_f32
 
 __all__ = ["obd", "obd_fisher", "hutchinson_diag", "fisher_diag"]
@@ -205,6 +206,7 @@ def hutchinson_diag(
         )
     num_samples = _check_samples(num_samples)
     key_parts(key, "key")  # a clear error for key=None or a non-key
+    _check_differentiable(params, "jp.criteria.hutchinson_diag")
     grad_fn = jax.grad(lambda p: loss_fn(p, *args))
     leaves, treedef = jax.tree.flatten(params)
 
@@ -276,6 +278,7 @@ def fisher_diag(
             f"loss_fn must be a function of the params (and the batch), got {loss_fn!r}. "
             "Fix: e.g. loss_fn=lambda p, x, y: loss(model_apply(p, x), y)."
         )
+    _check_differentiable(params, "jp.criteria.fisher_diag")
     if as_int(chunk_size) is None or as_int(chunk_size) < 1:
         raise ValueError(
             f"chunk_size must be a positive int (examples per vmapped chunk), got "

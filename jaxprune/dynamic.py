@@ -242,7 +242,9 @@ def _dynamic(
             count=jnp.zeros((), jnp.int32),
             packed_masks=_masks.pack(masks),
             inner_state=inner.init(params),
-            key_data=key_data,
+            # A copy: key_data shares the caller's key buffer, which donating this
+            # state would otherwise free (for the caller and every later init).
+            key_data=jax.tree.map(jnp.copy, key_data),
         )
 
     def update_fn(updates, state, params=None, **extra_args):

@@ -1,6 +1,6 @@
 """Learned gates -> masks: hard-concrete L0, variational dropout, beta-Bernoulli, scalar gates.
 
-Gates are parameters (DESIGN.md decision 8): they live next to the weights,
+Gates are parameters: they live next to the weights,
 are sampled with an explicit key inside the jitted train step, have a
 deterministic test-time value, carry a pure regularizer, and end as hard
 masks that mirror the params tree, so they feed :func:`jaxprune.apply_masks`

@@ -80,6 +80,12 @@ def unit_masks(
       ([True, False, True], [False, True])
     """
     _check_gate(gate)
+    if sparsity is None and max_sparsity is not None:
+        raise ValueError(
+            f"max_sparsity={max_sparsity!r} caps a ranking by sparsity=, but sparsity is None "
+            "(each gate's own test-time rule decides, and no cap applies). Fix: pass sparsity= "
+            "too (e.g. sparsity=0.8, max_sparsity=0.9), or leave max_sparsity out."
+        )
     inputs = _check_inputs(gate, input_gate_params)
     names = sorted(gate_params)
     kernels = {}

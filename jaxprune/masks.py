@@ -36,6 +36,7 @@ from jaxprune._counts import (
     _check_sparsity,
     _count,
     _per_leaf_sparsity,
+    warn_nothing_selected,
 )
 from jaxprune._mask_apply import apply_masks
 from jaxprune._search import (
@@ -121,6 +122,7 @@ def topk(scores: Any, sparsity: Any, *, where: Where | None = None) -> Any:
       Networks", 2015. https://arxiv.org/abs/1506.02626
     """
     masks, emptied = _topk(scores, sparsity, where)
+    warn_nothing_selected("jp.masks.topk", scores, prunable_flags(scores, where), sparsity)
     if emptied:
         warnings.warn(
             f"topk prunes every entry of {', '.join(emptied[:5])}"
@@ -212,6 +214,7 @@ def global_topk(
     _check_sparsity(sparsity, tree_ok=False)
     _check_max_sparsity(max_sparsity, "max_sparsity", "leaf", "entries")
     flags = prunable_flags(scores, where)
+    warn_nothing_selected("jp.masks.global_topk", scores, flags, sparsity)
     flat, _ = leaves_with_paths(scores)
     idx = [i for i, f in enumerate(flags) if f and jnp.size(flat[i][1])]
     leaves = [jnp.asarray(flat[i][1]) for i in idx]

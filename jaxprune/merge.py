@@ -34,6 +34,16 @@ def _check_shapes(h: ArrayLike, w_out: ArrayLike, b_out: ArrayLike) -> None:
     Without it a mismatch is silent: ``w_out[j]`` indexing clamps out-of-range
     rows and extra rows of ``w_out`` are never merged.
     """
+    if b_out is None or w_out is None:
+        name = "b_out" if b_out is None else "w_out"
+        raise ValueError(
+            f"{name} must be an array, got None. Fix: pass the next layer's "
+            + (
+                "bias (jnp.zeros(out) when it has none)."
+                if name == "b_out"
+                else "[units, out] kernel."
+            )
+        )
     h_shape, w_shape, b_shape = jnp.shape(h), jnp.shape(w_out), jnp.shape(b_out)
     _check_activations(h_shape)
     if len(w_shape) != 2 or w_shape[0] != h_shape[1]:
@@ -58,6 +68,11 @@ def _check_activations(h_shape: tuple[int, ...]) -> None:
             f"h must be [N, units] activations (one row per calibration example), got shape "
             f"{h_shape}. Fix: reshape to (-1, units), e.g. h.reshape(-1, h.shape[-1]) for "
             "per-token or per-pixel activations."
+        )
+    if h_shape[0] < 1 or h_shape[1] < 2:
+        raise ValueError(
+            f"h must hold at least one example of at least 2 units to pair, got shape {h_shape}. "
+            "Fix: pass the [N, units] activations of a layer with two or more units."
         )
 
 

@@ -1,6 +1,6 @@
 """The compressed sparse format: each leaf in its smallest exact encoding.
 
-A consumer of masks (DESIGN.md): it turns a pruned leaf into a few small arrays
+A consumer of masks: it turns a pruned leaf into a few small arrays
 and back, bitwise. The *support* of a leaf is ``mask | (bits != 0)``: entries
 the mask keeps, plus any entry whose bit pattern is not all zeros (so a ``-0.0``
 or a value the mask forgot is never lost). Entries outside the support are
@@ -90,7 +90,13 @@ def support(x: np.ndarray, mask: Any = None) -> np.ndarray:
     bits = _nonzero_bits(x)
     if mask is None:
         return bits
-    return np.broadcast_to(np.asarray(mask, bool), x.shape) | bits
+    mask = np.asarray(mask, bool)
+    if mask.ndim and mask.shape != x.shape:
+        raise ValueError(
+            f"mask must be a scalar or have the leaf's shape {x.shape}, got shape {mask.shape}. "
+            "Fix: pass the leaf's own mask (e.g. jp.get_masks(opt_state)[...] for it)."
+        )
+    return np.broadcast_to(mask, x.shape) | bits
 
 
 def _pack_uint(v: np.ndarray, bits: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Reports of a pruned model: per-leaf sparsity, dense and compressed bytes, FLOPs.
 
-Honest numbers (DESIGN.md, decision 10): *sparsity* is the fraction of zero
+Honest numbers: *sparsity* is the fraction of zero
 entries after the masks are applied (a ``-0.0`` counts as zero); *compressed
 bytes* are what ``jp.save(format="compressed")`` and ``jaxprune export
 --format compressed`` store for the masked leaf, packed with its mask by the
@@ -54,7 +54,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -339,6 +339,17 @@ def report(
         if apply_fn is None and example_inputs is not None:
             apply_fn = lambda s, *xs: nnx.merge(graphdef, s, rest)(*xs)  # noqa: E731
         params = state
+    if apply_fn is None and example_inputs is not None:
+        raise ValueError(
+            "example_inputs was given without apply_fn, so FLOPs cannot be traced (only an nnx "
+            "Module is called without one). Fix: report(params, masks, apply_fn=lambda p, x: "
+            "model.apply({'params': p}, x), example_inputs=x)."
+        )
+    if apply_fn is not None and not callable(apply_fn):
+        raise ValueError(
+            f"apply_fn must be callable as apply_fn(params, *example_inputs), got {apply_fn!r}. "
+            "Fix: e.g. apply_fn=lambda p, x: model.apply({'params': p}, x)."
+        )
     check_array_leaves(params, "params")
     mask_of = _mask_lookup(params, masks, others)
     rows = []
@@ -396,6 +407,16 @@ def report(
             )
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         density = {r.path: (r.nonzeros / r.size if r.size else 1.0) for r in rows}
+        try:
+            jax.eval_shape(apply_fn, params, *inputs)
+        except Exception as e:
+            shapes = [jax.tree.map(np.shape, x) for x in inputs]
+            raise ValueError(
+                f"apply_fn(params, *example_inputs) fails with example inputs of shapes {shapes}: "
+                f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].rstrip('.')}. Fix: pass "
+                "example inputs the model takes (with a batch axis), as a tuple for several "
+                "arguments."
+            ) from e
         flops = _flops(apply_fn, params, inputs, density)
     return Report(tuple(rows), totals, flops)
 
@@ -451,6 +472,11 @@ def plot_sparsity(rep: Report, path: str | os.PathLike | None = None):
 
     Leaves with a mask array are drawn; without any, every leaf with ``ndim >= 2``.
     """
+    if not isinstance(rep, Report):
+        raise ValueError(
+            f"plot_sparsity plots a Report, got {type(rep).__name__}. Fix: "
+            "plot_sparsity(jp.report(params, masks)), or jp.report(params, masks).plot_sparsity()."
+        )
     from matplotlib.figure import Figure
 
     rows = [r for r in rep.rows if r.masked] or [r for r in rep.rows if len(r.shape) >= 2]
@@ -469,7 +495,17 @@ def plot_sparsity(rep: Report, path: str | os.PathLike | None = None):
 
 def _load_results(results: Any) -> list[dict[str, Any]]:
     if not isinstance(results, str | os.PathLike):
-        return [dict(r) for r in results]
+        fix = '. Fix: e.g. [{"method": "magnitude", "sparsity": 0.9, "accuracy": 0.97}].'
+        if isinstance(results, Mapping) or not isinstance(results, Iterable):
+            raise ValueError(
+                "results must be a list of records (dicts) or the path of a .json / .csv file "
+                f"of them, got {results!r}{fix}"
+            )
+        records = list(results)
+        for i, r in enumerate(records):
+            if not isinstance(r, Mapping):
+                raise ValueError(f"results record {i} is {r!r}, not a dict{fix}")
+        return [dict(r) for r in records]
     path = os.fspath(results)
     if not os.path.exists(path):
         raise ValueError(f"results file {path!r} does not exist. Fix: pass an existing file.")

@@ -28,7 +28,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxprune._compile import jit_by_content
-from jaxprune._tree import as_float, as_int
+from jaxprune._tree import as_float, as_int, key_parts
 from jaxprune.attacks import ApplyFn, _check_concrete_inside, _jitted_attack
 
 __all__ = ["robustness", "vulnerability", "vulnerability_loss"]
@@ -172,6 +172,7 @@ def robustness(
             "itself always runs with key=None, its test-time gates). Fix: pass e.g. "
             "key=jax.random.key(0)."
         )
+    key_parts(key, "key")
     # A nested list (or any array-like without a dtype) as one array, as attack takes it:
     # eval_shape and the batch slices below need an array.
     x = x if hasattr(x, "dtype") else np.asarray(x)

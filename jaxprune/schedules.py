@@ -42,7 +42,19 @@ def _check_fraction(name: str, value: Any) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.") from None
+        tree = isinstance(value, dict | list | tuple) or hasattr(value, "items")
+        raise ValueError(
+            f"{name} must be a number in [0, 1], got {value!r}. Fix: "
+            + (
+                "a schedule takes one sparsity; for one per leaf, give them to the selection, "
+                "keyed by path: jp.prune(tx, sparsity=1.0, scope=jp.distributions.selection("
+                "jp.distributions.explicit({'layers/0/kernel': 0.9, ...}))) (the schedule "
+                "then only says when masks refresh), or jp.masks.topk(scores, tree of "
+                "sparsities) for one-shot masks."
+                if tree
+                else "pass e.g. 0.9 for 90% sparsity."
+            )
+        ) from None
     if not 0.0 <= v <= 1.0:
         raise ValueError(
             f"{name} must be in [0, 1] (the fraction of weights pruned), got {v}. "
@@ -329,7 +341,10 @@ class _Polynomial:
         else:
             t = (step.astype(jnp.float32) - self.begin) / (self.end - self.begin)
             p = jnp.clip(t, 0.0, 1.0)
-        return self.s_f + (self.s_i - self.s_f) * (1.0 - p) ** self.power
+        # At p = 0 the formula in float32 can land an ulp below s_i (0.09999996 for
+        # polynomial(0.1, 0.9, ...)), one entry fewer in a leaf where s_i * n ends in .5.
+        decayed = self.s_f + (self.s_i - self.s_f) * (1.0 - p) ** self.power
+        return jnp.where(p <= 0.0, jnp.float32(self.s_i), decayed)
 
     def __repr__(self) -> str:
         return (

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._counts import warn_nothing_selected
 from jaxprune._structured_rank import (
     _check_cap,
     _check_scope,
@@ -80,7 +81,7 @@ def _prune_first(red: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
 
 
 def _l2(x: jax.Array, axis: Any) -> jax.Array:
-    """Returns the l2 norm of ``x`` over ``axis``, exact in ranking at any magnitude.
+    """Returns the l2 norm of ``x`` over ``axis``, exact in ranking at any normal magnitude.
 
     A plain ``sqrt(sum(x**2))`` squares float32 scores below ~1e-19 to 0 and above
     ~1.8e19 to inf, so every slice ties and the flatten-order tie-break drops the
@@ -89,7 +90,9 @@ def _l2(x: jax.Array, axis: Any) -> jax.Array:
     back after: powers of two scale exactly, so for ordinary scores the norms are
     bit for bit those of the plain formula. ``e`` is 0 where the max is 0, inf or
     NaN (the plain formula's result), and clipped so that 2**-e stays a normal
-    float32 (a denormal factor would be flushed to 0 on XLA:CPU).
+    float32 (a denormal factor would be flushed to 0 on XLA:CPU). A norm below
+    float32's smallest normal (~1.2e-38) is denormal and XLA:CPU flushes it to
+    0, so such slices tie with all-zero ones.
     """
     # At least float32: a float16 factor 2**-e would overflow for scores below ~1e-5.
     x = at_least_f32(x)
@@ -254,6 +257,7 @@ def structured(
         _axes_ints(axes)  # refused before any leaf is looked at
     red = _reducer(reduce)
     flags = prunable_flags(scores, where)
+    warn_nothing_selected("jp.masks.structured", scores, flags, sparsity)
     flat, _ = leaves_with_paths(scores)
     # The leaves to select, by flatten index, with their slice axes.
     picked = {i: _norm_axes(axes, *flat[i]) for i, f in enumerate(flags) if f}

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import _counts
+from jaxprune._search import _ordered_keys
 from jaxprune._structured_rank import (
     _check_cap,
     _check_scope,
@@ -131,10 +132,22 @@ def nm(
       Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks
       From Scratch", 2021. https://arxiv.org/abs/2102.04010
     """
+    static = (
+        " (a concrete Python int: the group shape is static, so n and m cannot be traced; "
+        "pass them outside jax.jit, or mark them static)"
+    )
     if not isinstance(m, (int, np.integer)) or m < 1:
-        raise ValueError(f"m must be a positive int (the group size, e.g. 4 for 2:4), got {m!r}.")
+        raise ValueError(
+            f"m must be a positive int (the group size, e.g. 4 for 2:4), got {m!r}"
+            + (static if isinstance(m, jax.core.Tracer) else "")
+            + "."
+        )
     if n is not None and (not isinstance(n, (int, np.integer)) or not 0 <= n <= m):
-        raise ValueError(f"n must be an int in [0, m={m}] (entries kept per group), got {n!r}.")
+        raise ValueError(
+            f"n must be an int in [0, m={m}] (entries kept per group), got {n!r}"
+            + (static if isinstance(n, jax.core.Tracer) else "")
+            + "."
+        )
     if n is None and sparsity is None:
         raise ValueError("nm needs n (entries kept per group) or a sparsity. Fix: n=2, m=4.")
     if sparsity is not None:
@@ -161,6 +174,7 @@ def nm(
             "axis=-2 (the inputs of a Dense [in, out] kernel)."
         )
     flags = prunable_flags(scores, where)
+    _counts.warn_nothing_selected("jp.masks.nm", scores, flags)
     flat, treedef = leaves_with_paths(scores)
     out = []
     for (path, x), f in zip(flat, flags, strict=True):
@@ -256,6 +270,12 @@ def _nm_keep(x: jax.Array, drop: jax.Array, ax: int, m: int) -> jax.Array:
     as one program.
     """
     shape = x.shape
+    if x.dtype == jnp.float32:
+        # Ranked by the float bits: XLA:CPU compares a denormal score as 0, which would
+        # tie it with a zero. -0.0 keeps tying +0.0, and NaNs tie above +inf.
+        k = _ordered_keys(x)
+        k = jnp.where(k == jnp.uint32(0x7FFFFFFF), jnp.uint32(0x80000000), k)
+        x = jnp.where(jnp.isnan(x), jnp.uint32(0xFFFFFFFF), k)
     g = x.reshape(shape[:ax] + (shape[ax] // m, m) + shape[ax + 1 :])
     keep = _group_ranks(g, ax + 1) >= drop
     return keep.reshape(shape)
@@ -343,6 +363,7 @@ def blocks(
     if pool not in ("avg", "max"):
         raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}.")
     flags = prunable_flags(scores, where)
+    _counts.warn_nothing_selected("jp.masks.blocks", scores, flags, sparsity)
     flat, _ = leaves_with_paths(scores)
     reduced, expand = {}, {}
     for i, ((path, x), f) in enumerate(zip(flat, flags, strict=True)):

@@ -243,7 +243,11 @@ def prune(
 
     Masks refresh inside ``update`` on the schedule's steps; on every step the
     gradients of pruned entries are zeroed before ``tx`` sees them and the
-    emitted updates set pruned params to exactly 0 after ``optax.apply_updates``.
+    emitted updates set pruned params to exactly 0 after ``optax.apply_updates``
+    (``p + (-p)``; a param that is already ``inf`` or NaN, after training has
+    diverged, becomes NaN instead, as no update added to it can give 0: use
+    :func:`jaxprune.apply_masks` on such params, or ``optax.apply_if_finite``
+    to skip non-finite steps).
     Nothing else changes in the training loop, which may be jitted as usual
     (called outside ``jax.jit``, ``update`` compiles itself once per params
     structure and runs compiled). The params' containers may change between
@@ -409,7 +413,9 @@ def prune(
             packed_masks=_initial_masks(pure, flags),
             inner_state=inner.init(params),
             criterion_state=sel.crit.init(pure),
-            key_data=key_data,
+            # A copy: key_data shares the caller's key buffer, which donating this
+            # state would otherwise free (for the caller and every later init).
+            key_data=jax.tree.map(jnp.copy, key_data),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -511,10 +517,23 @@ def _jit_when_eager(update_fn: Callable[..., Any]) -> Callable[..., Any]:
     at every update; a notebook cell run again) runs the program compiled for
     the first one (:func:`~jaxprune._compile.jit_by_content`). Inside a trace
     (the user's jitted step), or with extra arguments that are not arrays or
-    numbers, ``update_fn`` runs as is.
+    numbers, ``update_fn`` runs as is. Python numbers among the extra
+    arguments are traced, unless the update needs their values (a criterion
+    branching on a ``bool`` flag): then they are static, as inside the
+    user's own ``jax.jit``, with one program per distinct value.
     """
     jitted = jit_by_content(update_fn)
     kinds = (jax.Array, np.ndarray, np.generic, int, float, bool)
+    by_value: dict[tuple, Callable[..., Any]] = {}  # static Python numbers -> program
+    static = {"needed": False}
+
+    def with_static(updates, state, params, extra_args):
+        py = {k: v for k, v in extra_args.items() if type(v) in (bool, int, float)}
+        key = tuple(sorted((k, type(v).__name__, v) for k, v in py.items()))
+        if key not in by_value:
+            by_value[key] = jit_by_content(functools.partial(update_fn, **py))
+        rest = {k: v for k, v in extra_args.items() if k not in py}
+        return by_value[key](updates, state, params, **rest)
 
     @functools.wraps(update_fn)
     def wrapper(updates, state, params=None, **extra_args):
@@ -523,8 +542,20 @@ def _jit_when_eager(update_fn: Callable[..., Any]) -> Callable[..., Any]:
             params is not None
             and not any(isinstance(x, jax.core.Tracer) for x in leaves)
             and all(isinstance(x, kinds) for x in leaves)
+            # A number passed as key (a seed instead of a PRNG key) runs as is, so the
+            # criterion's check names the number rather than its tracer.
+            and not isinstance(extra_args.get("key"), int | float | np.generic)
         ):
-            return jitted(updates, state, params, **extra_args)
+            python_numbers = any(type(v) in (bool, int, float) for v in extra_args.values())
+            if python_numbers and static["needed"]:
+                return with_static(updates, state, params, extra_args)
+            try:
+                return jitted(updates, state, params, **extra_args)
+            except jax.errors.ConcretizationTypeError:
+                if not python_numbers:
+                    raise
+                static["needed"] = True  # the update reads a number's value in Python
+                return with_static(updates, state, params, extra_args)
         return update_fn(updates, state, params, **extra_args)
 
     wrapper.jitted = jitted.jitted  # its compile cache, for tests and the curious

@@ -19,6 +19,7 @@ import numpy as np
 from jaxprune import _counts
 from jaxprune import masks as _masks
 from jaxprune._search import _select, ordered_keys
+from jaxprune._structured_rank import at_least_f32
 from jaxprune._tree import (
     Where,
     leaves_with_paths,
@@ -153,7 +154,7 @@ def _align(groups: Sequence[Group], scores: Any) -> tuple[list, tuple[Group, ...
 def _member_channel_scores(x: jax.Array, axis: int, layout, reduce) -> jax.Array:
     size = x.shape[axis]
     idx = np.array([channel_indices(layout, size, c) for c in range(layout[3])])  # [C, k]
-    moved = jnp.moveaxis(jnp.asarray(x, jnp.float32), axis, 0)[idx]  # [C, k, ...]
+    moved = jnp.moveaxis(at_least_f32(x), axis, 0)[idx]  # [C, k, ...]; float64 stays
     return reduce(moved.reshape(layout[3], -1), 1)
 
 
@@ -182,7 +183,8 @@ def group_scores(
       where: which members vote; default floating ``ndim >= 2``.
 
     Returns:
-      A list of float32 vectors, one per group (zeros when no member votes).
+      A list of float32 vectors (float64 for float64 scores), one per group (zeros
+      when no member votes).
 
     Raises:
       ValueError: a group has no member in ``scores``, or a member's leaf
@@ -211,10 +213,16 @@ def _summed(groups: Sequence[Group], flat: list, flags: list[bool], red) -> list
     """:func:`group_scores` of groups already aligned on ``flat`` (see :func:`_align`)."""
     out = []
     for g in groups:
-        total = jnp.zeros((g.channels,), jnp.float32)
-        for m in g.members:
-            if flags[m.leaf]:
-                total = total + _member_channel_scores(flat[m.leaf][1], m.axis, m.layout, red)
+        parts = [
+            _member_channel_scores(flat[m.leaf][1], m.axis, m.layout, red)
+            for m in g.members
+            if flags[m.leaf]
+        ]
+        # float64 scores (jax_enable_x64) are summed in float64, as jp.masks.structured does.
+        dtype = jnp.result_type(jnp.float32, *(p.dtype for p in parts))
+        total = jnp.zeros((g.channels,), dtype)
+        for part in parts:
+            total = total + part.astype(dtype)
         out.append(total)
     return out
 

@@ -186,7 +186,9 @@ def trace(apply_fn: Any, params: Any, *example_inputs: Any) -> Program:
       ValueError: an example input is a Python ``bool`` or ``str`` (a static
         setting such as a positional ``train`` flag, named with its position
         and the fix: pass it by keyword, e.g. ``linen_apply(module,
-        train=False)``), or ``apply_fn`` cannot be traced on the inputs.
+        train=False)``), ``apply_fn`` is not a function (an nnx Module is named,
+        with :func:`module_apply` as the fix), or ``apply_fn`` cannot be traced
+        on the inputs.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -198,6 +200,15 @@ def trace(apply_fn: Any, params: Any, *example_inputs: Any) -> Program:
       >>> [prog.shapes[i] for i in prog.output_ids]
       [(1, 2)]
     """
+    from flax import nnx
+
+    if isinstance(apply_fn, nnx.Module) or not callable(apply_fn):
+        what = "an nnx Module" if isinstance(apply_fn, nnx.Module) else repr(apply_fn)
+        raise ValueError(
+            f"apply_fn must be a function (params, *inputs) -> outputs, got {what}; the "
+            "arguments are (apply_fn, params, *example_inputs). Fix: for an nnx model, "
+            "apply_fn, state = jp.structure.module_apply(model), then pass (apply_fn, state, x)."
+        )
     _refuse_static_inputs(example_inputs)
     flat, treedef = leaves_with_paths(params)
     leaves = [x for _, x in flat]

@@ -583,6 +583,15 @@ def widths(params: Any, small: Any) -> dict[str, tuple[tuple[int, ...], tuple[in
     """
     old, _ = leaves_with_paths(params)
     new, _ = leaves_with_paths(small)
+    a, b = [path_str(p) for p, _ in old], [path_str(p) for p, _ in new]
+    if a != b:
+        only_a = [p for p in a if p not in set(b)][:10]
+        only_b = [p for p in b if p not in set(a)][:10]
+        raise ValueError(
+            f"small must hold the leaves of params (shrunk), but they differ: only in params "
+            f"{only_a}, only in small {only_b}. Fix: pass the params and what jp.shrink "
+            "returned for them."
+        )
     return {
         path_str(p): (tuple(np.shape(a)), tuple(np.shape(b)))
         for (p, a), (_, b) in zip(old, new, strict=True)
