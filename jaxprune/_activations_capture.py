@@ -65,6 +65,14 @@ def capture_nnx(
     ``nnx.remat`` are copies whose inputs cannot leave the transform: they are
     not recorded, and a warning names the modules left out.
 
+    Args:
+      model: the nnx model (a linen module is refused: use
+        :func:`capture_linen`).
+      *args: the inputs, passed to ``model`` with ``**kwargs``.
+      types: the module classes whose calls are recorded, subclasses included
+        (default ``(nnx.Linear, nnx.Conv)``); a tuple of classes, or one class.
+      **kwargs: passed to ``model``.
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> from flax import nnx

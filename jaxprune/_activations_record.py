@@ -31,6 +31,17 @@ class Captured(NamedTuple):
     (:func:`input_norms`, :func:`mean_abs`, :func:`apoz`) reduces over all
     axes but the last, so they see every input and output distribution the
     module saw.
+
+    Args:
+      inputs: the module's input, ``[..., in]`` (dense) or ``[N, H, W, C_in]``
+        (conv): the call's first positional argument, or its input keyword.
+      outputs: the module's output, ``[..., out]`` (before any activation
+        applied after the module).
+      in_axes: the input axes a general linear kernel contracts, in the
+        kernel's order (``nnx.LinearGeneral``'s and linen ``DenseGeneral``'s
+        ``axis``, e.g. ``(-2, -1)`` for an attention output projection);
+        ``None`` (default) for Dense and conv layers, whose inputs are on the
+        last axis.
     """
 
     inputs: jax.Array  # [..., in] (dense) or [N, H, W, C_in] (conv)

@@ -20,10 +20,13 @@ import optax
 class StatefulCriterion(NamedTuple):
     """A criterion that accumulates statistics across train steps.
 
-    Attributes:
+    Args:
       init: ``params -> state``.
       update: ``(state, params, grads, **extra) -> state``, run on every step.
+        It is passed only the keyword arguments (``tx.update``'s extra ones, and
+        ``key``) that its signature names, or all of them if it takes ``**kwargs``.
       score: ``(state, params, **extra) -> scores``, run when masks refresh.
+        Its keyword arguments are picked the same way, ``grads`` among them.
     """
 
     init: Callable[[optax.Params], Any]

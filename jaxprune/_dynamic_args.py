@@ -48,6 +48,14 @@ def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array
     positive int (checked when they are concrete). Steps past ``end_step``
     give 0.
 
+    Args:
+      step: the current step, an int or float scalar (may be traced); computed in
+        float32 and clipped to at most ``end_step``.
+      alpha: the drop fraction at step 0, a real number in ``[0, 1]`` (not a bool;
+        checked unless traced), e.g. 0.3 as in RigL.
+      end_step: the step where the fraction reaches 0, a positive int (checked unless
+        traced).
+
     Raises:
       ValueError: ``alpha`` is not a number in ``[0, 1]`` or ``end_step`` is
         not a positive int.

@@ -29,6 +29,16 @@ def apply_masks(params: Any, masks: Any) -> Any:
     would otherwise trace it), and a ``str`` or function leaf passes through. A
     traced mask (under ``jax.jit``) is applied as usual.
 
+    Args:
+      params: a pytree of arrays (nnx ``Variable`` s are unwrapped, and the result
+        is wrapped in copies of them); non-array leaves are allowed where the mask
+        is ``True``.
+      masks: bool masks with the structure of ``params`` (``True`` keeps an entry):
+        per leaf an array of the leaf's shape or a scalar; a scalar may also stand
+        for a whole subtree (as ``jp.get_masks`` gives under ``optax.masked``).
+        Packed masks (:class:`~jaxprune.masks.PackedMask` leaves) are rejected:
+        unpack them first.
+
     Raises:
       ValueError: the trees differ (the message lists the differing paths); a
         mask is not bool or does not fit its leaf's shape; a leaf that is not an

@@ -48,6 +48,10 @@ def ordered_keys(scores: ArrayLike) -> jax.Array:
     float64 scores (with ``jax_enable_x64``) that round to the same float32
     tie, and their ties go by flatten order.
 
+    Args:
+      scores: an array (or array-like) of any shape and real dtype, converted to
+        float32 (float64 scores warn once that they are compared as float32).
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> k = jp.masks.ordered_keys(jnp.array([-1.0, 0.0, 2.0, -0.5, jnp.nan]))
@@ -432,6 +436,13 @@ def kth_smallest_keys(
     bisection step whenever an interpolation step fails to halve the bracket),
     started from a bracket found on a strided sample when the input is large:
     exact, no sort.
+
+    Args:
+      keys: a list of uint32 key arrays of any shapes (e.g. from :func:`ordered_keys`),
+        searched together as one pool.
+      k: the rank sought, an integer scalar (may be traced; cast to int32), meaningful
+        for ``1 <= k <=`` the total number of keys: a smaller ``k`` gives the smallest
+        key, a larger one the largest, and the bounds above then do not hold.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp

@@ -57,6 +57,19 @@ class SteState(NamedTuple):
     other leaves (whose params are their own dense values). It makes the
     pruning state as large as the prunable weights themselves, on top of the
     inner optimizer's state and the packed masks (one bit per entry).
+
+    Args:
+      count: int32 scalar, the number of update steps taken.
+      packed_masks: the masks the params hold now, a tree with the params' structure:
+        a :class:`~jaxprune.masks.PackedMask` per prunable leaf, a scalar ``True``
+        elsewhere.
+      dense: the dense weights of each prunable leaf (the param's dtype), a scalar 0
+        placeholder on the other leaves.
+      inner_state: the wrapped optimizer's state.
+      criterion_state: a :class:`~jaxprune.criteria.StatefulCriterion`'s statistics;
+        ``()`` for plain criteria.
+      key_data: the uint32 raw PRNG key data (``jax.random.key_data``) of the transform's
+        ``key``, or ``()`` if none was given.
     """
 
     count: jax.Array  # int32 [], number of update steps taken

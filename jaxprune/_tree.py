@@ -106,6 +106,10 @@ def path_str(path: Path) -> str:
 
     The empty path (a tree that is a single leaf) is ``<root>``.
 
+    Args:
+      path: a tuple of keys (``str`` or ``int``), as :func:`leaves_with_paths` and
+        ``where`` predicates receive it; each key is written with ``str``.
+
     Examples:
       >>> import jaxprune as jp
       >>> jp.path_str(("layers", 0, "kernel")), jp.path_str(())
@@ -147,6 +151,12 @@ def is_prunable(path: Path, leaf: Any) -> bool:
     ``DenseGeneral``) are 2-D with more than one entry per head, so this
     predicate selects them. To keep every bias dense: ``where=lambda path, leaf:
     path[-1] != "bias" and jp.is_prunable(path, leaf)``.
+
+    Args:
+      path: the leaf's normalized path, a tuple of ``str``/``int`` keys (only its
+        last key is read, to recognise a ``bias``).
+      leaf: the leaf; anything without a ``dtype`` (a function, a Python number) is
+        not prunable.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp

@@ -77,6 +77,14 @@ def input_norms(
     get ``1.0``, with a warning when the leaf is a kernel (``.../kernel``, ndim
     >= 2) whose module was not captured. The result feeds ``jp.criteria.wanda(params, norms)``.
 
+    Args:
+      params: the params tree of the captured model (``nnx.state(model,
+        nnx.Param)``, linen's ``variables["params"]``); a kernel is matched to
+        the capture of its module path (``layers/0/kernel`` to ``"layers/0"``).
+      captures: ``{module path: Captured}`` as :func:`capture_nnx` and
+        :func:`capture_linen` return it (their second result), or a non-empty
+        sequence of such dicts, one per calibration batch.
+
     Raises:
       ValueError: ``captures`` is empty; no captured module owns a kernel of
         ``params`` (e.g. linen's full variables passed instead of
@@ -323,6 +331,16 @@ def unit_scores(params: optax.Params, per_unit: dict[str, jax.Array]) -> optax.P
     removes half of the classes at 50%). Pass
     ``where=jp.activations.scored_where(per_unit)`` to select only the
     scored kernels (second example).
+
+    Args:
+      params: the params tree of the scored model (``nnx.state(model,
+        nnx.Param)``, linen's ``variables["params"]``); only its structure and
+        shapes are read.
+      per_unit: ``{module path: scores}``, one score per output unit of that
+        module's kernel: ``[out]`` for ``[..., in, out]``, or a general linear
+        kernel's output axes (e.g. ``[heads, head_dim]``); e.g. from
+        :func:`apoz` or :func:`mean_abs`. Every key must own a kernel of
+        ``params``.
 
     Raises:
       ValueError: a key of ``per_unit`` owns no kernel of ``params`` (e.g.

@@ -452,7 +452,8 @@ def synflow(
 
     sel, r, bad = one_program(final_scores, params, masks)
     _check_finite(r, bad, params, " in the final round")
-    masks = _masks.global_topk(sel, float(sparsity), where=chosen)
+    if any(flags):  # else the masks stay all True (warned about above)
+        masks = _masks.global_topk(sel, float(sparsity), where=chosen)
     _warn_collapsed(masks, flags, float(sparsity))
     return masks
 

@@ -142,6 +142,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     (an attack then leaves the example as it is) or, if negative, wraps to a
     class from the end; :func:`robustness` checks its labels' range.
 
+    Args:
+      logits: ``[..., classes]``, usually ``[N, classes]``; computed in float32.
+      labels: integer class indices, shape ``logits.shape[:-1]`` (one fewer
+        axis than ``logits``; a non-integer dtype is refused).
+
     Examples:
       >>> import jax.numpy as jnp
       >>> logits = jnp.array([[0.0, 0.0], [2.0, 0.0]])

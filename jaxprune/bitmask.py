@@ -36,12 +36,13 @@ class PackedMask:
     and no padding is needed. A mask with no such axis is flattened and
     padded to a whole byte instead.
 
-    Attributes:
+    Args:
       bits: uint8; ``shape`` with the packed axis divided by 8 (or 1-D,
         ``ceil(size / 8)``, when ``axis`` is None). Bit ``j`` of byte ``b`` is
         entry ``8 * b + j`` along the packed axis.
       shape: the mask's shape (static).
       axis: the packed axis, or None for flattened (static).
+        Default None. Build these with :func:`pack` rather than by hand.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -249,6 +250,10 @@ def pack(masks: Any) -> Any:
     cast, and any other leaf (scores, probabilities, a traced float) raises a
     ``ValueError`` naming its path.
 
+    Args:
+      masks: a pytree of masks: bool arrays or scalars (concrete 0/1 number arrays
+        are cast to bool).
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> p = jp.masks.pack({"w": jnp.array([[True, False, True]] * 2), "b": jnp.bool_(True)})
@@ -266,6 +271,11 @@ def unpack(packed: Any) -> Any:
     In a state built with ``jax.vmap(tx.init)`` (an ensemble) the packed bits
     and the scalar ``True`` of unpruned leaves carry the members' axis; an
     all-``True`` one comes back as the scalar ``True`` it stands for.
+
+    Args:
+      packed: a pytree whose leaves are :class:`PackedMask` s (unpacked to bool arrays
+        of their ``shape``) or anything else (returned as it is), e.g. a
+        ``PruneState``'s ``packed_masks``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp

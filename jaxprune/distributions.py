@@ -56,6 +56,17 @@ def uniform(
     still equals ``sparsity``: see :func:`erk`, of which this is the
     ``power_scale=0.0`` case.
 
+    Args:
+      params: the params (their values are not read: only the leaves ``where``
+        selects, and with ``fixed`` their shapes).
+      sparsity: the total fraction to prune, one number in ``[0, 1]`` (may be traced;
+        a concrete bool or string is refused).
+      where: predicate ``(path, leaf) -> bool`` choosing the prunable leaves;
+        default: floating leaves with ``ndim >= 2``.
+      fixed: ``{path: sparsity}`` for prunable leaves whose sparsity is set by hand
+        (values in ``[0, 1]``, paths as ``jp.path_str`` writes them); default
+        ``None``: every prunable leaf gets ``sparsity``.
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> jp.distributions.uniform({"w": jnp.ones((2, 2)), "b": jnp.ones(2)}, 0.5)
@@ -312,6 +323,14 @@ def selection(
     instead of 1591 of 1768 entries over three leaves at 90%); use
     ``jp.masks.global_topk`` for an exact total.
 
+    Args:
+      distribution: a callable ``(params, sparsity, *, where) -> per-leaf sparsities``
+        (e.g. :func:`erk`, :func:`uniform`, ``explicit({...})``), called with the scores
+        in place of the params.
+      select: a selection ``(scores, sparsity, *, where) -> masks`` that takes a tree of
+        per-leaf sparsities; default ``jp.masks.topk`` (run leaf by leaf here, so the
+        per-leaf sparsities may be traced).
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> scores = {"a": jnp.ones((100, 100)), "b": jnp.ones((100, 2))}
@@ -375,6 +394,16 @@ def per_output(scores: Any, sparsity: Any, *, where: Where | None = None, axis: 
     Each slice along ``axis`` (an output unit: a column of a flax kernel
     ``[..., in, out]``) prunes ``round(s * slice size)`` of its lowest scores,
     as Wanda compares weights per output row.
+
+    Args:
+      scores: a pytree of scores (e.g. ``jp.criteria.magnitude(params)``).
+      sparsity: fraction in ``[0, 1]`` to prune within each slice, a scalar or a tree
+        of scalars with the structure of ``scores`` (one per leaf; a traced value is
+        clipped to ``[0, 1]``).
+      where: predicate ``(path, leaf) -> bool`` choosing the prunable leaves;
+        default: floating leaves with ``ndim >= 2``. Other leaves get a scalar ``True``.
+      axis: the output-unit axis, an int in ``[-ndim, ndim)`` of every selected leaf;
+        default ``-1`` (a flax kernel's output units).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp

@@ -58,7 +58,15 @@ __all__ = ["Round", "iterative_pruning", "lottery_ticket", "random_masks", "aver
 
 
 class Round(NamedTuple):
-    """One round of :func:`iterative_pruning`."""
+    """One round of :func:`iterative_pruning`.
+
+    Args:
+      index: the round's number, 0 for the dense round, then ``1`` to ``rounds``.
+      sparsity: the masks' fraction of pruned prunable entries (0.0 in round 0).
+      masks: the bool masks this round trained with, with the params' structure and
+        the params' shapes on the prunable leaves (all ``True`` in round 0).
+      params: the params after this round's training.
+    """
 
     index: int  # 0 for the dense round
     sparsity: float  # the masks' fraction of pruned prunable entries

@@ -152,6 +152,15 @@ class DynamicSparseState(NamedTuple):
 
     The masks are stored packed, one bit per prunable entry (as in
     :class:`~jaxprune.transform.PruneState`); ``state.masks`` unpacks them.
+
+    Args:
+      count: int32 scalar, the number of update steps taken.
+      packed_masks: a tree with the params' structure: a
+        :class:`~jaxprune.masks.PackedMask` per prunable leaf, a scalar ``True`` for
+        every other leaf.
+      inner_state: the wrapped optimizer's state.
+      key_data: the uint32 raw PRNG key data (``jax.random.key_data``) of the
+        transform's ``key`` (required by :func:`rigl` and :func:`set`).
     """
 
     count: jax.Array  # int32 [], number of update steps taken
@@ -555,6 +564,28 @@ def set(  # noqa: A001 (the algorithm's name; the builtin is not used in this mo
     ...)`` (see the module docstring). As for :func:`rigl`, apply the initial
     masks right after ``init``: ``params = jp.apply_masks(params,
     jp.get_masks(state))``.
+
+    Args:
+      tx: the inner optimizer, as for :func:`rigl`.
+      sparsity: the constant total fraction of pruned prunable weights, a concrete
+        real number in ``[0, 1)``, spread over the leaves by ``distribution``.
+      key: PRNG key for the initial random masks and the random regrowth.
+      update_every: steps between drop/regrow updates, a positive int.
+      drop_fraction: the constant fraction of each leaf's active weights dropped and
+        regrown per update, a real number in ``[0, 1]``; default 0.3 (0.0 keeps the
+        initial random masks).
+      end_step: the step from which connectivity stops changing, a positive int, or
+        ``None`` (default): update until training ends.
+      distribution: a callable ``(params, sparsity, *, where) -> per-leaf sparsities``;
+        default ``jp.distributions.erk`` (see :func:`rigl`).
+      where: predicate choosing the prunable leaves; default: floating leaves with
+        ``ndim >= 2`` (see :func:`rigl`).
+      stacked: predicate ``(path, leaf) -> bool | int`` telling which leaves stack
+        layers along their leading axes; ``None`` (default): every leaf is one layer
+        (see :func:`rigl`).
+      begin_step: the first rewiring step, an int ``>= 0`` (below ``end_step`` when
+        that is given); default 0: rewire at the positive multiples of
+        ``update_every``. Before it the masks stay the initial ones.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxprune as jp

@@ -250,6 +250,11 @@ def _log_expected_keep_probability(a: jax.Array, b: jax.Array) -> jax.Array:
 def expected_keep_probability(a: jax.Array, b: jax.Array) -> jax.Array:
     """Returns ``E[pi] = b * Beta(1 + 1/a, b)`` for ``pi ~ Kumaraswamy(a, b)``.
 
+    Args:
+      a, b: the Kumaraswamy parameters, arrays (or numbers) that broadcast
+        together, computed in float32; both must be > 0, which is not
+        checked (:meth:`BetaBernoulli.ab` keeps them above 0).
+
     Examples:
       >>> round(float(expected_keep_probability(2.0, 1.0)), 4)  # a / (a + 1) when b = 1
       0.6667
@@ -265,6 +270,14 @@ def beta_bernoulli_kl(a: jax.Array, b: jax.Array, alpha: float) -> jax.Array:
     """Returns ``KL(Kumaraswamy(a, b) || Beta(alpha, 1))`` elementwise (exact for prior beta 1).
 
     ``(1 - alpha/a)(-euler_gamma - digamma(b) - 1/b) + log(a b / alpha) - (b - 1)/b``.
+
+    Args:
+      a, b: the Kumaraswamy posterior's parameters, arrays (or numbers) that
+        broadcast together, computed in float32; both must be > 0, which is
+        not checked.
+      alpha: the concentration of the ``Beta(alpha, 1)`` prior, > 0 (not
+        checked here; :class:`BetaBernoulli` checks its ``alpha``, default
+        1e-4).
 
     Examples:
       >>> round(float(beta_bernoulli_kl(1.0, 1.0, 1.0)), 6)  # both are U(0, 1)
@@ -413,6 +426,11 @@ def sparse_vd_neg_kl(log_alpha: jax.Array) -> jax.Array:
     """Returns Molchanov's approximation of ``-KL(q(w) || log-uniform)`` per weight.
 
     ``k1 * sigmoid(k2 + k3 * log_alpha) - 0.5 * log1p(exp(-log_alpha)) - k1``.
+
+    Args:
+      log_alpha: ``log sigma^2 - log w^2`` per weight, any shape (or a
+        number), computed in float32; :class:`VariationalDropout` clips it to
+        ``[-8, 8]`` before calling this.
 
     Examples:
       >>> abs(float(sparse_vd_neg_kl(20.0))) < 1e-3  # -> 0 as alpha -> infinity

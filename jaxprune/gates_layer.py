@@ -19,11 +19,24 @@ from jaxprune.gates_tree import Gate, _gate_features, sample_unit_gate
 
 
 class GateParam(nnx.Param):
-    """A trainable gate parameter (select with ``nnx.All(GateParam)`` or ``jp.gates.is_gate``)."""
+    """A trainable gate parameter (select with ``nnx.All(GateParam)`` or ``jp.gates.is_gate``).
+
+    Args:
+      *args, **kwargs: those of ``nnx.Param``: the value, one gate array of a
+        layer (float32, e.g. ``[units]`` for a per-unit kind), and optional
+        variable metadata.
+    """
 
 
 class GateKey(nnx.Variable):
-    """The PRNG key a :class:`Gated` layer draws its gate samples from."""
+    """The PRNG key a :class:`Gated` layer draws its gate samples from.
+
+    Args:
+      *args, **kwargs: those of ``nnx.Variable``: the value, one PRNG key
+        (:class:`Gated` stores ``fold_in(key, 1)`` of its ``key``;
+        :func:`~jaxprune.gates.reseed` replaces it), and optional variable
+        metadata.
+    """
 
 
 _INPUT_PREFIX = "gate_in_"
@@ -71,6 +84,21 @@ class Gated(nnx.Module):
     that enter LeNet-5-Caffe's first dense layer (Lee et al. 2018; the ANP-VS
     reference code). Its parameters are named ``gate_in_*``; with
     ``outputs=False`` the layer has input gates only.
+
+    Args:
+      *args, **kwargs: the constructor's ``(module, gate, *, key,
+        outputs=True, inputs=False)`` (nnx's module metaclass hides them
+        from ``inspect.signature``), described below.
+      module: the layer to wrap, with a ``kernel`` whose last axis holds the
+        output units (``nnx.Linear``, ``nnx.Conv``); not a stack of layers (a
+        kernel with a leading layer axis, from ``nnx.vmap``).
+      gate: a gate kind, e.g. ``jp.gates.HardConcrete()``.
+      key: PRNG key of the gates' initialization and, through
+        ``fold_in(key, 1)``, of the layer's :class:`GateKey`.
+      outputs: gate the output units (default ``True``).
+      inputs: gate the input features too (default ``False``). Needs a
+        per-unit kind, and is refused on a grouped or depthwise ``nnx.Conv``.
+        ``outputs`` and ``inputs`` must not both be ``False``.
     """
 
     def __init__(

@@ -65,6 +65,22 @@ def unit_masks(
     layers' input features; their keeps come back under ``"<kernel path>:inputs"``
     and take part in the ``sparsity`` ranking.
 
+    Args:
+      gate: the gate kind the gates were trained with.
+      gate_params: ``{kernel path: gate params}``, all made by ``gate``'s kind.
+      params: the model params (default ``None``); required by per-weight
+        kinds (:class:`VariationalDropout`), which read their kernels from it.
+        When given, the gate params' paths and shapes are checked against it.
+      sparsity: ``None`` (default) keeps what each gate's test-time rule
+        keeps; a fraction in ``[0, 1]`` instead prunes exactly that fraction
+        of all units (weights, for a per-weight kind), ranked by the gates'
+        scores across layers.
+      input_gate_params: ``{kernel path: gates on the layer's input
+        features}`` (per-unit kinds); default ``None``, none.
+      max_sparsity: with ``sparsity``, the most any one layer may lose, a
+        Python number in ``[0, 1]``; default ``None``, no cap. Refused without
+        ``sparsity``.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> from jaxprune import gates
@@ -268,6 +284,12 @@ def slimming_penalty(params: Any, *, where: Where | None = None) -> jax.Array:
       ``where=lambda p, x: p[-1] == "scale" and tuple(p[:-1]) in bns``; for linen's
       default names ``where=lambda p, x: p[-1] == "scale" and "BatchNorm" in str(p[-2])``.
 
+    Args:
+      params: any pytree holding the BatchNorm scales (with or without their
+        statistics, as above).
+      where: predicate ``(path, leaf) -> bool`` choosing the scale leaves;
+        default ``None``, the rule above.
+
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp
       >>> from jaxprune import gates
@@ -314,6 +336,15 @@ def slimming_masks(
     otherwise every 1-D ``scale``, **LayerNorm, GroupNorm and RMSNorm scales
     included**, ranked against the BatchNorm channels. For a params-only tree
     of a model with other norms, pass the ``where`` given there.
+
+    Args:
+      params: any pytree holding the BatchNorm scales (with or without their
+        statistics, as above); the masks mirror it.
+      sparsity: the fraction of all selected channels to prune, in ``[0, 1]``.
+      where: predicate ``(path, leaf) -> bool`` choosing the scale leaves;
+        default ``None``, the rule above. It must select at least one leaf.
+      max_sparsity: the most any one layer may lose, a Python number in
+        ``[0, 1]``; default ``None``, no cap.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp

@@ -58,6 +58,9 @@ def _is_linear_or_conv(path: tuple, module: Any) -> bool:
 def gated_layers(model: nnx.Module) -> list[tuple[tuple, Gated]]:
     """Returns ``[(path, Gated), ...]`` for every gated layer of ``model``, in a fixed order.
 
+    Args:
+      model: any nnx module; one without gated layers gives ``[]``.
+
     Examples:
       >>> import jax
       >>> from flax import nnx
@@ -242,6 +245,11 @@ def reseed(model: nnx.Module, key: jax.Array) -> None:
     the samples are a pure function of that key. ``index`` counts the gated
     layers in :func:`gated_layers` order (sorted by path).
 
+    Args:
+      model: an nnx model with gates attached (:func:`attach`); one without
+        gated layers is left as it is.
+      key: one PRNG key, a fresh one every step.
+
     Examples:
       >>> import jax
       >>> from flax import nnx
@@ -269,6 +277,10 @@ def model_penalty(model: nnx.Module) -> jax.Array:
     takes the mean over all gates of the network (Wang et al. 2020,
     https://arxiv.org/abs/1909.12579), which a per-layer sum would not. The
     totals of the different kinds are added.
+
+    Args:
+      model: an nnx model with gates attached (:func:`attach`); one without
+        gated layers gives ``0.0``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -364,6 +376,10 @@ def detach(model: nnx.Module) -> nnx.Module:
     original model's, so :func:`hard_masks` mirror it and the structured
     shrink applies.
 
+    Args:
+      model: an nnx model with gates attached (:func:`attach`); it is left
+        unchanged. One without gated layers comes back as a plain copy.
+
     Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import nnx
@@ -397,6 +413,17 @@ def hard_masks(
     ``sparsity``, the top ``1 - sparsity`` of the gates' scores are kept
     across layers, input gates included, and ``max_sparsity`` caps what any
     one layer loses. All gated layers must share one gate kind.
+
+    Args:
+      model: an nnx model with gates attached (:func:`attach`), not its
+        :func:`detach`-ed copy; it is left unchanged.
+      sparsity: ``None`` (default) keeps what each gate's test-time rule
+        keeps; a fraction in ``[0, 1]`` instead prunes exactly that fraction
+        of all the gates' units (weights, for a per-weight kind), ranked by
+        the gates' scores across layers.
+      max_sparsity: with ``sparsity``, the most any one layer may lose, a
+        Python number in ``[0, 1]``; default ``None``, no cap. Refused
+        without ``sparsity``.
 
     Examples:
       >>> import jax, jax.numpy as jnp

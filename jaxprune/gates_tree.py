@@ -84,7 +84,15 @@ __all__ = [
 
 
 class Gate(Protocol):
-    """The protocol every gate kind follows (see :mod:`jaxprune.gates_kinds`)."""
+    """The protocol every gate kind follows (see :mod:`jaxprune.gates_kinds`).
+
+    Args:
+      *args, **kwargs: none are taken: a protocol is not instantiated
+        (``Gate()`` raises ``TypeError``). A gate kind is any object with a
+        ``per_unit`` flag and the methods below; the built-in kinds are
+        frozen dataclasses built from their own hyperparameters, e.g.
+        ``HardConcrete(beta=2 / 3)``.
+    """
 
     per_unit: bool
 
@@ -100,6 +108,12 @@ def is_gate(path: Path, leaf: Any = None) -> bool:
 
     Works on the functional gate trees, on nnx states of attached models and on
     any tree that nests them, so one predicate partitions every layout.
+
+    Args:
+      path: a key path, a tuple of names and indices; nnx's ``"value"`` and
+        ``"raw_value"`` components are skipped.
+      leaf: ignored (default ``None``); taken so that ``is_gate`` serves as a
+        ``(path, leaf)`` predicate.
 
     Examples:
       >>> is_gate(("gates", "fc1/kernel", "gate_log_alpha")), is_gate(("fc1", "kernel"))
@@ -210,6 +224,11 @@ def init_gates(
 def gate_keys(gate_params: dict, key: jax.Array) -> dict[str, jax.Array]:
     """Returns one independent key per gated layer: ``fold_in(key, index)`` in key order.
 
+    Args:
+      gate_params: ``{kernel path: gate params}``; only its keys are read, and
+        a layer's ``index`` is its rank among them, sorted.
+      key: one PRNG key (``jax.random.key``, or a raw uint32 ``[2]`` key).
+
     Examples:
       >>> import jax, jax.numpy as jnp
       >>> from jaxprune import gates
@@ -230,6 +249,12 @@ def input_gate_keys(input_gate_params: dict, key: jax.Array) -> dict[str, jax.Ar
 
     A stream apart from the output gates' keys, so a layer's input and output
     samples are independent.
+
+    Args:
+      input_gate_params: ``{kernel path: input-gate params}``
+        (``init_gates(..., inputs=True)``); only its keys are read.
+      key: the PRNG key the output gates' keys come from (the one given to
+        :func:`gate_keys`).
 
     Examples:
       >>> import jax
@@ -253,6 +278,15 @@ def sample_unit_gate(gate: Gate, gp: dict, key: jax.Array | None, x: jax.Array) 
     example and unit, shaped ``[batch, 1, ..., 1, units]`` (``x``'s axis 0 is
     the batch), as the reference implementations of hard-concrete and
     beta-Bernoulli gates sample them. Gate layer outputs or inputs with it.
+
+    Args:
+      gate: a per-unit gate kind (one with ``unit_gate``; not
+        ``VariationalDropout``).
+      gp: one layer's gate params (one entry of :func:`init_gates`' result).
+      key: PRNG key of the sample; ``None`` gives the test-time gate.
+      x: the array to be gated, units on its last axis. Only its shape is
+        read, and only with ``key`` and a ``per_example=True`` kind, which
+        need a batch axis first (``ndim >= 2``).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -322,6 +356,20 @@ def apply_gates(
     kernels' rows (axis -2), which equals gating the layers' input features;
     they are sampled with :func:`input_gate_keys`.
 
+    Args:
+      gate: the gate kind the gates were built with, e.g.
+        ``jp.gates.HardConcrete()``.
+      params: the model's params, any pytree.
+      gate_params: ``{kernel path: gate params}`` from :func:`init_gates` on
+        ``params``; every path must name a leaf of ``params``.
+      key: PRNG key of the samples (one key per layer, :func:`gate_keys`);
+        ``None`` (default) applies the deterministic test-time gates. A kind
+        built with ``per_example=True`` refuses a key: its per-example samples
+        cannot be folded into a kernel.
+      input_gate_params: ``{kernel path: input-gate params}`` from
+        ``init_gates(..., inputs=True)``; default ``None``, no input gates.
+        Needs a per-unit kind.
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
       >>> from jaxprune import gates
@@ -380,6 +428,17 @@ def penalty(
     set: a kind whose penalty is not a plain sum (``ScalarGate``'s mean)
     sees all of them at once, as :func:`jaxprune.gates.model_penalty` does.
 
+    Args:
+      gate: the gate kind the gates were built with.
+      gate_params: ``{kernel path: gate params}`` from :func:`init_gates`, all
+        made by ``gate``'s kind.
+      params: the model's params (default ``None``); required by per-weight
+        kinds (``VariationalDropout``), and when given every path of
+        ``gate_params`` must name a leaf of it.
+      input_gate_params: ``{kernel path: input-gate params}`` from
+        ``init_gates(..., inputs=True)``; default ``None``, none. Needs a
+        per-unit kind.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> from jaxprune import gates
@@ -429,6 +488,11 @@ def multi_transform(
     them. Freeze the weights ("pruning from scratch") with
     ``params_tx=optax.set_to_zero()``.
 
+    Args:
+      params_tx: the optax transform of every leaf that is not a gate.
+      gates_tx: the optax transform of the gate parameters (the leaves whose
+        path :func:`is_gate` accepts).
+
     Examples:
       >>> import jax.numpy as jnp, optax, jaxprune as jp
       >>> from jaxprune import gates
@@ -472,6 +536,25 @@ def linen_apply(
     ``input_gate_params`` (``init_gates(..., inputs=True)``) has its input's
     last axis (its input features) multiplied by those gates, sampled with
     :func:`input_gate_keys`.
+
+    Args:
+      gate: a per-unit gate kind (a per-weight kind, ``VariationalDropout``,
+        is refused: gate its params with :func:`apply_gates` instead).
+      model: the flax linen module.
+      variables: its variables (``{"params": ..., "batch_stats": ...}``),
+        passed to ``model.apply`` as they are.
+      gate_params: ``{"path/kernel": gate params}`` from
+        ``init_gates(gate, variables["params"])``; each must match a
+        submodule called during the apply.
+      *args: the inputs, passed to ``model.apply`` with ``**kwargs``.
+      key: PRNG key of the gate samples; ``None`` (default) applies the
+        test-time gates.
+      input_gate_params: ``{"path/kernel": input-gate params}`` from
+        ``init_gates(..., inputs=True)``, applied to those submodules' first
+        positional argument; default ``None``, no input gates. Not for grouped
+        or depthwise convs (``feature_group_count != 1``).
+      **kwargs: passed to ``model.apply`` (the model's keyword arguments, or
+        ``apply``'s own, e.g. ``rngs=``).
 
     Examples:
       >>> import jax, jax.numpy as jnp

@@ -459,6 +459,13 @@ def perplexity(model: Any, tokens: jax.Array, *, batch_size: int = 32) -> float:
     is computed in float32 whatever the logits' dtype (see
     :func:`jaxprune.models_llm.lm_loss`).
 
+    Args:
+      model: a flax nnx language model, as above. Not modified (its mode is restored).
+      tokens: int token ids ``[n, time]``, ``n >= 1`` and ``time >= 2`` (and at most the
+        model's ``max_len`` when it has one), ids within the model's vocabulary.
+      batch_size: sequences per forward pass, a positive int (default 32); the last
+        batch holds the remainder. The result does not depend on it (up to rounding).
+
     Raises:
       ValueError: ``model`` not an nnx Module or not returning logits
         ``[batch, time, vocab]``; ``batch_size`` not a positive int; ``tokens``

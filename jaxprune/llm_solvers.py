@@ -202,6 +202,16 @@ def magnitude_prune(
     ``nm=(n, m)`` keeps ``n`` of every ``m`` inputs instead. ``sparsity``
     defaults to 0.5; given with ``nm``, it must equal ``1 - n/m``.
 
+    Args:
+      kernel: a 2-D ``[in, out]`` kernel.
+      sparsity: the fraction to prune, a concrete number in ``[0, 1]`` (default None:
+        0.5, or ``1 - n/m`` with ``nm``).
+      nm: ``(n, m)``, ints with ``0 < n <= m`` and ``m`` dividing ``in``, to keep ``n``
+        of every ``m`` consecutive inputs of each output instead (default None:
+        unstructured); ``n == m`` prunes nothing and warns.
+      group: ``"layer"`` (the default) or ``"output"``, the set ranked together;
+        ignored with ``nm``.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> from jaxprune.llm import magnitude_prune
@@ -239,6 +249,19 @@ def wanda_prune(
     ``group="layer"`` ranks the whole kernel, as magnitude pruning does by
     default. ``nm=(n, m)`` keeps ``n`` of every ``m`` inputs instead.
     ``sparsity`` defaults to 0.5; given with ``nm``, it must equal ``1 - n/m``.
+
+    Args:
+      kernel: a 2-D ``[in, out]`` kernel.
+      input_norms: ``[in]``, the L2 norm of each input feature over the calibration
+        tokens, finite and ``>= 0`` (e.g. from :func:`jaxprune.activations.input_norms`;
+        ``jnp.ones(in)`` gives magnitude pruning).
+      sparsity: the fraction to prune, a concrete number in ``[0, 1]`` (default None:
+        0.5, or ``1 - n/m`` with ``nm``).
+      nm: ``(n, m)``, ints with ``0 < n <= m`` and ``m`` dividing ``in``, to keep ``n``
+        of every ``m`` consecutive inputs of each output instead (default None:
+        unstructured); ``n == m`` prunes nothing and warns.
+      group: ``"output"`` (the default) or ``"layer"``, the set ranked together;
+        ignored with ``nm``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -459,6 +482,12 @@ def reconstruction_error(kernel: jax.Array, pruned: jax.Array, hessian: jax.Arra
 
     ``0`` when both are zero (e.g. a layer whose inputs are all zero after an
     earlier layer was pruned away), ``inf`` when only the reference is.
+
+    Args:
+      kernel: the reference ``[in, out]`` kernel ``W``.
+      pruned: its pruned (and possibly updated) copy ``W'``, of the same shape.
+      hessian: ``[in, in]``, ``X^T X`` of the layer's inputs (any positive scale: it
+        cancels in the ratio).
 
     Raises:
       ValueError: ``pruned`` is not ``kernel``'s shape ``[in, out]``, or

@@ -304,6 +304,26 @@ def fused_select(
     raised to the largest key. On arrays with Explicit mesh axes the scores
     are stored and :func:`global_topk` runs (refused with ``depths``).
 
+    Args:
+      scope: ``"layer"`` (exact count per leaf, as :func:`topk`) or ``"global"``
+        (exact total count, as :func:`global_topk`); anything else raises.
+      score_fn: an element-wise, cheap function ``src -> scores`` (a pytree of
+        score arrays), e.g. ``jp.criteria.magnitude``.
+      src: the pytree ``score_fn`` is applied to (e.g. the params, or ``(params,
+        grads)``).
+      sparsity: fraction in ``[0, 1]`` to prune (may be traced; a traced value is
+        clipped to ``[0, 1]``): with ``scope="layer"`` a scalar or a tree of scalars
+        with the scores' structure, with ``scope="global"`` one number.
+      flags: one bool per leaf of the scores (flatten order), ``True`` for the
+        prunable leaves; the others get a scalar ``True`` mask.
+      leaf_srcs: one source per leaf of the scores (see above); default ``None``:
+        every search traces ``score_fn(src)`` whole.
+      depths: one int per leaf of the scores, its number of leading layer axes (0:
+        not stacked); needs ``leaf_srcs`` and ``scope="layer"`` or
+        ``max_sparsity``. Default ``None``: no leaf is stacked.
+      max_sparsity: a Python number in ``[0, 1]``, the largest fraction of one leaf
+        (or layer) pruned, ``scope="global"`` only; default ``None``: no cap.
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
       >>> p = {"a": jnp.array([[1.0, -2.0]]), "b": jnp.array([[3.0, -4.0]])}
@@ -484,6 +504,13 @@ def sparsity(tree: Any, *, where: Where | None = None) -> jax.Array:
     ``{}``) gives ``0.0``. If the default ``where`` counted nothing but passed
     over integer or complex leaves with ``ndim >= 2``, that ``0.0`` would read
     as "dense" for a quantized model, so a warning names those leaves.
+
+    Args:
+      tree: params or masks (a pytree of arrays), packed masks (e.g. a
+        ``PruneState``'s ``packed_masks``, unpacked first), or an nnx ``Module``.
+      where: predicate ``(path, leaf) -> bool`` choosing the leaves counted; default
+        ``None``: leaves with ``ndim >= 2``, floating or bool, except
+        ``[n, 1, ..., 1]`` biases.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp

@@ -20,7 +20,17 @@ __all__ = ["MergeResult", "most_correlated_pair", "merge_pair", "noiseout"]
 
 
 class MergeResult(NamedTuple):
-    """Outgoing weights after merging, and which units survive."""
+    """Outgoing weights after merging, and which units survive.
+
+    Args:
+      w_out: the next layer's kernel ``[units, out]`` after the merges, the
+        removed units' rows zeroed.
+      b_out: the next layer's bias ``[out]`` after the merges.
+      alive: bool ``[units]``, ``False`` for the removed units; zero the
+        incoming kernel's columns (and bias entries) where it is ``False``.
+      pairs: int32 ``[num_merges, 2]``: ``(kept i, removed j)`` per merge, in
+        merge order (``(-1, -1)`` for a merge skipped under ``jax.jit``).
+    """
 
     w_out: jax.Array  # [units, out], removed rows zeroed
     b_out: jax.Array  # [out]
@@ -96,6 +106,12 @@ def most_correlated_pair(
     pair and ``(-1, -1)`` is returned (a sentinel rather than an error, so the
     function stays usable under ``jax.jit``); a unit is never paired with itself.
 
+    Args:
+      h: activations ``[N, units]``, one row per calibration example (at least
+        one example and two units); compared in float32.
+      alive: bool ``[units]``, the units that may be paired; default ``None``,
+        all of them.
+
     Raises:
       ValueError: ``h`` is not ``[N, units]``, or ``alive`` not ``[units]``.
 
@@ -146,6 +162,16 @@ def merge_pair(
 
     Traced ``i`` and ``j`` that are equal or out of ``[0, units)`` leave
     ``w_out`` and ``b_out`` unchanged (concrete ones are refused).
+
+    Args:
+      h: activations of the hidden layer on a calibration batch, ``[N, units]``
+        (after the nonlinearity: the values the next layer multiplies).
+      w_out: the next layer's kernel ``[units, out]``.
+      b_out: the next layer's bias ``[out]`` (``jnp.zeros(out)`` when it has
+        none).
+      i: the unit kept, which absorbs ``j``: an integer in ``[0, units)``.
+      j: the unit removed (its row of ``w_out`` zeroed): an integer in
+        ``[0, units)``, other than ``i``.
 
     Raises:
       ValueError: ``h [N, units]``, ``w_out [units, out]`` and ``b_out [out]``

@@ -26,6 +26,15 @@ class MLP(nnx.Module):
     ``features`` lists the widths from input to output: ``(784, 300, 100, 10)``
     is LeNet-300-100 (:func:`lenet_300_100`).
 
+    Args:
+      *args, **kwargs: the constructor's arguments below (flax nnx reports the class's
+        signature as ``(*args, **kwargs)``).
+      features: the layer widths from input to output, at least two (``(in, out)``: one
+        linear layer); the input width is that of the flattened inputs.
+      rngs: the random number streams that initialize the layers (keyword-only).
+      dtype: the dtype of the parameters and of the computation (keyword-only; default
+        ``jnp.float32``).
+
     Examples:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
@@ -57,6 +66,11 @@ class MLP(nnx.Module):
 def lenet_300_100(*, rngs: nnx.Rngs, in_features: int = 784, num_classes: int = 10) -> MLP:
     """Returns LeNet-300-100 (266,610 parameters for 784 inputs).
 
+    Args:
+      rngs: the random number streams that initialize the layers.
+      in_features: the flattened input size (default 784: 28 x 28 x 1 images).
+      num_classes: the number of logits (default 10).
+
     References:
       LeCun et al. 1998; Han et al. 2015, https://arxiv.org/abs/1506.02626
 
@@ -77,6 +91,16 @@ class LeNet5Caffe(nnx.Module):
     431,080 parameters on 28x28x1 inputs (431K, as reported by Han et al. 2015).
     ``features`` sets the three widths (conv1, conv2, fc1), e.g. those of a
     pruned network, to train a dense network of the same size.
+
+    Args:
+      *args, **kwargs: the constructor's arguments below, all keyword-only (flax nnx
+        reports the class's signature as ``(*args, **kwargs)``).
+      rngs: the random number streams that initialize the layers.
+      in_channels: the input images' channels (default 1). The images must be 28 x 28:
+        ``fc1`` expects the 4 x 4 maps that the two conv+pool stages leave of them.
+      num_classes: the number of logits (default 10).
+      features: three positive ints, the widths of conv1, conv2 and fc1 (default
+        ``(20, 50, 500)``, Caffe's).
     """
 
     def __init__(
@@ -113,6 +137,18 @@ class VGGSmall(nnx.Module):
     the width of the dense layer before the classifier. Each conv with its
     BatchNorm and the next layer's input channels is one channel group of
     ``jp.structure.groups``.
+
+    Args:
+      *args, **kwargs: the constructor's arguments below, all keyword-only (flax nnx
+        reports the class's signature as ``(*args, **kwargs)``).
+      rngs: the random number streams that initialize the layers.
+      cfg: the conv widths in order (ints), ``"M"`` for a 2x2 max-pool (default
+        ``(32, 32, "M", 64, 64, "M", 128, "M")``).
+      in_channels: the input images' channels (default 1).
+      num_classes: the number of logits (default 10).
+      image_size: the side of the square input images (default 28); each ``"M"``
+        halves it, rounding down, which sets ``fc1``'s input size.
+      hidden: the width of the dense layer before the classifier (default 256).
 
     References:
       Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale
@@ -166,7 +202,17 @@ class VGGSmall(nnx.Module):
 
 
 class BasicBlock(nnx.Module):
-    """conv-BN-ReLU-conv-BN plus a shortcut (a 1x1 conv + BN when the shape changes)."""
+    """conv-BN-ReLU-conv-BN plus a shortcut (a 1x1 conv + BN when the shape changes).
+
+    Args:
+      *args, **kwargs: the constructor's arguments below (flax nnx reports the class's
+        signature as ``(*args, **kwargs)``).
+      cin: the input channels.
+      cout: the output channels of both convs.
+      stride: the first conv's stride (1, or 2 to halve the resolution); with
+        ``stride != 1`` or ``cin != cout`` the shortcut is a strided 1x1 conv + BN.
+      rngs: the random number streams that initialize the layers (keyword-only).
+    """
 
     def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
         self.conv1 = nnx.Conv(
@@ -196,6 +242,14 @@ class ResNet20(nnx.Module):
     stages 2 and 3 halves the resolution, with a 1x1 projection shortcut), global
     average pooling and a dense classifier; ``width`` sets the first stage's
     channels (the others take 2x and 4x).
+
+    Args:
+      *args, **kwargs: the constructor's arguments below, all keyword-only (flax nnx
+        reports the class's signature as ``(*args, **kwargs)``).
+      rngs: the random number streams that initialize the layers.
+      in_channels: the input images' channels (default 1).
+      num_classes: the number of logits (default 10).
+      width: the channels of the stem and the first stage (default 16, the paper's).
 
     Examples:
       >>> import jax, jax.numpy as jnp

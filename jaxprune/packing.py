@@ -55,6 +55,10 @@ class PackError(ValueError):
 def crc32(x: np.ndarray) -> int:
     """Returns the CRC-32 of ``x``'s raw bytes (C order), as an unsigned int.
 
+    Args:
+      x: a NumPy array of any shape and dtype (a non-contiguous one is copied to C
+        order first).
+
     Examples:
       >>> import zlib, numpy as np
       >>> crc32(np.arange(4, dtype=np.uint8)) == zlib.crc32(bytes([0, 1, 2, 3]))
@@ -77,6 +81,12 @@ def _nonzero_bits(x: np.ndarray) -> np.ndarray:
 
 def support(x: np.ndarray, mask: Any = None) -> np.ndarray:
     """Returns the bool support of ``x``: ``mask`` (broadcast) or any entry with nonzero bits.
+
+    Args:
+      x: an array (converted with ``np.asarray``).
+      mask: the entries kept, a scalar or an array of ``x``'s shape (another shape
+        raises ``ValueError``), cast to bool; default ``None``: the support is the
+        entries whose bits are nonzero.
 
     Examples:
       >>> import numpy as np
@@ -192,6 +202,12 @@ def pack_leaf(x: Any, mask: Any = None) -> tuple[dict[str, np.ndarray], dict[str
     broadcastable to ``x``) says which entries are kept; entries outside it must
     be zero to be dropped, any other entry is kept whatever the mask says.
 
+    Args:
+      x: the leaf, an array (converted with ``np.asarray``) of any shape and dtype.
+      mask: the kept entries, a scalar or an array of ``x``'s shape (another shape
+        raises ``ValueError``), cast to bool; default ``None``: the entries whose bits
+        are nonzero (a ``-0.0`` is kept).
+
     Examples:
       >>> import numpy as np
       >>> x = np.zeros((8, 16), np.float32); x[::4] = 1.0
@@ -245,6 +261,12 @@ def _expect(arrays: dict, name: str, shape: tuple[int, ...], spec: dict) -> np.n
 
 def unpack_leaf(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> np.ndarray:
     """Returns the dense array that :func:`pack_leaf` packed, after checking its CRC-32.
+
+    Args:
+      arrays: the ``arrays`` dict :func:`pack_leaf` returned (e.g. as read back from a
+        file), by name (``"values"``, ``"bits"``, ``"keep_<axis>"``, ``"index"``).
+      spec: the ``spec`` dict :func:`pack_leaf` returned: ``kind``, ``shape``,
+        ``dtype``, ``crc32`` and the encoding's own fields.
 
     Raises:
       PackError: the arrays do not match ``spec``, ``spec`` itself is malformed
@@ -318,6 +340,10 @@ def unpack_leaf(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> np.ndarr
 def packed_nbytes(x: Any, mask: Any = None) -> int:
     """Returns the bytes of ``x``'s smallest encoding (arrays only, without the spec).
 
+    Args:
+      x, mask: the leaf and its mask, as for :func:`pack_leaf` (``mask`` defaults to
+        ``None``: the entries whose bits are nonzero are kept).
+
     Examples:
       >>> import numpy as np
       >>> x = np.zeros((8, 16), np.float32); x[::4] = 1.0  # 2 of 8 rows kept
@@ -331,6 +357,11 @@ def packed_nbytes(x: Any, mask: Any = None) -> int:
 
 def packed_plan(x: Any, mask: Any = None) -> tuple[str, int]:
     """Returns ``(encoding, bytes)`` of what :func:`pack_leaf` writes for ``x`` with ``mask``.
+
+    Args:
+      x: the leaf, an array of any shape and dtype.
+      mask: the kept entries, a scalar or an array of ``x``'s shape, as for
+        :func:`pack_leaf`; default ``None``: the entries whose bits are nonzero.
 
     Examples:
       >>> import numpy as np

@@ -72,7 +72,28 @@ __all__ = ["LeafRow", "Report", "report", "plot_sparsity", "plot_accuracy_vs_com
 
 @dataclasses.dataclass(frozen=True)
 class LeafRow:
-    """One leaf of a :class:`Report`."""
+    """One leaf of a :class:`Report`.
+
+    Args:
+      path: the leaf's path, as :func:`jaxprune.path_str` writes it (e.g. ``"dense/kernel"``).
+      shape: the leaf's shape.
+      dtype: the leaf's dtype name (e.g. ``"float32"``).
+      size: the number of entries of the leaf.
+      nonzeros: the entries that are not zero after the mask (a ``-0.0`` counts as zero).
+      sparsity: the fraction of zero entries after the mask, ``1 - nonzeros / size``
+        (0.0 for an empty leaf).
+      dense_bytes: the leaf's bytes stored dense.
+      compressed_bytes: the bytes ``jp.save(format="compressed")`` stores for the masked
+        leaf (packed by :func:`jaxprune.packing.pack_leaf`), plus the mask's bits when the
+        checkpoint needs them.
+      encoding: the packing kind: ``"dense"``, ``"slices"``, ``"nm"`` or ``"bitmask"``.
+      masked: whether a mask array (not a scalar) was given for this leaf.
+      stored_zeros: pruned entries (outside the mask, or zeros without one) that a
+        checkpoint still stores since their bits are not ``+0.0`` (a ``-0.0`` left by
+        masking with ``w * mask``); they are in ``compressed_bytes``. Default 0.
+      unzeroed: entries outside the mask that are not zero yet, counted (and packed) as
+        zeros, as ``jp.prune`` keeps them. Default 0.
+    """
 
     path: str
     shape: tuple[int, ...]
@@ -95,7 +116,18 @@ class LeafRow:
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """Returned by :func:`report`: rows, totals, FLOPs; render with ``str``, ``to_json``."""
+    """Returned by :func:`report`: rows, totals, FLOPs; render with ``str``, ``to_json``.
+
+    Args:
+      rows: one :class:`LeafRow` per array leaf of the params, in flatten order.
+      totals: sums over the rows: ``size``, ``nonzeros``, ``sparsity``,
+        ``masked_sparsity`` (over the masked leaves only), ``compression``
+        (``size / nonzeros``, ``inf`` when nothing is left), ``dense_bytes``,
+        ``compressed_bytes``, ``bytes_ratio`` (compressed / dense), ``stored_zeros``
+        and ``unzeroed``.
+      flops: the FLOPs and MACs :func:`report` traced with ``apply_fn`` (see its
+        ``apply_fn`` argument); default ``None``: none were traced.
+    """
 
     rows: tuple[LeafRow, ...]
     totals: dict[str, float]

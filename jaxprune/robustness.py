@@ -41,6 +41,12 @@ def vulnerability(features: Sequence[jax.Array], features_adv: Sequence[jax.Arra
     activations under attack; the network's is the average over the chosen
     features (layers).
 
+    Args:
+      features: the latent features on the clean inputs, a non-empty sequence
+        of arrays (one per layer), compared in float32.
+      features_adv: the same features on the adversarial inputs: as many, in
+        the same order, each of its clean counterpart's shape.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> float(vulnerability([jnp.zeros(2), jnp.ones(4)], [jnp.ones(2), jnp.ones(4)]))
@@ -78,6 +84,11 @@ def vulnerability_loss(
 
     ``lam`` is a finite number >= 0 (the paper's 1e-3), checked when concrete; a
     traced ``lam`` (a schedule inside ``jax.jit``) is taken as it is.
+
+    Args:
+      features, features_adv: the clean and adversarial latent features, as
+        for :func:`vulnerability`.
+      lam: the term's weight, a finite number >= 0 (0 turns the term off).
 
     Raises:
       ValueError: a concrete ``lam`` that is negative, inf, NaN or not a number

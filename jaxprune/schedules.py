@@ -79,12 +79,16 @@ class Schedule:
     A frozen dataclass (hashable, comparable by fields), so a schedule can be
     passed to :func:`jax.jit` or closed over by a jitted function as is.
 
-    Attributes:
+    Args:
       fn: ``step -> sparsity`` (traceable).
+        It must return one number per step (not a tuple, nor an array with axes).
       begin_step: first step on which masks are refreshed.
+        An int in ``[0, 2**31)`` (the step counter is int32).
       end_step: last refresh step (inclusive), or ``None`` for no end.
+        An int in ``[begin_step, 2**31)`` when given.
       frequency: masks refresh every ``frequency`` steps from ``begin_step``;
         ``end_step`` is always a refresh step, so the final sparsity is reached.
+        An int ``>= 1``.
     """
 
     fn: Callable[[jax.Array], jax.Array]
@@ -194,6 +198,13 @@ def constant(sparsity: float, begin_step: int = 0, frequency: int | None = None)
     Masks are computed at ``begin_step`` and then every ``frequency`` steps
     (never again when ``frequency`` is ``None``).
 
+    Args:
+      sparsity: the fraction to prune, a concrete number in ``[0, 1]`` (not a bool,
+        a string or a traced value).
+      begin_step: the first refresh step, an int in ``[0, 2**31)``; default 0.
+      frequency: steps between refreshes, an int ``>= 1``, or ``None`` (default):
+        masks are computed once, at ``begin_step``.
+
     Examples:
       >>> import jaxprune as jp
       >>> s = jp.schedules.constant(0.8, begin_step=10)
@@ -210,6 +221,11 @@ def constant(sparsity: float, begin_step: int = 0, frequency: int | None = None)
 
 def one_shot(sparsity: float, step: int) -> Schedule:
     """Returns a schedule that prunes to ``sparsity`` once, at ``step``.
+
+    Args:
+      sparsity: the fraction to prune, a concrete number in ``[0, 1]`` (not a bool,
+        a string or a traced value).
+      step: the one refresh step, an int in ``[0, 2**31)``.
 
     Examples:
       >>> import jaxprune as jp
@@ -366,6 +382,11 @@ def as_schedule(sparsity: Any) -> Schedule:
     every step from an injected number would hold it as a constant pruned at
     step 0 only, ignoring later values (and recompile at every eager step).
     Pass ``float(s)`` for a fixed sparsity, or a schedule for one that changes.
+
+    Args:
+      sparsity: a :class:`Schedule`, a callable ``step -> sparsity`` (checked at a few
+        concrete steps to give values in ``[0, 1]`` where it can run outside a
+        trace), or a Python or NumPy number in ``[0, 1]``; not a ``jax.Array``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune as jp

@@ -88,6 +88,11 @@ def get_masks(opt_state: Any) -> optax.Params:
     (one ``jp.prune`` per ``optax.multi_transform`` partition, or one nested in
     another), an entry is kept only where every one of them keeps it.
 
+    Args:
+      opt_state: an optimizer state holding a pruning state (from ``tx.init`` of a
+        ``jp.prune`` or ``jp.dynamic`` transform, possibly nested in other optax
+        states), or an ``nnx.Optimizer``'s ``opt_state``.
+
     Raises:
       ValueError: ``opt_state`` holds no pruning state, or pruning states over
         different trees.
@@ -174,6 +179,10 @@ def state_bytes(opt_state: Any) -> dict[str, int]:
     moments, ...). With a
     stateless criterion the pruning state is ``ceil(n / 8)`` bytes per prunable
     leaf of ``n`` entries, plus a few bytes per leaf.
+
+    Args:
+      opt_state: an optimizer state holding at least one pruning state (as for
+        :func:`get_masks`); its leaves may be arrays or ``jax.ShapeDtypeStruct`` s.
 
     Raises:
       ValueError: ``opt_state`` holds no pruning state.

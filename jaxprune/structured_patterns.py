@@ -47,6 +47,12 @@ def pattern_library(kernel_size: tuple[int, int] = (3, 3), n: int = 4) -> np.nda
     adjacent edge neighbours and the corner between them (4 patterns). For
     other sizes: every pattern of ``n`` entries that contains the centre.
 
+    Args:
+      kernel_size: ``(kh, kw)``, the kernels' spatial size, a pair of ints ``>= 1``
+        (default ``(3, 3)``). The centre is entry ``(kh // 2, kw // 2)``.
+      n: the entries each pattern keeps, an int in ``[1, kh * kw]`` (default 4, as in
+        PatDNN).
+
     Raises:
       ValueError: ``kernel_size`` is not a pair of ints ``>= 1``, or ``n`` not an
         int in ``[1, kh * kw]``.

@@ -72,6 +72,17 @@ class PruneState(NamedTuple):
     be frozen as pruned, counts would drift from ``round(s * n)``, and
     :func:`get_masks` could not answer without the params. One bit keeps the
     masks exact for the price of one byte per eight parameters.
+
+    Args:
+      count: int32 scalar, the number of update steps taken (0 after ``init``); the
+        schedule's step.
+      packed_masks: a tree with the params' structure: a :class:`~jaxprune.masks.PackedMask`
+        (uint8 bits) per prunable leaf, a scalar ``True`` for every other leaf.
+      inner_state: the wrapped optimizer's state.
+      criterion_state: a :class:`~jaxprune.criteria.StatefulCriterion`'s statistics;
+        ``()`` for plain criteria.
+      key_data: the uint32 raw PRNG key data (``jax.random.key_data``) of the ``key``
+        given to :func:`prune`, or ``()`` if none was given.
     """
 
     count: jax.Array  # int32 [], number of update steps taken

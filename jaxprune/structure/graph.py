@@ -46,7 +46,16 @@ OUTPUT_REASON = "reaches the model output"
 
 
 class Member(NamedTuple):
-    """One params leaf axis of a group: channel ``c`` is ``channel_indices(layout, size, c)``."""
+    """One params leaf axis of a group: channel ``c`` is ``channel_indices(layout, size, c)``.
+
+    Args:
+      leaf: the flatten index of the params leaf (its position in
+        ``Program.param_paths``).
+      path: the leaf's normalized path, a tuple of keys and indices.
+      axis: the leaf's axis that shrinks.
+      layout: ``(outer, inner, offset, count)``, how the channels map to indices along
+        ``axis`` (see :func:`channel_indices`).
+    """
 
     leaf: int  # flatten index of the params leaf
     path: Path  # its normalized path
@@ -55,7 +64,15 @@ class Member(NamedTuple):
 
 
 class Group(NamedTuple):
-    """Coupled params slices: dropping channel ``c`` drops its indices from every member."""
+    """Coupled params slices: dropping channel ``c`` drops its indices from every member.
+
+    Args:
+      members: the coupled params leaf axes, as :class:`Member` s.
+      channels: the number of channels (the ``count`` of the members' layouts).
+      prunable: False when some primitive, a model input or output, a constant or an
+        unused param pins the group.
+      reasons: why the group is not prunable, in plain words (empty when it is).
+    """
 
     members: tuple[Member, ...]
     channels: int  # number of channels
@@ -95,6 +112,12 @@ def channel_indices(layout: Layout, size: int, c: int) -> list[int]:
     ``layout`` is ``(outer, inner, offset, count)``: the axis is ``outer``
     equal runs, and in each run channel ``c`` is the ``inner`` consecutive
     indices from ``offset + c * inner`` (a :class:`Member`'s ``layout``).
+
+    Args:
+      layout: ``(outer, inner, offset, count)``, with ``outer >= 1`` dividing ``size``.
+      size: the axis' length.
+      c: the channel, in ``[0, count)``. Neither it nor ``layout`` is checked: an
+        out-of-range value gives indices of other channels or past the axis.
 
     Examples:
       >>> from jaxprune import structure

@@ -564,6 +564,17 @@ def selection(
     (``nnx.Optimizer(..., wrt=nnx.Param)``, a linen ``TrainState``'s
     ``params``): members are matched by path (see :func:`select`).
 
+    Args:
+      groups: from :func:`groups`; the returned function selects their channels.
+      reduce: per-member reduction (see :func:`group_scores`), default ``"l2"``.
+      scope: ``"layer"`` (the default, per group), ``"global"`` or ``"isomorphic"``.
+      max_sparsity: the largest fraction of any one group's channels to drop, in
+        ``[0, 1]`` (a Python number); default None for no cap.
+      round_to: keep a multiple of this many channels in each group (an ``int >= 1``);
+        default None to keep exactly what the selection keeps.
+      normalize: None (the default), ``"mean"``, ``"max"``, ``"sum"`` or
+        ``"gaussian"``: how each group's importances are scaled before a global ranking.
+
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
       >>> from jaxprune import structure

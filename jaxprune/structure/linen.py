@@ -98,6 +98,14 @@ def linen_apply(
     time, so the params from :func:`jaxprune.shrink` run without rebuilding the
     module; ``kwargs`` are passed to the module's method (e.g. ``train=False``).
 
+    Args:
+      module: a flax linen Module (an nnx model is refused: use
+        :func:`~jaxprune.structure.shrink_module`). Not modified.
+      method: passed to ``module.apply`` (default None: ``__call__``).
+      rngs: passed to ``module.apply`` (default None: the call draws no random numbers).
+      **kwargs: passed to ``module.apply`` and on to the module's method on every call,
+        e.g. ``train=False``.
+
     Raises:
       ValueError: a layer's params changed shape and the layer's widths are not
         known to jaxprune (the message names the layer and the fix), or the

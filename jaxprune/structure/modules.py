@@ -37,6 +37,10 @@ def module_apply(model: nnx.Module) -> tuple[Any, Any]:
     random numbers (Dropout in train mode) cannot be traced, so ``apply_fn`` then raises
     a ``ValueError`` saying so.
 
+    Args:
+      model: the flax nnx Module to call. Not modified; ``apply_fn`` calls a copy merged
+        from its graph and ``state``, with the model's own RNG streams.
+
     Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import nnx
@@ -85,6 +89,12 @@ def full_masks(state: Any, masks: Any) -> Any:
 
     Masks from ``jp.get_masks(nnx.Optimizer(...).opt_state)`` cover the Params
     only; shrinking needs one mask per state leaf (BatchStats included).
+
+    Args:
+      state: the model's full state, e.g. ``nnx.state(model)`` or
+        :func:`module_apply`'s ``state``.
+      masks: bool masks for some of ``state``'s leaves (matched by path); every one of
+        its paths must be in ``state``. Missing leaves get a scalar True (kept whole).
 
     Raises:
       ValueError: a mask path does not exist in ``state``.

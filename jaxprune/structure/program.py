@@ -61,7 +61,20 @@ class Eqn(NamedTuple):
 
 
 class Program(NamedTuple):
-    """A flat program: equations over integer variable ids."""
+    """A flat program: equations over integer variable ids.
+
+    Args:
+      eqns: the primitive equations (:class:`Eqn`) in program order, call-like
+        sub-jaxprs inlined.
+      shapes: the shape of each variable, indexed by variable id.
+      dtypes: the dtype of each variable, indexed by variable id.
+      consts: constant variable id -> its value (literals and closed-over constants).
+      param_ids: the variable id of each params leaf, in flatten order.
+      param_paths: the normalized path of each params leaf, in the same order.
+      input_ids: the variable ids of the flattened example inputs.
+      output_ids: the variable ids of the flattened outputs.
+      treedef: the params' treedef (pure, Variables unwrapped).
+    """
 
     eqns: list[Eqn]
     shapes: list[tuple[int, ...]]  # per variable id
@@ -181,6 +194,15 @@ def trace(apply_fn: Any, params: Any, *example_inputs: Any) -> Program:
 
     Every leaf of ``example_inputs`` is traced as an abstract array (``None``
     is an empty pytree and passes through as it is).
+
+    Args:
+      apply_fn: a function ``(params, *inputs) -> outputs`` (not an nnx Module: see
+        :func:`module_apply`).
+      params: the pytree of parameters passed first to ``apply_fn``; its leaves become
+        ``param_ids``.
+      *example_inputs: the remaining arguments of ``apply_fn``, e.g. a small batch
+        (arrays or pytrees of arrays, no Python ``bool`` or ``str``); only their shapes
+        and dtypes are used.
 
     Raises:
       ValueError: an example input is a Python ``bool`` or ``str`` (a static

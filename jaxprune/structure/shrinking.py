@@ -570,6 +570,11 @@ def widths(params: Any, small: Any) -> dict[str, tuple[tuple[int, ...], tuple[in
     rebuild the module with the new widths read from here, then ``apply`` it
     with the shrunk params.
 
+    Args:
+      params: the full-size params (or variables) that were shrunk.
+      small: what :func:`shrink` returned for them: the same leaf paths, in the same
+        order (else ``ValueError``).
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
       >>> from jaxprune import structure
