@@ -154,7 +154,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
       [0.693, 2.127]
     """
     integer = jnp.issubdtype(jnp.result_type(labels), jnp.integer)
-    if jnp.ndim(labels) == jnp.ndim(logits) or not integer:
+    if tuple(jnp.shape(labels)) != tuple(jnp.shape(logits))[:-1] or not integer:
         raise ValueError(
             f"labels must be integer class indices, shape {tuple(jnp.shape(logits))[:-1]}, got "
             f"{jnp.result_type(labels)} of shape {tuple(jnp.shape(labels))}. Fix: "

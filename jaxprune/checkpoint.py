@@ -565,7 +565,8 @@ def disk_bytes(path: str | os.PathLike) -> int:
 
     Args:
       path: a checkpoint root or one step's directory (a relative path is made
-        absolute); every file below it is counted, recursively.
+        absolute); every file below it is counted, recursively (a file counts its own
+        size).
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
@@ -583,4 +584,6 @@ def disk_bytes(path: str | os.PathLike) -> int:
     root = _absolute(path, "path")
     if not root.exists():
         raise FileNotFoundError(f"disk_bytes: {str(root)!r} does not exist.")
+    if root.is_file():
+        return root.stat().st_size
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())

@@ -79,7 +79,7 @@ def uniform(
     References:
       Zhu & Gupta, "To prune, or not to prune", 2017. https://arxiv.org/abs/1710.01878
     """
-    _counts._check_sparsity(sparsity)
+    _counts._check_sparsity(sparsity, tree_ok=False)
     if fixed is not None:
         return erk(params, sparsity, where=where, power_scale=0.0, fixed=fixed)
     flags = prunable_flags(params, where)
@@ -143,7 +143,7 @@ def erk(
       https://arxiv.org/abs/1911.11134; Mocanu et al. 2018 (Erdos-Renyi).
       https://arxiv.org/abs/1707.04780
     """
-    _counts._check_sparsity(sparsity)
+    _counts._check_sparsity(sparsity, tree_ok=False)
     ps = as_float(power_scale)
     if not (math.isfinite(ps) and ps >= 0):
         raise ValueError(

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxprune._tree import key_parts
 from jaxprune.gates_checks import _require_per_unit
 from jaxprune.gates_tree import Gate, _gate_features, sample_unit_gate
 
@@ -129,6 +130,7 @@ class Gated(nnx.Module):
                 "Gated needs outputs=True or inputs=True, got both False. Fix: leave the "
                 "layer unwrapped instead."
             )
+        key_parts(key, "key")  # an int seed is named, not failed on inside fold_in
         if inputs:
             _require_per_unit(gate, "inputs=True")
             _check_grouped_inputs(module, "this layer")

@@ -308,9 +308,15 @@ def slimming_penalty(params: Any, *, where: Where | None = None) -> jax.Array:
     """
     flat, _ = leaves_with_paths(params)
     where = where or _bn_scales(flat)
-    return sum(
-        (jnp.sum(jnp.abs(x.astype(jnp.float32))) for p, x in flat if where(p, x)), jnp.float32(0)
-    )
+    scales = [x for p, x in flat if where(p, x)]
+    if not scales:
+        raise ValueError(
+            "slimming_penalty found no BatchNorm scales (1-D leaves named 'scale', with a "
+            "'mean'/'var' beside them when the tree has statistics), so the penalty would be 0 "
+            "and nothing would be slimmed. Fix: pass where=lambda path, x: ... selecting the "
+            "per-channel scale leaves."
+        )
+    return sum((jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in scales), jnp.float32(0))
 
 
 def slimming_masks(

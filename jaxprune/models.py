@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxprune._tree import as_int
+
 __all__ = ["MLP", "lenet_300_100", "LeNet5Caffe", "VGGSmall", "ResNet20", "BasicBlock"]
 
 
@@ -48,7 +50,10 @@ class MLP(nnx.Module):
 
     def __init__(self, features: Sequence[int], *, rngs: nnx.Rngs, dtype=jnp.float32):
         if len(features) < 2:
-            raise ValueError(f"features needs at least (in, out), got {features!r}.")
+            raise ValueError(
+                f"features needs at least (in, out), got {features!r}. Fix: e.g. "
+                "features=(784, 300, 100, 10)."
+            )
         self.layers = nnx.List(
             [
                 nnx.Linear(a, b, rngs=rngs, param_dtype=dtype, dtype=dtype)
@@ -124,6 +129,12 @@ class LeNet5Caffe(nnx.Module):
         self.fc2 = nnx.Linear(f1, num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if jnp.ndim(x) != 4 or tuple(jnp.shape(x)[1:3]) != (28, 28):
+            raise ValueError(
+                f"LeNet5Caffe takes [N, 28, 28, channels] images (fc1 reads the 4 x 4 maps "
+                f"its two conv+pool stages leave of 28 x 28), got shape {jnp.shape(x)}. Fix: "
+                "x.reshape(-1, 28, 28, 1) for flat MNIST rows, or resize the images to 28 x 28."
+            )
         x = nnx.max_pool(jax.nn.relu(self.conv1(x)), (2, 2), (2, 2))
         x = nnx.max_pool(jax.nn.relu(self.conv2(x)), (2, 2), (2, 2))
         x = x.reshape(x.shape[0], -1)
@@ -178,6 +189,18 @@ class VGGSmall(nnx.Module):
     ):
         convs, bns, c, size = [], [], in_channels, image_size
         self.cfg = tuple(cfg)
+        bad = [v for v in self.cfg if v != "M" and (as_int(v) is None or v < 1)]
+        if bad or as_int(image_size) is None or image_size < 1:
+            raise ValueError(
+                f"cfg must hold positive int widths and 'M' (a 2x2 max-pool), and image_size a "
+                f"positive int; got cfg={cfg!r}, image_size={image_size!r}. Fix: e.g. "
+                "cfg=(32, 'M', 64, 'M'), image_size=28."
+            )
+        if image_size // 2 ** self.cfg.count("M") < 1:
+            raise ValueError(
+                f"cfg has {self.cfg.count('M')} poolings, which halve image_size={image_size} "
+                "to nothing before fc1. Fix: fewer 'M' entries, or larger images."
+            )
         for v in self.cfg:
             if v == "M":
                 size //= 2

@@ -85,8 +85,8 @@ def support(x: np.ndarray, mask: Any = None) -> np.ndarray:
     Args:
       x: an array (converted with ``np.asarray``).
       mask: the entries kept, a scalar or an array of ``x``'s shape (another shape
-        raises ``ValueError``), cast to bool; default ``None``: the support is the
-        entries whose bits are nonzero.
+        raises ``ValueError``), bool or 0/1 (other values raise ``ValueError``);
+        default ``None``: the support is the entries whose bits are nonzero.
 
     Examples:
       >>> import numpy as np
@@ -100,7 +100,14 @@ def support(x: np.ndarray, mask: Any = None) -> np.ndarray:
     bits = _nonzero_bits(x)
     if mask is None:
         return bits
-    mask = np.asarray(mask, bool)
+    raw = np.asarray(mask)
+    if raw.dtype != bool and not np.isin(raw, (0, 1)).all():
+        raise ValueError(
+            f"mask must be bool (or 0/1), got {raw.dtype} values such as "
+            f"{raw[~np.isin(raw, (0, 1))].ravel()[:3].tolist()}. Fix: pass a bool mask, e.g. "
+            "scores > threshold, not the scores themselves."
+        )
+    mask = raw.astype(bool)
     if mask.ndim and mask.shape != x.shape:
         raise ValueError(
             f"mask must be a scalar or have the leaf's shape {x.shape}, got shape {mask.shape}. "
@@ -199,13 +206,13 @@ def pack_leaf(x: Any, mask: Any = None) -> tuple[dict[str, np.ndarray], dict[str
     """Returns ``(arrays, spec)``: the packed arrays of ``x`` and a JSON-able description.
 
     ``unpack_leaf(arrays, spec)`` gives ``x`` back bit for bit. ``mask`` (bool,
-    broadcastable to ``x``) says which entries are kept; entries outside it must
+    a scalar or of ``x``'s shape) says which entries are kept; entries outside it must
     be zero to be dropped, any other entry is kept whatever the mask says.
 
     Args:
       x: the leaf, an array (converted with ``np.asarray``) of any shape and dtype.
       mask: the kept entries, a scalar or an array of ``x``'s shape (another shape
-        raises ``ValueError``), cast to bool; default ``None``: the entries whose bits
+        raises ``ValueError``), bool or 0/1; default ``None``: the entries whose bits
         are nonzero (a ``-0.0`` is kept).
 
     Examples:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import warnings
 from typing import Any
 
@@ -39,6 +40,10 @@ from jaxprune._tree import (
 __all__ = ["patterns", "pattern_library"]
 
 
+# The most patterns pattern_library lists: each is scored against every kernel.
+_MAX_PATTERNS = 10_000
+
+
 def pattern_library(kernel_size: tuple[int, int] = (3, 3), n: int = 4) -> np.ndarray:
     """Returns the default pattern library: bool ``[P, kh, kw]``, ``n`` entries each.
 
@@ -54,8 +59,9 @@ def pattern_library(kernel_size: tuple[int, int] = (3, 3), n: int = 4) -> np.nda
         PatDNN).
 
     Raises:
-      ValueError: ``kernel_size`` is not a pair of ints ``>= 1``, or ``n`` not an
-        int in ``[1, kh * kw]``.
+      ValueError: ``kernel_size`` is not a pair of ints ``>= 1``, ``n`` not an
+        int in ``[1, kh * kw]``, or the library would hold more than 10,000
+        patterns (``(5, 5)`` with ``n = 6`` has 42,504).
 
     Examples:
       >>> import jaxprune as jp
@@ -93,6 +99,15 @@ def pattern_library(kernel_size: tuple[int, int] = (3, 3), n: int = 4) -> np.nda
             pats.append([centre, a, b, corner])
     else:
         others = [(r, c) for r in range(kh) for c in range(kw) if (r, c) != centre]
+        count = math.comb(len(others), n - 1)
+        if count > _MAX_PATTERNS:
+            raise ValueError(
+                f"pattern_library({(kh, kw)}, n={n}) would list every one of the {count:,} "
+                f"patterns holding the centre (at most {_MAX_PATTERNS:,} are built: "
+                "jp.masks.patterns scores each against every kernel). Fix: pass your own "
+                "library to jp.masks.patterns (a bool array [num_patterns, kh, kw]), or a "
+                "smaller n or kernel."
+            )
         for combo in itertools.combinations(others, n - 1):
             pats.append([centre, *combo])
     lib = np.zeros((len(pats), kh, kw), bool)

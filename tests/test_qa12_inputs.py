@@ -289,3 +289,69 @@ def test_an_eager_update_passes_python_flags_as_values():
     assert len(seen) == n  # compiled once for the value, not traced at every call
     tx.update(g, s, p, use_grads=False)  # another value: its own program
     assert seen[-1] is False
+
+
+def test_cross_entropy_refuses_labels_that_would_broadcast():
+    from jaxprune.attacks import cross_entropy
+
+    logits = jnp.ones((3, 2))
+    for labels in (jnp.array([0]), jnp.array(0)):
+        with pytest.raises(ValueError, match=r"labels must be integer class indices, shape \(3,\)"):
+            cross_entropy(logits, labels)
+    assert cross_entropy(logits, jnp.array([0, 1, 0])).shape == (3,)
+
+
+def test_gate_inputs_named():
+    gp = {"fc1/kernel": {"gate_log_alpha": jnp.zeros(3)}}
+    with pytest.raises(ValueError, match="key must be a PRNG key, got 0"):
+        jp.gates.input_gate_keys(gp, 0)
+    vd = jp.gates.VariationalDropout()
+    with pytest.raises(ValueError, match="needs a per-unit gate kind, got VariationalDropout"):
+        jp.gates.sample_unit_gate(vd, vd.init(jnp.zeros((3, 4))), None, jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match="slimming_penalty found no BatchNorm scales"):
+        jp.gates.slimming_penalty({"w": jnp.ones((3, 4))})
+    with pytest.raises(ValueError, match="key must be a PRNG key, got 0"):
+        jp.gates.Gated(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), jp.gates.HardConcrete(), key=0)
+
+
+def test_distributions_take_one_sparsity():
+    with pytest.raises(ValueError, match=r"must be a number in \[0, 1\], got \{'w': 0.5\}"):
+        jp.distributions.erk({"w": jnp.ones((4, 4))}, {"w": 0.5})
+
+
+def test_packing_refuses_score_valued_masks():
+    with pytest.raises(ValueError, match=r"mask must be bool \(or 0/1\).*\[0.5\]"):
+        jp.packing.support(np.ones(3), np.array([0.5, 1.0, 0.0]))
+    assert jp.packing.support(np.zeros(3), np.array([1, 0, 1])).tolist() == [True, False, True]
+
+
+def test_disk_bytes_of_a_file_is_its_size(tmp_path):
+    f = tmp_path / "blob"
+    f.write_bytes(b"x" * 123)
+    assert jp.checkpoint.disk_bytes(f) == 123
+
+
+def test_widths_ignores_leaf_order():
+    small = {"b": jnp.ones(1), "a": jnp.ones(2)}
+    assert structure.widths([jnp.ones(2), jnp.ones(2)], [jnp.ones(2), jnp.ones(1)]) == {
+        "1": ((2,), (1,))
+    }
+    assert structure.widths({"a": jnp.ones(2), "b": jnp.ones(2)}, small) == {"b": ((2,), (1,))}
+
+
+def test_models_check_their_inputs():
+    model = jp.models.LeNet5Caffe(rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"LeNet5Caffe takes \[N, 28, 28, channels\] images"):
+        model(jnp.ones((2, 32, 32, 1)))
+    with pytest.raises(ValueError, match="cfg has 6 poolings"):
+        jp.models.VGGSmall(cfg=(8, "M") * 6, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="cfg must hold positive int widths"):
+        jp.models.VGGSmall(cfg=(8, "X"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"features needs at least \(in, out\).*Fix"):
+        jp.models.MLP((4,), rngs=nnx.Rngs(0))
+
+
+def test_pattern_library_refuses_a_huge_enumeration():
+    with pytest.raises(ValueError, match="42,504 patterns"):
+        jp.masks.pattern_library((5, 5), 6)
+    assert jp.masks.pattern_library((5, 5), 4).shape == (2024, 5, 5)

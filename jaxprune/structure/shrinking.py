@@ -586,19 +586,13 @@ def widths(params: Any, small: Any) -> dict[str, tuple[tuple[int, ...], tuple[in
       >>> structure.widths(p, structure.shrink(mlp, p, m, jnp.ones((1, 3))))
       {'b1': ((4,), (2,)), 'w1': ((3, 4), (3, 2)), 'w2': ((4, 2), (2, 2))}
     """
-    old, _ = leaves_with_paths(params)
-    new, _ = leaves_with_paths(small)
-    a, b = [path_str(p) for p, _ in old], [path_str(p) for p, _ in new]
-    if a != b:
-        only_a = [p for p in a if p not in set(b)][:10]
-        only_b = [p for p in b if p not in set(a)][:10]
+    old = {path_str(p): tuple(np.shape(x)) for p, x in leaves_with_paths(params)[0]}
+    new = {path_str(p): tuple(np.shape(x)) for p, x in leaves_with_paths(small)[0]}
+    if old.keys() != new.keys():
         raise ValueError(
             f"small must hold the leaves of params (shrunk), but they differ: only in params "
-            f"{only_a}, only in small {only_b}. Fix: pass the params and what jp.shrink "
+            f"{[p for p in old if p not in new][:10]}, only in small "
+            f"{[p for p in new if p not in old][:10]}. Fix: pass the params and what jp.shrink "
             "returned for them."
         )
-    return {
-        path_str(p): (tuple(np.shape(a)), tuple(np.shape(b)))
-        for (p, a), (_, b) in zip(old, new, strict=True)
-        if np.shape(a) != np.shape(b)
-    }
+    return {p: (shape, new[p]) for p, shape in old.items() if shape != new[p]}
