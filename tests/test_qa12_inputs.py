@@ -355,3 +355,64 @@ def test_pattern_library_refuses_a_huge_enumeration():
     with pytest.raises(ValueError, match="42,504 patterns"):
         jp.masks.pattern_library((5, 5), 6)
     assert jp.masks.pattern_library((5, 5), 4).shape == (2024, 5, 5)
+
+
+def _three_layer():
+    def mlp(p, x):
+        h = jax.nn.relu(x @ p["w1"] + p["b1"])
+        h = jax.nn.relu(h @ p["w2"] + p["b2"])
+        return h @ p["w3"]
+
+    k = jax.random.split(jax.random.key(0), 3)
+    p = {
+        "w1": jax.random.normal(k[0], (3, 4)),
+        "b1": jnp.ones(4),
+        "w2": jax.random.normal(k[1], (4, 4)),
+        "b2": jnp.ones(4),
+        "w3": jax.random.normal(k[2], (4, 2)),
+    }
+    return mlp, p
+
+
+def test_group_scores_count_pruned_entries_of_live_channels_as_zero():
+    mlp, p = _three_layer()
+    groups = structure.groups(mlp, p, jnp.ones((1, 3)), prunable_only=True)
+    s = jp.criteria.magnitude(p)
+    # Round 1 cut hidden-1 channel 0 and hidden-2 channel 3 (-inf, as jp.drivers marks them):
+    # w2's rows (members of group 1) now hold some -inf entries in live channels too.
+    s["w1"] = s["w1"].at[:, 0].set(-jnp.inf)
+    s["w2"] = s["w2"].at[0, :].set(-jnp.inf).at[:, 3].set(-jnp.inf)
+    s["w3"] = s["w3"].at[3, :].set(-jnp.inf)
+    g1, g2 = structure.group_scores(groups, s)
+    assert float(g1[0]) == -np.inf and bool(jnp.all(jnp.isfinite(g1[1:])))
+    assert float(g2[3]) == -np.inf and bool(jnp.all(jnp.isfinite(g2[:3])))
+    m = structure.select(groups, s, 0.5)
+    assert not bool(m["w1"][:, 0].any()) and not bool(m["w2"][:, 3].any())
+
+
+def test_iterative_pruning_with_group_selection_is_nested():
+    mlp, p = _three_layer()
+    groups = structure.groups(mlp, p, jnp.ones((1, 3)), prunable_only=True)
+    rounds = jp.drivers.iterative_pruning(
+        lambda q, m: jp.apply_masks(q, m), p, rounds=2, rate=0.5, scope=structure.selection(groups)
+    )
+    kept = [int(r.masks["w1"].any(0).sum()) for r in rounds[1:]]
+    assert kept == [2, 1]  # channels of 4: round((1 - 0.5**r) * 4) pruned
+
+
+def test_group_selection_masks_biases_when_where_takes_them():
+    model = jp.models.VGGSmall(cfg=(8, "M"), hidden=16, rngs=nnx.Rngs(0))
+    model.eval()
+    x = jnp.ones((2, 28, 28, 1))
+    apply_fn, state = structure.module_apply(model)
+    groups = structure.groups(apply_fn, state, x, prunable_only=True)
+    params = nnx.state(model, nnx.Param)
+    tx = jp.prune(
+        optax.sgd(0.1),
+        sparsity=0.5,
+        scope=structure.selection(groups),
+        where=lambda path, leaf: jnp.issubdtype(leaf.dtype, jnp.floating),
+    )
+    _, s = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    m = jp.get_masks(s)
+    assert int((~m["bns"][0]["scale"]).sum()) == 4 and int((~m["convs"][0]["bias"]).sum()) == 4

@@ -155,7 +155,13 @@ def _member_channel_scores(x: jax.Array, axis: int, layout, reduce) -> jax.Array
     size = x.shape[axis]
     idx = np.array([channel_indices(layout, size, c) for c in range(layout[3])])  # [C, k]
     moved = jnp.moveaxis(at_least_f32(x), axis, 0)[idx]  # [C, k, ...]; float64 stays
-    return reduce(moved.reshape(layout[3], -1), 1)
+    flat = moved.reshape(layout[3], -1)
+    # -inf marks entries pruned already (jp.drivers): a member slice wholly -inf is a
+    # pruned channel, to go first; in a live one (the next layer's rows, partly cut by
+    # that layer's own group) they count as 0, not -inf, which would tie every channel.
+    gone = flat == -jnp.inf
+    pruned = jnp.all(gone, axis=1) & (flat.shape[1] > 0)
+    return jnp.where(pruned, -jnp.inf, reduce(jnp.where(gone, 0, flat), 1))
 
 
 def group_scores(
