@@ -66,8 +66,11 @@ def _keeps_layout(fn: Callable[..., Any]) -> Callable[..., Any]:
         shapes = jax.eval_shape(lambda s: run(s, arrays), plain)
         score_types = [jax.typeof(x) for x in jax.tree.leaves(scores)]
         out = []
-        for s, t in zip(jax.tree.leaves(shapes), score_types, strict=True):
-            like_scores = bool(s.shape) and s.shape == t.shape
+        # The masks come first and mirror the scores; anything after them (a
+        # selection's keep-vectors) is replicated.
+        for i, s in enumerate(jax.tree.leaves(shapes)):
+            t = score_types[i] if i < len(score_types) else None
+            like_scores = t is not None and bool(s.shape) and s.shape == t.shape
             out.append(_sharding_or_replicated(t, mesh) if like_scores else _replicated(mesh))
         shardings = jax.tree.unflatten(jax.tree.structure(shapes), out)
         return _on_auto_axes(run, axes, shardings, scores, arrays)

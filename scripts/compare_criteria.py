@@ -548,7 +548,11 @@ def write_outputs(all_summaries: dict, ratios, methods, out_dir: str, meta: dict
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small subset, under 5 minutes")
-    ap.add_argument("--out", default="docs", help="output folder (full run)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: docs; /tmp/compare_criteria_smoke with --smoke)",
+    )
     ap.add_argument("--smoke", action="store_true", help="every method, tiny budgets")
     ap.add_argument(
         "--wall", default=None, help="wall time to state when the parts were computed earlier"
@@ -567,8 +571,8 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--models names {unknown}; this mode has {[m for m in conf if 'lenet' in m]}")
     methods = QUICK_METHODS if args.quick else ALL_METHODS
-    if args.smoke:
-        args.out = os.path.join("/tmp", "compare_criteria_smoke")
+    if args.out is None:
+        args.out = os.path.join("/tmp", "compare_criteria_smoke") if args.smoke else "docs"
     ratios, seeds = conf["ratios"], conf["seeds"]
     data = jp.data.load("fashion-mnist")
     t0 = time.time()

@@ -122,6 +122,31 @@ def _host_refresh(params, step):
     return jax.tree.map(np.asarray, _fused_jit(params, step))
 
 
+# The never-taken branches this script can build (see variant).
+KINDS = [
+    "no-cond",
+    "cond-trivial",
+    "cond-reads-params",
+    "cond-loop",
+    "cond-elem",
+    "cond-elem-old",
+    "cond-count",
+    "cond-count-fresh",
+    "cond-count-small",
+    "cond-count-dot",
+    "cond-count-loop",
+    "cond-count-tree",
+    "cond-count-tree-small",
+    "cond-kth",
+    "cond-topk",
+    "cond-fused",
+    "cond-fused-first",
+    "cond-fused-after-grads",
+    "cond-whole",
+    "cond-callback",
+] + [f"cond-scratch-{k}" for k in (4, 8, 12, 16, 24)]
+
+
 def variant(kind: str) -> optax.GradientTransformation:
     """A minimal pruning transform (packed masks, enforced every step) with one refresh kind."""
     inner = optax.adam(1e-3)
@@ -283,31 +308,12 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=20, help="steps per timed block")
     parser.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
     args = parser.parse_args()
+    if args.rounds < 1 or args.block < 1:
+        parser.error(f"--rounds and --block must be >= 1, got {args.rounds} and {args.block}")
     params = mlp_init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (128, 784))
     y = jax.random.randint(jax.random.key(2), (128,), 0, 10)
-    kinds = [
-        "no-cond",
-        "cond-trivial",
-        "cond-reads-params",
-        "cond-loop",
-        "cond-elem",
-        "cond-elem-old",
-        "cond-count",
-        "cond-count-fresh",
-        "cond-count-small",
-        "cond-count-dot",
-        "cond-count-loop",
-        "cond-count-tree",
-        "cond-count-tree-small",
-        "cond-kth",
-        "cond-topk",
-        "cond-fused",
-        "cond-fused-first",
-        "cond-fused-after-grads",
-        "cond-whole",
-        "cond-callback",
-    ] + [f"cond-scratch-{k}" for k in (4, 8, 12, 16, 24)]
+    kinds = list(KINDS)
     if args.variants:
         chosen = args.variants.split(",")
         unknown = sorted(set(chosen) - set(kinds))

@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--block", type=int, default=100)
     args = parser.parse_args()
+    if args.rounds < 1 or args.block < 1:
+        parser.error(f"--rounds and --block must be >= 1, got {args.rounds} and {args.block}")
     params = mlp_init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (128, 784))
     y = jax.random.randint(jax.random.key(2), (128,), 0, 10)

@@ -143,6 +143,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default="dense,cond-trivial,cond-fused")
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from diag_cond_layout import KINDS
+
+    known = ["dense", "prune-layer", "prune-global", *KINDS]
+    unknown = [k for k in args.variants.split(",") if k not in known]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {known}")
     out = {}
     for kind in args.variants.split(","):
         r = analyse(kind)

@@ -416,3 +416,66 @@ def test_group_selection_masks_biases_when_where_takes_them():
     _, s = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     m = jp.get_masks(s)
     assert int((~m["bns"][0]["scale"]).sum()) == 4 and int((~m["convs"][0]["bias"]).sum()) == 4
+
+
+_SHARDED = r"""
+import json, os
+flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import jaxprune as jp
+from jaxprune import structure
+
+rng = np.random.default_rng(0)
+host = {"w1": rng.normal(size=(64, 128)).astype(np.float32),
+        "w2": rng.normal(size=(128, 16)).astype(np.float32)}
+apply = lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]
+x = np.ones((4, 64), np.float32)
+plain = {k: jnp.asarray(v) for k, v in host.items()}
+gs = structure.groups(apply, plain, jnp.asarray(x), prunable_only=True)
+want = structure.select(gs, jp.criteria.magnitude(plain), 0.5)
+out = {}
+for kind in ("explicit", "auto"):
+    mesh = (jax.make_mesh((8,), ("model",), axis_types=(AxisType.Explicit,)) if kind == "explicit"
+            else Mesh(np.array(jax.devices()), ("model",)))
+    spec = NamedSharding(mesh, P(None, "model"))
+    params = {k: jax.device_put(v, spec) for k, v in host.items()}
+    got = structure.select(gs, jp.criteria.magnitude(params), 0.5)
+    out[kind + "_equal"] = all(bool(jnp.all(got[k] == want[k])) for k in want)
+    out[kind + "_placed"] = got["w1"].sharding.is_equivalent_to(params["w1"].sharding, 2)
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5, scope=structure.selection(gs))
+    with jax.sharding.set_mesh(mesh):
+        _, s = jax.jit(tx.update)(params, tx.init(params), params)
+    out[kind + "_prune_equal"] = bool(jnp.all(jp.get_masks(s)["w1"] == want["w1"]))
+small = structure.shrink(apply, params, want, x)
+out["shrunk_spec"] = list(small["w1"].sharding.spec)
+# 60 kept channels do not split over 8 devices: replicated on the mesh instead.
+keep = jnp.arange(128) < 60
+odd = {"w1": jnp.broadcast_to(keep, (64, 128)), "w2": jnp.broadcast_to(keep[:, None], (128, 16))}
+small = structure.shrink(apply, params, odd, x)
+out["odd"] = [small["w1"].shape[1], list(small["w1"].sharding.spec), len(small["w1"].devices())]
+print(json.dumps(out))
+"""
+
+
+def test_group_selection_and_shrink_keep_the_params_mesh():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", _SHARDED],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for kind in ("explicit", "auto"):
+        assert out[kind + "_equal"] and out[kind + "_placed"] and out[kind + "_prune_equal"], out
+    assert out["shrunk_spec"] == [None, "model"]
+    assert out["odd"] == [60, [], 8], out

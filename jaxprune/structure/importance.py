@@ -19,7 +19,8 @@ import numpy as np
 from jaxprune import _counts
 from jaxprune import masks as _masks
 from jaxprune._search import _select, ordered_keys
-from jaxprune._structured_rank import at_least_f32
+from jaxprune._search_sharding import _explicit_axes, _placed_like
+from jaxprune._structured_rank import _keeps_layout, at_least_f32
 from jaxprune._tree import (
     Where,
     leaves_with_paths,
@@ -411,9 +412,31 @@ def _select_warned(
     # for a traced one; concrete counts enter the compiled program as values, so
     # another sparsity reuses it.
     counts = _drop_counts(sparsity, [g.channels for g in groups if g.prunable], scope)
-    if isinstance(sparsity, jax.core.Tracer) or any(
+    traced = isinstance(sparsity, jax.core.Tracer) or any(
         isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(scores)
-    ):
+    )
+    if _explicit_axes(scores) is not None:
+        # Explicit mesh axes (jax.make_mesh's default) refuse the gathers of the group
+        # scores: run with them Auto, the masks typed like the scores.
+        def impl(s, c):
+            args = (reduce, where, scope, max_sparsity, round_to, normalize, not traced)
+            return _select_impl(tuple(groups), s, c, *args)
+
+        out = _keeps_layout(impl)(scores, counts)
+        if traced:
+            return out
+        masks, keeps = out
+        return _select_warnings(
+            groups,
+            scores,
+            sparsity,
+            masks,
+            keeps,
+            where,
+            scope,
+            *(max_sparsity, round_to, warn_unvoted),
+        )
+    if traced:
         return _select_impl(
             tuple(groups), scores, counts, reduce, where, scope, max_sparsity, round_to, normalize
         )
@@ -431,6 +454,16 @@ def _select_warned(
         True,
         static_argnums=(0, 3, 4, 5, 6, 7, 8, 9),
     )
+    masks = _placed_like(masks, scores)  # eager masks of sharded scores: sharded like them
+    return _select_warnings(
+        groups, scores, sparsity, masks, keeps, where, scope, max_sparsity, round_to, warn_unvoted
+    )
+
+
+def _select_warnings(
+    groups, scores, sparsity, masks, keeps, where, scope, max_sparsity, round_to, warn_unvoted
+):
+    """Returns ``masks`` after :func:`select`'s warnings on concrete ``keeps``."""
     if round_to is not None and scope == "layer" and isinstance(sparsity, int | float):
         _warn_round_to_cancels(groups, keeps, sparsity, int(round_to), max_sparsity)
     flags = prunable_flags(scores, where)

@@ -22,6 +22,7 @@ result, and the errors naming the groups that break it, are in
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -30,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxprune._tree import check_same_structure, leaves_with_paths, path_str
 from jaxprune.masks import apply_masks
@@ -537,7 +540,42 @@ def _shrink_checked(apply_fn, params, masks, example_inputs, check, how="shrink"
 
     if check:
         _check_naming(check_as, apply_fn, params, masks, small, removed, prog, example_inputs)
-    return small
+    return _placed_on_mesh(small, params)
+
+
+def _devices_along(mesh: Any, axis: Any) -> int:
+    """Returns how many devices a ``PartitionSpec`` entry (a name, names or ``None``) spans."""
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return math.prod(dict(mesh.shape)[a] for a in names if a is not None)
+
+
+def _placed_on_mesh(small: Any, params: Any) -> Any:
+    """Returns ``small`` with each leaf on its params leaf's mesh (cut on the host otherwise).
+
+    A leaf keeps its ``PartitionSpec`` where every sharded axis still divides over
+    its devices, and is replicated on the mesh where the cut left one that does not.
+    """
+    s_flat, treedef = jax.tree.flatten(small)
+    p_flat = jax.tree.leaves(params)
+    if len(s_flat) != len(p_flat):
+        return small
+    out = []
+    for s, p in zip(s_flat, p_flat, strict=True):
+        sharding = getattr(p, "sharding", None)
+        if (
+            isinstance(p, jax.Array)
+            and not isinstance(p, jax.core.Tracer)
+            and isinstance(sharding, NamedSharding)
+            and len(sharding.device_set) > 1
+            and hasattr(s, "shape")
+        ):
+            spec = sharding.spec
+            fits = len(spec) <= len(s.shape) and all(
+                s.shape[d] % _devices_along(sharding.mesh, axis) == 0 for d, axis in enumerate(spec)
+            )
+            s = jax.device_put(s, sharding if fits else NamedSharding(sharding.mesh, P()))
+        out.append(s)
+    return jax.tree.unflatten(treedef, out)
 
 
 def _check_naming(
