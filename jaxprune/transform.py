@@ -542,6 +542,8 @@ def _jit_when_eager(update_fn: Callable[..., Any]) -> Callable[..., Any]:
         py = {k: v for k, v in extra_args.items() if type(v) in (bool, int, float)}
         key = tuple(sorted((k, type(v).__name__, v) for k, v in py.items()))
         if key not in by_value:
+            if len(by_value) >= 64:  # a number changing every step: keep memory bounded
+                by_value.clear()
             by_value[key] = jit_by_content(functools.partial(update_fn, **py))
         rest = {k: v for k, v in extra_args.items() if k not in py}
         return by_value[key](updates, state, params, **rest)
