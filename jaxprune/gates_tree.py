@@ -473,6 +473,9 @@ def penalty(
         index = {path_str(p): x for p, x in flat}
         _check_gate_params(gate_params, index)
         _check_gate_params(inputs, index)
+        # A gate vector of the wrong length would broadcast into a wrong penalty.
+        _check_gate_shapes(gate, gate_params, index)
+        _check_gate_shapes(gate, inputs, index, inputs=True)
         kernels = [jnp.asarray(index[n]) for n in names]
         kernels += [jnp.swapaxes(jnp.asarray(index[n]), -1, -2) for n in in_names]
     elif not gate.per_unit:

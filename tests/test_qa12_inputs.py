@@ -479,3 +479,14 @@ def test_group_selection_and_shrink_keep_the_params_mesh():
         assert out[kind + "_equal"] and out[kind + "_placed"] and out[kind + "_prune_equal"], out
     assert out["shrunk_spec"] == [None, "model"]
     assert out["odd"] == [60, [], 8], out
+
+
+def test_gate_penalty_checks_gate_shapes_against_params():
+    hc = jp.gates.HardConcrete()
+    params = {"l1": {"kernel": jnp.ones((8, 6))}}
+    gp = jp.gates.init_gates(hc, params)
+    bad = {"l1/kernel": {k: v[:3] for k, v in gp["l1/kernel"].items()}}
+    with pytest.raises(
+        ValueError, match=r"gate_params\['l1/kernel'\] is \{'gate_log_alpha': \(3,\)\}"
+    ):
+        jp.gates.penalty(hc, bad, params)
