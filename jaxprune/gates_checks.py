@@ -163,11 +163,12 @@ def _check_not_stacked(path: Path, x: Any, shapes: dict) -> None:
 
 
 def _require_per_unit(gate: Gate, what: str) -> None:
-    """Raises unless ``gate`` gates whole units, which gating input features needs."""
+    """Raises unless ``gate`` gates whole units (gating input features, a unit's sample)."""
     if not gate.per_unit:
         raise ValueError(
             f"{what} needs a per-unit gate kind, got {type(gate).__name__}, which gates single "
-            "weights. Fix: gate inputs with BetaBernoulli, HardConcrete or ScalarGate."
+            "weights. Fix: use BetaBernoulli, HardConcrete or ScalarGate (per-weight gates scale "
+            "the kernel: gates.apply_gates)."
         )
 
 

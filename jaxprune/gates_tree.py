@@ -297,13 +297,8 @@ def sample_unit_gate(gate: Gate, gp: dict, key: jax.Array | None, x: jax.Array) 
       >>> jp.gates.sample_unit_gate(g, gp, jax.random.key(0), y).shape
       (2, 1, 1, 4)
     """
-    if not getattr(gate, "per_unit", False) or not hasattr(gate, "unit_gate"):
-        raise ValueError(
-            f"sample_unit_gate needs a per-unit gate kind, got {type(gate).__name__}, whose "
-            "gates are per weight. Fix: gates.HardConcrete(), gates.BetaBernoulli() or "
-            "gates.ScalarGate() for unit gates; per-weight gates scale the kernel "
-            "(gates.apply_gates)."
-        )
+    _check_gate(gate)
+    _require_per_unit(gate, "sample_unit_gate")
     if key is None or not getattr(gate, "per_example", False):
         return gate.unit_gate(gp, key)
     if jnp.ndim(x) < 2:

@@ -269,14 +269,14 @@ def _nm_keep(x: jax.Array, drop: jax.Array, ax: int, m: int) -> jax.Array:
     ...]``), never transposed. Jitted: called eagerly, its operations compile
     as one program.
     """
-    shape = x.shape
+    shape, ranked = x.shape, x
     if x.dtype == jnp.float32:
         # Ranked by the float bits: XLA:CPU compares a denormal score as 0, which would
         # tie it with a zero. -0.0 keeps tying +0.0, and NaNs tie above +inf.
         k = _ordered_keys(x)
         k = jnp.where(k == jnp.uint32(0x7FFFFFFF), jnp.uint32(0x80000000), k)
-        x = jnp.where(jnp.isnan(x), jnp.uint32(0xFFFFFFFF), k)
-    g = x.reshape(shape[:ax] + (shape[ax] // m, m) + shape[ax + 1 :])
+        ranked = jnp.where(jnp.isnan(x), jnp.uint32(0xFFFFFFFF), k)
+    g = ranked.reshape(shape[:ax] + (shape[ax] // m, m) + shape[ax + 1 :])
     keep = _group_ranks(g, ax + 1) >= drop
     return keep.reshape(shape)
 

@@ -426,44 +426,26 @@ def _select_warned(
         if traced:
             return out
         masks, keeps = out
-        return _select_warnings(
-            groups,
-            scores,
-            sparsity,
-            masks,
-            keeps,
-            where,
-            scope,
-            *(max_sparsity, round_to, warn_unvoted),
-        )
-    if traced:
+    elif traced:
         return _select_impl(
             tuple(groups), scores, counts, reduce, where, scope, max_sparsity, round_to, normalize
         )
-    masks, keeps = run_cached(
-        _select_impl,
-        tuple(groups),
-        scores,
-        counts,
-        reduce,
-        where,
-        scope,
-        max_sparsity,
-        round_to,
-        normalize,
-        True,
-        static_argnums=(0, 3, 4, 5, 6, 7, 8, 9),
-    )
-    masks = _placed_like(masks, scores)  # eager masks of sharded scores: sharded like them
-    return _select_warnings(
-        groups, scores, sparsity, masks, keeps, where, scope, max_sparsity, round_to, warn_unvoted
-    )
-
-
-def _select_warnings(
-    groups, scores, sparsity, masks, keeps, where, scope, max_sparsity, round_to, warn_unvoted
-):
-    """Returns ``masks`` after :func:`select`'s warnings on concrete ``keeps``."""
+    else:
+        masks, keeps = run_cached(
+            _select_impl,
+            tuple(groups),
+            scores,
+            counts,
+            reduce,
+            where,
+            scope,
+            max_sparsity,
+            round_to,
+            normalize,
+            True,
+            static_argnums=(0, 3, 4, 5, 6, 7, 8, 9),
+        )
+        masks = _placed_like(masks, scores)  # eager masks of sharded scores: sharded like them
     if round_to is not None and scope == "layer" and isinstance(sparsity, int | float):
         _warn_round_to_cancels(groups, keeps, sparsity, int(round_to), max_sparsity)
     flags = prunable_flags(scores, where)

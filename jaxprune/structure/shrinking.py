@@ -22,7 +22,6 @@ result, and the errors naming the groups that break it, are in
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
@@ -35,6 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxprune._tree import check_same_structure, leaves_with_paths, path_str
+from jaxprune.bitmask import _ways
 from jaxprune.masks import apply_masks
 from jaxprune.structure.checking import AdaptError as AdaptError
 from jaxprune.structure.checking import (
@@ -543,12 +543,6 @@ def _shrink_checked(apply_fn, params, masks, example_inputs, check, how="shrink"
     return _placed_on_mesh(small, params)
 
 
-def _devices_along(mesh: Any, axis: Any) -> int:
-    """Returns how many devices a ``PartitionSpec`` entry (a name, names or ``None``) spans."""
-    names = axis if isinstance(axis, tuple) else (axis,)
-    return math.prod(dict(mesh.shape)[a] for a in names if a is not None)
-
-
 def _placed_on_mesh(small: Any, params: Any) -> Any:
     """Returns ``small`` with each leaf on its params leaf's mesh (cut on the host otherwise).
 
@@ -571,7 +565,7 @@ def _placed_on_mesh(small: Any, params: Any) -> Any:
         ):
             spec = sharding.spec
             fits = len(spec) <= len(s.shape) and all(
-                s.shape[d] % _devices_along(sharding.mesh, axis) == 0 for d, axis in enumerate(spec)
+                s.shape[d] % _ways(sharding.mesh, axis) == 0 for d, axis in enumerate(spec)
             )
             s = jax.device_put(s, sharding if fits else NamedSharding(sharding.mesh, P()))
         out.append(s)
@@ -610,8 +604,8 @@ def widths(params: Any, small: Any) -> dict[str, tuple[tuple[int, ...], tuple[in
 
     Args:
       params: the full-size params (or variables) that were shrunk.
-      small: what :func:`shrink` returned for them: the same leaf paths, in the same
-        order (else ``ValueError``).
+      small: what :func:`shrink` returned for them: the same leaf paths (else
+        ``ValueError``), in any order.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxprune as jp
