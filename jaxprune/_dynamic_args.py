@@ -46,7 +46,7 @@ def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array
 
     ``step`` may be traced; ``alpha`` must be in ``[0, 1]`` and ``end_step`` a
     positive int (checked when they are concrete). Steps past ``end_step``
-    give 0.
+    give 0; a concrete negative step is refused (the cosine would mirror it).
 
     Args:
       step: the current step, an int or float scalar (may be traced); computed in
@@ -57,8 +57,8 @@ def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array
         traced).
 
     Raises:
-      ValueError: ``alpha`` is not a number in ``[0, 1]`` or ``end_step`` is
-        not a positive int.
+      ValueError: ``alpha`` is not a number in ``[0, 1]``, ``end_step`` is
+        not a positive int, or a concrete ``step`` is negative.
 
     Examples:
       >>> import jaxprune as jp
@@ -82,6 +82,13 @@ def cosine_drop_fraction(step: Any, *, alpha: float, end_step: int) -> jax.Array
             f"end_step must be a positive int (the step where the drop fraction reaches 0), got "
             f"{end_step!r}. Fix: RigL uses 75% of the training steps, e.g. "
             "end_step=int(0.75 * total_steps)."
+        )
+    if not isinstance(step, jax.core.Tracer) and np.any(np.asarray(step) < 0):
+        # Checked, not clipped: the cosine is even, so a negative step would mirror
+        # a positive one, and any op on a traced step changes the compiled program.
+        raise ValueError(
+            f"step must be >= 0 (RigL's schedule starts at step 0), got {step!r}. Fix: count "
+            "steps from 0."
         )
     t = jnp.minimum(jnp.asarray(step, jnp.float32), end_step)
     return jnp.float32(alpha / 2) * (1.0 + jnp.cos(jnp.pi * t / end_step))

@@ -168,6 +168,16 @@ def nm(
                     f"per group), a larger m, or a sparsity below {(m - 0.5) / m:g}.",
                     stacklevel=3,
                 )
+        if n is not None and not isinstance(sparsity, jax.core.Tracer):
+            s = float(sparsity)
+            if round(s * m) > m - n:
+                warnings.warn(
+                    f"nm(sparsity={s:g}, n={n}, m={m}) would drop round({s:g} * {m}) = "
+                    f"{round(s * m)} of every group of {m}, but the floor n={n} caps it at "
+                    f"{m - n} (sparsity {(m - n) / m:g}). Fix: n=None for no floor, or a "
+                    f"smaller n (n={max(m - round(s * m), 0)} reaches it).",
+                    stacklevel=3,
+                )
     if axis is not None and not callable(axis) and as_int(axis) is None:
         raise ValueError(
             f"axis must be an int or a function (path, leaf) -> int, got {axis!r}. Fix: e.g. "
