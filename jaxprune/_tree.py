@@ -93,9 +93,25 @@ def _key_name(key: Any) -> str | int:
 
 
 def _normalize(path: tuple[Any, ...]) -> Path:
-    out = tuple(_key_name(k) for k in path)
-    # nnx Variables flatten to (..., 'value'); strip it so wrapped and pure
-    # states give a leaf the same path.
+    """Returns a jax KeyPath as a tuple of names and indices.
+
+    Give it paths that stop at nnx Variables (``is_leaf=is_variable``) or of
+    unwrapped trees: a trailing ``value`` is kept, since it may be a NamedTuple
+    or dataclass field (``optax.lbfgs``'s state has one). For a path that may
+    run into a Variable, use :func:`_normalize_into_variable`.
+    """
+    return tuple(_key_name(k) for k in path)
+
+
+def _normalize_into_variable(path: tuple[Any, ...]) -> Path:
+    """:func:`_normalize` for a path that may end inside an nnx Variable.
+
+    Variables flatten to ``(..., GetAttrKey('value'))``; that last key is
+    dropped so wrapped and pure states give a leaf the same path. Only for
+    trees whose Variables were not made leaves: a NamedTuple field named
+    ``value`` is dropped too.
+    """
+    out = _normalize(path)
     if out and out[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
         out = out[:-1]
     return out

@@ -41,7 +41,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune._tree import Path, _normalize, as_float, as_int, leaves_with_paths, path_str
+from jaxprune._tree import (
+    Path,
+    _normalize,
+    as_float,
+    as_int,
+    is_variable,
+    leaves_with_paths,
+    path_str,
+    unwrap_variables,
+)
 from jaxprune.attacks import (
     ApplyFn,
     _check_attack,
@@ -78,8 +87,13 @@ def _check_nonneg(name: str, value: float, fix: str) -> None:
 
 def _combine(grads_w: Any, grads_m: Any, is_mask: Callable[[Path, Any], bool]) -> Any:
     # tree_map keeps the input's structure (nnx Variables included) for tx.update.
+    # Variables are leaves, so a path never runs into one (a NamedTuple field named
+    # `value` keeps its name); the predicate sees the array, as `where`s do.
     return jax.tree_util.tree_map_with_path(
-        lambda p, gw, gm: gm if is_mask(_normalize(p), gw) else gw, grads_w, grads_m
+        lambda p, gw, gm: gm if is_mask(_normalize(p), unwrap_variables(gw)) else gw,
+        grads_w,
+        grads_m,
+        is_leaf=is_variable,
     )
 
 

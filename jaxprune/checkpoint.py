@@ -248,9 +248,10 @@ def _save(
             warnings.warn(
                 "opt_state looks like nnx.state(optimizer): it holds a jp.prune state's "
                 "packed masks, but their shapes live in the graphdef, so no masks are "
-                "recorded (restore(...).masks will be None and a compressed save stores the "
-                "params dense). Fix: pass the nnx.Optimizer itself (nnx.merge(graphdef, "
-                "state)), or masks=jp.get_masks(optimizer.opt_state).",
+                "recorded: restore(...).masks will be None (a compressed save still packs "
+                "each param by its zeros, and restores its values exactly). Fix: pass the "
+                "nnx.Optimizer itself (nnx.merge(graphdef, state)), or "
+                "masks=jp.get_masks(optimizer.opt_state).",
                 stacklevel=2,
             )
     params, opt_state = _rebuild.as_state(params), _rebuild.as_state(opt_state)

@@ -116,6 +116,11 @@ def check_fields(meta: dict) -> None:
             if "var" in spec or "param" in spec:  # an nnx Variable's type; older steps lack it
                 _need(isinstance(spec.get("var"), str), f"{what} var {spec.get('var')!r}")
                 _need(isinstance(spec.get("param"), bool), f"{what} param {spec.get('param')!r}")
+            if "packed_mask" in spec:  # a PackedMask's static shape and axis; older steps lack it
+                pm = spec["packed_mask"]
+                _need(isinstance(pm, list) and len(pm) == 2, f"{what} packed_mask {pm!r}")
+                _check_shape(pm[0], f"{what} packed_mask")
+                _need(pm[1] is None or _is_int(pm[1], 0), f"{what} packed_mask axis {pm[1]!r}")
             if name == "params":
                 param_shapes[key] = spec["shape"]
                 bitmask[key] = spec["kind"] == "bitmask"

@@ -184,6 +184,23 @@ def check_template(specs: list, template: Any, name: str, where: pathlib.Path):
         and not _scalar_fits(templ[k], saved[k])
         and not _python_saved_fits(by_path[k], templ[k])
     )
+    # A PackedMask's shape and axis live in the treedef, not in its bits: two
+    # masks of other shapes can pack to bits of one shape.
+    from jaxprune.checkpoint_trees import packed_mask_meta
+
+    packed = packed_mask_meta(template)
+    for k in sorted(set(saved) & set(wanted)):
+        got = by_path[k].get("packed_mask")  # absent in steps saved before it was recorded
+        if got is not None and k in packed and got != packed[k] and k not in differ:
+            differ.append(k)
+            saved[k] = f"bits of a packed {describe({'shape': got[0], 'dtype': 'bool'})} mask"
+            wanted[k] = (
+                f"bits of a packed {describe({'shape': packed[k][0], 'dtype': 'bool'})} mask"
+            )
+            if got[0] == packed[k][0]:  # same shape, another packed axis
+                saved[k] += f" (axis {got[1]})"
+                wanted[k] += f" (axis {packed[k][1]})"
+    differ.sort()
     unique = len(saved) == len(saved_paths) and len(wanted) == len(wanted_paths)
     # Paths are unique in any real tree; if two leaves share a path string, only
     # their positions can tell them apart.

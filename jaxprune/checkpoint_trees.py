@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxprune import packing
-from jaxprune._tree import _normalize, is_variable, leaves_with_paths, path_str
+from jaxprune._tree import _normalize, is_variable, leaves_with_paths, path_str, unwrap_variables
 from jaxprune.checkpoint_rebuild import is_storable_leaf
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "masked_negative_zeros",
     "values_outside_masks",
     "variable_kinds",
+    "packed_mask_meta",
     "encode_tree",
     "encode_masks",
 ]
@@ -43,7 +44,33 @@ def host(x: Any) -> tuple[np.ndarray, str | None]:
     """Returns ``x`` as a numpy array (PRNG keys as their raw data) and the key impl name."""
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         return np.asarray(jax.random.key_data(x)), str(jax.random.key_impl(x))
-    return np.asarray(jax.device_get(x)), None
+    x = np.asarray(jax.device_get(x))
+    if x.dtype.byteorder not in "=|":  # e.g. np.load of a big-endian .npy
+        # The CRC is of the bytes written, and the spec records only the dtype's
+        # name, which restores native order: store native bytes.
+        x = x.astype(x.dtype.newbyteorder("="))
+    return x, None
+
+
+def packed_mask_meta(tree: Any) -> dict[str, list]:
+    """Returns ``{path of a PackedMask's bits: [mask shape, packed axis]}`` for ``tree``.
+
+    A :class:`~jaxprune.bitmask.PackedMask` keeps its shape and axis in its
+    treedef, not in its bits: two masks of other shapes can have bits of the
+    same shape (``[3, 4]`` and ``[4, 3]`` both pack to 2 bytes). Recorded at
+    save and compared with the template at restore, they keep saved bits from
+    being read under another mask's shape.
+    """
+    from jaxprune.bitmask import PackedMask
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        unwrap_variables(tree), is_leaf=lambda x: isinstance(x, PackedMask)
+    )
+    return {
+        path_str(_normalize(p) + ("bits",)): [list(x.shape), x.axis]
+        for p, x in flat
+        if isinstance(x, PackedMask)
+    }
 
 
 @functools.lru_cache(maxsize=64)
@@ -197,6 +224,7 @@ def encode_tree(
     for path, leaf in flat:
         check_array(leaf, path, name)
     kinds = {**(kinds or {}), **variable_kinds(tree)}
+    packed_masks = packed_mask_meta(tree)
     arrays, specs, hosts = {}, [], {}
     for i, (path, leaf) in enumerate(flat):
         x, impl = host(leaf)
@@ -218,6 +246,8 @@ def encode_tree(
         kind = _kind_of(kinds, path)
         if kind is not None:
             spec.update(kind)
+        if path_str(path) in packed_masks:
+            spec["packed_mask"] = packed_masks[path_str(path)]
         if _is_python_scalar(leaf):
             # numpy stores a Python int as int64; a JAX template of the same
             # leaf (a traced step counter) is int32. Noting it lets it match.

@@ -225,6 +225,8 @@ def pack_leaf(x: Any, mask: Any = None) -> tuple[dict[str, np.ndarray], dict[str
       True
     """
     x = np.asarray(x)
+    if x.dtype.byteorder not in "=|":  # big-endian: the spec's dtype name restores native
+        x = x.astype(x.dtype.newbyteorder("="))
     sup = support(x, mask)
     kind, params, _ = _plan(x, sup)
     spec: dict[str, Any] = {

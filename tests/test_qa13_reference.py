@@ -1,13 +1,17 @@
 """Third QA pass: results checked against independent references, and silent caps warned."""
 
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 import jaxprune as jp
+from jaxprune import checkpoint, packing
 
 
 def test_nm_warns_when_the_floor_caps_a_concrete_sparsity():
@@ -40,3 +44,72 @@ def test_cosine_drop_fraction_refuses_negative_steps():
         jax.vmap(lambda s: jp.dynamic.cosine_drop_fraction(s, alpha=0.3, end_step=100))(t)
     )
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+
+
+class _Scaled(NamedTuple):
+    value: jax.Array
+    scale: jax.Array
+
+
+def test_a_namedtuple_field_named_value_keeps_its_path(tmp_path):
+    # Only an nnx Variable's `value` is dropped from a path; optax.lbfgs's state
+    # has a NamedTuple field of that name.
+    tree = _Scaled(jnp.ones((2, 2)), jnp.full((2,), 3.0))
+    assert [p for p, _ in jp._tree.leaves_with_paths(tree)[0]] == [("value",), ("scale",)]
+    ck = checkpoint.save(str(tmp_path / "b"), 0, tree)
+    got = checkpoint.restore(ck).params
+    assert sorted(got) == ["scale", "value"]
+    np.testing.assert_array_equal(got["scale"], [3.0, 3.0])
+    params = {"w": jnp.ones((2, 2))}
+    state = optax.lbfgs().init(params)
+    checkpoint.save(str(tmp_path / "a"), 1, params, state)
+    back = checkpoint.restore(str(tmp_path / "a"))  # no template: nested dicts
+    want = jax.tree.leaves(state)
+    assert len(jax.tree.leaves(back.opt_state)) == len(want)
+    out = checkpoint.export(str(tmp_path / "b"), str(tmp_path / "c"), format="dense")
+    assert sorted(checkpoint.restore(out).params) == ["scale", "value"]
+    # A `where` sees the field's name.
+    seen = []
+    jp.sparsity(tree, where=lambda p, x: seen.append(p) or True)
+    assert ("value",) in seen
+
+
+def test_nnx_state_paths_still_drop_the_variable_value():
+    m = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    assert sorted(p for p, _ in jp._tree.leaves_with_paths(nnx.state(m))[0]) == [
+        ("bias",),
+        ("kernel",),
+    ]
+
+
+def test_restore_refuses_packed_masks_of_another_shape(tmp_path):
+    w = jnp.arange(1.0, 13.0).reshape(3, 4)
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.5)
+    st = tx.init({"w": w})
+    u, st = tx.update({"w": jnp.zeros_like(w)}, st, {"w": w})
+    w = w + u["w"]
+    checkpoint.save(str(tmp_path), 1, {"w": w}, st)
+    wrong = tx.init({"w": jnp.ones((4, 3))})  # bits of the same shape: 2 bytes
+    with pytest.raises(
+        ValueError,
+        match=r"packed_masks/w/bits: checkpoint bits of a packed bool\[3, 4\] mask vs template "
+        r"bits of a packed bool\[4, 3\] mask",
+    ):
+        checkpoint.restore(str(tmp_path), params={"w": w}, opt_state=wrong)
+    ck = checkpoint.restore(str(tmp_path), params={"w": w}, opt_state=tx.init({"w": w}))
+    np.testing.assert_array_equal(ck.masks["w"], jp.get_masks(st)["w"])
+
+
+def test_big_endian_leaves_round_trip(tmp_path):
+    x = np.arange(6, dtype=">f4").reshape(2, 3)
+    x[0, 1] = 0.0
+    for fmt in ("dense", "compressed"):
+        checkpoint.save(
+            str(tmp_path / fmt), 0, {"w": x, "i": np.arange(3, dtype=">i8")}, format=fmt
+        )
+        got = checkpoint.restore(str(tmp_path / fmt)).params
+        np.testing.assert_array_equal(got["w"], x)
+        np.testing.assert_array_equal(got["i"], [0, 1, 2])
+        assert got["w"].dtype == np.float32
+    arrays, spec = packing.pack_leaf(x)
+    np.testing.assert_array_equal(packing.unpack_leaf(arrays, spec), x)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from jaxprune import _counts
 from jaxprune import criteria as _criteria
 from jaxprune import masks as _masks
-from jaxprune._tree import _normalize, leaves_with_paths
+from jaxprune._tree import _normalize, _normalize_into_variable, leaves_with_paths
 from jaxprune.gates_checks import _bias_path
 from jaxprune.structure.graph import find_groups
 from jaxprune.structure.importance import _masks_from_keep, group_scores
@@ -56,7 +56,9 @@ def _in_window(paths: set, path: Any, leaf: Any) -> bool:
     del leaf
     path = tuple(path)
     if any(isinstance(k, _KEY_TYPES) for k in path):
-        path = _normalize(path)
+        # A KeyPath into an nnx State ends in the Variable's `value`; one into a
+        # NamedTuple may end in a field of that name: try it as it is first.
+        path = _normalize(path) if _normalize(path) in paths else _normalize_into_variable(path)
     return path in paths
 
 
