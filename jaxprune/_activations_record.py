@@ -37,11 +37,11 @@ class Captured(NamedTuple):
         (conv): the call's first positional argument, or its input keyword.
       outputs: the module's output, ``[..., out]`` (before any activation
         applied after the module).
-      in_axes: the input axes a general linear kernel contracts, in the
-        kernel's order (``nnx.LinearGeneral``'s and linen ``DenseGeneral``'s
-        ``axis``, e.g. ``(-2, -1)`` for an attention output projection);
-        ``None`` (default) for Dense and conv layers, whose inputs are on the
-        last axis.
+      in_axes: the input axes a general linear kernel contracts
+        (``nnx.LinearGeneral``'s and linen ``DenseGeneral``'s ``axis``, e.g.
+        ``(-2, -1)`` for an attention output projection), in any order: the
+        kernel holds them in ascending order, as flax sorts them; ``None``
+        (default) for Dense and conv layers, whose inputs are on the last axis.
     """
 
     inputs: jax.Array  # [..., in] (dense) or [N, H, W, C_in] (conv)
@@ -98,9 +98,14 @@ def _record(records: dict[str, Captured], name: str, x: Any, out: Any, in_axes: 
 
 
 def _tokens_by_inputs(x: Any, in_axes: tuple[int, ...]) -> jax.Array:
-    """Returns ``x`` as ``[tokens, *x's in_axes in order]``."""
+    """Returns ``x`` as ``[tokens, *x's in_axes in ascending order]``.
+
+    Ascending, as flax orders a general linear kernel's input axes whatever
+    order ``axis`` names them in (``axis=(-1, -2)`` contracts a kernel
+    ``[x.shape[-2], x.shape[-1], *out]``).
+    """
     x = jnp.asarray(x)
-    axes = [int(a) % x.ndim for a in in_axes]
+    axes = sorted(int(a) % x.ndim for a in in_axes)
     moved = jnp.moveaxis(x, axes, list(range(x.ndim - len(axes), x.ndim)))
     return moved.reshape((-1,) + moved.shape[x.ndim - len(axes) :])
 

@@ -3,6 +3,7 @@
 import warnings
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +114,59 @@ def test_big_endian_leaves_round_trip(tmp_path):
         assert got["w"].dtype == np.float32
     arrays, spec = packing.pack_leaf(x)
     np.testing.assert_array_equal(packing.unpack_leaf(arrays, spec), x)
+
+
+@pytest.mark.parametrize("axis", [(-1, -2), (-2, -1)])
+def test_input_norms_follow_flax_sorted_general_axes(axis):
+    # Flax contracts a general linear kernel's input axes in ascending order,
+    # whatever order `axis` names them in.
+    scale = (10.0 ** jnp.arange(6.0)).reshape(2, 3)
+    x = jax.random.normal(jax.random.key(0), (16, 2, 3)) * scale
+    want = jnp.sqrt(jnp.sum(x**2, axis=0))  # [2, 3], the kernel's input axes
+
+    class M(nnx.Module):
+        def __init__(self, rngs):
+            self.g = nnx.LinearGeneral((2, 3), 2, axis=axis, rngs=rngs)
+
+        def __call__(self, x):
+            return self.g(x)
+
+    m = M(nnx.Rngs(0))
+    assert m.g.kernel.shape == (2, 3, 2)
+    _, caps = jp.activations.capture_nnx(m, x, types=(nnx.LinearGeneral,))
+    params = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    got = jp.activations.input_norms(params, caps)["g"]["kernel"]
+    np.testing.assert_allclose(got[..., 0], want, rtol=1e-5)
+    scores = jp.criteria.wanda(params, jp.activations.input_norms(params, caps))
+    np.testing.assert_allclose(
+        scores["g"]["kernel"], jnp.abs(params["g"]["kernel"]) * want[..., None], rtol=1e-5
+    )
+
+    class L(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.DenseGeneral(2, axis=axis, name="dg")(x)
+
+    v = L().init(jax.random.key(0), x)
+    _, caps = jp.activations.capture_linen(L(), v, x, types=(nn.DenseGeneral,))
+    got = jp.activations.input_norms(v["params"], caps)["dg"]["kernel"]
+    np.testing.assert_allclose(got[..., 0], want, rtol=1e-5)
+
+
+def test_taylor_adds_no_output_bias_to_the_input_units_of_a_square_weight():
+    rng = np.random.default_rng(0)
+    a = lambda *s: rng.standard_normal(s).astype(np.float32)
+    w, gw, b, gb = a(4, 4), a(4, 4), a(4), a(4)  # equinox Linear: weight [out, in], bias [out]
+    t = jp.criteria.taylor(
+        {"l": {"weight": w, "bias": b}}, {"l": {"weight": gw, "bias": gb}}, unit_axis=-1
+    )
+    z = np.abs((w * gw).sum(0))
+    np.testing.assert_allclose(np.asarray(t["l"]["weight"])[0], z / np.linalg.norm(z), rtol=1e-5)
+    # The outputs (axis 0) keep their bias term.
+    t0 = jp.criteria.taylor(
+        {"l": {"weight": w, "bias": b}}, {"l": {"weight": gw, "bias": gb}}, unit_axis=0
+    )
+    z0 = np.abs((w * gw).sum(1) + b * gb)
+    np.testing.assert_allclose(
+        np.asarray(t0["l"]["weight"])[:, 0], z0 / np.linalg.norm(z0), rtol=1e-5
+    )
