@@ -149,7 +149,14 @@ def _check_not_stacked(path: Path, x: Any, shapes: dict) -> None:
     why = None
     if path and path[-1] == "bias":
         why = "it is a bias; a gated kernel's sibling bias is gated with it"
-    elif bias is not None and len(bias) >= 2 and bias == shape[:-2] + shape[-1:]:
+    elif (
+        bias is not None
+        and len(bias) >= 2
+        and bias == shape[:-2] + shape[-1:]
+        # [in, heads, head_dim] with bias [heads, head_dim] and in == heads fits
+        # both layouts; a general linear kernel (attention's q/k/v) is the likelier.
+        and bias != shape[-len(bias) :]
+    ):
         why = (
             f"its bias has shape {bias}: {shape} holds {math.prod(shape[:-2])} stacked layers "
             "(nn.scan, nnx.vmap), and one gate per unit would be shared by all of them"
@@ -159,6 +166,31 @@ def _check_not_stacked(path: Path, x: Any, shapes: dict) -> None:
             f"init_gates: where selected {path_str(path)!r} of shape {shape}, but {why}. Fix: "
             "select unstacked kernels only, e.g. where=lambda p, x: p[-1] == 'kernel' and "
             "p[0] != 'layers' (prune a stack with jp.masks.per_layer)."
+        )
+
+
+def _check_single_output_axis(path: Path, x: Any, shapes: dict) -> None:
+    """Refuses input gates on a kernel whose bias shows several output axes.
+
+    A general linear kernel ``[in, heads, head_dim]`` (flax ``DenseGeneral``,
+    attention's q/k/v) with bias ``[heads, head_dim]`` has its output heads on
+    axis -2, where input gates scale rows: they would close whole heads.
+    """
+    shape = tuple(jnp.shape(x))
+    bias = shapes.get(_bias_path(path))
+    if (
+        bias is not None
+        and len(bias) >= 2
+        and len(shape) > len(bias)
+        and bias == shape[-len(bias) :]
+        and bias[-1] != 1  # not an equinox conv's [out, 1, 1] bias
+    ):
+        raise ValueError(
+            f"init_gates(inputs=True): {path_str(path)!r} of shape {shape} has a bias of shape "
+            f"{bias}: a general linear kernel [in, {', '.join(map(str, bias))}] (DenseGeneral, "
+            "attention projections), whose axis -2 is an output axis, so input gates would close "
+            "whole output heads. Input gates are for Dense and conv kernels [..., in, out]. Fix: "
+            "leave it out with where=, or gate its outputs (inputs=False)."
         )
 
 

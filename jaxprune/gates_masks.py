@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 
-from jaxprune._tree import Path, Where, leaves_with_paths, path_str
+from jaxprune._tree import Path, Where, leaves_with_paths, mirror_variables, path_str
 from jaxprune.gates_checks import (
     _bias_path,
     _check_gate,
@@ -107,7 +107,8 @@ def unit_masks(
     kernels = {}
     if params is not None:
         flat, _ = leaves_with_paths(params)
-        kernels = {path_str(p): jnp.asarray(x) for p, x in flat}
+        # (An equinox module's functions are no kernels.)
+        kernels = {path_str(p): jnp.asarray(x) for p, x in flat if hasattr(x, "dtype")}
         # Before scoring: a per-weight kind reads kernels[name], and a name that
         # params lacks must get the clear message, not an error on ``None``.
         _check_gate_params(gate_params, kernels)
@@ -212,7 +213,7 @@ def to_masks(
     index = {path_str(p): i for i, (p, _) in enumerate(flat)}
     _check_gate_params(gate_params, index)
     if gate.per_unit:
-        shapes = {p: tuple(jnp.shape(x)) for p, x in flat}
+        shapes = {p: tuple(jnp.shape(x)) for p, x in flat if hasattr(x, "dtype")}
         _check_layout("to_masks", sorted(gate_params), shapes)
         _check_layout("to_masks", sorted(input_gate_params or {}), shapes, inputs=True)
     leaves: list[Any] = [jnp.ones((), bool) for _ in flat]
@@ -232,7 +233,7 @@ def to_masks(
         i = index[name]
         shape = jnp.shape(flat[i][1])
         leaves[i] = leaves[i] & jnp.broadcast_to(_input_rows(name, keep, shape), shape)
-    return jax.tree.unflatten(treedef, leaves)
+    return mirror_variables(params, jax.tree.unflatten(treedef, leaves))
 
 
 def _is_1d_scale(path: Path, leaf: Any) -> bool:
@@ -383,4 +384,4 @@ def slimming_masks(
         b = index.get(path_str(_bias_path(flat[i][0])))
         if b is not None and jnp.shape(flat[b][1]) == k.shape:
             leaves[b] = k
-    return jax.tree.unflatten(treedef, leaves)
+    return mirror_variables(params, jax.tree.unflatten(treedef, leaves))

@@ -37,6 +37,7 @@ from jaxprune._tree import (
     is_variable,
     key_parts,
     leaves_with_paths,
+    mirror_variables,
     path_str,
     prunable_flags,
 )
@@ -50,6 +51,7 @@ from jaxprune.gates_checks import (
     _check_kind,
     _check_layout,
     _check_not_stacked,
+    _check_single_output_axis,
     _grouped_hint,
     _input_rows,
     _is_unit_bias,
@@ -195,7 +197,7 @@ def init_gates(
         _require_per_unit(gate, "inputs=True")
     flags = prunable_flags(params, where)
     flat, _ = leaves_with_paths(params)
-    shapes = {p: tuple(jnp.shape(x)) for p, x in flat}
+    shapes = {p: tuple(jnp.shape(x)) for p, x in flat if hasattr(x, "dtype")}
     selected = [path_str(p) for (p, x), f in zip(flat, flags, strict=True) if f]
     out = {}
     for i, ((p, x), f) in enumerate(zip(flat, flags, strict=True)):
@@ -211,6 +213,7 @@ def init_gates(
             k = None if key is None else jax.random.fold_in(key, i)
             x = jnp.asarray(x)
             if inputs:
+                _check_single_output_axis(p, x, shapes)
                 # Input features are the kernel's axis -2; a separate key from the outputs'.
                 x, k = jnp.swapaxes(x, -1, -2), None if k is None else jax.random.fold_in(k, 2)
             out[path_str(p)] = gate.init(x, k)
@@ -394,7 +397,7 @@ def apply_gates(
     kernels = {name: jnp.asarray(flat[index[name]][1]) for name in gate_params}
     _check_gate_shapes(gate, gate_params, kernels)  # input gates are checked where applied
     if gate.per_unit:
-        shapes = {p: tuple(jnp.shape(x)) for p, x in flat}
+        shapes = {p: tuple(jnp.shape(x)) for p, x in flat if hasattr(x, "dtype")}
         _check_layout("apply_gates", sorted(gate_params), shapes)
         _check_layout("apply_gates", sorted(inputs), shapes, inputs=True)
     keys = gate_keys(gate_params, key) if key is not None else {}
@@ -417,7 +420,7 @@ def apply_gates(
     for name, gp in inputs.items():
         i = index[name]
         leaves[i] = _scale_rows(name, jnp.asarray(leaves[i]), gate.unit_gate(gp, in_keys.get(name)))
-    return jax.tree.unflatten(treedef, leaves)
+    return mirror_variables(params, jax.tree.unflatten(treedef, leaves))
 
 
 def penalty(

@@ -170,3 +170,67 @@ def test_taylor_adds_no_output_bias_to_the_input_units_of_a_square_weight():
     np.testing.assert_allclose(
         np.asarray(t0["l"]["weight"])[:, 0], z0 / np.linalg.norm(z0), rtol=1e-5
     )
+
+
+class _Heads(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.DenseGeneral((4, 3), name="dg")(x).reshape(x.shape[0], -1)
+
+
+def test_input_gates_refuse_a_kernel_with_several_output_axes():
+    x = jnp.ones((2, 6))
+    v = _Heads().init(jax.random.key(0), x)
+    with pytest.raises(
+        ValueError, match=r"'dg/kernel' of shape \(6, 4, 3\) has a bias of shape \(4, 3\).*Fix"
+    ):
+        jp.gates.init_gates(
+            jp.gates.HardConcrete(), v["params"], where=lambda p, a: p[-1] == "kernel", inputs=True
+        )
+    # Its outputs can still be gated.
+    gp = jp.gates.init_gates(
+        jp.gates.HardConcrete(), v["params"], where=lambda p, a: p[-1] == "kernel"
+    )
+    assert gp["dg/kernel"]["gate_log_alpha"].shape == (3,)
+
+
+def test_gates_on_an_attention_projection_with_as_many_inputs_as_heads():
+    mha = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=8)
+    x = jnp.ones((1, 3, 4))  # embed 4 == num_heads: query kernel [4, 4, 2], bias [4, 2]
+    v = mha.init(jax.random.key(0), x, x)
+    gp = jp.gates.init_gates(
+        jp.gates.HardConcrete(),
+        v["params"],
+        where=lambda p, a: p[-1] == "kernel" and p[0] == "query",
+    )
+    assert gp["query/kernel"]["gate_log_alpha"].shape == (2,)
+    # A real stack ([L, in, out] with [L, out], L != in) is still refused.
+    stack = {"layers": {"kernel": jnp.ones((3, 5, 2)), "bias": jnp.ones((3, 2))}}
+    with pytest.raises(ValueError, match=r"holds 3 stacked layers"):
+        jp.gates.init_gates(jp.gates.HardConcrete(), stack, where=lambda p, a: p[-1] == "kernel")
+
+
+def test_gate_functions_mirror_a_variable_wrapped_state():
+    model = jp.models.MLP((5, 6, 3), rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    gate = jp.gates.HardConcrete()
+    gp = jp.gates.init_gates(gate, params, where=lambda p, v: v.ndim >= 2 and p[1] == 0)
+    want = jax.tree.structure(params)
+    assert jax.tree.structure(jp.gates.apply_gates(gate, params, gp)) == want
+    masks = jp.gates.to_masks(gate, gp, params)
+    assert jax.tree.structure(masks) == want
+    jax.tree.map(lambda p, m: jnp.where(m, p, 0), params, masks)  # used to fail
+    bn = nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+    state = nnx.state(bn, nnx.Param)
+    assert jax.tree.structure(jp.gates.slimming_masks(state, 0.5)) == jax.tree.structure(state)
+
+
+def test_to_masks_takes_an_unfiltered_equinox_module():
+    import equinox as eqx
+
+    model = eqx.nn.MLP(5, 3, 6, 2, key=jax.random.key(0))
+    gate = jp.gates.VariationalDropout()
+    gp = jp.gates.init_gates(gate, model)
+    masks = jp.gates.to_masks(gate, gp, model)
+    assert isinstance(masks, eqx.nn.MLP)
+    assert masks.layers[0].weight.shape == (6, 5) and masks.layers[0].weight.dtype == bool

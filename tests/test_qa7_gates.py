@@ -167,7 +167,7 @@ def test_slimming_defaults_to_batchnorm_scales_when_the_tree_has_statistics():
     full = nnx.state(m)  # Params and BatchStats: the BN's mean/var sit beside its scale
     assert float(gates.slimming_penalty(full)) == pytest.approx(8.0)
     masks = gates.slimming_masks(full, 0.5)
-    assert int((~masks["bn"]["scale"]).sum()) == 4 and bool(masks["ln"]["scale"])
+    assert int((~masks["bn"]["scale"]).sum()) == 4 and bool(masks["ln"]["scale"].get_value())
     # Params only: no statistics to tell the norms apart; the documented where does.
     params = nnx.state(m, nnx.Param)
     assert float(gates.slimming_penalty(params)) > 8.0
