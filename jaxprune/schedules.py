@@ -355,8 +355,15 @@ class _Polynomial:
         if self.end == self.begin:
             p = jnp.where(step >= self.begin, 1.0, 0.0)
         else:
-            t = (step.astype(jnp.float32) - self.begin) / (self.end - self.begin)
-            p = jnp.clip(t, 0.0, 1.0)
+            step = jnp.asarray(step)
+            if jnp.issubdtype(step.dtype, jnp.integer):
+                # Counted in ints: float32 holds every step only up to 2**24, and a ramp
+                # that begins after that would advance in jumps.
+                done = jnp.clip(step, self.begin, self.end) - self.begin
+                p = done.astype(jnp.float32) / (self.end - self.begin)
+            else:
+                t = (step.astype(jnp.float32) - self.begin) / (self.end - self.begin)
+                p = jnp.clip(t, 0.0, 1.0)
         # At p = 0 the formula in float32 can land an ulp below s_i (0.09999996 for
         # polynomial(0.1, 0.9, ...)), one entry fewer in a leaf where s_i * n ends in .5.
         decayed = self.s_f + (self.s_i - self.s_f) * (1.0 - p) ** self.power

@@ -234,3 +234,26 @@ def test_to_masks_takes_an_unfiltered_equinox_module():
     masks = jp.gates.to_masks(gate, gp, model)
     assert isinstance(masks, eqx.nn.MLP)
     assert masks.layers[0].weight.shape == (6, 5) and masks.layers[0].weight.dtype == bool
+
+
+def test_polynomial_past_float32_integers_follows_zhu_gupta():
+    b = 20_000_001  # past 2**24, where float32 no longer holds every step
+    s = jp.schedules.polynomial(0.0, 0.8, begin_step=b, end_step=b + 10)
+    want = [0.8 - 0.8 * (1 - k / 10) ** 3 for k in range(11)]
+    got = [float(s(jnp.int32(b + k))) for k in range(11)]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    got = jax.jit(jax.vmap(s))(jnp.arange(b - 2, b + 13, dtype=jnp.int32))
+    np.testing.assert_allclose(got, [0.0] * 2 + want + [0.8] * 2, rtol=1e-6, atol=1e-7)
+
+
+def test_rewiring_drops_floor_of_the_fraction_of_active_weights():
+    from jaxprune._dynamic_rewire import _drop_grow
+
+    m = jnp.arange(1800).reshape(30, 60) < 900  # 900 active
+    w = jax.random.normal(jax.random.key(0), m.shape) * m
+    # Growth never picks a dropped entry, so the dropped count shows.
+    g = jnp.where(m, 0.0, 1.0 + jax.random.uniform(jax.random.key(1), m.shape))
+    for frac, want in ((0.13, 117), (0.3, 270), (0.1299, 116), (0.0, 0)):
+        new, _ = _drop_grow(w, g, m, frac, jax.random.key(2), "gradient")
+        assert int((m & ~new).sum()) == want, frac  # float32 0.13 * 900 = 116.999996
+        assert int(new.sum()) == 900
