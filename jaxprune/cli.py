@@ -85,14 +85,27 @@ def _split_state(ckpt, meta: dict) -> tuple:
     Leaves saved as nnx Variables other than ``nnx.Param`` (BatchNorm
     statistics, RNG keys and counters) are no parameters, as ``jp.report(model)``
     has it: ``state`` lists them (path, variable type, dtype, shape, size) and
-    ``params``/``masks`` leave them out. Checkpoints of plain pytrees, or
+    ``params``/``masks`` leave them out. So do linen variables' collections
+    other than ``params`` (``batch_stats``; the variable type is the
+    collection's name). Checkpoints of other plain pytrees, or nnx ones
     written before the types were recorded, have no such leaves.
     """
     from jaxprune import checkpoint
     from jaxprune._tree import leaves_with_paths, path_str
     from jaxprune.checkpoint_rebuild import nest
+    from jaxprune.report import linen_state_collections
 
     others = checkpoint._non_params(meta)
+    # Linen variables' other collections (batch_stats): state, as jp.report has it.
+    collections = linen_state_collections(ckpt.params)
+    var_of = {}
+    for spec in meta["params"]:
+        key = path_str(tuple(spec["path"]))
+        if key in others:
+            var_of[key] = spec["var"]
+        elif spec["path"] and str(spec["path"][0]) in collections:
+            var_of[key] = str(spec["path"][0])
+    others = set(var_of)
     if not others:
         return ckpt.params, ckpt.masks, []
 
@@ -111,7 +124,7 @@ def _split_state(ckpt, meta: dict) -> tuple:
             dtype = "key" if keys else spec["dtype"]
             size = math.prod(shape)
             state.append(
-                {"path": key, "variable": spec["var"], "dtype": dtype, "shape": shape, "size": size}
+                {"path": key, "variable": var_of[key], "dtype": dtype, "shape": shape, "size": size}
             )
     return without(ckpt.params), without(ckpt.masks), state
 

@@ -4,8 +4,8 @@ Honest numbers: *sparsity* is the fraction of zero
 entries after the masks are applied (a ``-0.0`` counts as zero); *compressed
 bytes* are what ``jp.save(format="compressed")`` and ``jaxprune export
 --format compressed`` store for the masked leaf, packed with its mask by the
-smallest exact encoding of :mod:`jaxprune.packing` (a scalar mask keeps its
-leaf dense), plus the mask's bits where the checkpoint needs them. That
+smallest exact encoding of :mod:`jaxprune.packing` (a scalar ``True`` mask
+keeps its leaf dense), plus the mask's bits where the checkpoint needs them. That
 encoding restores bit for bit, so it keeps every entry whose bits are not
 ``+0.0``: a ``-0.0`` left by masking with ``w * mask`` (as
 ``torch.nn.utils.prune`` does) counts as pruned in the sparsity but is stored,
@@ -35,8 +35,9 @@ whose result is an activation; rows of a 2-D kernel picked the same way
 (``w[idx]``) look alike, and the matmul that reads them counts as dense. A
 regular conv's MACs count every kernel tap of every output, the taps over its
 zero padding included (ShrinkBench's convention, and that of published counts
-such as ResNet-50's 4.1 GMACs); a transposed conv's only the taps on real
-input pixels (not the zeros inserted between them). XLA counts neither
+such as ResNet-50's 4.1 GMACs); a transposed conv's with strides above 1
+only the taps on real input pixels (not the zeros inserted between them; at
+stride 1 it is a regular padded conv). XLA counts neither
 padded nor inserted taps: ``flops["padded_macs"]`` is the part of
 ``dense_macs`` over padding. Unstructured sparsity on dense hardware gives no
 speedup: nonzero MACs are what a sparse kernel could skip, not a measured time.
@@ -312,6 +313,22 @@ def _lookup(params: Any, masks: Any, others: frozenset) -> dict[str, np.ndarray]
     return found
 
 
+def linen_state_collections(tree: Any) -> frozenset[str]:
+    """Returns the collections of linen variables other than ``"params"``, else empty.
+
+    ``{"params": ..., "batch_stats": ...}`` (what ``model.init`` returns)
+    gives ``{"batch_stats"}``: running statistics, caches and the like, state
+    saved beside the parameters, as an nnx model's non-``Param`` Variables are.
+    A tree is taken for linen variables when it is a mapping with a
+    ``"params"`` key and every value is a mapping (a collection).
+    """
+    if not isinstance(tree, Mapping) or "params" not in tree:
+        return frozenset()
+    if not all(isinstance(v, Mapping) for v in tree.values()):
+        return frozenset()
+    return frozenset(str(k) for k in tree if k != "params")
+
+
 def _as_numpy(x: Any) -> np.ndarray | None:
     dtype = getattr(x, "dtype", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
@@ -329,11 +346,15 @@ def report(
 
     Args:
       params: any pytree of arrays, or an nnx ``Module`` (its ``nnx.Param`` leaves).
+        Of linen variables (``model.init``'s ``{"params": ..., "batch_stats":
+        ...}``) only the ``params`` collection makes rows: running statistics
+        are state, not parameters, as an nnx model's ``BatchStat`` s are.
       masks: optional masks (e.g. ``jp.get_masks(opt_state)``), matched to
-        ``params`` by leaf path; scalar masks leave a leaf dense. Without masks a
-        leaf's sparsity is its fraction of exact zeros. Masks over the
-        ``"params"`` collection of linen variables (``{"params", "batch_stats"}``)
-        are matched under ``params/``.
+        ``params`` by leaf path; a scalar ``True`` leaves a leaf dense, a scalar
+        ``False`` prunes all of it (as :func:`jaxprune.apply_masks` does).
+        Without masks a leaf's sparsity is its fraction of exact zeros. Masks
+        over the ``"params"`` collection of linen variables (``{"params",
+        "batch_stats"}``) are matched under ``params/``.
       apply_fn: optional ``apply_fn(params, *example_inputs)``; with it the
         report's ``flops`` holds ``xla_flops`` (XLA's dense FLOPs, loop bodies
         once), ``loops`` (loops whose body ``xla_flops`` counts once),
@@ -384,14 +405,19 @@ def report(
         )
     check_array_leaves(params, "params")
     mask_of = _mask_lookup(params, masks, others)
+    collections = linen_state_collections(params)
     rows = []
     for path, leaf in leaves_with_paths(params)[0]:
         x = _as_numpy(leaf)
-        if x is None:
-            continue
+        if x is None or (path and path[0] in collections):
+            continue  # a PRNG key; linen state (batch_stats), as an nnx model's is left out
         key = path_str(path)
         mask = mask_of.get(key)
-        masked = mask is not None and mask.ndim > 0
+        # A scalar False prunes the whole leaf (as jp.apply_masks has it); True keeps it dense.
+        whole = mask is not None and mask.ndim == 0 and not bool(mask)
+        if whole:
+            mask = np.zeros(x.shape, bool)
+        masked = mask is not None and (mask.ndim > 0 or whole)
         nonzero = x.astype(bool)  # -0.0 is zero here, as in np.count_nonzero
         # Entries a mask (or, without one, the count of zeros) prunes.
         dropped = ~np.broadcast_to(mask, x.shape) if mask is not None else np.True_
@@ -408,7 +434,7 @@ def report(
         arrays, spec = packing.pack_leaf(x, mask)
         stored = sum(a.nbytes for a in arrays.values())
         bits = packing.support(x)
-        if masked and mask.size and mask_kind(x, mask, spec["kind"]) == "bits":
+        if masked and not whole and mask.size and mask_kind(x, mask, spec["kind"]) == "bits":
             # The checkpoint then also stores the mask's bits: it is neither the
             # nonzero pattern nor the bits of a bitmask leaf (see encode_masks).
             stored += -(-mask.size // 8)

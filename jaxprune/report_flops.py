@@ -20,13 +20,15 @@ therefore counts as dense (see ``_takes_part``).
 
 Conv MACs: a regular conv counts every kernel tap of every output, taps over
 its zero padding included (the convention of ShrinkBench and of published
-counts such as ResNet-50's 4.1 GMACs); a transposed conv (input dilation)
-counts only the taps on real input pixels, since every (output, tap) pair
-would charge the zeros inserted between pixels, about ``prod(strides)`` times
-the work. XLA's cost analysis counts neither padded nor inserted taps, so
-``xla_flops`` is below ``2 * dense_macs`` for a padded conv (a 3x3 SAME conv
-on 7x7 inputs: by 22%); ``padded_macs`` is the part of ``dense_macs`` that
-reads padding, so ``dense_macs - padded_macs`` is XLA's count of real taps.
+counts such as ResNet-50's 4.1 GMACs); a transposed conv with strides above 1
+(input dilation) counts only the taps on real input pixels, since every
+(output, tap) pair would charge the zeros inserted between pixels, about
+``prod(strides)`` times the work. At stride 1 a transposed conv inserts no
+zeros: it is a regular padded conv, and counted as one (padding included).
+XLA's cost analysis counts neither padded nor inserted taps, so ``xla_flops``
+is below ``2 * dense_macs`` for a padded conv (a 3x3 SAME conv on 7x7 inputs:
+by 22%); ``padded_macs`` is the part of ``dense_macs`` that reads padding, so
+``dense_macs - padded_macs`` is XLA's count of real taps.
 
 References:
   Blalock et al., "What is the State of Neural Network Pruning?" (ShrinkBench),
@@ -134,9 +136,9 @@ def _macs(eqn) -> tuple[float, float]:
     """Returns ``(macs, padded)`` of a ``dot_general`` or conv: ``padded`` the taps over padding.
 
     A regular conv counts every kernel tap of every output, the taps that read
-    its zero padding included (``padded`` of them); a transposed conv (input
-    dilation) only the taps on real input pixels (``padded`` 0); see the
-    module's docstring.
+    its zero padding included (``padded`` of them); a conv with input dilation
+    (a transposed conv with strides above 1) only the taps on real input
+    pixels (``padded`` 0); see the module's docstring.
     """
     out = math.prod(eqn.outvars[0].aval.shape)
     if eqn.primitive.name == "dot_general":

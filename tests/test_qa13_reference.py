@@ -257,3 +257,32 @@ def test_rewiring_drops_floor_of_the_fraction_of_active_weights():
         new, _ = _drop_grow(w, g, m, frac, jax.random.key(2), "gradient")
         assert int((m & ~new).sum()) == want, frac  # float32 0.13 * 900 = 116.999996
         assert int(new.sum()) == 900
+
+
+def test_report_counts_linen_params_as_nnx_does():
+    class L(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.BatchNorm(use_running_average=True)(nn.Dense(4)(x)))
+
+    class N(nnx.Module):
+        def __init__(self, r):
+            self.a = nnx.Linear(5, 4, rngs=r)
+            self.bn = nnx.BatchNorm(4, rngs=r)
+            self.b = nnx.Linear(4, 3, rngs=r)
+
+    v = L().init(jax.random.key(0), jnp.ones((1, 5)))
+    lin, nx = jp.report(v).totals, jp.report(N(nnx.Rngs(0))).totals
+    assert lin["size"] == nx["size"] == 47
+    assert lin["sparsity"] == pytest.approx(nx["sparsity"])
+
+
+def test_report_takes_a_scalar_false_mask_as_pruning_the_leaf():
+    w = {"w": jnp.ones((4, 6)), "v": jnp.ones((4, 6))}
+    masks = {"w": jnp.bool_(False), "v": jnp.bool_(True)}
+    r = {row.path: row for row in jp.report(w, masks).rows}
+    assert r["w"].nonzeros == 0 and r["w"].sparsity == 1.0 and r["w"].masked
+    assert r["v"].nonzeros == 24 and not r["v"].masked
+    full = jp.report(w, {"w": jnp.zeros((4, 6), bool), "v": True}).rows[1]
+    assert r["w"].nonzeros == full.nonzeros and r["w"].encoding == full.encoding
+    assert float(jp.sparsity(jp.apply_masks(w, masks))) == 0.5

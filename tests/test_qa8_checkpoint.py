@@ -85,9 +85,13 @@ def test_linen_batchnorm_trainstate_saves_with_masks_over_params(tmp_path, capsy
         assert float(jp.sparsity(jp.apply_masks(st.params, masks))) == pytest.approx(0.5, 0.01)
 
     assert cli.main(["inspect", str(tmp_path / "a"), "--json"]) == 0
-    rows = {r["path"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    data = json.loads(capsys.readouterr().out)
+    rows = {r["path"]: r for r in data["rows"]}
     assert rows["params/Dense_0/kernel"]["sparsity"] == pytest.approx(0.5)
-    assert "batch_stats/BatchNorm_0/var" in rows
+    # The running statistics are state, listed apart from the parameters.
+    assert "batch_stats/BatchNorm_0/var" not in rows
+    state = {r["path"]: r for r in data["state"]["leaves"]}
+    assert state["batch_stats/BatchNorm_0/var"]["variable"] == "batch_stats"
 
     # Masks that sit neither at the variables' paths nor under params/ are still refused.
     with pytest.raises(ValueError, match="masks leaf 'Dense_1/kernel'.*matches no params leaf"):
