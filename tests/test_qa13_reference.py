@@ -286,3 +286,80 @@ def test_report_takes_a_scalar_false_mask_as_pruning_the_leaf():
     full = jp.report(w, {"w": jnp.zeros((4, 6), bool), "v": True}).rows[1]
     assert r["w"].nonzeros == full.nonzeros and r["w"].encoding == full.encoding
     assert float(jp.sparsity(jp.apply_masks(w, masks))) == 0.5
+
+
+class _BagOfTokens(nnx.Module):  # sum pooling over a variable number of tokens
+    def __init__(self, rngs, pool):
+        self.fc1, self.fc2 = nnx.Linear(3, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)
+        self.pool = pool
+
+    def __call__(self, x):  # [batch, tokens, 3]
+        return self.fc2(self.pool(nnx.relu(self.fc1(x))))
+
+
+@pytest.mark.parametrize(
+    "pool, folds",
+    [
+        (lambda h: h.sum(1), False),
+        (lambda h: jnp.cumsum(h, 1)[:, -1], False),
+        (lambda h: h.mean(1), True),  # a mean of a constant is that constant at any length
+    ],
+    ids=["sum", "cumsum", "mean"],
+)
+def test_shrink_folds_no_constant_through_a_sum_over_a_length(pool, folds):
+    from jaxprune import structure
+
+    model = _BagOfTokens(nnx.Rngs(0), pool)
+    model.eval()
+    params = nnx.state(model, nnx.Param)
+    params["fc1"]["bias"][...] = jnp.ones(8)  # masked units output relu(1) = 1
+    nnx.update(model, params)
+    masks = jp.masks.structured(
+        jp.criteria.magnitude(params),
+        0.5,
+        axes=-1,
+        where=lambda p, x: p[0] == "fc1" and x.ndim == 2,
+    )
+    masked = nnx.clone(model)
+    nnx.update(masked, jp.apply_masks(nnx.state(masked, nnx.Param), masks))
+    structure.shrink_module(model, masks, jnp.ones((2, 4, 3)))  # traced at 4 tokens
+    assert model.fc1.out_features == (4 if folds else 8)
+    x = jax.random.normal(jax.random.key(1), (2, 9, 3))  # 9 tokens
+    np.testing.assert_allclose(model(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_shrink_error_names_only_the_groups_that_break_alone():
+    from jaxprune import structure
+
+    k = jax.random.split(jax.random.key(0), 4)
+    p = {
+        "k1": jax.random.normal(k[0], (3, 3, 3, 4)),
+        "k2": jax.random.normal(k[1], (1, 1, 3, 2)),
+        "dw": jax.random.normal(k[2], (3, 3, 1, 4)),
+        "w": jax.random.normal(k[3], (6, 2)),
+    }
+
+    def conv(x, w, g=1):
+        return jax.lax.conv_general_dilated(
+            x,
+            w,
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=g,
+        )
+
+    def f(p, x):
+        a = jax.nn.relu(conv(jax.nn.relu(conv(x, p["k1"])), p["dw"], g=4))  # depthwise: g fixed
+        b = jax.nn.relu(conv(x, p["k2"]))
+        return jnp.concatenate([a, b], -1).mean((1, 2)) @ p["w"]
+
+    x = jnp.ones((2, 5, 5, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gs = structure.groups(f, p, x, prunable_only=True)
+        masks = structure.select(gs, jp.criteria.magnitude(p), 0.5)
+        with pytest.raises(
+            ValueError, match=r"one group .* already breaks it: dw\[3\], k1\[3\], w\[0\]\. It holds"
+        ):
+            jp.shrink(f, p, masks, x)

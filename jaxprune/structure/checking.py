@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxprune._tree import leaves_with_paths, path_str
 from jaxprune.structure.evaluate import run_once
-from jaxprune.structure.graph import Group, find_groups
+from jaxprune.structure.graph import Group, channel_indices, find_groups
 from jaxprune.structure.program import Program
 
 
@@ -194,7 +194,11 @@ def _culprits(check, params, removed, prog) -> tuple[list[Group], int]:
         tried += 1
         one = [np.ones(np.shape(x), bool) for _, x in flat]
         for m in g.members:
-            idx = sorted(removed.get((m.leaf, m.axis), ()))
+            # Only this group's channels: an axis shared with another group (both
+            # halves of a concatenation feeding one kernel) holds theirs too.
+            size = np.shape(flat[m.leaf][1])[m.axis]
+            mine = {i for c in range(g.channels) for i in channel_indices(m.layout, size, c)}
+            idx = sorted(set(removed.get((m.leaf, m.axis), ())) & mine)
             if idx:
                 sl = [slice(None)] * one[m.leaf].ndim
                 sl[m.axis] = idx

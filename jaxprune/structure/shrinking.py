@@ -105,12 +105,52 @@ def _pads(e: Eqn) -> bool:
     return False
 
 
+# Sums and products along an axis, and their running forms: on a nonzero constant
+# their result depends on the axis' length (or, running, on the position).
+_SIZED = ("reduce_sum", "reduce_prod", "cumsum", "cumprod")
+
+
+def _sized(prog: Program, i: int, consumers: dict[int, list[int]]) -> bool:
+    """Whether equation ``i`` turns a nonzero constant into one that depends on a size.
+
+    ``x.sum(1)`` of a constant ``c`` is ``T * c``, with ``T`` the example's
+    length: folded into a bias, it would be right at that length only (a sum
+    pool over a variable number of tokens). A mean (a sum whose every use
+    divides it by the summed size, ``jnp.mean``'s form, or multiplies it by its
+    inverse) keeps a constant constant at any size.
+    """
+    e = prog.eqns[i]
+    if e.prim.name not in _SIZED:
+        return False
+    if e.prim.name != "reduce_sum":
+        return True
+    shape = prog.shapes[e.ins[0]]
+    n = float(np.prod([shape[a] for a in e.params["axes"]]))
+    users = consumers.get(e.outs[0], [])
+
+    def scales_by_inverse(j: int) -> bool:
+        u = prog.eqns[j]
+        if u.prim.name not in ("div", "mul") or len(u.ins) != 2:
+            return False
+        other = u.ins[1] if u.ins[0] == e.outs[0] else u.ins[0]
+        if u.prim.name == "div" and u.ins[0] != e.outs[0]:
+            return False
+        c = prog.consts.get(other)
+        if c is None or np.size(c) != 1:
+            return False
+        v = float(np.asarray(c).reshape(()))
+        return abs(v - n) <= 1e-6 * n if u.prim.name == "div" else abs(v * n - 1) <= 1e-6
+
+    return not (users and all(scales_by_inverse(j) for j in users))
+
+
 def _border_aware(prog: Program) -> tuple[Program, dict[int, list[int]], list[np.ndarray]]:
     """Returns ``(program, index map, extra inputs)``: ``prog`` for the evaluator.
 
     The evaluator calls an entry constant when no model input reaches it. A
     padded op (:func:`_pads`) applied to a nonzero constant gives a constant
-    that differs at the borders, so folding it later (e.g. after a global mean)
+    that differs at the borders, and a sum along an axis (:func:`_sized`) one
+    that grows with its length, so folding it later (e.g. after a global mean)
     would only be right at the example's input size. Each such ``y = op(x, ...)``
     becomes ``y = op(x, ...) + op(x * z, ...)`` with ``z`` an extra all-zero
     input: the value is unchanged, and wherever a nonzero constant entry of
@@ -134,8 +174,12 @@ def _border_aware(prog: Program) -> tuple[Program, dict[int, list[int]], list[np
         extra.append(np.zeros(shapes[like], dtypes[like]))
         return z
 
+    consumers: dict[int, list[int]] = {}
     for i, e in enumerate(prog.eqns):
-        if not _pads(e):
+        for v in e.ins:
+            consumers.setdefault(v, []).append(i)
+    for i, e in enumerate(prog.eqns):
+        if not (_pads(e) or _sized(prog, i, consumers)):
             index[i] = [len(eqns)]
             eqns.append(e)
             continue
