@@ -155,6 +155,10 @@ def one_program(fn: Callable, *args: Any) -> Any:
 _PROGRAMS: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
 _PROGRAMS_LOCK = threading.Lock()
 MAX_PROGRAMS = 16
+# A program whose text is longer than this (arrays closed over, a user's frozen
+# weights, are baked into it as constants, two hex digits a byte) is not kept: the
+# cache would hold them after the user drops them.
+MAX_KEPT_TEXT_BYTES = 16 * 2**20
 
 
 def _content_key(
@@ -172,7 +176,9 @@ def _content_key(
     count too.
 
     ``None`` (no program of another function may run) where the text does not
-    say everything the program does: it calls back into Python
+    say everything the program does, or where its text is longer than
+    ``MAX_KEPT_TEXT_BYTES`` (it embeds large arrays the function closes over,
+    which a kept program would hold after the user drops them): it calls back into Python
     (``jax.debug.print``, ``jax.pure_callback``: the text holds the callback's
     index, not the function), or it reads or writes ``jax.Ref`` s (the
     compiled program holds the ones closed over), or JAX's lowering does not
@@ -188,6 +194,9 @@ def _content_key(
     ):
         return None
     text = lowered.as_text()
+    if len(text) > MAX_KEPT_TEXT_BYTES:
+        # Large closed-over arrays are in the text: kept, the cache would hold them.
+        return None
     shardings = tuple(getattr(x, "sharding", None) for x in jax.tree.leaves((args, kwargs)))
     return (
         hashlib.sha256(text.encode()).hexdigest(),
@@ -281,7 +290,9 @@ def jit_by_content(fn: Callable) -> Callable:
     last ``MAX_PROGRAMS`` compiled: found, that program runs, for this call and
     the next ones while the arguments and settings are the same
     (:func:`_signature`); not found, ``fn`` compiles, and
-    later calls take ``jax.jit``'s own path. Unused arguments are kept
+    later calls take ``jax.jit``'s own path. A program that embeds large
+    arrays it closes over (see :func:`_content_key`) is neither looked up nor
+    kept, so the cache never holds a user's large arrays. Unused arguments are kept
     (``keep_unused=True``), so that one program text means one use of the
     arguments.
     """

@@ -222,8 +222,7 @@ def _unit_sums(
                 "functools.partial(jp.criteria.taylor, unit_axis=0, stacked=...).",
                 stacklevel=3,
             )
-        elif bias is not None and ax == nd - 1 and name != "weight":
-            # (A `weight`'s last axis is its inputs: a square one's bias fits it too.)
+        elif bias is not None and ax == nd - 1:
             if bias.shape == prod.shape[:k] + (prod.shape[ax],):
                 total = total + bias.reshape(total.shape)
             elif (

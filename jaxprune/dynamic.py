@@ -400,7 +400,8 @@ def rigl(
     """Returns ``tx`` trained sparse with RigL: drop by |w|, regrow by |dense gradient|.
 
     Every ``update_every`` steps before ``end_step``, each prunable leaf drops
-    ``floor(f(t) * active)`` active weights of smallest magnitude, with the
+    ``floor(f(t) * active)`` active weights of smallest magnitude (the product
+    in float32: ``0.13 * 900`` is ``116.99999`` there, so 116), with the
     cosine fraction ``f(t) = drop_fraction / 2 * (1 + cos(pi t / end_step))``,
     and regrows as many inactive ones with the largest dense gradient
     (``regrow="random"`` draws them at random instead; the candidates include
@@ -552,7 +553,8 @@ def set(  # noqa: A001 (the algorithm's name; the builtin is not used in this mo
     """Returns ``tx`` trained sparse with SET: drop a constant fraction by |w|, regrow at random.
 
     Every ``update_every`` steps (the paper: each epoch) each prunable leaf
-    drops ``floor(drop_fraction * active)`` weights closest to zero and regrows
+    drops ``floor(drop_fraction * active)`` weights closest to zero (the
+    product in float32, as in :func:`rigl`) and regrows
     as many at random; regrown weights start at 0 with reset moments. See
     :func:`rigl` for the arguments (``stacked`` included: each layer of a
     stack drops and regrows its own ``floor(drop_fraction * active)``),

@@ -435,7 +435,7 @@ def hard_masks(
       >>> masks = gates.hard_masks(m)
       >>> masks["layers"][0]["bias"].tolist(), masks["layers"][0]["kernel"][0].tolist()
       ([True, False, True], [True, False, True])
-      >>> bool(masks["layers"][1]["kernel"])  # an ungated layer is kept whole
+      >>> bool(masks["layers"][1]["kernel"].get_value())  # an ungated layer is kept whole
       True
     """
     layers = gated_layers(model)

@@ -403,6 +403,13 @@ def _masks(eqn, ins: list, shape: tuple, density: dict[str, float]) -> str | Non
 
 
 def _flops(apply_fn, params, inputs, density: dict[str, float]) -> dict[str, float]:
+    # A fresh function each call: jax caches traces by the function's identity, and
+    # apply_fn may read state that changed since (a flag, a model switched to eval).
+    user_fn = apply_fn
+
+    def apply_fn(*args):
+        return user_fn(*args)
+
     lowered = jax.jit(apply_fn).lower(params, *inputs)
     # The lowered (whole-program) module's cost: the compiled one's is per device,
     # so 1/8 of the model's on 8 devices when params or inputs are sharded.

@@ -170,7 +170,10 @@ def nm(
                 )
         if n is not None and not isinstance(sparsity, jax.core.Tracer):
             s = float(sparsity)
-            if round(s * m) > m - n:
+            # Warned when the floor silently lowers a sparsity that would leave every
+            # group something; one that would empty them (round(s * m) == m) is what
+            # a floor is for (the warning above suggests one).
+            if m - n < round(s * m) < m:
                 warnings.warn(
                     f"nm(sparsity={s:g}, n={n}, m={m}) would drop round({s:g} * {m}) = "
                     f"{round(s * m)} of every group of {m}, but the floor n={n} caps it at "

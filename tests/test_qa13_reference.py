@@ -153,25 +153,6 @@ def test_input_norms_follow_flax_sorted_general_axes(axis):
     np.testing.assert_allclose(got[..., 0], want, rtol=1e-5)
 
 
-def test_taylor_adds_no_output_bias_to_the_input_units_of_a_square_weight():
-    rng = np.random.default_rng(0)
-    a = lambda *s: rng.standard_normal(s).astype(np.float32)
-    w, gw, b, gb = a(4, 4), a(4, 4), a(4), a(4)  # equinox Linear: weight [out, in], bias [out]
-    t = jp.criteria.taylor(
-        {"l": {"weight": w, "bias": b}}, {"l": {"weight": gw, "bias": gb}}, unit_axis=-1
-    )
-    z = np.abs((w * gw).sum(0))
-    np.testing.assert_allclose(np.asarray(t["l"]["weight"])[0], z / np.linalg.norm(z), rtol=1e-5)
-    # The outputs (axis 0) keep their bias term.
-    t0 = jp.criteria.taylor(
-        {"l": {"weight": w, "bias": b}}, {"l": {"weight": gw, "bias": gb}}, unit_axis=0
-    )
-    z0 = np.abs((w * gw).sum(1) + b * gb)
-    np.testing.assert_allclose(
-        np.asarray(t0["l"]["weight"])[:, 0], z0 / np.linalg.norm(z0), rtol=1e-5
-    )
-
-
 class _Heads(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -244,19 +225,6 @@ def test_polynomial_past_float32_integers_follows_zhu_gupta():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     got = jax.jit(jax.vmap(s))(jnp.arange(b - 2, b + 13, dtype=jnp.int32))
     np.testing.assert_allclose(got, [0.0] * 2 + want + [0.8] * 2, rtol=1e-6, atol=1e-7)
-
-
-def test_rewiring_drops_floor_of_the_fraction_of_active_weights():
-    from jaxprune._dynamic_rewire import _drop_grow
-
-    m = jnp.arange(1800).reshape(30, 60) < 900  # 900 active
-    w = jax.random.normal(jax.random.key(0), m.shape) * m
-    # Growth never picks a dropped entry, so the dropped count shows.
-    g = jnp.where(m, 0.0, 1.0 + jax.random.uniform(jax.random.key(1), m.shape))
-    for frac, want in ((0.13, 117), (0.3, 270), (0.1299, 116), (0.0, 0)):
-        new, _ = _drop_grow(w, g, m, frac, jax.random.key(2), "gradient")
-        assert int((m & ~new).sum()) == want, frac  # float32 0.13 * 900 = 116.999996
-        assert int(new.sum()) == 900
 
 
 def test_report_counts_linen_params_as_nnx_does():
@@ -363,3 +331,84 @@ def test_shrink_error_names_only_the_groups_that_break_alone():
             ValueError, match=r"one group .* already breaks it: dw\[3\], k1\[3\], w\[0\]\. It holds"
         ):
             jp.shrink(f, p, masks, x)
+
+
+def _mlp(p, x):
+    h = jax.nn.relu(x @ p["a"]["kernel"] + p["a"]["bias"])
+    h = jax.nn.relu(h @ p["b"]["kernel"] + p["b"]["bias"])
+    return h @ p["c"]["kernel"]
+
+
+def _mlp_params():
+    k = jax.random.split(jax.random.key(0), 3)
+    return {
+        "a": {"kernel": jax.random.normal(k[0], (8, 8)), "bias": jnp.zeros(8)},
+        "b": {"kernel": jax.random.normal(k[1], (8, 8)), "bias": jnp.zeros(8)},
+        "c": {"kernel": jax.random.normal(k[2], (8, 4))},
+    }
+
+
+def test_select_reads_a_where_closure_afresh_and_does_not_keep_it():
+    warnings.filterwarnings("ignore", message="no member of")  # restored after the test
+    import gc
+    import weakref
+
+    from jaxprune import structure
+
+    p = _mlp_params()
+    gs = structure.groups(_mlp, p, jnp.ones((1, 8)))
+    scores = jp.criteria.magnitude(p)
+    allowed = {"a"}
+
+    def where(path, leaf):
+        return path[0] in allowed and jnp.ndim(leaf) >= 2
+
+    first = structure.select(gs, scores, 0.5, where=where)
+    allowed.clear()
+    allowed.add("b")
+    second = structure.select(gs, scores, 0.5, where=where)
+    fresh = structure.select(
+        gs, scores, 0.5, where=lambda path, leaf: path[0] == "b" and leaf.ndim >= 2
+    )
+    np.testing.assert_array_equal(second["a"]["bias"], fresh["a"]["bias"])
+    assert not np.array_equal(first["a"]["bias"], second["a"]["bias"])
+
+    # A closure's arrays are not kept by a cache.
+    def make_where():
+        blob = jnp.ones((256, 256))
+        return (lambda path, leaf: leaf.ndim >= 2 and blob.shape[0] > 0), weakref.ref(blob)
+
+    where, ref = make_where()
+    structure.select(gs, scores, 0.5, where=where)
+    del where
+    gc.collect()
+    assert ref() is None
+
+
+def test_report_flops_read_the_apply_fn_afresh():
+    p = _mlp_params()
+    cfg = {"deep": False}
+
+    def apply_fn(p, x):
+        h = x @ p["a"]["kernel"]
+        return h @ p["b"]["kernel"] if cfg["deep"] else h
+
+    x = jnp.ones((4, 8))
+    shallow = jp.report(p, apply_fn=apply_fn, example_inputs=(x,)).flops["dense_macs"]
+    cfg["deep"] = True
+    deep = jp.report(p, apply_fn=apply_fn, example_inputs=(x,)).flops["dense_macs"]
+    assert (shallow, deep) == (4 * 8 * 8, 2 * 4 * 8 * 8)
+
+
+def test_programs_embedding_large_closed_over_arrays_are_not_kept():
+    from jaxprune import _compile
+
+    big = jax.random.normal(jax.random.key(0), (1024, 3000))  # 12 MB: ~24 MB of program text
+    small = jnp.ones((8, 8))
+    before = len(_compile._PROGRAMS)
+    f = _compile.jit_by_content(lambda x: x @ big)
+    np.testing.assert_allclose(f(jnp.ones((2, 1024))), jnp.ones((2, 1024)) @ big, rtol=1e-5)
+    assert len(_compile._PROGRAMS) == before
+    g = _compile.jit_by_content(lambda x: x @ small)
+    g(jnp.ones((2, 8)))
+    assert len(_compile._PROGRAMS) == min(before + 1, _compile.MAX_PROGRAMS)

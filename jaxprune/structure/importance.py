@@ -29,7 +29,7 @@ from jaxprune._tree import (
     path_str,
     prunable_flags,
 )
-from jaxprune.structure.evaluate import run_cached
+from jaxprune.structure.evaluate import run_cached, run_once
 from jaxprune.structure.graph import Group, channel_indices, find_groups
 from jaxprune.structure.isomorphic import isomorphic_classes
 from jaxprune.structure.program import trace
@@ -431,13 +431,17 @@ def _select_warned(
             tuple(groups), scores, counts, reduce, where, scope, max_sparsity, round_to, normalize
         )
     else:
-        masks, keeps = run_cached(
+        # The program is cached by its static arguments: a user's `where` enters as
+        # the flags it gives now (a closure's later changes, and what it holds, are
+        # not kept), and a user's `reduce` function is traced afresh every call.
+        run = run_once if callable(reduce) else run_cached
+        masks, keeps = run(
             _select_impl,
             tuple(groups),
             scores,
             counts,
             reduce,
-            where,
+            None if where is None else tuple(prunable_flags(scores, where)),
             scope,
             max_sparsity,
             round_to,
@@ -501,13 +505,14 @@ def _select_impl(
 ):
     """Masks of :func:`select`; with ``keeps``, also ``{group index: keep-vector}``.
 
-    ``counts``: :func:`_drop_counts` of the prunable groups.
+    ``counts``: :func:`_drop_counts` of the prunable groups. ``where`` may be
+    the flags it gives, a tuple of bools (what the cached program is keyed on).
     """
     # One compiled program instead of thousands of eager ops (topk, scatters per member).
     # ``groups`` are aligned on ``scores`` already (select did it).
     live = [i for i, g in enumerate(groups) if g.prunable]
     flat, _ = leaves_with_paths(scores)
-    flags = prunable_flags(scores, where)
+    flags = list(where) if isinstance(where, tuple) else prunable_flags(scores, where)
     imps = _summed([groups[i] for i in live], flat, flags, _reducer(reduce))
     if scope == "global":
         imps = [_normalized(v, normalize) for v in imps]
