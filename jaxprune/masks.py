@@ -19,6 +19,7 @@ sparsity argument and its exact counts, in :mod:`jaxprune._counts`;
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any
@@ -228,10 +229,21 @@ def global_topk(
     elif max_sparsity is None:
         kept = _select_scores(leaves, count)
     else:
-        caps = [_cap(max_sparsity, x.size) for x in leaves]
-        keys = _capped_keys([ordered_keys(x) for x in leaves], caps)
-        kept = _select(keys, jnp.minimum(count, sum(caps)))
+        caps = tuple(_cap(max_sparsity, x.size) for x in leaves)
+        kept = _capped_select(leaves, caps, count)
     return _assemble(scores, flags, {**_empty(flat, flags), **dict(zip(idx, kept, strict=True))})
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _capped_select(leaves: list[jax.Array], caps: tuple[int, ...], count: Any) -> list[jax.Array]:
+    """:func:`global_topk`'s keep-masks with at most ``caps[i]`` pruned in leaf ``i``.
+
+    One program: called eagerly, the keys' element-wise operations and the
+    per-leaf cap searches would otherwise compile one small program each per
+    leaf shape (235 for a ResNet-50's 54 kernels).
+    """
+    keys = _capped_keys([ordered_keys(x) for x in leaves], list(caps))
+    return _select(keys, jnp.minimum(count, sum(caps)))
 
 
 def _capped_keys(keys: list[jax.Array], caps: list[int]) -> list[jax.Array]:
