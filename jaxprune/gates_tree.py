@@ -159,7 +159,9 @@ def init_gates(
         such a kernel from an ordinary conv's, so the gates would silently
         tie unrelated channels together. Leave them out with ``where``
         (:func:`linen_apply` and nnx :func:`~jaxprune.gates.attach` refuse
-        them).
+        them). A general linear kernel ``[in, heads, head_dim]``
+        (``DenseGeneral``, attention's q/k/v), told by its bias ``[heads,
+        head_dim]``, is refused: its axis -2 holds output heads.
 
     Per-unit gates take a kernel's last axis as its output units (flax's
     ``[..., in, out]``; haiku's ``w`` too). A kernel stored ``[out, in]``
