@@ -193,10 +193,8 @@ def check_template(specs: list, template: Any, name: str, where: pathlib.Path):
         got = by_path[k].get("packed_mask")  # absent in steps saved before it was recorded
         if got is not None and k in packed and got != packed[k] and k not in differ:
             differ.append(k)
-            saved[k] = f"bits of a packed {describe({'shape': got[0], 'dtype': 'bool'})} mask"
-            wanted[k] = (
-                f"bits of a packed {describe({'shape': packed[k][0], 'dtype': 'bool'})} mask"
-            )
+            saved[k] = f"bits of a packed bool{list(got[0])} mask"
+            wanted[k] = f"bits of a packed bool{list(packed[k][0])} mask"
             if got[0] == packed[k][0]:  # same shape, another packed axis
                 saved[k] += f" (axis {got[1]})"
                 wanted[k] += f" (axis {packed[k][1]})"

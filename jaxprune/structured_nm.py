@@ -158,9 +158,10 @@ def nm(
                 "(with where=)."
             )
         _counts._check_sparsity(sparsity)
-        if n is None and not isinstance(sparsity, jax.core.Tracer):
+        if not isinstance(sparsity, jax.core.Tracer):
             s = float(sparsity)
-            if s < 1.0 and round(s * m) >= m:
+            drop = round(s * m)
+            if n is None and s < 1.0 and drop >= m:
                 warnings.warn(
                     f"nm(sparsity={s:g}, n=None, m={m}) drops round({s:g} * {m}) = {m} of every "
                     f"group of {m}: every selected leaf is emptied. nm rounds per group, so "
@@ -168,17 +169,15 @@ def nm(
                     f"per group), a larger m, or a sparsity below {(m - 0.5) / m:g}.",
                     stacklevel=3,
                 )
-        if n is not None and not isinstance(sparsity, jax.core.Tracer):
-            s = float(sparsity)
-            # Warned when the floor silently lowers a sparsity that would leave every
-            # group something; one that would empty them (round(s * m) == m) is what
-            # a floor is for (the warning above suggests one).
-            if m - n < round(s * m) < m:
+            # The floor silently lowering a sparsity that would leave every group
+            # something; one that would empty them (drop == m) is what a floor is for
+            # (the warning above suggests one).
+            if n is not None and m - n < drop < m:
                 warnings.warn(
                     f"nm(sparsity={s:g}, n={n}, m={m}) would drop round({s:g} * {m}) = "
-                    f"{round(s * m)} of every group of {m}, but the floor n={n} caps it at "
+                    f"{drop} of every group of {m}, but the floor n={n} caps it at "
                     f"{m - n} (sparsity {(m - n) / m:g}). Fix: n=None for no floor, or a "
-                    f"smaller n (n={max(m - round(s * m), 0)} reaches it).",
+                    f"smaller n (n={m - drop} reaches it).",
                     stacklevel=3,
                 )
     if axis is not None and not callable(axis) and as_int(axis) is None:

@@ -415,6 +415,8 @@ def _select_warned(
     traced = isinstance(sparsity, jax.core.Tracer) or any(
         isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(scores)
     )
+    # The prunable leaves, for the eager program's key and the warnings below.
+    flags = None if traced else prunable_flags(scores, where)
     if _explicit_axes(scores) is not None:
         # Explicit mesh axes (jax.make_mesh's default) refuse the gathers of the group
         # scores: run with them Auto, the masks typed like the scores.
@@ -441,7 +443,7 @@ def _select_warned(
             scores,
             counts,
             reduce,
-            None if where is None else tuple(prunable_flags(scores, where)),
+            tuple(flags),
             scope,
             max_sparsity,
             round_to,
@@ -452,7 +454,6 @@ def _select_warned(
         masks = _placed_like(masks, scores)  # eager masks of sharded scores: sharded like them
     if round_to is not None and scope == "layer" and isinstance(sparsity, int | float):
         _warn_round_to_cancels(groups, keeps, sparsity, int(round_to), max_sparsity)
-    flags = prunable_flags(scores, where)
     voted = {i for i in keeps if any(flags[m.leaf] for m in groups[i].members)}
     unvoted = {i: k for i, k in keeps.items() if i not in voted}
     if not warn_unvoted:
