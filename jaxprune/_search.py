@@ -331,8 +331,9 @@ def _sample_bracket(K, k):
     sample = [_strided_sample(x, stride) for x in K.fresh()]
     if len(sample) > 1:
         # One stored array: the two searches below then count it with one
-        # reduction per probe, not one per leaf, which made XLA compile a global
-        # search over a ResNet-50's 54 kernels about twice as long.
+        # reduction per probe, not one per leaf (XLA compiles each apart: a
+        # train step with a global refresh of a ResNet-50's 54 kernels took
+        # 15.6-17.2 s to compile, against 13.3-15.2 s; BENCHMARKS.md).
         sample = [jnp.concatenate([x.reshape(-1) for x in sample])]
     n_s = sum(x.size for x in sample)
     q = k.astype(jnp.float32) / n

@@ -3,7 +3,6 @@
 import re
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -11,6 +10,7 @@ import pytest
 
 import jaxprune as jp
 from tests._invariants import check_transform, small_params
+from tests._jaxprs import count
 
 STEPS = 7
 
@@ -50,15 +50,6 @@ def _equal(a, b):
 def _assert_close(a, b, **tol):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, **tol)
-
-
-def _count_conds(jaxpr):
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "cond"
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            n += _count_conds(sub)
-    return n
 
 
 def test_invariant_suite_with_skip_inner_on_refresh():
@@ -156,9 +147,9 @@ def test_the_flag_adds_one_cond_only_when_true():
         jaxpr(_tx(skip_inner_on_refresh=False)),
         jaxpr(_tx(skip_inner_on_refresh=True)),
     )
-    assert _count_conds(off.jaxpr) == _count_conds(plain.jaxpr)
+    assert count(off, "cond") == count(plain, "cond")
     assert str(off) == str(plain)
-    assert _count_conds(on.jaxpr) == _count_conds(plain.jaxpr) + 1
+    assert count(on, "cond") == count(plain, "cond") + 1
 
 
 def test_default_is_bitwise_the_unflagged_transform():

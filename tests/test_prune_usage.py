@@ -11,6 +11,7 @@ import pytest
 
 import jaxprune as jp
 from jaxprune import structure
+from tests._jaxprs import count
 
 
 def _params():
@@ -135,19 +136,6 @@ def test_usage_errors_name_argument_value_and_fix():
         optax.inject_hyperparams(jp.prune)(tx=optax.sgd(0.1), sparsity=0.5).init(p)
 
 
-def _count_prims(jaxpr, name):
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == name
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    n += _count_prims(sub.jaxpr, name)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    n += _count_prims(sub, name)
-    return n
-
-
 def test_layer_scope_refresh_traces_each_leaf_alone():
     # Each leaf's search reads only its own scores: the traced refresh grows
     # linearly with the number of leaves (it was quadratic: 42 s to lower the
@@ -156,7 +144,7 @@ def test_layer_scope_refresh_traces_each_leaf_alone():
         p = {f"l{i}": jnp.ones((8, 8)) for i in range(n_leaves)}
         sched = jp.schedules.polynomial(0.0, 0.5, 0, 10, frequency=2)
         tx = jp.prune(optax.sgd(0.1), sparsity=sched)
-        return _count_prims(jax.make_jaxpr(tx.update)(p, tx.init(p), p).jaxpr, "abs")
+        return count(jax.make_jaxpr(tx.update)(p, tx.init(p), p), "abs")
 
     a4, a8 = abs_ops(4), abs_ops(8)
     assert a8 <= 2 * a4 + 2, (a4, a8)

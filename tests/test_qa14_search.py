@@ -9,34 +9,17 @@ refresh of a ResNet-50's 54 kernels compiles in 13.3-15.2 s against
 """
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
 import jaxprune as jp
+from tests._jaxprs import count, equations
 
 
 def _loop_reductions(jaxpr) -> list[int]:
     """The number of ``reduce_sum`` operations in each while loop's body, nested ones included."""
-    found = []
-
-    def count(jx) -> int:
-        n = 0
-        for eqn in jx.eqns:
-            n += eqn.primitive.name == "reduce_sum"
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                n += count(sub)
-        return n
-
-    def walk(jx):
-        for eqn in jx.eqns:
-            if eqn.primitive.name == "while":
-                found.append(count(eqn.params["body_jaxpr"].jaxpr))
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jaxpr.jaxpr)
-    return sorted(found)
+    loops = [e for e in equations(jaxpr) if e.primitive.name == "while"]
+    return sorted(count(e.params["body_jaxpr"], "reduce_sum") for e in loops)
 
 
 def _leaves(n: int) -> list[jax.Array]:
