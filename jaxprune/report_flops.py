@@ -403,14 +403,10 @@ def _masks(eqn, ins: list, shape: tuple, density: dict[str, float]) -> str | Non
 
 
 def _flops(apply_fn, params, inputs, density: dict[str, float]) -> dict[str, float]:
-    # A fresh function each call: jax caches traces by the function's identity, and
-    # apply_fn may read state that changed since (a flag, a model switched to eval).
-    user_fn = apply_fn
-
-    def apply_fn(*args):
-        return user_fn(*args)
-
-    lowered = jax.jit(apply_fn).lower(params, *inputs)
+    # Traced through a fresh function each call: jax caches traces by the function's
+    # identity, and apply_fn may read state that changed since (a flag, eval mode).
+    fresh = lambda *args: apply_fn(*args)  # noqa: E731
+    lowered = jax.jit(fresh).lower(params, *inputs)
     # The lowered (whole-program) module's cost: the compiled one's is per device,
     # so 1/8 of the model's on 8 devices when params or inputs are sharded.
     cost = lowered.cost_analysis()
@@ -421,7 +417,7 @@ def _flops(apply_fn, params, inputs, density: dict[str, float]) -> dict[str, flo
         if isinstance(cost, list | tuple):
             cost = cost[0] if cost else {}
     xla = float((cost or {}).get("flops", math.nan))
-    closed = jax.make_jaxpr(apply_fn)(params, *inputs)
+    closed = jax.make_jaxpr(fresh)(params, *inputs)
     flat, _ = leaves_with_paths(params)
     # The jaxpr's inputs are the params' leaves, then the example inputs.
     invars = closed.jaxpr.invars[: len(flat)]

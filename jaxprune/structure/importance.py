@@ -415,13 +415,15 @@ def _select_warned(
     traced = isinstance(sparsity, jax.core.Tracer) or any(
         isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(scores)
     )
-    # The prunable leaves, for the eager program's key and the warnings below.
-    flags = None if traced else prunable_flags(scores, where)
+    # The prunable leaves, which the selection takes in place of `where`: the cached
+    # eager program is keyed on them (a closure's later changes, and what it holds,
+    # are not kept), and the warnings below read them.
+    flags = tuple(prunable_flags(scores, where))
     if _explicit_axes(scores) is not None:
         # Explicit mesh axes (jax.make_mesh's default) refuse the gathers of the group
         # scores: run with them Auto, the masks typed like the scores.
         def impl(s, c):
-            args = (reduce, where, scope, max_sparsity, round_to, normalize, not traced)
+            args = (reduce, flags, scope, max_sparsity, round_to, normalize, not traced)
             return _select_impl(tuple(groups), s, c, *args)
 
         out = _keeps_layout(impl)(scores, counts)
@@ -430,12 +432,11 @@ def _select_warned(
         masks, keeps = out
     elif traced:
         return _select_impl(
-            tuple(groups), scores, counts, reduce, where, scope, max_sparsity, round_to, normalize
+            tuple(groups), scores, counts, reduce, flags, scope, max_sparsity, round_to, normalize
         )
     else:
-        # The program is cached by its static arguments: a user's `where` enters as
-        # the flags it gives now (a closure's later changes, and what it holds, are
-        # not kept), and a user's `reduce` function is traced afresh every call.
+        # The program is cached by its static arguments; a user's `reduce` function
+        # is traced afresh every call.
         run = run_once if callable(reduce) else run_cached
         masks, keeps = run(
             _select_impl,
@@ -443,7 +444,7 @@ def _select_warned(
             scores,
             counts,
             reduce,
-            tuple(flags),
+            flags,
             scope,
             max_sparsity,
             round_to,
@@ -497,7 +498,7 @@ def _select_impl(
     scores,
     counts,
     reduce,
-    where,
+    flags,
     scope,
     max_sparsity=None,
     round_to=None,
@@ -506,14 +507,13 @@ def _select_impl(
 ):
     """Masks of :func:`select`; with ``keeps``, also ``{group index: keep-vector}``.
 
-    ``counts``: :func:`_drop_counts` of the prunable groups. ``where`` may be
-    the flags it gives, a tuple of bools (what the cached program is keyed on).
+    ``counts``: :func:`_drop_counts` of the prunable groups; ``flags``: a tuple
+    with one bool per leaf of ``scores``, ``where``'s (:func:`prunable_flags`).
     """
     # One compiled program instead of thousands of eager ops (topk, scatters per member).
     # ``groups`` are aligned on ``scores`` already (select did it).
     live = [i for i, g in enumerate(groups) if g.prunable]
     flat, _ = leaves_with_paths(scores)
-    flags = list(where) if isinstance(where, tuple) else prunable_flags(scores, where)
     imps = _summed([groups[i] for i in live], flat, flags, _reducer(reduce))
     if scope == "global":
         imps = [_normalized(v, normalize) for v in imps]
