@@ -43,6 +43,9 @@ from jaxprune._mask_apply import apply_masks
 from jaxprune._search import (
     _explicit_axes,
     _flat_index,
+    _half_of,
+    _keys_as,
+    _score_keys,
     _select,
     _select_scores,
     kth_smallest_keys,
@@ -98,6 +101,8 @@ def topk(scores: Any, sparsity: Any, *, where: Where | None = None) -> Any:
     order. Scores are ranked by their float32 bits (:func:`ordered_keys`), so
     ``-0.0`` ranks below ``+0.0`` and is pruned first: they do not tie (this
     matters for signed criteria, e.g. the movement score of a zero weight).
+    bfloat16 and float16 scores rank as their float32 values do, and are
+    searched on 16-bit keys of the same order (same masks, fewer probes).
     Leaves not selected get a scalar ``True`` (keep everything). A concrete
     sparsity below 1 that rounds to a whole leaf (0.95 of 10 entries) prunes
     all of it, with a warning naming the leaf.
@@ -242,7 +247,7 @@ def _capped_select(leaves: list[jax.Array], caps: tuple[int, ...], count: Any) -
     per-leaf cap searches would otherwise compile one small program each per
     leaf shape (235 for a ResNet-50's 54 kernels).
     """
-    keys = _capped_keys([ordered_keys(x) for x in leaves], list(caps))
+    keys = _capped_keys(_score_keys(leaves), list(caps))
     return _select(keys, jnp.minimum(count, sum(caps)))
 
 
@@ -373,20 +378,25 @@ def fused_select(
             "scores. Fix: one number of leading layer axes per leaf (0: not stacked)."
         )
 
-    def keys_of(chosen):
+    def keys_of(chosen, half):
+        # half: the 16-bit dtype of the pool the keys are searched in, if any (_half_of).
         def fn(s):
             leaves = [x for _, x in leaves_with_paths(score_fn(s))[0]]
-            return [ordered_keys(leaves[i]) for i in chosen]
+            return [_keys_as(leaves[i], half) for i in chosen]
 
         return fn
 
     size = {i: math.prod(flat[i][1].shape) for i in idx}
+
+    def half_of(chosen):
+        return _half_of(flat[i][1].dtype for i in chosen)
+
     if scope == "layer":
         per_leaf = _per_leaf_sparsity(shapes, sparsity, flags)
         if leaf_srcs is not None:
 
             def leaf_keys(s):
-                return [ordered_keys(score_fn(s))]
+                return _score_keys([score_fn(s)])
 
             def layers_keep(src, k, count):
                 # Sources cut into their layers, one batched search over them.
@@ -403,7 +413,8 @@ def fused_select(
                     keeps[i] = select_keys(leaf_keys, leaf_srcs[i], _count(per_leaf[i], size[i]))[0]
         else:
             keeps = {
-                i: select_keys(keys_of([i]), src, _count(per_leaf[i], size[i]))[0] for i in idx
+                i: select_keys(keys_of([i], half_of([i])), src, _count(per_leaf[i], size[i]))[0]
+                for i in idx
             }
     elif scope == "global":
         _check_sparsity(sparsity, tree_ok=False)
@@ -411,7 +422,8 @@ def fused_select(
         _check_global_total(n)
         idx = [i for i in idx if size[i]]
         count = _count(sparsity, n)
-        keys_fn = keys_of(idx)
+        half = half_of(idx)
+        keys_fn = keys_of(idx, half)
         if max_sparsity is not None and _explicit_axes(src) is not None:
             # Explicit mesh axes: the stored scores' capped search, which runs
             # its searches with those axes made Auto.
@@ -431,7 +443,15 @@ def fused_select(
             caps = [_cap(max_sparsity, size[i] // layers[i]) for i in idx]
             deep = [depths[i] if depths else 0 for i in idx]
             keys_fn = _capped_keys_fn(
-                keys_of, score_fn, src, leaf_srcs, idx, caps, deep, shapes=flat, base=count
+                functools.partial(keys_of, half=half),
+                lambda s: _keys_as(score_fn(s), half),
+                src,
+                leaf_srcs,
+                idx,
+                caps,
+                deep,
+                shapes=flat,
+                base=count,
             )
             count = jnp.minimum(count, sum(c * layers[i] for i, c in zip(idx, caps, strict=True)))
         kept = select_keys(keys_fn, src, count) if idx else []
@@ -441,7 +461,7 @@ def fused_select(
     return _assemble(shapes, flags, keeps)
 
 
-def _capped_keys_fn(keys_of, score_fn, src, leaf_srcs, idx, caps, deep, *, shapes, base):
+def _capped_keys_fn(keys_of, leaf_keys, src, leaf_srcs, idx, caps, deep, *, shapes, base):
     """Returns the global search's keys with entries past their leaf's cap raised to the top.
 
     As :func:`_capped_keys`, but each leaf's ``cap`` lowest entries are marked
@@ -450,6 +470,9 @@ def _capped_keys_fn(keys_of, score_fn, src, leaf_srcs, idx, caps, deep, *, shape
     with ``deep[j] > 0`` leading layer axes is capped per layer: one vmapped
     search over its layers (``leaf_srcs`` needed), two scalars per layer.
     ``base``: the global count to prune, which salts the per-leaf reads.
+    ``keys_of(chosen)`` and ``leaf_keys(leaf_src)`` give keys in the global
+    search's key space (:func:`~jaxprune._search._keys_as`), so that each
+    leaf's cut compares with the keys the global search reads.
     """
     top = jnp.uint32(0xFFFFFFFF)
     cuts = []
@@ -463,7 +486,7 @@ def _capped_keys_fn(keys_of, score_fn, src, leaf_srcs, idx, caps, deep, *, shape
             continue
 
         def cut(s, cap=cap):
-            return select_cut(lambda s: [ordered_keys(score_fn(s))], s, cap, base)
+            return select_cut(lambda s: [leaf_keys(s)], s, cap, base)
 
         if not d:
             cuts.append((*cut(leaf_srcs[i]), 0))

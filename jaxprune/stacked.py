@@ -29,10 +29,12 @@ from jaxprune import _counts
 from jaxprune import masks as _masks
 from jaxprune._search import (
     _explicit_axes,
+    _half_of,
+    _keys_as,
     _on_auto_axes,
+    _score_keys,
     _select,
     _sharding_or_replicated,
-    ordered_keys,
 )
 from jaxprune._tree import (
     Path,
@@ -333,12 +335,13 @@ def _capped_global(
     flags = _layer_flags(flat, treedef, depths, where)[0]
     idx = [i for i, f in enumerate(flags) if f and math.prod(jnp.shape(flat[i][1]))]
     top = jnp.uint32(0xFFFFFFFF)
+    half = _half_of(jnp.result_type(flat[i][1]) for i in idx)  # one key space for the pool
     keys, caps, n = [], 0, 0
     for i in idx:
         x, k = jnp.asarray(flat[i][1]), depths[i]
         c = _counts._cap(cap, math.prod(x.shape[k:]))
         lowest = ~_keep_layers(x, jnp.int32(c), k, explicit)  # each layer's c lowest
-        keys.append(jnp.where(lowest, ordered_keys(x), top))
+        keys.append(jnp.where(lowest, _keys_as(x, half), top))
         caps += c * math.prod(x.shape[:k])
         n += x.size
     kept = _select(keys, jnp.minimum(_counts._count(sparsity, n), caps)) if idx else []
@@ -417,7 +420,7 @@ def _keep_per_layer(x: jax.Array, count: jax.Array, k: int) -> jax.Array:
     """
     layers, count = _layers_of(x, k), jnp.asarray(count)
     per = count.ndim > 0
-    keep = jax.vmap(lambda layer, c: _select([ordered_keys(layer)], c)[0], (0, 0 if per else None))
+    keep = jax.vmap(lambda layer, c: _select(_score_keys([layer]), c)[0], (0, 0 if per else None))
     return keep(layers, count.reshape(-1) if per else count).reshape(x.shape)
 
 

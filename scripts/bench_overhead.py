@@ -13,7 +13,10 @@ Side by side in one run, on CPU:
    leaf, as libraries that sort to refresh masks do) runs in the same harness
    for contrast.
 2. Selection time of ``jp.masks.topk`` / ``jp.masks.global_topk`` vs
-   ``jnp.argsort`` at 1M and 10M scores (medians of jitted calls).
+   ``jnp.argsort`` at 1M and 10M scores (medians of jitted calls); and
+   ``global_topk`` of the same scores in bfloat16, searched on 16-bit keys,
+   against the same bfloat16 scores cast to float32 (the float32 keys that
+   16-bit scores were searched on before; the same masks).
 
 Part 1 runs in several fresh processes (``--processes``, default 3), each
 with its own rounds, and reports every process's ratios and their median. On
@@ -193,12 +196,21 @@ def bench_selection(sizes: list[int], repeats: int) -> dict[str, dict[str, float
             x[n // 2 : 7 * n // 8].reshape(-1, 8),
             x[7 * n // 8 :].reshape(-1, 8),
         ]
+        half = [a.astype(jnp.bfloat16) for a in parts]
         fns = {
             "topk": (jax.jit(lambda s: jp.masks.topk({"w": s}, 0.9)), x.reshape(-1, 8)),
             "global_topk": (jax.jit(lambda p: jp.masks.global_topk(p, 0.9)), parts),
             # The per-leaf cap (no leaf emptied) costs one more search per leaf.
             "capped": (jax.jit(lambda p: jp.masks.global_topk(p, 0.9, max_sparsity=0.95)), parts),
             "argsort": (jax.jit(jnp.argsort), x),
+            # bfloat16 scores (ties at nearly every key): searched on their
+            # 16-bit keys, and cast to float32 first, which is how they were
+            # searched before (the same masks).
+            "bf16": (jax.jit(lambda p: jp.masks.global_topk(p, 0.9)), half),
+            "bf16_as_f32": (
+                jax.jit(lambda p: jp.masks.global_topk([a.astype(jnp.float32) for a in p], 0.9)),
+                half,
+            ),
         }
         res = {}
         for name, (f, arg) in fns.items():
@@ -212,6 +224,7 @@ def bench_selection(sizes: list[int], repeats: int) -> dict[str, dict[str, float
         res["argsort_over_topk"] = res["argsort_ms"] / res["topk_ms"]
         res["argsort_over_global_topk"] = res["argsort_ms"] / res["global_topk_ms"]
         res["capped_over_global_topk"] = res["capped_ms"] / res["global_topk_ms"]
+        res["bf16_as_f32_over_bf16"] = res["bf16_as_f32_ms"] / res["bf16_ms"]
         out[f"{n // 1_000_000}M"] = res
     return out
 
@@ -243,6 +256,12 @@ def print_selection(selection: dict) -> None:
             f"{n:<8}{r['topk_ms']:>10.2f}{r['global_topk_ms']:>16.2f}{r['argsort_ms']:>12.1f}"
             f"{r['argsort_over_global_topk']:>15.1f}x{r['capped_ms']:>11.2f}"
             f"{r['capped_over_global_topk']:>14.2f}x"
+        )
+    print(f"\n{'bfloat16':<8}{'global_topk ms':>16}{'as float32 ms':>15}{'ratio':>8}")
+    for n, r in selection.items():
+        print(
+            f"{n:<8}{r['bf16_ms']:>16.2f}{r['bf16_as_f32_ms']:>15.2f}"
+            f"{r['bf16_as_f32_over_bf16']:>7.2f}x"
         )
 
 

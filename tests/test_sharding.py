@@ -345,7 +345,19 @@ _EXPLICIT_SCRIPT = textwrap.dedent(
     reset = jp.prune(optax.adam(1e-2), sparsity=lambda s: 0.7, criterion=jp.criteria.random,
                      key=jax.random.key(3), reset_moments=True)
     (p_sh, s_sh), (p_1, s_1) = run_tx(reset, params, 2), run_tx(reset, single, 2)
-    out["reset_moments_equal"] = same((p_sh, s_sh.inner_state), (p_1, s_1.inner_state))
+    # The masks and adam's moments bit for bit. The params within 2 ulp: the
+    # update divides the moments in two differently partitioned programs, and
+    # XLA may round an entry of the two apart (1 ulp was seen).
+    out["reset_moments_equal"] = same((jp.get_masks(s_sh), s_sh.inner_state),
+                                      (jp.get_masks(s_1), s_1.inner_state))
+
+    def ulps(a, b):
+        i, j = (np.asarray(x, np.float32).view(np.int32).astype(np.int64) for x in (a, b))
+        i, j = (np.where(x < 0, -(x & 0x7FFFFFFF), x) for x in (i, j))
+        return int(np.abs(i - j).max(initial=0))
+
+    out["reset_params_ulps"] = max(ulps(a, b) for a, b in zip(jax.tree.leaves(p_sh),
+                                                               jax.tree.leaves(p_1), strict=True))
 
     # jp.dynamic.ste: the dense copy and the masks follow the params' layout.
     ste = jp.dynamic.ste(optax.adam(1e-2), sparsity=0.7, scope="global", decay=1e-3)
@@ -410,5 +422,6 @@ def test_explicit_axes_prune_without_context_mesh(explicit):
 
 def test_explicit_axes_ste_and_reset_moments_match_one_device_and_keep_layouts(explicit):
     assert explicit["reset_moments_equal"]
+    assert explicit["reset_params_ulps"] <= 2
     assert explicit["ste_equal"]
     assert explicit["ste_sharding_kept"]
