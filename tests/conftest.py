@@ -70,6 +70,37 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path.name not in _SLOW_FIRST)  # stable: order kept within
 
 
+# Each program XLA:CPU compiles maps about six memory regions that live as long
+# as the program, and JAX keeps every compiled program of a jitted function. A
+# worker of this suite compiles thousands: past Linux's default limit of 65,530
+# mappings per process (vm.max_map_count) the next mapping fails and the worker
+# dies with a segmentation fault. So a worker past this many drops every
+# compiled program after the current test module; later modules compile again
+# what they use.
+_MAX_MAPPINGS = 40_000
+
+
+def _mappings() -> int | None:
+    """The number of memory mappings of this process, or ``None`` where it cannot be read."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bounded_mappings():
+    yield
+    count = _mappings()
+    if count is not None and count > _MAX_MAPPINGS:
+        from jaxprune import _compile
+
+        with _compile._PROGRAMS_LOCK:
+            _compile._PROGRAMS.clear()  # programs borrowed by content (jit_by_content)
+        jax.clear_caches()  # the programs' mappings go with their last reference
+
+
 @pytest.fixture
 def key():
     return jax.random.key(0)
