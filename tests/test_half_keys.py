@@ -7,9 +7,6 @@ included, while its search runs on 16-bit keys (``jaxprune._search._keys_as``).
 """
 
 import functools
-import json
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -20,6 +17,7 @@ import pytest
 
 import jaxprune as jp
 from jaxprune import _search
+from tests.test_sharding import _run
 
 HALF = [jnp.bfloat16, jnp.float16]
 
@@ -182,11 +180,7 @@ def test_prune_of_bfloat16_params_keeps_exact_counts(scope):
 
 _SHARDED = textwrap.dedent(
     r"""
-    import json, os
-    flags = os.environ.get("XLA_FLAGS", "")  # keeps the suite's (tests/conftest.py)
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    import functools, jax, jax.numpy as jnp, numpy as np
+    import functools, json, jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     import jaxprune as jp
 
@@ -215,12 +209,7 @@ _SHARDED = textwrap.dedent(
 
 
 def test_16_bit_selections_on_an_explicit_mesh_match_their_float32_values_and_stay_sharded():
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARDED], capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    out = json.loads(line[len("RESULT ") :])
+    out = _run(_SHARDED)  # 8 CPU devices (XLA_FLAGS set for the child process)
     for name in ("layer", "global", "cap"):
         for mode in ("eager", "jit"):
             assert out[f"{name}_{mode}"], (name, mode)
