@@ -6,7 +6,7 @@ counting ``key <= t`` with one reduction per probe. That is O(N) per probe,
 converges in a handful of probes on real score distributions (never more than
 64), and on sharded arrays each probe is a reduction, not a gather. Scores
 that are all bfloat16 (or all float16) are searched on the order-preserving
-image of their 16 bits instead (:func:`_keys_as`): the same order, in a key
+image of their 16 bits instead (:func:`jaxprune._keys._keys_as`): the same order, in a key
 range 65,536 times narrower, which the ties of 16-bit scores need.
 :func:`select_keys` turns the threshold into keep-masks that prune exactly
 ``k`` entries, ties broken by flatten order. :mod:`jaxprune.masks` builds
@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
 
+from jaxprune._keys import (
+    _ordered_keys,  # noqa: F401  (imported from here by other modules)
+    _score_keys,
+    _warn_float64,
+    ordered_keys,
+)
 from jaxprune._search_sharding import (
     _explicit_axes,
     _on_auto_axes,
@@ -33,114 +37,6 @@ from jaxprune._search_sharding import (
 )
 
 __all__ = ["ordered_keys", "kth_smallest_keys", "select_keys"]
-
-_SIGN = 0x80000000
-
-
-def ordered_keys(scores: ArrayLike) -> jax.Array:
-    """Returns uint32 keys whose unsigned order is the float32 order of ``scores``.
-
-    Same shape as ``scores`` (never flattened, so a sharded leaf stays sharded
-    and every count below is a plain reduction). ``-0.0`` sorts just below
-    ``+0.0`` (the keys are the float bits, so the two do not tie: a selection
-    prunes every ``-0.0`` before any ``+0.0``, whatever their flatten order;
-    canonicalising would add an operation to every read of the keys in the
-    train step); every NaN, whatever its sign bit (arithmetic NaNs such as
-    ``inf - inf`` have it set), sorts above ``+inf``, as in ``jnp.sort``: a
-    NaN score is the highest, so it is kept. Scores are compared as float32:
-    float64 scores (with ``jax_enable_x64``) that round to the same float32
-    tie, and their ties go by flatten order.
-
-    Args:
-      scores: an array (or array-like) of any shape and real dtype, converted to
-        float32 (float64 scores warn once that they are compared as float32).
-
-    Examples:
-      >>> import jax.numpy as jnp, jaxprune as jp
-      >>> k = jp.masks.ordered_keys(jnp.array([-1.0, 0.0, 2.0, -0.5, jnp.nan]))
-      >>> k.dtype.name, jnp.argsort(k).tolist()  # NaN last, as in jnp.sort
-      ('uint32', [0, 3, 1, 2, 4])
-      >>> z = jp.masks.ordered_keys(jnp.array([0.0, -0.0]))
-      >>> bool(z[1] < z[0])  # -0.0 ranks below +0.0: no tie
-      True
-    """
-    _warn_float64(scores)
-    return _ordered_keys(scores)
-
-
-def _warn_float64(scores: ArrayLike) -> None:
-    """Warns that float64 scores are compared as float32 (:func:`ordered_keys`)."""
-    if jnp.result_type(scores) == jnp.float64:
-        # One location (stacklevel 1): Python's default filter shows it once per process.
-        warnings.warn(
-            "float64 scores are compared as float32: scores closer than float32's precision "
-            "(or past its range) tie, and ties are broken by flatten order, not by the float64 "
-            "value. Fix: bring them into float32's precision first: x - x.min() for values "
-            "that differ in late digits, x / x.max() for values past float32's range.",
-            stacklevel=1,
-        )
-
-
-def _ordered_keys(scores: ArrayLike) -> jax.Array:
-    """:func:`ordered_keys` without its float64 warning (callers warn outside a trace)."""
-    bits = jax.lax.bitcast_convert_type(jnp.asarray(scores, jnp.float32), jnp.uint32)
-    # NaNs lose their sign bit, so that all of them sort above +inf.
-    magnitude = bits & jnp.uint32(0x7FFFFFFF)
-    bits = jnp.where(magnitude > jnp.uint32(0x7F800000), magnitude, bits)
-    # Positive floats: set the sign bit; negative floats: flip every bit.
-    sign = jnp.uint32(_SIGN)
-    return jnp.where(bits >= sign, ~bits, bits | sign)
-
-
-# The bits of +inf of each 16-bit float dtype: a larger magnitude is a NaN.
-_HALF_INF = {jnp.dtype(jnp.bfloat16): 0x7F80, jnp.dtype(jnp.float16): 0x7C00}
-
-
-def _half_of(dtypes: Any) -> Any:
-    """Returns the 16-bit float dtype (bfloat16 or float16) all of ``dtypes`` share, else None.
-
-    Scores searched together (one pool) take 16-bit keys only when every one of
-    them has the same 16-bit dtype: a pool mixing dtypes needs one key space,
-    float32's.
-    """
-    found = {jnp.dtype(d) for d in dtypes}
-    if len(found) == 1:
-        (dtype,) = found
-        if dtype in _HALF_INF:
-            return dtype
-    return None
-
-
-def _keys_as(x: jax.Array, half: Any, *, warn: bool = True) -> jax.Array:
-    """Returns uint32 keys of ``x`` in :func:`ordered_keys`' order, 16-bit ones when ``half``.
-
-    ``half`` (``x``'s dtype, bfloat16 or float16, as :func:`_half_of` gives
-    it): the order-preserving image of the 16-bit patterns, the same
-    transform as :func:`ordered_keys` on 16 bits, widened to uint32. Every
-    16-bit float is exactly a float32, so both keys rank the scores in the
-    same order with the same ties, and a selection gives the same masks; but
-    the 16-bit keys are 65,536 consecutive values at most instead of 2**32
-    mostly unused ones, so a search narrows a bracket around a tied k-th key
-    (which 16-bit scores nearly always have) in far fewer probes.
-    ``half=None``: :func:`ordered_keys` (float32 keys; float64 scores warn
-    unless ``warn=False``).
-    """
-    if half is None:
-        return ordered_keys(x) if warn else _ordered_keys(x)
-    if jnp.dtype(x.dtype) != half:
-        raise TypeError(f"16-bit keys of {half} scores got a {x.dtype} array")
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
-    magnitude = bits & jnp.uint16(0x7FFF)
-    bits = jnp.where(magnitude > jnp.uint16(_HALF_INF[half]), magnitude, bits)  # NaN: no sign
-    sign = jnp.uint16(0x8000)
-    return jnp.where(bits >= sign, ~bits, bits | sign).astype(jnp.uint32)
-
-
-def _score_keys(scores: list[jax.Array], *, warn: bool = True) -> list[jax.Array]:
-    """Returns the keys of ``scores`` searched as one pool: 16-bit when they share a 16-bit
-    float dtype (:func:`_keys_as`), float32's otherwise; the same masks either way."""
-    half = _half_of(x.dtype for x in scores)
-    return [_keys_as(x, half, warn=warn) for x in scores]
 
 
 def _chunk(n: int, cap: int = 32) -> int:

@@ -39,13 +39,11 @@ from jaxprune._counts import (
     _per_leaf_sparsity,
     warn_nothing_selected,
 )
+from jaxprune._keys import _half_of, _keys_as, _score_keys
 from jaxprune._mask_apply import apply_masks
 from jaxprune._search import (
     _explicit_axes,
     _flat_index,
-    _half_of,
-    _keys_as,
-    _score_keys,
     _select,
     _select_scores,
     kth_smallest_keys,
@@ -471,7 +469,7 @@ def _capped_keys_fn(keys_of, leaf_keys, src, leaf_srcs, idx, caps, deep, *, shap
     search over its layers (``leaf_srcs`` needed), two scalars per layer.
     ``base``: the global count to prune, which salts the per-leaf reads.
     ``keys_of(chosen)`` and ``leaf_keys(leaf_src)`` give keys in the global
-    search's key space (:func:`~jaxprune._search._keys_as`), so that each
+    search's key space (:func:`~jaxprune._keys._keys_as`), so that each
     leaf's cut compares with the keys the global search reads.
     """
     top = jnp.uint32(0xFFFFFFFF)

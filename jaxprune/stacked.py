@@ -27,12 +27,10 @@ import numpy as np
 
 from jaxprune import _counts
 from jaxprune import masks as _masks
+from jaxprune._keys import _half_of, _keys_as, _score_keys
 from jaxprune._search import (
     _explicit_axes,
-    _half_of,
-    _keys_as,
     _on_auto_axes,
-    _score_keys,
     _select,
     _sharding_or_replicated,
 )

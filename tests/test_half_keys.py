@@ -3,7 +3,7 @@
 Every bfloat16 and float16 value is exactly a float32, so a selection of
 16-bit scores must prune exactly what the selection of the same scores cast
 to float32 prunes (that path is the reference here), ties by flatten order
-included, while its search runs on 16-bit keys (``jaxprune._search._keys_as``).
+included, while its search runs on 16-bit keys (``jaxprune._keys._keys_as``).
 """
 
 import functools
@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import jaxprune as jp
-from jaxprune import _search
+from jaxprune import _keys
 from tests.test_sharding import _run
 
 HALF = [jnp.bfloat16, jnp.float16]
@@ -30,9 +30,9 @@ def _all_patterns(dtype):
 @pytest.mark.parametrize("dtype", HALF)
 def test_16_bit_keys_rank_every_pattern_as_float32_keys_do(dtype):
     x = _all_patterns(dtype)
-    half = _search._half_of([x.dtype])
+    half = _keys._half_of([x.dtype])
     assert half == jnp.dtype(dtype)
-    k16 = np.asarray(_search._keys_as(x, half))
+    k16 = np.asarray(_keys._keys_as(x, half))
     k32 = np.asarray(jp.masks.ordered_keys(x.astype(jnp.float32)))
     assert k16.dtype == np.uint32 and k16.max() < (1 << 16)
     nan = np.isnan(np.asarray(x.astype(jnp.float32)))
@@ -45,19 +45,19 @@ def test_16_bit_keys_rank_every_pattern_as_float32_keys_do(dtype):
     assert len(np.unique(k16[~nan])) == int((~nan).sum())  # injective: no new ties
     # Every NaN, whatever its sign, ranks above +inf, as in ordered_keys.
     top = k16[~nan].max()
-    assert int(top) == int(_search._keys_as(jnp.asarray([jnp.inf], dtype), half)[0])
+    assert int(top) == int(_keys._keys_as(jnp.asarray([jnp.inf], dtype), half)[0])
     assert (k16[nan] > top).all()
 
 
 def test_a_pool_takes_16_bit_keys_only_when_every_score_shares_one_16_bit_dtype():
-    assert _search._half_of([jnp.bfloat16, jnp.bfloat16]) == jnp.dtype(jnp.bfloat16)
-    assert _search._half_of([jnp.float16]) == jnp.dtype(jnp.float16)
-    assert _search._half_of([jnp.bfloat16, jnp.float16]) is None
-    assert _search._half_of([jnp.bfloat16, jnp.float32]) is None
-    assert _search._half_of([jnp.float32]) is None
-    assert _search._half_of([]) is None
+    assert _keys._half_of([jnp.bfloat16, jnp.bfloat16]) == jnp.dtype(jnp.bfloat16)
+    assert _keys._half_of([jnp.float16]) == jnp.dtype(jnp.float16)
+    assert _keys._half_of([jnp.bfloat16, jnp.float16]) is None
+    assert _keys._half_of([jnp.bfloat16, jnp.float32]) is None
+    assert _keys._half_of([jnp.float32]) is None
+    assert _keys._half_of([]) is None
     with pytest.raises(TypeError, match="16-bit keys of bfloat16 scores got a float16 array"):
-        _search._keys_as(jnp.ones(3, jnp.float16), jnp.dtype(jnp.bfloat16))
+        _keys._keys_as(jnp.ones(3, jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
 def _scores(key, shape, dtype, levels):
